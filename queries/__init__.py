@@ -1,0 +1,1 @@
+"""whq analyses: the SQL macros (queries/*.sql), their Polars twins (frames), charts and reports."""

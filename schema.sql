@@ -1,0 +1,236 @@
+-- whq schema: the tables every warehouse has.
+--
+-- This file is the single source of the tables' columns and types. The catalog
+-- (whq.duckdb) turns each CREATE TABLE below into a view of the same name over the
+-- committed Parquet parts, cast to these types; a table that no run has written yet
+-- is an empty view with these columns. Parquet files may store narrower physical
+-- types (SMALLINT neuron ids, FLOAT16 values) that the views widen to these.
+--
+-- Columns `run_id`, `site` and `layer` are hive partitions: data/<table>/run_id=<id>/
+-- [site=<site>/layer=<n>/]part-<rank>-<seq>.parquet. `doc` is the document's ordinal
+-- in its run (documents maps it to the user's doc_id); `pos` counts every token the
+-- model saw, special tokens included, continuing across windows.
+
+CREATE TABLE runs (
+    run_id VARCHAR,
+    model_id VARCHAR,
+    model_revision VARCHAR,
+    model_class VARCHAR,
+    dtype VARCHAR,
+    device VARCHAR,
+    n_layers INTEGER,
+    sites VARCHAR[],
+    n_documents BIGINT,
+    n_tokens BIGINT,
+    config JSON,
+    created_at TIMESTAMP,
+    status VARCHAR
+);
+COMMENT ON TABLE runs IS 'One row per committed run: model id/revision/dtype, layers, sites, the whole ingest config as JSON.';
+COMMENT ON COLUMN runs.run_id IS 'Run identifier (partition key of every table).';
+COMMENT ON COLUMN runs.model_id IS 'Model path or hub id the run was captured from.';
+COMMENT ON COLUMN runs.model_revision IS 'Commit hash or revision of the model, when known.';
+COMMENT ON COLUMN runs.model_class IS 'Python class of the model (e.g. BertModel, Qwen3ForCausalLM).';
+COMMENT ON COLUMN runs.dtype IS 'Dtype the model ran in.';
+COMMENT ON COLUMN runs.device IS 'Device the model ran on.';
+COMMENT ON COLUMN runs.n_layers IS 'Number of transformer blocks of the model.';
+COMMENT ON COLUMN runs.sites IS 'SPECs of the captured sites.';
+COMMENT ON COLUMN runs.n_documents IS 'Documents captured.';
+COMMENT ON COLUMN runs.n_tokens IS 'Token positions the model saw (special tokens included).';
+COMMENT ON COLUMN runs.config IS 'The full ingest configuration and model config as JSON.';
+COMMENT ON COLUMN runs.created_at IS 'UTC time the run started.';
+COMMENT ON COLUMN runs.status IS 'committed (readers never see any other).';
+
+CREATE TABLE sites (
+    run_id VARCHAR,
+    site VARCHAR,
+    module_glob VARCHAR,
+    hook_point VARCHAR,
+    modules VARCHAR[],
+    layers INTEGER[],
+    width INTEGER,
+    reductions VARCHAR,
+    threshold DOUBLE
+);
+COMMENT ON TABLE sites IS 'One row per captured site of a run: where the hook sits and which reductions ran.';
+COMMENT ON COLUMN sites.site IS 'Site name: an alias (mlp.up, mlp.act, resid.out, ...) or a sanitised module glob.';
+COMMENT ON COLUMN sites.module_glob IS 'Glob over model.named_modules() the site resolved to.';
+COMMENT ON COLUMN sites.hook_point IS 'in (module input) or out (module output).';
+COMMENT ON COLUMN sites.modules IS 'The matched module paths, one per layer.';
+COMMENT ON COLUMN sites.layers IS 'Layer index of each matched module.';
+COMMENT ON COLUMN sites.width IS 'Number of units (neurons) at the site.';
+COMMENT ON COLUMN sites.reductions IS 'Reductions as written in the SPEC (topk=20,nag=20,...).';
+COMMENT ON COLUMN sites.threshold IS 'Firing threshold: a unit fires when value > threshold (default 0).';
+
+CREATE TABLE documents (
+    run_id VARCHAR,
+    doc INTEGER,
+    doc_id VARCHAR,
+    dataset VARCHAR,
+    role VARCHAR,
+    label VARCHAR,
+    message_index INTEGER,
+    message_role VARCHAR,
+    n_tokens INTEGER,
+    n_windows INTEGER,
+    text VARCHAR,
+    meta JSON
+);
+COMMENT ON TABLE documents IS 'One row per captured document: its ids, labels, token count and text.';
+COMMENT ON COLUMN documents.doc IS 'Ordinal of the document in its run; the key used by every other table.';
+COMMENT ON COLUMN documents.doc_id IS 'The document id from the source (doc_id/docid column, or <file stem>:<index>).';
+COMMENT ON COLUMN documents.dataset IS 'Dataset label (--dataset, or the source''s dataset column).';
+COMMENT ON COLUMN documents.role IS 'pool, target, reference, message or generated.';
+COMMENT ON COLUMN documents.label IS 'Free label (a reference state''s label, a class, ...).';
+COMMENT ON COLUMN documents.message_index IS 'For chat snapshots: index of the last message included.';
+COMMENT ON COLUMN documents.message_role IS 'For chat snapshots: system, user or assistant.';
+COMMENT ON COLUMN documents.n_tokens IS 'Token positions the model saw for this document (special tokens included).';
+COMMENT ON COLUMN documents.n_windows IS 'Windows of --max-length the document was processed in.';
+COMMENT ON COLUMN documents.text IS 'The document text.';
+COMMENT ON COLUMN documents.meta IS 'Other source columns, as JSON.';
+
+CREATE TABLE tokens (
+    run_id VARCHAR,
+    doc INTEGER,
+    pos INTEGER,
+    "window" INTEGER,
+    token_id INTEGER,
+    piece VARCHAR,
+    char_start INTEGER,
+    char_end INTEGER,
+    special BOOLEAN
+);
+COMMENT ON TABLE tokens IS 'Every token position the model saw: re-running the model on token_id grouped by (doc, window) reproduces the stored activations.';
+COMMENT ON COLUMN tokens.pos IS 'Position in the document, continuing across windows, special tokens included.';
+COMMENT ON COLUMN tokens."window" IS 'Index of the --max-length window the token was seen in.';
+COMMENT ON COLUMN tokens.token_id IS 'Vocabulary id fed to the model.';
+COMMENT ON COLUMN tokens.piece IS 'The token as text (tokenizer.convert_ids_to_tokens).';
+COMMENT ON COLUMN tokens.char_start IS 'Start offset of the token in documents.text (NULL for special tokens).';
+COMMENT ON COLUMN tokens.char_end IS 'End offset (exclusive) in documents.text (NULL for special tokens).';
+COMMENT ON COLUMN tokens.special IS 'True for tokens the tokenizer added ([CLS], [SEP], BOS, ...).';
+
+CREATE TABLE token_neurons (
+    run_id VARCHAR,
+    site VARCHAR,
+    layer INTEGER,
+    doc INTEGER,
+    pos INTEGER,
+    neuron INTEGER,
+    value FLOAT
+);
+COMMENT ON TABLE token_neurons IS 'Sparse per-token activations: the top-k units of each token (topk/abstopk) or every unit above a threshold (threshold).';
+COMMENT ON COLUMN token_neurons.neuron IS 'Unit index at the site (stored as SMALLINT where the width allows).';
+COMMENT ON COLUMN token_neurons.value IS 'Activation value (stored as FLOAT16).';
+
+CREATE TABLE doc_neurons (
+    run_id VARCHAR,
+    site VARCHAR,
+    layer INTEGER,
+    doc INTEGER,
+    neurons INTEGER[],
+    impacts FLOAT[]
+);
+COMMENT ON TABLE doc_neurons IS 'NAG: per document and layer, the K units of highest impact = mean over the document''s tokens of |value|, ordered by impact (ties: lower unit id first).';
+COMMENT ON COLUMN doc_neurons.neurons IS 'The top-K unit ids, rank order.';
+COMMENT ON COLUMN doc_neurons.impacts IS 'Their impacts (mean |value| over the document''s tokens).';
+
+CREATE TABLE neuron_stats (
+    run_id VARCHAR,
+    site VARCHAR,
+    layer INTEGER,
+    neuron INTEGER,
+    n_tokens BIGINT,
+    n_fired BIGINT,
+    sum DOUBLE,
+    sum_sq DOUBLE,
+    max FLOAT,
+    max_doc INTEGER,
+    max_pos INTEGER
+);
+COMMENT ON TABLE neuron_stats IS 'Exact aggregates over ALL tokens of the run, computed from the dense activation on the device.';
+COMMENT ON COLUMN neuron_stats.n_tokens IS 'Token positions seen (padding excluded).';
+COMMENT ON COLUMN neuron_stats.n_fired IS 'Tokens where value > the site''s threshold.';
+COMMENT ON COLUMN neuron_stats.sum IS 'Sum of values over all tokens.';
+COMMENT ON COLUMN neuron_stats.sum_sq IS 'Sum of squared values over all tokens.';
+COMMENT ON COLUMN neuron_stats.max IS 'Largest value.';
+COMMENT ON COLUMN neuron_stats.max_doc IS 'Document of the largest value (first in document order on ties).';
+COMMENT ON COLUMN neuron_stats.max_pos IS 'Position of the largest value.';
+
+CREATE TABLE neuron_examples (
+    run_id VARCHAR,
+    site VARCHAR,
+    layer INTEGER,
+    neuron INTEGER,
+    kind VARCHAR,
+    rank INTEGER,
+    doc INTEGER,
+    pos INTEGER,
+    value FLOAT
+);
+COMMENT ON TABLE neuron_examples IS 'Per unit, exact over all tokens: the N strongest activations (kind top) and a uniform sample of N firing tokens (kind random).';
+COMMENT ON COLUMN neuron_examples.kind IS 'top (strongest first) or random (uniform sample of firing tokens).';
+COMMENT ON COLUMN neuron_examples.rank IS 'Order within kind: 0 is the strongest / first sampled.';
+
+CREATE TABLE neuron_logits (
+    run_id VARCHAR,
+    site VARCHAR,
+    layer INTEGER,
+    neuron INTEGER,
+    direction VARCHAR,
+    rank INTEGER,
+    token_id INTEGER,
+    token VARCHAR,
+    logit FLOAT
+);
+COMMENT ON TABLE neuron_logits IS 'Logit lens of each MLP unit''s output direction W_U . W_down[:, n]: top and bottom tokens.';
+COMMENT ON COLUMN neuron_logits.direction IS 'top (most promoted) or bottom (most suppressed).';
+
+CREATE TABLE vectors (
+    run_id VARCHAR,
+    site VARCHAR,
+    layer INTEGER,
+    doc INTEGER,
+    step INTEGER,
+    pos INTEGER,
+    pool VARCHAR,
+    vec FLOAT[]
+);
+COMMENT ON TABLE vectors IS 'Dense vectors: the document mean (pool mean), the last token (pool last) or every token (pool token, opt-in via dense).';
+COMMENT ON COLUMN vectors.step IS 'Generation step for scenario captures (0 = prefill); NULL for plain documents.';
+COMMENT ON COLUMN vectors.pos IS 'Token position (last token for pool last; NULL for pool mean).';
+COMMENT ON COLUMN vectors.pool IS 'mean, last or token.';
+COMMENT ON COLUMN vectors.vec IS 'The vector, one value per unit of the site.';
+
+CREATE TABLE steps (
+    run_id VARCHAR,
+    doc INTEGER,
+    step INTEGER,
+    kind VARCHAR,
+    input_token_ids INTEGER[],
+    input_tokens VARCHAR[],
+    generated_token_id INTEGER,
+    generated_token VARCHAR,
+    argmax_id INTEGER,
+    argmax_logprob FLOAT,
+    top_ids INTEGER[],
+    top_tokens VARCHAR[],
+    top_logprobs FLOAT[]
+);
+COMMENT ON TABLE steps IS 'Generation: one row per forward pass (step 0 = prefill), with the chosen token and the top-k candidates.';
+COMMENT ON COLUMN steps.kind IS 'prefill or decode.';
+COMMENT ON COLUMN steps.argmax_logprob IS 'Log-probability of the argmax token.';
+
+CREATE TABLE logit_lens (
+    run_id VARCHAR,
+    doc INTEGER,
+    step INTEGER,
+    pos INTEGER,
+    layer INTEGER,
+    top_ids INTEGER[],
+    top_tokens VARCHAR[],
+    top_logprobs FLOAT[],
+    argmax_logprob FLOAT,
+    kl_from_final DOUBLE
+);
+COMMENT ON TABLE logit_lens IS 'Each layer''s residual stream through the final norm and unembedding: top tokens and KL(final || layer).';
+COMMENT ON COLUMN logit_lens.kl_from_final IS 'KL divergence of this layer''s next-token distribution from the final layer''s.';

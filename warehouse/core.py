@@ -1,0 +1,148 @@
+"""The Warehouse: open/init a folder, query it with DuckDB, read it with Polars."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import duckdb
+
+from . import catalog, schema
+from .errors import NotAWarehouse, QueryError, UnknownRun, WarehouseError
+from .layout import FORMAT_VERSION, Layout
+from .locks import locked, try_lock
+
+
+def init(path: str | Path) -> "Warehouse":
+    """Create an empty warehouse at `path` (idempotent on an existing one)."""
+    layout = Layout(path)
+    if layout.root.exists() and not layout.root.is_dir():
+        raise NotAWarehouse(f"{layout.root} is a file: pick a folder path for the warehouse")
+    if layout.root.exists() and any(layout.root.iterdir()) and not layout.marker.exists():
+        raise NotAWarehouse(f"{layout.root} is a non-empty folder that is not a whq warehouse: pick an empty or new folder")
+    try:
+        for folder in (layout.root, layout.runs_dir, layout.data_dir, layout.tmp_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        if not layout.marker.exists():
+            layout.marker.write_text(json.dumps({"format_version": FORMAT_VERSION, "tool": "whq"}) + "\n")
+    except OSError as err:
+        raise WarehouseError(f"cannot create a warehouse at {layout.root}: {err.strerror}; check the path and its permissions") from None
+    return open(layout.root)
+
+
+def open(path: str | Path) -> "Warehouse":  # noqa: A001 - mirrors duckdb.connect / sqlite-utils style
+    """Open an existing warehouse; regenerates its catalog if it is stale or was moved."""
+    return Warehouse(path)
+
+
+class Warehouse:
+    def __init__(self, path: str | Path):
+        self.layout = Layout(path)
+        if not self.layout.marker.exists():
+            raise NotAWarehouse(f"{self.layout.root} is not a whq warehouse: create it with `whq init {path}`")
+        try:
+            version = json.loads(self.layout.marker.read_text())["format_version"]
+        except (ValueError, KeyError):
+            raise NotAWarehouse(f"{self.layout.marker} is damaged: restore it, or rewrite it with `whq repair {path}`") from None
+        if version > FORMAT_VERSION:
+            raise NotAWarehouse(
+                f"{self.layout.root} has format version {version}, newer than this whq reads ({FORMAT_VERSION}): upgrade whq (pip install -U whq)"
+            )
+        self._sweep()
+        self.refresh()
+
+    @property
+    def root(self) -> Path:
+        return self.layout.root
+
+    # -- catalog ------------------------------------------------------------
+    def refresh(self, force: bool = False) -> None:
+        """Regenerate whq.duckdb when runs were committed, macros changed or the folder moved."""
+        if force or not catalog.is_current(self.layout):
+            try:
+                with locked(self.layout.commit_lock):
+                    catalog.build(self.layout, self.quarantined())
+            except OSError as err:
+                if not self.layout.catalog.exists():
+                    raise WarehouseError(f"cannot write the catalog in {self.root}: {err.strerror}; check permissions") from None
+
+    def _sweep(self) -> None:
+        """Remove tmp/ folders of writers that died, and journals of committed runs."""
+        if self.layout.tmp_dir.exists():
+            for entry in self.layout.tmp_dir.iterdir():
+                run_id, sep, rank = entry.name.partition(".rank-")
+                lock = self.layout.journal_dir(run_id) / f"rank-{rank}.lock"
+                if sep and lock.exists():
+                    fd = try_lock(lock)
+                    if fd is None:
+                        continue  # a live writer owns it
+                    os.close(fd)
+                shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+        if self.layout.journal_root.exists():
+            for entry in self.layout.journal_root.iterdir():
+                if self.layout.manifest(entry.name).exists():
+                    shutil.rmtree(entry, ignore_errors=True)
+
+    def quarantined(self) -> set[str]:
+        path = self.root / "quarantine.json"
+        return set(json.loads(path.read_text())) if path.exists() else set()
+
+    # -- runs -----------------------------------------------------------------
+    def run_ids(self) -> list[str]:
+        return [m["run_id"] for m in catalog.committed_manifests(self.layout)]
+
+    def manifest(self, run_id: str) -> dict:
+        path = self.layout.manifest(run_id)
+        if not path.exists():
+            known = ", ".join(self.run_ids()) or "none yet"
+            raise UnknownRun(f"no committed run {run_id!r} in {self.root} (runs: {known}); list them with `whq runs {self.root}`")
+        return json.loads(path.read_text())
+
+    def files(self, table: str, run_id: str | None = None) -> list[Path]:
+        """Absolute paths of the committed parts of `table` (optionally of one run)."""
+        schema.table(table)
+        manifests = [self.manifest(run_id)] if run_id else catalog.committed_manifests(self.layout)
+        skip = self.quarantined()
+        return [self.root / p["path"] for m in manifests if m["run_id"] not in skip for p in m["parts"] if p["table"] == table]
+
+    # -- queries --------------------------------------------------------------
+    def connect(self) -> duckdb.DuckDBPyConnection:
+        return duckdb.connect(str(self.layout.catalog), read_only=True)
+
+    def sql(self, query: str, params=None, *, read_only: bool = False):
+        """Run SQL against the catalog; returns a DuckDB relation (or None for statements)."""
+        if read_only:
+            from .safesql import check_read_only
+
+            check_read_only(query)
+        con = self._con if hasattr(self, "_con") else None
+        if con is None:
+            con = self._con = self.connect()
+        try:
+            return con.sql(query, params=params)
+        except duckdb.Error as err:
+            raise QueryError(f"SQL error: {str(err).splitlines()[0]}") from None
+
+    def pl(self, query: str, params=None):
+        """Run SQL and return a polars DataFrame."""
+        rel = self.sql(query, params)
+        try:
+            return rel.pl()
+        except duckdb.Error as err:
+            raise QueryError(f"SQL error: {str(err).splitlines()[0]}") from None
+
+    def close(self) -> None:
+        if hasattr(self, "_con"):
+            self._con.close()
+            del self._con
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<whq warehouse {self.root} runs={len(self.run_ids())}>"

@@ -1,0 +1,39 @@
+"""The one exception family: every user-facing failure is a WarehouseError.
+
+The CLI prints ``str(error)`` as a single line and exits 2, so each message names
+what went wrong *and* the fix.
+"""
+
+
+class WarehouseError(Exception):
+    """Root of every error whq raises for bad input or a bad warehouse."""
+
+    exit_code = 2
+
+
+class NotAWarehouse(WarehouseError):
+    """The path is not a whq warehouse (or is of an unknown format version)."""
+
+
+class UnknownRun(WarehouseError):
+    """A run id that is not committed in this warehouse."""
+
+
+class RunExists(WarehouseError):
+    """A run id that is already committed or in progress."""
+
+
+class BadSpec(WarehouseError):
+    """A --site SPEC that does not parse or names an unknown site/reduction."""
+
+
+class BadInput(WarehouseError):
+    """A data file, scenario or argument that cannot be used."""
+
+
+class QueryError(WarehouseError):
+    """A SQL statement that failed or was refused."""
+
+
+class CorruptPart(WarehouseError):
+    """A committed part is missing or does not match its manifest."""

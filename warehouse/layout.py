@@ -1,0 +1,85 @@
+"""Where things live in a warehouse folder, and the names allowed there.
+
+    <root>/whq.json                 format marker
+    <root>/whq.duckdb               catalog: views + macros only, regenerated from manifests
+    <root>/runs/<run_id>.json       one manifest per committed run
+    <root>/data/<table>/run_id=<id>/[site=<s>/layer=<n>/]part-<rank>-<seq>.parquet
+    <root>/journal/<run_id>/        progress of runs being written (resume state)
+    <root>/tmp/                     parts being written; never read; swept when stale
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from .errors import BadInput
+
+FORMAT_VERSION = 1
+MARKER = "whq.json"
+CATALOG = "whq.duckdb"
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+
+
+def check_name(kind: str, name: str) -> str:
+    """Run ids and site names become directory names: keep them portable."""
+    if not isinstance(name, str) or not _SAFE_NAME.match(name):
+        raise BadInput(
+            f"invalid {kind} {name!r}: use letters, digits, '.', '_' or '-' "
+            f"(at most 128 characters, starting with a letter or digit)"
+        )
+    return name
+
+
+class Layout:
+    def __init__(self, root: str | Path):
+        self.root = Path(root).resolve()
+
+    @property
+    def marker(self) -> Path:
+        return self.root / MARKER
+
+    @property
+    def catalog(self) -> Path:
+        return self.root / CATALOG
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.root / "runs"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.root / "tmp"
+
+    @property
+    def journal_root(self) -> Path:
+        return self.root / "journal"
+
+    @property
+    def commit_lock(self) -> Path:
+        return self.root / ".commit.lock"
+
+    def manifest(self, run_id: str) -> Path:
+        return self.runs_dir / f"{run_id}.json"
+
+    def journal_dir(self, run_id: str) -> Path:
+        return self.journal_root / run_id
+
+    def partition_dir(self, table: str, run_id: str, site: str | None = None, layer: int | None = None) -> Path:
+        path = self.data_dir / table / f"run_id={run_id}"
+        if site is not None:
+            path = path / f"site={site}" / f"layer={int(layer)}"
+        return path
+
+    def run_data_dirs(self, run_id: str):
+        """Every data/<table>/run_id=<id> folder that exists for the run."""
+        if not self.data_dir.exists():
+            return []
+        return [d / f"run_id={run_id}" for d in sorted(self.data_dir.iterdir()) if (d / f"run_id={run_id}").exists()]
+
+    def relative(self, path: Path) -> str:
+        return Path(path).resolve().relative_to(self.root).as_posix()

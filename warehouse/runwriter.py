@@ -1,0 +1,244 @@
+"""Writing one run: shards of parts, a journal for resume, and the final commit.
+
+A run is written as a sequence of shards. Each shard's parts are renamed into data/
+and then recorded by one appended journal line (fsynced); the shard's resume state
+(running aggregates) is saved beside it. A reader sees nothing of the run until
+`commit()` writes the manifest, which lists every part, and regenerates the catalog.
+
+After a crash, `RunWriter(..., resume=True)` keeps the journalled shards, deletes
+parts that no journal line names, and hands back the saved state, so the caller
+continues from the next shard and ends with exactly the rows of an uninterrupted run.
+Each rank of a multi-process ingest journals separately; rank 0 commits.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import catalog, schema
+from .errors import BadInput, RunExists, WarehouseError
+from .layout import FORMAT_VERSION, Layout, check_name
+from .locks import locked, try_lock
+from .parts import PartInfo, write_bytes_atomic, write_part
+
+VOLATILE_CONFIG_KEYS = {"resume", "progress", "run_id_generated"}
+
+
+def _stable(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in VOLATILE_CONFIG_KEYS}
+
+
+def _canonical(obj) -> str:
+    return json.dumps(obj, sort_keys=True, default=str)
+
+
+class RunWriter:
+    def __init__(self, layout: Layout, run_id: str, config: dict, *, resume: bool = False,
+                 rank: int = 0, world_size: int = 1):
+        self.layout = layout
+        self.run_id = check_name("run id", run_id)
+        self.rank, self.world_size = rank, world_size
+        self.config = config
+        if layout.manifest(run_id).exists():
+            raise RunExists(f"run {run_id!r} is already committed: choose another --run-id, or delete it with `whq runs {layout.root} --delete {run_id}`")
+        self.journal_dir = layout.journal_dir(run_id)
+        self.journal = self.journal_dir / f"rank-{rank}.jsonl"
+        self.state_dir = self.journal_dir / "state" / f"rank-{rank}"
+        self.tmp_dir = layout.tmp_dir / f"{run_id}.rank-{rank}"
+        self._lock_fd = try_lock(self.journal_dir / f"rank-{rank}.lock")
+        if self._lock_fd is None:
+            raise RunExists(f"run {run_id!r} (rank {rank}) is being written by another process right now; wait for it or pick another --run-id")
+        self._check_config(resume)
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        self.shards = self._read_journal()
+        self._delete_unjournalled_parts()
+
+    # -- start / resume -------------------------------------------------
+    def _check_config(self, resume: bool) -> None:
+        saved = self.journal_dir / "config.json"
+        if saved.exists():
+            if not resume:
+                self.close()
+                raise RunExists(
+                    f"run {self.run_id!r} was interrupted before it committed: finish it with "
+                    f"`whq ingest ... --run-id {self.run_id} --resume`, or discard it with `whq gc {self.layout.root} --interrupted`"
+                )
+            previous = json.loads(saved.read_text())
+            if _canonical(_stable(previous)) != _canonical(_stable(self.config)):
+                changed = sorted(k for k in set(previous) | set(self.config)
+                                 if k not in VOLATILE_CONFIG_KEYS and _canonical(previous.get(k)) != _canonical(self.config.get(k)))
+                self.close()
+                raise BadInput(f"--resume needs the same arguments as the interrupted run; these differ: {', '.join(changed)}")
+        else:
+            if resume and self.rank == 0:
+                self.close()
+                raise BadInput(f"nothing to resume: run {self.run_id!r} has no interrupted ingest in {self.layout.root}; drop --resume")
+            if self.rank == 0:
+                payload = _canonical(self.config).encode()
+                write_bytes_atomic(payload, saved, self.tmp_dir)
+
+    def _read_journal(self) -> list[dict]:
+        if not self.journal.exists():
+            return []
+        shards = []
+        for line in self.journal.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                break  # a torn last line: that shard did not complete
+            if record.get("shard") != len(shards):
+                break
+            shards.append(record)
+        return shards
+
+    def _journalled_paths(self) -> set[str]:
+        return {p["path"] for s in self.shards for p in s["parts"]}
+
+    def _delete_unjournalled_parts(self) -> None:
+        keep = self._journalled_paths()
+        prefix = f"part-{self.rank}-"
+        for run_dir in self.layout.run_data_dirs(self.run_id):
+            for path in run_dir.rglob(f"{prefix}*.parquet"):
+                if self.layout.relative(path) not in keep:
+                    path.unlink()
+        if self.state_dir.exists():
+            current = set(self.shards[-1]["state"].values()) if self.shards else set()
+            for path in self.state_dir.iterdir():
+                if path.name not in current:
+                    path.unlink()
+
+    @property
+    def completed_shards(self) -> int:
+        return len(self.shards)
+
+    def shard_info(self) -> list[dict]:
+        return [s["info"] for s in self.shards]
+
+    def state(self, name: str) -> pa.Table | None:
+        """The resume state saved with the last completed shard."""
+        if not self.shards or name not in self.shards[-1]["state"]:
+            return None
+        return pq.read_table(self.state_dir / self.shards[-1]["state"][name])
+
+    # -- writing ----------------------------------------------------------
+    def _part_path(self, table: str, site, layer, seq: str) -> Path:
+        tbl = schema.table(table)
+        if "site" in tbl.partitions:
+            folder = self.layout.partition_dir(table, self.run_id, check_name("site", site), layer)
+        else:
+            folder = self.layout.partition_dir(table, self.run_id)
+        return folder / f"part-{self.rank}-{seq}.parquet"
+
+    def _write(self, parts, seq: str) -> list[PartInfo]:
+        written = []
+        counters: dict[Path, int] = {}
+        for table, site, layer, data in parts:
+            if data.num_rows == 0:
+                continue
+            base = self._part_path(table, site, layer, seq)
+            n = counters.get(base, 0)
+            counters[base] = n + 1
+            final = base if n == 0 else base.with_name(f"{base.stem}-{n}.parquet")
+            written.append(write_part(self.layout.root, self.tmp_dir, final, table, data, site, layer))
+        return written
+
+    def commit_shard(self, parts, state: dict[str, pa.Table] | None = None, info: dict | None = None) -> None:
+        """parts: iterable of (table, site|None, layer|None, pyarrow.Table)."""
+        index = len(self.shards)
+        written = self._write(parts, f"{index:06d}")
+        saved = {}
+        for name, table in (state or {}).items():
+            filename = f"{index:06d}-{name}.parquet"
+            sink = pa.BufferOutputStream()
+            pq.write_table(table, sink, compression="zstd")
+            write_bytes_atomic(sink.getvalue().to_pybytes(), self.state_dir / filename, self.tmp_dir)
+            saved[name] = filename
+        record = {"shard": index, "parts": [p.to_json() for p in written], "state": saved, "info": info or {}}
+        with open(self.journal, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        self.shards.append(record)
+        if self.shards[:-1]:
+            for old in self.shards[-2]["state"].values():
+                if old not in saved.values():
+                    (self.state_dir / old).unlink(missing_ok=True)
+
+    def finish_rank(self) -> None:
+        """Ranks other than 0 mark themselves done; rank 0 then commits all."""
+        (self.journal_dir / f"rank-{self.rank}.done").write_text(str(len(self.shards)))
+
+    def _wait_for_ranks(self, timeout: float) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        pending = [r for r in range(1, self.world_size)]
+        while pending:
+            pending = [r for r in pending if not (self.journal_dir / f"rank-{r}.done").exists()]
+            if pending and time.monotonic() > deadline:
+                raise WarehouseError(f"ranks {pending} of run {self.run_id!r} did not finish; rerun them with --resume")
+            if pending:
+                time.sleep(0.1)
+        records = list(self.shards)
+        for r in range(1, self.world_size):
+            other = RunWriter.__new__(RunWriter)
+            other.journal = self.journal_dir / f"rank-{r}.jsonl"
+            records.extend(other._read_journal())
+        return records
+
+    def commit(self, final_parts, created_at: dt.datetime, *, wait_timeout: float = 3600.0) -> dict:
+        """Write run-level parts, the manifest, and regenerate the catalog (rank 0)."""
+        assert self.rank == 0, "only rank 0 commits"
+        records = self._wait_for_ranks(wait_timeout)
+        # Final parts of an earlier, interrupted commit are not journalled: replace them.
+        for run_dir in self.layout.run_data_dirs(self.run_id):
+            for path in run_dir.rglob("part-*-final*.parquet"):
+                path.unlink()
+        final = self._write(final_parts, "final")
+        parts = [p for r in records for p in r["parts"]] + [p.to_json() for p in final]
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "run_id": self.run_id,
+            "created_at": created_at.isoformat(),
+            "committed_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+            "world_size": self.world_size,
+            "config": self.config,
+            "parts": parts,
+            "rows": _rows_by_table(parts),
+        }
+        with locked(self.layout.commit_lock):
+            write_bytes_atomic(json.dumps(manifest, indent=1, default=str).encode(), self.layout.manifest(self.run_id), self.tmp_dir)
+            catalog.build(self.layout)
+        self.close()
+        shutil.rmtree(self.journal_dir, ignore_errors=True)
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        return manifest
+
+    def close(self) -> None:
+        if getattr(self, "_lock_fd", None) is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+
+def _rows_by_table(parts: list[dict]) -> dict[str, int]:
+    rows: dict[str, int] = {}
+    for part in parts:
+        rows[part["table"]] = rows.get(part["table"], 0) + part["rows"]
+    return rows
+
+
+def write_run(layout: Layout, run_id: str, parts, config: dict | None = None) -> dict:
+    """Commit a whole run from in-memory tables in one shard (imports, fixtures, benchmarks).
+
+    parts: iterable of (table, site|None, layer|None, pyarrow.Table) with the
+    stored columns of schema.sql (partition keys come from the tuple).
+    """
+    writer = RunWriter(layout, run_id, config or {"source": "write_run"})
+    writer.commit_shard(parts)
+    return writer.commit([], dt.datetime.now(dt.timezone.utc))
