@@ -107,6 +107,97 @@ def sql(
     _print_table(_rel_to_polars(rel), fmt)
 
 
+@app.command()
+def ingest(
+    root: Path = typer.Argument(..., help="Warehouse folder (created if missing)."),
+    model: str = typer.Option("minilm", "--model", "-m", help="Local model folder, cached hub id, `minilm`, `config:qwen3-tiny`, or adapter.py[:checkpoint]."),
+    data: list[Path] = typer.Option([], "--data", "-d", help="Documents: .jsonl, .parquet or .txt (repeatable)."),
+    site: list[str] = typer.Option([], "--site", "-s", help="SPEC: <site>[@in|@out]:<reduction>[=arg],... e.g. mlp.act:topk=20 (repeatable)."),
+    scenario: Optional[Path] = typer.Option(None, "--scenario", help="Chat scenario YAML (Activation Lab format) instead of --data."),
+    run_id: Optional[str] = typer.Option(None, "--run-id", help="Run id (default: <model>-<UTC time>, printed)."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="Dataset label for documents that have none (default: file stem)."),
+    role: Optional[str] = typer.Option(None, "--role", help="Role label: pool, target, reference, ..."),
+    batch_size: int = typer.Option(16, "--batch-size", "-b", help="Windows per forward pass."),
+    max_length: Optional[int] = typer.Option(None, "--max-length", help="Tokens per window (long documents are split, positions continue)."),
+    truncate: bool = typer.Option(False, "--truncate", help="Keep only each document's first window."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
+    resume: bool = typer.Option(False, "--resume", help="Finish an interrupted run (same arguments and --run-id)."),
+    shard_tokens: int = typer.Option(65536, "--shard-tokens", help="Tokens per committed shard (the unit of resume)."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip (and count) bad records instead of stopping."),
+    logit_lens: bool = typer.Option(False, "--logit-lens", help="Store each MLP unit's output direction through the unembedding."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+):
+    """Capture a model's activations over documents into a new run.
+
+    Example: whq ingest wh --model minilm --data docs.jsonl --site mlp.act:topk=20 --site mlp.up:nag=20 --site resid.out:last
+    """
+    if scenario is not None:
+        from ingest.chat import run_scenario
+
+        summary = run_scenario(root, scenario, run_id=run_id, device=device, progress=not quiet)
+    else:
+        from ingest.pipeline import DEFAULT_SITES
+        from ingest.pipeline import ingest as run_ingest
+
+        summary = run_ingest(
+            root, model, [str(d) for d in data], site or DEFAULT_SITES, run_id=run_id, dataset=dataset, role=role,
+            batch_size=batch_size, max_length=max_length, truncate=truncate, device=device, dtype=dtype,
+            resume=resume, shard_tokens=shard_tokens, skip_bad=skip_bad, logit_lens=logit_lens, progress=not quiet,
+        )
+    typer.echo(_summary_line(summary))
+
+
+def _summary_line(summary: dict) -> str:
+    rows = summary.get("rows", {})
+    parts = [f"committed run {summary['run_id']}"]
+    if "documents" in summary:
+        parts.append(f"{summary['documents']:,} documents, {summary.get('tokens', 0):,} tokens")
+    if rows:
+        parts.append(", ".join(f"{table} {n:,}" for table, n in sorted(rows.items())) + " rows")
+    if "bytes" in summary:
+        parts.append(f"{summary['bytes'] / 1e6:,.2f} MB on disk")
+    if summary.get("tokens_per_s"):
+        parts.append(f"{summary['tokens_per_s']:,.0f} tokens/s")
+    return "; ".join(parts)
+
+
+@app.command()
+def sites(
+    model: str = typer.Option("minilm", "--model", "-m", help="Model as for `whq ingest --model`."),
+    all_modules: bool = typer.Option(False, "--all", help="List every module, not only the first block's."),
+):
+    """Print a model's site aliases and module tree (to write --site SPECs).
+
+    Example: whq sites --model minilm
+    """
+    from ingest.models import load
+
+    loaded = load(model, "cpu", "float32")
+    typer.echo(f"{loaded.model_id}: {loaded.family}, {loaded.n_layers} layers")
+    typer.echo("aliases:")
+    for alias, (glob, hook) in loaded.aliases.items():
+        typer.echo(f"  {alias:<10} {glob}@{hook}")
+    typer.echo("modules:")
+    for name, module in loaded.model.named_modules():
+        if name and (all_modules or not any(part.isdigit() and part != "0" for part in name.split("."))):
+            typer.echo(f"  {name}  ({type(module).__name__})")
+
+
+@app.command()
+def demo(
+    root: Path = typer.Argument(Path("whq-demo"), help="Folder for the demo warehouse."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+):
+    """Build a demo warehouse from real text through the real all-MiniLM-L6-v2, offline.
+
+    Example: whq demo whq-demo
+    """
+    from ingest.demo import run_demo
+
+    run_demo(root, progress=not quiet, echo=typer.echo)
+
+
 def _rel_to_polars(rel):
     import duckdb
 

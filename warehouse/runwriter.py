@@ -29,7 +29,7 @@ from .layout import FORMAT_VERSION, Layout, check_name
 from .locks import locked, try_lock
 from .parts import PartInfo, write_bytes_atomic, write_part
 
-VOLATILE_CONFIG_KEYS = {"resume", "progress", "run_id_generated"}
+VOLATILE_CONFIG_KEYS = {"resume", "progress", "started_at"}
 
 
 def _stable(config: dict) -> dict:
@@ -72,6 +72,7 @@ class RunWriter:
                     f"`whq ingest ... --run-id {self.run_id} --resume`, or discard it with `whq gc {self.layout.root} --interrupted`"
                 )
             previous = json.loads(saved.read_text())
+            self.started_at = dt.datetime.fromisoformat(previous["started_at"])
             if _canonical(_stable(previous)) != _canonical(_stable(self.config)):
                 changed = sorted(k for k in set(previous) | set(self.config)
                                  if k not in VOLATILE_CONFIG_KEYS and _canonical(previous.get(k)) != _canonical(self.config.get(k)))
@@ -81,6 +82,8 @@ class RunWriter:
             if resume and self.rank == 0:
                 self.close()
                 raise BadInput(f"nothing to resume: run {self.run_id!r} has no interrupted ingest in {self.layout.root}; drop --resume")
+            self.started_at = dt.datetime.now(dt.timezone.utc)
+            self.config["started_at"] = self.started_at.isoformat()
             if self.rank == 0:
                 payload = _canonical(self.config).encode()
                 write_bytes_atomic(payload, saved, self.tmp_dir)

@@ -1,0 +1,234 @@
+"""Hooks and on-device reductions.
+
+Each (site, layer) gets a `SiteLayer` whose hook reduces the activation where it is
+computed: per-token top-k / threshold entries, document sums for NAG and mean
+vectors, last-token vectors, exact neuron statistics, and per-unit running top-N and
+uniform samples. Nothing inside a hook waits for the device except `threshold`
+(whose output size is data-dependent); results stay on the device until the batch
+ends and `collect()` copies them to the host in one go.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from .sites import ResolvedSite
+
+# Reservoir sampling as a bottom-N sketch: every (doc, pos, unit) gets a fixed
+# pseudo-random key and each unit keeps the N smallest keys among its firing tokens.
+# That is a uniform sample, mergeable across batches, shards and ranks, and the same
+# on resume.
+_NO_KEY = (1 << 62)
+
+
+def sample_keys(doc: torch.Tensor, pos: torch.Tensor, width: int) -> torch.Tensor:
+    """A [rows, width] int64 hash of (doc, pos, unit), uniform on [0, 2^31)."""
+    unit = torch.arange(width, device=doc.device, dtype=torch.int64)
+    x = (doc.to(torch.int64)[:, None] * 0x9E3779B1 + pos.to(torch.int64)[:, None] * 0x85EBCA77 + unit[None, :] * 0xC2B2AE3D) & 0x7FFFFFFF
+    for mult in (0x2C1B3C6D, 0x297A2D39):
+        x = ((x ^ (x >> 15)) * mult) & 0x7FFFFFFF
+    return x ^ (x >> 13)
+
+
+@dataclass
+class BatchContext:
+    """What the hooks need to know about the batch being run (all on the device)."""
+
+    mask: torch.Tensor          # [B, T] bool, False on padding
+    lengths: torch.Tensor       # [B] valid tokens per row
+    row_doc: torch.Tensor       # [B*T] doc of each flattened position
+    row_pos: torch.Tensor       # [B*T] position in its document
+    segment: torch.Tensor       # [B] index of the row's document within the batch
+    n_segments: int
+    finished: torch.Tensor      # [n_finished] segments whose last window is in this batch
+    finished_tokens: torch.Tensor  # [n_finished] their total token counts (all windows)
+    last_rows: torch.Tensor     # [n_finished] row holding each finished document's last window
+    carry_in: bool              # segment 0 continues a document from the previous batch
+    carry_out: bool             # the last segment continues into the next batch
+
+
+class SiteLayer:
+    def __init__(self, site: ResolvedSite, layer: int, module_name: str, device: str):
+        self.site, self.layer, self.module_name, self.device = site, layer, module_name, device
+        self.spec = site.spec
+        self.red = site.spec.reductions
+        self.threshold = site.spec.threshold
+        self.width: int | None = None
+        self.ctx: BatchContext | None = None
+        self.out: dict[str, torch.Tensor] = {}
+        self.carry: dict[str, torch.Tensor] = {}
+        self.stats: dict[str, torch.Tensor] = {}
+        self.examples: dict[str, torch.Tensor] = {}
+
+    @property
+    def name(self) -> str:
+        return self.site.name
+
+    # -- state ----------------------------------------------------------------
+    def _allocate(self, width: int) -> None:
+        self.width = width
+        dev = self.device
+        self.stats = {
+            "n_tokens": torch.zeros((), dtype=torch.int64, device=dev),
+            "n_fired": torch.zeros(width, dtype=torch.int64, device=dev),
+            "sum": torch.zeros(width, dtype=torch.float64, device=dev),
+            "sum_sq": torch.zeros(width, dtype=torch.float64, device=dev),
+            "max": torch.full((width,), float("-inf"), dtype=torch.float32, device=dev),
+            "max_doc": torch.full((width,), -1, dtype=torch.int64, device=dev),
+            "max_pos": torch.full((width,), -1, dtype=torch.int64, device=dev),
+        }
+        if "examples" in self.red:
+            n = self.red["examples"]
+            for kind, fill in (("top", float("-inf")), ("random", float("nan"))):
+                self.examples[f"{kind}_value"] = torch.full((n, width), fill, dtype=torch.float32, device=dev)
+                self.examples[f"{kind}_doc"] = torch.full((n, width), -1, dtype=torch.int64, device=dev)
+                self.examples[f"{kind}_pos"] = torch.full((n, width), -1, dtype=torch.int64, device=dev)
+            self.examples["random_key"] = torch.full((n, width), _NO_KEY, dtype=torch.int64, device=dev)
+
+    def state_tables(self) -> dict[str, pa.Table]:
+        """Host copy of the run-level state (statistics, example sketches) for resume."""
+        if self.width is None:
+            return {}
+        tables = {f"stats.{self.name}.{self.layer}": pa.table({k: v.cpu().numpy().reshape(-1) if v.dim() else
+                                                               np.full(self.width, v.item()) for k, v in self.stats.items()})}
+        if self.examples:
+            tables[f"examples.{self.name}.{self.layer}"] = pa.table({k: v.cpu().numpy().reshape(-1) for k, v in self.examples.items()})
+        return tables
+
+    def restore(self, tables: dict[str, pa.Table]) -> None:
+        stats = tables.get(f"stats.{self.name}.{self.layer}")
+        if stats is None:
+            return
+        self._allocate(stats.num_rows)
+        examples = tables.get(f"examples.{self.name}.{self.layer}")
+        for source, state in ((stats, self.stats), (examples, self.examples)):
+            for key, target in state.items():
+                column = torch.as_tensor(source.column(key).to_numpy())
+                target.copy_(column[0] if target.dim() == 0 else column.reshape(target.shape))
+
+    # -- the hook ---------------------------------------------------------------
+    def __call__(self, x: torch.Tensor) -> None:
+        ctx = self.ctx
+        if x.dim() != 3:
+            raise RuntimeError(f"site {self.name} layer {self.layer}: expected [batch, seq, units], got shape {tuple(x.shape)}")
+        x = x.detach().float()
+        if self.width is None:
+            self._allocate(x.shape[-1])
+        batch, seq, width = x.shape
+        mask3 = ctx.mask[:, :seq, None]
+        red = self.red
+        if "topk" in red:
+            values, ids = x.topk(min(red["topk"], width), dim=-1)
+            self.out["topk_values"], self.out["topk_ids"] = values, ids
+        if "abstopk" in red:
+            _, ids = x.abs().topk(min(red["abstopk"], width), dim=-1)
+            self.out["topk_values"], self.out["topk_ids"] = x.gather(-1, ids), ids
+        if "threshold" in red:
+            hits = (x > self.threshold) & mask3
+            self.out["threshold_index"] = hits.nonzero()
+            self.out["threshold_values"] = x[hits]
+        if "nag" in red or "mean" in red:
+            self._document_sums(x, mask3)
+        if "last" in red:
+            self.out["last"] = x[ctx.last_rows, ctx.lengths[ctx.last_rows] - 1]
+        if "dense" in red:
+            self.out["dense"] = x[ctx.mask[:, :seq]]
+        flat = x.masked_fill(~mask3, float("-inf")).reshape(batch * seq, width)
+        self._update_stats(x, mask3, flat)
+        if "examples" in red:
+            self._update_examples(flat, batch * seq)
+
+    def _document_sums(self, x: torch.Tensor, mask3: torch.Tensor) -> None:
+        ctx = self.ctx
+        wanted = [("abs", x.abs)] if "nag" in self.red else []
+        wanted += [("raw", lambda: x)] if "mean" in self.red else []
+        for kind, values in wanted:
+            per_row = (values() * mask3).sum(dim=1)
+            sums = torch.zeros(ctx.n_segments, x.shape[-1], dtype=torch.float32, device=x.device)
+            sums.index_add_(0, ctx.segment, per_row)
+            if ctx.carry_in and kind in self.carry:
+                sums[0] += self.carry.pop(kind)
+            if ctx.carry_out:
+                self.carry[kind] = sums[-1].clone()
+            done = sums[ctx.finished] / ctx.finished_tokens[:, None].clamp(min=1)
+            if kind == "abs":
+                impacts, order = torch.sort(done, dim=-1, descending=True, stable=True)
+                k = min(self.red["nag"], x.shape[-1])
+                self.out["nag_ids"], self.out["nag_impacts"] = order[:, :k], impacts[:, :k]
+            else:
+                self.out["mean"] = done
+
+    def _update_stats(self, x: torch.Tensor, mask3: torch.Tensor, flat: torch.Tensor) -> None:
+        ctx, stats = self.ctx, self.stats
+        kept = x * mask3
+        stats["n_tokens"] += ctx.mask.sum()
+        stats["n_fired"] += ((x > self.threshold) & mask3).sum(dim=(0, 1))
+        stats["sum"] += kept.sum(dim=(0, 1), dtype=torch.float64)
+        stats["sum_sq"] += (kept * kept).sum(dim=(0, 1), dtype=torch.float64)
+        batch_max, where = flat.max(dim=0)
+        better = batch_max > stats["max"]  # strict: an earlier token wins a tie
+        stats["max"] = torch.where(better, batch_max, stats["max"])
+        stats["max_doc"] = torch.where(better, ctx.row_doc[where], stats["max_doc"])
+        stats["max_pos"] = torch.where(better, ctx.row_pos[where], stats["max_pos"])
+
+    def _update_examples(self, flat: torch.Tensor, rows: int) -> None:
+        ctx, ex, n = self.ctx, self.examples, self.red["examples"]
+        take = min(n, rows)
+        values, where = flat.topk(take, dim=0)
+        self._merge("top", values, ctx.row_doc[where], ctx.row_pos[where], order=ex["top_value"], new_order=values, largest=True)
+        keys = sample_keys(ctx.row_doc, ctx.row_pos, flat.shape[1])
+        keys = keys.masked_fill(~(flat > self.threshold), _NO_KEY)
+        batch_keys, where = keys.topk(take, dim=0, largest=False)
+        self._merge("random", flat.gather(0, where), ctx.row_doc[where], ctx.row_pos[where],
+                    order=ex["random_key"], new_order=batch_keys, largest=False)
+
+    def _merge(self, kind, values, docs, positions, *, order, new_order, largest) -> None:
+        ex, n = self.examples, self.red["examples"]
+        all_order = torch.cat([order, new_order])
+        _, pick = all_order.topk(n, dim=0, largest=largest)
+        for field, new in (("value", values), ("doc", docs), ("pos", positions)):
+            ex[f"{kind}_{field}"] = torch.cat([ex[f"{kind}_{field}"], new]).gather(0, pick)
+        if kind == "random":
+            ex["random_key"] = all_order.gather(0, pick)
+
+    def collect(self) -> dict[str, np.ndarray]:
+        """Move this batch's outputs to the host (one copy per tensor) and reset."""
+        out = {k: v.cpu().numpy() for k, v in self.out.items()}
+        self.out = {}
+        return out
+
+
+def _first_tensor(args, kwargs):
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    if "hidden_states" in kwargs:
+        return kwargs["hidden_states"]
+    for value in list(args) + list(kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            return value
+    raise RuntimeError("hooked module got no tensor input")
+
+
+def _output_tensor(output):
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)):
+        return output[0]
+    return output[0]  # transformers ModelOutput
+
+
+def attach(model, site_layers: list[SiteLayer]) -> list:
+    """Register the hooks; returns handles to remove them."""
+    modules = dict(model.named_modules())
+    handles = []
+    for sl in site_layers:
+        module = modules[sl.module_name]
+        if sl.site.hook == "in":
+            handles.append(module.register_forward_pre_hook(lambda m, a, k, sl=sl: sl(_first_tensor(a, k)), with_kwargs=True))
+        else:
+            handles.append(module.register_forward_hook(lambda m, a, o, sl=sl: sl(_output_tensor(o))))
+    return handles

@@ -1,0 +1,209 @@
+"""Sites: where to hook (an alias or a module glob, input or output) and what to keep.
+
+SPEC grammar (one --site each):
+
+    SPEC       := SITE [ ":" REDUCTION { "," REDUCTION } ]
+    SITE       := ALIAS | MODULE_GLOB [ "@in" | "@out" ]
+    REDUCTION  := topk[=K] | abstopk[=K] | threshold[=T] | nag[=K] | examples[=N]
+                | last | mean | dense
+
+Examples: `mlp.act:topk=20`, `mlp.up:nag=20`, `resid.out:last,mean`,
+`encoder.layer.*.output.dense@in:threshold=0`. Every site also gets exact
+neuron_stats; a unit "fires" when its value > the site's threshold (default 0).
+This module is torch-free so SPECs can be validated before a model loads.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, field
+
+from warehouse.errors import BadSpec
+
+REDUCTIONS = {
+    # name: (argument type, default, what it fills)
+    "topk": (int, 20, "token_neurons: the K largest values of each token"),
+    "abstopk": (int, 20, "token_neurons: the K largest |values| of each token"),
+    "threshold": (float, 0.0, "token_neurons: every value > T (and sets the firing threshold)"),
+    "nag": (int, 20, "doc_neurons: per document the K units of highest mean |value|"),
+    "examples": (int, 20, "neuron_examples: per unit the N strongest tokens + N random firing tokens"),
+    "last": (None, None, "vectors: the document's last token"),
+    "mean": (None, None, "vectors: the mean over the document's tokens"),
+    "dense": (None, None, "vectors: every token (large; opt-in)"),
+}
+
+# Aliases per architecture family: alias -> (glob relative to the blocks container, hook point).
+DECODER_ALIASES = {
+    "mlp.up": ("*.mlp.up_proj", "out"),
+    "mlp.gate": ("*.mlp.gate_proj", "out"),
+    "mlp.act": ("*.mlp.down_proj", "in"),
+    "mlp.down": ("*.mlp.down_proj", "out"),
+    "attn.q": ("*.self_attn.q_proj", "out"),
+    "attn.k": ("*.self_attn.k_proj", "out"),
+    "attn.v": ("*.self_attn.v_proj", "out"),
+    "attn.o": ("*.self_attn.o_proj", "out"),
+    "resid.in": ("*", "in"),
+    "resid.out": ("*", "out"),
+}
+ENCODER_ALIASES = {
+    "mlp.up": ("*.intermediate.dense", "out"),
+    "mlp.act": ("*.output.dense", "in"),
+    "mlp.down": ("*.output.dense", "out"),
+    "attn.q": ("*.attention.self.query", "out"),
+    "attn.k": ("*.attention.self.key", "out"),
+    "attn.v": ("*.attention.self.value", "out"),
+    "attn.o": ("*.attention.output.dense", "out"),
+    "resid.in": ("*", "in"),
+    "resid.out": ("*", "out"),
+}
+# Activation Lab's names for the residual-stream sources.
+SOURCE_ALIASES = {"hidden_in": "resid.in", "hidden_out": "resid.out", "attn_out": "attn.o", "mlp_out": "mlp.down"}
+
+
+@dataclass
+class SiteSpec:
+    text: str
+    site: str                 # alias or module glob as written
+    hook: str | None          # "in" / "out" when given with @; None for the alias default
+    reductions: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        """Partition-safe site name: the alias, or the glob with unsafe characters replaced."""
+        base = self.site if self.hook is None else f"{self.site}@{self.hook}"
+        return re.sub(r"[^A-Za-z0-9_.\-]", "_", base).strip("_.") or "site"
+
+    @property
+    def threshold(self) -> float:
+        return float(self.reductions.get("threshold", 0.0))
+
+    @property
+    def reductions_text(self) -> str:
+        return ",".join(k if v is None else f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.reductions.items())
+
+
+def parse_spec(text: str) -> SiteSpec:
+    if not isinstance(text, str) or not text.strip():
+        raise BadSpec("empty --site SPEC: write e.g. --site mlp.act:topk=20")
+    text = text.strip()
+    site, _, reds = text.partition(":")
+    hook = None
+    if "@" in site:
+        site, _, hook = site.partition("@")
+        if hook not in ("in", "out"):
+            raise BadSpec(f"--site {text!r}: hook point must be @in or @out, not @{hook}")
+    if not site or not re.fullmatch(r"[A-Za-z0-9_.*\-\[\]]+", site):
+        raise BadSpec(f"--site {text!r}: {site!r} is not a site alias or module glob (letters, digits, '.', '_', '-', '*')")
+    reductions: dict = {}
+    for item in filter(None, (r.strip() for r in reds.split(","))) if reds else []:
+        name, eq, arg = item.partition("=")
+        name = name.strip()
+        if name not in REDUCTIONS:
+            hint = difflib.get_close_matches(name, REDUCTIONS, n=1)
+            suggestion = f"did you mean {hint[0]!r}? " if hint else ""
+            raise BadSpec(f"--site {text!r}: unknown reduction {name!r}; {suggestion}known: {', '.join(REDUCTIONS)}")
+        kind, default, _ = REDUCTIONS[name]
+        if name in reductions:
+            raise BadSpec(f"--site {text!r}: reduction {name!r} given twice")
+        if kind is None:
+            if eq:
+                raise BadSpec(f"--site {text!r}: {name!r} takes no argument")
+            reductions[name] = None
+            continue
+        if not eq:
+            reductions[name] = default
+            continue
+        try:
+            value = kind(arg)
+        except ValueError:
+            raise BadSpec(f"--site {text!r}: {name}={arg!r} needs a {'whole number' if kind is int else 'number'}") from None
+        if kind is int and value <= 0:
+            raise BadSpec(f"--site {text!r}: {name}={value} must be at least 1")
+        reductions[name] = value
+    if "topk" in reductions and "abstopk" in reductions:
+        raise BadSpec(f"--site {text!r}: use topk or abstopk, not both")
+    return SiteSpec(text, site, hook, reductions)
+
+
+def glob_regex(glob: str) -> re.Pattern:
+    """Module globs: `*` is one path component, `**` any number of them."""
+    parts = []
+    for token in re.split(r"(\*\*|\*)", glob):
+        if token == "**":
+            parts.append(r".*")
+        elif token == "*":
+            parts.append(r"[^.]+")
+        else:
+            parts.append(re.escape(token))
+    return re.compile("^" + "".join(parts) + "$")
+
+
+def layer_of(module_name: str) -> int | None:
+    for component in module_name.split("."):
+        if component.isdigit():
+            return int(component)
+    return None
+
+
+@dataclass
+class ResolvedSite:
+    spec: SiteSpec
+    glob: str
+    hook: str
+    modules: list[tuple[int, str]]   # (layer, module name)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+def resolve(spec: SiteSpec, module_names: list[str], aliases: dict[str, tuple[str, str]]) -> ResolvedSite:
+    """Match a site against a model's named_modules(); errors list what exists."""
+    site = SOURCE_ALIASES.get(spec.site, spec.site)
+    if site in aliases:
+        glob, hook = aliases[site]
+        hook = spec.hook or hook
+    elif "." in site or "*" in site or site in module_names:
+        glob, hook = site, spec.hook or "out"
+    else:
+        hint = difflib.get_close_matches(site, list(aliases), n=1)
+        suggestion = f"did you mean {hint[0]!r}? " if hint else ""
+        raise BadSpec(
+            f"unknown site {spec.site!r}: {suggestion}aliases for this model: {', '.join(aliases) or 'none'}; "
+            f"or give a module glob (see `whq sites --model M`)"
+        )
+    pattern = glob_regex(glob)
+    matched = [name for name in module_names if pattern.match(name)]
+    if not matched:
+        raise BadSpec(f"site {spec.text!r}: module glob {glob!r} matches no module of this model; list them with `whq sites --model M`")
+    layered = [(layer_of(name), name) for name in matched]
+    if len(layered) > 1 and any(layer is None for layer, _ in layered):
+        raise BadSpec(f"site {spec.text!r}: glob {glob!r} matches modules without a layer number ({matched[0]}, ...); make it match one module per block")
+    layered = [(layer if layer is not None else 0, name) for layer, name in layered]
+    layers = [layer for layer, _ in layered]
+    if len(set(layers)) != len(layers):
+        raise BadSpec(f"site {spec.text!r}: glob {glob!r} matches several modules per layer ({', '.join(matched[:3])}, ...); make it more specific")
+    return ResolvedSite(spec, glob, hook, sorted(layered))
+
+
+def family_aliases(module_names: list[str]) -> tuple[str, dict[str, tuple[str, str]]]:
+    """Find the blocks container (model.layers, encoder.layer, ...) and expand the aliases."""
+    decoder = [n for n in module_names if n.endswith("mlp.up_proj")]
+    encoder = [n for n in module_names if n.endswith("intermediate.dense")]
+    if decoder:
+        family, table, sample = "decoder", DECODER_ALIASES, decoder[0]
+        container = sample[: sample.rindex(".mlp.up_proj")]
+    elif encoder:
+        family, table, sample = "encoder", ENCODER_ALIASES, encoder[0]
+        container = sample[: sample.rindex(".intermediate.dense")]
+    else:
+        return "custom", {}
+    container = container.rsplit(".", 1)[0]  # drop the block's own index
+    names = set(module_names)
+    aliases = {}
+    for alias, (glob, hook) in table.items():
+        full = f"{container}.{glob}"
+        if any(glob_regex(full).match(n) for n in names):
+            aliases[alias] = (full, hook)
+    return family, aliases

@@ -1,0 +1,175 @@
+"""The background writer: host arrays -> Arrow rows -> Parquet parts, one shard at a time.
+
+The model thread hands each batch's host copies over a bounded queue (so a slow disk
+applies back-pressure instead of growing memory) and keeps computing; this thread
+turns them into table rows, and at each shard boundary commits the shard's parts and
+resume state through the RunWriter.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from warehouse import schema
+
+
+@dataclass
+class HostBatch:
+    row_doc: np.ndarray        # [B] document of each row
+    row_start: np.ndarray      # [B] position of each row's first token
+    lengths: np.ndarray        # [B] valid tokens per row
+    finished_docs: np.ndarray  # documents whose last window is in this batch, in order
+    finished_last_pos: np.ndarray  # position of each finished document's last token
+    outputs: dict = field(default_factory=dict)   # (site, layer) -> {name: array}
+
+
+@dataclass
+class ShardEnd:
+    documents: pa.Table
+    tokens: pa.Table
+    state: dict                # name -> pa.Table (resume state)
+    info: dict
+
+
+def _token_rows(batch: HostBatch, ids: np.ndarray, values: np.ndarray) -> dict:
+    """Per-token top-k arrays [B, T, k] -> rows in (doc, pos, neuron) order, padding dropped."""
+    rows, seq, k = ids.shape
+    valid = np.arange(seq)[None, :] < batch.lengths[:, None]
+    order = np.argsort(ids, axis=-1, kind="stable")
+    ids = np.take_along_axis(ids, order, -1)[valid]
+    values = np.take_along_axis(values, order, -1)[valid]
+    b, t = np.nonzero(valid)
+    return {
+        "doc": np.repeat(batch.row_doc[b], k),
+        "pos": np.repeat(batch.row_start[b] + t, k),
+        "neuron": ids.reshape(-1),
+        "value": values.reshape(-1),
+    }
+
+
+def _threshold_rows(batch: HostBatch, index: np.ndarray, values: np.ndarray) -> dict:
+    b, t, unit = index[:, 0], index[:, 1], index[:, 2]
+    return {"doc": batch.row_doc[b], "pos": batch.row_start[b] + t, "neuron": unit, "value": values}
+
+
+def batch_parts(batch: HostBatch, widths: dict) -> list[tuple]:
+    """(table, site, layer, column dict) pieces for one batch."""
+    pieces = []
+    for (site, layer), out in batch.outputs.items():
+        if "topk_ids" in out:
+            pieces.append(("token_neurons", site, layer, _token_rows(batch, out["topk_ids"], out["topk_values"])))
+        if "threshold_index" in out:
+            pieces.append(("token_neurons", site, layer, _threshold_rows(batch, out["threshold_index"], out["threshold_values"])))
+        if "nag_ids" in out:
+            pieces.append(("doc_neurons", site, layer, {"doc": batch.finished_docs, "neurons": out["nag_ids"], "impacts": out["nag_impacts"]}))
+        for pool, positions in (("last", batch.finished_last_pos), ("mean", None)):
+            if pool in out:
+                n = len(batch.finished_docs)
+                pieces.append(("vectors", site, layer, {
+                    "doc": batch.finished_docs, "step": np.full(n, None), "pos": positions if positions is not None else np.full(n, None),
+                    "pool": np.full(n, pool), "vec": out[pool]}))
+        if "dense" in out:
+            b, t = np.nonzero(np.arange(int(batch.lengths.max(initial=0)))[None, :] < batch.lengths[:, None])
+            n = len(b)
+            pieces.append(("vectors", site, layer, {
+                "doc": batch.row_doc[b], "step": np.full(n, None), "pos": batch.row_start[b] + t,
+                "pool": np.full(n, "token"), "vec": out["dense"]}))
+    return pieces
+
+
+def to_arrow(table: str, columns: dict, width: int | None) -> pa.Table:
+    """Column arrays -> an Arrow table with the table's physical schema."""
+    target = schema.table(table).arrow_schema(width)
+    arrays = []
+    for fld in target:
+        data = columns[fld.name]
+        if pa.types.is_list(fld.type):
+            matrix = np.asarray(data)
+            rows, width_k = matrix.shape
+            flat = pa.array(matrix.reshape(-1).astype(fld.type.value_type.to_pandas_dtype()), fld.type.value_type)
+            offsets = pa.array(np.arange(rows + 1, dtype=np.int32) * width_k)
+            arrays.append(pa.ListArray.from_arrays(offsets, flat, type=fld.type))
+        elif fld.type == pa.float16():
+            arrays.append(pa.array(np.asarray(data, dtype=np.float16), pa.float16()))
+        elif isinstance(data, pa.Array):
+            arrays.append(data.cast(fld.type))
+        else:
+            arrays.append(pa.array(data, type=fld.type, from_pandas=True))
+    return pa.Table.from_arrays(arrays, schema=target)
+
+
+class ShardWriter:
+    """Consumes HostBatch / ShardEnd items on a thread; commits each shard."""
+
+    def __init__(self, run_writer, widths: dict, max_pending: int = 4):
+        self.run_writer = run_writer
+        self.widths = widths          # (site, layer) -> width
+        self.queue: queue.Queue = queue.Queue(maxsize=max_pending)
+        self.error: BaseException | None = None
+        self.rows: dict[str, int] = defaultdict(int)
+        self._pending: dict[tuple, list[dict]] = defaultdict(list)
+        self._thread = threading.Thread(target=self._run, name="whq-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, item) -> None:
+        while True:
+            if self.error is not None:
+                raise self.error
+            try:
+                self.queue.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def close(self) -> None:
+        self.put(None)
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def stop(self) -> None:
+        """End the thread if it still runs (after an error in the model thread)."""
+        if self._thread.is_alive():
+            self.queue.put(None)
+            self._thread.join()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                item = self.queue.get()
+                if item is None:
+                    return
+                if isinstance(item, HostBatch):
+                    for table, site, layer, columns in batch_parts(item, self.widths):
+                        self._pending[(table, site, layer)].append(columns)
+                else:
+                    self._commit(item)
+        except BaseException as err:  # surfaced to the model thread by put()/close()
+            self.error = err
+            while True:  # unblock the producer
+                try:
+                    self.queue.get_nowait()
+                except queue.Empty:
+                    break
+
+    def _commit(self, end: ShardEnd) -> None:
+        parts = [("documents", None, None, end.documents), ("tokens", None, None, end.tokens)]
+        for (table, site, layer), pieces in self._pending.items():
+            merged = {k: _concat([p[k] for p in pieces]) for k in pieces[0]}
+            parts.append((table, site, layer, to_arrow(table, merged, self.widths.get((site, layer)))))
+        self._pending.clear()
+        self.run_writer.commit_shard(parts, end.state, end.info)
+        for table, _, _, data in parts:
+            self.rows[table] += data.num_rows
+
+
+def _concat(chunks: list):
+    if len(chunks) == 1:
+        return chunks[0]
+    return np.concatenate([np.asarray(c) for c in chunks])
