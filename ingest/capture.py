@@ -90,13 +90,17 @@ class SiteLayer:
             self.examples["random_key"] = torch.full((n, width), _NO_KEY, dtype=torch.int64, device=dev)
 
     def state_tables(self) -> dict[str, pa.Table]:
-        """Host copy of the run-level state (statistics, example sketches) for resume."""
+        """A snapshot (copied: the live tensors keep changing) of the run-level state, for resume."""
         if self.width is None:
             return {}
-        tables = {f"stats.{self.name}.{self.layer}": pa.table({k: v.cpu().numpy().reshape(-1) if v.dim() else
-                                                               np.full(self.width, v.item()) for k, v in self.stats.items()})}
+
+        def snapshot(tensors):
+            return pa.table({k: np.full(self.width, v.item()) if v.dim() == 0 else v.cpu().numpy().reshape(-1).copy()
+                             for k, v in tensors.items()})
+
+        tables = {f"stats.{self.name}.{self.layer}": snapshot(self.stats)}
         if self.examples:
-            tables[f"examples.{self.name}.{self.layer}"] = pa.table({k: v.cpu().numpy().reshape(-1) for k, v in self.examples.items()})
+            tables[f"examples.{self.name}.{self.layer}"] = snapshot(self.examples)
         return tables
 
     def restore(self, tables: dict[str, pa.Table]) -> None:
@@ -169,11 +173,15 @@ class SiteLayer:
         stats["n_fired"] += ((x > self.threshold) & mask3).sum(dim=(0, 1))
         stats["sum"] += kept.sum(dim=(0, 1), dtype=torch.float64)
         stats["sum_sq"] += (kept * kept).sum(dim=(0, 1), dtype=torch.float64)
-        batch_max, where = flat.max(dim=0)
-        better = batch_max > stats["max"]  # strict: an earlier token wins a tie
+        batch_max = flat.amax(dim=0)
+        # Ties go to the first token in document order, whatever order batches run in.
+        order_key = ctx.row_doc * (1 << 32) + ctx.row_pos
+        first = torch.where(flat == batch_max, order_key[:, None], _NO_KEY).amin(dim=0)
+        running = stats["max_doc"] * (1 << 32) + stats["max_pos"]
+        better = (batch_max > stats["max"]) | ((batch_max == stats["max"]) & (first < running))
         stats["max"] = torch.where(better, batch_max, stats["max"])
-        stats["max_doc"] = torch.where(better, ctx.row_doc[where], stats["max_doc"])
-        stats["max_pos"] = torch.where(better, ctx.row_pos[where], stats["max_pos"])
+        stats["max_doc"] = torch.where(better, first >> 32, stats["max_doc"])
+        stats["max_pos"] = torch.where(better, first & 0xFFFFFFFF, stats["max_pos"])
 
     def _update_examples(self, flat: torch.Tensor, rows: int) -> None:
         ctx, ex, n = self.ctx, self.examples, self.red["examples"]

@@ -246,7 +246,10 @@ def ingest(
         with IngestProgress(enabled=progress, run_id=run_id) as bar, torch.inference_mode():
             for shard in _shards(stream, loaded.tokenizer, start=start_doc, rank=rank, world_size=world_size,
                                  max_length=max_length, truncate=truncate, shard_tokens=shard_tokens):
-                wins = [w for _, _, ws in shard.docs for w in ws]
+                # Shortest documents first: batches of similar length waste little on padding.
+                # A document's windows stay consecutive and in order (the capture relies on it).
+                by_length = sorted(shard.docs, key=lambda d: sum(len(w.ids) for w in d[2]))
+                wins = [w for _, _, ws in by_length for w in ws]
                 for batch in _batches(wins, batch_size):
                     ids, mask, ctx, host = _context(batch, loaded.tokenizer.pad_id, device)
                     for sl in site_layers:

@@ -161,12 +161,20 @@ class ShardWriter:
     def _commit(self, end: ShardEnd) -> None:
         parts = [("documents", None, None, end.documents), ("tokens", None, None, end.tokens)]
         for (table, site, layer), pieces in self._pending.items():
-            merged = {k: _concat([p[k] for p in pieces]) for k in pieces[0]}
+            merged = _in_document_order({k: _concat([p[k] for p in pieces]) for k in pieces[0]})
             parts.append((table, site, layer, to_arrow(table, merged, self.widths.get((site, layer)))))
         self._pending.clear()
         self.run_writer.commit_shard(parts, end.state, end.info)
         for table, _, _, data in parts:
             self.rows[table] += data.num_rows
+
+
+def _in_document_order(columns: dict) -> dict:
+    """Rows sorted by (doc, pos, neuron): batches run in length order, files are read in document order."""
+    keys = [np.asarray(columns[k], dtype=np.int64) for k in ("neuron", "pos", "doc")
+            if k in columns and np.asarray(columns[k]).dtype != object]
+    order = np.lexsort(keys)
+    return {k: np.asarray(v)[order] for k, v in columns.items()}
 
 
 def _concat(chunks: list):

@@ -60,3 +60,20 @@ def nag(acts: dict, k: int) -> dict:
         order = np.lexsort((np.arange(len(impact)), -impact))[:k]
         out[doc] = (order, impact[order])
     return out
+
+
+VOLATILE_RUN_COLUMNS = ("created_at", "config")
+
+
+def run_content(wh, run_id: str) -> dict:
+    """Every table's rows of one run, sorted, as polars frames (run-time columns dropped)."""
+    import warehouse.schema
+
+    out = {}
+    for table in warehouse.schema.tables():
+        frame = wh.pl(f"SELECT * EXCLUDE (run_id) FROM {table} WHERE run_id = ?", [run_id])
+        if table == "runs":
+            frame = frame.drop(list(VOLATILE_RUN_COLUMNS))
+        sortable = [c for c, t in frame.schema.items() if not t.is_nested()]
+        out[table] = frame.sort(sortable)
+    return out
