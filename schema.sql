@@ -121,6 +121,7 @@ CREATE TABLE token_neurons (
 COMMENT ON TABLE token_neurons IS 'Sparse per-token activations: the top-k units of each token (topk/abstopk) or every unit above a threshold (threshold).';
 COMMENT ON COLUMN token_neurons.neuron IS 'Unit index at the site (stored as SMALLINT where the width allows).';
 COMMENT ON COLUMN token_neurons.value IS 'Activation value (stored as FLOAT16).';
+COMMENT ON COLUMN token_neurons.pos IS 'Token position in the document (see tokens.pos).';
 
 CREATE TABLE doc_neurons (
     run_id VARCHAR,
@@ -149,6 +150,7 @@ CREATE TABLE neuron_stats (
 );
 COMMENT ON TABLE neuron_stats IS 'Exact aggregates over ALL tokens of the run, computed from the dense activation on the device.';
 COMMENT ON COLUMN neuron_stats.n_tokens IS 'Token positions seen (padding excluded).';
+COMMENT ON COLUMN neuron_stats.neuron IS 'Unit index at the site.';
 COMMENT ON COLUMN neuron_stats.n_fired IS 'Tokens where value > the site''s threshold.';
 COMMENT ON COLUMN neuron_stats.sum IS 'Sum of values over all tokens.';
 COMMENT ON COLUMN neuron_stats.sum_sq IS 'Sum of squared values over all tokens.';
@@ -170,6 +172,9 @@ CREATE TABLE neuron_examples (
 COMMENT ON TABLE neuron_examples IS 'Per unit, exact over all tokens: the N strongest activations (kind top) and a uniform sample of N firing tokens (kind random).';
 COMMENT ON COLUMN neuron_examples.kind IS 'top (strongest first) or random (uniform sample of firing tokens).';
 COMMENT ON COLUMN neuron_examples.rank IS 'Order within kind: 0 is the strongest / first sampled.';
+COMMENT ON COLUMN neuron_examples.neuron IS 'Unit index at the site.';
+COMMENT ON COLUMN neuron_examples.pos IS 'Token position of the example in its document.';
+COMMENT ON COLUMN neuron_examples.value IS 'The unit''s activation at that token.';
 
 CREATE TABLE neuron_logits (
     run_id VARCHAR,
@@ -184,6 +189,11 @@ CREATE TABLE neuron_logits (
 );
 COMMENT ON TABLE neuron_logits IS 'Logit lens of each MLP unit''s output direction W_U . W_down[:, n]: top and bottom tokens.';
 COMMENT ON COLUMN neuron_logits.direction IS 'top (most promoted) or bottom (most suppressed).';
+COMMENT ON COLUMN neuron_logits.neuron IS 'Unit index at the site.';
+COMMENT ON COLUMN neuron_logits.rank IS '0 is the most promoted (top) or most suppressed (bottom) token.';
+COMMENT ON COLUMN neuron_logits.token_id IS 'Vocabulary id.';
+COMMENT ON COLUMN neuron_logits.token IS 'The token as text.';
+COMMENT ON COLUMN neuron_logits.logit IS 'Logit contribution of a unit activation of 1 (W_U . W_down[:, n]).';
 
 CREATE TABLE vectors (
     run_id VARCHAR,
@@ -219,6 +229,15 @@ CREATE TABLE steps (
 COMMENT ON TABLE steps IS 'Generation: one row per forward pass (step 0 = prefill), with the chosen token and the top-k candidates.';
 COMMENT ON COLUMN steps.kind IS 'prefill or decode.';
 COMMENT ON COLUMN steps.argmax_logprob IS 'Log-probability of the argmax token.';
+COMMENT ON COLUMN steps.step IS 'Forward pass number: 0 is the prefill over the prompt, then one per generated token.';
+COMMENT ON COLUMN steps.input_token_ids IS 'Token ids fed to this forward pass.';
+COMMENT ON COLUMN steps.input_tokens IS 'The same tokens as text.';
+COMMENT ON COLUMN steps.generated_token_id IS 'Token chosen at this step (sampled or greedy).';
+COMMENT ON COLUMN steps.generated_token IS 'The chosen token as text.';
+COMMENT ON COLUMN steps.argmax_id IS 'Most probable next token.';
+COMMENT ON COLUMN steps.top_ids IS 'Top-k candidate token ids, most probable first.';
+COMMENT ON COLUMN steps.top_tokens IS 'Top-k candidates as text.';
+COMMENT ON COLUMN steps.top_logprobs IS 'Log-probabilities of the top-k candidates.';
 
 CREATE TABLE logit_lens (
     run_id VARCHAR,
@@ -234,3 +253,9 @@ CREATE TABLE logit_lens (
 );
 COMMENT ON TABLE logit_lens IS 'Each layer''s residual stream through the final norm and unembedding: top tokens and KL(final || layer).';
 COMMENT ON COLUMN logit_lens.kl_from_final IS 'KL divergence of this layer''s next-token distribution from the final layer''s.';
+COMMENT ON COLUMN logit_lens.step IS 'Generation step (0 = prefill).';
+COMMENT ON COLUMN logit_lens.pos IS 'Token position read (the last token of the step).';
+COMMENT ON COLUMN logit_lens.top_ids IS 'Top-k token ids of this layer''s distribution.';
+COMMENT ON COLUMN logit_lens.top_tokens IS 'Top-k tokens as text.';
+COMMENT ON COLUMN logit_lens.top_logprobs IS 'Their log-probabilities.';
+COMMENT ON COLUMN logit_lens.argmax_logprob IS 'Log-probability of this layer''s argmax token.';

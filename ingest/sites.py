@@ -57,6 +57,7 @@ ENCODER_ALIASES = {
     "resid.in": ("*", "in"),
     "resid.out": ("*", "out"),
 }
+ALIAS_PREFIXES = {"mlp", "attn", "resid"}
 # Activation Lab's names for the residual-stream sources.
 SOURCE_ALIASES = {"hidden_in": "resid.in", "hidden_out": "resid.out", "attn_out": "attn.o", "mlp_out": "mlp.down"}
 
@@ -164,7 +165,7 @@ def resolve(spec: SiteSpec, module_names: list[str], aliases: dict[str, tuple[st
     if site in aliases:
         glob, hook = aliases[site]
         hook = spec.hook or hook
-    elif "." in site or "*" in site or site in module_names:
+    elif ("." in site or "*" in site or site in module_names) and site.split(".")[0] not in ALIAS_PREFIXES:
         glob, hook = site, spec.hook or "out"
     else:
         hint = difflib.get_close_matches(site, list(aliases), n=1)

@@ -36,3 +36,14 @@ def tiny_lm_dir(tmp_path_factory) -> Path:
     from ingest.models import tiny_causal_lm_dir
 
     return tiny_causal_lm_dir(tmp_path_factory.mktemp("models") / "tiny-qwen3")
+
+
+@pytest.fixture(scope="session")
+def minilm_wh(tmp_path_factory, sample_jsonl) -> Path:
+    """A small committed warehouse: MiniLM over the sample texts, run id 'r'."""
+    from ingest.pipeline import ingest
+
+    root = tmp_path_factory.mktemp("minilm") / "wh"
+    ingest(root, "minilm", [str(sample_jsonl)], ["mlp.act:topk=8,examples=5", "mlp.up:nag=6", "resid.out:last"],
+           run_id="r", batch_size=4, max_length=32, device="cpu", progress=False)
+    return root

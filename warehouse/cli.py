@@ -16,6 +16,11 @@ import typer
 
 from .errors import WarehouseError
 
+try:  # recent typer vendors click
+    from typer._click.exceptions import ClickException
+except ImportError:  # pragma: no cover - older typer
+    from click.exceptions import ClickException
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -31,7 +36,11 @@ def _fail(message: str) -> None:
 
 def _print_table(df, fmt: str) -> None:
     if fmt == "csv":
-        typer.echo(df.write_csv(), nl=False)
+        import polars as pl
+
+        nested = [c for c, t in df.schema.items() if t.is_nested()]
+        flat = df.with_columns(pl.Series(c, [json.dumps(v, default=str) for v in df[c].to_list()], pl.String) for c in nested)
+        typer.echo(flat.write_csv(), nl=False)
     elif fmt == "json":
         typer.echo(json.dumps(df.to_dicts(), default=str, indent=1))
     else:
@@ -221,7 +230,7 @@ def main() -> None:
     except (typer.Abort, KeyboardInterrupt):
         typer.echo("aborted", err=True)
         sys.exit(130)
-    except __import__("click").ClickException as err:
+    except ClickException as err:
         typer.echo(f"error: {err.format_message()} (see --help)", err=True)
         sys.exit(2)
     except FileNotFoundError as err:
