@@ -13,6 +13,7 @@ from pathlib import Path
 import warehouse
 
 from .pipeline import ingest
+from .sources import Document
 
 DEMO_TEXT = Path(warehouse.__file__).parent / "fixtures" / "tinyshakespeare_head.txt"
 DEMO_RUN = "demo"
@@ -22,8 +23,19 @@ DEMO_QUERIES = [
     ("The most frequently firing units of layer 3", "SELECT * FROM firing_rate('demo', 'mlp.act', 3) ORDER BY rate DESC LIMIT 5"),
     ("Most selective units (max / mean)", "SELECT neuron, rate, selectivity FROM selectivity('demo', 'mlp.act', 3) LIMIT 5"),
     ("Where one unit fires hardest, in context", "SELECT rank, doc_id, value, context FROM top_contexts('demo', 'mlp.act', 3, {neuron}, k := 5, before := 8, after := 4)"),
-    ("Speeches closest to the first five in NAG space", "SELECT doc_id, distance FROM nag_distance('demo', 'demo', 'mlp.up') ORDER BY distance LIMIT 5"),
+    ("Speeches closest to MENENIUS's in NAG space (speaker = dataset)",
+     "SELECT doc_id, dataset, distance FROM nag_distance('demo', 'demo', 'mlp.up', target_dataset := 'MENENIUS') "
+     "WHERE dataset <> 'MENENIUS' ORDER BY distance LIMIT 5"),
 ]
+
+
+def speeches(path: Path) -> list[Document]:
+    """One document per speech, labelled with its speaker as the dataset."""
+    docs = []
+    for index, block in enumerate(b for b in path.read_text().split("\n\n") if b.strip()):
+        speaker = block.split(":", 1)[0].strip() if ":" in block.splitlines()[0] else "UNKNOWN"
+        docs.append(Document(f"{path.stem}:{index}", block, dataset=speaker, role="pool"))
+    return docs
 
 
 def run_demo(root: str | Path, progress: bool = True, echo=print) -> None:
@@ -32,8 +44,8 @@ def run_demo(root: str | Path, progress: bool = True, echo=print) -> None:
     wh = warehouse.open(root) if (root / "whq.json").exists() else warehouse.init(root)
     if DEMO_RUN not in wh.run_ids():
         echo(f"capturing {DEMO_TEXT.name} through all-MiniLM-L6-v2 into {root} ...")
-        summary = ingest(root, "minilm", [str(DEMO_TEXT)], DEMO_SITES, run_id=DEMO_RUN, dataset="tinyshakespeare",
-                         role="pool", batch_size=32, device="cpu", progress=progress)
+        summary = ingest(root, "minilm", sites=DEMO_SITES, documents=speeches(DEMO_TEXT), run_id=DEMO_RUN,
+                         batch_size=32, device="cpu", progress=progress)
         echo(f"{summary['documents']:,} documents, {summary['tokens']:,} tokens in {summary['seconds']:.1f} s "
              f"({summary['tokens_per_s']:,.0f} tokens/s), {summary['bytes'] / 1e6:.1f} MB on disk")
         wh = warehouse.open(root)
