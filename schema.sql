@@ -128,12 +128,14 @@ CREATE TABLE doc_neurons (
     site VARCHAR,
     layer INTEGER,
     doc INTEGER,
-    neurons INTEGER[],
-    impacts FLOAT[]
+    rank INTEGER,
+    neuron INTEGER,
+    impact FLOAT
 );
-COMMENT ON TABLE doc_neurons IS 'NAG: per document and layer, the K units of highest impact = mean over the document''s tokens of |value|, ordered by impact (ties: lower unit id first).';
-COMMENT ON COLUMN doc_neurons.neurons IS 'The top-K unit ids, rank order.';
-COMMENT ON COLUMN doc_neurons.impacts IS 'Their impacts (mean |value| over the document''s tokens).';
+COMMENT ON TABLE doc_neurons IS 'NAG: per document and layer, the K units of highest impact = mean over the document''s tokens of |value|, one row per rank (ties: lower unit id first).';
+COMMENT ON COLUMN doc_neurons.rank IS 'Rank of the unit in the document''s top-K: 0 is the highest impact (stored as SMALLINT).';
+COMMENT ON COLUMN doc_neurons.neuron IS 'Unit index at the site (stored as SMALLINT where the width allows).';
+COMMENT ON COLUMN doc_neurons.impact IS 'The unit''s impact: mean |value| over the document''s tokens.';
 
 CREATE TABLE neuron_stats (
     run_id VARCHAR,

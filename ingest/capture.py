@@ -23,6 +23,8 @@ from .sites import ResolvedSite
 # That is a uniform sample, mergeable across batches, shards and ranks, and the same
 # on resume.
 _NO_KEY = (1 << 62)
+# token_neurons values are stored as float16: convert on the device, so host copies are half the size.
+VALUE_DTYPE = torch.float16
 
 
 def sample_keys(doc: torch.Tensor, pos: torch.Tensor, width: int) -> torch.Tensor:
@@ -49,6 +51,7 @@ class BatchContext:
     last_rows: torch.Tensor     # [n_finished] row holding each finished document's last window
     carry_in: bool              # segment 0 continues a document from the previous batch
     carry_out: bool             # the last segment continues into the next batch
+    full: bool = False          # no padding in this batch (every mask entry True)
 
 
 class SiteLayer:
@@ -124,35 +127,39 @@ class SiteLayer:
             self._allocate(x.shape[-1])
         batch, seq, width = x.shape
         mask3 = ctx.mask[:, :seq, None]
+        # Padding only exists in some batches; the zeroed / -inf copies are made only then.
+        zeroed = x if ctx.full else x * mask3
         red = self.red
+        id_dtype = torch.int16 if width <= 32767 else torch.int32
         if "topk" in red:
             values, ids = x.topk(min(red["topk"], width), dim=-1)
-            self.out["topk_values"], self.out["topk_ids"] = values, ids
+            self.out["topk_values"], self.out["topk_ids"] = values.to(VALUE_DTYPE), ids.to(id_dtype)
         if "abstopk" in red:
             _, ids = x.abs().topk(min(red["abstopk"], width), dim=-1)
-            self.out["topk_values"], self.out["topk_ids"] = x.gather(-1, ids), ids
+            self.out["topk_values"], self.out["topk_ids"] = x.gather(-1, ids).to(VALUE_DTYPE), ids.to(id_dtype)
         if "threshold" in red:
             hits = (x > self.threshold) & mask3
             self.out["threshold_index"] = hits.nonzero()
             self.out["threshold_values"] = x[hits]
+        row_sums = zeroed.sum(dim=1)  # [batch, width], float32 over at most `seq` values
         if "nag" in red or "mean" in red:
-            self._document_sums(x, mask3)
+            self._document_sums(zeroed, row_sums)
         if "last" in red:
             self.out["last"] = x[ctx.last_rows, ctx.lengths[ctx.last_rows] - 1]
         if "dense" in red:
             self.out["dense"] = x[ctx.mask[:, :seq]]
-        flat = x.masked_fill(~mask3, float("-inf")).reshape(batch * seq, width)
-        self._update_stats(x, mask3, flat)
+        floored = x if ctx.full else torch.where(mask3, x, float("-inf"))
+        self._update_stats(x, zeroed, floored, row_sums, mask3)
         if "examples" in red:
-            self._update_examples(flat, batch * seq)
+            self._update_examples(floored.reshape(batch * seq, width), batch * seq)
 
-    def _document_sums(self, x: torch.Tensor, mask3: torch.Tensor) -> None:
+    def _document_sums(self, zeroed: torch.Tensor, row_sums: torch.Tensor) -> None:
         ctx = self.ctx
-        wanted = [("abs", x.abs)] if "nag" in self.red else []
-        wanted += [("raw", lambda: x)] if "mean" in self.red else []
-        for kind, values in wanted:
-            per_row = (values() * mask3).sum(dim=1)
-            sums = torch.zeros(ctx.n_segments, x.shape[-1], dtype=torch.float32, device=x.device)
+        wanted = [("abs", lambda: zeroed.abs().sum(dim=1))] if "nag" in self.red else []
+        wanted += [("raw", lambda: row_sums)] if "mean" in self.red else []
+        for kind, per_row_sums in wanted:
+            per_row = per_row_sums()
+            sums = torch.zeros(ctx.n_segments, zeroed.shape[-1], dtype=torch.float32, device=zeroed.device)
             sums.index_add_(0, ctx.segment, per_row)
             if ctx.carry_in and kind in self.carry:
                 sums[0] += self.carry.pop(kind)
@@ -161,22 +168,45 @@ class SiteLayer:
             done = sums[ctx.finished] / ctx.finished_tokens[:, None].clamp(min=1)
             if kind == "abs":
                 impacts, order = torch.sort(done, dim=-1, descending=True, stable=True)
-                k = min(self.red["nag"], x.shape[-1])
+                k = min(self.red["nag"], zeroed.shape[-1])
                 self.out["nag_ids"], self.out["nag_impacts"] = order[:, :k], impacts[:, :k]
             else:
                 self.out["mean"] = done
 
-    def _update_stats(self, x: torch.Tensor, mask3: torch.Tensor, flat: torch.Tensor) -> None:
+    def _update_stats(self, x, zeroed, floored, row_sums, mask3) -> None:
+        """Exact stats from per-row partials: every full-size pass is one cheap vectorised reduction.
+
+        Sums reduce each row's positions in float32 and the rows in float64; the max is
+        found per row first, so the tie rule (first token in document order) only ever
+        looks at `batch` rows and then at one row's positions, never at [tokens, width]
+        int64 keys. No host synchronisation: the same code runs on CPU and CUDA.
+        """
         ctx, stats = self.ctx, self.stats
-        kept = x * mask3
+        batch, seq, width = x.shape
+        # 1.0 where value > threshold, else 0.0 (x - t > 0 exactly when x > t under IEEE gradual
+        # underflow); float ops vectorise where a bool -> int sum does not (measured: README "Performance").
+        fired = (x - self.threshold).sign_().clamp_(min=0).nan_to_num_(nan=0.0)
+        if not ctx.full:
+            fired.mul_(mask3)
         stats["n_tokens"] += ctx.mask.sum()
-        stats["n_fired"] += ((x > self.threshold) & mask3).sum(dim=(0, 1))
-        stats["sum"] += kept.sum(dim=(0, 1), dtype=torch.float64)
-        stats["sum_sq"] += (kept * kept).sum(dim=(0, 1), dtype=torch.float64)
-        batch_max = flat.amax(dim=0)
-        # Ties go to the first token in document order, whatever order batches run in.
-        order_key = ctx.row_doc * (1 << 32) + ctx.row_pos
-        first = torch.where(flat == batch_max, order_key[:, None], _NO_KEY).amin(dim=0)
+        stats["n_fired"] += fired.sum(dim=1).to(torch.int64).sum(dim=0)
+        stats["sum"] += row_sums.sum(dim=0, dtype=torch.float64)
+        stats["sum_sq"] += zeroed.square().sum(dim=1).sum(dim=0, dtype=torch.float64)
+        row_max = floored.amax(dim=1)                                   # [batch, width]
+        batch_max = row_max.amax(dim=0)                                 # [width]
+        # Ties go to the first token in document order, whatever order batches run in:
+        # first the earliest row (by document, then window start) reaching the max ...
+        row_doc = ctx.row_doc.view(batch, -1)[:, 0]
+        row_start = ctx.row_pos.view(batch, -1)[:, 0]
+        by_order = torch.argsort(row_doc * (1 << 32) + row_start)
+        rank = torch.empty_like(by_order)
+        rank[by_order] = torch.arange(batch, device=x.device)
+        best = torch.where(row_max == batch_max, rank[:, None], batch).amin(dim=0).clamp(max=batch - 1)
+        row = by_order[best]                                            # [width] (NaN maxima: unused)
+        # ... then the earliest position of that row reaching it.
+        within = floored.gather(0, row.view(1, 1, width).expand(1, seq, width))[0]  # [seq, width]
+        pos = torch.where(within == batch_max, torch.arange(seq, device=x.device)[:, None], seq).amin(dim=0)
+        first = row_doc[row] * (1 << 32) + row_start[row] + pos
         running = stats["max_doc"] * (1 << 32) + stats["max_pos"]
         better = (batch_max > stats["max"]) | ((batch_max == stats["max"]) & (first < running))
         stats["max"] = torch.where(better, batch_max, stats["max"])
@@ -203,11 +233,30 @@ class SiteLayer:
         if kind == "random":
             ex["random_key"] = all_order.gather(0, pick)
 
-    def collect(self) -> dict[str, np.ndarray]:
-        """Move this batch's outputs to the host (one copy per tensor) and reset."""
-        out = {k: v.cpu().numpy() for k, v in self.out.items()}
-        self.out = {}
-        return out
+
+def collect(site_layers: list[SiteLayer]) -> tuple[dict, object]:
+    """Every site layer's batch outputs as host arrays, keyed (site, layer), and a ready event.
+
+    On the CPU the arrays share the tensors' memory and the event is None. On CUDA each
+    output is copied into pinned host memory without blocking; the arrays are valid once
+    the returned event completes, which the writer thread waits for, so the model thread
+    never synchronises with the device.
+    """
+    outputs = {}
+    for sl in site_layers:
+        outputs[(sl.name, sl.layer)], sl.out = sl.out, {}
+    if not any(t.is_cuda for out in outputs.values() for t in out.values()):
+        return {key: {k: v.numpy() for k, v in out.items()} for key, out in outputs.items()}, None
+    host = {}
+    for key, out in outputs.items():
+        host[key] = {}
+        for name, tensor in out.items():
+            pinned = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            pinned.copy_(tensor, non_blocking=True)
+            host[key][name] = pinned.numpy()
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready
 
 
 def _first_tensor(args, kwargs):

@@ -21,7 +21,7 @@ def _table(name: str, columns: dict, width: int | None = None) -> pa.Table:
 
 
 def runs_row(loaded, resolved, writer) -> pa.Table:
-    infos = writer.shard_info()
+    infos = writer.run_shard_info()  # every rank's shards
     config = dict(writer.config, model_config=loaded.config.get("model_config"))
     return _table("runs", {
         "model_id": [loaded.model_id], "model_revision": [loaded.revision],

@@ -23,8 +23,8 @@ import numpy as np
 import pyarrow as pa
 
 import warehouse
-from warehouse.errors import BadInput, BadSpec
-from warehouse.runwriter import RunWriter
+from warehouse.errors import BadInput, BadSpec, WarehouseError
+from warehouse.runwriter import RunWriter, committed_with_same_config
 
 from . import sources
 from .sites import ResolvedSite, parse_spec, resolve
@@ -110,9 +110,22 @@ def _context(batch: list[Window], pad_id: int, device: str):
         last_rows=dev(finished_rows),
         carry_in=batch[0].index > 0,
         carry_out=not batch[-1].last,
+        full=bool(mask.all()),
     )
     host = HostBatch(docs, starts, lengths, finished_docs, finished_tokens - 1)
     return dev(ids), dev(mask), ctx, host
+
+
+def capture_batch(loaded, site_layers: list, batch: list[Window], device: str):
+    """One hooked forward pass; returns the batch's HostBatch (outputs still in flight on CUDA)."""
+    from .capture import collect
+
+    ids, mask, ctx, host = _context(batch, loaded.tokenizer.pad_id, device)
+    for sl in site_layers:
+        sl.ctx = ctx
+    _forward(loaded, ids, mask)
+    host.outputs, host.ready = collect(site_layers)
+    return host
 
 
 def _document_rows(shard: ShardDocs) -> pa.Table:
@@ -219,7 +232,13 @@ def ingest(
         "dtype": dtype, "shard_tokens": shard_tokens, "skip_bad": skip_bad, "logit_lens": logit_lens,
         "world_size": world_size, "resume": resume,
     }
-    writer = RunWriter(wh.layout, run_id, config, resume=resume, rank=rank, world_size=world_size)
+    if resume and (done := committed_with_same_config(wh.layout, run_id, config)) is not None:
+        # Killed after its commit: the run is complete, resuming it is a no-op.
+        return {"run_id": run_id, "rows": done["rows"], "bytes": sum(p["bytes"] for p in done["parts"]), "already_committed": True}
+    from .ranks import open_writer
+
+    writer = open_writer(lambda: RunWriter(wh.layout, run_id, config, resume=resume, rank=rank, world_size=world_size),
+                         rank, world_size)
     device = loaded.config["device"]
     site_layers = [SiteLayer(r, layer, module, device) for r in resolved for layer, module in r.modules]
     saved = {}
@@ -251,11 +270,7 @@ def ingest(
                 by_length = sorted(shard.docs, key=lambda d: sum(len(w.ids) for w in d[2]))
                 wins = [w for _, _, ws in by_length for w in ws]
                 for batch in _batches(wins, batch_size):
-                    ids, mask, ctx, host = _context(batch, loaded.tokenizer.pad_id, device)
-                    for sl in site_layers:
-                        sl.ctx = ctx
-                    _forward(loaded, ids, mask)
-                    host.outputs = {(sl.name, sl.layer): sl.collect() for sl in site_layers}
+                    host = capture_batch(loaded, site_layers, batch, device)
                     shard_writer.put(host)
                     batch_tokens = int(host.lengths.sum())
                     n_tokens += batch_tokens
@@ -269,19 +284,28 @@ def ingest(
                                           {"next_doc": shard.next_doc, "n_docs": len(shard.docs),
                                            "n_tokens": sum(len(w.ids) for w in wins)}))
             shard_writer.close()
+    except WarehouseError:
+        # A bad input before anything was journalled: leave no interrupted run behind to trip the next try.
+        if not writer.completed_shards:
+            writer.discard()
+        raise
     finally:
         for handle in handles:
             handle.remove()
         shard_writer.stop()
     if counter.skipped:
         print(f"skipped {counter.skipped} bad record(s); first: {counter.first_error}")
-    total_docs = sum(i["n_docs"] for i in writer.shard_info())
-    if total_docs == 0 and rank == 0:
-        writer.close()
-        raise BadInput("no documents to capture: the data files hold no readable documents")
     if rank != 0:
         writer.finish_rank()
         return {"run_id": run_id, "rank": rank, "documents": n_docs, "tokens": n_tokens}
+    if world_size > 1:
+        from .ranks import merge_ranks
+
+        merge_ranks(writer, site_layers)
+    total_docs = sum(i["n_docs"] for i in writer.run_shard_info())
+    if total_docs == 0:
+        writer.discard()
+        raise BadInput("no documents to capture: the data files hold no readable documents")
     from .finalize import final_parts
 
     manifest = writer.commit(final_parts(loaded, resolved, site_layers, writer, logit_lens), writer.started_at)

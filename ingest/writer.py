@@ -27,6 +27,14 @@ class HostBatch:
     finished_docs: np.ndarray  # documents whose last window is in this batch, in order
     finished_last_pos: np.ndarray  # position of each finished document's last token
     outputs: dict = field(default_factory=dict)   # (site, layer) -> {name: array}
+    ready: object = None       # CUDA event: outputs are valid once it completes (None: already valid)
+
+
+@dataclass
+class Flush:
+    """Marker: set `done` once every item queued before it has been processed."""
+
+    done: threading.Event = field(default_factory=threading.Event)
 
 
 @dataclass
@@ -67,7 +75,10 @@ def batch_parts(batch: HostBatch, widths: dict) -> list[tuple]:
         if "threshold_index" in out:
             pieces.append(("token_neurons", site, layer, _threshold_rows(batch, out["threshold_index"], out["threshold_values"])))
         if "nag_ids" in out:
-            pieces.append(("doc_neurons", site, layer, {"doc": batch.finished_docs, "neurons": out["nag_ids"], "impacts": out["nag_impacts"]}))
+            docs, k = len(batch.finished_docs), out["nag_ids"].shape[1]
+            pieces.append(("doc_neurons", site, layer, {
+                "doc": np.repeat(batch.finished_docs, k), "rank": np.tile(np.arange(k), docs),
+                "neuron": out["nag_ids"].reshape(-1), "impact": out["nag_impacts"].reshape(-1)}))
         for pool, positions in (("last", batch.finished_last_pos), ("mean", None)):
             if pool in out:
                 n = len(batch.finished_docs)
@@ -127,6 +138,14 @@ class ShardWriter:
             except queue.Full:
                 continue
 
+    def flush(self) -> None:
+        """Wait until everything queued so far is processed (shards committed)."""
+        marker = Flush()
+        self.put(marker)
+        while not marker.done.wait(0.1):
+            if self.error is not None:
+                raise self.error
+
     def close(self) -> None:
         self.put(None)
         self._thread.join()
@@ -145,7 +164,11 @@ class ShardWriter:
                 item = self.queue.get()
                 if item is None:
                     return
-                if isinstance(item, HostBatch):
+                if isinstance(item, Flush):
+                    item.done.set()
+                elif isinstance(item, HostBatch):
+                    if item.ready is not None:
+                        item.ready.synchronize()
                     for table, site, layer, columns in batch_parts(item, self.widths):
                         self._pending[(table, site, layer)].append(columns)
                 else:
@@ -173,8 +196,32 @@ def _in_document_order(columns: dict) -> dict:
     """Rows sorted by (doc, pos, neuron): batches run in length order, files are read in document order."""
     keys = [np.asarray(columns[k], dtype=np.int64) for k in ("neuron", "pos", "doc")
             if k in columns and np.asarray(columns[k]).dtype != object]
-    order = np.lexsort(keys)
+    order = _lexsort(keys)
     return {k: np.asarray(v)[order] for k, v in columns.items()}
+
+
+def _lexsort(keys: list[np.ndarray]) -> np.ndarray:
+    """np.lexsort(keys) (last key primary), 20x faster when the keys pack into one int64.
+
+    Packed, a stable argsort runs timsort, which is near-linear here: each batch's rows
+    arrive as long runs already in order.
+    """
+    if not keys or not len(keys[0]):
+        return np.lexsort(keys) if keys else np.arange(0)
+    packed = np.zeros(len(keys[0]), dtype=np.int64)
+    room = 1
+    for key in keys:
+        low, high = int(key.min()), int(key.max())
+        if low < 0:
+            return np.lexsort(keys)
+        room *= high + 1
+        if room >= 1 << 62:
+            return np.lexsort(keys)
+    scale = 1
+    for key in keys:
+        packed += key * scale
+        scale *= int(key.max()) + 1
+    return np.argsort(packed, kind="stable")
 
 
 def _concat(chunks: list):

@@ -1,5 +1,5 @@
-"""BDH end to end: a tiny random BDH through its adapter, ingested, and the analyze.py
-report read back from the warehouse equals numpy on the model's own dense activations."""
+"""BDH end to end: a tiny random BDH through its adapter, ingested, and the analyze.py / analyze.sql
+report (the neuron macros) read back from the warehouse equals numpy on the model's own dense activations."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pytest
 import torch
 
@@ -69,41 +70,38 @@ def test_layer_summary_matches_numpy(bdh_run, analyze):
     assert summary["layer"].to_list() == list(range(len(acts)))
     rates = [(a > 0).mean(axis=0) for a in acts]
     np.testing.assert_allclose(summary["mean_rate"].to_numpy(), [r.mean() for r in rates], rtol=1e-9)
+    np.testing.assert_allclose(summary["median_rate"].to_numpy(), [np.median(r) for r in rates], rtol=1e-9)
     np.testing.assert_allclose(summary["rare_share"].to_numpy(), [(r < 0.01).mean() for r in rates], rtol=1e-9)
     np.testing.assert_allclose(summary["dead_share"].to_numpy(), [(r == 0).mean() for r in rates], rtol=1e-9)
     assert 0 < summary["mean_rate"].min() < 1
-    per_unit = analyze.firing_rates(wh, RUN, SITE).sort(["layer", "neuron"])
-    np.testing.assert_allclose(per_unit["rate"].to_numpy(), np.concatenate(rates), rtol=1e-9)
+    per_unit = wh.pl(f"SELECT * FROM activation_frequency('{RUN}', '{SITE}')")
+    np.testing.assert_allclose(per_unit["frequency"].to_numpy(), np.concatenate(rates), rtol=1e-9)
+    overall = analyze.run_query(wh, "overall", RUN, SITE)
+    np.testing.assert_allclose(overall["mean_rate"][0], np.mean([r.mean() for r in rates]), rtol=1e-9)
 
 
-def test_selectivity_matches_numpy(bdh_run, analyze):
+def test_selectivity_matches_numpy(bdh_run):
     wh, acts = bdh_run
-    sel = analyze.selectivity(wh, RUN, SITE).sort(["layer", "neuron"])
-    expected_layer, expected_neuron, expected_sel = [], [], []
     for layer, a in enumerate(acts):
-        fired = np.flatnonzero((a > 0).any(axis=0))
-        expected_layer += [layer] * len(fired)
-        expected_neuron += fired.tolist()
+        sel = wh.pl(f"SELECT * FROM selectivity('{RUN}', '{SITE}', {layer}) WHERE selectivity IS NOT NULL").sort("neuron")
+        fired = np.flatnonzero((a > 0).any(axis=0))  # ReLU units: mean > 0 exactly when the unit fired
+        assert sel["neuron"].to_list() == fired.tolist()
         a64 = a[:, fired].astype(np.float64)
-        expected_sel += (a64.max(axis=0) / a64.mean(axis=0)).tolist()
-    assert sel["layer"].to_list() == expected_layer
-    assert sel["neuron"].to_list() == expected_neuron
-    np.testing.assert_allclose(sel["selectivity"].to_numpy(), expected_sel, rtol=1e-4)
+        np.testing.assert_allclose(sel["selectivity"].to_numpy(), a64.max(axis=0) / a64.mean(axis=0), rtol=1e-4)
 
 
-def test_strongest_activation_context_matches_text(bdh_run, analyze):
+def test_strongest_activation_context_matches_text(bdh_run):
     wh, acts = bdh_run
     starts = np.cumsum([0] + [len(t.encode()) for t in TEXTS])
     for layer, a in enumerate(acts):
         flat, unit = np.unravel_index(np.argmax(a), a.shape)
         doc = int(np.searchsorted(starts, flat, side="right") - 1)
         pos = int(flat - starts[doc])
-        row = analyze.selectivity(wh, RUN, SITE).filter(layer=layer, neuron=int(unit)).row(0, named=True)
-        assert (row["max_doc"], row["max_pos"]) == (doc, pos)
-        np.testing.assert_allclose(row["max"], a[flat, unit], rtol=1e-5)
+        row = wh.pl(f"SELECT * FROM neuron_contexts_bytes('{RUN}', '{SITE}', {layer}, {unit})").row(0, named=True)
+        assert (row["doc_id"], row["pos"]) == (f"d{doc}", pos)
+        np.testing.assert_allclose(row["value"], a[flat, unit], rtol=1e-5)
         text = TEXTS[doc]
-        expected = text[max(0, pos - 24):pos] + "[" + text[pos] + "]" + text[pos + 1:pos + 5]
-        assert analyze.byte_context(wh, RUN, doc, pos) == expected
+        assert row["context"] == text[max(0, pos - 24):pos] + "[" + text[pos] + "]" + text[pos + 1:pos + 5]
 
 
 def test_top_selective_matches_numpy(bdh_run, analyze):
@@ -118,6 +116,20 @@ def test_top_selective_matches_numpy(bdh_run, analyze):
     top = analyze.top_selective(wh, RUN, SITE, k=5, min_fired=2)
     assert list(zip(top["layer"], top["neuron"])) == [(layer, unit) for _, _, layer, unit in expected]
     np.testing.assert_allclose(top["selectivity"].to_numpy(), [-s for s, *_ in expected], rtol=1e-4)
+    for row in top.iter_rows(named=True):
+        bytes_row = wh.pl(f"SELECT * FROM neuron_contexts_bytes('{RUN}', '{SITE}', {row['layer']}, {row['neuron']})")
+        assert row["context"] == bytes_row["context"][0]
+
+
+def test_histograms_and_charts(bdh_run, analyze, tmp_path):
+    wh, acts = bdh_run
+    rates = analyze.run_query(wh, "rate_histogram", RUN, SITE, bins=10)
+    assert rates.group_by("layer").agg(pl.col("n_neurons").sum()).sort("layer")["n_neurons"].to_list() == [a.shape[1] for a in acts]
+    for layer, a in enumerate(acts):
+        dead = rates.filter(layer=layer, bin=0)["n_neurons"][0]
+        assert dead == int(((a > 0).sum(axis=0) == 0).sum())
+    written = analyze.histograms(wh, RUN, SITE, tmp_path, bins=10)
+    assert {p.name for p in written} >= {"firing_rate.html", "selectivity.html"}
 
 
 def test_right_padding_leaves_real_positions_unchanged():

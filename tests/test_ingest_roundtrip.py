@@ -107,7 +107,8 @@ def test_threshold_entries(captured):
 def test_nag_top_k(captured):
     wh, _, acts = captured
     for layer in _layers(acts, "mlp.up"):
-        rows = wh.pl(f"SELECT doc, neurons, impacts FROM doc_neurons WHERE site='mlp.up' AND layer={layer} ORDER BY doc")
+        rows = wh.pl("SELECT doc, list(neuron ORDER BY rank) AS neurons, list(impact ORDER BY rank) AS impacts FROM doc_neurons "
+                     f"WHERE site='mlp.up' AND layer={layer} GROUP BY doc ORDER BY doc")
         ref = reference.nag(acts[("mlp.up", layer)], 6)
         assert rows["doc"].to_list() == sorted(ref)
         for doc, neurons, impacts in rows.iter_rows():

@@ -18,6 +18,7 @@ from pathlib import Path
 import duckdb
 
 from . import schema
+from .faults import fault
 from .layout import FORMAT_VERSION, Layout
 
 STORAGE_VERSION = "v1.0.0"
@@ -42,7 +43,9 @@ def _ident(name: str) -> str:
 
 
 def view_sql(table: schema.Table, files: list[str]) -> str:
-    select = ", ".join(f"{_ident(c.name)}::{c.type} AS {_ident(c.name)}" for c in table.columns)
+    # Columns are qualified: a macro parameter named like a column (site, layer, ...) is in
+    # scope when DuckDB binds a view inside a macro, and an unqualified name would conflict.
+    select = ", ".join(f"part.{_ident(c.name)}::{c.type} AS {_ident(c.name)}" for c in table.columns)
     if not files:
         nulls = ", ".join(f"NULL::{c.type} AS {_ident(c.name)}" for c in table.columns)
         return f"SELECT {nulls} WHERE false"
@@ -50,7 +53,7 @@ def view_sql(table: schema.Table, files: list[str]) -> str:
     listing = ", ".join(_quote(f) for f in files)
     return (
         f"SELECT {select} FROM read_parquet([{listing}], hive_partitioning = true, "
-        f"hive_types = {{{hive}}}, union_by_name = true)"
+        f"hive_types = {{{hive}}}, union_by_name = true) AS part"
     )
 
 
@@ -59,14 +62,27 @@ def committed_manifests(layout: Layout) -> list[dict]:
         return []
     manifests = []
     for path in sorted(layout.runs_dir.glob("*.json")):
-        manifests.append(json.loads(path.read_text()))
+        try:
+            manifests.append(json.loads(path.read_text()))
+        except ValueError:
+            from .errors import CorruptPart
+
+            raise CorruptPart(f"manifest {path} is damaged: run `whq repair {layout.root}` to set it aside "
+                              f"(the other runs stay queryable)") from None
     return manifests
 
 
+def quarantined(layout: Layout) -> set[str]:
+    """Runs that `whq repair` took out of the views because a part is missing or corrupt."""
+    path = layout.quarantine
+    return set(json.loads(path.read_text())) if path.exists() else set()
+
+
 def fingerprint(layout: Layout) -> str:
-    """Changes whenever the root moves, a manifest or a macro file changes."""
+    """Changes whenever the root moves, a manifest, the quarantine or a macro file changes."""
     digest = hashlib.sha256(str(layout.root).encode())
-    for path in sorted(layout.runs_dir.glob("*.json")) if layout.runs_dir.exists() else []:
+    runs = sorted(layout.runs_dir.glob("*.json")) if layout.runs_dir.exists() else []
+    for path in runs + ([layout.quarantine] if layout.quarantine.exists() else []):
         stat = path.stat()
         digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     for path in [schema.SCHEMA_SQL.resolve(), *macro_files()]:
@@ -74,17 +90,20 @@ def fingerprint(layout: Layout) -> str:
     return digest.hexdigest()[:16]
 
 
-def build(layout: Layout, quarantined: set[str] = frozenset()) -> None:
-    """(Re)generate whq.duckdb. Call with the commit lock held."""
+def build(layout: Layout, skip: set[str] | None = None) -> None:
+    """(Re)generate whq.duckdb, leaving out quarantined runs. Call with the commit lock held."""
+    skip = quarantined(layout) if skip is None else skip
     files: dict[str, list[str]] = {t: [] for t in schema.tables()}
     for manifest in committed_manifests(layout):
-        if manifest["run_id"] in quarantined:
+        if manifest["run_id"] in skip:
             continue
         for part in manifest["parts"]:
             files.setdefault(part["table"], []).append(str(layout.root / part["path"]))
 
+    # Under the commit lock every temporary catalog is one a killed process left behind.
+    for stale in layout.root.glob(f".{layout.catalog.name}.*.tmp*"):
+        stale.unlink(missing_ok=True)
     tmp = layout.catalog.with_name(f".{layout.catalog.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
     con = duckdb.connect()
     try:
         con.execute(f"ATTACH {_quote(str(tmp))} AS whq_catalog (STORAGE_VERSION '{STORAGE_VERSION}')")
@@ -96,6 +115,7 @@ def build(layout: Layout, quarantined: set[str] = frozenset()) -> None:
             for col in table.columns:
                 if col.comment:
                     con.execute(f"COMMENT ON COLUMN {_ident(table.name)}.{_ident(col.name)} IS {_quote(col.comment)}")
+        fault("catalog.views")
         con.execute(
             f"CREATE VIEW {INFO_VIEW} AS SELECT {_quote(str(layout.root))} AS root, "
             f"{FORMAT_VERSION} AS format_version, {_quote(fingerprint(layout))} AS fingerprint"
@@ -107,6 +127,7 @@ def build(layout: Layout, quarantined: set[str] = frozenset()) -> None:
         con.execute("DETACH whq_catalog")
     finally:
         con.close()
+    fault("catalog.built")
     os.replace(tmp, layout.catalog)
     tmp.with_name(tmp.name + ".wal").unlink(missing_ok=True)
 

@@ -119,7 +119,7 @@ def sql(
 @app.command()
 def ingest(
     root: Path = typer.Argument(..., help="Warehouse folder (created if missing)."),
-    model: str = typer.Option("minilm", "--model", "-m", help="Local model folder, cached hub id, `minilm`, `config:qwen3-tiny`, or adapter.py[:checkpoint]."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Local model folder, cached hub id, `minilm` (the default), `config:qwen3-tiny`, or adapter.py[:checkpoint]; with --scenario it replaces the scenario's model.id."),
     data: list[Path] = typer.Option([], "--data", "-d", help="Documents: .jsonl, .parquet or .txt (repeatable)."),
     site: list[str] = typer.Option([], "--site", "-s", help="SPEC: <site>[@in|@out]:<reduction>[=arg],... e.g. mlp.act:topk=20 (repeatable)."),
     scenario: Optional[Path] = typer.Option(None, "--scenario", help="Chat scenario YAML (Activation Lab format) instead of --data."),
@@ -136,6 +136,7 @@ def ingest(
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip (and count) bad records instead of stopping."),
     logit_lens: bool = typer.Option(False, "--logit-lens", help="Store each MLP unit's output direction through the unembedding."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    ranks: int = typer.Option(1, "--ranks", help="Shard the documents over N processes on this machine (torchrun; one GPU each with --device cuda)."),
 ):
     """Capture a model's activations over documents into a new run.
 
@@ -144,16 +145,25 @@ def ingest(
     if scenario is not None:
         from ingest.chat import run_scenario
 
-        summary = run_scenario(root, scenario, run_id=run_id, device=device, progress=not quiet)
+        summary = run_scenario(root, scenario, run_id=run_id, device=device, progress=not quiet, model=model)
+    elif ranks > 1:
+        from ingest.ranks import launch
+
+        raise typer.Exit(launch(ranks, [str(d) for d in data], site))
     else:
         from ingest.pipeline import DEFAULT_SITES
         from ingest.pipeline import ingest as run_ingest
+        from ingest.ranks import from_env
 
+        rank, world_size, run_id, device = from_env(run_id, device, model or "minilm")  # set by torchrun
         summary = run_ingest(
-            root, model, [str(d) for d in data], site or DEFAULT_SITES, run_id=run_id, dataset=dataset, role=role,
+            root, model or "minilm", [str(d) for d in data], site or DEFAULT_SITES, run_id=run_id, dataset=dataset, role=role,
             batch_size=batch_size, max_length=max_length, truncate=truncate, device=device, dtype=dtype,
             resume=resume, shard_tokens=shard_tokens, skip_bad=skip_bad, logit_lens=logit_lens, progress=not quiet,
+            rank=rank, world_size=world_size,
         )
+        if rank != 0:
+            return  # rank 0 reports the committed run
     typer.echo(_summary_line(summary))
 
 
@@ -207,6 +217,92 @@ def demo(
     run_demo(root, progress=not quiet, echo=typer.echo)
 
 
+@app.command()
+def check(
+    root: Path = typer.Argument(..., help="Warehouse folder."),
+    quick: bool = typer.Option(False, "--quick", help="Skip the sha256 of each part (sizes, rows and schemas only)."),
+):
+    """Verify every committed part against its manifest (exists, bytes, rows, sha256, schema).
+
+    Exit 0 when all verify, 1 with one line per missing or corrupt part (and its fix).
+    Example: whq check wh
+    """
+    import warehouse
+    from .maintenance import check as check_parts
+
+    wh = warehouse.open(root)
+    problems, counts = check_parts(wh, checksum=not quick)
+    for problem in problems:
+        typer.echo(problem.line(wh.root))
+    quarantined = f"; quarantined: {', '.join(counts['quarantined'])}" if counts["quarantined"] else ""
+    verdict = f"{len(problems)} bad part(s)" if problems else "all verify"
+    typer.echo(f"checked {counts['parts']} parts of {counts['runs']} runs: {verdict}{quarantined}")
+    if problems:
+        raise typer.Exit(1)
+
+
+@app.command()
+def repair(root: Path = typer.Argument(..., help="Warehouse folder.")):
+    """Quarantine runs with missing or corrupt parts (others stay queryable) and rebuild the catalog.
+
+    Example: whq repair wh
+    """
+    from .maintenance import repair as repair_warehouse
+
+    for action in repair_warehouse(root):
+        typer.echo(action)
+
+
+@app.command()
+def gc(
+    root: Path = typer.Argument(..., help="Warehouse folder."),
+    interrupted: bool = typer.Option(False, "--interrupted", help="Also discard interrupted (resumable) runs."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List what would be removed, remove nothing."),
+):
+    """Remove orphan parts, stale temporary files and journals no run needs.
+
+    Example: whq gc wh --dry-run
+    """
+    import warehouse
+    from .maintenance import gc as collect
+
+    removed = collect(warehouse.open(root), interrupted=interrupted, dry_run=dry_run)
+    for path in removed:
+        typer.echo(("would remove " if dry_run else "removed ") + path)
+    typer.echo(f"{'would remove' if dry_run else 'removed'} {len(removed)} item(s)")
+
+
+@app.command()
+def report(
+    root: Path = typer.Argument(..., help="Warehouse folder."),
+    run: str = typer.Option(..., "--run", "-r", help="Scenario run to report on."),
+    out: Path = typer.Option(Path("report.html"), "--out", "-o", help="HTML file to write (self-contained, opens offline)."),
+    csv: Optional[Path] = typer.Option(None, "--csv", help="Also write Activation Lab's four CSV summaries into this folder."),
+    compare: list[str] = typer.Option([], "--compare", help="Other scenario runs for the inter-run comparison (repeatable)."),
+):
+    """Write the comparison report of a scenario run: one offline HTML file (and CSVs).
+
+    Example: whq report wh --run emo --out emo.html --csv results/
+    """
+    import warehouse
+    from queries.report import write_report
+
+    written = write_report(warehouse.open(root), run, out, csv_dir=csv, compare=compare)
+    for path in written:
+        typer.echo(f"wrote {path}")
+
+
+from .cli_export import export_app  # noqa: E402 - sub-apps are registered after the commands
+
+app.add_typer(export_app, name="export")
+from .cli_nag import nag_app  # noqa: E402
+
+app.add_typer(nag_app, name="nag")
+from .cli_bench import bench_app  # noqa: E402
+
+app.add_typer(bench_app, name="bench")
+
+
 def _rel_to_polars(rel):
     import duckdb
 
@@ -221,7 +317,9 @@ def _rel_to_polars(rel):
 def main() -> None:
     """Console entry point: the one error boundary."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # click returns (not raises) a typer.Exit's code here
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except WarehouseError as err:
         typer.echo(f"error: {err}", err=True)
         sys.exit(err.exit_code)

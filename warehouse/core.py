@@ -11,6 +11,7 @@ import duckdb
 
 from . import catalog, schema
 from .errors import NotAWarehouse, QueryError, UnknownRun, WarehouseError
+from .faults import fault
 from .layout import FORMAT_VERSION, Layout
 from .locks import locked, try_lock
 
@@ -63,7 +64,7 @@ class Warehouse:
         if force or not catalog.is_current(self.layout):
             try:
                 with locked(self.layout.commit_lock):
-                    catalog.build(self.layout, self.quarantined())
+                    catalog.build(self.layout)
             except OSError as err:
                 if not self.layout.catalog.exists():
                     raise WarehouseError(f"cannot write the catalog in {self.root}: {err.strerror}; check permissions") from None
@@ -80,14 +81,14 @@ class Warehouse:
                         continue  # a live writer owns it
                     os.close(fd)
                 shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+                fault("open.sweep")
         if self.layout.journal_root.exists():
             for entry in self.layout.journal_root.iterdir():
                 if self.layout.manifest(entry.name).exists():
                     shutil.rmtree(entry, ignore_errors=True)
 
     def quarantined(self) -> set[str]:
-        path = self.root / "quarantine.json"
-        return set(json.loads(path.read_text())) if path.exists() else set()
+        return catalog.quarantined(self.layout)
 
     # -- runs -----------------------------------------------------------------
     def run_ids(self) -> list[str]:
@@ -108,18 +109,35 @@ class Warehouse:
         return [self.root / p["path"] for m in manifests if m["run_id"] not in skip for p in m["parts"] if p["table"] == table]
 
     # -- queries --------------------------------------------------------------
-    def connect(self) -> duckdb.DuckDBPyConnection:
-        return duckdb.connect(str(self.layout.catalog), read_only=True)
+    def connect(self, *, guarded: bool = False) -> duckdb.DuckDBPyConnection:
+        """A read-only connection to the catalog; `guarded` for untrusted SQL (see sql(read_only=True))."""
+        con = duckdb.connect(str(self.layout.catalog), read_only=True)
+        if guarded:
+            # DuckDB's own wall behind safesql: the committed parts are the only files it may open
+            # (a COPY cannot write even onto them: it writes a temporary file first), no extension
+            # may be installed or loaded, and the settings are locked against SET.
+            parts = [str(path) for table in schema.tables() for path in self.files(table)]
+            con.execute("SET allowed_paths = ?", [parts])
+            for setting in ("enable_external_access = false", "autoinstall_known_extensions = false",
+                            "autoload_known_extensions = false", "lock_configuration = true"):
+                con.execute(f"SET {setting}")
+        return con
 
     def sql(self, query: str, params=None, *, read_only: bool = False):
-        """Run SQL against the catalog; returns a DuckDB relation (or None for statements)."""
+        """Run SQL against the catalog; returns a DuckDB relation (or None for statements).
+
+        read_only=True is for untrusted SQL: sqlglot refuses anything but queries, and the
+        query runs on a guarded connection (see connect) as a second wall.
+        """
         if read_only:
             from .safesql import check_read_only
 
             check_read_only(query)
-        con = self._con if hasattr(self, "_con") else None
+        attr = "_guarded_con" if read_only else "_con"
+        con = getattr(self, attr, None)
         if con is None:
-            con = self._con = self.connect()
+            con = self.connect(guarded=read_only)
+            setattr(self, attr, con)
         try:
             return con.sql(query, params=params)
         except duckdb.Error as err:
@@ -134,9 +152,10 @@ class Warehouse:
             raise QueryError(f"SQL error: {str(err).splitlines()[0]}") from None
 
     def close(self) -> None:
-        if hasattr(self, "_con"):
-            self._con.close()
-            del self._con
+        for attr in ("_con", "_guarded_con"):
+            if hasattr(self, attr):
+                getattr(self, attr).close()
+                delattr(self, attr)
 
     def __enter__(self):
         return self

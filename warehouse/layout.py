@@ -6,6 +6,7 @@
     <root>/data/<table>/run_id=<id>/[site=<s>/layer=<n>/]part-<rank>-<seq>.parquet
     <root>/journal/<run_id>/        progress of runs being written (resume state)
     <root>/tmp/                     parts being written; never read; swept when stale
+    <root>/quarantine.json          runs left out of the views until repaired (`whq repair`)
 """
 
 from __future__ import annotations
@@ -58,6 +59,10 @@ class Layout:
     @property
     def journal_root(self) -> Path:
         return self.root / "journal"
+
+    @property
+    def quarantine(self) -> Path:
+        return self.root / "quarantine.json"
 
     @property
     def commit_lock(self) -> Path:

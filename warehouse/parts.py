@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import WarehouseError
+from .faults import fault
 
 # Sorted int columns delta-encode to a few bits (measured: README "Storage").
 _ENCODINGS = {
@@ -62,27 +63,35 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_bytes_atomic(payload: bytes, final: Path, tmp_dir: Path) -> None:
-    """Write under tmp_dir, fsync, then rename onto `final` (same filesystem)."""
-    tmp_dir.mkdir(parents=True, exist_ok=True)
-    final.parent.mkdir(parents=True, exist_ok=True)
+def write_bytes_atomic(payload: bytes, final: Path, tmp_dir: Path, what: str = "file") -> None:
+    """Write under tmp_dir, fsync, then rename onto `final` (same filesystem).
+
+    `what` names the fault points (warehouse.faults) on the way: <what>.partial/.synced/.renamed.
+    """
     tmp = tmp_dir / f"{uuid.uuid4().hex}.tmp"
     try:
+        tmp_dir.mkdir(parents=True, exist_ok=True)
+        final.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as fh:
-            fh.write(payload)
+            half = len(payload) // 2
+            fh.write(payload[:half])
+            fault(f"{what}.partial")
+            fh.write(payload[half:])
             fh.flush()
             os.fsync(fh.fileno())
+        fault(f"{what}.synced")
         os.replace(tmp, final)
     except OSError as err:
         tmp.unlink(missing_ok=True)
         raise WarehouseError(f"cannot write {final}: {err.strerror or err}; free disk space or fix permissions, then rerun with --resume") from None
+    fault(f"{what}.renamed")
     fsync_dir(final.parent)
 
 
 def write_part(root: Path, tmp_dir: Path, final: Path, table_name: str, data: pa.Table,
-               site: str | None = None, layer: int | None = None) -> PartInfo:
+               site: str | None = None, layer: int | None = None, what: str = "part") -> PartInfo:
     payload = encode(table_name, data)
-    write_bytes_atomic(payload, final, tmp_dir)
+    write_bytes_atomic(payload, final, tmp_dir, what)
     return PartInfo(
         table=table_name,
         path=final.relative_to(root).as_posix(),

@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 
 from . import catalog, schema
 from .errors import BadInput, RunExists, WarehouseError
+from .faults import fault
 from .layout import FORMAT_VERSION, Layout, check_name
 from .locks import locked, try_lock
 from .parts import PartInfo, write_bytes_atomic, write_part
@@ -58,14 +59,18 @@ class RunWriter:
             raise RunExists(f"run {run_id!r} (rank {rank}) is being written by another process right now; wait for it or pick another --run-id")
         self._check_config(resume)
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        (self.journal_dir / f"rank-{rank}.done").unlink(missing_ok=True)
         self.shards = self._read_journal()
         self._delete_unjournalled_parts()
+        if resume:
+            fault("resume.cleaned")
 
     # -- start / resume -------------------------------------------------
     def _check_config(self, resume: bool) -> None:
         saved = self.journal_dir / "config.json"
         if saved.exists():
-            if not resume:
+            # Other ranks start after rank 0 has checked (and written) the config: they follow it.
+            if not resume and self.rank == 0:
                 self.close()
                 raise RunExists(
                     f"run {self.run_id!r} was interrupted before it committed: finish it with "
@@ -79,14 +84,12 @@ class RunWriter:
                 self.close()
                 raise BadInput(f"--resume needs the same arguments as the interrupted run; these differ: {', '.join(changed)}")
         else:
-            if resume and self.rank == 0:
-                self.close()
-                raise BadInput(f"nothing to resume: run {self.run_id!r} has no interrupted ingest in {self.layout.root}; drop --resume")
+            # --resume with nothing to resume starts the run: a pre-empted job can always be relaunched with it.
             self.started_at = dt.datetime.now(dt.timezone.utc)
             self.config["started_at"] = self.started_at.isoformat()
             if self.rank == 0:
                 payload = _canonical(self.config).encode()
-                write_bytes_atomic(payload, saved, self.tmp_dir)
+                write_bytes_atomic(payload, saved, self.tmp_dir, "config")
 
     def _read_journal(self) -> list[dict]:
         if not self.journal.exists():
@@ -140,7 +143,7 @@ class RunWriter:
             folder = self.layout.partition_dir(table, self.run_id)
         return folder / f"part-{self.rank}-{seq}.parquet"
 
-    def _write(self, parts, seq: str) -> list[PartInfo]:
+    def _write(self, parts, seq: str, what: str = "part") -> list[PartInfo]:
         written = []
         counters: dict[Path, int] = {}
         for table, site, layer, data in parts:
@@ -150,25 +153,31 @@ class RunWriter:
             n = counters.get(base, 0)
             counters[base] = n + 1
             final = base if n == 0 else base.with_name(f"{base.stem}-{n}.parquet")
-            written.append(write_part(self.layout.root, self.tmp_dir, final, table, data, site, layer))
+            written.append(write_part(self.layout.root, self.tmp_dir, final, table, data, site, layer, what))
         return written
 
     def commit_shard(self, parts, state: dict[str, pa.Table] | None = None, info: dict | None = None) -> None:
         """parts: iterable of (table, site|None, layer|None, pyarrow.Table)."""
         index = len(self.shards)
         written = self._write(parts, f"{index:06d}")
+        fault("shard.parts")
         saved = {}
         for name, table in (state or {}).items():
             filename = f"{index:06d}-{name}.parquet"
             sink = pa.BufferOutputStream()
             pq.write_table(table, sink, compression="zstd")
-            write_bytes_atomic(sink.getvalue().to_pybytes(), self.state_dir / filename, self.tmp_dir)
+            write_bytes_atomic(sink.getvalue().to_pybytes(), self.state_dir / filename, self.tmp_dir, "state")
             saved[name] = filename
         record = {"shard": index, "parts": [p.to_json() for p in written], "state": saved, "info": info or {}}
+        line = json.dumps(record) + "\n"
         with open(self.journal, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+            fh.write(line[: len(line) // 2])
+            fh.flush()
+            fault("shard.journal_torn")
+            fh.write(line[len(line) // 2:])
             fh.flush()
             os.fsync(fh.fileno())
+        fault("shard.journalled")
         self.shards.append(record)
         if self.shards[:-1]:
             for old in self.shards[-2]["state"].values():
@@ -179,6 +188,28 @@ class RunWriter:
         """Ranks other than 0 mark themselves done; rank 0 then commits all."""
         (self.journal_dir / f"rank-{self.rank}.done").write_text(str(len(self.shards)))
 
+    def rank_shards(self, rank: int) -> list[dict]:
+        """The journalled shards of one rank (this writer's own, or another rank's from its journal)."""
+        if rank == self.rank:
+            return self.shards
+        other = RunWriter.__new__(RunWriter)
+        other.journal = self.journal_dir / f"rank-{rank}.jsonl"
+        return other._read_journal()
+
+    def rank_state(self, rank: int, name: str) -> pa.Table | None:
+        """The resume state another rank saved with its last shard (rank 0 merges them at commit)."""
+        shards = self.rank_shards(rank)
+        if not shards or name not in shards[-1]["state"]:
+            return None
+        return pq.read_table(self.journal_dir / "state" / f"rank-{rank}" / shards[-1]["state"][name])
+
+    def run_shard_info(self) -> list[dict]:
+        """Shard info of every rank (call on rank 0 once the ranks have finished)."""
+        return [s["info"] for r in range(self.world_size) for s in self.rank_shards(r)]
+
+    def wait_for_ranks(self, timeout: float = 3600.0) -> None:
+        self._wait_for_ranks(timeout)
+
     def _wait_for_ranks(self, timeout: float) -> list[dict]:
         deadline = time.monotonic() + timeout
         pending = [r for r in range(1, self.world_size)]
@@ -188,22 +219,19 @@ class RunWriter:
                 raise WarehouseError(f"ranks {pending} of run {self.run_id!r} did not finish; rerun them with --resume")
             if pending:
                 time.sleep(0.1)
-        records = list(self.shards)
-        for r in range(1, self.world_size):
-            other = RunWriter.__new__(RunWriter)
-            other.journal = self.journal_dir / f"rank-{r}.jsonl"
-            records.extend(other._read_journal())
-        return records
+        return [s for r in range(self.world_size) for s in self.rank_shards(r)]
 
     def commit(self, final_parts, created_at: dt.datetime, *, wait_timeout: float = 3600.0) -> dict:
         """Write run-level parts, the manifest, and regenerate the catalog (rank 0)."""
         assert self.rank == 0, "only rank 0 commits"
         records = self._wait_for_ranks(wait_timeout)
+        fault("commit.ranks")
         # Final parts of an earlier, interrupted commit are not journalled: replace them.
         for run_dir in self.layout.run_data_dirs(self.run_id):
             for path in run_dir.rglob("part-*-final*.parquet"):
                 path.unlink()
-        final = self._write(final_parts, "final")
+        final = self._write(final_parts, "final", "final")
+        fault("commit.final_parts")
         parts = [p for r in records for p in r["parts"]] + [p.to_json() for p in final]
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -216,17 +244,41 @@ class RunWriter:
             "rows": _rows_by_table(parts),
         }
         with locked(self.layout.commit_lock):
-            write_bytes_atomic(json.dumps(manifest, indent=1, default=str).encode(), self.layout.manifest(self.run_id), self.tmp_dir)
+            fault("commit.locked")
+            write_bytes_atomic(json.dumps(manifest, indent=1, default=str).encode(), self.layout.manifest(self.run_id),
+                               self.tmp_dir, "manifest")
             catalog.build(self.layout)
+        fault("commit.catalog")
         self.close()
         shutil.rmtree(self.journal_dir, ignore_errors=True)
+        fault("commit.cleanup")
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
         return manifest
+
+    def discard(self) -> None:
+        """Forget a run that journalled nothing (it failed on bad input): no interrupted run remains."""
+        if self.rank == 0 and not self.shards:
+            shutil.rmtree(self.journal_dir, ignore_errors=True)
+            shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        self.close()
 
     def close(self) -> None:
         if getattr(self, "_lock_fd", None) is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+
+def committed_with_same_config(layout: Layout, run_id: str, config: dict) -> dict | None:
+    """The manifest of `run_id` if it is committed with these arguments (a resumed job that had
+    committed before it was killed), None if not committed; RunExists if committed differently."""
+    path = layout.manifest(run_id)
+    if not path.exists():
+        return None
+    manifest = json.loads(path.read_text())
+    if _canonical(_stable(manifest["config"])) != _canonical(_stable(config)):
+        raise RunExists(f"run {run_id!r} is already committed with other arguments: choose another --run-id, "
+                        f"or delete it with `whq runs {layout.root} --delete {run_id}`")
+    return manifest
 
 
 def _rows_by_table(parts: list[dict]) -> dict[str, int]:

@@ -32,8 +32,9 @@ _ARROW = {
 _COMPACT = {
     ("token_neurons", "value"): pa.float16(),
     ("neuron_examples", "value"): pa.float32(),
+    ("doc_neurons", "rank"): pa.int16(),
 }
-_NEURON_ID_COLUMNS = {("token_neurons", "neuron"), ("doc_neurons", "neurons")}
+_NEURON_ID_COLUMNS = {("token_neurons", "neuron"), ("doc_neurons", "neuron")}
 
 
 @dataclass(frozen=True)

@@ -1,16 +1,18 @@
-"""BDH interpretability report from a warehouse (after BDH's analyze.py), in SQL.
+"""BDH interpretability report from a warehouse (after BDH's analyze.py), with the neuron macros.
 
     python examples/bdh/analyze.py WH --run-id bdh --site xy_sparse --out examples/bdh/out
 
-Per layer: mean firing rate (a > 0), the share of rare units (rate < 1%, dead ones
-included) and of dead units; the most selective units (selectivity = max / mean
-activation over all tokens, among units that fired) with the byte context of their
-strongest activation; histograms of firing rate and selectivity (altair HTML, PNG).
+Runs the named queries of analyze.sql (the same file the DuckDB shell runs): per layer
+the mean firing rate (a > 0), the share of rare units (rate < 1%, dead ones included) and
+of dead units; the most selective units (selectivity = max / mean activation over all
+tokens) with the bytes around their strongest activation; and the firing-rate and
+selectivity histograms as altair charts (HTML, and PNG where vl-convert is installed).
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -19,72 +21,38 @@ import polars as pl
 import warehouse
 from warehouse.errors import BadInput, WarehouseError
 
-LAYER_SUMMARY = """
-SELECT layer, count(*) AS n_neurons,
-       avg(n_fired / n_tokens) AS mean_rate,
-       avg(CASE WHEN n_fired / n_tokens < ? THEN 1.0 ELSE 0.0 END) AS rare_share,
-       avg(CASE WHEN n_fired = 0 THEN 1.0 ELSE 0.0 END) AS dead_share
-FROM neuron_stats WHERE run_id = ? AND site = ?
-GROUP BY layer ORDER BY layer
-"""
-
-RATES = """
-SELECT layer, neuron, n_fired / n_tokens AS rate
-FROM neuron_stats WHERE run_id = ? AND site = ?
-"""
-
-SELECTIVITY = """
-SELECT layer, neuron, n_fired, n_fired / n_tokens AS rate, max / (sum / n_tokens) AS selectivity,
-       max, max_doc, max_pos
-FROM neuron_stats WHERE run_id = ? AND site = ? AND n_fired > 0
-"""
-
-# The bytes around one (doc, pos): `before` tokens, the token itself in [brackets], `after` tokens.
-CONTEXT = """
-SELECT string_agg(CASE WHEN pos = ? THEN '[' || piece || ']' ELSE piece END, '' ORDER BY pos) AS context
-FROM tokens WHERE run_id = ? AND doc = ? AND pos BETWEEN ? AND ?
-"""
+ANALYZE_SQL = Path(__file__).resolve().parent / "analyze.sql"
 
 
-def layer_summary(wh, run_id: str, site: str, rare_below: float = 0.01) -> pl.DataFrame:
-    return wh.sql(LAYER_SUMMARY, [rare_below, run_id, site]).pl()
+def named_queries(path: Path = ANALYZE_SQL) -> dict[str, str]:
+    """{name: SQL} of the `-- name: X` sections of analyze.sql."""
+    sections = re.split(r"^-- name: (\w+)\n", path.read_text(), flags=re.M)
+    return {name: body.strip().rstrip(";") for name, body in zip(sections[1::2], sections[2::2])}
 
 
-def firing_rates(wh, run_id: str, site: str) -> pl.DataFrame:
-    return wh.sql(RATES, [run_id, site]).pl()
+def run_query(wh, name: str, run_id: str, site: str, top: int = 10, min_fired: int = 5, bins: int = 40) -> pl.DataFrame:
+    for variable, value in (("run", run_id), ("site", site), ("top", top), ("min_fired", min_fired), ("bins", bins)):
+        wh.sql(f"SET VARIABLE {variable} = ?", [value])
+    return wh.pl(named_queries()[name])
 
 
-def selectivity(wh, run_id: str, site: str) -> pl.DataFrame:
-    return wh.sql(SELECTIVITY, [run_id, site]).pl()
+def layer_summary(wh, run_id: str, site: str) -> pl.DataFrame:
+    return run_query(wh, "layer_summary", run_id, site)
 
 
-def top_selective(wh, run_id: str, site: str, k: int = 10, min_fired: int = 1) -> pl.DataFrame:
-    """The k most selective units among those that fired on at least min_fired tokens (a unit
-    firing once has selectivity = n_tokens, so min_fired > 1 surfaces recurring detectors)."""
-    ranked = selectivity(wh, run_id, site).filter(pl.col("n_fired") >= min_fired)
-    return ranked.sort(["selectivity", "max", "layer", "neuron"], descending=[True, True, False, False]).head(k)
+def top_selective(wh, run_id: str, site: str, k: int = 10, min_fired: int = 5) -> pl.DataFrame:
+    return run_query(wh, "top_selective", run_id, site, top=k, min_fired=min_fired)
 
 
-def byte_context(wh, run_id: str, doc: int, pos: int, before: int = 24, after: int = 4) -> str:
-    return wh.sql(CONTEXT, [pos, run_id, doc, pos - before, pos + after]).fetchall()[0][0]
-
-
-def histograms(rates: pl.DataFrame, sel: pl.DataFrame, out: Path) -> list[Path]:
-    import altair as alt
+def histograms(wh, run_id: str, site: str, out: Path, bins: int = 40) -> list[Path]:
+    from queries.charts import rate_histogram_chart, selectivity_histogram_chart
 
     charts = {
-        "firing_rate": alt.Chart(rates.select("layer", "rate")).mark_bar().encode(
-            alt.X("rate:Q", bin=alt.Bin(maxbins=50), title="firing rate (share of tokens with a > 0)"),
-            alt.Y("count()", title="units"),
-            alt.Color("layer:N")),
-        "selectivity": alt.Chart(sel.select("layer", pl.col("selectivity").log10().alias("log10_selectivity"))).mark_bar().encode(
-            alt.X("log10_selectivity:Q", bin=alt.Bin(maxbins=50), title="log10(max / mean), units that fired"),
-            alt.Y("count()", title="units"),
-            alt.Color("layer:N")),
+        "firing_rate": rate_histogram_chart(run_query(wh, "rate_histogram", run_id, site, bins=bins), "firing rate (a > 0)"),
+        "selectivity": selectivity_histogram_chart(run_query(wh, "selectivity_histogram", run_id, site, bins=bins)),
     }
     written = []
     for name, chart in charts.items():
-        chart = chart.properties(width=420, height=240, title=name.replace("_", " "))
         chart.save(out / f"{name}.html")
         written.append(out / f"{name}.html")
         try:
@@ -115,18 +83,18 @@ def report(args) -> None:
     summary = layer_summary(wh, args.run_id, args.site)
     if summary.is_empty():
         raise BadInput(f"no neuron_stats for run {args.run_id!r}, site {args.site!r}: check `whq runs {args.warehouse}`")
+    overall = run_query(wh, "overall", args.run_id, args.site).row(0, named=True)
     with pl.Config(tbl_rows=-1, float_precision=4):
         print(summary)
-        print(f"mean firing rate across layers {summary['mean_rate'].mean():.2%}, "
-              f"rare (<1% of tokens) {summary['rare_share'].mean():.1%}, dead {summary['dead_share'].mean():.1%}")
+    print(f"mean firing rate across layers {overall['mean_rate']:.2%}, "
+          f"rare (<1% of tokens) {overall['rare_share']:.1%}, dead {overall['dead_share']:.1%}")
     print(f"\ntop {args.top} selective units (selectivity = max / mean; fired on >= {args.min_fired} tokens):")
     for row in top_selective(wh, args.run_id, args.site, args.top, args.min_fired).iter_rows(named=True):
-        context = byte_context(wh, args.run_id, row["max_doc"], row["max_pos"])
         print(f"  layer {row['layer']} unit {row['neuron']:>6}  sel {row['selectivity']:8.1f}  "
-              f"fired {row['n_fired']:>5}  rate {row['rate']:.4f}  max {row['max']:.3f}  {context!r}")
+              f"fired {row['n_fired']:>5}  rate {row['rate']:.4f}  max {row['max']:.3f}  {row['context']!r}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for path in histograms(firing_rates(wh, args.run_id, args.site), selectivity(wh, args.run_id, args.site), out):
+    for path in histograms(wh, args.run_id, args.site, out):
         print(f"wrote {path}")
 
 

@@ -1,0 +1,268 @@
+"""`whq bench ingest`: how much the capture slows the model down, and what it writes.
+
+One process, one model, one batch. After a warm-up it alternates timed blocks of
+(a) the plain forward pass and (b) the full capture path — hooks, device-side
+reductions, host copies and the background writer committing a shard to a temporary
+warehouse — each block being one shard's worth of batches, and the capture block
+ending only when the writer has committed its shard. On CUDA the device is
+synchronised around every timed block.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from warehouse.errors import BadInput
+
+from .pipeline import DEFAULT_SITES, ShardDocs, _document_rows, _forward, _token_rows, capture_batch
+from .tokenize import Window
+
+
+@dataclass
+class IngestBench:
+    model: str
+    device: str
+    dtype: str
+    batch_size: int
+    seq_len: int
+    sites: list
+    batches_per_block: int
+    plain_s: list = field(default_factory=list)     # seconds per timed plain block
+    capture_s: list = field(default_factory=list)   # seconds per timed capture block
+    plain_peak: int = 0          # peak device bytes (CUDA) or peak RSS (CPU) during plain blocks
+    capture_peak: int = 0
+    memory_kind: str = "rss"
+    tokens_captured: int = 0
+    bytes_written: int = 0
+    token_neuron_rows: int = 0
+    token_neuron_bytes: int = 0
+    dense_fp16_bytes_per_token: int = 0
+
+    @property
+    def tokens_per_block(self) -> int:
+        return self.batch_size * self.seq_len * self.batches_per_block
+
+    @property
+    def plain_tokens_per_s(self) -> float:
+        return self.tokens_per_block / statistics.median(self.plain_s)
+
+    @property
+    def capture_tokens_per_s(self) -> float:
+        return self.tokens_per_block / statistics.median(self.capture_s)
+
+    @property
+    def ratio(self) -> float:
+        return self.capture_tokens_per_s / self.plain_tokens_per_s
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model, "device": self.device, "dtype": self.dtype, "batch_size": self.batch_size,
+            "seq_len": self.seq_len, "sites": self.sites, "batches_per_block": self.batches_per_block,
+            "plain_tokens_per_s": self.plain_tokens_per_s, "capture_tokens_per_s": self.capture_tokens_per_s,
+            "ratio": self.ratio, "plain_s": self.plain_s, "capture_s": self.capture_s,
+            "memory_kind": self.memory_kind, "plain_peak_bytes": self.plain_peak, "capture_peak_bytes": self.capture_peak,
+            "extra_peak_bytes": self.capture_peak - self.plain_peak,
+            "bytes_per_token": self.bytes_written / max(self.tokens_captured, 1),
+            "token_neurons_bytes_per_entry": self.token_neuron_bytes / max(self.token_neuron_rows, 1),
+            "dense_fp16_bytes_per_token": self.dense_fp16_bytes_per_token,
+        }
+
+    def lines(self) -> list[str]:
+        d = self.to_dict()
+        extra = d["extra_peak_bytes"]
+        share = extra / self.plain_peak if self.plain_peak else float("nan")
+        memory = "peak device memory" if self.memory_kind == "cuda" else "peak RSS"
+        return [
+            f"model {self.model} on {self.device} ({self.dtype}), batch {self.batch_size} x {self.seq_len} tokens, "
+            f"{self.batches_per_block} batches per block, {len(self.plain_s)} timed blocks each",
+            f"sites: {' '.join(self.sites)}",
+            f"plain forward : {d['plain_tokens_per_s']:>12,.0f} tokens/s",
+            f"capture+write : {d['capture_tokens_per_s']:>12,.0f} tokens/s",
+            f"ratio capture / plain: {d['ratio']:.3f}",
+            f"{memory}: plain {self.plain_peak / 2**20:,.1f} MiB, capture {self.capture_peak / 2**20:,.1f} MiB, "
+            f"extra {extra / 2**20:,.1f} MiB ({share:.1%} of plain)",
+            f"written: {d['bytes_per_token']:,.1f} bytes/token (all tables); token_neurons "
+            f"{d['token_neurons_bytes_per_entry']:.2f} bytes per (neuron, value) entry; "
+            f"dense float16 of the same sites: {self.dense_fp16_bytes_per_token:,} bytes/token",
+        ]
+
+
+class _PeakMemory:
+    """Peak memory during a block: CUDA allocator peak, or the process's peak RSS (Linux VmHWM)."""
+
+    def __init__(self, device: str):
+        self.cuda = device.startswith("cuda")
+
+    @property
+    def kind(self) -> str:
+        return "cuda" if self.cuda else "rss"
+
+    def reset(self) -> None:
+        if self.cuda:
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            try:  # "5" resets the peak RSS (VmHWM) to the current RSS
+                Path("/proc/self/clear_refs").write_text("5")
+            except OSError:
+                pass
+
+    def peak(self) -> int:
+        if self.cuda:
+            import torch
+
+            return int(torch.cuda.max_memory_allocated())
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _template(loaded, batch_size: int, seq_len: int, seed: int) -> tuple[list[list[int]], list[str]]:
+    """Fixed random token ids (no special tokens) for each row, and their decoded texts."""
+    tok = loaded.tokenizer
+    vocab = getattr(loaded.model.config, "vocab_size", None) or 256
+    specials = set(getattr(getattr(tok, "tok", None), "all_special_ids", []) or [])
+    rng = np.random.default_rng(seed)
+    allowed = np.setdiff1d(np.arange(vocab), np.fromiter(specials, dtype=np.int64, count=len(specials)))
+    rows = [rng.choice(allowed, seq_len).tolist() for _ in range(batch_size)]
+    return rows, [tok.decode(r) for r in rows]
+
+
+def _block_windows(rows: list[list[int]], first_doc: int) -> list[Window]:
+    seq = len(rows[0])
+    return [Window(first_doc + i, 0, 0, ids, [False] * seq, [-1] * seq, [-1] * seq, True) for i, ids in enumerate(rows)]
+
+
+def bench_ingest(
+    model: str = "minilm",
+    *,
+    model_config: str | None = None,
+    device: str = "auto",
+    dtype: str = "float32",
+    batch_size: int = 32,
+    seq_len: int = 128,
+    sites: list[str] | tuple = DEFAULT_SITES,
+    repeats: int = 3,
+    shard_tokens: int = 65536,
+    root: str | Path | None = None,
+    seed: int = 0,
+    echo=None,
+) -> IngestBench:
+    """Time plain forward vs capture+write on the same batch; see the module docstring."""
+    import torch
+
+    import warehouse
+    from warehouse.runwriter import RunWriter
+
+    from . import models
+    from .capture import SiteLayer, attach
+    from .sites import parse_spec, resolve
+    from .sources import Document
+    from .writer import ShardEnd, ShardWriter
+
+    if batch_size < 1 or seq_len < 1 or repeats < 1:
+        raise BadInput("--batch-size, --seq-len and --repeats must be at least 1")
+    spec_texts = list(sites) or list(DEFAULT_SITES)
+    specs = [parse_spec(s) for s in spec_texts]
+    loaded = models.load(f"config:{model_config}" if model_config else model, device, dtype)
+    device = loaded.config["device"]
+    max_positions = getattr(loaded.model.config, "max_position_embeddings", None)
+    if max_positions and seq_len > max_positions:
+        raise BadInput(f"--seq-len {seq_len} is longer than the model's {max_positions} positions: lower it")
+    resolved = [resolve(s, loaded.module_names, loaded.aliases) for s in specs]
+    site_layers = [SiteLayer(r, layer, module, device) for r in resolved for layer, module in r.modules]
+    rows, texts = _template(loaded, batch_size, seq_len, seed)
+    batches_per_block = max(1, shard_tokens // (batch_size * seq_len))
+    result = IngestBench(model=loaded.model_id, device=device, dtype=dtype, batch_size=batch_size, seq_len=seq_len,
+                         sites=spec_texts, batches_per_block=batches_per_block)
+    memory = _PeakMemory(device)
+    result.memory_kind = memory.kind
+    say = echo or (lambda _: None)
+
+    with tempfile.TemporaryDirectory(prefix="whq-bench-", dir=root) as tmp:
+        wh = warehouse.init(Path(tmp) / "wh")
+        run = RunWriter(wh.layout, "bench", {"bench": spec_texts})
+        writer = ShardWriter(run, {})
+        next_doc = 0
+
+        def plain_block() -> float:
+            ids = torch.as_tensor(rows, dtype=torch.int64).to(device)
+            mask = torch.ones_like(ids)
+            _synchronize(device)
+            start = time.perf_counter()
+            for _ in range(batches_per_block):
+                _forward(loaded, ids, mask)
+            _synchronize(device)
+            return time.perf_counter() - start
+
+        def capture_block() -> float:
+            nonlocal next_doc
+            handles = attach(loaded.model, site_layers)
+            try:
+                _synchronize(device)
+                start = time.perf_counter()
+                docs = []
+                for _ in range(batches_per_block):
+                    windows = _block_windows(rows, next_doc)
+                    writer.put(capture_batch(loaded, site_layers, windows, device))
+                    docs += [(w.doc, Document(f"bench:{w.doc}", texts[i]), [w]) for i, w in enumerate(windows)]
+                    next_doc += len(windows)
+                for sl in site_layers:
+                    writer.widths[(sl.name, sl.layer)] = sl.width
+                shard = ShardDocs(docs, next_doc)
+                state = {name: table for sl in site_layers for name, table in sl.state_tables().items()}
+                writer.put(ShardEnd(_document_rows(shard), _token_rows(shard, loaded.tokenizer), state,
+                                    {"next_doc": next_doc, "n_docs": len(docs), "n_tokens": len(docs) * seq_len}))
+                writer.flush()
+                _synchronize(device)
+                return time.perf_counter() - start
+            finally:
+                for handle in handles:
+                    handle.remove()
+
+        try:
+            with torch.inference_mode():
+                say("warm-up")
+                plain_block()
+                capture_block()
+                warm_shards = run.completed_shards
+                for rep in range(repeats):
+                    memory.reset()
+                    result.plain_s.append(plain_block())
+                    result.plain_peak = max(result.plain_peak, memory.peak())
+                    memory.reset()
+                    result.capture_s.append(capture_block())
+                    result.capture_peak = max(result.capture_peak, memory.peak())
+                    say(f"block {rep + 1}/{repeats}: plain {result.plain_s[-1]:.3f} s, capture {result.capture_s[-1]:.3f} s")
+            writer.close()
+        finally:
+            writer.stop()
+            run.close()
+        timed = run.shards[warm_shards:]
+        parts = [p for shard in timed for p in shard["parts"]]
+        result.tokens_captured = sum(s["info"]["n_tokens"] for s in timed)
+        result.bytes_written = sum(p["bytes"] for p in parts)
+        result.token_neuron_rows = sum(p["rows"] for p in parts if p["table"] == "token_neurons")
+        result.token_neuron_bytes = sum(p["bytes"] for p in parts if p["table"] == "token_neurons")
+        result.dense_fp16_bytes_per_token = 2 * sum(sl.width or 0 for sl in site_layers)
+    return result

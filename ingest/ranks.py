@@ -1,0 +1,147 @@
+"""Several ranks, one run: torchrun starts them, each writes its own parts, rank 0 commits once.
+
+    whq ingest wh --ranks 2 ...                    # this machine: runs the torchrun line below
+    torchrun --standalone --nproc-per-node 2 -m ingest wh ...
+    torchrun --nnodes 4 --node-rank $NODE --rdzv-backend c10d --rdzv-endpoint $HOST:29500 \\
+             --nproc-per-node 8 -m ingest /shared/wh --device cuda ...   # each rank uses cuda:LOCAL_RANK
+
+Documents are dealt round-robin by ordinal (pipeline._shards). The ranks agree on the
+run id and start in order through torch.distributed (gloo, CPU-only traffic); every
+rank journals its own shards, so `--resume` works per rank. Rank 0 waits for the
+others' done markers, merges their running statistics and examples (both are exact
+merges) and commits the run with every rank's parts in one manifest.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import subprocess
+import sys
+
+from warehouse.errors import BadInput, WarehouseError
+
+
+def _group():
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+        atexit.register(dist.destroy_process_group)
+    return dist
+
+
+def from_env(run_id: str | None, device: str, model: str) -> tuple[int, int, str | None, str]:
+    """(rank, world_size, run_id, device) of this process; (0, 1, ...) outside torchrun."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return 0, 1, run_id, device
+    rank = int(os.environ["RANK"])
+    dist = _group()
+    if run_id is None:  # the default id holds the start time: rank 0's is the one
+        from .pipeline import default_run_id
+
+        agreed = [default_run_id(model) if rank == 0 else None]
+        dist.broadcast_object_list(agreed, src=0)
+        run_id = agreed[0]
+    if device in ("auto", "cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return rank, world_size, run_id, device
+
+
+def open_writer(make_writer, rank: int, world_size: int):
+    """Create the RunWriter on rank 0 first (it checks and writes the run's config), then on the others."""
+    if world_size <= 1:
+        return make_writer()
+    dist = _group()
+    if rank == 0:
+        try:
+            writer = make_writer()
+        except WarehouseError as err:
+            dist.broadcast_object_list([str(err)], src=0)
+            raise
+        dist.broadcast_object_list([None], src=0)
+        return writer
+    verdict = [None]
+    dist.broadcast_object_list(verdict, src=0)
+    if verdict[0] is not None:
+        raise WarehouseError(verdict[0])
+    return make_writer()
+
+
+def merge_ranks(writer, site_layers) -> None:
+    """Rank 0: wait for every other rank, then fold their final statistics and examples into ours."""
+    import torch
+
+    from .capture import SiteLayer
+
+    writer.wait_for_ranks()
+    with torch.inference_mode():  # the live statistics are inference tensors
+        _merge_all(writer, site_layers, SiteLayer)
+
+
+def _merge_all(writer, site_layers, SiteLayer) -> None:
+    for other_rank in range(1, writer.world_size):
+        for sl in site_layers:
+            names = [f"stats.{sl.name}.{sl.layer}", f"examples.{sl.name}.{sl.layer}"]
+            tables = {n: t for n in names if (t := writer.rank_state(other_rank, n)) is not None}
+            if not tables:
+                continue  # that rank saw no tokens
+            if sl.width is None:
+                sl.restore(tables)
+                continue
+            other = SiteLayer(sl.site, sl.layer, sl.module_name, sl.device)
+            other.restore(tables)
+            _merge_stats(sl.stats, other.stats)
+            if sl.examples:
+                ex = other.examples
+                # The same merge the hook applies batch by batch: top values, and smallest sample keys.
+                sl._merge("top", ex["top_value"], ex["top_doc"], ex["top_pos"],
+                          order=sl.examples["top_value"], new_order=ex["top_value"], largest=True)
+                sl._merge("random", ex["random_value"], ex["random_doc"], ex["random_pos"],
+                          order=sl.examples["random_key"], new_order=ex["random_key"], largest=False)
+
+
+def _merge_stats(mine: dict, theirs: dict) -> None:
+    import torch
+
+    for key in ("n_tokens", "n_fired", "sum", "sum_sq"):
+        mine[key] += theirs[key]
+    # Ties go to the first token in document order, as within one process.
+    key_mine = mine["max_doc"] * (1 << 32) + mine["max_pos"]
+    key_theirs = theirs["max_doc"] * (1 << 32) + theirs["max_pos"]
+    seen = theirs["max_doc"] >= 0
+    better = seen & ((theirs["max"] > mine["max"]) | ((theirs["max"] == mine["max"]) & (key_theirs < key_mine)))
+    for key in ("max", "max_doc", "max_pos"):
+        mine[key] = torch.where(better, theirs[key], mine[key])
+
+
+def launch(n: int, data: list[str], sites: list[str]) -> int:
+    """`whq ingest --ranks N`: check the cheap inputs, then run torchrun with this command's other arguments."""
+    from . import sources
+    from .sites import parse_spec
+
+    if n < 1:
+        raise BadInput("--ranks must be at least 1")
+    sources.check_paths(data)
+    for spec in sites:
+        parse_spec(spec)
+    args = sys.argv[sys.argv.index("ingest") + 1:]
+    forwarded, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == "--ranks":
+            skip = True
+        elif not arg.startswith("--ranks="):
+            forwarded.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", "-m", "ingest", *forwarded]
+    done = subprocess.run(command, stderr=subprocess.PIPE, text=True)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    if done.returncode != 0:
+        # Each rank printed its one-line error; torchrun's own failure report adds nothing for the user.
+        raise WarehouseError(errors[0][len("error: "):] if errors else f"torchrun failed (exit {done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
+    return 0

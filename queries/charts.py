@@ -1,0 +1,69 @@
+"""Charts of the neuron macros: pure functions from a macro's DataFrame to an altair.Chart.
+
+Each takes the rows a macro returns (Polars or pandas), optionally with a `layer` column
+added by the caller to overlay several layers (translucent, one colour each), and returns
+a chart to `.save()` as HTML or PNG (PNG needs vl-convert-python).
+"""
+
+from __future__ import annotations
+
+import altair as alt
+import polars as pl
+
+WIDTH, HEIGHT = 420, 240
+
+
+def _frame(df) -> pl.DataFrame:
+    return df if isinstance(df, pl.DataFrame) else pl.from_pandas(df)
+
+
+def _by_layer(df: pl.DataFrame) -> dict:
+    return {"color": alt.Color("layer:N", title="layer")} if "layer" in df.columns else {}
+
+
+def rate_histogram_chart(df, title: str = "firing rate") -> alt.Chart:
+    """rate_histogram rows: log-spaced bars for bins 1..n; the dead units (bin 0) in the subtitle."""
+    df = _frame(df)
+    dead = int(df.filter(pl.col("bin") == 0)["n_neurons"].sum())
+    bars = df.filter(pl.col("bin") > 0)
+    return (alt.Chart(bars).mark_rect(opacity=0.55, stroke="white", strokeWidth=0.5)
+            .encode(alt.X("lo:Q", scale=alt.Scale(type="log"), title="firing rate (share of tokens where the unit fires)"),
+                    alt.X2("hi:Q"), alt.Y("n_neurons:Q", title="units"), alt.Y2(datum=0),
+                    tooltip=["bin", "lo", "hi", "n_neurons", *(["layer"] if "layer" in df.columns else [])],
+                    **_by_layer(bars))
+            .properties(width=WIDTH, height=HEIGHT, title=alt.TitleParams(title, subtitle=f"dead units (rate 0, not drawn): {dead:,}")))
+
+
+def selectivity_histogram_chart(df, title: str = "selectivity (max / mean)") -> alt.Chart:
+    """selectivity_histogram rows: linear bars for bins 1..n; units without a selectivity (bin 0) in the subtitle."""
+    df = _frame(df)
+    undefined = int(df.filter(pl.col("bin") == 0)["n_neurons"].sum())
+    bars = df.filter(pl.col("bin") > 0)
+    return (alt.Chart(bars).mark_rect(opacity=0.55, stroke="white", strokeWidth=0.5)
+            .encode(alt.X("lo:Q", title="selectivity = max / mean activation"), alt.X2("hi:Q"),
+                    alt.Y("n_neurons:Q", title="units"), alt.Y2(datum=0),
+                    tooltip=["bin", "lo", "hi", "n_neurons", *(["layer"] if "layer" in df.columns else [])],
+                    **_by_layer(bars))
+            .properties(width=WIDTH, height=HEIGHT,
+                        title=alt.TitleParams(title, subtitle=f"units with mean 0 (no selectivity, not drawn): {undefined:,}")))
+
+
+def layer_summary_chart(df, title: str = "firing per layer") -> alt.Chart:
+    """layer_summary rows: mean and median rate, rare and dead share, side by side per layer."""
+    measures = ["mean_rate", "median_rate", "rare_share", "dead_share"]
+    long = _frame(df).unpivot(index="layer", on=measures, variable_name="measure", value_name="value")
+    return (alt.Chart(long).mark_bar()
+            .encode(alt.X("layer:O"), alt.Y("value:Q", title="share"), alt.Color("measure:N", sort=measures),
+                    alt.XOffset("measure:N", sort=measures), tooltip=["layer", "measure", "value"])
+            .properties(width=WIDTH, height=HEIGHT, title=title))
+
+
+def context_chart(df, title: str = "activation across the window") -> alt.Chart:
+    """One top_contexts / random_examples row's `tokens`: the unit's value at each token of the window
+    (tokens whose value was not stored show as gaps)."""
+    row = _frame(df).row(0, named=True)
+    tokens = pl.DataFrame({"label": [f"{i}:{t['piece']}" for i, t in enumerate(row["tokens"])],
+                           "value": [t["value"] for t in row["tokens"]]})
+    return (alt.Chart(tokens).mark_bar()
+            .encode(alt.X("label:N", sort=None, title=None), alt.Y("value:Q", title="activation"), tooltip=["label", "value"])
+            .properties(width=WIDTH, height=HEIGHT, title=alt.TitleParams(title, subtitle=row["context"][:120])))

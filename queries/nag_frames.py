@@ -1,0 +1,164 @@
+"""Polars twins of queries/nag.sql: same names, arguments, columns and row order.
+
+Each function takes an open Warehouse, then the macro's arguments, and returns a
+polars.LazyFrame built by Polars over the committed Parquet (queries.frames.scan), never
+through DuckDB. The small lookups (the sites row, the target profile as a dense weight
+array per layer) are collected eagerly; the pool is only ever scanned.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+
+from warehouse.errors import BadInput
+
+from .frames import scan
+
+__all__ = ["nag_profile", "nag_distance", "nag_select", "nag_quality"]
+
+WEIGHT_UNITS = float(1 << 40)  # a weight is floor(weight * 2^40) units when power != 1 (see queries/nag.sql)
+
+
+def nag_site(wh, run: str, site: str) -> dict:
+    """The sites row of a NAG site; an error naming the fix when the run did not capture NAG there."""
+    rows = scan(wh, "sites", run).filter(pl.col("site") == site, pl.col("reductions").str.contains("nag")).collect()
+    if rows.is_empty():
+        raise BadInput(f"run '{run}' has no NAG site '{site}': capture one with --site {site}:nag=20, or list the sites "
+                       f"with SELECT site, reductions FROM sites WHERE run_id = '{run}'")
+    return rows.row(0, named=True)
+
+
+def _check_documents(wh, run: str, dataset: str | None, role: str | None) -> None:
+    for column, value in (("dataset", dataset), ("role", role)):
+        if value is not None and scan(wh, "documents", run).filter(pl.col(column) == value).select(pl.len()).collect().item() == 0:
+            raise BadInput(f"run '{run}' has no documents of {column} '{value}': list them with "
+                           f"SELECT {column}, count(*) FROM documents WHERE run_id = '{run}' GROUP BY ALL")
+
+
+def check_layers(run: str, site_row: dict, layers) -> list[int]:
+    """The layers used: all of the site's (layers None) or the wanted ones, which must be the site's."""
+    have = list(site_row["layers"])
+    if layers is None:
+        return have
+    wanted = sorted({int(x) for x in layers})
+    if not wanted:
+        raise BadInput("layers := [] selects no layer: give at least one, or NULL for all")
+    missing = [x for x in wanted if x not in have]
+    if missing:
+        raise BadInput(f"layers {missing} are not layers of site '{site_row['site']}' in run '{run}' "
+                       f"(it has {min(have)}-{max(have)}): pick layers from that range")
+    return wanted
+
+
+def _check_fraction(fraction: float) -> None:
+    if not 0 < fraction <= 1:
+        raise BadInput(f"fraction must be in (0, 1], got {fraction}: e.g. fraction := 0.2 keeps a fifth of the pool's tokens")
+
+
+def _documents(wh, run: str, dataset: str | None, role: str | None) -> pl.LazyFrame:
+    frame = scan(wh, "documents", run)
+    if dataset is not None:
+        frame = frame.filter(pl.col("dataset") == dataset)
+    if role is not None:
+        frame = frame.filter(pl.col("role") == role)
+    return frame
+
+
+def nag_profile(wh, target_run: str, site: str, target_dataset: str | None = None, layers=None,
+                power: float = 1.0, target_role: str | None = None) -> pl.LazyFrame:
+    site_row = nag_site(wh, target_run, site)
+    _check_documents(wh, target_run, target_dataset, target_role)
+    used = check_layers(target_run, site_row, layers)
+    targets = _documents(wh, target_run, target_dataset, target_role).select("doc")
+    counts = (scan(wh, "doc_neurons", target_run)
+              .filter(pl.col("site") == site, pl.col("layer").is_in(used))
+              .join(targets, on="doc", how="semi")
+              .group_by("layer", "neuron")
+              .agg(pl.len().cast(pl.Int64).alias("n_docs")))
+    powered = pl.col("n_docs").cast(pl.Float64).pow(power)
+    return (counts
+            .with_columns((powered / powered.sum().over("layer")).alias("weight"))
+            .sort("layer", "neuron"))
+
+
+def _weight_units(profile: pl.DataFrame, layers: list[int], width: int, power: float) -> tuple[pl.Series, float]:
+    """Dense weight units indexed by slot(layer) * width + neuron, and the similarity of one unit.
+
+    As in queries/nag.sql: with power 1 and equal layer totals a unit is one target
+    document (exact sums); otherwise a weight is floor(weight * 2^40) units.
+    """
+    totals = profile.group_by("layer").agg(pl.col("n_docs").cast(pl.Float64).pow(power).sum())["n_docs"].to_list()
+    exact = power == 1 and len(set(totals)) == 1
+    slot = {layer: i for i, layer in enumerate(layers)}
+    units = [0.0] * (len(layers) * width)
+    for layer, neuron, n_docs, weight in profile.select("layer", "neuron", "n_docs", "weight").iter_rows():
+        units[slot[layer] * width + neuron] = float(n_docs) if exact else float(weight * WEIGHT_UNITS // 1)
+    scale = totals[0] if exact else WEIGHT_UNITS
+    return pl.Series("units", units, dtype=pl.Float64), 1.0 / (scale * len(layers))
+
+
+def nag_distance(wh, target_run: str, pool_run: str, site: str, target_dataset: str | None = None,
+                 pool_dataset: str | None = None, layers=None, power: float = 1.0, target_role: str | None = None,
+                 pool_role: str | None = None) -> pl.LazyFrame:
+    pool_site = nag_site(wh, pool_run, site)
+    _check_documents(wh, pool_run, pool_dataset, pool_role)
+    used = check_layers(pool_run, pool_site, layers)
+    profile = nag_profile(wh, target_run, site, target_dataset, layers, power, target_role).collect()
+    width = int(pool_site["width"])
+    units, per_unit = _weight_units(profile, used, width, power)
+    slot = pl.col("layer").replace_strict(used, list(range(len(used))), return_dtype=pl.Int64)
+    hits = (scan(wh, "doc_neurons", pool_run)
+            .filter(pl.col("site") == site, pl.col("layer").is_in(used))
+            .select("doc", pl.lit(units).gather(slot * width + pl.col("neuron")).alias("units"))
+            .filter(pl.col("units") > 0)
+            .group_by("doc")
+            .agg(pl.col("units").sum()))
+    similarity = pl.col("units").fill_null(0.0) * per_unit
+    return (_documents(wh, pool_run, pool_dataset, pool_role)
+            .select("doc", "doc_id", "dataset", "n_tokens")
+            .join(hits, on="doc", how="left")
+            .select("doc", "doc_id", "dataset", "n_tokens", similarity.alias("similarity"), (1 - similarity).alias("distance")))
+
+
+def budget_select(frame: pl.LazyFrame, key: str, fraction: float) -> pl.LazyFrame:
+    """Sort by (key, doc_id, doc) and keep rows while cumulative n_tokens <= floor(fraction * total); at least one."""
+    _check_fraction(fraction)
+    ordered = frame.sort(key, "doc_id", "doc")
+    tokens = pl.col("n_tokens").cast(pl.Int64)
+    return (ordered
+            .with_columns(pl.int_range(1, pl.len() + 1, dtype=pl.Int64).alias("rank"),
+                          tokens.cum_sum().alias("cum_tokens"),
+                          tokens.sum().alias("pool_tokens"))
+            .filter((pl.col("cum_tokens") <= (fraction * pl.col("pool_tokens")).floor()) | (pl.col("rank") == 1))
+            .drop("pool_tokens"))
+
+
+def nag_select(wh, target_run: str, pool_run: str, site: str, target_dataset: str | None = None,
+               pool_dataset: str | None = None, layers=None, power: float = 1.0, fraction: float = 0.2,
+               target_role: str | None = None, pool_role: str | None = None) -> pl.LazyFrame:
+    _check_fraction(fraction)
+    distances = nag_distance(wh, target_run, pool_run, site, target_dataset, pool_dataset, layers, power, target_role, pool_role)
+    return budget_select(distances, "distance", fraction)
+
+
+def _minmax(column: str) -> pl.Expr:
+    low, high = pl.col(column).min(), pl.col(column).max()
+    return pl.when(high > low).then((pl.col(column) - low) * (1.0 / (high - low))).otherwise(0.0)
+
+
+def nag_quality(wh, target_run: str, pool_run: str, site: str, quality_column: str, target_dataset: str | None = None,
+                pool_dataset: str | None = None, layers=None, power: float = 1.0, fraction: float = 0.2,
+                invert: bool = False, target_role: str | None = None, pool_role: str | None = None) -> pl.LazyFrame:
+    _check_fraction(fraction)
+    distances = nag_distance(wh, target_run, pool_run, site, target_dataset, pool_dataset, layers, power, target_role, pool_role)
+    quality = (scan(wh, "documents", pool_run)
+               .select("doc", pl.col("meta").str.json_path_match(f"$.{quality_column}")
+                       .cast(pl.Float64, strict=False).alias("quality")))
+    scored = distances.join(quality, on="doc", how="left")
+    if scored.select(pl.col("quality").is_not_null().any()).collect().item() is not True:
+        raise BadInput(f"no pool document has a number under '{quality_column}' in its meta: quality columns are the "
+                       f"source's extra columns (SELECT meta FROM documents WHERE run_id = '{pool_run}' LIMIT 1)")
+    normalised = 1 - _minmax("quality") if invert else _minmax("quality")
+    mixed = scored.with_columns((_minmax("distance") + pl.when(pl.col("quality").is_null()).then(1.0).otherwise(normalised)).alias("score"))
+    return budget_select(mixed, "score", fraction).select(
+        "doc", "doc_id", "dataset", "n_tokens", "similarity", "distance", "quality", "score", "rank", "cum_tokens")

@@ -1,0 +1,110 @@
+"""`whq report`: Activation Lab's CSVs, and the offline HTML rendered by headless Chromium."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+import warehouse
+from warehouse import cli
+
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
+SUMMARY = ["mean_cosine", "std_cosine", "median_cosine", "min_cosine", "most_divergent_layer", "mean_MAE", "std_MAE",
+           "median_MAE", "max_MAE_layer", "mean_overlap", "std_overlap", "median_overlap", "min_overlap", "min_overlap_layer"]
+LAB_COLUMNS = {  # Activation Lab's compare_runs.py
+    "comparison_report": ["state", "pair", "run_a", "run_b", "generated_a", "generated_b", "prompt_a", "prompt_b", "source", *SUMMARY],
+    "comparison_cosines": ["state", "pair", "run_a", "run_b", "generated_a", "generated_b", "source", "layer", "cosine", "MAE", "overlap"],
+    "intra_run_report": ["run", "generated", "prompt", "source", *SUMMARY],
+    "intra_run_cosines": ["run", "source", "layer", "cosine", "MAE", "overlap"],
+}
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "scenarios" / "emotions.yaml"
+
+
+@pytest.fixture(scope="module")
+def report_wh(tmp_path_factory):
+    """The example emotion scenario on the tiny random Qwen3, and on a tiny Llama via the model override."""
+    from ingest.chat import run_scenario
+
+    root = tmp_path_factory.mktemp("report") / "wh"
+    run_scenario(root, EXAMPLE, run_id="emo", device="cpu", progress=False)
+    run_scenario(root, EXAMPLE, run_id="emo-llama", device="cpu", progress=False, model="config:llama-tiny")
+    return root
+
+
+def run_cli(capsys, monkeypatch, *args) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", ["whq", *map(str, args)])
+    try:
+        cli.main()
+        code = 0
+    except SystemExit as done:
+        code = done.code or 0
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def report_files(report_wh, tmp_path_factory):
+    from queries.report import write_report
+
+    folder = tmp_path_factory.mktemp("out")
+    write_report(warehouse.open(report_wh), "emo", folder / "report.html", csv_dir=folder / "csv", compare=["emo-llama"])
+    return folder
+
+
+def test_csvs_have_activation_labs_columns(report_files, report_wh):
+    for name, columns in LAB_COLUMNS.items():
+        frame = pl.read_csv(report_files / "csv" / f"{name}.csv")
+        assert frame.columns == columns, name
+        assert frame.height > 0, name
+    intra = pl.read_csv(report_files / "csv" / "intra_run_report.csv")
+    assert sorted(intra["source"]) == ["attn_out", "hidden_in", "hidden_out", "mlp_down_out"]
+    drift = warehouse.open(report_wh).pl("SELECT * FROM drift('emo') WHERE source = 'hidden_out'")
+    row = intra.filter(pl.col("source") == "hidden_out").row(0, named=True)
+    assert row["mean_cosine"] == round(drift["cosine"].mean(), 4)
+    assert row["most_divergent_layer"] == drift["most_divergent_layer"][0]
+    pairs = pl.read_csv(report_files / "csv" / "comparison_report.csv")
+    assert set(pairs["state"]) == {"initial", "final"} and set(pairs["pair"]) == {"emo  vs  emo-llama"}
+
+
+def test_report_is_self_contained(report_files):
+    page = (report_files / "report.html").read_text()
+    assert "vegaEmbed" in page and page.count('class="chart"') >= 6
+    assert not re.search(r"<script[^>]+src=|<link[^>]+href=", page), "the report must not load anything"
+
+
+def test_report_renders_in_chromium(report_files, tmp_path):
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no Chromium at {CHROMIUM}: install Debian's chromium to run the browser test")
+    page = (report_files / "report.html").as_uri()
+    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=20000", "--hide-scrollbars"]
+    dom = subprocess.run([*flags, "--dump-dom", page], capture_output=True, text=True, timeout=180).stdout
+    n_charts = (report_files / "report.html").read_text().count('class="chart"')
+    assert dom.count('data-rendered="yes"') == n_charts, "every chart rendered"
+    assert not re.search(r'class="chart"[^>]*>chart failed', dom)
+    assert dom.count("<svg") >= n_charts and 'class="mark-' in dom
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "scenario_report.png"
+    subprocess.run([*flags, "--window-size=1400,3000", f"--screenshot={shot}", page], capture_output=True, timeout=180)
+    assert shot.exists() and shot.stat().st_size > 10_000
+    print(f"report screenshot: {shot}")
+
+
+def test_report_cli(report_wh, tmp_path, capsys, monkeypatch):
+    code, out, err = run_cli(capsys, monkeypatch, "report", report_wh, "--run", "emo", "--out", tmp_path / "r.html", "--csv", tmp_path / "csv")
+    assert code == 0, err
+    assert (tmp_path / "r.html").exists() and len(list((tmp_path / "csv").glob("*.csv"))) == 4
+    code, _, err = run_cli(capsys, monkeypatch, "report", report_wh, "--run", "nope")
+    assert code == 2 and "no committed run 'nope'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_report_refuses_a_run_without_a_scenario(minilm_wh, tmp_path, capsys, monkeypatch):
+    code, _, err = run_cli(capsys, monkeypatch, "report", minilm_wh, "--run", "r", "--out", tmp_path / "r.html")
+    assert code == 2 and "not a scenario run" in err

@@ -1,0 +1,34 @@
+"""`whq export ...`: files for viewers, written from a warehouse."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+export_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Write a run's analyses as files for viewers.")
+
+
+@export_app.command()
+def features(
+    root: Path = typer.Argument(..., help="Warehouse folder."),
+    run: str = typer.Option(..., "--run", help="Run id."),
+    site: str = typer.Option(..., "--site", help="Site captured with examples=N or threshold=T (e.g. mlp.act)."),
+    out: Path = typer.Option(..., "--out", help="Output folder (features/, feature_metadata.json, packed/)."),
+    layers: Optional[list[int]] = typer.Option(None, "--layers", help="Layers to export (repeatable; default all)."),
+    top: int = typer.Option(20, "--top", help="Top examples per unit."),
+    random: int = typer.Option(10, "--random", help="Random examples per unit."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random examples."),
+):
+    """Per-unit JSON in transcoder-adapters' shape (keyed by cantor id), its feature metadata, and circuit-tracer's packed layout.
+
+    Example: whq export features wh --run demo --site mlp.act --out features-demo --layers 3
+    """
+    import warehouse
+    from queries.export import write_features
+
+    wh = warehouse.open(root)
+    written = write_features(wh, run, site, out, layers, k=top, n_random=random, seed=seed)
+    total = sum(written.values())
+    typer.echo(f"wrote {total:,} units ({', '.join(f'layer {l}: {n:,}' for l, n in written.items())}) to {out}")

@@ -1,0 +1,213 @@
+"""Integrity and housekeeping: check parts against manifests, repair, collect garbage, delete runs.
+
+    check(wh)            every committed part vs its manifest: exists, bytes, row count, sha256, schema
+    repair(root)         quarantine runs with bad parts (the others stay queryable), rebuild the catalog
+    gc(wh)               remove orphan parts, stale temporaries and journals of committed or discarded runs
+    delete_run(wh, run)  the manifest goes first (under the commit lock), then the data
+
+The commit lock orders all of these against ingest commits: a run's manifest and its
+journal never both vanish while gc decides what is an orphan.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from . import catalog, schema
+from .core import Warehouse
+from .errors import NotAWarehouse, UnknownRun
+from .layout import FORMAT_VERSION, Layout
+from .locks import locked, try_lock
+from .parts import file_sha256, write_bytes_atomic
+
+DAMAGED_SUFFIX = ".damaged"
+
+
+@dataclass
+class Problem:
+    run_id: str
+    path: str          # relative to the warehouse root
+    kind: str          # missing | size | rows | checksum | schema | unreadable | manifest
+    detail: str
+
+    def line(self, root: Path) -> str:
+        return (f"{self.kind} part {self.path} of run {self.run_id}: {self.detail}; "
+                f"fix: `whq repair {root}` quarantines run {self.run_id} (others stay queryable), "
+                f"then restore the file from a backup, re-ingest the run, or `whq runs {root} --delete {self.run_id}`")
+
+
+def _schema_ok(table: str, found) -> bool:
+    tbl = schema.table(table)
+    return any(found.equals(tbl.arrow_schema(width), check_metadata=False) for width in (None, 1))
+
+
+def verify_part(root: Path, run_id: str, part: dict, *, checksum: bool = True) -> Problem | None:
+    """Compare one part file with its manifest entry; None when it matches."""
+    path = root / part["path"]
+
+    def problem(kind, detail):
+        return Problem(run_id, part["path"], kind, detail)
+
+    if not path.exists():
+        return problem("missing", "the file is gone")
+    size = path.stat().st_size
+    if size != part["bytes"]:
+        return problem("corrupt", f"{size} bytes, the manifest says {part['bytes']}")
+    if checksum and file_sha256(path) != part["sha256"]:
+        return problem("corrupt", "sha256 differs from the manifest")
+    try:
+        meta = pq.read_metadata(path)
+        found = pq.read_schema(path)
+    except Exception as err:  # pyarrow raises several types for a damaged file
+        return problem("corrupt", f"not readable as Parquet ({str(err).splitlines()[0][:80]})")
+    if meta.num_rows != part["rows"]:
+        return problem("corrupt", f"{meta.num_rows} rows, the manifest says {part['rows']}")
+    if not _schema_ok(part["table"], found):
+        return problem("corrupt", f"columns {found.names} do not match table {part['table']} of schema.sql")
+    return None
+
+
+def check(wh: Warehouse, *, checksum: bool = True) -> tuple[list[Problem], dict]:
+    """Verify every committed part (quarantined runs too); returns (problems, counts)."""
+    problems, parts = [], 0
+    manifests = catalog.committed_manifests(wh.layout)
+    for manifest in manifests:
+        for part in manifest["parts"]:
+            parts += 1
+            found = verify_part(wh.root, manifest["run_id"], part, checksum=checksum)
+            if found:
+                problems.append(found)
+    return problems, {"runs": len(manifests), "parts": parts, "quarantined": sorted(wh.quarantined())}
+
+
+def _write_quarantine(layout: Layout, runs: set[str]) -> None:
+    if runs:
+        write_bytes_atomic(json.dumps(sorted(runs)).encode(), layout.quarantine, layout.tmp_dir / "maintenance", "quarantine")
+    else:
+        layout.quarantine.unlink(missing_ok=True)
+
+
+def _set_damaged_manifests_aside(layout: Layout) -> list[str]:
+    moved = []
+    for path in sorted(layout.runs_dir.glob("*.json")) if layout.runs_dir.exists() else []:
+        try:
+            json.loads(path.read_text())["parts"]
+        except (ValueError, KeyError, TypeError):
+            path.rename(path.with_name(path.name + DAMAGED_SUFFIX))
+            moved.append(path.stem)
+    return moved
+
+
+def repair(root: str | Path) -> list[str]:
+    """Make the warehouse queryable again; returns one line per action taken."""
+    layout = Layout(root)
+    actions = []
+    if not layout.runs_dir.is_dir() or not layout.data_dir.is_dir():
+        raise NotAWarehouse(f"{layout.root} is not a whq warehouse (no runs/ and data/): nothing to repair")
+    try:
+        json.loads(layout.marker.read_text())["format_version"]
+    except (OSError, ValueError, KeyError, TypeError):
+        layout.marker.write_text(json.dumps({"format_version": FORMAT_VERSION, "tool": "whq"}) + "\n")
+        actions.append(f"rewrote the format marker {layout.marker.name}")
+    with locked(layout.commit_lock):
+        for run_id in _set_damaged_manifests_aside(layout):
+            actions.append(f"set the damaged manifest of run {run_id} aside as runs/{run_id}.json{DAMAGED_SUFFIX}; "
+                           f"its data is kept (re-ingest the run, or delete data/*/run_id={run_id})")
+    wh = Warehouse(layout.root)
+    problems, _ = check(wh)
+    bad = {p.run_id for p in problems}
+    before = wh.quarantined()
+    with locked(layout.commit_lock):
+        _write_quarantine(layout, bad)
+        catalog.build(layout)
+    for run_id in sorted(bad - before):
+        actions.append(f"quarantined run {run_id}: its parts are missing or corrupt, queries no longer see it")
+    for run_id in sorted((before - bad) & set(wh.run_ids())):
+        actions.append(f"released run {run_id} from quarantine: its parts verify again")
+    actions.append("rebuilt the catalog")
+    wh.close()
+    return actions
+
+
+def _live(layout: Layout, run_id: str) -> bool:
+    """Does a process hold a rank lock of this run's journal (is it being written now)?"""
+    for lock in layout.journal_dir(run_id).glob("rank-*.lock"):
+        fd = try_lock(lock)
+        if fd is None:
+            return True
+        os.close(fd)
+    return False
+
+
+def gc(wh: Warehouse, *, interrupted: bool = False, dry_run: bool = False) -> list[str]:
+    """Remove what no committed run needs; returns the removed paths (relative to the root).
+
+    Parts of runs being written, or interrupted and resumable, are kept unless
+    `interrupted` discards the interrupted (not live) ones.
+    """
+    layout, removed = wh.layout, []
+
+    def remove(path: Path) -> None:
+        removed.append(layout.relative(path) if path.exists() else str(path))
+        if not dry_run:
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+    with locked(layout.commit_lock):
+        files = sorted(layout.data_dir.rglob("*")) if layout.data_dir.exists() else []
+        listed = {p["path"] for m in catalog.committed_manifests(layout) for p in m["parts"]}
+        committed = set(wh.run_ids())
+        damaged = {p.name[: -len(".json" + DAMAGED_SUFFIX)] for p in layout.runs_dir.glob("*.json" + DAMAGED_SUFFIX)}
+        journals = {d.name for d in layout.journal_root.iterdir()} if layout.journal_root.exists() else set()
+        for run_id in sorted(journals):
+            if run_id in committed:
+                remove(layout.journal_dir(run_id))
+            elif interrupted and not _live(layout, run_id):
+                remove(layout.journal_dir(run_id))
+                journals.discard(run_id)
+        keep = (journals - committed) | damaged
+        for path in files:
+            if not path.is_file():
+                continue
+            rel = layout.relative(path)
+            run_id = next((seg[len("run_id="):] for seg in Path(rel).parts if seg.startswith("run_id=")), None)
+            if rel not in listed and run_id not in keep:
+                remove(path)
+        for stale in layout.root.glob(f".{layout.catalog.name}.*.tmp*"):
+            remove(stale)
+        for entry in sorted(layout.tmp_dir.iterdir()) if layout.tmp_dir.exists() else []:
+            run_id, sep, _ = entry.name.partition(".rank-")
+            if not (sep and _live(layout, run_id)):
+                remove(entry)
+        if not dry_run:
+            for folder in sorted((p for p in files if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+                if folder.exists() and not any(folder.iterdir()):
+                    folder.rmdir()
+    return removed
+
+
+def delete_run(wh: Warehouse, run_id: str) -> None:
+    """Remove a committed run: invisible first (manifest out, catalog rebuilt), then its data."""
+    layout = wh.layout
+    wh.close()
+    with locked(layout.commit_lock):
+        manifest = layout.manifest(run_id)
+        if not manifest.exists():
+            known = ", ".join(wh.run_ids()) or "none yet"
+            raise UnknownRun(f"no committed run {run_id!r} in {layout.root} (runs: {known}); list them with `whq runs {layout.root}`")
+        parked = layout.tmp_dir / f"deleted-{uuid.uuid4().hex}.json"
+        layout.tmp_dir.mkdir(parents=True, exist_ok=True)
+        manifest.rename(parked)  # atomic: from here on the run is not committed
+        quarantine = wh.quarantined()
+        if run_id in quarantine:
+            _write_quarantine(layout, quarantine - {run_id})
+        catalog.build(layout)
+        for folder in layout.run_data_dirs(run_id):
+            shutil.rmtree(folder, ignore_errors=True)
+        parked.unlink(missing_ok=True)
