@@ -220,6 +220,10 @@ def ingest(
     loaded = loaded or models.load(model, device, dtype)
     resolved: list[ResolvedSite] = [resolve(spec, loaded.module_names, loaded.aliases) for spec in specs]
     max_length = int(max_length or loaded.max_length)
+    positions = (loaded.config.get("model_config") or {}).get("max_position_embeddings")
+    if positions and max_length > positions:
+        raise BadInput(f"--max-length {max_length} is longer than the {positions} positions model {model!r} has: "
+                       f"use at most {positions} (longer documents are split into windows)")
     if max_length <= loaded.tokenizer.n_special:
         raise BadInput(f"--max-length {max_length} leaves no room for text after {loaded.tokenizer.n_special} special tokens: raise it")
     if logit_lens and (loaded.family != "decoder" or loaded.model.get_output_embeddings() is None):

@@ -47,8 +47,8 @@ def from_env(run_id: str | None, device: str, model: str) -> tuple[int, int, str
     if device in ("auto", "cuda"):
         import torch
 
-        if torch.cuda.is_available():
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        if torch.cuda.is_available():  # one GPU per rank; ranks share GPUs when there are fewer
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}"
     return rank, world_size, run_id, device
 
 
@@ -126,6 +126,8 @@ def launch(n: int, data: list[str], sites: list[str]) -> int:
 
     if n < 1:
         raise BadInput("--ranks must be at least 1")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise BadInput("--ranks launches torchrun; under torchrun already, drop --ranks")
     sources.check_paths(data)
     for spec in sites:
         parse_spec(spec)

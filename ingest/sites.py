@@ -124,6 +124,8 @@ def parse_spec(text: str) -> SiteSpec:
         reductions[name] = value
     if "topk" in reductions and "abstopk" in reductions:
         raise BadSpec(f"--site {text!r}: use topk or abstopk, not both")
+    if "threshold" in reductions and ("topk" in reductions or "abstopk" in reductions):
+        raise BadSpec(f"--site {text!r}: token_neurons keeps one capture per site: use topk=K or threshold=T, not both")
     return SiteSpec(text, site, hook, reductions)
 
 

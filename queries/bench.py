@@ -156,8 +156,6 @@ def build(root: str | Path, shape: Shape, seed: int = 0, echo=None) -> float | N
             sum_sq[layer] += np.bincount(flat_ids, flat_values ** 2, minlength=width)
             pick = rng.integers(0, len(flat_ids), 4 * width)
             candidates[layer].append({c: cols[c][pick] for c in cols})
-            top = np.argsort(-ids.astype(np.int64), axis=1)[:, :1]  # one doc-level unit per token row, for doc_neurons
-            del top
             impacts = np.sort(rng.gamma(2.0, 0.5, (count, k)).astype(np.float32), axis=1)[:, ::-1]
             parts.append(("doc_neurons", SITE, layer, to_arrow("doc_neurons", {
                 "doc": np.repeat(np.arange(first, first + count), k), "rank": np.tile(np.arange(k), count),
@@ -212,7 +210,7 @@ def _runs_row(shape: Shape, n_docs: int) -> pa.Table:
 
     return pa.Table.from_pydict({
         "model_id": ["synthetic"], "model_revision": [None], "model_class": ["synthetic"], "dtype": ["float16"],
-        "device": ["none"], "n_layers": [shape.layers], "sites": [[f"{SITE}:topk={shape.k},examples={shape.examples}"]],
+        "device": ["none"], "n_layers": [shape.layers], "sites": [[f"{SITE}:topk={shape.k},nag={shape.k},examples={shape.examples}"]],
         "n_documents": [n_docs], "n_tokens": [n_docs * shape.doc_len], "config": [json.dumps(shape.__dict__)],
         "created_at": [dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)], "status": ["committed"],
     }, schema=schema.table("runs").arrow_schema())
@@ -222,7 +220,7 @@ def _sites_row(shape: Shape) -> pa.Table:
     return pa.Table.from_pydict({
         "site": [SITE], "module_glob": ["synthetic"], "hook_point": ["in"],
         "modules": [[f"layers.{i}" for i in range(shape.layers)]], "layers": [list(range(shape.layers))],
-        "width": [shape.width], "reductions": [f"topk={shape.k},examples={shape.examples}"], "threshold": [0.0],
+        "width": [shape.width], "reductions": [f"topk={shape.k},nag={shape.k},examples={shape.examples}"], "threshold": [0.0],
     }, schema=schema.table("sites").arrow_schema())
 
 

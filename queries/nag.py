@@ -77,8 +77,8 @@ def select(wh, target_run: str, pool_run: str, site: str, *, fraction: float = 0
         named["invert"] = invert
     if engine == "polars":
         if quality_column is None:
-            return nag_frames.nag_select(wh, target_run, pool_run, site, **named).collect()
-        return nag_frames.nag_quality(wh, target_run, pool_run, site, quality_column, **named).collect()
+            return nag_frames.nag_select(wh, target_run, pool_run, site, **named).collect(engine="streaming")
+        return nag_frames.nag_quality(wh, target_run, pool_run, site, quality_column, **named).collect(engine="streaming")
     if engine != "sql":
         raise BadInput(f"unknown engine {engine!r}: use sql or polars")
     positional = [target_run, pool_run, site] + ([quality_column] if quality_column is not None else [])
@@ -219,7 +219,7 @@ def pca_chart(frame: pl.DataFrame, title: str = "Documents by their NAG (PCA)"):
     import altair as alt
 
     points = pca(frame)
-    return (alt.Chart(points.to_pandas(), title=title)
+    return (alt.Chart(points.drop("doc"), title=title)
             .mark_circle(size=40, opacity=0.7)
             .encode(x=alt.X("pc1:Q", title="PC 1"), y=alt.Y("pc2:Q", title="PC 2"),
                     color=alt.Color("dataset:N", title="dataset"), tooltip=["doc_id:N", "dataset:N"]))

@@ -159,8 +159,8 @@ def run_bench(root: str | Path, n_docs: int, fraction: float = 0.2, echo=print) 
     for engine, step, fn in [
         ("sql", "distance", lambda: wh.sql(f"SELECT * FROM nag_distance({args})").fetch_arrow_table()),
         ("sql", "select", lambda: wh.sql(f"SELECT * FROM nag_select({args}, fraction := {fraction})").fetch_arrow_table()),
-        ("polars", "distance", lambda: nag_frames.nag_distance(wh, run, run, SITE, **kwargs).collect()),
-        ("polars", "select", lambda: nag_frames.nag_select(wh, run, run, SITE, fraction=fraction, **kwargs).collect()),
+        ("polars", "distance", lambda: nag_frames.nag_distance(wh, run, run, SITE, **kwargs).collect(engine="streaming")),
+        ("polars", "select", lambda: nag_frames.nag_select(wh, run, run, SITE, fraction=fraction, **kwargs).collect(engine="streaming")),
         ("numpy", "select", lambda: numpy_select(wh, run, fraction)),
     ]:
         timing, result = _timed(engine, step, fn)

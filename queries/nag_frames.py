@@ -2,8 +2,9 @@
 
 Each function takes an open Warehouse, then the macro's arguments, and returns a
 polars.LazyFrame built by Polars over the committed Parquet (queries.frames.scan), never
-through DuckDB. The small lookups (the sites row, the target profile as a dense weight
-array per layer) are collected eagerly; the pool is only ever scanned.
+through DuckDB. The small lookups (the sites row, the target profile) are collected
+eagerly; the pool is only scanned: collect with engine="streaming" to keep memory
+bounded (a 1M-document pool then peaks near 1 GB).
 """
 
 from __future__ import annotations
@@ -81,20 +82,17 @@ def nag_profile(wh, target_run: str, site: str, target_dataset: str | None = Non
             .sort("layer", "neuron"))
 
 
-def _weight_units(profile: pl.DataFrame, layers: list[int], width: int, power: float) -> tuple[pl.Series, float]:
-    """Dense weight units indexed by slot(layer) * width + neuron, and the similarity of one unit.
+def _weight_units(profile: pl.DataFrame, n_layers: int, power: float) -> tuple[pl.DataFrame, float]:
+    """(layer, neuron, units) of the profile, and the similarity of one unit.
 
     As in queries/nag.sql: with power 1 and equal layer totals a unit is one target
     document (exact sums); otherwise a weight is floor(weight * 2^40) units.
     """
     totals = profile.group_by("layer").agg(pl.col("n_docs").cast(pl.Float64).pow(power).sum())["n_docs"].to_list()
     exact = power == 1 and len(set(totals)) == 1
-    slot = {layer: i for i, layer in enumerate(layers)}
-    units = [0.0] * (len(layers) * width)
-    for layer, neuron, n_docs, weight in profile.select("layer", "neuron", "n_docs", "weight").iter_rows():
-        units[slot[layer] * width + neuron] = float(n_docs) if exact else float(weight * WEIGHT_UNITS // 1)
+    units = pl.col("n_docs").cast(pl.Float64) if exact else (pl.col("weight") * WEIGHT_UNITS).floor()
     scale = totals[0] if exact else WEIGHT_UNITS
-    return pl.Series("units", units, dtype=pl.Float64), 1.0 / (scale * len(layers))
+    return profile.select("layer", "neuron", units.alias("units")), 1.0 / (scale * n_layers)
 
 
 def nag_distance(wh, target_run: str, pool_run: str, site: str, target_dataset: str | None = None,
@@ -104,13 +102,11 @@ def nag_distance(wh, target_run: str, pool_run: str, site: str, target_dataset: 
     _check_documents(wh, pool_run, pool_dataset, pool_role)
     used = check_layers(pool_run, pool_site, layers)
     profile = nag_profile(wh, target_run, site, target_dataset, layers, power, target_role).collect()
-    width = int(pool_site["width"])
-    units, per_unit = _weight_units(profile, used, width, power)
-    slot = pl.col("layer").replace_strict(used, list(range(len(used))), return_dtype=pl.Int64)
+    units, per_unit = _weight_units(profile, len(used), power)
     hits = (scan(wh, "doc_neurons", pool_run)
             .filter(pl.col("site") == site, pl.col("layer").is_in(used))
-            .select("doc", pl.lit(units).gather(slot * width + pl.col("neuron")).alias("units"))
-            .filter(pl.col("units") > 0)
+            .select("doc", "layer", "neuron")
+            .join(units.lazy(), on=["layer", "neuron"], how="inner")
             .group_by("doc")
             .agg(pl.col("units").sum()))
     similarity = pl.col("units").fill_null(0.0) * per_unit
@@ -136,7 +132,6 @@ def budget_select(frame: pl.LazyFrame, key: str, fraction: float) -> pl.LazyFram
 def nag_select(wh, target_run: str, pool_run: str, site: str, target_dataset: str | None = None,
                pool_dataset: str | None = None, layers=None, power: float = 1.0, fraction: float = 0.2,
                target_role: str | None = None, pool_role: str | None = None) -> pl.LazyFrame:
-    _check_fraction(fraction)
     distances = nag_distance(wh, target_run, pool_run, site, target_dataset, pool_dataset, layers, power, target_role, pool_role)
     return budget_select(distances, "distance", fraction)
 
@@ -151,11 +146,11 @@ def nag_quality(wh, target_run: str, pool_run: str, site: str, quality_column: s
                 invert: bool = False, target_role: str | None = None, pool_role: str | None = None) -> pl.LazyFrame:
     _check_fraction(fraction)
     distances = nag_distance(wh, target_run, pool_run, site, target_dataset, pool_dataset, layers, power, target_role, pool_role)
-    quality = (scan(wh, "documents", pool_run)
+    quality = (_documents(wh, pool_run, pool_dataset, pool_role)
                .select("doc", pl.col("meta").str.json_path_match(f"$.{quality_column}")
                        .cast(pl.Float64, strict=False).alias("quality")))
     scored = distances.join(quality, on="doc", how="left")
-    if scored.select(pl.col("quality").is_not_null().any()).collect().item() is not True:
+    if quality.select(pl.col("quality").is_not_null().any()).collect().item() is not True:
         raise BadInput(f"no pool document has a number under '{quality_column}' in its meta: quality columns are the "
                        f"source's extra columns (SELECT meta FROM documents WHERE run_id = '{pool_run}' LIMIT 1)")
     normalised = 1 - _minmax("quality") if invert else _minmax("quality")

@@ -17,8 +17,11 @@ import json
 import logging
 import os
 import re
+import tempfile
+from pathlib import Path
 
 import polars as pl
+import pyarrow as pa
 
 from warehouse import catalog, schema
 from warehouse.errors import QueryError
@@ -37,14 +40,34 @@ _SPARK_TYPES = {
     "TIMESTAMP": "timestamp_ntz",
 }
 
-# Timestamps are stored without a time zone (TIMESTAMP_NTZ); show them as written.
-PARITY_CONF = {"spark.sql.session.timeZone": "UTC"}
+REGISTERED_CONF = "whq.registered"  # the warehouse state the session's views show
 
 
 def spark_type(duck_type: str) -> str:
     if duck_type.endswith("[]"):
         return f"array<{spark_type(duck_type[:-2])}>"
     return _SPARK_TYPES[duck_type]
+
+
+_LOG4J2 = """\
+rootLogger.level = error
+rootLogger.appenderRef.stderr.ref = stderr
+appender.console.type = Console
+appender.console.name = stderr
+appender.console.target = SYSTEM_ERR
+appender.console.layout.type = PatternLayout
+appender.console.layout.pattern = %d{HH:mm:ss} %p %c{1}: %m%n
+"""
+
+
+def _log4j2_file() -> str:
+    """A log4j2 configuration for the local JVM: errors only (Spark's default prints a page of start-up notes)."""
+    path = Path(tempfile.gettempdir()) / "whq-spark-log4j2.properties"
+    if not path.exists() or path.read_text() != _LOG4J2:
+        tmp = path.with_name(f"{path.name}.{os.getpid()}")
+        tmp.write_text(_LOG4J2)
+        os.replace(tmp, path)  # another whq process may be starting Spark too
+    return str(path)
 
 
 def spark_session(app_name: str = "whq", **conf: str):
@@ -63,8 +86,10 @@ def spark_session(app_name: str = "whq", **conf: str):
         .config("spark.driver.host", "127.0.0.1")
         .config("spark.driver.bindAddress", "127.0.0.1")
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
+        .config("spark.driver.extraJavaOptions", f"-Dlog4j2.configurationFile={_log4j2_file()}")
+        .config("spark.sql.session.timeZone", "UTC")
     )
-    for key, value in {**PARITY_CONF, **conf}.items():
+    for key, value in conf.items():
         builder = builder.config(key, value)
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")  # the local JVM binds to loopback, without a warning
     try:
@@ -103,7 +128,7 @@ def table_frame(spark, table: schema.Table, base: str, files: list[str]):
     columns = ", ".join(f"{_quoted(c.name)} {spark_type(c.type)}" for c in table.columns)
     if not files:
         return spark.createDataFrame([], columns)
-    half = {f.name for f in table.arrow_schema() if str(f.type) == "halffloat"}
+    half = {f.name for f in table.arrow_schema() if pa.types.is_float16(f.type)}
     read = ", ".join(
         f"{_quoted(c.name)} {'binary' if c.name in half else spark_type(c.type)}"
         for c in (*table.stored_columns, *(table.column(p) for p in table.partitions))
@@ -145,57 +170,62 @@ def register(spark, source) -> None:
     those its manifests list, so a run being written stays invisible.
     """
     if hasattr(source, "files"):
-        root = str(source.root)
+        root, state = str(source.root), _state(source)
         files = {name: [str(p) for p in source.files(name)] for name in schema.tables()}
     else:
-        root = str(source).rstrip("/")
+        root = state = str(source).rstrip("/")
         files = _parts_from_manifests(spark, root)
-    for key, value in PARITY_CONF.items():
-        spark.conf.set(key, value)
     for name, table in schema.tables().items():
         table_frame(spark, table, f"{root}/data/{name}", files.get(name, [])).createOrReplaceTempView(name)
+    spark.conf.set(REGISTERED_CONF, state)
+
+
+def _state(wh) -> str:
+    return f"{wh.root}@{catalog.fingerprint(wh.layout)}"
 
 
 # -- queries ---------------------------------------------------------------------
 
 
 def _message(err: Exception) -> str:
-    """One line from a Spark error: the user's raise_error text, or the first line of the error."""
+    """One line from a Spark error: a macro's error() text as written, else the error's first line."""
     text = str(err).strip()
+    raised = re.search(r"\[USER_RAISED_EXCEPTION\]\s*(.*?)\s*(SQLSTATE: \w+)?$", text, re.MULTILINE)
+    if raised:
+        return raised.group(1)
     line = text.splitlines()[0] if text else type(err).__name__
     line = re.sub(r"^\[[A-Z_.]+\]\s*", "", line)
-    return re.sub(r"\s*SQLSTATE: \w+\.?$", "", line)
+    return re.sub(r"\s*SQLSTATE: \w+.*$", "", line)
+
+
+def _spark_errors():
+    from py4j.protocol import Py4JJavaError
+    from pyspark.errors import PySparkException
+
+    return (PySparkException, Py4JJavaError)
 
 
 def sql(spark, query: str, macro_files=None):
     """Run a DuckDB-dialect query (macros allowed) on `spark`'s registered views; returns a Spark DataFrame."""
     macros = load_macros(catalog.macro_files() if macro_files is None else macro_files)
     text = to_spark(query, macros)
-    from pyspark.errors import PySparkException
-
     try:
         return spark.sql(text)
-    except PySparkException as err:
+    except _spark_errors() as err:
         raise QueryError(f"Spark SQL error: {_message(err)}") from None
 
 
 def to_polars(frame) -> pl.DataFrame:
-    from pyspark.errors import PySparkException
-
+    """Collect a Spark DataFrame (through Arrow) as a polars DataFrame."""
     try:
         return pl.from_arrow(frame.toArrow())
-    except PySparkException as err:
+    except _spark_errors() as err:
         raise QueryError(f"Spark SQL error: {_message(err)}") from None
-
-
-_registered: dict[int, tuple[str, str]] = {}  # id(spark session) -> (root, fingerprint) of its views
 
 
 def spark_sql(wh, query: str, spark=None, macro_files=None) -> pl.DataFrame:
     """Run `query` (DuckDB dialect, macros allowed) on Spark over warehouse `wh`; returns a polars DataFrame."""
     spark = spark or spark_session()
-    state = (str(wh.root), catalog.fingerprint(wh.layout))
-    if _registered.get(id(spark)) != state:  # re-register only when runs were committed, repaired or deleted
+    if spark.conf.get(REGISTERED_CONF, None) != _state(wh):  # re-register only when runs were committed, repaired or deleted
         register(spark, wh)
-        _registered[id(spark)] = state
     return to_polars(sql(spark, query, macro_files))

@@ -308,7 +308,7 @@ def _is_list(node: exp.Expression, names: set[str]) -> bool:
     if isinstance(node, (exp.Paren, exp.Coalesce)):
         return _is_list(node.this, names)
     if isinstance(node, exp.Cast):
-        return node.to.is_type(exp.DataType.Type.ARRAY) or bool(node.to.expressions) and node.to.this == exp.DataType.Type.ARRAY
+        return node.to.is_type(exp.DataType.Type.ARRAY)
     if isinstance(node, exp.Column):
         return node.name in names
     if isinstance(node, exp.Bracket):
@@ -361,11 +361,68 @@ def _one_generator(select: exp.Select) -> None:
     select.append("laterals", lateral)
 
 
+def _inline_windows(select: exp.Select) -> None:
+    """Spark reads `OVER w` but not `OVER (w ROWS ...)`: write every named window out in full."""
+    named = {w.name: w for w in select.args.get("windows") or []}
+    if not named:
+        return
+    for window in select.find_all(exp.Window):
+        definition = named.get(window.alias) if window.parent_select is select and window.args.get("over") else None
+        if definition is None:
+            continue
+        for key in ("partition_by", "order", "spec"):
+            if not window.args.get(key) and definition.args.get(key):
+                window.set(key, definition.args[key].copy() if key != "partition_by" else [p.copy() for p in definition.args[key]])
+        window.set("alias", None)
+    select.set("windows", None)
+
+
+def _qualify_as_where(select: exp.Select) -> exp.Expression:
+    """DuckDB's QUALIFY as a filter on a subquery, with ORDER BY / LIMIT kept outside it
+    (sqlglot's own rewrite leaves them inside, so LIMIT would cut before the filter)."""
+    condition = select.args["qualify"].pop().this
+    if select.args.get("distinct"):
+        raise QueryError("SELECT DISTINCT ... QUALIFY has no Spark equivalent: filter in a subquery, then take DISTINCT")
+    aliases = {p.alias: p.this for p in select.expressions if isinstance(p, exp.Alias)}
+    condition = condition.transform(
+        lambda n: aliases[n.name].copy() if isinstance(n, exp.Column) and not n.table and n.name in aliases else n)
+    hidden = ["_whq_keep"]
+    select.select(exp.alias_(condition, "_whq_keep"), copy=False)
+    order, limit, offset = (select.args.get(k) for k in ("order", "limit", "offset"))
+    for key in ("order", "limit", "offset"):
+        select.set(key, None)
+    names = [p.alias_or_name for p in select.expressions]
+    if order:
+        for i, ordered in enumerate(order.expressions):
+            key = ordered.this
+            if isinstance(key, exp.Literal) and not key.is_string:
+                key = select.expressions[int(key.this) - 1]
+            if isinstance(key, exp.Column) and not key.table and key.name in names:
+                ordered.set("this", exp.column(key.name))
+            else:
+                hidden.append(f"_whq_o{i}")
+                select.select(exp.alias_(key.copy(), hidden[-1]), copy=False)
+                ordered.set("this", exp.column(hidden[-1]))
+    outer = sqlglot.parse_one(f"SELECT * EXCEPT ({', '.join(hidden)}) FROM q AS _whq_q WHERE _whq_keep", read="spark")
+    outer.find(exp.Table).replace(exp.Subquery(this=select.copy(), alias=exp.TableAlias(this=exp.to_identifier("_whq_q"))))
+    for key, value in (("order", order), ("limit", limit), ("offset", offset)):
+        if value:
+            outer.set(key, value)
+    return outer
+
+
 def spark_fixes(tree: exp.Expression) -> exp.Expression:
     """Rewrite the constructs whose sqlglot Spark output would not mean what DuckDB means."""
     list_names = _list_columns(tree)
     for select in list(tree.find_all(exp.Select)):
         _one_generator(select)
+        _inline_windows(select)
+        if select.args.get("qualify"):
+            outer = _qualify_as_where(select)
+            if select is tree:
+                tree = outer
+            else:
+                select.replace(outer)
 
     def fix(node):
         if isinstance(node, exp.Lambda) and len(node.expressions) == 2 and isinstance(node.parent, (exp.Transform, exp.ArrayFilter)):
@@ -389,6 +446,8 @@ def spark_fixes(tree: exp.Expression) -> exp.Expression:
             return exp.Paren(this=node)  # sqlglot drops these parentheses, and Spark binds * before ^ & |
         if isinstance(node, exp.Log) and not node.expression:
             return exp.Log(this=exp.Literal.number(10), expression=node.this)  # DuckDB log(x) is base 10
+        if isinstance(node, exp.PercentileCont) and node.expression is not None and not isinstance(node.parent, exp.WithinGroup):
+            return _spark("percentile(X, Q)", X=node.this, Q=node.expression)  # exact, interpolated: quantile_cont
         if isinstance(node, exp.ArrayAgg) and isinstance(node.this, exp.Order):
             return _ordered_list(node)
         if isinstance(node, exp.Table) and isinstance(node.this, exp.GenerateSeries):

@@ -565,3 +565,15 @@ def test_frames_re_exports_the_twins(lm_wh):
 
     assert frames.layer_summary is nf.layer_summary
     assert_frame_equal(frames.firing_rate(lm_wh, "t", "mlp.act", 0).collect(), lm_wh.pl("SELECT * FROM firing_rate('t', 'mlp.act', 0)"))
+
+
+@pytest.mark.skipif(shutil.which("duckdb") is None, reason="the DuckDB shell (pip install duckdb-cli) is not on PATH")
+def test_stock_duckdb_shell_runs_the_macros(golden_wh):
+    import subprocess
+
+    for name in ("layer_summary", "rate_histogram", "top_contexts", "random_examples", "activation_frequency_by_dataset"):
+        query = GOLDEN[name].replace("SELECT *", "SELECT to_json(list(t)) FROM (SELECT *") + ") t"
+        shell = subprocess.run(["duckdb", "-readonly", "-noheader", "-list", str(golden_wh.root / "whq.duckdb"), "-c", query],
+                               capture_output=True, text=True, timeout=60)
+        assert shell.returncode == 0, shell.stderr
+        _same(json.loads(shell.stdout), json.loads(json.dumps(golden_wh.pl(GOLDEN[name]).to_dicts())), name)

@@ -109,7 +109,13 @@ def build(layout: Layout, skip: set[str] | None = None) -> None:
         con.execute(f"ATTACH {_quote(str(tmp))} AS whq_catalog (STORAGE_VERSION '{STORAGE_VERSION}')")
         con.execute("USE whq_catalog")
         for table in schema.tables().values():
-            con.execute(f"CREATE VIEW {_ident(table.name)} AS {view_sql(table, files[table.name])}")
+            try:
+                con.execute(f"CREATE VIEW {_ident(table.name)} AS {view_sql(table, files[table.name])}")
+            except duckdb.Error as err:  # a view binds to its parts: a damaged one stops the build
+                from .errors import CorruptPart
+
+                raise CorruptPart(f"cannot build the catalog ({str(err).splitlines()[0][:200]}): find the bad part with "
+                                  f"`whq check {layout.root}`, then `whq repair {layout.root}` quarantines its run") from None
             if table.comment:
                 con.execute(f"COMMENT ON VIEW {_ident(table.name)} IS {_quote(table.comment)}")
             for col in table.columns:

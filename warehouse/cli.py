@@ -105,6 +105,8 @@ def sql(
     if engine == "spark":
         from queries.spark import spark_sql
 
+        if read_only:  # Spark SQL can read any file (csv.`/path`) and call Java (reflect): no sandbox
+            _fail("--read-only runs on the duckdb engine only: drop --engine spark for untrusted SQL")
         _print_table(spark_sql(wh, query), fmt)
         return
     if engine != "duckdb":
@@ -227,13 +229,13 @@ def check(
     Exit 0 when all verify, 1 with one line per missing or corrupt part (and its fix).
     Example: whq check wh
     """
-    import warehouse
     from .maintenance import check as check_parts
+    from .maintenance import layout_of
 
-    wh = warehouse.open(root)
-    problems, counts = check_parts(wh, checksum=not quick)
+    layout = layout_of(root)  # not opened: a damaged part may stop the catalog from building
+    problems, counts = check_parts(layout, checksum=not quick)
     for problem in problems:
-        typer.echo(problem.line(wh.root))
+        typer.echo(problem.line(layout.root))
     quarantined = f"; quarantined: {', '.join(counts['quarantined'])}" if counts["quarantined"] else ""
     verdict = f"{len(problems)} bad part(s)" if problems else "all verify"
     typer.echo(f"checked {counts['parts']} parts of {counts['runs']} runs: {verdict}{quarantined}")
@@ -321,7 +323,7 @@ def main() -> None:
         if isinstance(code, int) and code:
             sys.exit(code)
     except WarehouseError as err:
-        typer.echo(f"error: {err}", err=True)
+        typer.echo(f"error: {' '.join(str(err).split())}", err=True)  # one line, even if a library's text had several
         sys.exit(err.exit_code)
     except typer.Exit as done:
         sys.exit(done.exit_code)

@@ -23,3 +23,52 @@ def nag(
 
     for n in docs:
         run_bench(root, n, fraction, echo=typer.echo)
+
+
+@bench_app.command("ingest")
+def ingest_(
+    model: str = typer.Option("minilm", "--model", "-m", help="Model as for `whq ingest --model`."),
+    model_config: str = typer.Option(None, "--model-config", help="Random-initialised model of a known shape instead, e.g. qwen3-0.6b."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
+    batch_size: int = typer.Option(32, "--batch-size", "-b", help="Windows per forward pass."),
+    seq_len: int = typer.Option(128, "--seq-len", help="Tokens per window."),
+    site: list[str] = typer.Option([], "--site", "-s", help="SPEC as for `whq ingest` (repeatable; default mlp.act:topk=20, mlp.up:nag=20, resid.out:last)."),
+    repeats: int = typer.Option(3, "--repeats", help="Timed blocks of each kind (after one warm-up block each)."),
+    shard_tokens: int = typer.Option(65536, "--shard-tokens", help="Tokens per block = per committed shard."),
+    as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
+):
+    """Time the plain forward pass against the full capture path (hooks, reductions, writer) on one batch.
+
+    Example: whq bench ingest --model minilm --batch-size 32 --seq-len 128
+    """
+    import json
+
+    from ingest.bench import bench_ingest
+
+    result = bench_ingest(model, model_config=model_config, device=device, dtype=dtype, batch_size=batch_size,
+                          seq_len=seq_len, sites=site, repeats=repeats, shard_tokens=shard_tokens,
+                          echo=None if as_json else typer.echo)
+    typer.echo(json.dumps(result.to_dict(), indent=1) if as_json else "\n".join(result.lines()))
+
+
+@bench_app.command("query")
+def query(
+    root: Path = typer.Argument(..., help="Warehouse folder for the synthetic run (built once, then reused)."),
+    rows: int = typer.Option(10_000_000, "--rows", help="token_neurons rows of the synthetic run."),
+    layers: int = typer.Option(12, "--layers", help="Layers of the synthetic site."),
+    width: int = typer.Option(3072, "--width", help="Units per layer."),
+    k: int = typer.Option(20, "--k", help="Units kept per token (top-k)."),
+    repeats: int = typer.Option(5, "--repeats", help="Timed runs of each query after one warm-up run."),
+    as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
+):
+    """Time the main macros warm on a synthetic warehouse of N token_neurons rows (written through the normal write path).
+
+    Example: whq bench query /tmp/whq-qbench --rows 100000000
+    """
+    import json
+
+    from queries.bench import bench_query
+
+    result = bench_query(root, rows, layers=layers, width=width, k=k, repeats=repeats, echo=None if as_json else typer.echo)
+    typer.echo(json.dumps(result.to_dict(), indent=1) if as_json else "\n".join(result.lines()))

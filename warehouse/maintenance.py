@@ -74,17 +74,26 @@ def verify_part(root: Path, run_id: str, part: dict, *, checksum: bool = True) -
     return None
 
 
-def check(wh: Warehouse, *, checksum: bool = True) -> tuple[list[Problem], dict]:
+def check(wh: Warehouse | Layout, *, checksum: bool = True) -> tuple[list[Problem], dict]:
     """Verify every committed part (quarantined runs too); returns (problems, counts)."""
+    layout = wh.layout if isinstance(wh, Warehouse) else wh
     problems, parts = [], 0
-    manifests = catalog.committed_manifests(wh.layout)
+    manifests = catalog.committed_manifests(layout)
     for manifest in manifests:
         for part in manifest["parts"]:
             parts += 1
-            found = verify_part(wh.root, manifest["run_id"], part, checksum=checksum)
+            found = verify_part(layout.root, manifest["run_id"], part, checksum=checksum)
             if found:
                 problems.append(found)
-    return problems, {"runs": len(manifests), "parts": parts, "quarantined": sorted(wh.quarantined())}
+    return problems, {"runs": len(manifests), "parts": parts, "quarantined": sorted(catalog.quarantined(layout))}
+
+
+def layout_of(root: str | Path) -> Layout:
+    """The layout of an existing warehouse, without opening (or rebuilding) its catalog."""
+    layout = Layout(root)
+    if not layout.marker.exists():
+        raise NotAWarehouse(f"{layout.root} is not a whq warehouse: create it with `whq init {root}`")
+    return layout
 
 
 def _write_quarantine(layout: Layout, runs: set[str]) -> None:
@@ -120,19 +129,19 @@ def repair(root: str | Path) -> list[str]:
         for run_id in _set_damaged_manifests_aside(layout):
             actions.append(f"set the damaged manifest of run {run_id} aside as runs/{run_id}.json{DAMAGED_SUFFIX}; "
                            f"its data is kept (re-ingest the run, or delete data/*/run_id={run_id})")
-    wh = Warehouse(layout.root)
-    problems, _ = check(wh)
+    # Checked before the catalog is opened: a damaged part would stop its rebuild.
+    problems, _ = check(layout)
     bad = {p.run_id for p in problems}
-    before = wh.quarantined()
+    before = catalog.quarantined(layout)
+    committed = {m["run_id"] for m in catalog.committed_manifests(layout)}
     with locked(layout.commit_lock):
         _write_quarantine(layout, bad)
         catalog.build(layout)
     for run_id in sorted(bad - before):
         actions.append(f"quarantined run {run_id}: its parts are missing or corrupt, queries no longer see it")
-    for run_id in sorted((before - bad) & set(wh.run_ids())):
+    for run_id in sorted((before - bad) & committed):
         actions.append(f"released run {run_id} from quarantine: its parts verify again")
     actions.append("rebuilt the catalog")
-    wh.close()
     return actions
 
 

@@ -18,11 +18,16 @@ import pyarrow.parquet as pq
 from .errors import WarehouseError
 from .faults import fault
 
-# Sorted int columns delta-encode to a few bits (measured: README "Storage").
+# token_neurons (measured on MiniLM top-20 parts, README "Performance"): the sorted doc/pos
+# columns delta-encode to ~0.04 bytes a row; neuron ids (each token's top-k, ascending, so a
+# delta resets at every token) and FLOAT16 values compress best as PLAIN under zstd level 6:
+# 2.91 bytes per entry vs 3.06 for delta ids + dictionary values at level 9. (BYTE_STREAM_SPLIT
+# would give 2.68, but DuckDB reads it only for FLOAT/DOUBLE.)
 _ENCODINGS = {
     "token_neurons": {"doc": "DELTA_BINARY_PACKED", "pos": "DELTA_BINARY_PACKED",
-                      "neuron": "DELTA_BINARY_PACKED"},
+                      "neuron": "PLAIN", "value": "PLAIN"},
 }
+_ZSTD_LEVEL = {"token_neurons": 6}
 
 
 @dataclass
@@ -46,7 +51,7 @@ def encode(table_name: str, data: pa.Table) -> bytes:
         data,
         sink,
         compression="zstd",
-        compression_level=9 if table_name == "token_neurons" else 3,
+        compression_level=_ZSTD_LEVEL.get(table_name, 3),
         use_dictionary=[c for c in data.column_names if c not in encodings],
         column_encoding=encodings or None,
         row_group_size=1 << 20,

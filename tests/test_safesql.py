@@ -1,0 +1,97 @@
+"""Untrusted SQL: two walls. sqlglot refuses anything but queries; DuckDB's own settings refuse the rest.
+
+Each attack is tried through the read-only path (`wh.sql(..., read_only=True)` and
+`whq sql --read-only`), and again on the guarded connection alone, as if the first
+wall had a hole: both must refuse it.
+"""
+
+from __future__ import annotations
+
+import duckdb
+import pytest
+
+import warehouse
+from warehouse.errors import QueryError
+
+from .test_bad_inputs import run_cli
+
+ATTACKS = {
+    "read /etc/passwd": "SELECT * FROM read_csv('/etc/passwd')",
+    "read /etc/passwd as a table": "SELECT * FROM '/etc/passwd'",
+    "read a file as text": "SELECT content FROM read_text('/etc/passwd')",
+    "list files": "SELECT * FROM glob('/etc/*')",
+    "write a file": "COPY (SELECT 1 AS x) TO '{out}'",
+    "write over a committed part": "COPY (SELECT 1 AS x) TO '{part}' (FORMAT parquet)",
+    "attach another database": "ATTACH '{other}' AS other",
+    "install an extension": "INSTALL httpfs",
+    "load an extension": "LOAD httpfs",
+    "turn the guard off": "SET enable_external_access = true",
+    "widen the allowed paths": "SET allowed_paths = ['/']",
+    "export the database": "EXPORT DATABASE '{out_dir}'",
+    "drop a view": "DROP VIEW runs",
+    "create a table": "CREATE TABLE t AS SELECT 1",
+    "pragma": "PRAGMA enable_profiling",
+    "call": "CALL pragma_version()",
+    "explain analyze a write": "EXPLAIN ANALYZE COPY (SELECT 1) TO '{out}'",
+    "a write after a query": "SELECT 1; DROP VIEW runs",
+}
+# What DuckDB itself must refuse when the first wall is bypassed (the others only sqlglot stops:
+# they cannot touch a file from a read-only catalog connection).
+SECOND_WALL = ["read /etc/passwd", "read /etc/passwd as a table", "read a file as text", "list files", "write a file",
+               "write over a committed part", "attach another database", "install an extension", "load an extension",
+               "turn the guard off", "widen the allowed paths", "export the database", "drop a view", "create a table"]
+
+
+@pytest.fixture
+def targets(minilm_wh, tmp_path):
+    wh = warehouse.open(minilm_wh)
+    part = wh.files("tokens")[0]
+    values = {"out": tmp_path / "out.csv", "out_dir": tmp_path / "export", "other": tmp_path / "other.duckdb", "part": part}
+    duckdb.connect(str(values["other"])).close()
+    yield wh, values
+    wh.close()
+
+
+@pytest.mark.parametrize("name", ATTACKS)
+def test_first_wall_refuses_with_a_clear_message(name, targets):
+    wh, values = targets
+    with pytest.raises(QueryError, match="read-only mode refuses"):
+        wh.sql(ATTACKS[name].format(**values), read_only=True)
+    assert not values["out"].exists() and not values["out_dir"].exists()
+
+
+@pytest.mark.parametrize("name", SECOND_WALL)
+def test_second_wall_refuses_what_the_first_would_miss(name, targets):
+    wh, values = targets
+    before = values["part"].read_bytes()
+    con = wh.connect(guarded=True)
+    try:
+        with pytest.raises(duckdb.Error) as refused:
+            con.execute(ATTACKS[name].format(**values)).fetchall()
+    finally:
+        con.close()
+    # (a quoted file name is not even looked up as a file with external access off: "does not exist")
+    assert any(word in str(refused.value) for word in ("Permission", "locked", "read-only", "disabled", "Cannot", "does not exist")), refused.value
+    assert not values["out"].exists() and not values["out_dir"].exists()
+    assert values["part"].read_bytes() == before
+
+
+def test_queries_and_macros_still_run_read_only(targets):
+    wh, _ = targets
+    n = wh.sql("SELECT count(*) FROM token_neurons WHERE run_id = 'r'", read_only=True).fetchall()[0][0]
+    assert n == wh.sql("SELECT count(*) FROM token_neurons WHERE run_id = 'r'").fetchall()[0][0] > 0
+    assert wh.sql("WITH t AS (SELECT * FROM tokens) SELECT count(*) FROM t", read_only=True).fetchall()[0][0] > 0
+    assert wh.sql("DESCRIBE tokens", read_only=True).fetchall()
+    assert wh.sql("SELECT whq_known_run('r')", read_only=True).fetchall() == [(True,)]
+    with pytest.raises((QueryError, duckdb.Error), match="no committed run .nope."):
+        wh.sql("SELECT whq_known_run('nope')", read_only=True).fetchall()
+
+
+def test_cli_read_only_refusal_is_one_line(minilm_wh):
+    code, _, err = run_cli("sql", minilm_wh, "SELECT * FROM read_csv('/etc/passwd')", "--read-only")
+    assert code == 2 and err.count("\n") == 1
+    assert err == ("error: read-only mode refuses read_csv(), which reads files or runs SQL text: "
+                   "query the warehouse's tables and macros instead\n")
+    code, _, err = run_cli("sql", minilm_wh, "LOAD httpfs", "--read-only")
+    assert (code, err) == (2, "error: read-only mode refuses LOAD statements: only SELECT/WITH/VALUES/DESCRIBE/SUMMARIZE/SHOW "
+                              "queries are allowed\n")
