@@ -184,12 +184,30 @@ class ShardWriter:
     def _commit(self, end: ShardEnd) -> None:
         parts = [("documents", None, None, end.documents), ("tokens", None, None, end.tokens)]
         for (table, site, layer), pieces in self._pending.items():
-            merged = _in_document_order({k: _concat([p[k] for p in pieces]) for k in pieces[0]})
+            merged = _part_order(table, {k: _concat([p[k] for p in pieces]) for k in pieces[0]})
             parts.append((table, site, layer, to_arrow(table, merged, self.widths.get((site, layer)))))
         self._pending.clear()
         self.run_writer.commit_shard(parts, end.state, end.info)
         for table, _, _, data in parts:
             self.rows[table] += data.num_rows
+
+
+def _part_order(table: str, columns: dict) -> dict:
+    """The row order of a part: token_neurons by (neuron, doc, pos), every other table in document order.
+
+    Neuron-major token_neurons parts, written in small row groups (warehouse.parts), let a
+    scan for one unit skip every row group whose neuron min/max excludes it: at 100M rows
+    a one-neuron scan reads ~1/20 of the rows (README "Performance"); they also compress
+    better (runs of equal ids).
+    """
+    ordered = _in_document_order(columns)
+    if table != "token_neurons" or "neuron" not in columns:
+        return ordered
+    neuron = ordered["neuron"]
+    if len(neuron) and 0 <= neuron.min() and neuron.max() < 1 << 15:
+        neuron = neuron.astype(np.int16)  # a stable int16 argsort is a radix sort: 4x the packed timsort here
+    by_unit = np.argsort(neuron, kind="stable")
+    return {k: v[by_unit] for k, v in ordered.items()}
 
 
 def _in_document_order(columns: dict) -> dict:

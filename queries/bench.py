@@ -1,11 +1,11 @@
 """`whq bench query`: the main macros, timed warm on a synthetic warehouse of N token_neurons rows.
 
 The warehouse is written through the normal write path (RunWriter shards of
-`shard_tokens` tokens, parts sorted by (doc, pos, neuron) like the capture writes
-them) and reused when a run of the same shape is already there. Each token keeps the
-top-k of `width` units on every layer of one site `mlp.act`; neuron_stats,
-neuron_examples, doc_neurons, documents and tokens match those rows, so the macros
-read what they would read after a real ingest.
+`shard_tokens` tokens, parts in the row order the capture writes them) and reused
+when a run of the same shape is already there. Each token keeps the top-k of
+`width` units on every layer of one site `mlp.act`; neuron_stats, neuron_examples,
+doc_neurons, documents and tokens match those rows, so the macros read what they
+would read after a real ingest.
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def _documents(first_doc: int, n_docs: int, doc_len: int, token_ids: np.ndarray)
 
 def build(root: str | Path, shape: Shape, seed: int = 0, echo=None) -> float | None:
     """Write the synthetic run unless it is already committed; returns seconds spent (None: reused)."""
-    from ingest.writer import to_arrow
+    from ingest.writer import _part_order, to_arrow
     from warehouse.runwriter import RunWriter
 
     root = Path(root)
@@ -149,7 +149,7 @@ def build(root: str | Path, shape: Shape, seed: int = 0, echo=None) -> float | N
             ids = pool[rng.integers(0, len(pool), len(doc))]
             values = rng.gamma(2.0, 0.5, ids.shape).astype(np.float16)
             cols = {"doc": np.repeat(doc, k), "pos": np.repeat(pos, k), "neuron": ids.reshape(-1), "value": values.reshape(-1)}
-            parts.append(("token_neurons", SITE, layer, to_arrow("token_neurons", cols, width)))
+            parts.append(("token_neurons", SITE, layer, to_arrow("token_neurons", _part_order("token_neurons", cols), width)))
             flat_ids, flat_values = cols["neuron"].astype(np.int64), cols["value"].astype(np.float64)
             n_fired[layer] += np.bincount(flat_ids, minlength=width)
             sums[layer] += np.bincount(flat_ids, flat_values, minlength=width)

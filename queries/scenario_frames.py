@@ -12,6 +12,9 @@ from warehouse.errors import QueryError
 
 from .frames import scan
 
+__all__ = ["ref_similarity", "ref_summary", "ref_by_role", "drift", "run_compare", "cross_layer_cosine",
+           "neuron_trajectory", "residual_decomposition"]
+
 STATE_ROLES = ("message", "generated", "reference")
 
 

@@ -171,11 +171,12 @@ def _parity(wh, spark, query) -> int:
 @pytest.fixture(scope="module")
 def placeholders(wh, tiny_wh) -> dict:
     """A unit with stored examples (layer 3 of run 'r'), a generated document of run 'chat', and
-    the unit of run 'chat' most often in a token's top-k (so its trajectory has values)."""
+    a unit in the top-k of the generation's last token in run 'chat' (so its trajectory has a value)."""
     neuron = wh.sql("SELECT min(neuron) FROM neuron_examples WHERE run_id = 'r' AND layer = 3 AND kind = 'random'").fetchall()[0][0]
     doc_id = tiny_wh.sql("SELECT min(doc_id) FROM documents WHERE run_id = 'chat' AND role = 'generated'").fetchall()[0][0]
-    chat_neuron = tiny_wh.sql("SELECT neuron FROM token_neurons WHERE run_id = 'chat' AND site = 'mlp.act' AND layer = 0 "
-                              "GROUP BY neuron ORDER BY count(*) DESC, neuron LIMIT 1").fetchall()[0][0]
+    chat_neuron = tiny_wh.sql(
+        "SELECT t.neuron FROM token_neurons t JOIN documents d ON d.run_id = t.run_id AND d.doc = t.doc WHERE t.run_id = 'chat' "
+        "AND t.site = 'mlp.act' AND t.layer = 0 AND d.role = 'generated' ORDER BY t.pos DESC, t.neuron LIMIT 1").fetchall()[0][0]
     return {"neuron": neuron, "doc_id": doc_id, "chat_neuron": chat_neuron}
 
 

@@ -28,6 +28,9 @@ _ENCODINGS = {
                       "neuron": "PLAIN", "value": "PLAIN"},
 }
 _ZSTD_LEVEL = {"token_neurons": 6}
+# token_neurons parts are sorted by neuron (ingest.writer._part_order): small row groups make
+# their neuron min/max statistics selective, so a one-unit scan skips most of them.
+_ROW_GROUP_ROWS = {"token_neurons": 1 << 16}
 
 
 @dataclass
@@ -54,7 +57,7 @@ def encode(table_name: str, data: pa.Table) -> bytes:
         compression_level=_ZSTD_LEVEL.get(table_name, 3),
         use_dictionary=[c for c in data.column_names if c not in encodings],
         column_encoding=encodings or None,
-        row_group_size=1 << 20,
+        row_group_size=_ROW_GROUP_ROWS.get(table_name, 1 << 20),
         write_statistics=True,
     )
     return sink.getvalue().to_pybytes()
