@@ -196,8 +196,11 @@ def bench_ingest(
         raise BadInput(f"--seq-len {seq_len} is longer than the model's {max_positions} positions: lower it")
     resolved = [resolve(s, loaded.module_names, loaded.aliases) for s in specs]
     site_layers = [SiteLayer(r, layer, module, device) for r in resolved for layer, module in r.modules]
-    rows, texts = _template(loaded, batch_size, seq_len, seed)
     batches_per_block = max(1, shard_tokens // (batch_size * seq_len))
+    # Distinct rows for each batch of a block (the same batches every block): repeated rows
+    # inside one shard would compress unrealistically well.
+    rows, texts = _template(loaded, batch_size * batches_per_block, seq_len, seed)
+    batches = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
     result = IngestBench(model=loaded.model_id, device=device, dtype=dtype, batch_size=batch_size, seq_len=seq_len,
                          sites=spec_texts, batches_per_block=batches_per_block)
     memory = _PeakMemory(device)
@@ -211,12 +214,11 @@ def bench_ingest(
         next_doc = 0
 
         def plain_block() -> float:
-            ids = torch.as_tensor(rows, dtype=torch.int64).to(device)
-            mask = torch.ones_like(ids)
+            inputs = [torch.as_tensor(b, dtype=torch.int64).to(device) for b in batches]
             _synchronize(device)
             start = time.perf_counter()
-            for _ in range(batches_per_block):
-                _forward(loaded, ids, mask)
+            for ids in inputs:
+                _forward(loaded, ids, torch.ones_like(ids))
             _synchronize(device)
             return time.perf_counter() - start
 
@@ -227,10 +229,10 @@ def bench_ingest(
                 _synchronize(device)
                 start = time.perf_counter()
                 docs = []
-                for _ in range(batches_per_block):
-                    windows = _block_windows(rows, next_doc)
+                for index, batch in enumerate(batches):
+                    windows = _block_windows(batch, next_doc)
                     writer.put(capture_batch(loaded, site_layers, windows, device))
-                    docs += [(w.doc, Document(f"bench:{w.doc}", texts[i]), [w]) for i, w in enumerate(windows)]
+                    docs += [(w.doc, Document(f"bench:{w.doc}", texts[index * batch_size + i]), [w]) for i, w in enumerate(windows)]
                     next_doc += len(windows)
                 for sl in site_layers:
                     writer.widths[(sl.name, sl.layer)] = sl.width

@@ -320,7 +320,8 @@ def load(path: str | Path) -> Scenario:
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise BadInput(f"{path}: not valid YAML{where} ({getattr(err, 'problem', None) or err}): fix the syntax") from None
+        problem = " ".join(str(getattr(err, "problem", None) or err).split())  # YAML messages span lines
+        raise BadInput(f"{path}: not valid YAML{where} ({problem}): fix the syntax") from None
     except UnicodeDecodeError:
         raise BadInput(f"{path}: not UTF-8 text: save the scenario as UTF-8") from None
     return parse(data, str(path))

@@ -184,7 +184,7 @@ class ShardWriter:
     def _commit(self, end: ShardEnd) -> None:
         parts = [("documents", None, None, end.documents), ("tokens", None, None, end.tokens)]
         for (table, site, layer), pieces in self._pending.items():
-            merged = _part_order(table, {k: _concat([p[k] for p in pieces]) for k in pieces[0]})
+            merged = part_order(table, {k: _concat([p[k] for p in pieces]) for k in pieces[0]})
             parts.append((table, site, layer, to_arrow(table, merged, self.widths.get((site, layer)))))
         self._pending.clear()
         self.run_writer.commit_shard(parts, end.state, end.info)
@@ -192,7 +192,7 @@ class ShardWriter:
             self.rows[table] += data.num_rows
 
 
-def _part_order(table: str, columns: dict) -> dict:
+def part_order(table: str, columns: dict) -> dict:
     """The row order of a part: token_neurons by (neuron, doc, pos), every other table in document order.
 
     Neuron-major token_neurons parts, written in small row groups (warehouse.parts), let a

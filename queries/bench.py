@@ -119,7 +119,7 @@ def _documents(first_doc: int, n_docs: int, doc_len: int, token_ids: np.ndarray)
 
 def build(root: str | Path, shape: Shape, seed: int = 0, echo=None) -> float | None:
     """Write the synthetic run unless it is already committed; returns seconds spent (None: reused)."""
-    from ingest.writer import _part_order, to_arrow
+    from ingest.writer import part_order, to_arrow
     from warehouse.runwriter import RunWriter
 
     root = Path(root)
@@ -149,7 +149,7 @@ def build(root: str | Path, shape: Shape, seed: int = 0, echo=None) -> float | N
             ids = pool[rng.integers(0, len(pool), len(doc))]
             values = rng.gamma(2.0, 0.5, ids.shape).astype(np.float16)
             cols = {"doc": np.repeat(doc, k), "pos": np.repeat(pos, k), "neuron": ids.reshape(-1), "value": values.reshape(-1)}
-            parts.append(("token_neurons", SITE, layer, to_arrow("token_neurons", _part_order("token_neurons", cols), width)))
+            parts.append(("token_neurons", SITE, layer, to_arrow("token_neurons", part_order("token_neurons", cols), width)))
             flat_ids, flat_values = cols["neuron"].astype(np.int64), cols["value"].astype(np.float64)
             n_fired[layer] += np.bincount(flat_ids, minlength=width)
             sums[layer] += np.bincount(flat_ids, flat_values, minlength=width)

@@ -4,23 +4,13 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 
 import pytest
 
 import warehouse
-from warehouse import cli
+from tests.cli_runner import run_cli
 
 
-def run_cli(capsys, monkeypatch, *args) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["whq", *map(str, args)])
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as done:
-        code = done.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_init_ingest_runs_sql(tmp_path, sample_jsonl, capsys, monkeypatch):

@@ -6,28 +6,18 @@ from __future__ import annotations
 import gzip
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
 import warehouse
 from queries.export import cantor, read_feature, read_features, read_index
-from warehouse import cli
+from tests.cli_runner import run_cli
 
 GOLDEN_WH = Path(__file__).parent / "fixtures" / "golden_wh"
 RUN, SITE = "g", "mlp.act"
 
 
-def run_cli(capsys, monkeypatch, *args) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["whq", *map(str, args)])
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as done:
-        code = done.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from collections import Counter, defaultdict
 
 import numpy as np
@@ -23,8 +22,8 @@ import warehouse
 from ingest.demo import DEMO_TEXT, speeches
 from ingest.sources import Document
 from queries import nag, nag_frames
-from warehouse import cli
 from warehouse.errors import BadInput, QueryError
+from tests.cli_runner import run_cli
 
 K = 6
 CODE = [
@@ -338,15 +337,6 @@ def test_pca_chart(wh):
 
 
 # -- CLI ------------------------------------------------------------------------------------
-def run_cli(capsys, monkeypatch, *args):
-    monkeypatch.setattr(sys, "argv", ["whq", *map(str, args)])
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as done:
-        code = done.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_cli_select_merge_keys(wh, tmp_path, capsys, monkeypatch):

@@ -244,15 +244,15 @@ def test_cuda_matches_cpu():
 
 
 def test_token_neuron_parts_are_neuron_major_and_same_rows():
-    from ingest.writer import _part_order
+    from ingest.writer import part_order
 
     rng = np.random.default_rng(6)
     n = 4000
     columns = {"doc": rng.integers(0, 50, n), "pos": rng.integers(0, 300, n), "neuron": rng.integers(0, 3000, n),
                "value": rng.random(n).astype(np.float16)}
-    ordered = _part_order("token_neurons", columns)
+    ordered = part_order("token_neurons", columns)
     expected = np.lexsort([columns["pos"], columns["doc"], columns["neuron"]])
     for name, column in columns.items():
         np.testing.assert_array_equal(ordered[name], column[expected])
-    doc_order = _part_order("doc_neurons", {"doc": columns["doc"], "neuron": columns["neuron"]})
+    doc_order = part_order("doc_neurons", {"doc": columns["doc"], "neuron": columns["neuron"]})
     np.testing.assert_array_equal(doc_order["doc"], np.sort(columns["doc"], kind="stable"))

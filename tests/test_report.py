@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import polars as pl
 import pytest
 
 import warehouse
-from warehouse import cli
+from tests.cli_runner import run_cli
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
@@ -37,15 +36,6 @@ def report_wh(tmp_path_factory):
     return root
 
 
-def run_cli(capsys, monkeypatch, *args) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["whq", *map(str, args)])
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as done:
-        code = done.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")

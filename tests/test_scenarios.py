@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -14,7 +13,7 @@ from polars.testing import assert_frame_equal
 
 import warehouse
 from queries import scenario_frames as sf
-from warehouse import cli
+from tests.cli_runner import run_cli
 
 SOURCES = ("hidden_in", "hidden_out", "attn_out", "mlp_out")
 HIDDEN = 256  # k = H // 100 = 2 top units, so Jaccard is not trivially 0 or 1
@@ -72,15 +71,6 @@ def scenario_wh(tmp_path_factory, lm_dir):
 
 
 # -- parsing ---------------------------------------------------------------------
-def run_cli(capsys, monkeypatch, *args) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["whq", *map(str, args)])
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as done:
-        code = done.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _edit(data: dict, change) -> dict:

@@ -34,7 +34,7 @@ def macro_files() -> list[Path]:
     return sorted(folder.glob("*.sql"))
 
 
-def _quote(text: str) -> str:
+def quote(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
@@ -49,8 +49,8 @@ def view_sql(table: schema.Table, files: list[str]) -> str:
     if not files:
         nulls = ", ".join(f"NULL::{c.type} AS {_ident(c.name)}" for c in table.columns)
         return f"SELECT {nulls} WHERE false"
-    hive = ", ".join(f"{_quote(k)}: {HIVE_TYPE}" for k, HIVE_TYPE in schema.HIVE_TYPES.items() if k in table.partitions)
-    listing = ", ".join(_quote(f) for f in files)
+    hive = ", ".join(f"{quote(k)}: {HIVE_TYPE}" for k, HIVE_TYPE in schema.HIVE_TYPES.items() if k in table.partitions)
+    listing = ", ".join(quote(f) for f in files)
     return (
         f"SELECT {select} FROM read_parquet([{listing}], hive_partitioning = true, "
         f"hive_types = {{{hive}}}, union_by_name = true) AS part"
@@ -106,7 +106,7 @@ def build(layout: Layout, skip: set[str] | None = None) -> None:
     tmp = layout.catalog.with_name(f".{layout.catalog.name}.{os.getpid()}.tmp")
     con = duckdb.connect()
     try:
-        con.execute(f"ATTACH {_quote(str(tmp))} AS whq_catalog (STORAGE_VERSION '{STORAGE_VERSION}')")
+        con.execute(f"ATTACH {quote(str(tmp))} AS whq_catalog (STORAGE_VERSION '{STORAGE_VERSION}')")
         con.execute("USE whq_catalog")
         for table in schema.tables().values():
             try:
@@ -117,14 +117,14 @@ def build(layout: Layout, skip: set[str] | None = None) -> None:
                 raise CorruptPart(f"cannot build the catalog ({str(err).splitlines()[0][:200]}): find the bad part with "
                                   f"`whq check {layout.root}`, then `whq repair {layout.root}` quarantines its run") from None
             if table.comment:
-                con.execute(f"COMMENT ON VIEW {_ident(table.name)} IS {_quote(table.comment)}")
+                con.execute(f"COMMENT ON VIEW {_ident(table.name)} IS {quote(table.comment)}")
             for col in table.columns:
                 if col.comment:
-                    con.execute(f"COMMENT ON COLUMN {_ident(table.name)}.{_ident(col.name)} IS {_quote(col.comment)}")
+                    con.execute(f"COMMENT ON COLUMN {_ident(table.name)}.{_ident(col.name)} IS {quote(col.comment)}")
         fault("catalog.views")
         con.execute(
-            f"CREATE VIEW {INFO_VIEW} AS SELECT {_quote(str(layout.root))} AS root, "
-            f"{FORMAT_VERSION} AS format_version, {_quote(fingerprint(layout))} AS fingerprint"
+            f"CREATE VIEW {INFO_VIEW} AS SELECT {quote(str(layout.root))} AS root, "
+            f"{FORMAT_VERSION} AS format_version, {quote(fingerprint(layout))} AS fingerprint"
         )
         con.execute(f"COMMENT ON VIEW {INFO_VIEW} IS 'Where this catalog was built and from what: any whq command rebuilds it when stale.'")
         for path in macro_files():

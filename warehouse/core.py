@@ -111,16 +111,21 @@ class Warehouse:
     # -- queries --------------------------------------------------------------
     def connect(self, *, guarded: bool = False) -> duckdb.DuckDBPyConnection:
         """A read-only connection to the catalog; `guarded` for untrusted SQL (see sql(read_only=True))."""
-        con = duckdb.connect(str(self.layout.catalog), read_only=True)
-        if guarded:
-            # DuckDB's own wall behind safesql: the committed parts are the only files it may open
-            # (a COPY cannot write even onto them: it writes a temporary file first), no extension
-            # may be installed or loaded, and the settings are locked against SET.
-            parts = [str(path) for table in schema.tables() for path in self.files(table)]
-            con.execute("SET allowed_paths = ?", [parts])
-            for setting in ("enable_external_access = false", "autoinstall_known_extensions = false",
-                            "autoload_known_extensions = false", "lock_configuration = true"):
-                con.execute(f"SET {setting}")
+        if not guarded:
+            return duckdb.connect(str(self.layout.catalog), read_only=True)
+        # DuckDB's own wall behind safesql: the committed parts are the only files it may open
+        # (a COPY cannot write even onto them: it writes a temporary file first), no extension
+        # may be installed or loaded, and the settings are locked against SET. The catalog is
+        # attached to a private in-memory instance, because connections to one file share one
+        # instance and its (then locked) settings.
+        con = duckdb.connect(":memory:")
+        con.execute(f"ATTACH {catalog.quote(str(self.layout.catalog))} AS whq_catalog (READ_ONLY)")
+        con.execute("USE whq_catalog")
+        parts = [str(path) for table in schema.tables() for path in self.files(table)]
+        con.execute("SET allowed_paths = ?", [parts])
+        for setting in ("enable_external_access = false", "autoinstall_known_extensions = false",
+                        "autoload_known_extensions = false", "lock_configuration = true"):
+            con.execute(f"SET {setting}")
         return con
 
     def sql(self, query: str, params=None, *, read_only: bool = False):

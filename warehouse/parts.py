@@ -28,7 +28,7 @@ _ENCODINGS = {
                       "neuron": "PLAIN", "value": "PLAIN"},
 }
 _ZSTD_LEVEL = {"token_neurons": 6}
-# token_neurons parts are sorted by neuron (ingest.writer._part_order): small row groups make
+# token_neurons parts are sorted by neuron (ingest.writer.part_order): small row groups make
 # their neuron min/max statistics selective, so a one-unit scan skips most of them.
 _ROW_GROUP_ROWS = {"token_neurons": 1 << 16}
 
