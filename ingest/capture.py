@@ -155,10 +155,9 @@ class SiteLayer:
 
     def _document_sums(self, zeroed: torch.Tensor, row_sums: torch.Tensor) -> None:
         ctx = self.ctx
-        wanted = [("abs", lambda: zeroed.abs().sum(dim=1))] if "nag" in self.red else []
-        wanted += [("raw", lambda: row_sums)] if "mean" in self.red else []
-        for kind, per_row_sums in wanted:
-            per_row = per_row_sums()
+        wanted = [("abs", zeroed.abs().sum(dim=1))] if "nag" in self.red else []
+        wanted += [("raw", row_sums)] if "mean" in self.red else []
+        for kind, per_row in wanted:
             sums = torch.zeros(ctx.n_segments, zeroed.shape[-1], dtype=torch.float32, device=zeroed.device)
             sums.index_add_(0, ctx.segment, per_row)
             if ctx.carry_in and kind in self.carry:

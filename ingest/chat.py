@@ -320,7 +320,7 @@ def _sparse_parts(loaded, site_layers, docs: list[CapturedDoc], device: str) -> 
     """The foundation's capture (hooks, on-device reductions, writer rows) over whole documents, one per batch."""
     from .capture import attach
     from .pipeline import capture_batch
-    from .writer import batch_parts, part_order, to_arrow
+    from .writer import batch_parts, merged_parts
 
     pending: dict = {}
     handles = attach(loaded.model, site_layers)
@@ -334,12 +334,7 @@ def _sparse_parts(loaded, site_layers, docs: list[CapturedDoc], device: str) -> 
     finally:
         for handle in handles:
             handle.remove()
-    widths = {(sl.name, sl.layer): sl.width for sl in site_layers}
-    parts = []
-    for (table, site, layer), pieces in pending.items():
-        merged = part_order(table, {k: np.concatenate([np.asarray(p[k]) for p in pieces]) for k in pieces[0]})
-        parts.append((table, site, layer, to_arrow(table, merged, widths[(site, layer)])))
-    return parts
+    return merged_parts(pending, {(sl.name, sl.layer): sl.width for sl in site_layers})
 
 
 def _device_and_dtype(spec: Scenario, device: str) -> tuple[str, str, str | None]:

@@ -183,13 +183,20 @@ class ShardWriter:
 
     def _commit(self, end: ShardEnd) -> None:
         parts = [("documents", None, None, end.documents), ("tokens", None, None, end.tokens)]
-        for (table, site, layer), pieces in self._pending.items():
-            merged = part_order(table, {k: _concat([p[k] for p in pieces]) for k in pieces[0]})
-            parts.append((table, site, layer, to_arrow(table, merged, self.widths.get((site, layer)))))
+        parts += merged_parts(self._pending, self.widths)
         self._pending.clear()
         self.run_writer.commit_shard(parts, end.state, end.info)
         for table, _, _, data in parts:
             self.rows[table] += data.num_rows
+
+
+def merged_parts(pending: dict, widths: dict) -> list[tuple]:
+    """(table, site, layer, Arrow table) per key of `pending`: its batch pieces concatenated, in part order."""
+    parts = []
+    for (table, site, layer), pieces in pending.items():
+        merged = part_order(table, {k: _concat([p[k] for p in pieces]) for k in pieces[0]})
+        parts.append((table, site, layer, to_arrow(table, merged, widths.get((site, layer)))))
+    return parts
 
 
 def part_order(table: str, columns: dict) -> dict:
@@ -200,22 +207,26 @@ def part_order(table: str, columns: dict) -> dict:
     a one-neuron scan reads ~1/20 of the rows (README "Performance"); they also compress
     better (runs of equal ids).
     """
-    ordered = _in_document_order(columns)
-    if table != "token_neurons" or "neuron" not in columns:
-        return ordered
-    neuron = ordered["neuron"]
-    if len(neuron) and 0 <= neuron.min() and neuron.max() < 1 << 15:
-        neuron = neuron.astype(np.int16)  # a stable int16 argsort is a radix sort: 4x the packed timsort here
-    by_unit = np.argsort(neuron, kind="stable")
-    return {k: v[by_unit] for k, v in ordered.items()}
+    order = _document_order(columns)
+    if table == "token_neurons" and "neuron" in columns:
+        neuron = np.asarray(columns["neuron"])[order]
+        if len(neuron) and 0 <= neuron.min() and neuron.max() < 1 << 15:
+            neuron = neuron.astype(np.int16)  # a stable int16 argsort is a radix sort: 4x the packed timsort here
+        order = order[np.argsort(neuron, kind="stable")]
+    return {k: np.asarray(v)[order] for k, v in columns.items()}
 
 
 def _in_document_order(columns: dict) -> dict:
-    """Rows sorted by (doc, pos, neuron): batches run in length order, files are read in document order."""
+    """Rows sorted by (doc, pos, neuron)."""
+    order = _document_order(columns)
+    return {k: np.asarray(v)[order] for k, v in columns.items()}
+
+
+def _document_order(columns: dict) -> np.ndarray:
+    """The permutation to (doc, pos, neuron) order: batches run in length order, files are read in document order."""
     keys = [np.asarray(columns[k], dtype=np.int64) for k in ("neuron", "pos", "doc")
             if k in columns and np.asarray(columns[k]).dtype != object]
-    order = _lexsort(keys)
-    return {k: np.asarray(v)[order] for k, v in columns.items()}
+    return _lexsort(keys)
 
 
 def _lexsort(keys: list[np.ndarray]) -> np.ndarray:
@@ -226,19 +237,14 @@ def _lexsort(keys: list[np.ndarray]) -> np.ndarray:
     """
     if not keys or not len(keys[0]):
         return np.lexsort(keys) if keys else np.arange(0)
+    bounds = [(int(key.min()), int(key.max())) for key in keys]
+    if any(low < 0 for low, _ in bounds) or np.prod([float(high) + 1 for _, high in bounds]) >= 2.0 ** 62:
+        return np.lexsort(keys)
     packed = np.zeros(len(keys[0]), dtype=np.int64)
-    room = 1
-    for key in keys:
-        low, high = int(key.min()), int(key.max())
-        if low < 0:
-            return np.lexsort(keys)
-        room *= high + 1
-        if room >= 1 << 62:
-            return np.lexsort(keys)
     scale = 1
-    for key in keys:
+    for key, (_, high) in zip(keys, bounds):
         packed += key * scale
-        scale *= int(key.max()) + 1
+        scale *= high + 1
     return np.argsort(packed, kind="stable")
 
 

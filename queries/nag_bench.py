@@ -104,8 +104,9 @@ def numpy_select(wh, run: str, fraction: float = 0.2) -> tuple[np.ndarray, np.nd
     is_target[targets] = True
     features = None
     weights = []
+    doc_neuron_files = wh.files("doc_neurons", run)
     for i, layer in enumerate(layers):
-        files = [str(p) for p in wh.files("doc_neurons", run) if f"/site={SITE}/layer={layer}/" in p.as_posix()]
+        files = [str(p) for p in doc_neuron_files if f"/site={SITE}/layer={layer}/" in p.as_posix()]
         part = pq.read_table(files, columns=["doc", "rank", "neuron"])
         d, r, n = (part.column(c).to_numpy() for c in ("doc", "rank", "neuron"))
         if features is None:

@@ -7,25 +7,16 @@
 -- examples from neuron_examples (examples=N) or from token_neurons where a threshold
 -- capture holds every firing. Polars twins: queries/neuron_frames.py.
 
-CREATE OR REPLACE MACRO whq_known_site(run, site_name) AS (
-    SELECT CASE
-        WHEN NOT whq_known_run(run) THEN false
-        WHEN count(*) = 0 THEN error('run ''' || run || ''' has no site ''' || site_name
-            || ''': list its sites with SELECT site, layers, reductions FROM sites WHERE run_id = ''' || run || '''')
-        ELSE true END
-    FROM sites s WHERE s.run_id = run AND s.site = site_name
-);
-COMMENT ON MACRO whq_known_site IS 'true if the run is committed and captured the site; otherwise fails with an error naming the fix.';
-
 -- A reproducible pseudo-random key in [0, 2^31) for (seed, neuron, doc, pos): integer
 -- multiply/xor/shift steps every engine computes identically (Polars twin: _sample_key).
 CREATE OR REPLACE MACRO whq_mix(h, v) AS ((xor(CAST(h AS BIGINT), CAST(v AS BIGINT)) * 2654435761) & 2147483647);
 COMMENT ON MACRO whq_mix IS 'One step of whq_sample_key: (h xor v) * 2654435761 mod 2^31 (h, v non-negative, below 2^31).';
-CREATE OR REPLACE MACRO whq_avalanche(h, m) AS ((xor(h, h >> 15) * m) & 2147483647);
+CREATE OR REPLACE MACRO whq_fold(h, s) AS (xor(h, h >> s));
+COMMENT ON MACRO whq_fold IS 'h xor (h >> s): the shift-fold step of whq_sample_key.';
+CREATE OR REPLACE MACRO whq_avalanche(h, m) AS ((whq_fold(h, 15) * m) & 2147483647);
 COMMENT ON MACRO whq_avalanche IS 'One finalising step of whq_sample_key: (h xor h >> 15) * m mod 2^31.';
 CREATE OR REPLACE MACRO whq_sample_key(seed, neuron, doc, pos) AS (
-    xor(whq_avalanche(whq_avalanche(whq_mix(whq_mix(whq_mix(whq_mix(0, seed & 2147483647), neuron), doc), pos), 739982445), 695872825),
-        whq_avalanche(whq_avalanche(whq_mix(whq_mix(whq_mix(whq_mix(0, seed & 2147483647), neuron), doc), pos), 739982445), 695872825) >> 13)
+    whq_fold(whq_avalanche(whq_avalanche(whq_mix(whq_mix(whq_mix(whq_mix(0, seed & 2147483647), neuron), doc), pos), 739982445), 695872825), 13)
 );
 COMMENT ON MACRO whq_sample_key IS 'Reproducible pseudo-random key in [0, 2^31) of (seed, neuron, doc, pos); random_examples keeps the n smallest keys, a uniform sample.';
 

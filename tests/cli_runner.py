@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import sys
 
 from warehouse import cli
@@ -17,3 +19,19 @@ def run_cli(capsys, monkeypatch, *args) -> tuple[int, str, str]:
         code = done.code or 0
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def run_whq(*args) -> tuple[int, str, str]:
+    """The same without pytest fixtures (for hypothesis tests and module-scoped fixtures)."""
+    out, err = io.StringIO(), io.StringIO()
+    argv = sys.argv
+    sys.argv = ["whq", *map(str, args)]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            cli.main()
+        code = 0
+    except SystemExit as done:
+        code = done.code or 0
+    finally:
+        sys.argv = argv
+    return code, out.getvalue(), err.getvalue()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,17 @@ def write_jsonl(path: Path, texts=SAMPLE_TEXTS, **extra) -> Path:
         for i, text in enumerate(texts):
             fh.write(json.dumps({"doc_id": f"d{i}", "text": text, **extra}) + "\n")
     return path
+
+
+@pytest.fixture(scope="session")
+def golden_root(tmp_path_factory) -> Path:
+    """A copy of the committed golden warehouse (opening a warehouse writes its catalog)."""
+    committed = FIXTURES / "golden_wh"
+    if not (committed / "whq.json").exists():
+        pytest.fail(f"{committed} is missing: rebuild it with python -m tests.golden.build_fixture")
+    root = tmp_path_factory.mktemp("golden") / "wh"
+    shutil.copytree(committed, root)
+    return root
 
 
 @pytest.fixture(scope="session")

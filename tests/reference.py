@@ -7,6 +7,8 @@ recomputed with numpy in float64.
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import torch
 
@@ -77,3 +79,12 @@ def run_content(wh, run_id: str) -> dict:
         sortable = [c for c, t in frame.schema.items() if not t.is_nested()]
         out[table] = frame.sort(sortable)
     return out
+
+
+def content_checksum(wh, run_id: str) -> str:
+    """sha256 over every table's rows of the run (sorted, run-time columns dropped)."""
+    digest = hashlib.sha256()
+    for table, frame in run_content(wh, run_id).items():
+        digest.update(table.encode())
+        digest.update(frame.write_ndjson().encode())
+    return digest.hexdigest()

@@ -7,11 +7,8 @@ SPECs, scenario YAMLs and JSONL lines at the CLI: always exit 2, one line, no tr
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +18,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from warehouse import cli
+from .cli_runner import run_whq
 
 MODEL = ["--model", "config:llama-tiny", "-q", "--device", "cpu"]
 
@@ -139,22 +136,6 @@ FILES = {
 }
 
 
-def run_cli(*args) -> tuple[int, str, str]:
-    """The console entry point in-process, with sys.argv set; returns (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    argv = sys.argv
-    sys.argv = ["whq", *map(str, args)]
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            cli.main()
-        code = 0
-    except SystemExit as done:
-        code = done.code or 0
-    finally:
-        sys.argv = argv
-    return code, out.getvalue(), err.getvalue()
-
-
 def damage(root: Path, how: str) -> None:
     if how == "newer_format":
         (root / "whq.json").write_text(json.dumps({"format_version": 99, "tool": "whq"}))
@@ -170,7 +151,7 @@ def tiny_wh(tmp_path_factory):
     folder = tmp_path_factory.mktemp("bad_inputs")
     for name, payload in FILES.items():
         (folder / name).write_bytes(payload)
-    code, out, err = run_cli("ingest", folder / "wh", *MODEL, "--data", folder / "docs.jsonl", "--site", "mlp.act:topk=3", "--run-id", "r")
+    code, out, err = run_whq("ingest", folder / "wh", *MODEL, "--data", folder / "docs.jsonl", "--site", "mlp.act:topk=3", "--run-id", "r")
     assert code == 0, err
     return folder
 
@@ -188,7 +169,7 @@ def test_bad_input_gives_exit_2_and_one_exact_line(case, tiny_wh, tmp_path, monk
     if case.damage:
         shutil.copytree(tiny_wh / "wh", values["copy"])
         damage(values["copy"], case.damage)
-    code, out, err = run_cli(*[a.format(**values) for a in case.args])
+    code, out, err = run_whq(*[a.format(**values) for a in case.args])
     assert (code, err) == (2, "error: " + case.message.format(**values) + "\n")
     if "{new}" in case.args and (values["new"] / "journal").exists():
         assert not any((values["new"] / "journal").iterdir()), "a bad input left an interrupted run behind"
@@ -197,7 +178,7 @@ def test_bad_input_gives_exit_2_and_one_exact_line(case, tiny_wh, tmp_path, monk
 def test_skip_bad_keeps_going_and_counts(tiny_wh, tmp_path, monkeypatch):
     shutil.copy(tiny_wh / "badline.jsonl", tmp_path / "badline.jsonl")
     monkeypatch.chdir(tmp_path)
-    code, out, err = run_cli("ingest", tmp_path / "wh", *MODEL, "--data", "badline.jsonl", "--skip-bad", "--run-id", "s")
+    code, out, err = run_whq("ingest", tmp_path / "wh", *MODEL, "--data", "badline.jsonl", "--skip-bad", "--run-id", "s")
     assert code == 0, err
     assert "skipped 1 bad record(s); first: badline.jsonl:2: invalid JSON (Expecting value)" in out
     assert "committed run s; 2 documents" in out
@@ -215,7 +196,7 @@ SPEC_TEXT = st.text(alphabet="mlpactupdownresid.in:=@,*_-0123456789xyz", min_siz
 @given(spec=SPEC_TEXT.filter(lambda s: not _parses(s)))
 def test_malformed_specs_end_in_one_line(spec, tiny_wh):
     with tempfile.TemporaryDirectory() as folder:
-        code, _, err = run_cli("ingest", Path(folder) / "wh", *MODEL, "--data", tiny_wh / "docs.jsonl", "--site", spec)
+        code, _, err = run_whq("ingest", Path(folder) / "wh", *MODEL, "--data", tiny_wh / "docs.jsonl", "--site", spec)
     _one_line_exit_2(code, err)
 
 
@@ -254,7 +235,7 @@ def test_malformed_jsonl_lines_end_in_one_line_naming_the_line(line):
     with tempfile.TemporaryDirectory() as folder:
         data = Path(folder) / "docs.jsonl"
         data.write_bytes(b'{"text": "a good first line"}\n' + line.replace(b"\n", b" ") + b"\n")
-        code, _, err = run_cli("ingest", Path(folder) / "wh", *MODEL, "--data", data)
+        code, _, err = run_whq("ingest", Path(folder) / "wh", *MODEL, "--data", data)
     _one_line_exit_2(code, err)
     assert f"{data}:2: " in err
 
@@ -276,7 +257,7 @@ def test_malformed_scenarios_end_in_one_line(payload):
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "scenario.yaml"
         path.write_bytes(payload)
-        code, _, err = run_cli("ingest", Path(folder) / "wh", "--scenario", path, "-q", "--device", "cpu")
+        code, _, err = run_whq("ingest", Path(folder) / "wh", "--scenario", path, "-q", "--device", "cpu")
     _one_line_exit_2(code, err)
 
 

@@ -8,9 +8,7 @@ import subprocess
 import pytest
 
 import warehouse
-from tests.cli_runner import run_cli
-
-
+from .cli_runner import run_cli
 
 
 def test_init_ingest_runs_sql(tmp_path, sample_jsonl, capsys, monkeypatch):

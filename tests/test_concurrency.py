@@ -26,8 +26,8 @@ from warehouse.locks import locked
 
 from . import whq_child
 from .conftest import SAMPLE_TEXTS, write_jsonl
-from .reference import run_content
-from .test_faults import MODEL, OPTIONS, SITES, content_checksum, ingest_args
+from .reference import content_checksum, run_content
+from .test_faults import MODEL, OPTIONS, SITES, ingest_args
 
 WRITERS = ["w1", "w2", "w3"]
 

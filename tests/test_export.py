@@ -5,26 +5,15 @@ from __future__ import annotations
 
 import gzip
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 
 import warehouse
 from queries.export import cantor, read_feature, read_features, read_index
-from tests.cli_runner import run_cli
+from .cli_runner import run_cli
 
-GOLDEN_WH = Path(__file__).parent / "fixtures" / "golden_wh"
 RUN, SITE = "g", "mlp.act"
-
-
-
-
-@pytest.fixture(scope="module")
-def golden_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("export") / "wh"
-    shutil.copytree(GOLDEN_WH, root)
-    return root
 
 
 @pytest.fixture(scope="module")

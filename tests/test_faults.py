@@ -32,7 +32,7 @@ from warehouse import faults, maintenance
 
 from . import whq_child
 from .conftest import SAMPLE_TEXTS, write_jsonl
-from .reference import run_content
+from .reference import content_checksum
 
 MODEL = "config:llama-tiny"  # a random tiny Llama: the same code paths as a real model, in a fraction of the time
 SITES = ["mlp.act:topk=4,examples=3", "mlp.up:nag=5", "resid.out:last"]
@@ -43,7 +43,9 @@ def ingest_args(root: Path, data: Path, run_id: str = "r") -> list[str]:
     args = ["ingest", root, "--model", MODEL, "--data", data, "-q", "--run-id", run_id]
     for site in SITES:
         args += ["--site", site]
-    return args + ["--batch-size", "4", "--max-length", "32", "--shard-tokens", "400", "--device", "cpu"]
+    for option, value in OPTIONS.items():  # the same options as the in-process reference runs
+        args += [f"--{option.replace('_', '-')}", str(value)]
+    return args
 
 
 @dataclass(frozen=True)
@@ -91,15 +93,6 @@ SCENARIOS = [
     Scenario("commit.locked", "manifest.synced", "during resume, in its commit"),
     Scenario("manifest.renamed", "catalog.views:1", "during resume, rebuilding the stale catalog on open"),
 ]
-
-
-def content_checksum(wh, run_id: str) -> str:
-    """sha256 over every table's rows of the run (sorted, run-time columns dropped)."""
-    digest = hashlib.sha256()
-    for table, frame in run_content(wh, run_id).items():
-        digest.update(table.encode())
-        digest.update(frame.write_ndjson().encode())
-    return digest.hexdigest()
 
 
 def committed_bytes(root: Path, run_id: str) -> str:

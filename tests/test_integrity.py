@@ -11,8 +11,8 @@ import warehouse
 from ingest.pipeline import ingest
 from warehouse import maintenance
 
-from .test_bad_inputs import run_cli
-from .test_faults import content_checksum
+from .cli_runner import run_whq
+from .reference import content_checksum
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def _part(root, run_id: str, table: str = "token_neurons") -> tuple[dict, object
 
 
 def test_check_passes_on_a_sound_warehouse(wh_copy):
-    code, out, _ = run_cli("check", wh_copy)
+    code, out, _ = run_whq("check", wh_copy)
     assert code == 0 and out.splitlines()[-1].endswith("all verify")
 
 
@@ -58,21 +58,21 @@ def test_check_names_a_bad_part_and_repair_quarantines_only_its_run(wh_copy, how
     else:  # a valid Parquet file of another table in its place
         _, other = _part(wh_copy, "a", "documents")
         shutil.copy(other, path)
-    code, out, _ = run_cli("check", wh_copy)
+    code, out, _ = run_whq("check", wh_copy)
     lines = out.splitlines()
     assert code == 1 and len(lines) == 2
     assert lines[0].startswith(f"{kind} part {part['path']} of run a: ") and f"`whq repair {wh_copy}`" in lines[0]
     assert lines[1].endswith("1 bad part(s)")
 
-    code, out, _ = run_cli("repair", wh_copy)
+    code, out, _ = run_whq("repair", wh_copy)
     assert code == 0 and out.splitlines()[0] == "quarantined run a: its parts are missing or corrupt, queries no longer see it"
     with warehouse.open(wh_copy) as wh:
         assert wh.quarantined() == {"a"}
         assert {r for (r,) in wh.sql("SELECT DISTINCT run_id FROM token_neurons").fetchall()} == {"b"}
         assert content_checksum(wh, "b") == b_before
-    code, out, _ = run_cli("runs", wh_copy, "--delete", "a")
+    code, out, _ = run_whq("runs", wh_copy, "--delete", "a")
     assert code == 0
-    assert run_cli("check", wh_copy)[0] == 0
+    assert run_whq("check", wh_copy)[0] == 0
     with warehouse.open(wh_copy) as wh:
         assert wh.run_ids() == ["b"] and wh.quarantined() == set()
         assert not (wh_copy / "data" / "token_neurons" / "run_id=a").exists()
@@ -82,9 +82,9 @@ def test_repair_releases_a_run_whose_part_was_restored(wh_copy):
     _, path = _part(wh_copy, "a")
     good = path.read_bytes()
     path.write_bytes(b"broken")
-    run_cli("repair", wh_copy)
+    run_whq("repair", wh_copy)
     path.write_bytes(good)
-    code, out, _ = run_cli("repair", wh_copy)
+    code, out, _ = run_whq("repair", wh_copy)
     assert "released run a from quarantine: its parts verify again" in out
     with warehouse.open(wh_copy) as wh:
         assert wh.quarantined() == set() and wh.run_ids() == ["a", "b"]
@@ -127,8 +127,8 @@ def test_gc_removes_orphans_and_keeps_what_runs_need(wh_copy):
     wh.close()
     assert (wh_copy / "data" / "tokens" / "run_id=live" / "part-0-000000.parquet").exists()
     assert not (wh_copy / "data" / "tokens" / "run_id=zz").exists()
-    code, out, _ = run_cli("gc", wh_copy, "--interrupted")
+    code, out, _ = run_whq("gc", wh_copy, "--interrupted")
     assert "removed data/tokens/run_id=live/part-0-000000.parquet" in out and "removed journal/live" in out
-    assert run_cli("check", wh_copy)[0] == 0
+    assert run_whq("check", wh_copy)[0] == 0
     with warehouse.open(wh_copy) as wh:
         assert wh.run_ids() == ["a", "b"]

@@ -23,7 +23,7 @@ from ingest.demo import DEMO_TEXT, speeches
 from ingest.sources import Document
 from queries import nag, nag_frames
 from warehouse.errors import BadInput, QueryError
-from tests.cli_runner import run_cli
+from .cli_runner import run_cli
 
 K = 6
 CODE = [

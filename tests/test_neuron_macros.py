@@ -476,7 +476,6 @@ def test_every_macro_is_documented(lm_wh):
 # -- golden outputs -----------------------------------------------------------------------------
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
-GOLDEN_WH = Path(__file__).parent / "fixtures" / "golden_wh"
 GOLDEN = {
     "firing_rate": "SELECT * FROM firing_rate('g', 'mlp.act', 1)",
     "layer_summary": "SELECT * FROM layer_summary('g', 'mlp.act')",
@@ -494,13 +493,8 @@ GOLDEN = {
 
 
 @pytest.fixture(scope="module")
-def golden_wh(tmp_path_factory):
-    """A copy of the committed golden warehouse (opening it writes a catalog)."""
-    if not (GOLDEN_WH / "whq.json").exists():
-        pytest.fail(f"{GOLDEN_WH} is missing: rebuild it with python -m tests.golden.build_fixture")
-    root = tmp_path_factory.mktemp("golden") / "wh"
-    shutil.copytree(GOLDEN_WH, root)
-    wh = warehouse.open(root)
+def golden_wh(golden_root):
+    wh = warehouse.open(golden_root)
     yield wh
     wh.close()
 

@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 
 import warehouse
-from tests.cli_runner import run_cli
+from .cli_runner import run_cli
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
@@ -34,8 +34,6 @@ def report_wh(tmp_path_factory):
     run_scenario(root, EXAMPLE, run_id="emo", device="cpu", progress=False)
     run_scenario(root, EXAMPLE, run_id="emo-llama", device="cpu", progress=False, model="config:llama-tiny")
     return root
-
-
 
 
 @pytest.fixture(scope="module")

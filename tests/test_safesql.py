@@ -13,7 +13,7 @@ import pytest
 import warehouse
 from warehouse.errors import QueryError
 
-from .test_bad_inputs import run_cli
+from .cli_runner import run_whq
 
 ATTACKS = {
     "read /etc/passwd": "SELECT * FROM read_csv('/etc/passwd')",
@@ -88,10 +88,10 @@ def test_queries_and_macros_still_run_read_only(targets):
 
 
 def test_cli_read_only_refusal_is_one_line(minilm_wh):
-    code, _, err = run_cli("sql", minilm_wh, "SELECT * FROM read_csv('/etc/passwd')", "--read-only")
+    code, _, err = run_whq("sql", minilm_wh, "SELECT * FROM read_csv('/etc/passwd')", "--read-only")
     assert code == 2 and err.count("\n") == 1
     assert err == ("error: read-only mode refuses read_csv(), which reads files or runs SQL text: "
                    "query the warehouse's tables and macros instead\n")
-    code, _, err = run_cli("sql", minilm_wh, "LOAD httpfs", "--read-only")
+    code, _, err = run_whq("sql", minilm_wh, "LOAD httpfs", "--read-only")
     assert (code, err) == (2, "error: read-only mode refuses LOAD statements: only SELECT/WITH/VALUES/DESCRIBE/SUMMARIZE/SHOW "
                               "queries are allowed\n")

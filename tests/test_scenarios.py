@@ -13,7 +13,7 @@ from polars.testing import assert_frame_equal
 
 import warehouse
 from queries import scenario_frames as sf
-from tests.cli_runner import run_cli
+from .cli_runner import run_cli
 
 SOURCES = ("hidden_in", "hidden_out", "attn_out", "mlp_out")
 HIDDEN = 256  # k = H // 100 = 2 top units, so Jaccard is not trivially 0 or 1
@@ -37,8 +37,7 @@ def scenario_dict(model: str, **overrides) -> dict:
             {"label": "calm", "messages": [{"role": "user", "content": "Quiet, calm and serene."}]},
         ],
     }
-    for key, value in overrides.items():
-        data[key] = value
+    data.update(overrides)
     return data
 
 

@@ -101,12 +101,12 @@ class Warehouse:
             raise UnknownRun(f"no committed run {run_id!r} in {self.root} (runs: {known}); list them with `whq runs {self.root}`")
         return json.loads(path.read_text())
 
-    def files(self, table: str, run_id: str | None = None) -> list[Path]:
-        """Absolute paths of the committed parts of `table` (optionally of one run)."""
-        schema.table(table)
+    def files(self, table: str | None, run_id: str | None = None) -> list[Path]:
+        """Absolute paths of the committed parts of `table` (None: of every table), optionally of one run."""
+        tables = set(schema.tables()) if table is None else {schema.table(table).name}
         manifests = [self.manifest(run_id)] if run_id else catalog.committed_manifests(self.layout)
         skip = self.quarantined()
-        return [self.root / p["path"] for m in manifests if m["run_id"] not in skip for p in m["parts"] if p["table"] == table]
+        return [self.root / p["path"] for m in manifests if m["run_id"] not in skip for p in m["parts"] if p["table"] in tables]
 
     # -- queries --------------------------------------------------------------
     def connect(self, *, guarded: bool = False) -> duckdb.DuckDBPyConnection:
@@ -121,7 +121,7 @@ class Warehouse:
         con = duckdb.connect(":memory:")
         con.execute(f"ATTACH {catalog.quote(str(self.layout.catalog))} AS whq_catalog (READ_ONLY)")
         con.execute("USE whq_catalog")
-        parts = [str(path) for table in schema.tables() for path in self.files(table)]
+        parts = [str(path) for path in self.files(None)]
         con.execute("SET allowed_paths = ?", [parts])
         for setting in ("enable_external_access = false", "autoinstall_known_extensions = false",
                         "autoload_known_extensions = false", "lock_configuration = true"):

@@ -81,10 +81,10 @@ def write_bytes_atomic(payload: bytes, final: Path, tmp_dir: Path, what: str = "
         tmp_dir.mkdir(parents=True, exist_ok=True)
         final.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as fh:
-            half = len(payload) // 2
-            fh.write(payload[:half])
+            view, half = memoryview(payload), len(payload) // 2  # halves without copying the payload
+            fh.write(view[:half])
             fault(f"{what}.partial")
-            fh.write(payload[half:])
+            fh.write(view[half:])
             fh.flush()
             os.fsync(fh.fileno())
         fault(f"{what}.synced")

@@ -3,7 +3,7 @@
     python examples/bdh/train.py --n-layer 4 --n-embd 128 --mult 16 --steps 600   # small, CPU
     python examples/bdh/train.py --device cuda --compile                           # default config, GPU
 
-The first --train-fraction of the text is trained on; `split.py` writes the rest as val.txt.
+The first --train-fraction of the text is trained on; `split.py` writes the rest as out/val.jsonl.
 """
 
 from __future__ import annotations
