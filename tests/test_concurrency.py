@@ -45,6 +45,12 @@ def corpus(tmp_path_factory):
     return folder, data, alone
 
 
+def join_all(children: dict, tmp_path: Path) -> None:
+    """Every writer exits 0 (a hung one is killed); a failure shows the writer's log."""
+    for run, child in children.items():
+        assert whq_child.join(child, what=f"writer {run}") == 0, (tmp_path / f"{run}.log").read_text()
+
+
 def test_concurrent_ingests_of_different_runs_all_commit(corpus, tmp_path):
     folder, data, alone = corpus
     root = tmp_path / "wh"
@@ -61,9 +67,7 @@ def test_concurrent_ingests_of_different_runs_all_commit(corpus, tmp_path):
         time.sleep(0.5)
         assert all(c.is_alive() for c in children.values())
         assert not list((root / "runs").glob("*.json")), "a run committed while the commit lock was held"
-    for run, child in children.items():
-        child.join(300)
-        assert child.exitcode == 0, (tmp_path / f"{run}.log").read_text()
+    join_all(children, tmp_path)
     with warehouse.open(root) as wh, warehouse.open(alone) as reference:
         assert wh.run_ids() == WRITERS
         expected = content_checksum(reference, "alone")
@@ -81,9 +85,7 @@ def test_unlocked_writers_race_to_commit(corpus, tmp_path):
     root = tmp_path / "wh"
     warehouse.init(root).close()
     children = {run: whq_child.start(ingest_args(root, data, run), tmp_path / f"{run}.log") for run in WRITERS}
-    for run, child in children.items():
-        child.join(300)
-        assert child.exitcode == 0, (tmp_path / f"{run}.log").read_text()
+    join_all(children, tmp_path)
     with warehouse.open(root) as wh, warehouse.open(alone) as reference:
         assert wh.run_ids() == WRITERS
         expected = content_checksum(reference, "alone")

@@ -45,10 +45,14 @@ def start(argv: list[str], log: str, env: dict | None = None):
 
 def run(argv: list[str], log: str, env: dict | None = None, timeout: float = 300) -> int:
     """Run `whq argv` in a forked child; returns its exit code (-9 when it was SIGKILLed)."""
-    child = start(argv, log, env)
+    return join(start(argv, log, env), timeout, f"whq {' '.join(map(str, argv))}")
+
+
+def join(child, timeout: float = 300, what: str = "whq child") -> int:
+    """Wait for a started child; kill it and raise TimeoutError if it outlives `timeout`."""
     child.join(timeout)
     if child.exitcode is None:
         child.kill()
         child.join()
-        raise TimeoutError(f"whq {' '.join(map(str, argv))} did not finish in {timeout} s")
+        raise TimeoutError(f"{what} did not finish in {timeout} s")
     return child.exitcode

@@ -170,8 +170,9 @@ def gc(wh: Warehouse, *, interrupted: bool = False, dry_run: bool = False) -> li
 
     with locked(layout.commit_lock):
         files = sorted(layout.data_dir.rglob("*")) if layout.data_dir.exists() else []
-        listed = {p["path"] for m in catalog.committed_manifests(layout) for p in m["parts"]}
-        committed = set(wh.run_ids())
+        manifests = catalog.committed_manifests(layout)
+        listed = {p["path"] for m in manifests for p in m["parts"]}
+        committed = {m["run_id"] for m in manifests}
         damaged = {p.name[: -len(".json" + DAMAGED_SUFFIX)] for p in layout.runs_dir.glob("*.json" + DAMAGED_SUFFIX)}
         journals = {d.name for d in layout.journal_root.iterdir()} if layout.journal_root.exists() else set()
         for run_id in sorted(journals):
