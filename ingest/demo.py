@@ -52,11 +52,11 @@ def run_demo(root: str | Path, progress: bool = True, echo=print) -> None:
     import polars as pl
 
     neuron = wh.sql("SELECT neuron FROM selectivity('demo', 'mlp.act', 3) WHERE rate > 0.001 LIMIT 1").fetchall()[0][0]
-    with pl.Config(tbl_rows=5, fmt_str_lengths=70, tbl_width_chars=150):
+    with pl.Config(tbl_rows=8, fmt_str_lengths=70, tbl_width_chars=150):
         for title, query in DEMO_QUERIES:
             query = query.format(neuron=neuron)
             echo(f"\n-- {title}\n{query};")
-            echo(wh.pl(query).head(5))
+            echo(wh.pl(query).head(8))
     echo(f"\ndemo ready in {time.perf_counter() - started:.1f} s. Try:\n"
          f"  whq sql {root} \"SELECT * FROM layer_summary('demo', 'mlp.act')\"\n"
          f"  duckdb {root}/whq.duckdb -c \"SELECT * FROM firing_rate('demo', 'mlp.act', 3) LIMIT 5\"")
