@@ -143,3 +143,17 @@ def test_two_ranks_give_the_single_process_rows(corpus, tmp_path):
                 frame_got, frame_want = frame_got.filter(~top), frame_want.filter(~top)
             _assert_close(frame_got, frame_want, keys, table)
         assert want["token_neurons"].height > 0 and want["neuron_examples"].height > 0
+
+
+def _init_and_close(root: str) -> None:
+    warehouse.init(root).close()
+
+
+def test_concurrent_inits_of_one_new_folder_all_succeed(tmp_path):
+    """The ranks of one ingest create the warehouse at once: none may see a half-made folder."""
+    import multiprocessing
+
+    root = str(tmp_path / "new")
+    with multiprocessing.get_context("spawn").Pool(8) as pool:
+        pool.map(_init_and_close, [root] * 8)
+    assert warehouse.open(root).run_ids() == []

@@ -17,20 +17,34 @@ from .locks import locked, try_lock
 
 
 def init(path: str | Path) -> "Warehouse":
-    """Create an empty warehouse at `path` (idempotent on an existing one)."""
+    """Create an empty warehouse at `path` (idempotent on an existing one, and safe when several
+    processes, e.g. the ranks of one ingest, create it at once)."""
     layout = Layout(path)
     if layout.root.exists() and not layout.root.is_dir():
         raise NotAWarehouse(f"{layout.root} is a file: pick a folder path for the warehouse")
-    if layout.root.exists() and any(layout.root.iterdir()) and not layout.marker.exists():
-        raise NotAWarehouse(f"{layout.root} is a non-empty folder that is not a whq warehouse: pick an empty or new folder")
     try:
-        for folder in (layout.root, layout.runs_dir, layout.data_dir, layout.tmp_dir):
-            folder.mkdir(parents=True, exist_ok=True)
+        layout.root.mkdir(parents=True, exist_ok=True)
         if not layout.marker.exists():
-            layout.marker.write_text(json.dumps({"format_version": FORMAT_VERSION, "tool": "whq"}) + "\n")
+            if any(not e.name.startswith(_MARKER_TMP) for e in layout.root.iterdir()):
+                raise NotAWarehouse(f"{layout.root} is a non-empty folder that is not a whq warehouse: pick an empty or new folder")
+            write_marker(layout)
+        # The marker is in place before anything else, so a concurrent init never sees a
+        # non-empty folder without it.
+        for folder in (layout.runs_dir, layout.data_dir, layout.tmp_dir):
+            folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise WarehouseError(f"cannot create a warehouse at {layout.root}: {err.strerror}; check the path and its permissions") from None
     return open(layout.root)
+
+
+_MARKER_TMP = ".whq.json."
+
+
+def write_marker(layout: Layout) -> None:
+    """Write the format marker atomically (readers never see it half-written)."""
+    tmp = layout.root / f"{_MARKER_TMP}{os.getpid()}.tmp"
+    tmp.write_text(json.dumps({"format_version": FORMAT_VERSION, "tool": "whq"}) + "\n")
+    os.replace(tmp, layout.marker)
 
 
 def open(path: str | Path) -> "Warehouse":  # noqa: A001 - mirrors duckdb.connect / sqlite-utils style

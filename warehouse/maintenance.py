@@ -21,9 +21,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from . import catalog, schema
-from .core import Warehouse
+from .core import Warehouse, write_marker
 from .errors import NotAWarehouse, UnknownRun
-from .layout import FORMAT_VERSION, Layout
+from .layout import Layout
 from .locks import locked, try_lock
 from .parts import file_sha256, write_bytes_atomic
 
@@ -123,7 +123,7 @@ def repair(root: str | Path) -> list[str]:
     try:
         json.loads(layout.marker.read_text())["format_version"]
     except (OSError, ValueError, KeyError, TypeError):
-        layout.marker.write_text(json.dumps({"format_version": FORMAT_VERSION, "tool": "whq"}) + "\n")
+        write_marker(layout)
         actions.append(f"rewrote the format marker {layout.marker.name}")
     with locked(layout.commit_lock):
         for run_id in _set_damaged_manifests_aside(layout):
