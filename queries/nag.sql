@@ -14,8 +14,9 @@
 -- each weight is summed as a whole number of 2^-40 (floor(weight * 2^40), exact in a
 -- DOUBLE; error below 1e-10). Divisions by a constant are written as products with its
 -- reciprocal, which is what Polars computes for them. The profile is joined on one
--- integer key (layer * 2^32 + unit): in DuckDB that took 8x less CPU than joining on
--- the two columns (queries/nag_bench.py's pool).
+-- INTEGER key, layer * width + unit: on queries/nag_bench.py's 1M-document pool that
+-- took 2.5x less CPU than a BIGINT key (layer * 2^32 + unit), which itself took 8x less
+-- than joining on the two columns.
 
 -- Inside macro bodies every column is qualified: an unqualified name equal to a
 -- parameter (site, layers, ...) means the parameter.
@@ -84,8 +85,22 @@ WHERE whq_nag_site(target_run, site) AND whq_nag_documents(target_run, target_da
 ORDER BY c.layer, c.neuron;
 COMMENT ON MACRO TABLE nag_profile IS 'NAG target profile: per layer and unit, n_docs = target documents whose top-K contains the unit, weight = n_docs^power / its sum over the layer''s units. Example: SELECT * FROM nag_profile(''demo'', ''mlp.up'', target_dataset := ''MENENIUS'') ORDER BY weight DESC LIMIT 10';
 
-CREATE OR REPLACE MACRO nag_distance(target_run, pool_run, site, target_dataset := NULL, pool_dataset := NULL,
-                                     layers := NULL, power := 1.0, target_role := NULL, pool_role := NULL) AS TABLE
+CREATE OR REPLACE MACRO whq_nag_stride(target_run, pool_run, site_name) AS (
+    SELECT max(s.width) FROM sites s
+    WHERE s.site = site_name AND (s.run_id = target_run OR s.run_id = pool_run)
+);
+COMMENT ON MACRO whq_nag_stride IS 'The widest width of the site in the two runs: unit_key = layer * stride + unit is then one INTEGER per (layer, unit).';
+
+CREATE OR REPLACE VIEW whq_nag_no_weights AS
+SELECT CAST(NULL AS INTEGER) AS unit_key, CAST(NULL AS DOUBLE) AS weight_units, CAST(NULL AS DOUBLE) AS per_unit
+WHERE false;
+COMMENT ON VIEW whq_nag_no_weights IS 'Empty stand-in that nag_distance reads when it is not given a weights table.';
+COMMENT ON COLUMN whq_nag_no_weights.unit_key IS 'layer * stride + unit, as in nag_unit_weights.';
+COMMENT ON COLUMN whq_nag_no_weights.weight_units IS 'The unit''s weight in whole units, as in nag_unit_weights.';
+COMMENT ON COLUMN whq_nag_no_weights.per_unit IS 'The similarity of one unit, as in nag_unit_weights.';
+
+CREATE OR REPLACE MACRO nag_unit_weights(target_run, pool_run, site, target_dataset := NULL, layers := NULL,
+                                         power := 1.0, target_role := NULL) AS TABLE
 WITH profile AS (
     SELECT p.layer, p.neuron, p.n_docs, p.weight,
            sum(pow(p.n_docs, power)) OVER (PARTITION BY p.layer) AS layer_total
@@ -95,20 +110,41 @@ WITH profile AS (
     SELECT coalesce(power = 1 AND min(p.layer_total) = max(p.layer_total), false) AS exact,
            max(p.layer_total) AS layer_total
     FROM profile p
-), keyed AS (
-    SELECT CAST(p.layer AS BIGINT) * 4294967296 + p.neuron AS unit_key,
-           CASE WHEN s.exact THEN p.n_docs ELSE floor(p.weight * 1099511627776.0::DOUBLE) END AS weight_units
-    FROM profile p CROSS JOIN scale s
-), hits AS (
-    SELECT n.doc, sum(k.weight_units) AS units
-    FROM doc_neurons n JOIN keyed k ON k.unit_key = CAST(n.layer AS BIGINT) * 4294967296 + n.neuron
-    WHERE n.run_id = pool_run AND n.site = site
-      AND (layers IS NULL OR list_contains(CAST(layers AS INTEGER[]), n.layer))
-    GROUP BY n.doc
 ), used AS (
     SELECT 1.0::DOUBLE / (CASE WHEN sc.exact THEN sc.layer_total ELSE 1099511627776.0::DOUBLE END
                           * coalesce(len(list_distinct(CAST(layers AS INTEGER[]))), len(s.layers))) AS per_unit
     FROM sites s CROSS JOIN scale sc WHERE s.run_id = pool_run AND s.site = site
+)
+SELECT p.layer * whq_nag_stride(target_run, pool_run, site) + p.neuron AS unit_key,
+       CASE WHEN sc.exact THEN p.n_docs ELSE floor(p.weight * 1099511627776.0::DOUBLE) END AS weight_units,
+       u.per_unit
+FROM profile p CROSS JOIN scale sc CROSS JOIN used u
+ORDER BY unit_key;
+COMMENT ON MACRO TABLE nag_unit_weights IS 'The target profile as nag_distance sums it: unit_key = layer * stride + unit, weight_units = the weight in whole units, per_unit = the similarity of one unit (1 / (units per layer * L)). Stage it in a table for pools of millions of documents: CREATE TEMP TABLE w AS SELECT * FROM nag_unit_weights(''t'', ''pool'', ''mlp.up''); SELECT * FROM nag_select(''t'', ''pool'', ''mlp.up'', weights := ''w'')';
+
+CREATE OR REPLACE MACRO nag_distance(target_run, pool_run, site, target_dataset := NULL, pool_dataset := NULL,
+                                     layers := NULL, power := 1.0, target_role := NULL, pool_role := NULL,
+                                     weights := NULL) AS TABLE
+WITH keyed AS (
+    SELECT w.unit_key, w.weight_units, w.per_unit
+    FROM nag_unit_weights(target_run, pool_run, site, target_dataset := target_dataset, layers := layers,
+                          power := power, target_role := target_role) w
+    WHERE weights IS NULL
+    UNION ALL
+    SELECT w.unit_key, w.weight_units, w.per_unit
+    FROM query_table(coalesce(weights, 'whq_nag_no_weights')) w
+    WHERE weights IS NOT NULL
+), stride AS (
+    SELECT whq_nag_stride(target_run, pool_run, site) AS width
+), hits AS (
+    SELECT n.doc, sum(k.weight_units) AS units
+    FROM doc_neurons n CROSS JOIN stride w JOIN keyed k ON k.unit_key = n.layer * w.width + n.neuron
+    WHERE n.run_id = pool_run AND n.site = site
+      AND (layers IS NULL OR list_contains(CAST(layers AS INTEGER[]), n.layer))
+    GROUP BY n.doc
+), used AS (
+    -- Without a profile row every sum is 0, and so is every similarity.
+    SELECT coalesce(max(k.per_unit), 0) AS per_unit FROM keyed k
 )
 SELECT d.doc, d.doc_id, d.dataset, d.n_tokens,
        coalesce(h.units, 0) * u.per_unit AS similarity,
@@ -119,17 +155,18 @@ WHERE whq_nag_site(pool_run, site) AND whq_nag_documents(pool_run, pool_dataset,
   AND d.run_id = pool_run
   AND (pool_dataset IS NULL OR d.dataset = pool_dataset)
   AND (pool_role IS NULL OR d.role = pool_role);
-COMMENT ON MACRO TABLE nag_distance IS 'NAG similarity of every pool document to the target profile: similarity = (1/L) * sum over the L layers used of the weights of the document''s top-K units; distance = 1 - similarity (documents without tokens have similarity 0). Target and pool may be one run, split by dataset or role. Example: SELECT doc_id, dataset, distance FROM nag_distance(''demo'', ''demo'', ''mlp.up'', target_dataset := ''MENENIUS'') ORDER BY distance LIMIT 5';
+COMMENT ON MACRO TABLE nag_distance IS 'NAG similarity of every pool document to the target profile: similarity = (1/L) * sum over the L layers used of the weights of the document''s top-K units; distance = 1 - similarity (documents without tokens have similarity 0). Target and pool may be one run, split by dataset or role. weights := the name of a table holding nag_unit_weights of the same arguments makes big pools faster (DuckDB then joins by array lookup). Example: SELECT doc_id, dataset, distance FROM nag_distance(''demo'', ''demo'', ''mlp.up'', target_dataset := ''MENENIUS'') ORDER BY distance LIMIT 5';
 
 CREATE OR REPLACE MACRO nag_select(target_run, pool_run, site, target_dataset := NULL, pool_dataset := NULL,
                                    layers := NULL, power := 1.0, fraction := 0.2, target_role := NULL,
-                                   pool_role := NULL) AS TABLE
+                                   pool_role := NULL, weights := NULL) AS TABLE
 WITH ranked AS (
     SELECT r.*, row_number() OVER w AS rank,
            CAST(sum(r.n_tokens) OVER (w ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS BIGINT) AS cum_tokens,
            CAST(sum(r.n_tokens) OVER () AS BIGINT) AS pool_tokens
     FROM nag_distance(target_run, pool_run, site, target_dataset := target_dataset, pool_dataset := pool_dataset,
-                      layers := layers, power := power, target_role := target_role, pool_role := pool_role) r
+                      layers := layers, power := power, target_role := target_role, pool_role := pool_role,
+                      weights := weights) r
     WINDOW w AS (ORDER BY r.distance, r.doc_id, r.doc)
 )
 SELECT x.doc, x.doc_id, x.dataset, x.n_tokens, x.similarity, x.distance, x.rank, x.cum_tokens
@@ -140,11 +177,12 @@ COMMENT ON MACRO TABLE nag_select IS 'NAG selection with a token budget: pool do
 
 CREATE OR REPLACE MACRO nag_quality(target_run, pool_run, site, quality_column, target_dataset := NULL,
                                     pool_dataset := NULL, layers := NULL, power := 1.0, fraction := 0.2,
-                                    invert := false, target_role := NULL, pool_role := NULL) AS TABLE
+                                    invert := false, target_role := NULL, pool_role := NULL, weights := NULL) AS TABLE
 WITH scored AS (
     SELECT r.*, TRY_CAST(json_extract_string(d.meta, '$.' || quality_column) AS DOUBLE) AS quality
     FROM nag_distance(target_run, pool_run, site, target_dataset := target_dataset, pool_dataset := pool_dataset,
-                      layers := layers, power := power, target_role := target_role, pool_role := pool_role) r
+                      layers := layers, power := power, target_role := target_role, pool_role := pool_role,
+                      weights := weights) r
     JOIN documents d ON d.run_id = pool_run AND d.doc = r.doc
 ), bounds AS (
     SELECT min(s.distance) AS d_min, max(s.distance) AS d_max, min(s.quality) AS q_min, max(s.quality) AS q_max

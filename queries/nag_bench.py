@@ -147,7 +147,7 @@ def _timed(engine: str, step: str, fn) -> tuple[Timing, object]:
 
 def run_bench(root: str | Path, n_docs: int, fraction: float = 0.2, echo=print) -> list[Timing]:
     """Build (or reuse) the pool, then time distance and selection in SQL, Polars and numpy."""
-    from queries import nag_frames
+    from queries import nag, nag_frames
 
     started = time.perf_counter()
     run = build(root, n_docs)
@@ -160,16 +160,18 @@ def run_bench(root: str | Path, n_docs: int, fraction: float = 0.2, echo=print) 
     for engine, step, fn in [
         ("sql", "distance", lambda: wh.sql(f"SELECT * FROM nag_distance({args})").fetch_arrow_table()),
         ("sql", "select", lambda: wh.sql(f"SELECT * FROM nag_select({args}, fraction := {fraction})").fetch_arrow_table()),
+        # what `whq nag select` runs: the profile staged in a temporary table, then nag_select
+        ("sql-staged", "select", lambda: nag.select(wh, run, run, SITE, fraction=fraction, **kwargs)),
         ("polars", "distance", lambda: nag_frames.nag_distance(wh, run, run, SITE, **kwargs).collect(engine="streaming")),
         ("polars", "select", lambda: nag_frames.nag_select(wh, run, run, SITE, fraction=fraction, **kwargs).collect(engine="streaming")),
         ("numpy", "select", lambda: numpy_select(wh, run, fraction)),
     ]:
         timing, result = _timed(engine, step, fn)
         timings.append(timing)
-        echo(f"  {engine:<7}{step:<9}{timing.wall_s:8.2f} s wall {timing.cpu_s:8.2f} s cpu  {timing.rows:>10,} rows")
+        echo(f"  {engine:<11}{step:<9}{timing.wall_s:8.2f} s wall {timing.cpu_s:8.2f} s cpu  {timing.rows:>10,} rows")
         if step == "select":
-            selections[engine] = list(result[0]) if engine == "numpy" else list(result["doc"].to_numpy() if engine == "sql" else result["doc"])
-    same = selections["sql"] == selections["polars"] == [int(d) for d in selections["numpy"]]
+            selections[engine] = [int(d) for d in (result[0] if engine == "numpy" else result["doc"].to_numpy())]
+    same = all(picked == selections["numpy"] for picked in selections.values())
     base = next(t for t in timings if t.engine == "numpy").wall_s
     for t in timings:
         if t.step == "select" and t.engine != "numpy":

@@ -471,6 +471,26 @@ def spark_fixes(tree: exp.Expression) -> exp.Expression:
     return tree
 
 
+def prune_dead_branches(tree: exp.Expression) -> exp.Expression:
+    """Drop the UNION ALL branches whose WHERE is false once the arguments are bound: a
+    macro reads an optional DuckDB-only source (query_table) in a branch of its own."""
+    from sqlglot.optimizer.simplify import simplify
+
+    def always_false(branch: exp.Expression) -> bool:
+        where = branch.args.get("where") if isinstance(branch, exp.Select) else None
+        return where is not None and simplify(where.this.copy()) == exp.false()
+
+    def prune(node):
+        if isinstance(node, exp.Union) and not node.args.get("distinct"):
+            if always_false(node.this):
+                return node.expression
+            if always_false(node.expression):
+                return node.this
+        return node
+
+    return tree.transform(prune)
+
+
 def to_spark(query: str, macros: dict[str, Macro]) -> str:
     """The Spark SQL text of a DuckDB query over the warehouse tables and macros."""
     try:
@@ -480,5 +500,5 @@ def to_spark(query: str, macros: dict[str, Macro]) -> str:
     statements = [s for s in statements if s is not None]
     if len(statements) != 1 or not isinstance(statements[0], exp.Query):
         raise QueryError("the spark engine runs one query (SELECT ...); run other statements with the duckdb engine")
-    tree = spark_fixes(expand(statements[0], macros))
+    tree = spark_fixes(prune_dead_branches(expand(statements[0], macros)))
     return tree.sql(dialect="spark")

@@ -191,6 +191,36 @@ def test_quality_matches_reference(wh, run, invert):
         assert q == quality[doc] and s == pytest.approx(score[doc], abs=1e-9)
 
 
+@pytest.mark.parametrize("run", ["m", "q"])
+@pytest.mark.parametrize("power,layers", [(1.0, None), (0.5, [0, 1])])
+def test_unit_weights_match_the_profile(wh, run, power, layers):
+    docs, nags = raw(wh, run)
+    used = layers or all_layers(nags)
+    got = both(wh, "nag_unit_weights", run, run, "mlp.up", target_dataset="MENENIUS", layers=layers, power=power)
+    ref = ref_profile(nags, pick(docs, dataset="MENENIUS"), used, power)
+    stride = wh.pl(f"SELECT width FROM sites WHERE run_id = '{run}' AND site = 'mlp.up'")["width"][0]
+    assert sorted(got["unit_key"].to_list()) == sorted(layer * stride + n for layer in used for n in ref[layer])
+    for key, units, per_unit in got.iter_rows():
+        assert units * per_unit * len(used) == pytest.approx(ref[key // stride][key % stride], abs=1e-9)
+
+
+@pytest.mark.parametrize("macro,named", [("nag_distance", {}), ("nag_select", {"fraction": 0.3}),
+                                          ("nag_quality", {"fraction": 0.3, "invert": True})])
+def test_staged_weights_give_the_same_rows(wh, macro, named):
+    """weights := a table of nag_unit_weights is the fast path for big pools: same rows, bit for bit."""
+    quality = ["edu"] if macro == "nag_quality" else []
+    args = ["q", "q", "mlp.up", *quality]
+    inline = both(wh, macro, *args, target_dataset="MENENIUS", **named)
+    with nag.staged_weights(wh, "q", "q", "mlp.up", target_dataset="MENENIUS") as table:
+        staged = sql(wh, macro, *args, target_dataset="MENENIUS", weights=table, **named)
+    weights = nag_frames.nag_unit_weights(wh, "q", "q", "mlp.up", target_dataset="MENENIUS").collect()
+    twin = getattr(nag_frames, macro)(wh, *args, target_dataset="MENENIUS", weights=weights, **named).collect()
+    if macro == "nag_distance":
+        staged, twin = staged.sort("doc"), twin.sort("doc")
+    assert staged.equals(inline) and twin.equals(inline)
+    assert wh.pl(f"SELECT count(*) AS n FROM duckdb_tables() WHERE table_name = '{table}'")["n"][0] == 0  # dropped
+
+
 # -- edge cases ------------------------------------------------------------------------
 def test_ties_break_by_doc_id(wh):
     got = both(wh, "nag_distance", "m", "m", "mlp.up", target_dataset="MENENIUS").filter(pl.col("dataset") == "dup")

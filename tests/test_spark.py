@@ -58,6 +58,7 @@ TINY_CALLS = {
     "residual_decomposition": ["SELECT * FROM residual_decomposition('chat')"],
     "neuron_logit_lens": ["SELECT * FROM neuron_logit_lens('lm2', 'mlp.act', 1, 5)"],
     "nag_profile": ["SELECT * FROM nag_profile('lm2', 'mlp.up', target_dataset := 'animals', layers := [1, 3], power := 0.5)"],
+    "nag_unit_weights": ["SELECT * FROM nag_unit_weights('lm2', 'lm2', 'mlp.up', target_dataset := 'animals', power := 0.5)"],
     "nag_distance": ["SELECT * FROM nag_distance('lm2', 'lm2', 'mlp.up', target_dataset := 'animals', pool_dataset := 'finance')",
                      "SELECT * FROM nag_distance('lm2', 'lm2', 'mlp.up', layers := [0, 0, 2])"],
     "nag_select": ["SELECT * FROM nag_select('lm2', 'lm2', 'mlp.up', target_dataset := 'finance', fraction := 0.5)"],
