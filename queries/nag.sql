@@ -175,6 +175,11 @@ WHERE whq_nag_fraction(fraction) AND (x.cum_tokens <= floor(fraction * x.pool_to
 ORDER BY x.rank;
 COMMENT ON MACRO TABLE nag_select IS 'NAG selection with a token budget: pool documents sorted by (distance, doc_id), kept while their cumulative tokens <= floor(fraction * pool tokens); the first is always kept. Example: SELECT doc_id, distance FROM nag_select(''demo'', ''demo'', ''mlp.up'', target_dataset := ''MENENIUS'', fraction := 0.2)';
 
+CREATE OR REPLACE MACRO whq_minmax(x, low, high) AS (
+    CASE WHEN high > low THEN (x - low) * (1.0 / (high - low)) ELSE 0 END
+);
+COMMENT ON MACRO whq_minmax IS 'x scaled to [0, 1] by the range [low, high]; 0 when the range is empty. The division is a product with the reciprocal, as Polars computes it.';
+
 CREATE OR REPLACE MACRO nag_quality(target_run, pool_run, site, quality_column, target_dataset := NULL,
                                     pool_dataset := NULL, layers := NULL, power := 1.0, fraction := 0.2,
                                     invert := false, target_role := NULL, pool_role := NULL, weights := NULL) AS TABLE
@@ -189,10 +194,10 @@ WITH scored AS (
     FROM scored s
 ), mixed AS (
     SELECT s.*,
-           CASE WHEN b.d_max > b.d_min THEN (s.distance - b.d_min) * (1.0 / (b.d_max - b.d_min)) ELSE 0 END
+           whq_minmax(s.distance, b.d_min, b.d_max)
            + CASE WHEN s.quality IS NULL THEN 1
-                  WHEN invert THEN 1 - CASE WHEN b.q_max > b.q_min THEN (s.quality - b.q_min) * (1.0 / (b.q_max - b.q_min)) ELSE 0 END
-                  ELSE CASE WHEN b.q_max > b.q_min THEN (s.quality - b.q_min) * (1.0 / (b.q_max - b.q_min)) ELSE 0 END END AS score
+                  WHEN invert THEN 1 - whq_minmax(s.quality, b.q_min, b.q_max)
+                  ELSE whq_minmax(s.quality, b.q_min, b.q_max) END AS score
     FROM scored s CROSS JOIN bounds b
     WHERE CASE WHEN b.q_max IS NULL THEN error('no pool document has a number under ''' || quality_column
         || ''' in its meta: quality columns are the source''s extra columns (SELECT meta FROM documents WHERE run_id = ''' || pool_run || ''' LIMIT 1)')
