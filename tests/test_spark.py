@@ -12,12 +12,13 @@ import os
 import shutil
 
 import pytest
-import yaml
 
 import warehouse
 from queries import spark_transpile
 from warehouse import catalog
 from warehouse.errors import QueryError
+
+from .scenario_yaml import scenario_dict, write_yaml
 
 pytestmark = pytest.mark.spark
 
@@ -90,26 +91,11 @@ def tiny_wh(tmp_path_factory, tiny_lm_dir):
     from ingest.pipeline import ingest
 
     folder = tmp_path_factory.mktemp("spark-tiny")
-    scenario = {
-        "name": "spark_parity",
-        "model": {"id": str(tiny_lm_dir), "dtype": "float32", "device": "cpu"},
-        "prompt": {"messages": [
-            {"role": "system", "content": "You are kind."},
-            {"role": "user", "content": "I am so happy today!"},
-            {"role": "assistant", "content": "Wonderful."},
-            {"role": "user", "content": "Now I am scared."},
-        ]},
-        "generation": {"max_new_tokens": 3, "do_sample": False, "seed": 7},
-        "capture": {"top_k_probs": 3, "sites": ["mlp.act:topk=8"]},
-        "reference_states": [
-            {"label": "joy", "messages": [{"role": "user", "content": "Joy! Delight!"}]},
-            {"label": "fear", "messages": [{"role": "user", "content": "Terror and dread."}]},
-        ],
-    }
-    path = folder / "s.yaml"
-    path.write_text(yaml.safe_dump(scenario, sort_keys=False))
+    path = write_yaml(folder / "s.yaml", scenario_dict(
+        str(tiny_lm_dir), name="spark_parity", generation={"max_new_tokens": 3, "do_sample": False, "seed": 7},
+        capture={"top_k_probs": 3, "sites": ["mlp.act:topk=8"]}))
     for run_id in ("chat", "again"):
-        run_scenario(folder / "wh", str(path), run_id=run_id, progress=False)
+        run_scenario(folder / "wh", path, run_id=run_id, progress=False)
 
     texts = ["The cat sat on the mat.", "Dogs bark at night.", "Stocks fell sharply today.", "The market rallied.",
              "A cat and a dog.", "Bonds and stocks.", "", "Night falls on the city."]
