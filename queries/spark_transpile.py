@@ -19,6 +19,7 @@ from pathlib import Path
 import sqlglot
 from sqlglot import exp
 from sqlglot.dialects.duckdb import DuckDB
+from sqlglot.optimizer.simplify import simplify
 from sqlglot.tokens import TokenType
 
 from warehouse.errors import QueryError
@@ -474,7 +475,6 @@ def spark_fixes(tree: exp.Expression) -> exp.Expression:
 def prune_dead_branches(tree: exp.Expression) -> exp.Expression:
     """Drop the UNION ALL branches whose WHERE is false once the arguments are bound: a
     macro reads an optional DuckDB-only source (query_table) in a branch of its own."""
-    from sqlglot.optimizer.simplify import simplify
 
     def always_false(branch: exp.Expression) -> bool:
         where = branch.args.get("where") if isinstance(branch, exp.Select) else None
