@@ -33,6 +33,7 @@ class IngestBench:
     seq_len: int
     sites: list
     batches_per_block: int
+    hooks: str = ""              # which hook implementation ran (fused C kernel or torch ops)
     plain_s: list = field(default_factory=list)     # seconds per timed plain block
     capture_s: list = field(default_factory=list)   # seconds per timed capture block
     plain_peak: int = 0          # peak device bytes (CUDA) or peak RSS (CPU) during plain blocks
@@ -68,7 +69,7 @@ class IngestBench:
     def to_dict(self) -> dict:
         return {
             "model": self.model, "device": self.device, "dtype": self.dtype, "batch_size": self.batch_size,
-            "seq_len": self.seq_len, "sites": self.sites, "batches_per_block": self.batches_per_block,
+            "seq_len": self.seq_len, "sites": self.sites, "batches_per_block": self.batches_per_block, "hooks": self.hooks,
             "plain_tokens_per_s": self.plain_tokens_per_s, "capture_tokens_per_s": self.capture_tokens_per_s,
             "ratio": self.ratio, "best_ratio": self.best_ratio, "plain_s": self.plain_s, "capture_s": self.capture_s,
             "memory_kind": self.memory_kind, "plain_peak_bytes": self.plain_peak, "capture_peak_bytes": self.capture_peak,
@@ -86,7 +87,7 @@ class IngestBench:
         return [
             f"model {self.model} on {self.device} ({self.dtype}), batch {self.batch_size} x {self.seq_len} tokens, "
             f"{self.batches_per_block} batches per block, {len(self.plain_s)} timed blocks each",
-            f"sites: {' '.join(self.sites)}",
+            f"sites: {' '.join(self.sites)}; hooks: {self.hooks}",
             f"plain forward : {d['plain_tokens_per_s']:>12,.0f} tokens/s",
             f"capture+write : {d['capture_tokens_per_s']:>12,.0f} tokens/s",
             f"ratio capture / plain: {d['ratio']:.3f} (medians; fastest blocks: {d['best_ratio']:.3f})",
@@ -179,7 +180,7 @@ def bench_ingest(
     import warehouse
     from warehouse.runwriter import RunWriter
 
-    from . import models
+    from . import fused, models
     from .capture import SiteLayer, attach
     from .sites import parse_spec, resolve
     from .sources import Document
@@ -202,7 +203,8 @@ def bench_ingest(
     rows, texts = _template(loaded, batch_size * batches_per_block, seq_len, seed)
     batches = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
     result = IngestBench(model=loaded.model_id, device=device, dtype=dtype, batch_size=batch_size, seq_len=seq_len,
-                         sites=spec_texts, batches_per_block=batches_per_block)
+                         sites=spec_texts, batches_per_block=batches_per_block,
+                         hooks=fused.describe() if device == "cpu" else f"torch ops on {device}")
     memory = _PeakMemory(device)
     result.memory_kind = memory.kind
     say = echo or (lambda _: None)

@@ -11,11 +11,13 @@ ends and `collect()` copies them to the host in one go.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import pyarrow as pa
 import torch
 
+from . import fused
 from .sites import ResolvedSite
 
 # Reservoir sampling as a bottom-N sketch: every (doc, pos, unit) gets a fixed
@@ -52,6 +54,33 @@ class BatchContext:
     carry_in: bool              # segment 0 continues a document from the previous batch
     carry_out: bool             # the last segment continues into the next batch
     full: bool = False          # no padding in this batch (every mask entry True)
+
+    # Shared by every site layer of the batch, so computed once.
+    @cached_property
+    def n_valid(self) -> torch.Tensor:
+        return self.mask.sum()
+
+    @cached_property
+    def first_doc(self) -> torch.Tensor:
+        """[B] document of each row."""
+        return self.row_doc.view(self.mask.shape[0], -1)[:, 0].contiguous()
+
+    @cached_property
+    def first_pos(self) -> torch.Tensor:
+        """[B] position of each row's first token in its document."""
+        return self.row_pos.view(self.mask.shape[0], -1)[:, 0].contiguous()
+
+    @cached_property
+    def row_order(self) -> torch.Tensor:
+        """[B] the rows in document order (by document, then window start)."""
+        return torch.argsort(self.first_doc * (1 << 32) + self.first_pos)
+
+    @cached_property
+    def row_rank(self) -> torch.Tensor:
+        """[B] each row's place in document order."""
+        rank = torch.empty_like(self.row_order)
+        rank[self.row_order] = torch.arange(len(rank), device=rank.device)
+        return rank
 
 
 class SiteLayer:
@@ -127,13 +156,23 @@ class SiteLayer:
             self._allocate(x.shape[-1])
         batch, seq, width = x.shape
         mask3 = ctx.mask[:, :seq, None]
-        # Padding only exists in some batches; the zeroed / -inf copies are made only then.
-        zeroed = x if ctx.full else x * mask3
         red = self.red
         id_dtype = torch.int16 if width <= 32767 else torch.int32
-        if "topk" in red:
-            values, ids = x.topk(min(red["topk"], width), dim=-1)
-            self.out["topk_values"], self.out["topk_ids"] = values.to(VALUE_DTYPE), ids.to(id_dtype)
+        stats = self.stats
+        stats["n_tokens"] += ctx.n_valid
+        if fused.usable(x, red.get("topk")):
+            top, sums, abs_sums = fused.site_pass(x, ctx, self.threshold, red.get("topk"), "nag" in red, stats)
+            floored = None
+        else:
+            # Padding only exists in some batches; the zeroed / -inf copies are made only then.
+            zeroed = x if ctx.full else x * mask3
+            floored = x if ctx.full else torch.where(mask3, x, float("-inf"))
+            top = x.topk(min(red["topk"], width), dim=-1) if "topk" in red else None
+            sums = zeroed.sum(dim=1)  # [batch, width], float32 over at most `seq` values
+            abs_sums = zeroed.abs().sum(dim=1) if "nag" in red else None
+            self._update_stats(x, zeroed, floored, sums, mask3)
+        if top is not None:
+            self.out["topk_values"], self.out["topk_ids"] = top[0].to(VALUE_DTYPE), top[1].to(id_dtype)
         if "abstopk" in red:
             _, ids = x.abs().topk(min(red["abstopk"], width), dim=-1)
             self.out["topk_values"], self.out["topk_ids"] = x.gather(-1, ids).to(VALUE_DTYPE), ids.to(id_dtype)
@@ -141,24 +180,24 @@ class SiteLayer:
             hits = (x > self.threshold) & mask3
             self.out["threshold_index"] = hits.nonzero()
             self.out["threshold_values"] = x[hits]
-        row_sums = zeroed.sum(dim=1)  # [batch, width], float32 over at most `seq` values
         if "nag" in red or "mean" in red:
-            self._document_sums(zeroed, row_sums)
+            self._document_sums(sums, abs_sums)
         if "last" in red:
             self.out["last"] = x[ctx.last_rows, ctx.lengths[ctx.last_rows] - 1]
         if "dense" in red:
             self.out["dense"] = x[ctx.mask[:, :seq]]
-        floored = x if ctx.full else torch.where(mask3, x, float("-inf"))
-        self._update_stats(x, zeroed, floored, row_sums, mask3)
         if "examples" in red:
+            if floored is None:
+                floored = x if ctx.full else torch.where(mask3, x, float("-inf"))
             self._update_examples(floored.reshape(batch * seq, width), batch * seq)
 
-    def _document_sums(self, zeroed: torch.Tensor, row_sums: torch.Tensor) -> None:
+    def _document_sums(self, sums: torch.Tensor, abs_sums: torch.Tensor | None) -> None:
+        """Per-document means of a and |a| from the per-row sums [batch, width]; NAG keeps the top units of |a|."""
         ctx = self.ctx
-        wanted = [("abs", zeroed.abs().sum(dim=1))] if "nag" in self.red else []
-        wanted += [("raw", row_sums)] if "mean" in self.red else []
+        wanted = [("abs", abs_sums)] if "nag" in self.red else []
+        wanted += [("raw", sums)] if "mean" in self.red else []
         for kind, per_row in wanted:
-            sums = torch.zeros(ctx.n_segments, zeroed.shape[-1], dtype=torch.float32, device=zeroed.device)
+            sums = torch.zeros(ctx.n_segments, per_row.shape[-1], dtype=torch.float32, device=per_row.device)
             sums.index_add_(0, ctx.segment, per_row)
             if ctx.carry_in and kind in self.carry:
                 sums[0] += self.carry.pop(kind)
@@ -166,26 +205,28 @@ class SiteLayer:
                 self.carry[kind] = sums[-1].clone()
             done = sums[ctx.finished] / ctx.finished_tokens[:, None].clamp(min=1)
             if kind == "abs":
-                impacts, order = torch.sort(done, dim=-1, descending=True, stable=True)
-                k = min(self.red["nag"], zeroed.shape[-1])
+                k = min(self.red["nag"], per_row.shape[-1])
+                if fused.usable(done, k):
+                    impacts, order = fused.topk(done, k)  # same order as the stable sort below
+                else:
+                    impacts, order = torch.sort(done, dim=-1, descending=True, stable=True)
                 self.out["nag_ids"], self.out["nag_impacts"] = order[:, :k], impacts[:, :k]
             else:
                 self.out["mean"] = done
 
     def _update_stats(self, x, zeroed, floored, row_sums, mask3) -> None:
-        """Exact stats from per-row partials: every full-size pass is one cheap vectorised reduction.
+        """Exact stats from per-row partials with torch ops (CUDA; fused.c does the same on the CPU).
 
         Sums reduce each row's positions in float32 and the rows in float64; the max is
         found per row first, so the tie rule (first token in document order) only ever
         looks at `batch` rows and then at one row's positions, never at [tokens, width]
-        int64 keys. No host synchronisation: the same code runs on CPU and CUDA.
+        int64 keys. No host synchronisation.
         """
         ctx, stats = self.ctx, self.stats
         batch, seq, width = x.shape
         fired = x > self.threshold
         if not ctx.full:
             fired &= mask3
-        stats["n_tokens"] += ctx.mask.sum()
         # int32 per row (at most `seq` firings): the int64 bool sum is 10x slower on CPU.
         stats["n_fired"] += fired.sum(dim=1, dtype=torch.int32).sum(dim=0)
         stats["sum"] += row_sums.sum(dim=0, dtype=torch.float64)
@@ -194,17 +235,12 @@ class SiteLayer:
         batch_max = row_max.amax(dim=0)                                 # [width]
         # Ties go to the first token in document order, whatever order batches run in:
         # first the earliest row (by document, then window start) reaching the max ...
-        row_doc = ctx.row_doc.view(batch, -1)[:, 0]
-        row_start = ctx.row_pos.view(batch, -1)[:, 0]
-        by_order = torch.argsort(row_doc * (1 << 32) + row_start)
-        rank = torch.empty_like(by_order)
-        rank[by_order] = torch.arange(batch, device=x.device)
-        best = torch.where(row_max == batch_max, rank[:, None], batch).amin(dim=0).clamp(max=batch - 1)
-        row = by_order[best]                                            # [width] (NaN maxima: unused)
+        best = torch.where(row_max == batch_max, ctx.row_rank[:, None], batch).amin(dim=0).clamp(max=batch - 1)
+        row = ctx.row_order[best]                                       # [width] (NaN maxima: unused)
         # ... then the earliest position of that row reaching it.
         within = floored.gather(0, row.view(1, 1, width).expand(1, seq, width))[0]  # [seq, width]
         pos = torch.where(within == batch_max, torch.arange(seq, device=x.device)[:, None], seq).amin(dim=0)
-        first = row_doc[row] * (1 << 32) + row_start[row] + pos
+        first = ctx.first_doc[row] * (1 << 32) + ctx.first_pos[row] + pos
         running = stats["max_doc"] * (1 << 32) + stats["max_pos"]
         better = (batch_max > stats["max"]) | ((batch_max == stats["max"]) & (first < running))
         stats["max"] = torch.where(better, batch_max, stats["max"])

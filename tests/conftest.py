@@ -59,3 +59,17 @@ def minilm_wh(tmp_path_factory, sample_jsonl) -> Path:
     ingest(root, "minilm", [str(sample_jsonl)], ["mlp.act:topk=8,examples=5", "mlp.up:nag=6", "resid.out:last"],
            run_id="r", batch_size=4, max_length=32, device="cpu", progress=False)
     return root
+
+
+@pytest.fixture(params=["fused", "torch"])
+def hook_path(request, monkeypatch) -> str:
+    """Run a capture test through the fused C kernel and through the torch ops."""
+    import torch
+
+    from ingest import fused
+
+    if request.param == "torch":
+        monkeypatch.setattr(fused, "usable", lambda *args, **kwargs: False)
+    elif not fused.usable(torch.zeros(1, 1, 1)):
+        pytest.skip(f"the fused kernel is unavailable here: {fused.describe()}")
+    return request.param

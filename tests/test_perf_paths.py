@@ -1,7 +1,8 @@
 """The fast paths give the same rows as the simple ones.
 
-- capture stats: per-row partial reductions (no padding copies when a batch is full,
-  row-level tie break) vs a direct float64 numpy computation over the valid tokens;
+- capture stats, through the fused C kernel and through torch ops: per-row partial
+  reductions (no padding copies when a batch is full, row-level tie break) vs a direct
+  float64 numpy computation over the valid tokens;
 - writer ordering: the packed-key stable argsort vs np.lexsort;
 - host copies: compact dtypes (float16 values, int16 ids) equal the float32 results cast;
 - padded batches vs each document alone (the no-copy path) give the same outputs and state;
@@ -72,7 +73,7 @@ def _batches(rng, width=24, seq=6):
 
 
 @pytest.mark.parametrize("threshold", [0.0, -0.5, 0.25])
-def test_stats_match_simple_path(threshold):
+def test_stats_match_simple_path(threshold, hook_path):
     rng = np.random.default_rng(0)
     batches = _batches(rng)
     sl = _site_layer(f"x:threshold={threshold}" if threshold else "x:topk=3")
@@ -93,7 +94,7 @@ def test_stats_match_simple_path(threshold):
     assert got["max"][2] != 50.0
 
 
-def test_full_batch_skips_masking_with_same_result():
+def test_full_batch_skips_masking_with_same_result(hook_path):
     """A batch without padding takes the no-copy path; flagging it as padded must not change a thing."""
     rng = np.random.default_rng(1)
     x = rng.standard_normal((3, 5, 16)).astype(np.float32)
@@ -116,7 +117,7 @@ def test_full_batch_skips_masking_with_same_result():
             torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, equal_nan=True)
 
 
-def test_topk_outputs_are_compact_casts_of_torch_topk():
+def test_topk_outputs_are_compact_casts_of_torch_topk(hook_path):
     rng = np.random.default_rng(2)
     x = torch.from_numpy(rng.standard_normal((2, 4, 40)).astype(np.float32))
     sl = _site_layer("x:topk=5")
@@ -150,7 +151,7 @@ def test_lexsort_edge_cases():
     np.testing.assert_array_equal(_lexsort(negative), np.lexsort(negative))
 
 
-def test_padded_batch_equals_documents_one_by_one():
+def test_padded_batch_equals_documents_one_by_one(hook_path):
     """One padded batch (masking path) vs each document alone (no-copy path): same outputs and state."""
     rng = np.random.default_rng(5)
     lengths, width, spec = [5, 3, 4], 16, "x:topk=4,nag=3,mean,last,examples=2"

@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow as pa
@@ -144,7 +145,7 @@ class RunWriter:
         return folder / f"part-{self.rank}-{seq}.parquet"
 
     def _write(self, parts, seq: str, what: str = "part") -> list[PartInfo]:
-        written = []
+        jobs = []
         counters: dict[Path, int] = {}
         for table, site, layer, data in parts:
             if data.num_rows == 0:
@@ -153,8 +154,10 @@ class RunWriter:
             n = counters.get(base, 0)
             counters[base] = n + 1
             final = base if n == 0 else base.with_name(f"{base.stem}-{n}.parquet")
-            written.append(write_part(self.layout.root, self.tmp_dir, final, table, data, site, layer, what))
-        return written
+            jobs.append((self.layout.root, self.tmp_dir, final, table, data, site, layer, what))
+        # Encoding, hashing and fsync release the GIL: parts are written side by side.
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            return list(pool.map(lambda job: write_part(*job), jobs))
 
     def commit_shard(self, parts, state: dict[str, pa.Table] | None = None, info: dict | None = None) -> None:
         """parts: iterable of (table, site|None, layer|None, pyarrow.Table)."""

@@ -1,0 +1,215 @@
+/* One pass over a hooked CPU activation [rows, seq, width] (float32, contiguous).
+ *
+ * For every token: its top-k units (values descending, ties to the lower unit index,
+ * NaN ranked highest as torch.topk does). For every (row, unit), over the row's valid
+ * tokens: sum, sum of |a|, sum of squares, count above the threshold, max and the
+ * first position reaching it. Rows run in parallel on torch's own OpenMP pool (this
+ * library links the libgomp that torch has already loaded), so it adds no threads.
+ *
+ * Top-k without sorting the row: split the row into k interleaved sets; the smallest
+ * of the k set maxima is a lower bound on the k-th largest value (k disjoint sets each
+ * hold a value at least that large). Only values at or above the bound are collected,
+ * the same bound over the collected values tightens it once more, and the survivors
+ * (about 1.5k of them) are insertion-sorted in unit order.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+/* a ranks above b: larger, or NaN against a number */
+static inline int above(float a, float b) { return a > b || (a != a && b == b); }
+
+static inline void insert(float *vals, int32_t *ids, int64_t filled, float value, int32_t id) {
+    int64_t p = filled - 1;
+    while (p > 0 && above(value, vals[p - 1])) {
+        vals[p] = vals[p - 1];
+        ids[p] = ids[p - 1];
+        p--;
+    }
+    vals[p] = value;
+    ids[p] = id;
+}
+
+/* The smallest of the maxima of k interleaved sets of v[0 .. n) (n a multiple of k, n >= k). */
+static float set_floor(const float *restrict v, int64_t n, int64_t k, float *restrict set_max) {
+    for (int64_t s = 0; s < k; s++) set_max[s] = v[s];
+    for (int64_t i = k; i + k <= n; i += k)
+        for (int64_t s = 0; s < k; s++) set_max[s] = v[i + s] > set_max[s] ? v[i + s] : set_max[s];
+    float floor_ = set_max[0];
+    for (int64_t s = 1; s < k; s++) floor_ = set_max[s] < floor_ ? set_max[s] : floor_;
+    return floor_;
+}
+
+/* Keeps v[j] unless it is below the floor (NaN is kept); returns how many were kept. */
+static int64_t collect(const float *restrict v, int64_t width, float floor_, float *restrict cv, int32_t *restrict ci) {
+    int64_t n = 0, j = 0;
+#ifdef __AVX512F__
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512 bound = _mm512_set1_ps(floor_);
+    for (; j + 16 <= width; j += 16) {
+        __m512 chunk = _mm512_loadu_ps(v + j);
+        __mmask16 keep = _mm512_cmp_ps_mask(chunk, bound, _CMP_NLT_UQ);
+        /* compress in registers, then a plain store: the memory form of compress is slow on some cores */
+        _mm512_storeu_ps(cv + n, _mm512_maskz_compress_ps(keep, chunk));
+        _mm512_storeu_si512(ci + n, _mm512_maskz_compress_epi32(keep, _mm512_add_epi32(_mm512_set1_epi32((int32_t)j), lane)));
+        n += __builtin_popcount(keep);
+    }
+#endif
+    for (; j < width; j++) {
+        cv[n] = v[j];
+        ci[n] = (int32_t)j;
+        n += !(v[j] < floor_);
+    }
+    return n;
+}
+
+static void topk_row(const float *restrict v, int64_t width, int64_t k, float *restrict vals, int32_t *restrict ids,
+                     float *restrict cv, int32_t *restrict ci, float *restrict set_max) {
+    int64_t n = collect(v, width, set_floor(v, width - width % k, k, set_max), cv, ci);
+    if (n >= 2 * k) {
+        float floor_ = set_floor(cv, n - n % k, k, set_max);
+        int64_t kept = 0;
+        for (int64_t c = 0; c < n; c++) {
+            cv[kept] = cv[c];
+            ci[kept] = ci[c];
+            kept += !(cv[c] < floor_);
+        }
+        n = kept;
+    }
+    int64_t filled = 0;
+    for (int64_t c = 0; c < n; c++) {
+        if (filled < k) insert(vals, ids, ++filled, cv[c], ci[c]);
+        else if (above(cv[c], vals[k - 1])) insert(vals, ids, k, cv[c], ci[c]);
+    }
+}
+
+static void accumulate(const float *restrict v, int64_t width, float threshold, int32_t t, float *restrict s,
+                       float *restrict q, int32_t *restrict f, float *restrict m, int32_t *restrict am) {
+    for (int64_t j = 0; j < width; j++) {
+        float vj = v[j];
+        s[j] += vj;
+        q[j] += vj * vj;
+        f[j] += vj > threshold;
+        int up = vj > m[j] || (vj != vj && m[j] == m[j]); /* NaN wins and sticks, as in torch.amax */
+        m[j] = up ? vj : m[j];
+        am[j] = up ? t : am[j];
+    }
+}
+
+static void accumulate_abs(const float *restrict v, int64_t width, float *restrict a) {
+    for (int64_t j = 0; j < width; j++) a[j] += fabsf(v[j]);
+}
+
+/* Folds the per-row partials of unit j into the running stats: sums in float64, and the
+ * max with its first token in document order (rows visited in document order, first
+ * position within the row), replacing the running max only when larger, or equal and earlier. */
+static void fold_unit(int64_t j, int64_t rows, int64_t width, const float *row_sum, const float *row_sq,
+                      const int32_t *row_fired, const float *row_max, const int32_t *row_argmax,
+                      const int64_t *row_order, const int64_t *row_doc, const int64_t *row_start, int64_t *n_fired,
+                      double *sum, double *sum_sq, float *max, int64_t *max_doc, int64_t *max_pos) {
+    double s = 0, q = 0;
+    int64_t f = 0;
+    for (int64_t r = 0; r < rows; r++) {
+        s += row_sum[r * width + j];
+        q += row_sq[r * width + j];
+        f += row_fired[r * width + j];
+    }
+    sum[j] += s;
+    sum_sq[j] += q;
+    n_fired[j] += f;
+    int64_t best = row_order[0];
+    for (int64_t i = 1; i < rows; i++) {
+        int64_t r = row_order[i];
+        if (above(row_max[r * width + j], row_max[best * width + j])) best = r;
+    }
+    float m = row_max[best * width + j];
+    int64_t doc = row_doc[best], pos = row_start[best] + row_argmax[best * width + j];
+    if (above(m, max[j]) || (m == max[j] && (doc < max_doc[j] || (doc == max_doc[j] && pos < max_pos[j])))) {
+        max[j] = m;
+        max_doc[j] = doc;
+        max_pos[j] = pos;
+    }
+}
+
+/* Returns 0, or -1 when scratch memory could not be allocated. k = 0: no top-k;
+ * mask = NULL: every token valid; row_abs = NULL: no |a| sums. The row_* buffers are
+ * [rows, width] outputs (sums and |a| sums are kept for document means and NAG);
+ * n_fired .. max_pos are the site layer's running stats [width], updated in place. */
+int whq_site_pass(const float *x, int64_t rows, int64_t seq, int64_t width, const uint8_t *mask, float threshold,
+                  int64_t k, float *topk_values, int32_t *topk_ids, float *row_sum, float *row_abs, float *row_sq,
+                  int32_t *row_fired, float *row_max, int32_t *row_argmax, const int64_t *row_order,
+                  const int64_t *row_doc, const int64_t *row_start, int64_t *n_fired, double *sum, double *sum_sq,
+                  float *max, int64_t *max_doc, int64_t *max_pos) {
+    int failed = 0;
+#pragma omp parallel
+    {
+        /* + 16: the vector collect stores a whole register past the last kept value */
+        float *cv = k ? malloc(sizeof(float) * (width + 16)) : NULL;
+        int32_t *ci = k ? malloc(sizeof(int32_t) * (width + 16)) : NULL;
+        float *set_max = k ? malloc(sizeof(float) * k) : NULL;
+        if (k && !(cv && ci && set_max)) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp barrier
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++) {
+            if (failed) continue;
+            float *s = row_sum + r * width, *q = row_sq + r * width, *m = row_max + r * width;
+            float *a = row_abs ? row_abs + r * width : NULL;
+            int32_t *f = row_fired + r * width, *am = row_argmax + r * width;
+            for (int64_t j = 0; j < width; j++) {
+                s[j] = 0;
+                q[j] = 0;
+                f[j] = 0;
+                m[j] = -INFINITY;
+                am[j] = 0;
+            }
+            if (a)
+                for (int64_t j = 0; j < width; j++) a[j] = 0;
+            for (int64_t t = 0; t < seq; t++) {
+                const float *v = x + (r * seq + t) * width;
+                if (k) topk_row(v, width, k, topk_values + (r * seq + t) * k, topk_ids + (r * seq + t) * k, cv, ci, set_max);
+                if (mask && !mask[r * seq + t]) continue;
+                accumulate(v, width, threshold, (int32_t)t, s, q, f, m, am);
+                if (a) accumulate_abs(v, width, a);
+            }
+        }
+        free(cv);
+        free(ci);
+        free(set_max);
+        if (!failed) {
+#pragma omp for schedule(static)
+            for (int64_t j = 0; j < width; j++)
+                fold_unit(j, rows, width, row_sum, row_sq, row_fired, row_max, row_argmax, row_order, row_doc, row_start,
+                          n_fired, sum, sum_sq, max, max_doc, max_pos);
+        }
+    }
+    return failed ? -1 : 0;
+}
+
+/* Top-k of each row of x [rows, width]: values descending, ties to the lower index. */
+int whq_topk(const float *x, int64_t rows, int64_t width, int64_t k, float *values, int32_t *ids) {
+    int failed = 0;
+#pragma omp parallel
+    {
+        float *cv = malloc(sizeof(float) * (width + 16));
+        int32_t *ci = malloc(sizeof(int32_t) * (width + 16));
+        float *set_max = malloc(sizeof(float) * k);
+        if (!(cv && ci && set_max)) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp barrier
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++)
+            if (!failed) topk_row(x + r * width, width, k, values + r * k, ids + r * k, cv, ci, set_max);
+        free(cv);
+        free(ci);
+        free(set_max);
+    }
+    return failed ? -1 : 0;
+}

@@ -1,0 +1,136 @@
+"""The fused CPU hook kernel (fused.c): top-k and per-row partial statistics in one pass.
+
+The C source is compiled on first use with the machine's C compiler (`cc -O3
+-march=native -fopenmp`) into a cache folder, like a JIT: about a second once, then
+reused while the source, compiler and CPU stay the same. Where no compiler is found,
+the build fails, or `WHQ_FUSED=0` is set, the hooks use plain torch ops instead; both
+give the same rows (tests/test_fused.py), and `whq bench ingest` says which one ran.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("fused.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared"]
+# Top-k keeps a sorted buffer of k entries per token: beyond this, torch.topk is faster.
+MAX_K = 256
+
+
+def _cache_dir() -> Path:
+    if os.environ.get("WHQ_CACHE"):
+        return Path(os.environ["WHQ_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "whq"
+
+
+def _cpu_identity() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return os.uname().machine
+
+
+def _build(compiler: str) -> Path:
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    digest = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_identity()]).encode())
+    target = _cache_dir() / f"whq-fused-{digest.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Compile beside the target and rename: a concurrent or interrupted build never leaves a torn library.
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            raise OSError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"{compiler} failed")
+        os.replace(built, target)
+    return target
+
+
+@lru_cache(maxsize=1)
+def _library() -> tuple[ctypes.CDLL | None, str]:
+    """The loaded kernel and a description of it, or None and why it is not available."""
+    if os.environ.get("WHQ_FUSED", "1") == "0":
+        return None, "disabled by WHQ_FUSED=0"
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not compiler:
+        return None, "no C compiler (install gcc to enable it)"
+    try:
+        path = _build(compiler)
+        # torch is imported first, so the kernel's libgomp.so.1 resolves to torch's: one thread pool.
+        lib = ctypes.CDLL(str(path))
+    except (OSError, subprocess.SubprocessError) as exc:
+        return None, f"build failed: {exc}"
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    lib.whq_site_pass.argtypes = [pointer, size, size, size, pointer, ctypes.c_float, size] + [pointer] * 17
+    lib.whq_topk.argtypes = [pointer, size, size, size, pointer, pointer]
+    for function in (lib.whq_site_pass, lib.whq_topk):
+        function.restype = ctypes.c_int
+    return lib, f"fused C kernel ({path})"
+
+
+def describe() -> str:
+    """Which hook implementation CPU captures use, for `whq bench ingest`."""
+    lib, why = _library()
+    return why if lib is not None else f"torch ops (fused kernel unavailable: {why})"
+
+
+def usable(x: torch.Tensor, topk: int | None = None) -> bool:
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and (topk is None or topk <= MAX_K)
+            and _library()[0] is not None)
+
+
+def _check(status: int) -> None:
+    if status != 0:
+        raise MemoryError("the fused hook kernel could not allocate its scratch buffers")
+
+
+def _pointer(tensor: torch.Tensor | None):
+    return tensor.data_ptr() if tensor is not None else None
+
+
+def site_pass(x: torch.Tensor, ctx, threshold: float, topk: int | None, want_abs: bool, stats: dict):
+    """Run the kernel on x [batch, seq, width] of one batch (ctx: its BatchContext).
+
+    Adds the batch to `stats` in place (everything but n_tokens) and returns (top-k
+    values float32 and ids int32 [batch, seq, k], or None; row sums; row |a| sums or None).
+    """
+    lib = _library()[0]
+    x = x.contiguous()
+    batch, seq, width = x.shape
+    k = min(topk, width) if topk else 0
+    mask = None if ctx.full else ctx.mask[:, :seq].contiguous().view(torch.uint8)
+    values = torch.empty(batch, seq, k, dtype=torch.float32)
+    ids = torch.empty(batch, seq, k, dtype=torch.int32)
+    sums, squares, row_max = (torch.empty(batch, width) for _ in range(3))
+    fired, argmax = (torch.empty(batch, width, dtype=torch.int32) for _ in range(2))
+    abs_sums = torch.empty(batch, width) if want_abs else None
+    _check(lib.whq_site_pass(
+        x.data_ptr(), batch, seq, width, _pointer(mask), threshold, k, values.data_ptr(), ids.data_ptr(),
+        sums.data_ptr(), _pointer(abs_sums), squares.data_ptr(), fired.data_ptr(), row_max.data_ptr(), argmax.data_ptr(),
+        *(t.data_ptr() for t in (ctx.row_order, ctx.first_doc, ctx.first_pos)),
+        *(stats[name].data_ptr() for name in ("n_fired", "sum", "sum_sq", "max", "max_doc", "max_pos"))))
+    return ((values, ids) if k else None), sums, abs_sums
+
+
+def topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of each row of x [rows, width] (float32, CPU): values descending, ties to the lower index."""
+    lib = _library()[0]
+    x = x.contiguous()
+    rows, width = x.shape
+    k = min(k, width)
+    values, ids = torch.empty(rows, k), torch.empty(rows, k, dtype=torch.int32)
+    _check(lib.whq_topk(x.data_ptr(), rows, width, k, values.data_ptr(), ids.data_ptr()))
+    return values, ids
