@@ -66,8 +66,30 @@ static int64_t collect(const float *restrict v, int64_t width, float floor_, flo
     return n;
 }
 
+/* Per-thread buffers for topk_row; + 16: the vector collect stores a whole register past the last kept value. */
+typedef struct {
+    float *values;
+    int32_t *ids;
+    float *set_max;
+} Scratch;
+
+static int scratch_alloc(Scratch *s, int64_t width, int64_t k) {
+    s->values = malloc(sizeof(float) * (width + 16));
+    s->ids = malloc(sizeof(int32_t) * (width + 16));
+    s->set_max = malloc(sizeof(float) * k);
+    return s->values && s->ids && s->set_max;
+}
+
+static void scratch_free(Scratch *s) {
+    free(s->values);
+    free(s->ids);
+    free(s->set_max);
+}
+
 static void topk_row(const float *restrict v, int64_t width, int64_t k, float *restrict vals, int32_t *restrict ids,
-                     float *restrict cv, int32_t *restrict ci, float *restrict set_max) {
+                     const Scratch *scratch) {
+    float *restrict cv = scratch->values, *restrict set_max = scratch->set_max;
+    int32_t *restrict ci = scratch->ids;
     int64_t n = collect(v, width, set_floor(v, width - width % k, k, set_max), cv, ci);
     if (n >= 2 * k) {
         float floor_ = set_floor(cv, n - n % k, k, set_max);
@@ -146,11 +168,8 @@ int whq_site_pass(const float *x, int64_t rows, int64_t seq, int64_t width, cons
     int failed = 0;
 #pragma omp parallel
     {
-        /* + 16: the vector collect stores a whole register past the last kept value */
-        float *cv = k ? malloc(sizeof(float) * (width + 16)) : NULL;
-        int32_t *ci = k ? malloc(sizeof(int32_t) * (width + 16)) : NULL;
-        float *set_max = k ? malloc(sizeof(float) * k) : NULL;
-        if (k && !(cv && ci && set_max)) {
+        Scratch scratch = {NULL, NULL, NULL};
+        if (k && !scratch_alloc(&scratch, width, k)) {
 #pragma omp atomic write
             failed = 1;
         }
@@ -172,15 +191,13 @@ int whq_site_pass(const float *x, int64_t rows, int64_t seq, int64_t width, cons
                 for (int64_t j = 0; j < width; j++) a[j] = 0;
             for (int64_t t = 0; t < seq; t++) {
                 const float *v = x + (r * seq + t) * width;
-                if (k) topk_row(v, width, k, topk_values + (r * seq + t) * k, topk_ids + (r * seq + t) * k, cv, ci, set_max);
+                if (k) topk_row(v, width, k, topk_values + (r * seq + t) * k, topk_ids + (r * seq + t) * k, &scratch);
                 if (mask && !mask[r * seq + t]) continue;
                 accumulate(v, width, threshold, (int32_t)t, s, q, f, m, am);
                 if (a) accumulate_abs(v, width, a);
             }
         }
-        free(cv);
-        free(ci);
-        free(set_max);
+        scratch_free(&scratch);
         if (!failed) {
 #pragma omp for schedule(static)
             for (int64_t j = 0; j < width; j++)
@@ -196,20 +213,16 @@ int whq_topk(const float *x, int64_t rows, int64_t width, int64_t k, float *valu
     int failed = 0;
 #pragma omp parallel
     {
-        float *cv = malloc(sizeof(float) * (width + 16));
-        int32_t *ci = malloc(sizeof(int32_t) * (width + 16));
-        float *set_max = malloc(sizeof(float) * k);
-        if (!(cv && ci && set_max)) {
+        Scratch scratch;
+        if (!scratch_alloc(&scratch, width, k)) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp barrier
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; r++)
-            if (!failed) topk_row(x + r * width, width, k, values + r * k, ids + r * k, cv, ci, set_max);
-        free(cv);
-        free(ci);
-        free(set_max);
+            if (!failed) topk_row(x + r * width, width, k, values + r * k, ids + r * k, &scratch);
+        scratch_free(&scratch);
     }
     return failed ? -1 : 0;
 }
