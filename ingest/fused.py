@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -42,9 +43,9 @@ def _cpu_identity() -> str:
     return os.uname().machine
 
 
-def _build(compiler: str) -> Path:
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    digest = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_identity()]).encode())
+def _build(compiler: list[str]) -> Path:
+    version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    digest = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(compiler + FLAGS), version, _cpu_identity()]).encode())
     target = _cache_dir() / f"whq-fused-{digest.hexdigest()[:16]}.so"
     if target.exists():
         return target
@@ -52,9 +53,9 @@ def _build(compiler: str) -> Path:
     # Compile beside the target and rename: a concurrent or interrupted build never leaves a torn library.
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
-        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True, timeout=300)
+        done = subprocess.run([*compiler, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
-            raise OSError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"{compiler} failed")
+            raise OSError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"{compiler[0]} failed")
         os.replace(built, target)
     return target
 
@@ -64,7 +65,7 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     """The loaded kernel and a description of it, or None and why it is not available."""
     if os.environ.get("WHQ_FUSED", "1") == "0":
         return None, "disabled by WHQ_FUSED=0"
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    compiler = shlex.split(os.environ.get("CC", "")) or [c for c in (shutil.which("cc") or shutil.which("gcc"),) if c]
     if not compiler:
         return None, "no C compiler (install gcc to enable it)"
     try:

@@ -130,7 +130,7 @@ def test_ingest_commits_the_same_rows_either_way(tmp_path, monkeypatch, sample_j
 
 def test_build_is_cached_per_source(tmp_path, monkeypatch):
     monkeypatch.setenv("WHQ_CACHE", str(tmp_path))
-    compiler = fused.shutil.which("cc") or fused.shutil.which("gcc")
+    compiler = [fused.shutil.which("cc") or fused.shutil.which("gcc")]
     first = fused._build(compiler)
     assert first.parent == tmp_path and first.exists()
     stamp = first.stat().st_mtime_ns
