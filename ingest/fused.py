@@ -1,7 +1,7 @@
 """The fused CPU hook kernel (fused.c): top-k and per-row partial statistics in one pass.
 
 The C source is compiled on first use with the machine's C compiler (`cc -O3
--march=native -fopenmp`) into a cache folder, like a JIT: about a second once, then
+-march=native -fopenmp`) into a cache folder ($WHQ_CACHE, else ~/.cache/whq), like a JIT: about a second once, then
 reused while the source, compiler and CPU stay the same. Where no compiler is found,
 the build fails, or `WHQ_FUSED=0` is set, the hooks use plain torch ops instead; both
 give the same rows (tests/test_fused.py), and `whq bench ingest` says which one ran.
