@@ -40,6 +40,9 @@ def ingest_(
 ):
     """Time the plain forward pass against the full capture path (hooks, reductions, writer) on one batch.
 
+    On the CPU the hooks run a fused C kernel built on first use with the system compiler;
+    WHQ_FUSED=0 times the torch-op hooks instead. The output names the one that ran.
+
     Example: whq bench ingest --model minilm --batch-size 32 --seq-len 128
     """
     import json
