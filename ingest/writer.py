@@ -8,17 +8,16 @@ resume state through the RunWriter.
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 
 from warehouse import schema
+from warehouse.parts import side_by_side
 
 
 @dataclass
@@ -198,9 +197,7 @@ def merged_parts(pending: dict, widths: dict) -> list[tuple]:
         merged = part_order(table, {k: _concat([p[k] for p in pieces]) for k in pieces[0]})
         return table, site, layer, to_arrow(table, merged, widths.get((site, layer)))
 
-    # numpy's sorts and gathers release the GIL: parts are ordered side by side.
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        return list(pool.map(merge, list(pending)))
+    return side_by_side(merge, list(pending))
 
 
 def part_order(table: str, columns: dict) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,6 +31,19 @@ _ENCODINGS = {
 # token_neurons parts are sorted by neuron (ingest.writer.part_order): small row groups make
 # their neuron min/max statistics selective, so a one-unit scan skips most of them.
 _ROW_GROUP_ROWS = {"token_neurons": 1 << 16}
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def side_by_side(function, items) -> list:
+    """[function(item) for item in items], on a thread pool (for work that releases the GIL:
+    numpy sorts, Parquet encoding, hashing, fsync). One pool for the process: reusing its
+    threads keeps malloc from opening a new arena per shard."""
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="whq-parts")
+    return list(_POOL.map(function, items))
 
 
 @dataclass

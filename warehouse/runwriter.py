@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow as pa
@@ -29,7 +28,7 @@ from .errors import BadInput, RunExists, WarehouseError
 from .faults import fault
 from .layout import FORMAT_VERSION, Layout, check_name
 from .locks import locked, try_lock
-from .parts import PartInfo, write_bytes_atomic, write_part
+from .parts import PartInfo, side_by_side, write_bytes_atomic, write_part
 
 VOLATILE_CONFIG_KEYS = {"resume", "progress", "started_at"}
 
@@ -155,9 +154,7 @@ class RunWriter:
             counters[base] = n + 1
             final = base if n == 0 else base.with_name(f"{base.stem}-{n}.parquet")
             jobs.append((self.layout.root, self.tmp_dir, final, table, data, site, layer, what))
-        # Encoding, hashing and fsync release the GIL: parts are written side by side.
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-            return list(pool.map(lambda job: write_part(*job), jobs))
+        return side_by_side(lambda job: write_part(*job), jobs)
 
     def commit_shard(self, parts, state: dict[str, pa.Table] | None = None, info: dict | None = None) -> None:
         """parts: iterable of (table, site|None, layer|None, pyarrow.Table)."""
