@@ -208,17 +208,34 @@ def part_order(table: str, columns: dict) -> dict:
     a one-neuron scan reads ~1/20 of the rows (README "Performance"); they also compress
     better (runs of equal ids).
     """
-    if table != "token_neurons" or "neuron" not in columns:
-        order = _document_order(columns)
-    else:
-        # (doc, pos) first, then a stable sort by neuron: a token holds each unit once, so
-        # the neuron needs no place in the first key (and the first sort sees long runs).
-        order = _lexsort([np.asarray(columns[k], dtype=np.int64) for k in ("pos", "doc")])
-        neuron = np.asarray(columns["neuron"])[order]
-        if len(neuron) and 0 <= neuron.min() and neuron.max() < 1 << 15:
-            neuron = neuron.astype(np.int16)  # a stable int16 argsort is a radix sort: 4x the packed timsort here
-        order = order[np.argsort(neuron, kind="stable")]
+    order = _neuron_major_order(columns) if table == "token_neurons" and "neuron" in columns else _document_order(columns)
     return {k: np.asarray(v)[order] for k, v in columns.items()}
+
+
+def _neuron_major_order(columns: dict) -> np.ndarray:
+    """The permutation to (neuron, doc, pos) order, stable like np.lexsort.
+
+    A token's rows arrive adjacent, so the (doc, pos) sort runs over tokens (runs of rows
+    with one key), 20x fewer than rows at top-20; the rows then get a stable sort by
+    neuron, a radix sort for int16 ids.
+    """
+    doc, pos = np.asarray(columns["doc"]), np.asarray(columns["pos"])
+    rows = len(doc)
+    if rows == 0:
+        return np.arange(0)
+    new_token = np.ones(rows, dtype=bool)
+    new_token[1:] = (doc[1:] != doc[:-1]) | (pos[1:] != pos[:-1])
+    starts = np.flatnonzero(new_token)
+    lengths = np.diff(np.append(starts, rows))
+    token_order = _lexsort([pos[starts].astype(np.int64), doc[starts].astype(np.int64)])
+    ordered_lengths = lengths[token_order]
+    # Each token's run of rows, the tokens one after another in document order.
+    shift = starts[token_order] - (np.cumsum(ordered_lengths) - ordered_lengths)
+    in_document_order = np.arange(rows) + np.repeat(shift, ordered_lengths)
+    neuron = np.asarray(columns["neuron"])[in_document_order]
+    if 0 <= neuron.min() and neuron.max() < 1 << 15:
+        neuron = neuron.astype(np.int16)
+    return in_document_order[np.argsort(neuron, kind="stable")]
 
 
 def _in_document_order(columns: dict) -> dict:

@@ -258,5 +258,15 @@ def test_token_neuron_parts_are_neuron_major_and_same_rows():
     expected = np.lexsort([columns["pos"], columns["doc"], columns["neuron"]])
     for name, column in columns.items():
         np.testing.assert_array_equal(ordered[name], column[expected])
+    # As captured: each token's k rows adjacent, batches out of document order, a repeated token.
+    tokens = [(d, p) for d in rng.permutation(40) for p in range(rng.integers(1, 30))]
+    tokens.append(tokens[3])
+    k = 5
+    runs = {"doc": np.repeat([d for d, _ in tokens], k), "pos": np.repeat([p for _, p in tokens], k),
+            "neuron": np.concatenate([rng.choice(3000, k, replace=False) for _ in tokens]), "value": rng.random(len(tokens) * k)}
+    ordered = part_order("token_neurons", runs)
+    expected = np.lexsort([runs["pos"], runs["doc"], runs["neuron"]])
+    for name, column in runs.items():
+        np.testing.assert_array_equal(ordered[name], column[expected])
     doc_order = part_order("doc_neurons", {"doc": columns["doc"], "neuron": columns["neuron"]})
     np.testing.assert_array_equal(doc_order["doc"], np.sort(columns["doc"], kind="stable"))
