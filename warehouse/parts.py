@@ -31,6 +31,10 @@ _ENCODINGS = {
 # token_neurons parts are sorted by neuron (ingest.writer.part_order): small row groups make
 # their neuron min/max statistics selective, so a one-unit scan skips most of them.
 _ROW_GROUP_ROWS = {"token_neurons": 1 << 16}
+# Min/max statistics where they prune: neuron (one-unit scans) and doc (a shard's documents).
+# In neuron-major row groups pos and value span nearly their whole range, so theirs would
+# prune nothing and cost 12% of the encode.
+_STATISTICS = {"token_neurons": ["neuron", "doc"]}
 
 
 _POOL: ThreadPoolExecutor | None = None
@@ -71,7 +75,7 @@ def encode(table_name: str, data: pa.Table) -> bytes:
         use_dictionary=[c for c in data.column_names if c not in encodings],
         column_encoding=encodings or None,
         row_group_size=_ROW_GROUP_ROWS.get(table_name, 1 << 20),
-        write_statistics=True,
+        write_statistics=_STATISTICS.get(table_name, True),
     )
     return sink.getvalue().to_pybytes()
 
