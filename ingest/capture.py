@@ -166,7 +166,7 @@ class SiteLayer:
         else:
             # Padding only exists in some batches; the zeroed / -inf copies are made only then.
             zeroed = x if ctx.full else x * mask3
-            floored = x if ctx.full else torch.where(mask3, x, float("-inf"))
+            floored = self._floored(x, mask3)
             top = x.topk(min(red["topk"], width), dim=-1) if "topk" in red else None
             sums = zeroed.sum(dim=1)  # [batch, width], float32 over at most `seq` values
             abs_sums = zeroed.abs().sum(dim=1) if "nag" in red else None
@@ -187,9 +187,12 @@ class SiteLayer:
         if "dense" in red:
             self.out["dense"] = x[ctx.mask[:, :seq]]
         if "examples" in red:
-            if floored is None:
-                floored = x if ctx.full else torch.where(mask3, x, float("-inf"))
+            floored = self._floored(x, mask3) if floored is None else floored
             self._update_examples(floored.reshape(batch * seq, width), batch * seq)
+
+    def _floored(self, x: torch.Tensor, mask3: torch.Tensor) -> torch.Tensor:
+        """x with -inf on padding, for maxima (no copy when the batch has none)."""
+        return x if self.ctx.full else torch.where(mask3, x, float("-inf"))
 
     def _document_sums(self, sums: torch.Tensor, abs_sums: torch.Tensor | None) -> None:
         """Per-document means of a and |a| from the per-row sums [batch, width]; NAG keeps the top units of |a|."""

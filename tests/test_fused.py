@@ -18,7 +18,7 @@ import torch
 
 from ingest import fused
 
-from .test_perf_paths import _batches, _context, _site_layer
+from .test_perf_paths import _batches, _context, _site_layer, _valid_tokens
 
 pytestmark = pytest.mark.skipif(not fused.usable(torch.zeros(1, 1, 1)), reason=f"fused kernel unavailable: {fused.describe()}")
 
@@ -87,7 +87,7 @@ def test_site_pass_equals_torch_ops(spec, monkeypatch):
     for got, want, (x, _, _, lengths) in zip(kernel_out, torch_out, batches):
         assert got.keys() == want.keys()
         # Padding is all-equal garbage (ties torch.topk orders its own way) and is never written.
-        valid = torch.as_tensor(np.arange(x.shape[1])[None, :] < np.asarray(lengths)[:, None])
+        valid = torch.as_tensor(_valid_tokens(x.shape[1], lengths))
         for key in got:
             a, b = (got[key][valid], want[key][valid]) if key.startswith("topk") else (got[key], want[key])
             torch.testing.assert_close(a.to(b.dtype), b, rtol=1e-6, atol=1e-6)

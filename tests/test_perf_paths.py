@@ -29,7 +29,7 @@ def _context(docs, starts, lengths, seq, device="cpu", finished=None) -> BatchCo
     """A batch of rows (doc, first position, valid length); every row is its own segment."""
     docs, starts, lengths = (np.asarray(a, dtype=np.int64) for a in (docs, starts, lengths))
     rows = len(docs)
-    mask = np.arange(seq)[None, :] < lengths[:, None]
+    mask = _valid_tokens(seq, lengths)
     finished = list(range(rows)) if finished is None else finished
     t = lambda a, dtype=torch.int64: torch.as_tensor(np.asarray(a), dtype=dtype, device=device)  # noqa: E731
     return BatchContext(
@@ -38,6 +38,11 @@ def _context(docs, starts, lengths, seq, device="cpu", finished=None) -> BatchCo
         n_segments=rows, finished=t(finished), finished_tokens=t(lengths[finished], torch.float32),
         last_rows=t(finished), carry_in=False, carry_out=False, full=bool(mask.all()),
     )
+
+
+def _valid_tokens(seq: int, lengths) -> np.ndarray:
+    """[rows, seq] True on each row's tokens, False on padding."""
+    return np.arange(seq)[None, :] < np.asarray(lengths)[:, None]
 
 
 def _simple_stats(batches, threshold: float) -> dict:
@@ -237,7 +242,7 @@ def test_cuda_matches_cpu():
     (cpu_out, cpu_stats, cpu_ex), (gpu_out, gpu_stats, gpu_ex) = results["cpu"], results["cuda"]
     for a, b, (x, _, _, lengths) in zip(cpu_out, gpu_out, batches):
         # Padding is all-equal garbage, never written; each top-k orders such ties its own way.
-        valid = np.arange(x.shape[1])[None, :] < np.asarray(lengths)[:, None]
+        valid = _valid_tokens(x.shape[1], lengths)
         for key in a:
             got, want = (a[key][valid], b[key][valid]) if key.startswith("topk") else (a[key], b[key])
             np.testing.assert_allclose(got.astype(np.float64), want.astype(np.float64), rtol=1e-5, atol=1e-5)
