@@ -84,8 +84,11 @@ class BatchContext:
 
 
 class SiteLayer:
-    def __init__(self, site: ResolvedSite, layer: int, module_name: str, device: str):
+    def __init__(self, site: ResolvedSite, layer: int, module_name: str, device: str, encoder=None, target_module: str | None = None):
         self.site, self.layer, self.module_name, self.device = site, layer, module_name, device
+        # A dictionary site (ingest.dictionary.DeviceDictionary) encodes the hooked tensor first; its latents
+        # are the units every reduction sees. A transcoder's target_module output is its reconstruction target.
+        self.encoder, self.target_module = encoder, target_module
         self.spec = site.spec
         self.red = site.spec.reductions
         self.threshold = site.spec.threshold
@@ -133,6 +136,8 @@ class SiteLayer:
         tables = {f"stats.{self.name}.{self.layer}": snapshot(self.stats)}
         if self.examples:
             tables[f"examples.{self.name}.{self.layer}"] = snapshot(self.examples)
+        if self.encoder is not None:
+            tables.update(self.encoder.state_tables(f"{self.name}.{self.layer}"))
         return tables
 
     def restore(self, tables: dict[str, pa.Table]) -> None:
@@ -145,6 +150,8 @@ class SiteLayer:
             for key, target in state.items():
                 column = torch.from_numpy(source.column(key).to_numpy().copy())  # Arrow buffers are read-only
                 target.copy_(column[0] if target.dim() == 0 else column.reshape(target.shape))
+        if self.encoder is not None:
+            self.encoder.restore(tables, f"{self.name}.{self.layer}")
 
     # -- the hook ---------------------------------------------------------------
     def __call__(self, x: torch.Tensor) -> None:
@@ -152,6 +159,8 @@ class SiteLayer:
         if x.dim() != 3:
             raise RuntimeError(f"site {self.name} layer {self.layer}: expected [batch, seq, units], got shape {tuple(x.shape)}")
         x = x.detach().float()
+        if self.encoder is not None:
+            x = self.encoder(x, ctx.mask[:, :x.shape[1]])
         if self.width is None:
             self._allocate(x.shape[-1])
         batch, seq, width = x.shape
@@ -325,4 +334,7 @@ def attach(model, site_layers: list[SiteLayer]) -> list:
             handles.append(module.register_forward_pre_hook(lambda m, a, k, sl=sl: sl(_first_tensor(a, k)), with_kwargs=True))
         else:
             handles.append(module.register_forward_hook(lambda m, a, o, sl=sl: sl(_output_tensor(o))))
+        if sl.target_module is not None:
+            handles.append(modules[sl.target_module].register_forward_hook(
+                lambda m, a, o, sl=sl: sl.encoder.target(_output_tensor(o))))
     return handles

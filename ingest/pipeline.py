@@ -26,7 +26,7 @@ import warehouse
 from warehouse.errors import BadInput, BadSpec, WarehouseError
 from warehouse.runwriter import RunWriter, committed_with_same_config
 
-from . import sources
+from . import dictionary, sources
 from .sites import ResolvedSite, parse_spec, resolve
 from .tokenize import Window, pad_batch, windows
 
@@ -215,10 +215,14 @@ def ingest(
     if shard_tokens < 1:
         raise BadInput("--shard-tokens must be at least 1")
     paths = [] if documents is not None else sources.check_paths(list(data))
+    dictionaries = dictionary.load_all(specs)  # read and checked before the model loads
+    if dictionaries and world_size > 1:
+        raise BadInput("dictionary sites run on one rank: drop --world-size (or capture the dictionary sites in a run of their own)")
     root = Path(root)
     wh = warehouse.open(root) if (root / "whq.json").exists() else warehouse.init(root)
     loaded = loaded or models.load(model, device, dtype)
     resolved: list[ResolvedSite] = [resolve(spec, loaded.module_names, loaded.aliases) for spec in specs]
+    resolved, bound = dictionary.bind(resolved, dictionaries, loaded.module_names, loaded.aliases)
     max_length = int(max_length or loaded.max_length)
     positions = (loaded.config.get("model_config") or {}).get("max_position_embeddings")
     if positions and max_length > positions:
@@ -244,10 +248,11 @@ def ingest(
     writer = open_writer(lambda: RunWriter(wh.layout, run_id, config, resume=resume, rank=rank, world_size=world_size),
                          rank, world_size)
     device = loaded.config["device"]
-    site_layers = [SiteLayer(r, layer, module, device) for r in resolved for layer, module in r.modules]
+    site_layers = [SiteLayer(r, layer, module, device, *dictionary.on_device(bound.get((r.name, layer)), device, r.name, layer))
+                   for r in resolved for layer, module in r.modules]
     saved = {}
     for sl in site_layers:
-        for prefix in ("stats", "examples"):
+        for prefix in ("stats", "examples", "quality", "quality_out"):
             table = writer.state(f"{prefix}.{sl.name}.{sl.layer}")
             if table is not None:
                 saved[f"{prefix}.{sl.name}.{sl.layer}"] = table

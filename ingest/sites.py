@@ -2,13 +2,18 @@
 
 SPEC grammar (one --site each):
 
-    SPEC       := SITE [ ":" REDUCTION { "," REDUCTION } ]
+    SPEC       := SITE [ "[" LAYERS "]" ] [ "+" KIND "=" PATH ] [ ":" REDUCTION { "," REDUCTION } ]
     SITE       := ALIAS | MODULE_GLOB [ "@in" | "@out" ]
+    LAYERS     := "*" | N { "," N } | N "-" M          (only these layers; default: all, or the dictionary's)
+    KIND       := sae | transcoder                     (encode the activation with a dictionary: ingest/dictionary.py)
+    PATH       := a dictionary file or folder, or dict.py[:CHECKPOINT]
     REDUCTION  := topk[=K] | abstopk[=K] | threshold[=T] | nag[=K] | examples[=N]
                 | last | mean | dense
 
 Examples: `mlp.act:topk=20`, `mlp.up:nag=20`, `resid.out:last,mean`,
-`encoder.layer.*.output.dense@in:threshold=0`. Every site also gets exact
+`encoder.layer.*.output.dense@in:threshold=0`, `resid.out[6]+sae=saes/layers.6:topk=32,examples=20`,
+`mlp.in[*]+transcoder=transcoders:threshold=0,nag=20`. A dictionary site is named
+KIND.SITE (`sae.resid.out`) and its units are the dictionary's latents. Every site also gets exact
 neuron_stats; a unit "fires" when its value > the site's threshold (default 0).
 This module is torch-free so SPECs can be validated before a model loads.
 """
@@ -45,6 +50,7 @@ DECODER_ALIASES = {
     "attn.o": ("*.self_attn.o_proj", "out"),
     "resid.in": ("*", "in"),
     "resid.out": ("*", "out"),
+    "mlp.in": ("*.mlp", "in"),   # the MLP's input, after its norm (what transcoders read)
 }
 ENCODER_ALIASES = {
     "mlp.up": ("*.intermediate.dense", "out"),
@@ -56,10 +62,13 @@ ENCODER_ALIASES = {
     "attn.o": ("*.attention.output.dense", "out"),
     "resid.in": ("*", "in"),
     "resid.out": ("*", "out"),
+    "mlp.in": ("*.intermediate", "in"),  # the MLP's input: the attention block's output after its LayerNorm
 }
 ALIAS_PREFIXES = {"mlp", "attn", "resid"}
 # Activation Lab's names for the residual-stream sources.
 SOURCE_ALIASES = {"hidden_in": "resid.in", "hidden_out": "resid.out", "attn_out": "attn.o", "mlp_out": "mlp.down"}
+DICTIONARY_KINDS = ("sae", "transcoder")
+TRANSCODER_TARGET = "mlp.down"  # a transcoder reads mlp.in and reconstructs the MLP's output
 
 
 @dataclass
@@ -68,12 +77,16 @@ class SiteSpec:
     site: str                 # alias or module glob as written
     hook: str | None          # "in" / "out" when given with @; None for the alias default
     reductions: dict = field(default_factory=dict)
+    layers: tuple | str | None = None   # the [LAYERS] selector: a tuple of layers, "*", or None
+    kind: str | None = None             # sae | transcoder for a dictionary site
+    dictionary: str | None = None       # its PATH as written
 
     @property
     def name(self) -> str:
-        """Partition-safe site name: the alias, or the glob with unsafe characters replaced."""
+        """Partition-safe site name: the alias, or the glob with unsafe characters replaced; KIND.SITE for dictionaries."""
         base = self.site if self.hook is None else f"{self.site}@{self.hook}"
-        return re.sub(r"[^A-Za-z0-9_.\-]", "_", base).strip("_.") or "site"
+        name = re.sub(r"[^A-Za-z0-9_.\-]", "_", base).strip("_.") or "site"
+        return name if self.kind is None else f"{self.kind}.{name}"  # portable: site names are folder names
 
     @property
     def threshold(self) -> float:
@@ -89,6 +102,12 @@ def parse_spec(text: str) -> SiteSpec:
         raise BadSpec("empty --site SPEC: write e.g. --site mlp.act:topk=20")
     text = text.strip()
     site, _, reds = text.partition(":")
+    dict_kind = dictionary = None
+    if "+" in site:
+        site, _, binding = text.partition("+")
+        dict_kind, _, dictionary = binding.partition("=")
+        dictionary, reds = _dictionary_path(text, dict_kind, dictionary)
+    site, layers = _layer_selector(text, site)
     hook = None
     if "@" in site:
         site, _, hook = site.partition("@")
@@ -126,7 +145,41 @@ def parse_spec(text: str) -> SiteSpec:
         raise BadSpec(f"--site {text!r}: use topk or abstopk, not both")
     if "threshold" in reductions and ("topk" in reductions or "abstopk" in reductions):
         raise BadSpec(f"--site {text!r}: token_neurons keeps one capture per site: use topk=K or threshold=T, not both")
-    return SiteSpec(text, site, hook, reductions)
+    return SiteSpec(text, site, hook, reductions, layers, dict_kind, dictionary)
+
+
+def _dictionary_path(text: str, kind: str, rest: str) -> tuple[str, str]:
+    """Split `PATH[:REDUCTIONS]`; an adapter's `dict.py:CHECKPOINT` keeps its checkpoint unless it names a reduction."""
+    if kind not in DICTIONARY_KINDS:
+        raise BadSpec(f"--site {text!r}: +{kind}= is not a dictionary kind: write +sae=PATH or +transcoder=PATH")
+    path, _, reds = rest.partition(":")
+    if path.endswith(".py") and reds and reds.split(",")[0].partition("=")[0].strip() not in REDUCTIONS:
+        checkpoint, _, reds = reds.partition(":")
+        path = f"{path}:{checkpoint}"
+    if not path:
+        raise BadSpec(f"--site {text!r}: +{kind}= needs a dictionary path, e.g. {kind}=path/to/dictionary")
+    return path, reds
+
+
+def _layer_selector(text: str, site: str) -> tuple[str, tuple | str | None]:
+    """`resid.out[6]` -> ("resid.out", (6,)); `[*]` -> "*"; `[0,2]`, `[1-3]`; no brackets -> None."""
+    match = re.fullmatch(r"(.*)\[([^\[\]]*)\]", site)
+    if not match:
+        return site, None
+    site, body = match.group(1), match.group(2).replace(" ", "")
+    if body == "*":
+        return site, "*"
+    layers: list[int] = []
+    for item in body.split(","):
+        if re.fullmatch(r"\d+", item):
+            layers.append(int(item))
+        elif m := re.fullmatch(r"(\d+)-(\d+)", item):
+            if int(m.group(1)) > int(m.group(2)):
+                raise BadSpec(f"--site {text!r}: layer range [{item}] runs backwards: write [{m.group(2)}-{m.group(1)}]")
+            layers.extend(range(int(m.group(1)), int(m.group(2)) + 1))
+        else:
+            raise BadSpec(f"--site {text!r}: [{body}] is not a layer selector: write [6], [0,2,4], [0-3] or [*]")
+    return site, tuple(sorted(set(layers)))
 
 
 def glob_regex(glob: str) -> re.Pattern:
@@ -187,6 +240,11 @@ def resolve(spec: SiteSpec, module_names: list[str], aliases: dict[str, tuple[st
     layers = [layer for layer, _ in layered]
     if len(set(layers)) != len(layers):
         raise BadSpec(f"site {spec.text!r}: glob {glob!r} matches several modules per layer ({', '.join(matched[:3])}, ...); make it more specific")
+    if isinstance(spec.layers, tuple):
+        missing = [layer for layer in spec.layers if layer not in layers]
+        if missing:
+            raise BadSpec(f"site {spec.text!r}: this model has no layer {missing[0]} at {glob!r} (layers {min(layers)}-{max(layers)})")
+        layered = [(layer, name) for layer, name in layered if layer in spec.layers]
     return ResolvedSite(spec, glob, hook, sorted(layered))
 
 

@@ -221,6 +221,7 @@ def _sites_row(shape: Shape) -> pa.Table:
         "site": [SITE], "module_glob": ["synthetic"], "hook_point": ["in"],
         "modules": [[f"layers.{i}" for i in range(shape.layers)]], "layers": [list(range(shape.layers))],
         "width": [shape.width], "reductions": [f"topk={shape.k},nag={shape.k},examples={shape.examples}"], "threshold": [0.0],
+        **{c: [None] for c in schema.DICTIONARY_SITE_COLUMNS},
     }, schema=schema.table("sites").arrow_schema())
 
 

@@ -77,6 +77,7 @@ def build(root: str | Path, n_docs: int, *, n_layers: int = 28, k: int = 20, wid
             "site": [SITE], "module_glob": ["model.layers.*.mlp.up_proj"], "hook_point": ["out"],
             "modules": [[f"model.layers.{i}.mlp.up_proj" for i in range(n_layers)]], "layers": [list(range(n_layers))],
             "width": [width], "reductions": [f"nag={k}"], "threshold": [0.0],
+            **{c: [None] for c in schema.DICTIONARY_SITE_COLUMNS},
         }, schema=schema.table("sites").arrow_schema())
         yield "runs", None, None, pa.Table.from_pydict({
             "model_id": ["synthetic"], "model_revision": [None], "model_class": [None], "dtype": [None], "device": [None],

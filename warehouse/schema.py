@@ -14,6 +14,9 @@ import pyarrow as pa
 
 SCHEMA_SQL = Path(__file__).with_name("schema.sql")
 HIVE_TYPES = {"run_id": "VARCHAR", "site": "VARCHAR", "layer": "INTEGER"}
+# The sites columns only dictionary sites fill (NULL for plain sites).
+DICTIONARY_SITE_COLUMNS = ("dictionary", "dictionary_kind", "dictionary_format", "dictionary_architecture", "d_in", "d_sae",
+                           "dictionary_dtype", "dictionary_sha256")
 
 _ARROW = {
     "VARCHAR": pa.string(),
