@@ -147,12 +147,12 @@ def _saelens(folder: Path) -> Dictionary:
                        f"use one of {', '.join(SAELENS_NORMALISATIONS)} (or fold it into the weights)")
     if cfg.get("hook_head_index") is not None:
         raise BadInput(f"dictionary {folder}: SAELens hook_head_index (one attention head) is not supported: use a dictionary of the whole hook")
-    _need(weights, ("W_enc", "b_enc", "W_dec", "b_dec"), path)
+    _need(weights, ("W_enc", "W_dec", "b_dec") + (() if architecture == "gated" else ("b_enc",)), path)
     if architecture == "batchtopk":
         # SAELens runs a BatchTopK SAE at inference as JumpReLU at its learnt threshold.
         if "threshold" not in weights:
             _need(weights, ("topk_threshold",), path)
-            weights["threshold"] = np.full(weights["b_enc"].shape, float(weights.pop("topk_threshold")), dtype=np.float32)
+            weights["threshold"] = np.full(weights["b_enc"].shape, float(weights.pop("topk_threshold").reshape(-1)[0]), dtype=np.float32)
         architecture = "jumprelu"
     transcoder = architecture.endswith("transcoder")
     encoding = {"standard": "relu", "transcoder": "relu", "jumprelu_transcoder": "jumprelu"}.get(architecture, architecture)

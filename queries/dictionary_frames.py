@@ -1,0 +1,26 @@
+"""Polars twin of queries/dictionaries.sql: same names, arguments, columns and row order."""
+
+from __future__ import annotations
+
+import polars as pl
+
+from warehouse.errors import UnknownRun
+
+from .frames import scan
+
+__all__ = ["dictionary_quality"]
+
+
+def dictionary_quality(wh, run: str) -> pl.LazyFrame:
+    if scan(wh, "runs", run).select(pl.len()).collect().item() == 0:
+        raise UnknownRun(f"no committed run {run!r} in this warehouse: list the runs with SELECT run_id FROM runs")
+    q = scan(wh, "dictionary_stats", run).filter(pl.col("n_tokens") > 0)
+    n = pl.col("n_tokens")
+    return (q.select("site", "layer", "d_in", "d_sae", "n_tokens",
+                     (pl.col("l0_sum") / n).alias("mean_l0"),
+                     (pl.col("n_dead") / pl.col("d_sae")).alias("dead_share"),
+                     (pl.col("n_dense") / pl.col("d_sae")).alias("dense_share"),
+                     (pl.col("sq_error") / (n * pl.col("d_out"))).alias("mse"),
+                     pl.when(pl.col("total_variance") > 0).then(pl.col("sq_error") / pl.col("total_variance")).alias("fvu"),
+                     (pl.col("cosine_sum") / n).alias("mean_cosine"))
+            .sort("site", "layer"))

@@ -1,0 +1,278 @@
+"""Dictionary sites: every format and architecture encodes as its library does, and what a dictionary
+site stores (latents, neuron_stats, examples, quality) equals a numpy encode of the same activations
+captured densely in the same run."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+
+import warehouse
+from ingest import dictionary
+from ingest.sites import parse_spec
+from queries import frames
+from warehouse.errors import BadInput, BadSpec
+
+from . import dictionaries as dicts
+
+D_IN = 64  # hidden size of config:llama-tiny / config:qwen3-tiny
+
+FORMATS = {
+    "saelens-standard": lambda p: dicts.saelens(p / "d", "standard"),
+    "saelens-gated": lambda p: dicts.saelens(p / "d", "gated"),
+    "saelens-jumprelu": lambda p: dicts.saelens(p / "d", "jumprelu"),
+    "saelens-topk": lambda p: dicts.saelens(p / "d", "topk", k=7),
+    "saelens-topk-legacy": lambda p: dicts.saelens(p / "d", "standard", k=6, legacy_topk=True),
+    "saelens-batchtopk": lambda p: dicts.saelens(p / "d", "batchtopk"),
+    "saelens-no-b_dec-input": lambda p: dicts.saelens(p / "d", "jumprelu", apply_b_dec_to_input=False),
+    "saelens-constant-norm": lambda p: dicts.saelens(p / "d", "standard", normalize_activations="constant_norm_rescale"),
+    "saelens-transcoder": lambda p: dicts.saelens(p / "d", "transcoder", d_out=48),
+    "saelens-jumprelu-transcoder": lambda p: dicts.saelens(p / "d", "jumprelu_transcoder"),
+    "sparsify-topk": lambda p: dicts.sparsify(p / "layers.1", k=6),
+    "sparsify-transcoder-skip": lambda p: dicts.sparsify(p / "layers.1", transcode=True, skip=True),
+    "gemmascope": lambda p: dicts.gemmascope(p / "layer_1" / "width_1k" / "average_l0_5" / "params.npz"),
+}
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_every_format_encodes_and_decodes_as_its_library(name, tmp_path):
+    import torch
+
+    path = FORMATS[name](tmp_path)
+    d = dictionary.load(str(path)).first
+    x = np.random.default_rng(1).normal(size=(2, 9, D_IN)).astype(np.float32)
+    dev = dictionary.DeviceDictionary(d, "cpu", "test")
+    with torch.inference_mode():
+        latents = dev.encode(torch.from_numpy(x))
+        recon = dev.decode(latents, torch.from_numpy(x))
+    expected = dicts.encode(path, x.reshape(-1, D_IN))
+    assert (expected != 0).any() and (expected == 0).any(), "the test dictionary must have active and inactive latents"
+    np.testing.assert_allclose(latents.reshape(-1, d.d_sae).numpy(), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(recon.reshape(-1, d.d_out).numpy(), dicts.decode(path, expected, x.reshape(-1, D_IN)),
+                               rtol=1e-5, atol=1e-5)
+    assert d.layer == 1 and len(d.sha256) == 64
+
+
+def test_a_folder_of_layers_and_what_it_describes(tmp_path):
+    for layer in (0, 2):
+        dicts.sparsify(tmp_path / "tc" / f"layers.{layer}.mlp", transcode=True, seed=layer)
+    dset = dictionary.load(str(tmp_path / "tc"))
+    assert dset.describe() == {"path": str(tmp_path / "tc"), "format": "sparsify", "architecture": "topk", "d_in": D_IN,
+                               "d_sae": 96, "transcoder": True, "hook": "layers.0.mlp", "layers": [0, 2], "k": 5}
+    assert list(dictionary.for_layers(dset, "s", None, [0, 1, 2, 3])) == [0, 2]
+    assert list(dictionary.for_layers(dset, "s", (2,), [0, 1, 2, 3])) == [2]
+    with pytest.raises(BadSpec, match=r"has no dictionary for layer 1 \(it has layers 0, 2\)"):
+        dictionary.for_layers(dset, "s", "*", [0, 1, 2, 3])
+
+
+def test_spec_grammar():
+    spec = parse_spec("resid.out[6]+sae=path/to/sae_dir:topk=32,examples=20")
+    assert (spec.name, spec.site, spec.layers, spec.kind, spec.dictionary, spec.reductions) == (
+        "sae.resid.out", "resid.out", (6,), "sae", "path/to/sae_dir", {"topk": 32, "examples": 20})
+    spec = parse_spec("mlp.in[*]+transcoder=tc:threshold=0,nag=20")
+    assert (spec.name, spec.layers, spec.reductions) == ("transcoder.mlp.in", "*", {"threshold": 0.0, "nag": 20})
+    assert parse_spec("mlp.act[0-2,5]:topk=3").layers == (0, 1, 2, 5)
+    assert parse_spec("resid.out+sae=d.py:ckpt:topk=3").dictionary == "d.py:ckpt"
+    assert parse_spec("resid.out+sae=d.py:topk=3").dictionary == "d.py"
+    assert parse_spec("mlp.act:threshold=1e+3").kind is None  # a '+' after the ':' is not a dictionary
+    with pytest.raises(BadSpec, match=r"\+pca= is not a dictionary kind"):
+        parse_spec("resid.out+pca=x")
+    with pytest.raises(BadSpec, match=r"\[a\] is not a layer selector"):
+        parse_spec("resid.out[a]:last")
+
+
+# -- capture ----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def captured(tmp_path_factory, sample_jsonl):
+    """One run of llama-tiny: raw resid.out / mlp.in / mlp.down densely next to an SAE, a transcoder and a JumpReLU SAE."""
+    from ingest.pipeline import ingest
+
+    folder = tmp_path_factory.mktemp("dict")
+    sae = dicts.saelens(folder / "sae", "topk", k=6)                                   # layer 1 from its cfg
+    for layer in (0, 2):
+        dicts.sparsify(folder / "tc" / f"layers.{layer}", transcode=True, skip=True, seed=layer)
+    jump = dicts.gemmascope(folder / "gs" / "params.npz")
+    sites = ["resid.out:dense", "mlp.in:dense", "mlp.down:dense",
+             f"resid.out+sae={sae}:topk=4,examples=3", f"mlp.in+transcoder={folder / 'tc'}:threshold=0,nag=5",
+             f"resid.in[3]+sae={jump}:abstopk=3,examples=2"]
+    ingest(folder / "wh", "config:llama-tiny", [str(sample_jsonl)], sites, run_id="r", batch_size=4, max_length=24,
+           device="cpu", progress=False)
+    with warehouse.open(folder / "wh") as wh:
+        yield wh, {"sae": sae, "tc": folder / "tc", "gs": jump}
+
+
+def _dense(wh, site: str, layer: int) -> tuple[np.ndarray, np.ndarray]:
+    rows = wh.sql("SELECT doc, pos, vec FROM vectors WHERE run_id = 'r' AND site = ? AND layer = ? AND pool = 'token' "
+                  "ORDER BY doc, pos", [site, layer]).fetchall()
+    return np.array([(d, p) for d, p, _ in rows]), np.array([v for _, _, v in rows], dtype=np.float32)
+
+
+def _resid_in(wh, layer: int):
+    """resid.in of layer L is resid.out of layer L - 1."""
+    return _dense(wh, "resid.out", layer - 1)
+
+
+def test_stored_latents_equal_a_numpy_encode_of_the_dense_capture(captured):
+    wh, paths = captured
+    keys, x = _dense(wh, "resid.out", 1)
+    latents = dicts.encode(paths["sae"], x)
+    # topk=4 of the latents per token: values (float16) and units.
+    rows = wh.sql("SELECT doc, pos, neuron, value FROM token_neurons WHERE run_id = 'r' AND site = 'sae.resid.out' AND layer = 1 "
+                  "ORDER BY doc, pos, value DESC, neuron").fetchall()
+    by_token = {}
+    for d, p, n, v in rows:
+        by_token.setdefault((d, p), []).append((n, v))
+    assert len(by_token) == len(keys)
+    for (d, p), row in zip(keys, latents):
+        stored = by_token[(d, p)]
+        order = np.argsort(-row, kind="stable")[:4]
+        assert sorted(n for n, _ in stored) == sorted(order.tolist())
+        np.testing.assert_allclose([v for _, v in stored], np.sort(row[order])[::-1], rtol=2e-3, atol=1e-3)
+    # exact neuron_stats over every token
+    stats = wh.sql("SELECT neuron, n_tokens, n_fired, sum, sum_sq, max FROM neuron_stats WHERE run_id = 'r' "
+                   "AND site = 'sae.resid.out' AND layer = 1 ORDER BY neuron").fetchnumpy()
+    assert (stats["n_tokens"] == len(x)).all()
+    np.testing.assert_array_equal(stats["n_fired"], (latents > 0).sum(0))
+    np.testing.assert_allclose(stats["sum"], latents.sum(0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(stats["sum_sq"], (latents ** 2).sum(0), rtol=1e-5, atol=1e-5)
+    fired = latents.max(0) > 0
+    np.testing.assert_allclose(np.asarray(stats["max"])[fired], latents.max(0)[fired], rtol=1e-5)
+    # examples: per latent the 3 strongest tokens
+    top = wh.sql("SELECT neuron, rank, value FROM neuron_examples WHERE run_id = 'r' AND site = 'sae.resid.out' AND layer = 1 "
+                 "AND kind = 'top' ORDER BY neuron, rank").fetchall()
+    expected = {n: np.sort(latents[:, n][latents[:, n] > 0])[::-1][:3] for n in range(latents.shape[1])}
+    got: dict = {}
+    for n, _, v in top:
+        got.setdefault(n, []).append(v)
+    assert set(got) == {n for n, e in expected.items() if len(e)}
+    for n, values in got.items():
+        np.testing.assert_allclose(values, expected[n], rtol=1e-5)
+
+
+def test_threshold_and_abstopk_on_transcoders_and_jumprelu(captured):
+    wh, paths = captured
+    for layer in (0, 2):
+        keys, x = _dense(wh, "mlp.in", layer)
+        latents = dicts.encode(paths["tc"] / f"layers.{layer}", x)
+        rows = wh.sql("SELECT doc, pos, neuron, value FROM token_neurons WHERE run_id = 'r' AND site = 'transcoder.mlp.in' "
+                      "AND layer = ? ORDER BY doc, pos, neuron", [layer]).fetchall()
+        index = {tuple(k): i for i, k in enumerate(keys.tolist())}
+        expected = sorted((int(d), int(p), int(n)) for (d, p), row in zip(keys, latents) for n in np.flatnonzero(row > 0))
+        assert [(d, p, n) for d, p, n, _ in rows] == expected
+        np.testing.assert_allclose([v for *_, v in rows], [latents[index[(d, p)], n] for d, p, n, _ in rows], rtol=2e-3, atol=1e-3)
+    keys, x = _resid_in(wh, 3)
+    latents = dicts.encode(paths["gs"], x)
+    stats = wh.sql("SELECT n_fired, sum FROM neuron_stats WHERE run_id = 'r' AND site = 'sae.resid.in' AND layer = 3 "
+                   "ORDER BY neuron").fetchnumpy()
+    np.testing.assert_array_equal(stats["n_fired"], (latents > 0).sum(0))
+    np.testing.assert_allclose(stats["sum"], latents.sum(0), rtol=1e-5, atol=1e-5)
+
+
+def _quality(latents, recon, target) -> dict:
+    n = len(target)
+    active = (latents != 0).sum(0)
+    err = ((recon - target) ** 2).sum(-1)
+    cos = (recon * target).sum(-1) / np.maximum(np.linalg.norm(recon, axis=-1) * np.linalg.norm(target, axis=-1), 1e-8)
+    return {"n_tokens": n, "mean_l0": (latents != 0).sum() / n, "dead_share": (active == 0).mean(),
+            "dense_share": (active / n > 0.1).mean(), "mse": err.sum() / target.size,
+            "fvu": err.sum() / ((target - target.mean(0)) ** 2).sum(), "mean_cosine": cos.mean()}
+
+
+def test_quality_equals_numpy_and_polars(captured):
+    wh, paths = captured
+    sql = wh.pl("SELECT * FROM dictionary_quality('r')")
+    twin = frames.dictionary_quality(wh, "r").collect()
+    assert sql.columns == twin.columns and sql.shape == twin.shape
+    for a, b in zip(sql.rows(), twin.rows()):
+        np.testing.assert_allclose([v for v in a if not isinstance(v, str)], [v for v in b if not isinstance(v, str)], rtol=1e-12)
+    got = {(r["site"], r["layer"]): r for r in sql.iter_rows(named=True)}
+    assert sorted(got) == [("sae.resid.in", 3), ("sae.resid.out", 1), ("transcoder.mlp.in", 0), ("transcoder.mlp.in", 2)]
+    cases = [(("sae.resid.out", 1), paths["sae"], _dense(wh, "resid.out", 1)[1], None),
+             (("sae.resid.in", 3), paths["gs"], _resid_in(wh, 3)[1], None)]
+    cases += [(("transcoder.mlp.in", layer), paths["tc"] / f"layers.{layer}", _dense(wh, "mlp.in", layer)[1],
+               _dense(wh, "mlp.down", layer)[1]) for layer in (0, 2)]
+    for key, path, x, target in cases:
+        latents = dicts.encode(path, x)
+        recon = dicts.decode(path, latents, x)
+        expected = _quality(latents, recon, x if target is None else target.astype(np.float64))
+        for column, value in expected.items():
+            assert got[key][column] == pytest.approx(value, rel=1e-5, abs=1e-9), (key, column)
+
+
+def test_sites_rows_record_the_dictionary(captured):
+    wh, paths = captured
+    rows = wh.pl("SELECT site, layers, width, dictionary, dictionary_kind, dictionary_format, dictionary_architecture, d_in, d_sae, "
+                 "dictionary_dtype, dictionary_sha256 FROM sites WHERE run_id = 'r' AND dictionary IS NOT NULL ORDER BY site")
+    import hashlib
+
+    sha = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in [paths["sae"] / "sae_weights.safetensors", paths["gs"],
+                                                                  *(paths["tc"] / f"layers.{i}" / "sae.safetensors" for i in (0, 2))]}
+    assert rows.rows() == [
+        ("sae.resid.in", [3], 96, str(paths["gs"]), "sae", "gemmascope", "jumprelu", 64, 96, "float32", [sha[paths["gs"]]]),
+        ("sae.resid.out", [1], 96, str(paths["sae"]), "sae", "saelens", "topk", 64, 96, "float32",
+         [sha[paths["sae"] / "sae_weights.safetensors"]]),
+        ("transcoder.mlp.in", [0, 2], 96, str(paths["tc"]), "transcoder", "sparsify", "topk", 64, 96, "float32",
+         [sha[paths["tc"] / f"layers.{i}" / "sae.safetensors"] for i in (0, 2)]),
+    ]
+
+
+def test_neuron_macros_on_a_dictionary_site_equal_their_twins(captured):
+    wh, _ = captured
+    calls = [("layer_summary", ("r", "transcoder.mlp.in")), ("firing_rate", ("r", "sae.resid.out", 1)),
+             ("selectivity", ("r", "sae.resid.out", 1)), ("activation_frequency", ("r", "transcoder.mlp.in")),
+             ("top_contexts", ("r", "sae.resid.out", 1, "{unit}")), ("nag_profile", ("r", "transcoder.mlp.in"))]
+    unit = wh.sql("SELECT min(neuron) FROM neuron_examples WHERE run_id = 'r' AND site = 'sae.resid.out'").fetchall()[0][0]
+    for name, args in calls:
+        args = tuple(unit if a == "{unit}" else a for a in args)
+        sql = wh.pl(f"SELECT * FROM {name}({', '.join(repr(a) for a in args)})")
+        twin = getattr(frames, name)(wh, *args).collect()
+        assert len(sql) > 0, name
+        assert sql.columns == twin.columns, name
+        for a, b in zip(sql.rows(), twin.rows()):
+            assert len(a) == len(b)
+            for x, y in zip(a, b):
+                if isinstance(x, float) and y is not None:
+                    assert x == pytest.approx(y, rel=1e-9, nan_ok=True), name
+                else:
+                    assert x == y, name
+
+
+def test_exact_and_damaged_adapters_on_tiny_qwen(tmp_path, sample_jsonl):
+    """An adapter whose reconstruction is exact scores FVU 0 and cosine 1; a damaged one does not."""
+    from ingest.pipeline import ingest
+
+    path = dicts.adapter(tmp_path / "identity.py")
+    ingest(tmp_path / "wh", "config:qwen3-tiny", [str(sample_jsonl)],
+           [f"resid.out[2]+sae={path}:topk=3", f"resid.in[2]+sae={path}:damaged:topk=3"], run_id="q", batch_size=4,
+           max_length=16, device="cpu", progress=False)
+    with warehouse.open(tmp_path / "wh") as wh:
+        q = {r["site"]: r for r in wh.pl("SELECT * FROM dictionary_quality('q')").iter_rows(named=True)}
+        arch = wh.pl("SELECT dictionary_format, dictionary_architecture FROM sites WHERE site = 'sae.resid.out'").row(0)
+    assert arch == ("adapter", "identity")
+    assert q["sae.resid.out"]["fvu"] == pytest.approx(0, abs=1e-12) and q["sae.resid.out"]["mean_cosine"] == pytest.approx(1)
+    assert q["sae.resid.in"]["fvu"] > 0.1 and q["sae.resid.in"]["mean_l0"] == pytest.approx(64)
+
+
+def test_bad_dictionaries_are_one_line(tmp_path):
+    with pytest.raises(BadInput, match="does not exist"):
+        dictionary.load(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BadInput, match="holds no dictionary: expected cfg.json"):
+        dictionary.load(str(tmp_path / "empty"))
+    dicts.saelens(tmp_path / "m", "matryoshka")
+    with pytest.raises(BadInput, match="unknown SAELens architecture 'matryoshka'"):
+        dictionary.load(str(tmp_path / "m"))
+    dicts.saelens(tmp_path / "ln", "standard", normalize_activations="layer_norm")
+    with pytest.raises(BadInput, match="normalize_activations 'layer_norm' is not supported"):
+        dictionary.load(str(tmp_path / "ln"))
+    dicts.sparsify(tmp_path / "two" / "layers.1")
+    dicts.sparsify(tmp_path / "two" / "layers.1.mlp")
+    with pytest.raises(BadInput, match="two dictionaries for layer 1"):
+        dictionary.load(str(tmp_path / "two"))
+    single = dictionary.load(str(dicts.saelens(tmp_path / "s", "standard", hook_layer=None)))
+    with pytest.raises(BadSpec, match=r"does not say its layer: give it, e.g. resid.out\[6\]"):
+        dictionary.for_layers(single, "x", None, [0, 1])
+    with pytest.raises(BadSpec, match="one dictionary .* for 4 layers"):
+        dictionary.for_layers(single, "x", "*", [0, 1, 2, 3])
