@@ -205,7 +205,7 @@ CREATE TABLE neuron_logits (
     token VARCHAR,
     logit FLOAT
 );
-COMMENT ON TABLE neuron_logits IS 'Logit lens of each MLP unit''s output direction W_U . W_down[:, n]: top and bottom tokens.';
+COMMENT ON TABLE neuron_logits IS 'Logit lens of each MLP unit''s output direction W_U . W_down[:, n], or of a dictionary latent''s decoder row W_U . (g * W_dec[n]) with g the final norm''s weight: top and bottom tokens.';
 COMMENT ON COLUMN neuron_logits.direction IS 'top (most promoted) or bottom (most suppressed).';
 COMMENT ON COLUMN neuron_logits.neuron IS 'Unit index at the site.';
 COMMENT ON COLUMN neuron_logits.rank IS '0 is the most promoted (top) or most suppressed (bottom) token.';

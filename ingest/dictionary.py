@@ -81,8 +81,9 @@ class DictionarySet:
     def describe(self) -> dict:
         d = self.first
         layers = [layer for layer in self.by_layer if layer is not None] or ([d.layer] if d.layer is not None else [])
+        hook = d.hook if len(layers) < 2 or d.hook is None else re.sub(r"\d+", "N", d.hook, count=1)  # one per layer: layers.N
         return {"path": self.path, "format": d.format, "architecture": d.architecture, "d_in": d.d_in, "d_sae": d.d_sae,
-                "transcoder": d.transcoder, "hook": d.hook, "layers": layers, "k": d.k}
+                "transcoder": d.transcoder, "hook": hook, "layers": layers, "k": d.k}
 
 
 def _sha256(path: Path) -> str:

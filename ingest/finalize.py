@@ -104,10 +104,35 @@ def _down_projection(loaded, sl: SiteLayer):
     return None
 
 
+def _final_norm_weight(loaded):
+    """The final norm's weight (Llama/Qwen `model.norm`, GPT-2 `ln_f`), or None."""
+    decoder = loaded.model.get_decoder() if hasattr(loaded.model, "get_decoder") else getattr(loaded.model, "model", None)
+    for name in ("norm", "final_layer_norm", "ln_f"):
+        weight = getattr(getattr(decoder, name, None), "weight", None)
+        if weight is not None:
+            return weight
+    return None
+
+
+def _feature_directions(loaded, sl: SiteLayer, unembed):
+    """[hidden, latents]: a dictionary's decoder rows, scaled by the final norm's weight where the model has one.
+
+    Only for dictionaries that write to the residual width (an SAE on resid.*, a transcoder's MLP output).
+    """
+    import torch
+
+    w_dec = sl.encoder.w.get("W_dec")
+    if w_dec is None or w_dec.shape[1] != unembed.shape[1]:
+        return None
+    norm = _final_norm_weight(loaded)
+    with torch.inference_mode():
+        return (w_dec * (1 if norm is None else norm.detach().float().to(w_dec.device))).T
+
+
 def neuron_logits(loaded, sl: SiteLayer, unembed) -> pa.Table | None:
     import torch
 
-    down = _down_projection(loaded, sl)
+    down = _down_projection(loaded, sl) if sl.encoder is None else _feature_directions(loaded, sl, unembed)
     if down is None:
         return None
     cols = {k: [] for k in ("neuron", "direction", "rank", "token_id", "token", "logit")}
@@ -142,6 +167,7 @@ def final_parts(loaded, resolved, site_layers: list[SiteLayer], writer, logit_le
         lens = [(sl, neuron_logits(loaded, sl, unembed)) for sl in site_layers] if unembed is not None else []
         lens = [(sl, t) for sl, t in lens if t is not None]
         if not lens:
-            raise BadInput("--logit-lens needs a causal LM with an unembedding and an MLP unit site (mlp.act, mlp.up or mlp.gate)")
+            raise BadInput("--logit-lens needs a causal LM with an unembedding and an MLP unit site (mlp.act, mlp.up or mlp.gate) "
+                           "or a dictionary site that writes to the residual stream")
         parts.extend(("neuron_logits", sl.name, sl.layer, table) for sl, table in lens)
     return parts

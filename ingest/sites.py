@@ -243,7 +243,7 @@ def resolve(spec: SiteSpec, module_names: list[str], aliases: dict[str, tuple[st
     if isinstance(spec.layers, tuple):
         missing = [layer for layer in spec.layers if layer not in layers]
         if missing:
-            raise BadSpec(f"site {spec.text!r}: this model has no layer {missing[0]} at {glob!r} (layers {min(layers)}-{max(layers)})")
+            raise BadSpec(f"site {spec.text!r}: this model has no layer {missing[0]} at {glob!r}: select layers {min(layers)}-{max(layers)}")
         layered = [(layer, name) for layer, name in layered if layer in spec.layers]
     return ResolvedSite(spec, glob, hook, sorted(layered))
 

@@ -18,6 +18,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from . import dictionaries
 from .cli_runner import run_whq
 
 MODEL = ["--model", "config:llama-tiny", "-q", "--device", "cpu"]
@@ -40,7 +41,7 @@ CASES = [
          "site 'nothing.*.here:topk=3': module glob 'nothing.*.here' matches no module of this model; list them with `whq sites --model M`"),
     Case("unknown site alias", ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "mlp.nope:topk=3"),
          "unknown site 'mlp.nope': did you mean 'mlp.up'? aliases for this model: mlp.up, mlp.gate, mlp.act, mlp.down, "
-         "attn.q, attn.k, attn.v, attn.o, resid.in, resid.out; or give a module glob (see `whq sites --model M`)"),
+         "attn.q, attn.k, attn.v, attn.o, resid.in, resid.out, mlp.in; or give a module glob (see `whq sites --model M`)"),
     Case("SPEC typo in a reduction", ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "mlp.act:tpk=3"),
          "--site 'mlp.act:tpk=3': unknown reduction 'tpk'; did you mean 'topk'? known: topk, abstopk, threshold, nag, examples, last, mean, dense"),
     Case("SPEC argument not a number", ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "mlp.act:topk=x"),
@@ -51,6 +52,18 @@ CASES = [
          "--site 'mlp.act@sideways:topk=3': hook point must be @in or @out, not @sideways"),
     Case("same site twice", ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "mlp.act:topk=3", "--site", "mlp.act:nag=3"),
          "site given twice (mlp.act): merge the reductions into one SPEC, e.g. mlp.act:topk=20,examples=20"),
+    Case("dictionary that does not exist", ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "resid.out[1]+sae=no/such/sae:topk=3"),
+         "dictionary no/such/sae does not exist: give a folder or file with cfg.json + sae_weights.safetensors (SAELens), "
+         "cfg.json + sae.safetensors (sparsify), params.npz (Gemma Scope), a folder of those per layer, or dict.py[:CHECKPOINT]"),
+    Case("dictionary of an unknown architecture", ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "resid.out[1]+sae=dicts/odd:topk=3"),
+         "dictionary dicts/odd: unknown SAELens architecture 'matryoshka': use one of standard, gated, jumprelu, topk, batchtopk, "
+         "transcoder, jumprelu_transcoder"),
+    Case("dictionary narrower than the site", ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "resid.out[1]+sae=dicts/narrow:topk=3"),
+         "site sae.resid.out layer 1: the hook gives 64 units but dictionary dicts/narrow reads d_in=32: use a dictionary trained on this site"),
+    Case("dictionary layer the model lacks", ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "resid.out[9]+sae=dicts/sae:topk=3"),
+         "site 'resid.out[9]+sae=dicts/sae:topk=3': this model has no layer 9 at 'model.layers.*': select layers 0-3"),
+    Case("SAE given as a transcoder", ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "mlp.in[1]+transcoder=dicts/sae:topk=3"),
+         "--site 'mlp.in[1]+transcoder=dicts/sae:topk=3': dictionary dicts/sae is an SAE: write +sae=PATH"),
     Case("no --data", ("ingest", "{new}", *MODEL),
          "no --data given: pass a .jsonl, .parquet or .txt file (or a --scenario)"),
     Case("data file that does not exist", ("ingest", "{new}", *MODEL, "--data", "missing.jsonl"),
@@ -151,6 +164,9 @@ def tiny_wh(tmp_path_factory):
     folder = tmp_path_factory.mktemp("bad_inputs")
     for name, payload in FILES.items():
         (folder / name).write_bytes(payload)
+    dictionaries.saelens(folder / "dicts" / "sae", "topk")
+    dictionaries.saelens(folder / "dicts" / "odd", "matryoshka")
+    dictionaries.saelens(folder / "dicts" / "narrow", "topk", d_in=32)
     code, out, err = run_whq("ingest", folder / "wh", *MODEL, "--data", folder / "docs.jsonl", "--site", "mlp.act:topk=3", "--run-id", "r")
     assert code == 0, err
     return folder
@@ -164,6 +180,7 @@ def test_bad_input_gives_exit_2_and_one_exact_line(case, tiny_wh, tmp_path, monk
         pytest.skip("this machine has CUDA")
     for name in FILES:
         shutil.copy(tiny_wh / name, tmp_path / name)
+    shutil.copytree(tiny_wh / "dicts", tmp_path / "dicts")
     monkeypatch.chdir(tmp_path)  # data files by relative name, as a user types them
     values = {"new": tmp_path / "new", "wh": tiny_wh / "wh", "copy": tmp_path / "copy"}
     if case.damage:

@@ -59,7 +59,7 @@ def test_a_folder_of_layers_and_what_it_describes(tmp_path):
         dicts.sparsify(tmp_path / "tc" / f"layers.{layer}.mlp", transcode=True, seed=layer)
     dset = dictionary.load(str(tmp_path / "tc"))
     assert dset.describe() == {"path": str(tmp_path / "tc"), "format": "sparsify", "architecture": "topk", "d_in": D_IN,
-                               "d_sae": 96, "transcoder": True, "hook": "layers.0.mlp", "layers": [0, 2], "k": 5}
+                               "d_sae": 96, "transcoder": True, "hook": "layers.N.mlp", "layers": [0, 2], "k": 5}
     assert list(dictionary.for_layers(dset, "s", None, [0, 1, 2, 3])) == [0, 2]
     assert list(dictionary.for_layers(dset, "s", (2,), [0, 1, 2, 3])) == [2]
     with pytest.raises(BadSpec, match=r"has no dictionary for layer 1 \(it has layers 0, 2\)"):
@@ -243,16 +243,36 @@ def test_exact_and_damaged_adapters_on_tiny_qwen(tmp_path, sample_jsonl):
     """An adapter whose reconstruction is exact scores FVU 0 and cosine 1; a damaged one does not."""
     from ingest.pipeline import ingest
 
+    from ingest.models import load
+
     path = dicts.adapter(tmp_path / "identity.py")
+    sae = dicts.sparsify(tmp_path / "sp" / "layers.1", k=4)
+    loaded = load("config:qwen3-tiny", "cpu")
     ingest(tmp_path / "wh", "config:qwen3-tiny", [str(sample_jsonl)],
-           [f"resid.out[2]+sae={path}:topk=3", f"resid.in[2]+sae={path}:damaged:topk=3"], run_id="q", batch_size=4,
-           max_length=16, device="cpu", progress=False)
+           [f"resid.out[2]+sae={path}:topk=3", f"resid.in[2]+sae={path}:damaged:topk=3", f"attn.o+sae={sae.parent}:topk=4"],
+           run_id="q", batch_size=4, max_length=16, device="cpu", progress=False, logit_lens=True, loaded=loaded)
     with warehouse.open(tmp_path / "wh") as wh:
         q = {r["site"]: r for r in wh.pl("SELECT * FROM dictionary_quality('q')").iter_rows(named=True)}
         arch = wh.pl("SELECT dictionary_format, dictionary_architecture FROM sites WHERE site = 'sae.resid.out'").row(0)
+        lens = wh.pl("SELECT neuron, direction, rank, token_id, logit FROM neuron_logits WHERE run_id = 'q' "
+                     "AND site = 'sae.attn.o' AND layer = 1 ORDER BY neuron, direction, rank")
+        sql = wh.pl("SELECT * FROM neuron_logit_lens('q', 'sae.attn.o', 1, 3)")
+        twin = frames.neuron_logit_lens(wh, "q", "sae.attn.o", 1, 3).collect()
     assert arch == ("adapter", "identity")
     assert q["sae.resid.out"]["fvu"] == pytest.approx(0, abs=1e-12) and q["sae.resid.out"]["mean_cosine"] == pytest.approx(1)
     assert q["sae.resid.in"]["fvu"] > 0.1 and q["sae.resid.in"]["mean_l0"] == pytest.approx(64)
+    # Feature logit lens: each latent's decoder row, times the final norm's weight, through the unembedding.
+    _, _, w = dicts.read(sae)
+    unembed = loaded.model.get_output_embeddings().weight.detach().double().numpy()
+    norm = loaded.model.model.norm.weight.detach().double().numpy()
+    logits = (w["W_dec"] * norm) @ unembed.T                                   # [latents, vocab]
+    assert lens.height == 96 * 2 * 10
+    for direction, sign in (("top", -1), ("bottom", 1)):
+        part = lens.filter(pl.col("direction") == direction)
+        expected = np.argsort(sign * logits, axis=1, kind="stable")[:, :10]
+        np.testing.assert_array_equal(part["token_id"].to_numpy().reshape(96, 10), expected)
+        np.testing.assert_allclose(part["logit"].to_numpy().reshape(96, 10), np.take_along_axis(logits, expected, 1), rtol=1e-4, atol=1e-5)
+    assert sql.rows() == twin.rows() and sql.height > 0
 
 
 def test_bad_dictionaries_are_one_line(tmp_path):

@@ -123,7 +123,8 @@ def ingest(
     root: Path = typer.Argument(..., help="Warehouse folder (created if missing)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Local model folder, cached hub id, `minilm` (the default), `config:qwen3-tiny`, or adapter.py[:checkpoint]; with --scenario it replaces the scenario's model.id."),
     data: list[Path] = typer.Option([], "--data", "-d", help="Documents: .jsonl, .parquet or .txt (repeatable)."),
-    site: list[str] = typer.Option([], "--site", "-s", help="SPEC: <site>[@in|@out]:<reduction>[=arg],... e.g. mlp.act:topk=20 (repeatable)."),
+    site: list[str] = typer.Option([], "--site", "-s", help="SPEC: <site>[@in|@out][[layers]][+sae=PATH|+transcoder=PATH]:<reduction>[=arg],... e.g. mlp.act:topk=20, "
+                                     "resid.out[6]+sae=saes/layers.6:topk=32,examples=20 (repeatable; dictionary sites: ingest/README.md)."),
     scenario: Optional[Path] = typer.Option(None, "--scenario", help="Chat scenario YAML (Activation Lab format) instead of --data."),
     run_id: Optional[str] = typer.Option(None, "--run-id", help="Run id (default: <model>-<UTC time>, printed)."),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="Dataset label for documents that have none (default: file stem)."),
@@ -143,6 +144,11 @@ def ingest(
     """Capture a model's activations over documents into a new run.
 
     Example: whq ingest wh --model minilm --data docs.jsonl --site mlp.act:topk=20 --site mlp.up:nag=20 --site resid.out:last
+
+    Dictionary sites encode a site with an SAE or transcoder on the device and store its latents as units:
+    --site 'resid.out[3]+sae=saes:topk=32,examples=20' --site 'mlp.in[*]+transcoder=transcoders:threshold=0'
+    ([3], [0,2], [0-3], [*] select layers; PATH is a SAELens, sparsify or Gemma Scope dictionary, a folder of them
+    per layer, or dict.py[:checkpoint]; the site is named sae.resid.out / transcoder.mlp.in).
     """
     if scenario is not None:
         from ingest.chat import run_scenario
@@ -187,13 +193,23 @@ def _summary_line(summary: dict) -> str:
 def sites(
     model: str = typer.Option("minilm", "--model", "-m", help="Model as for `whq ingest --model`."),
     all_modules: bool = typer.Option(False, "--all", help="List every module, not only the first block's."),
+    dictionary: Optional[str] = typer.Option(None, "--dictionary", help="A dictionary path (as after +sae=): print what it holds instead."),
 ):
-    """Print a model's site aliases and module tree (to write --site SPECs).
+    """Print a model's site aliases and module tree (to write --site SPECs), or what a dictionary holds.
 
-    Example: whq sites --model minilm
+    Example: whq sites --model minilm; whq sites --model minilm --dictionary saes/
     """
     from ingest.models import load
 
+    if dictionary is not None:
+        from ingest.dictionary import load as load_dictionary
+
+        info = load_dictionary(dictionary).describe()
+        k = f" (k={info['k']})" if info["k"] else ""
+        layers = ", ".join(map(str, info["layers"])) or "not recorded (select one: SITE[N]+sae=PATH)"
+        typer.echo(f"{info['path']}: {info['format']} {'transcoder' if info['transcoder'] else 'SAE'}, architecture "
+                   f"{info['architecture']}{k}, d_in {info['d_in']}, d_sae {info['d_sae']}, hook {info['hook'] or 'not recorded'}, "
+                   f"layers {layers}")
     loaded = load(model, "cpu", "float32")
     typer.echo(f"{loaded.model_id}: {loaded.family}, {loaded.n_layers} layers")
     typer.echo("aliases:")
