@@ -180,7 +180,7 @@ def bench_ingest(
     import warehouse
     from warehouse.runwriter import RunWriter
 
-    from . import fused, models
+    from . import dictionary, fused, models
     from .capture import SiteLayer, attach
     from .sites import parse_spec, resolve
     from .sources import Document
@@ -196,7 +196,9 @@ def bench_ingest(
     if max_positions and seq_len > max_positions:
         raise BadInput(f"--seq-len {seq_len} is longer than the model's {max_positions} positions: lower it")
     resolved = [resolve(s, loaded.module_names, loaded.aliases) for s in specs]
-    site_layers = [SiteLayer(r, layer, module, device) for r in resolved for layer, module in r.modules]
+    resolved, bound = dictionary.bind(resolved, dictionary.load_all(specs), loaded.module_names, loaded.aliases)
+    site_layers = [SiteLayer(r, layer, module, device, *dictionary.on_device(bound.get((r.name, layer)), device, r.name, layer))
+                   for r in resolved for layer, module in r.modules]
     batches_per_block = max(1, shard_tokens // (batch_size * seq_len))
     # Distinct rows for each batch of a block (the same batches every block): repeated rows
     # inside one shard would compress unrealistically well.

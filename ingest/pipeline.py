@@ -217,7 +217,7 @@ def ingest(
     paths = [] if documents is not None else sources.check_paths(list(data))
     dictionaries = dictionary.load_all(specs)  # read and checked before the model loads
     if dictionaries and world_size > 1:
-        raise BadInput("dictionary sites run on one rank: drop --world-size (or capture the dictionary sites in a run of their own)")
+        raise BadInput("dictionary sites run on one rank: drop --ranks (or capture the dictionary sites in a run of their own)")
     root = Path(root)
     wh = warehouse.open(root) if (root / "whq.json").exists() else warehouse.init(root)
     loaded = loaded or models.load(model, device, dtype)

@@ -296,3 +296,19 @@ def test_bad_dictionaries_are_one_line(tmp_path):
         dictionary.for_layers(single, "x", None, [0, 1])
     with pytest.raises(BadSpec, match="one dictionary .* for 4 layers"):
         dictionary.for_layers(single, "x", "*", [0, 1, 2, 3])
+
+
+def test_export_features_of_a_transcoder_round_trips(captured, tmp_path):
+    """circuit-tracer's layout over real transcoder features: cantor ids over (layer, feature), packed = per-feature JSON."""
+    from queries.export import cantor, read_feature, read_features, read_index, write_features
+
+    wh, _ = captured
+    written = write_features(wh, "r", "transcoder.mlp.in", tmp_path / "f")
+    features, index = read_features(tmp_path / "f"), read_index(tmp_path / "f" / "packed")
+    for layer in (0, 2):
+        fired = [u for (u,) in wh.sql("SELECT neuron FROM neuron_stats WHERE run_id = 'r' AND site = 'transcoder.mlp.in' "
+                                      "AND layer = ? AND n_fired > 0 ORDER BY neuron", [layer]).fetchall()]
+        assert written[layer] == len(fired) > 0
+        for unit in fired:
+            packed = read_feature(tmp_path / "f" / "packed", layer, unit, index)
+            assert packed == features[cantor(layer, unit)] and (packed["layer"], packed["feature"]) == (layer, unit)
