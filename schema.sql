@@ -291,7 +291,10 @@ CREATE TABLE dictionary_stats (
     n_dense INTEGER,
     sq_error DOUBLE,
     total_variance DOUBLE,
-    cosine_sum DOUBLE
+    cosine_sum DOUBLE,
+    n_predicted BIGINT,
+    ce_clean_sum DOUBLE,
+    ce_spliced_sum DOUBLE
 );
 COMMENT ON TABLE dictionary_stats IS 'Per dictionary site and layer, exact sums over ALL tokens of the run (accumulated on the device); dictionary_quality(run) turns them into L0, dead/dense share, MSE, FVU and cosine.';
 COMMENT ON COLUMN dictionary_stats.d_in IS 'Width of the activation the dictionary encodes.';
@@ -304,3 +307,6 @@ COMMENT ON COLUMN dictionary_stats.n_dense IS 'Latents non-zero on more than 10%
 COMMENT ON COLUMN dictionary_stats.sq_error IS 'Sum over tokens of |reconstruction - target|^2 (NULL for an adapter without decode).';
 COMMENT ON COLUMN dictionary_stats.total_variance IS 'Sum over tokens of |target - mean target|^2.';
 COMMENT ON COLUMN dictionary_stats.cosine_sum IS 'Sum over tokens of the cosine of reconstruction to target.';
+COMMENT ON COLUMN dictionary_stats.n_predicted IS '--splice: next-token predictions scored (both tokens real); NULL without --splice.';
+COMMENT ON COLUMN dictionary_stats.ce_clean_sum IS '--splice: summed next-token cross-entropy of the unchanged model.';
+COMMENT ON COLUMN dictionary_stats.ce_spliced_sum IS '--splice: the same with this layer''s reconstruction in place of its activation (a transcoder''s: of the MLP output).';

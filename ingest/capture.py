@@ -156,6 +156,8 @@ class SiteLayer:
     # -- the hook ---------------------------------------------------------------
     def __call__(self, x: torch.Tensor) -> None:
         ctx = self.ctx
+        if ctx is None:
+            return  # a forward that is not a capture (--splice's extra passes)
         if x.dim() != 3:
             raise RuntimeError(f"site {self.name} layer {self.layer}: expected [batch, seq, units], got shape {tuple(x.shape)}")
         x = x.detach().float()

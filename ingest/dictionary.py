@@ -392,7 +392,8 @@ class DeviceDictionary:
         zeros = lambda *shape, dtype=torch.float64: torch.zeros(shape, dtype=dtype, device=dev)  # noqa: E731
         self.quality = {"n_tokens": zeros(dtype=torch.int64), "l0_sum": zeros(dtype=torch.int64),
                         "n_active": zeros(d.d_sae, dtype=torch.int64), "sq_error": zeros(), "target_sq": zeros(),
-                        "cosine_sum": zeros(), "target_sum": zeros(d.d_out)}
+                        "cosine_sum": zeros(), "target_sum": zeros(d.d_out),
+                        "n_predicted": zeros(dtype=torch.int64), "ce_clean": zeros(), "ce_spliced": zeros()}
 
     def __call__(self, x, mask):
         """x [batch, seq, d_in] float32, mask [batch, seq] bool -> latents [batch, seq, d_sae]."""
@@ -466,12 +467,87 @@ class DeviceDictionary:
         active_rate = q["n_active"] / max(n, 1)
         row = {"d_in": self.d.d_in, "d_sae": self.d.d_sae, "n_tokens": n, "l0_sum": int(q["l0_sum"]),
                "n_dead": int((q["n_active"] == 0).sum()), "n_dense": int((active_rate > DENSE_ABOVE).sum()),
-               "sq_error": None, "total_variance": None, "cosine_sum": None, "d_out": self.d.d_out}
+               "sq_error": None, "total_variance": None, "cosine_sum": None, "d_out": self.d.d_out,
+               "n_predicted": None, "ce_clean_sum": None, "ce_spliced_sum": None}
         if self.reconstructs and n:
             mean = q["target_sum"] / n
             row.update(sq_error=float(q["sq_error"]), cosine_sum=float(q["cosine_sum"]),
                        total_variance=float(q["target_sq"] - n * float(mean @ mean)))
+        if int(q["n_predicted"]):
+            row.update(n_predicted=int(q["n_predicted"]), ce_clean_sum=float(q["ce_clean"]), ce_spliced_sum=float(q["ce_spliced"]))
         return row
+
+    def splice_hooks(self, modules: dict, module_name: str, hook: str, target_module: str | None) -> list:
+        """Hooks that replace the activation with its reconstruction (a transcoder's: the MLP output), for --splice."""
+        def recon_of(x):
+            xf = x.float()
+            return self.decode(self.encode(xf), xf).to(x.dtype)
+
+        if self.d.transcoder:
+            seen = {}
+            pre = modules[module_name].register_forward_pre_hook(
+                lambda m, a, k: seen.__setitem__("x", _first_input(a, k)), with_kwargs=True)
+            out = modules[target_module].register_forward_hook(lambda m, a, o: _replace_output(o, recon_of(seen.pop("x"))))
+            return [pre, out]
+        if hook == "in":
+            return [modules[module_name].register_forward_pre_hook(lambda m, a, k: _replace_input(a, k, recon_of), with_kwargs=True)]
+        return [modules[module_name].register_forward_hook(lambda m, a, o: _replace_output(o, recon_of(_first_output(o))))]
+
+
+def _first_input(args, kwargs):
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _replace_input(args, kwargs, fn):
+    if args:
+        return (fn(args[0]), *args[1:]), kwargs
+    return args, dict(kwargs, hidden_states=fn(kwargs["hidden_states"]))
+
+
+def _first_output(output):
+    return output if not isinstance(output, (tuple, list)) else output[0]
+
+
+def _replace_output(output, value):
+    if isinstance(output, tuple):
+        return (value, *output[1:])
+    if isinstance(output, list):
+        return [value, *output[1:]]
+    return value
+
+
+def _next_token_ce(logits, ids, mask):
+    """Per-position next-token cross-entropy [B, T-1] (float64) and where it counts (both tokens real)."""
+    import torch
+
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
+    return ce.double(), mask[:, 1:].bool() & mask[:, :-1].bool()
+
+
+def splice_losses(model, site_layers: list, ids, mask) -> None:
+    """--splice: next-token loss clean, and with each dictionary layer's reconstruction spliced in (one forward each).
+
+    The capture hooks stand aside (ctx None) during these forwards; sums stay on the device.
+    """
+    layers = [sl for sl in site_layers if sl.encoder is not None and sl.encoder.reconstructs and sl.encoder.quality]
+    if not layers:
+        return
+    for sl in site_layers:
+        sl.ctx = None
+    modules = dict(model.named_modules())
+    clean, valid = _next_token_ce(model(input_ids=ids, attention_mask=mask).logits, ids, mask)
+    clean_sum, n = (clean * valid).sum(), valid.sum()
+    for sl in layers:
+        handles = sl.encoder.splice_hooks(modules, sl.module_name, sl.site.hook, sl.target_module)
+        try:
+            spliced, _ = _next_token_ce(model(input_ids=ids, attention_mask=mask).logits, ids, mask)
+        finally:
+            for handle in handles:
+                handle.remove()
+        q = sl.encoder.quality
+        q["n_predicted"] += n
+        q["ce_clean"] += clean_sum
+        q["ce_spliced"] += (spliced * valid).sum()
 
 
 DENSE_ABOVE = 0.1  # a latent is dense when active on more than this share of tokens

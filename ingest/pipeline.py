@@ -116,14 +116,19 @@ def _context(batch: list[Window], pad_id: int, device: str):
     return dev(ids), dev(mask), ctx, host
 
 
-def capture_batch(loaded, site_layers: list, batch: list[Window], device: str):
-    """One hooked forward pass; returns the batch's HostBatch (outputs still in flight on CUDA)."""
+def capture_batch(loaded, site_layers: list, batch: list[Window], device: str, splice: bool = False):
+    """One hooked forward pass; returns the batch's HostBatch (outputs still in flight on CUDA).
+
+    With `splice`, dictionary sites also get the next-token loss clean and with their reconstruction spliced in.
+    """
     from .capture import collect
 
     ids, mask, ctx, host = _context(batch, loaded.tokenizer.pad_id, device)
     for sl in site_layers:
         sl.ctx = ctx
     _forward(loaded, ids, mask)
+    if splice:
+        dictionary.splice_losses(loaded.model, site_layers, ids, mask)
     host.outputs, host.ready = collect(site_layers)
     return host
 
@@ -191,6 +196,7 @@ def ingest(
     shard_tokens: int = 65536,
     skip_bad: bool = False,
     logit_lens: bool = False,
+    splice: bool = False,
     progress: bool = True,
     rank: int = 0,
     world_size: int = 1,
@@ -230,6 +236,8 @@ def ingest(
                        f"use at most {positions} (longer documents are split into windows)")
     if max_length <= loaded.tokenizer.n_special:
         raise BadInput(f"--max-length {max_length} leaves no room for text after {loaded.tokenizer.n_special} special tokens: raise it")
+    if splice and (loaded.family != "decoder" or loaded.model.get_output_embeddings() is None or not dictionaries):
+        raise BadInput("--splice needs a causal LM with an unembedding and a dictionary site (SITE+sae=PATH): drop --splice")
     if logit_lens and (loaded.family != "decoder" or loaded.model.get_output_embeddings() is None):
         raise BadInput("--logit-lens needs a causal LM with an unembedding (lm_head); this model has none: drop --logit-lens")
     run_id = run_id or default_run_id(model)
@@ -237,7 +245,7 @@ def ingest(
         "model": model, "model_id": loaded.model_id, "sites": [s.text for s in specs],
         "data": _data_identity(paths) if documents is None else {"documents": len(documents), "sha256": _documents_identity(documents)},
         "dataset": dataset, "role": role, "batch_size": batch_size, "max_length": max_length, "truncate": truncate,
-        "dtype": dtype, "shard_tokens": shard_tokens, "skip_bad": skip_bad, "logit_lens": logit_lens,
+        "dtype": dtype, "shard_tokens": shard_tokens, "skip_bad": skip_bad, "logit_lens": logit_lens, "splice": splice,
         "world_size": world_size, "resume": resume,
     }
     if resume and (done := committed_with_same_config(wh.layout, run_id, config)) is not None:
@@ -279,7 +287,7 @@ def ingest(
                 by_length = sorted(shard.docs, key=lambda d: sum(len(w.ids) for w in d[2]))
                 wins = [w for _, _, ws in by_length for w in ws]
                 for batch in _batches(wins, batch_size):
-                    host = capture_batch(loaded, site_layers, batch, device)
+                    host = capture_batch(loaded, site_layers, batch, device, splice)
                     shard_writer.put(host)
                     batch_tokens = int(host.lengths.sum())
                     n_tokens += batch_tokens

@@ -22,5 +22,8 @@ def dictionary_quality(wh, run: str) -> pl.LazyFrame:
                      (pl.col("n_dense") / pl.col("d_sae")).alias("dense_share"),
                      (pl.col("sq_error") / (n * pl.col("d_out"))).alias("mse"),
                      pl.when(pl.col("total_variance") > 0).then(pl.col("sq_error") / pl.col("total_variance")).alias("fvu"),
-                     (pl.col("cosine_sum") / n).alias("mean_cosine"))
+                     (pl.col("cosine_sum") / n).alias("mean_cosine"),
+                     (pl.col("ce_clean_sum") / pl.col("n_predicted")).alias("ce_clean"),
+                     (pl.col("ce_spliced_sum") / pl.col("n_predicted")).alias("ce_spliced"),
+                     ((pl.col("ce_spliced_sum") - pl.col("ce_clean_sum")) / pl.col("n_predicted")).alias("delta_loss"))
             .sort("site", "layer"))

@@ -312,3 +312,43 @@ def test_export_features_of_a_transcoder_round_trips(captured, tmp_path):
         for unit in fired:
             packed = read_feature(tmp_path / "f" / "packed", layer, unit, index)
             assert packed == features[cantor(layer, unit)] and (packed["layer"], packed["feature"]) == (layer, unit)
+
+
+def test_splice_delta_loss_exact_zero_and_damaged_against_torch(tmp_path, sample_jsonl):
+    """--splice on tiny Qwen3: an exact reconstruction changes nothing (delta 0); a damaged one gives the delta
+    that splicing it by hand into the same model gives."""
+    import torch
+
+    from ingest.models import load
+    from ingest.pipeline import ingest
+
+    path = dicts.adapter(tmp_path / "identity.py")
+    loaded = load("config:qwen3-tiny", "cpu")
+    ingest(tmp_path / "wh", "config:qwen3-tiny", [str(sample_jsonl)],
+           [f"resid.out[1]+sae={path}:topk=2", f"resid.in[2]+sae={path}:damaged:topk=2"], run_id="s", batch_size=3,
+           max_length=16, device="cpu", progress=False, splice=True, loaded=loaded)
+    with warehouse.open(tmp_path / "wh") as wh:
+        q = {r["site"]: r for r in wh.pl("SELECT * FROM dictionary_quality('s')").iter_rows(named=True)}
+        twin = frames.dictionary_quality(wh, "s").collect()
+        windows = wh.sql("SELECT doc, list(token_id ORDER BY pos) FROM tokens WHERE run_id = 's' GROUP BY doc, \"window\" "
+                         "ORDER BY doc, \"window\"").fetchall()
+    assert twin.select("delta_loss").to_series().to_list() == pytest.approx([q[s]["delta_loss"] for s in sorted(q)], rel=1e-9)
+    assert q["sae.resid.out"]["delta_loss"] == pytest.approx(0, abs=1e-9)
+    # by hand: each window alone (no padding), layer 2's input halved
+    model = loaded.model
+    clean = damaged = n = 0.0
+    halve = lambda m, a, k: ((a[0] * 0.5, *a[1:]), k) if a else (a, dict(k, hidden_states=k["hidden_states"] * 0.5))  # noqa: E731
+    with torch.inference_mode():
+        for _, ids in windows:
+            if len(ids) < 2:
+                continue
+            x = torch.tensor([ids])
+            ce = lambda: torch.nn.functional.cross_entropy(model(input_ids=x).logits[0, :-1].double(), x[0, 1:], reduction="sum")  # noqa: E731
+            clean += float(ce())
+            handle = model.model.layers[2].register_forward_pre_hook(halve, with_kwargs=True)
+            damaged += float(ce())
+            handle.remove()
+            n += len(ids) - 1
+    assert q["sae.resid.in"]["n_tokens"] > 0 and q["sae.resid.in"]["ce_clean"] == pytest.approx(clean / n, rel=1e-5)
+    assert q["sae.resid.in"]["delta_loss"] == pytest.approx((damaged - clean) / n, rel=1e-4, abs=1e-7)
+    assert abs(q["sae.resid.in"]["delta_loss"]) > 1e-4

@@ -138,6 +138,7 @@ def ingest(
     shard_tokens: int = typer.Option(65536, "--shard-tokens", help="Tokens per committed shard (the unit of resume)."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip (and count) bad records instead of stopping."),
     logit_lens: bool = typer.Option(False, "--logit-lens", help="Store each MLP unit's output direction through the unembedding."),
+    splice: bool = typer.Option(False, "--splice", help="Dictionary sites of a causal LM: also measure next-token loss with each reconstruction spliced in (one extra forward per dictionary layer, plus one)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     ranks: int = typer.Option(1, "--ranks", help="Shard the documents over N processes on this machine (torchrun; one GPU each with --device cuda)."),
 ):
@@ -167,7 +168,7 @@ def ingest(
         summary = run_ingest(
             root, model or "minilm", [str(d) for d in data], site or DEFAULT_SITES, run_id=run_id, dataset=dataset, role=role,
             batch_size=batch_size, max_length=max_length, truncate=truncate, device=device, dtype=dtype,
-            resume=resume, shard_tokens=shard_tokens, skip_bad=skip_bad, logit_lens=logit_lens, progress=not quiet,
+            resume=resume, shard_tokens=shard_tokens, skip_bad=skip_bad, logit_lens=logit_lens, splice=splice, progress=not quiet,
             rank=rank, world_size=world_size,
         )
         if rank != 0:
