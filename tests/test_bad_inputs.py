@@ -52,18 +52,6 @@ CASES = [
          "--site 'mlp.act@sideways:topk=3': hook point must be @in or @out, not @sideways"),
     Case("same site twice", ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "mlp.act:topk=3", "--site", "mlp.act:nag=3"),
          "site given twice (mlp.act): merge the reductions into one SPEC, e.g. mlp.act:topk=20,examples=20"),
-    Case("dictionary that does not exist", ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "resid.out[1]+sae=no/such/sae:topk=3"),
-         "dictionary no/such/sae does not exist: give a folder or file with cfg.json + sae_weights.safetensors (SAELens), "
-         "cfg.json + sae.safetensors (sparsify), params.npz (Gemma Scope), a folder of those per layer, or dict.py[:CHECKPOINT]"),
-    Case("dictionary of an unknown architecture", ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "resid.out[1]+sae=dicts/odd:topk=3"),
-         "dictionary dicts/odd: unknown SAELens architecture 'matryoshka': use one of standard, gated, jumprelu, topk, batchtopk, "
-         "transcoder, jumprelu_transcoder"),
-    Case("dictionary narrower than the site", ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "resid.out[1]+sae=dicts/narrow:topk=3"),
-         "site sae.resid.out layer 1: the hook gives 64 units but dictionary dicts/narrow reads d_in=32: use a dictionary trained on this site"),
-    Case("dictionary layer the model lacks", ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "resid.out[9]+sae=dicts/sae:topk=3"),
-         "site 'resid.out[9]+sae=dicts/sae:topk=3': this model has no layer 9 at 'model.layers.*': select layers 0-3"),
-    Case("SAE given as a transcoder", ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "mlp.in[1]+transcoder=dicts/sae:topk=3"),
-         "--site 'mlp.in[1]+transcoder=dicts/sae:topk=3': dictionary dicts/sae is an SAE: write +sae=PATH"),
     Case("no --data", ("ingest", "{new}", *MODEL),
          "no --data given: pass a .jsonl, .parquet or .txt file (or a --scenario)"),
     Case("data file that does not exist", ("ingest", "{new}", *MODEL, "--data", "missing.jsonl"),
@@ -131,6 +119,18 @@ CASES = [
     Case("corrupt Parquet part", ("runs", "{copy}"),
          "cannot build the catalog (Invalid Input Error: File '{copy}/data/documents/run_id=r/part-0-000000.parquet' too small "
          "to be a Parquet file): find the bad part with `whq check {copy}`, then `whq repair {copy}` quarantines its run", "corrupt_part"),
+    Case("dictionary that does not exist", ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "resid.out[1]+sae=no/such/sae:topk=3"),
+         "dictionary no/such/sae does not exist: give a folder or file with cfg.json + sae_weights.safetensors (SAELens), "
+         "cfg.json + sae.safetensors (sparsify), params.npz (Gemma Scope), a folder of those per layer, or dict.py[:CHECKPOINT]"),
+    Case("dictionary of an unknown architecture", ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "resid.out[1]+sae=dicts/odd:topk=3"),
+         "dictionary dicts/odd: unknown SAELens architecture 'matryoshka': use one of standard, gated, jumprelu, topk, batchtopk, "
+         "transcoder, jumprelu_transcoder"),
+    Case("dictionary narrower than the site", ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "resid.out[1]+sae=dicts/narrow:topk=3"),
+         "site sae.resid.out layer 1: the hook gives 64 units but dictionary dicts/narrow reads d_in=32: use a dictionary trained on this site"),
+    Case("dictionary layer the model lacks", ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "resid.out[9]+sae=dicts/sae:topk=3"),
+         "site 'resid.out[9]+sae=dicts/sae:topk=3': this model has no layer 9 at 'model.layers.*': select layers 0-3"),
+    Case("SAE given as a transcoder", ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "mlp.in[1]+transcoder=dicts/sae:topk=3"),
+         "--site 'mlp.in[1]+transcoder=dicts/sae:topk=3': dictionary dicts/sae is an SAE: write +sae=PATH"),
 ]
 
 FILES = {

@@ -469,7 +469,7 @@ def test_every_macro_is_documented(lm_wh):
     comments = dict(lm_wh.sql("SELECT function_name, comment FROM duckdb_functions() WHERE function_type IN ('table_macro', 'macro')").fetchall())
     for name in ("firing_rate", "layer_summary", "selectivity", "rate_histogram", "selectivity_histogram", "top_contexts",
                  "random_examples", "activation_frequency", "activation_frequency_by_dataset", "neuron_contexts_bytes",
-                 "neuron_logit_lens", "whq_examples", "whq_known_site", "whq_sample_key"):
+                 "neuron_logit_lens", "whq_examples", "whq_known_site", "whq_sample_key", "dictionary_quality"):
         assert comments.get(name), name
 
 

@@ -18,6 +18,7 @@ from queries import spark_transpile
 from warehouse import catalog
 from warehouse.errors import QueryError
 
+from . import dictionaries
 from .scenario_yaml import scenario_dict, write_yaml
 
 pytestmark = pytest.mark.spark
@@ -64,6 +65,7 @@ TINY_CALLS = {
                      "SELECT * FROM nag_distance('lm2', 'lm2', 'mlp.up', layers := [0, 0, 2])"],
     "nag_select": ["SELECT * FROM nag_select('lm2', 'lm2', 'mlp.up', target_dataset := 'finance', fraction := 0.5)"],
     "nag_quality": ["SELECT * FROM nag_quality('lm2', 'lm2', 'mlp.up', 'score', target_dataset := 'animals', fraction := 0.6, invert := true)"],
+    "dictionary_quality": ["SELECT * FROM dictionary_quality('lm2')"],
 }
 
 
@@ -86,7 +88,7 @@ def wh(minilm_wh):
 @pytest.fixture(scope="module")
 def tiny_wh(tmp_path_factory, tiny_lm_dir):
     """The tiny causal LM: two greedy runs of a short chat scenario ('chat', 'again') and a plain
-    run 'lm2' over two datasets with a numeric meta column, NAG and the neuron logit lens."""
+    run 'lm2' over two datasets with a numeric meta column, NAG, the neuron logit lens and an SAE site."""
     from ingest.chat import run_scenario
     from ingest.pipeline import ingest
 
@@ -105,7 +107,9 @@ def tiny_wh(tmp_path_factory, tiny_lm_dir):
             if i != 3:  # one document without a quality score
                 record["score"] = round(0.1 * i + 0.05, 2)
             fh.write(json.dumps(record) + "\n")
-    ingest(folder / "wh", str(tiny_lm_dir), [str(folder / "pool.jsonl")], ["mlp.act:topk=8,examples=5", "mlp.up:nag=6"],
+    sae = dictionaries.sparsify(folder / "sae" / "layers.1", k=4)
+    ingest(folder / "wh", str(tiny_lm_dir), [str(folder / "pool.jsonl")], ["mlp.act:topk=8,examples=5", "mlp.up:nag=6",
+                                                                           f"resid.out+sae={sae.parent}:topk=4"],
            run_id="lm2", logit_lens=True, device="cpu", progress=False)
     with warehouse.open(folder / "wh") as opened:
         yield opened

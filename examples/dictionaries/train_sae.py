@@ -27,6 +27,7 @@ import torch
 import warehouse
 from ingest.pipeline import ingest
 from ingest.sources import Document
+from warehouse.maintenance import delete_run
 
 HERE = Path(__file__).resolve().parent
 FIXTURE = Path(warehouse.__file__).parent / "fixtures" / "tinyshakespeare_head.txt"
@@ -52,7 +53,7 @@ def rows(wh, run: str, site: str, layer: int, batch: int):
     files = [str(f) for f in wh.files("vectors", run) if f"site={site}" in str(f) and f"layer={layer}" in str(f)]
     for record_batch in ds.dataset(files, format="parquet").to_batches(columns=["vec"], batch_size=batch):
         column = record_batch.column(0)
-        yield np.asarray(column.values, dtype=np.float32).reshape(len(column), -1)
+        yield column.flatten().to_numpy().astype(np.float32, copy=False).reshape(len(column), -1)
 
 
 class TopKSAE(torch.nn.Module):
@@ -97,7 +98,7 @@ def train(wh, run: str, layer: int, expansion: int, k: int, epochs: int, batch: 
     for epoch in range(epochs):
         sq, var = 0.0, 0.0
         for x in rows(wh, run, "resid.out", layer, batch):
-            x = torch.from_numpy(x)
+            x = torch.from_numpy(x.copy())  # Arrow buffers are read-only
             _, recon = sae(x)
             err = (recon - x).square().sum()
             loss = err / (x - torch.from_numpy(mean)).square().sum()
@@ -106,7 +107,7 @@ def train(wh, run: str, layer: int, expansion: int, k: int, epochs: int, batch: 
             opt.step()
             with torch.no_grad():
                 sae.W_dec.data /= sae.W_dec.data.norm(dim=1, keepdim=True)
-            sq += float(err)
+            sq += float(err.detach())
             var += float((x - torch.from_numpy(mean)).square().sum())
         print(f"  epoch {epoch + 1}/{epochs}: training FVU {sq / var:.3f}")
     return sae, {"tokens": n, "d_in": len(mean), "d_sae": sae.W_dec.shape[0]}
@@ -116,7 +117,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", default=str(HERE / "out"))
     p.add_argument("--text", default=str(SHARED if SHARED.exists() else FIXTURE), help="Tiny Shakespeare (default: ../shared or the fixture head)")
-    p.add_argument("--docs", type=int, default=300)
+    p.add_argument("--docs", type=int, default=200)
     p.add_argument("--layer", type=int, default=3)
     p.add_argument("--expansion", type=int, default=4)
     p.add_argument("--k", type=int, default=16)
@@ -131,10 +132,21 @@ def main(argv=None) -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
     started = time.perf_counter()
-    summary = ingest(wh_root, "minilm", documents=documents, sites=[f"resid.out[{args.layer}]:dense"], run_id="dense",
-                     max_length=128, device="cpu", progress=False)
-    print(f"1. captured resid.out[{args.layer}] densely: {summary['documents']} passages, {summary['tokens']} tokens "
-          f"({time.perf_counter() - started:.0f} s)")
+    if (wh_root / "whq.json").exists():
+        with warehouse.open(wh_root) as wh:   # a rerun: keep the dense capture if it is the same, redo the rest
+            for run in set(wh.run_ids()) & {"dense", "sae"}:
+                config = wh.manifest("dense")["config"]
+                if run == "sae" or (config["sites"], config["data"]["documents"]) != ([f"resid.out[{args.layer}]:dense"], len(documents)):
+                    delete_run(wh, run)
+    with warehouse.open(wh_root) if (wh_root / "whq.json").exists() else warehouse.init(wh_root) as wh:
+        have_dense = "dense" in wh.run_ids()
+    if not have_dense:
+        ingest(wh_root, "minilm", documents=documents, sites=[f"resid.out[{args.layer}]:dense"], run_id="dense",
+               max_length=128, device="cpu", progress=False)
+    with warehouse.open(wh_root) as wh:
+        tokens = wh.sql("SELECT n_tokens FROM runs WHERE run_id = 'dense'").fetchall()[0][0]
+    print(f"1. captured resid.out[{args.layer}] densely: {len(documents)} passages, {tokens} tokens "
+          f"({'reused' if have_dense else f'{time.perf_counter() - started:.0f} s'})")
     with warehouse.open(wh_root) as wh:
         started = time.perf_counter()
         sae, shape = train(wh, "dense", args.layer, args.expansion, args.k, args.epochs, args.batch, args.seed)
