@@ -28,6 +28,7 @@ import hashlib
 import importlib.util
 import json
 import re
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +41,7 @@ SPARSIFY_FILES = ("cfg.json", "sae.safetensors")
 GEMMASCOPE_FILE = "params.npz"
 SAELENS_ARCHITECTURES = ("standard", "gated", "jumprelu", "topk", "batchtopk", "transcoder", "jumprelu_transcoder")
 SAELENS_NORMALISATIONS = ("none", "constant_norm_rescale")
+DENSE_ABOVE = 0.1  # a latent is dense when active on more than this share of tokens
 # The dtype the encoder runs in on the device, whatever the dictionary was saved in (recorded in `sites`).
 ENCODE_DTYPE = "float32"
 LAYOUTS = ("cfg.json + sae_weights.safetensors (SAELens), cfg.json + sae.safetensors (sparsify), params.npz (Gemma Scope), "
@@ -94,13 +96,27 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _safetensors(path: Path) -> dict:
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
+_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64, "I32": np.int32}
 
+
+def _safetensors(path: Path) -> dict:
+    """A .safetensors file as numpy arrays; bfloat16 (which numpy lacks) widened exactly to float32."""
     try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
+        with open(path, "rb") as fh:
+            (size,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(size))
+            data = fh.read()
+        arrays = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            if info["dtype"] not in _SAFETENSORS_DTYPES:
+                raise ValueError(f"tensor {name} has dtype {info['dtype']}")
+            start, end = info["data_offsets"]
+            array = np.frombuffer(data[start:end], dtype=_SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+            arrays[name] = (array.astype(np.uint32) << 16).view(np.float32) if info["dtype"] == "BF16" else array
+        return arrays
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as err:
         raise BadInput(f"dictionary weights {path} are not a readable safetensors file ({str(err)[:80]}): check the file") from None
 
 
@@ -126,7 +142,7 @@ def _layer_of(text: str | None) -> int | None:
 
 
 def _float32(weights: dict) -> dict:
-    return {k: np.asarray(v, dtype=np.float32) for k, v in weights.items()}
+    return {k: np.array(v, dtype=np.float32) for k, v in weights.items()}  # a writable copy (torch shares it)
 
 
 def _saelens(folder: Path) -> Dictionary:
@@ -549,8 +565,6 @@ def splice_losses(model, site_layers: list, ids, mask) -> None:
         q["ce_clean"] += clean_sum
         q["ce_spliced"] += (spliced * valid).sum()
 
-
-DENSE_ABOVE = 0.1  # a latent is dense when active on more than this share of tokens
 
 
 def load_all(specs) -> dict[str, DictionarySet]:

@@ -130,7 +130,8 @@ def launch(n: int, data: list[str], sites: list[str]) -> int:
         raise BadInput("--ranks launches torchrun; under torchrun already, drop --ranks")
     sources.check_paths(data)
     for spec in sites:
-        parse_spec(spec)
+        if parse_spec(spec).kind is not None:
+            raise BadInput("dictionary sites run on one rank: drop --ranks (or capture the dictionary sites in a run of their own)")
     args = sys.argv[sys.argv.index("ingest") + 1:]
     forwarded, skip = [], False
     for arg in args:

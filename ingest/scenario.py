@@ -256,7 +256,8 @@ def _capture(where: str, data) -> CaptureConfig:
     from .sites import parse_spec
 
     for spec in sites:
-        parse_spec(spec)
+        if parse_spec(spec).kind is not None:
+            reader.fail(f"capture.sites {spec!r}: dictionary sites are not captured in scenarios yet; ingest the documents with `whq ingest`")
     return CaptureConfig(
         hidden_states=hidden_states,
         attention_weights=reader.boolean("attention_weights", True),

@@ -54,6 +54,21 @@ def test_every_format_encodes_and_decodes_as_its_library(name, tmp_path):
     assert d.layer == 1 and len(d.sha256) == 64
 
 
+def test_bfloat16_weights_are_read_exactly(tmp_path):
+    """sparsify and SAELens often save bfloat16, which numpy lacks: widened bit-exactly to float32."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder = dicts.sparsify(tmp_path / "layers.1")
+    from safetensors.numpy import load_file
+
+    weights = {k: torch.from_numpy(v).to(torch.bfloat16) for k, v in load_file(str(folder / "sae.safetensors")).items()}
+    save_file(weights, str(folder / "sae.safetensors"))
+    d = dictionary.load(str(folder)).first
+    np.testing.assert_array_equal(d.weights["W_enc"], weights["encoder.weight"].float().numpy().T)
+    np.testing.assert_array_equal(d.weights["b_dec"], weights["b_dec"].float().numpy())
+
+
 def test_a_folder_of_layers_and_what_it_describes(tmp_path):
     for layer in (0, 2):
         dicts.sparsify(tmp_path / "tc" / f"layers.{layer}.mlp", transcode=True, seed=layer)
