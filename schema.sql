@@ -50,15 +50,7 @@ CREATE TABLE sites (
     layers INTEGER[],
     width INTEGER,
     reductions VARCHAR,
-    threshold DOUBLE,
-    dictionary VARCHAR,
-    dictionary_kind VARCHAR,
-    dictionary_format VARCHAR,
-    dictionary_architecture VARCHAR,
-    d_in INTEGER,
-    d_sae INTEGER,
-    dictionary_dtype VARCHAR,
-    dictionary_sha256 VARCHAR[]
+    threshold DOUBLE
 );
 COMMENT ON TABLE sites IS 'One row per captured site of a run: where the hook sits and which reductions ran.';
 COMMENT ON COLUMN sites.site IS 'Site name: an alias (mlp.up, mlp.act, resid.out, ...) or a sanitised module glob.';
@@ -69,14 +61,6 @@ COMMENT ON COLUMN sites.layers IS 'Layer index of each matched module.';
 COMMENT ON COLUMN sites.width IS 'Number of units (neurons) at the site.';
 COMMENT ON COLUMN sites.reductions IS 'Reductions as written in the SPEC (topk=20,nag=20,...).';
 COMMENT ON COLUMN sites.threshold IS 'Firing threshold: a unit fires when value > threshold (default 0).';
-COMMENT ON COLUMN sites.dictionary IS 'Dictionary sites (named KIND.SITE, e.g. sae.resid.out): the dictionary path as written in the SPEC; NULL for plain sites.';
-COMMENT ON COLUMN sites.dictionary_kind IS 'sae (reconstructs its input) or transcoder (reads mlp.in, reconstructs the MLP output).';
-COMMENT ON COLUMN sites.dictionary_format IS 'saelens, sparsify, gemmascope or adapter.';
-COMMENT ON COLUMN sites.dictionary_architecture IS 'How latents are encoded: relu, gated, jumprelu (SAELens batchtopk included) or topk.';
-COMMENT ON COLUMN sites.d_in IS 'Width of the hooked activation the dictionary reads.';
-COMMENT ON COLUMN sites.d_sae IS 'Number of latents (the site''s units).';
-COMMENT ON COLUMN sites.dictionary_dtype IS 'Dtype the encoder ran in on the device.';
-COMMENT ON COLUMN sites.dictionary_sha256 IS 'sha256 of each layer''s weights file, in the order of layers.';
 
 CREATE TABLE documents (
     run_id VARCHAR,
@@ -278,10 +262,16 @@ COMMENT ON COLUMN logit_lens.top_tokens IS 'Top-k tokens as text.';
 COMMENT ON COLUMN logit_lens.top_logprobs IS 'Their log-probabilities.';
 COMMENT ON COLUMN logit_lens.argmax_logprob IS 'Log-probability of this layer''s argmax token.';
 
-CREATE TABLE dictionary_stats (
+CREATE TABLE dictionaries (
     run_id VARCHAR,
     site VARCHAR,
     layer INTEGER,
+    path VARCHAR,
+    kind VARCHAR,
+    format VARCHAR,
+    architecture VARCHAR,
+    encode_dtype VARCHAR,
+    sha256 VARCHAR,
     d_in INTEGER,
     d_sae INTEGER,
     d_out INTEGER,
@@ -296,17 +286,23 @@ CREATE TABLE dictionary_stats (
     ce_clean_sum DOUBLE,
     ce_spliced_sum DOUBLE
 );
-COMMENT ON TABLE dictionary_stats IS 'Per dictionary site and layer, exact sums over ALL tokens of the run (accumulated on the device); dictionary_quality(run) turns them into L0, dead/dense share, MSE, FVU and cosine.';
-COMMENT ON COLUMN dictionary_stats.d_in IS 'Width of the activation the dictionary encodes.';
-COMMENT ON COLUMN dictionary_stats.d_sae IS 'Number of latents.';
-COMMENT ON COLUMN dictionary_stats.d_out IS 'Width of the reconstruction target (d_in for an SAE, the MLP output for a transcoder).';
-COMMENT ON COLUMN dictionary_stats.n_tokens IS 'Token positions encoded (padding excluded).';
-COMMENT ON COLUMN dictionary_stats.l0_sum IS 'Non-zero latents summed over all tokens.';
-COMMENT ON COLUMN dictionary_stats.n_dead IS 'Latents never non-zero on any token.';
-COMMENT ON COLUMN dictionary_stats.n_dense IS 'Latents non-zero on more than 10% of tokens.';
-COMMENT ON COLUMN dictionary_stats.sq_error IS 'Sum over tokens of |reconstruction - target|^2 (NULL for an adapter without decode).';
-COMMENT ON COLUMN dictionary_stats.total_variance IS 'Sum over tokens of |target - mean target|^2.';
-COMMENT ON COLUMN dictionary_stats.cosine_sum IS 'Sum over tokens of the cosine of reconstruction to target.';
-COMMENT ON COLUMN dictionary_stats.n_predicted IS '--splice: next-token predictions scored (both tokens real); NULL without --splice.';
-COMMENT ON COLUMN dictionary_stats.ce_clean_sum IS '--splice: summed next-token cross-entropy of the unchanged model.';
-COMMENT ON COLUMN dictionary_stats.ce_spliced_sum IS '--splice: the same with this layer''s reconstruction in place of its activation (a transcoder''s: of the MLP output).';
+COMMENT ON TABLE dictionaries IS 'One row per layer of each dictionary site (SITE+sae=PATH, named KIND.SITE): which dictionary encoded it, and exact sums over ALL tokens of the run (accumulated on the device) that dictionary_quality(run) turns into L0, dead/dense share, MSE, FVU, cosine and delta loss.';
+COMMENT ON COLUMN dictionaries.path IS 'This layer''s dictionary: its folder or file (an adapter: dict.py[:checkpoint]).';
+COMMENT ON COLUMN dictionaries.kind IS 'sae (reconstructs its input) or transcoder (reads mlp.in, reconstructs the MLP output).';
+COMMENT ON COLUMN dictionaries.format IS 'saelens, sparsify, gemmascope or adapter.';
+COMMENT ON COLUMN dictionaries.architecture IS 'How latents are encoded: relu, gated, jumprelu (SAELens batchtopk included) or topk; an adapter''s own name.';
+COMMENT ON COLUMN dictionaries.encode_dtype IS 'Dtype the encoder ran in on the device.';
+COMMENT ON COLUMN dictionaries.sha256 IS 'sha256 of the weights file (an adapter: of its .py file).';
+COMMENT ON COLUMN dictionaries.d_in IS 'Width of the activation the dictionary encodes.';
+COMMENT ON COLUMN dictionaries.d_sae IS 'Number of latents.';
+COMMENT ON COLUMN dictionaries.d_out IS 'Width of the reconstruction target (d_in for an SAE, the MLP output for a transcoder).';
+COMMENT ON COLUMN dictionaries.n_tokens IS 'Token positions encoded (padding excluded).';
+COMMENT ON COLUMN dictionaries.l0_sum IS 'Non-zero latents summed over all tokens.';
+COMMENT ON COLUMN dictionaries.n_dead IS 'Latents never non-zero on any token.';
+COMMENT ON COLUMN dictionaries.n_dense IS 'Latents non-zero on more than 10% of tokens.';
+COMMENT ON COLUMN dictionaries.sq_error IS 'Sum over tokens of |reconstruction - target|^2 (NULL for an adapter without decode).';
+COMMENT ON COLUMN dictionaries.total_variance IS 'Sum over tokens of |target - mean target|^2.';
+COMMENT ON COLUMN dictionaries.cosine_sum IS 'Sum over tokens of the cosine of reconstruction to target.';
+COMMENT ON COLUMN dictionaries.n_predicted IS '--splice: next-token predictions scored (both tokens real); NULL without --splice.';
+COMMENT ON COLUMN dictionaries.ce_clean_sum IS '--splice: summed next-token cross-entropy of the unchanged model.';
+COMMENT ON COLUMN dictionaries.ce_spliced_sum IS '--splice: the same with this layer''s reconstruction in place of its activation (a transcoder''s: of the MLP output).';

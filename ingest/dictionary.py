@@ -477,7 +477,7 @@ class DeviceDictionary:
             target.copy_(column[0] if target.dim() == 0 else column)
 
     def summary(self) -> dict:
-        """The run's quality sums as host numbers (dictionary_stats' columns)."""
+        """The run's quality sums as host numbers (the dictionaries table's columns)."""
         q = {k: v.cpu().numpy() for k, v in self.quality.items()}
         n = int(q["n_tokens"])
         active_rate = q["n_active"] / max(n, 1)

@@ -37,25 +37,19 @@ def runs_row(loaded, resolved, writer) -> pa.Table:
 
 def sites_rows(resolved, site_layers: list[SiteLayer]) -> pa.Table:
     widths = {sl.name: sl.width for sl in site_layers if sl.width is not None}
-    encoders = {(sl.name, sl.layer): sl.encoder.d for sl in site_layers if getattr(sl, "encoder", None) is not None}
-    dictionary = {c: [] for c in schema.DICTIONARY_SITE_COLUMNS}
-    for r in resolved:
-        per_layer = [encoders[(r.name, layer)] for layer, _ in r.modules if (r.name, layer) in encoders]
-        d = per_layer[0] if per_layer else None
-        values = (None,) * len(dictionary) if d is None else (
-            r.spec.dictionary, r.spec.kind, d.format, d.architecture, d.d_in, d.d_sae, ENCODE_DTYPE, [e.sha256 for e in per_layer])
-        for column, value in zip(dictionary, values):
-            dictionary[column].append(value)
     return _table("sites", {
         "site": [r.name for r in resolved], "module_glob": [r.glob for r in resolved], "hook_point": [r.hook for r in resolved],
         "modules": [[m for _, m in r.modules] for r in resolved], "layers": [[layer for layer, _ in r.modules] for r in resolved],
         "width": [widths.get(r.name) for r in resolved], "reductions": [r.spec.reductions_text for r in resolved],
-        "threshold": [r.spec.threshold for r in resolved], **dictionary,
+        "threshold": [r.spec.threshold for r in resolved],
     })
 
 
-def dictionary_stats(sl: SiteLayer) -> pa.Table:
-    return _table("dictionary_stats", {k: [v] for k, v in sl.encoder.summary().items()})
+def dictionaries_row(sl: SiteLayer) -> pa.Table:
+    d = sl.encoder.d
+    identity = {"path": d.path, "kind": sl.spec.kind, "format": d.format, "architecture": d.architecture,
+                "encode_dtype": ENCODE_DTYPE, "sha256": d.sha256}
+    return _table("dictionaries", {k: [v] for k, v in {**identity, **sl.encoder.summary()}.items()})
 
 
 def neuron_stats(sl: SiteLayer) -> pa.Table:
@@ -161,7 +155,7 @@ def final_parts(loaded, resolved, site_layers: list[SiteLayer], writer, logit_le
         if sl.examples:
             parts.append(("neuron_examples", sl.name, sl.layer, neuron_examples(sl)))
         if sl.encoder is not None and sl.encoder.quality:
-            parts.append(("dictionary_stats", sl.name, sl.layer, dictionary_stats(sl)))
+            parts.append(("dictionaries", sl.name, sl.layer, dictionaries_row(sl)))
     if logit_lens:
         unembed = _unembedding(loaded)
         lens = [(sl, neuron_logits(loaded, sl, unembed)) for sl in site_layers] if unembed is not None else []

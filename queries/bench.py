@@ -123,7 +123,7 @@ def build(root: str | Path, shape: Shape, seed: int = 0, echo=None) -> float | N
     from warehouse.runwriter import RunWriter
 
     root = Path(root)
-    wh = warehouse.open(root) if (root / "whq.json").exists() else warehouse.init(root)
+    wh = warehouse.open_or_init(root)
     if shape.run_id in wh.run_ids():
         return None
     started = time.perf_counter()
@@ -221,7 +221,6 @@ def _sites_row(shape: Shape) -> pa.Table:
         "site": [SITE], "module_glob": ["synthetic"], "hook_point": ["in"],
         "modules": [[f"layers.{i}" for i in range(shape.layers)]], "layers": [list(range(shape.layers))],
         "width": [shape.width], "reductions": [f"topk={shape.k},nag={shape.k},examples={shape.examples}"], "threshold": [0.0],
-        **{c: [None] for c in schema.DICTIONARY_SITE_COLUMNS},
     }, schema=schema.table("sites").arrow_schema())
 
 

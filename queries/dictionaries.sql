@@ -1,6 +1,6 @@
 -- Dictionary analyses: how well an SAE or transcoder captured at a dictionary site
 -- (`resid.out[6]+sae=PATH`) reconstructs its target and how its latents fire.
--- The sums come from dictionary_stats (exact over all tokens, accumulated on the device);
+-- The sums come from the dictionaries table (exact over all tokens, accumulated on the device);
 -- the latents themselves are units like neurons, so every neuron macro works on the site.
 -- Polars twin: queries/dictionary_frames.py.
 
@@ -15,7 +15,7 @@ SELECT q.site, q.layer, q.d_in, q.d_sae, q.n_tokens,
        q.ce_clean_sum / q.n_predicted AS ce_clean,
        q.ce_spliced_sum / q.n_predicted AS ce_spliced,
        (q.ce_spliced_sum - q.ce_clean_sum) / q.n_predicted AS delta_loss
-FROM dictionary_stats q
+FROM dictionaries q
 WHERE whq_known_run(run) AND q.run_id = run AND q.n_tokens > 0
 ORDER BY q.site, q.layer;
 COMMENT ON MACRO TABLE dictionary_quality IS 'Per dictionary site and layer, exact over all tokens: mean_l0 (non-zero latents per token), dead_share (never active), dense_share (active on > 10% of tokens), mse (mean squared error per element), fvu (fraction of variance unexplained = squared error / total variance of the target) and mean_cosine of reconstruction to target (a transcoder''s target is the MLP output); with --splice, ce_clean, ce_spliced and delta_loss = their difference, the mean next-token cross-entropy with the reconstruction spliced in minus clean (NULL without --splice). Example: SELECT * FROM dictionary_quality(''demo'')';

@@ -14,7 +14,7 @@ __all__ = ["dictionary_quality"]
 def dictionary_quality(wh, run: str) -> pl.LazyFrame:
     if scan(wh, "runs", run).select(pl.len()).collect().item() == 0:
         raise UnknownRun(f"no committed run {run!r} in this warehouse: list the runs with SELECT run_id FROM runs")
-    q = scan(wh, "dictionary_stats", run).filter(pl.col("n_tokens") > 0)
+    q = scan(wh, "dictionaries", run).filter(pl.col("n_tokens") > 0)
     n = pl.col("n_tokens")
     return (q.select("site", "layer", "d_in", "d_sae", "n_tokens",
                      (pl.col("l0_sum") / n).alias("mean_l0"),

@@ -201,7 +201,8 @@ def test_quality_equals_numpy_and_polars(captured):
     twin = frames.dictionary_quality(wh, "r").collect()
     assert sql.columns == twin.columns and sql.shape == twin.shape
     for a, b in zip(sql.rows(), twin.rows()):
-        np.testing.assert_allclose([v for v in a if not isinstance(v, str)], [v for v in b if not isinstance(v, str)], rtol=1e-12)
+        for x, y in zip(a, b):
+            assert x == y if x is None or isinstance(x, str) else x == pytest.approx(y, rel=1e-12)
     got = {(r["site"], r["layer"]): r for r in sql.iter_rows(named=True)}
     assert sorted(got) == [("sae.resid.in", 3), ("sae.resid.out", 1), ("transcoder.mlp.in", 0), ("transcoder.mlp.in", 2)]
     cases = [(("sae.resid.out", 1), paths["sae"], _dense(wh, "resid.out", 1)[1], None),
@@ -216,21 +217,22 @@ def test_quality_equals_numpy_and_polars(captured):
             assert got[key][column] == pytest.approx(value, rel=1e-5, abs=1e-9), (key, column)
 
 
-def test_sites_rows_record_the_dictionary(captured):
-    wh, paths = captured
-    rows = wh.pl("SELECT site, layers, width, dictionary, dictionary_kind, dictionary_format, dictionary_architecture, d_in, d_sae, "
-                 "dictionary_dtype, dictionary_sha256 FROM sites WHERE run_id = 'r' AND dictionary IS NOT NULL ORDER BY site")
+def test_the_dictionaries_table_records_each_layers_dictionary(captured):
     import hashlib
 
-    sha = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in [paths["sae"] / "sae_weights.safetensors", paths["gs"],
-                                                                  *(paths["tc"] / f"layers.{i}" / "sae.safetensors" for i in (0, 2))]}
+    wh, paths = captured
+    rows = wh.pl("SELECT site, layer, path, kind, format, architecture, encode_dtype, sha256, d_in, d_sae, d_out FROM dictionaries "
+                 "WHERE run_id = 'r' ORDER BY site, layer")
+    sha = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+    tc = [paths["tc"] / f"layers.{i}" for i in (0, 2)]
     assert rows.rows() == [
-        ("sae.resid.in", [3], 96, str(paths["gs"]), "sae", "gemmascope", "jumprelu", 64, 96, "float32", [sha[paths["gs"]]]),
-        ("sae.resid.out", [1], 96, str(paths["sae"]), "sae", "saelens", "topk", 64, 96, "float32",
-         [sha[paths["sae"] / "sae_weights.safetensors"]]),
-        ("transcoder.mlp.in", [0, 2], 96, str(paths["tc"]), "transcoder", "sparsify", "topk", 64, 96, "float32",
-         [sha[paths["tc"] / f"layers.{i}" / "sae.safetensors"] for i in (0, 2)]),
+        ("sae.resid.in", 3, str(paths["gs"]), "sae", "gemmascope", "jumprelu", "float32", sha(paths["gs"]), 64, 96, 64),
+        ("sae.resid.out", 1, str(paths["sae"]), "sae", "saelens", "topk", "float32", sha(paths["sae"] / "sae_weights.safetensors"), 64, 96, 64),
+        ("transcoder.mlp.in", 0, str(tc[0]), "transcoder", "sparsify", "topk", "float32", sha(tc[0] / "sae.safetensors"), 64, 96, 64),
+        ("transcoder.mlp.in", 2, str(tc[1]), "transcoder", "sparsify", "topk", "float32", sha(tc[1] / "sae.safetensors"), 64, 96, 64),
     ]
+    sites = wh.pl("SELECT site, layers, width FROM sites WHERE run_id = 'r' AND site LIKE '%.%.%' ORDER BY site").rows()
+    assert sites == [("sae.resid.in", [3], 96), ("sae.resid.out", [1], 96), ("transcoder.mlp.in", [0, 2], 96)]
 
 
 def test_neuron_macros_on_a_dictionary_site_equal_their_twins(captured):
@@ -268,7 +270,7 @@ def test_exact_and_damaged_adapters_on_tiny_qwen(tmp_path, sample_jsonl):
            run_id="q", batch_size=4, max_length=16, device="cpu", progress=False, logit_lens=True, loaded=loaded)
     with warehouse.open(tmp_path / "wh") as wh:
         q = {r["site"]: r for r in wh.pl("SELECT * FROM dictionary_quality('q')").iter_rows(named=True)}
-        arch = wh.pl("SELECT dictionary_format, dictionary_architecture FROM sites WHERE site = 'sae.resid.out'").row(0)
+        arch = wh.pl("SELECT format, architecture FROM dictionaries WHERE site = 'sae.resid.out'").row(0)
         lens = wh.pl("SELECT neuron, direction, rank, token_id, logit FROM neuron_logits WHERE run_id = 'q' "
                      "AND site = 'sae.attn.o' AND layer = 1 ORDER BY neuron, direction, rank")
         sql = wh.pl("SELECT * FROM neuron_logit_lens('q', 'sae.attn.o', 1, 3)")
