@@ -369,3 +369,20 @@ def test_splice_delta_loss_exact_zero_and_damaged_against_torch(tmp_path, sample
     assert q["sae.resid.in"]["n_tokens"] > 0 and q["sae.resid.in"]["ce_clean"] == pytest.approx(clean / n, rel=1e-5)
     assert q["sae.resid.in"]["delta_loss"] == pytest.approx((damaged - clean) / n, rel=1e-4, abs=1e-7)
     assert abs(q["sae.resid.in"]["delta_loss"]) > 1e-4
+
+
+@pytest.mark.parametrize("transcode", [False, True])
+def test_eleutherai_sparsify_itself_gives_whq_values(tmp_path, transcode):
+    """Where eai-sparsify installs: its own loader and encoder on the same files give whq's latents and reconstruction."""
+    sparsify = pytest.importorskip("sparsify", reason="eai-sparsify is not installed (pip install eai-sparsify)")
+    import torch
+
+    folder = dicts.sparsify(tmp_path / "layers.1", transcode=transcode, skip=transcode, k=6)
+    theirs = sparsify.SparseCoder.load_from_disk(folder)
+    x = torch.from_numpy(np.random.default_rng(2).normal(size=(11, D_IN)).astype(np.float32))
+    ours = dictionary.DeviceDictionary(dictionary.load(str(folder)).first, "cpu", "test")
+    with torch.inference_mode():
+        encoded = theirs.encode(x)
+        latents = torch.zeros(11, 96).scatter_(-1, encoded.top_indices, encoded.top_acts)
+        np.testing.assert_allclose(ours.encode(x).numpy(), latents.numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(ours.decode(ours.encode(x), x).numpy(), theirs(x).sae_out.numpy(), rtol=1e-5, atol=1e-5)
