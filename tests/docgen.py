@@ -1,0 +1,180 @@
+"""The generated parts of the READMEs: CLI reference, macro lists, bad-input matrix.
+
+cog runs these functions inside the Markdown files, between `[[[cog ...]]]` and
+`[[[end]]]` markers. From the repository root:
+
+    cog -I . -r README.md warehouse/README.md ingest/README.md queries/README.md       # regenerate
+    cog -I . --check README.md warehouse/README.md ingest/README.md queries/README.md  # CI: fail when stale
+
+Every function reads only source files (the click app, queries/*.sql, the CASES of
+tests/test_bad_inputs.py), never a warehouse, the clock or the terminal width, so the
+output is the same on every machine.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ["README.md", "warehouse/README.md", "ingest/README.md", "queries/README.md"]
+"""The Markdown files with generated blocks, as .ci/run checks them."""
+
+MACRO_FILES = {"neurons.sql": "neurons", "nag.sql": "NAG", "scenarios.sql": "scenarios", "00_common.sql": "checks"}
+TWINS = {"neurons.sql": "neuron_frames", "nag.sql": "nag_frames", "scenarios.sql": "scenario_frames"}
+
+
+# ---------------------------------------------------------------- the CLI
+
+
+def cli_root():
+    """The click command behind `whq` (typer's app, converted)."""
+    import typer.main
+
+    from warehouse.cli import app
+
+    return typer.main.get_command(app)
+
+
+def cli_commands(group=None, prefix: tuple[str, ...] = ("whq",)):
+    """(words, command) for every leaf command, e.g. (("whq", "nag", "select"), <command>), in the app's order."""
+    group = group if group is not None else cli_root()
+    for name in group.list_commands(None):
+        command = group.get_command(None, name)
+        if getattr(command, "hidden", False):
+            continue
+        if hasattr(command, "commands"):
+            yield from cli_commands(command, (*prefix, name))
+        else:
+            yield (*prefix, name), command
+
+
+def _type_name(param) -> str:
+    """A short metavar: PATH, INT, TEXT, or the choices of an Enum / Literal."""
+    descriptor = getattr(param, "type_descriptor", None)
+    annotation = getattr(descriptor, "annotation", None)
+    while True:
+        origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+        if origin in (list, tuple) and args:
+            annotation = args[0]
+        elif origin is typing.Union and args:
+            annotation = next(a for a in args if a is not type(None))
+        elif origin is typing.Annotated:
+            annotation = args[0]
+        else:
+            break
+    if typing.get_origin(annotation) is typing.Literal:
+        return "|".join(str(a) for a in typing.get_args(annotation))
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return "|".join(str(member.value) for member in annotation)
+    names = {Path: "PATH", int: "INT", float: "FLOAT", str: "TEXT"}
+    return names.get(annotation, getattr(annotation, "__name__", "TEXT").upper())
+
+
+def _cell(text: str) -> str:
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def _default(param) -> str:
+    if param.required or getattr(param, "is_flag", False):
+        return ""
+    default = param.default
+    if default is None or default == [] or default == ():
+        return ""
+    if isinstance(default, enum.Enum):
+        default = default.value
+    return f"`{default}`"
+
+
+def cli_reference() -> str:
+    """Every `whq` command: its usage line, its first docstring line, and a table of its options."""
+    out = []
+    for words, command in cli_commands():
+        arguments = [p for p in command.params if not p.opts[0].startswith("-")]
+        options = [p for p in command.params if p.opts[0].startswith("-")]
+        usage = " ".join([*words, *(p.name.upper() if p.required else f"[{p.name.upper()}]" for p in arguments)])
+        summary = (command.help or "").strip().splitlines()[0]
+        out.append(f"#### `{usage}`\n\n{summary}\n")
+        rows = [f"| `{p.name.upper()}` | {_type_name(p)} | {_default(p)} | {_cell(p.help or '')} |" for p in arguments]
+        for p in options:
+            flag = ", ".join(f"`{o}`" for o in p.opts + p.secondary_opts)
+            kind = "flag" if getattr(p, "is_flag", False) else _type_name(p)
+            if p.multiple:
+                kind += ", repeatable"
+            if p.required:
+                kind += ", required"
+            rows.append(f"| {flag} | {kind} | {_default(p)} | {_cell(p.help or '')} |")
+        if rows:
+            out.append("| argument / option | takes | default | what |\n|---|---|---|---|\n" + "\n".join(rows) + "\n")
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------- the macros
+
+
+@dataclass(frozen=True)
+class Macro:
+    name: str
+    signature: str      # the parameter list as written in CREATE MACRO
+    table: bool         # a table macro (SELECT * FROM m(...)) or a scalar one
+    comment: str        # the COMMENT ON MACRO text
+    file: str           # the queries/*.sql file
+
+    @property
+    def summary(self) -> str:
+        """The comment without its `Example: ...` tail."""
+        return self.comment.split(" Example: ")[0]
+
+    @property
+    def example(self) -> str | None:
+        parts = self.comment.split(" Example: ", 1)
+        return parts[1] if len(parts) == 2 else None
+
+
+_CREATE = re.compile(r"CREATE OR REPLACE MACRO\s+(\w+)\s*\((.*?)\)\s+AS\s+(TABLE)?", re.S)
+_COMMENT = re.compile(r"COMMENT ON MACRO\s+(?:TABLE\s+)?(\w+)\s+IS\s+'((?:[^']|'')*)'\s*;", re.S)
+
+
+def macros() -> list[Macro]:
+    """Every macro of queries/*.sql with its COMMENT ON text, in file order."""
+    found = []
+    for file in sorted((ROOT / "queries").glob("*.sql")):
+        text = file.read_text()
+        comments = {m.group(1): m.group(2).replace("''", "'") for m in _COMMENT.finditer(text)}
+        for m in _CREATE.finditer(text):
+            signature = " ".join(m.group(2).split())
+            found.append(Macro(m.group(1), signature, bool(m.group(3)), comments.get(m.group(1), ""), file.name))
+    return found
+
+
+def macro_list(files: typing.Iterable[str] = ("neurons.sql", "nag.sql", "scenarios.sql")) -> str:
+    """The user-facing table macros (not the whq_ building blocks): one line each, grouped by file."""
+    lines = []
+    for file in files:
+        names = [m for m in macros() if m.file == file and m.table and not m.name.startswith("whq_")]
+        lines.append(f"- **{MACRO_FILES[file]}** (`queries/{file}`): " + ", ".join(f"`{m.name}`" for m in names))
+    return "\n".join(lines) + "\n"
+
+
+def macro_reference(file: str) -> str:
+    """A table of every macro of one file: call, what it returns, the example from its comment."""
+    twins = TWINS.get(file)
+    rows = ["| macro | what | example |", "|---|---|---|"]
+    for m in (m for m in macros() if m.file == file):
+        kind = "" if m.table else " (scalar)"
+        example = f"`{m.example}`" if m.example else ""
+        rows.append(f"| `{m.name}({_cell(m.signature)})`{kind} | {_cell(m.summary)} | {_cell(example)} |")
+    note = f"\nEach table macro without the `whq_` prefix has a Polars twin of the same name in `queries/{twins}.py`.\n" if twins else ""
+    return "\n".join(rows) + "\n" + note
+
+
+# ---------------------------------------------------------------- the bad inputs
+
+
+def bad_input_matrix() -> str:
+    from tests.test_bad_inputs import matrix_markdown
+
+    return matrix_markdown().rstrip("\n") + "\n"
