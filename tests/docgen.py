@@ -178,3 +178,67 @@ def bad_input_matrix() -> str:
     from tests.test_bad_inputs import matrix_markdown
 
     return matrix_markdown().rstrip("\n") + "\n"
+
+
+# ---------------------------------------------------------------- the file tree
+
+ROOM_FILES = ("*.py", "*.sql", "*.c")
+OTHER = {
+    "pyproject.toml": "the distribution `whq`, its console script and extras",
+    "schema.sql": "the tables: columns, types, COMMENT ON each (the contract; warehouse/schema.sql links here)",
+    ".ci/run": "CI: a fresh venv, the install, the docs check, the tests",
+    "warehouse/fixtures/": "the demo text (the opening of Tiny Shakespeare, public domain)",
+    "tests/": "pytest, CPU only; tests/docgen.py writes the generated parts of the READMEs",
+}
+
+
+def _first_sentence(text: str) -> str:
+    """The first line of a docstring, or the first sentence of a leading comment block."""
+    paragraph = []
+    for line in text.strip().splitlines():
+        line = line.strip().removeprefix("/*").removeprefix("*").removeprefix("--").strip()
+        if not line:
+            break
+        paragraph.append(line)
+    joined = " ".join(paragraph)
+    return re.split(r"\.\s", joined, maxsplit=1)[0].rstrip(".")
+
+
+def _job(path: Path) -> str:
+    import ast
+
+    text = path.read_text()
+    if path.suffix == ".py":
+        doc = ast.get_docstring(ast.parse(text)) or ""
+        return doc.strip().splitlines()[0].rstrip(".") if doc.strip() else ""
+    return _first_sentence(text)
+
+
+def file_tree() -> str:
+    """The repository's rooms and each module's one job: its docstring's first line."""
+    width = 26
+    lines = []
+
+    def add(name: str, job: str, indent: int = 0) -> None:
+        label = " " * indent + name
+        lines.append(f"{label:<{width}}{job}" if len(label) < width else f"{label} {job}")
+
+    for name in ("pyproject.toml", "schema.sql"):
+        add(name, OTHER[name])
+    for room in ("warehouse", "ingest", "queries"):
+        folder = ROOT / room
+        add(f"{room}/", _job(folder / "__init__.py"))
+        files = sorted({p for pattern in ROOM_FILES for p in folder.glob(pattern)
+                        if p.name != "__init__.py" and not p.is_symlink()})
+        for path in files:
+            add(path.name, _job(path), 2)
+        for sub, job in OTHER.items():
+            if sub.startswith(f"{room}/") and sub != f"{room}/":
+                add(sub.removeprefix(f"{room}/"), job, 2)
+    add("tests/", OTHER["tests/"])
+    add("examples/", "worked examples, each with its README and figures")
+    for readme in sorted((ROOT / "examples").glob("*/README.md")):
+        title = readme.read_text().splitlines()[0].lstrip("# ").strip()
+        add(f"{readme.parent.name}/", title, 2)
+    add(".ci/run", OTHER[".ci/run"])
+    return "```text\n" + "\n".join(lines) + "\n```\n"
