@@ -89,16 +89,21 @@ def _default(param) -> str:
     return f"`{default}`"
 
 
+def _metavar(argument) -> str:
+    return argument.name.upper() + ("..." if argument.nargs == -1 else "")
+
+
 def cli_reference() -> str:
     """Every `whq` command: its usage line, its first docstring line, and a table of its options."""
     out = []
     for words, command in cli_commands():
         arguments = [p for p in command.params if not p.opts[0].startswith("-")]
         options = [p for p in command.params if p.opts[0].startswith("-")]
-        usage = " ".join([*words, *(p.name.upper() if p.required else f"[{p.name.upper()}]" for p in arguments)])
+        usage = " ".join([*words, *(_metavar(p) if p.required else f"[{_metavar(p)}]" for p in arguments)])
         summary = (command.help or "").strip().splitlines()[0]
         out.append(f"#### `{usage}`\n\n{summary}\n")
-        rows = [f"| `{p.name.upper()}` | {_type_name(p)} | {_default(p)} | {_cell(p.help or '')} |" for p in arguments]
+        rows = [f"| `{_metavar(p)}` | {_type_name(p)}{', one or more' if p.nargs == -1 else ''} | {_default(p)} "
+                f"| {_cell(p.help or '')} |" for p in arguments]
         for p in options:
             flag = ", ".join(f"`{o}`" for o in p.opts + p.secondary_opts)
             kind = "flag" if getattr(p, "is_flag", False) else _type_name(p)
