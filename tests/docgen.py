@@ -102,8 +102,11 @@ def cli_reference() -> str:
         usage = " ".join([*words, *(_metavar(p) if p.required else f"[{_metavar(p)}]" for p in arguments)])
         summary = (command.help or "").strip().splitlines()[0]
         out.append(f"#### `{usage}`\n\n{summary}\n")
-        rows = [f"| `{_metavar(p)}` | {_type_name(p)}{', one or more' if p.nargs == -1 else ''} | {_default(p)} "
-                f"| {_cell(p.help or '')} |" for p in arguments]
+        rows = [
+            f"| `{_metavar(p)}` | {_cell(_type_name(p))}{', one or more' if p.nargs == -1 else ''} | {_default(p)} "
+            f"| {_cell(p.help or '')} |"
+            for p in arguments
+        ]
         for p in options:
             flag = ", ".join(f"`{o}`" for o in p.opts + p.secondary_opts)
             kind = "flag" if getattr(p, "is_flag", False) else _type_name(p)
@@ -111,7 +114,7 @@ def cli_reference() -> str:
                 kind += ", repeatable"
             if p.required:
                 kind += ", required"
-            rows.append(f"| {flag} | {kind} | {_default(p)} | {_cell(p.help or '')} |")
+            rows.append(f"| {flag} | {_cell(kind)} | {_default(p)} | {_cell(p.help or '')} |")
         if rows:
             out.append("| argument / option | takes | default | what |\n|---|---|---|---|\n" + "\n".join(rows) + "\n")
     return "\n".join(out)
@@ -123,10 +126,10 @@ def cli_reference() -> str:
 @dataclass(frozen=True)
 class Macro:
     name: str
-    signature: str      # the parameter list as written in CREATE MACRO
-    table: bool         # a table macro (SELECT * FROM m(...)) or a scalar one
-    comment: str        # the COMMENT ON MACRO text
-    file: str           # the queries/*.sql file
+    signature: str  # the parameter list as written in CREATE MACRO
+    table: bool  # a table macro (SELECT * FROM m(...)) or a scalar one
+    comment: str  # the COMMENT ON MACRO text
+    file: str  # the queries/*.sql file
 
     @property
     def summary(self) -> str:
@@ -172,7 +175,11 @@ def macro_reference(file: str) -> str:
         kind = "" if m.table else " (scalar)"
         example = f"`{m.example}`" if m.example else ""
         rows.append(f"| `{m.name}({_cell(m.signature)})`{kind} | {_cell(m.summary)} | {_cell(example)} |")
-    note = f"\nEach table macro without the `whq_` prefix has a Polars twin of the same name in `queries/{twins}.py`.\n" if twins else ""
+    note = (
+        f"\nEach table macro without the `whq_` prefix has a Polars twin of the same name in `queries/{twins}.py`.\n"
+        if twins
+        else ""
+    )
     return "\n".join(rows) + "\n" + note
 
 
@@ -233,8 +240,14 @@ def file_tree() -> str:
     for room in ("warehouse", "ingest", "queries"):
         folder = ROOT / room
         add(f"{room}/", _job(folder / "__init__.py"))
-        files = sorted({p for pattern in ROOM_FILES for p in folder.glob(pattern)
-                        if p.name != "__init__.py" and not p.is_symlink()})
+        files = sorted(
+            {
+                p
+                for pattern in ROOM_FILES
+                for p in folder.glob(pattern)
+                if p.name != "__init__.py" and not p.is_symlink()
+            }
+        )
         for path in files:
             add(path.name, _job(path), 2)
         for sub, job in OTHER.items():

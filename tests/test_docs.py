@@ -24,10 +24,19 @@ from .cli_runner import run_whq
 from .conftest import write_jsonl
 
 ROOT = docgen.ROOT
-READMES = [ROOT / "README.md", *(ROOT / d / "README.md" for d in ("warehouse", "ingest", "queries")),
-           *sorted((ROOT / "examples").glob("*/README.md"))]
-RUN = {("whq", "runs"), ("whq", "sql"), ("whq", "ingest"), ("whq", "sites"), ("whq", "nag", "select"),
-       ("whq", "export", "features")}
+READMES = [
+    ROOT / "README.md",
+    *(ROOT / d / "README.md" for d in ("warehouse", "ingest", "queries")),
+    *sorted((ROOT / "examples").glob("*/README.md")),
+]
+RUN = {
+    ("whq", "runs"),
+    ("whq", "sql"),
+    ("whq", "ingest"),
+    ("whq", "sites"),
+    ("whq", "nag", "select"),
+    ("whq", "export", "features"),
+}
 """README.md's commands that the test runs; the others (whq demo: the full demo) are parsed only."""
 
 
@@ -69,8 +78,8 @@ def whq_invocations(path: Path) -> list[tuple[int, list[str]]]:
             for command in _commands(words):
                 if command[:1] == ["whq"]:
                     found.append((line + offset, command[1:]))
-                elif "-m" in command and command[command.index("-m") + 1:][:1] == ["ingest"]:
-                    found.append((line + offset, ["ingest", *command[command.index("-m") + 2:]]))
+                elif "-m" in command and command[command.index("-m") + 1 :][:1] == ["ingest"]:
+                    found.append((line + offset, ["ingest", *command[command.index("-m") + 2 :]]))
     return found
 
 
@@ -103,8 +112,11 @@ def parse_whq(args: list[str]):
 
 # ---------------------------------------------------------------- every whq line parses
 
-INVOCATIONS = [pytest.param(args, id=f"{path.relative_to(ROOT)}:{line}:{' '.join(args[:2])}")
-               for path in READMES for line, args in whq_invocations(path)]
+INVOCATIONS = [
+    pytest.param(args, id=f"{path.relative_to(ROOT)}:{line}:{' '.join(args[:2])}")
+    for path in READMES
+    for line, args in whq_invocations(path)
+]
 
 
 @pytest.mark.parametrize("args", INVOCATIONS)
@@ -137,8 +149,17 @@ def readme_dir(tmp_path_factory) -> Path:
     from ingest.pipeline import ingest
 
     folder = tmp_path_factory.mktemp("readme")
-    ingest(folder / "whq-demo", "minilm", sites=DEMO_SITES, documents=speeches(DEMO_TEXT)[:40], run_id=DEMO_RUN,
-           batch_size=16, max_length=64, device="cpu", progress=False)
+    ingest(
+        folder / "whq-demo",
+        "minilm",
+        sites=DEMO_SITES,
+        documents=speeches(DEMO_TEXT)[:40],
+        run_id=DEMO_RUN,
+        batch_size=16,
+        max_length=64,
+        device="cpu",
+        progress=False,
+    )
     write_jsonl(folder / "docs.jsonl")
     return folder
 
@@ -208,16 +229,19 @@ def test_generated_parts_are_current(monkeypatch):
 
 
 def test_readme_test_command_is_what_ci_runs():
+    """README's second command is .ci/run's steps, in .ci/run's order, each one run as a command there."""
     first = blocks(ROOT / "README.md")[0]
     lines = [line.split("#")[0].strip() for line in first[1].splitlines()]
     assert lines[0] == "pip install -e . && whq demo"
-    install, check, pytest_line = (part.strip() for part in lines[1].split("&&"))
+    install, *steps = (part.strip() for part in lines[1].split("&&"))
     ci = (ROOT / ".ci" / "run").read_text()
     assert install == "pip install -e '.[test]'" and "pip install -q -e '.[test]'" in ci
-    assert check == "cog -I . --check " + " ".join(docgen.DOCS)
-    assert f"\n{check} ||" in ci, ".ci/run must run the README's cog check"
-    assert pytest_line == "python -m pytest" and "\npython -m pytest\n" in ci
-    assert ci.index(check) < ci.index("\npython -m pytest\n")
+    assert "cog -I . --check " + " ".join(docgen.DOCS) in steps, "the README's cog check must name every generated file"
+    assert steps[-1] == "python -m pytest"
+    commands = [c.strip() for line in ci.splitlines() for c in re.split(r"&&|\|\|", line) if c.strip()]
+    where = [commands.index(step) if step in commands else -1 for step in steps]
+    assert -1 not in where, f".ci/run lacks {steps[where.index(-1)]!r}"
+    assert where == sorted(where), ".ci/run runs the README's steps in another order"
 
 
 def _slug(heading: str) -> str:
@@ -264,7 +288,9 @@ def test_twin_table_runs(readme_dir):
     from queries import frames
 
     wh = warehouse.open(readme_dir / "whq-demo")
-    rows = re.findall(r"^\| `(SELECT [^`]+)` \| `(frames\.[^`]+)` \|", (ROOT / "queries" / "README.md").read_text(), re.M)
+    rows = re.findall(
+        r"^\| `(SELECT [^`]+)` \| `(frames\.[^`]+)` \|", (ROOT / "queries" / "README.md").read_text(), re.M
+    )
     demo = [(sql, twin) for sql, twin in rows if "('demo'" in sql]
     assert len(demo) >= 8, "the twin table lost its rows"
     for sql, twin in demo:
