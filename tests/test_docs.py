@@ -198,8 +198,8 @@ def _run_shell(command: list[str], where: str) -> str:
         done = subprocess.run([shell, *command[1:]], capture_output=True, text=True, timeout=60)
         assert done.returncode == 0 and not done.stderr.strip(), f"{where}: {shlex.join(command)}: {done.stderr}"
         return "duckdb"
-    if command[0] in ("pip", "cog", "python"):
-        return "setup"  # the two top commands and cog: checked against .ci/run below
+    if command[0] in ("pip", "ruff", "cog", "python"):
+        return "setup"  # the two top commands: checked against .ci/run below
     raise AssertionError(f"{where}: README.md runs `{command[0]}`, which this test does not know how to check")
 
 

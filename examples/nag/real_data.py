@@ -95,7 +95,7 @@ def markdown(frame: pl.DataFrame) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--root", type=Path, default=OUT, help="warehouse folder (runs are reused; default: examples/nag/out/wh)")
+    parser.add_argument("--root", type=Path, default=OUT, help="warehouse (reused; default examples/nag/out/wh)")
     parser.add_argument("--text", type=Path, default=SHARED if SHARED.exists() else FIXTURE, help="Tiny Shakespeare text")
     parser.add_argument("--fraction", type=float, default=0.2)
     args = parser.parse_args()
