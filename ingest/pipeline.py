@@ -44,10 +44,6 @@ def default_run_id(model: str) -> str:
     return f"{stem[:40]}-{dt.datetime.now(dt.timezone.utc):%Y%m%d-%H%M%S}"
 
 
-def _data_identity(paths: list[Path]) -> list[dict]:
-    return [{"path": str(p.resolve()), "bytes": p.stat().st_size} for p in paths]
-
-
 def _documents_identity(documents: list) -> str:
     digest = hashlib.sha256()
     for doc in documents:
@@ -215,6 +211,10 @@ def ingest(
     if shard_tokens < 1:
         raise BadInput("--shard-tokens must be at least 1")
     paths = [] if documents is not None else sources.check_paths(list(data))
+    # Read once before the run exists: bad records are refused now, and the hashes tie --resume to the content.
+    data_identity = sources.scan(paths, skip_bad) if documents is None else None
+    if documents is None and not any(entry["documents"] for entry in data_identity):
+        raise BadInput("no documents to capture: the data files hold no readable documents")
     root = Path(root)
     wh = warehouse.open_or_init(root)
     loaded = loaded or models.load(model, device, dtype)
@@ -231,7 +231,7 @@ def ingest(
     run_id = run_id or default_run_id(model)
     config = {
         "model": model, "model_id": loaded.model_id, "sites": [s.text for s in specs],
-        "data": _data_identity(paths) if documents is None else {"documents": len(documents), "sha256": _documents_identity(documents)},
+        "data": data_identity if documents is None else {"documents": len(documents), "sha256": _documents_identity(documents)},
         "dataset": dataset, "role": role, "batch_size": batch_size, "max_length": max_length, "truncate": truncate,
         "dtype": dtype, "shard_tokens": shard_tokens, "skip_bad": skip_bad, "logit_lens": logit_lens,
         "world_size": world_size, "resume": resume,
@@ -239,6 +239,10 @@ def ingest(
     if resume and (done := committed_with_same_config(wh.layout, run_id, config)) is not None:
         # Killed after its commit: the run is complete, resuming it is a no-op.
         return {"run_id": run_id, "rows": done["rows"], "bytes": sum(p["bytes"] for p in done["parts"]), "already_committed": True}
+    if resume and paths:
+        from .resume import refuse_changed_data
+
+        refuse_changed_data(wh.layout, run_id, paths, data_identity)
     from .ranks import open_writer
 
     writer = open_writer(lambda: RunWriter(wh.layout, run_id, config, resume=resume, rank=rank, world_size=world_size),
@@ -288,10 +292,11 @@ def ingest(
                                           {"next_doc": shard.next_doc, "n_docs": len(shard.docs),
                                            "n_tokens": sum(len(w.ids) for w in wins)}))
             shard_writer.close()
-    except WarehouseError:
+    except BaseException as err:
         # A bad input before anything was journalled: leave no interrupted run behind to trip the next try.
-        if not writer.completed_shards:
+        if isinstance(err, WarehouseError) and not writer.completed_shards:
             writer.discard()
+        writer.close()  # release the run's lock: a --resume from this same process must be able to take it
         raise
     finally:
         for handle in handles:

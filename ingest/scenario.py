@@ -10,6 +10,7 @@ layer, 0 = off). Every problem is one BadInput line naming the key and the fix.
 from __future__ import annotations
 
 import difflib
+import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -313,8 +314,14 @@ def load(path: str | Path) -> Scenario:
     import yaml
 
     path = Path(path)
-    if not path.is_file():
-        raise BadInput(f"scenario file {path} does not exist: give the path of a scenario .yaml")
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise BadInput(f"scenario file {path} does not exist: give the path of a scenario .yaml") from None
+    except OSError as err:  # a symlink loop, a path through a file
+        raise BadInput(f"scenario file {path} cannot be opened ({err.strerror or err}): check the path") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise BadInput(f"scenario file {path} is not a regular file: give the path of a scenario .yaml")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
@@ -324,4 +331,31 @@ def load(path: str | Path) -> Scenario:
         raise BadInput(f"{path}: not valid YAML{where} ({problem}): fix the syntax") from None
     except UnicodeDecodeError:
         raise BadInput(f"{path}: not UTF-8 text: save the scenario as UTF-8") from None
+    except RecursionError:
+        raise BadInput(f"{path}: YAML nested too deeply to read: flatten it") from None
+    except ValueError as err:  # a value YAML types but cannot build, e.g. the date 2001-13-01
+        raise BadInput(f"{path}: a value YAML cannot read ({err}): quote it as text or fix it") from None
+    except OSError as err:
+        raise BadInput(f"cannot read scenario file {path} ({err.strerror or err}): check its permissions") from None
+    if _has_surrogate(data):
+        raise BadInput(f"{path}: text with a lone surrogate escape (e.g. \\ud800) is not valid Unicode: remove it")
     return parse(data, str(path))
+
+
+def _has_surrogate(data) -> bool:
+    """Whether any text in the parsed YAML is not encodable (it would fail when stored).
+
+    Iterative, visiting each container once: YAML anchors can make a structure contain itself.
+    """
+    pending, seen = [data], set()
+    while pending:
+        value = pending.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(value, (dict, list)) and id(value) not in seen:
+            seen.add(id(value))
+            pending.extend([*value.keys(), *value.values()] if isinstance(value, dict) else value)
+    return False
