@@ -182,6 +182,7 @@ def bench_ingest(
 
     from . import fused, models
     from .capture import SiteLayer, attach
+    from .limits import check_reductions
     from .sites import parse_spec, resolve
     from .sources import Document
     from .writer import ShardEnd, ShardWriter
@@ -196,6 +197,7 @@ def bench_ingest(
     if max_positions and seq_len > max_positions:
         raise BadInput(f"--seq-len {seq_len} is longer than the model's {max_positions} positions: lower it")
     resolved = [resolve(s, loaded.module_names, loaded.aliases) for s in specs]
+    check_reductions(resolved, loaded, device)
     site_layers = [SiteLayer(r, layer, module, device) for r in resolved for layer, module in r.modules]
     batches_per_block = max(1, shard_tokens // (batch_size * seq_len))
     # Distinct rows for each batch of a block (the same batches every block): repeated rows

@@ -33,6 +33,7 @@ from warehouse.errors import BadInput, BadSpec
 from warehouse.runwriter import RunWriter
 
 from . import models
+from .limits import check_reductions
 from .scenario import Message, Scenario, load
 from .sites import SOURCE_ALIASES, parse_spec, resolve
 from .sources import Document
@@ -374,6 +375,7 @@ def run_scenario(root: str | Path, scenario, *, run_id: str | None = None, devic
     if clash:
         raise BadSpec(f"capture.sites {clash[0]!r} reuses a source name; write the alias instead (e.g. {SOURCE_ALIASES.get(sparse_specs[0].site, 'resid.out')}:topk=20)")
     sparse = [resolve(s, loaded.module_names, loaded.aliases) for s in sparse_specs]
+    check_reductions(sparse, loaded, device)
     capture = ScenarioCapture(loaded, spec, device)
     chat_template = bool(getattr(loaded.hf_tokenizer, "chat_template", None))
 

@@ -27,6 +27,7 @@ from warehouse.errors import BadInput, BadSpec, WarehouseError
 from warehouse.runwriter import RunWriter, committed_with_same_config
 
 from . import sources
+from .limits import check_reductions, check_run_numbers
 from .sites import ResolvedSite, parse_spec, resolve
 from .tokenize import Window, pad_batch, windows
 
@@ -210,6 +211,7 @@ def ingest(
         raise BadInput("--batch-size must be at least 1")
     if shard_tokens < 1:
         raise BadInput("--shard-tokens must be at least 1")
+    check_run_numbers(max_length=max_length, rank=rank, world_size=world_size)
     paths = [] if documents is not None else sources.check_paths(list(data))
     # Read once before the run exists: bad records are refused now, and the hashes tie --resume to the content.
     data_identity = sources.scan(paths, skip_bad) if documents is None else None
@@ -219,6 +221,7 @@ def ingest(
     wh = warehouse.open_or_init(root)
     loaded = loaded or models.load(model, device, dtype)
     resolved: list[ResolvedSite] = [resolve(spec, loaded.module_names, loaded.aliases) for spec in specs]
+    check_reductions(resolved, loaded, loaded.config["device"])
     max_length = int(max_length or loaded.max_length)
     positions = (loaded.config.get("model_config") or {}).get("max_position_embeddings")
     if positions and max_length > positions:

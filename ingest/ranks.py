@@ -31,12 +31,25 @@ def _group():
     return dist
 
 
+def _env_int(name: str, default: str | None = None) -> int:
+    text = os.environ.get(name, default)
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        raise BadInput(f"{name}={text!r} must be a whole number (torchrun sets it): unset it, or launch with --ranks N") from None
+
+
 def from_env(run_id: str | None, device: str, model: str) -> tuple[int, int, str | None, str]:
     """(rank, world_size, run_id, device) of this process; (0, 1, ...) outside torchrun."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
+    world_size = _env_int("WORLD_SIZE", "1")
+    if world_size < 1:
+        raise BadInput(f"WORLD_SIZE={world_size} must be at least 1: unset it, or launch with --ranks N")
+    if world_size == 1:
         return 0, 1, run_id, device
-    rank = int(os.environ["RANK"])
+    rank = _env_int("RANK")
+    if not 0 <= rank < world_size:
+        # Checked before the process group forms: a rank outside the world would wait for peers forever.
+        raise BadInput(f"RANK={rank} is outside 0..{world_size - 1} (WORLD_SIZE={world_size}): launch with torchrun or --ranks N")
     dist = _group()
     if run_id is None:  # the default id holds the start time: rank 0's is the one
         from .pipeline import default_run_id

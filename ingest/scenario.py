@@ -10,6 +10,7 @@ layer, 0 = off). Every problem is one BadInput line naming the key and the fix.
 from __future__ import annotations
 
 import difflib
+import math
 import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ SOURCE_SYNONYMS = {"mlp_down_out": "mlp_out"}
 MODEL_DTYPES = ("float16", "bfloat16", "float32")
 STORE_DTYPES = ("float16", "bfloat16", "float32")
 MODEL_DEVICES = ("auto", "cpu", "cuda", "mps")
+SEED_MAX = 2**64 - 1  # the largest seed torch.manual_seed takes
 
 
 @dataclass(frozen=True)
@@ -125,7 +127,7 @@ class _Reader:
             self.fail(f"{self.key(name)} must be true or false, got {value!r}")
         return value
 
-    def integer(self, name, default, *, minimum: int | None = None, optional=False) -> int | None:
+    def integer(self, name, default, *, minimum: int | None = None, maximum: int | None = None, optional=False) -> int | None:
         value = self.get(name, default)
         if value is None and optional:
             return None
@@ -133,6 +135,8 @@ class _Reader:
             self.fail(f"{self.key(name)} must be a whole number, got {value!r}")
         if minimum is not None and value < minimum:
             self.fail(f"{self.key(name)} must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            self.fail(f"{self.key(name)} must be at most {maximum}, got {value}")
         return value
 
     def number(self, name, default, *, optional=False) -> float | None:
@@ -141,7 +145,13 @@ class _Reader:
             return None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             self.fail(f"{self.key(name)} must be a number, got {value!r}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # a whole number beyond any float
+            number = math.inf
+        if not math.isfinite(number):  # also YAML's .nan and .inf
+            self.fail(f"{self.key(name)} must be a finite number, got {value!r}")
+        return number
 
     def choice(self, name, default: str, choices: tuple[str, ...]) -> str:
         value = self.get(name, default)
@@ -206,7 +216,7 @@ def _generation(where: str, data) -> GenerationConfig:
         temperature=reader.number("temperature", 1.0),
         top_k=reader.integer("top_k", None, minimum=1, optional=True),
         top_p=reader.number("top_p", None, optional=True),
-        seed=reader.integer("seed", 42),
+        seed=reader.integer("seed", 42, minimum=0, maximum=SEED_MAX),
     )
     if config.temperature < 0 or (config.do_sample and config.temperature == 0):
         reader.fail(f"generation.temperature {config.temperature:g} must be > 0 when do_sample is true (and never negative); use do_sample: false for greedy decoding")

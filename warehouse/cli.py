@@ -147,7 +147,7 @@ def ingest(
         from ingest.chat import run_scenario
 
         summary = run_scenario(root, scenario, run_id=run_id, device=device, progress=not quiet, model=model)
-    elif ranks > 1:
+    elif ranks != 1:
         from ingest.ranks import launch
 
         raise typer.Exit(launch(ranks, [str(d) for d in data], site))

@@ -21,6 +21,11 @@ def nag(
     """
     from queries.nag_bench import run_bench
 
+    from . import ranges
+
+    for n in docs:
+        ranges.at_least("--docs", n, 1)
+    ranges.share("--fraction", fraction)
     for n in docs:
         run_bench(root, n, fraction, echo=typer.echo)
 
@@ -49,6 +54,9 @@ def ingest_(
 
     from ingest.bench import bench_ingest
 
+    from . import ranges
+
+    ranges.at_least("--shard-tokens", shard_tokens, 1)
     result = bench_ingest(model, model_config=model_config, device=device, dtype=dtype, batch_size=batch_size,
                           seq_len=seq_len, sites=site, repeats=repeats, shard_tokens=shard_tokens,
                           echo=None if as_json else typer.echo)
@@ -73,5 +81,12 @@ def query(
 
     from queries.bench import bench_query
 
+    from . import ranges
+    from .errors import BadInput
+
+    ranges.at_least("--layers", layers, 1)
+    ranges.at_least("--k", k, 1)
+    if k > width:
+        raise BadInput(f"--k {k} is more than --width {width}: top-k keeps k distinct units of each token; lower --k")
     result = bench_query(root, rows, layers=layers, width=width, k=k, repeats=repeats, echo=None if as_json else typer.echo)
     typer.echo(json.dumps(result.to_dict(), indent=1) if as_json else "\n".join(result.lines()))
