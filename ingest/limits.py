@@ -91,7 +91,8 @@ def check_reductions(resolved: list[ResolvedSite], loaded, device: str) -> None:
         if held + needed > budget:
             most = max(0, (budget - held) // (units * BYTES_PER_EXAMPLE_SLOT))
             others = ", less what the other sites' examples hold" if held else ""
-            raise BadSpec(f"--site {site.spec.text!r}: examples={n} needs about {_gb(needed)} of memory ({n} x {units} units "
-                          f"over {len(widths)} layers x {BYTES_PER_EXAMPLE_SLOT} bytes), over the {_gb(budget)} budget "
+            shape = f"{widths[0]} units x {len(widths)} layers" if len(set(widths)) == 1 else f"{units} units over {len(widths)} layers"
+            raise BadSpec(f"--site {site.spec.text!r}: examples={n} needs about {_gb(needed)} of memory ({n} x {shape} "
+                          f"x {BYTES_PER_EXAMPLE_SLOT} bytes), over the {_gb(budget)} budget "
                           f"({what}{others}): use examples=N with N at most {most}")
         held += needed

@@ -158,7 +158,7 @@ CASES = [
     Case("SPEC nag above the site's units", ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "resid.out:nag=65"),
          "--site 'resid.out:nag=65': nag=65 is more than the 64 units of site resid.out: use at most 64 (or `dense` for every unit)"),
     Case("SPEC examples=N beyond memory", ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "mlp.act:examples=99999999"),
-         "--site 'mlp.act:examples=99999999': examples=99999999 needs about 6,144.0 GB of memory (99999999 x 512 units over 4 layers "
+         "--site 'mlp.act:examples=99999999': examples=99999999 needs about 6,144.0 GB of memory (99999999 x 128 units x 4 layers "
          "x 120 bytes), over the {budget} budget (half of this machine's memory): use examples=N with N at most {most}"),
     Case("scenario temperature .nan", ("ingest", "{new}", "--scenario", "nantemp.yaml", "-q"),
          "nantemp.yaml: generation.temperature must be a finite number, got nan"),

@@ -234,3 +234,87 @@ def test_resume_refuses_data_edited_in_place_to_the_same_size(tmp_path, monkeypa
     assert "committed run r; 12 documents" in out
     manifest = json.loads((root / "runs" / "r.json").read_text())
     assert [entry["sha256"] for entry in manifest["config"]["data"]] == [sources._file_sha256(data)]
+
+
+@settings(max_examples=100, deadline=None)
+@given(name=st.sampled_from(["threshold", "topk", "nag", "examples"]),
+       arg=st.one_of(st.floats(allow_nan=True, allow_infinity=True).map(repr), st.integers(-3, 10**30).map(str),
+                     st.sampled_from(["nan", "inf", "-inf", "+inf", "NaN", "1e999", "-0", "0x10", "1_000"])))
+def test_spec_numbers_are_finite_and_in_range_or_refused(name, arg):
+    from ingest.sites import parse_spec
+    from warehouse.errors import BadSpec
+
+    try:
+        spec = parse_spec(f"mlp.act:{name}={arg}")
+    except BadSpec:
+        return
+    value = spec.reductions[name]
+    if name == "threshold":
+        assert value == value and abs(value) != float("inf")
+    else:
+        assert isinstance(value, int) and value >= 1
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(option=st.sampled_from(["--batch-size", "--max-length", "--shard-tokens"]), value=st.integers(-10**12, 0))
+def test_numeric_ingest_options_below_one_are_refused_before_anything_is_written(option, value):
+    with tempfile.TemporaryDirectory() as name:
+        folder = Path(name)
+        (folder / "docs.jsonl").write_bytes(GOOD)
+        code, out, err = run_whq("ingest", folder / "wh", *MODEL, "--data", folder / "docs.jsonl", option, str(value))
+        _one_line_exit_2(code, out, err)
+        assert option in err
+        assert not (folder / "wh").exists()
+
+
+@pytest.mark.parametrize("env,message", [
+    ({"WORLD_SIZE": "two"}, "WORLD_SIZE='two' must be a whole number"),
+    ({"WORLD_SIZE": "0"}, "WORLD_SIZE=0 must be at least 1"),
+    ({"WORLD_SIZE": "2"}, "RANK=None must be a whole number"),
+    ({"WORLD_SIZE": "2", "RANK": "2"}, "RANK=2 is outside 0..1 (WORLD_SIZE=2)"),
+    ({"WORLD_SIZE": "2", "RANK": "-1"}, "RANK=-1 is outside 0..1 (WORLD_SIZE=2)"),
+])
+def test_torchrun_environment_out_of_range_is_refused_before_the_process_group(env, message, monkeypatch):
+    from ingest.ranks import from_env
+
+    monkeypatch.delenv("RANK", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(BadInput, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        from_env(None, "cpu", "config:llama-tiny")
+
+
+@pytest.mark.parametrize("rank,world_size", [(1, 1), (-1, 2), (0, 0)])
+def test_python_api_refuses_a_rank_outside_its_world(rank, world_size, tmp_path):
+    from ingest.pipeline import ingest
+
+    data = tmp_path / "docs.jsonl"
+    data.write_bytes(GOOD)
+    with pytest.raises(BadInput, match="out of range"):
+        ingest(tmp_path / "wh", "config:llama-tiny", [str(data)], ["mlp.act:topk=3"], rank=rank, world_size=world_size,
+               device="cpu", progress=False)
+    assert not (tmp_path / "wh").exists()
+
+
+def test_examples_bound_refuses_the_reported_oom_and_names_the_limit(monkeypatch):
+    """examples=99999 on all-MiniLM's mlp.act (1536 units x 6 layers) reached 24 GB and was OOM-killed."""
+    from ingest import limits, models
+    from ingest.sites import parse_spec, resolve
+    from warehouse.errors import BadSpec
+
+    loaded = models.load("minilm", "cpu", "float32")
+    monkeypatch.setattr(limits, "_physical_memory", lambda: 24 * 10**9)
+
+    def check(spec: str) -> None:
+        limits.check_reductions([resolve(parse_spec(spec), loaded.module_names, loaded.aliases)], loaded, "cpu")
+
+    with pytest.raises(BadSpec) as refused:
+        check("mlp.act:examples=99999")
+    most = 12 * 10**9 // (1536 * 6 * limits.BYTES_PER_EXAMPLE_SLOT)
+    assert str(refused.value) == (
+        "--site 'mlp.act:examples=99999': examples=99999 needs about 110.6 GB of memory (99999 x 1536 units x 6 layers "
+        f"x 120 bytes), over the 12.0 GB budget (half of this machine's memory): use examples=N with N at most {most}")
+    check(f"mlp.act:examples={most}")  # the bound itself is accepted
+    with pytest.raises(BadSpec, match="less what the other sites' examples hold"):
+        limits.check_reductions([resolve(parse_spec(s), loaded.module_names, loaded.aliases)
+                                 for s in (f"mlp.act:examples={most}", "mlp.up:examples=10")], loaded, "cpu")
