@@ -29,8 +29,10 @@ def check_run_numbers(*, max_length: int | None, rank: int, world_size: int) -> 
     if max_length is not None and max_length < 1:
         raise BadInput(f"--max-length {max_length} must be at least 1 (omit it for the model's own window)")
     if world_size < 1 or not 0 <= rank < world_size:
-        raise BadInput(f"rank {rank} of world size {world_size} is out of range: the rank must be 0..world size - 1 "
-                       f"(torchrun sets RANK and WORLD_SIZE; use --ranks N on one machine)")
+        raise BadInput(
+            f"rank {rank} of world size {world_size} is out of range: the rank must be 0..world size - 1 "
+            f"(torchrun sets RANK and WORLD_SIZE; use --ranks N on one machine)"
+        )
 
 
 def _physical_memory() -> int:
@@ -82,8 +84,10 @@ def check_reductions(resolved: list[ResolvedSite], loaded, device: str) -> None:
         reductions = site.spec.reductions
         for name in UNIT_COUNTS:
             if name in reductions and reductions[name] > min(widths):
-                raise BadSpec(f"--site {site.spec.text!r}: {name}={reductions[name]} is more than the {min(widths)} units "
-                              f"of site {site.name}: use at most {min(widths)} (or `dense` for every unit)")
+                raise BadSpec(
+                    f"--site {site.spec.text!r}: {name}={reductions[name]} is more than the {min(widths)} units "
+                    f"of site {site.name}: use at most {min(widths)} (or `dense` for every unit)"
+                )
         if "examples" not in reductions:
             continue
         n, units = reductions["examples"], sum(widths)
@@ -91,8 +95,14 @@ def check_reductions(resolved: list[ResolvedSite], loaded, device: str) -> None:
         if held + needed > budget:
             most = max(0, (budget - held) // (units * BYTES_PER_EXAMPLE_SLOT))
             others = ", less what the other sites' examples hold" if held else ""
-            shape = f"{widths[0]} units x {len(widths)} layers" if len(set(widths)) == 1 else f"{units} units over {len(widths)} layers"
-            raise BadSpec(f"--site {site.spec.text!r}: examples={n} needs about {_gb(needed)} of memory ({n} x {shape} "
-                          f"x {BYTES_PER_EXAMPLE_SLOT} bytes), over the {_gb(budget)} budget "
-                          f"({what}{others}): use examples=N with N at most {most}")
+            shape = (
+                f"{widths[0]} units x {len(widths)} layers"
+                if len(set(widths)) == 1
+                else f"{units} units over {len(widths)} layers"
+            )
+            raise BadSpec(
+                f"--site {site.spec.text!r}: examples={n} needs about {_gb(needed)} of memory ({n} x {shape} "
+                f"x {BYTES_PER_EXAMPLE_SLOT} bytes), over the {_gb(budget)} budget "
+                f"({what}{others}): use examples=N with N at most {most}"
+            )
         held += needed

@@ -26,5 +26,7 @@ def refuse_changed_data(layout: Layout, run_id: str, paths: list[Path], data: li
     recorded = {entry.get("path"): entry.get("sha256") for entry in previous if isinstance(entry, dict)}
     for path, entry in zip(paths, data):
         if entry["path"] in recorded and recorded[entry["path"]] != entry["sha256"]:
-            raise BadInput(f"data file {path} changed since run {run_id!r} started (its sha256 differs), so resuming "
-                           f"would mix both versions: restore the file and --resume, or start a new --run-id")
+            raise BadInput(
+                f"data file {path} changed since run {run_id!r} started (its sha256 differs), so resuming "
+                f"would mix both versions: restore the file and --resume, or start a new --run-id"
+            )

@@ -9,9 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from warehouse.errors import BadInput
 
@@ -208,10 +208,14 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _readable(path: Path, action):
-    """Run `action`; an OS error reading `path` (permissions, I/O) is one BadInput naming the file."""
+def _count_documents(path: Path, counter: SkipCounter) -> int:
+    return sum(1 for _ in READERS[path.suffix](path, counter))
+
+
+def _readable(path: Path, action, *args):
+    """`action(*args)`; an OS error reading `path` (permissions, I/O) is one BadInput naming the file."""
     try:
-        return action()
+        return action(*args)
     except OSError as err:
         raise BadInput(f"cannot read data file {path} ({err.strerror or err}): check its permissions") from None
 
@@ -225,9 +229,9 @@ def scan(paths: list[Path], skip_bad: bool) -> list[dict]:
     identity = []
     for path in paths:
         counter = SkipCounter(skip_bad)
-        documents = _readable(path, lambda: sum(1 for _ in READERS[path.suffix](path, counter)))
+        documents = _readable(path, _count_documents, path, counter)
         identity.append({"path": str(path.resolve()), "bytes": path.stat().st_size,
-                         "sha256": _readable(path, lambda: _file_sha256(path)), "documents": documents})
+                         "sha256": _readable(path, _file_sha256, path), "documents": documents})
     return identity
 
 
@@ -235,7 +239,7 @@ def read(paths: list[Path], counter: SkipCounter, dataset: str | None = None, ro
     """All documents of all files in order; --dataset/--role fill what the records leave unset."""
     for path in paths:
         records = READERS[path.suffix](path, counter)
-        while (doc := _readable(path, lambda: next(records, None))) is not None:
+        while (doc := _readable(path, next, records, None)) is not None:
             doc.dataset = doc.dataset or dataset or path.stem
             doc.role = doc.role or role
             yield doc

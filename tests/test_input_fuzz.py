@@ -59,9 +59,32 @@ def _read_all(path: Path) -> list:
 
 RAW = st.one_of(
     st.binary(min_size=1, max_size=64),
-    st.lists(st.sampled_from([b"\xef\xbb\xbf", b"\x00", b"\n", b"{", b"}", b'"text"', b":", b'"a\\ud800"', b"\xff",
-                              b'"dataset"', b"5", b"[1]", b"null", b",", b'"message_index"', b"-1", b"\r\n", b" "]),
-             min_size=1, max_size=16).map(b"".join),
+    st.lists(
+        st.sampled_from(
+            [
+                b"\xef\xbb\xbf",
+                b"\x00",
+                b"\n",
+                b"{",
+                b"}",
+                b'"text"',
+                b":",
+                b'"a\\ud800"',
+                b"\xff",
+                b'"dataset"',
+                b"5",
+                b"[1]",
+                b"null",
+                b",",
+                b'"message_index"',
+                b"-1",
+                b"\r\n",
+                b" ",
+            ]
+        ),
+        min_size=1,
+        max_size=16,
+    ).map(b"".join),
 )
 
 
@@ -78,13 +101,20 @@ def test_readers_accept_or_refuse_any_bytes_with_bad_input(raw, suffix):
         assert all(isinstance(d.text, str) for d in docs)
 
 
-ROWS = st.lists(st.fixed_dictionaries({}, optional={
-    "text": st.one_of(st.text(max_size=8), st.integers(), st.none(), st.binary(max_size=4)),
-    "doc_id": st.one_of(st.text(max_size=4), st.integers(), st.floats()),
-    "dataset": st.one_of(st.text(max_size=4), st.integers(), st.none()),
-    "message_index": st.one_of(st.integers(-3, 3), st.text(max_size=2), st.none()),
-    "meta_value": st.one_of(st.floats(), st.text(max_size=3)),
-}), min_size=1, max_size=4)
+ROWS = st.lists(
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "text": st.one_of(st.text(max_size=8), st.integers(), st.none(), st.binary(max_size=4)),
+            "doc_id": st.one_of(st.text(max_size=4), st.integers(), st.floats()),
+            "dataset": st.one_of(st.text(max_size=4), st.integers(), st.none()),
+            "message_index": st.one_of(st.integers(-3, 3), st.text(max_size=2), st.none()),
+            "meta_value": st.one_of(st.floats(), st.text(max_size=3)),
+        },
+    ),
+    min_size=1,
+    max_size=4,
+)
 
 
 @settings(max_examples=60, deadline=None)
@@ -123,20 +153,43 @@ ODD_FILES = {
     "a symlink loop": ("docs.jsonl", _make_loop, "cannot be opened (Too many levels of symbolic links)"),
     "a dangling symlink": ("docs.jsonl", lambda p: os.symlink("nowhere.jsonl", p), "does not exist"),
     "an empty file": ("docs.jsonl", lambda p: p.write_bytes(b""), "is empty"),
-    "invalid UTF-8 in the third line": ("docs.jsonl", lambda p: p.write_bytes(GOOD + b'{"text": "\xc3\x28"}\n'), ":3: not UTF-8 text"),
+    "invalid UTF-8 in the third line": (
+        "docs.jsonl",
+        lambda p: p.write_bytes(GOOD + b'{"text": "\xc3\x28"}\n'),
+        ":3: not UTF-8 text",
+    ),
     "a lone surrogate escape": ("docs.jsonl", lambda p: p.write_bytes(b'{"text": "a\\ud800b"}\n'), "lone surrogate"),
-    "a dataset label that is a number": ("docs.jsonl", lambda p: p.write_bytes(b'{"text": "x", "dataset": 5}\n'),
-                                         "column 'dataset' must be a string or null, got int"),
-    "a message_index that is text": ("docs.jsonl", lambda p: p.write_bytes(b'{"text": "x", "message_index": "one"}\n'),
-                                     "column 'message_index' must be a whole number"),
+    "a dataset label that is a number": (
+        "docs.jsonl",
+        lambda p: p.write_bytes(b'{"text": "x", "dataset": 5}\n'),
+        "column 'dataset' must be a string or null, got int",
+    ),
+    "a message_index that is text": (
+        "docs.jsonl",
+        lambda p: p.write_bytes(b'{"text": "x", "message_index": "one"}\n'),
+        "column 'message_index' must be a whole number",
+    ),
     "a UTF-16 file": ("docs.txt", lambda p: p.write_bytes("hello\n".encode("utf-16")), ":1: not UTF-8 text"),
-    "a truncated parquet": ("docs.parquet", lambda p: p.write_bytes(_parquet_bytes(pa.table({"text": ["a"] * 50}))[:-30]),
-                            "is not a readable Parquet file"),
-    "a parquet whose text column is numbers": ("docs.parquet", lambda p: p.write_bytes(_parquet_bytes(pa.table({"text": [1, 2]}))),
-                                               "column 'text' must be a string, got int"),
-    "a parquet whose label column is a list": ("docs.parquet", lambda p: p.write_bytes(
-        _parquet_bytes(pa.table({"text": ["a"], "label": [[1, 2]]}))), "column 'label' must be a string or null, got list"),
-    "a bad record after many good ones": ("docs.jsonl", lambda p: p.write_bytes(GOOD * 200 + b"{oops}\n"), ":401: invalid JSON"),
+    "a truncated parquet": (
+        "docs.parquet",
+        lambda p: p.write_bytes(_parquet_bytes(pa.table({"text": ["a"] * 50}))[:-30]),
+        "is not a readable Parquet file",
+    ),
+    "a parquet whose text column is numbers": (
+        "docs.parquet",
+        lambda p: p.write_bytes(_parquet_bytes(pa.table({"text": [1, 2]}))),
+        "column 'text' must be a string, got int",
+    ),
+    "a parquet whose label column is a list": (
+        "docs.parquet",
+        lambda p: p.write_bytes(_parquet_bytes(pa.table({"text": ["a"], "label": [[1, 2]]}))),
+        "column 'label' must be a string or null, got list",
+    ),
+    "a bad record after many good ones": (
+        "docs.jsonl",
+        lambda p: p.write_bytes(GOOD * 200 + b"{oops}\n"),
+        ":401: invalid JSON",
+    ),
 }
 
 
@@ -154,8 +207,11 @@ def test_odd_data_files_end_in_one_line_and_a_good_rerun_commits(what, tmp_path)
     _rerun_with_good_data_commits(root, tmp_path)
 
 
-@pytest.mark.parametrize("raw", [b"\xef\xbb\xbf" + GOOD, GOOD.replace(b"world", b"wor\\u0000ld"), GOOD.replace(b"\n", b"\r\n")],
-                         ids=["UTF-8 BOM", "NUL in the text", "CRLF line ends"])
+@pytest.mark.parametrize(
+    "raw",
+    [b"\xef\xbb\xbf" + GOOD, GOOD.replace(b"world", b"wor\\u0000ld"), GOOD.replace(b"\n", b"\r\n")],
+    ids=["UTF-8 BOM", "NUL in the text", "CRLF line ends"],
+)
 def test_harmless_oddities_are_read(raw, tmp_path):
     path = tmp_path / "docs.jsonl"
     path.write_bytes(raw)
@@ -180,8 +236,16 @@ def test_any_bytes_through_the_cli_commit_or_refuse_cleanly(raw, suffix):
 
 
 @settings(max_examples=40, deadline=None)
-@given(raw=st.one_of(st.binary(max_size=40), RAW, st.just(b"a: 2001-13-01\n"), st.just(b"[" * 5000),
-                     st.just(b'name: "\\ud800"\n'), st.just(b"\xef\xbb\xbfname: x\n")))
+@given(
+    raw=st.one_of(
+        st.binary(max_size=40),
+        RAW,
+        st.just(b"a: 2001-13-01\n"),
+        st.just(b"[" * 5000),
+        st.just(b'name: "\\ud800"\n'),
+        st.just(b"\xef\xbb\xbfname: x\n"),
+    )
+)
 def test_scenario_loader_refuses_any_bytes_with_bad_input(raw):
     from ingest import scenario
 
@@ -224,8 +288,10 @@ def test_resume_refuses_data_edited_in_place_to_the_same_size(tmp_path, monkeypa
 
     code, out, err = run_whq(*args, "--resume")
     _one_line_exit_2(code, out, err)
-    assert err == (f"error: data file {data} changed since run 'r' started (its sha256 differs), so resuming would mix "
-                   f"both versions: restore the file and --resume, or start a new --run-id\n")
+    assert err == (
+        f"error: data file {data} changed since run 'r' started (its sha256 differs), so resuming would mix "
+        f"both versions: restore the file and --resume, or start a new --run-id\n"
+    )
     assert not (root / "runs" / "r.json").exists()
 
     data.write_bytes(original)
@@ -237,9 +303,14 @@ def test_resume_refuses_data_edited_in_place_to_the_same_size(tmp_path, monkeypa
 
 
 @settings(max_examples=100, deadline=None)
-@given(name=st.sampled_from(["threshold", "topk", "nag", "examples"]),
-       arg=st.one_of(st.floats(allow_nan=True, allow_infinity=True).map(repr), st.integers(-3, 10**30).map(str),
-                     st.sampled_from(["nan", "inf", "-inf", "+inf", "NaN", "1e999", "-0", "0x10", "1_000"])))
+@given(
+    name=st.sampled_from(["threshold", "topk", "nag", "examples"]),
+    arg=st.one_of(
+        st.floats(allow_nan=True, allow_infinity=True).map(repr),
+        st.integers(-3, 10**30).map(str),
+        st.sampled_from(["nan", "inf", "-inf", "+inf", "NaN", "1e999", "-0", "0x10", "1_000"]),
+    ),
+)
 def test_spec_numbers_are_finite_and_in_range_or_refused(name, arg):
     from ingest.sites import parse_spec
     from warehouse.errors import BadSpec
@@ -256,7 +327,7 @@ def test_spec_numbers_are_finite_and_in_range_or_refused(name, arg):
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(option=st.sampled_from(["--batch-size", "--max-length", "--shard-tokens"]), value=st.integers(-10**12, 0))
+@given(option=st.sampled_from(["--batch-size", "--max-length", "--shard-tokens"]), value=st.integers(-(10**12), 0))
 def test_numeric_ingest_options_below_one_are_refused_before_anything_is_written(option, value):
     with tempfile.TemporaryDirectory() as name:
         folder = Path(name)
@@ -267,13 +338,16 @@ def test_numeric_ingest_options_below_one_are_refused_before_anything_is_written
         assert not (folder / "wh").exists()
 
 
-@pytest.mark.parametrize("env,message", [
-    ({"WORLD_SIZE": "two"}, "WORLD_SIZE='two' must be a whole number"),
-    ({"WORLD_SIZE": "0"}, "WORLD_SIZE=0 must be at least 1"),
-    ({"WORLD_SIZE": "2"}, "RANK=None must be a whole number"),
-    ({"WORLD_SIZE": "2", "RANK": "2"}, "RANK=2 is outside 0..1 (WORLD_SIZE=2)"),
-    ({"WORLD_SIZE": "2", "RANK": "-1"}, "RANK=-1 is outside 0..1 (WORLD_SIZE=2)"),
-])
+@pytest.mark.parametrize(
+    "env,message",
+    [
+        ({"WORLD_SIZE": "two"}, "WORLD_SIZE='two' must be a whole number"),
+        ({"WORLD_SIZE": "0"}, "WORLD_SIZE=0 must be at least 1"),
+        ({"WORLD_SIZE": "2"}, "RANK=None must be a whole number"),
+        ({"WORLD_SIZE": "2", "RANK": "2"}, "RANK=2 is outside 0..1 (WORLD_SIZE=2)"),
+        ({"WORLD_SIZE": "2", "RANK": "-1"}, "RANK=-1 is outside 0..1 (WORLD_SIZE=2)"),
+    ],
+)
 def test_torchrun_environment_out_of_range_is_refused_before_the_process_group(env, message, monkeypatch):
     from ingest.ranks import from_env
 
@@ -291,8 +365,16 @@ def test_python_api_refuses_a_rank_outside_its_world(rank, world_size, tmp_path)
     data = tmp_path / "docs.jsonl"
     data.write_bytes(GOOD)
     with pytest.raises(BadInput, match="out of range"):
-        ingest(tmp_path / "wh", "config:llama-tiny", [str(data)], ["mlp.act:topk=3"], rank=rank, world_size=world_size,
-               device="cpu", progress=False)
+        ingest(
+            tmp_path / "wh",
+            "config:llama-tiny",
+            [str(data)],
+            ["mlp.act:topk=3"],
+            rank=rank,
+            world_size=world_size,
+            device="cpu",
+            progress=False,
+        )
     assert not (tmp_path / "wh").exists()
 
 
@@ -313,8 +395,15 @@ def test_examples_bound_refuses_the_reported_oom_and_names_the_limit(monkeypatch
     most = 12 * 10**9 // (1536 * 6 * limits.BYTES_PER_EXAMPLE_SLOT)
     assert str(refused.value) == (
         "--site 'mlp.act:examples=99999': examples=99999 needs about 110.6 GB of memory (99999 x 1536 units x 6 layers "
-        f"x 120 bytes), over the 12.0 GB budget (half of this machine's memory): use examples=N with N at most {most}")
+        f"x 120 bytes), over the 12.0 GB budget (half of this machine's memory): use examples=N with N at most {most}"
+    )
     check(f"mlp.act:examples={most}")  # the bound itself is accepted
     with pytest.raises(BadSpec, match="less what the other sites' examples hold"):
-        limits.check_reductions([resolve(parse_spec(s), loaded.module_names, loaded.aliases)
-                                 for s in (f"mlp.act:examples={most}", "mlp.up:examples=10")], loaded, "cpu")
+        limits.check_reductions(
+            [
+                resolve(parse_spec(s), loaded.module_names, loaded.aliases)
+                for s in (f"mlp.act:examples={most}", "mlp.up:examples=10")
+            ],
+            loaded,
+            "cpu",
+        )
