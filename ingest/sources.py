@@ -104,8 +104,8 @@ def _jsonl(path: Path, counter: SkipCounter) -> Iterator[Document]:
             except json.JSONDecodeError as err:
                 counter.bad(f"{where}: invalid JSON ({err.msg})")
                 continue
-            except ValueError as err:
-                counter.bad(str(err))
+            except ValueError as err:  # ours name the line; json's own (a number too long to convert) do not
+                counter.bad(str(err) if str(err).startswith(where) else f"{where}: {err}")
                 continue
             index += 1
             yield doc
@@ -122,8 +122,8 @@ def _parquet(path: Path, counter: SkipCounter) -> Iterator[Document]:
     if not any(c in names for c in TEXT_COLUMNS):
         raise BadInput(f"{path} has no text column (expected one of {', '.join(TEXT_COLUMNS)}; found {', '.join(names)})")
     index = 0
-    for batch in _batches(reader, path):
-        for row in batch.to_pylist():
+    for rows in _row_batches(reader, path):
+        for row in rows:
             try:
                 doc = _record(row, f"{path} row {index}", index, path.stem)
             except ValueError as err:
@@ -133,19 +133,20 @@ def _parquet(path: Path, counter: SkipCounter) -> Iterator[Document]:
             yield doc
 
 
-def _batches(reader, path: Path):
-    """The file's record batches; a damaged page or footer is one BadInput naming the file."""
+def _row_batches(reader, path: Path) -> Iterator[list[dict]]:
+    """The file's rows, a batch at a time; a damaged page, or a value Python cannot hold
+    (a timestamp past year 9999), is one BadInput naming the file."""
     import pyarrow as pa
 
     batches = reader.iter_batches(batch_size=1024)
     while True:
         try:
-            batch = next(batches)
+            rows = next(batches).to_pylist()
         except StopIteration:
             return
-        except (pa.ArrowException, OSError, ValueError) as err:
+        except (pa.ArrowException, OSError, ValueError, OverflowError) as err:
             raise BadInput(f"{path} is not a readable Parquet file ({str(err).splitlines()[0][:100]}): check the file") from None
-        yield batch
+        yield rows
 
 
 def _txt(path: Path, counter: SkipCounter) -> Iterator[Document]:

@@ -185,6 +185,18 @@ ODD_FILES = {
         lambda p: p.write_bytes(_parquet_bytes(pa.table({"text": ["a"], "label": [[1, 2]]}))),
         "column 'label' must be a string or null, got list",
     ),
+    "a parquet timestamp past year 9999": (
+        "docs.parquet",
+        lambda p: p.write_bytes(
+            _parquet_bytes(pa.table({"text": ["a"], "when": pa.array([3 * 10**17], type=pa.timestamp("us"))}))
+        ),
+        "is not a readable Parquet file (date value out of range)",
+    ),
+    "a JSON id of 5000 digits": (
+        "docs.jsonl",
+        lambda p: p.write_bytes(b'{"text": "x", "id": ' + b"9" * 5000 + b"}\n"),
+        ":1: Exceeds the limit (4300 digits)",
+    ),
     "a bad record after many good ones": (
         "docs.jsonl",
         lambda p: p.write_bytes(GOOD * 200 + b"{oops}\n"),
