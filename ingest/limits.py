@@ -1,5 +1,6 @@
-"""Range checks that need the loaded model: SPEC arguments against a site's width, and
-the memory `examples=N` will hold, refused before the first forward pass.
+"""Range checks that need the loaded model: K against a site's units, examples=N against memory.
+
+Both are refused before the first forward pass.
 
 Run-level numbers (batch size, window, shard size, ranks) are checked by `check_run_numbers`
 before anything loads. Torch is imported only to ask a CUDA device its memory.
