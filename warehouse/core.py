@@ -10,7 +10,7 @@ from pathlib import Path
 import duckdb
 
 from . import catalog, schema
-from .errors import NotAWarehouse, QueryError, UnknownRun, WarehouseError
+from .errors import NotAWarehouse, UnknownRun, WarehouseError, sql_error
 from .faults import fault
 from .layout import FORMAT_VERSION, Layout
 from .locks import locked, try_lock
@@ -50,6 +50,11 @@ def write_marker(layout: Layout) -> None:
 def open(path: str | Path) -> "Warehouse":  # noqa: A001 - mirrors duckdb.connect / sqlite-utils style
     """Open an existing warehouse; regenerates its catalog if it is stale or was moved."""
     return Warehouse(path)
+
+
+def open_or_init(path: str | Path) -> "Warehouse":
+    """Open the warehouse at `path`, creating it first when the folder holds none (what an ingest wants)."""
+    return open(path) if Layout(path).marker.exists() else init(path)
 
 
 class Warehouse:
@@ -160,7 +165,7 @@ class Warehouse:
         try:
             return con.sql(query, params=params)
         except duckdb.Error as err:
-            raise QueryError(f"SQL error: {str(err).splitlines()[0]}") from None
+            raise sql_error(err) from None
 
     def pl(self, query: str, params=None):
         """Run SQL and return a polars DataFrame."""
@@ -168,7 +173,7 @@ class Warehouse:
         try:
             return rel.pl()
         except duckdb.Error as err:
-            raise QueryError(f"SQL error: {str(err).splitlines()[0]}") from None
+            raise sql_error(err) from None
 
     def close(self) -> None:
         for attr in ("_con", "_guarded_con"):

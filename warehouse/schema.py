@@ -14,6 +14,8 @@ import pyarrow as pa
 
 SCHEMA_SQL = Path(__file__).with_name("schema.sql")
 HIVE_TYPES = {"run_id": "VARCHAR", "site": "VARCHAR", "layer": "INTEGER"}
+# The residual-stream states a chat scenario captures per layer, in report order (the sites of scenario runs).
+SCENARIO_SOURCES = ("hidden_in", "hidden_out", "attn_out", "mlp_out")
 
 _ARROW = {
     "VARCHAR": pa.string(),

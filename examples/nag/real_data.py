@@ -97,7 +97,7 @@ def main() -> None:
     parser.add_argument("--fraction", type=float, default=0.2)
     args = parser.parse_args()
     docs = corpus(args.text)
-    wh = warehouse.open(args.root) if (args.root / "whq.json").exists() else warehouse.init(args.root)
+    wh = warehouse.open_or_init(args.root)
     for run, model in MODELS.items():
         if run not in wh.run_ids():
             summary = ingest(args.root, model, sites=["mlp.up:nag=20"], documents=docs, run_id=run, batch_size=16,
