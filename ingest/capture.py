@@ -10,10 +10,11 @@ ends and `collect()` copies them to the host in one go.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Iterable, Iterator, Protocol
+from typing import Protocol
 
 import numpy as np
 import pyarrow as pa

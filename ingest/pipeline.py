@@ -18,9 +18,9 @@ import hashlib
 import json
 import re
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import warehouse
 from warehouse.errors import BadInput, BadSpec, WarehouseError

@@ -13,8 +13,8 @@ everywhere in ingest/.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -29,8 +29,8 @@ from .tokenize import Window, pad_batch
 class Shard:
     """Whole documents captured and committed together (the unit of resume)."""
 
-    docs: list[tuple[int, Document, list[Window]]]   # (ordinal, document, its windows in order)
-    next_doc: int                                     # ordinal after the shard's last document
+    docs: list[tuple[int, Document, list[Window]]]  # (ordinal, document, its windows in order)
+    next_doc: int  # ordinal after the shard's last document
 
     @property
     def n_tokens(self) -> int:
@@ -42,11 +42,25 @@ class Shard:
         by_length = sorted(self.docs, key=lambda d: sum(len(w.ids) for w in d[2]))
         live = [w for _, _, wins in by_length for w in wins if w.ids]
         for i in range(0, len(live), batch_size):
-            yield live[i:i + batch_size]
+            yield live[i : i + batch_size]
 
     def documents_table(self) -> pa.Table:
-        cols = {k: [] for k in ("doc", "doc_id", "dataset", "role", "label", "message_index", "message_role",
-                                "n_tokens", "n_windows", "text", "meta")}
+        cols = {
+            k: []
+            for k in (
+                "doc",
+                "doc_id",
+                "dataset",
+                "role",
+                "label",
+                "message_index",
+                "message_role",
+                "n_tokens",
+                "n_windows",
+                "text",
+                "meta",
+            )
+        }
         for ordinal, doc, wins in self.docs:
             cols["doc"].append(ordinal)
             cols["doc_id"].append(doc.doc_id)
@@ -74,8 +88,16 @@ class Shard:
                 starts.extend(None if s < 0 else s for s in w.char_start)
                 ends.extend(None if e < 0 else e for e in w.char_end)
                 special.extend(w.special)
-        cols = {"doc": docs, "pos": pos, "window": win, "token_id": ids, "piece": pieces,
-                "char_start": starts, "char_end": ends, "special": special}
+        cols = {
+            "doc": docs,
+            "pos": pos,
+            "window": win,
+            "token_id": ids,
+            "piece": pieces,
+            "char_start": starts,
+            "char_end": ends,
+            "special": special,
+        }
         return pa.Table.from_pydict(cols, schema=warehouse.schema.table("tokens").arrow_schema())
 
 
@@ -121,8 +143,15 @@ class Capture:
         host.outputs, host.ready = collect(self.site_layers)
         return host
 
-    def shard(self, shard: Shard, batches: Iterable[list[Window]], writer, *, extra_parts: list = (),
-              on_batch: Callable | None = None) -> None:
+    def shard(
+        self,
+        shard: Shard,
+        batches: Iterable[list[Window]],
+        writer,
+        *,
+        extra_parts: list = (),
+        on_batch: Callable | None = None,
+    ) -> None:
         """Capture `batches` (the shard's windows) into `writer` (a ShardWriter), then end the shard:
         its documents, tokens, resume state and `extra_parts` are committed with the batches' rows."""
         from .writer import ShardEnd
@@ -134,8 +163,16 @@ class Capture:
                 on_batch(host)
         state = {name: table for sl in self.site_layers for name, table in sl.state_tables().items()}
         info = {"next_doc": shard.next_doc, "n_docs": len(shard.docs), "n_tokens": shard.n_tokens}
-        writer.put(ShardEnd(shard.documents_table(), shard.tokens_table(self.loaded.tokenizer), state, info,
-                            self.widths, list(extra_parts)))
+        writer.put(
+            ShardEnd(
+                shard.documents_table(),
+                shard.tokens_table(self.loaded.tokenizer),
+                state,
+                info,
+                self.widths,
+                list(extra_parts),
+            )
+        )
 
 
 def _batch_context(batch: list[Window], pad_id: int, device: str):

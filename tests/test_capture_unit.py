@@ -13,19 +13,32 @@ from warehouse.errors import BadInput
 
 
 def test_stored_run_config_reads_back_into_the_same_options():
-    options = IngestOptions("config:llama-tiny", ["docs.jsonl"], ["mlp.act:topk=3"], run_id="r", batch_size=4,
-                            device="cpu", dtype="bfloat16", shard_tokens=400, skip_bad=True, progress=False)
+    options = IngestOptions(
+        "config:llama-tiny",
+        ["docs.jsonl"],
+        ["mlp.act:topk=3"],
+        run_id="r",
+        batch_size=4,
+        device="cpu",
+        dtype="bfloat16",
+        shard_tokens=400,
+        skip_bad=True,
+        progress=False,
+    )
     stored = options.run_config(model_id="llama-tiny", sites=list(options.sites), data_identity=[], max_length=32)
     assert {"run_id", "device", "progress", "rank"}.isdisjoint(stored)
     again = IngestOptions.from_run_config(stored, data=options.data, run_id="r", device="cpu", progress=False)
     assert again == replace(options, max_length=32)
 
 
-@pytest.mark.parametrize("change, message", [
-    (dict(dtype="xyz"), "unknown --dtype 'xyz': use one of float32, bfloat16, float16"),
-    (dict(device="tpu"), "unknown --device 'tpu': use auto, cpu, cuda or cuda:N"),
-    (dict(batch_size=0), "--batch-size must be at least 1"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(dtype="xyz"), "unknown --dtype 'xyz': use one of float32, bfloat16, float16"),
+        (dict(device="tpu"), "unknown --device 'tpu': use auto, cpu, cuda or cuda:N"),
+        (dict(batch_size=0), "--batch-size must be at least 1"),
+    ],
+)
 def test_fixed_choices_are_checked_when_the_options_are_made(change, message):
     with pytest.raises(BadInput) as err:
         IngestOptions(**change)
