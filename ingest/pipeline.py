@@ -56,7 +56,7 @@ class IngestResult:
 
 def default_run_id(model: str) -> str:
     stem = re.sub(r"[^A-Za-z0-9_.\-]", "-", Path(model.split(":")[0]).name or model).strip("-.") or "run"
-    return f"{stem[:40]}-{dt.datetime.now(dt.timezone.utc):%Y%m%d-%H%M%S}"
+    return f"{stem[:40]}-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}"
 
 
 def _data_identity(paths: list[Path]) -> list[dict]:
