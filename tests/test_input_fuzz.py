@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ingest import sources
-from ingest.pipeline import ShardDocs, _document_rows
+from ingest.shard import Shard
 from warehouse import faults
 from warehouse.errors import BadInput
 
@@ -53,7 +53,7 @@ def _read_all(path: Path) -> list:
     paths = sources.check_paths([str(path)])
     sources.scan(paths, skip_bad=False)
     docs = list(sources.read(paths, sources.SkipCounter()))
-    _document_rows(ShardDocs([(i, doc, []) for i, doc in enumerate(docs)], len(docs)))
+    Shard([(i, doc, []) for i, doc in enumerate(docs)], len(docs)).documents_table()
     return docs
 
 

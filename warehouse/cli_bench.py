@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from .cli_options import DeviceOption, DtypeOption
+
 bench_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Benchmarks: build synthetic data, time the engines.")
 
 
@@ -34,8 +36,8 @@ def nag(
 def ingest_(
     model: str = typer.Option("minilm", "--model", "-m", help="Model as for `whq ingest --model`."),
     model_config: str = typer.Option(None, "--model-config", help="Random-initialised model of a known shape instead, e.g. qwen3-0.6b."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "float32",
     batch_size: int = typer.Option(32, "--batch-size", "-b", help="Windows per forward pass."),
     seq_len: int = typer.Option(128, "--seq-len", help="Tokens per window."),
     site: list[str] = typer.Option([], "--site", "-s", help="SPEC as for `whq ingest` (repeatable; default mlp.act:topk=20, mlp.up:nag=20, resid.out:last)."),
