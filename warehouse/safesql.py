@@ -14,6 +14,7 @@ refuses those, against mistakes such as a COPY over a committed part.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -229,22 +230,42 @@ class BoundedResult:
     """True when the result had more rows than max_rows."""
 
 
+@contextlib.contextmanager
+def _interrupted_after(cursor: duckdb.DuckDBPyConnection, seconds: float):
+    """Interrupt `cursor` once `seconds` have passed, and again every 50 ms until the block ends:
+    an interrupt that arrives before DuckDB starts executing is lost (measured: a count over
+    range(10^12) then ran its full 5 minutes)."""
+    done = threading.Event()
+
+    def watch():
+        if not done.wait(seconds):
+            cursor.interrupt()
+            while not done.wait(0.05):
+                cursor.interrupt()
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join()
+
+
 def run_read_only(wh: "Warehouse", query: str, limits: SqlLimits | None = None, params=None) -> BoundedResult:
     """Run untrusted SQL through both walls and within `limits`; safe to call from several threads.
 
-    Each call runs on its own cursor of the guarded connection, so the timer interrupts
+    Each call runs on its own cursor of the guarded connection, so the timeout interrupts
     this query only.
     """
     limits = limits or SqlLimits()
     cursor = wh.guarded_connection(limits.memory_limit).cursor()
-    timer = threading.Timer(limits.timeout_s, cursor.interrupt)
-    timer.daemon = True
     try:
         cursor.execute("USE whq_catalog")
         check_read_only(query, name_resolving_macros(cursor))
-        timer.start()
-        rel = cursor.sql(query, params=params)
-        frame = rel.limit(limits.max_rows + 1).pl() if rel is not None else None
+        with _interrupted_after(cursor, limits.timeout_s):
+            rel = cursor.sql(query, params=params)
+            frame = rel.limit(limits.max_rows + 1).pl() if rel is not None else None
     except duckdb.InterruptException:
         raise QueryError(f"the query ran past the {limits.timeout_s:g} s timeout and was stopped: "
                          f"narrow it (WHERE, LIMIT), or raise --timeout") from None
@@ -254,7 +275,6 @@ def run_read_only(wh: "Warehouse", query: str, limits: SqlLimits | None = None, 
     except duckdb.Error as err:
         raise sql_error(err) from None
     finally:
-        timer.cancel()
         cursor.close()
     if frame is None:
         import polars
@@ -268,6 +288,7 @@ def run_read_only(wh: "Warehouse", query: str, limits: SqlLimits | None = None, 
 _STRINGS = {TokenType.STRING, TokenType.RAW_STRING, TokenType.HEREDOC_STRING, TokenType.NATIONAL_STRING}
 _PATH_SETTING = re.compile(r"directory|path|output|file", re.I)
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
+_QUERY_WORDS = {"SELECT", "WITH", "FROM", "VALUES", "TABLE", "DESCRIBE", "SUMMARIZE", "SHOW", "PIVOT", "UNPIVOT", "("}
 _ATTACH_TYPE = re.compile(r"^(duckdb|sqlite):", re.I)
 
 
@@ -290,6 +311,8 @@ def _written_paths(statement: list) -> list[str]:
         return [] if read_only else [_ATTACH_TYPE.sub("", strings[0][1])]
     if kind in ("SET", "RESET", "PRAGMA"):  # temp_directory, log_query_path, profiling_output, ...
         return [text for _, text in strings] if any(_PATH_SETTING.search(w) for w in words[1:4]) else []
+    if kind in _QUERY_WORDS and "ENABLE_LOGGING" not in words:
+        return []  # a query reads (its files may well be the warehouse's)
     # CALL enable_logging(...), CREATE SECRET, INSTALL ... FROM, and anything else: whatever looks like a path.
     return [text for _, text in strings if re.search(r"[/\\]", text) or text.startswith("~")]
 
@@ -313,16 +336,24 @@ def check_no_warehouse_writes(query: str, root: Path) -> None:
     """
     root = Path(root).resolve()
     try:
-        tokens = sqlglot.tokenize(query, read="duckdb")
+        statements = _tokenized_statements(query)
     except sqlglot.errors.SqlglotError:
         return  # DuckDB refuses what does not even tokenize, before writing anything
-    statement: list = []
-    for token in [*tokens, None]:
-        if token is not None and token.token_type != TokenType.SEMICOLON:
-            statement.append(token)
-            continue
+    for statement in statements:
         for text in _written_paths(statement):
             if _inside(text, root):
                 raise QueryError(f"whq sql refuses writing {text!r}, inside the warehouse {root}: its files change only "
                                  f"through whq; write elsewhere, or pass --allow-writes")
-        statement = []
+
+
+def _tokenized_statements(query: str) -> list[list]:
+    statements: list[list] = [[]]
+    for token in sqlglot.tokenize(query, read="duckdb"):
+        if token.token_type == TokenType.SEMICOLON:
+            statements.append([])
+        else:
+            statements[-1].append(token)
+    for i, statement in enumerate(statements):
+        while len(statement) == 2 and statement[0].token_type == TokenType.COMMAND:  # EXPLAIN, CALL: the rest is one raw string
+            statement = statements[i] = [statement[0], *sqlglot.tokenize(statement[1].text, read="duckdb")]
+    return statements
