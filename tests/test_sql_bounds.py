@@ -37,16 +37,19 @@ def wh(minilm_wh):
 def test_a_runaway_query_stops_at_the_timeout_with_one_line(name, wh):
     with pytest.raises(QueryError) as stopped:
         run_read_only(wh, RUNAWAY[name], SqlLimits(timeout_s=0.5))
-    assert str(stopped.value) == ("the query ran past the 0.5 s timeout and was stopped: narrow it (WHERE, LIMIT), "
-                                  "or raise --timeout")
+    assert str(stopped.value) == (
+        "the query ran past the 0.5 s timeout and was stopped: narrow it (WHERE, LIMIT), or raise --timeout"
+    )
     assert run_read_only(wh, "SELECT 42 AS x").frame["x"].to_list() == [42]  # the connection still serves
 
 
 def test_a_greedy_query_stops_at_the_memory_limit_with_one_line(wh):
     with pytest.raises(QueryError) as stopped:
         run_read_only(wh, GREEDY, SqlLimits(memory_limit="100MB"))
-    assert str(stopped.value) == ("the query needed more than the 100MB memory limit and was stopped: narrow it "
-                                  "(WHERE, LIMIT), or raise --memory-limit")
+    assert str(stopped.value) == (
+        "the query needed more than the 100MB memory limit and was stopped: narrow it "
+        "(WHERE, LIMIT), or raise --memory-limit"
+    )
 
 
 def test_the_timeout_interrupts_only_its_own_query(wh):
@@ -71,9 +74,14 @@ def test_default_limits_are_30_s_and_a_quarter_of_memory_and_reach_duckdb(wh):
     limits = SqlLimits()
     assert (limits.timeout_s, limits.max_rows) == (30.0, 10_000)
     quarter = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 4
-    assert limits.memory_limit == default_memory_limit() and abs(int(limits.memory_limit[:-3]) * 2**20 - quarter) < 2**20
-    settings = run_read_only(wh, "SELECT current_setting('memory_limit') AS memory, current_setting('temp_directory') AS temp",
-                             SqlLimits(memory_limit="123MB")).frame.row(0)
+    assert (
+        limits.memory_limit == default_memory_limit() and abs(int(limits.memory_limit[:-3]) * 2**20 - quarter) < 2**20
+    )
+    settings = run_read_only(
+        wh,
+        "SELECT current_setting('memory_limit') AS memory, current_setting('temp_directory') AS temp",
+        SqlLimits(memory_limit="123MB"),
+    ).frame.row(0)
     with duckdb.connect() as plain:
         plain.execute("SET memory_limit = '123MB'")
         expected = plain.execute("SELECT current_setting('memory_limit')").fetchone()[0]
@@ -89,14 +97,17 @@ def test_rows_beyond_max_rows_are_cut_and_marked(wh):
         wh.sql("SELECT * FROM range(11)", read_only=True, limits=SqlLimits(max_rows=10))
 
 
-@pytest.mark.parametrize("bad, message", [
-    ({"timeout_s": 0}, "--timeout 0 must be a positive number of seconds"),
-    ({"timeout_s": float("inf")}, "--timeout inf must be a positive number of seconds"),
-    ({"timeout_s": float("nan")}, "--timeout nan must be a positive number of seconds"),
-    ({"memory_limit": "lots"}, "--memory-limit 'lots' must be a size such as 512MB or 4GB"),
-    ({"memory_limit": "0GB"}, "--memory-limit '0GB' must be a size such as 512MB or 4GB"),
-    ({"max_rows": 0}, "--max-rows 0 must be a whole number of at least 1"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"timeout_s": 0}, "--timeout 0 must be a positive number of seconds"),
+        ({"timeout_s": float("inf")}, "--timeout inf must be a positive number of seconds"),
+        ({"timeout_s": float("nan")}, "--timeout nan must be a positive number of seconds"),
+        ({"memory_limit": "lots"}, "--memory-limit 'lots' must be a size such as 512MB or 4GB"),
+        ({"memory_limit": "0GB"}, "--memory-limit '0GB' must be a size such as 512MB or 4GB"),
+        ({"max_rows": 0}, "--max-rows 0 must be a whole number of at least 1"),
+    ],
+)
 def test_limits_out_of_range_are_refused_naming_the_option(bad, message):
     with pytest.raises(QueryError) as refused:
         SqlLimits(**bad)
@@ -105,14 +116,21 @@ def test_limits_out_of_range_are_refused_naming_the_option(bad, message):
 
 def test_cli_bounds_give_one_line_and_a_truncation_note(minilm_wh):
     code, _, err = run_whq("sql", minilm_wh, RUNAWAY["an infinite recursive CTE"], "--read-only", "--timeout", "0.5")
-    assert (code, err) == (2, "error: the query ran past the 0.5 s timeout and was stopped: narrow it (WHERE, LIMIT), "
-                              "or raise --timeout\n")
+    assert (code, err) == (
+        2,
+        "error: the query ran past the 0.5 s timeout and was stopped: narrow it (WHERE, LIMIT), or raise --timeout\n",
+    )
     code, _, err = run_whq("sql", minilm_wh, GREEDY, "--read-only", "--memory-limit", "100MB")
     assert code == 2 and err.count("\n") == 1 and "raise --memory-limit" in err
     for read_only in ([], ["--read-only"]):
-        code, out, err = run_whq("sql", minilm_wh, "SELECT * FROM range(7)", "--format", "csv", "--max-rows", "5", *read_only)
-        assert (code, out.split(), err) == (0, ["range", "0", "1", "2", "3", "4"],
-                                            "note: printed the first 5 rows; more were cut: add a LIMIT, or raise --max-rows\n")
+        code, out, err = run_whq(
+            "sql", minilm_wh, "SELECT * FROM range(7)", "--format", "csv", "--max-rows", "5", *read_only
+        )
+        assert (code, out.split(), err) == (
+            0,
+            ["range", "0", "1", "2", "3", "4"],
+            "note: printed the first 5 rows; more were cut: add a LIMIT, or raise --max-rows\n",
+        )
     code, out, err = run_whq("sql", minilm_wh, "SELECT * FROM range(5)", "--format", "csv", "--max-rows", "5")
     assert (code, len(out.split()), err) == (0, 6, "")
 
@@ -148,7 +166,11 @@ def wh_copy(minilm_wh, tmp_path, monkeypatch):
 
 
 def _listing(root):
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.name != "whq.duckdb"}
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != "whq.duckdb"
+    }
 
 
 @pytest.mark.parametrize("name", INTO_THE_WAREHOUSE)
@@ -159,7 +181,8 @@ def test_trusted_sql_refuses_writing_into_the_warehouse(name, wh_copy):
     code, _, err = run_whq("sql", wh_copy, query)
     assert code == 2 and err.count("\n") == 1, err
     assert err.startswith("error: whq sql refuses writing '") and err.endswith(
-        f"', inside the warehouse {wh_copy.resolve()}: its files change only through whq; write elsewhere, or pass --allow-writes\n")
+        f"', inside the warehouse {wh_copy.resolve()}: its files change only through whq; write elsewhere, or pass --allow-writes\n"
+    )
     assert _listing(wh_copy) == before
 
 
@@ -170,14 +193,17 @@ def test_trusted_sql_refuses_a_relative_path_when_run_inside_the_warehouse(wh_co
     assert not (wh_copy / "data" / "extra.csv").exists()
 
 
-@pytest.mark.parametrize("query", [
-    "COPY (SELECT 1 AS x) TO '{out}' (FORMAT 'csv')",
-    "COPY (SELECT count(*) AS n FROM tokens) TO 'counts.csv'",
-    "SELECT count(*) FROM read_parquet('wh/data/tokens/*/*.parquet')",
-    "SET memory_limit = '1GB'",
-    "ATTACH 'wh/whq.duckdb' AS again (READ_ONLY)",
-    "SELECT 'wh/data/x.csv' AS just_a_string",
-])
+@pytest.mark.parametrize(
+    "query",
+    [
+        "COPY (SELECT 1 AS x) TO '{out}' (FORMAT 'csv')",
+        "COPY (SELECT count(*) AS n FROM tokens) TO 'counts.csv'",
+        "SELECT count(*) FROM read_parquet('wh/data/tokens/*/*.parquet')",
+        "SET memory_limit = '1GB'",
+        "ATTACH 'wh/whq.duckdb' AS again (READ_ONLY)",
+        "SELECT 'wh/data/x.csv' AS just_a_string",
+    ],
+)
 def test_trusted_sql_still_reads_the_warehouse_and_writes_elsewhere(query, wh_copy, tmp_path):
     code, _, err = run_whq("sql", wh_copy, query.format(out=tmp_path / "out.csv"))
     assert (code, err) == (0, "")

@@ -95,8 +95,8 @@ def sql(
     fmt: FormatOption = OutputFormat.table,
     read_only: bool = typer.Option(False, "--read-only", help="Refuse anything but queries, bounded by --timeout and --memory-limit (for untrusted SQL)."),
     engine: SqlEngineOption = SqlEngine.duckdb,
-    timeout: Optional[float] = typer.Option(None, "--timeout", help="With --read-only: stop the query after this many seconds (default 30)."),
-    memory_limit: Optional[str] = typer.Option(None, "--memory-limit", help="With --read-only: DuckDB's memory limit, e.g. 2GB (default: a quarter of this machine's memory)."),
+    timeout: float | None = typer.Option(None, "--timeout", help="With --read-only: stop the query after this many seconds (default 30)."),
+    memory_limit: str | None = typer.Option(None, "--memory-limit", help="With --read-only: DuckDB's memory limit, e.g. 2GB (default: a quarter of this machine's memory)."),
     max_rows: int = typer.Option(10_000, "--max-rows", min=1, help="Print at most this many rows; a line on stderr says when more were cut."),
     allow_writes: bool = typer.Option(False, "--allow-writes", help="Let trusted SQL write files inside the warehouse folder (COPY, EXPORT, ATTACH, ...)."),
 ):
@@ -105,6 +105,7 @@ def sql(
     Example: whq sql wh "SELECT * FROM layer_summary('demo', 'mlp.act')"
     """
     import warehouse
+
     from .safesql import SqlLimits, check_no_warehouse_writes, run_read_only
 
     if not read_only and (timeout is not None or memory_limit is not None):

@@ -38,30 +38,51 @@ if TYPE_CHECKING:
     from .core import Warehouse
 
 _ALLOWED = (exp.Query, exp.Values, exp.Describe, exp.Summarize, exp.Show)
-_WRITES = (exp.Insert, exp.Update, exp.Delete, exp.Merge, exp.Create, exp.Drop, exp.Alter, exp.Copy,
-           exp.TruncateTable, exp.Command, exp.Attach, exp.Detach, exp.Install, exp.Pragma, exp.Set, exp.Use)
+_WRITES = (
+    exp.Insert,
+    exp.Update,
+    exp.Delete,
+    exp.Merge,
+    exp.Create,
+    exp.Drop,
+    exp.Alter,
+    exp.Copy,
+    exp.TruncateTable,
+    exp.Command,
+    exp.Attach,
+    exp.Detach,
+    exp.Install,
+    exp.Pragma,
+    exp.Set,
+    exp.Use,
+)
 # Functions that open files or run SQL given as text (json_serialize_sql's plans run through
 # json_execute_serialized_sql), including those of extensions that are not loaded.
-_FILE_FUNCTION = re.compile(r"^(read_\w+|\w+_scan|glob|sniff_csv|parquet_\w+|query|query_table|iceberg_\w+|delta_\w+"
-                            r"|json_\w*(serializ|execut)\w*)$", re.I)
+_FILE_FUNCTION = re.compile(
+    r"^(read_\w+|\w+_scan|glob|sniff_csv|parquet_\w+|query|query_table|iceberg_\w+|delta_\w+"
+    r"|json_\w*(serializ|execut)\w*)$",
+    re.I,
+)
 # DuckDB's own table functions that only compute or describe; every other one it ships
 # (checkpoint, enable_logging, which_secret, ...) is refused, new versions' ones included.
-_READ_ONLY_TABLE_FUNCTIONS = frozenset({
-    "range", "generate_series", "unnest", "repeat", "repeat_row", "json_each", "json_tree", "version",
-    "pragma_version", "pragma_platform", "pragma_table_info", "duckdb_columns", "duckdb_constraints",
-    "duckdb_databases", "duckdb_dependencies", "duckdb_functions", "duckdb_indexes", "duckdb_keywords",
-    "duckdb_schemas", "duckdb_sequences", "duckdb_tables", "duckdb_types", "duckdb_views",
-})
+_READ_ONLY_TABLE_FUNCTIONS = frozenset(
+    """range generate_series unnest repeat repeat_row json_each json_tree version pragma_version pragma_platform
+    pragma_table_info duckdb_columns duckdb_constraints duckdb_databases duckdb_dependencies duckdb_functions
+    duckdb_indexes duckdb_keywords duckdb_schemas duckdb_sequences duckdb_tables duckdb_types duckdb_views""".split()
+)
 _FILE_NAME = re.compile(r"[/\\.:*]")  # `FROM 'x.csv'` reads a file; catalog names have none of these
 # A value a name-resolving macro looks up as a table: a run id or table name, never a path
 # nor a file DuckDB would read by its extension.
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
-_DATA_FILE = re.compile(r"\.(csv|tsv|parquet|json|jsonl|ndjson|txt|text|arrow|ipc|feather|avro|xlsx|duckdb|db|sqlite|gz|zst)$", re.I)
+_DATA_FILE = re.compile(
+    r"\.(csv|tsv|parquet|json|jsonl|ndjson|txt|text|arrow|ipc|feather|avro|xlsx|duckdb|db|sqlite|gz|zst)$", re.I
+)
 _CONSTANT = (exp.Literal, exp.RawString, exp.Null, exp.Boolean, exp.Neg, exp.Array, exp.Paren, exp.Cast, exp.DataType)
 _SHOW_NAMED = re.compile(r"\s*((ALL\s+)?TABLES|DATABASES|[A-Za-z_]\w*(\.[A-Za-z_]\w*)*)\s*", re.I)
-_KNOWN_STATEMENTS = ("EXPORT", "IMPORT", "COPY", "ATTACH", "DETACH", "INSTALL", "LOAD", "PRAGMA", "SET", "RESET", "CALL",
-                     "CREATE", "DROP", "ALTER", "INSERT", "UPDATE", "DELETE", "MERGE", "TRUNCATE", "USE", "CHECKPOINT",
-                     "VACUUM", "BEGIN", "COMMIT", "ROLLBACK", "EXPLAIN", "COMMENT", "FORCE", "UNINSTALL", "ANALYZE")
+_KNOWN_STATEMENTS = tuple(
+    """EXPORT IMPORT COPY ATTACH DETACH INSTALL LOAD PRAGMA SET RESET CALL CREATE DROP ALTER INSERT UPDATE DELETE MERGE
+    TRUNCATE USE CHECKPOINT VACUUM BEGIN COMMIT ROLLBACK EXPLAIN COMMENT FORCE UNINSTALL ANALYZE""".split()
+)
 _HINT = "only SELECT/WITH/VALUES/DESCRIBE/SUMMARIZE/SHOW queries are allowed"
 _INSTEAD = "query the warehouse's tables and macros instead"
 
@@ -80,8 +101,10 @@ def _statement_kind(statement: exp.Expression) -> str:
 @functools.cache
 def _duckdb_table_functions() -> frozenset[str]:
     with duckdb.connect(":memory:") as con:
-        rows = con.execute("SELECT DISTINCT lower(function_name) FROM duckdb_functions() "
-                           "WHERE function_type IN ('table', 'table_macro', 'pragma')").fetchall()
+        rows = con.execute(
+            "SELECT DISTINCT lower(function_name) FROM duckdb_functions() "
+            "WHERE function_type IN ('table', 'table_macro', 'pragma')"
+        ).fetchall()
     return frozenset(name for (name,) in rows)
 
 
@@ -98,7 +121,9 @@ def _check_function(node: exp.Func, name_macros: frozenset[str]) -> None:
         if _FILE_FUNCTION.match(name):
             raise QueryError(f"read-only mode refuses {name}(), which reads files or runs SQL text: {_INSTEAD}")
         if name in _duckdb_table_functions() and name not in _READ_ONLY_TABLE_FUNCTIONS:
-            raise QueryError(f"read-only mode refuses {name}(), which can change the database or read outside it: {_INSTEAD}")
+            raise QueryError(
+                f"read-only mode refuses {name}(), which can change the database or read outside it: {_INSTEAD}"
+            )
         if name in name_macros:
             _check_name_arguments(name, node)
 
@@ -109,13 +134,17 @@ def _check_name_arguments(macro: str, call: exp.Func) -> None:
         value = argument.expression if isinstance(argument, (exp.PropertyEQ, exp.Kwarg)) else argument
         for node in value.walk():
             if not isinstance(node, _CONSTANT):
-                raise QueryError(f"read-only mode needs constant arguments for {macro}(), which looks names up as tables: "
-                                 f"pass literal values")
+                raise QueryError(
+                    f"read-only mode needs constant arguments for {macro}(), which looks names up as tables: "
+                    f"pass literal values"
+                )
             if isinstance(node, (exp.Literal, exp.RawString)) and (node.is_string or isinstance(node, exp.RawString)):
                 text = node.name
                 if not _PLAIN_NAME.fullmatch(text) or _DATA_FILE.search(text):
-                    raise QueryError(f"read-only mode refuses {text!r} as an argument of {macro}(), which looks names up "
-                                     f"as tables: pass a run id or table name, not a path")
+                    raise QueryError(
+                        f"read-only mode refuses {text!r} as an argument of {macro}(), which looks names up "
+                        f"as tables: pass a run id or table name, not a path"
+                    )
 
 
 def _command_text(command: exp.Command) -> str:
@@ -162,7 +191,9 @@ def check_read_only(query: str, name_macros: frozenset[str] = frozenset()) -> No
             if re.match(r"\s*(SELECT|FROM|WITH|VALUES)\b", shown, re.I):
                 check_read_only(shown, name_macros)
             elif not _SHOW_NAMED.fullmatch(shown):
-                raise QueryError(f"read-only mode refuses SHOW {shown.strip()}: show a table by name (SHOW tokens) or SHOW TABLES")
+                raise QueryError(
+                    f"read-only mode refuses SHOW {shown.strip()}: show a table by name (SHOW tokens) or SHOW TABLES"
+                )
             continue
         if not isinstance(statement, _ALLOWED) or isinstance(statement, exp.Command):
             raise _refuse(kind)
@@ -170,7 +201,9 @@ def check_read_only(query: str, name_macros: frozenset[str] = frozenset()) -> No
             _check_named(kind, statement.this)
         for node in statement.walk():
             if isinstance(node, _WRITES):
-                raise QueryError(f"read-only mode refuses {_statement_kind(node)} inside a query: only reads are allowed")
+                raise QueryError(
+                    f"read-only mode refuses {_statement_kind(node)} inside a query: only reads are allowed"
+                )
             if isinstance(node, exp.Func):
                 _check_function(node, name_macros)
             if isinstance(node, exp.Table) and _FILE_NAME.search(node.name or ""):
@@ -179,11 +212,15 @@ def check_read_only(query: str, name_macros: frozenset[str] = frozenset()) -> No
 
 def name_resolving_macros(con: duckdb.DuckDBPyConnection) -> frozenset[str]:
     """The catalog's macros that pass an argument to query_table() or query(), directly or through another macro."""
-    rows = con.execute("SELECT lower(function_name), macro_definition FROM duckdb_functions() "
-                       "WHERE database_name = 'whq_catalog' AND function_type IN ('macro', 'table_macro')").fetchall()
+    rows = con.execute(
+        "SELECT lower(function_name), macro_definition FROM duckdb_functions() "
+        "WHERE database_name = 'whq_catalog' AND function_type IN ('macro', 'table_macro')"
+    ).fetchall()
     found = {name for name, body in rows if re.search(r"\bquery(_table)?\s*\(", body or "", re.I)}
     while True:
-        calling = {name for name, body in rows if any(re.search(rf"\b{m}\s*\(", body or "", re.I) for m in found)} - found
+        calling = {
+            name for name, body in rows if any(re.search(rf"\b{m}\s*\(", body or "", re.I) for m in found)
+        } - found
         if not calling:
             return frozenset(found)
         found |= calling
@@ -212,11 +249,18 @@ class SqlLimits:
     """Rows fetched at most; a result with more is cut and marked truncated (--max-rows)."""
 
     def __post_init__(self):
-        if isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, (int, float)) \
-                or not math.isfinite(self.timeout_s) or self.timeout_s <= 0:
+        if (
+            isinstance(self.timeout_s, bool)
+            or not isinstance(self.timeout_s, (int, float))
+            or not math.isfinite(self.timeout_s)
+            or self.timeout_s <= 0
+        ):
             raise QueryError(f"--timeout {self.timeout_s!r} must be a positive number of seconds")
-        if not isinstance(self.memory_limit, str) or not _SIZE.fullmatch(self.memory_limit) \
-                or not re.search(r"[1-9]", self.memory_limit):
+        if (
+            not isinstance(self.memory_limit, str)
+            or not _SIZE.fullmatch(self.memory_limit)
+            or not re.search(r"[1-9]", self.memory_limit)
+        ):
             raise QueryError(f"--memory-limit {self.memory_limit!r} must be a size such as 512MB or 4GB")
         if isinstance(self.max_rows, bool) or not isinstance(self.max_rows, int) or self.max_rows < 1:
             raise QueryError(f"--max-rows {self.max_rows!r} must be a whole number of at least 1")
@@ -224,7 +268,7 @@ class SqlLimits:
 
 @dataclass(frozen=True)
 class BoundedResult:
-    frame: "polars.DataFrame"
+    frame: polars.DataFrame
     """At most max_rows rows of the result (an empty frame for a query without columns)."""
     truncated: bool
     """True when the result had more rows than max_rows."""
@@ -252,7 +296,7 @@ def _interrupted_after(cursor: duckdb.DuckDBPyConnection, seconds: float):
         watcher.join()
 
 
-def run_read_only(wh: "Warehouse", query: str, limits: SqlLimits | None = None, params=None) -> BoundedResult:
+def run_read_only(wh: Warehouse, query: str, limits: SqlLimits | None = None, params=None) -> BoundedResult:
     """Run untrusted SQL through both walls and within `limits`; safe to call from several threads.
 
     Each call runs on its own cursor of the guarded connection, so the timeout interrupts
@@ -267,11 +311,15 @@ def run_read_only(wh: "Warehouse", query: str, limits: SqlLimits | None = None, 
             rel = cursor.sql(query, params=params)
             frame = rel.limit(limits.max_rows + 1).pl() if rel is not None else None
     except duckdb.InterruptException:
-        raise QueryError(f"the query ran past the {limits.timeout_s:g} s timeout and was stopped: "
-                         f"narrow it (WHERE, LIMIT), or raise --timeout") from None
+        raise QueryError(
+            f"the query ran past the {limits.timeout_s:g} s timeout and was stopped: "
+            f"narrow it (WHERE, LIMIT), or raise --timeout"
+        ) from None
     except duckdb.OutOfMemoryException:
-        raise QueryError(f"the query needed more than the {limits.memory_limit} memory limit and was stopped: "
-                         f"narrow it (WHERE, LIMIT), or raise --memory-limit") from None
+        raise QueryError(
+            f"the query needed more than the {limits.memory_limit} memory limit and was stopped: "
+            f"narrow it (WHERE, LIMIT), or raise --memory-limit"
+        ) from None
     except duckdb.Error as err:
         raise sql_error(err) from None
     finally:
@@ -342,8 +390,10 @@ def check_no_warehouse_writes(query: str, root: Path) -> None:
     for statement in statements:
         for text in _written_paths(statement):
             if _inside(text, root):
-                raise QueryError(f"whq sql refuses writing {text!r}, inside the warehouse {root}: its files change only "
-                                 f"through whq; write elsewhere, or pass --allow-writes")
+                raise QueryError(
+                    f"whq sql refuses writing {text!r}, inside the warehouse {root}: its files change only "
+                    f"through whq; write elsewhere, or pass --allow-writes"
+                )
 
 
 def _tokenized_statements(query: str) -> list[list]:
@@ -354,6 +404,8 @@ def _tokenized_statements(query: str) -> list[list]:
         else:
             statements[-1].append(token)
     for i, statement in enumerate(statements):
-        while len(statement) == 2 and statement[0].token_type == TokenType.COMMAND:  # EXPLAIN, CALL: the rest is one raw string
+        while (
+            len(statement) == 2 and statement[0].token_type == TokenType.COMMAND
+        ):  # EXPLAIN, CALL: the rest is one raw string
             statement = statements[i] = [statement[0], *sqlglot.tokenize(statement[1].text, read="duckdb")]
     return statements
