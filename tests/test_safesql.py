@@ -138,6 +138,8 @@ def test_queries_and_macros_still_run_read_only(targets):
     assert wh.sql("SELECT whq_known_run('r')", read_only=True).fetchall() == [(True,)]
     assert wh.sql("SHOW tokens", read_only=True).fetchall() == wh.sql("DESCRIBE tokens", read_only=True).fetchall()
     assert wh.sql("SELECT count(*) FROM range(3)", read_only=True).fetchall() == [(3,)]
+    histogram = "SELECT histogram(layer) FROM token_neurons"  # an aggregate that shares a table function's name
+    assert wh.sql(histogram, read_only=True).fetchall() == wh.sql(histogram).fetchall()
     nag = (
         "SELECT count(*) FROM nag_select('r', 'r', 'mlp.up', layers := [0, 1], power := 1.0)"  # a name-resolving macro
     )

@@ -12,6 +12,8 @@ import threading
 
 import duckdb
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import warehouse
 from warehouse.errors import QueryError
@@ -224,3 +226,48 @@ def test_the_write_check_reads_targets_not_every_string(tmp_path, monkeypatch):
     check_no_warehouse_writes("COPY tokens FROM 'wh/data.csv'", tmp_path / "wh")  # COPY ... FROM reads
     with pytest.raises(QueryError, match="refuses writing 'wh/out.csv'"):
         check_no_warehouse_writes("COPY (SELECT 'elsewhere.csv' AS x) TO 'wh/out.csv'", tmp_path / "wh")
+
+
+SEGMENT = st.text(alphabet="abcXYZ019_-. ", min_size=1, max_size=8).filter(
+    lambda s: s.strip(" ") not in ("", ".", "..")
+)
+WRITES = [
+    "COPY (SELECT 1 AS x) TO {p}",
+    "COPY (SELECT 1 AS x) TO {p} (FORMAT 'csv', HEADER true)",
+    "EXPLAIN ANALYZE COPY (SELECT 1 AS x) TO {p}",
+    "SELECT 1; COPY (SELECT 1 AS x) TO {p}",
+    "EXPORT DATABASE {p}",
+    "ATTACH {p} AS other",
+    "SET temp_directory = {p}",
+    "SET GLOBAL log_query_path = {p}",
+]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    statement=st.sampled_from(WRITES),
+    segments=st.lists(SEGMENT, min_size=1, max_size=3),
+    inside=st.booleans(),
+    absolute=st.booleans(),
+    dollar=st.booleans(),
+)
+def test_writes_are_refused_exactly_inside_the_warehouse(
+    statement, segments, inside, absolute, dollar, tmp_path_factory
+):
+    """Whatever the statement, quoting and path shape (relative, absolute, through `..`), the verdict is 'inside?'."""
+    base = tmp_path_factory.getbasetemp() / "writes"
+    root = base / "wh"
+    (root / "data").mkdir(parents=True, exist_ok=True)
+    parts = ["wh", "data", *segments] if inside else ["wh", "data", "..", "..", "elsewhere", *segments]
+    path = os.path.join(str(base) if absolute else ".", *parts)
+    quoted = f"$${path}$$" if dollar and "$" not in path else "'" + path.replace("'", "''") + "'"
+    cwd = os.getcwd()
+    os.chdir(base)
+    try:
+        if inside:
+            with pytest.raises(QueryError, match="refuses writing"):
+                check_no_warehouse_writes(statement.format(p=quoted), root)
+        else:
+            check_no_warehouse_writes(statement.format(p=quoted), root)
+    finally:
+        os.chdir(cwd)

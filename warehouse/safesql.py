@@ -120,9 +120,10 @@ def _check_function(node: exp.Func, name_macros: frozenset[str]) -> None:
     for name in _function_names(node):
         if _FILE_FUNCTION.match(name):
             raise QueryError(f"read-only mode refuses {name}(), which reads files or runs SQL text: {_INSTEAD}")
-        if name in _duckdb_table_functions() and name not in _READ_ONLY_TABLE_FUNCTIONS:
+        in_from = isinstance(node.parent, (exp.Table, exp.Lateral))  # histogram() is also an aggregate
+        if in_from and name in _duckdb_table_functions() and name not in _READ_ONLY_TABLE_FUNCTIONS:
             raise QueryError(
-                f"read-only mode refuses {name}(), which can change the database or read outside it: {_INSTEAD}"
+                f"read-only mode refuses {name}(), a DuckDB table function outside the read-only list: {_INSTEAD}"
             )
         if name in name_macros:
             _check_name_arguments(name, node)
