@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import duckdb
@@ -45,6 +46,9 @@ def write_marker(layout: Layout) -> None:
     tmp = layout.root / f"{_MARKER_TMP}{os.getpid()}.tmp"
     tmp.write_text(json.dumps({"format_version": FORMAT_VERSION, "tool": "whq"}) + "\n")
     os.replace(tmp, layout.marker)
+
+
+_GUARDED_LOCK = threading.Lock()
 
 
 def open(path: str | Path) -> "Warehouse":  # noqa: A001 - mirrors duckdb.connect / sqlite-utils style
@@ -154,13 +158,14 @@ class Warehouse:
 
     def guarded_connection(self, memory_limit: str) -> duckdb.DuckDBPyConnection:
         """The guarded connection for this memory limit, opened once and kept (queries run on its cursors)."""
-        cons = self.__dict__.setdefault("_guarded_cons", {})
-        if memory_limit not in cons:
-            try:
-                cons[memory_limit] = self.connect(guarded=True, memory_limit=memory_limit)
-            except duckdb.Error as err:
-                raise sql_error(err) from None
-        return cons[memory_limit]
+        with _GUARDED_LOCK:  # threads of one server share it
+            cons = self.__dict__.setdefault("_guarded_cons", {})
+            if memory_limit not in cons:
+                try:
+                    cons[memory_limit] = self.connect(guarded=True, memory_limit=memory_limit)
+                except duckdb.Error as err:
+                    raise sql_error(err) from None
+            return cons[memory_limit]
 
     def sql(self, query: str, params=None, *, read_only: bool = False, limits=None):
         """Run SQL against the catalog; returns a DuckDB relation (or None for statements).
