@@ -140,6 +140,10 @@ def test_queries_and_macros_still_run_read_only(targets):
     assert wh.sql("SELECT count(*) FROM range(3)", read_only=True).fetchall() == [(3,)]
     histogram = "SELECT histogram(layer) FROM token_neurons"  # an aggregate that shares a table function's name
     assert wh.sql(histogram, read_only=True).fetchall() == wh.sql(histogram).fetchall()
+    assert {
+        "nag_distance",
+        "nag_select",
+    } <= wh.name_resolving_macros() and "layer_summary" not in wh.name_resolving_macros()
     nag = (
         "SELECT count(*) FROM nag_select('r', 'r', 'mlp.up', layers := [0, 1], power := 1.0)"  # a name-resolving macro
     )

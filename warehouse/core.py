@@ -167,6 +167,15 @@ class Warehouse:
                     raise sql_error(err) from None
             return cons[memory_limit]
 
+    def name_resolving_macros(self) -> frozenset[str]:
+        """The catalog macros that look an argument up as a table (safesql checks what they are given), read once."""
+        if "_name_macros" not in self.__dict__:
+            from .safesql import name_resolving_macros
+
+            with self.connect() as con:
+                self._name_macros = name_resolving_macros(con)
+        return self._name_macros
+
     def sql(self, query: str, params=None, *, read_only: bool = False, limits=None):
         """Run SQL against the catalog; returns a DuckDB relation (or None for statements).
 

@@ -215,7 +215,7 @@ def name_resolving_macros(con: duckdb.DuckDBPyConnection) -> frozenset[str]:
     """The catalog's macros that pass an argument to query_table() or query(), directly or through another macro."""
     rows = con.execute(
         "SELECT lower(function_name), macro_definition FROM duckdb_functions() "
-        "WHERE database_name = 'whq_catalog' AND function_type IN ('macro', 'table_macro')"
+        "WHERE database_name = current_database() AND function_type IN ('macro', 'table_macro')"
     ).fetchall()
     found = {name for name, body in rows if re.search(r"\bquery(_table)?\s*\(", body or "", re.I)}
     while True:
@@ -307,7 +307,7 @@ def run_read_only(wh: Warehouse, query: str, limits: SqlLimits | None = None, pa
     cursor = wh.guarded_connection(limits.memory_limit).cursor()
     try:
         cursor.execute("USE whq_catalog")
-        check_read_only(query, name_resolving_macros(cursor))
+        check_read_only(query, wh.name_resolving_macros())
         with _interrupted_after(cursor, limits.timeout_s):
             rel = cursor.sql(query, params=params)
             frame = rel.limit(limits.max_rows + 1).pl() if rel is not None else None
