@@ -49,6 +49,9 @@ ATTACKS = {
     "a table function that checkpoints": "SELECT * FROM checkpoint()",
     "log to a file": "CALL enable_logging(storage := 'file', storage_path := '{out_dir}')",
     "spill into a user folder": "SET temp_directory = '{out_dir}'",
+    "explain a file read": "EXPLAIN SELECT * FROM read_text('/etc/passwd')",
+    "show a query that reads a file": "SHOW SELECT * FROM read_text('/etc/passwd')",
+    "describe a query that reads a file": "DESCRIBE SELECT * FROM read_text('/etc/passwd')",
 }
 # What DuckDB itself must refuse when the first wall is bypassed (the others only sqlglot stops:
 # they cannot touch a file from a read-only catalog connection).
@@ -78,6 +81,9 @@ SECOND_WALL = [
     "a path built in a macro argument",
     "log to a file",
     "spill into a user folder",
+    "explain a file read",
+    "show a query that reads a file",
+    "describe a query that reads a file",
 ]
 
 
@@ -165,3 +171,41 @@ def test_cli_read_only_refusal_is_one_line(minilm_wh):
         "error: read-only mode refuses LOAD statements: only SELECT/WITH/VALUES/DESCRIBE/SUMMARIZE/SHOW "
         "queries are allowed\n",
     )
+
+
+FUNCTION_POSITIONS = [
+    "SELECT * FROM {f}()",
+    "SELECT * FROM main.{f}()",
+    'SELECT * FROM "{f}"()',
+    "SELECT * FROM tokens, LATERAL {f}()",
+    "WITH x AS (SELECT * FROM {f}()) SELECT * FROM x",
+    "SELECT * FROM tokens WHERE doc IN (SELECT 1 FROM {f}())",
+    "SELECT 1 UNION ALL SELECT 1 FROM {f}()",
+    "EXPLAIN SELECT * FROM {f}()",
+    "SHOW SELECT * FROM {f}()",
+    "DESCRIBE SELECT * FROM {f}()",
+]
+
+
+@pytest.mark.parametrize("position", FUNCTION_POSITIONS)
+def test_every_duckdb_table_function_outside_the_read_only_list_is_refused_anywhere(position):
+    """checkpoint(), enable_logging(), which_secret(), read_duckdb(), ... and whatever a new DuckDB adds."""
+    from warehouse.safesql import _READ_ONLY_TABLE_FUNCTIONS, check_read_only
+
+    with duckdb.connect() as con:
+        shipped = {
+            name
+            for (name,) in con.execute(
+                "SELECT DISTINCT function_name FROM duckdb_functions() WHERE function_type IN ('table', 'table_macro')"
+            ).fetchall()
+        }
+    refused = sorted(shipped - _READ_ONLY_TABLE_FUNCTIONS)
+    assert len(refused) > 50 and "checkpoint" in refused
+    passed = []
+    for name in refused:
+        try:
+            check_read_only(position.format(f=name))
+            passed.append(name)
+        except QueryError:
+            pass
+    assert passed == []
