@@ -173,6 +173,14 @@ def test_cli_read_only_refusal_is_one_line(minilm_wh):
     )
 
 
+def test_sql_nested_too_deeply_for_the_parser_is_one_line(minilm_wh):
+    code, _, err = run_whq("sql", minilm_wh, "SELECT " + "abs(" * 300 + "1" + ")" * 300, "--read-only")
+    assert (code, err) == (
+        2,
+        "error: read-only mode could not parse the SQL: it is nested too deeply; flatten it (WITH ...)\n",
+    )
+
+
 FUNCTION_POSITIONS = [
     "SELECT * FROM {f}()",
     "SELECT * FROM main.{f}()",

@@ -177,6 +177,12 @@ def check_read_only(query: str, name_macros: frozenset[str] = frozenset()) -> No
             raise _refuse(first_word) from None
         first = str(err).splitlines()[0]
         raise QueryError(f"read-only mode could not parse the SQL ({first}); send a single SELECT query") from None
+    except (
+        RecursionError
+    ):  # sqlglot's parser recurses ~20 frames per nested call: 100 nested abs() exhaust Python's stack
+        raise QueryError(
+            "read-only mode could not parse the SQL: it is nested too deeply; flatten it (WITH ...)"
+        ) from None
     finally:
         parser_log.setLevel(level)
     if not statements:
@@ -256,7 +262,8 @@ class SqlLimits:
             or not math.isfinite(self.timeout_s)
             or self.timeout_s <= 0
         ):
-            raise QueryError(f"--timeout {self.timeout_s!r} must be a positive number of seconds")
+            shown = f"{self.timeout_s:g}" if isinstance(self.timeout_s, float) else repr(self.timeout_s)
+            raise QueryError(f"--timeout {shown} must be a positive number of seconds")
         if (
             not isinstance(self.memory_limit, str)
             or not _SIZE.fullmatch(self.memory_limit)
