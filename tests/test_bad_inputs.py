@@ -112,6 +112,31 @@ CASES = [
          "SQL error: Catalog Error: Table with name nope does not exist!"),
     Case("write through --read-only", ("sql", "{wh}", "DROP VIEW runs", "--read-only"),
          "read-only mode refuses DROP statements: only SELECT/WITH/VALUES/DESCRIBE/SUMMARIZE/SHOW queries are allowed"),
+    Case("SQL text run through --read-only", ("sql", "{wh}", "SELECT * FROM json_execute_serialized_sql(json_serialize_sql("
+                                                             "'SELECT * FROM read_text(''.tmp/secret.txt'')'))", "--read-only"),
+         "read-only mode refuses json_execute_serialized_sql(), which reads files or runs SQL text: query the warehouse's "
+         "tables and macros instead"),
+    Case("SUMMARIZE of a file through --read-only", ("sql", "{wh}", "SUMMARIZE '/etc/passwd'", "--read-only"),
+         "read-only mode refuses SUMMARIZE of the file '/etc/passwd': query the warehouse's tables and macros instead"),
+    Case("SHOW of a file through --read-only", ("sql", "{wh}", "SHOW '/etc/passwd'", "--read-only"),
+         "read-only mode refuses SHOW '/etc/passwd': show a table by name (SHOW tokens) or SHOW TABLES"),
+    Case("path as a macro argument through --read-only",
+         ("sql", "{wh}", "SELECT * FROM nag_distance('r', 'r', 'mlp.act', weights := '/etc/passwd')", "--read-only"),
+         "read-only mode refuses '/etc/passwd' as an argument of nag_distance(), which looks names up as tables: "
+         "pass a run id or table name, not a path"),
+    Case("--read-only query past its timeout", ("sql", "{wh}", "SELECT count(*) FROM range(1000000000000)", "--read-only",
+                                                "--timeout", "0.5"),
+         "the query ran past the 0.5 s timeout and was stopped: narrow it (WHERE, LIMIT), or raise --timeout"),
+    Case("--read-only query past its memory limit", ("sql", "{wh}", "SELECT length(string_agg(repeat('x', 1000000), ',')) "
+                                                     "FROM range(100000)", "--read-only", "--memory-limit", "100MB"),
+         "the query needed more than the 100MB memory limit and was stopped: narrow it (WHERE, LIMIT), or raise --memory-limit"),
+    Case("memory limit that is not a size", ("sql", "{wh}", "SELECT 1", "--read-only", "--memory-limit", "lots"),
+         "--memory-limit 'lots' must be a size such as 512MB or 4GB"),
+    Case("--timeout on trusted SQL", ("sql", "{wh}", "SELECT 1", "--timeout", "5"),
+         "--timeout and --memory-limit bound untrusted SQL: add --read-only"),
+    Case("trusted COPY into the warehouse", ("sql", "{wh}", "COPY (SELECT 1 AS x) TO '{wh}/data/extra.parquet'"),
+         "whq sql refuses writing '{wh}/data/extra.parquet', inside the warehouse {wh}: its files change only through whq; "
+         "write elsewhere, or pass --allow-writes"),
     Case("folder that is not a warehouse", ("sql", "{new}", "SELECT 1"),
          "{new} is not a whq warehouse: create it with `whq init {new}`"),
     Case("deleting an unknown run", ("runs", "{wh}", "--delete", "nope"),

@@ -93,8 +93,12 @@ def sql(
     root: WarehouseArg,
     query: str = typer.Argument(..., help="SQL to run; the tables and macros of the catalog are in scope."),
     fmt: FormatOption = OutputFormat.table,
-    read_only: bool = typer.Option(False, "--read-only", help="Refuse anything but queries (for untrusted SQL)."),
+    read_only: bool = typer.Option(False, "--read-only", help="Refuse anything but queries, bounded by --timeout and --memory-limit (for untrusted SQL)."),
     engine: SqlEngineOption = SqlEngine.duckdb,
+    timeout: float | None = typer.Option(None, "--timeout", help="With --read-only: stop the query after this many seconds (default 30)."),
+    memory_limit: str | None = typer.Option(None, "--memory-limit", help="With --read-only: DuckDB's memory limit, e.g. 2GB (default: a quarter of this machine's memory)."),
+    max_rows: int = typer.Option(10_000, "--max-rows", min=1, help="Print at most this many rows; a line on stderr says when more were cut."),
+    allow_writes: bool = typer.Option(False, "--allow-writes", help="Let trusted SQL write files inside the warehouse folder (COPY, EXPORT, ATTACH, ...)."),
 ):
     """Run SQL against a warehouse.
 
@@ -102,6 +106,12 @@ def sql(
     """
     import warehouse
 
+    from .safesql import SqlLimits, check_no_warehouse_writes, run_read_only
+
+    if not read_only and (timeout is not None or memory_limit is not None):
+        _fail("--timeout and --memory-limit bound untrusted SQL: add --read-only")
+    if read_only and allow_writes:
+        _fail("--allow-writes contradicts --read-only: drop one of them")
     wh = warehouse.open(root)
     if engine == "spark":
         from queries.spark import spark_sql
@@ -110,11 +120,23 @@ def sql(
             _fail("--read-only runs on the duckdb engine only: drop --engine spark for untrusted SQL")
         _print_table(spark_sql(wh, query), fmt)
         return
-    rel = wh.sql(query, read_only=read_only)
-    if rel is None:
-        typer.echo("ok")
-        return
-    _print_table(_rel_to_polars(rel), fmt)
+    if read_only:
+        limits = SqlLimits(**{k: v for k, v in (("timeout_s", timeout), ("memory_limit", memory_limit)) if v is not None},
+                           max_rows=max_rows)
+        result = run_read_only(wh, query, limits)
+        frame, truncated = result.frame, result.truncated
+    else:
+        if not allow_writes:
+            check_no_warehouse_writes(query, wh.root)
+        rel = wh.sql(query)
+        if rel is None:
+            typer.echo("ok")
+            return
+        frame = _rel_to_polars(rel.limit(max_rows + 1))
+        frame, truncated = frame.head(max_rows), frame.height > max_rows
+    _print_table(frame, fmt)
+    if truncated:
+        typer.echo(f"note: printed the first {max_rows:,} rows; more were cut: add a LIMIT, or raise --max-rows", err=True)
 
 
 @app.command()
