@@ -602,7 +602,7 @@ def bind(resolved: list, dictionaries: dict[str, DictionarySet], module_names: l
             targets = {layer_of(name): name for name in module_names if pattern.match(name)}
         for layer, d in per_layer.items():
             bound[(r.name, layer)] = (d, targets.get(layer))
-        out.append(ResolvedSite(spec, r.glob, r.hook, [(layer, modules[layer]) for layer in per_layer]))
+        out.append(ResolvedSite(spec, r.glob, r.hook, [(layer, modules[layer]) for layer in per_layer], dset.first.d_sae))
     return out, bound
 
 
@@ -612,3 +612,19 @@ def on_device(binding, device: str, site: str, layer: int) -> tuple:
         return None, None
     d, target = binding
     return DeviceDictionary(d, device, f"site {site} layer {layer}"), target
+
+
+@dataclass
+class TargetTap:
+    """A transcoder's target hook: the MLP output of the same forward pass, handed to its encoder's quality sums."""
+
+    module_name: str
+    encoder: DeviceDictionary
+    hook_point: str = "out"
+
+    def __call__(self, x) -> None:
+        self.encoder.target(x)
+
+
+def target_taps(site_layers: list) -> list[TargetTap]:
+    return [TargetTap(sl.target_module, sl.encoder) for sl in site_layers if sl.target_module is not None]
