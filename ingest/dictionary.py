@@ -44,8 +44,10 @@ SAELENS_NORMALISATIONS = ("none", "constant_norm_rescale")
 DENSE_ABOVE = 0.1  # a latent is dense when active on more than this share of tokens
 # The dtype the encoder runs in on the device, whatever the dictionary was saved in (recorded in `sites`).
 ENCODE_DTYPE = "float32"
-LAYOUTS = ("cfg.json + sae_weights.safetensors (SAELens), cfg.json + sae.safetensors (sparsify), params.npz (Gemma Scope), "
-           "a folder of those per layer, or dict.py[:CHECKPOINT]")
+LAYOUTS = (
+    "cfg.json + sae_weights.safetensors (SAELens), cfg.json + sae.safetensors (sparsify), params.npz (Gemma Scope), "
+    "a folder of those per layer, or dict.py[:CHECKPOINT]"
+)
 
 
 @dataclass
@@ -53,20 +55,20 @@ class Dictionary:
     """One dictionary for one layer, its weights in the canonical layout (numpy, on the host)."""
 
     path: str
-    format: str                  # saelens | sparsify | gemmascope | adapter
-    architecture: str            # relu | gated | jumprelu | topk | ... (as encoded, see `encode`)
+    format: str  # saelens | sparsify | gemmascope | adapter
+    architecture: str  # relu | gated | jumprelu | topk | ... (as encoded, see `encode`)
     d_in: int
     d_sae: int
     d_out: int
     transcoder: bool = False
-    layer: int | None = None     # the layer its own files name, when they do
-    hook: str | None = None      # the hook it was trained on, as its files name it
-    sha256: str | None = None    # of the weights file
+    layer: int | None = None  # the layer its own files name, when they do
+    hook: str | None = None  # the hook it was trained on, as its files name it
+    sha256: str | None = None  # of the weights file
     weights: dict = field(default_factory=dict)
     k: int | None = None
     apply_b_dec_to_input: bool = False
-    normalize: str = "none"      # none | constant_norm_rescale (x * sqrt(d_in) / |x|, undone on the reconstruction)
-    adapter: object = None       # adapter dictionaries: the object load() returned
+    normalize: str = "none"  # none | constant_norm_rescale (x * sqrt(d_in) / |x|, undone on the reconstruction)
+    adapter: object = None  # adapter dictionaries: the object load() returned
 
 
 @dataclass
@@ -74,7 +76,7 @@ class DictionarySet:
     """What a dictionary path holds: one dictionary (key None) or one per layer."""
 
     path: str
-    by_layer: dict               # {layer or None: Dictionary}
+    by_layer: dict  # {layer or None: Dictionary}
 
     @property
     def first(self) -> Dictionary:
@@ -83,9 +85,20 @@ class DictionarySet:
     def describe(self) -> dict:
         d = self.first
         layers = [layer for layer in self.by_layer if layer is not None] or ([d.layer] if d.layer is not None else [])
-        hook = d.hook if len(layers) < 2 or d.hook is None else re.sub(r"\d+", "N", d.hook, count=1)  # one per layer: layers.N
-        return {"path": self.path, "format": d.format, "architecture": d.architecture, "d_in": d.d_in, "d_sae": d.d_sae,
-                "transcoder": d.transcoder, "hook": hook, "layers": layers, "k": d.k}
+        hook = (
+            d.hook if len(layers) < 2 or d.hook is None else re.sub(r"\d+", "N", d.hook, count=1)
+        )  # one per layer: layers.N
+        return {
+            "path": self.path,
+            "format": d.format,
+            "architecture": d.architecture,
+            "d_in": d.d_in,
+            "d_sae": d.d_sae,
+            "transcoder": d.transcoder,
+            "hook": hook,
+            "layers": layers,
+            "k": d.k,
+        }
 
 
 def _sha256(path: Path) -> str:
@@ -96,7 +109,14 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64, "I32": np.int32}
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": np.uint16,
+    "I64": np.int64,
+    "I32": np.int32,
+}
 
 
 def _safetensors(path: Path) -> dict:
@@ -117,7 +137,9 @@ def _safetensors(path: Path) -> dict:
             arrays[name] = (array.astype(np.uint32) << 16).view(np.float32) if info["dtype"] == "BF16" else array
         return arrays
     except (OSError, ValueError, KeyError, TypeError, struct.error) as err:
-        raise BadInput(f"dictionary weights {path} are not a readable safetensors file ({str(err)[:80]}): check the file") from None
+        raise BadInput(
+            f"dictionary weights {path} are not a readable safetensors file ({str(err)[:80]}): check the file"
+        ) from None
 
 
 def _config(path: Path) -> dict:
@@ -133,7 +155,9 @@ def _config(path: Path) -> dict:
 def _need(weights: dict, keys, path: Path) -> None:
     missing = [k for k in keys if k not in weights]
     if missing:
-        raise BadInput(f"dictionary weights {path} lack {', '.join(missing)} (they hold {', '.join(sorted(weights))}): check the file")
+        raise BadInput(
+            f"dictionary weights {path} lack {', '.join(missing)} (they hold {', '.join(sorted(weights))}): check the file"
+        )
 
 
 def _layer_of(text: str | None) -> int | None:
@@ -155,24 +179,36 @@ def _saelens(folder: Path) -> Dictionary:
     if architecture == "standard" and activation == "topk":
         architecture = "topk"  # SAELens 5 wrote TopK SAEs as standard + activation_fn_str topk
     elif architecture == "standard" and activation != "relu":
-        raise BadInput(f"dictionary {folder}: SAELens activation_fn_str {activation!r} is not supported: use relu or topk")
+        raise BadInput(
+            f"dictionary {folder}: SAELens activation_fn_str {activation!r} is not supported: use relu or topk"
+        )
     if architecture not in SAELENS_ARCHITECTURES:
-        raise BadInput(f"dictionary {folder}: unknown SAELens architecture {architecture!r}: use one of {', '.join(SAELENS_ARCHITECTURES)}")
+        raise BadInput(
+            f"dictionary {folder}: unknown SAELens architecture {architecture!r}: use one of {', '.join(SAELENS_ARCHITECTURES)}"
+        )
     normalize = cfg.get("normalize_activations") or "none"
     if normalize not in SAELENS_NORMALISATIONS:
-        raise BadInput(f"dictionary {folder}: SAELens normalize_activations {normalize!r} is not supported: "
-                       f"use one of {', '.join(SAELENS_NORMALISATIONS)} (or fold it into the weights)")
+        raise BadInput(
+            f"dictionary {folder}: SAELens normalize_activations {normalize!r} is not supported: "
+            f"use one of {', '.join(SAELENS_NORMALISATIONS)} (or fold it into the weights)"
+        )
     if cfg.get("hook_head_index") is not None:
-        raise BadInput(f"dictionary {folder}: SAELens hook_head_index (one attention head) is not supported: use a dictionary of the whole hook")
+        raise BadInput(
+            f"dictionary {folder}: SAELens hook_head_index (one attention head) is not supported: use a dictionary of the whole hook"
+        )
     _need(weights, ("W_enc", "W_dec", "b_dec") + (() if architecture == "gated" else ("b_enc",)), path)
     if architecture == "batchtopk":
         # SAELens runs a BatchTopK SAE at inference as JumpReLU at its learnt threshold.
         if "threshold" not in weights:
             _need(weights, ("topk_threshold",), path)
-            weights["threshold"] = np.full(weights["b_enc"].shape, float(weights.pop("topk_threshold").reshape(-1)[0]), dtype=np.float32)
+            weights["threshold"] = np.full(
+                weights["b_enc"].shape, float(weights.pop("topk_threshold").reshape(-1)[0]), dtype=np.float32
+            )
         architecture = "jumprelu"
     transcoder = architecture.endswith("transcoder")
-    encoding = {"standard": "relu", "transcoder": "relu", "jumprelu_transcoder": "jumprelu"}.get(architecture, architecture)
+    encoding = {"standard": "relu", "transcoder": "relu", "jumprelu_transcoder": "jumprelu"}.get(
+        architecture, architecture
+    )
     if encoding == "jumprelu":
         _need(weights, ("threshold",), path)
     if encoding == "gated":
@@ -182,12 +218,25 @@ def _saelens(folder: Path) -> Dictionary:
     metadata = cfg.get("metadata") or {}
     hook = cfg.get("hook_name") or metadata.get("hook_name")
     layer = cfg.get("hook_layer", _layer_of(hook))
-    return _canonical(Dictionary(
-        path=str(folder), format="saelens", architecture=encoding, d_in=int(weights["W_enc"].shape[0]),
-        d_sae=int(weights["W_enc"].shape[1]), d_out=int(weights["W_dec"].shape[1]), transcoder=transcoder,
-        layer=layer, hook=hook, sha256=_sha256(path), weights=weights, k=int(k) if encoding == "topk" else None,
-        apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", False)) and not transcoder, normalize=normalize,
-    ), cfg)
+    return _canonical(
+        Dictionary(
+            path=str(folder),
+            format="saelens",
+            architecture=encoding,
+            d_in=int(weights["W_enc"].shape[0]),
+            d_sae=int(weights["W_enc"].shape[1]),
+            d_out=int(weights["W_dec"].shape[1]),
+            transcoder=transcoder,
+            layer=layer,
+            hook=hook,
+            sha256=_sha256(path),
+            weights=weights,
+            k=int(k) if encoding == "topk" else None,
+            apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", False)) and not transcoder,
+            normalize=normalize,
+        ),
+        cfg,
+    )
 
 
 def _sparsify(folder: Path) -> Dictionary:
@@ -201,15 +250,32 @@ def _sparsify(folder: Path) -> Dictionary:
     if not cfg.get("k"):
         raise BadInput(f"dictionary {folder}: sparsify cfg.json has no k: add it")
     transcoder = bool(cfg.get("transcode", False))
-    weights = {"W_enc": raw["encoder.weight"].T.copy(), "b_enc": raw["encoder.bias"], "W_dec": raw["W_dec"], "b_dec": raw["b_dec"]}
+    weights = {
+        "W_enc": raw["encoder.weight"].T.copy(),
+        "b_enc": raw["encoder.bias"],
+        "W_dec": raw["W_dec"],
+        "b_dec": raw["b_dec"],
+    }
     if "W_skip" in raw:
         weights["W_skip"] = raw["W_skip"]
-    return _canonical(Dictionary(
-        path=str(folder), format="sparsify", architecture="topk", d_in=int(weights["W_enc"].shape[0]),
-        d_sae=int(weights["W_enc"].shape[1]), d_out=int(weights["W_dec"].shape[1]), transcoder=transcoder,
-        layer=_layer_of(folder.name), hook=folder.name, sha256=_sha256(path), weights=weights, k=int(cfg["k"]),
-        apply_b_dec_to_input=not transcoder,  # sparsify subtracts b_dec from an SAE's input, not a transcoder's
-    ), cfg)
+    return _canonical(
+        Dictionary(
+            path=str(folder),
+            format="sparsify",
+            architecture="topk",
+            d_in=int(weights["W_enc"].shape[0]),
+            d_sae=int(weights["W_enc"].shape[1]),
+            d_out=int(weights["W_dec"].shape[1]),
+            transcoder=transcoder,
+            layer=_layer_of(folder.name),
+            hook=folder.name,
+            sha256=_sha256(path),
+            weights=weights,
+            k=int(cfg["k"]),
+            apply_b_dec_to_input=not transcoder,  # sparsify subtracts b_dec from an SAE's input, not a transcoder's
+        ),
+        cfg,
+    )
 
 
 def _gemmascope(path: Path) -> Dictionary:
@@ -217,28 +283,54 @@ def _gemmascope(path: Path) -> Dictionary:
         with np.load(path) as npz:
             weights = _float32(dict(npz))
     except (OSError, ValueError) as err:
-        raise BadInput(f"dictionary weights {path} are not a readable .npz file ({str(err)[:80]}): check the file") from None
+        raise BadInput(
+            f"dictionary weights {path} are not a readable .npz file ({str(err)[:80]}): check the file"
+        ) from None
     _need(weights, ("W_enc", "b_enc", "threshold", "W_dec", "b_dec"), path)
-    return _canonical(Dictionary(
-        path=str(path), format="gemmascope", architecture="jumprelu", d_in=int(weights["W_enc"].shape[0]),
-        d_sae=int(weights["W_enc"].shape[1]), d_out=int(weights["W_dec"].shape[1]),
-        layer=int(m.group(1)) if (m := re.search(r"layer_(\d+)", str(path))) else None,  # Gemma Scope's layer_N/width_16k/...
-        hook=None, sha256=_sha256(path), weights=weights,
-    ), {})
+    return _canonical(
+        Dictionary(
+            path=str(path),
+            format="gemmascope",
+            architecture="jumprelu",
+            d_in=int(weights["W_enc"].shape[0]),
+            d_sae=int(weights["W_enc"].shape[1]),
+            d_out=int(weights["W_dec"].shape[1]),
+            layer=int(m.group(1))
+            if (m := re.search(r"layer_(\d+)", str(path)))
+            else None,  # Gemma Scope's layer_N/width_16k/...
+            hook=None,
+            sha256=_sha256(path),
+            weights=weights,
+        ),
+        {},
+    )
 
 
 def _canonical(d: Dictionary, cfg: dict) -> Dictionary:
     """Check the shapes agree with each other (and with cfg.json where it gives d_in / d_sae)."""
     w = d.weights
-    expected = {"W_enc": (d.d_in, d.d_sae), "b_enc": (d.d_sae,), "W_dec": (d.d_sae, d.d_out), "b_dec": (d.d_out,),
-                "threshold": (d.d_sae,), "b_gate": (d.d_sae,), "r_mag": (d.d_sae,), "b_mag": (d.d_sae,), "W_skip": (d.d_out, d.d_in)}
+    expected = {
+        "W_enc": (d.d_in, d.d_sae),
+        "b_enc": (d.d_sae,),
+        "W_dec": (d.d_sae, d.d_out),
+        "b_dec": (d.d_out,),
+        "threshold": (d.d_sae,),
+        "b_gate": (d.d_sae,),
+        "r_mag": (d.d_sae,),
+        "b_mag": (d.d_sae,),
+        "W_skip": (d.d_out, d.d_in),
+    }
     for key, shape in expected.items():
         if key in w and tuple(w[key].shape) != shape:
-            raise BadInput(f"dictionary {d.path}: {key} has shape {tuple(w[key].shape)}, expected {shape} "
-                           f"for d_in={d.d_in}, d_sae={d.d_sae}: check the files")
+            raise BadInput(
+                f"dictionary {d.path}: {key} has shape {tuple(w[key].shape)}, expected {shape} "
+                f"for d_in={d.d_in}, d_sae={d.d_sae}: check the files"
+            )
     for key, value in (("d_in", d.d_in), ("d_sae", d.d_sae)):
         if cfg.get(key) not in (None, value):
-            raise BadInput(f"dictionary {d.path}: cfg.json says {key}={cfg[key]} but the weights have {key}={value}: check the files")
+            raise BadInput(
+                f"dictionary {d.path}: cfg.json says {key}={cfg[key]} but the weights have {key}={value}: check the files"
+            )
     if d.apply_b_dec_to_input and d.d_out != d.d_in:
         raise BadInput(f"dictionary {d.path}: apply_b_dec_to_input needs d_out = d_in, got {d.d_out} and {d.d_in}")
     if d.k is not None and not 0 < d.k <= d.d_sae:
@@ -260,10 +352,19 @@ def _adapter(text: str) -> Dictionary:
     missing = [a for a in ("encode", "d_in", "d_sae") if not hasattr(obj, a)]
     if missing:
         raise BadInput(f"dictionary adapter {path}: the object load() returns has no {', '.join(missing)}: add them")
-    return Dictionary(path=text, format="adapter", architecture=getattr(obj, "architecture", "adapter"),
-                      d_in=int(obj.d_in), d_sae=int(obj.d_sae), d_out=int(getattr(obj, "d_out", obj.d_in)),
-                      transcoder=bool(getattr(obj, "transcoder", False)), layer=getattr(obj, "layer", None),
-                      hook=getattr(obj, "hook", None), sha256=_sha256(path), adapter=obj)
+    return Dictionary(
+        path=text,
+        format="adapter",
+        architecture=getattr(obj, "architecture", "adapter"),
+        d_in=int(obj.d_in),
+        d_sae=int(obj.d_sae),
+        d_out=int(getattr(obj, "d_out", obj.d_in)),
+        transcoder=bool(getattr(obj, "transcoder", False)),
+        layer=getattr(obj, "layer", None),
+        hook=getattr(obj, "hook", None),
+        sha256=_sha256(path),
+        adapter=obj,
+    )
 
 
 def _single(path: Path) -> Dictionary | None:
@@ -300,8 +401,10 @@ def load(text: str) -> DictionarySet:
         if layer is None:
             raise BadInput(f"dictionary folder {text}: sub-folder {sub.name!r} names no layer: name it e.g. layers.6")
         if layer in by_layer:
-            raise BadInput(f"dictionary folder {text} holds two dictionaries for layer {layer} "
-                           f"({Path(by_layer[layer].path).name}, {sub.name}): point at one of them")
+            raise BadInput(
+                f"dictionary folder {text} holds two dictionaries for layer {layer} "
+                f"({Path(by_layer[layer].path).name}, {sub.name}): point at one of them"
+            )
         d.layer = layer
         by_layer[layer] = d
     if not by_layer:
@@ -309,8 +412,10 @@ def load(text: str) -> DictionarySet:
     first = next(iter(by_layer.values()))
     for d in by_layer.values():
         if (d.format, d.d_in, d.d_sae, d.transcoder) != (first.format, first.d_in, first.d_sae, first.transcoder):
-            raise BadInput(f"dictionary folder {text} mixes dictionaries ({Path(first.path).name}: {first.format} d_in={first.d_in} "
-                           f"d_sae={first.d_sae}; {Path(d.path).name}: {d.format} d_in={d.d_in} d_sae={d.d_sae}): use one kind per site")
+            raise BadInput(
+                f"dictionary folder {text} mixes dictionaries ({Path(first.path).name}: {first.format} d_in={first.d_in} "
+                f"d_sae={first.d_sae}; {Path(d.path).name}: {d.format} d_in={d.d_in} d_sae={d.d_sae}): use one kind per site"
+            )
     return DictionarySet(text, dict(sorted(by_layer.items())))
 
 
@@ -320,22 +425,27 @@ def for_layers(dset: DictionarySet, spec_text: str, selector, model_layers: list
         d = dset.by_layer[None]
         if selector is None:
             if d.layer is None:
-                raise BadSpec(f"--site {spec_text!r}: dictionary {dset.path} does not say its layer: give it, e.g. resid.out[6]+sae=PATH")
+                raise BadSpec(
+                    f"--site {spec_text!r}: dictionary {dset.path} does not say its layer: give it, e.g. resid.out[6]+sae=PATH"
+                )
             layers = [d.layer]
         else:
             layers = model_layers if selector == "*" else list(selector)
         if len(layers) != 1:
-            raise BadSpec(f"--site {spec_text!r}: one dictionary ({dset.path}) for {len(layers)} layers: select one layer, "
-                           f"e.g. [{layers[0]}], or give a folder with one dictionary per layer")
+            raise BadSpec(
+                f"--site {spec_text!r}: one dictionary ({dset.path}) for {len(layers)} layers: select one layer, "
+                f"e.g. [{layers[0]}], or give a folder with one dictionary per layer"
+            )
         return {layers[0]: d}
     have = list(dset.by_layer)
     layers = have if selector is None else model_layers if selector == "*" else list(selector)
     missing = [layer for layer in layers if layer not in dset.by_layer]
     if missing:
-        raise BadSpec(f"--site {spec_text!r}: dictionary folder {dset.path} has no dictionary for layer {missing[0]} "
-                       f"(it has layers {', '.join(map(str, have))}): select those layers")
+        raise BadSpec(
+            f"--site {spec_text!r}: dictionary folder {dset.path} has no dictionary for layer {missing[0]} "
+            f"(it has layers {', '.join(map(str, have))}): select those layers"
+        )
     return {layer: dset.by_layer[layer] for layer in layers}
-
 
 
 class DeviceDictionary:
@@ -351,7 +461,7 @@ class DeviceDictionary:
     def __init__(self, d: Dictionary, device: str, where: str):
         import torch
 
-        self.d, self.device, self.where = d, device, where   # where: "site S layer L", for messages
+        self.d, self.device, self.where = d, device, where  # where: "site S layer L", for messages
         self.w = {k: torch.from_numpy(v).to(device) for k, v in d.weights.items()}
         if d.architecture == "gated":
             self.w["W_mag"] = self.w["W_enc"] * self.w["r_mag"].exp()
@@ -364,7 +474,7 @@ class DeviceDictionary:
         """constant_norm_rescale's per-token factor sqrt(d_in) / |x| (1 without normalisation)."""
         if self.d.normalize == "none":
             return None
-        return self.d.d_in ** 0.5 / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        return self.d.d_in**0.5 / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
     def encode(self, x):
         """Latents [..., d_sae] of x [..., d_in] (float32)."""
@@ -406,16 +516,26 @@ class DeviceDictionary:
 
         dev, d = self.device, self.d
         zeros = lambda *shape, dtype=torch.float64: torch.zeros(shape, dtype=dtype, device=dev)  # noqa: E731
-        self.quality = {"n_tokens": zeros(dtype=torch.int64), "l0_sum": zeros(dtype=torch.int64),
-                        "n_active": zeros(d.d_sae, dtype=torch.int64), "sq_error": zeros(), "target_sq": zeros(),
-                        "cosine_sum": zeros(), "target_sum": zeros(d.d_out),
-                        "n_predicted": zeros(dtype=torch.int64), "ce_clean": zeros(), "ce_spliced": zeros()}
+        self.quality = {
+            "n_tokens": zeros(dtype=torch.int64),
+            "l0_sum": zeros(dtype=torch.int64),
+            "n_active": zeros(d.d_sae, dtype=torch.int64),
+            "sq_error": zeros(),
+            "target_sq": zeros(),
+            "cosine_sum": zeros(),
+            "target_sum": zeros(d.d_out),
+            "n_predicted": zeros(dtype=torch.int64),
+            "ce_clean": zeros(),
+            "ce_spliced": zeros(),
+        }
 
     def __call__(self, x, mask):
         """x [batch, seq, d_in] float32, mask [batch, seq] bool -> latents [batch, seq, d_sae]."""
         if x.shape[-1] != self.d.d_in:
-            raise BadInput(f"{self.where}: the hook gives {x.shape[-1]} units but dictionary {self.d.path} reads d_in={self.d.d_in}: "
-                           f"use a dictionary trained on this site")
+            raise BadInput(
+                f"{self.where}: the hook gives {x.shape[-1]} units but dictionary {self.d.path} reads d_in={self.d.d_in}: "
+                f"use a dictionary trained on this site"
+            )
         if not self.quality:
             self._allocate()
         latents = self.encode(x)
@@ -444,8 +564,10 @@ class DeviceDictionary:
         import torch
 
         if target.shape[-1] != self.d.d_out:
-            raise BadInput(f"{self.where}: the target gives {target.shape[-1]} units but dictionary {self.d.path} "
-                           f"reconstructs d_out={self.d.d_out}: use a dictionary trained on this site")
+            raise BadInput(
+                f"{self.where}: the target gives {target.shape[-1]} units but dictionary {self.d.path} "
+                f"reconstructs d_out={self.d.d_out}: use a dictionary trained on this site"
+            )
         q, m = self.quality, mask.to(torch.float64)
         q["sq_error"] += ((recon - target).double().square().sum(-1) * m).sum()
         zeroed = target.double() * m[..., None]
@@ -461,8 +583,10 @@ class DeviceDictionary:
             return {}
         q = {k: v.cpu().numpy() for k, v in self.quality.items()}
         scalars = {k: np.full(self.d.d_sae, v.item()) for k, v in q.items() if v.ndim == 0}
-        return {f"quality.{key}": pa.table({"n_active": q["n_active"].copy(), **scalars}),
-                f"quality_out.{key}": pa.table({"target_sum": q["target_sum"].copy()})}
+        return {
+            f"quality.{key}": pa.table({"n_active": q["n_active"].copy(), **scalars}),
+            f"quality_out.{key}": pa.table({"target_sum": q["target_sum"].copy()}),
+        }
 
     def restore(self, tables: dict, key: str) -> None:
         import torch
@@ -481,20 +605,39 @@ class DeviceDictionary:
         q = {k: v.cpu().numpy() for k, v in self.quality.items()}
         n = int(q["n_tokens"])
         active_rate = q["n_active"] / max(n, 1)
-        row = {"d_in": self.d.d_in, "d_sae": self.d.d_sae, "n_tokens": n, "l0_sum": int(q["l0_sum"]),
-               "n_dead": int((q["n_active"] == 0).sum()), "n_dense": int((active_rate > DENSE_ABOVE).sum()),
-               "sq_error": None, "total_variance": None, "cosine_sum": None, "d_out": self.d.d_out,
-               "n_predicted": None, "ce_clean_sum": None, "ce_spliced_sum": None}
+        row = {
+            "d_in": self.d.d_in,
+            "d_sae": self.d.d_sae,
+            "n_tokens": n,
+            "l0_sum": int(q["l0_sum"]),
+            "n_dead": int((q["n_active"] == 0).sum()),
+            "n_dense": int((active_rate > DENSE_ABOVE).sum()),
+            "sq_error": None,
+            "total_variance": None,
+            "cosine_sum": None,
+            "d_out": self.d.d_out,
+            "n_predicted": None,
+            "ce_clean_sum": None,
+            "ce_spliced_sum": None,
+        }
         if self.reconstructs and n:
             mean = q["target_sum"] / n
-            row.update(sq_error=float(q["sq_error"]), cosine_sum=float(q["cosine_sum"]),
-                       total_variance=float(q["target_sq"] - n * float(mean @ mean)))
+            row.update(
+                sq_error=float(q["sq_error"]),
+                cosine_sum=float(q["cosine_sum"]),
+                total_variance=float(q["target_sq"] - n * float(mean @ mean)),
+            )
         if int(q["n_predicted"]):
-            row.update(n_predicted=int(q["n_predicted"]), ce_clean_sum=float(q["ce_clean"]), ce_spliced_sum=float(q["ce_spliced"]))
+            row.update(
+                n_predicted=int(q["n_predicted"]),
+                ce_clean_sum=float(q["ce_clean"]),
+                ce_spliced_sum=float(q["ce_spliced"]),
+            )
         return row
 
     def splice_hooks(self, modules: dict, module_name: str, hook: str, target_module: str | None) -> list:
         """Hooks that replace the activation with its reconstruction (a transcoder's: the MLP output), for --splice."""
+
         def recon_of(x):
             xf = x.float()
             return self.decode(self.encode(xf), xf).to(x.dtype)
@@ -502,12 +645,21 @@ class DeviceDictionary:
         if self.d.transcoder:
             seen = {}
             pre = modules[module_name].register_forward_pre_hook(
-                lambda m, a, k: seen.__setitem__("x", _first_input(a, k)), with_kwargs=True)
-            out = modules[target_module].register_forward_hook(lambda m, a, o: _replace_output(o, recon_of(seen.pop("x"))))
+                lambda m, a, k: seen.__setitem__("x", _first_input(a, k)), with_kwargs=True
+            )
+            out = modules[target_module].register_forward_hook(
+                lambda m, a, o: _replace_output(o, recon_of(seen.pop("x")))
+            )
             return [pre, out]
         if hook == "in":
-            return [modules[module_name].register_forward_pre_hook(lambda m, a, k: _replace_input(a, k, recon_of), with_kwargs=True)]
-        return [modules[module_name].register_forward_hook(lambda m, a, o: _replace_output(o, recon_of(_first_output(o))))]
+            return [
+                modules[module_name].register_forward_pre_hook(
+                    lambda m, a, k: _replace_input(a, k, recon_of), with_kwargs=True
+                )
+            ]
+        return [
+            modules[module_name].register_forward_hook(lambda m, a, o: _replace_output(o, recon_of(_first_output(o))))
+        ]
 
 
 def _first_input(args, kwargs):
@@ -566,13 +718,14 @@ def splice_losses(model, site_layers: list, ids, mask) -> None:
         q["ce_spliced"] += (spliced * valid).sum()
 
 
-
 def load_all(specs) -> dict[str, DictionarySet]:
     """{site name: DictionarySet} for the dictionary sites among the SPECs (before the model loads)."""
     return {spec.name: load(spec.dictionary) for spec in specs if spec.dictionary}
 
 
-def bind(resolved: list, dictionaries: dict[str, DictionarySet], module_names: list[str], aliases: dict) -> tuple[list, dict]:
+def bind(
+    resolved: list, dictionaries: dict[str, DictionarySet], module_names: list[str], aliases: dict
+) -> tuple[list, dict]:
     """Each dictionary site's layers and, per (site, layer), its Dictionary and a transcoder's target module."""
     from .sites import TRANSCODER_TARGET, ResolvedSite, glob_regex, layer_of
 
@@ -585,24 +738,32 @@ def bind(resolved: list, dictionaries: dict[str, DictionarySet], module_names: l
         spec = r.spec
         if dset.first.transcoder != (spec.kind == "transcoder"):
             right = "transcoder" if dset.first.transcoder else "sae"
-            raise BadSpec(f"--site {spec.text!r}: dictionary {dset.path} is {'a transcoder' if dset.first.transcoder else 'an SAE'}: "
-                          f"write +{right}=PATH")
+            raise BadSpec(
+                f"--site {spec.text!r}: dictionary {dset.path} is {'a transcoder' if dset.first.transcoder else 'an SAE'}: "
+                f"write +{right}=PATH"
+            )
         modules = dict(r.modules)
         per_layer = for_layers(dset, spec.text, spec.layers, list(modules))
         absent = [layer for layer in per_layer if layer not in modules]
         if absent:
-            raise BadSpec(f"--site {spec.text!r}: this model has no layer {absent[0]} at {r.glob!r} "
-                          f"(layers {min(modules)}-{max(modules)}): select layers it has")
+            raise BadSpec(
+                f"--site {spec.text!r}: this model has no layer {absent[0]} at {r.glob!r} "
+                f"(layers {min(modules)}-{max(modules)}): select layers it has"
+            )
         targets: dict = {}
         if spec.kind == "transcoder":
             if TRANSCODER_TARGET not in aliases:
-                raise BadSpec(f"--site {spec.text!r}: this model has no {TRANSCODER_TARGET} alias (the MLP output a transcoder "
-                              f"reconstructs): use +sae=")
+                raise BadSpec(
+                    f"--site {spec.text!r}: this model has no {TRANSCODER_TARGET} alias (the MLP output a transcoder "
+                    f"reconstructs): use +sae="
+                )
             pattern = glob_regex(aliases[TRANSCODER_TARGET][0])
             targets = {layer_of(name): name for name in module_names if pattern.match(name)}
         for layer, d in per_layer.items():
             bound[(r.name, layer)] = (d, targets.get(layer))
-        out.append(ResolvedSite(spec, r.glob, r.hook, [(layer, modules[layer]) for layer in per_layer], dset.first.d_sae))
+        out.append(
+            ResolvedSite(spec, r.glob, r.hook, [(layer, modules[layer]) for layer in per_layer], dset.first.d_sae)
+        )
     return out, bound
 
 

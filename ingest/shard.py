@@ -1,7 +1,7 @@
 """The one capture unit: a model's site layers turn batches of windows into rows, a shard of documents at a time.
 
     capture = Capture(loaded, resolved_sites, device)
-    with hooks(loaded.model, capture.site_layers), torch.inference_mode():
+    with hooks(loaded.model, capture.taps), torch.inference_mode():
         capture.shard(shard, shard.batches(batch_size), shard_writer)
 
 `ingest()` (ingest/pipeline.py), `whq bench ingest` (ingest/bench.py) and scenario runs
@@ -124,8 +124,13 @@ class Capture:
 
         self.loaded, self.device, self.splice = loaded, device, splice
         bound = bound or {}
-        self.site_layers = [SiteLayer(r, layer, module, device, *dictionary.on_device(bound.get((r.name, layer)), device, r.name, layer))
-                            for r in resolved for layer, module in r.modules]
+        self.site_layers = [
+            SiteLayer(
+                r, layer, module, device, *dictionary.on_device(bound.get((r.name, layer)), device, r.name, layer)
+            )
+            for r in resolved
+            for layer, module in r.modules
+        ]
 
     @property
     def taps(self) -> list:

@@ -31,21 +31,48 @@ def _save_safetensors(path: Path, tensors: dict) -> None:
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path))
 
 
-def saelens(folder: Path, architecture: str = "standard", d_in: int = 64, d_sae: int = 96, *, k: int = 5, seed: int = 0,
-            hook_layer: int | None = 1, d_out: int | None = None, legacy_topk: bool = False, **cfg_extra) -> Path:
+def saelens(
+    folder: Path,
+    architecture: str = "standard",
+    d_in: int = 64,
+    d_sae: int = 96,
+    *,
+    k: int = 5,
+    seed: int = 0,
+    hook_layer: int | None = 1,
+    d_out: int | None = None,
+    legacy_topk: bool = False,
+    **cfg_extra,
+) -> Path:
     """A SAELens SAE folder; returns it. `legacy_topk` writes SAELens 5's standard + activation_fn_str topk."""
     rng = _rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     d_out = d_out or d_in
-    w = {"W_enc": _normal(rng, d_in, d_sae, scale=0.3), "b_enc": _normal(rng, d_sae, scale=0.2),
-         "W_dec": _normal(rng, d_sae, d_out, scale=0.1), "b_dec": _normal(rng, d_out, scale=0.1)}
-    cfg = {"architecture": architecture, "d_in": d_in, "d_sae": d_sae, "dtype": "float32", "apply_b_dec_to_input": True,
-           "normalize_activations": "none", "hook_name": f"blocks.{hook_layer}.hook_resid_post", "hook_layer": hook_layer}
+    w = {
+        "W_enc": _normal(rng, d_in, d_sae, scale=0.3),
+        "b_enc": _normal(rng, d_sae, scale=0.2),
+        "W_dec": _normal(rng, d_sae, d_out, scale=0.1),
+        "b_dec": _normal(rng, d_out, scale=0.1),
+    }
+    cfg = {
+        "architecture": architecture,
+        "d_in": d_in,
+        "d_sae": d_sae,
+        "dtype": "float32",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "hook_name": f"blocks.{hook_layer}.hook_resid_post",
+        "hook_layer": hook_layer,
+    }
     if architecture in ("jumprelu", "jumprelu_transcoder"):
         w["threshold"] = np.abs(_normal(rng, d_sae, scale=0.3))
     if architecture == "gated":
         del w["b_enc"]
-        w.update(b_gate=_normal(rng, d_sae, scale=0.2), r_mag=_normal(rng, d_sae, scale=0.3), b_mag=_normal(rng, d_sae, scale=0.2))
+        w.update(
+            b_gate=_normal(rng, d_sae, scale=0.2),
+            r_mag=_normal(rng, d_sae, scale=0.3),
+            b_mag=_normal(rng, d_sae, scale=0.2),
+        )
     if architecture == "topk":
         cfg["k"] = k
     if legacy_topk:
@@ -61,19 +88,43 @@ def saelens(folder: Path, architecture: str = "standard", d_in: int = 64, d_sae:
     return folder
 
 
-def sparsify(folder: Path, d_in: int = 64, d_sae: int = 96, *, k: int = 5, seed: int = 0, transcode: bool = False,
-             skip: bool = False) -> Path:
+def sparsify(
+    folder: Path,
+    d_in: int = 64,
+    d_sae: int = 96,
+    *,
+    k: int = 5,
+    seed: int = 0,
+    transcode: bool = False,
+    skip: bool = False,
+) -> Path:
     """One sparsify hookpoint folder (name it layers.N); returns it."""
     rng = _rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
-    w = {"encoder.weight": _normal(rng, d_sae, d_in, scale=0.3), "encoder.bias": _normal(rng, d_sae, scale=0.2),
-         "W_dec": _normal(rng, d_sae, d_in, scale=0.1), "b_dec": _normal(rng, d_in, scale=0.1)}
+    w = {
+        "encoder.weight": _normal(rng, d_sae, d_in, scale=0.3),
+        "encoder.bias": _normal(rng, d_sae, scale=0.2),
+        "W_dec": _normal(rng, d_sae, d_in, scale=0.1),
+        "b_dec": _normal(rng, d_in, scale=0.1),
+    }
     if skip:
         w["W_skip"] = _normal(rng, d_in, d_in, scale=0.05)
     _save_safetensors(folder / "sae.safetensors", w)
-    (folder / "cfg.json").write_text(json.dumps({
-        "activation": "topk", "expansion_factor": 32, "normalize_decoder": True, "num_latents": d_sae, "k": k,
-        "multi_topk": False, "skip_connection": skip, "transcode": transcode, "d_in": d_in}))
+    (folder / "cfg.json").write_text(
+        json.dumps(
+            {
+                "activation": "topk",
+                "expansion_factor": 32,
+                "normalize_decoder": True,
+                "num_latents": d_sae,
+                "k": k,
+                "multi_topk": False,
+                "skip_connection": skip,
+                "transcode": transcode,
+                "d_in": d_in,
+            }
+        )
+    )
     return folder
 
 
@@ -81,9 +132,14 @@ def gemmascope(path: Path, d_in: int = 64, d_sae: int = 96, *, seed: int = 0) ->
     """A Gemma Scope params.npz; returns its path."""
     rng = _rng(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, W_enc=_normal(rng, d_in, d_sae, scale=0.3), b_enc=_normal(rng, d_sae, scale=0.2),
-             threshold=np.abs(_normal(rng, d_sae, scale=0.3)), W_dec=_normal(rng, d_sae, d_in, scale=0.1),
-             b_dec=_normal(rng, d_in, scale=0.1))
+    np.savez(
+        path,
+        W_enc=_normal(rng, d_in, d_sae, scale=0.3),
+        b_enc=_normal(rng, d_sae, scale=0.2),
+        threshold=np.abs(_normal(rng, d_sae, scale=0.3)),
+        W_dec=_normal(rng, d_sae, d_in, scale=0.1),
+        b_dec=_normal(rng, d_in, scale=0.1),
+    )
     return path
 
 
@@ -119,6 +175,7 @@ def adapter(path: Path, width: int = 64) -> Path:
 
 # -- the numpy reference ---------------------------------------------------------------------------
 
+
 def read(folder_or_file: Path) -> tuple[str, dict, dict]:
     """(format, cfg, weights as float64) of a dictionary written above."""
     path = Path(folder_or_file)
@@ -130,7 +187,11 @@ def read(folder_or_file: Path) -> tuple[str, dict, dict]:
     cfg = json.loads((path / "cfg.json").read_text())
     if (path / "sae.safetensors").exists():
         return "sparsify", cfg, {k: v.astype(np.float64) for k, v in load_file(str(path / "sae.safetensors")).items()}
-    return "saelens", cfg, {k: v.astype(np.float64) for k, v in load_file(str(path / "sae_weights.safetensors")).items()}
+    return (
+        "saelens",
+        cfg,
+        {k: v.astype(np.float64) for k, v in load_file(str(path / "sae_weights.safetensors")).items()},
+    )
 
 
 def _topk(pre: np.ndarray, k: int) -> np.ndarray:

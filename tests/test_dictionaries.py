@@ -26,7 +26,9 @@ FORMATS = {
     "saelens-topk-legacy": lambda p: dicts.saelens(p / "d", "standard", k=6, legacy_topk=True),
     "saelens-batchtopk": lambda p: dicts.saelens(p / "d", "batchtopk"),
     "saelens-no-b_dec-input": lambda p: dicts.saelens(p / "d", "jumprelu", apply_b_dec_to_input=False),
-    "saelens-constant-norm": lambda p: dicts.saelens(p / "d", "standard", normalize_activations="constant_norm_rescale"),
+    "saelens-constant-norm": lambda p: dicts.saelens(
+        p / "d", "standard", normalize_activations="constant_norm_rescale"
+    ),
     "saelens-transcoder": lambda p: dicts.saelens(p / "d", "transcoder", d_out=48),
     "saelens-jumprelu-transcoder": lambda p: dicts.saelens(p / "d", "jumprelu_transcoder"),
     "sparsify-topk": lambda p: dicts.sparsify(p / "layers.1", k=6),
@@ -49,8 +51,9 @@ def test_every_format_encodes_and_decodes_as_its_library(name, tmp_path):
     expected = dicts.encode(path, x.reshape(-1, D_IN))
     assert (expected != 0).any() and (expected == 0).any(), "the test dictionary must have active and inactive latents"
     np.testing.assert_allclose(latents.reshape(-1, d.d_sae).numpy(), expected, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(recon.reshape(-1, d.d_out).numpy(), dicts.decode(path, expected, x.reshape(-1, D_IN)),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        recon.reshape(-1, d.d_out).numpy(), dicts.decode(path, expected, x.reshape(-1, D_IN)), rtol=1e-5, atol=1e-5
+    )
     assert d.layer == 1 and len(d.sha256) == 64
 
 
@@ -73,8 +76,17 @@ def test_a_folder_of_layers_and_what_it_describes(tmp_path):
     for layer in (0, 2):
         dicts.sparsify(tmp_path / "tc" / f"layers.{layer}.mlp", transcode=True, seed=layer)
     dset = dictionary.load(str(tmp_path / "tc"))
-    assert dset.describe() == {"path": str(tmp_path / "tc"), "format": "sparsify", "architecture": "topk", "d_in": D_IN,
-                               "d_sae": 96, "transcoder": True, "hook": "layers.N.mlp", "layers": [0, 2], "k": 5}
+    assert dset.describe() == {
+        "path": str(tmp_path / "tc"),
+        "format": "sparsify",
+        "architecture": "topk",
+        "d_in": D_IN,
+        "d_sae": 96,
+        "transcoder": True,
+        "hook": "layers.N.mlp",
+        "layers": [0, 2],
+        "k": 5,
+    }
     assert list(dictionary.for_layers(dset, "s", None, [0, 1, 2, 3])) == [0, 2]
     assert list(dictionary.for_layers(dset, "s", (2,), [0, 1, 2, 3])) == [2]
     with pytest.raises(BadSpec, match=r"has no dictionary for layer 1 \(it has layers 0, 2\)"):
@@ -84,7 +96,13 @@ def test_a_folder_of_layers_and_what_it_describes(tmp_path):
 def test_spec_grammar():
     spec = parse_spec("resid.out[6]+sae=path/to/sae_dir:topk=32,examples=20")
     assert (spec.name, spec.site, spec.layers, spec.kind, spec.dictionary, spec.reductions) == (
-        "sae.resid.out", "resid.out", (6,), "sae", "path/to/sae_dir", {"topk": 32, "examples": 20})
+        "sae.resid.out",
+        "resid.out",
+        (6,),
+        "sae",
+        "path/to/sae_dir",
+        {"topk": 32, "examples": 20},
+    )
     spec = parse_spec("mlp.in[*]+transcoder=tc:threshold=0,nag=20")
     assert (spec.name, spec.layers, spec.reductions) == ("transcoder.mlp.in", "*", {"threshold": 0.0, "nag": 20})
     assert parse_spec("mlp.act[0-2,5]:topk=3").layers == (0, 1, 2, 5)
@@ -99,28 +117,46 @@ def test_spec_grammar():
 
 # -- capture ----------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def captured(tmp_path_factory, sample_jsonl):
     """One run of llama-tiny: raw resid.out / mlp.in / mlp.down densely next to an SAE, a transcoder and a JumpReLU SAE."""
     from ingest.pipeline import ingest
 
     folder = tmp_path_factory.mktemp("dict")
-    sae = dicts.saelens(folder / "sae", "topk", k=6)                                   # layer 1 from its cfg
+    sae = dicts.saelens(folder / "sae", "topk", k=6)  # layer 1 from its cfg
     for layer in (0, 2):
         dicts.sparsify(folder / "tc" / f"layers.{layer}", transcode=True, skip=True, seed=layer)
     jump = dicts.gemmascope(folder / "gs" / "params.npz")
-    sites = ["resid.out:dense", "mlp.in:dense", "mlp.down:dense",
-             f"resid.out+sae={sae}:topk=4,examples=3", f"mlp.in+transcoder={folder / 'tc'}:threshold=0,nag=5",
-             f"resid.in[3]+sae={jump}:abstopk=3,examples=2"]
-    ingest(folder / "wh", "config:llama-tiny", [str(sample_jsonl)], sites, run_id="r", batch_size=4, max_length=24,
-           device="cpu", progress=False)
+    sites = [
+        "resid.out:dense",
+        "mlp.in:dense",
+        "mlp.down:dense",
+        f"resid.out+sae={sae}:topk=4,examples=3",
+        f"mlp.in+transcoder={folder / 'tc'}:threshold=0,nag=5",
+        f"resid.in[3]+sae={jump}:abstopk=3,examples=2",
+    ]
+    ingest(
+        folder / "wh",
+        "config:llama-tiny",
+        [str(sample_jsonl)],
+        sites,
+        run_id="r",
+        batch_size=4,
+        max_length=24,
+        device="cpu",
+        progress=False,
+    )
     with warehouse.open(folder / "wh") as wh:
         yield wh, {"sae": sae, "tc": folder / "tc", "gs": jump}
 
 
 def _dense(wh, site: str, layer: int) -> tuple[np.ndarray, np.ndarray]:
-    rows = wh.sql("SELECT doc, pos, vec FROM vectors WHERE run_id = 'r' AND site = ? AND layer = ? AND pool = 'token' "
-                  "ORDER BY doc, pos", [site, layer]).fetchall()
+    rows = wh.sql(
+        "SELECT doc, pos, vec FROM vectors WHERE run_id = 'r' AND site = ? AND layer = ? AND pool = 'token' "
+        "ORDER BY doc, pos",
+        [site, layer],
+    ).fetchall()
     return np.array([(d, p) for d, p, _ in rows]), np.array([v for _, _, v in rows], dtype=np.float32)
 
 
@@ -134,8 +170,10 @@ def test_stored_latents_equal_a_numpy_encode_of_the_dense_capture(captured):
     keys, x = _dense(wh, "resid.out", 1)
     latents = dicts.encode(paths["sae"], x)
     # topk=4 of the latents per token: values (float16) and units.
-    rows = wh.sql("SELECT doc, pos, neuron, value FROM token_neurons WHERE run_id = 'r' AND site = 'sae.resid.out' AND layer = 1 "
-                  "ORDER BY doc, pos, value DESC, neuron").fetchall()
+    rows = wh.sql(
+        "SELECT doc, pos, neuron, value FROM token_neurons WHERE run_id = 'r' AND site = 'sae.resid.out' AND layer = 1 "
+        "ORDER BY doc, pos, value DESC, neuron"
+    ).fetchall()
     by_token = {}
     for d, p, n, v in rows:
         by_token.setdefault((d, p), []).append((n, v))
@@ -146,17 +184,21 @@ def test_stored_latents_equal_a_numpy_encode_of_the_dense_capture(captured):
         assert sorted(n for n, _ in stored) == sorted(order.tolist())
         np.testing.assert_allclose([v for _, v in stored], np.sort(row[order])[::-1], rtol=2e-3, atol=1e-3)
     # exact neuron_stats over every token
-    stats = wh.sql("SELECT neuron, n_tokens, n_fired, sum, sum_sq, max FROM neuron_stats WHERE run_id = 'r' "
-                   "AND site = 'sae.resid.out' AND layer = 1 ORDER BY neuron").fetchnumpy()
+    stats = wh.sql(
+        "SELECT neuron, n_tokens, n_fired, sum, sum_sq, max FROM neuron_stats WHERE run_id = 'r' "
+        "AND site = 'sae.resid.out' AND layer = 1 ORDER BY neuron"
+    ).fetchnumpy()
     assert (stats["n_tokens"] == len(x)).all()
     np.testing.assert_array_equal(stats["n_fired"], (latents > 0).sum(0))
     np.testing.assert_allclose(stats["sum"], latents.sum(0), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(stats["sum_sq"], (latents ** 2).sum(0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(stats["sum_sq"], (latents**2).sum(0), rtol=1e-5, atol=1e-5)
     fired = latents.max(0) > 0
     np.testing.assert_allclose(np.asarray(stats["max"])[fired], latents.max(0)[fired], rtol=1e-5)
     # examples: per latent the 3 strongest tokens
-    top = wh.sql("SELECT neuron, rank, value FROM neuron_examples WHERE run_id = 'r' AND site = 'sae.resid.out' AND layer = 1 "
-                 "AND kind = 'top' ORDER BY neuron, rank").fetchall()
+    top = wh.sql(
+        "SELECT neuron, rank, value FROM neuron_examples WHERE run_id = 'r' AND site = 'sae.resid.out' AND layer = 1 "
+        "AND kind = 'top' ORDER BY neuron, rank"
+    ).fetchall()
     expected = {n: np.sort(latents[:, n][latents[:, n] > 0])[::-1][:3] for n in range(latents.shape[1])}
     got: dict = {}
     for n, _, v in top:
@@ -171,16 +213,25 @@ def test_threshold_and_abstopk_on_transcoders_and_jumprelu(captured):
     for layer in (0, 2):
         keys, x = _dense(wh, "mlp.in", layer)
         latents = dicts.encode(paths["tc"] / f"layers.{layer}", x)
-        rows = wh.sql("SELECT doc, pos, neuron, value FROM token_neurons WHERE run_id = 'r' AND site = 'transcoder.mlp.in' "
-                      "AND layer = ? ORDER BY doc, pos, neuron", [layer]).fetchall()
+        rows = wh.sql(
+            "SELECT doc, pos, neuron, value FROM token_neurons WHERE run_id = 'r' AND site = 'transcoder.mlp.in' "
+            "AND layer = ? ORDER BY doc, pos, neuron",
+            [layer],
+        ).fetchall()
         index = {tuple(k): i for i, k in enumerate(keys.tolist())}
-        expected = sorted((int(d), int(p), int(n)) for (d, p), row in zip(keys, latents) for n in np.flatnonzero(row > 0))
+        expected = sorted(
+            (int(d), int(p), int(n)) for (d, p), row in zip(keys, latents) for n in np.flatnonzero(row > 0)
+        )
         assert [(d, p, n) for d, p, n, _ in rows] == expected
-        np.testing.assert_allclose([v for *_, v in rows], [latents[index[(d, p)], n] for d, p, n, _ in rows], rtol=2e-3, atol=1e-3)
+        np.testing.assert_allclose(
+            [v for *_, v in rows], [latents[index[(d, p)], n] for d, p, n, _ in rows], rtol=2e-3, atol=1e-3
+        )
     keys, x = _resid_in(wh, 3)
     latents = dicts.encode(paths["gs"], x)
-    stats = wh.sql("SELECT n_fired, sum FROM neuron_stats WHERE run_id = 'r' AND site = 'sae.resid.in' AND layer = 3 "
-                   "ORDER BY neuron").fetchnumpy()
+    stats = wh.sql(
+        "SELECT n_fired, sum FROM neuron_stats WHERE run_id = 'r' AND site = 'sae.resid.in' AND layer = 3 "
+        "ORDER BY neuron"
+    ).fetchnumpy()
     np.testing.assert_array_equal(stats["n_fired"], (latents > 0).sum(0))
     np.testing.assert_allclose(stats["sum"], latents.sum(0), rtol=1e-5, atol=1e-5)
 
@@ -190,9 +241,15 @@ def _quality(latents, recon, target) -> dict:
     active = (latents != 0).sum(0)
     err = ((recon - target) ** 2).sum(-1)
     cos = (recon * target).sum(-1) / np.maximum(np.linalg.norm(recon, axis=-1) * np.linalg.norm(target, axis=-1), 1e-8)
-    return {"n_tokens": n, "mean_l0": (latents != 0).sum() / n, "dead_share": (active == 0).mean(),
-            "dense_share": (active / n > 0.1).mean(), "mse": err.sum() / target.size,
-            "fvu": err.sum() / ((target - target.mean(0)) ** 2).sum(), "mean_cosine": cos.mean()}
+    return {
+        "n_tokens": n,
+        "mean_l0": (latents != 0).sum() / n,
+        "dead_share": (active == 0).mean(),
+        "dense_share": (active / n > 0.1).mean(),
+        "mse": err.sum() / target.size,
+        "fvu": err.sum() / ((target - target.mean(0)) ** 2).sum(),
+        "mean_cosine": cos.mean(),
+    }
 
 
 def test_quality_equals_numpy_and_polars(captured):
@@ -204,11 +261,25 @@ def test_quality_equals_numpy_and_polars(captured):
         for x, y in zip(a, b):
             assert x == y if x is None or isinstance(x, str) else x == pytest.approx(y, rel=1e-12)
     got = {(r["site"], r["layer"]): r for r in sql.iter_rows(named=True)}
-    assert sorted(got) == [("sae.resid.in", 3), ("sae.resid.out", 1), ("transcoder.mlp.in", 0), ("transcoder.mlp.in", 2)]
-    cases = [(("sae.resid.out", 1), paths["sae"], _dense(wh, "resid.out", 1)[1], None),
-             (("sae.resid.in", 3), paths["gs"], _resid_in(wh, 3)[1], None)]
-    cases += [(("transcoder.mlp.in", layer), paths["tc"] / f"layers.{layer}", _dense(wh, "mlp.in", layer)[1],
-               _dense(wh, "mlp.down", layer)[1]) for layer in (0, 2)]
+    assert sorted(got) == [
+        ("sae.resid.in", 3),
+        ("sae.resid.out", 1),
+        ("transcoder.mlp.in", 0),
+        ("transcoder.mlp.in", 2),
+    ]
+    cases = [
+        (("sae.resid.out", 1), paths["sae"], _dense(wh, "resid.out", 1)[1], None),
+        (("sae.resid.in", 3), paths["gs"], _resid_in(wh, 3)[1], None),
+    ]
+    cases += [
+        (
+            ("transcoder.mlp.in", layer),
+            paths["tc"] / f"layers.{layer}",
+            _dense(wh, "mlp.in", layer)[1],
+            _dense(wh, "mlp.down", layer)[1],
+        )
+        for layer in (0, 2)
+    ]
     for key, path, x, target in cases:
         latents = dicts.encode(path, x)
         recon = dicts.decode(path, latents, x)
@@ -221,15 +292,53 @@ def test_the_dictionaries_table_records_each_layers_dictionary(captured):
     import hashlib
 
     wh, paths = captured
-    rows = wh.pl("SELECT site, layer, path, kind, format, architecture, encode_dtype, sha256, d_in, d_sae, d_out FROM dictionaries "
-                 "WHERE run_id = 'r' ORDER BY site, layer")
+    rows = wh.pl(
+        "SELECT site, layer, path, kind, format, architecture, encode_dtype, sha256, d_in, d_sae, d_out FROM dictionaries "
+        "WHERE run_id = 'r' ORDER BY site, layer"
+    )
     sha = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
     tc = [paths["tc"] / f"layers.{i}" for i in (0, 2)]
     assert rows.rows() == [
         ("sae.resid.in", 3, str(paths["gs"]), "sae", "gemmascope", "jumprelu", "float32", sha(paths["gs"]), 64, 96, 64),
-        ("sae.resid.out", 1, str(paths["sae"]), "sae", "saelens", "topk", "float32", sha(paths["sae"] / "sae_weights.safetensors"), 64, 96, 64),
-        ("transcoder.mlp.in", 0, str(tc[0]), "transcoder", "sparsify", "topk", "float32", sha(tc[0] / "sae.safetensors"), 64, 96, 64),
-        ("transcoder.mlp.in", 2, str(tc[1]), "transcoder", "sparsify", "topk", "float32", sha(tc[1] / "sae.safetensors"), 64, 96, 64),
+        (
+            "sae.resid.out",
+            1,
+            str(paths["sae"]),
+            "sae",
+            "saelens",
+            "topk",
+            "float32",
+            sha(paths["sae"] / "sae_weights.safetensors"),
+            64,
+            96,
+            64,
+        ),
+        (
+            "transcoder.mlp.in",
+            0,
+            str(tc[0]),
+            "transcoder",
+            "sparsify",
+            "topk",
+            "float32",
+            sha(tc[0] / "sae.safetensors"),
+            64,
+            96,
+            64,
+        ),
+        (
+            "transcoder.mlp.in",
+            2,
+            str(tc[1]),
+            "transcoder",
+            "sparsify",
+            "topk",
+            "float32",
+            sha(tc[1] / "sae.safetensors"),
+            64,
+            96,
+            64,
+        ),
     ]
     sites = wh.pl("SELECT site, layers, width FROM sites WHERE run_id = 'r' AND site LIKE '%.%.%' ORDER BY site").rows()
     assert sites == [("sae.resid.in", [3], 96), ("sae.resid.out", [1], 96), ("transcoder.mlp.in", [0, 2], 96)]
@@ -237,10 +346,17 @@ def test_the_dictionaries_table_records_each_layers_dictionary(captured):
 
 def test_neuron_macros_on_a_dictionary_site_equal_their_twins(captured):
     wh, _ = captured
-    calls = [("layer_summary", ("r", "transcoder.mlp.in")), ("firing_rate", ("r", "sae.resid.out", 1)),
-             ("selectivity", ("r", "sae.resid.out", 1)), ("activation_frequency", ("r", "transcoder.mlp.in")),
-             ("top_contexts", ("r", "sae.resid.out", 1, "{unit}")), ("nag_profile", ("r", "transcoder.mlp.in"))]
-    unit = wh.sql("SELECT min(neuron) FROM neuron_examples WHERE run_id = 'r' AND site = 'sae.resid.out'").fetchall()[0][0]
+    calls = [
+        ("layer_summary", ("r", "transcoder.mlp.in")),
+        ("firing_rate", ("r", "sae.resid.out", 1)),
+        ("selectivity", ("r", "sae.resid.out", 1)),
+        ("activation_frequency", ("r", "transcoder.mlp.in")),
+        ("top_contexts", ("r", "sae.resid.out", 1, "{unit}")),
+        ("nag_profile", ("r", "transcoder.mlp.in")),
+    ]
+    unit = wh.sql("SELECT min(neuron) FROM neuron_examples WHERE run_id = 'r' AND site = 'sae.resid.out'").fetchall()[
+        0
+    ][0]
     for name, args in calls:
         args = tuple(unit if a == "{unit}" else a for a in args)
         sql = wh.pl(f"SELECT * FROM {name}({', '.join(repr(a) for a in args)})")
@@ -258,37 +374,56 @@ def test_neuron_macros_on_a_dictionary_site_equal_their_twins(captured):
 
 def test_exact_and_damaged_adapters_on_tiny_qwen(tmp_path, sample_jsonl):
     """An adapter whose reconstruction is exact scores FVU 0 and cosine 1; a damaged one does not."""
-    from ingest.pipeline import ingest
-
     from ingest.models import load
+    from ingest.pipeline import ingest
 
     path = dicts.adapter(tmp_path / "identity.py")
     sae = dicts.sparsify(tmp_path / "sp" / "layers.1", k=4)
     loaded = load("config:qwen3-tiny", "cpu")
-    ingest(tmp_path / "wh", "config:qwen3-tiny", [str(sample_jsonl)],
-           [f"resid.out[2]+sae={path}:topk=3", f"resid.in[2]+sae={path}:damaged:topk=3", f"attn.o+sae={sae.parent}:topk=4"],
-           run_id="q", batch_size=4, max_length=16, device="cpu", progress=False, logit_lens=True, loaded=loaded)
+    ingest(
+        tmp_path / "wh",
+        "config:qwen3-tiny",
+        [str(sample_jsonl)],
+        [
+            f"resid.out[2]+sae={path}:topk=3",
+            f"resid.in[2]+sae={path}:damaged:topk=3",
+            f"attn.o+sae={sae.parent}:topk=4",
+        ],
+        run_id="q",
+        batch_size=4,
+        max_length=16,
+        device="cpu",
+        progress=False,
+        logit_lens=True,
+        loaded=loaded,
+    )
     with warehouse.open(tmp_path / "wh") as wh:
         q = {r["site"]: r for r in wh.pl("SELECT * FROM dictionary_quality('q')").iter_rows(named=True)}
         arch = wh.pl("SELECT format, architecture FROM dictionaries WHERE site = 'sae.resid.out'").row(0)
-        lens = wh.pl("SELECT neuron, direction, rank, token_id, logit FROM neuron_logits WHERE run_id = 'q' "
-                     "AND site = 'sae.attn.o' AND layer = 1 ORDER BY neuron, direction, rank")
+        lens = wh.pl(
+            "SELECT neuron, direction, rank, token_id, logit FROM neuron_logits WHERE run_id = 'q' "
+            "AND site = 'sae.attn.o' AND layer = 1 ORDER BY neuron, direction, rank"
+        )
         sql = wh.pl("SELECT * FROM neuron_logit_lens('q', 'sae.attn.o', 1, 3)")
         twin = frames.neuron_logit_lens(wh, "q", "sae.attn.o", 1, 3).collect()
     assert arch == ("adapter", "identity")
-    assert q["sae.resid.out"]["fvu"] == pytest.approx(0, abs=1e-12) and q["sae.resid.out"]["mean_cosine"] == pytest.approx(1)
+    assert q["sae.resid.out"]["fvu"] == pytest.approx(0, abs=1e-12) and q["sae.resid.out"][
+        "mean_cosine"
+    ] == pytest.approx(1)
     assert q["sae.resid.in"]["fvu"] > 0.1 and q["sae.resid.in"]["mean_l0"] == pytest.approx(64)
     # Feature logit lens: each latent's decoder row, times the final norm's weight, through the unembedding.
     _, _, w = dicts.read(sae)
     unembed = loaded.model.get_output_embeddings().weight.detach().double().numpy()
     norm = loaded.model.model.norm.weight.detach().double().numpy()
-    logits = (w["W_dec"] * norm) @ unembed.T                                   # [latents, vocab]
+    logits = (w["W_dec"] * norm) @ unembed.T  # [latents, vocab]
     assert lens.height == 96 * 2 * 10
     for direction, sign in (("top", -1), ("bottom", 1)):
         part = lens.filter(pl.col("direction") == direction)
         expected = np.argsort(sign * logits, axis=1, kind="stable")[:, :10]
         np.testing.assert_array_equal(part["token_id"].to_numpy().reshape(96, 10), expected)
-        np.testing.assert_allclose(part["logit"].to_numpy().reshape(96, 10), np.take_along_axis(logits, expected, 1), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(
+            part["logit"].to_numpy().reshape(96, 10), np.take_along_axis(logits, expected, 1), rtol=1e-4, atol=1e-5
+        )
     assert sql.rows() == twin.rows() and sql.height > 0
 
 
@@ -323,12 +458,26 @@ def test_export_features_of_a_transcoder_round_trips(captured, tmp_path):
     written = write_features(wh, "r", "transcoder.mlp.in", tmp_path / "f")
     features, index = read_features(tmp_path / "f"), read_index(tmp_path / "f" / "packed")
     for layer in (0, 2):
-        fired = [u for (u,) in wh.sql("SELECT neuron FROM neuron_stats WHERE run_id = 'r' AND site = 'transcoder.mlp.in' "
-                                      "AND layer = ? AND n_fired > 0 ORDER BY neuron", [layer]).fetchall()]
+        fired = [
+            u
+            for (u,) in wh.sql(
+                "SELECT neuron FROM neuron_stats WHERE run_id = 'r' AND site = 'transcoder.mlp.in' "
+                "AND layer = ? AND n_fired > 0 ORDER BY neuron",
+                [layer],
+            ).fetchall()
+        ]
         assert written[layer] == len(fired) > 0
         for unit in fired:
             packed = read_feature(tmp_path / "f" / "packed", layer, unit, index)
             assert packed == features[cantor(layer, unit)] and (packed["layer"], packed["feature"]) == (layer, unit)
+
+
+def _window_ce(model, x) -> float:
+    import torch
+
+    return float(
+        torch.nn.functional.cross_entropy(model(input_ids=x).logits[0, :-1].double(), x[0, 1:], reduction="sum")
+    )
 
 
 def test_splice_delta_loss_exact_zero_and_damaged_against_torch(tmp_path, sample_jsonl):
@@ -341,15 +490,29 @@ def test_splice_delta_loss_exact_zero_and_damaged_against_torch(tmp_path, sample
 
     path = dicts.adapter(tmp_path / "identity.py")
     loaded = load("config:qwen3-tiny", "cpu")
-    ingest(tmp_path / "wh", "config:qwen3-tiny", [str(sample_jsonl)],
-           [f"resid.out[1]+sae={path}:topk=2", f"resid.in[2]+sae={path}:damaged:topk=2"], run_id="s", batch_size=3,
-           max_length=16, device="cpu", progress=False, splice=True, loaded=loaded)
+    ingest(
+        tmp_path / "wh",
+        "config:qwen3-tiny",
+        [str(sample_jsonl)],
+        [f"resid.out[1]+sae={path}:topk=2", f"resid.in[2]+sae={path}:damaged:topk=2"],
+        run_id="s",
+        batch_size=3,
+        max_length=16,
+        device="cpu",
+        progress=False,
+        splice=True,
+        loaded=loaded,
+    )
     with warehouse.open(tmp_path / "wh") as wh:
         q = {r["site"]: r for r in wh.pl("SELECT * FROM dictionary_quality('s')").iter_rows(named=True)}
         twin = frames.dictionary_quality(wh, "s").collect()
-        windows = wh.sql("SELECT doc, list(token_id ORDER BY pos) FROM tokens WHERE run_id = 's' GROUP BY doc, \"window\" "
-                         "ORDER BY doc, \"window\"").fetchall()
-    assert twin.select("delta_loss").to_series().to_list() == pytest.approx([q[s]["delta_loss"] for s in sorted(q)], rel=1e-9)
+        windows = wh.sql(
+            "SELECT doc, list(token_id ORDER BY pos) FROM tokens WHERE run_id = 's' GROUP BY doc, \"window\" "
+            'ORDER BY doc, "window"'
+        ).fetchall()
+    assert twin.select("delta_loss").to_series().to_list() == pytest.approx(
+        [q[s]["delta_loss"] for s in sorted(q)], rel=1e-9
+    )
     assert q["sae.resid.out"]["delta_loss"] == pytest.approx(0, abs=1e-9)
     # by hand: each window alone (no padding), layer 2's input halved
     model = loaded.model
@@ -360,10 +523,9 @@ def test_splice_delta_loss_exact_zero_and_damaged_against_torch(tmp_path, sample
             if len(ids) < 2:
                 continue
             x = torch.tensor([ids])
-            ce = lambda: torch.nn.functional.cross_entropy(model(input_ids=x).logits[0, :-1].double(), x[0, 1:], reduction="sum")  # noqa: E731
-            clean += float(ce())
+            clean += _window_ce(model, x)
             handle = model.model.layers[2].register_forward_pre_hook(halve, with_kwargs=True)
-            damaged += float(ce())
+            damaged += _window_ce(model, x)
             handle.remove()
             n += len(ids) - 1
     assert q["sae.resid.in"]["n_tokens"] > 0 and q["sae.resid.in"]["ce_clean"] == pytest.approx(clean / n, rel=1e-5)
@@ -385,7 +547,9 @@ def test_eleutherai_sparsify_itself_gives_whq_values(tmp_path, transcode):
         encoded = theirs.encode(x)
         latents = torch.zeros(11, 96).scatter_(-1, encoded.top_indices, encoded.top_acts)
         np.testing.assert_allclose(ours.encode(x).numpy(), latents.numpy(), rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(ours.decode(ours.encode(x), x).numpy(), theirs(x).sae_out.numpy(), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            ours.decode(ours.encode(x), x).numpy(), theirs(x).sae_out.numpy(), rtol=1e-5, atol=1e-5
+        )
 
 
 def test_scenarios_refuse_dictionary_sites():
@@ -393,5 +557,7 @@ def test_scenarios_refuse_dictionary_sites():
 
     from .scenario_yaml import scenario_dict
 
-    with pytest.raises(BadInput, match="dictionary sites are not captured in scenarios yet; ingest the documents with `whq ingest`"):
+    with pytest.raises(
+        BadInput, match="dictionary sites are not captured in scenarios yet; ingest the documents with `whq ingest`"
+    ):
         parse(scenario_dict("config:qwen3-tiny", capture={"sites": ["resid.out[1]+sae=saes:topk=3"]}))

@@ -78,23 +78,41 @@ class TopKSAE(torch.nn.Module):
         from safetensors.torch import save_file
 
         folder.mkdir(parents=True, exist_ok=True)
-        save_file({"encoder.weight": self.encoder.weight.data.contiguous(), "encoder.bias": self.encoder.bias.data.contiguous(),
-                   "W_dec": self.W_dec.data.contiguous(), "b_dec": self.b_dec.data.contiguous()}, str(folder / "sae.safetensors"))
-        (folder / "cfg.json").write_text(json.dumps({"activation": "topk", "k": self.k, "num_latents": self.W_dec.shape[0],
-                                                     "expansion_factor": self.W_dec.shape[0] // d_in, "normalize_decoder": True,
-                                                     "multi_topk": False, "skip_connection": False, "transcode": False,
-                                                     "d_in": d_in}))
+        save_file(
+            {
+                "encoder.weight": self.encoder.weight.data.contiguous(),
+                "encoder.bias": self.encoder.bias.data.contiguous(),
+                "W_dec": self.W_dec.data.contiguous(),
+                "b_dec": self.b_dec.data.contiguous(),
+            },
+            str(folder / "sae.safetensors"),
+        )
+        (folder / "cfg.json").write_text(
+            json.dumps(
+                {
+                    "activation": "topk",
+                    "k": self.k,
+                    "num_latents": self.W_dec.shape[0],
+                    "expansion_factor": self.W_dec.shape[0] // d_in,
+                    "normalize_decoder": True,
+                    "multi_topk": False,
+                    "skip_connection": False,
+                    "transcode": False,
+                    "d_in": d_in,
+                }
+            )
+        )
 
 
 def train(wh, run: str, layer: int, expansion: int, k: int, epochs: int, batch: int, seed: int) -> tuple[TopKSAE, dict]:
     torch.manual_seed(seed)
     n, total = 0, None
-    for x in rows(wh, run, "resid.out", layer, 8192):    # pass 1: the mean, for b_dec and the variance
+    for x in rows(wh, run, "resid.out", layer, 8192):  # pass 1: the mean, for b_dec and the variance
         n += len(x)
         total = x.astype(np.float64).sum(0) if total is None else total + x.sum(0)
     mean = (total / n).astype(np.float32)
     sae = TopKSAE(len(mean), expansion * len(mean), k, mean)
-    opt = torch.optim.Adam(sae.parameters(), lr=2e-3 / (sae.W_dec.shape[0] / 2 ** 14) ** 0.5)
+    opt = torch.optim.Adam(sae.parameters(), lr=2e-3 / (sae.W_dec.shape[0] / 2**14) ** 0.5)
     for epoch in range(epochs):
         sq, var = 0.0, 0.0
         for x in rows(wh, run, "resid.out", layer, batch):
@@ -116,7 +134,11 @@ def train(wh, run: str, layer: int, expansion: int, k: int, epochs: int, batch: 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", default=str(HERE / "out"))
-    p.add_argument("--text", default=str(SHARED if SHARED.exists() else FIXTURE), help="Tiny Shakespeare (default: ../shared or the fixture head)")
+    p.add_argument(
+        "--text",
+        default=str(SHARED if SHARED.exists() else FIXTURE),
+        help="Tiny Shakespeare (default: ../shared or the fixture head)",
+    )
     p.add_argument("--docs", type=int, default=200)
     p.add_argument("--layer", type=int, default=3)
     p.add_argument("--expansion", type=int, default=4)
@@ -133,38 +155,67 @@ def main(argv=None) -> None:
 
     started = time.perf_counter()
     if (wh_root / "whq.json").exists():
-        with warehouse.open(wh_root) as wh:   # a rerun: keep the dense capture if it is the same, redo the rest
+        with warehouse.open(wh_root) as wh:  # a rerun: keep the dense capture if it is the same, redo the rest
             for run in set(wh.run_ids()) & {"dense", "sae"}:
                 config = wh.manifest("dense")["config"]
-                if run == "sae" or (config["sites"], config["data"]["documents"]) != ([f"resid.out[{args.layer}]:dense"], len(documents)):
+                if run == "sae" or (config["sites"], config["data"]["documents"]) != (
+                    [f"resid.out[{args.layer}]:dense"],
+                    len(documents),
+                ):
                     delete_run(wh, run)
     with warehouse.open(wh_root) if (wh_root / "whq.json").exists() else warehouse.init(wh_root) as wh:
         have_dense = "dense" in wh.run_ids()
     if not have_dense:
-        ingest(wh_root, "minilm", documents=documents, sites=[f"resid.out[{args.layer}]:dense"], run_id="dense",
-               max_length=128, device="cpu", progress=False)
+        ingest(
+            wh_root,
+            "minilm",
+            documents=documents,
+            sites=[f"resid.out[{args.layer}]:dense"],
+            run_id="dense",
+            max_length=128,
+            device="cpu",
+            progress=False,
+        )
     with warehouse.open(wh_root) as wh:
         tokens = wh.sql("SELECT n_tokens FROM runs WHERE run_id = 'dense'").fetchall()[0][0]
-    print(f"1. captured resid.out[{args.layer}] densely: {len(documents)} passages, {tokens} tokens "
-          f"({'reused' if have_dense else f'{time.perf_counter() - started:.0f} s'})")
+    print(
+        f"1. captured resid.out[{args.layer}] densely: {len(documents)} passages, {tokens} tokens "
+        f"({'reused' if have_dense else f'{time.perf_counter() - started:.0f} s'})"
+    )
     with warehouse.open(wh_root) as wh:
         started = time.perf_counter()
         sae, shape = train(wh, "dense", args.layer, args.expansion, args.k, args.epochs, args.batch, args.seed)
     sae.save(sae_dir / f"layers.{args.layer}", shape["d_in"])
-    print(f"2. trained a TopK SAE (d_in {shape['d_in']}, d_sae {shape['d_sae']}, k {args.k}) on {shape['tokens']} rows streamed "
-          f"from the warehouse, saved in sparsify's layout under {sae_dir} ({time.perf_counter() - started:.0f} s)")
+    print(
+        f"2. trained a TopK SAE (d_in {shape['d_in']}, d_sae {shape['d_sae']}, k {args.k}) on {shape['tokens']} rows streamed "
+        f"from the warehouse, saved in sparsify's layout under {sae_dir} ({time.perf_counter() - started:.0f} s)"
+    )
 
     started = time.perf_counter()
-    ingest(wh_root, "minilm", documents=documents, sites=[f"resid.out+sae={sae_dir}:topk=8,examples=10"], run_id="sae",
-           max_length=128, device="cpu", progress=False)
+    ingest(
+        wh_root,
+        "minilm",
+        documents=documents,
+        sites=[f"resid.out+sae={sae_dir}:topk=8,examples=10"],
+        run_id="sae",
+        max_length=128,
+        device="cpu",
+        progress=False,
+    )
     print(f"3. ingested the passages through it: site sae.resid.out ({time.perf_counter() - started:.0f} s)")
     with warehouse.open(wh_root) as wh:
         print("4. quality, exact over all tokens:")
-        print(wh.pl("SELECT layer, d_sae, n_tokens, mean_l0, dead_share, dense_share, fvu, mean_cosine FROM dictionary_quality('sae')"))
+        print(
+            wh.pl(
+                "SELECT layer, d_sae, n_tokens, mean_l0, dead_share, dense_share, fvu, mean_cosine FROM dictionary_quality('sae')"
+            )
+        )
         top = wh.pl(f"SELECT * FROM selectivity('sae', 'sae.resid.out', {args.layer}) WHERE rate >= 0.002 LIMIT 8")
         print("   most selective features (max / mean, firing on >= 0.2% of tokens) and their top contexts:")
         for feature, rate, _, peak, selectivity in top.rows():
-            contexts = wh.pl(f"SELECT * FROM top_contexts('sae', 'sae.resid.out', {args.layer}, {feature}, k := 3, before := 4, after := 1)")
+            contexts = wh.pl(
+                f"SELECT * FROM top_contexts('sae', 'sae.resid.out', {args.layer}, {feature}, k := 3, before := 4, after := 1)"
+            )
             print(f"   feature {feature}: rate {rate:.4f}, max {peak:.2f}, selectivity {selectivity:.0f}")
             for row in contexts.iter_rows(named=True):
                 print(f"      {row['value']:6.2f}  {row['context']!r}")
