@@ -30,6 +30,7 @@ import pyarrow as pa
 
 import warehouse
 from warehouse.errors import BadInput, BadSpec
+from warehouse.names import check_name
 from warehouse.runwriter import RunWriter
 
 from . import models
@@ -359,6 +360,8 @@ def run_scenario(root: str | Path, scenario, *, run_id: str | None = None, devic
     from .pipeline import _document_rows, _token_rows, default_run_id
     from .progress import IngestProgress
 
+    if run_id is not None:
+        check_name("run id", run_id)
     spec = scenario if isinstance(scenario, Scenario) else load(scenario)
     if model:
         spec = replace(spec, model=replace(spec.model, id=model))

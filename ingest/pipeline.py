@@ -24,6 +24,7 @@ import pyarrow as pa
 
 import warehouse
 from warehouse.errors import BadInput, BadSpec, WarehouseError
+from warehouse.names import check_label, check_name
 from warehouse.runwriter import RunWriter, committed_with_same_config
 
 from . import sources
@@ -210,6 +211,13 @@ def ingest(
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise BadSpec(f"site given twice ({', '.join(sorted({n for n in names if names.count(n) > 1}))}): merge the reductions into one SPEC, e.g. mlp.act:topk=20,examples=20")
+    for spec in specs:
+        check_name("site", spec.name)
+    if run_id is not None:
+        check_name("run id", run_id)
+    for kind, label in (("--dataset", dataset), ("--role", role)):
+        if label is not None:
+            check_label(kind, label)
     if batch_size < 1:
         raise BadInput("--batch-size must be at least 1")
     if shard_tokens < 1:

@@ -23,10 +23,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import catalog, schema
+from . import catalog, metadata, schema
 from .errors import BadInput, RunExists, WarehouseError
 from .faults import fault
-from .layout import FORMAT_VERSION, Layout, check_name
+from .layout import FORMAT_VERSION, Layout
+from .names import check_name
 from .locks import locked, try_lock
 from .parts import PartInfo, side_by_side, write_bytes_atomic, write_part
 
@@ -76,7 +77,11 @@ class RunWriter:
                     f"run {self.run_id!r} was interrupted before it committed: finish it with "
                     f"`whq ingest ... --run-id {self.run_id} --resume`, or discard it with `whq gc {self.layout.root} --interrupted`"
                 )
-            previous = json.loads(saved.read_text())
+            try:
+                previous = metadata.journal_config(self.layout, saved)
+            except WarehouseError:
+                self.close()
+                raise
             self.started_at = dt.datetime.fromisoformat(previous["started_at"])
             if _canonical(_stable(previous)) != _canonical(_stable(self.config)):
                 changed = sorted(k for k in set(previous) | set(self.config)
@@ -95,13 +100,10 @@ class RunWriter:
         if not self.journal.exists():
             return []
         shards = []
-        for line in self.journal.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                break  # a torn last line: that shard did not complete
-            if record.get("shard") != len(shards):
-                break
+        for line in self.journal.read_text(errors="replace").splitlines():
+            record = metadata.journal_record(line, len(shards), self.run_id)
+            if record is None:
+                break  # a torn last line (or a damaged one): that shard and the ones after it are redone
             shards.append(record)
         return shards
 
@@ -138,7 +140,7 @@ class RunWriter:
     def _part_path(self, table: str, site, layer, seq: str) -> Path:
         tbl = schema.table(table)
         if "site" in tbl.partitions:
-            folder = self.layout.partition_dir(table, self.run_id, check_name("site", site), layer)
+            folder = self.layout.partition_dir(table, self.run_id, site, layer)
         else:
             folder = self.layout.partition_dir(table, self.run_id)
         return folder / f"part-{self.rank}-{seq}.parquet"
@@ -193,7 +195,7 @@ class RunWriter:
         if rank == self.rank:
             return self.shards
         other = RunWriter.__new__(RunWriter)
-        other.journal = self.journal_dir / f"rank-{rank}.jsonl"
+        other.journal, other.run_id = self.journal_dir / f"rank-{rank}.jsonl", self.run_id
         return other._read_journal()
 
     def rank_state(self, rank: int, name: str) -> pa.Table | None:
@@ -274,7 +276,7 @@ def committed_with_same_config(layout: Layout, run_id: str, config: dict) -> dic
     path = layout.manifest(run_id)
     if not path.exists():
         return None
-    manifest = json.loads(path.read_text())
+    manifest = metadata.manifest(layout, path)
     if _canonical(_stable(manifest["config"])) != _canonical(_stable(config)):
         raise RunExists(f"run {run_id!r} is already committed with other arguments: choose another --run-id, "
                         f"or delete it with `whq runs {layout.root} --delete {run_id}`")
