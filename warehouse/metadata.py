@@ -36,8 +36,10 @@ def read_json(path: Path):
         return json.loads(path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError:
         raise Shape("not UTF-8 text") from None
-    except ValueError as err:
-        raise Shape(f"not JSON: {str(err).splitlines()[0][:60]}") from None
+    except json.JSONDecodeError as err:
+        raise Shape(f"not JSON: {err.msg} at line {err.lineno}") from None
+    except RecursionError:
+        raise Shape("JSON nested too deeply") from None
     except OSError as err:
         raise Shape(f"unreadable: {err.strerror or err}") from None
 
