@@ -107,13 +107,21 @@ def build(layout: Layout, skip: set[str] | None = None) -> None:
         _write(layout, tmp, files)
         fault("catalog.built")
         os.replace(tmp, layout.catalog)
-    except (duckdb.IOException, OSError) as err:  # a full disk or a read-only folder, in DuckDB or in the rename
-        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0][:160]
+    except (duckdb.Error, OSError) as err:
+        if isinstance(err, duckdb.Error) and not _write_failure(err, tmp):
+            raise
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0][:200]
         raise WarehouseError(f"cannot write the catalog {layout.catalog}: {reason}; free disk space or fix permissions, "
                              f"then run `whq repair {layout.root}` (no committed run is lost)") from None
     finally:
         for leftover in (tmp, tmp.with_name(tmp.name + ".wal")):
             leftover.unlink(missing_ok=True)
+
+
+def _write_failure(err: duckdb.Error, tmp: Path) -> bool:
+    """Did DuckDB fail to write the new catalog (a full disk, a read-only folder)? Measured on a
+    full tmpfs: an IOException or a failed commit, the latter naming the file or its WAL."""
+    return isinstance(err, (duckdb.IOException, duckdb.TransactionException)) or tmp.name in str(err)
 
 
 def _write(layout: Layout, tmp: Path, files: dict[str, list[str]]) -> None:
@@ -126,8 +134,8 @@ def _write(layout: Layout, tmp: Path, files: dict[str, list[str]]) -> None:
             try:
                 con.execute(f"CREATE VIEW {_ident(table.name)} AS {view_sql(table, files[table.name])}")
             except duckdb.Error as err:  # a view binds to its parts: a damaged one stops the build
-                if isinstance(err, duckdb.IOException) and tmp.name in str(err):
-                    raise  # writing the new file failed (disk full), not reading a part
+                if tmp.name in str(err):
+                    raise  # writing the new file or its WAL failed (a full disk), not reading a part
                 raise CorruptPart(f"cannot build the catalog ({str(err).splitlines()[0][:200]}): find the bad part with "
                                   f"`whq check {layout.root}`, then `whq repair {layout.root}` quarantines its run") from None
             if table.comment:
@@ -158,17 +166,22 @@ def private_copy(layout: Layout):
     milliseconds; the file holds views and macros only). On POSIX a connection opened in
     the block keeps reading its copy after the name is removed.
     """
-    fd, name = tempfile.mkstemp(prefix="whq-catalog-", suffix=".duckdb")
-    os.close(fd)
+    try:
+        folder = tempfile.mkdtemp(prefix="whq-catalog-")
+    except OSError as err:
+        raise WarehouseError(f"cannot copy the catalog to {tempfile.gettempdir()}: {err.strerror or err}; "
+                             f"free space there, or point TMPDIR at a writable folder") from None
+    name = os.path.join(folder, layout.catalog.name)  # same file name: the database is still called `whq`
     try:
         try:
             shutil.copyfile(layout.catalog, name)
         except OSError as err:
-            raise WarehouseError(f"cannot read the catalog {layout.catalog}: {err.strerror or err}; "
-                                 f"run `whq repair {layout.root}` to rebuild it") from None
+            raise WarehouseError(f"cannot copy the catalog {layout.catalog} to {folder}: {err.strerror or err}; "
+                                 f"free space there (or point TMPDIR at a writable folder), or rebuild the catalog "
+                                 f"with `whq repair {layout.root}`") from None
         yield name
     finally:
-        os.unlink(name)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def connect(layout: Layout) -> duckdb.DuckDBPyConnection:
