@@ -381,7 +381,7 @@ def run_scenario(root: str | Path, scenario, *, run_id: str | None = None, devic
     chat_template = bool(getattr(loaded.hf_tokenizer, "chat_template", None))
 
     root = Path(root)
-    wh = warehouse.open(root) if (root / "whq.json").exists() else warehouse.init(root)
+    wh = warehouse.open_or_init(root)
     run_id = run_id or default_run_id(spec.name)
     config = {"scenario": spec.to_json(), "model": spec.model.id, "model_id": loaded.model_id, "dtype": dtype,
               "device": device, "chat_template": chat_template, "sources": list(spec.capture.sources),

@@ -41,7 +41,7 @@ def speeches(path: Path) -> list[Document]:
 def run_demo(root: str | Path, progress: bool = True, echo=print) -> None:
     root = Path(root)
     started = time.perf_counter()
-    wh = warehouse.open(root) if (root / "whq.json").exists() else warehouse.init(root)
+    wh = warehouse.open_or_init(root)
     if DEMO_RUN not in wh.run_ids():
         echo(f"capturing {DEMO_TEXT.name} through all-MiniLM-L6-v2 into {root} ...")
         summary = ingest(root, "minilm", sites=DEMO_SITES, documents=speeches(DEMO_TEXT), run_id=DEMO_RUN,

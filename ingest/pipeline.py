@@ -224,7 +224,7 @@ def ingest(
         raise BadInput("--shard-tokens must be at least 1")
     paths = [] if documents is not None else sources.check_paths(list(data))
     root = Path(root)
-    wh = warehouse.open(root) if (root / "whq.json").exists() else warehouse.init(root)
+    wh = warehouse.open_or_init(root)
     loaded = loaded or models.load(model, device, dtype)
     resolved: list[ResolvedSite] = [resolve(spec, loaded.module_names, loaded.aliases) for spec in specs]
     max_length = int(max_length or loaded.max_length)

@@ -14,9 +14,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from warehouse.errors import BadInput
+from warehouse.schema import SCENARIO_SOURCES
 
 ROLES = ("system", "user", "assistant")
-SOURCES = ("hidden_in", "hidden_out", "attn_out", "mlp_out")
 # Activation Lab calls the MLP output `mlp_down_out`.
 SOURCE_SYNONYMS = {"mlp_down_out": "mlp_out"}
 MODEL_DTYPES = ("float16", "bfloat16", "float32")
@@ -59,7 +59,7 @@ class CaptureConfig:
     top_k_probs: int = 20
     layers: tuple[int, ...] | None = None       # None: all layers
     store_dtype: str = "float16"
-    sources: tuple[str, ...] = SOURCES
+    sources: tuple[str, ...] = SCENARIO_SOURCES
     sites: tuple[str, ...] = ()
     logit_lens: int = 10
 
@@ -228,19 +228,19 @@ def _sources(reader: _Reader, hidden_states: bool, qkv: bool, mlp: bool) -> tupl
     if value is None:
         # Activation Lab's flags decide which residual-stream sources exist.
         flags = {"hidden_in": hidden_states, "hidden_out": hidden_states, "attn_out": qkv, "mlp_out": mlp}
-        return tuple(s for s in SOURCES if flags[s])
+        return tuple(s for s in SCENARIO_SOURCES if flags[s])
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list):
-        reader.fail(f"capture.sources must be a list drawn from {', '.join(SOURCES)}")
+        reader.fail(f"capture.sources must be a list drawn from {', '.join(SCENARIO_SOURCES)}")
     out = []
     for item in value:
         source = SOURCE_SYNONYMS.get(item, item)
-        if source not in SOURCES:
-            reader.fail(f"capture.sources has {item!r}: use {', '.join(SOURCES)}")
+        if source not in SCENARIO_SOURCES:
+            reader.fail(f"capture.sources has {item!r}: use {', '.join(SCENARIO_SOURCES)}")
         if source not in out:
             out.append(source)
-    return tuple(s for s in SOURCES if s in out)
+    return tuple(s for s in SCENARIO_SOURCES if s in out)
 
 
 def _capture(where: str, data) -> CaptureConfig:

@@ -205,7 +205,7 @@ def part_order(table: str, columns: dict) -> dict:
 
     Neuron-major token_neurons parts, written in small row groups (warehouse.parts), let a
     scan for one unit skip every row group whose neuron min/max excludes it: at 100M rows
-    a one-neuron scan reads ~1/20 of the rows (README "Performance"); they also compress
+    a one-neuron scan reads ~1/20 of the rows (ingest/README.md, "Performance"); they also compress
     better (runs of equal ids).
     """
     order = _neuron_major_order(columns) if table == "token_neurons" and "neuron" in columns else _document_order(columns)

@@ -123,7 +123,7 @@ def build(root: str | Path, shape: Shape, seed: int = 0, echo=None) -> float | N
     from warehouse.runwriter import RunWriter
 
     root = Path(root)
-    wh = warehouse.open(root) if (root / "whq.json").exists() else warehouse.init(root)
+    wh = warehouse.open_or_init(root)
     if shape.run_id in wh.run_ids():
         return None
     started = time.perf_counter()

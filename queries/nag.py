@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from warehouse.catalog import quote
 from warehouse.errors import BadInput
 from warehouse.names import check_label, check_name
 
@@ -73,7 +74,7 @@ def _sql_literal(value) -> str:
         return repr(value)
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_sql_literal(v) for v in value) + "]"
-    return "'" + str(value).replace("'", "''") + "'"
+    return quote(str(value))
 
 
 def select(wh, target_run: str, pool_run: str, site: str, *, fraction: float = 0.2, target_dataset: str | None = None,

@@ -1,8 +1,9 @@
 """The bad-input matrix: each bad input through the real CLI ends in exit 2 and one exact line.
 
-The README's bad-input table is generated from CASES (`python -m tests.test_bad_inputs`),
-so the table and the test cannot drift apart. A hypothesis test then throws malformed
-SPECs, scenario YAMLs and JSONL lines at the CLI: always exit 2, one line, no traceback.
+The bad-input table of warehouse/README.md is generated from CASES (by cog, through
+tests/docgen.py; `python -m tests.test_bad_inputs` prints it), so the table and the test
+cannot drift apart. A hypothesis test then throws malformed SPECs, scenario YAMLs and
+JSONL lines at the CLI: always exit 2, one line, no traceback.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ MODEL = ["--model", "config:llama-tiny", "-q", "--device", "cpu"]
 
 @dataclass(frozen=True)
 class Case:
-    input: str             # what is wrong, for the README table
+    input: str             # what is wrong, for the table in warehouse/README.md
     args: tuple            # CLI arguments; {new} fresh folder, {wh} a committed warehouse, {copy} a damaged copy of it
     message: str           # the exact line after "error: " ({new}, {wh}, {copy} filled in)
     damage: str | None = None  # how {copy} is damaged: one of DAMAGES
@@ -333,7 +334,7 @@ def _shell_word(arg: str) -> str:
 
 
 def matrix_markdown() -> str:
-    """The README's bad-input table, from CASES."""
+    """The bad-input table of warehouse/README.md, from CASES."""
     names = {"new": "NEW", "wh": "WH", "copy": "WH"}
     lines = ["| # | bad input | command | exact one-line message (exit 2) |", "|---|---|---|---|"]
     for i, case in enumerate(CASES, 1):

@@ -26,7 +26,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import warehouse
-from warehouse import maintenance
 from warehouse.errors import DamagedMetadata
 from warehouse.layout import Layout
 from warehouse.runwriter import RunWriter
@@ -117,15 +116,26 @@ def test_any_content_of_any_metadata_file_is_one_line_and_repair_recovers(name, 
         assert any(p.name.startswith("g.json.damaged") for p in (root / "runs").iterdir())
 
 
-JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
-                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
-                        st.sampled_from(["run_id", "parts", "rows", "config", "format_version", "table", "path", "bytes",
-                                         "sha256", "x"]), inner, max_size=5),
-                    max_leaves=12)
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(
+                ["run_id", "parts", "rows", "config", "format_version", "table", "path", "bytes", "sha256", "x"]
+            ),
+            inner,
+            max_size=5,
+        )
+    ),
+    max_leaves=12,
+)
 PAYLOADS = st.one_of(JSON.map(lambda v: json.dumps(v).encode()), st.binary(max_size=64))
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 @given(name=st.sampled_from(FILES[:3]), payload=PAYLOADS)
 def test_repair_recovers_from_arbitrary_metadata(name, payload, tmp_path_factory):
     root = golden_copy(tmp_path_factory.mktemp("any"))
@@ -184,13 +194,18 @@ def test_a_damaged_saved_config_names_gc_interrupted(content, tmp_path):
     assert not (root / "journal" / "x").exists() and not list((root / "data").rglob("run_id=x"))
 
 
-@pytest.mark.parametrize("line", [
-    b"garbage",
-    b'{"shard": 0, "parts": 5, "state": {}, "info": {}}',
-    b'{"shard": 0, "parts": [], "state": {"s": "../../../whq.json"}, "info": {}}',
-    b'{"shard": 0, "parts": [{"table": "documents", "path": "../../whq.json", "rows": 1, "bytes": 1, "sha256": "' + b"0" * 64 + b'"}], '
-    b'"state": {}, "info": {}}',
-])
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"garbage",
+        b'{"shard": 0, "parts": 5, "state": {}, "info": {}}',
+        b'{"shard": 0, "parts": [], "state": {"s": "../../../whq.json"}, "info": {}}',
+        b'{"shard": 0, "parts": [{"table": "documents", "path": "../../whq.json", "rows": 1, "bytes": 1, "sha256": "'
+        + b"0" * 64
+        + b'"}], '
+        b'"state": {}, "info": {}}',
+    ],
+)
 def test_a_damaged_journal_line_is_redone_and_never_reaches_outside_the_run(line, tmp_path):
     root = golden_copy(tmp_path)
     writer = interrupted(root)
@@ -223,7 +238,14 @@ def test_repair_gc_and_opens_racing_each_other_all_succeed(tmp_path):
     root = golden_copy(tmp_path)
     assert run_whq("runs", root)[0] == 0
     data_before = committed_data(root)
-    commands = [["repair", root], ["gc", root], ["runs", root], ["check", root, "--quick"], ["repair", root], ["gc", root]]
+    commands = [
+        ["repair", root],
+        ["gc", root],
+        ["runs", root],
+        ["check", root, "--quick"],
+        ["repair", root],
+        ["gc", root],
+    ]
     for round_ in range(3):
         children = [whq_child.start(args, tmp_path / f"{round_}-{i}.log") for i, args in enumerate(commands)]
         codes = [whq_child.join(child, 120) for child in children]
@@ -245,8 +267,12 @@ def test_an_open_warehouse_does_not_block_the_duckdb_shell(tmp_path):
     with warehouse.open(root) as wh:
         expected = wh.sql(query).fetchall()[0][0]
         held = wh.sql("SELECT * FROM tokens")  # a relation still open on the connection
-        shell = subprocess.run([str(DUCKDB_SHELL), str(root / "whq.duckdb"), "-csv", "-noheader", "-c", query],
-                               capture_output=True, text=True, timeout=120)
+        shell = subprocess.run(
+            [str(DUCKDB_SHELL), str(root / "whq.duckdb"), "-csv", "-noheader", "-c", query],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert shell.returncode == 0 and shell.stdout.strip() == str(expected), shell.stderr
         assert held.fetchall()
 
@@ -255,8 +281,13 @@ def test_an_open_warehouse_does_not_block_the_duckdb_shell(tmp_path):
 def test_an_open_duckdb_shell_does_not_block_a_python_session(tmp_path):
     root = golden_copy(tmp_path)
     warehouse.open(root).close()
-    shell = subprocess.Popen([str(DUCKDB_SHELL), str(root / "whq.duckdb")], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    shell = subprocess.Popen(
+        [str(DUCKDB_SHELL), str(root / "whq.duckdb")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         shell.stdin.write("SELECT 'ready';\n")
         shell.stdin.flush()

@@ -36,16 +36,45 @@ SUFFIXES = (".json", ".jsonl", ".damaged", ".tmp", ".wal", ".lock", ".done", ".p
 
 def documented(name: str) -> bool:
     """warehouse/names.py's grammar, as its docstring states it, without a regular expression."""
-    return (1 <= len(name) <= 128 and name[0] in FIRST and all(c in ALLOWED for c in name)
-            and ".." not in name and ".rank-" not in name and not name.lower().endswith(SUFFIXES))
+    return (
+        1 <= len(name) <= 128
+        and name[0] in FIRST
+        and all(c in ALLOWED for c in name)
+        and ".." not in name
+        and ".rank-" not in name
+        and not name.lower().endswith(SUFFIXES)
+    )
 
 
-PIECES = st.sampled_from(["a", "Z", "0", ".", "..", "_", "-", "/", "\\", "\n", "\x00", "\r", " ", "é", "\u202e", "=",
-                          ":", "'", ".rank-", *SUFFIXES, *(s.upper() for s in SUFFIXES)])
+PIECES = st.sampled_from(
+    [
+        "a",
+        "Z",
+        "0",
+        ".",
+        "..",
+        "_",
+        "-",
+        "/",
+        "\\",
+        "\n",
+        "\x00",
+        "\r",
+        " ",
+        "é",
+        "\u202e",
+        "=",
+        ":",
+        "'",
+        ".rank-",
+        *SUFFIXES,
+        *(s.upper() for s in SUFFIXES),
+    ]
+)
 NAMES = st.one_of(
-    st.text(max_size=140),                                                       # arbitrary unicode
-    st.lists(PIECES, max_size=8).map("".join),                                   # the dangerous pieces, combined
-    st.text(alphabet=ALLOWED, min_size=1, max_size=130),                         # near the grammar
+    st.text(max_size=140),  # arbitrary unicode
+    st.lists(PIECES, max_size=8).map("".join),  # the dangerous pieces, combined
+    st.text(alphabet=ALLOWED, min_size=1, max_size=130),  # near the grammar
     st.builds(lambda a, b: a + b, st.text(alphabet=ALLOWED, min_size=1, max_size=20), PIECES),
 )
 
@@ -67,16 +96,42 @@ def test_an_accepted_name_is_one_safe_path_component_inside_the_warehouse(name):
     assert name.isascii() and name.isprintable() and name not in (".", "..")
     assert os.sep not in name and Path(name).name == name and os.path.normpath(name) == name
     layout = Layout(root)
-    paths = [layout.manifest(name), layout.journal_dir(name), layout.partition_dir("documents", name),
-             layout.partition_dir("token_neurons", name, name, 3)]
+    paths = [
+        layout.manifest(name),
+        layout.journal_dir(name),
+        layout.partition_dir("documents", name),
+        layout.partition_dir("token_neurons", name, name, 3),
+    ]
     for path in paths:
         assert os.path.normpath(path) == str(path) and path.is_relative_to(layout.root)
     assert layout.manifest(name).parent == layout.runs_dir
     assert layout.journal_dir(name).parent == layout.journal_root
 
 
-@pytest.mark.parametrize("name", ["../whq", "../../victim", "r\n", "\nr", "r\x00", "..", ".", "", "a/b", "a\\b", "a..b",
-                                  "R.JSON", "r.json.damaged", "w.rank-0", "-r", "é", "x" * 129, None, 5])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "../whq",
+        "../../victim",
+        "r\n",
+        "\nr",
+        "r\x00",
+        "..",
+        ".",
+        "",
+        "a/b",
+        "a\\b",
+        "a..b",
+        "R.JSON",
+        "r.json.damaged",
+        "w.rank-0",
+        "-r",
+        "é",
+        "x" * 129,
+        None,
+        5,
+    ],
+)
 def test_every_layout_path_refuses_a_bad_name(name):
     layout = Layout("/srv/wh")
     builds = [layout.manifest, layout.journal_dir, layout.run_data_dirs, lambda n: layout.partition_dir("documents", n)]
@@ -90,8 +145,11 @@ def test_every_layout_path_refuses_a_bad_name(name):
 @settings(max_examples=300, deadline=None)
 @given(label=st.text(max_size=300))
 def test_labels_are_any_text_without_control_characters(label):
-    bad = (not label.strip() or len(label) > 256
-           or any(ord(c) < 32 or 0x7F <= ord(c) < 0xA0 or c in "\u2028\u2029\u200b\u202e\ufeff" for c in label))
+    bad = (
+        not label.strip()
+        or len(label) > 256
+        or any(ord(c) < 32 or 0x7F <= ord(c) < 0xA0 or c in "\u2028\u2029\u200b\u202e\ufeff" for c in label)
+    )
     try:
         check_label("dataset", label)
         accepted = True
@@ -130,8 +188,12 @@ def test_python_api_refuses_a_path_as_run_id(wh):
     from warehouse.maintenance import delete_run
 
     with warehouse.open(wh) as opened:
-        for call in (lambda: opened.manifest("../whq"), lambda: opened.files("documents", "../whq"),
-                     lambda: frames.scan(opened, "documents", "g\n"), lambda: delete_run(opened, "../whq")):
+        for call in (
+            lambda: opened.manifest("../whq"),
+            lambda: opened.files("documents", "../whq"),
+            lambda: frames.scan(opened, "documents", "g\n"),
+            lambda: delete_run(opened, "../whq"),
+        ):
             with pytest.raises(BadInput):
                 call()
         assert opened.run_ids() == ["g"]
@@ -155,7 +217,9 @@ def test_a_run_id_with_a_newline_committed_by_an_older_whq_is_repaired(wh):
     assert code == 2 and err.count("\n") == 1 and "is not a valid run id" in err and f"whq repair {wh}" in err, err
     code, out, err = run_whq("repair", wh)
     assert code == 0, err
-    assert "set the damaged manifest of run 'g\\n' aside" in out and all(line.isprintable() for line in out.splitlines())
+    assert "set the damaged manifest of run 'g\\n' aside" in out and all(
+        line.isprintable() for line in out.splitlines()
+    )
     code, out, err = run_whq("runs", wh, "--format", "json")
     assert code == 0 and [r["run_id"] for r in json.loads(out)] == ["g"], err
     code, out, err = run_whq("check", wh)

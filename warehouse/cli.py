@@ -14,6 +14,7 @@ from typing import Optional
 
 import typer
 
+from .cli_options import FormatOption, OutputFormat, SqlEngine, SqlEngineOption, WarehouseArg
 from .errors import WarehouseError
 
 try:  # recent typer vendors click
@@ -34,7 +35,7 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def _print_table(df, fmt: str) -> None:
+def _print_table(df, fmt: OutputFormat) -> None:
     if fmt == "csv":
         import polars as pl
 
@@ -64,9 +65,9 @@ def init(root: Path = typer.Argument(..., help="Folder of the new warehouse.")):
 
 @app.command()
 def runs(
-    root: Path = typer.Argument(..., help="Warehouse folder."),
+    root: WarehouseArg,
     delete: Optional[str] = typer.Option(None, "--delete", help="Delete this run atomically."),
-    fmt: str = typer.Option("table", "--format", help="table, csv or json."),
+    fmt: FormatOption = OutputFormat.table,
 ):
     """List committed runs (or delete one).
 
@@ -89,11 +90,11 @@ def runs(
 
 @app.command()
 def sql(
-    root: Path = typer.Argument(..., help="Warehouse folder."),
+    root: WarehouseArg,
     query: str = typer.Argument(..., help="SQL to run; the tables and macros of the catalog are in scope."),
-    fmt: str = typer.Option("table", "--format", help="table, csv or json."),
+    fmt: FormatOption = OutputFormat.table,
     read_only: bool = typer.Option(False, "--read-only", help="Refuse anything but queries (for untrusted SQL)."),
-    engine: str = typer.Option("duckdb", "--engine", help="duckdb, or spark to run the same SQL on Spark."),
+    engine: SqlEngineOption = SqlEngine.duckdb,
 ):
     """Run SQL against a warehouse.
 
@@ -109,8 +110,6 @@ def sql(
             _fail("--read-only runs on the duckdb engine only: drop --engine spark for untrusted SQL")
         _print_table(spark_sql(wh, query), fmt)
         return
-    if engine != "duckdb":
-        _fail(f"unknown engine {engine!r}: use duckdb or spark")
     rel = wh.sql(query, read_only=read_only)
     if rel is None:
         typer.echo("ok")
@@ -221,7 +220,7 @@ def demo(
 
 @app.command()
 def check(
-    root: Path = typer.Argument(..., help="Warehouse folder."),
+    root: WarehouseArg,
     quick: bool = typer.Option(False, "--quick", help="Skip the sha256 of each part (sizes, rows and schemas only)."),
 ):
     """Verify every committed part against its manifest (exists, bytes, rows, sha256, schema).
@@ -244,7 +243,7 @@ def check(
 
 
 @app.command()
-def repair(root: Path = typer.Argument(..., help="Warehouse folder.")):
+def repair(root: WarehouseArg):
     """Quarantine runs with missing or corrupt parts (others stay queryable) and rebuild the catalog.
 
     Example: whq repair wh
@@ -257,7 +256,7 @@ def repair(root: Path = typer.Argument(..., help="Warehouse folder.")):
 
 @app.command()
 def gc(
-    root: Path = typer.Argument(..., help="Warehouse folder."),
+    root: WarehouseArg,
     interrupted: bool = typer.Option(False, "--interrupted", help="Also discard interrupted (resumable) runs."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List what would be removed, remove nothing."),
 ):
@@ -276,7 +275,7 @@ def gc(
 
 @app.command()
 def report(
-    root: Path = typer.Argument(..., help="Warehouse folder."),
+    root: WarehouseArg,
     run: str = typer.Option(..., "--run", "-r", help="Scenario run to report on."),
     out: Path = typer.Option(Path("report.html"), "--out", "-o", help="HTML file to write (self-contained, opens offline)."),
     csv: Optional[Path] = typer.Option(None, "--csv", help="Also write Activation Lab's four CSV summaries into this folder."),
@@ -308,12 +307,12 @@ app.add_typer(bench_app, name="bench")
 def _rel_to_polars(rel):
     import duckdb
 
-    from .errors import QueryError
+    from .errors import sql_error
 
     try:
         return rel.pl()
     except duckdb.Error as err:
-        raise QueryError(f"SQL error: {str(err).splitlines()[0]}") from None
+        raise sql_error(err) from None
 
 
 def main() -> None:

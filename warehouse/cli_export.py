@@ -7,12 +7,14 @@ from typing import Optional
 
 import typer
 
+from .cli_options import WarehouseArg
+
 export_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Write a run's analyses as files for viewers.")
 
 
 @export_app.command()
 def features(
-    root: Path = typer.Argument(..., help="Warehouse folder."),
+    root: WarehouseArg,
     run: str = typer.Option(..., "--run", help="Run id."),
     site: str = typer.Option(..., "--site", help="Site captured with examples=N or threshold=T (e.g. mlp.act)."),
     out: Path = typer.Option(..., "--out", help="Output folder (features/, feature_metadata.json, packed/)."),

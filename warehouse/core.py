@@ -10,11 +10,11 @@ from pathlib import Path
 import duckdb
 
 from . import catalog, metadata, schema
-from .errors import NotAWarehouse, QueryError, UnknownRun, WarehouseError
+from .errors import NotAWarehouse, UnknownRun, WarehouseError, sql_error
 from .faults import fault
 from .layout import FORMAT_VERSION, Layout
 from .locks import locked, try_lock
-from .names import check_name, is_valid_name
+from .names import is_valid_name
 
 
 def init(path: str | Path) -> "Warehouse":
@@ -51,6 +51,11 @@ def write_marker(layout: Layout) -> None:
 def open(path: str | Path) -> "Warehouse":  # noqa: A001 - mirrors duckdb.connect / sqlite-utils style
     """Open an existing warehouse; regenerates its catalog if it is stale or was moved."""
     return Warehouse(path)
+
+
+def open_or_init(path: str | Path) -> "Warehouse":
+    """Open the warehouse at `path`, creating it first when the folder holds none (what an ingest wants)."""
+    return open(path) if Layout(path).marker.exists() else init(path)
 
 
 class Warehouse:
@@ -116,7 +121,7 @@ class Warehouse:
         return [m["run_id"] for m in catalog.committed_manifests(self.layout)]
 
     def manifest(self, run_id: str) -> dict:
-        path = self.layout.manifest(check_name("run id", run_id))
+        path = self.layout.manifest(run_id)  # checks the name
         if not path.exists():
             known = ", ".join(self.run_ids()) or "none yet"
             raise UnknownRun(f"no committed run {run_id!r} in {self.root} (runs: {known}); list them with `whq runs {self.root}`")
@@ -167,7 +172,7 @@ class Warehouse:
         try:
             return con.sql(query, params=params)
         except duckdb.Error as err:
-            raise QueryError(f"SQL error: {str(err).splitlines()[0]}") from None
+            raise sql_error(err) from None
 
     def pl(self, query: str, params=None):
         """Run SQL and return a polars DataFrame."""
@@ -175,7 +180,7 @@ class Warehouse:
         try:
             return rel.pl()
         except duckdb.Error as err:
-            raise QueryError(f"SQL error: {str(err).splitlines()[0]}") from None
+            raise sql_error(err) from None
 
     def close(self) -> None:
         for attr in ("_con", "_guarded_con"):

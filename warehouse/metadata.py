@@ -60,8 +60,12 @@ def check_part(part, run_id: str) -> dict:
     if table not in schema.tables():
         raise Shape(f"a part names unknown table {table!r}")
     path = PurePosixPath(_field(part, "path", str, "a part"))
-    if (path.is_absolute() or ".." in path.parts or path.parts[:3] != ("data", table, f"run_id={run_id}")
-            or path.suffix != ".parquet"):
+    if (
+        path.is_absolute()
+        or ".." in path.parts
+        or path.parts[:3] != ("data", table, f"run_id={run_id}")
+        or path.suffix != ".parquet"
+    ):
         raise Shape(f"part path {str(path)!r} is not a part of run {run_id!r}")
     for key in ("rows", "bytes"):
         if _field(part, key, int, "a part") < 0:
@@ -90,8 +94,11 @@ def manifest(layout: Layout, path: Path) -> dict:
             raise Shape(f"{path.stem!r} is not a valid run id")
         return check_manifest(read_json(path), path.stem)
     except Shape as what:
-        raise DamagedMetadata(f"manifest {path} is damaged ({what}): run `whq repair {layout.root}` to set it aside "
-                              f"(the other runs stay queryable)", str(what)) from None
+        raise DamagedMetadata(
+            f"manifest {path} is damaged ({what}): run `whq repair {layout.root}` to set it aside "
+            f"(the other runs stay queryable)",
+            str(what),
+        ) from None
 
 
 def quarantine(layout: Layout) -> set[str]:
@@ -103,8 +110,11 @@ def quarantine(layout: Layout) -> set[str]:
         if not isinstance(runs, list) or not all(is_valid_name(r) for r in runs):
             raise Shape("not a list of run ids")
     except Shape as what:
-        raise DamagedMetadata(f"{layout.quarantine} is damaged ({what}): run `whq repair {layout.root}` to rebuild it "
-                              f"(repair checks every run again)", str(what)) from None
+        raise DamagedMetadata(
+            f"{layout.quarantine} is damaged ({what}): run `whq repair {layout.root}` to rebuild it "
+            f"(repair checks every run again)",
+            str(what),
+        ) from None
     return set(runs)
 
 
@@ -115,24 +125,31 @@ def format_version(layout: Layout) -> int:
         if version < 1:
             raise Shape(f"format version {version} is not a version")
     except Shape as what:
-        raise DamagedMetadata(f"{layout.marker} is damaged ({what}): restore it, or rewrite it with "
-                              f"`whq repair {layout.root}`") from None
+        raise DamagedMetadata(
+            f"{layout.marker} is damaged ({what}): restore it, or rewrite it with `whq repair {layout.root}`"
+        ) from None
     if version > FORMAT_VERSION:
-        raise NotAWarehouse(f"{layout.root} has format version {version}, newer than this whq reads "
-                            f"({FORMAT_VERSION}): upgrade whq (pip install -U whq)")
+        raise NotAWarehouse(
+            f"{layout.root} has format version {version}, newer than this whq reads "
+            f"({FORMAT_VERSION}): upgrade whq (pip install -U whq)"
+        )
     return version
 
 
 def catalog_file(layout: Layout) -> None:
     """DamagedMetadata when something other than a file (a folder) sits where the catalog belongs."""
     if (layout.catalog.exists() or layout.catalog.is_symlink()) and not layout.catalog.is_file():
-        raise DamagedMetadata(f"{layout.catalog} is not a file: move it away (whq regenerates the catalog), "
-                              f"or run `whq repair {layout.root}` to set it aside")
+        raise DamagedMetadata(
+            f"{layout.catalog} is not a file: move it away (whq regenerates the catalog), "
+            f"or run `whq repair {layout.root}` to set it aside"
+        )
 
 
 def _interrupted(layout: Layout, path: Path, what) -> DamagedMetadata:
-    return DamagedMetadata(f"{path} is damaged ({what}): discard the interrupted run with "
-                           f"`whq gc {layout.root} --interrupted`, then ingest it again")
+    return DamagedMetadata(
+        f"{path} is damaged ({what}): discard the interrupted run with "
+        f"`whq gc {layout.root} --interrupted`, then ingest it again"
+    )
 
 
 def journal_config(layout: Layout, path: Path) -> dict:

@@ -58,7 +58,11 @@ def check_name(kind: str, name: object) -> str:
 
 def check_label(kind: str, label: object) -> str:
     """`label` if it is a valid dataset or role label; BadInput otherwise."""
-    if (not isinstance(label, str) or not 1 <= len(label) <= MAX_LABEL or not label.strip()
-            or any(unicodedata.category(c)[0] == "C" or unicodedata.category(c) in ("Zl", "Zp") for c in label)):
+    if (
+        not isinstance(label, str)
+        or not 1 <= len(label) <= MAX_LABEL
+        or not label.strip()
+        or any(unicodedata.category(c)[0] == "C" or unicodedata.category(c) in ("Zl", "Zp") for c in label)
+    ):
         raise BadInput(f"invalid {kind} {label!r}: use text of 1 to {MAX_LABEL} characters without control characters")
     return label

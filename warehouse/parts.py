@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from .errors import WarehouseError
 from .faults import fault
 
-# token_neurons (measured on MiniLM top-20 parts, README "Performance"): in neuron-major parts
+# token_neurons (measured on MiniLM top-20 parts, ingest/README.md, "Performance"): in neuron-major parts
 # the doc/pos columns delta-encode to a fraction of a byte a row, and neuron ids (long runs) and
 # FLOAT16 values compress best as PLAIN under zstd. Level 3 rather than 6: 2.51 vs 2.49 bytes
 # per entry, but encoding is 30% faster, and it runs beside the model on the same cores.

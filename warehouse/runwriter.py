@@ -27,8 +27,8 @@ from . import catalog, metadata, schema
 from .errors import BadInput, RunExists, WarehouseError
 from .faults import fault
 from .layout import FORMAT_VERSION, Layout
-from .names import check_name
 from .locks import locked, try_lock
+from .names import check_name
 from .parts import PartInfo, side_by_side, write_bytes_atomic, write_part
 
 VOLATILE_CONFIG_KEYS = {"resume", "progress", "started_at"}
@@ -61,7 +61,7 @@ class RunWriter:
         self._check_config(resume)
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
         (self.journal_dir / f"rank-{rank}.done").unlink(missing_ok=True)
-        self.shards = self._read_journal()
+        self.shards = read_journal(self.journal, self.run_id)
         self._delete_unjournalled_parts()
         if resume:
             fault("resume.cleaned")
@@ -95,17 +95,6 @@ class RunWriter:
             if self.rank == 0:
                 payload = _canonical(self.config).encode()
                 write_bytes_atomic(payload, saved, self.tmp_dir, "config")
-
-    def _read_journal(self) -> list[dict]:
-        if not self.journal.exists():
-            return []
-        shards = []
-        for line in self.journal.read_text(errors="replace").splitlines():
-            record = metadata.journal_record(line, len(shards), self.run_id)
-            if record is None:
-                break  # a torn last line (or a damaged one): that shard and the ones after it are redone
-            shards.append(record)
-        return shards
 
     def _journalled_paths(self) -> set[str]:
         return {p["path"] for s in self.shards for p in s["parts"]}
@@ -194,9 +183,7 @@ class RunWriter:
         """The journalled shards of one rank (this writer's own, or another rank's from its journal)."""
         if rank == self.rank:
             return self.shards
-        other = RunWriter.__new__(RunWriter)
-        other.journal, other.run_id = self.journal_dir / f"rank-{rank}.jsonl", self.run_id
-        return other._read_journal()
+        return read_journal(self.journal_dir / f"rank-{rank}.jsonl", self.run_id)
 
     def rank_state(self, rank: int, name: str) -> pa.Table | None:
         """The resume state another rank saved with its last shard (rank 0 merges them at commit)."""
@@ -299,3 +286,17 @@ def write_run(layout: Layout, run_id: str, parts, config: dict | None = None) ->
     writer = RunWriter(layout, run_id, config or {"source": "write_run"})
     writer.commit_shard(parts)
     return writer.commit([], dt.datetime.now(dt.timezone.utc))
+
+
+def read_journal(journal: Path, run_id: str) -> list[dict]:
+    """The shards a rank's journal records as complete, in order, up to the first torn, out-of-order
+    or damaged line (metadata.journal_record): that shard and the ones after it are redone."""
+    if not journal.exists():
+        return []
+    shards = []
+    for line in journal.read_text(errors="replace").splitlines():
+        record = metadata.journal_record(line, len(shards), run_id)
+        if record is None:
+            break
+        shards.append(record)
+    return shards
