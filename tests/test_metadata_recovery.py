@@ -51,10 +51,10 @@ CONTENTS = {
 FILES = ["runs/g.json", "whq.json", "quarantine.json", "whq.duckdb"]
 
 
-def committed_data(root: Path) -> str:
-    """sha256 over every file under data/ (path and bytes): what no command may change."""
+def committed_data(root: Path, run: str = "g") -> str:
+    """sha256 over every file of the run under data/ (path and bytes): what no command may change."""
     digest = hashlib.sha256()
-    for path in sorted(p for p in (root / "data").rglob("*") if p.is_file()):
+    for path in sorted(p for p in (root / "data").rglob("*") if p.is_file() and f"/run_id={run}/" in p.as_posix()):
         digest.update(path.relative_to(root).as_posix().encode() + path.read_bytes())
     return digest.hexdigest()
 
@@ -234,11 +234,13 @@ def test_a_repair_that_cannot_write_is_told_to_rerun_repair_not_resume(tmp_path,
     assert code == 0 and "quarantined run g" in out
 
 
-def test_repair_gc_and_opens_racing_each_other_all_succeed(tmp_path):
+def test_repair_gc_ingest_and_opens_racing_each_other_all_succeed(tmp_path, sample_jsonl):
+    from .test_faults import ingest_args
+
     root = golden_copy(tmp_path)
     assert run_whq("runs", root)[0] == 0
     data_before = committed_data(root)
-    commands = [
+    maintenance = [
         ["repair", root],
         ["gc", root],
         ["runs", root],
@@ -247,13 +249,17 @@ def test_repair_gc_and_opens_racing_each_other_all_succeed(tmp_path):
         ["gc", root],
     ]
     for round_ in range(3):
+        commands = [ingest_args(root, sample_jsonl, f"r{round_}"), *maintenance]
         children = [whq_child.start(args, tmp_path / f"{round_}-{i}.log") for i, args in enumerate(commands)]
-        codes = [whq_child.join(child, 120) for child in children]
+        codes = [whq_child.join(child, 300) for child in children]
         logs = [(tmp_path / f"{round_}-{i}.log").read_text() for i in range(len(commands))]
         assert codes == [0] * len(commands), logs
+    code, out, err = run_whq("runs", root, "--format", "json")
+    assert code == 0 and sorted(r["run_id"] for r in json.loads(out)) == ["g", "r0", "r1", "r2"], err
+    assert run_whq("check", root)[0] == 0
     assert committed_data(root) == data_before
     assert not list(root.glob(".whq.duckdb.*"))
-    assert not (root / "tmp").exists() or not any((root / "tmp").iterdir())
+    assert not any((root / "tmp").iterdir()) and not any((root / "journal").iterdir())
 
 
 # -- the stock duckdb shell beside a Python session ------------------------------------------------
