@@ -42,6 +42,7 @@ class ShardDocs:
 
 def default_run_id(model: str) -> str:
     stem = re.sub(r"[^A-Za-z0-9_.\-]", "-", Path(model.split(":")[0]).name or model).strip("-.") or "run"
+    stem = re.sub(r"\.{2,}", ".", stem)  # '..' is not allowed in a run id (warehouse/names.py)
     return f"{stem[:40]}-{dt.datetime.now(dt.timezone.utc):%Y%m%d-%H%M%S}"
 
 

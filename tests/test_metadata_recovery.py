@@ -220,6 +220,24 @@ def test_a_damaged_journal_line_is_redone_and_never_reaches_outside_the_run(line
     assert (root / "whq.json").exists() and not list((root / "data").rglob("run_id=x/*.parquet"))
 
 
+def test_an_unreadable_resume_state_names_gc_interrupted(tmp_path):
+    import pyarrow as pa
+
+    root = golden_copy(tmp_path)
+    warehouse.open(root).close()
+    writer = RunWriter(Layout(root), "x", {"source": "test"})
+    writer.commit_shard([], state={"s": pa.table({"n": [1, 2]})})
+    writer.close()
+    (state,) = (root / "journal" / "x" / "state" / "rank-0").iterdir()
+    state.write_bytes(b"not parquet")
+    resumed = RunWriter(Layout(root), "x", {"source": "test"}, resume=True)
+    try:
+        with pytest.raises(DamagedMetadata, match=r"resume state .* is unreadable .*`whq gc .* --interrupted`"):
+            resumed.state("s")
+    finally:
+        resumed.close()
+
+
 # -- advice that fits ------------------------------------------------------------------------------
 def test_a_repair_that_cannot_write_is_told_to_rerun_repair_not_resume(tmp_path, monkeypatch):
     root = golden_copy(tmp_path)

@@ -226,3 +226,12 @@ def test_a_run_id_with_a_newline_committed_by_an_older_whq_is_repaired(wh):
     assert code == 0 and "all verify" in out, out + err
     code, out, err = run_whq("gc", wh, "--dry-run")  # the set-aside run's data is kept for its owner
     assert code == 0 and "would remove 0 item(s)" in out, out
+
+
+@pytest.mark.parametrize(
+    "model", ["minilm", "models/Qwen3-0.6B", "models/a..b", "config:qwen3-tiny", "/x/..hidden...", "é/ü"]
+)
+def test_the_default_run_id_is_a_valid_name(model):
+    from ingest.pipeline import default_run_id
+
+    assert is_valid_name(default_run_id(model))

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import catalog, metadata, schema
-from .errors import BadInput, RunExists, WarehouseError
+from .errors import BadInput, DamagedMetadata, RunExists, WarehouseError
 from .faults import fault
 from .layout import FORMAT_VERSION, Layout
 from .locks import locked, try_lock
@@ -123,7 +123,7 @@ class RunWriter:
         """The resume state saved with the last completed shard."""
         if not self.shards or name not in self.shards[-1]["state"]:
             return None
-        return pq.read_table(self.state_dir / self.shards[-1]["state"][name])
+        return self._read_state(self.state_dir / self.shards[-1]["state"][name])
 
     # -- writing ----------------------------------------------------------
     def _part_path(self, table: str, site, layer, seq: str) -> Path:
@@ -190,7 +190,16 @@ class RunWriter:
         shards = self.rank_shards(rank)
         if not shards or name not in shards[-1]["state"]:
             return None
-        return pq.read_table(self.journal_dir / "state" / f"rank-{rank}" / shards[-1]["state"][name])
+        return self._read_state(self.journal_dir / "state" / f"rank-{rank}" / shards[-1]["state"][name])
+
+    def _read_state(self, path: Path) -> pa.Table:
+        try:
+            return pq.read_table(path)
+        except (pa.ArrowException, OSError) as err:  # running totals cannot be redone shard by shard
+            raise DamagedMetadata(
+                f"resume state {path} is unreadable ({str(err).splitlines()[0][:120]}): discard the interrupted run "
+                f"with `whq gc {self.layout.root} --interrupted`, then ingest it again"
+            ) from None
 
     def run_shard_info(self) -> list[dict]:
         """Shard info of every rank (call on rank 0 once the ranks have finished)."""
