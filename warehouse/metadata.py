@@ -174,6 +174,6 @@ def journal_record(line: str, shard: int, run_id: str) -> dict | None:
         if not all(isinstance(f, str) and _STATE_FILE.fullmatch(f) and ".." not in f for f in state.values()):
             return None
         _field(record, "info", dict, "a journal line")
-    except ValueError:  # Shape is a ValueError, as is a torn line's JSONDecodeError
+    except (ValueError, RecursionError):  # Shape is a ValueError, as is a torn line's JSONDecodeError
         return None
     return record
