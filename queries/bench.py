@@ -119,7 +119,7 @@ def _documents(first_doc: int, n_docs: int, doc_len: int, token_ids: np.ndarray)
 
 def build(root: str | Path, shape: Shape, seed: int = 0, echo=None) -> float | None:
     """Write the synthetic run unless it is already committed; returns seconds spent (None: reused)."""
-    from ingest.writer import part_order, to_arrow
+    from warehouse.parts import part_order, to_arrow
     from warehouse.runwriter import RunWriter
 
     root = Path(root)

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from warehouse import ranges
 from warehouse.catalog import quote
 from warehouse.errors import BadInput
 from warehouse.names import check_label, check_name
@@ -85,6 +86,8 @@ def select(wh, target_run: str, pool_run: str, site: str, *, fraction: float = 0
     _check_names(target_run, pool_run, site, target_dataset, pool_dataset)
     if quality_column is not None and not _IDENTIFIER.match(quality_column):
         raise BadInput(f"quality column {quality_column!r} is not a plain name: use the key of the score in the source's extra columns")
+    ranges.share("--fraction", fraction)
+    ranges.positive("--power", power)
     named = {"target_dataset": target_dataset, "pool_dataset": pool_dataset, "layers": layers, "power": power,
              "fraction": fraction, "target_role": target_role, "pool_role": pool_role}
     if quality_column is not None:

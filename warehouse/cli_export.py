@@ -30,6 +30,12 @@ def features(
     import warehouse
     from queries.export import write_features
 
+    from . import ranges
+
+    ranges.at_least("--top", top, 0)
+    ranges.at_least("--random", random, 0)
+    for layer in layers or []:
+        ranges.at_least("--layers", layer, 0)
     wh = warehouse.open(root)
     written = write_features(wh, run, site, out, layers, k=top, n_random=random, seed=seed)
     total = sum(written.values())

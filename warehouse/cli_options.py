@@ -29,3 +29,6 @@ WarehouseArg = Annotated[Path, typer.Argument(help="Warehouse folder.")]
 FormatOption = Annotated[OutputFormat, typer.Option("--format", help="How to print the rows: table, csv or json.")]
 SqlEngineOption = Annotated[SqlEngine, typer.Option("--engine", help="duckdb, or spark to run the same SQL on Spark.")]
 FrameEngineOption = Annotated[FrameEngine, typer.Option("--engine", help="sql (DuckDB) or polars.")]
+# Free-form (cuda:N), so checked by ingest.options.check_device / check_dtype, whose errors name the choices.
+DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+DtypeOption = Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16.")]

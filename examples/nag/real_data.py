@@ -105,7 +105,7 @@ def main() -> None:
         if run not in wh.run_ids():
             summary = ingest(args.root, model, sites=["mlp.up:nag=20"], documents=docs, run_id=run, batch_size=16,
                              max_length=128, device="cpu", progress=False)
-            print(f"{run}: {summary['documents']} documents, {summary['tokens']:,} tokens in {summary['seconds']:.1f} s")
+            print(f"{run}: {summary.documents} documents, {summary.tokens:,} tokens in {summary.seconds:.1f} s")
     wh = warehouse.open(args.root)
     for run, model in MODELS.items():
         print(f"\n### {model}: {len(docs) - TARGETS} pool documents, target = {TARGETS} Shakespeare passages, "
