@@ -291,6 +291,7 @@ def test_an_open_warehouse_does_not_block_the_duckdb_shell(tmp_path):
     with warehouse.open(root) as wh:
         expected = wh.sql(query).fetchall()[0][0]
         held = wh.sql("SELECT * FROM tokens")  # a relation still open on the connection
+        guarded = wh.sql(query, read_only=True).fetchall()[0][0]  # the untrusted-SQL connection is open too
         shell = subprocess.run(
             [str(DUCKDB_SHELL), str(root / "whq.duckdb"), "-csv", "-noheader", "-c", query],
             capture_output=True,
@@ -299,6 +300,7 @@ def test_an_open_warehouse_does_not_block_the_duckdb_shell(tmp_path):
         )
         assert shell.returncode == 0 and shell.stdout.strip() == str(expected), shell.stderr
         assert held.fetchall()
+        assert guarded == expected
 
 
 @pytest.mark.skipif(not DUCKDB_SHELL.exists(), reason="the duckdb shell (duckdb-cli, test extra) is not installed")

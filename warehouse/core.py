@@ -151,7 +151,8 @@ class Warehouse:
         # against SET. The catalog is attached to a private in-memory instance, because
         # connections to one file share one instance and its (then locked) settings.
         con = duckdb.connect(":memory:")
-        con.execute(f"ATTACH {catalog.quote(str(self.layout.catalog))} AS whq_catalog (READ_ONLY)")
+        with catalog.private_copy(self.layout) as name:  # never lock whq.duckdb against the stock shell
+            con.execute(f"ATTACH {catalog.quote(name)} AS whq_catalog (READ_ONLY)")
         con.execute("USE whq_catalog")
         con.execute("SET temp_directory = ''")
         if memory_limit is not None:
