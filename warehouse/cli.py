@@ -294,6 +294,30 @@ def report(
         typer.echo(f"wrote {path}")
 
 
+@app.command()
+def serve(
+    root: Path = typer.Argument(..., help="Warehouse folder."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8050, "--port", help="TCP port."),
+):
+    """Browse the warehouse's runs, sites and units in a web browser (Ctrl-C stops the server).
+
+    Example: whq serve wh --port 8050
+    """
+    import uvicorn
+
+    import warehouse
+    from queries.server import create_app
+
+    wh = warehouse.open(root)
+    app_ = create_app(wh)
+    typer.echo(f"serving {wh.root} at http://{host}:{port}/ (Ctrl-C stops)")
+    try:
+        uvicorn.run(app_, host=host, port=port, log_level="warning")
+    except SystemExit:  # uvicorn exits 1 when it cannot bind
+        _fail(f"cannot listen on {host}:{port}: is the port in use? pick another with --port")
+
+
 from .cli_export import export_app  # noqa: E402 - sub-apps are registered after the commands
 
 app.add_typer(export_app, name="export")

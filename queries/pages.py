@@ -1,0 +1,359 @@
+"""Unit pages: the HTML views of `whq serve` and `whq export site`, built from the macros.
+
+Each page is a pure function of the warehouse: a `*_page` function gathers the macros'
+rows into a dict and renders one Jinja2 template of queries/templates/. Where a page's
+links point is the only thing that differs between the server and the static export:
+`Links` gives the server's routes, `Links(static_from=...)` the exported files relative
+to the page being written. Charts are queries/charts.py's altair charts, drawn in the
+browser by vega-embed from vl-convert's bundle, served once (/_whq/vega.js, or vega.js
+beside the exported files) rather than inlined in every page: a site of 9,216 unit pages
+would otherwise carry 0.9 MB of JavaScript in each.
+
+Reads go through `Reader`: the trusted macros on a per-thread cursor of one read-only
+connection (the server answers from a thread pool), and the SQL box's untrusted text
+through `Warehouse.sql(read_only=True)`, the same guarded path as `whq sql --read-only`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import posixpath
+import threading
+from functools import lru_cache
+from pathlib import Path
+from urllib.parse import quote, urlencode
+
+import duckdb
+import polars as pl
+
+from warehouse.errors import BadInput, NotFound, QueryError, UnknownRun
+
+from . import charts
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+PAGE_SIZE = 100          # units per page of the run/site table (server; the export lists a layer on one page)
+TOP_K, N_RANDOM = 20, 10
+BEFORE, AFTER = 24, 8    # tokens of context shown before / after the firing token
+SQL_ROWS = 1000          # rows of the SQL box's table (the CSV download has them all)
+SORTS = {"neuron": "neuron", "rate": "rate", "mean": "mean", "max": "max", "selectivity": "selectivity"}
+
+
+@lru_cache(maxsize=1)
+def vega_bundle() -> str:
+    """vega + vega-lite + vega-embed from vl-convert, for the Vega-Lite version altair writes."""
+    import altair
+    import vl_convert
+
+    version = ".".join(altair.SCHEMA_VERSION.lstrip("v").split(".")[:2])
+    return vl_convert.javascript_bundle(vl_version=version)
+
+
+@lru_cache(maxsize=1)
+def environment():
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
+                             trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
+    env.filters["num"] = _number
+    return env
+
+
+def _number(value, digits: int = 4) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "NaN"
+        return f"{value:,.{digits}g}" if abs(value) < 1e6 else f"{value:,.0f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+# -- links -------------------------------------------------------------------------------------
+
+class Links:
+    """The URLs a page links to: server routes, or (static_from = the page's own path inside an
+    export) relative paths to the exported files, None where the export has no such page."""
+
+    def __init__(self, static_from: str | None = None):
+        self.static_from = static_from
+
+    @property
+    def static(self) -> bool:
+        return self.static_from is not None
+
+    def _rel(self, path: str) -> str:
+        return posixpath.relpath(path, posixpath.dirname(self.static_from) or ".")
+
+    def vega(self) -> str:
+        return self._rel("vega.js") if self.static else "/_whq/vega.js"
+
+    def home(self) -> str | None:
+        return None if self.static else "/"
+
+    def site(self, run: str, site: str, layer: int | None = None, **params) -> str:
+        if self.static:
+            return self._rel(f"layer-{layer}.html" if layer is not None else "index.html")
+        query = {k: v for k, v in {"layer": layer, **params}.items() if v is not None}
+        return f"/{quote(run, safe='')}/{quote(site, safe='')}" + (f"?{urlencode(query)}" if query else "")
+
+    def unit(self, run: str, site: str, layer: int, unit: int) -> str:
+        if self.static:
+            return self._rel(f"{layer}/{unit}.html")
+        return f"/{quote(run, safe='')}/{quote(site, safe='')}/{layer}/{unit}"
+
+    def tokens(self, run: str, site: str, text: str | None = None) -> str | None:
+        if self.static:
+            return None
+        return f"/{quote(run, safe='')}/{quote(site, safe='')}/tokens" + (f"?{urlencode({'q': text})}" if text else "")
+
+    def sql(self, query: str | None = None, csv: bool = False) -> str | None:
+        if self.static:
+            return None
+        return ("/sql.csv" if csv else "/sql") + (f"?{urlencode({'q': query})}" if query else "")
+
+
+# -- reads -------------------------------------------------------------------------------------
+
+class Reader:
+    """The pages' reads: trusted macros on per-thread cursors, untrusted SQL on the guarded path."""
+
+    def __init__(self, wh):
+        self.wh = wh
+        self._con = wh.connect()
+        self._local = threading.local()
+        self._lock = threading.Lock()
+
+    def _cursor(self) -> duckdb.DuckDBPyConnection:
+        cursor = getattr(self._local, "cursor", None)
+        if cursor is None:
+            with self._lock:
+                cursor = self._local.cursor = self._con.cursor()
+        return cursor
+
+    def frame(self, query: str, params: list | None = None) -> pl.DataFrame:
+        try:
+            return self._cursor().sql(query, params=params or None).pl()
+        except duckdb.Error as err:  # macros check their arguments when the rows are fetched
+            raise QueryError(str(err).splitlines()[0].removeprefix("Invalid Input Error: ")) from None
+
+    def rows(self, query: str, params: list | None = None) -> list[dict]:
+        return self.frame(query, params).to_dicts()
+
+    def untrusted(self, query: str) -> pl.DataFrame:
+        """Untrusted SQL through the warehouse's one guarded entry point (whq sql --read-only)."""
+        with self._lock:  # one guarded connection, shared: its queries take turns
+            rel = self.wh.sql(query, read_only=True)
+            if rel is None:
+                return pl.DataFrame()
+            try:
+                return rel.pl()
+            except duckdb.Error as err:
+                raise QueryError(f"SQL error: {str(err).splitlines()[0]}") from None
+
+    def close(self) -> None:
+        self._con.close()
+
+
+# -- what exists -------------------------------------------------------------------------------
+
+def runs(reader: Reader) -> list[dict]:
+    """Committed runs with their model, sites, documents, tokens and bytes on disk."""
+    rows = reader.rows("SELECT run_id, model_id, n_layers, n_documents, n_tokens, created_at FROM runs ORDER BY created_at, run_id")
+    sites = reader.rows("SELECT run_id, site, reductions, width, len(layers) AS n_layers FROM sites ORDER BY run_id, site")
+    for row in rows:
+        row["sites"] = [s for s in sites if s["run_id"] == row["run_id"]]
+        row["bytes"] = sum(p["bytes"] for p in reader.wh.manifest(row["run_id"])["parts"])
+    return rows
+
+
+def site_info(reader: Reader, run: str, site: str, layers: list[int] | None = None) -> dict:
+    """The site's row of `sites` (its layers narrowed to `layers` when given: an export of some
+    layers links to those only); UnknownRun or NotFound naming the runs or sites that exist."""
+    known = [r["run_id"] for r in reader.rows("SELECT run_id FROM runs ORDER BY run_id")]
+    if run not in known:
+        raise UnknownRun(f"no run {run!r} in this warehouse; its runs: {', '.join(known) or 'none yet'}")
+    rows = reader.rows("SELECT site, layers, width, reductions, threshold FROM sites WHERE run_id = ? ORDER BY site", [run])
+    found = [r for r in rows if r["site"] == site]
+    if not found:
+        raise NotFound(f"run {run!r} has no site {site!r}; its sites: {', '.join(r['site'] for r in rows)}")
+    info = found[0]
+    for layer in layers or ():
+        check_unit(info, run, site, layer, 0)
+    return {**info, "layers": sorted(layers)} if layers else info
+
+
+def check_unit(info: dict, run: str, site: str, layer: int, unit: int) -> None:
+    if layer not in info["layers"]:
+        raise NotFound(f"site {site!r} of run {run!r} has no layer {layer}; its layers: {', '.join(map(str, info['layers']))}")
+    if not 0 <= unit < info["width"]:
+        raise NotFound(f"site {site!r} of run {run!r} has units 0..{info['width'] - 1}; there is no unit {unit}")
+
+
+def neighbours(info: dict, layer: int, unit: int) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
+    """(layer, unit) before and after this one, running on into the neighbouring layers."""
+    layers = sorted(info["layers"])
+    at = layers.index(layer)
+    before = (layer, unit - 1) if unit > 0 else ((layers[at - 1], info["width"] - 1) if at > 0 else None)
+    after = (layer, unit + 1) if unit + 1 < info["width"] else ((layers[at + 1], 0) if at + 1 < len(layers) else None)
+    return before, after
+
+
+# -- rendering helpers -------------------------------------------------------------------------
+
+def _render(template: str, links: Links, title: str, specs: dict | None = None, **context) -> str:
+    return environment().get_template(template).render(
+        links=links, title=title, specs=json.dumps(specs or {}).replace("</", "<\\/"), **context)
+
+
+def _spec(chart) -> dict:
+    return chart.to_dict()
+
+
+def shaded(tokens: list[dict], fire: int, scale: float) -> list[dict]:
+    """Per token of a context window: its text, value and background (orange for positive, blue
+    for negative, opacity value / scale); `fire` is the index of the example's own token."""
+    out = []
+    for i, token in enumerate(tokens):
+        value = token.get("value")
+        alpha = 0.0 if value is None or not scale else min(1.0, abs(value) / scale)
+        colour = "255,140,0" if (value or 0) >= 0 else "37,99,235"
+        out.append({"text": token.get("text") or token.get("piece") or "", "value": value, "fire": i == fire,
+                    "style": f"background-color: rgba({colour},{alpha:.3f})"})
+    return out
+
+
+def _examples(rows: list[dict], before: int, scale: float) -> list[dict]:
+    return [{**row, "shaded": shaded(row["tokens"], min(row["pos"], before), scale)} for row in rows]
+
+
+# -- pages -------------------------------------------------------------------------------------
+
+def home_page(reader: Reader, links: Links) -> str:
+    return _render("home.html", links, "whq: runs", runs=runs(reader))
+
+
+def site_page(reader: Reader, links: Links, run: str, site: str, layer: int | None = None,
+              sort: str = "neuron", order: str = "asc", page: int = 1, page_size: int | None = PAGE_SIZE,
+              layers: list[int] | None = None) -> str:
+    info = site_info(reader, run, site, layers)
+    layer = info["layers"][0] if layer is None else layer
+    check_unit(info, run, site, layer, 0)
+    if sort not in SORTS or order not in ("asc", "desc"):
+        raise BadInput(f"sort by one of {', '.join(SORTS)}, order asc or desc")
+    summary = reader.frame("SELECT * FROM layer_summary(?, ?)", [run, site])
+    rate_hist = reader.frame("SELECT * FROM rate_histogram(?, ?, ?)", [run, site, layer])
+    sel_hist = reader.frame("SELECT * FROM selectivity_histogram(?, ?, ?)", [run, site, layer])
+    n_pages = 1 if page_size is None else max(1, -(-info["width"] // page_size))
+    if not 1 <= page <= n_pages:
+        raise NotFound(f"layer {layer} of site {site!r} has pages 1..{n_pages}; there is no page {page}")
+    limit = info["width"] if page_size is None else page_size
+    units = reader.rows(
+        f"SELECT neuron, rate, mean, max, selectivity FROM selectivity(?, ?, ?) "
+        f"ORDER BY {SORTS[sort]} {order.upper()} NULLS LAST, neuron LIMIT ? OFFSET ?",
+        [run, site, layer, limit, (page - 1) * limit])
+    specs = {"chart-layers": _spec(charts.layer_summary_chart(summary)),
+             "chart-rate": _spec(charts.rate_histogram_chart(rate_hist, title=f"firing rate, layer {layer}")),
+             "chart-selectivity": _spec(charts.selectivity_histogram_chart(sel_hist, title=f"selectivity, layer {layer}"))}
+    return _render("site.html", links, f"{run} / {site}", specs, run=run, site=site, info=info, layer=layer,
+                   summary=summary.to_dicts(), units=units, sort=sort, order=order, page=page, n_pages=n_pages,
+                   columns=list(SORTS))
+
+
+def unit_page(reader: Reader, links: Links, run: str, site: str, layer: int, unit: int,
+              layers: list[int] | None = None) -> str:
+    info = site_info(reader, run, site, layers)
+    check_unit(info, run, site, layer, unit)
+    params = [run, site, layer, unit]
+    stats = reader.rows(
+        "SELECT s.*, s.n_fired / s.n_tokens AS rate, s.sum / s.n_tokens AS mean, "
+        "sqrt(greatest(s.sum_sq / s.n_tokens - (s.sum / s.n_tokens) ^ 2, 0)) AS std, x.selectivity "
+        "FROM neuron_stats s JOIN selectivity(?, ?, ?) x ON x.neuron = s.neuron "
+        "WHERE s.run_id = ? AND s.site = ? AND s.layer = ? AND s.neuron = ?", [run, site, layer, *params])[0]
+    scale = max(abs(stats["max"] or 0.0), 1e-12)
+    sections = []
+    if stats["n_fired"]:
+        top = reader.rows("SELECT * FROM top_contexts(?, ?, ?, ?, k := ?, before := ?, after := ?)", [*params, TOP_K, BEFORE, AFTER])
+        sample = reader.rows("SELECT * FROM whq_examples(?, ?, ?, ?, 'random', ?, ?, ?, 0)", [*params, N_RANDOM, BEFORE, AFTER])
+        sections = [("Top activations", "top", _examples(top, BEFORE, scale)),
+                    ("Random firing examples", "random", _examples(sample, BEFORE, scale))]
+    lens = reader.rows("SELECT * FROM neuron_logit_lens(?, ?, ?, ?)", params)
+    before, after = neighbours(info, layer, unit)
+    return _render("unit.html", links, f"{run} / {site} / layer {layer} / unit {unit}", run=run, site=site, layer=layer,
+                   unit=unit, info=info, stats=stats, sections=sections,
+                   lens_top=[r for r in lens if r["direction"] == "top"], lens_bottom=[r for r in lens if r["direction"] == "bottom"],
+                   prev=before, next=after)
+
+
+def tokens_page(reader: Reader, links: Links, run: str, site: str, text: str = "", limit: int = 50) -> str:
+    info = site_info(reader, run, site)
+    hits = []
+    if text:
+        hits = reader.rows(
+            "SELECT t.layer, t.neuron, count(*) AS n, avg(t.value) AS mean_value, max(t.value) AS max_value "
+            "FROM tokens k JOIN token_neurons t ON t.run_id = k.run_id AND t.doc = k.doc AND t.pos = k.pos "
+            "WHERE k.run_id = ? AND t.site = ? AND (k.piece = ? OR trim(k.piece, ' Ġ▁#') = trim(?, ' ')) "
+            "GROUP BY t.layer, t.neuron ORDER BY n DESC, mean_value DESC, t.layer, t.neuron LIMIT ?",
+            [run, site, text, text, limit])
+    return _render("tokens.html", links, f"{run} / {site}: token search", run=run, site=site, info=info, text=text, hits=hits)
+
+
+def sql_result(reader: Reader, query: str) -> pl.DataFrame:
+    return reader.untrusted(query)
+
+
+def sql_page(reader: Reader, links: Links, query: str = "") -> tuple[str, int]:
+    """(page, status): 400 with the one-line refusal when the SQL is refused or fails."""
+    frame, error = None, None
+    if query.strip():
+        try:
+            frame = sql_result(reader, query)
+        except QueryError as err:
+            error = " ".join(str(err).split())
+    rows = frame.head(SQL_ROWS).rows() if frame is not None else []
+    page = _render("sql.html", links, "whq: SQL", query=query, error=error, columns=frame.columns if frame is not None else [],
+                   rows=rows, n_rows=frame.height if frame is not None else 0, shown=len(rows))
+    return page, 400 if error else 200
+
+
+def csv_text(frame: pl.DataFrame) -> str:
+    nested = [c for c, t in frame.schema.items() if t.is_nested()]
+    flat = frame.with_columns(pl.Series(c, [json.dumps(v, default=str) for v in frame[c].to_list()], pl.String) for c in nested)
+    return flat.write_csv()
+
+
+def missing_page(links: Links, message: str) -> str:
+    return _render("missing.html", links, "not found", message=message)
+
+
+# -- static export -----------------------------------------------------------------------------
+
+def write_site(wh, run: str, site: str, out: str | Path, layers: list[int] | None = None) -> dict:
+    """The run/site and unit pages as static files under `out` (open index.html from file://)."""
+    out = Path(out)
+    reader = Reader(wh)
+    try:
+        info = site_info(reader, run, site, layers)
+        layers = info["layers"]
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "vega.js").write_text(vega_bundle(), encoding="utf-8")
+        written = {"pages": 0}
+        for index, layer in enumerate(layers):
+            names = [f"layer-{layer}.html"] + (["index.html"] if index == 0 else [])
+            for name in names:
+                page = site_page(reader, Links(static_from=name), run, site, layer, page_size=None, layers=layers)
+                (out / name).write_text(page, encoding="utf-8")
+                written["pages"] += 1
+            (out / str(layer)).mkdir(exist_ok=True)
+            for unit in range(info["width"]):
+                path = f"{layer}/{unit}.html"
+                page = unit_page(reader, Links(static_from=path), run, site, layer, unit, layers=layers)
+                (out / path).write_text(page, encoding="utf-8")
+                written["pages"] += 1
+        written["layers"] = layers
+        return written
+    finally:
+        reader.close()
+
