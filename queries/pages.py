@@ -289,15 +289,18 @@ def unit_page(reader: Reader, links: Links, run: str, site: str, layer: int, uni
 
 def tokens_page(reader: Reader, links: Links, run: str, site: str, text: str = "", limit: int = 50) -> str:
     info = site_info(reader, run, site)
-    hits = []
+    hits, n_occurrences = [], 0
     if text:
+        n_occurrences = reader.rows("SELECT count(*) AS n FROM tokens k WHERE k.run_id = ? AND (k.piece = ? OR trim(k.piece, ' Ġ▁#') = trim(?, ' '))",
+                                    [run, text, text])[0]["n"]
         hits = reader.rows(
             "SELECT t.layer, t.neuron, count(*) AS n, avg(t.value) AS mean_value, max(t.value) AS max_value "
             "FROM tokens k JOIN token_neurons t ON t.run_id = k.run_id AND t.doc = k.doc AND t.pos = k.pos "
             "WHERE k.run_id = ? AND t.site = ? AND (k.piece = ? OR trim(k.piece, ' Ġ▁#') = trim(?, ' ')) "
             "GROUP BY t.layer, t.neuron ORDER BY n DESC, mean_value DESC, t.layer, t.neuron LIMIT ?",
             [run, site, text, text, limit])
-    return _render("tokens.html", links, f"{run} / {site}: token search", run=run, site=site, info=info, text=text, hits=hits)
+    return _render("tokens.html", links, f"{run} / {site}: token search", run=run, site=site, info=info, text=text, hits=hits,
+                   n_occurrences=n_occurrences)
 
 
 def sql_result(reader: Reader, query: str) -> pl.DataFrame:

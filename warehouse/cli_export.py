@@ -32,3 +32,22 @@ def features(
     written = write_features(wh, run, site, out, layers, k=top, n_random=random, seed=seed)
     total = sum(written.values())
     typer.echo(f"wrote {total:,} units ({', '.join(f'layer {l}: {n:,}' for l, n in written.items())}) to {out}")
+
+
+@export_app.command()
+def site(
+    root: Path = typer.Argument(..., help="Warehouse folder."),
+    run: str = typer.Option(..., "--run", help="Run id."),
+    site_name: str = typer.Option(..., "--site", help="Site (e.g. mlp.act)."),
+    out: Path = typer.Option(..., "--out", help="Output folder (index.html, layer-L.html, L/U.html, vega.js)."),
+    layers: Optional[list[int]] = typer.Option(None, "--layers", help="Layers to export (repeatable; default all)."),
+):
+    """The run/site and unit pages of `whq serve` as static HTML that opens from file:// with no network.
+
+    Example: whq export site wh --run demo --site mlp.act --out site-demo --layers 3
+    """
+    import warehouse
+    from queries.pages import write_site
+
+    written = write_site(warehouse.open(root), run, site_name, out, layers)
+    typer.echo(f"wrote {written['pages']:,} pages (layers {', '.join(map(str, written['layers']))}) to {out}; open {out / 'index.html'}")
