@@ -212,6 +212,11 @@ def _spec(chart) -> dict:
     return chart.to_dict()
 
 
+def token_text(token: dict) -> str:
+    """A window token as pages and exports show it."""
+    return token["piece"] or ""
+
+
 def shaded(tokens: list[dict], fire: int, scale: float) -> list[dict]:
     """Per token of a context window: its text, value and background (orange for positive, blue
     for negative, opacity value / scale); `fire` is the index of the example's own token."""
@@ -220,7 +225,7 @@ def shaded(tokens: list[dict], fire: int, scale: float) -> list[dict]:
         value = token.get("value")
         alpha = 0.0 if value is None or not scale else min(1.0, abs(value) / scale)
         colour = "255,140,0" if (value or 0) >= 0 else "37,99,235"
-        out.append({"text": token.get("text") or token.get("piece") or "", "value": value, "fire": i == fire,
+        out.append({"text": token_text(token), "value": value, "fire": i == fire,
                     "style": f"background-color: rgba({colour},{alpha:.3f})"})
     return out
 
