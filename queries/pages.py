@@ -125,6 +125,7 @@ class Reader:
         self._con = wh.connect()
         self._local = threading.local()
         self._lock = threading.Lock()
+        self._sites: dict[str, list[dict]] | None = None
 
     def _cursor(self) -> duckdb.DuckDBPyConnection:
         cursor = getattr(self._local, "cursor", None)
@@ -141,6 +142,16 @@ class Reader:
 
     def rows(self, query: str, params: list | None = None) -> list[dict]:
         return self.frame(query, params).to_dicts()
+
+    def sites(self) -> dict[str, list[dict]]:
+        """{run: its rows of `sites`}, read once: the connection sees the catalog as it was when opened."""
+        if self._sites is None:
+            rows = self.rows("SELECT r.run_id, s.site, s.layers, s.width, s.reductions, s.threshold FROM runs r "
+                             "LEFT JOIN sites s USING (run_id) ORDER BY r.run_id, s.site")
+            self._sites = {}
+            for row in rows:
+                self._sites.setdefault(row.pop("run_id"), []).extend([row] if row["site"] is not None else [])
+        return self._sites
 
     def untrusted(self, query: str) -> pl.DataFrame:
         """Untrusted SQL through the warehouse's one guarded entry point (whq sql --read-only)."""
@@ -172,10 +183,10 @@ def runs(reader: Reader) -> list[dict]:
 def site_info(reader: Reader, run: str, site: str, layers: list[int] | None = None) -> dict:
     """The site's row of `sites` (its layers narrowed to `layers` when given: an export of some
     layers links to those only); UnknownRun or NotFound naming the runs or sites that exist."""
-    known = [r["run_id"] for r in reader.rows("SELECT run_id FROM runs ORDER BY run_id")]
-    if run not in known:
-        raise UnknownRun(f"no run {run!r} in this warehouse; its runs: {', '.join(known) or 'none yet'}")
-    rows = reader.rows("SELECT site, layers, width, reductions, threshold FROM sites WHERE run_id = ? ORDER BY site", [run])
+    sites = reader.sites()
+    if run not in sites:
+        raise UnknownRun(f"no run {run!r} in this warehouse; its runs: {', '.join(sites) or 'none yet'}")
+    rows = sites[run]
     found = [r for r in rows if r["site"] == site]
     if not found:
         raise NotFound(f"run {run!r} has no site {site!r}; its sites: {', '.join(r['site'] for r in rows)}")
