@@ -16,6 +16,7 @@ through `Warehouse.sql(read_only=True)`, the same guarded path as `whq sql --rea
 
 from __future__ import annotations
 
+import html
 import json
 import math
 import posixpath
@@ -134,14 +135,18 @@ class Reader:
                 cursor = self._local.cursor = self._con.cursor()
         return cursor
 
-    def frame(self, query: str, params: list | None = None) -> pl.DataFrame:
+    def rows(self, query: str, params: list | None = None) -> list[dict]:
+        # fetchall, not .pl() or Arrow: on the pages' small results those add ~14 ms a statement
+        cursor = self._cursor()
         try:
-            return self._cursor().sql(query, params=params or None).pl()
+            values = cursor.execute(query, params or []).fetchall()
         except duckdb.Error as err:  # macros check their arguments when the rows are fetched
             raise QueryError(str(err).splitlines()[0].removeprefix("Invalid Input Error: ")) from None
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row)) for row in values]
 
-    def rows(self, query: str, params: list | None = None) -> list[dict]:
-        return self.frame(query, params).to_dicts()
+    def frame(self, query: str, params: list | None = None) -> pl.DataFrame:
+        return pl.DataFrame(self.rows(query, params), infer_schema_length=None)
 
     def sites(self) -> dict[str, list[dict]]:
         """{run: its rows of `sites`}, read once: the connection sees the catalog as it was when opened."""
@@ -228,17 +233,21 @@ def token_text(token: dict) -> str:
     return token["piece"] or ""
 
 
-def shaded(tokens: list[dict], fire: int, scale: float) -> list[dict]:
-    """Per token of a context window: its text, value and background (orange for positive, blue
-    for negative, opacity value / scale); `fire` is the index of the example's own token."""
-    out = []
+def shaded(tokens: list[dict], fire: int, scale: float):
+    """A context window as HTML: one span per token, its background orange for a positive value and
+    blue for a negative one, opacity |value| / scale, the value as its title; `fire` (the example's
+    own token) outlined. Built here rather than in the template: Jinja's per-token escaping and
+    attribute lookups made most of `whq export site`'s time (259 golden pages: 12.3 s, now 2.9 s)."""
+    from markupsafe import Markup
+
+    spans = []
     for i, token in enumerate(tokens):
         value = token.get("value")
         alpha = 0.0 if value is None or not scale else min(1.0, abs(value) / scale)
         colour = "255,140,0" if (value or 0) >= 0 else "37,99,235"
-        out.append({"text": token_text(token), "value": value, "fire": i == fire,
-                    "style": f"background-color: rgba({colour},{alpha:.3f})"})
-    return out
+        spans.append(f'<span class="tok{" fire" if i == fire else ""}" style="background-color: rgba({colour},{alpha:.3f})" '
+                     f'title="{_number(value)}">{html.escape(token_text(token), quote=False)}</span>')
+    return Markup("".join(spans))
 
 
 def _examples(rows: list[dict], before: int, scale: float) -> list[dict]:
@@ -278,29 +287,46 @@ def site_page(reader: Reader, links: Links, run: str, site: str, layer: int | No
                    columns=list(SORTS))
 
 
-def unit_page(reader: Reader, links: Links, run: str, site: str, layer: int, unit: int,
-              layers: list[int] | None = None) -> str:
-    info = site_info(reader, run, site, layers)
-    check_unit(info, run, site, layer, unit)
-    params = [run, site, layer, unit]
+def unit_data(reader: Reader, run: str, site: str, layer: int, unit: int | None = None) -> dict[int, dict]:
+    """{unit: what its page shows} for one unit, or (unit None) every unit of the layer in a few
+    statements, as the static export reads them."""
+    params = [run, site, layer, unit, unit]
     stats = reader.rows(
         "SELECT s.*, s.n_fired / s.n_tokens AS rate, s.sum / s.n_tokens AS mean, "
         "sqrt(greatest(s.sum_sq / s.n_tokens - (s.sum / s.n_tokens) ^ 2, 0)) AS std, x.selectivity "
         "FROM neuron_stats s JOIN selectivity(?, ?, ?) x ON x.neuron = s.neuron "
-        "WHERE s.run_id = ? AND s.site = ? AND s.layer = ? AND s.neuron = ?", [run, site, layer, *params])[0]
+        "WHERE s.run_id = ? AND s.site = ? AND s.layer = ? AND (? IS NULL OR s.neuron = ?) ORDER BY s.neuron",
+        [run, site, layer, *params])
+    data = {row["neuron"]: {"stats": row, "examples": {"top": [], "random": []}, "lens": {"top": [], "bottom": []}} for row in stats}
+    if any(row["n_fired"] for row in stats):
+        macro_args = [run, site, layer, unit]
+        for row in reader.rows(  # one statement: half the time of two on the golden warehouse
+                "SELECT 'top' AS kind, * FROM whq_examples(?, ?, ?, ?, 'top', ?, ?, ?, 0) UNION ALL "
+                "SELECT 'random', * FROM whq_examples(?, ?, ?, ?, 'random', ?, ?, ?, 0) ORDER BY neuron, kind DESC, rank",
+                [*macro_args, TOP_K, BEFORE, AFTER, *macro_args, N_RANDOM, BEFORE, AFTER]):
+            data[row["neuron"]]["examples"][row["kind"]].append(row)
+    for row in reader.rows("SELECT g.* FROM neuron_logits g WHERE g.run_id = ? AND g.site = ? AND g.layer = ? "
+                           "AND (? IS NULL OR g.neuron = ?) ORDER BY g.neuron, g.direction DESC, g.rank", params):
+        data[row["neuron"]]["lens"][row["direction"]].append(row)
+    return data
+
+
+def unit_page(reader: Reader, links: Links, run: str, site: str, layer: int, unit: int,
+              layers: list[int] | None = None, data: dict | None = None) -> str:
+    """The unit page; `data` is unit_data's entry for the unit when the caller read it already."""
+    info = site_info(reader, run, site, layers)
+    check_unit(info, run, site, layer, unit)
+    data = data or unit_data(reader, run, site, layer, unit)[unit]
+    stats = data["stats"]
     scale = max(abs(stats["max"] or 0.0), 1e-12)
     sections = []
     if stats["n_fired"]:
-        top = reader.rows("SELECT * FROM top_contexts(?, ?, ?, ?, k := ?, before := ?, after := ?)", [*params, TOP_K, BEFORE, AFTER])
-        sample = reader.rows("SELECT * FROM whq_examples(?, ?, ?, ?, 'random', ?, ?, ?, 0)", [*params, N_RANDOM, BEFORE, AFTER])
-        sections = [("Top activations", "top", _examples(top, BEFORE, scale)),
-                    ("Random firing examples", "random", _examples(sample, BEFORE, scale))]
-    lens = reader.rows("SELECT * FROM neuron_logit_lens(?, ?, ?, ?)", params)
+        sections = [(name, kind, _examples(data["examples"][kind], BEFORE, scale))
+                    for name, kind in (("Top activations", "top"), ("Random firing examples", "random"))]
     before, after = neighbours(info, layer, unit)
     return _render("unit.html", links, f"{run} / {site} / layer {layer} / unit {unit}", run=run, site=site, layer=layer,
                    unit=unit, info=info, stats=stats, sections=sections,
-                   lens_top=[r for r in lens if r["direction"] == "top"], lens_bottom=[r for r in lens if r["direction"] == "bottom"],
-                   prev=before, next=after)
+                   lens_top=data["lens"]["top"], lens_bottom=data["lens"]["bottom"], prev=before, next=after)
 
 
 def tokens_page(reader: Reader, links: Links, run: str, site: str, text: str = "", limit: int = 50) -> str:
@@ -366,9 +392,10 @@ def write_site(wh, run: str, site: str, out: str | Path, layers: list[int] | Non
                 (out / name).write_text(page, encoding="utf-8")
                 written["pages"] += 1
             (out / str(layer)).mkdir(exist_ok=True)
+            data = unit_data(reader, run, site, layer)
             for unit in range(info["width"]):
                 path = f"{layer}/{unit}.html"
-                page = unit_page(reader, Links(static_from=path), run, site, layer, unit, layers=layers)
+                page = unit_page(reader, Links(static_from=path), run, site, layer, unit, layers=layers, data=data[unit])
                 (out / path).write_text(page, encoding="utf-8")
                 written["pages"] += 1
         written["layers"] = layers

@@ -26,10 +26,10 @@ class _TimedReader(pages.Reader):
         super().__init__(wh)
         self.spent: dict[str, float] = defaultdict(float)
 
-    def frame(self, query, params=None):
+    def rows(self, query, params=None):
         start = time.perf_counter()
         try:
-            return super().frame(query, params)
+            return super().rows(query, params)
         finally:
             self.spent[_label(query)] += time.perf_counter() - start
 
