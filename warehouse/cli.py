@@ -304,18 +304,22 @@ def serve(
 
     Example: whq serve wh --port 8050
     """
+    import os
+    import socket
+
     import uvicorn
 
     import warehouse
     from queries.server import create_app
 
     wh = warehouse.open(root)
-    app_ = create_app(wh)
+    try:  # bound here, so a taken port is one line naming the fix, not uvicorn's log and exit
+        sock = socket.create_server((host, port))
+    except OSError as err:
+        _fail(f"cannot listen on {host}:{port}: {os.strerror(err.errno) if err.errno else err}; pick another port with --port")
+    server = uvicorn.Server(uvicorn.Config(create_app(wh), log_level="warning"))
     typer.echo(f"serving {wh.root} at http://{host}:{port}/ (Ctrl-C stops)")
-    try:
-        uvicorn.run(app_, host=host, port=port, log_level="warning")
-    except SystemExit:  # uvicorn exits 1 when it cannot bind
-        _fail(f"cannot listen on {host}:{port}: is the port in use? pick another with --port")
+    server.run(sockets=[sock])
 
 
 from .cli_export import export_app  # noqa: E402 - sub-apps are registered after the commands
