@@ -17,7 +17,7 @@ from .sources import Document
 
 DEMO_TEXT = Path(warehouse.__file__).parent / "fixtures" / "tinyshakespeare_head.txt"
 DEMO_RUN = "demo"
-DEMO_SITES = ["mlp.act:topk=20,examples=20", "mlp.up:nag=20", "resid.out:last"]
+DEMO_SITES = ["mlp.act:topk=20,examples=20,hist,quantiles=10,similar=10", "mlp.up:nag=20", "resid.out:last"]
 DEMO_QUERIES = [
     ("Firing rate and rare/dead share per layer", "SELECT * FROM layer_summary('demo', 'mlp.act')"),
     ("The most frequently firing units of layer 3", "SELECT * FROM firing_rate('demo', 'mlp.act', 3) ORDER BY rate DESC LIMIT 5"),

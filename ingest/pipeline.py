@@ -147,12 +147,13 @@ def _document_rows(shard: ShardDocs) -> pa.Table:
 
 
 def _token_rows(shard: ShardDocs, tokenizer) -> pa.Table:
-    ids, pieces, docs, pos, win, starts, ends, special = [], [], [], [], [], [], [], []
+    ids, pieces, texts, docs, pos, win, starts, ends, special = [], [], [], [], [], [], [], [], []
     for ordinal, _, wins in shard.docs:
         for w in wins:
             n = len(w.ids)
             ids.extend(w.ids)
             pieces.extend(tokenizer.pieces(w.ids))
+            texts.extend(tokenizer.texts(w.ids))
             docs.extend([ordinal] * n)
             pos.extend(range(w.start_pos, w.start_pos + n))
             win.extend([w.index] * n)
@@ -160,7 +161,7 @@ def _token_rows(shard: ShardDocs, tokenizer) -> pa.Table:
             ends.extend(None if e < 0 else e for e in w.char_end)
             special.extend(w.special)
     cols = {"doc": docs, "pos": pos, "window": win, "token_id": ids, "piece": pieces,
-            "char_start": starts, "char_end": ends, "special": special}
+            "char_start": starts, "char_end": ends, "special": special, "text": texts}
     return pa.Table.from_pydict(cols, schema=warehouse.schema.table("tokens").arrow_schema())
 
 

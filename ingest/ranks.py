@@ -97,19 +97,16 @@ def _merge_all(writer, site_layers, SiteLayer) -> None:
             other.restore(tables)
             _merge_stats(sl.stats, other.stats)
             if sl.examples:
-                ex = other.examples
-                # The same merge the hook applies batch by batch: top values, and smallest sample keys.
-                sl._merge("top", ex["top_value"], ex["top_doc"], ex["top_pos"],
-                          order=sl.examples["top_value"], new_order=ex["top_value"], largest=True)
-                sl._merge("random", ex["random_value"], ex["random_doc"], ex["random_pos"],
-                          order=sl.examples["random_key"], new_order=ex["random_key"], largest=False)
+                sl.merge_examples(other.examples)
 
 
 def _merge_stats(mine: dict, theirs: dict) -> None:
     import torch
 
-    for key in ("n_tokens", "n_fired", "sum", "sum_sq"):
-        mine[key] += theirs[key]
+    for key in ("n_tokens", "n_fired", "sum", "sum_sq", "sum_cube", "sum_quad", "sum_pos", "hist"):
+        if key in mine:
+            mine[key] += theirs[key]
+    mine["min"] = torch.minimum(mine["min"], theirs["min"])
     # Ties go to the first token in document order, as within one process.
     key_mine = mine["max_doc"] * (1 << 32) + mine["max_pos"]
     key_theirs = theirs["max_doc"] * (1 << 32) + theirs["max_pos"]

@@ -49,7 +49,7 @@ def scan(wh, table: str, run: str | None = None) -> pl.LazyFrame:
 
 # The twins live in one module per topic and are re-exported here: `frames.firing_rate(wh, ...)`.
 # Looked up lazily, because those modules import `scan` from this one.
-TWIN_MODULES = ["neuron_frames", "nag_frames", "scenario_frames"]
+TWIN_MODULES = ["neuron_frames", "nag_frames", "scenario_frames", "unit_frames"]
 
 
 def __getattr__(name: str):

@@ -42,7 +42,7 @@ CASES = [
          "unknown site 'mlp.nope': did you mean 'mlp.up'? aliases for this model: mlp.up, mlp.gate, mlp.act, mlp.down, "
          "attn.q, attn.k, attn.v, attn.o, resid.in, resid.out; or give a module glob (see `whq sites --model M`)"),
     Case("SPEC typo in a reduction", ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "mlp.act:tpk=3"),
-         "--site 'mlp.act:tpk=3': unknown reduction 'tpk'; did you mean 'topk'? known: topk, abstopk, threshold, nag, examples, last, mean, dense"),
+         "--site 'mlp.act:tpk=3': unknown reduction 'tpk'; did you mean 'topk'? known: topk, abstopk, threshold, nag, examples, hist, quantiles, similar, last, mean, dense"),
     Case("SPEC argument not a number", ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "mlp.act:topk=x"),
          "--site 'mlp.act:topk=x': topk='x' needs a whole number"),
     Case("SPEC argument zero", ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "mlp.act:topk=0"),
