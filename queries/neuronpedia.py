@@ -11,8 +11,11 @@ Neuronpedia imports a source (one layer of one model's SAE or neuron set) from
 record carries exactly the fields of neuronpedia-utils' `db_models` dataclasses, because the
 importer hands each line to Prisma's `create`, which refuses unknown fields;
 tests/test_neuronpedia.py checks them against that published schema. Values come from the
-macros: frac_nonzero from firing_rate, pos/neg logits from neuron_logit_lens, activations
-from whq_examples (top and random examples, the unit's value at every token of the window).
+pages' reads (pages.unit_data): frac_nonzero and maxActApprox from unit_stats, pos/neg logits
+from neuron_logits, the frequency histogram from unit_histograms, topkCosSim from similar_units
+(output directions), activations from whq_examples (top, random) and quantile_examples (with
+their bin as binMin/binMax, and binContains = the share of firing tokens up to the bin's top),
+each with the unit's value at every token of its window.
 Records are reproducible: ids are hashes of (run, site, layer, unit, kind, rank) and every
 createdAt is the run's own creation time.
 """
@@ -29,8 +32,6 @@ from . import pages
 
 CREATOR_ID = "clkht01d40000jv08hvalcvly"  # neuronpedia-utils' DEFAULT_CREATOR_ID (the local instance's default user)
 BATCH = 4096
-TOP_K, N_RANDOM = 20, 10
-BEFORE, AFTER = 24, 8
 
 
 def np_name(text: str) -> str:
@@ -53,41 +54,42 @@ def _jsonl(path: Path, record: dict) -> None:
     path.write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def _activations(reader: pages.Reader, run, site, layer, model, source, created) -> dict[int, list[dict]]:
-    per_unit: dict[int, list[dict]] = {}
-    for kind, count in (("top", TOP_K), ("random", N_RANDOM)):
-        for row in reader.rows("SELECT * FROM whq_examples(?, ?, ?, NULL, ?, ?, ?, ?, 0)", [run, site, layer, kind, count, BEFORE, AFTER]):
-            values = [t["value"] if t["value"] is not None else 0.0 for t in row["tokens"]]
-            at = min(row["pos"], BEFORE)
-            per_unit.setdefault(row["neuron"], []).append({
-                "id": _id(run, site, layer, row["neuron"], kind, row["rank"]),
-                "tokens": [pages.token_text(t) for t in row["tokens"]],
-                "index": str(row["neuron"]), "layer": source, "modelId": model,
-                "maxValue": max(values), "maxValueTokenIndex": values.index(max(values)), "minValue": min(values),
-                "values": values, "creatorId": CREATOR_ID,
-                "dataSource": f"whq:{run}", "dataIndex": f"{row['doc_id']}:{row['pos']}",
-                "dfaValues": [], "dfaTargetIndex": None, "dfaMaxValue": None, "createdAt": created,
-                "lossValues": [], "logitContributions": None, "binMin": None, "binMax": None, "binContains": None,
-                "qualifyingTokenIndex": at,
-            })
-    return per_unit
+def _activation(run, site, layer, unit, kind, index, row, model, source, created, bin_row=None) -> dict:
+    values = [t["value"] if t["value"] is not None else 0.0 for t in row["tokens"]]
+    return {
+        "id": _id(run, site, layer, unit, kind, index),
+        "tokens": [pages.token_text(t) for t in row["tokens"]],
+        "index": str(unit), "layer": source, "modelId": model,
+        "maxValue": max(values), "maxValueTokenIndex": values.index(max(values)), "minValue": min(values),
+        "values": values, "creatorId": CREATOR_ID,
+        "dataSource": f"whq:{run}", "dataIndex": f"{row['doc_id']}:{row['pos']}",
+        "dfaValues": [], "dfaTargetIndex": None, "dfaMaxValue": None, "createdAt": created,
+        "lossValues": [], "logitContributions": None,
+        # quantile examples: the bin's value range, and the share of firing tokens below its top
+        "binMin": bin_row["lo"] if bin_row else None, "binMax": bin_row["hi"] if bin_row else None,
+        "binContains": bin_row["share_hi"] if bin_row else None,
+        "qualifyingTokenIndex": min(row["pos"], pages.BEFORE),
+    }
 
 
-def _feature(model, source, unit, rate, max_value, lens, created) -> dict:
-    top = [r for r in lens if r["direction"] == "top"]
-    bottom = [r for r in lens if r["direction"] == "bottom"]
+def _feature(model, source, unit, data, created) -> dict:
+    stats, lens = data["stats"], data["lens"]
+    histogram = [h for h in data["histogram"] if h["hi"] > 0 and h["count"]]  # Neuronpedia's frequency histogram: positive values
+    label = lambda r: r["token"] if r["token"] is not None else f"<{r['token_id']}>"  # noqa: E731
     return {
         "modelId": model, "layer": source, "index": str(unit), "creatorId": CREATOR_ID, "createdAt": created,
-        "maxActApprox": max_value, "hasVector": False, "vector": [], "vectorLabel": None, "vectorDefaultSteerStrength": 10,
-        "hookName": None, "topkCosSimIndices": [], "topkCosSimValues": [],
+        "maxActApprox": stats["max"], "hasVector": False, "vector": [], "vectorLabel": None, "vectorDefaultSteerStrength": 10,
+        "hookName": None,
+        "topkCosSimIndices": [r["neuron"] for r in data["similar"]["decoder"]],
+        "topkCosSimValues": [r["similarity"] for r in data["similar"]["decoder"]],
         "neuron_alignment_indices": [], "neuron_alignment_values": [], "neuron_alignment_l1": [],
         "correlated_neurons_indices": [], "correlated_neurons_pearson": [], "correlated_neurons_l1": [],
         "correlated_features_indices": [], "correlated_features_pearson": [], "correlated_features_l1": [],
-        "neg_str": [r["token"] if r["token"] is not None else f"<{r['token_id']}>" for r in bottom],
-        "neg_values": [r["logit"] for r in bottom],
-        "pos_str": [r["token"] if r["token"] is not None else f"<{r['token_id']}>" for r in top],
-        "pos_values": [r["logit"] for r in top],
-        "frac_nonzero": rate, "freq_hist_data_bar_heights": [], "freq_hist_data_bar_values": [],
+        "neg_str": [label(r) for r in lens["bottom"]], "neg_values": [r["logit"] for r in lens["bottom"]],
+        "pos_str": [label(r) for r in lens["top"]], "pos_values": [r["logit"] for r in lens["top"]],
+        "frac_nonzero": stats["rate"],
+        "freq_hist_data_bar_heights": [h["count"] for h in histogram],
+        "freq_hist_data_bar_values": [(max(h["lo"], 0.0) + h["hi"]) / 2 if h["hi"] != float("inf") else h["lo"] for h in histogram],
         "logits_hist_data_bar_heights": [], "logits_hist_data_bar_values": [], "decoder_weights_dist": [],
     }
 
@@ -129,21 +131,14 @@ def write_neuronpedia(wh, run: str, site: str, out: str | Path, layers: list[int
                 "saelensSaeId": None, "hfRepoId": None, "hfFolderId": None, "visibility": "PUBLIC", "defaultOfModelId": None,
                 "hasUmap": False, "hasUmapLogSparsity": False, "hasUmapClusters": False, "num_prompts": None,
                 "num_tokens_in_prompt": None, "dataset": f"whq:{run}", "notes": None, "createdAt": created})
-            rates = reader.rows("SELECT f.neuron, f.n_fired, f.rate, s.max FROM firing_rate(?, ?, ?) f "
-                                "JOIN neuron_stats s ON s.run_id = ? AND s.site = ? AND s.layer = ? AND s.neuron = f.neuron ORDER BY f.neuron",
-                                [run, site, layer, run, site, layer])
-            lens: dict[int, list[dict]] = {}
-            for row in reader.rows("SELECT neuron, direction, rank, token_id, token, logit FROM neuron_logits "
-                                   "WHERE run_id = ? AND site = ? AND layer = ? ORDER BY neuron, direction DESC, rank", [run, site, layer]):
-                lens.setdefault(row["neuron"], []).append(row)
-            activations = _activations(reader, run, site, layer, model, source, created)
-            fired = [r for r in rates if r["n_fired"]]
+            data = pages.unit_data(reader, info, run, site, layer)
+            fired = [unit for unit, d in data.items() if d["stats"]["n_fired"]]
             for batch, start in enumerate(range(0, max(len(fired), 1), BATCH)):
                 chunk = fired[start:start + BATCH]
-                _jsonl_gz(folder / "features" / f"batch-{batch}.jsonl.gz",
-                          [_feature(model, source, r["neuron"], r["rate"], r["max"], lens.get(r["neuron"], []), created) for r in chunk])
-                _jsonl_gz(folder / "activations" / f"batch-{batch}.jsonl.gz",
-                          [a for r in chunk for a in activations.get(r["neuron"], [])])
+                _jsonl_gz(folder / "features" / f"batch-{batch}.jsonl.gz", [_feature(model, source, u, data[u], created) for u in chunk])
+                _jsonl_gz(folder / "activations" / f"batch-{batch}.jsonl.gz", [
+                    _activation(run, site, layer, u, kind, i, row, model, source, created, row if kind == "quantile" else None)
+                    for u in chunk for kind in ("top", "quantile", "random") for i, row in enumerate(data[u]["examples"][kind])])
             written[str(folder)] = len(fired)
         return written
     finally:

@@ -37,7 +37,7 @@ PAGE_SIZE = 100          # units per page of the run/site table (server; the exp
 TOP_K, N_RANDOM = 20, 10
 BEFORE, AFTER = 24, 8    # tokens of context shown before / after the firing token
 SQL_ROWS = 1000          # rows of the SQL box's table (the CSV download has them all)
-SORTS = {"neuron": "neuron", "rate": "rate", "mean": "mean", "max": "max", "selectivity": "selectivity"}
+SORTS = ("neuron", "rate", "mean", "min", "max", "skewness", "kurtosis", "selectivity")  # the units table's columns
 
 
 @lru_cache(maxsize=1)
@@ -57,6 +57,7 @@ def environment():
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
                              trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
     env.filters["num"] = _number
+    env.filters["lens_token"] = lens_token
     return env
 
 
@@ -70,6 +71,19 @@ def _number(value, digits: int = 4) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     return str(value)
+
+
+_BLANKS = str.maketrans({" ": "␣", "\n": "⏎", "\t": "⇥", "\r": "␍"})
+
+
+def lens_token(row: dict) -> str:
+    """A logit-lens token made visible: whitespace as ␣ ⏎ ⇥, control characters escaped, a token
+    with no text as its id."""
+    text = row["token"]
+    if not text:
+        return f"id {row['token_id']}"
+    text = text.translate(_BLANKS)
+    return text if text.isprintable() else repr(text)[1:-1]
 
 
 # -- links -------------------------------------------------------------------------------------
@@ -229,8 +243,8 @@ def _spec(chart) -> dict:
 
 
 def token_text(token: dict) -> str:
-    """A window token as pages and exports show it."""
-    return token["piece"] or ""
+    """A window token as pages and exports show it: as the tokenizer decodes it (the piece in older runs)."""
+    return token["text"] or ""
 
 
 def shaded(tokens: list[dict], fire: int, scale: float):
@@ -275,39 +289,58 @@ def site_page(reader: Reader, links: Links, run: str, site: str, layer: int | No
     if not 1 <= page <= n_pages:
         raise NotFound(f"layer {layer} of site {site!r} has pages 1..{n_pages}; there is no page {page}")
     limit = info["width"] if page_size is None else page_size
-    units = reader.rows(
-        f"SELECT neuron, rate, mean, max, selectivity FROM selectivity(?, ?, ?) "
-        f"ORDER BY {SORTS[sort]} {order.upper()} NULLS LAST, neuron LIMIT ? OFFSET ?",
-        [run, site, layer, limit, (page - 1) * limit])
+    units = reader.rows(  # `sort` is one of SORTS, checked above
+        f"SELECT u.neuron, u.rate, u.mean, u.min, u.max, u.skewness, u.kurtosis, x.selectivity "
+        f"FROM unit_stats(?, ?, ?) u JOIN selectivity(?, ?, ?) x ON x.neuron = u.neuron "
+        f"ORDER BY {sort} {order.upper()} NULLS LAST, u.neuron LIMIT ? OFFSET ?",
+        [run, site, layer, run, site, layer, limit, (page - 1) * limit])
     specs = {"chart-layers": _spec(charts.layer_summary_chart(summary)),
              "chart-rate": _spec(charts.rate_histogram_chart(rate_hist, title=f"firing rate, layer {layer}")),
              "chart-selectivity": _spec(charts.selectivity_histogram_chart(sel_hist, title=f"selectivity, layer {layer}"))}
     return _render("site.html", links, f"{run} / {site}", specs, run=run, site=site, info=info, layer=layer,
                    summary=summary.to_dicts(), units=units, sort=sort, order=order, page=page, n_pages=n_pages,
-                   columns=list(SORTS))
+                   columns=SORTS)
 
 
-def unit_data(reader: Reader, run: str, site: str, layer: int, unit: int | None = None) -> dict[int, dict]:
-    """{unit: what its page shows} for one unit, or (unit None) every unit of the layer in a few
-    statements, as the static export reads them."""
+def _captured(info: dict, reduction: str) -> bool:
+    return any(part.split("=")[0] == reduction for part in (info["reductions"] or "").split(","))
+
+
+def unit_data(reader: Reader, info: dict, run: str, site: str, layer: int, unit: int | None = None) -> dict[int, dict]:
+    """{unit: what its page shows} for one unit, or (unit None) every unit of the layer, as the
+    static export reads them: a few statements per layer, plus one per fired unit for the
+    quantile examples and similar units (their macros take one unit)."""
     params = [run, site, layer, unit, unit]
     stats = reader.rows(
-        "SELECT s.*, s.n_fired / s.n_tokens AS rate, s.sum / s.n_tokens AS mean, "
-        "sqrt(greatest(s.sum_sq / s.n_tokens - (s.sum / s.n_tokens) ^ 2, 0)) AS std, x.selectivity "
-        "FROM neuron_stats s JOIN selectivity(?, ?, ?) x ON x.neuron = s.neuron "
-        "WHERE s.run_id = ? AND s.site = ? AND s.layer = ? AND (? IS NULL OR s.neuron = ?) ORDER BY s.neuron",
-        [run, site, layer, *params])
-    data = {row["neuron"]: {"stats": row, "examples": {"top": [], "random": []}, "lens": {"top": [], "bottom": []}} for row in stats}
-    if any(row["n_fired"] for row in stats):
+        "SELECT u.*, s.n_tokens, s.n_fired, s.max_doc, s.max_pos, x.selectivity "
+        "FROM unit_stats(?, ?, ?) u JOIN selectivity(?, ?, ?) x ON x.neuron = u.neuron "
+        "JOIN neuron_stats s ON s.run_id = ? AND s.site = ? AND s.layer = ? AND s.neuron = u.neuron "
+        "WHERE (? IS NULL OR u.neuron = ?) ORDER BY u.neuron", [run, site, layer, run, site, layer, *params])
+    data = {row["neuron"]: {"stats": row, "examples": {"top": [], "random": [], "quantile": []}, "lens": {"top": [], "bottom": []},
+                            "histogram": [], "similar": {"decoder": [], "coactivation": []}} for row in stats}
+    fired = [row["neuron"] for row in stats if row["n_fired"]]
+    if fired:
         macro_args = [run, site, layer, unit]
         for row in reader.rows(  # one statement: half the time of two on the golden warehouse
                 "SELECT 'top' AS kind, * FROM whq_examples(?, ?, ?, ?, 'top', ?, ?, ?, 0) UNION ALL "
                 "SELECT 'random', * FROM whq_examples(?, ?, ?, ?, 'random', ?, ?, ?, 0) ORDER BY neuron, kind DESC, rank",
                 [*macro_args, TOP_K, BEFORE, AFTER, *macro_args, N_RANDOM, BEFORE, AFTER]):
             data[row["neuron"]]["examples"][row["kind"]].append(row)
-    for row in reader.rows("SELECT g.* FROM neuron_logits g WHERE g.run_id = ? AND g.site = ? AND g.layer = ? "
+    for row in reader.rows("SELECT g.neuron, g.direction, g.rank, g.token_id, coalesce(g.text, g.token) AS token, g.logit "
+                           "FROM neuron_logits g WHERE g.run_id = ? AND g.site = ? AND g.layer = ? "
                            "AND (? IS NULL OR g.neuron = ?) ORDER BY g.neuron, g.direction DESC, g.rank", params):
         data[row["neuron"]]["lens"][row["direction"]].append(row)
+    if _captured(info, "hist"):  # the table unit_histogram reads, for every unit at once; empty bins are not stored
+        for row in reader.rows("SELECT u.neuron, CAST(u.bin AS INTEGER) AS bin, whq_hist_lo(u.bin) AS lo, "
+                               "whq_hist_hi(u.bin) AS hi, u.count FROM unit_histograms u WHERE u.run_id = ? AND u.site = ? "
+                               "AND u.layer = ? AND (? IS NULL OR u.neuron = ?) ORDER BY u.neuron, u.bin", params):
+            data[row["neuron"]]["histogram"].append(row)
+    for neuron in fired:
+        if _captured(info, "quantiles") and _captured(info, "hist"):
+            data[neuron]["examples"]["quantile"] = reader.rows(
+                "SELECT * FROM quantile_examples(?, ?, ?, ?, before := ?, after := ?)", [run, site, layer, neuron, BEFORE, AFTER])
+        for row in reader.rows("SELECT * FROM similar_units(?, ?, ?, ?)", [run, site, layer, neuron]):
+            data[neuron]["similar"][row["kind"]].append(row)
     return data
 
 
@@ -316,33 +349,38 @@ def unit_page(reader: Reader, links: Links, run: str, site: str, layer: int, uni
     """The unit page; `data` is unit_data's entry for the unit when the caller read it already."""
     info = site_info(reader, run, site, layers)
     check_unit(info, run, site, layer, unit)
-    data = data or unit_data(reader, run, site, layer, unit)[unit]
+    data = data or unit_data(reader, info, run, site, layer, unit)[unit]
     stats = data["stats"]
-    scale = max(abs(stats["max"] or 0.0), 1e-12)
-    sections = []
+    scale = max(abs(stats["max"] or 0.0), abs(stats["min"] or 0.0), 1e-12)
+    sections, specs = [], {}
     if stats["n_fired"]:
-        sections = [(name, kind, _examples(data["examples"][kind], BEFORE, scale))
-                    for name, kind in (("Top activations", "top"), ("Random firing examples", "random"))]
+        quantiles = [{**row, "rank": f"q{row['quantile']}.{row['rank']}"} for row in data["examples"]["quantile"]]
+        sections = [(name, kind, _examples(rows, BEFORE, scale)) for name, kind, rows in (
+            ("Top activations", "top", data["examples"]["top"]),
+            ("Examples across the activation range (quantile bins, lowest first)", "quantile", quantiles),
+            ("Random firing examples", "random", data["examples"]["random"])) if rows or kind != "quantile"]
+    if data["histogram"]:
+        specs["chart-hist"] = _spec(charts.unit_histogram_chart(pl.DataFrame(data["histogram"]), title=f"unit {unit}: activation histogram"))
     before, after = neighbours(info, layer, unit)
-    return _render("unit.html", links, f"{run} / {site} / layer {layer} / unit {unit}", run=run, site=site, layer=layer,
-                   unit=unit, info=info, stats=stats, sections=sections,
-                   lens_top=data["lens"]["top"], lens_bottom=data["lens"]["bottom"], prev=before, next=after)
+    return _render("unit.html", links, f"{run} / {site} / layer {layer} / unit {unit}", specs, run=run, site=site, layer=layer,
+                   unit=unit, info=info, stats=stats, sections=sections, quantile_bins=_bins(data["examples"]["quantile"]),
+                   has_histogram=bool(specs),
+                   lens_top=data["lens"]["top"], lens_bottom=data["lens"]["bottom"], similar=data["similar"],
+                   prev=before, next=after)
+
+
+def _bins(rows: list[dict]) -> list[dict]:
+    """The quantile bins the examples came from: value range and exact shares of the firing tokens."""
+    seen = {}
+    for row in rows:
+        seen.setdefault(row["quantile"], {k: row[k] for k in ("quantile", "lo", "hi", "share_lo", "share_hi")})
+    return list(seen.values())
 
 
 def tokens_page(reader: Reader, links: Links, run: str, site: str, text: str = "", limit: int = 50) -> str:
     info = site_info(reader, run, site)
-    hits, n_occurrences = [], 0
-    if text:
-        n_occurrences = reader.rows("SELECT count(*) AS n FROM tokens k WHERE k.run_id = ? AND (k.piece = ? OR trim(k.piece, ' Ġ▁#') = trim(?, ' '))",
-                                    [run, text, text])[0]["n"]
-        hits = reader.rows(
-            "SELECT t.layer, t.neuron, count(*) AS n, avg(t.value) AS mean_value, max(t.value) AS max_value "
-            "FROM tokens k JOIN token_neurons t ON t.run_id = k.run_id AND t.doc = k.doc AND t.pos = k.pos "
-            "WHERE k.run_id = ? AND t.site = ? AND (k.piece = ? OR trim(k.piece, ' Ġ▁#') = trim(?, ' ')) "
-            "GROUP BY t.layer, t.neuron ORDER BY n DESC, mean_value DESC, t.layer, t.neuron LIMIT ?",
-            [run, site, text, text, limit])
-    return _render("tokens.html", links, f"{run} / {site}: token search", run=run, site=site, info=info, text=text, hits=hits,
-                   n_occurrences=n_occurrences)
+    hits = reader.rows("SELECT * FROM units_for_token(?, ?, ?) LIMIT ?", [run, site, text, limit]) if text else []
+    return _render("tokens.html", links, f"{run} / {site}: token search", run=run, site=site, info=info, text=text, hits=hits)
 
 
 def sql_result(reader: Reader, query: str) -> pl.DataFrame:
@@ -392,7 +430,7 @@ def write_site(wh, run: str, site: str, out: str | Path, layers: list[int] | Non
                 (out / name).write_text(page, encoding="utf-8")
                 written["pages"] += 1
             (out / str(layer)).mkdir(exist_ok=True)
-            data = unit_data(reader, run, site, layer)
+            data = unit_data(reader, info, run, site, layer)
             for unit in range(info["width"]):
                 path = f"{layer}/{unit}.html"
                 page = unit_page(reader, Links(static_from=path), run, site, layer, unit, layers=layers, data=data[unit])

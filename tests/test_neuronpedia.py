@@ -131,7 +131,7 @@ def test_values_are_the_macros(exported):
         assert len(mine) == top.height + wh.sql(
             f"SELECT count(*) FROM whq_examples('{RUN}', '{SITE}', 3, {unit}, 'random', 10, 24, 8, 0)").fetchall()[0][0]
         for row, record in zip(top.iter_rows(named=True), mine):
-            assert record["tokens"] == [t["piece"] for t in row["tokens"]]
+            assert record["tokens"] == [t["text"] for t in row["tokens"]]
             assert record["values"][record["qualifyingTokenIndex"]] == pytest.approx(row["value"])
             assert record["maxValue"] == max(record["values"]) == record["values"][record["maxValueTokenIndex"]]
         assert feature["maxActApprox"] == pytest.approx(top["value"][0], rel=1e-3)  # token_neurons keeps FLOAT16

@@ -6,7 +6,10 @@ opened from file://. One screenshot per page type is kept under artifacts/ to lo
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import json
 import re
+import shutil
 import socket
 import subprocess
 import threading
@@ -20,6 +23,7 @@ from pathlib import Path
 import pytest
 
 import warehouse
+from queries.pages import _number as pages_number
 from .cli_runner import run_cli
 
 CHROMIUM = "/usr/bin/chromium"
@@ -33,26 +37,52 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+UNIT_SITES = ["mlp.act:threshold=0,examples=3,hist,quantiles=4,similar=4", "mlp.up:topk=4,examples=3"]
+
+
 @pytest.fixture(scope="module")
-def server(golden_root):
+def pages_root(golden_root, tmp_path_factory, tiny_lm_dir):
+    """The golden run 'g', and beside it run 'u' of the same documents with everything a unit page
+    shows: histograms, quantile examples, similar units, the logit lens."""
+    from ingest.pipeline import ingest
+    from ingest.sources import Document
+
+    from .golden.build_fixture import DOCUMENTS
+
+    root = tmp_path_factory.mktemp("pages") / "wh"
+    shutil.copytree(golden_root, root)
+    ingest(root, str(tiny_lm_dir), sites=UNIT_SITES, documents=[Document(i, text, dataset=d) for i, d, text in DOCUMENTS],
+           run_id="u", batch_size=2, max_length=16, device="cpu", progress=False, logit_lens=True)
+    return root
+
+
+@contextlib.contextmanager
+def serving(root: Path):
     """The app under uvicorn in a thread of this process, on a free port of 127.0.0.1."""
     import uvicorn
 
     from queries.server import create_app
 
-    wh = warehouse.open(golden_root)
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(wh), host="127.0.0.1", port=port, log_level="warning"))
+    wh = warehouse.open(root)
+    srv = uvicorn.Server(uvicorn.Config(create_app(wh), host="127.0.0.1", port=_free_port(), log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
     while not srv.started:
         assert time.monotonic() < deadline, "the server did not start"
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(timeout=10)
-    wh.close()
+    try:
+        yield f"http://127.0.0.1:{srv.config.port}"
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+        wh.close()
+
+
+@pytest.fixture(scope="module")
+def server(pages_root):
+    with serving(pages_root) as url:
+        yield url
 
 
 def get(url: str) -> tuple[int, str]:
@@ -125,45 +155,62 @@ def test_site_page(server, tmp_path):
     page = parse(dom)
     units = [link for link in page.links if re.fullmatch(rf"/{RUN}/mlp\.act/1/\d+", link)]
     assert len(units) == 100  # one page of the 128 units
-    wh_rates = [float(v) for v in re.findall(r'<td data-v="([0-9.e-]+)">', dom)[1::5][:5]]
+    wh_rates = [float(v) for v in re.findall(r'<td data-v="([0-9.e-]*)">', dom)[1::8][:5]]
     assert wh_rates == sorted(wh_rates, reverse=True)
     for link in {*units[:3], *(link for link in page.links if "page=2" in link)}:
         assert get(server + link.replace("&amp;", "&"))[0] == 200, link
 
 
-def test_unit_page(server, tmp_path, golden_root):
-    dom = chromium(tmp_path, server + f"/{RUN}/mlp.act/1/3", shot="unit")
+def test_unit_page(server, tmp_path, pages_root):
+    dom = chromium(tmp_path, server + "/u/mlp.act/1/3", shot="unit")
+    assert_charts_drawn(dom, 1)  # the unit's histogram
     page = parse(dom)
-    wh = warehouse.open(golden_root)
-    top = wh.pl(f"SELECT * FROM top_contexts('{RUN}', 'mlp.act', 1, 3, k := 20, before := 24, after := 8)")
-    sample = wh.pl(f"SELECT * FROM whq_examples('{RUN}', 'mlp.act', 1, 3, 'random', 10, 24, 8, 0)")
-    expected = sum(len(t) for t in top["tokens"]) + sum(len(t) for t in sample["tokens"])
-    assert len(page.tokens) == expected > 0
-    fired = [t for t in page.tokens if "fire" in t["class"].split()]
-    assert len(fired) == top.height + sample.height
+    wh = warehouse.open(pages_root)
+    top = wh.pl("SELECT * FROM top_contexts('u', 'mlp.act', 1, 3, k := 20, before := 24, after := 8)")
+    sample = wh.pl("SELECT * FROM whq_examples('u', 'mlp.act', 1, 3, 'random', 10, 24, 8, 0)")
+    spread = wh.pl("SELECT * FROM quantile_examples('u', 'mlp.act', 1, 3, before := 24, after := 8)")
+    assert spread.height > 0
+    windows = [*top["tokens"], *spread["tokens"], *sample["tokens"]]
+    assert len(page.tokens) == sum(len(t) for t in windows) > 0
+    assert [t["title"] for t in page.tokens if "fire" in t["class"].split()] == [
+        pages_number(v) for v in [*top["value"], *spread["value"], *sample["value"]]]
     assert all("background-color: rgba(" in t["style"] for t in page.tokens)
-    lens = wh.pl(f"SELECT * FROM neuron_logit_lens('{RUN}', 'mlp.act', 1, 3)")
-    assert lens.height and all(f">{t}<" in dom.replace("&amp;", "&") for t in lens["token"].drop_nulls()[:3])
-    assert f"/{RUN}/mlp.act/1/2" in page.links and f"/{RUN}/mlp.act/1/4" in page.links
-    for link in page.links:
+    texts = [t["text"] for window in windows for t in window]
+    assert "".join(texts) in "".join(re.sub(r"<[^>]+>", "", m) for m in re.findall(r'<td class="ctx">(.*?)</td>', dom)).replace("&amp;", "&")
+    stats = wh.pl("SELECT * FROM unit_stats('u', 'mlp.act', 1) WHERE neuron = 3").row(0, named=True)
+    assert pages_number(stats["kurtosis"]) in dom and pages_number(stats["min"]) in dom
+    similar = wh.pl("SELECT * FROM similar_units('u', 'mlp.act', 1, 3)")
+    assert {"decoder", "coactivation"} <= set(similar["kind"])
+    for unit in similar["neuron"]:
+        assert f"/u/mlp.act/1/{unit}" in page.links
+    assert "/u/mlp.act/1/2" in page.links and "/u/mlp.act/1/4" in page.links
+    for link in set(page.links):
         if link.startswith("/"):
             assert get(server + link.replace("&amp;", "&"))[0] == 200, link
 
 
-def test_token_search_page(server, tmp_path, golden_root):
-    dom = chromium(tmp_path, server + f"/{RUN}/mlp.act/tokens?q=e", shot="tokens")
-    units = [link for link in parse(dom).links if re.fullmatch(rf"/{RUN}/mlp\.act/\d+/\d+", link)]
-    assert units
+def test_unit_page_of_a_site_without_histograms(server, tmp_path, golden_root):
+    dom = chromium(tmp_path, server + f"/{RUN}/mlp.up/1/3")
+    assert "No histogram for this site" in dom and 'data-rendered="yes"' not in dom
+    page = parse(dom)
     wh = warehouse.open(golden_root)
-    best = wh.sql(f"SELECT t.layer, t.neuron, count(*) AS n FROM tokens k JOIN token_neurons t USING (run_id, doc, pos) "
-                  f"WHERE k.run_id = '{RUN}' AND t.site = 'mlp.act' AND k.piece = 'e' GROUP BY ALL "
-                  f"ORDER BY n DESC, avg(t.value) DESC, t.layer, t.neuron LIMIT 1").fetchall()[0]
-    assert units[0] == f"/{RUN}/mlp.act/{best[0]}/{best[1]}"
+    top = wh.pl(f"SELECT * FROM top_contexts('{RUN}', 'mlp.up', 1, 3, k := 20, before := 24, after := 8)")
+    assert len([t for t in page.tokens if "fire" in t["class"].split()]) == top.height + wh.sql(
+        f"SELECT count(*) FROM whq_examples('{RUN}', 'mlp.up', 1, 3, 'random', 10, 24, 8, 0)").fetchall()[0][0]
+
+
+def test_token_search_page(server, tmp_path, pages_root):
+    dom = chromium(tmp_path, server + "/u/mlp.act/tokens?q=e", shot="tokens")
+    units = [link for link in parse(dom).links if re.fullmatch(r"/u/mlp\.act/\d+/\d+", link)]
+    wh = warehouse.open(pages_root)
+    best = wh.pl("SELECT * FROM units_for_token('u', 'mlp.act', 'e') LIMIT 50")
+    assert units == [f"/u/mlp.act/{layer}/{unit}" for layer, unit in zip(best["layer"], best["neuron"])] and units
+    assert f"occurs {best['n_occurrences'][0]:,} times" in dom
     assert get(server + units[0])[0] == 200
 
 
 def test_sql_page_runs_queries_and_refuses_writes(server, tmp_path, capsys, monkeypatch, golden_root):
-    query = urllib.parse.quote("SELECT layer, count(*) AS n FROM neuron_stats WHERE site = 'mlp.act' GROUP BY layer ORDER BY layer")
+    query = urllib.parse.quote("SELECT layer, count(*) AS n FROM neuron_stats WHERE run_id = 'g' AND site = 'mlp.act' GROUP BY layer ORDER BY layer")
     dom = chromium(tmp_path, server + f"/sql?q={query}", shot="sql")
     assert dom.count("<tr>") == 5 and "download CSV" in dom
     status, csv = get(server + f"/sql.csv?q={query}")
@@ -178,7 +225,7 @@ def test_sql_page_runs_queries_and_refuses_writes(server, tmp_path, capsys, monk
 
 
 @pytest.mark.parametrize("path, names", [
-    ("/nope/mlp.act", "its runs: g"),
+    ("/nope/mlp.act", "its runs: g, u"),
     (f"/{RUN}/nope", "its sites: mlp.act, mlp.up"),
     (f"/{RUN}/mlp.act/9/0", "its layers: 0, 1, 2, 3"),
     (f"/{RUN}/mlp.act/1/128", "units 0..127"),
@@ -191,19 +238,19 @@ def test_unknown_names_are_404_pages_naming_what_exists(server, path, names):
 
 def test_unit_page_under_load(server):
     """200 requests from 8 concurrent clients against the unit page: all 200 OK, same page."""
-    urls = [server + f"/{RUN}/mlp.act/1/{i % 16}" for i in range(200)]
+    urls = [server + f"/u/mlp.act/1/{i % 16}" for i in range(200)]
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(get, urls))
     assert [status for status, _ in answers] == [200] * 200
-    same = [text for url, (_, text) in zip(urls, answers) if url.endswith("/1/3")]
+    same = [text for url, (_, text) in zip(urls, answers) if url.endswith("/1/3")]  # 13 of them
     assert len(same) >= 1 and len(set(same)) == 1
 
 
 # -- static export -------------------------------------------------------------------------------
 
-def test_export_site_opens_from_file(golden_root, tmp_path, capsys, monkeypatch):
+def test_export_site_opens_from_file(pages_root, tmp_path, capsys, monkeypatch):
     out = tmp_path / "site"
-    code, stdout, err = run_cli(capsys, monkeypatch, "export", "site", golden_root, "--run", RUN, "--site", "mlp.act",
+    code, stdout, err = run_cli(capsys, monkeypatch, "export", "site", pages_root, "--run", "u", "--site", "mlp.act",
                                 "--out", out, "--layers", "1", "--layers", "2")
     assert code == 0, err
     assert "wrote 259 pages" in stdout  # index + 2 layer pages + 2 x 128 unit pages
@@ -214,8 +261,54 @@ def test_export_site_opens_from_file(golden_root, tmp_path, capsys, monkeypatch)
             assert (page.parent / link).resolve().exists(), (page, link)
     dom = chromium(tmp_path, (out / "index.html").as_uri(), shot="export_site")
     assert_charts_drawn(dom, 3)
-    dom = chromium(tmp_path, (out / "2" / "0.html").as_uri())
+    dom = chromium(tmp_path, (out / "2" / "0.html").as_uri(), shot="export_unit")
+    assert_charts_drawn(dom, 1)
     assert len(parse(dom).tokens) > 0 and 'rel="prev"' in dom  # runs back into layer 1
-    code, _, err = run_cli(capsys, monkeypatch, "export", "site", golden_root, "--run", RUN, "--site", "mlp.act",
+    code, _, err = run_cli(capsys, monkeypatch, "export", "site", pages_root, "--run", "u", "--site", "mlp.act",
                            "--out", out, "--layers", "7")
     assert code == 2 and "has no layer 7" in err and len(err.strip().splitlines()) == 1
+
+
+def test_whq_serve_prints_its_url_and_stops_on_ctrl_c(golden_root):
+    import signal
+    import sys
+
+    taken = socket.create_server(("127.0.0.1", 0))
+    port = taken.getsockname()[1]
+    whq = [sys.executable, "-c", "from warehouse.cli import main; main()", "serve", str(golden_root), "--port", str(port)]
+    busy = subprocess.run(whq, capture_output=True, text=True, timeout=120)
+    assert busy.returncode == 2 and busy.stderr == f"error: cannot listen on 127.0.0.1:{port}: Address already in use; pick another port with --port\n"
+    taken.close()
+    server = subprocess.Popen(whq, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout.readline().strip().endswith(f"at http://127.0.0.1:{port}/ (Ctrl-C stops)")
+        assert get(f"http://127.0.0.1:{port}/")[0] == 200
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.communicate(timeout=60)
+    assert server.returncode in (0, 130)
+
+
+def test_pages_of_a_minilm_capture(minilm_wh, tmp_path):
+    """A real model's capture: a topk site with examples, WordPiece tokens."""
+    with serving(minilm_wh) as url:
+        dom = chromium(tmp_path, url + "/r/mlp.act?layer=2")
+        assert_charts_drawn(dom, 3)
+        unit = int(re.search(r'href="/r/mlp\.act/2/(\d+)"', dom).group(1))
+        dom = chromium(tmp_path, url + f"/r/mlp.act/2/{unit}")
+        wh = warehouse.open(minilm_wh)
+        top = wh.pl(f"SELECT * FROM top_contexts('r', 'mlp.act', 2, {unit}, k := 20, before := 24, after := 8)")
+        sample = wh.pl(f"SELECT * FROM whq_examples('r', 'mlp.act', 2, {unit}, 'random', 10, 24, 8, 0)")
+        page = parse(dom)
+        assert len(page.tokens) == sum(len(t) for t in [*top["tokens"], *sample["tokens"]])
+        status, text = get(url + "/r/mlp.act/tokens?q=speak")
+        assert status == 200 and "/r/mlp.act/" in text
+
+
+def test_bench_serve_names_the_dominant_query(tmp_path, capsys, monkeypatch):
+    code, out, err = run_cli(capsys, monkeypatch, "bench", "serve", tmp_path / "b", "--rows", "20000", "--layers", "2",
+                             "--width", "64", "--k", "4", "--repeats", "1", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    for page in ("unit page", "token search", "run/site page"):
+        assert result[page]["median_ms"] > 0 and result[page]["queries_ms"], page
