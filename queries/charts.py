@@ -39,13 +39,13 @@ def rate_histogram_chart(df, title: str = "firing rate") -> alt.Chart:
             .properties(width=WIDTH, height=HEIGHT, title=alt.TitleParams(title, subtitle=f"dead units (rate 0, not drawn): {dead:,}")))
 
 
-def selectivity_histogram_chart(df, title: str = "selectivity (max / mean)") -> alt.Chart:
+def selectivity_histogram_chart(df, title: str = "selectivity (max / mean positive part)") -> alt.Chart:
     """selectivity_histogram rows: linear bars for bins 1..n; units without a selectivity (bin 0) in the subtitle."""
     df = _frame(df)
     undefined = int(df.filter(pl.col("bin") == 0)["n_neurons"].sum())
     bars = df.filter(pl.col("bin") > 0)
     return (alt.Chart(bars).mark_rect(opacity=0.55, stroke="white", strokeWidth=0.5)
-            .encode(alt.X("lo:Q", title="selectivity = max / mean activation"), alt.X2("hi:Q"),
+            .encode(alt.X("lo:Q", title="selectivity = max / mean of max(value, 0)"), alt.X2("hi:Q"),
                     alt.Y("n_neurons:Q", title="units"), alt.Y2(datum=0),
                     tooltip=_tooltip(df, "bin", "lo", "hi", "n_neurons", "layer"), **_by_layer(bars))
             .properties(width=WIDTH, height=HEIGHT,

@@ -191,7 +191,8 @@ class Reader:
 
 def runs(reader: Reader) -> list[dict]:
     """Committed runs with their model, sites, documents, tokens and bytes on disk."""
-    rows = reader.rows("SELECT run_id, model_id, n_layers, n_documents, n_tokens, created_at FROM runs ORDER BY created_at, run_id")
+    rows = reader.rows("SELECT run_id, model_id, n_layers, n_documents, n_tokens, strftime(created_at, '%Y-%m-%d %H:%M') AS created "
+                       "FROM runs ORDER BY created_at, run_id")
     sites = reader.rows("SELECT run_id, site, reductions, width, len(layers) AS n_layers FROM sites ORDER BY run_id, site")
     for row in rows:
         row["sites"] = [s for s in sites if s["run_id"] == row["run_id"]]

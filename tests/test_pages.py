@@ -150,13 +150,14 @@ def test_home_page(server, tmp_path, golden_root):
 
 
 def test_site_page(server, tmp_path):
-    dom = chromium(tmp_path, server + f"/{RUN}/mlp.act?layer=1&sort=rate&order=desc", shot="site")
+    dom = chromium(tmp_path, server + "/u/mlp.act?layer=1&sort=kurtosis&order=desc", shot="site")
     assert_charts_drawn(dom, 3)
     page = parse(dom)
-    units = [link for link in page.links if re.fullmatch(rf"/{RUN}/mlp\.act/1/\d+", link)]
+    units = [link for link in page.links if re.fullmatch(r"/u/mlp\.act/1/\d+", link)]
     assert len(units) == 100  # one page of the 128 units
-    wh_rates = [float(v) for v in re.findall(r'<td data-v="([0-9.e-]*)">', dom)[1::8][:5]]
-    assert wh_rates == sorted(wh_rates, reverse=True)
+    cells = re.findall(r'<td data-v="([0-9.e+-]*)">', dom)  # 8 a row: neuron, rate, mean, min, max, skewness, kurtosis, selectivity
+    kurtosis = [float(v) for v in cells[6::8]]
+    assert len(kurtosis) == 100 and kurtosis == sorted(kurtosis, reverse=True)
     for link in {*units[:3], *(link for link in page.links if "page=2" in link)}:
         assert get(server + link.replace("&amp;", "&"))[0] == 200, link
 
