@@ -18,6 +18,8 @@ from __future__ import annotations
 import contextlib
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, PlainTextResponse, Response
 from starlette.routing import Route
@@ -27,7 +29,9 @@ from warehouse.errors import BadInput, NotFound, QueryError, UnknownRun
 from . import pages
 
 
-def create_app(wh) -> Starlette:
+def create_app(wh, allowed_hosts: list[str] | None = None) -> Starlette:
+    """The app; `allowed_hosts` are the Host headers it answers (default: the loopback names), so a
+    web page elsewhere cannot read the warehouse through DNS rebinding; ["*"] answers any."""
     reader = pages.Reader(wh)
     links = pages.Links()
 
@@ -95,4 +99,6 @@ def create_app(wh) -> Starlette:
         yield
         reader.close()
 
-    return Starlette(routes=routes, exception_handlers={404: missing}, lifespan=lifespan)
+    hosts = allowed_hosts or ["127.0.0.1", "localhost", "::1"]
+    return Starlette(routes=routes, exception_handlers={404: missing}, lifespan=lifespan,
+                     middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=hosts)])

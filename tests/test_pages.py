@@ -237,6 +237,16 @@ def test_unknown_names_are_404_pages_naming_what_exists(server, path, names):
     assert status == 404 and names in text.replace("&#39;", "'")
 
 
+def test_other_host_names_are_refused(server):
+    """A page elsewhere that rebinds its own name to 127.0.0.1 cannot read the warehouse."""
+    request = urllib.request.Request(server + "/", headers={"Host": "attacker.example"})
+    try:
+        urllib.request.urlopen(request, timeout=30)
+        raise AssertionError("answered a foreign Host")
+    except urllib.error.HTTPError as err:
+        assert err.code == 400
+
+
 def test_unit_page_under_load(server):
     """200 requests from 8 concurrent clients against the unit page: all 200 OK, same page."""
     urls = [server + f"/u/mlp.act/1/{i % 16}" for i in range(200)]

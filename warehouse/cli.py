@@ -317,7 +317,8 @@ def serve(
         sock = socket.create_server((host, port))
     except OSError as err:
         _fail(f"cannot listen on {host}:{port}: {os.strerror(err.errno) if err.errno else err}; pick another port with --port")
-    server = uvicorn.Server(uvicorn.Config(create_app(wh), log_level="warning"))
+    hosts = ["*"] if host in ("0.0.0.0", "::") else ["127.0.0.1", "localhost", "::1", host]
+    server = uvicorn.Server(uvicorn.Config(create_app(wh, allowed_hosts=hosts), log_level="warning"))
     typer.echo(f"serving {wh.root} at http://{host}:{port}/ (Ctrl-C stops)")
     server.run(sockets=[sock])
 
