@@ -244,8 +244,38 @@ def _spec(chart) -> dict:
 
 
 def token_text(token: dict) -> str:
-    """A window token as pages and exports show it: as the tokenizer decodes it (the piece in older runs)."""
-    return token["text"] or ""
+    """A window token as pages and exports show it: as its document spells it (see _spell), else as
+    the tokenizer decodes it (the piece in older runs)."""
+    return token.get("spelled", token["text"]) or ""
+
+
+def _spell(reader: Reader, run: str, rows: list[dict]) -> None:
+    """Give each window token of `rows` (whq_examples / quantile_examples rows) its text as the
+    document spells it: the characters from the end of the token before it to its own end, so the
+    window reads as the document does whatever the tokenizer (WordPiece decoded alone loses the
+    spaces between words, 'all' 'resolved'; byte-level BPE decodes each byte of 'é' alone to '�').
+    Special tokens, which have no characters, keep their decoded text."""
+    if not rows:
+        return
+    starts = [row["pos"] - min(row["pos"], BEFORE) for row in rows]  # every position is stored: windows start at max(0, pos - before)
+    spans = reader.rows(
+        "SELECT DISTINCT d.doc_id, t.pos, t.char_start, t.char_end FROM (SELECT unnest(?::VARCHAR[]) AS doc_id, "
+        "unnest(?::INTEGER[]) AS lo, unnest(?::INTEGER[]) AS hi) w JOIN documents d ON d.run_id = ? AND d.doc_id = w.doc_id "
+        "JOIN tokens t ON t.run_id = d.run_id AND t.doc = d.doc AND t.pos BETWEEN w.lo AND w.hi "
+        "WHERE NOT t.special AND t.char_start IS NOT NULL",
+        [[r["doc_id"] for r in rows], starts, [lo + len(r["tokens"]) - 1 for r, lo in zip(rows, starts)], run])
+    at = {(s["doc_id"], s["pos"]): (s["char_start"], s["char_end"]) for s in spans}
+    texts = {r["doc_id"]: r["text"] for r in reader.rows(
+        "SELECT doc_id, text FROM documents WHERE run_id = ? AND doc_id IN (SELECT unnest(?::VARCHAR[]))",
+        [run, sorted({r["doc_id"] for r in rows})])}
+    for row, lo in zip(rows, starts):
+        text, end = texts[row["doc_id"]], None
+        for i, token in enumerate(row["tokens"]):
+            span = at.get((row["doc_id"], lo + i))
+            if span is not None:
+                start = span[0] if end is None else end  # a character several tokens share shows on the first
+                token["spelled"] = text[start:span[1]]
+                end = span[1] if end is None else max(end, span[1])
 
 
 def shaded(tokens: list[dict], fire: int, scale: float):
@@ -342,6 +372,7 @@ def unit_data(reader: Reader, info: dict, run: str, site: str, layer: int, unit:
                 "SELECT * FROM quantile_examples(?, ?, ?, ?, before := ?, after := ?)", [run, site, layer, neuron, BEFORE, AFTER])
         for row in reader.rows("SELECT * FROM similar_units(?, ?, ?, ?)", [run, site, layer, neuron]):
             data[neuron]["similar"][row["kind"]].append(row)
+    _spell(reader, run, [row for d in data.values() for rows in d["examples"].values() for row in rows])
     return data
 
 

@@ -6,6 +6,7 @@ opened from file://. One screenshot per page type is kept under artifacts/ to lo
 from __future__ import annotations
 
 import concurrent.futures
+import html
 import contextlib
 import json
 import re
@@ -176,8 +177,15 @@ def test_unit_page(server, tmp_path, pages_root):
     assert [t["title"] for t in page.tokens if "fire" in t["class"].split()] == [
         pages_number(v) for v in [*top["value"], *spread["value"], *sample["value"]]]
     assert all("background-color: rgba(" in t["style"] for t in page.tokens)
-    texts = [t["text"] for window in windows for t in window]
-    assert "".join(texts) in "".join(re.sub(r"<[^>]+>", "", m) for m in re.findall(r'<td class="ctx">(.*?)</td>', dom)).replace("&amp;", "&")
+    # each window reads as its document spells it: the text from its first token's start to its last token's end
+    shown = [html.unescape(re.sub(r"<[^>]+>", "", cell)) for cell in re.findall(r'<td class="ctx">(.*?)</td>', dom)]
+    spelled = wh.pl("""
+        SELECT x.rank, substr(d.text, min(t.char_start) + 1, max(t.char_end) - min(t.char_start)) AS text
+        FROM top_contexts('u', 'mlp.act', 1, 3, k := 20, before := 24, after := 8) x
+        JOIN documents d ON d.run_id = 'u' AND d.doc_id = x.doc_id
+        JOIN tokens t ON t.run_id = 'u' AND t.doc = d.doc AND t.pos BETWEEN greatest(x.pos - 24, 0) AND x.pos + 8
+        GROUP BY x.rank, d.text ORDER BY x.rank""")
+    assert shown[:top.height] == spelled["text"].to_list()
     stats = wh.pl("SELECT * FROM unit_stats('u', 'mlp.act', 1) WHERE neuron = 3").row(0, named=True)
     assert pages_number(stats["kurtosis"]) in dom and pages_number(stats["min"]) in dom
     similar = wh.pl("SELECT * FROM similar_units('u', 'mlp.act', 1, 3)")
