@@ -185,7 +185,7 @@ def test_unit_page(server, tmp_path, pages_root):
         JOIN documents d ON d.run_id = 'u' AND d.doc_id = x.doc_id
         JOIN tokens t ON t.run_id = 'u' AND t.doc = d.doc AND t.pos BETWEEN greatest(x.pos - 24, 0) AND x.pos + 8
         GROUP BY x.rank, d.text ORDER BY x.rank""")
-    assert shown[:top.height] == spelled["text"].to_list()
+    assert shown[:top.height] == [text.replace("\n", "⏎") for text in spelled["text"]]
     stats = wh.pl("SELECT * FROM unit_stats('u', 'mlp.act', 1) WHERE neuron = 3").row(0, named=True)
     assert pages_number(stats["kurtosis"]) in dom and pages_number(stats["min"]) in dom
     similar = wh.pl("SELECT * FROM similar_units('u', 'mlp.act', 1, 3)")
