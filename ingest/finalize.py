@@ -195,13 +195,20 @@ def neuron_logits(loaded, sl: SiteLayer, unembed) -> pa.Table | None:
     return _table("neuron_logits", {k: np.concatenate(v) for k, v in cols.items()})
 
 
-def unit_neighbors(loaded, sl: SiteLayer) -> pa.Table | None:
-    """Per unit the K others with the highest cosine of output directions (W_down columns); None without them."""
+def check_similar(loaded, resolved) -> None:
+    """Before capturing: every site asking for similar=K must have a down projection."""
+    for r in resolved:
+        if "similar" in r.spec.reductions and any(_down_projection(loaded, SiteLayer(r, layer, module, "cpu")) is None
+                                                  for layer, module in r.modules):
+            raise BadInput(f"--site {r.spec.text!r}: similar=K compares output directions, which only MLP unit sites have "
+                           "(mlp.act, mlp.up, mlp.gate): drop similar from this site")
+
+
+def unit_neighbors(loaded, sl: SiteLayer) -> pa.Table:
+    """Per unit the K others with the highest cosine of output directions (W_down columns)."""
     import torch
 
     down = _down_projection(loaded, sl)
-    if down is None:
-        return None
     k = min(sl.red["similar"], down.shape[1] - 1)
     with torch.inference_mode():
         directions = torch.nn.functional.normalize(down.float(), dim=0)   # [hidden, units]
@@ -236,12 +243,8 @@ def final_parts(loaded, resolved, site_layers: list[SiteLayer], writer, logit_le
             parts.append(("unit_histograms", sl.name, sl.layer, unit_histograms(sl)))
         if sl.examples:
             parts.append(("neuron_examples", sl.name, sl.layer, neuron_examples(sl)))
-        if "similar" in sl.red:
-            neighbors = unit_neighbors(loaded, sl)
-            if neighbors is None:
-                raise BadInput(f"--site {sl.spec.text}: similar=K needs an MLP unit site with a down projection "
-                               "(mlp.act, mlp.up or mlp.gate): drop similar from the other sites")
-            parts.append(("unit_neighbors", sl.name, sl.layer, neighbors))
+        if "similar" in sl.red:  # check_similar made sure the site has a down projection
+            parts.append(("unit_neighbors", sl.name, sl.layer, unit_neighbors(loaded, sl)))
     if logit_lens:
         unembed = _unembedding(loaded)
         lens = [(sl, neuron_logits(loaded, sl, unembed)) for sl in site_layers] if unembed is not None else []

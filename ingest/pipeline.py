@@ -229,6 +229,9 @@ def ingest(
         raise BadInput(f"--max-length {max_length} leaves no room for text after {loaded.tokenizer.n_special} special tokens: raise it")
     if logit_lens and (loaded.family != "decoder" or loaded.model.get_output_embeddings() is None):
         raise BadInput("--logit-lens needs a causal LM with an unembedding (lm_head); this model has none: drop --logit-lens")
+    from .finalize import check_similar
+
+    check_similar(loaded, resolved)
     run_id = run_id or default_run_id(model)
     config = {
         "model": model, "model_id": loaded.model_id, "sites": [s.text for s in specs],

@@ -423,6 +423,16 @@ def test_contexts_and_exports_use_the_captured_window_values(unit_wh, dense, tmp
     assert [e["tokens_acts_list"] for e in top] == [[t["value"] or 0.0 for t in r["tokens"]] for r in got]
 
 
+def test_similar_needs_an_mlp_unit_site(tmp_path, tiny_lm_dir):
+    from ingest.pipeline import ingest
+    from ingest.sources import Document
+
+    with pytest.raises(BadInput, match="similar=K compares output directions, which only MLP unit sites have"):
+        ingest(tmp_path / "wh", str(tiny_lm_dir), sites=["resid.out:last,similar=3"], documents=[Document("d", "hi")],
+               run_id="s", device="cpu", progress=False)
+    assert not (tmp_path / "wh" / "runs").exists() or not list((tmp_path / "wh" / "runs").glob("*.json"))
+
+
 def test_quantiles_need_examples_and_a_histogram(unit_wh):
     from ingest.sites import parse_spec
     from warehouse.errors import BadSpec
