@@ -8,6 +8,7 @@ report names the query that dominates.
 
 from __future__ import annotations
 
+import re
 import statistics
 import time
 from collections import defaultdict
@@ -35,9 +36,9 @@ class _TimedReader(pages.Reader):
 
 
 def _label(query: str) -> str:
-    words = query.split()
-    at = words.index("FROM") + 1 if "FROM" in words else 0
-    return " ".join(words[at:at + 1]).split("(")[0] or words[0]
+    """The first table or macro the statement reads."""
+    found = re.search(r"\b(?:FROM|JOIN)\s+([A-Za-z_]\w*)", query)
+    return found.group(1) if found else query.split()[0]
 
 
 def _time(render, reader: _TimedReader, repeats: int) -> tuple[list[float], dict[str, float]]:
