@@ -79,10 +79,23 @@ def unit_histogram_chart(df, title: str = "activation histogram") -> alt.Chart:
     symmetric-log value axis (the grid is quarter octaves of |value|) and a symmetric-log count axis
     (the bin around 0 often holds most tokens); the open end bins are drawn one grid step wide."""
     df = _frame(df).filter(pl.col("count") > 0)
-    finite = df.with_columns(lo=pl.when(pl.col("lo").is_infinite()).then(pl.col("hi") * 1.25).otherwise(pl.col("lo")),
-                             hi=pl.when(pl.col("hi").is_infinite()).then(pl.col("lo") * 1.25).otherwise(pl.col("hi")))
-    return (alt.Chart(finite).mark_rect(color="#f97316", stroke="white", strokeWidth=0.3)
-            .encode(alt.X("lo:Q", scale=alt.Scale(type="symlog", constant=2 ** -12), title="activation value"), alt.X2("hi:Q"),
-                    alt.Y("count:Q", scale=alt.Scale(type="symlog"), title="tokens"), alt.Y2(datum=0),
-                    tooltip=_tooltip(df, "bin", "lo", "hi", "count"))
-            .properties(width=WIDTH, height=HEIGHT, title=alt.TitleParams(title, subtitle=f"{int(df['count'].sum()):,} tokens, exact")))
+    finite = df.with_columns(
+        lo=pl.when(pl.col("lo").is_infinite()).then(pl.col("hi") * 1.25).otherwise(pl.col("lo")),
+        hi=pl.when(pl.col("hi").is_infinite()).then(pl.col("lo") * 1.25).otherwise(pl.col("hi")),
+    )
+    return (
+        alt.Chart(finite)
+        .mark_rect(color="#f97316", stroke="white", strokeWidth=0.3)
+        .encode(
+            alt.X("lo:Q", scale=alt.Scale(type="symlog", constant=2**-12), title="activation value"),
+            alt.X2("hi:Q"),
+            alt.Y("count:Q", scale=alt.Scale(type="symlog"), title="tokens"),
+            alt.Y2(datum=0),
+            tooltip=_tooltip(df, "bin", "lo", "hi", "count"),
+        )
+        .properties(
+            width=WIDTH,
+            height=HEIGHT,
+            title=alt.TitleParams(title, subtitle=f"{int(df['count'].sum()):,} tokens, exact"),
+        )
+    )

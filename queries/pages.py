@@ -33,10 +33,10 @@ from warehouse.errors import BadInput, NotFound, QueryError, UnknownRun
 from . import charts
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
-PAGE_SIZE = 100          # units per page of the run/site table (server; the export lists a layer on one page)
+PAGE_SIZE = 100  # units per page of the run/site table (server; the export lists a layer on one page)
 TOP_K, N_RANDOM = 20, 10
-BEFORE, AFTER = 24, 8    # tokens of context shown before / after the firing token
-SQL_ROWS = 1000          # rows of the SQL box's table (the CSV download has them all)
+BEFORE, AFTER = 24, 8  # tokens of context shown before / after the firing token
+SQL_ROWS = 1000  # rows of the SQL box's table (the CSV download has them all)
 SORTS = ("neuron", "rate", "mean", "min", "max", "skewness", "kurtosis", "selectivity")  # the units table's columns
 
 
@@ -54,8 +54,13 @@ def vega_bundle() -> str:
 def environment():
     import jinja2
 
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
-                             trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES),
+        autoescape=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        undefined=jinja2.StrictUndefined,
+    )
     env.filters["num"] = _number
     env.filters["lens_token"] = lens_token
     return env
@@ -87,6 +92,7 @@ def lens_token(row: dict) -> str:
 
 
 # -- links -------------------------------------------------------------------------------------
+
 
 class Links:
     """The URLs a page links to: server routes, or (static_from = the page's own path inside an
@@ -132,6 +138,7 @@ class Links:
 
 # -- reads -------------------------------------------------------------------------------------
 
+
 class Reader:
     """The pages' reads: trusted macros on per-thread cursors, untrusted SQL on the guarded path."""
 
@@ -165,8 +172,10 @@ class Reader:
     def sites(self) -> dict[str, list[dict]]:
         """{run: its rows of `sites`}, read once: the connection sees the catalog as it was when opened."""
         if self._sites is None:
-            rows = self.rows("SELECT r.run_id, s.site, s.layers, s.width, s.reductions, s.threshold FROM runs r "
-                             "LEFT JOIN sites s USING (run_id) ORDER BY r.run_id, s.site")
+            rows = self.rows(
+                "SELECT r.run_id, s.site, s.layers, s.width, s.reductions, s.threshold FROM runs r "
+                "LEFT JOIN sites s USING (run_id) ORDER BY r.run_id, s.site"
+            )
             self._sites = {}
             for row in rows:
                 self._sites.setdefault(row.pop("run_id"), []).extend([row] if row["site"] is not None else [])
@@ -189,11 +198,16 @@ class Reader:
 
 # -- what exists -------------------------------------------------------------------------------
 
+
 def runs(reader: Reader) -> list[dict]:
     """Committed runs with their model, sites, documents, tokens and bytes on disk."""
-    rows = reader.rows("SELECT run_id, model_id, n_layers, n_documents, n_tokens, strftime(created_at, '%Y-%m-%d %H:%M') AS created "
-                       "FROM runs ORDER BY created_at, run_id")
-    sites = reader.rows("SELECT run_id, site, reductions, width, len(layers) AS n_layers FROM sites ORDER BY run_id, site")
+    rows = reader.rows(
+        "SELECT run_id, model_id, n_layers, n_documents, n_tokens, strftime(created_at, '%Y-%m-%d %H:%M') AS created "
+        "FROM runs ORDER BY created_at, run_id"
+    )
+    sites = reader.rows(
+        "SELECT run_id, site, reductions, width, len(layers) AS n_layers FROM sites ORDER BY run_id, site"
+    )
     for row in rows:
         row["sites"] = [s for s in sites if s["run_id"] == row["run_id"]]
         row["bytes"] = sum(p["bytes"] for p in reader.wh.manifest(row["run_id"])["parts"])
@@ -218,7 +232,9 @@ def site_info(reader: Reader, run: str, site: str, layers: list[int] | None = No
 
 def check_unit(info: dict, run: str, site: str, layer: int, unit: int) -> None:
     if layer not in info["layers"]:
-        raise NotFound(f"site {site!r} of run {run!r} has no layer {layer}; its layers: {', '.join(map(str, info['layers']))}")
+        raise NotFound(
+            f"site {site!r} of run {run!r} has no layer {layer}; its layers: {', '.join(map(str, info['layers']))}"
+        )
     if not 0 <= unit < info["width"]:
         raise NotFound(f"site {site!r} of run {run!r} has units 0..{info['width'] - 1}; there is no unit {unit}")
 
@@ -234,9 +250,13 @@ def neighbours(info: dict, layer: int, unit: int) -> tuple[tuple[int, int] | Non
 
 # -- rendering helpers -------------------------------------------------------------------------
 
+
 def _render(template: str, links: Links, title: str, specs: dict | None = None, **context) -> str:
-    return environment().get_template(template).render(
-        links=links, title=title, specs=json.dumps(specs or {}).replace("</", "<\\/"), **context)
+    return (
+        environment()
+        .get_template(template)
+        .render(links=links, title=title, specs=json.dumps(specs or {}).replace("</", "<\\/"), **context)
+    )
 
 
 def _spec(chart) -> dict:
@@ -257,24 +277,31 @@ def _spell(reader: Reader, run: str, rows: list[dict]) -> None:
     Special tokens, which have no characters, keep their decoded text."""
     if not rows:
         return
-    starts = [row["pos"] - min(row["pos"], BEFORE) for row in rows]  # every position is stored: windows start at max(0, pos - before)
+    starts = [
+        row["pos"] - min(row["pos"], BEFORE) for row in rows
+    ]  # every position is stored: windows start at max(0, pos - before)
     spans = reader.rows(
         "SELECT DISTINCT d.doc_id, t.pos, t.char_start, t.char_end FROM (SELECT unnest(?::VARCHAR[]) AS doc_id, "
         "unnest(?::INTEGER[]) AS lo, unnest(?::INTEGER[]) AS hi) w JOIN documents d ON d.run_id = ? AND d.doc_id = w.doc_id "
         "JOIN tokens t ON t.run_id = d.run_id AND t.doc = d.doc AND t.pos BETWEEN w.lo AND w.hi "
         "WHERE NOT t.special AND t.char_start IS NOT NULL",
-        [[r["doc_id"] for r in rows], starts, [lo + len(r["tokens"]) - 1 for r, lo in zip(rows, starts)], run])
+        [[r["doc_id"] for r in rows], starts, [lo + len(r["tokens"]) - 1 for r, lo in zip(rows, starts)], run],
+    )
     at = {(s["doc_id"], s["pos"]): (s["char_start"], s["char_end"]) for s in spans}
-    texts = {r["doc_id"]: r["text"] for r in reader.rows(
-        "SELECT doc_id, text FROM documents WHERE run_id = ? AND doc_id IN (SELECT unnest(?::VARCHAR[]))",
-        [run, sorted({r["doc_id"] for r in rows})])}
+    texts = {
+        r["doc_id"]: r["text"]
+        for r in reader.rows(
+            "SELECT doc_id, text FROM documents WHERE run_id = ? AND doc_id IN (SELECT unnest(?::VARCHAR[]))",
+            [run, sorted({r["doc_id"] for r in rows})],
+        )
+    }
     for row, lo in zip(rows, starts):
         text, end = texts[row["doc_id"]], None
         for i, token in enumerate(row["tokens"]):
             span = at.get((row["doc_id"], lo + i))
             if span is not None:
                 start = span[0] if end is None else end  # a character several tokens share shows on the first
-                token["spelled"] = text[start:span[1]]
+                token["spelled"] = text[start : span[1]]
                 end = span[1] if end is None else max(end, span[1])
 
 
@@ -291,8 +318,10 @@ def shaded(tokens: list[dict], fire: int, scale: float):
         value = token.get("value")
         alpha = 0.0 if value is None or not scale else min(1.0, abs(value) / scale)
         colour = "255,140,0" if (value or 0) >= 0 else "37,99,235"
-        spans.append(f'<span class="tok{" fire" if i == fire else ""}" style="background-color: rgba({colour},{alpha:.3f})" '
-                     f'title="{_number(value)}">{html.escape(token_text(token).replace(chr(10), "⏎"), quote=False)}</span>')
+        spans.append(
+            f'<span class="tok{" fire" if i == fire else ""}" style="background-color: rgba({colour},{alpha:.3f})" '
+            f'title="{_number(value)}">{html.escape(token_text(token).replace(chr(10), "⏎"), quote=False)}</span>'
+        )
     return Markup("".join(spans))
 
 
@@ -302,13 +331,23 @@ def _examples(rows: list[dict], before: int, scale: float) -> list[dict]:
 
 # -- pages -------------------------------------------------------------------------------------
 
+
 def home_page(reader: Reader, links: Links) -> str:
     return _render("home.html", links, "whq: runs", runs=runs(reader))
 
 
-def site_page(reader: Reader, links: Links, run: str, site: str, layer: int | None = None,
-              sort: str = "neuron", order: str = "asc", page: int = 1, page_size: int | None = PAGE_SIZE,
-              layers: list[int] | None = None) -> str:
+def site_page(
+    reader: Reader,
+    links: Links,
+    run: str,
+    site: str,
+    layer: int | None = None,
+    sort: str = "neuron",
+    order: str = "asc",
+    page: int = 1,
+    page_size: int | None = PAGE_SIZE,
+    layers: list[int] | None = None,
+) -> str:
     info = site_info(reader, run, site, layers)
     layer = info["layers"][0] if layer is None else layer
     check_unit(info, run, site, layer, 0)
@@ -325,13 +364,30 @@ def site_page(reader: Reader, links: Links, run: str, site: str, layer: int | No
         f"SELECT u.neuron, u.rate, u.mean, u.min, u.max, u.skewness, u.kurtosis, x.selectivity "
         f"FROM unit_stats(?, ?, ?) u JOIN selectivity(?, ?, ?) x ON x.neuron = u.neuron "
         f"ORDER BY {sort} {order.upper()} NULLS LAST, u.neuron LIMIT ? OFFSET ?",
-        [run, site, layer, run, site, layer, limit, (page - 1) * limit])
-    specs = {"chart-layers": _spec(charts.layer_summary_chart(summary)),
-             "chart-rate": _spec(charts.rate_histogram_chart(rate_hist, title=f"firing rate, layer {layer}")),
-             "chart-selectivity": _spec(charts.selectivity_histogram_chart(sel_hist, title=f"selectivity, layer {layer}"))}
-    return _render("site.html", links, f"{run} / {site}", specs, run=run, site=site, info=info, layer=layer,
-                   summary=summary.to_dicts(), units=units, sort=sort, order=order, page=page, n_pages=n_pages,
-                   columns=SORTS)
+        [run, site, layer, run, site, layer, limit, (page - 1) * limit],
+    )
+    specs = {
+        "chart-layers": _spec(charts.layer_summary_chart(summary)),
+        "chart-rate": _spec(charts.rate_histogram_chart(rate_hist, title=f"firing rate, layer {layer}")),
+        "chart-selectivity": _spec(charts.selectivity_histogram_chart(sel_hist, title=f"selectivity, layer {layer}")),
+    }
+    return _render(
+        "site.html",
+        links,
+        f"{run} / {site}",
+        specs,
+        run=run,
+        site=site,
+        info=info,
+        layer=layer,
+        summary=summary.to_dicts(),
+        units=units,
+        sort=sort,
+        order=order,
+        page=page,
+        n_pages=n_pages,
+        columns=SORTS,
+    )
 
 
 def _captured(info: dict, reduction: str) -> bool:
@@ -347,38 +403,65 @@ def unit_data(reader: Reader, info: dict, run: str, site: str, layer: int, unit:
         "SELECT u.*, s.n_tokens, s.n_fired, s.max_doc, s.max_pos, x.selectivity "
         "FROM unit_stats(?, ?, ?) u JOIN selectivity(?, ?, ?) x ON x.neuron = u.neuron "
         "JOIN neuron_stats s ON s.run_id = ? AND s.site = ? AND s.layer = ? AND s.neuron = u.neuron "
-        "WHERE (? IS NULL OR u.neuron = ?) ORDER BY u.neuron", [run, site, layer, run, site, layer, *params])
-    data = {row["neuron"]: {"stats": row, "examples": {"top": [], "random": [], "quantile": []}, "lens": {"top": [], "bottom": []},
-                            "histogram": [], "similar": {"decoder": [], "coactivation": []}} for row in stats}
+        "WHERE (? IS NULL OR u.neuron = ?) ORDER BY u.neuron",
+        [run, site, layer, run, site, layer, *params],
+    )
+    data = {
+        row["neuron"]: {
+            "stats": row,
+            "examples": {"top": [], "random": [], "quantile": []},
+            "lens": {"top": [], "bottom": []},
+            "histogram": [],
+            "similar": {"decoder": [], "coactivation": []},
+        }
+        for row in stats
+    }
     fired = [row["neuron"] for row in stats if row["n_fired"]]
     if fired:
         macro_args = [run, site, layer, unit]
         for row in reader.rows(  # one statement: half the time of two on the golden warehouse
-                "SELECT 'top' AS kind, * FROM whq_examples(?, ?, ?, ?, 'top', ?, ?, ?, 0) UNION ALL "
-                "SELECT 'random', * FROM whq_examples(?, ?, ?, ?, 'random', ?, ?, ?, 0) ORDER BY neuron, kind DESC, rank",
-                [*macro_args, TOP_K, BEFORE, AFTER, *macro_args, N_RANDOM, BEFORE, AFTER]):
+            "SELECT 'top' AS kind, * FROM whq_examples(?, ?, ?, ?, 'top', ?, ?, ?, 0) UNION ALL "
+            "SELECT 'random', * FROM whq_examples(?, ?, ?, ?, 'random', ?, ?, ?, 0) ORDER BY neuron, kind DESC, rank",
+            [*macro_args, TOP_K, BEFORE, AFTER, *macro_args, N_RANDOM, BEFORE, AFTER],
+        ):
             data[row["neuron"]]["examples"][row["kind"]].append(row)
-    for row in reader.rows("SELECT g.neuron, g.direction, g.rank, g.token_id, coalesce(g.text, g.token) AS token, g.logit "
-                           "FROM neuron_logits g WHERE g.run_id = ? AND g.site = ? AND g.layer = ? "
-                           "AND (? IS NULL OR g.neuron = ?) ORDER BY g.neuron, g.direction DESC, g.rank", params):
+    for row in reader.rows(
+        "SELECT g.neuron, g.direction, g.rank, g.token_id, coalesce(g.text, g.token) AS token, g.logit "
+        "FROM neuron_logits g WHERE g.run_id = ? AND g.site = ? AND g.layer = ? "
+        "AND (? IS NULL OR g.neuron = ?) ORDER BY g.neuron, g.direction DESC, g.rank",
+        params,
+    ):
         data[row["neuron"]]["lens"][row["direction"]].append(row)
     if _captured(info, "hist"):  # the table unit_histogram reads, for every unit at once; empty bins are not stored
-        for row in reader.rows("SELECT u.neuron, CAST(u.bin AS INTEGER) AS bin, whq_hist_lo(u.bin) AS lo, "
-                               "whq_hist_hi(u.bin) AS hi, u.count FROM unit_histograms u WHERE u.run_id = ? AND u.site = ? "
-                               "AND u.layer = ? AND (? IS NULL OR u.neuron = ?) ORDER BY u.neuron, u.bin", params):
+        for row in reader.rows(
+            "SELECT u.neuron, CAST(u.bin AS INTEGER) AS bin, whq_hist_lo(u.bin) AS lo, "
+            "whq_hist_hi(u.bin) AS hi, u.count FROM unit_histograms u WHERE u.run_id = ? AND u.site = ? "
+            "AND u.layer = ? AND (? IS NULL OR u.neuron = ?) ORDER BY u.neuron, u.bin",
+            params,
+        ):
             data[row["neuron"]]["histogram"].append(row)
     for neuron in fired:
         if _captured(info, "quantiles") and _captured(info, "hist"):
             data[neuron]["examples"]["quantile"] = reader.rows(
-                "SELECT * FROM quantile_examples(?, ?, ?, ?, before := ?, after := ?)", [run, site, layer, neuron, BEFORE, AFTER])
+                "SELECT * FROM quantile_examples(?, ?, ?, ?, before := ?, after := ?)",
+                [run, site, layer, neuron, BEFORE, AFTER],
+            )
         for row in reader.rows("SELECT * FROM similar_units(?, ?, ?, ?)", [run, site, layer, neuron]):
             data[neuron]["similar"][row["kind"]].append(row)
     _spell(reader, run, [row for d in data.values() for rows in d["examples"].values() for row in rows])
     return data
 
 
-def unit_page(reader: Reader, links: Links, run: str, site: str, layer: int, unit: int,
-              layers: list[int] | None = None, data: dict | None = None) -> str:
+def unit_page(
+    reader: Reader,
+    links: Links,
+    run: str,
+    site: str,
+    layer: int,
+    unit: int,
+    layers: list[int] | None = None,
+    data: dict | None = None,
+) -> str:
     """The unit page; `data` is unit_data's entry for the unit when the caller read it already."""
     info = site_info(reader, run, site, layers)
     check_unit(info, run, site, layer, unit)
@@ -388,18 +471,40 @@ def unit_page(reader: Reader, links: Links, run: str, site: str, layer: int, uni
     sections, specs = [], {}
     if stats["n_fired"]:
         quantiles = [{**row, "rank": f"q{row['quantile']}.{row['rank']}"} for row in data["examples"]["quantile"]]
-        sections = [(name, kind, _examples(rows, BEFORE, scale)) for name, kind, rows in (
-            ("Top activations", "top", data["examples"]["top"]),
-            ("Examples across the activation range (quantile bins, lowest first)", "quantile", quantiles),
-            ("Random firing examples", "random", data["examples"]["random"])) if rows or kind != "quantile"]
+        sections = [
+            (name, kind, _examples(rows, BEFORE, scale))
+            for name, kind, rows in (
+                ("Top activations", "top", data["examples"]["top"]),
+                ("Examples across the activation range (quantile bins, lowest first)", "quantile", quantiles),
+                ("Random firing examples", "random", data["examples"]["random"]),
+            )
+            if rows or kind != "quantile"
+        ]
     if data["histogram"]:
-        specs["chart-hist"] = _spec(charts.unit_histogram_chart(pl.DataFrame(data["histogram"]), title=f"unit {unit}: activation histogram"))
+        specs["chart-hist"] = _spec(
+            charts.unit_histogram_chart(pl.DataFrame(data["histogram"]), title=f"unit {unit}: activation histogram")
+        )
     before, after = neighbours(info, layer, unit)
-    return _render("unit.html", links, f"{run} / {site} / layer {layer} / unit {unit}", specs, run=run, site=site, layer=layer,
-                   unit=unit, info=info, stats=stats, sections=sections, quantile_bins=_bins(data["examples"]["quantile"]),
-                   has_histogram=bool(specs),
-                   lens_top=data["lens"]["top"], lens_bottom=data["lens"]["bottom"], similar=data["similar"],
-                   prev=before, next=after)
+    return _render(
+        "unit.html",
+        links,
+        f"{run} / {site} / layer {layer} / unit {unit}",
+        specs,
+        run=run,
+        site=site,
+        layer=layer,
+        unit=unit,
+        info=info,
+        stats=stats,
+        sections=sections,
+        quantile_bins=_bins(data["examples"]["quantile"]),
+        has_histogram=bool(specs),
+        lens_top=data["lens"]["top"],
+        lens_bottom=data["lens"]["bottom"],
+        similar=data["similar"],
+        prev=before,
+        next=after,
+    )
 
 
 def _bins(rows: list[dict]) -> list[dict]:
@@ -413,7 +518,9 @@ def _bins(rows: list[dict]) -> list[dict]:
 def tokens_page(reader: Reader, links: Links, run: str, site: str, text: str = "", limit: int = 50) -> str:
     info = site_info(reader, run, site)
     hits = reader.rows("SELECT * FROM units_for_token(?, ?, ?) LIMIT ?", [run, site, text, limit]) if text else []
-    return _render("tokens.html", links, f"{run} / {site}: token search", run=run, site=site, info=info, text=text, hits=hits)
+    return _render(
+        "tokens.html", links, f"{run} / {site}: token search", run=run, site=site, info=info, text=text, hits=hits
+    )
 
 
 def sql_result(reader: Reader, query: str) -> pl.DataFrame:
@@ -429,14 +536,25 @@ def sql_page(reader: Reader, links: Links, query: str = "") -> tuple[str, int]:
         except QueryError as err:
             error = " ".join(str(err).split())
     rows = frame.head(SQL_ROWS).rows() if frame is not None else []
-    page = _render("sql.html", links, "whq: SQL", query=query, error=error, columns=frame.columns if frame is not None else [],
-                   rows=rows, n_rows=frame.height if frame is not None else 0, shown=len(rows))
+    page = _render(
+        "sql.html",
+        links,
+        "whq: SQL",
+        query=query,
+        error=error,
+        columns=frame.columns if frame is not None else [],
+        rows=rows,
+        n_rows=frame.height if frame is not None else 0,
+        shown=len(rows),
+    )
     return page, 400 if error else 200
 
 
 def csv_text(frame: pl.DataFrame) -> str:
     nested = [c for c, t in frame.schema.items() if t.is_nested()]
-    flat = frame.with_columns(pl.Series(c, [json.dumps(v, default=str) for v in frame[c].to_list()], pl.String) for c in nested)
+    flat = frame.with_columns(
+        pl.Series(c, [json.dumps(v, default=str) for v in frame[c].to_list()], pl.String) for c in nested
+    )
     return flat.write_csv()
 
 
@@ -445,6 +563,7 @@ def missing_page(links: Links, message: str) -> str:
 
 
 # -- static export -----------------------------------------------------------------------------
+
 
 def write_site(wh, run: str, site: str, out: str | Path, layers: list[int] | None = None) -> dict:
     """The run/site and unit pages as static files under `out` (open index.html from file://)."""
@@ -466,11 +585,12 @@ def write_site(wh, run: str, site: str, out: str | Path, layers: list[int] | Non
             data = unit_data(reader, info, run, site, layer)
             for unit in range(info["width"]):
                 path = f"{layer}/{unit}.html"
-                page = unit_page(reader, Links(static_from=path), run, site, layer, unit, layers=layers, data=data[unit])
+                page = unit_page(
+                    reader, Links(static_from=path), run, site, layer, unit, layers=layers, data=data[unit]
+                )
                 (out / path).write_text(page, encoding="utf-8")
                 written["pages"] += 1
         written["layers"] = layers
         return written
     finally:
         reader.close()
-

@@ -52,8 +52,9 @@ def _time(render, reader: _TimedReader, repeats: int) -> tuple[list[float], dict
     return times, {name: spent / repeats for name, spent in sorted(reader.spent.items(), key=lambda kv: -kv[1])}
 
 
-def bench_serve(root: str | Path, rows: int, *, layers: int = 12, width: int = 3072, k: int = 20, repeats: int = 5,
-                echo=None) -> dict:
+def bench_serve(
+    root: str | Path, rows: int, *, layers: int = 12, width: int = 3072, k: int = 20, repeats: int = 5, echo=None
+) -> dict:
     if repeats < 1:
         raise BadInput("--repeats must be at least 1")
     shape = bench.Shape(rows=rows, layers=layers, width=width, k=k)
@@ -65,16 +66,28 @@ def bench_serve(root: str | Path, rows: int, *, layers: int = 12, width: int = 3
     links = pages.Links()
     try:
         run, site = shape.run_id, bench.SITE
-        unit = reader.rows("SELECT neuron FROM neuron_stats WHERE run_id = ? AND site = ? AND layer = 0 ORDER BY n_fired DESC LIMIT 1",
-                           [run, site])[0]["neuron"]
+        unit = reader.rows(
+            "SELECT neuron FROM neuron_stats WHERE run_id = ? AND site = ? AND layer = 0 ORDER BY n_fired DESC LIMIT 1",
+            [run, site],
+        )[0]["neuron"]
         word = reader.rows("SELECT piece FROM tokens WHERE run_id = ? LIMIT 1", [run])[0]["piece"]
-        result = {"run_id": run, "token_neuron_rows": shape.layers * shape.tokens * shape.k, "unit": [0, unit], "token": word}
-        for name, render in (("unit page", lambda: pages.unit_page(reader, links, run, site, 0, unit)),
-                             ("token search", lambda: pages.tokens_page(reader, links, run, site, word)),
-                             ("run/site page", lambda: pages.site_page(reader, links, run, site, 0))):
+        result = {
+            "run_id": run,
+            "token_neuron_rows": shape.layers * shape.tokens * shape.k,
+            "unit": [0, unit],
+            "token": word,
+        }
+        for name, render in (
+            ("unit page", lambda: pages.unit_page(reader, links, run, site, 0, unit)),
+            ("token search", lambda: pages.tokens_page(reader, links, run, site, word)),
+            ("run/site page", lambda: pages.site_page(reader, links, run, site, 0)),
+        ):
             times, spent = _time(render, reader, repeats)
-            result[name] = {"median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times),
-                            "queries_ms": {q: 1e3 * s for q, s in spent.items()}}
+            result[name] = {
+                "median_ms": 1e3 * statistics.median(times),
+                "min_ms": 1e3 * min(times),
+                "queries_ms": {q: 1e3 * s for q, s in spent.items()},
+            }
         return result
     finally:
         reader.close()
@@ -82,11 +95,15 @@ def bench_serve(root: str | Path, rows: int, *, layers: int = 12, width: int = 3
 
 
 def lines(result: dict) -> list[str]:
-    out = [f"run {result['run_id']}: {result['token_neuron_rows']:,} token_neurons rows; unit page of layer 0 unit "
-           f"{result['unit'][1]}, token search for {result['token']!r}"]
+    out = [
+        f"run {result['run_id']}: {result['token_neuron_rows']:,} token_neurons rows; unit page of layer 0 unit "
+        f"{result['unit'][1]}, token search for {result['token']!r}"
+    ]
     for name in ("unit page", "token search", "run/site page"):
         r = result[name]
         top = next(iter(r["queries_ms"].items()))
-        out.append(f"{name:<14} median {r['median_ms']:8.1f} ms  min {r['min_ms']:8.1f} ms  dominated by {top[0]} ({top[1]:.1f} ms)")
+        out.append(
+            f"{name:<14} median {r['median_ms']:8.1f} ms  min {r['min_ms']:8.1f} ms  dominated by {top[0]} ({top[1]:.1f} ms)"
+        )
         out += [f"    {q:<28} {ms:8.1f} ms" for q, ms in r["queries_ms"].items()]
     return out

@@ -43,6 +43,7 @@ def create_app(wh, allowed_hosts: list[str] | None = None) -> Starlette:
                 return HTMLResponse(pages.missing_page(links, " ".join(str(err).split())), status_code=404)
             except (BadInput, QueryError) as err:
                 return HTMLResponse(pages.missing_page(links, " ".join(str(err).split())), status_code=400)
+
         return endpoint
 
     def integer(request: Request, name: str, default: int | None = None) -> int | None:
@@ -56,8 +57,16 @@ def create_app(wh, allowed_hosts: list[str] | None = None) -> Starlette:
 
     def site(request: Request) -> str:
         p, q = request.path_params, request.query_params
-        return pages.site_page(reader, links, p["run"], p["site"], integer(request, "layer"), q.get("sort", "neuron"),
-                               q.get("order", "asc"), integer(request, "page", 1))
+        return pages.site_page(
+            reader,
+            links,
+            p["run"],
+            p["site"],
+            integer(request, "layer"),
+            q.get("sort", "neuron"),
+            q.get("order", "asc"),
+            integer(request, "page", 1),
+        )
 
     def unit(request: Request) -> str:
         p = request.path_params
@@ -82,7 +91,9 @@ def create_app(wh, allowed_hosts: list[str] | None = None) -> Starlette:
         return Response(pages.vega_bundle(), media_type="text/javascript", headers={"cache-control": "max-age=86400"})
 
     def missing(request: Request, exc) -> Response:
-        return HTMLResponse(pages.missing_page(links, f"no page at {request.url.path}: start from the home page /"), status_code=404)
+        return HTMLResponse(
+            pages.missing_page(links, f"no page at {request.url.path}: start from the home page /"), status_code=404
+        )
 
     routes = [
         Route("/", page(lambda request: pages.home_page(reader, links))),
@@ -100,5 +111,9 @@ def create_app(wh, allowed_hosts: list[str] | None = None) -> Starlette:
         reader.close()
 
     hosts = allowed_hosts or ["127.0.0.1", "localhost", "::1"]
-    return Starlette(routes=routes, exception_handlers={404: missing}, lifespan=lifespan,
-                     middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=hosts)])
+    return Starlette(
+        routes=routes,
+        exception_handlers={404: missing},
+        lifespan=lifespan,
+        middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=hosts)],
+    )

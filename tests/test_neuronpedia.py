@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import gzip
 import json
+import typing
 from datetime import datetime
 from pathlib import Path
-from typing import Optional
 
 import pytest
 
 import warehouse
+
 from .cli_runner import run_cli
 
 RUN, SITE = "g", "mlp.act"
@@ -19,41 +20,149 @@ RUN, SITE = "g", "mlp.act"
 # neuronpedia-utils' neuronpedia_utils/db_models/*.py (hijohnnylin/neuronpedia): the dataclasses
 # its converters write and its importer passes to Prisma's create (which refuses unknown fields).
 # Field -> type; fields without a default in the dataclass are required.
-S, I, F, B, D = str, int, float, bool, datetime
-L = list
+STR, INT, NUM, BOOL, TIME, LIST = str, int, float, bool, datetime, list
 SCHEMA = {
-    "release.jsonl": ({"name": S, "description": S, "creatorName": S, "creatorId": S}, {
-        "visibility": S, "isNewUi": B, "featured": B, "descriptionShort": Optional[S], "urls": L, "creatorEmail": Optional[S],
-        "creatorNameShort": Optional[S], "defaultSourceSetName": Optional[S], "defaultSourceId": Optional[S],
-        "defaultUmapSourceIds": L, "createdAt": D}),
-    "model.jsonl": ({"id": S, "instruct": B, "creatorId": S}, {
-        "displayNameShort": S, "displayName": S, "tlensId": Optional[S], "dimension": Optional[I], "visibility": S,
-        "defaultSourceSetName": Optional[S], "defaultSourceId": Optional[S], "inferenceEnabled": B, "layers": I,
-        "neuronsPerLayer": I, "createdAt": D, "owner": S, "updatedAt": D, "website": Optional[S]}),
-    "sourceset.jsonl": ({"modelId": S, "name": S, "creatorId": S}, {
-        "hasDashboards": B, "visibility": S, "description": S, "type": S, "creatorName": S, "urls": L,
-        "creatorEmail": Optional[S], "releaseName": Optional[S], "defaultOfModelId": Optional[S], "defaultRange": I,
-        "defaultShowBreaks": B, "showDfa": B, "showCorrelated": B, "showHeadAttribution": B, "showUmap": B, "createdAt": D}),
-    "source.jsonl": ({"id": S, "modelId": S, "setName": S, "creatorId": S}, {
-        "hasDashboards": B, "inferenceEnabled": B, "inferenceHosts": L, "saelensConfig": Optional[S],
-        "saelensRelease": Optional[S], "saelensSaeId": Optional[S], "hfRepoId": Optional[S], "hfFolderId": Optional[S],
-        "visibility": S, "defaultOfModelId": Optional[S], "hasUmap": B, "hasUmapLogSparsity": B, "hasUmapClusters": B,
-        "num_prompts": Optional[I], "num_tokens_in_prompt": Optional[I], "dataset": Optional[S], "notes": Optional[S],
-        "createdAt": D}),
-    "features": ({"modelId": S, "layer": S, "index": S}, {
-        "creatorId": Optional[S], "createdAt": D, "maxActApprox": Optional[F], "hasVector": B, "vector": L,
-        "vectorLabel": Optional[S], "vectorDefaultSteerStrength": Optional[F], "hookName": Optional[S],
-        "topkCosSimIndices": L, "topkCosSimValues": L, "neuron_alignment_indices": L, "neuron_alignment_values": L,
-        "neuron_alignment_l1": L, "correlated_neurons_indices": L, "correlated_neurons_pearson": L,
-        "correlated_neurons_l1": L, "correlated_features_indices": L, "correlated_features_pearson": L,
-        "correlated_features_l1": L, "neg_str": L, "neg_values": L, "pos_str": L, "pos_values": L, "frac_nonzero": F,
-        "freq_hist_data_bar_heights": L, "freq_hist_data_bar_values": L, "logits_hist_data_bar_heights": L,
-        "logits_hist_data_bar_values": L, "decoder_weights_dist": L}),
-    "activations": ({"id": S, "tokens": L, "index": S, "layer": S, "modelId": S, "maxValue": F, "maxValueTokenIndex": I,
-                     "minValue": F, "values": L, "creatorId": S}, {
-        "dataSource": Optional[S], "dataIndex": Optional[S], "dfaValues": L, "dfaTargetIndex": Optional[I],
-        "dfaMaxValue": Optional[F], "createdAt": D, "lossValues": L, "logitContributions": Optional[S],
-        "binMin": Optional[F], "binMax": Optional[F], "binContains": Optional[F], "qualifyingTokenIndex": Optional[I]}),
+    "release.jsonl": (
+        {"name": STR, "description": STR, "creatorName": STR, "creatorId": STR},
+        {
+            "visibility": STR,
+            "isNewUi": BOOL,
+            "featured": BOOL,
+            "descriptionShort": STR | None,
+            "urls": LIST,
+            "creatorEmail": STR | None,
+            "creatorNameShort": STR | None,
+            "defaultSourceSetName": STR | None,
+            "defaultSourceId": STR | None,
+            "defaultUmapSourceIds": LIST,
+            "createdAt": TIME,
+        },
+    ),
+    "model.jsonl": (
+        {"id": STR, "instruct": BOOL, "creatorId": STR},
+        {
+            "displayNameShort": STR,
+            "displayName": STR,
+            "tlensId": STR | None,
+            "dimension": INT | None,
+            "visibility": STR,
+            "defaultSourceSetName": STR | None,
+            "defaultSourceId": STR | None,
+            "inferenceEnabled": BOOL,
+            "layers": INT,
+            "neuronsPerLayer": INT,
+            "createdAt": TIME,
+            "owner": STR,
+            "updatedAt": TIME,
+            "website": STR | None,
+        },
+    ),
+    "sourceset.jsonl": (
+        {"modelId": STR, "name": STR, "creatorId": STR},
+        {
+            "hasDashboards": BOOL,
+            "visibility": STR,
+            "description": STR,
+            "type": STR,
+            "creatorName": STR,
+            "urls": LIST,
+            "creatorEmail": STR | None,
+            "releaseName": STR | None,
+            "defaultOfModelId": STR | None,
+            "defaultRange": INT,
+            "defaultShowBreaks": BOOL,
+            "showDfa": BOOL,
+            "showCorrelated": BOOL,
+            "showHeadAttribution": BOOL,
+            "showUmap": BOOL,
+            "createdAt": TIME,
+        },
+    ),
+    "source.jsonl": (
+        {"id": STR, "modelId": STR, "setName": STR, "creatorId": STR},
+        {
+            "hasDashboards": BOOL,
+            "inferenceEnabled": BOOL,
+            "inferenceHosts": LIST,
+            "saelensConfig": STR | None,
+            "saelensRelease": STR | None,
+            "saelensSaeId": STR | None,
+            "hfRepoId": STR | None,
+            "hfFolderId": STR | None,
+            "visibility": STR,
+            "defaultOfModelId": STR | None,
+            "hasUmap": BOOL,
+            "hasUmapLogSparsity": BOOL,
+            "hasUmapClusters": BOOL,
+            "num_prompts": INT | None,
+            "num_tokens_in_prompt": INT | None,
+            "dataset": STR | None,
+            "notes": STR | None,
+            "createdAt": TIME,
+        },
+    ),
+    "features": (
+        {"modelId": STR, "layer": STR, "index": STR},
+        {
+            "creatorId": STR | None,
+            "createdAt": TIME,
+            "maxActApprox": NUM | None,
+            "hasVector": BOOL,
+            "vector": LIST,
+            "vectorLabel": STR | None,
+            "vectorDefaultSteerStrength": NUM | None,
+            "hookName": STR | None,
+            "topkCosSimIndices": LIST,
+            "topkCosSimValues": LIST,
+            "neuron_alignment_indices": LIST,
+            "neuron_alignment_values": LIST,
+            "neuron_alignment_l1": LIST,
+            "correlated_neurons_indices": LIST,
+            "correlated_neurons_pearson": LIST,
+            "correlated_neurons_l1": LIST,
+            "correlated_features_indices": LIST,
+            "correlated_features_pearson": LIST,
+            "correlated_features_l1": LIST,
+            "neg_str": LIST,
+            "neg_values": LIST,
+            "pos_str": LIST,
+            "pos_values": LIST,
+            "frac_nonzero": NUM,
+            "freq_hist_data_bar_heights": LIST,
+            "freq_hist_data_bar_values": LIST,
+            "logits_hist_data_bar_heights": LIST,
+            "logits_hist_data_bar_values": LIST,
+            "decoder_weights_dist": LIST,
+        },
+    ),
+    "activations": (
+        {
+            "id": STR,
+            "tokens": LIST,
+            "index": STR,
+            "layer": STR,
+            "modelId": STR,
+            "maxValue": NUM,
+            "maxValueTokenIndex": INT,
+            "minValue": NUM,
+            "values": LIST,
+            "creatorId": STR,
+        },
+        {
+            "dataSource": STR | None,
+            "dataIndex": STR | None,
+            "dfaValues": LIST,
+            "dfaTargetIndex": INT | None,
+            "dfaMaxValue": NUM | None,
+            "createdAt": TIME,
+            "lossValues": LIST,
+            "logitContributions": STR | None,
+            "binMin": NUM | None,
+            "binMax": NUM | None,
+            "binContains": NUM | None,
+            "qualifyingTokenIndex": INT | None,
+        },
+    ),
 }
 
 
@@ -64,16 +173,16 @@ def _conforms(record: dict, kind: str) -> None:
     assert set(required) <= set(record), f"{kind}: required fields missing"
     for name, value in record.items():
         expected = fields[name]
-        nullable = getattr(expected, "__origin__", None) is not None
-        base = expected.__args__[0] if nullable else expected
+        nullable = type(None) in typing.get_args(expected)
+        base = typing.get_args(expected)[0] if nullable else expected
         if value is None:
             assert nullable, (kind, name)
-        elif base is D:
+        elif base is TIME:
             datetime.fromisoformat(value)  # JSON carries the datetime as ISO 8601 text
-        elif base is F:
+        elif base is NUM:
             assert isinstance(value, (int, float)) and not isinstance(value, bool), (kind, name, value)
         else:
-            assert isinstance(value, base) and not (base is I and isinstance(value, bool)), (kind, name, value)
+            assert isinstance(value, base) and not (base is INT and isinstance(value, bool)), (kind, name, value)
 
 
 def _lines(path: Path) -> list[dict]:
@@ -95,7 +204,10 @@ def exported(golden_root, tmp_path_factory):
 
 def test_layout_and_schema(exported):
     out, wh, written = exported
-    assert sorted(Path(p).relative_to(out).as_posix() for p in written) == ["tiny-qwen3/1-whq-mlp-act", "tiny-qwen3/3-whq-mlp-act"]
+    assert sorted(Path(p).relative_to(out).as_posix() for p in written) == [
+        "tiny-qwen3/1-whq-mlp-act",
+        "tiny-qwen3/3-whq-mlp-act",
+    ]
     for folder in written:
         folder = Path(folder)
         for name in ("release.jsonl", "model.jsonl", "sourceset.jsonl", "source.jsonl"):
@@ -129,8 +241,13 @@ def test_values_are_the_macros(exported):
         assert feature["neg_values"] == lens.filter(direction="bottom")["logit"].to_list()
         top = wh.pl(f"SELECT * FROM top_contexts('{RUN}', '{SITE}', 3, {unit}, k := 20, before := 24, after := 8)")
         mine = [a for a in activations if a["index"] == str(unit)]
-        assert len(mine) == top.height + wh.sql(
-            f"SELECT count(*) FROM whq_examples('{RUN}', '{SITE}', 3, {unit}, 'random', 10, 24, 8, 0)").fetchall()[0][0]
+        assert (
+            len(mine)
+            == top.height
+            + wh.sql(
+                f"SELECT count(*) FROM whq_examples('{RUN}', '{SITE}', 3, {unit}, 'random', 10, 24, 8, 0)"
+            ).fetchall()[0][0]
+        )
         for row, record in zip(top.iter_rows(named=True), mine):
             assert len(record["tokens"]) == len(row["tokens"]) and "".join(record["tokens"]) in texts[row["doc_id"]]
             assert record["values"][record["qualifyingTokenIndex"]] == pytest.approx(row["value"])
@@ -139,9 +256,26 @@ def test_values_are_the_macros(exported):
 
 
 def test_cli(golden_root, tmp_path, capsys, monkeypatch):
-    code, stdout, err = run_cli(capsys, monkeypatch, "export", "neuronpedia", golden_root, "--run", RUN, "--site", "mlp.up",
-                                "--out", tmp_path, "--layers", "0", "--set-name", "My Set")
+    code, stdout, err = run_cli(
+        capsys,
+        monkeypatch,
+        "export",
+        "neuronpedia",
+        golden_root,
+        "--run",
+        RUN,
+        "--site",
+        "mlp.up",
+        "--out",
+        tmp_path,
+        "--layers",
+        "0",
+        "--set-name",
+        "My Set",
+    )
     assert code == 0, err
     assert "wrote" in stdout and (tmp_path / "tiny-qwen3" / "0-my-set" / "features" / "batch-0.jsonl.gz").exists()
-    code, _, err = run_cli(capsys, monkeypatch, "export", "neuronpedia", golden_root, "--run", RUN, "--site", "nope", "--out", tmp_path)
+    code, _, err = run_cli(
+        capsys, monkeypatch, "export", "neuronpedia", golden_root, "--run", RUN, "--site", "nope", "--out", tmp_path
+    )
     assert code == 2 and "has no site 'nope'" in err and len(err.strip().splitlines()) == 1

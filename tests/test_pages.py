@@ -6,8 +6,8 @@ opened from file://. One screenshot per page type is kept under artifacts/ to lo
 from __future__ import annotations
 
 import concurrent.futures
-import html
 import contextlib
+import html
 import json
 import re
 import shutil
@@ -25,6 +25,7 @@ import pytest
 
 import warehouse
 from queries.pages import _number as pages_number
+
 from .cli_runner import run_cli
 
 CHROMIUM = "/usr/bin/chromium"
@@ -52,8 +53,18 @@ def pages_root(golden_root, tmp_path_factory, tiny_lm_dir):
 
     root = tmp_path_factory.mktemp("pages") / "wh"
     shutil.copytree(golden_root, root)
-    ingest(root, str(tiny_lm_dir), sites=UNIT_SITES, documents=[Document(i, text, dataset=d) for i, d, text in DOCUMENTS],
-           run_id="u", batch_size=2, max_length=16, device="cpu", progress=False, logit_lens=True)
+    ingest(
+        root,
+        str(tiny_lm_dir),
+        sites=UNIT_SITES,
+        documents=[Document(i, text, dataset=d) for i, d, text in DOCUMENTS],
+        run_id="u",
+        batch_size=2,
+        max_length=16,
+        device="cpu",
+        progress=False,
+        logit_lens=True,
+    )
     return root
 
 
@@ -120,14 +131,27 @@ def chromium(tmp_path: Path, url: str, shot: str | None = None) -> str:
     """The DOM after scripts ran (and a screenshot under artifacts/ when `shot` is named)."""
     if not Path(CHROMIUM).exists():
         pytest.skip(f"no Chromium at {CHROMIUM}: install Debian's chromium to run the browser tests")
-    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=15000", "--hide-scrollbars"]
+    flags = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--virtual-time-budget=15000",
+        "--hide-scrollbars",
+    ]
     dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=180).stdout
     if shot:
         ARTIFACTS.mkdir(exist_ok=True)
         target = ARTIFACTS / f"page_{shot}.png"
-        subprocess.run([*flags, "--window-size=1300,2000", f"--screenshot={target}", url], capture_output=True, timeout=180)
+        subprocess.run(
+            [*flags, "--window-size=1300,2000", f"--screenshot={target}", url], capture_output=True, timeout=180
+        )
         assert target.exists() and target.stat().st_size > 5_000
     return dom
 
@@ -139,6 +163,7 @@ def assert_charts_drawn(dom: str, n: int) -> None:
 
 
 # -- pages in the browser ------------------------------------------------------------------------
+
 
 def test_home_page(server, tmp_path, golden_root):
     dom = chromium(tmp_path, server + "/", shot="home")
@@ -156,7 +181,9 @@ def test_site_page(server, tmp_path):
     page = parse(dom)
     units = [link for link in page.links if re.fullmatch(r"/u/mlp\.act/1/\d+", link)]
     assert len(units) == 100  # one page of the 128 units
-    cells = re.findall(r'<td data-v="([0-9.e+-]*)">', dom)  # 8 a row: neuron, rate, mean, min, max, skewness, kurtosis, selectivity
+    cells = re.findall(
+        r'<td data-v="([0-9.e+-]*)">', dom
+    )  # 8 a row: neuron, rate, mean, min, max, skewness, kurtosis, selectivity
     kurtosis = [float(v) for v in cells[6::8]]
     assert len(kurtosis) == 100 and kurtosis == sorted(kurtosis, reverse=True)
     for link in {*units[:3], *(link for link in page.links if "page=2" in link)}:
@@ -175,7 +202,8 @@ def test_unit_page(server, tmp_path, pages_root):
     windows = [*top["tokens"], *spread["tokens"], *sample["tokens"]]
     assert len(page.tokens) == sum(len(t) for t in windows) > 0
     assert [t["title"] for t in page.tokens if "fire" in t["class"].split()] == [
-        pages_number(v) for v in [*top["value"], *spread["value"], *sample["value"]]]
+        pages_number(v) for v in [*top["value"], *spread["value"], *sample["value"]]
+    ]
     assert all("background-color: rgba(" in t["style"] for t in page.tokens)
     # each window reads as its document spells it: the text from its first token's start to its last token's end
     shown = [html.unescape(re.sub(r"<[^>]+>", "", cell)) for cell in re.findall(r'<td class="ctx">(.*?)</td>', dom)]
@@ -185,7 +213,7 @@ def test_unit_page(server, tmp_path, pages_root):
         JOIN documents d ON d.run_id = 'u' AND d.doc_id = x.doc_id
         JOIN tokens t ON t.run_id = 'u' AND t.doc = d.doc AND t.pos BETWEEN greatest(x.pos - 24, 0) AND x.pos + 8
         GROUP BY x.rank, d.text ORDER BY x.rank""")
-    assert shown[:top.height] == [text.replace("\n", "⏎") for text in spelled["text"]]
+    assert shown[: top.height] == [text.replace("\n", "⏎") for text in spelled["text"]]
     stats = wh.pl("SELECT * FROM unit_stats('u', 'mlp.act', 1) WHERE neuron = 3").row(0, named=True)
     assert pages_number(stats["kurtosis"]) in dom and pages_number(stats["min"]) in dom
     similar = wh.pl("SELECT * FROM similar_units('u', 'mlp.act', 1, 3)")
@@ -204,8 +232,11 @@ def test_unit_page_of_a_site_without_histograms(server, tmp_path, golden_root):
     page = parse(dom)
     wh = warehouse.open(golden_root)
     top = wh.pl(f"SELECT * FROM top_contexts('{RUN}', 'mlp.up', 1, 3, k := 20, before := 24, after := 8)")
-    assert len([t for t in page.tokens if "fire" in t["class"].split()]) == top.height + wh.sql(
-        f"SELECT count(*) FROM whq_examples('{RUN}', 'mlp.up', 1, 3, 'random', 10, 24, 8, 0)").fetchall()[0][0]
+    assert (
+        len([t for t in page.tokens if "fire" in t["class"].split()])
+        == top.height
+        + wh.sql(f"SELECT count(*) FROM whq_examples('{RUN}', 'mlp.up', 1, 3, 'random', 10, 24, 8, 0)").fetchall()[0][0]
+    )
 
 
 def test_token_search_page(server, tmp_path, pages_root):
@@ -219,7 +250,9 @@ def test_token_search_page(server, tmp_path, pages_root):
 
 
 def test_sql_page_runs_queries_and_refuses_writes(server, tmp_path, capsys, monkeypatch, golden_root):
-    query = urllib.parse.quote("SELECT layer, count(*) AS n FROM neuron_stats WHERE run_id = 'g' AND site = 'mlp.act' GROUP BY layer ORDER BY layer")
+    query = urllib.parse.quote(
+        "SELECT layer, count(*) AS n FROM neuron_stats WHERE run_id = 'g' AND site = 'mlp.act' GROUP BY layer ORDER BY layer"
+    )
     dom = chromium(tmp_path, server + f"/sql?q={query}", shot="sql")
     assert dom.count("<tr>") == 5 and "download CSV" in dom
     status, csv = get(server + f"/sql.csv?q={query}")
@@ -233,13 +266,16 @@ def test_sql_page_runs_queries_and_refuses_writes(server, tmp_path, capsys, monk
         assert get(server + "/sql.csv?q=" + urllib.parse.quote(statement))[0] == 400
 
 
-@pytest.mark.parametrize("path, names", [
-    ("/nope/mlp.act", "its runs: g, u"),
-    (f"/{RUN}/nope", "its sites: mlp.act, mlp.up"),
-    (f"/{RUN}/mlp.act/9/0", "its layers: 0, 1, 2, 3"),
-    (f"/{RUN}/mlp.act/1/128", "units 0..127"),
-    (f"/{RUN}/mlp.act/1/3/extra", "start from the home page"),
-])
+@pytest.mark.parametrize(
+    "path, names",
+    [
+        ("/nope/mlp.act", "its runs: g, u"),
+        (f"/{RUN}/nope", "its sites: mlp.act, mlp.up"),
+        (f"/{RUN}/mlp.act/9/0", "its layers: 0, 1, 2, 3"),
+        (f"/{RUN}/mlp.act/1/128", "units 0..127"),
+        (f"/{RUN}/mlp.act/1/3/extra", "start from the home page"),
+    ],
+)
 def test_unknown_names_are_404_pages_naming_what_exists(server, path, names):
     status, text = get(server + path)
     assert status == 404 and names in text.replace("&#39;", "'")
@@ -267,10 +303,26 @@ def test_unit_page_under_load(server):
 
 # -- static export -------------------------------------------------------------------------------
 
+
 def test_export_site_opens_from_file(pages_root, tmp_path, capsys, monkeypatch):
     out = tmp_path / "site"
-    code, stdout, err = run_cli(capsys, monkeypatch, "export", "site", pages_root, "--run", "u", "--site", "mlp.act",
-                                "--out", out, "--layers", "1", "--layers", "2")
+    code, stdout, err = run_cli(
+        capsys,
+        monkeypatch,
+        "export",
+        "site",
+        pages_root,
+        "--run",
+        "u",
+        "--site",
+        "mlp.act",
+        "--out",
+        out,
+        "--layers",
+        "1",
+        "--layers",
+        "2",
+    )
     assert code == 0, err
     assert "wrote 259 pages" in stdout  # index + 2 layer pages + 2 x 128 unit pages
     for page in out.rglob("*.html"):
@@ -283,8 +335,21 @@ def test_export_site_opens_from_file(pages_root, tmp_path, capsys, monkeypatch):
     dom = chromium(tmp_path, (out / "2" / "0.html").as_uri(), shot="export_unit")
     assert_charts_drawn(dom, 1)
     assert len(parse(dom).tokens) > 0 and 'rel="prev"' in dom  # runs back into layer 1
-    code, _, err = run_cli(capsys, monkeypatch, "export", "site", pages_root, "--run", "u", "--site", "mlp.act",
-                           "--out", out, "--layers", "7")
+    code, _, err = run_cli(
+        capsys,
+        monkeypatch,
+        "export",
+        "site",
+        pages_root,
+        "--run",
+        "u",
+        "--site",
+        "mlp.act",
+        "--out",
+        out,
+        "--layers",
+        "7",
+    )
     assert code == 2 and "has no layer 7" in err and len(err.strip().splitlines()) == 1
 
 
@@ -294,9 +359,21 @@ def test_whq_serve_prints_its_url_and_stops_on_ctrl_c(golden_root):
 
     taken = socket.create_server(("127.0.0.1", 0))
     port = taken.getsockname()[1]
-    whq = [sys.executable, "-c", "from warehouse.cli import main; main()", "serve", str(golden_root), "--port", str(port)]
+    whq = [
+        sys.executable,
+        "-c",
+        "from warehouse.cli import main; main()",
+        "serve",
+        str(golden_root),
+        "--port",
+        str(port),
+    ]
     busy = subprocess.run(whq, capture_output=True, text=True, timeout=120)
-    assert busy.returncode == 2 and busy.stderr == f"error: cannot listen on 127.0.0.1:{port}: Address already in use; pick another port with --port\n"
+    assert (
+        busy.returncode == 2
+        and busy.stderr
+        == f"error: cannot listen on 127.0.0.1:{port}: Address already in use; pick another port with --port\n"
+    )
     taken.close()
     server = subprocess.Popen(whq, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -325,8 +402,24 @@ def test_pages_of_a_minilm_capture(minilm_wh, tmp_path):
 
 
 def test_bench_serve_names_the_dominant_query(tmp_path, capsys, monkeypatch):
-    code, out, err = run_cli(capsys, monkeypatch, "bench", "serve", tmp_path / "b", "--rows", "20000", "--layers", "2",
-                             "--width", "64", "--k", "4", "--repeats", "1", "--json")
+    code, out, err = run_cli(
+        capsys,
+        monkeypatch,
+        "bench",
+        "serve",
+        tmp_path / "b",
+        "--rows",
+        "20000",
+        "--layers",
+        "2",
+        "--width",
+        "64",
+        "--k",
+        "4",
+        "--repeats",
+        "1",
+        "--json",
+    )
     assert code == 0, err
     result = json.loads(out)
     for page in ("unit page", "token search", "run/site page"):

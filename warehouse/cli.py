@@ -316,7 +316,9 @@ def serve(
     try:  # bound here, so a taken port is one line naming the fix, not uvicorn's log and exit
         sock = socket.create_server((host, port))
     except OSError as err:
-        _fail(f"cannot listen on {host}:{port}: {os.strerror(err.errno) if err.errno else err}; pick another port with --port")
+        _fail(
+            f"cannot listen on {host}:{port}: {os.strerror(err.errno) if err.errno else err}; pick another port with --port"
+        )
     hosts = ["*"] if host in ("0.0.0.0", "::") else ["127.0.0.1", "localhost", "::1", host]
     server = uvicorn.Server(uvicorn.Config(create_app(wh, allowed_hosts=hosts), log_level="warning"))
     typer.echo(f"serving {wh.root} at http://{host}:{port}/ (Ctrl-C stops)")

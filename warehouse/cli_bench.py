@@ -79,7 +79,9 @@ def query(
 
 @bench_app.command("serve")
 def serve_(
-    root: Path = typer.Argument(..., help="Warehouse folder for the synthetic run (the one `whq bench query` builds; reused)."),
+    root: Path = typer.Argument(
+        ..., help="Warehouse folder for the synthetic run (the one `whq bench query` builds; reused)."
+    ),
     rows: int = typer.Option(10_000_000, "--rows", help="token_neurons rows of the synthetic run."),
     layers: int = typer.Option(12, "--layers", help="Layers of the synthetic site."),
     width: int = typer.Option(3072, "--width", help="Units per layer."),
@@ -95,5 +97,7 @@ def serve_(
 
     from queries.pages_bench import bench_serve, lines
 
-    result = bench_serve(root, rows, layers=layers, width=width, k=k, repeats=repeats, echo=None if as_json else typer.echo)
+    result = bench_serve(
+        root, rows, layers=layers, width=width, k=k, repeats=repeats, echo=None if as_json else typer.echo
+    )
     typer.echo(json.dumps(result, indent=1) if as_json else "\n".join(lines(result)))

@@ -40,7 +40,7 @@ def site(
     run: str = typer.Option(..., "--run", help="Run id."),
     site_name: str = typer.Option(..., "--site", help="Site (e.g. mlp.act)."),
     out: Path = typer.Option(..., "--out", help="Output folder (index.html, layer-L.html, L/U.html, vega.js)."),
-    layers: Optional[list[int]] = typer.Option(None, "--layers", help="Layers to export (repeatable; default all)."),
+    layers: list[int] | None = typer.Option(None, "--layers", help="Layers to export (repeatable; default all)."),
 ):
     """The run/site and unit pages of `whq serve` as static HTML that opens from file:// with no network.
 
@@ -50,7 +50,9 @@ def site(
     from queries.pages import write_site
 
     written = write_site(warehouse.open(root), run, site_name, out, layers)
-    typer.echo(f"wrote {written['pages']:,} pages (layers {', '.join(map(str, written['layers']))}) to {out}; open {out / 'index.html'}")
+    typer.echo(
+        f"wrote {written['pages']:,} pages (layers {', '.join(map(str, written['layers']))}) to {out}; open {out / 'index.html'}"
+    )
 
 
 @export_app.command()
@@ -59,9 +61,11 @@ def neuronpedia(
     run: str = typer.Option(..., "--run", help="Run id."),
     site_name: str = typer.Option(..., "--site", help="Site (e.g. mlp.act)."),
     out: Path = typer.Option(..., "--out", help="Output folder: OUT/<model>/<layer>-<set>/ per layer."),
-    layers: Optional[list[int]] = typer.Option(None, "--layers", help="Layers to export (repeatable; default all)."),
-    model_name: Optional[str] = typer.Option(None, "--model-name", help="Neuronpedia model id (default: the model folder's name)."),
-    set_name: Optional[str] = typer.Option(None, "--set-name", help="Neuronpedia source set (default: whq-<site>)."),
+    layers: list[int] | None = typer.Option(None, "--layers", help="Layers to export (repeatable; default all)."),
+    model_name: str | None = typer.Option(
+        None, "--model-name", help="Neuronpedia model id (default: the model folder's name)."
+    ),
+    set_name: str | None = typer.Option(None, "--set-name", help="Neuronpedia source set (default: whq-<site>)."),
 ):
     """Features and activations in the layout Neuronpedia's importer reads (jsonl + jsonl.gz per layer).
 
@@ -70,6 +74,8 @@ def neuronpedia(
     import warehouse
     from queries.neuronpedia import write_neuronpedia
 
-    written = write_neuronpedia(warehouse.open(root), run, site_name, out, layers, model_name=model_name, set_name=set_name)
+    written = write_neuronpedia(
+        warehouse.open(root), run, site_name, out, layers, model_name=model_name, set_name=set_name
+    )
     for folder, n in written.items():
         typer.echo(f"wrote {n:,} features to {folder}")
