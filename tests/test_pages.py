@@ -204,7 +204,7 @@ def test_unit_page(server, tmp_path, pages_root):
     assert [t["title"] for t in page.tokens if "fire" in t["class"].split()] == [
         pages_number(v) for v in [*top["value"], *spread["value"], *sample["value"]]
     ]
-    assert all("background-color: rgba(" in t["style"] for t in page.tokens)
+    assert all(re.fullmatch(r"--a:[01]\.\d\d", t["style"]) for t in page.tokens)
     # each window reads as its document spells it: the text from its first token's start to its last token's end
     shown = [html.unescape(re.sub(r"<[^>]+>", "", cell)) for cell in re.findall(r'<td class="ctx">(.*?)</td>', dom)]
     spelled = wh.pl("""
