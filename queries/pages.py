@@ -396,6 +396,11 @@ def _captured(info: dict, reduction: str) -> bool:
     return any(part.split("=")[0] == reduction for part in (info["reductions"] or "").split(","))
 
 
+def _keeps_examples(info: dict) -> bool:
+    """Whether whq_examples has a source: examples=N, or a threshold capture's every firing."""
+    return _captured(info, "examples") or _captured(info, "threshold")
+
+
 def unit_data(reader: Reader, info: dict, run: str, site: str, layer: int, unit: int | None = None) -> dict[int, dict]:
     """{unit: what its page shows} for one unit, or (unit None) every unit of the layer, as the
     static export reads them: a few statements per layer, plus one per fired unit for the
@@ -419,7 +424,7 @@ def unit_data(reader: Reader, info: dict, run: str, site: str, layer: int, unit:
         for row in stats
     }
     fired = [row["neuron"] for row in stats if row["n_fired"]]
-    if fired:
+    if fired and _keeps_examples(info):
         macro_args = [run, site, layer, unit]
         for row in reader.rows(  # one statement: half the time of two on the golden warehouse
             "SELECT 'top' AS kind, * FROM whq_examples(?, ?, ?, ?, 'top', ?, ?, ?, 0) UNION ALL "
@@ -471,7 +476,12 @@ def unit_page(
     stats = data["stats"]
     scale = max(abs(stats["max"] or 0.0), abs(stats["min"] or 0.0), 1e-12)
     sections, specs = [], {}
-    if stats["n_fired"]:
+    if not _keeps_examples(info):
+        no_examples = f"This site kept no examples: re-ingest with --site {site}:{info['reductions']},examples=20."
+    elif not stats["n_fired"]:
+        no_examples = "This unit never fired: no examples."
+    else:
+        no_examples = None
         quantiles = [{**row, "rank": f"q{row['quantile']}.{row['rank']}"} for row in data["examples"]["quantile"]]
         sections = [
             (name, kind, _examples(rows, BEFORE, scale))
@@ -499,6 +509,7 @@ def unit_page(
         info=info,
         stats=stats,
         sections=sections,
+        no_examples=no_examples,
         quantile_bins=_bins(data["examples"]["quantile"]),
         has_histogram=bool(specs),
         lens_top=data["lens"]["top"],

@@ -399,6 +399,8 @@ def test_pages_of_a_minilm_capture(minilm_wh, tmp_path):
         assert len(page.tokens) == sum(len(t) for t in [*top["tokens"], *sample["tokens"]])
         status, text = get(url + "/r/mlp.act/tokens?q=speak")
         assert status == 200 and "/r/mlp.act/" in text
+        status, text = get(url + "/r/mlp.up/2/5")  # a NAG site: no examples, the page says how to keep them
+        assert status == 200 and "This site kept no examples: re-ingest with --site mlp.up:nag=6,examples=20." in text
 
 
 def test_bench_serve_names_the_dominant_query(tmp_path, capsys, monkeypatch):
