@@ -331,32 +331,33 @@ class SiteLayer:
     def _update_examples(self, flat: torch.Tensor, rows: int, x: torch.Tensor) -> None:
         ctx, ex = self.ctx, self.examples
         values, where = flat.topk(min(self.red["examples"], rows), dim=0)
-        self._merge("top", {"value": values, "doc": ctx.row_doc[where], "pos": ctx.row_pos[where],
-                            "context": self._windows(x, where)}, by="value", largest=True)
+        self._merge("top", {"value": values, "doc": ctx.row_doc[where], "pos": ctx.row_pos[where]},
+                    by="value", largest=True, where=where, x=x)
         keys = sample_keys(ctx.row_doc, ctx.row_pos, flat.shape[1])
         keys = keys.masked_fill(~(flat > self.threshold), _NO_KEY)
         for kind in ("random", "pool") if "pool_key" in ex else ("random",):
             batch_keys, where = keys.topk(min(ex[f"{kind}_key"].shape[0], rows), dim=0, largest=False)
-            new = {"value": flat.gather(0, where), "doc": ctx.row_doc[where], "pos": ctx.row_pos[where], "key": batch_keys}
-            if kind == "random":
-                # A token enters the N smallest keys when it arrives or never (later keys only push it back),
-                # so windows taken on arrival cover the final random examples.
-                new["context"] = self._windows(x, where)
-            self._merge(kind, new, by="key", largest=False)
+            # A token enters the N smallest keys when it arrives or never (later keys only push it back),
+            # so windows taken on arrival cover the final random examples.
+            self._merge(kind, {"value": flat.gather(0, where), "doc": ctx.row_doc[where], "pos": ctx.row_pos[where],
+                               "key": batch_keys}, by="key", largest=False, where=where, x=x)
 
-    def _windows(self, x: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
-        """[n, width, CONTEXT] each unit's own values around the tokens `where` [n, width] (flat rows of x),
-        NaN outside the token's model window (before its row's start, past its valid length)."""
+    def _windows(self, x: torch.Tensor, where: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+        """[m, CONTEXT] unit units[i]'s own values around flat row where[i] of x [batch, seq, width],
+        NaN outside that token's model window (before its row's start, past its valid length)."""
         batch, seq, width = x.shape
         row = where // seq
-        t = (where % seq)[..., None] + torch.arange(-CONTEXT_BEFORE, CONTEXT_AFTER + 1, device=x.device)
-        inside = (t >= 0) & (t < self.ctx.lengths[row][..., None])
-        values = x.reshape(batch * seq, width)[row[..., None] * seq + t.clamp(0, seq - 1),
-                                               torch.arange(width, device=x.device)[None, :, None]]
+        t = (where % seq)[:, None] + torch.arange(-CONTEXT_BEFORE, CONTEXT_AFTER + 1, device=x.device)
+        inside = (t >= 0) & (t < self.ctx.lengths[row][:, None])
+        values = x.reshape(batch * seq, width)[row[:, None] * seq + t.clamp(0, seq - 1), units[:, None]]
         return torch.where(inside, values, float("nan")).to(VALUE_DTYPE)
 
-    def _merge(self, kind: str, new: dict, *, by: str, largest: bool) -> None:
-        """Keep the best of the kept and the `new` entries of one kind: largest `by` (top) or smallest (sample keys)."""
+    def _merge(self, kind: str, new: dict, *, by: str, largest: bool, where=None, x=None) -> None:
+        """Keep the best of the kept and the `new` entries of one kind: largest `by` (top) or smallest (sample keys).
+
+        Window values come with `new` (another rank's examples) or, for a batch, are read from x
+        for the entries that made it in (rows `where` [new, width]): most candidates of a batch do not.
+        """
         ex = self.examples
         size = ex[f"{kind}_{by}"].shape[0]
         _, pick = torch.cat([ex[f"{kind}_{by}"], new[by]]).topk(size, dim=0, largest=largest)
@@ -364,6 +365,12 @@ class SiteLayer:
             both = torch.cat([ex[f"{kind}_{field}"], values])
             index = pick if both.dim() == 2 else pick[..., None].expand(-1, -1, both.shape[2])
             ex[f"{kind}_{field}"] = both.gather(0, index)
+        if f"{kind}_context" in ex and "context" not in new:
+            old = ex[f"{kind}_context"]
+            kept = old.gather(0, pick.clamp(max=size - 1)[..., None].expand(-1, -1, old.shape[2]))
+            slots, units = (pick >= size).nonzero(as_tuple=True)
+            kept[slots, units] = self._windows(x, where[pick[slots, units] - size, units], units)
+            ex[f"{kind}_context"] = kept
 
     def merge_examples(self, other: dict) -> None:
         """Fold another rank's examples into ours: the same merge the hook applies batch by batch."""
