@@ -151,6 +151,38 @@ def test_histogram_and_moments_merge_whatever_the_batching_snapshot_or_ranks(hoo
             torch.testing.assert_close(candidate.stats[key], whole.stats[key], rtol=1e-6, atol=1e-4)
 
 
+def test_examples_and_their_windows_merge_whatever_the_batching_or_ranks():
+    """Top, random and pool examples with their window values: one-row batches, and three ranks merged
+    through the resume snapshot, keep exactly what whole batches keep (random data: no ties)."""
+    spec = "x:topk=3,examples=4,hist,quantiles=2"
+    batches = _batches(np.random.default_rng(7), width=24, seq=6)
+    fresh = np.random.default_rng(8)
+    for x, *_ in batches:
+        x[:, :, :3] = fresh.standard_normal(x[:, :, :3].shape)  # undo _batches' deliberate ties
+    whole = _capture(spec, batches)
+    one_row = _capture(spec, [b for group in _split(batches, 1) for b in group])
+    ranks = [_capture(spec, group) for group in _split(batches, 3)]
+    for other in ranks[1:]:
+        restored = _site_layer(spec)
+        restored.restore(other.state_tables())
+        ranks[0].merge_examples(restored.examples)
+    from ingest.capture import _NO_KEY
+
+    for candidate in (one_row, ranks[0]):
+        assert candidate.examples.keys() == whole.examples.keys()
+        for key, want in whole.examples.items():
+            got = candidate.examples[key]
+            kind = key.split("_")[0]
+            if kind != "top":  # slots past a unit's firings (key _NO_KEY) hold no example
+                filled = whole.examples[f"{kind}_key"] != _NO_KEY
+                assert torch.equal(candidate.examples[f"{kind}_key"] != _NO_KEY, filled)
+                got, want = got[filled], want[filled]
+            assert torch.equal(got.isnan(), want.isnan()), key
+            assert torch.equal(got.nan_to_num(), want.nan_to_num()), key
+    context = whole.examples["top_context"]
+    assert (~context.isnan()).any() and context.isnan().any()  # windows hold values, and NaN past a row's ends
+
+
 def test_examples_snapshot_round_trips():
     batches = _special_batches(np.random.default_rng(6))
     sl = _capture("x:topk=3,examples=4,hist", batches)
