@@ -10,8 +10,11 @@ ends and `collect()` copies them to the host in one go.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -135,6 +138,10 @@ class SiteLayer:
     def name(self) -> str:
         return self.site.name
 
+    @property
+    def hook_point(self) -> str:
+        return self.site.hook
+
     # -- state ----------------------------------------------------------------
     def _allocate(self, width: int) -> None:
         self.width = width
@@ -195,6 +202,26 @@ class SiteLayer:
                 axis = self._UNIT_AXIS[prefix]
                 tables[f"{prefix}.{self.name}.{self.layer}"] = pa.table({k: column(v, axis) for k, v in state.items()})
         return tables
+
+    def merge(self, other: SiteLayer) -> None:
+        """Fold another capture of this site layer (another rank's) into this one: both merges are exact."""
+        mine, theirs = self.stats, other.stats
+        for key in ("n_tokens", "n_fired", "sum", "sum_sq", "sum_cube", "sum_quad", "sum_pos", "hist"):
+            if key in mine:
+                mine[key] += theirs[key]
+        mine["min"] = torch.minimum(mine["min"], theirs["min"])
+        # Ties go to the first token in document order, as within one process.
+        key_mine = mine["max_doc"] * (1 << 32) + mine["max_pos"]
+        key_theirs = theirs["max_doc"] * (1 << 32) + theirs["max_pos"]
+        seen = theirs["max_doc"] >= 0
+        better = seen & ((theirs["max"] > mine["max"]) | ((theirs["max"] == mine["max"]) & (key_theirs < key_mine)))
+        for key in ("max", "max_doc", "max_pos"):
+            mine[key] = torch.where(better, theirs[key], mine[key])
+        # The same merge the hook applies batch by batch: top values, and smallest sample keys.
+        for kind, by, largest in (("top", "value", True), ("random", "key", False), ("pool", "key", False)):
+            fields = {k[len(kind) + 1:]: v for k, v in other.examples.items() if k.startswith(f"{kind}_")}
+            if fields:
+                self._merge(kind, fields, by=by, largest=largest)
 
     def restore(self, tables: dict[str, pa.Table]) -> None:
         stats = tables.get(f"stats.{self.name}.{self.layer}")
@@ -372,13 +399,6 @@ class SiteLayer:
             kept[slots, units] = self._windows(x, where[pick[slots, units] - size, units], units)
             ex[f"{kind}_context"] = kept
 
-    def merge_examples(self, other: dict) -> None:
-        """Fold another rank's examples into ours: the same merge the hook applies batch by batch."""
-        for kind, by, largest in (("top", "value", True), ("random", "key", False), ("pool", "key", False)):
-            fields = {k[len(kind) + 1:]: v for k, v in other.items() if k.startswith(f"{kind}_")}
-            if fields:
-                self._merge(kind, fields, by=by, largest=largest)
-
 
 def collect(site_layers: list[SiteLayer]) -> tuple[dict, object]:
     """Every site layer's batch outputs as host arrays, keyed (site, layer), and a ready event.
@@ -417,21 +437,32 @@ def _first_tensor(args, kwargs):
 
 
 def _output_tensor(output):
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)):
-        return output[0]
-    return output[0]  # transformers ModelOutput
+    # A tuple, list or transformers ModelOutput puts the hidden states first.
+    return output if isinstance(output, torch.Tensor) else output[0]
 
 
-def attach(model, site_layers: list[SiteLayer]) -> list:
-    """Register the hooks; returns handles to remove them."""
+class Tap(Protocol):
+    """What `hooks` attaches: a callable given one module's input ("in") or output ("out") tensor."""
+
+    module_name: str
+    hook_point: str
+
+    def __call__(self, x: torch.Tensor) -> None: ...
+
+
+@contextmanager
+def hooks(model, taps: Iterable[Tap]) -> Iterator[None]:
+    """Attach each tap to its module for the duration of the block; the hooks are removed however it ends."""
     modules = dict(model.named_modules())
     handles = []
-    for sl in site_layers:
-        module = modules[sl.module_name]
-        if sl.site.hook == "in":
-            handles.append(module.register_forward_pre_hook(lambda m, a, k, sl=sl: sl(_first_tensor(a, k)), with_kwargs=True))
-        else:
-            handles.append(module.register_forward_hook(lambda m, a, o, sl=sl: sl(_output_tensor(o))))
-    return handles
+    try:
+        for tap in taps:
+            module = modules[tap.module_name]
+            if tap.hook_point == "in":
+                handles.append(module.register_forward_pre_hook(lambda m, a, k, tap=tap: tap(_first_tensor(a, k)), with_kwargs=True))
+            else:
+                handles.append(module.register_forward_hook(lambda m, a, o, tap=tap: tap(_output_tensor(o))))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

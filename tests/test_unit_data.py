@@ -19,7 +19,6 @@ import torch
 from polars.testing import assert_frame_equal
 
 import warehouse
-from ingest.ranks import _merge_stats
 from queries import unit_frames as uf
 from warehouse.errors import BadInput, QueryError
 
@@ -142,7 +141,7 @@ def test_histogram_and_moments_merge_whatever_the_batching_snapshot_or_ranks(hoo
         restored = _site_layer("x:topk=3,hist")
         restored.restore(other.state_tables())       # through the resume snapshot, as ranks exchange it
         with torch.inference_mode():
-            _merge_stats(merged.stats, restored.stats)
+            merged.merge(restored)
     for candidate in (one_row, merged):
         assert torch.equal(candidate.stats["hist"], whole.stats["hist"])
         assert torch.equal(candidate.stats["min"], whole.stats["min"])
@@ -165,7 +164,7 @@ def test_examples_and_their_windows_merge_whatever_the_batching_or_ranks():
     for other in ranks[1:]:
         restored = _site_layer(spec)
         restored.restore(other.state_tables())
-        ranks[0].merge_examples(restored.examples)
+        ranks[0].merge(restored)
     from ingest.capture import _NO_KEY
 
     for candidate in (one_row, ranks[0]):
