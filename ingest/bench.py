@@ -20,7 +20,8 @@ import numpy as np
 
 from warehouse.errors import BadInput
 
-from .pipeline import DEFAULT_SITES, ShardDocs, _document_rows, _forward, _token_rows, capture_batch
+from .options import DEFAULT_SITES, check_device, check_dtype
+from .shard import Capture, Shard, forward
 from .tokenize import Window
 
 
@@ -181,13 +182,16 @@ def bench_ingest(
     from warehouse.runwriter import RunWriter
 
     from . import fused, models
-    from .capture import SiteLayer, attach
+    from .capture import hooks
+    from .limits import check_reductions
     from .sites import parse_spec, resolve
     from .sources import Document
-    from .writer import ShardEnd, ShardWriter
+    from .writer import ShardWriter
 
     if batch_size < 1 or seq_len < 1 or repeats < 1:
         raise BadInput("--batch-size, --seq-len and --repeats must be at least 1")
+    check_device(device)
+    check_dtype(dtype)
     spec_texts = list(sites) or list(DEFAULT_SITES)
     specs = [parse_spec(s) for s in spec_texts]
     loaded = models.load(f"config:{model_config}" if model_config else model, device, dtype)
@@ -196,7 +200,8 @@ def bench_ingest(
     if max_positions and seq_len > max_positions:
         raise BadInput(f"--seq-len {seq_len} is longer than the model's {max_positions} positions: lower it")
     resolved = [resolve(s, loaded.module_names, loaded.aliases) for s in specs]
-    site_layers = [SiteLayer(r, layer, module, device) for r in resolved for layer, module in r.modules]
+    check_reductions(resolved, loaded, device)
+    capture = Capture(loaded, resolved, device)
     batches_per_block = max(1, shard_tokens // (batch_size * seq_len))
     # Distinct rows for each batch of a block (the same batches every block): repeated rows
     # inside one shard would compress unrealistically well.
@@ -212,7 +217,7 @@ def bench_ingest(
     with tempfile.TemporaryDirectory(prefix="whq-bench-", dir=root) as tmp:
         wh = warehouse.init(Path(tmp) / "wh")
         run = RunWriter(wh.layout, "bench", {"bench": spec_texts})
-        writer = ShardWriter(run, {})
+        writer = ShardWriter(run)
         next_doc = 0
 
         def plain_block() -> float:
@@ -220,34 +225,24 @@ def bench_ingest(
             _synchronize(device)
             start = time.perf_counter()
             for ids in inputs:
-                _forward(loaded, ids, torch.ones_like(ids))
+                forward(loaded, ids, torch.ones_like(ids))
             _synchronize(device)
             return time.perf_counter() - start
 
         def capture_block() -> float:
             nonlocal next_doc
-            handles = attach(loaded.model, site_layers)
-            try:
+            with hooks(loaded.model, capture.site_layers):
                 _synchronize(device)
                 start = time.perf_counter()
-                docs = []
-                for index, batch in enumerate(batches):
-                    windows = _block_windows(batch, next_doc)
-                    writer.put(capture_batch(loaded, site_layers, windows, device))
-                    docs += [(w.doc, Document(f"bench:{w.doc}", texts[index * batch_size + i]), [w]) for i, w in enumerate(windows)]
-                    next_doc += len(windows)
-                for sl in site_layers:
-                    writer.widths[(sl.name, sl.layer)] = sl.width
-                shard = ShardDocs(docs, next_doc)
-                state = {name: table for sl in site_layers for name, table in sl.state_tables().items()}
-                writer.put(ShardEnd(_document_rows(shard), _token_rows(shard, loaded.tokenizer), state,
-                                    {"next_doc": next_doc, "n_docs": len(docs), "n_tokens": len(docs) * seq_len}))
+                # Each row is a document of one full window; each batch of rows one forward pass.
+                windows = [_block_windows(batch, next_doc + index * batch_size) for index, batch in enumerate(batches)]
+                shard = Shard([(w.doc, Document(f"bench:{w.doc}", texts[w.doc - next_doc]), [w]) for ws in windows for w in ws],
+                              next_doc + len(rows))
+                next_doc = shard.next_doc
+                capture.shard(shard, windows, writer)
                 writer.flush()
                 _synchronize(device)
                 return time.perf_counter() - start
-            finally:
-                for handle in handles:
-                    handle.remove()
 
         try:
             with torch.inference_mode():
@@ -273,5 +268,5 @@ def bench_ingest(
         result.bytes_written = sum(p["bytes"] for p in parts)
         result.token_neuron_rows = sum(p["rows"] for p in parts if p["table"] == "token_neurons")
         result.token_neuron_bytes = sum(p["bytes"] for p in parts if p["table"] == "token_neurons")
-        result.dense_fp16_bytes_per_token = 2 * sum(sl.width or 0 for sl in site_layers)
+        result.dense_fp16_bytes_per_token = 2 * sum(width or 0 for width in capture.widths.values())
     return result

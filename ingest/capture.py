@@ -10,8 +10,11 @@ ends and `collect()` copies them to the host in one go.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -135,6 +138,10 @@ class SiteLayer:
     def name(self) -> str:
         return self.site.name
 
+    @property
+    def hook_point(self) -> str:
+        return self.site.hook
+
     # -- state ----------------------------------------------------------------
     def _allocate(self, width: int) -> None:
         self.width = width
@@ -195,6 +202,26 @@ class SiteLayer:
                 axis = self._UNIT_AXIS[prefix]
                 tables[f"{prefix}.{self.name}.{self.layer}"] = pa.table({k: column(v, axis) for k, v in state.items()})
         return tables
+
+    def merge(self, other: SiteLayer) -> None:
+        """Fold another capture of this site layer (another rank's) into this one: both merges are exact."""
+        mine, theirs = self.stats, other.stats
+        for key in ("n_tokens", "n_fired", "sum", "sum_sq", "sum_cube", "sum_quad", "sum_pos", "hist"):
+            if key in mine:
+                mine[key] += theirs[key]
+        mine["min"] = torch.minimum(mine["min"], theirs["min"])
+        # Ties go to the first token in document order, as within one process.
+        key_mine = mine["max_doc"] * (1 << 32) + mine["max_pos"]
+        key_theirs = theirs["max_doc"] * (1 << 32) + theirs["max_pos"]
+        seen = theirs["max_doc"] >= 0
+        better = seen & ((theirs["max"] > mine["max"]) | ((theirs["max"] == mine["max"]) & (key_theirs < key_mine)))
+        for key in ("max", "max_doc", "max_pos"):
+            mine[key] = torch.where(better, theirs[key], mine[key])
+        # The same merge the hook applies batch by batch: top values, and smallest sample keys.
+        for kind, by, largest in (("top", "value", True), ("random", "key", False), ("pool", "key", False)):
+            fields = {k[len(kind) + 1:]: v for k, v in other.examples.items() if k.startswith(f"{kind}_")}
+            if fields:
+                self._merge(kind, fields, by=by, largest=largest)
 
     def restore(self, tables: dict[str, pa.Table]) -> None:
         stats = tables.get(f"stats.{self.name}.{self.layer}")
@@ -331,32 +358,33 @@ class SiteLayer:
     def _update_examples(self, flat: torch.Tensor, rows: int, x: torch.Tensor) -> None:
         ctx, ex = self.ctx, self.examples
         values, where = flat.topk(min(self.red["examples"], rows), dim=0)
-        self._merge("top", {"value": values, "doc": ctx.row_doc[where], "pos": ctx.row_pos[where],
-                            "context": self._windows(x, where)}, by="value", largest=True)
+        self._merge("top", {"value": values, "doc": ctx.row_doc[where], "pos": ctx.row_pos[where]},
+                    by="value", largest=True, where=where, x=x)
         keys = sample_keys(ctx.row_doc, ctx.row_pos, flat.shape[1])
         keys = keys.masked_fill(~(flat > self.threshold), _NO_KEY)
         for kind in ("random", "pool") if "pool_key" in ex else ("random",):
             batch_keys, where = keys.topk(min(ex[f"{kind}_key"].shape[0], rows), dim=0, largest=False)
-            new = {"value": flat.gather(0, where), "doc": ctx.row_doc[where], "pos": ctx.row_pos[where], "key": batch_keys}
-            if kind == "random":
-                # A token enters the N smallest keys when it arrives or never (later keys only push it back),
-                # so windows taken on arrival cover the final random examples.
-                new["context"] = self._windows(x, where)
-            self._merge(kind, new, by="key", largest=False)
+            # A token enters the N smallest keys when it arrives or never (later keys only push it back),
+            # so windows taken on arrival cover the final random examples.
+            self._merge(kind, {"value": flat.gather(0, where), "doc": ctx.row_doc[where], "pos": ctx.row_pos[where],
+                               "key": batch_keys}, by="key", largest=False, where=where, x=x)
 
-    def _windows(self, x: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
-        """[n, width, CONTEXT] each unit's own values around the tokens `where` [n, width] (flat rows of x),
-        NaN outside the token's model window (before its row's start, past its valid length)."""
+    def _windows(self, x: torch.Tensor, where: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+        """[m, CONTEXT] unit units[i]'s own values around flat row where[i] of x [batch, seq, width],
+        NaN outside that token's model window (before its row's start, past its valid length)."""
         batch, seq, width = x.shape
         row = where // seq
-        t = (where % seq)[..., None] + torch.arange(-CONTEXT_BEFORE, CONTEXT_AFTER + 1, device=x.device)
-        inside = (t >= 0) & (t < self.ctx.lengths[row][..., None])
-        values = x.reshape(batch * seq, width)[row[..., None] * seq + t.clamp(0, seq - 1),
-                                               torch.arange(width, device=x.device)[None, :, None]]
+        t = (where % seq)[:, None] + torch.arange(-CONTEXT_BEFORE, CONTEXT_AFTER + 1, device=x.device)
+        inside = (t >= 0) & (t < self.ctx.lengths[row][:, None])
+        values = x.reshape(batch * seq, width)[row[:, None] * seq + t.clamp(0, seq - 1), units[:, None]]
         return torch.where(inside, values, float("nan")).to(VALUE_DTYPE)
 
-    def _merge(self, kind: str, new: dict, *, by: str, largest: bool) -> None:
-        """Keep the best of the kept and the `new` entries of one kind: largest `by` (top) or smallest (sample keys)."""
+    def _merge(self, kind: str, new: dict, *, by: str, largest: bool, where=None, x=None) -> None:
+        """Keep the best of the kept and the `new` entries of one kind: largest `by` (top) or smallest (sample keys).
+
+        Window values come with `new` (another rank's examples) or, for a batch, are read from x
+        for the entries that made it in (rows `where` [new, width]): most candidates of a batch do not.
+        """
         ex = self.examples
         size = ex[f"{kind}_{by}"].shape[0]
         _, pick = torch.cat([ex[f"{kind}_{by}"], new[by]]).topk(size, dim=0, largest=largest)
@@ -364,13 +392,12 @@ class SiteLayer:
             both = torch.cat([ex[f"{kind}_{field}"], values])
             index = pick if both.dim() == 2 else pick[..., None].expand(-1, -1, both.shape[2])
             ex[f"{kind}_{field}"] = both.gather(0, index)
-
-    def merge_examples(self, other: dict) -> None:
-        """Fold another rank's examples into ours: the same merge the hook applies batch by batch."""
-        for kind, by, largest in (("top", "value", True), ("random", "key", False), ("pool", "key", False)):
-            fields = {k[len(kind) + 1:]: v for k, v in other.items() if k.startswith(f"{kind}_")}
-            if fields:
-                self._merge(kind, fields, by=by, largest=largest)
+        if f"{kind}_context" in ex and "context" not in new:
+            old = ex[f"{kind}_context"]
+            kept = old.gather(0, pick.clamp(max=size - 1)[..., None].expand(-1, -1, old.shape[2]))
+            slots, units = (pick >= size).nonzero(as_tuple=True)
+            kept[slots, units] = self._windows(x, where[pick[slots, units] - size, units], units)
+            ex[f"{kind}_context"] = kept
 
 
 def collect(site_layers: list[SiteLayer]) -> tuple[dict, object]:
@@ -410,21 +437,32 @@ def _first_tensor(args, kwargs):
 
 
 def _output_tensor(output):
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)):
-        return output[0]
-    return output[0]  # transformers ModelOutput
+    # A tuple, list or transformers ModelOutput puts the hidden states first.
+    return output if isinstance(output, torch.Tensor) else output[0]
 
 
-def attach(model, site_layers: list[SiteLayer]) -> list:
-    """Register the hooks; returns handles to remove them."""
+class Tap(Protocol):
+    """What `hooks` attaches: a callable given one module's input ("in") or output ("out") tensor."""
+
+    module_name: str
+    hook_point: str
+
+    def __call__(self, x: torch.Tensor) -> None: ...
+
+
+@contextmanager
+def hooks(model, taps: Iterable[Tap]) -> Iterator[None]:
+    """Attach each tap to its module for the duration of the block; the hooks are removed however it ends."""
     modules = dict(model.named_modules())
     handles = []
-    for sl in site_layers:
-        module = modules[sl.module_name]
-        if sl.site.hook == "in":
-            handles.append(module.register_forward_pre_hook(lambda m, a, k, sl=sl: sl(_first_tensor(a, k)), with_kwargs=True))
-        else:
-            handles.append(module.register_forward_hook(lambda m, a, o, sl=sl: sl(_output_tensor(o))))
-    return handles
+    try:
+        for tap in taps:
+            module = modules[tap.module_name]
+            if tap.hook_point == "in":
+                handles.append(module.register_forward_pre_hook(lambda m, a, k, tap=tap: tap(_first_tensor(a, k)), with_kwargs=True))
+            else:
+                handles.append(module.register_forward_hook(lambda m, a, o, tap=tap: tap(_output_tensor(o))))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -23,17 +23,20 @@ import inspect
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
 
 import warehouse
 from warehouse.errors import BadInput, BadSpec
+from warehouse.parts import to_arrow
 from warehouse.runwriter import RunWriter
 
 from . import models
+from .pipeline import IngestResult, default_run_id
+from .limits import check_reductions
 from .scenario import Message, Scenario, load
+from .shard import Capture, Shard
 from .sites import SOURCE_ALIASES, parse_spec, resolve
 from .sources import Document
 from .tokenize import Window
@@ -91,34 +94,17 @@ def _generated_window(prompt: Window, prompt_text: str, fed: list[int], tokenize
     return Window(prompt.doc, 0, 0, prompt.ids + fed, prompt.special + [False] * len(fed), starts, ends, True)
 
 
-class LastTokenHooks:
-    """Forward hooks that keep the last position's vector of each (name, layer)."""
+@dataclass
+class LastToken:
+    """A tap (see capture.hooks) keeping the last position's vector of one (source, layer) in `kept`."""
 
-    def __init__(self, model, targets: dict):
-        from .capture import _first_tensor, _output_tensor
+    key: tuple
+    module_name: str
+    hook_point: str
+    kept: dict
 
-        self.kept: dict = {}
-        modules = dict(model.named_modules())
-        self.handles = []
-        for key, (module_name, hook) in targets.items():
-            module = modules[module_name]
-            if hook == "in":
-                self.handles.append(module.register_forward_pre_hook(
-                    lambda m, a, k, key=key: self._keep(key, _first_tensor(a, k)), with_kwargs=True))
-            else:
-                self.handles.append(module.register_forward_hook(
-                    lambda m, a, o, key=key: self._keep(key, _output_tensor(o))))
-
-    def _keep(self, key, x) -> None:
-        self.kept[key] = x[0, -1].detach()
-
-    def take(self) -> dict:
-        kept, self.kept = self.kept, {}
-        return kept
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
+    def __call__(self, x) -> None:
+        self.kept[self.key] = x[0, -1].detach()
 
 
 def _captured(site, layers: list[int]):
@@ -161,14 +147,11 @@ class ScenarioCapture:
         self.sources = {src: _captured(resolve(parse_spec(f"{src}:last"), module_names, loaded.aliases), self.layers)
                         for src in spec.capture.sources}
         block_out = resolve(parse_spec("hidden_out"), module_names, loaded.aliases)
-        targets = {}
-        for src, site in self.sources.items():
+        self.kept: dict = {}
+        self.taps = []
+        for src, site in [*self.sources.items(), *([("hidden_out", block_out)] if spec.capture.logit_lens else [])]:
             by_layer = dict(site.modules)
-            targets.update({(src, layer): (by_layer[layer], site.hook) for layer in self.layers})
-        if spec.capture.logit_lens:
-            by_layer = dict(block_out.modules)
-            targets.update({("hidden_out", layer): (by_layer[layer], block_out.hook) for layer in self.layers})
-        self.hooks = LastTokenHooks(self.model, targets)
+            self.taps += [LastToken((src, layer), by_layer[layer], site.hook, self.kept) for layer in self.layers]
         self.norm = _final_norm(self.model)
         self.head = self.model.get_output_embeddings()
         if spec.capture.logit_lens and self.norm is None:
@@ -191,7 +174,8 @@ class ScenarioCapture:
         torch = self._torch
         ids = torch.tensor([input_ids], device=self.device)
         out = self.model(input_ids=ids, use_cache=use_cache, logits_to_keep=1, **({self.cache_arg: past} if past is not None else {}))
-        kept = self.hooks.take()
+        kept = dict(self.kept)
+        self.kept.clear()
         logprobs = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
         keys = [key for key in kept if key[0] in self.sources]
         rounded = self.round(torch.stack([kept[key] for key in keys])) if keys else []  # one host copy per pass
@@ -278,8 +262,6 @@ def _pick(logits, gen, generator) -> int:
 
 # -- rows -----------------------------------------------------------------------
 def _vector_parts(passes: list[Pass], sources, layers: list[int], width: int) -> list[tuple]:
-    from .writer import to_arrow
-
     parts = []
     ordered = sorted(passes, key=lambda p: (p.doc, p.step))
     for source in sources:
@@ -316,27 +298,6 @@ def _steps_table(steps: list[dict]) -> pa.Table:
     return pa.Table.from_pydict({f.name: [s[f.name] for s in steps] for f in target}, schema=target)
 
 
-def _sparse_parts(loaded, site_layers, docs: list[CapturedDoc], device: str) -> list[tuple]:
-    """The foundation's capture (hooks, on-device reductions, writer rows) over whole documents, one per batch."""
-    from .capture import attach
-    from .pipeline import capture_batch
-    from .writer import batch_parts, merged_parts
-
-    pending: dict = {}
-    handles = attach(loaded.model, site_layers)
-    try:
-        for doc in docs:
-            host = capture_batch(loaded, site_layers, [doc.window], device)
-            if host.ready is not None:
-                host.ready.synchronize()
-            for table, site, layer, columns in batch_parts(host, {}):
-                pending.setdefault((table, site, layer), []).append(columns)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return merged_parts(pending, {(sl.name, sl.layer): sl.width for sl in site_layers})
-
-
 def _device_and_dtype(spec: Scenario, device: str) -> tuple[str, str, str | None]:
     """--device wins over model.device; float16 on the CPU runs in float32 (torch has no fast CPU float16)."""
     device = models.resolve_device(spec.model.device if device == "auto" else device)
@@ -347,24 +308,22 @@ def _device_and_dtype(spec: Scenario, device: str) -> tuple[str, str, str | None
 
 
 def run_scenario(root: str | Path, scenario, *, run_id: str | None = None, device: str = "auto",
-                 progress: bool = True, model: str | None = None, loaded=None) -> dict:
-    """Capture a scenario (a YAML path or a parsed Scenario) as one committed run; returns a summary dict.
+                 progress: bool = True, model: str | None = None, loaded=None) -> IngestResult:
+    """Capture a scenario (a YAML path or a parsed Scenario) as one committed run.
 
     `model` replaces the scenario's model.id (the same YAML on another model).
     """
     import torch
 
-    from .capture import SiteLayer
-    from .finalize import neuron_examples, neuron_stats, runs_row, sites_rows
-    from .pipeline import _document_rows, _token_rows, default_run_id
+    from .capture import hooks
+    from .finalize import final_parts
     from .progress import IngestProgress
+    from .writer import ShardWriter
 
     spec = scenario if isinstance(scenario, Scenario) else load(scenario)
     if model:
         spec = replace(spec, model=replace(spec.model, id=model))
     device, dtype, note = _device_and_dtype(spec, device)
-    if note and progress:
-        print(note)
     loaded = loaded or models.load(spec.model.id, device, dtype)
     if loaded.family != "decoder" or loaded.hf_tokenizer is None or loaded.model.get_output_embeddings() is None:
         raise BadInput(f"model {spec.model.id!r} is not a causal LM with a tokenizer and an lm_head: scenarios need a chat/causal model")
@@ -374,11 +333,12 @@ def run_scenario(root: str | Path, scenario, *, run_id: str | None = None, devic
     if clash:
         raise BadSpec(f"capture.sites {clash[0]!r} reuses a source name; write the alias instead (e.g. {SOURCE_ALIASES.get(sparse_specs[0].site, 'resid.out')}:topk=20)")
     sparse = [resolve(s, loaded.module_names, loaded.aliases) for s in sparse_specs]
+    check_reductions(sparse, loaded, device)
     capture = ScenarioCapture(loaded, spec, device)
     chat_template = bool(getattr(loaded.hf_tokenizer, "chat_template", None))
 
     root = Path(root)
-    wh = warehouse.open(root) if (root / "whq.json").exists() else warehouse.init(root)
+    wh = warehouse.open_or_init(root)
     run_id = run_id or default_run_id(spec.name)
     config = {"scenario": spec.to_json(), "model": spec.model.id, "model_id": loaded.model_id, "dtype": dtype,
               "device": device, "chat_template": chat_template, "sources": list(spec.capture.sources),
@@ -394,61 +354,53 @@ def run_scenario(root: str | Path, scenario, *, run_id: str | None = None, devic
         docs.append(doc)
         return doc
 
-    try:
-        with IngestProgress(enabled=progress, run_id=run_id) as bar, torch.inference_mode():
-            for index, message in enumerate(spec.messages):
-                doc = add(_rendered(loaded.hf_tokenizer, spec.messages[: index + 1]), "message",
-                          message_index=index, message_role=message.role)
-                capture.prefill(doc)
-                bar.advance(docs=1, tokens=len(doc.window.ids))
-            ends = range(len(spec.messages)) if spec.run_at_each_message else [len(spec.messages) - 1]
-            for index in ends:
-                prompt_text = _rendered(loaded.hf_tokenizer, spec.messages[: index + 1])
-                doc = add(prompt_text, "generated", message_index=index, message_role=spec.messages[index].role)
-                generated, stopped = capture.generate(doc.ordinal, doc.window.ids)
-                prompt_tokens = len(doc.window.ids)
-                doc.window = _generated_window(doc.window, prompt_text, generated[:-1], loaded.tokenizer)
-                doc.document.text = prompt_text + loaded.tokenizer.decode(generated)
-                doc.document.meta.update(prompt_tokens=prompt_tokens, generated_text=loaded.tokenizer.decode(generated),
-                                         generated_tokens=len(generated), stopped=stopped)
-                bar.advance(docs=1, tokens=len(doc.window.ids))
-            for reference in spec.references:
-                doc = add(_rendered(loaded.hf_tokenizer, reference.messages), "reference", reference.label,
-                          messages=len(reference.messages))
-                capture.prefill(doc)
-                bar.advance(docs=1, tokens=len(doc.window.ids))
-    finally:
-        capture.hooks.remove()
-    site_layers = [SiteLayer(r, layer, module, device) for r in sparse for layer, module in r.modules]
-    with torch.inference_mode():
-        parts = _sparse_parts(loaded, site_layers, [d for d in docs if d.document.role != "message"], device) if site_layers else []
-
-    shard = SimpleNamespace(docs=[(d.ordinal, d.document, [d.window]) for d in docs], next_doc=len(docs))
+    with IngestProgress(enabled=progress, run_id=run_id) as bar, hooks(loaded.model, capture.taps), torch.inference_mode():
+        for index, message in enumerate(spec.messages):
+            doc = add(_rendered(loaded.hf_tokenizer, spec.messages[: index + 1]), "message",
+                      message_index=index, message_role=message.role)
+            capture.prefill(doc)
+            bar.advance(docs=1, tokens=len(doc.window.ids))
+        ends = range(len(spec.messages)) if spec.run_at_each_message else [len(spec.messages) - 1]
+        for index in ends:
+            prompt_text = _rendered(loaded.hf_tokenizer, spec.messages[: index + 1])
+            doc = add(prompt_text, "generated", message_index=index, message_role=spec.messages[index].role)
+            generated, stopped = capture.generate(doc.ordinal, doc.window.ids)
+            prompt_tokens = len(doc.window.ids)
+            doc.window = _generated_window(doc.window, prompt_text, generated[:-1], loaded.tokenizer)
+            doc.document.text = prompt_text + loaded.tokenizer.decode(generated)
+            doc.document.meta.update(prompt_tokens=prompt_tokens, generated_text=loaded.tokenizer.decode(generated),
+                                     generated_tokens=len(generated), stopped=stopped)
+            bar.advance(docs=1, tokens=len(doc.window.ids))
+        for reference in spec.references:
+            doc = add(_rendered(loaded.hf_tokenizer, reference.messages), "reference", reference.label,
+                      messages=len(reference.messages))
+            capture.prefill(doc)
+            bar.advance(docs=1, tokens=len(doc.window.ids))
+    sparse_capture = Capture(loaded, sparse, device)
+    shard = Shard([(d.ordinal, d.document, [d.window]) for d in docs], len(docs))
     width = int(loaded.model.get_input_embeddings().weight.shape[1])
-    parts += [("documents", None, None, _document_rows(shard)), ("tokens", None, None, _token_rows(shard, loaded.tokenizer))]
-    parts += _vector_parts(capture.passes, spec.capture.sources, capture.layers, width)
+    parts = _vector_parts(capture.passes, spec.capture.sources, capture.layers, width)
     if capture.steps:
         parts.append(("steps", None, None, _steps_table(capture.steps)))
     if spec.capture.logit_lens:
         parts.append(("logit_lens", None, None, _lens_table(capture.passes, capture.layers, capture.text_of)))
-    n_tokens = sum(len(d.window.ids) for d in docs)
-    writer.commit_shard(parts, {}, {"next_doc": len(docs), "n_docs": len(docs), "n_tokens": n_tokens})
+    # The sparse sites over whole documents (not the message prefixes), one per batch, and no
+    # forward pass without them; everything is committed as one shard.
+    sparse_batches = [[d.window] for d in docs if d.document.role != "message"] if sparse else []
+    shard_writer = ShardWriter(writer)
+    try:
+        with hooks(loaded.model, sparse_capture.site_layers), torch.inference_mode():
+            sparse_capture.shard(shard, sparse_batches, shard_writer, extra_parts=parts)
+        shard_writer.close()
+    finally:
+        shard_writer.stop()
 
     resolved = list(capture.sources.values()) + sparse
-    widths = [SimpleNamespace(name=src, width=width) for src in capture.sources] + site_layers
-    final = [("runs", None, None, runs_row(loaded, resolved, writer)), ("sites", None, None, sites_rows(resolved, widths))]
-    for sl in site_layers:
-        if sl.width is not None:
-            final.append(("neuron_stats", sl.name, sl.layer, neuron_stats(sl)))
-            if sl.examples:
-                final.append(("neuron_examples", sl.name, sl.layer, neuron_examples(sl)))
+    final = final_parts(loaded, resolved, sparse_capture.site_layers, writer, logit_lens=False,
+                        vector_widths={src: width for src in capture.sources})
     manifest = writer.commit(final, writer.started_at)
-    seconds = time.perf_counter() - started
-    return {
-        "run_id": run_id, "rows": manifest["rows"], "bytes": sum(p["bytes"] for p in manifest["parts"]),
-        "documents": len(docs), "tokens": n_tokens, "seconds": seconds,
-        "tokens_per_s": n_tokens / seconds if seconds else 0.0,
-    }
+    return IngestResult(run_id, manifest["rows"], sum(p["bytes"] for p in manifest["parts"]), len(docs), shard.n_tokens,
+                        time.perf_counter() - started, notes=[note] if note else [])
 
 
 def _doc_id(role: str, label, meta: dict) -> str:

@@ -41,13 +41,13 @@ def speeches(path: Path) -> list[Document]:
 def run_demo(root: str | Path, progress: bool = True, echo=print) -> None:
     root = Path(root)
     started = time.perf_counter()
-    wh = warehouse.open(root) if (root / "whq.json").exists() else warehouse.init(root)
+    wh = warehouse.open_or_init(root)
     if DEMO_RUN not in wh.run_ids():
         echo(f"capturing {DEMO_TEXT.name} through all-MiniLM-L6-v2 into {root} ...")
-        summary = ingest(root, "minilm", sites=DEMO_SITES, documents=speeches(DEMO_TEXT), run_id=DEMO_RUN,
-                         batch_size=32, device="cpu", progress=progress)
-        echo(f"{summary['documents']:,} documents, {summary['tokens']:,} tokens in {summary['seconds']:.1f} s "
-             f"({summary['tokens_per_s']:,.0f} tokens/s), {summary['bytes'] / 1e6:.1f} MB on disk")
+        result = ingest(root, "minilm", sites=DEMO_SITES, documents=speeches(DEMO_TEXT), run_id=DEMO_RUN,
+                        batch_size=32, device="cpu", progress=progress)
+        echo(f"{result.documents:,} documents, {result.tokens:,} tokens in {result.seconds:.1f} s "
+             f"({result.tokens_per_s:,.0f} tokens/s), {result.bytes / 1e6:.1f} MB on disk")
         wh = warehouse.open(root)
     import polars as pl
 

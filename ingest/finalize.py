@@ -35,8 +35,8 @@ def runs_row(loaded, resolved, writer) -> pa.Table:
     })
 
 
-def sites_rows(resolved, site_layers: list[SiteLayer]) -> pa.Table:
-    widths = {sl.name: sl.width for sl in site_layers if sl.width is not None}
+def sites_rows(resolved, widths: dict[str, int]) -> pa.Table:
+    """One row per site; `widths`: units per site name (sites that saw no token have none)."""
     return _table("sites", {
         "site": [r.name for r in resolved], "module_glob": [r.glob for r in resolved], "hook_point": [r.hook for r in resolved],
         "modules": [[m for _, m in r.modules] for r in resolved], "layers": [[layer for layer, _ in r.modules] for r in resolved],
@@ -233,8 +233,11 @@ def _stable_topk(x, k: int):
     return values[:, :k], order[:, :k]
 
 
-def final_parts(loaded, resolved, site_layers: list[SiteLayer], writer, logit_lens: bool) -> list[tuple]:
-    parts = [("runs", None, None, runs_row(loaded, resolved, writer)), ("sites", None, None, sites_rows(resolved, site_layers))]
+def final_parts(loaded, resolved, site_layers: list[SiteLayer], writer, logit_lens: bool, *,
+                vector_widths: dict[str, int] | None = None) -> list[tuple]:
+    """The run-level parts; `vector_widths`: the width of sites captured outside `site_layers` (scenario sources)."""
+    widths = {**(vector_widths or {}), **{sl.name: sl.width for sl in site_layers if sl.width is not None}}
+    parts = [("runs", None, None, runs_row(loaded, resolved, writer)), ("sites", None, None, sites_rows(resolved, widths))]
     for sl in site_layers:
         if sl.width is None:
             continue

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from warehouse.errors import BadInput
 
+from .options import check_device, check_dtype
 from .tokenize import HFTokenizer
 
-DTYPES = ("float32", "bfloat16", "float16")
 MINILM = "minilm"
 
 # Shapes for random-initialised models built from a config (benchmarks, tests).
@@ -61,21 +61,17 @@ def minilm_dir() -> Path:
 def resolve_device(device: str) -> str:
     import torch
 
-    if device == "auto":
+    if check_device(device) == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise BadInput(f"--device {device} asked for CUDA but this machine has no CUDA device: use --device cpu (or auto)")
-    if device not in ("cpu",) and not device.startswith("cuda") and device != "mps":
-        raise BadInput(f"unknown --device {device!r}: use auto, cpu, cuda or cuda:N")
     return device
 
 
 def resolve_dtype(dtype: str, device: str):
     import torch
 
-    if dtype not in DTYPES:
-        raise BadInput(f"unknown --dtype {dtype!r}: use one of {', '.join(DTYPES)}")
-    if dtype == "float16" and device == "cpu":
+    if check_dtype(dtype) == "float16" and device == "cpu":
         raise BadInput("--dtype float16 is not supported on the cpu: use --dtype float32 or bfloat16 there, or --device cuda")
     return getattr(torch, dtype)
 

@@ -31,12 +31,25 @@ def _group():
     return dist
 
 
+def _env_int(name: str, default: str | None = None) -> int:
+    text = os.environ.get(name, default)
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        raise BadInput(f"{name}={text!r} must be a whole number (torchrun sets it): unset it, or launch with --ranks N") from None
+
+
 def from_env(run_id: str | None, device: str, model: str) -> tuple[int, int, str | None, str]:
     """(rank, world_size, run_id, device) of this process; (0, 1, ...) outside torchrun."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
+    world_size = _env_int("WORLD_SIZE", "1")
+    if world_size < 1:
+        raise BadInput(f"WORLD_SIZE={world_size} must be at least 1: unset it, or launch with --ranks N")
+    if world_size == 1:
         return 0, 1, run_id, device
-    rank = int(os.environ["RANK"])
+    rank = _env_int("RANK")
+    if not 0 <= rank < world_size:
+        # Checked before the process group forms: a rank outside the world would wait for peers forever.
+        raise BadInput(f"RANK={rank} is outside 0..{world_size - 1} (WORLD_SIZE={world_size}): launch with torchrun or --ranks N")
     dist = _group()
     if run_id is None:  # the default id holds the start time: rank 0's is the one
         from .pipeline import default_run_id
@@ -80,44 +93,23 @@ def merge_ranks(writer, site_layers) -> None:
 
     writer.wait_for_ranks()
     with torch.inference_mode():  # the live statistics are inference tensors
-        _merge_all(writer, site_layers, SiteLayer)
+        for other_rank in range(1, writer.world_size):
+            for sl in site_layers:
+                names = [f"stats.{sl.name}.{sl.layer}", f"examples.{sl.name}.{sl.layer}"]
+                tables = {n: t for n in names if (t := writer.rank_state(other_rank, n)) is not None}
+                if not tables:
+                    continue  # that rank saw no tokens
+                if sl.width is None:
+                    sl.restore(tables)
+                    continue
+                other = SiteLayer(sl.site, sl.layer, sl.module_name, sl.device)
+                other.restore(tables)
+                sl.merge(other)
 
 
-def _merge_all(writer, site_layers, SiteLayer) -> None:
-    for other_rank in range(1, writer.world_size):
-        for sl in site_layers:
-            names = [f"stats.{sl.name}.{sl.layer}", f"examples.{sl.name}.{sl.layer}"]
-            tables = {n: t for n in names if (t := writer.rank_state(other_rank, n)) is not None}
-            if not tables:
-                continue  # that rank saw no tokens
-            if sl.width is None:
-                sl.restore(tables)
-                continue
-            other = SiteLayer(sl.site, sl.layer, sl.module_name, sl.device)
-            other.restore(tables)
-            _merge_stats(sl.stats, other.stats)
-            if sl.examples:
-                sl.merge_examples(other.examples)
-
-
-def _merge_stats(mine: dict, theirs: dict) -> None:
-    import torch
-
-    for key in ("n_tokens", "n_fired", "sum", "sum_sq", "sum_cube", "sum_quad", "sum_pos", "hist"):
-        if key in mine:
-            mine[key] += theirs[key]
-    mine["min"] = torch.minimum(mine["min"], theirs["min"])
-    # Ties go to the first token in document order, as within one process.
-    key_mine = mine["max_doc"] * (1 << 32) + mine["max_pos"]
-    key_theirs = theirs["max_doc"] * (1 << 32) + theirs["max_pos"]
-    seen = theirs["max_doc"] >= 0
-    better = seen & ((theirs["max"] > mine["max"]) | ((theirs["max"] == mine["max"]) & (key_theirs < key_mine)))
-    for key in ("max", "max_doc", "max_pos"):
-        mine[key] = torch.where(better, theirs[key], mine[key])
-
-
-def launch(n: int, data: list[str], sites: list[str]) -> int:
-    """`whq ingest --ranks N`: check the cheap inputs, then run torchrun with this command's other arguments."""
+def launch(n: int, data: list[str], sites: list[str], arguments: list[str]) -> None:
+    """`whq ingest --ranks N`: check the cheap inputs, then run torchrun with `arguments`, the command's
+    arguments after `ingest` less --ranks."""
     from . import sources
     from .sites import parse_spec
 
@@ -128,19 +120,9 @@ def launch(n: int, data: list[str], sites: list[str]) -> int:
     sources.check_paths(data)
     for spec in sites:
         parse_spec(spec)
-    args = sys.argv[sys.argv.index("ingest") + 1:]
-    forwarded, skip = [], False
-    for arg in args:
-        if skip:
-            skip = False
-        elif arg == "--ranks":
-            skip = True
-        elif not arg.startswith("--ranks="):
-            forwarded.append(arg)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", "-m", "ingest", *forwarded]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", "-m", "ingest", *arguments]
     done = subprocess.run(command, stderr=subprocess.PIPE, text=True)
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     if done.returncode != 0:
         # Each rank printed its one-line error; torchrun's own failure report adds nothing for the user.
         raise WarehouseError(errors[0][len("error: "):] if errors else f"torchrun failed (exit {done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
-    return 0

@@ -10,18 +10,21 @@ layer, 0 = off). Every problem is one BadInput line naming the key and the fix.
 from __future__ import annotations
 
 import difflib
+import math
+import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from warehouse.errors import BadInput
+from warehouse.schema import SCENARIO_SOURCES
 
 ROLES = ("system", "user", "assistant")
-SOURCES = ("hidden_in", "hidden_out", "attn_out", "mlp_out")
 # Activation Lab calls the MLP output `mlp_down_out`.
 SOURCE_SYNONYMS = {"mlp_down_out": "mlp_out"}
 MODEL_DTYPES = ("float16", "bfloat16", "float32")
 STORE_DTYPES = ("float16", "bfloat16", "float32")
 MODEL_DEVICES = ("auto", "cpu", "cuda", "mps")
+SEED_MAX = 2**64 - 1  # the largest seed torch.manual_seed takes
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,7 @@ class CaptureConfig:
     top_k_probs: int = 20
     layers: tuple[int, ...] | None = None       # None: all layers
     store_dtype: str = "float16"
-    sources: tuple[str, ...] = SOURCES
+    sources: tuple[str, ...] = SCENARIO_SOURCES
     sites: tuple[str, ...] = ()
     logit_lens: int = 10
 
@@ -124,7 +127,7 @@ class _Reader:
             self.fail(f"{self.key(name)} must be true or false, got {value!r}")
         return value
 
-    def integer(self, name, default, *, minimum: int | None = None, optional=False) -> int | None:
+    def integer(self, name, default, *, minimum: int | None = None, maximum: int | None = None, optional=False) -> int | None:
         value = self.get(name, default)
         if value is None and optional:
             return None
@@ -132,6 +135,8 @@ class _Reader:
             self.fail(f"{self.key(name)} must be a whole number, got {value!r}")
         if minimum is not None and value < minimum:
             self.fail(f"{self.key(name)} must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            self.fail(f"{self.key(name)} must be at most {maximum}, got {value}")
         return value
 
     def number(self, name, default, *, optional=False) -> float | None:
@@ -140,7 +145,13 @@ class _Reader:
             return None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             self.fail(f"{self.key(name)} must be a number, got {value!r}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # a whole number beyond any float
+            number = math.inf
+        if not math.isfinite(number):  # also YAML's .nan and .inf
+            self.fail(f"{self.key(name)} must be a finite number, got {value!r}")
+        return number
 
     def choice(self, name, default: str, choices: tuple[str, ...]) -> str:
         value = self.get(name, default)
@@ -205,7 +216,7 @@ def _generation(where: str, data) -> GenerationConfig:
         temperature=reader.number("temperature", 1.0),
         top_k=reader.integer("top_k", None, minimum=1, optional=True),
         top_p=reader.number("top_p", None, optional=True),
-        seed=reader.integer("seed", 42),
+        seed=reader.integer("seed", 42, minimum=0, maximum=SEED_MAX),
     )
     if config.temperature < 0 or (config.do_sample and config.temperature == 0):
         reader.fail(f"generation.temperature {config.temperature:g} must be > 0 when do_sample is true (and never negative); use do_sample: false for greedy decoding")
@@ -228,19 +239,19 @@ def _sources(reader: _Reader, hidden_states: bool, qkv: bool, mlp: bool) -> tupl
     if value is None:
         # Activation Lab's flags decide which residual-stream sources exist.
         flags = {"hidden_in": hidden_states, "hidden_out": hidden_states, "attn_out": qkv, "mlp_out": mlp}
-        return tuple(s for s in SOURCES if flags[s])
+        return tuple(s for s in SCENARIO_SOURCES if flags[s])
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list):
-        reader.fail(f"capture.sources must be a list drawn from {', '.join(SOURCES)}")
+        reader.fail(f"capture.sources must be a list drawn from {', '.join(SCENARIO_SOURCES)}")
     out = []
     for item in value:
         source = SOURCE_SYNONYMS.get(item, item)
-        if source not in SOURCES:
-            reader.fail(f"capture.sources has {item!r}: use {', '.join(SOURCES)}")
+        if source not in SCENARIO_SOURCES:
+            reader.fail(f"capture.sources has {item!r}: use {', '.join(SCENARIO_SOURCES)}")
         if source not in out:
             out.append(source)
-    return tuple(s for s in SOURCES if s in out)
+    return tuple(s for s in SCENARIO_SOURCES if s in out)
 
 
 def _capture(where: str, data) -> CaptureConfig:
@@ -313,8 +324,14 @@ def load(path: str | Path) -> Scenario:
     import yaml
 
     path = Path(path)
-    if not path.is_file():
-        raise BadInput(f"scenario file {path} does not exist: give the path of a scenario .yaml")
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise BadInput(f"scenario file {path} does not exist: give the path of a scenario .yaml") from None
+    except OSError as err:  # a symlink loop, a path through a file
+        raise BadInput(f"scenario file {path} cannot be opened ({err.strerror or err}): check the path") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise BadInput(f"scenario file {path} is not a regular file: give the path of a scenario .yaml")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
@@ -324,4 +341,31 @@ def load(path: str | Path) -> Scenario:
         raise BadInput(f"{path}: not valid YAML{where} ({problem}): fix the syntax") from None
     except UnicodeDecodeError:
         raise BadInput(f"{path}: not UTF-8 text: save the scenario as UTF-8") from None
+    except RecursionError:
+        raise BadInput(f"{path}: YAML nested too deeply to read: flatten it") from None
+    except ValueError as err:  # a value YAML types but cannot build, e.g. the date 2001-13-01
+        raise BadInput(f"{path}: a value YAML cannot read ({err}): quote it as text or fix it") from None
+    except OSError as err:
+        raise BadInput(f"cannot read scenario file {path} ({err.strerror or err}): check its permissions") from None
+    if _has_surrogate(data):
+        raise BadInput(f"{path}: text with a lone surrogate escape (e.g. \\ud800) is not valid Unicode: remove it")
     return parse(data, str(path))
+
+
+def _has_surrogate(data) -> bool:
+    """Whether any text in the parsed YAML is not encodable (it would fail when stored).
+
+    Iterative, visiting each container once: YAML anchors can make a structure contain itself.
+    """
+    pending, seen = [data], set()
+    while pending:
+        value = pending.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(value, (dict, list)) and id(value) not in seen:
+            seen.add(id(value))
+            pending.extend([*value.keys(), *value.values()] if isinstance(value, dict) else value)
+    return False

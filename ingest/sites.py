@@ -16,6 +16,7 @@ This module is torch-free so SPECs can be validated before a model loads.
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -125,6 +126,8 @@ def parse_spec(text: str) -> SiteSpec:
             raise BadSpec(f"--site {text!r}: {name}={arg!r} needs a {'whole number' if kind is int else 'number'}") from None
         if kind is int and value <= 0:
             raise BadSpec(f"--site {text!r}: {name}={value} must be at least 1")
+        if kind is float and not math.isfinite(value):
+            raise BadSpec(f"--site {text!r}: {name}={arg} must be a finite number (nan and inf fire never or always)")
         reductions[name] = value
     if "topk" in reductions and "abstopk" in reductions:
         raise BadSpec(f"--site {text!r}: use topk or abstopk, not both")

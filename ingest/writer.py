@@ -16,8 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from warehouse import schema
-from warehouse.parts import side_by_side
+from warehouse.parts import part_order, side_by_side, to_arrow
 
 
 @dataclass
@@ -44,6 +43,8 @@ class ShardEnd:
     tokens: pa.Table
     state: dict                # name -> pa.Table (resume state)
     info: dict
+    widths: dict               # (site, layer) -> units, for the list columns of vectors
+    extra_parts: list = field(default_factory=list)  # (table, site, layer, Arrow table) committed with the shard
 
 
 def _token_rows(batch: HostBatch, ids: np.ndarray, values: np.ndarray) -> dict:
@@ -66,7 +67,7 @@ def _threshold_rows(batch: HostBatch, index: np.ndarray, values: np.ndarray) -> 
     return {"doc": batch.row_doc[b], "pos": batch.row_start[b] + t, "neuron": unit, "value": values}
 
 
-def batch_parts(batch: HostBatch, widths: dict) -> list[tuple]:
+def batch_parts(batch: HostBatch) -> list[tuple]:
     """(table, site, layer, column dict) pieces for one batch."""
     pieces = []
     for (site, layer), out in batch.outputs.items():
@@ -94,33 +95,11 @@ def batch_parts(batch: HostBatch, widths: dict) -> list[tuple]:
     return pieces
 
 
-def to_arrow(table: str, columns: dict, width: int | None) -> pa.Table:
-    """Column arrays -> an Arrow table with the table's physical schema."""
-    target = schema.table(table).arrow_schema(width)
-    arrays = []
-    for fld in target:
-        data = columns[fld.name]
-        if isinstance(data, pa.Array):
-            arrays.append(data.cast(fld.type))
-        elif pa.types.is_list(fld.type):
-            matrix = np.asarray(data)
-            rows, width_k = matrix.shape
-            flat = pa.array(matrix.reshape(-1).astype(fld.type.value_type.to_pandas_dtype()), fld.type.value_type)
-            offsets = pa.array(np.arange(rows + 1, dtype=np.int32) * width_k)
-            arrays.append(pa.ListArray.from_arrays(offsets, flat, type=fld.type))
-        elif fld.type == pa.float16():
-            arrays.append(pa.array(np.asarray(data, dtype=np.float16), pa.float16()))
-        else:
-            arrays.append(pa.array(data, type=fld.type, from_pandas=True))
-    return pa.Table.from_arrays(arrays, schema=target)
-
-
 class ShardWriter:
     """Consumes HostBatch / ShardEnd items on a thread; commits each shard."""
 
-    def __init__(self, run_writer, widths: dict, max_pending: int = 4):
+    def __init__(self, run_writer, max_pending: int = 4):
         self.run_writer = run_writer
-        self.widths = widths          # (site, layer) -> width
         self.queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self.error: BaseException | None = None
         self.rows: dict[str, int] = defaultdict(int)
@@ -169,7 +148,7 @@ class ShardWriter:
                 elif isinstance(item, HostBatch):
                     if item.ready is not None:
                         item.ready.synchronize()
-                    for table, site, layer, columns in batch_parts(item, self.widths):
+                    for table, site, layer, columns in batch_parts(item):
                         self._pending[(table, site, layer)].append(columns)
                 else:
                     self._commit(item)
@@ -183,7 +162,7 @@ class ShardWriter:
 
     def _commit(self, end: ShardEnd) -> None:
         parts = [("documents", None, None, end.documents), ("tokens", None, None, end.tokens)]
-        parts += merged_parts(self._pending, self.widths)
+        parts += merged_parts(self._pending, end.widths) + end.extra_parts
         self._pending.clear()
         self.run_writer.commit_shard(parts, end.state, end.info)
         for table, _, _, data in parts:
@@ -198,76 +177,6 @@ def merged_parts(pending: dict, widths: dict) -> list[tuple]:
         return table, site, layer, to_arrow(table, merged, widths.get((site, layer)))
 
     return side_by_side(merge, list(pending))
-
-
-def part_order(table: str, columns: dict) -> dict:
-    """The row order of a part: token_neurons by (neuron, doc, pos), every other table in document order.
-
-    Neuron-major token_neurons parts, written in small row groups (warehouse.parts), let a
-    scan for one unit skip every row group whose neuron min/max excludes it: at 100M rows
-    a one-neuron scan reads ~1/20 of the rows (README "Performance"); they also compress
-    better (runs of equal ids).
-    """
-    order = _neuron_major_order(columns) if table == "token_neurons" and "neuron" in columns else _document_order(columns)
-    return {k: np.asarray(v)[order] for k, v in columns.items()}
-
-
-def _neuron_major_order(columns: dict) -> np.ndarray:
-    """The permutation to (neuron, doc, pos) order, stable like np.lexsort.
-
-    A token's rows arrive adjacent, so the (doc, pos) sort runs over tokens (runs of rows
-    with one key), 20x fewer than rows at top-20; the rows then get a stable sort by
-    neuron, a radix sort for int16 ids.
-    """
-    doc, pos = np.asarray(columns["doc"]), np.asarray(columns["pos"])
-    rows = len(doc)
-    if rows == 0:
-        return np.arange(0)
-    new_token = np.ones(rows, dtype=bool)
-    new_token[1:] = (doc[1:] != doc[:-1]) | (pos[1:] != pos[:-1])
-    starts = np.flatnonzero(new_token)
-    lengths = np.diff(np.append(starts, rows))
-    token_order = _lexsort([pos[starts].astype(np.int64), doc[starts].astype(np.int64)])
-    ordered_lengths = lengths[token_order]
-    # Each token's run of rows, the tokens one after another in document order.
-    shift = starts[token_order] - (np.cumsum(ordered_lengths) - ordered_lengths)
-    in_document_order = np.arange(rows) + np.repeat(shift, ordered_lengths)
-    neuron = np.asarray(columns["neuron"])[in_document_order]
-    if 0 <= neuron.min() and neuron.max() < 1 << 15:
-        neuron = neuron.astype(np.int16)
-    return in_document_order[np.argsort(neuron, kind="stable")]
-
-
-def _in_document_order(columns: dict) -> dict:
-    """Rows sorted by (doc, pos, neuron)."""
-    order = _document_order(columns)
-    return {k: np.asarray(v)[order] for k, v in columns.items()}
-
-
-def _document_order(columns: dict) -> np.ndarray:
-    """The permutation to (doc, pos, neuron) order: batches run in length order, files are read in document order."""
-    keys = [np.asarray(columns[k], dtype=np.int64) for k in ("neuron", "pos", "doc")
-            if k in columns and np.asarray(columns[k]).dtype != object]
-    return _lexsort(keys)
-
-
-def _lexsort(keys: list[np.ndarray]) -> np.ndarray:
-    """np.lexsort(keys) (last key primary), 20x faster when the keys pack into one int64.
-
-    Packed, a stable argsort runs timsort, which is near-linear here: each batch's rows
-    arrive as long runs already in order.
-    """
-    if not keys or not len(keys[0]):
-        return np.lexsort(keys) if keys else np.arange(0)
-    bounds = [(int(key.min()), int(key.max())) for key in keys]
-    if any(low < 0 for low, _ in bounds) or np.prod([float(high) + 1 for _, high in bounds]) >= 2.0 ** 62:
-        return np.lexsort(keys)
-    packed = np.zeros(len(keys[0]), dtype=np.int64)
-    scale = 1
-    for key, (_, high) in zip(keys, bounds):
-        packed += key * scale
-        scale *= high + 1
-    return np.argsort(packed, kind="stable")
 
 
 def _concat(chunks: list):

@@ -120,11 +120,11 @@ def _documents(first_doc: int, n_docs: int, doc_len: int, token_ids: np.ndarray)
 
 def build(root: str | Path, shape: Shape, seed: int = 0, echo=None) -> float | None:
     """Write the synthetic run unless it is already committed; returns seconds spent (None: reused)."""
-    from ingest.writer import part_order, to_arrow
+    from warehouse.parts import part_order, to_arrow
     from warehouse.runwriter import RunWriter
 
     root = Path(root)
-    wh = warehouse.open(root) if (root / "whq.json").exists() else warehouse.init(root)
+    wh = warehouse.open_or_init(root)
     if shape.run_id in wh.run_ids():
         return None
     started = time.perf_counter()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import polars as pl
 
 from warehouse import schema
+from warehouse.errors import UnknownSite
 
 _POLARS = {
     "VARCHAR": pl.String,
@@ -45,6 +46,18 @@ def scan(wh, table: str, run: str | None = None) -> pl.LazyFrame:
     hive = {k: target[k] for k in schema.table(table).partitions}
     frame = pl.scan_parquet(files, hive_partitioning=True, hive_schema=hive, missing_columns="insert")
     return frame.select(pl.col(name).cast(dtype) for name, dtype in target.items())
+
+
+def site_row(wh, run: str, site: str, *, reduction: str | None = None, fix: str | None = None) -> dict:
+    """The sites row of (run, site), optionally one that kept `reduction`; UnknownSite naming the fix otherwise."""
+    rows = scan(wh, "sites", run).filter(pl.col("site") == site)
+    if reduction is not None:
+        rows = rows.filter(pl.col("reductions").str.contains(reduction))
+    found = rows.collect()
+    if found.is_empty():
+        raise UnknownSite(fix or f"run {run!r} has no site {site!r}: list its sites with "
+                                 f"SELECT site, layers, reductions FROM sites WHERE run_id = '{run}'")
+    return found.row(0, named=True)
 
 
 # The twins live in one module per topic and are re-exported here: `frames.firing_rate(wh, ...)`.

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from warehouse import ranges
+from warehouse.catalog import quote
 from warehouse.errors import BadInput
 
 from . import nag_frames
@@ -63,7 +65,7 @@ def _sql_literal(value) -> str:
         return repr(value)
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_sql_literal(v) for v in value) + "]"
-    return "'" + str(value).replace("'", "''") + "'"
+    return quote(str(value))
 
 
 def select(wh, target_run: str, pool_run: str, site: str, *, fraction: float = 0.2, target_dataset: str | None = None,
@@ -73,6 +75,8 @@ def select(wh, target_run: str, pool_run: str, site: str, *, fraction: float = 0
     """nag_select (or nag_quality when quality_column is given) as a DataFrame, in selection order."""
     if quality_column is not None and not _IDENTIFIER.match(quality_column):
         raise BadInput(f"quality column {quality_column!r} is not a plain name: use the key of the score in the source's extra columns")
+    ranges.share("--fraction", fraction)
+    ranges.positive("--power", power)
     named = {"target_dataset": target_dataset, "pool_dataset": pool_dataset, "layers": layers, "power": power,
              "fraction": fraction, "target_role": target_role, "pool_role": pool_role}
     if quality_column is not None:

@@ -54,7 +54,7 @@ def _layer_rows(rng, n_docs: int, width: int, k: int, popularity: np.ndarray) ->
 def build(root: str | Path, n_docs: int, *, n_layers: int = 28, k: int = 20, width: int = 6144, seed: int = 0) -> str:
     """Write run nag-bench-<n_docs>: TARGET_DOCS target documents (role target) then n_docs pool documents."""
     root = Path(root)
-    wh = warehouse.open(root) if (root / "whq.json").exists() else warehouse.init(root)
+    wh = warehouse.open_or_init(root)
     run = run_id(n_docs)
     if run in wh.run_ids():
         return run

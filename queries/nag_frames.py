@@ -14,7 +14,7 @@ import polars as pl
 
 from warehouse.errors import BadInput
 
-from .frames import scan
+from .frames import scan, site_row
 
 __all__ = ["nag_profile", "nag_unit_weights", "nag_distance", "nag_select", "nag_quality"]
 
@@ -23,11 +23,9 @@ WEIGHT_UNITS = float(1 << 40)  # a weight is floor(weight * 2^40) units when pow
 
 def nag_site(wh, run: str, site: str) -> dict:
     """The sites row of a NAG site; an error naming the fix when the run did not capture NAG there."""
-    rows = scan(wh, "sites", run).filter(pl.col("site") == site, pl.col("reductions").str.contains("nag")).collect()
-    if rows.is_empty():
-        raise BadInput(f"run '{run}' has no NAG site '{site}': capture one with --site {site}:nag=20, or list the sites "
-                       f"with SELECT site, reductions FROM sites WHERE run_id = '{run}'")
-    return rows.row(0, named=True)
+    return site_row(wh, run, site, reduction="nag",
+                    fix=f"run '{run}' has no NAG site '{site}': capture one with --site {site}:nag=20, or list the sites "
+                        f"with SELECT site, reductions FROM sites WHERE run_id = '{run}'")
 
 
 def _check_documents(wh, run: str, dataset: str | None, role: str | None) -> None:
@@ -37,9 +35,9 @@ def _check_documents(wh, run: str, dataset: str | None, role: str | None) -> Non
                            f"SELECT {column}, count(*) FROM documents WHERE run_id = '{run}' GROUP BY ALL")
 
 
-def check_layers(run: str, site_row: dict, layers) -> list[int]:
+def check_layers(run: str, site_info: dict, layers) -> list[int]:
     """The layers used: all of the site's (layers None) or the wanted ones, which must be the site's."""
-    have = list(site_row["layers"])
+    have = list(site_info["layers"])
     if layers is None:
         return have
     wanted = sorted({int(x) for x in layers})
@@ -47,7 +45,7 @@ def check_layers(run: str, site_row: dict, layers) -> list[int]:
         raise BadInput("layers := [] selects no layer: give at least one, or NULL for all")
     missing = [x for x in wanted if x not in have]
     if missing:
-        raise BadInput(f"layers {missing} are not layers of site '{site_row['site']}' in run '{run}' "
+        raise BadInput(f"layers {missing} are not layers of site '{site_info['site']}' in run '{run}' "
                        f"(it has {min(have)}-{max(have)}): pick layers from that range")
     return wanted
 
@@ -68,9 +66,9 @@ def _documents(wh, run: str, dataset: str | None, role: str | None) -> pl.LazyFr
 
 def nag_profile(wh, target_run: str, site: str, target_dataset: str | None = None, layers=None,
                 power: float = 1.0, target_role: str | None = None) -> pl.LazyFrame:
-    site_row = nag_site(wh, target_run, site)
+    site_info = nag_site(wh, target_run, site)
     _check_documents(wh, target_run, target_dataset, target_role)
-    used = check_layers(target_run, site_row, layers)
+    used = check_layers(target_run, site_info, layers)
     targets = _documents(wh, target_run, target_dataset, target_role).select("doc")
     counts = (scan(wh, "doc_neurons", target_run)
               .filter(pl.col("site") == site, pl.col("layer").is_in(used))

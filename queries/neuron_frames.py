@@ -13,7 +13,7 @@ import polars as pl
 
 from warehouse.errors import BadInput
 
-from .frames import scan
+from .frames import scan, site_row
 
 __all__ = [
     "firing_rate", "layer_summary", "selectivity", "rate_histogram", "selectivity_histogram",
@@ -27,17 +27,8 @@ EXAMPLE_WINDOW = (50, 20)  # tokens before / after in random_examples, as in top
 WINDOW_VALUES = (50, 20)   # tokens before / after held by neuron_examples.window_values (ingest/capture.py CONTEXT_*)
 
 
-def _site(wh, run: str, site: str) -> dict:
-    """The sites row of (run, site); an error naming the fix when the run lacks the site."""
-    rows = scan(wh, "sites", run).filter(pl.col("site") == site).collect()
-    if rows.is_empty():
-        raise BadInput(f"run {run!r} has no site {site!r}: list its sites with "
-                       f"SELECT site, layers, reductions FROM sites WHERE run_id = '{run}'")
-    return rows.row(0, named=True)
-
-
 def _stats(wh, run: str, site: str, layer: int | None = None) -> pl.LazyFrame:
-    _site(wh, run, site)
+    site_row(wh, run, site)
     frame = scan(wh, "neuron_stats", run).filter(pl.col("site") == site)
     return frame if layer is None else frame.filter(pl.col("layer") == layer)
 
@@ -152,7 +143,7 @@ def layer_examples(wh, run: str, site: str, layer: int, neuron: int | None, kind
                    before: int, after: int, seed: int = 0) -> pl.LazyFrame:
     """Twin of whq_examples: top (kind 'top') or sampled (kind 'random') examples of one unit,
     or of every unit with neuron None, with their context and per-token values."""
-    info = _site(wh, run, site)
+    info = site_row(wh, run, site)
     one = (lambda frame: frame) if neuron is None else (lambda frame: frame.filter(pl.col("neuron") == neuron))
     if _source(info, run, site, k, kind) == "examples":
         candidates = one(scan(wh, "neuron_examples", run)
@@ -228,7 +219,7 @@ def activation_frequency(wh, run: str, site: str) -> pl.LazyFrame:
 
 
 def activation_frequency_by_dataset(wh, run: str, site: str) -> pl.LazyFrame:
-    info = _site(wh, run, site)
+    info = site_row(wh, run, site)
     has_threshold = re.search(r"(^|,)threshold=", info["reductions"] or "") is not None
     documents = scan(wh, "documents", run).select("doc", "dataset", "n_tokens")
     dataset_tokens = documents.group_by("dataset").agg(pl.col("n_tokens").sum().cast(pl.Int64))
@@ -263,7 +254,7 @@ def neuron_contexts_bytes(wh, run: str, site: str, layer: int, neuron: int, befo
 
 
 def neuron_logit_lens(wh, run: str, site: str, layer: int, neuron: int) -> pl.LazyFrame:
-    _site(wh, run, site)
+    site_row(wh, run, site)
     return (scan(wh, "neuron_logits", run)
             .filter(pl.col("site") == site, pl.col("layer") == layer, pl.col("neuron") == neuron)
             .select("direction", "rank", "token_id", "token", "logit")

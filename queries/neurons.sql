@@ -90,7 +90,7 @@ CROSS JOIN span sp
 LEFT JOIN counts c ON c.bin = g.bin
 WHERE EXISTS (SELECT 1 FROM sel)
 ORDER BY g.bin;
-COMMENT ON MACRO TABLE selectivity_histogram IS 'Histogram of selectivity (max / mean): bin 0 holds the units whose selectivity is NULL (mean 0, e.g. dead; lo = hi = NULL); bins 1..bins are linear over [min, max], bin i covering lo <= selectivity < hi (the last includes max). Example: SELECT * FROM selectivity_histogram(''demo'', ''mlp.act'', 3)';
+COMMENT ON MACRO TABLE selectivity_histogram IS 'Histogram of selectivity (see selectivity: max / mean positive part): bin 0 holds the units whose selectivity is NULL (mean 0, e.g. dead; lo = hi = NULL); bins 1..bins are linear over [min, max], bin i covering lo <= selectivity < hi (the last includes max). Example: SELECT * FROM selectivity_histogram(''demo'', ''mlp.act'', 3)';
 
 -- The examples behind top_contexts / random_examples, for one unit or (neuron NULL) every unit.
 -- A window token's value: the one captured with the example (neuron_examples.window_values,

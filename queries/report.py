@@ -16,10 +16,10 @@ from pathlib import Path
 import polars as pl
 
 from warehouse.errors import BadInput
+from warehouse.schema import SCENARIO_SOURCES
 
 from . import scenario_charts as charts
 
-SOURCES = ("hidden_in", "hidden_out", "attn_out", "mlp_out")
 # Activation Lab's names in its CSVs (its MLP output is `mlp_down_out`).
 LAB_SOURCE = {"hidden_in": "hidden_in", "hidden_out": "hidden_out", "attn_out": "attn_out", "mlp_out": "mlp_down_out"}
 SUMMARY_COLUMNS = ("mean_cosine", "std_cosine", "median_cosine", "min_cosine", "most_divergent_layer",
@@ -34,7 +34,7 @@ def _sql(wh, query: str, *params) -> pl.DataFrame:
 
 def run_sources(wh, run: str) -> list[str]:
     found = set(_sql(wh, "SELECT DISTINCT site FROM vectors WHERE run_id = ? AND pool = 'last'", run)["site"].to_list())
-    return [s for s in SOURCES if s in found]
+    return [s for s in SCENARIO_SOURCES if s in found]
 
 
 def _check_scenario_run(wh, run: str) -> None:
@@ -77,7 +77,7 @@ def per_layer_summary(per_layer: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
 
 def _lab_layers(df: pl.DataFrame) -> pl.DataFrame:
     """Macro rows -> Activation Lab's per-layer columns: its source names and order, MAE, overlap."""
-    order = pl.col("source").replace_strict({s: i for i, s in enumerate(SOURCES)}, default=len(SOURCES))
+    order = pl.col("source").replace_strict({s: i for i, s in enumerate(SCENARIO_SOURCES)}, default=len(SCENARIO_SOURCES))
     return (df.with_columns(source_order=order).sort("source_order", maintain_order=True).drop("source_order")
             .with_columns(pl.col("source").replace_strict(LAB_SOURCE, default=pl.col("source")))
             .rename({"mae": "MAE", "jaccard": "overlap"}))
@@ -168,7 +168,7 @@ def sections(wh, run: str) -> list[tuple[str, object]]:
     steps = _sql(wh, "SELECT * FROM steps WHERE run_id = ? AND doc = ? ORDER BY step", run, main["doc"])
     if steps.height and steps["top_ids"].list.len().max():
         out.append(("Generation top-k explorer", charts.topk_explorer(steps)))
-    if set(SOURCES) <= set(run_sources(wh, run)):
+    if set(SCENARIO_SOURCES) <= set(run_sources(wh, run)):
         decomposition = _sql(wh, "SELECT * FROM residual_decomposition(?) WHERE role = 'generated' AND doc_id = ?", run, main["doc_id"])
         out.append(("Residual decomposition", charts.residual_lines(decomposition)))
     return out

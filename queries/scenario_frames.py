@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import polars as pl
 
-from warehouse.errors import QueryError
-
-from .frames import scan
+from .frames import scan, site_row
 
 __all__ = ["ref_similarity", "ref_summary", "ref_by_role", "drift", "run_compare", "cross_layer_cosine",
            "neuron_trajectory", "residual_decomposition"]
@@ -37,11 +35,6 @@ def _top(vec: pl.Expr) -> pl.Expr:
     k = pl.max_horizontal(pl.lit(1), vec.list.len() // 100)
     order = vec.list.eval(pl.int_range(pl.len(), dtype=pl.Int64).sort_by(pl.element().abs(), descending=True, maintain_order=True))
     return order.list.head(k).list.sort()
-
-
-def _check_source(wh, run: str, source: str) -> None:
-    if scan(wh, "sites", run).filter(pl.col("site") == source).select(pl.len()).collect().item() == 0:
-        raise QueryError(f"run {run!r} has no site {source!r}: list its sites with SELECT site, layers, reductions FROM sites WHERE run_id = '{run}'")
 
 
 def scenario_vectors(wh, run: str) -> pl.LazyFrame:
@@ -81,7 +74,7 @@ def _ref_pairs(wh, run: str) -> pl.LazyFrame:
 
 
 def ref_similarity(wh, run: str, source: str = "hidden_out") -> pl.LazyFrame:
-    _check_source(wh, run, source)
+    site_row(wh, run, source)
     return (_ref_pairs(wh, run).filter(pl.col("source") == source).sort("doc", "ref_doc", "layer")
             .select("doc_id", "role", "message_index", "label", "layer", "cosine", "mae", "jaccard"))
 
@@ -142,7 +135,7 @@ def run_compare(wh, run_a: str, run_b: str) -> pl.LazyFrame:
 
 
 def cross_layer_cosine(wh, run: str, doc_id: str, source: str = "hidden_out", step: int | None = None) -> pl.LazyFrame:
-    _check_source(wh, run, source)
+    site_row(wh, run, source)
     chosen = pl.col("last_step") if step is None else pl.lit(step)
     states = (scenario_vectors(wh, run)
               .filter((pl.col("doc_id") == doc_id) & (pl.col("source") == source) & (pl.col("step") == chosen))
@@ -152,7 +145,7 @@ def cross_layer_cosine(wh, run: str, doc_id: str, source: str = "hidden_out", st
 
 
 def neuron_trajectory(wh, run: str, site: str, layer: int, neuron: int) -> pl.LazyFrame:
-    _check_source(wh, run, site)
+    site_row(wh, run, site)
     fed = scan(wh, "steps", run).sort("doc", "step").select(
         "doc", "step", pl.col("input_tokens").list.last().alias("input_token"), "generated_token",
         (pl.col("input_token_ids").list.len().cum_sum().over("doc", order_by="step") - 1).cast(pl.Int32).alias("pos"))

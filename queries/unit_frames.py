@@ -13,7 +13,7 @@ import polars as pl
 from warehouse.errors import BadInput
 
 from . import neuron_frames as nf  # a module reference: frames may import this module while loading that one
-from .frames import scan
+from .frames import scan, site_row
 
 __all__ = ["unit_stats", "unit_histogram", "units_for_token", "similar_units", "quantile_bins", "quantile_examples",
            "hist_lo", "hist_hi"]
@@ -51,7 +51,7 @@ def unit_stats(wh, run: str, site: str, layer: int) -> pl.LazyFrame:
 
 
 def _has_hist(wh, run: str, site: str) -> None:
-    info = nf._site(wh, run, site)
+    info = site_row(wh, run, site)
     reductions = info["reductions"] or ""
     if re.search(r"(^|,)hist(,|$)", reductions) is None:
         raise BadInput(f"site '{site}' of run '{run}' kept no histograms: re-ingest with --site "
@@ -72,7 +72,7 @@ def unit_histogram(wh, run: str, site: str, layer: int, unit: int) -> pl.LazyFra
 
 
 def units_for_token(wh, run: str, site: str, text: str) -> pl.LazyFrame:
-    info = nf._site(wh, run, site)
+    info = site_row(wh, run, site)
     wanted = text.strip().lower()
     matched = (scan(wh, "tokens", run)
                .filter(pl.coalesce("text", "piece").str.strip_chars().str.to_lowercase() == wanted)
@@ -89,7 +89,7 @@ def units_for_token(wh, run: str, site: str, text: str) -> pl.LazyFrame:
 
 
 def similar_units(wh, run: str, site: str, layer: int, unit: int, k: int = 10) -> pl.LazyFrame:
-    info = nf._site(wh, run, site)
+    info = site_row(wh, run, site)
     fired = (scan(wh, "token_neurons", run)
              .filter(pl.col("site") == site, pl.col("layer") == layer, pl.col("value") > info["threshold"])
              .select("neuron", "doc", "pos"))
@@ -115,7 +115,7 @@ def similar_units(wh, run: str, site: str, layer: int, unit: int, k: int = 10) -
 
 def quantile_bins(wh, run: str, site: str, layer: int, unit: int) -> pl.LazyFrame:
     """Twin of whq_quantile_bins."""
-    info = nf._site(wh, run, site)
+    info = site_row(wh, run, site)
     found = re.search(r"(^|,)quantiles=([0-9]+)", info["reductions"] or "")
     if found is None:
         raise BadInput(f"site '{site}' of run '{run}' kept no quantile examples: "

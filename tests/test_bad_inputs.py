@@ -1,18 +1,23 @@
 """The bad-input matrix: each bad input through the real CLI ends in exit 2 and one exact line.
 
-The README's bad-input table is generated from CASES (`python -m tests.test_bad_inputs`),
-so the table and the test cannot drift apart. A hypothesis test then throws malformed
-SPECs, scenario YAMLs and JSONL lines at the CLI: always exit 2, one line, no traceback.
+The bad-input table of warehouse/README.md is generated from CASES (by cog, through
+tests/docgen.py; `python -m tests.test_bad_inputs` prints it), so the table and the test
+cannot drift apart. A hypothesis test then throws malformed SPECs, scenario YAMLs and
+JSONL lines at the CLI: always exit 2, one line, no traceback.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
@@ -25,7 +30,7 @@ MODEL = ["--model", "config:llama-tiny", "-q", "--device", "cpu"]
 
 @dataclass(frozen=True)
 class Case:
-    input: str             # what is wrong, for the README table
+    input: str             # what is wrong, for the table in warehouse/README.md
     args: tuple            # CLI arguments; {new} fresh folder, {wh} a committed warehouse, {copy} a damaged copy of it
     message: str           # the exact line after "error: " ({new}, {wh}, {copy} filled in)
     damage: str | None = None  # how {copy} is damaged: newer_format | damaged_manifest | corrupt_part
@@ -107,6 +112,31 @@ CASES = [
          "SQL error: Catalog Error: Table with name nope does not exist!"),
     Case("write through --read-only", ("sql", "{wh}", "DROP VIEW runs", "--read-only"),
          "read-only mode refuses DROP statements: only SELECT/WITH/VALUES/DESCRIBE/SUMMARIZE/SHOW queries are allowed"),
+    Case("SQL text run through --read-only", ("sql", "{wh}", "SELECT * FROM json_execute_serialized_sql(json_serialize_sql("
+                                                             "'SELECT * FROM read_text(''.tmp/secret.txt'')'))", "--read-only"),
+         "read-only mode refuses json_execute_serialized_sql(), which reads files or runs SQL text: query the warehouse's "
+         "tables and macros instead"),
+    Case("SUMMARIZE of a file through --read-only", ("sql", "{wh}", "SUMMARIZE '/etc/passwd'", "--read-only"),
+         "read-only mode refuses SUMMARIZE of the file '/etc/passwd': query the warehouse's tables and macros instead"),
+    Case("SHOW of a file through --read-only", ("sql", "{wh}", "SHOW '/etc/passwd'", "--read-only"),
+         "read-only mode refuses SHOW '/etc/passwd': show a table by name (SHOW tokens) or SHOW TABLES"),
+    Case("path as a macro argument through --read-only",
+         ("sql", "{wh}", "SELECT * FROM nag_distance('r', 'r', 'mlp.act', weights := '/etc/passwd')", "--read-only"),
+         "read-only mode refuses '/etc/passwd' as an argument of nag_distance(), which looks names up as tables: "
+         "pass a run id or table name, not a path"),
+    Case("--read-only query past its timeout", ("sql", "{wh}", "SELECT count(*) FROM range(1000000000000)", "--read-only",
+                                                "--timeout", "0.5"),
+         "the query ran past the 0.5 s timeout and was stopped: narrow it (WHERE, LIMIT), or raise --timeout"),
+    Case("--read-only query past its memory limit", ("sql", "{wh}", "SELECT length(string_agg(repeat('x', 1000000), ',')) "
+                                                     "FROM range(100000)", "--read-only", "--memory-limit", "100MB"),
+         "the query needed more than the 100MB memory limit and was stopped: narrow it (WHERE, LIMIT), or raise --memory-limit"),
+    Case("memory limit that is not a size", ("sql", "{wh}", "SELECT 1", "--read-only", "--memory-limit", "lots"),
+         "--memory-limit 'lots' must be a size such as 512MB or 4GB"),
+    Case("--timeout on trusted SQL", ("sql", "{wh}", "SELECT 1", "--timeout", "5"),
+         "--timeout and --memory-limit bound untrusted SQL: add --read-only"),
+    Case("trusted COPY into the warehouse", ("sql", "{wh}", "COPY (SELECT 1 AS x) TO '{wh}/data/extra.parquet'"),
+         "whq sql refuses writing '{wh}/data/extra.parquet', inside the warehouse {wh}: its files change only through whq; "
+         "write elsewhere, or pass --allow-writes"),
     Case("folder that is not a warehouse", ("sql", "{new}", "SELECT 1"),
          "{new} is not a whq warehouse: create it with `whq init {new}`"),
     Case("deleting an unknown run", ("runs", "{wh}", "--delete", "nope"),
@@ -118,7 +148,77 @@ CASES = [
     Case("corrupt Parquet part", ("runs", "{copy}"),
          "cannot build the catalog (Invalid Input Error: File '{copy}/data/documents/run_id=r/part-0-000000.parquet' too small "
          "to be a Parquet file): find the bad part with `whq check {copy}`, then `whq repair {copy}` quarantines its run", "corrupt_part"),
+    # Inputs and resume (ingest/README.md): odd files, bad bytes, numbers out of range, a changed input.
+    Case("data file that is a directory", ("ingest", "{new}", *MODEL, "--data", "{copy}/docs.jsonl"),
+         "data file {copy}/docs.jsonl is a directory, not a regular file: give a .jsonl, .parquet or .txt file", "folder_named_jsonl"),
+    Case("data file that is a FIFO", ("ingest", "{new}", *MODEL, "--data", "{copy}/pipe.jsonl"),
+         "data file {copy}/pipe.jsonl is a named pipe (FIFO), not a regular file: give a .jsonl, .parquet or .txt file", "fifo"),
+    Case("data file that is a symlink loop", ("ingest", "{new}", *MODEL, "--data", "{copy}/loop.jsonl"),
+         "data file {copy}/loop.jsonl cannot be opened (Too many levels of symbolic links): check the path", "symlink_loop"),
+    Case("Parquet with a damaged data page", ("ingest", "{new}", *MODEL, "--data", "page.parquet"),
+         "page.parquet is not a readable Parquet file (ZSTD decompression failed: Data corruption detected): check the file"),
+    Case("Parquet text column of numbers", ("ingest", "{new}", *MODEL, "--data", "numbers.parquet"),
+         "numbers.parquet row 0: column 'text' must be a string, got int; fix it, or pass --skip-bad to skip bad records"),
+    Case("JSONL text with a lone surrogate escape", ("ingest", "{new}", *MODEL, "--data", "surrogate.jsonl"),
+         "surrogate.jsonl:1: column 'text' is not valid Unicode (it holds a lone surrogate); fix it, or pass --skip-bad to skip bad records"),
+    Case("JSONL dataset label that is a number", ("ingest", "{new}", *MODEL, "--data", "numlabel.jsonl"),
+         "numlabel.jsonl:1: column 'dataset' must be a string or null, got int; fix it, or pass --skip-bad to skip bad records"),
+    Case("bad record late in a large file (refused before the run exists)",
+         ("ingest", "{new}", *MODEL, "--data", "late.jsonl", "--shard-tokens", "8"),
+         "late.jsonl:301: invalid JSON (Expecting property name enclosed in double quotes); fix it, or pass --skip-bad to skip bad records"),
+    Case("--resume after the data file was edited in place", ("ingest", "{copy}", *MODEL, "--data", "docs.jsonl", "--site",
+                                                              "mlp.act:topk=3", "--run-id", "i", "--resume"),
+         "data file docs.jsonl changed since run 'i' started (its sha256 differs), so resuming would mix both versions: "
+         "restore the file and --resume, or start a new --run-id", "interrupted_then_edited"),
+    Case("max length 0", ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--max-length", "0"),
+         "--max-length 0 must be at least 1 (omit it for the model's own window)"),
+    Case("--ranks 0", ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--ranks", "0"),
+         "--ranks must be at least 1"),
+    Case("SPEC threshold=nan", ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "mlp.act:threshold=nan"),
+         "--site 'mlp.act:threshold=nan': threshold=nan must be a finite number (nan and inf fire never or always)"),
+    Case("SPEC threshold=-inf", ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "mlp.act:threshold=-inf"),
+         "--site 'mlp.act:threshold=-inf': threshold=-inf must be a finite number (nan and inf fire never or always)"),
+    Case("SPEC topk above the site's units", ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "mlp.act:topk=500"),
+         "--site 'mlp.act:topk=500': topk=500 is more than the 128 units of site mlp.act: use at most 128 (or `dense` for every unit)"),
+    Case("SPEC nag above the site's units", ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "resid.out:nag=65"),
+         "--site 'resid.out:nag=65': nag=65 is more than the 64 units of site resid.out: use at most 64 (or `dense` for every unit)"),
+    Case("SPEC examples=N beyond memory", ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "mlp.act:examples=99999999"),
+         "--site 'mlp.act:examples=99999999': examples=99999999 needs about 42,496.0 GB of memory (99999999 x 128 units x 4 layers "
+         "x 830 bytes), over the {budget} budget (half of this machine's memory): use examples=N with N at most {most}"),
+    Case("scenario temperature .nan", ("ingest", "{new}", "--scenario", "nantemp.yaml", "-q"),
+         "nantemp.yaml: generation.temperature must be a finite number, got nan"),
+    Case("scenario seed below 0", ("ingest", "{new}", "--scenario", "seed.yaml", "-q"),
+         "seed.yaml: generation.seed must be at least 0, got -1"),
+    Case("scenario value YAML cannot build (a date 2001-13-01)", ("ingest", "{new}", "--scenario", "baddate.yaml", "-q"),
+         "baddate.yaml: a value YAML cannot read (month must be in 1..12): quote it as text or fix it"),
+    Case("scenario that is a directory", ("ingest", "{new}", "--scenario", "{copy}/runs", "-q"),
+         "scenario file {copy}/runs is not a regular file: give the path of a scenario .yaml", "damaged_manifest"),
+    Case("NAG --fraction nan", ("nag", "select", "{wh}", "--target", "r", "--pool", "r", "--fraction", "nan", "--out", "x.parquet"),
+         "--fraction nan must be in (0, 1], e.g. 0.2 for a fifth"),
+    Case("NAG --power inf", ("nag", "select", "{wh}", "--target", "r", "--pool", "r", "--power", "inf", "--out", "x.parquet"),
+         "--power inf must be a finite number above 0"),
+    Case("export --top below 0", ("export", "features", "{wh}", "--run", "r", "--site", "mlp.act", "--out", "f", "--top", "-1"),
+         "--top -1 must be at least 0"),
+    Case("bench ingest --shard-tokens 0", ("bench", "ingest", "--model", "config:llama-tiny", "--shard-tokens", "0"),
+         "--shard-tokens 0 must be at least 1"),
+    Case("bench query --k above --width", ("bench", "query", "{new}", "--k", "30", "--width", "20"),
+         "--k 30 is more than --width 20: top-k keeps k distinct units of each token; lower --k"),
+    Case("bench nag --docs 0", ("bench", "nag", "{new}", "--docs", "0"),
+         "--docs 0 must be at least 1"),
 ]
+
+def _parquet_bytes(table: pa.Table, **options) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink, **options)
+    return sink.getvalue()
+
+
+def _damaged_parquet() -> bytes:
+    """A Parquet file whose footer reads but whose first data page is garbage."""
+    data = bytearray(_parquet_bytes(pa.table({"text": [f"document {i}" for i in range(50)]}), compression="zstd"))
+    data[60:76] = b"\xff" * 16
+    return bytes(data)
+
 
 FILES = {
     "docs.jsonl": b'{"text": "hello world"}\n{"text": "a second document"}\n',
@@ -133,6 +233,14 @@ FILES = {
     "fake.parquet": b"not a pq\n",
     "docs.csv": b"text\nx\n",
     "broken.yaml": b"name: x\nprompt: [unclosed\n",
+    "page.parquet": _damaged_parquet(),
+    "numbers.parquet": _parquet_bytes(pa.table({"text": [1, 2]})),
+    "surrogate.jsonl": b'{"text": "a\\ud800b"}\n',
+    "numlabel.jsonl": b'{"text": "x", "dataset": 5}\n',
+    "late.jsonl": b'{"text": "hello world"}\n' * 300 + b"{oops}\n",
+    "nantemp.yaml": b"name: t\nmodel: config:llama-tiny\nprompt: {messages: [{role: user, content: hi}]}\ngeneration: {temperature: .nan}\n",
+    "seed.yaml": b"name: t\nmodel: config:llama-tiny\nprompt: {messages: [{role: user, content: hi}]}\ngeneration: {seed: -1}\n",
+    "baddate.yaml": b"name: t\nwhen: 2001-13-01\n",
 }
 
 
@@ -143,6 +251,18 @@ def damage(root: Path, how: str) -> None:
         (root / "runs" / "r.json").write_text('{"run_id": "r", ')
     elif how == "corrupt_part":
         (root / "data" / "documents" / "run_id=r" / "part-0-000000.parquet").write_bytes(b"garbage\n")
+    elif how == "folder_named_jsonl":
+        (root / "docs.jsonl").mkdir()
+    elif how == "fifo":
+        os.mkfifo(root / "pipe.jsonl")
+    elif how == "symlink_loop":
+        os.symlink("loop.jsonl", root / "loop.jsonl")
+    elif how == "interrupted_then_edited":
+        # The journal of an interrupted run "i" whose docs.jsonl (in the working folder) had other content.
+        journal = root / "journal" / "i"
+        journal.mkdir(parents=True)
+        recorded = {"path": str(Path("docs.jsonl").resolve()), "bytes": Path("docs.jsonl").stat().st_size, "sha256": "0" * 64}
+        (journal / "config.json").write_text(json.dumps({"data": [recorded], "started_at": "2026-01-01T00:00:00+00:00"}))
     (root / "whq.duckdb").unlink()  # as after a move: the catalog must be rebuilt
 
 
@@ -165,7 +285,7 @@ def test_bad_input_gives_exit_2_and_one_exact_line(case, tiny_wh, tmp_path, monk
     for name in FILES:
         shutil.copy(tiny_wh / name, tmp_path / name)
     monkeypatch.chdir(tmp_path)  # data files by relative name, as a user types them
-    values = {"new": tmp_path / "new", "wh": tiny_wh / "wh", "copy": tmp_path / "copy"}
+    values = {"new": tmp_path / "new", "wh": tiny_wh / "wh", "copy": tmp_path / "copy", **_memory_limits()}
     if case.damage:
         shutil.copytree(tiny_wh / "wh", values["copy"])
         damage(values["copy"], case.damage)
@@ -173,6 +293,14 @@ def test_bad_input_gives_exit_2_and_one_exact_line(case, tiny_wh, tmp_path, monk
     assert (code, err) == (2, "error: " + case.message.format(**values) + "\n")
     if "{new}" in case.args and (values["new"] / "journal").exists():
         assert not any((values["new"] / "journal").iterdir()), "a bad input left an interrupted run behind"
+
+
+def _memory_limits() -> dict:
+    """The machine's part of the examples=N refusal: its budget, and the largest N it allows (512 units x BYTES_PER_EXAMPLE_SLOT)."""
+    from ingest.limits import BYTES_PER_EXAMPLE_SLOT, memory_budget
+
+    budget, _ = memory_budget("cpu")
+    return {"budget": f"{budget / 1e9:,.1f} GB", "most": str(budget // (512 * BYTES_PER_EXAMPLE_SLOT))}
 
 
 def test_skip_bad_keeps_going_and_counts(tiny_wh, tmp_path, monkeypatch):
@@ -262,8 +390,8 @@ def test_malformed_scenarios_end_in_one_line(payload):
 
 
 def matrix_markdown() -> str:
-    """The README's bad-input table, from CASES."""
-    names = {"new": "NEW", "wh": "WH", "copy": "WH"}
+    """The bad-input table of warehouse/README.md, from CASES."""
+    names = {"new": "NEW", "wh": "WH", "copy": "WH", "budget": "<half the RAM>", "most": "<N>"}
     lines = ["| # | bad input | command | exact one-line message (exit 2) |", "|---|---|---|---|"]
     for i, case in enumerate(CASES, 1):
         command = "whq " + " ".join(a if " " not in a else f'"{a}"' for a in (x.format(**names) for x in case.args))

@@ -55,7 +55,7 @@ def _layers(acts, site):
 def test_run_summary_and_tokens(captured):
     wh, summary, acts = captured
     docs = wh.pl("SELECT doc, n_tokens, n_windows FROM documents ORDER BY doc")
-    assert summary["documents"] == docs.height == 6
+    assert summary.documents == docs.height == 6
     per_doc = {d: len(a) for d, a in acts[("mlp.act", 0)].items()}
     assert dict(zip(docs["doc"], docs["n_tokens"])) == {d: per_doc.get(d, 0) for d in docs["doc"]}
     assert docs["n_windows"].max() > 1, "the long document must span several windows"

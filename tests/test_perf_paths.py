@@ -18,7 +18,7 @@ import torch
 
 from ingest.capture import BatchContext, SiteLayer, collect
 from ingest.sites import ResolvedSite, parse_spec
-from ingest.writer import _in_document_order, _lexsort
+from warehouse.parts import _lexsort, part_order
 
 
 def _site_layer(spec: str, device: str = "cpu") -> SiteLayer:
@@ -144,7 +144,7 @@ def test_packed_lexsort_equals_lexsort(high):
     keys = [rng.integers(0, 30, n), rng.integers(0, 200, n), rng.integers(0, high, n)]
     np.testing.assert_array_equal(_lexsort(keys), np.lexsort(keys))
     columns = {"neuron": keys[0], "pos": keys[1], "doc": keys[2], "value": rng.random(n)}
-    ordered = _in_document_order(columns)
+    ordered = part_order("doc_neurons", columns)
     expected = np.lexsort(keys)
     for name, column in columns.items():
         np.testing.assert_array_equal(ordered[name], column[expected])
@@ -253,8 +253,6 @@ def test_cuda_matches_cpu():
 
 
 def test_token_neuron_parts_are_neuron_major_and_same_rows():
-    from ingest.writer import part_order
-
     rng = np.random.default_rng(6)
     n = 4000
     columns = {"doc": rng.integers(0, 50, n), "pos": rng.integers(0, 300, n), "neuron": rng.integers(0, 3000, n),

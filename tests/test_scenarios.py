@@ -11,11 +11,11 @@ import pytest
 from polars.testing import assert_frame_equal
 
 import warehouse
+from warehouse.schema import SCENARIO_SOURCES as SOURCES
 from queries import scenario_frames as sf
 from .cli_runner import run_cli
 from .scenario_yaml import scenario_dict, write_yaml
 
-SOURCES = ("hidden_in", "hidden_out", "attn_out", "mlp_out")
 HIDDEN = 256  # k = H // 100 = 2 top units, so Jaccard is not trivially 0 or 1
 
 

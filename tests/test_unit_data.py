@@ -19,7 +19,6 @@ import torch
 from polars.testing import assert_frame_equal
 
 import warehouse
-from ingest.ranks import _merge_stats
 from queries import unit_frames as uf
 from warehouse.errors import BadInput, QueryError
 
@@ -142,13 +141,45 @@ def test_histogram_and_moments_merge_whatever_the_batching_snapshot_or_ranks(hoo
         restored = _site_layer("x:topk=3,hist")
         restored.restore(other.state_tables())       # through the resume snapshot, as ranks exchange it
         with torch.inference_mode():
-            _merge_stats(merged.stats, restored.stats)
+            merged.merge(restored)
     for candidate in (one_row, merged):
         assert torch.equal(candidate.stats["hist"], whole.stats["hist"])
         assert torch.equal(candidate.stats["min"], whole.stats["min"])
         assert int(candidate.stats["n_tokens"]) == int(whole.stats["n_tokens"])
         for key in ("sum", "sum_sq", "sum_cube", "sum_quad", "sum_pos"):
             torch.testing.assert_close(candidate.stats[key], whole.stats[key], rtol=1e-6, atol=1e-4)
+
+
+def test_examples_and_their_windows_merge_whatever_the_batching_or_ranks():
+    """Top, random and pool examples with their window values: one-row batches, and three ranks merged
+    through the resume snapshot, keep exactly what whole batches keep (random data: no ties)."""
+    spec = "x:topk=3,examples=4,hist,quantiles=2"
+    batches = _batches(np.random.default_rng(7), width=24, seq=6)
+    fresh = np.random.default_rng(8)
+    for x, *_ in batches:
+        x[:, :, :3] = fresh.standard_normal(x[:, :, :3].shape)  # undo _batches' deliberate ties
+    whole = _capture(spec, batches)
+    one_row = _capture(spec, [b for group in _split(batches, 1) for b in group])
+    ranks = [_capture(spec, group) for group in _split(batches, 3)]
+    for other in ranks[1:]:
+        restored = _site_layer(spec)
+        restored.restore(other.state_tables())
+        ranks[0].merge(restored)
+    from ingest.capture import _NO_KEY
+
+    for candidate in (one_row, ranks[0]):
+        assert candidate.examples.keys() == whole.examples.keys()
+        for key, want in whole.examples.items():
+            got = candidate.examples[key]
+            kind = key.split("_")[0]
+            if kind != "top":  # slots past a unit's firings (key _NO_KEY) hold no example
+                filled = whole.examples[f"{kind}_key"] != _NO_KEY
+                assert torch.equal(candidate.examples[f"{kind}_key"] != _NO_KEY, filled)
+                got, want = got[filled], want[filled]
+            assert torch.equal(got.isnan(), want.isnan()), key
+            assert torch.equal(got.nan_to_num(), want.nan_to_num()), key
+    context = whole.examples["top_context"]
+    assert (~context.isnan()).any() and context.isnan().any()  # windows hold values, and NaN past a row's ends
 
 
 def test_examples_snapshot_round_trips():

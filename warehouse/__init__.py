@@ -7,7 +7,7 @@
 This package never imports torch or transformers.
 """
 
-from .core import Warehouse, init, open
+from .core import Warehouse, init, open, open_or_init
 from .errors import (
     BadInput,
     BadSpec,
@@ -20,6 +20,6 @@ from .errors import (
 )
 
 __all__ = [
-    "Warehouse", "init", "open", "WarehouseError", "BadInput", "BadSpec", "CorruptPart",
+    "Warehouse", "init", "open", "open_or_init", "WarehouseError", "BadInput", "BadSpec", "CorruptPart",
     "NotAWarehouse", "QueryError", "RunExists", "UnknownRun",
 ]

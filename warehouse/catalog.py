@@ -35,6 +35,7 @@ def macro_files() -> list[Path]:
 
 
 def quote(text: str) -> str:
+    """`text` as a SQL string literal."""
     return "'" + text.replace("'", "''") + "'"
 
 

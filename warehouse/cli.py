@@ -14,6 +14,7 @@ from typing import Optional
 
 import typer
 
+from .cli_options import DeviceOption, DtypeOption, FormatOption, OutputFormat, SqlEngine, SqlEngineOption, WarehouseArg
 from .errors import WarehouseError
 
 try:  # recent typer vendors click
@@ -34,7 +35,7 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def _print_table(df, fmt: str) -> None:
+def _print_table(df, fmt: OutputFormat) -> None:
     if fmt == "csv":
         import polars as pl
 
@@ -64,9 +65,9 @@ def init(root: Path = typer.Argument(..., help="Folder of the new warehouse.")):
 
 @app.command()
 def runs(
-    root: Path = typer.Argument(..., help="Warehouse folder."),
+    root: WarehouseArg,
     delete: Optional[str] = typer.Option(None, "--delete", help="Delete this run atomically."),
-    fmt: str = typer.Option("table", "--format", help="table, csv or json."),
+    fmt: FormatOption = OutputFormat.table,
 ):
     """List committed runs (or delete one).
 
@@ -89,11 +90,15 @@ def runs(
 
 @app.command()
 def sql(
-    root: Path = typer.Argument(..., help="Warehouse folder."),
+    root: WarehouseArg,
     query: str = typer.Argument(..., help="SQL to run; the tables and macros of the catalog are in scope."),
-    fmt: str = typer.Option("table", "--format", help="table, csv or json."),
-    read_only: bool = typer.Option(False, "--read-only", help="Refuse anything but queries (for untrusted SQL)."),
-    engine: str = typer.Option("duckdb", "--engine", help="duckdb, or spark to run the same SQL on Spark."),
+    fmt: FormatOption = OutputFormat.table,
+    read_only: bool = typer.Option(False, "--read-only", help="Refuse anything but queries, bounded by --timeout and --memory-limit (for untrusted SQL)."),
+    engine: SqlEngineOption = SqlEngine.duckdb,
+    timeout: float | None = typer.Option(None, "--timeout", help="With --read-only: stop the query after this many seconds (default 30)."),
+    memory_limit: str | None = typer.Option(None, "--memory-limit", help="With --read-only: DuckDB's memory limit, e.g. 2GB (default: a quarter of this machine's memory)."),
+    max_rows: int = typer.Option(10_000, "--max-rows", min=1, help="Print at most this many rows; a line on stderr says when more were cut."),
+    allow_writes: bool = typer.Option(False, "--allow-writes", help="Let trusted SQL write files inside the warehouse folder (COPY, EXPORT, ATTACH, ...)."),
 ):
     """Run SQL against a warehouse.
 
@@ -101,6 +106,12 @@ def sql(
     """
     import warehouse
 
+    from .safesql import SqlLimits, check_no_warehouse_writes, run_read_only
+
+    if not read_only and (timeout is not None or memory_limit is not None):
+        _fail("--timeout and --memory-limit bound untrusted SQL: add --read-only")
+    if read_only and allow_writes:
+        _fail("--allow-writes contradicts --read-only: drop one of them")
     wh = warehouse.open(root)
     if engine == "spark":
         from queries.spark import spark_sql
@@ -109,13 +120,23 @@ def sql(
             _fail("--read-only runs on the duckdb engine only: drop --engine spark for untrusted SQL")
         _print_table(spark_sql(wh, query), fmt)
         return
-    if engine != "duckdb":
-        _fail(f"unknown engine {engine!r}: use duckdb or spark")
-    rel = wh.sql(query, read_only=read_only)
-    if rel is None:
-        typer.echo("ok")
-        return
-    _print_table(_rel_to_polars(rel), fmt)
+    if read_only:
+        limits = SqlLimits(**{k: v for k, v in (("timeout_s", timeout), ("memory_limit", memory_limit)) if v is not None},
+                           max_rows=max_rows)
+        result = run_read_only(wh, query, limits)
+        frame, truncated = result.frame, result.truncated
+    else:
+        if not allow_writes:
+            check_no_warehouse_writes(query, wh.root)
+        rel = wh.sql(query)
+        if rel is None:
+            typer.echo("ok")
+            return
+        frame = _rel_to_polars(rel.limit(max_rows + 1))
+        frame, truncated = frame.head(max_rows), frame.height > max_rows
+    _print_table(frame, fmt)
+    if truncated:
+        typer.echo(f"note: printed the first {max_rows:,} rows; more were cut: add a LIMIT, or raise --max-rows", err=True)
 
 
 @app.command()
@@ -131,8 +152,8 @@ def ingest(
     batch_size: int = typer.Option(16, "--batch-size", "-b", help="Windows per forward pass."),
     max_length: Optional[int] = typer.Option(None, "--max-length", help="Tokens per window (long documents are split, positions continue)."),
     truncate: bool = typer.Option(False, "--truncate", help="Keep only each document's first window."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "float32",
     resume: bool = typer.Option(False, "--resume", help="Finish an interrupted run (same arguments and --run-id)."),
     shard_tokens: int = typer.Option(65536, "--shard-tokens", help="Tokens per committed shard (the unit of resume)."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip (and count) bad records instead of stopping."),
@@ -147,39 +168,57 @@ def ingest(
     if scenario is not None:
         from ingest.chat import run_scenario
 
-        summary = run_scenario(root, scenario, run_id=run_id, device=device, progress=not quiet, model=model)
-    elif ranks > 1:
-        from ingest.ranks import launch
-
-        raise typer.Exit(launch(ranks, [str(d) for d in data], site))
+        result = run_scenario(root, scenario, run_id=run_id, device=device, progress=not quiet, model=model)
     else:
-        from ingest.pipeline import DEFAULT_SITES
+        from dataclasses import replace
+
+        from ingest.options import DEFAULT_SITES, IngestOptions
+
+        options = IngestOptions(
+            model or "minilm", tuple(str(d) for d in data), tuple(site) or DEFAULT_SITES, run_id=run_id, dataset=dataset,
+            role=role, batch_size=batch_size, max_length=max_length, truncate=truncate, device=device, dtype=dtype,
+            resume=resume, shard_tokens=shard_tokens, skip_bad=skip_bad, logit_lens=logit_lens, progress=not quiet,
+        )
+        if ranks != 1:
+            from ingest.ranks import launch
+
+            launch(ranks, list(options.data), list(options.sites), _without_ranks(sys.argv[sys.argv.index("ingest") + 1:]))
+            return
         from ingest.pipeline import ingest as run_ingest
         from ingest.ranks import from_env
 
-        rank, world_size, run_id, device = from_env(run_id, device, model or "minilm")  # set by torchrun
-        summary = run_ingest(
-            root, model or "minilm", [str(d) for d in data], site or DEFAULT_SITES, run_id=run_id, dataset=dataset, role=role,
-            batch_size=batch_size, max_length=max_length, truncate=truncate, device=device, dtype=dtype,
-            resume=resume, shard_tokens=shard_tokens, skip_bad=skip_bad, logit_lens=logit_lens, progress=not quiet,
-            rank=rank, world_size=world_size,
-        )
-        if rank != 0:
-            return  # rank 0 reports the committed run
-    typer.echo(_summary_line(summary))
+        rank, world_size, run_id, device = from_env(run_id, device, options.model)  # set by torchrun
+        result = run_ingest(root, replace(options, run_id=run_id, device=device, rank=rank, world_size=world_size))
+    for note in result.notes if not quiet else []:
+        typer.echo(note)
+    if result.skipped:
+        typer.echo(f"skipped {result.skipped} bad record(s); first: {result.first_skipped}")
+    if result.rank == 0:  # rank 0 reports the committed run
+        typer.echo(_summary_line(result))
 
 
-def _summary_line(summary: dict) -> str:
-    rows = summary.get("rows", {})
-    parts = [f"committed run {summary['run_id']}"]
-    if "documents" in summary:
-        parts.append(f"{summary['documents']:,} documents, {summary.get('tokens', 0):,} tokens")
-    if rows:
-        parts.append(", ".join(f"{table} {n:,}" for table, n in sorted(rows.items())) + " rows")
-    if "bytes" in summary:
-        parts.append(f"{summary['bytes'] / 1e6:,.2f} MB on disk")
-    if summary.get("tokens_per_s"):
-        parts.append(f"{summary['tokens_per_s']:,.0f} tokens/s")
+def _without_ranks(arguments: list[str]) -> list[str]:
+    """The arguments less --ranks and its value: what each torchrun rank runs."""
+    kept, skip = [], False
+    for arg in arguments:
+        if skip:
+            skip = False
+        elif arg == "--ranks":
+            skip = True
+        elif not arg.startswith("--ranks="):
+            kept.append(arg)
+    return kept
+
+
+def _summary_line(result) -> str:
+    parts = [f"committed run {result.run_id}"]
+    if result.documents is not None:
+        parts.append(f"{result.documents:,} documents, {result.tokens or 0:,} tokens")
+    if result.rows:
+        parts.append(", ".join(f"{table} {n:,}" for table, n in sorted(result.rows.items())) + " rows")
+    parts.append(f"{result.bytes / 1e6:,.2f} MB on disk")
+    if result.tokens_per_s:
+        parts.append(f"{result.tokens_per_s:,.0f} tokens/s")
     return "; ".join(parts)
 
 
@@ -221,7 +260,7 @@ def demo(
 
 @app.command()
 def check(
-    root: Path = typer.Argument(..., help="Warehouse folder."),
+    root: WarehouseArg,
     quick: bool = typer.Option(False, "--quick", help="Skip the sha256 of each part (sizes, rows and schemas only)."),
 ):
     """Verify every committed part against its manifest (exists, bytes, rows, sha256, schema).
@@ -244,7 +283,7 @@ def check(
 
 
 @app.command()
-def repair(root: Path = typer.Argument(..., help="Warehouse folder.")):
+def repair(root: WarehouseArg):
     """Quarantine runs with missing or corrupt parts (others stay queryable) and rebuild the catalog.
 
     Example: whq repair wh
@@ -257,7 +296,7 @@ def repair(root: Path = typer.Argument(..., help="Warehouse folder.")):
 
 @app.command()
 def gc(
-    root: Path = typer.Argument(..., help="Warehouse folder."),
+    root: WarehouseArg,
     interrupted: bool = typer.Option(False, "--interrupted", help="Also discard interrupted (resumable) runs."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List what would be removed, remove nothing."),
 ):
@@ -276,7 +315,7 @@ def gc(
 
 @app.command()
 def report(
-    root: Path = typer.Argument(..., help="Warehouse folder."),
+    root: WarehouseArg,
     run: str = typer.Option(..., "--run", "-r", help="Scenario run to report on."),
     out: Path = typer.Option(Path("report.html"), "--out", "-o", help="HTML file to write (self-contained, opens offline)."),
     csv: Optional[Path] = typer.Option(None, "--csv", help="Also write Activation Lab's four CSV summaries into this folder."),
@@ -339,12 +378,12 @@ app.add_typer(bench_app, name="bench")
 def _rel_to_polars(rel):
     import duckdb
 
-    from .errors import QueryError
+    from .errors import sql_error
 
     try:
         return rel.pl()
     except duckdb.Error as err:
-        raise QueryError(f"SQL error: {str(err).splitlines()[0]}") from None
+        raise sql_error(err) from None
 
 
 def main() -> None:

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from .cli_options import DeviceOption, DtypeOption
+
 bench_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Benchmarks: build synthetic data, time the engines.")
 
 
@@ -21,6 +23,11 @@ def nag(
     """
     from queries.nag_bench import run_bench
 
+    from . import ranges
+
+    for n in docs:
+        ranges.at_least("--docs", n, 1)
+    ranges.share("--fraction", fraction)
     for n in docs:
         run_bench(root, n, fraction, echo=typer.echo)
 
@@ -29,8 +36,8 @@ def nag(
 def ingest_(
     model: str = typer.Option("minilm", "--model", "-m", help="Model as for `whq ingest --model`."),
     model_config: str = typer.Option(None, "--model-config", help="Random-initialised model of a known shape instead, e.g. qwen3-0.6b."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "float32",
     batch_size: int = typer.Option(32, "--batch-size", "-b", help="Windows per forward pass."),
     seq_len: int = typer.Option(128, "--seq-len", help="Tokens per window."),
     site: list[str] = typer.Option([], "--site", "-s", help="SPEC as for `whq ingest` (repeatable; default mlp.act:topk=20, mlp.up:nag=20, resid.out:last)."),
@@ -49,6 +56,9 @@ def ingest_(
 
     from ingest.bench import bench_ingest
 
+    from . import ranges
+
+    ranges.at_least("--shard-tokens", shard_tokens, 1)
     result = bench_ingest(model, model_config=model_config, device=device, dtype=dtype, batch_size=batch_size,
                           seq_len=seq_len, sites=site, repeats=repeats, shard_tokens=shard_tokens,
                           echo=None if as_json else typer.echo)
@@ -73,6 +83,13 @@ def query(
 
     from queries.bench import bench_query
 
+    from . import ranges
+    from .errors import BadInput
+
+    ranges.at_least("--layers", layers, 1)
+    ranges.at_least("--k", k, 1)
+    if k > width:
+        raise BadInput(f"--k {k} is more than --width {width}: top-k keeps k distinct units of each token; lower --k")
     result = bench_query(root, rows, layers=layers, width=width, k=k, repeats=repeats, echo=None if as_json else typer.echo)
     typer.echo(json.dumps(result.to_dict(), indent=1) if as_json else "\n".join(result.lines()))
 

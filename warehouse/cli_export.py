@@ -7,12 +7,14 @@ from typing import Optional
 
 import typer
 
+from .cli_options import WarehouseArg
+
 export_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Write a run's analyses as files for viewers.")
 
 
 @export_app.command()
 def features(
-    root: Path = typer.Argument(..., help="Warehouse folder."),
+    root: WarehouseArg,
     run: str = typer.Option(..., "--run", help="Run id."),
     site: str = typer.Option(..., "--site", help="Site captured with examples=N or threshold=T (e.g. mlp.act)."),
     out: Path = typer.Option(..., "--out", help="Output folder (features/, feature_metadata.json, packed/)."),
@@ -28,6 +30,12 @@ def features(
     import warehouse
     from queries.export import write_features
 
+    from . import ranges
+
+    ranges.at_least("--top", top, 0)
+    ranges.at_least("--random", random, 0)
+    for layer in layers or []:
+        ranges.at_least("--layers", layer, 0)
     wh = warehouse.open(root)
     written = write_features(wh, run, site, out, layers, k=top, n_random=random, seed=seed)
     total = sum(written.values())

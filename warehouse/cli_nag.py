@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from .cli_options import FrameEngine, FrameEngineOption, WarehouseArg
+
 nag_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
                       help="NAG: rank and select pool documents by similarity to a target's neuron-activated graph.")
 
@@ -15,7 +17,7 @@ _LAYERS_HELP = "Layers to use: a range or list, e.g. 0-13 or 0,2,5 (default: all
 
 @nag_app.command()
 def select(
-    root: Path = typer.Argument(..., help="Warehouse folder."),
+    root: WarehouseArg,
     target: str = typer.Option(..., "--target", help="Target documents: RUN or RUN:DATASET."),
     pool: str = typer.Option(..., "--pool", help="Pool documents: RUN or RUN:DATASET."),
     site: str = typer.Option("mlp.up", "--site", help="Site captured with nag=K."),
@@ -26,7 +28,7 @@ def select(
     invert: bool = typer.Option(False, "--invert", help="The quality score is higher-is-better: use 1 - its min-max."),
     target_role: Optional[str] = typer.Option(None, "--target-role", help="Only target documents of this role."),
     pool_role: Optional[str] = typer.Option(None, "--pool-role", help="Only pool documents of this role."),
-    engine: str = typer.Option("sql", "--engine", help="sql (DuckDB) or polars."),
+    engine: FrameEngineOption = FrameEngine.sql,
     out: Path = typer.Option(..., "--out", help="Parquet file of the selected pool documents (payload + nag_distance)."),
 ):
     """Select the pool documents closest to the target under a token budget and write them with their payload.
@@ -46,7 +48,7 @@ def select(
     picked = nag.select(wh, target_run, pool_run, site, fraction=fraction, target_dataset=target_dataset,
                         pool_dataset=pool_dataset, layers=nag.parse_layers(layers), power=power,
                         quality_column=quality_col, invert=invert, target_role=target_role, pool_role=pool_role,
-                        engine=engine)
+                        engine=engine.value)
     rows = nag.with_payload(wh, pool_run, picked)
     rows.write_parquet(out)
     tokens = int(rows["n_tokens"].sum()) if rows.height else 0
@@ -80,7 +82,7 @@ def merge(
 
 @nag_app.command()
 def keys(
-    root: Path = typer.Argument(..., help="Warehouse folder."),
+    root: WarehouseArg,
     target: str = typer.Option(..., "--target", help="Target documents: RUN or RUN:DATASET."),
     site: str = typer.Option("mlp.up", "--site", help="Site captured with nag=K."),
     top: Optional[int] = typer.Option(None, "--top", help="Units per layer: the M most frequent in the target's top-Ks."),

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import duckdb
 
 from . import catalog, schema
-from .errors import NotAWarehouse, QueryError, UnknownRun, WarehouseError
+from .errors import NotAWarehouse, QueryError, UnknownRun, WarehouseError, sql_error
 from .faults import fault
 from .layout import FORMAT_VERSION, Layout
 from .locks import locked, try_lock
@@ -47,9 +48,17 @@ def write_marker(layout: Layout) -> None:
     os.replace(tmp, layout.marker)
 
 
+_GUARDED_LOCK = threading.Lock()
+
+
 def open(path: str | Path) -> "Warehouse":  # noqa: A001 - mirrors duckdb.connect / sqlite-utils style
     """Open an existing warehouse; regenerates its catalog if it is stale or was moved."""
     return Warehouse(path)
+
+
+def open_or_init(path: str | Path) -> "Warehouse":
+    """Open the warehouse at `path`, creating it first when the folder holds none (what an ingest wants)."""
+    return open(path) if Layout(path).marker.exists() else init(path)
 
 
 class Warehouse:
@@ -123,18 +132,23 @@ class Warehouse:
         return [self.root / p["path"] for m in manifests if m["run_id"] not in skip for p in m["parts"] if p["table"] in tables]
 
     # -- queries --------------------------------------------------------------
-    def connect(self, *, guarded: bool = False) -> duckdb.DuckDBPyConnection:
-        """A read-only connection to the catalog; `guarded` for untrusted SQL (see sql(read_only=True))."""
+    def connect(self, *, guarded: bool = False, memory_limit: str | None = None) -> duckdb.DuckDBPyConnection:
+        """A read-only connection to the catalog; `guarded` for untrusted SQL (see sql(read_only=True)),
+        with DuckDB's memory_limit set to `memory_limit` (its default when None)."""
         if not guarded:
             return duckdb.connect(str(self.layout.catalog), read_only=True)
         # DuckDB's own wall behind safesql: the committed parts are the only files it may open
-        # (a COPY cannot write even onto them: it writes a temporary file first), no extension
-        # may be installed or loaded, and the settings are locked against SET. The catalog is
-        # attached to a private in-memory instance, because connections to one file share one
-        # instance and its (then locked) settings.
+        # (a COPY cannot write even onto them: it writes a temporary file first), nothing spills
+        # to disk (the default temp directory, `.tmp` under the working directory, would be an
+        # allowed path), no extension may be installed or loaded, and the settings are locked
+        # against SET. The catalog is attached to a private in-memory instance, because
+        # connections to one file share one instance and its (then locked) settings.
         con = duckdb.connect(":memory:")
         con.execute(f"ATTACH {catalog.quote(str(self.layout.catalog))} AS whq_catalog (READ_ONLY)")
         con.execute("USE whq_catalog")
+        con.execute("SET temp_directory = ''")
+        if memory_limit is not None:
+            con.execute("SET memory_limit = ?", [memory_limit])
         parts = [str(path) for path in self.files(None)]
         con.execute("SET allowed_paths = ?", [parts])
         for setting in ("enable_external_access = false", "autoinstall_known_extensions = false",
@@ -142,25 +156,51 @@ class Warehouse:
             con.execute(f"SET {setting}")
         return con
 
-    def sql(self, query: str, params=None, *, read_only: bool = False):
+    def guarded_connection(self, memory_limit: str) -> duckdb.DuckDBPyConnection:
+        """The guarded connection for this memory limit, opened once and kept (queries run on its cursors)."""
+        with _GUARDED_LOCK:  # threads of one server share it
+            cons = self.__dict__.setdefault("_guarded_cons", {})
+            if memory_limit not in cons:
+                try:
+                    cons[memory_limit] = self.connect(guarded=True, memory_limit=memory_limit)
+                except duckdb.Error as err:
+                    raise sql_error(err) from None
+            return cons[memory_limit]
+
+    def name_resolving_macros(self) -> frozenset[str]:
+        """The catalog macros that look an argument up as a table (safesql checks what they are given), read once."""
+        if "_name_macros" not in self.__dict__:
+            from .safesql import name_resolving_macros
+
+            with self.connect() as con:
+                self._name_macros = name_resolving_macros(con)
+        return self._name_macros
+
+    def sql(self, query: str, params=None, *, read_only: bool = False, limits=None):
         """Run SQL against the catalog; returns a DuckDB relation (or None for statements).
 
-        read_only=True is for untrusted SQL: sqlglot refuses anything but queries, and the
-        query runs on a guarded connection (see connect) as a second wall.
+        read_only=True is for untrusted SQL: it runs through safesql.run_read_only (two walls,
+        bounded by `limits`, a safesql.SqlLimits), and the relation holds its materialized rows;
+        more rows than limits.max_rows is an error here (run_read_only returns them cut).
         """
         if read_only:
-            from .safesql import check_read_only
+            from .safesql import SqlLimits, run_read_only
 
-            check_read_only(query)
-        attr = "_guarded_con" if read_only else "_con"
-        con = getattr(self, attr, None)
+            limits = limits or SqlLimits()
+            result = run_read_only(self, query, limits, params)
+            if result.truncated:
+                raise QueryError(f"the query returned more than {limits.max_rows:,} rows: add a LIMIT, "
+                                 f"or raise max_rows (--max-rows)")
+            if not result.frame.width:
+                return None
+            return self.guarded_connection(limits.memory_limit).from_arrow(result.frame.to_arrow())
+        con = getattr(self, "_con", None)
         if con is None:
-            con = self.connect(guarded=read_only)
-            setattr(self, attr, con)
+            con = self._con = self.connect()
         try:
             return con.sql(query, params=params)
         except duckdb.Error as err:
-            raise QueryError(f"SQL error: {str(err).splitlines()[0]}") from None
+            raise sql_error(err) from None
 
     def pl(self, query: str, params=None):
         """Run SQL and return a polars DataFrame."""
@@ -168,13 +208,14 @@ class Warehouse:
         try:
             return rel.pl()
         except duckdb.Error as err:
-            raise QueryError(f"SQL error: {str(err).splitlines()[0]}") from None
+            raise sql_error(err) from None
 
     def close(self) -> None:
-        for attr in ("_con", "_guarded_con"):
-            if hasattr(self, attr):
-                getattr(self, attr).close()
-                delattr(self, attr)
+        if hasattr(self, "_con"):
+            self._con.close()
+            del self._con
+        for con in self.__dict__.pop("_guarded_cons", {}).values():
+            con.close()
 
     def __enter__(self):
         return self

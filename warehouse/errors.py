@@ -39,5 +39,14 @@ class QueryError(WarehouseError):
     """A SQL statement that failed or was refused."""
 
 
+class UnknownSite(BadInput, QueryError):
+    """A site the run did not capture: a bad argument to a Polars twin, as its SQL macro's error is a QueryError."""
+
+
+def sql_error(err: Exception) -> QueryError:
+    """A DuckDB error as a QueryError: its first line, which names the problem without DuckDB's hints."""
+    return QueryError(f"SQL error: {str(err).splitlines()[0]}")
+
+
 class CorruptPart(WarehouseError):
     """A committed part is missing or does not match its manifest."""

@@ -13,13 +13,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import schema
 from .errors import WarehouseError
 from .faults import fault
 
-# token_neurons (measured on MiniLM top-20 parts, README "Performance"): in neuron-major parts
+# token_neurons (measured on MiniLM top-20 parts, ingest/README.md, "Performance"): in neuron-major parts
 # the doc/pos columns delta-encode to a fraction of a byte a row, and neuron ids (long runs) and
 # FLOAT16 values compress best as PLAIN under zstd. Level 3 rather than 6: 2.51 vs 2.49 bytes
 # per entry, but encoding is 30% faster, and it runs beside the model on the same cores.
@@ -28,7 +30,7 @@ _ENCODINGS = {
     "token_neurons": {"doc": "DELTA_BINARY_PACKED", "pos": "DELTA_BINARY_PACKED",
                       "neuron": "PLAIN", "value": "PLAIN"},
 }
-# token_neurons parts are sorted by neuron (ingest.writer.part_order): small row groups make
+# token_neurons parts are sorted by neuron (part_order below): small row groups make
 # their neuron min/max statistics selective, so a one-unit scan skips most of them.
 _ROW_GROUP_ROWS = {"token_neurons": 1 << 16}
 # Min/max statistics where they prune: neuron (one-unit scans) and doc (a shard's documents).
@@ -134,3 +136,89 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+# -- rows of a part: the order they are stored in, and their Arrow form ------------------
+def to_arrow(table: str, columns: dict, width: int | None) -> pa.Table:
+    """Column arrays -> an Arrow table with the table's physical schema."""
+    target = schema.table(table).arrow_schema(width)
+    arrays = []
+    for fld in target:
+        data = columns[fld.name]
+        if isinstance(data, pa.Array):
+            arrays.append(data.cast(fld.type))
+        elif pa.types.is_list(fld.type):
+            matrix = np.asarray(data)
+            rows, width_k = matrix.shape
+            flat = pa.array(matrix.reshape(-1).astype(fld.type.value_type.to_pandas_dtype()), fld.type.value_type)
+            offsets = pa.array(np.arange(rows + 1, dtype=np.int32) * width_k)
+            arrays.append(pa.ListArray.from_arrays(offsets, flat, type=fld.type))
+        elif fld.type == pa.float16():
+            arrays.append(pa.array(np.asarray(data, dtype=np.float16), pa.float16()))
+        else:
+            arrays.append(pa.array(data, type=fld.type, from_pandas=True))
+    return pa.Table.from_arrays(arrays, schema=target)
+
+
+def part_order(table: str, columns: dict) -> dict:
+    """The row order of a part: token_neurons by (neuron, doc, pos), every other table in document order.
+
+    Neuron-major token_neurons parts, written in small row groups (_ROW_GROUP_ROWS), let a
+    scan for one unit skip every row group whose neuron min/max excludes it: at 100M rows
+    a one-neuron scan reads ~1/20 of the rows (ingest/README.md, "Performance"); they also compress
+    better (runs of equal ids).
+    """
+    order = _neuron_major_order(columns) if table == "token_neurons" and "neuron" in columns else _document_order(columns)
+    return {k: np.asarray(v)[order] for k, v in columns.items()}
+
+
+def _neuron_major_order(columns: dict) -> np.ndarray:
+    """The permutation to (neuron, doc, pos) order, stable like np.lexsort.
+
+    A token's rows arrive adjacent, so the (doc, pos) sort runs over tokens (runs of rows
+    with one key), 20x fewer than rows at top-20; the rows then get a stable sort by
+    neuron, a radix sort for int16 ids.
+    """
+    doc, pos = np.asarray(columns["doc"]), np.asarray(columns["pos"])
+    rows = len(doc)
+    if rows == 0:
+        return np.arange(0)
+    new_token = np.ones(rows, dtype=bool)
+    new_token[1:] = (doc[1:] != doc[:-1]) | (pos[1:] != pos[:-1])
+    starts = np.flatnonzero(new_token)
+    lengths = np.diff(np.append(starts, rows))
+    token_order = _lexsort([pos[starts].astype(np.int64), doc[starts].astype(np.int64)])
+    ordered_lengths = lengths[token_order]
+    # Each token's run of rows, the tokens one after another in document order.
+    shift = starts[token_order] - (np.cumsum(ordered_lengths) - ordered_lengths)
+    in_document_order = np.arange(rows) + np.repeat(shift, ordered_lengths)
+    neuron = np.asarray(columns["neuron"])[in_document_order]
+    if 0 <= neuron.min() and neuron.max() < 1 << 15:
+        neuron = neuron.astype(np.int16)
+    return in_document_order[np.argsort(neuron, kind="stable")]
+
+
+def _document_order(columns: dict) -> np.ndarray:
+    """The permutation to (doc, pos, neuron) order: batches run in length order, files are read in document order."""
+    keys = [np.asarray(columns[k], dtype=np.int64) for k in ("neuron", "pos", "doc")
+            if k in columns and np.asarray(columns[k]).dtype != object]
+    return _lexsort(keys)
+
+
+def _lexsort(keys: list[np.ndarray]) -> np.ndarray:
+    """np.lexsort(keys) (last key primary), 20x faster when the keys pack into one int64.
+
+    Packed, a stable argsort runs timsort, which is near-linear here: each batch's rows
+    arrive as long runs already in order.
+    """
+    if not keys or not len(keys[0]):
+        return np.lexsort(keys) if keys else np.arange(0)
+    bounds = [(int(key.min()), int(key.max())) for key in keys]
+    if any(low < 0 for low, _ in bounds) or np.prod([float(high) + 1 for _, high in bounds]) >= 2.0 ** 62:
+        return np.lexsort(keys)
+    packed = np.zeros(len(keys[0]), dtype=np.int64)
+    scale = 1
+    for key, (_, high) in zip(keys, bounds):
+        packed += key * scale
+        scale *= high + 1
+    return np.argsort(packed, kind="stable")

@@ -60,7 +60,7 @@ class RunWriter:
         self._check_config(resume)
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
         (self.journal_dir / f"rank-{rank}.done").unlink(missing_ok=True)
-        self.shards = self._read_journal()
+        self.shards = read_journal(self.journal)
         self._delete_unjournalled_parts()
         if resume:
             fault("resume.cleaned")
@@ -90,20 +90,6 @@ class RunWriter:
             if self.rank == 0:
                 payload = _canonical(self.config).encode()
                 write_bytes_atomic(payload, saved, self.tmp_dir, "config")
-
-    def _read_journal(self) -> list[dict]:
-        if not self.journal.exists():
-            return []
-        shards = []
-        for line in self.journal.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                break  # a torn last line: that shard did not complete
-            if record.get("shard") != len(shards):
-                break
-            shards.append(record)
-        return shards
 
     def _journalled_paths(self) -> set[str]:
         return {p["path"] for s in self.shards for p in s["parts"]}
@@ -192,9 +178,7 @@ class RunWriter:
         """The journalled shards of one rank (this writer's own, or another rank's from its journal)."""
         if rank == self.rank:
             return self.shards
-        other = RunWriter.__new__(RunWriter)
-        other.journal = self.journal_dir / f"rank-{rank}.jsonl"
-        return other._read_journal()
+        return read_journal(self.journal_dir / f"rank-{rank}.jsonl")
 
     def rank_state(self, rank: int, name: str) -> pa.Table | None:
         """The resume state another rank saved with its last shard (rank 0 merges them at commit)."""
@@ -297,3 +281,19 @@ def write_run(layout: Layout, run_id: str, parts, config: dict | None = None) ->
     writer = RunWriter(layout, run_id, config or {"source": "write_run"})
     writer.commit_shard(parts)
     return writer.commit([], dt.datetime.now(dt.timezone.utc))
+
+
+def read_journal(journal: Path) -> list[dict]:
+    """The shards a rank's journal records as complete, in order, up to the first torn or out-of-order line."""
+    if not journal.exists():
+        return []
+    shards = []
+    for line in journal.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            break  # a torn last line: that shard did not complete
+        if record.get("shard") != len(shards):
+            break
+        shards.append(record)
+    return shards

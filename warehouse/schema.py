@@ -14,6 +14,8 @@ import pyarrow as pa
 
 SCHEMA_SQL = Path(__file__).with_name("schema.sql")
 HIVE_TYPES = {"run_id": "VARCHAR", "site": "VARCHAR", "layer": "INTEGER"}
+# The residual-stream states a chat scenario captures per layer, in report order (the sites of scenario runs).
+SCENARIO_SOURCES = ("hidden_in", "hidden_out", "attn_out", "mlp_out")
 
 _ARROW = {
     "VARCHAR": pa.string(),
@@ -27,7 +29,7 @@ _ARROW = {
     "TIMESTAMP": pa.timestamp("us"),
 }
 
-# Narrower physical types for the big tables (see README "Storage"): the views widen
+# Narrower physical types for the big tables (see ingest/README.md, "Storage"): the views widen
 # them back to the schema types, so queries never see the difference.
 _COMPACT = {
     ("token_neurons", "value"): pa.float16(),

@@ -7,7 +7,9 @@ labelled as a dataset. Both sets go through the real all-MiniLM-L6-v2 and throug
 tiny random Qwen3 (`config:qwen3-tiny`, for the up_proj path); 20% of the pool's tokens
 are selected and the mean distance of each pool dataset is printed.
 
-    python examples/nag/real_data.py [--root nag-real-wh] [--text ../shared/data/tinyshakespeare.txt]
+    python examples/nag/real_data.py [--root DIR] [--text ../shared/data/tinyshakespeare.txt]
+
+The warehouse goes to examples/nag/out/wh (ignored by git) unless --root names another folder.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from ingest.pipeline import ingest
 from ingest.sources import Document
 from queries import nag
 
+OUT = Path(__file__).resolve().parent / "out" / "wh"
 FIXTURE = Path(warehouse.__file__).parent / "fixtures" / "tinyshakespeare_head.txt"
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data" / "tinyshakespeare.txt"
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -92,17 +95,17 @@ def markdown(frame: pl.DataFrame) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--root", type=Path, default=Path("nag-real-wh"), help="warehouse folder (runs are reused)")
+    parser.add_argument("--root", type=Path, default=OUT, help="warehouse (reused; default examples/nag/out/wh)")
     parser.add_argument("--text", type=Path, default=SHARED if SHARED.exists() else FIXTURE, help="Tiny Shakespeare text")
     parser.add_argument("--fraction", type=float, default=0.2)
     args = parser.parse_args()
     docs = corpus(args.text)
-    wh = warehouse.open(args.root) if (args.root / "whq.json").exists() else warehouse.init(args.root)
+    wh = warehouse.open_or_init(args.root)
     for run, model in MODELS.items():
         if run not in wh.run_ids():
             summary = ingest(args.root, model, sites=["mlp.up:nag=20"], documents=docs, run_id=run, batch_size=16,
                              max_length=128, device="cpu", progress=False)
-            print(f"{run}: {summary['documents']} documents, {summary['tokens']:,} tokens in {summary['seconds']:.1f} s")
+            print(f"{run}: {summary.documents} documents, {summary.tokens:,} tokens in {summary.seconds:.1f} s")
     wh = warehouse.open(args.root)
     for run, model in MODELS.items():
         print(f"\n### {model}: {len(docs) - TARGETS} pool documents, target = {TARGETS} Shakespeare passages, "

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-LAB_NAMES = {"hidden_in": "hidden_in", "hidden_out": "hidden_out", "attn_out": "attn_out", "mlp_out": "mlp_down_out"}
+from queries.report import LAB_SOURCE
+
 SPARSE_TABLES = {"token_neurons", "doc_neurons", "neuron_stats", "neuron_examples", "neuron_logits"}
 
 
@@ -65,7 +66,7 @@ def activation_lab_bytes(wh, run: str, folder: Path) -> int:
         (folder / sub).mkdir(parents=True, exist_ok=True)
 
     def arrays(full: dict, rows: slice) -> dict:
-        return {f"layer_{layer:02d}/{LAB_NAMES[source]}": full[(source, layer)][None, rows].astype(store) for source, layer in full}
+        return {f"layer_{layer:02d}/{LAB_SOURCE[source]}": full[(source, layer)][None, rows].astype(store) for source, layer in full}
 
     for doc, role, label, index, message_role, meta, ids in docs.iter_rows():
         full = _full_arrays(loaded.model, modules, ids)

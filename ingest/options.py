@@ -1,0 +1,109 @@
+"""The options of one ingest: what `whq ingest` takes as flags, `ingest()` as an object, and a run stores.
+
+    from ingest.options import IngestOptions
+    options = IngestOptions("minilm", data=("docs.jsonl",), sites=("mlp.act:topk=20",), batch_size=32)
+
+The stored run config (journal/config.json, then runs.config) is `run_config()`: these
+fields plus what the capture resolved (model id, data identity, window length), so a
+`--resume` with other options is refused field by field. No torch here: the CLI builds
+and checks options before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, fields
+from typing import Literal, get_args
+
+from warehouse.errors import BadInput
+
+from .limits import check_run_numbers
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+DTYPES: tuple[str, ...] = get_args(Dtype)
+# Devices are named, or cuda:N for one GPU of several.
+Device = Literal["auto", "cpu", "cuda", "mps"]
+DEVICES: tuple[str, ...] = get_args(Device)
+
+DEFAULT_SITES = ("mlp.act:topk=20", "mlp.up:nag=20", "resid.out:last")
+# How this process runs, not what the run holds: not stored with the run (runs.device records the device).
+_NOT_STORED = ("run_id", "device", "progress", "rank")
+
+
+def check_device(device: str) -> str:
+    if device not in DEVICES and not re.fullmatch(r"cuda:\d+", device):
+        raise BadInput(f"unknown --device {device!r}: use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def check_dtype(dtype: str) -> str:
+    if dtype not in DTYPES:
+        raise BadInput(f"unknown --dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    return dtype
+
+
+@dataclass(frozen=True)
+class IngestOptions:
+    model: str = "minilm"
+    """Local model folder, cached hub id, `minilm`, `config:qwen3-tiny`, or adapter.py[:checkpoint]."""
+    data: tuple[str, ...] = ()
+    """Document files (.jsonl, .parquet, .txt); empty when `ingest()` is given documents."""
+    sites: tuple[str, ...] = DEFAULT_SITES
+    """SPECs `<site>[@in|@out]:<reduction>[=arg],...`, one per site."""
+    run_id: str | None = None
+    """The run's id; None: `<model>-<UTC time>`."""
+    dataset: str | None = None
+    """Dataset label for documents that have none (None: the file stem)."""
+    role: str | None = None
+    """Role label for documents that have none: pool, target, reference, ..."""
+    batch_size: int = 16
+    """Windows per forward pass."""
+    max_length: int | None = None
+    """Tokens per window (None: the model's own); longer documents are split, positions continue."""
+    truncate: bool = False
+    """Keep only each document's first window."""
+    device: str = "auto"
+    """One of DEVICES, or cuda:N."""
+    dtype: Dtype = "float32"
+    """The model's weights and activations."""
+    resume: bool = False
+    """Finish an interrupted run of the same options and run id."""
+    shard_tokens: int = 65536
+    """Tokens per committed shard: the unit of resume."""
+    skip_bad: bool = False
+    """Skip (and count) bad records instead of stopping at the first."""
+    logit_lens: bool = False
+    """Also store each MLP unit's output direction through the unembedding."""
+    progress: bool = True
+    """Show a progress bar on stderr."""
+    rank: int = 0
+    """This process's rank under torchrun (0 alone)."""
+    world_size: int = 1
+    """Processes sharing the documents (1 alone)."""
+
+    def __post_init__(self) -> None:
+        # Lists are accepted and kept as tuples, so options compare and hash by value.
+        object.__setattr__(self, "data", tuple(str(d) for d in self.data))
+        object.__setattr__(self, "sites", tuple(self.sites))
+        check_device(self.device)
+        check_dtype(self.dtype)
+        if self.batch_size < 1:
+            raise BadInput("--batch-size must be at least 1")
+        if self.shard_tokens < 1:
+            raise BadInput("--shard-tokens must be at least 1")
+        check_run_numbers(max_length=self.max_length, rank=self.rank, world_size=self.world_size)
+
+    def run_config(self, *, model_id: str, sites: list[str], data_identity: object, max_length: int) -> dict:
+        """The config stored with the run: the options that decide its rows, resolved: the model's id,
+        the SPECs as parsed, the data files' identity (path, size and sha256 of each, or a digest of
+        given documents) and the window length."""
+        stored = {k: v for k, v in asdict(self).items() if k not in _NOT_STORED}
+        stored.update(model_id=model_id, sites=sites, data=data_identity, max_length=max_length)
+        return stored
+
+    @classmethod
+    def from_run_config(cls, config: dict, *, data: tuple[str, ...] = (), **process) -> IngestOptions:
+        """The options a stored run config was written from; `data` and `process` (run_id, device,
+        progress, rank) are not stored, so they are given again."""
+        stored = {f.name for f in fields(cls)} - set(_NOT_STORED) - {"data"}
+        return cls(**{k: v for k, v in config.items() if k in stored}, data=data, **process)

@@ -1,0 +1,216 @@
+"""The one capture unit: a model's site layers turn batches of windows into rows, a shard of documents at a time.
+
+    capture = Capture(loaded, resolved_sites, device)
+    with hooks(loaded.model, capture.site_layers), torch.inference_mode():
+        capture.shard(shard, shard.batches(batch_size), shard_writer)
+
+`ingest()` (ingest/pipeline.py), `whq bench ingest` (ingest/bench.py) and scenario runs
+(ingest/chat.py) all capture through `Capture.shard`; they differ only in where the
+documents come from and what else they commit. Torch is imported on first use, as
+everywhere in ingest/.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+import warehouse
+
+from .sources import Document
+from .tokenize import Window, pad_batch
+
+
+@dataclass
+class Shard:
+    """Whole documents captured and committed together (the unit of resume)."""
+
+    docs: list[tuple[int, Document, list[Window]]]  # (ordinal, document, its windows in order)
+    next_doc: int  # ordinal after the shard's last document
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(len(w.ids) for _, _, wins in self.docs for w in wins)
+
+    def batches(self, batch_size: int) -> Iterator[list[Window]]:
+        """The windows in batches, shortest documents first: batches of similar length waste little
+        on padding. A document's windows stay consecutive and in order (the capture relies on it)."""
+        by_length = sorted(self.docs, key=lambda d: sum(len(w.ids) for w in d[2]))
+        live = [w for _, _, wins in by_length for w in wins if w.ids]
+        for i in range(0, len(live), batch_size):
+            yield live[i : i + batch_size]
+
+    def documents_table(self) -> pa.Table:
+        cols = {
+            k: []
+            for k in (
+                "doc",
+                "doc_id",
+                "dataset",
+                "role",
+                "label",
+                "message_index",
+                "message_role",
+                "n_tokens",
+                "n_windows",
+                "text",
+                "meta",
+            )
+        }
+        for ordinal, doc, wins in self.docs:
+            cols["doc"].append(ordinal)
+            cols["doc_id"].append(doc.doc_id)
+            cols["dataset"].append(doc.dataset)
+            cols["role"].append(doc.role)
+            cols["label"].append(doc.label)
+            cols["message_index"].append(doc.meta.get("message_index"))
+            cols["message_role"].append(doc.meta.get("message_role"))
+            cols["n_tokens"].append(sum(len(w.ids) for w in wins))
+            cols["n_windows"].append(len(wins))
+            cols["text"].append(doc.text)
+            cols["meta"].append(json.dumps(doc.meta, default=str) if doc.meta else None)
+        return pa.Table.from_pydict(cols, schema=warehouse.schema.table("documents").arrow_schema())
+
+    def tokens_table(self, tokenizer) -> pa.Table:
+        ids, pieces, texts, docs, pos, win, starts, ends, special = [], [], [], [], [], [], [], [], []
+        for ordinal, _, wins in self.docs:
+            for w in wins:
+                n = len(w.ids)
+                ids.extend(w.ids)
+                pieces.extend(tokenizer.pieces(w.ids))
+                texts.extend(tokenizer.texts(w.ids))
+                docs.extend([ordinal] * n)
+                pos.extend(range(w.start_pos, w.start_pos + n))
+                win.extend([w.index] * n)
+                starts.extend(None if s < 0 else s for s in w.char_start)
+                ends.extend(None if e < 0 else e for e in w.char_end)
+                special.extend(w.special)
+        cols = {
+            "doc": docs,
+            "pos": pos,
+            "window": win,
+            "token_id": ids,
+            "piece": pieces,
+            "char_start": starts,
+            "char_end": ends,
+            "special": special,
+            "text": texts,
+        }
+        return pa.Table.from_pydict(cols, schema=warehouse.schema.table("tokens").arrow_schema())
+
+
+def forward(loaded, ids, mask):
+    """The model's forward pass as the capture runs it."""
+    kwargs = {"input_ids": ids, "attention_mask": mask}
+    if loaded.family == "decoder":
+        kwargs["logits_to_keep"] = 1  # hidden states are what we capture; skip the full-vocab projection
+    return loaded.model(**kwargs)
+
+
+class Capture:
+    """The site layers of one model on one device, and the steps that fill them.
+
+    The hooks are attached by the caller (`with hooks(loaded.model, capture.site_layers)`),
+    so one capture can run with and without them (the benchmark's plain passes).
+    """
+
+    def __init__(self, loaded, resolved: list, device: str):
+        from .capture import SiteLayer
+
+        self.loaded, self.device = loaded, device
+        self.site_layers = [SiteLayer(r, layer, module, device) for r in resolved for layer, module in r.modules]
+
+    @property
+    def widths(self) -> dict[tuple[str, int], int | None]:
+        return {(sl.name, sl.layer): sl.width for sl in self.site_layers}
+
+    def restore(self, saved_state: Callable[[str], pa.Table | None]) -> None:
+        """Continue from the running statistics and examples a resumed run saved (`saved_state(name)`)."""
+        for sl in self.site_layers:
+            names = (f"stats.{sl.name}.{sl.layer}", f"examples.{sl.name}.{sl.layer}")
+            sl.restore({name: table for name in names if (table := saved_state(name)) is not None})
+
+    def batch(self, windows: list[Window]):
+        """One hooked forward pass; returns the batch's HostBatch (outputs still in flight on CUDA)."""
+        from .capture import collect
+
+        ids, mask, ctx, host = _batch_context(windows, self.loaded.tokenizer.pad_id, self.device)
+        for sl in self.site_layers:
+            sl.ctx = ctx
+        forward(self.loaded, ids, mask)
+        host.outputs, host.ready = collect(self.site_layers)
+        return host
+
+    def shard(
+        self,
+        shard: Shard,
+        batches: Iterable[list[Window]],
+        writer,
+        *,
+        extra_parts: list = (),
+        on_batch: Callable | None = None,
+    ) -> None:
+        """Capture `batches` (the shard's windows) into `writer` (a ShardWriter), then end the shard:
+        its documents, tokens, resume state and `extra_parts` are committed with the batches' rows."""
+        from .writer import ShardEnd
+
+        for batch in batches:
+            host = self.batch(batch)
+            writer.put(host)
+            if on_batch is not None:
+                on_batch(host)
+        state = {name: table for sl in self.site_layers for name, table in sl.state_tables().items()}
+        info = {"next_doc": shard.next_doc, "n_docs": len(shard.docs), "n_tokens": shard.n_tokens}
+        writer.put(
+            ShardEnd(
+                shard.documents_table(),
+                shard.tokens_table(self.loaded.tokenizer),
+                state,
+                info,
+                self.widths,
+                list(extra_parts),
+            )
+        )
+
+
+def _batch_context(batch: list[Window], pad_id: int, device: str):
+    """Host arrays and the device-side BatchContext for one batch of windows."""
+    import torch
+
+    from .capture import BatchContext
+    from .writer import HostBatch
+
+    ids, mask = pad_batch(batch, pad_id)
+    rows, seq = ids.shape
+    docs = np.array([w.doc for w in batch], dtype=np.int64)
+    starts = np.array([w.start_pos for w in batch], dtype=np.int64)
+    lengths = mask.sum(axis=1)
+    segment_of: dict[int, int] = {}
+    segment = [segment_of.setdefault(int(d), len(segment_of)) for d in docs]
+    finished_rows = [row for row, w in enumerate(batch) if w.last]
+    finished_docs = docs[finished_rows]
+    finished_tokens = np.array([batch[r].start_pos + len(batch[r].ids) for r in finished_rows], dtype=np.int64)
+
+    def dev(array, dtype=torch.int64):
+        return torch.as_tensor(np.asarray(array), dtype=dtype).to(device, non_blocking=True)
+
+    ctx = BatchContext(
+        mask=dev(mask, torch.bool),
+        lengths=dev(lengths),
+        row_doc=dev(np.repeat(docs, seq)),
+        row_pos=dev((starts[:, None] + np.arange(seq)[None, :]).reshape(-1)),
+        segment=dev(segment),
+        n_segments=len(segment_of),
+        finished=dev([segment_of[int(d)] for d in finished_docs]),
+        finished_tokens=dev(finished_tokens, torch.float32),
+        last_rows=dev(finished_rows),
+        carry_in=batch[0].index > 0,
+        carry_out=not batch[-1].last,
+        full=bool(mask.all()),
+    )
+    host = HostBatch(docs, starts, lengths, finished_docs, finished_tokens - 1)
+    return dev(ids), dev(mask), ctx, host
