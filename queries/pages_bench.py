@@ -1,5 +1,6 @@
-"""`whq bench serve`: the server time of the unit page and the token search, warm, on the
-synthetic warehouse of `whq bench query` (queries/bench.py builds or reuses it).
+"""`whq bench serve`: the unit page's, token search's and run/site page's server time, warm.
+
+On the synthetic warehouse of `whq bench query` (queries/bench.py builds or reuses it).
 
 Each page is rendered as the server renders it (pages.unit_page / pages.tokens_page, no
 HTTP), after one warm-up; every SQL statement the page runs is timed on its own, so the

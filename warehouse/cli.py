@@ -335,7 +335,7 @@ def report(
 
 @app.command()
 def serve(
-    root: Path = typer.Argument(..., help="Warehouse folder."),
+    root: WarehouseArg,
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on (0.0.0.0: every interface)."),
     port: int = typer.Option(8050, "--port", help="TCP port."),
 ):

@@ -44,7 +44,7 @@ def features(
 
 @export_app.command()
 def site(
-    root: Path = typer.Argument(..., help="Warehouse folder."),
+    root: WarehouseArg,
     run: str = typer.Option(..., "--run", help="Run id."),
     site_name: str = typer.Option(..., "--site", help="Site (e.g. mlp.act)."),
     out: Path = typer.Option(..., "--out", help="Output folder (index.html, layer-L.html, L/U.html, vega.js)."),
@@ -65,7 +65,7 @@ def site(
 
 @export_app.command()
 def neuronpedia(
-    root: Path = typer.Argument(..., help="Warehouse folder."),
+    root: WarehouseArg,
     run: str = typer.Option(..., "--run", help="Run id."),
     site_name: str = typer.Option(..., "--site", help="Site (e.g. mlp.act)."),
     out: Path = typer.Option(..., "--out", help="Output folder: OUT/<model>/<layer>-<set>/ per layer."),
