@@ -11,7 +11,8 @@ would otherwise carry 0.9 MB of JavaScript in each.
 
 Reads go through `Reader`: the trusted macros on a per-thread cursor of one read-only
 connection (the server answers from a thread pool), and the SQL box's untrusted text
-through `Warehouse.sql(read_only=True)`, the same guarded path as `whq sql --read-only`.
+through `safesql.run_read_only`, what `whq sql --read-only` runs (both walls, timeout, memory
+limit, row cap).
 """
 
 from __future__ import annotations
@@ -181,16 +182,12 @@ class Reader:
                 self._sites.setdefault(row.pop("run_id"), []).extend([row] if row["site"] is not None else [])
         return self._sites
 
-    def untrusted(self, query: str) -> pl.DataFrame:
-        """Untrusted SQL through the warehouse's one guarded entry point (whq sql --read-only)."""
-        with self._lock:  # one guarded connection, shared: its queries take turns
-            rel = self.wh.sql(query, read_only=True)
-            if rel is None:
-                return pl.DataFrame()
-            try:
-                return rel.pl()
-            except duckdb.Error as err:
-                raise QueryError(f"SQL error: {str(err).splitlines()[0]}") from None
+    def untrusted(self, query: str):
+        """Untrusted SQL through safesql.run_read_only, what `whq sql --read-only` runs: both walls,
+        its timeout, memory limit and row cap (SqlLimits' defaults); a BoundedResult (frame, truncated)."""
+        from warehouse.safesql import SqlLimits, run_read_only
+
+        return run_read_only(self.wh, query, SqlLimits())
 
     def close(self) -> None:
         self._con.close()
@@ -537,15 +534,16 @@ def tokens_page(reader: Reader, links: Links, run: str, site: str, text: str = "
 
 
 def sql_result(reader: Reader, query: str) -> pl.DataFrame:
-    return reader.untrusted(query)
+    return reader.untrusted(query).frame
 
 
 def sql_page(reader: Reader, links: Links, query: str = "") -> tuple[str, int]:
     """(page, status): 400 with the one-line refusal when the SQL is refused or fails."""
-    frame, error = None, None
+    frame, error, truncated = None, None, False
     if query.strip():
         try:
-            frame = sql_result(reader, query)
+            result = reader.untrusted(query)
+            frame, truncated = result.frame, result.truncated
         except QueryError as err:
             error = " ".join(str(err).split())
     rows = frame.head(SQL_ROWS).rows() if frame is not None else []
@@ -559,6 +557,7 @@ def sql_page(reader: Reader, links: Links, query: str = "") -> tuple[str, int]:
         rows=rows,
         n_rows=frame.height if frame is not None else 0,
         shown=len(rows),
+        truncated=truncated,
     )
     return page, 400 if error else 200
 

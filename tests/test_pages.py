@@ -264,6 +264,8 @@ def test_sql_page_runs_queries_and_refuses_writes(server, tmp_path, capsys, monk
         shown = re.search(r'<p class="error">(.*?)</p>', text).group(1).replace("&#39;", "'")
         assert shown == err.strip(), statement  # the same one line as whq sql --read-only
         assert get(server + "/sql.csv?q=" + urllib.parse.quote(statement))[0] == 400
+    status, text = get(server + "/sql?q=" + urllib.parse.quote("SELECT * FROM range(20000)"))  # SqlLimits' row cap
+    assert status == 200 and "10,000 rows (the result had more: add a LIMIT), the first 1,000 shown" in text
 
 
 @pytest.mark.parametrize(
