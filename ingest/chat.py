@@ -29,6 +29,7 @@ import pyarrow as pa
 
 import warehouse
 from warehouse.errors import BadInput, BadSpec
+from warehouse.names import check_name
 from warehouse.parts import to_arrow
 from warehouse.runwriter import RunWriter
 
@@ -320,6 +321,8 @@ def run_scenario(root: str | Path, scenario, *, run_id: str | None = None, devic
     from .progress import IngestProgress
     from .writer import ShardWriter
 
+    if run_id is not None:
+        check_name("run id", run_id)
     spec = scenario if isinstance(scenario, Scenario) else load(scenario)
     if model:
         spec = replace(spec, model=replace(spec.model, id=model))

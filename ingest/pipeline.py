@@ -24,6 +24,7 @@ from pathlib import Path
 
 import warehouse
 from warehouse.errors import BadInput, BadSpec, WarehouseError
+from warehouse.names import check_label, check_name
 from warehouse.runwriter import RunWriter, committed_with_same_config
 
 from . import sources
@@ -57,6 +58,7 @@ class IngestResult:
 
 def default_run_id(model: str) -> str:
     stem = re.sub(r"[^A-Za-z0-9_.\-]", "-", Path(model.split(":")[0]).name or model).strip("-.") or "run"
+    stem = re.sub(r"\.{2,}", ".", stem)  # '..' is not allowed in a run id (warehouse/names.py)
     return f"{stem[:40]}-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}"
 
 
@@ -91,6 +93,8 @@ def _parsed_sites(sites: Iterable[str]) -> list[SiteSpec]:
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise BadSpec(f"site given twice ({', '.join(sorted({n for n in names if names.count(n) > 1}))}): merge the reductions into one SPEC, e.g. mlp.act:topk=20,examples=20")
+    for name in names:
+        check_name("site", name)
     return specs
 
 
@@ -181,6 +185,11 @@ def ingest(root: str | Path, model: str | IngestOptions = "minilm", data: Iterab
 
     opts = model if isinstance(model, IngestOptions) else IngestOptions(model, tuple(data), tuple(sites), **options)
     specs = _parsed_sites(opts.sites)
+    if opts.run_id is not None:
+        check_name("run id", opts.run_id)
+    for kind, label in (("--dataset", opts.dataset), ("--role", opts.role)):
+        if label is not None:
+            check_label(kind, label)
     paths = [] if documents is not None else sources.check_paths(list(opts.data))
     # Read once before the run exists: bad records are refused now, and the hashes tie --resume to the content.
     data_identity = sources.scan(paths, opts.skip_bad) if documents is None else None

@@ -26,6 +26,7 @@ from pathlib import Path
 import duckdb
 
 from warehouse.errors import BadInput, QueryError
+from warehouse.names import check_name
 
 TOP_K = 20
 N_RANDOM = 10
@@ -129,6 +130,8 @@ def pack_entry(document: dict) -> bytes:
 
 def write_features(wh, run: str, site: str, out: str | Path, layers: list[int] | None = None, **options) -> dict:
     """Write the per-unit JSON, the metadata and the packed layout; returns counts per layer."""
+    check_name("run id", run)
+    check_name("site", site)
     site_rows = _rows(wh, "SELECT layers, width FROM sites WHERE whq_known_site(?, ?) AND run_id = ? AND site = ?",
                       [run, site, run, site])
     captured, width = site_rows[0]["layers"], site_rows[0]["width"]

@@ -25,6 +25,7 @@ import polars as pl
 from warehouse import ranges
 from warehouse.catalog import quote
 from warehouse.errors import BadInput
+from warehouse.names import check_label, check_name
 
 from . import nag_frames
 from .frames import scan
@@ -53,7 +54,16 @@ def parse_target(text: str) -> tuple[str, str | None]:
     run, _, dataset = text.partition(":")
     if not run:
         raise BadInput(f"cannot read {text!r}: write RUN or RUN:DATASET, e.g. --target bench:hellaswag")
-    return run, dataset or None
+    return check_name("run id", run), check_label("dataset", dataset) if dataset else None
+
+
+def _check_names(target_run: str, pool_run: str, site: str, target_dataset: str | None, pool_dataset: str | None) -> None:
+    for run in (target_run, pool_run):
+        check_name("run id", run)
+    check_name("site", site)
+    for dataset in (target_dataset, pool_dataset):
+        if dataset is not None:
+            check_label("dataset", dataset)
 
 
 def _sql_literal(value) -> str:
@@ -73,6 +83,7 @@ def select(wh, target_run: str, pool_run: str, site: str, *, fraction: float = 0
            invert: bool = False, target_role: str | None = None, pool_role: str | None = None,
            engine: str = "sql") -> pl.DataFrame:
     """nag_select (or nag_quality when quality_column is given) as a DataFrame, in selection order."""
+    _check_names(target_run, pool_run, site, target_dataset, pool_dataset)
     if quality_column is not None and not _IDENTIFIER.match(quality_column):
         raise BadInput(f"quality column {quality_column!r} is not a plain name: use the key of the score in the source's extra columns")
     ranges.share("--fraction", fraction)
@@ -166,6 +177,7 @@ def deactivation_keys(wh, target_run: str, site: str, *, target_dataset: str | N
     Ties go to the lower layer, then the lower unit. The dict is what `whq nag keys` saves
     and `ingest.deactivate.deactivate` reads.
     """
+    _check_names(target_run, target_run, site, target_dataset, None)
     if (top is None) == (share is None):
         raise BadInput("give exactly one of top (units per layer, e.g. 20) or share (of all units, e.g. 0.0012)")
     if top is not None and top < 1:
@@ -208,6 +220,7 @@ def save_keys(keys: dict, path: str | Path) -> Path:
 
 def vectors(wh, run: str, site: str, *, dataset: str | None = None, layers=None) -> pl.DataFrame:
     """Documents' NAGs as long rows (doc, doc_id, dataset, layer, neuron): the input of pca_chart."""
+    _check_names(run, run, site, dataset, None)
     site_row = nag_frames.nag_site(wh, run, site)
     used = nag_frames.check_layers(run, site_row, layers)
     documents = scan(wh, "documents", run).select("doc", "doc_id", "dataset")

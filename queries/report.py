@@ -16,6 +16,7 @@ from pathlib import Path
 import polars as pl
 
 from warehouse.errors import BadInput
+from warehouse.names import check_name
 from warehouse.schema import SCENARIO_SOURCES
 
 from . import scenario_charts as charts
@@ -223,6 +224,8 @@ def render_html(wh, run: str) -> str:
 
 def write_report(wh, run: str, out: str | Path, csv_dir: str | Path | None = None, compare: list[str] = ()) -> list[Path]:
     """Write the HTML report (and the CSVs when csv_dir is given); returns the paths written."""
+    for name in (run, *compare):
+        check_name("run id", name)
     _check_scenario_run(wh, run)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

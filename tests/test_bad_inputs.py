@@ -33,8 +33,10 @@ class Case:
     input: str             # what is wrong, for the table in warehouse/README.md
     args: tuple            # CLI arguments; {new} fresh folder, {wh} a committed warehouse, {copy} a damaged copy of it
     message: str           # the exact line after "error: " ({new}, {wh}, {copy} filled in)
-    damage: str | None = None  # how {copy} is damaged: newer_format | damaged_manifest | corrupt_part
+    damage: str | None = None  # how {copy} is damaged: one of DAMAGES
 
+
+_NAME_RULE = "use letters, digits, '.', '_' or '-' (at most 128 characters, starting with a letter or digit)"
 
 CASES = [
     Case("model folder that does not exist", ("ingest", "{new}", "--model", "no/such/model", "--data", "docs.jsonl", "-q"),
@@ -144,10 +146,57 @@ CASES = [
     Case("warehouse of a newer format version", ("runs", "{copy}"),
          "{copy} has format version 99, newer than this whq reads (1): upgrade whq (pip install -U whq)", "newer_format"),
     Case("damaged run manifest", ("runs", "{copy}"),
-         "manifest {copy}/runs/r.json is damaged: run `whq repair {copy}` to set it aside (the other runs stay queryable)", "damaged_manifest"),
+         "manifest {copy}/runs/r.json is damaged (not JSON: Expecting property name enclosed in double quotes at line 1): "
+         "run `whq repair {copy}` to set it aside (the other runs stay queryable)", "damaged_manifest"),
     Case("corrupt Parquet part", ("runs", "{copy}"),
          "cannot build the catalog (Invalid Input Error: File '{copy}/data/documents/run_id=r/part-0-000000.parquet' too small "
          "to be a Parquet file): find the bad part with `whq check {copy}`, then `whq repair {copy}` quarantines its run", "corrupt_part"),
+    # Names (warehouse/names.py): every run id, site and label is checked before it reaches a path or SQL.
+    Case("--delete of a path to the marker", ("runs", "{wh}", "--delete", "../whq"), "invalid run id '../whq': " + _NAME_RULE),
+    Case("--delete of a path outside the warehouse", ("runs", "{wh}", "--delete", "../../victim"),
+         "invalid run id '../../victim': " + _NAME_RULE),
+    Case("--delete of a run id ending in a newline", ("runs", "{wh}", "--delete", "r\n"), "invalid run id 'r\\n': " + _NAME_RULE),
+    Case("run id ending in a newline", ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--run-id", "r\n"),
+         "invalid run id 'r\\n': " + _NAME_RULE),
+    Case("--resume of a path to the marker", ("ingest", "{wh}", *MODEL, "--data", "docs.jsonl", "--run-id", "../whq", "--resume"),
+         "invalid run id '../whq': " + _NAME_RULE),
+    Case("run id with a suffix whq uses", ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--run-id", "r.json"),
+         "invalid run id 'r.json': the suffix '.json' is reserved for whq's own files: pick another name"),
+    Case("run id with '..'", ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--run-id", "a..b"),
+         "invalid run id 'a..b': '..' is not allowed in a name (names become folder names): pick another name"),
+    Case("run id naming a writer's temporary folder", ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--run-id", "a.rank-0"),
+         "invalid run id 'a.rank-0': '.rank-' is reserved for whq's temporary folders: pick another name"),
+    Case("dataset label with a control character", ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--dataset", "web\x1b[31m"),
+         "invalid --dataset 'web\\x1b[31m': use text of 1 to 256 characters without control characters"),
+    Case("report on a path", ("report", "{wh}", "--run", "../r", "--out", "r.html"), "invalid run id '../r': " + _NAME_RULE),
+    Case("export of a path", ("export", "features", "{wh}", "--run", "r/../r", "--site", "mlp.act", "--out", "f"),
+         "invalid run id 'r/../r': " + _NAME_RULE),
+    Case("NAG target with a bad run id", ("nag", "keys", "{wh}", "--target", "../r", "--top", "3", "--out", "k.json"),
+         "invalid run id '../r': " + _NAME_RULE),
+    Case("NAG target with a bad dataset label", ("nag", "keys", "{wh}", "--target", "r:a\nb", "--top", "3", "--out", "k.json"),
+         "invalid dataset 'a\\nb': use text of 1 to 256 characters without control characters"),
+    # Metadata of the wrong shape (warehouse/metadata.py): one line naming the file and `whq repair`.
+    Case("manifest that is {}", ("runs", "{copy}"),
+         "manifest {copy}/runs/r.json is damaged (the manifest has no valid 'run_id'): run `whq repair {copy}` to set it aside "
+         "(the other runs stay queryable)", "empty_manifest"),
+    Case("manifest that is null", ("runs", "{copy}"),
+         "manifest {copy}/runs/r.json is damaged (the manifest is not a JSON object): run `whq repair {copy}` to set it aside "
+         "(the other runs stay queryable)", "null_manifest"),
+    Case("manifest that is {\"parts\": 5}", ("runs", "{copy}"),
+         "manifest {copy}/runs/r.json is damaged (the manifest has no valid 'run_id'): run `whq repair {copy}` to set it aside "
+         "(the other runs stay queryable)", "parts_not_list"),
+    Case("manifest whose part points outside its run", ("runs", "{copy}"),
+         "manifest {copy}/runs/r.json is damaged (part path '../../victim.parquet' is not a part of run 'r'): "
+         "run `whq repair {copy}` to set it aside (the other runs stay queryable)", "part_outside"),
+    Case("quarantine.json of garbage bytes", ("runs", "{copy}"),
+         "{copy}/quarantine.json is damaged (not UTF-8 text): run `whq repair {copy}` to rebuild it (repair checks every run again)",
+         "garbage_quarantine"),
+    Case("marker whose version is a string", ("runs", "{copy}"),
+         "{copy}/whq.json is damaged (the marker has no valid 'format_version'): restore it, or rewrite it with `whq repair {copy}`",
+         "string_version"),
+    Case("catalog path that is a folder", ("runs", "{copy}"),
+         "{copy}/whq.duckdb is not a file: move it away (whq regenerates the catalog), or run `whq repair {copy}` to set it aside",
+         "catalog_folder"),
     # Inputs and resume (ingest/README.md): odd files, bad bytes, numbers out of range, a changed input.
     Case("data file that is a directory", ("ingest", "{new}", *MODEL, "--data", "{copy}/docs.jsonl"),
          "data file {copy}/docs.jsonl is a directory, not a regular file: give a .jsonl, .parquet or .txt file", "folder_named_jsonl"),
@@ -244,13 +293,26 @@ FILES = {
 }
 
 
+DAMAGES = {
+    "newer_format": ("whq.json", json.dumps({"format_version": 99, "tool": "whq"}).encode()),
+    "string_version": ("whq.json", json.dumps({"format_version": "1", "tool": "whq"}).encode()),
+    "damaged_manifest": ("runs/r.json", b'{"run_id": "r", '),
+    "empty_manifest": ("runs/r.json", b"{}"),
+    "null_manifest": ("runs/r.json", b"null"),
+    "parts_not_list": ("runs/r.json", b'{"parts": 5}'),
+    "garbage_quarantine": ("quarantine.json", bytes(range(200, 256))),
+    "corrupt_part": ("data/documents/run_id=r/part-0-000000.parquet", b"garbage\n"),
+}
+
+
 def damage(root: Path, how: str) -> None:
-    if how == "newer_format":
-        (root / "whq.json").write_text(json.dumps({"format_version": 99, "tool": "whq"}))
-    elif how == "damaged_manifest":
-        (root / "runs" / "r.json").write_text('{"run_id": "r", ')
-    elif how == "corrupt_part":
-        (root / "data" / "documents" / "run_id=r" / "part-0-000000.parquet").write_bytes(b"garbage\n")
+    (root / "whq.duckdb").unlink()  # as after a move: the catalog must be rebuilt
+    if how == "catalog_folder":
+        (root / "whq.duckdb").mkdir()
+    elif how == "part_outside":
+        manifest = json.loads((root / "runs" / "r.json").read_text())
+        manifest["parts"][0]["path"] = "../../victim.parquet"
+        (root / "runs" / "r.json").write_text(json.dumps(manifest))
     elif how == "folder_named_jsonl":
         (root / "docs.jsonl").mkdir()
     elif how == "fifo":
@@ -263,7 +325,9 @@ def damage(root: Path, how: str) -> None:
         journal.mkdir(parents=True)
         recorded = {"path": str(Path("docs.jsonl").resolve()), "bytes": Path("docs.jsonl").stat().st_size, "sha256": "0" * 64}
         (journal / "config.json").write_text(json.dumps({"data": [recorded], "started_at": "2026-01-01T00:00:00+00:00"}))
-    (root / "whq.duckdb").unlink()  # as after a move: the catalog must be rebuilt
+    else:
+        name, payload = DAMAGES[how]
+        (root / name).write_bytes(payload)
 
 
 @pytest.fixture(scope="module")
@@ -389,12 +453,19 @@ def test_malformed_scenarios_end_in_one_line(payload):
     _one_line_exit_2(code, err)
 
 
+def _shell_word(arg: str) -> str:
+    """An argument as a user types it in bash: control characters as $'...' escapes."""
+    if not arg.isprintable():
+        return "$'" + arg.encode("unicode_escape").decode() + "'"
+    return f'"{arg}"' if " " in arg else arg
+
+
 def matrix_markdown() -> str:
     """The bad-input table of warehouse/README.md, from CASES."""
     names = {"new": "NEW", "wh": "WH", "copy": "WH", "budget": "<half the RAM>", "most": "<N>"}
     lines = ["| # | bad input | command | exact one-line message (exit 2) |", "|---|---|---|---|"]
     for i, case in enumerate(CASES, 1):
-        command = "whq " + " ".join(a if " " not in a else f'"{a}"' for a in (x.format(**names) for x in case.args))
+        command = "whq " + " ".join(_shell_word(x.format(**names)) for x in case.args)
         message = "error: " + case.message.format(**names)
         lines.append(f"| {i} | {case.input} | `` {command} `` | `` {message} `` |")
     return "\n".join(lines)

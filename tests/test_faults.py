@@ -16,9 +16,11 @@ Scenarios run two at a time; the children are forked from a server with torch lo
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
+import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +33,8 @@ from ingest.pipeline import ingest
 from warehouse import faults, maintenance
 
 from . import whq_child
-from .conftest import SAMPLE_TEXTS, write_jsonl
+from .cli_runner import run_whq
+from .conftest import FIXTURES, SAMPLE_TEXTS, write_jsonl
 from .reference import content_checksum
 
 MODEL = "config:llama-tiny"  # a random tiny Llama: the same code paths as a real model, in a fraction of the time
@@ -230,3 +233,67 @@ def test_disk_errors_give_one_line_and_commit_nothing_half(fault, message, outco
         if out["resume_code"] is not None:  # once the disk has room again, --resume finishes the run
             assert out["resume_code"] == 0
             assert content_checksum(wh, "r") == setup[3]
+
+
+# -- real mounts: a full disk while the catalog is rebuilt, a read-only warehouse ------------------
+@contextlib.contextmanager
+def mounted(target: Path, *args: str):
+    """`mount ARGS TARGET` for the block (root only: skip with the reason otherwise), unmounted after."""
+    target.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", *args, str(target)], capture_output=True, text=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount here ({(done.stderr or 'mount failed').strip()}): the test needs root and mount")
+    try:
+        yield target
+    finally:
+        subprocess.run(["umount", str(target)], check=True)
+
+
+def golden_warehouse(root: Path) -> Path:
+    shutil.copytree(FIXTURES / "golden_wh", root)
+    return root
+
+
+def part_bytes(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in (root / "data").rglob("*.parquet")}
+
+
+@pytest.mark.parametrize("free_kb", [8, 60, 250])
+def test_a_real_full_disk_while_the_catalog_is_rebuilt_is_one_line_and_leaves_no_temporary(free_kb, tmp_path):
+    """Measured on a 2 MB tmpfs: DuckDB fails in ATTACH, in a commit of its WAL or in the checkpoint of DETACH."""
+    with mounted(tmp_path / "disk", "-t", "tmpfs", "-o", "size=2m", "tmpfs") as disk:
+        root = golden_warehouse(disk / "wh")
+        parts = part_bytes(root)
+        filler = disk / "filler"
+        free = shutil.disk_usage(disk).free - free_kb * 1024
+        with open(filler, "wb") as fh:
+            fh.write(b"\0" * max(free, 0))
+        code, out, err = run_whq("repair", root)
+        assert code == 2 and err.count("\n") == 1, out + err
+        assert err.startswith(f"error: cannot write the catalog {root}/whq.duckdb: ") and f"then run `whq repair {root}`" in err
+        assert not list(root.glob(".whq.duckdb*")) and not (root / "whq.duckdb").exists()
+        assert part_bytes(root) == parts
+        filler.unlink()
+        assert run_whq("repair", root)[0] == 0
+        code, out, err = run_whq("sql", root, "SELECT count(*) AS n FROM documents", "--format", "json")
+        assert code == 0 and json.loads(out)[0]["n"] > 0, err
+
+
+def test_a_read_only_warehouse_is_read_and_refuses_writes_with_one_line(tmp_path, sample_jsonl):
+    source = golden_warehouse(tmp_path / "wh")
+    with mounted(tmp_path / "ro", "--bind", str(source)) as view:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(view)], check=True)
+        warehouse.open(source).close()  # a catalog exists (built for the other path: stale here)
+        code, out, err = run_whq("ingest", view, "--model", MODEL, "--data", sample_jsonl, "-q", "--run-id", "x",
+                                 "--device", "cpu")
+        assert code == 2 and err.count("\n") == 1, out + err
+        assert err.startswith(f"error: cannot lock {view}/journal/x/rank-0.lock: Read-only file system; "
+                              f"the warehouse folder must be writable"), err
+        for command in (("repair", view), ("gc", view), ("runs", view, "--delete", "g")):
+            code, out, err = run_whq(*command)
+            assert code == 2 and err.count("\n") == 1 and "Read-only file system" in err, (command, out + err)
+        code, out, err = run_whq("check", view)
+        assert code == 0 and "all verify" in out, out + err
+        code, out, err = run_whq("runs", view, "--format", "json")
+        assert code == 0 and [r["run_id"] for r in json.loads(out)] == ["g"], err
+    assert sorted(p.name for p in (source / "runs").iterdir()) == ["g.json"]

@@ -9,15 +9,18 @@ shell from PyPI (duckdb-cli) opens.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
-import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import duckdb
 
-from . import schema
+from . import metadata, schema
+from .errors import CorruptPart, WarehouseError
 from .faults import fault
 from .layout import FORMAT_VERSION, Layout
 
@@ -68,24 +71,19 @@ def _stored_columns(con, files: list[str]) -> set[str]:
 
 
 def committed_manifests(layout: Layout) -> list[dict]:
+    """Every committed run's manifest, shape-checked (DamagedMetadata names `whq repair` for a bad one)."""
     if not layout.runs_dir.exists():
         return []
     manifests = []
     for path in sorted(layout.runs_dir.glob("*.json")):
-        try:
-            manifests.append(json.loads(path.read_text()))
-        except ValueError:
-            from .errors import CorruptPart
-
-            raise CorruptPart(f"manifest {path} is damaged: run `whq repair {layout.root}` to set it aside "
-                              f"(the other runs stay queryable)") from None
+        if path.exists():  # a run deleted since the listing is no longer committed
+            manifests.append(metadata.manifest(layout, path))
     return manifests
 
 
 def quarantined(layout: Layout) -> set[str]:
     """Runs that `whq repair` took out of the views because a part is missing or corrupt."""
-    path = layout.quarantine
-    return set(json.loads(path.read_text())) if path.exists() else set()
+    return metadata.quarantine(layout)
 
 
 def fingerprint(layout: Layout) -> str:
@@ -110,10 +108,34 @@ def build(layout: Layout, skip: set[str] | None = None) -> None:
         for part in manifest["parts"]:
             files.setdefault(part["table"], []).append(str(layout.root / part["path"]))
 
+    metadata.catalog_file(layout)
     # Under the commit lock every temporary catalog is one a killed process left behind.
     for stale in layout.root.glob(f".{layout.catalog.name}.*.tmp*"):
         stale.unlink(missing_ok=True)
     tmp = layout.catalog.with_name(f".{layout.catalog.name}.{os.getpid()}.tmp")
+    try:
+        _write(layout, tmp, files)
+        fault("catalog.built")
+        os.replace(tmp, layout.catalog)
+    except (duckdb.Error, OSError) as err:
+        if isinstance(err, duckdb.Error) and not _write_failure(err, tmp):
+            raise
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0][:200]
+        raise WarehouseError(f"cannot write the catalog {layout.catalog}: {reason}; free disk space or fix permissions, "
+                             f"then run `whq repair {layout.root}` (no committed run is lost)") from None
+    finally:
+        for leftover in (tmp, tmp.with_name(tmp.name + ".wal")):
+            leftover.unlink(missing_ok=True)
+
+
+def _write_failure(err: duckdb.Error, tmp: Path) -> bool:
+    """Did DuckDB fail to write the new catalog (a full disk, a read-only folder)? Measured on a
+    full tmpfs: an IOException or a failed commit, the latter naming the file or its WAL."""
+    return isinstance(err, (duckdb.IOException, duckdb.TransactionException)) or tmp.name in str(err)
+
+
+def _write(layout: Layout, tmp: Path, files: dict[str, list[str]]) -> None:
+    """The catalog's views, info view and macros, written into the new file `tmp`."""
     con = duckdb.connect()
     try:
         con.execute(f"ATTACH {quote(str(tmp))} AS whq_catalog (STORAGE_VERSION '{STORAGE_VERSION}')")
@@ -126,8 +148,8 @@ def build(layout: Layout, skip: set[str] | None = None) -> None:
                     absent = frozenset(c.name for c in table.columns) - _stored_columns(con, files[table.name])
                     con.execute(f"CREATE VIEW {_ident(table.name)} AS {view_sql(table, files[table.name], absent)}")
             except duckdb.Error as err:  # a view binds to its parts: a damaged one stops the build
-                from .errors import CorruptPart
-
+                if tmp.name in str(err):
+                    raise  # writing the new file or its WAL failed (a full disk), not reading a part
                 raise CorruptPart(f"cannot build the catalog ({str(err).splitlines()[0][:200]}): find the bad part with "
                                   f"`whq check {layout.root}`, then `whq repair {layout.root}` quarantines its run") from None
             if table.comment:
@@ -147,20 +169,51 @@ def build(layout: Layout, skip: set[str] | None = None) -> None:
         con.execute("DETACH whq_catalog")
     finally:
         con.close()
-    fault("catalog.built")
-    os.replace(tmp, layout.catalog)
-    tmp.with_name(tmp.name + ".wal").unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def private_copy(layout: Layout):
+    """A copy of the catalog in the system's temp folder, removed when the block ends.
+
+    A DuckDB connection locks its file, and the README's `duckdb wh/whq.duckdb` shell must
+    open the catalog while a notebook holds the warehouse open: whq opens a copy (a few
+    milliseconds; the file holds views and macros only). On POSIX a connection opened in
+    the block keeps reading its copy after the name is removed.
+    """
+    try:
+        folder = tempfile.mkdtemp(prefix="whq-catalog-")
+    except OSError as err:
+        raise WarehouseError(f"cannot copy the catalog to {tempfile.gettempdir()}: {err.strerror or err}; "
+                             f"free space there, or point TMPDIR at a writable folder") from None
+    name = os.path.join(folder, layout.catalog.name)  # same file name: the database is still called `whq`
+    try:
+        try:
+            shutil.copyfile(layout.catalog, name)
+        except OSError as err:
+            raise WarehouseError(f"cannot copy the catalog {layout.catalog} to {folder}: {err.strerror or err}; "
+                                 f"free space there (or point TMPDIR at a writable folder), or rebuild the catalog "
+                                 f"with `whq repair {layout.root}`") from None
+        yield name
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def connect(layout: Layout) -> duckdb.DuckDBPyConnection:
+    """A read-only connection to (a private copy of) the catalog; it never locks whq.duckdb."""
+    with private_copy(layout) as name:
+        return duckdb.connect(name, read_only=True)
 
 
 def is_current(layout: Layout) -> bool:
-    if not layout.catalog.exists():
+    if not layout.catalog.is_file():
         return False
     try:
-        con = duckdb.connect(str(layout.catalog), read_only=True)
-        try:
-            row = con.execute(f"SELECT root, fingerprint FROM {INFO_VIEW}").fetchone()
-        finally:
-            con.close()
-    except duckdb.Error:
+        with private_copy(layout) as name:
+            con = duckdb.connect(name, read_only=True)
+            try:
+                row = con.execute(f"SELECT root, fingerprint FROM {INFO_VIEW}").fetchone()
+            finally:
+                con.close()
+    except (duckdb.Error, WarehouseError):
         return False
     return row == (str(layout.root), fingerprint(layout))

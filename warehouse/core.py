@@ -10,11 +10,12 @@ from pathlib import Path
 
 import duckdb
 
-from . import catalog, schema
+from . import catalog, metadata, schema
 from .errors import NotAWarehouse, QueryError, UnknownRun, WarehouseError, sql_error
 from .faults import fault
 from .layout import FORMAT_VERSION, Layout
 from .locks import locked, try_lock
+from .names import is_valid_name
 
 
 def init(path: str | Path) -> "Warehouse":
@@ -64,16 +65,9 @@ def open_or_init(path: str | Path) -> "Warehouse":
 class Warehouse:
     def __init__(self, path: str | Path):
         self.layout = Layout(path)
-        if not self.layout.marker.exists():
+        if not self.layout.marker.exists() and not self.layout.marker.is_symlink():
             raise NotAWarehouse(f"{self.layout.root} is not a whq warehouse: create it with `whq init {path}`")
-        try:
-            version = json.loads(self.layout.marker.read_text())["format_version"]
-        except (ValueError, KeyError):
-            raise NotAWarehouse(f"{self.layout.marker} is damaged: restore it, or rewrite it with `whq repair {path}`") from None
-        if version > FORMAT_VERSION:
-            raise NotAWarehouse(
-                f"{self.layout.root} has format version {version}, newer than this whq reads ({FORMAT_VERSION}): upgrade whq (pip install -U whq)"
-            )
+        metadata.format_version(self.layout)
         self._sweep()
         self.refresh()
 
@@ -85,29 +79,42 @@ class Warehouse:
     def refresh(self, force: bool = False) -> None:
         """Regenerate whq.duckdb when runs were committed, macros changed or the folder moved."""
         if force or not catalog.is_current(self.layout):
-            try:
-                with locked(self.layout.commit_lock):
-                    catalog.build(self.layout)
-            except OSError as err:
-                if not self.layout.catalog.exists():
-                    raise WarehouseError(f"cannot write the catalog in {self.root}: {err.strerror}; check permissions") from None
+            if self.layout.catalog.is_file() and not os.access(self.root, os.W_OK):
+                return  # a read-only warehouse is read with the catalog it has
+            with locked(self.layout.commit_lock):
+                catalog.build(self.layout)
 
     def _sweep(self) -> None:
-        """Remove tmp/ folders of writers that died, and journals of committed runs."""
-        if self.layout.tmp_dir.exists():
+        """Remove tmp/ entries no live process owns, and journals of committed runs.
+
+        Best effort: what cannot be locked or removed (a read-only warehouse) stays as it is.
+        """
+        if self.layout.tmp_dir.is_dir():
             for entry in self.layout.tmp_dir.iterdir():
                 run_id, sep, rank = entry.name.partition(".rank-")
-                lock = self.layout.journal_dir(run_id) / f"rank-{rank}.lock"
-                if sep and lock.exists():
-                    fd = try_lock(lock)
-                    if fd is None:
-                        continue  # a live writer owns it
-                    os.close(fd)
-                shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+                if sep and is_valid_name(run_id):
+                    owner = self.layout.journal_dir(run_id) / f"rank-{rank}.lock"  # a writer's own folder
+                    if not owner.exists():
+                        owner = None
+                else:  # temporaries of repair and delete are written under the commit lock
+                    owner = self.layout.commit_lock
+                try:
+                    fd = try_lock(owner) if owner else None
+                except WarehouseError:
+                    return
+                if owner and fd is None:
+                    continue  # a live process owns it
+                try:
+                    shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+                except OSError:
+                    return
+                finally:
+                    if fd is not None:
+                        os.close(fd)
                 fault("open.sweep")
-        if self.layout.journal_root.exists():
+        if self.layout.journal_root.is_dir():
             for entry in self.layout.journal_root.iterdir():
-                if self.layout.manifest(entry.name).exists():
+                if is_valid_name(entry.name) and self.layout.manifest(entry.name).exists():
                     shutil.rmtree(entry, ignore_errors=True)
 
     def quarantined(self) -> set[str]:
@@ -118,11 +125,11 @@ class Warehouse:
         return [m["run_id"] for m in catalog.committed_manifests(self.layout)]
 
     def manifest(self, run_id: str) -> dict:
-        path = self.layout.manifest(run_id)
+        path = self.layout.manifest(run_id)  # checks the name
         if not path.exists():
             known = ", ".join(self.run_ids()) or "none yet"
             raise UnknownRun(f"no committed run {run_id!r} in {self.root} (runs: {known}); list them with `whq runs {self.root}`")
-        return json.loads(path.read_text())
+        return metadata.manifest(self.layout, path)
 
     def files(self, table: str | None, run_id: str | None = None) -> list[Path]:
         """Absolute paths of the committed parts of `table` (None: of every table), optionally of one run."""
@@ -136,7 +143,7 @@ class Warehouse:
         """A read-only connection to the catalog; `guarded` for untrusted SQL (see sql(read_only=True)),
         with DuckDB's memory_limit set to `memory_limit` (its default when None)."""
         if not guarded:
-            return duckdb.connect(str(self.layout.catalog), read_only=True)
+            return catalog.connect(self.layout)
         # DuckDB's own wall behind safesql: the committed parts are the only files it may open
         # (a COPY cannot write even onto them: it writes a temporary file first), nothing spills
         # to disk (the default temp directory, `.tmp` under the working directory, would be an
@@ -144,7 +151,8 @@ class Warehouse:
         # against SET. The catalog is attached to a private in-memory instance, because
         # connections to one file share one instance and its (then locked) settings.
         con = duckdb.connect(":memory:")
-        con.execute(f"ATTACH {catalog.quote(str(self.layout.catalog))} AS whq_catalog (READ_ONLY)")
+        with catalog.private_copy(self.layout) as name:  # never lock whq.duckdb against the stock shell
+            con.execute(f"ATTACH {catalog.quote(name)} AS whq_catalog (READ_ONLY)")
         con.execute("USE whq_catalog")
         con.execute("SET temp_directory = ''")
         if memory_limit is not None:

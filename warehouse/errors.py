@@ -50,3 +50,11 @@ def sql_error(err: Exception) -> QueryError:
 
 class CorruptPart(WarehouseError):
     """A committed part is missing or does not match its manifest."""
+
+
+class DamagedMetadata(WarehouseError):
+    """A metadata file (manifest, marker, quarantine list, journal) that cannot be read or has the wrong shape."""
+
+    def __init__(self, message: str, detail: str = ""):
+        super().__init__(message)
+        self.detail = detail  # what is wrong with the file, without the fix

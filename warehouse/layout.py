@@ -7,29 +7,20 @@
     <root>/journal/<run_id>/        progress of runs being written (resume state)
     <root>/tmp/                     parts being written; never read; swept when stale
     <root>/quarantine.json          runs left out of the views until repaired (`whq repair`)
+
+Every path built from a run id or site name checks the name first (warehouse/names.py),
+so no caller can reach outside its folder with one.
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
-from .errors import BadInput
+from .names import check_name
 
 FORMAT_VERSION = 1
 MARKER = "whq.json"
 CATALOG = "whq.duckdb"
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
-
-
-def check_name(kind: str, name: str) -> str:
-    """Run ids and site names become directory names: keep them portable."""
-    if not isinstance(name, str) or not _SAFE_NAME.match(name):
-        raise BadInput(
-            f"invalid {kind} {name!r}: use letters, digits, '.', '_' or '-' "
-            f"(at most 128 characters, starting with a letter or digit)"
-        )
-    return name
 
 
 class Layout:
@@ -69,19 +60,20 @@ class Layout:
         return self.root / ".commit.lock"
 
     def manifest(self, run_id: str) -> Path:
-        return self.runs_dir / f"{run_id}.json"
+        return self.runs_dir / f"{check_name('run id', run_id)}.json"
 
     def journal_dir(self, run_id: str) -> Path:
-        return self.journal_root / run_id
+        return self.journal_root / check_name("run id", run_id)
 
     def partition_dir(self, table: str, run_id: str, site: str | None = None, layer: int | None = None) -> Path:
-        path = self.data_dir / table / f"run_id={run_id}"
+        path = self.data_dir / table / f"run_id={check_name('run id', run_id)}"
         if site is not None:
-            path = path / f"site={site}" / f"layer={int(layer)}"
+            path = path / f"site={check_name('site', site)}" / f"layer={int(layer)}"
         return path
 
     def run_data_dirs(self, run_id: str):
         """Every data/<table>/run_id=<id> folder that exists for the run."""
+        check_name("run id", run_id)
         if not self.data_dir.exists():
             return []
         return [d / f"run_id={run_id}" for d in sorted(self.data_dir.iterdir()) if (d / f"run_id={run_id}").exists()]

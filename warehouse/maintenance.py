@@ -21,11 +21,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import catalog, schema
+from . import catalog, metadata, schema
 from .core import Warehouse, write_marker
-from .errors import NotAWarehouse, UnknownRun
+from .errors import DamagedMetadata, NotAWarehouse, UnknownRun
 from .layout import Layout
 from .locks import locked, try_lock
+from .names import check_name, is_valid_name
 from .parts import file_sha256, write_bytes_atomic
 
 DAMAGED_SUFFIX = ".damaged"
@@ -35,10 +36,12 @@ DAMAGED_SUFFIX = ".damaged"
 class Problem:
     run_id: str
     path: str          # relative to the warehouse root
-    kind: str          # missing | size | rows | checksum | schema | unreadable | manifest
+    kind: str          # missing | corrupt | damaged (a metadata file: detail is its whole message)
     detail: str
 
     def line(self, root: Path) -> str:
+        if self.kind == "damaged":
+            return self.detail
         return (f"{self.kind} part {self.path} of run {self.run_id}: {self.detail}; "
                 f"fix: `whq repair {root}` quarantines run {self.run_id} (others stay queryable), "
                 f"then restore the file from a backup, re-ingest the run, or `whq runs {root} --delete {self.run_id}`")
@@ -79,17 +82,36 @@ def verify_part(root: Path, run_id: str, part: dict, *, checksum: bool = True) -
 
 
 def check(wh: Warehouse | Layout, *, checksum: bool = True) -> tuple[list[Problem], dict]:
-    """Verify every committed part (quarantined runs too); returns (problems, counts)."""
+    """Verify every committed part (quarantined runs too) and every metadata file; returns (problems, counts)."""
     layout = wh.layout if isinstance(wh, Warehouse) else wh
-    problems, parts = [], 0
-    manifests = catalog.committed_manifests(layout)
+    problems, parts, manifests = [], 0, []
+
+    def damaged(run_id: str, path: Path, err: DamagedMetadata) -> None:
+        problems.append(Problem(run_id, layout.relative(path), "damaged", str(err)))
+
+    for check_file, path in ((metadata.format_version, layout.marker), (metadata.catalog_file, layout.catalog)):
+        try:
+            check_file(layout)
+        except DamagedMetadata as err:
+            damaged("", path, err)
+    for path in sorted(layout.runs_dir.glob("*.json")) if layout.runs_dir.is_dir() else []:
+        try:
+            manifests.append(metadata.manifest(layout, path))
+        except DamagedMetadata as err:
+            if path.exists() or path.is_symlink():  # else deleted since the listing
+                damaged(path.stem, path, err)
+    try:
+        quarantined = sorted(metadata.quarantine(layout))
+    except DamagedMetadata as err:
+        damaged("", layout.quarantine, err)
+        quarantined = []
     for manifest in manifests:
         for part in manifest["parts"]:
             parts += 1
             found = verify_part(layout.root, manifest["run_id"], part, checksum=checksum)
             if found:
                 problems.append(found)
-    return problems, {"runs": len(manifests), "parts": parts, "quarantined": sorted(catalog.quarantined(layout))}
+    return problems, {"runs": len(manifests), "parts": parts, "quarantined": quarantined}
 
 
 def layout_of(root: str | Path) -> Layout:
@@ -102,41 +124,71 @@ def layout_of(root: str | Path) -> Layout:
 
 def _write_quarantine(layout: Layout, runs: set[str]) -> None:
     if runs:
-        write_bytes_atomic(json.dumps(sorted(runs)).encode(), layout.quarantine, layout.tmp_dir / "maintenance", "quarantine")
+        write_bytes_atomic(json.dumps(sorted(runs)).encode(), layout.quarantine, layout.tmp_dir / "maintenance", "quarantine",
+                           retry=f"run `whq repair {layout.root}` again")
     else:
         layout.quarantine.unlink(missing_ok=True)
 
 
+def _set_aside(path: Path) -> str:
+    """Rename a file (or folder) whq cannot read to <name>.damaged[-N], never over an earlier one."""
+    target, n = path.with_name(path.name + DAMAGED_SUFFIX), 1
+    while target.exists() or target.is_symlink():
+        n += 1
+        target = path.with_name(f"{path.name}{DAMAGED_SUFFIX}-{n}")
+    path.rename(target)
+    return target.name
+
+
 def _set_damaged_manifests_aside(layout: Layout) -> list[str]:
-    moved = []
-    for path in sorted(layout.runs_dir.glob("*.json")) if layout.runs_dir.exists() else []:
+    actions = []
+    for path in sorted(layout.runs_dir.glob("*.json")):
         try:
-            json.loads(path.read_text())["parts"]
-        except (ValueError, KeyError, TypeError):
-            path.rename(path.with_name(path.name + DAMAGED_SUFFIX))
-            moved.append(path.stem)
-    return moved
+            metadata.manifest(layout, path)
+        except DamagedMetadata as err:
+            run = path.stem if path.stem.isprintable() else ascii(path.stem)  # the action stays one line
+            actions.append(f"set the damaged manifest of run {run} aside as {ascii(_set_aside(path))[1:-1]} ({err.detail}); "
+                           f"its data is kept (re-ingest the run, or delete data/*/run_id={run})")
+    return actions
+
+
+def _repair_metadata(layout: Layout) -> tuple[list[str], set[str]]:
+    """Rewrite the marker, set aside what cannot be read; returns (actions, runs quarantined before)."""
+    actions = []
+    try:
+        metadata.format_version(layout)  # a newer format (NotAWarehouse) is never rewritten
+    except DamagedMetadata:
+        if layout.marker.exists() and not layout.marker.is_file():
+            _set_aside(layout.marker)
+        write_marker(layout)
+        actions.append(f"rewrote the damaged format marker {layout.marker.name}")
+    actions += _set_damaged_manifests_aside(layout)
+    try:
+        metadata.catalog_file(layout)
+    except DamagedMetadata:
+        actions.append(f"set {layout.catalog.name}, which is not a file, aside as {_set_aside(layout.catalog)}")
+    try:
+        before = metadata.quarantine(layout)
+    except DamagedMetadata as err:
+        if layout.quarantine.exists() and not layout.quarantine.is_file():
+            _set_aside(layout.quarantine)
+        layout.quarantine.unlink(missing_ok=True)
+        before = set()
+        actions.append(f"dropped the damaged {layout.quarantine.name} ({err.detail}); "
+                       f"every run is checked again")
+    return actions, before
 
 
 def repair(root: str | Path) -> list[str]:
-    """Make the warehouse queryable again; returns one line per action taken."""
+    """Make the warehouse queryable again, whatever its metadata files hold; returns one line per action taken."""
     layout = Layout(root)
-    actions = []
     if not layout.runs_dir.is_dir() or not layout.data_dir.is_dir():
         raise NotAWarehouse(f"{layout.root} is not a whq warehouse (no runs/ and data/): nothing to repair")
-    try:
-        json.loads(layout.marker.read_text())["format_version"]
-    except (OSError, ValueError, KeyError, TypeError):
-        write_marker(layout)
-        actions.append(f"rewrote the format marker {layout.marker.name}")
     with locked(layout.commit_lock):
-        for run_id in _set_damaged_manifests_aside(layout):
-            actions.append(f"set the damaged manifest of run {run_id} aside as runs/{run_id}.json{DAMAGED_SUFFIX}; "
-                           f"its data is kept (re-ingest the run, or delete data/*/run_id={run_id})")
-    # Checked before the catalog is opened: a damaged part would stop its rebuild.
+        actions, before = _repair_metadata(layout)
+    # Checked before the catalog is built: a damaged part would stop the build.
     problems, _ = check(layout)
-    bad = {p.run_id for p in problems}
-    before = catalog.quarantined(layout)
+    bad = {p.run_id for p in problems if p.kind != "damaged"}
     committed = {m["run_id"] for m in catalog.committed_manifests(layout)}
     with locked(layout.commit_lock):
         _write_quarantine(layout, bad)
@@ -149,9 +201,9 @@ def repair(root: str | Path) -> list[str]:
     return actions
 
 
-def _live(layout: Layout, run_id: str) -> bool:
-    """Does a process hold a rank lock of this run's journal (is it being written now)?"""
-    for lock in layout.journal_dir(run_id).glob("rank-*.lock"):
+def _live(journal: Path) -> bool:
+    """Does a process hold a rank lock of this run's journal folder (is it being written now)?"""
+    for lock in journal.glob("rank-*.lock"):
         fd = try_lock(lock)
         if fd is None:
             return True
@@ -177,13 +229,13 @@ def gc(wh: Warehouse, *, interrupted: bool = False, dry_run: bool = False) -> li
         manifests = catalog.committed_manifests(layout)
         listed = {p["path"] for m in manifests for p in m["parts"]}
         committed = {m["run_id"] for m in manifests}
-        damaged = {p.name[: -len(".json" + DAMAGED_SUFFIX)] for p in layout.runs_dir.glob("*.json" + DAMAGED_SUFFIX)}
-        journals = {d.name for d in layout.journal_root.iterdir()} if layout.journal_root.exists() else set()
+        damaged = {p.name.partition(".json" + DAMAGED_SUFFIX)[0] for p in layout.runs_dir.glob(f"*.json{DAMAGED_SUFFIX}*")}
+        journals = {d.name for d in layout.journal_root.iterdir()} if layout.journal_root.is_dir() else set()
         for run_id in sorted(journals):
             if run_id in committed:
-                remove(layout.journal_dir(run_id))
-            elif interrupted and not _live(layout, run_id):
-                remove(layout.journal_dir(run_id))
+                remove(layout.journal_root / run_id)
+            elif interrupted and not _live(layout.journal_root / run_id):
+                remove(layout.journal_root / run_id)
                 journals.discard(run_id)
         keep = (journals - committed) | damaged
         for path in files:
@@ -197,7 +249,7 @@ def gc(wh: Warehouse, *, interrupted: bool = False, dry_run: bool = False) -> li
             remove(stale)
         for entry in sorted(layout.tmp_dir.iterdir()) if layout.tmp_dir.exists() else []:
             run_id, sep, _ = entry.name.partition(".rank-")
-            if not (sep and _live(layout, run_id)):
+            if not (sep and is_valid_name(run_id) and _live(layout.journal_root / run_id)):
                 remove(entry)
         if not dry_run:
             for folder in sorted((p for p in files if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
@@ -208,6 +260,7 @@ def gc(wh: Warehouse, *, interrupted: bool = False, dry_run: bool = False) -> li
 
 def delete_run(wh: Warehouse, run_id: str) -> None:
     """Remove a committed run: invisible first (manifest out, catalog rebuilt), then its data."""
+    check_name("run id", run_id)
     layout = wh.layout
     wh.close()
     with locked(layout.commit_lock):

@@ -90,10 +90,12 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_bytes_atomic(payload: bytes, final: Path, tmp_dir: Path, what: str = "file") -> None:
+def write_bytes_atomic(payload: bytes, final: Path, tmp_dir: Path, what: str = "file",
+                       retry: str = "rerun with --resume") -> None:
     """Write under tmp_dir, fsync, then rename onto `final` (same filesystem).
 
     `what` names the fault points (warehouse.faults) on the way: <what>.partial/.synced/.renamed.
+    `retry` is the advice after a failure (maintenance commands are rerun, not resumed).
     """
     tmp = tmp_dir / f"{uuid.uuid4().hex}.tmp"
     try:
@@ -110,7 +112,7 @@ def write_bytes_atomic(payload: bytes, final: Path, tmp_dir: Path, what: str = "
         os.replace(tmp, final)
     except OSError as err:
         tmp.unlink(missing_ok=True)
-        raise WarehouseError(f"cannot write {final}: {err.strerror or err}; free disk space or fix permissions, then rerun with --resume") from None
+        raise WarehouseError(f"cannot write {final}: {err.strerror or err}; free disk space or fix permissions, then {retry}") from None
     fault(f"{what}.renamed")
     fsync_dir(final.parent)
 

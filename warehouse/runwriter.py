@@ -23,11 +23,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import catalog, schema
-from .errors import BadInput, RunExists, WarehouseError
+from . import catalog, metadata, schema
+from .errors import BadInput, DamagedMetadata, RunExists, WarehouseError
 from .faults import fault
-from .layout import FORMAT_VERSION, Layout, check_name
+from .layout import FORMAT_VERSION, Layout
 from .locks import locked, try_lock
+from .names import check_name
 from .parts import PartInfo, side_by_side, write_bytes_atomic, write_part
 
 VOLATILE_CONFIG_KEYS = {"resume", "progress", "started_at"}
@@ -60,7 +61,7 @@ class RunWriter:
         self._check_config(resume)
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
         (self.journal_dir / f"rank-{rank}.done").unlink(missing_ok=True)
-        self.shards = read_journal(self.journal)
+        self.shards = read_journal(self.journal, self.run_id)
         self._delete_unjournalled_parts()
         if resume:
             fault("resume.cleaned")
@@ -76,7 +77,11 @@ class RunWriter:
                     f"run {self.run_id!r} was interrupted before it committed: finish it with "
                     f"`whq ingest ... --run-id {self.run_id} --resume`, or discard it with `whq gc {self.layout.root} --interrupted`"
                 )
-            previous = json.loads(saved.read_text())
+            try:
+                previous = metadata.journal_config(self.layout, saved)
+            except WarehouseError:
+                self.close()
+                raise
             self.started_at = dt.datetime.fromisoformat(previous["started_at"])
             if _canonical(_stable(previous)) != _canonical(_stable(self.config)):
                 changed = sorted(k for k in set(previous) | set(self.config)
@@ -118,13 +123,13 @@ class RunWriter:
         """The resume state saved with the last completed shard."""
         if not self.shards or name not in self.shards[-1]["state"]:
             return None
-        return pq.read_table(self.state_dir / self.shards[-1]["state"][name])
+        return self._read_state(self.state_dir / self.shards[-1]["state"][name])
 
     # -- writing ----------------------------------------------------------
     def _part_path(self, table: str, site, layer, seq: str) -> Path:
         tbl = schema.table(table)
         if "site" in tbl.partitions:
-            folder = self.layout.partition_dir(table, self.run_id, check_name("site", site), layer)
+            folder = self.layout.partition_dir(table, self.run_id, site, layer)
         else:
             folder = self.layout.partition_dir(table, self.run_id)
         return folder / f"part-{self.rank}-{seq}.parquet"
@@ -178,14 +183,23 @@ class RunWriter:
         """The journalled shards of one rank (this writer's own, or another rank's from its journal)."""
         if rank == self.rank:
             return self.shards
-        return read_journal(self.journal_dir / f"rank-{rank}.jsonl")
+        return read_journal(self.journal_dir / f"rank-{rank}.jsonl", self.run_id)
 
     def rank_state(self, rank: int, name: str) -> pa.Table | None:
         """The resume state another rank saved with its last shard (rank 0 merges them at commit)."""
         shards = self.rank_shards(rank)
         if not shards or name not in shards[-1]["state"]:
             return None
-        return pq.read_table(self.journal_dir / "state" / f"rank-{rank}" / shards[-1]["state"][name])
+        return self._read_state(self.journal_dir / "state" / f"rank-{rank}" / shards[-1]["state"][name])
+
+    def _read_state(self, path: Path) -> pa.Table:
+        try:
+            return pq.read_table(path)
+        except (pa.ArrowException, OSError) as err:  # running totals cannot be redone shard by shard
+            raise DamagedMetadata(
+                f"resume state {path} is unreadable ({str(err).splitlines()[0][:120]}): discard the interrupted run "
+                f"with `whq gc {self.layout.root} --interrupted`, then ingest it again"
+            ) from None
 
     def run_shard_info(self) -> list[dict]:
         """Shard info of every rank (call on rank 0 once the ranks have finished)."""
@@ -258,7 +272,7 @@ def committed_with_same_config(layout: Layout, run_id: str, config: dict) -> dic
     path = layout.manifest(run_id)
     if not path.exists():
         return None
-    manifest = json.loads(path.read_text())
+    manifest = metadata.manifest(layout, path)
     if _canonical(_stable(manifest["config"])) != _canonical(_stable(config)):
         raise RunExists(f"run {run_id!r} is already committed with other arguments: choose another --run-id, "
                         f"or delete it with `whq runs {layout.root} --delete {run_id}`")
@@ -283,17 +297,15 @@ def write_run(layout: Layout, run_id: str, parts, config: dict | None = None) ->
     return writer.commit([], dt.datetime.now(dt.timezone.utc))
 
 
-def read_journal(journal: Path) -> list[dict]:
-    """The shards a rank's journal records as complete, in order, up to the first torn or out-of-order line."""
+def read_journal(journal: Path, run_id: str) -> list[dict]:
+    """The shards a rank's journal records as complete, in order, up to the first torn, out-of-order
+    or damaged line (metadata.journal_record): that shard and the ones after it are redone."""
     if not journal.exists():
         return []
     shards = []
-    for line in journal.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            break  # a torn last line: that shard did not complete
-        if record.get("shard") != len(shards):
+    for line in journal.read_text(errors="replace").splitlines():
+        record = metadata.journal_record(line, len(shards), run_id)
+        if record is None:
             break
         shards.append(record)
     return shards
