@@ -98,7 +98,8 @@ CREATE TABLE tokens (
     piece VARCHAR,
     char_start INTEGER,
     char_end INTEGER,
-    special BOOLEAN
+    special BOOLEAN,
+    text VARCHAR
 );
 COMMENT ON TABLE tokens IS 'Every token position the model saw: re-running the model on token_id grouped by (doc, window) reproduces the stored activations.';
 COMMENT ON COLUMN tokens.pos IS 'Position in the document, continuing across windows, special tokens included.';
@@ -108,6 +109,7 @@ COMMENT ON COLUMN tokens.piece IS 'The token as text (tokenizer.convert_ids_to_t
 COMMENT ON COLUMN tokens.char_start IS 'Start offset of the token in documents.text (NULL for special tokens).';
 COMMENT ON COLUMN tokens.char_end IS 'End offset (exclusive) in documents.text (NULL for special tokens).';
 COMMENT ON COLUMN tokens.special IS 'True for tokens the tokenizer added ([CLS], [SEP], BOS, ...).';
+COMMENT ON COLUMN tokens.text IS 'The token as the tokenizer decodes it alone (tokenizer.decode([token_id]): '' ass'', not ''Ġass''), for display; NULL in runs captured before it was kept.';
 
 CREATE TABLE token_neurons (
     run_id VARCHAR,
@@ -148,7 +150,11 @@ CREATE TABLE neuron_stats (
     sum_sq DOUBLE,
     max FLOAT,
     max_doc INTEGER,
-    max_pos INTEGER
+    max_pos INTEGER,
+    min FLOAT,
+    sum_cube DOUBLE,
+    sum_quad DOUBLE,
+    sum_pos DOUBLE
 );
 COMMENT ON TABLE neuron_stats IS 'Exact aggregates over ALL tokens of the run, computed from the dense activation on the device.';
 COMMENT ON COLUMN neuron_stats.n_tokens IS 'Token positions seen (padding excluded).';
@@ -159,6 +165,23 @@ COMMENT ON COLUMN neuron_stats.sum_sq IS 'Sum of squared values over all tokens.
 COMMENT ON COLUMN neuron_stats.max IS 'Largest value.';
 COMMENT ON COLUMN neuron_stats.max_doc IS 'Document of the largest value (first in document order on ties).';
 COMMENT ON COLUMN neuron_stats.max_pos IS 'Position of the largest value.';
+COMMENT ON COLUMN neuron_stats.min IS 'Smallest value (NULL in runs captured before it was kept).';
+COMMENT ON COLUMN neuron_stats.sum_cube IS 'Sum of value^3 over all tokens (third moment; unit_stats gives the skewness).';
+COMMENT ON COLUMN neuron_stats.sum_quad IS 'Sum of value^4 over all tokens (fourth moment; unit_stats gives the kurtosis).';
+COMMENT ON COLUMN neuron_stats.sum_pos IS 'Sum of max(value, 0) over all tokens: the positive part, selectivity''s denominator.';
+
+CREATE TABLE unit_histograms (
+    run_id VARCHAR,
+    site VARCHAR,
+    layer INTEGER,
+    neuron INTEGER,
+    bin SMALLINT,
+    count BIGINT
+);
+COMMENT ON TABLE unit_histograms IS 'Per unit (reduction hist), exact counts of its values over ALL tokens on one fixed grid: quarter-octave bins for 2^-12 <= |value| < 2^12 plus end and near-zero bins (edges: whq_hist_lo/whq_hist_hi in queries/units.sql); empty bins are not stored.';
+COMMENT ON COLUMN unit_histograms.neuron IS 'Unit index at the site.';
+COMMENT ON COLUMN unit_histograms.bin IS 'Bin 0..195 in value order: 97 holds (-2^-12, 0], 98 holds (0, 2^-12); 0 and 195 the values beyond -4096 / 4096.';
+COMMENT ON COLUMN unit_histograms.count IS 'Tokens whose value falls in the bin (padding excluded).';
 
 CREATE TABLE neuron_examples (
     run_id VARCHAR,
@@ -169,11 +192,15 @@ CREATE TABLE neuron_examples (
     rank INTEGER,
     doc INTEGER,
     pos INTEGER,
-    value FLOAT
+    value FLOAT,
+    quantile INTEGER,
+    window_values FLOAT[]
 );
-COMMENT ON TABLE neuron_examples IS 'Per unit, exact over all tokens: the N strongest activations (kind top) and a uniform sample of N firing tokens (kind random).';
-COMMENT ON COLUMN neuron_examples.kind IS 'top (strongest first) or random (uniform sample of firing tokens).';
-COMMENT ON COLUMN neuron_examples.rank IS 'Order within kind: 0 is the strongest / first sampled.';
+COMMENT ON TABLE neuron_examples IS 'Per unit, exact over all tokens: the N strongest activations (kind top), a uniform sample of N firing tokens (kind random) and, with quantiles=Q, a uniform sample of up to N firing tokens from each of Q bins of its value distribution (kind quantile).';
+COMMENT ON COLUMN neuron_examples.kind IS 'top (strongest first), random (uniform sample of firing tokens) or quantile (uniform samples per quantile bin).';
+COMMENT ON COLUMN neuron_examples.rank IS 'Order within kind: 0 is the strongest / first sampled; kind quantile runs through the bins in order.';
+COMMENT ON COLUMN neuron_examples.window_values IS 'Kinds top and random: the unit''s own value at every token from 50 before to 20 after the example (71 values, stored as FLOAT16), captured with it; NULL where a token lies outside the example''s model window. NULL for kind quantile and older runs.';
+COMMENT ON COLUMN neuron_examples.quantile IS 'Kind quantile: the quantile bin (0 = lowest values; see quantile_examples); NULL for the other kinds.';
 COMMENT ON COLUMN neuron_examples.neuron IS 'Unit index at the site.';
 COMMENT ON COLUMN neuron_examples.pos IS 'Token position of the example in its document.';
 COMMENT ON COLUMN neuron_examples.value IS 'The unit''s activation at that token.';
@@ -187,7 +214,8 @@ CREATE TABLE neuron_logits (
     rank INTEGER,
     token_id INTEGER,
     token VARCHAR,
-    logit FLOAT
+    logit FLOAT,
+    text VARCHAR
 );
 COMMENT ON TABLE neuron_logits IS 'Logit lens of each MLP unit''s output direction W_U . W_down[:, n], or of a dictionary latent''s decoder row W_U . (g * W_dec[n]) with g the final norm''s weight: top and bottom tokens.';
 COMMENT ON COLUMN neuron_logits.direction IS 'top (most promoted) or bottom (most suppressed).';
@@ -195,7 +223,23 @@ COMMENT ON COLUMN neuron_logits.neuron IS 'Unit index at the site.';
 COMMENT ON COLUMN neuron_logits.rank IS '0 is the most promoted (top) or most suppressed (bottom) token.';
 COMMENT ON COLUMN neuron_logits.token_id IS 'Vocabulary id.';
 COMMENT ON COLUMN neuron_logits.token IS 'The token as text.';
+COMMENT ON COLUMN neuron_logits.text IS 'The token as the tokenizer decodes it alone (see tokens.text), for display.';
 COMMENT ON COLUMN neuron_logits.logit IS 'Logit contribution of a unit activation of 1 (W_U . W_down[:, n]).';
+
+CREATE TABLE unit_neighbors (
+    run_id VARCHAR,
+    site VARCHAR,
+    layer INTEGER,
+    neuron INTEGER,
+    rank INTEGER,
+    other INTEGER,
+    cosine FLOAT
+);
+COMMENT ON TABLE unit_neighbors IS 'Per MLP unit (reduction similar=K): the K other units of its layer whose output directions (columns of the down projection W_down[:, n]) have the highest cosine with its own.';
+COMMENT ON COLUMN unit_neighbors.neuron IS 'Unit index at the site.';
+COMMENT ON COLUMN unit_neighbors.rank IS '0 is the most similar unit (ties: lower unit id first).';
+COMMENT ON COLUMN unit_neighbors.other IS 'The similar unit''s index.';
+COMMENT ON COLUMN unit_neighbors.cosine IS 'Cosine of the two units'' output directions.';
 
 CREATE TABLE vectors (
     run_id VARCHAR,

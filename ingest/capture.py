@@ -30,6 +30,41 @@ from .sites import ResolvedSite
 _NO_KEY = (1 << 62)
 # token_neurons values are stored as float16: convert on the device, so host copies are half the size.
 VALUE_DTYPE = torch.float16
+# Example windows (neuron_examples.window_values): the unit's own value at every token from
+# CONTEXT_BEFORE before to CONTEXT_AFTER after each top and random example, as float16 (the
+# export's default window, queries/export.py BEFORE / AFTER).
+CONTEXT_BEFORE, CONTEXT_AFTER = 50, 20
+
+# Per-unit histograms (reduction `hist`) use one fixed grid for every site, unit and run,
+# so counts from batches, shards and ranks merge by addition. A value's bin comes from its
+# float32 bits: the exponent and the top two mantissa bits, i.e. quarter-octave steps with
+# edges 2^e * (1, 1.25, 1.5, 1.75), for 2^-12 <= |a| < 2^12 (96 steps a sign). Bins, in
+# value order (queries/units.sql whq_hist_lo/hi give the edges):
+#   0: a <= -4096 (and -inf)    1..96: -edge(97-b) < a <= -edge(96-b)    97: -2^-12 < a <= 0
+#   98: 0 < a < 2^-12           99..194: edge(b-99) <= a < edge(b-98)    195: a >= 4096 (and +inf)
+# with edge(i) = 2^(-12 + i // 4) * (1 + (i % 4) / 4). NaN counts in the end bin of its sign.
+# fused.c's hist_bin is the same function.
+HIST_LOW = 460          # (127 - 12) * 4: float bits >> 21 of 2^-12
+HIST_STEPS = 96
+HIST_BINS = 2 * HIST_STEPS + 4
+
+
+def hist_edges() -> tuple[np.ndarray, np.ndarray]:
+    """(lo, hi) of every histogram bin, as in the comment above."""
+    edge = np.array([2.0 ** (-12 + i // 4) * (1 + (i % 4) / 4) for i in range(HIST_STEPS + 1)])
+    lo = np.concatenate([[-np.inf], -edge[:0:-1], [-edge[0], 0.0], edge[:-1], [edge[-1]]])
+    hi = np.concatenate([[-edge[-1]], -edge[-2::-1], [0.0, edge[0]], edge[1:], [np.inf]])
+    return lo, hi
+
+
+def hist_bins(x: torch.Tensor) -> torch.Tensor:
+    """The histogram bin (int64, 0 .. HIST_BINS - 1) of every value of a float32 tensor."""
+    bits = x.contiguous().view(torch.int32)
+    k = ((bits & 0x7FFFFFFF) >> 21).to(torch.int64) - HIST_LOW
+    inside = (k >= 0) & (k < HIST_STEPS)
+    below = torch.where(inside, HIST_STEPS - k, torch.where(k < 0, HIST_STEPS + 1, 0))
+    above = torch.where(inside, HIST_STEPS + 3 + k, torch.where(k < 0, HIST_STEPS + 2, 2 * HIST_STEPS + 3))
+    return torch.where((bits < 0) | (bits == 0), below, above)
 
 
 def sample_keys(doc: torch.Tensor, pos: torch.Tensor, width: int) -> torch.Tensor:
@@ -122,27 +157,53 @@ class SiteLayer:
             "max": torch.full((width,), float("-inf"), dtype=torch.float32, device=dev),
             "max_doc": torch.full((width,), -1, dtype=torch.int64, device=dev),
             "max_pos": torch.full((width,), -1, dtype=torch.int64, device=dev),
+            "sum_cube": torch.zeros(width, dtype=torch.float64, device=dev),
+            "sum_quad": torch.zeros(width, dtype=torch.float64, device=dev),
+            "sum_pos": torch.zeros(width, dtype=torch.float64, device=dev),
+            "min": torch.full((width,), float("inf"), dtype=torch.float32, device=dev),
         }
+        if "hist" in self.red:
+            self.stats["hist"] = torch.zeros(width, HIST_BINS, dtype=torch.int64, device=dev)
         if "examples" in self.red:
             n = self.red["examples"]
-            for kind, fill in (("top", float("-inf")), ("random", float("nan"))):
-                self.examples[f"{kind}_value"] = torch.full((n, width), fill, dtype=torch.float32, device=dev)
-                self.examples[f"{kind}_doc"] = torch.full((n, width), -1, dtype=torch.int64, device=dev)
-                self.examples[f"{kind}_pos"] = torch.full((n, width), -1, dtype=torch.int64, device=dev)
-            self.examples["random_key"] = torch.full((n, width), _NO_KEY, dtype=torch.int64, device=dev)
+            kinds = [("top", n, float("-inf")), ("random", n, float("nan"))]
+            if "quantiles" in self.red:
+                kinds.append(("pool", 2 * self.red["quantiles"] * n, float("nan")))
+            for kind, size, fill in kinds:
+                self.examples[f"{kind}_value"] = torch.full((size, width), fill, dtype=torch.float32, device=dev)
+                self.examples[f"{kind}_doc"] = torch.full((size, width), -1, dtype=torch.int64, device=dev)
+                self.examples[f"{kind}_pos"] = torch.full((size, width), -1, dtype=torch.int64, device=dev)
+                if kind != "top":
+                    self.examples[f"{kind}_key"] = torch.full((size, width), _NO_KEY, dtype=torch.int64, device=dev)
+                if kind != "pool":
+                    self.examples[f"{kind}_context"] = torch.full((size, width, CONTEXT_BEFORE + 1 + CONTEXT_AFTER),
+                                                                  float("nan"), dtype=VALUE_DTYPE, device=dev)
+
+    # The unit axis of each state's tensors: stats are [width] or [width, bins]; examples [n, width]
+    # or [n, width, window] (window values).
+    _UNIT_AXIS = {"stats": 0, "examples": 1}
 
     def state_tables(self) -> dict[str, pa.Table]:
-        """A snapshot (copied: the live tensors keep changing) of the run-level state, for resume."""
+        """A snapshot (copied: the live tensors keep changing) of the run-level state, for resume.
+
+        One row per unit: a tensor with more values per unit than one is a fixed-size list column.
+        """
         if self.width is None:
             return {}
 
-        def snapshot(tensors):
-            return pa.table({k: np.full(self.width, v.item()) if v.dim() == 0 else v.cpu().numpy().reshape(-1).copy()
-                             for k, v in tensors.items()})
+        def column(v, axis):
+            if v.dim() == 0:
+                return np.full(self.width, v.item())
+            per_unit = v.movedim(axis, 0).reshape(self.width, -1).cpu().numpy().copy()
+            if v.dim() == 1:
+                return per_unit[:, 0]
+            return pa.FixedSizeListArray.from_arrays(per_unit.reshape(-1), per_unit.shape[1])
 
-        tables = {f"stats.{self.name}.{self.layer}": snapshot(self.stats)}
-        if self.examples:
-            tables[f"examples.{self.name}.{self.layer}"] = snapshot(self.examples)
+        tables = {}
+        for prefix, state in (("stats", self.stats), ("examples", self.examples)):
+            if state:
+                axis = self._UNIT_AXIS[prefix]
+                tables[f"{prefix}.{self.name}.{self.layer}"] = pa.table({k: column(v, axis) for k, v in state.items()})
         if self.encoder is not None:
             tables.update(self.encoder.state_tables(f"{self.name}.{self.layer}"))
         return tables
@@ -150,8 +211,10 @@ class SiteLayer:
     def merge(self, other: SiteLayer) -> None:
         """Fold another capture of this site layer (another rank's) into this one: both merges are exact."""
         mine, theirs = self.stats, other.stats
-        for key in ("n_tokens", "n_fired", "sum", "sum_sq"):
-            mine[key] += theirs[key]
+        for key in ("n_tokens", "n_fired", "sum", "sum_sq", "sum_cube", "sum_quad", "sum_pos", "hist"):
+            if key in mine:
+                mine[key] += theirs[key]
+        mine["min"] = torch.minimum(mine["min"], theirs["min"])
         # Ties go to the first token in document order, as within one process.
         key_mine = mine["max_doc"] * (1 << 32) + mine["max_pos"]
         key_theirs = theirs["max_doc"] * (1 << 32) + theirs["max_pos"]
@@ -159,13 +222,11 @@ class SiteLayer:
         better = seen & ((theirs["max"] > mine["max"]) | ((theirs["max"] == mine["max"]) & (key_theirs < key_mine)))
         for key in ("max", "max_doc", "max_pos"):
             mine[key] = torch.where(better, theirs[key], mine[key])
-        if self.examples:
-            ex = other.examples
-            # The same merge the hook applies batch by batch: top values, and smallest sample keys.
-            self._merge("top", ex["top_value"], ex["top_doc"], ex["top_pos"],
-                        order=self.examples["top_value"], new_order=ex["top_value"], largest=True)
-            self._merge("random", ex["random_value"], ex["random_doc"], ex["random_pos"],
-                        order=self.examples["random_key"], new_order=ex["random_key"], largest=False)
+        # The same merge the hook applies batch by batch: top values, and smallest sample keys.
+        for kind, by, largest in (("top", "value", True), ("random", "key", False), ("pool", "key", False)):
+            fields = {k[len(kind) + 1:]: v for k, v in other.examples.items() if k.startswith(f"{kind}_")}
+            if fields:
+                self._merge(kind, fields, by=by, largest=largest)
 
     def restore(self, tables: dict[str, pa.Table]) -> None:
         stats = tables.get(f"stats.{self.name}.{self.layer}")
@@ -173,10 +234,17 @@ class SiteLayer:
             return
         self._allocate(stats.num_rows)
         examples = tables.get(f"examples.{self.name}.{self.layer}")
-        for source, state in ((stats, self.stats), (examples, self.examples)):
+        for prefix, source, state in (("stats", stats, self.stats), ("examples", examples, self.examples)):
             for key, target in state.items():
-                column = torch.from_numpy(source.column(key).to_numpy().copy())  # Arrow buffers are read-only
-                target.copy_(column[0] if target.dim() == 0 else column.reshape(target.shape))
+                data = source.column(key).combine_chunks()
+                if pa.types.is_fixed_size_list(data.type):
+                    data = data.flatten()
+                column = torch.from_numpy(data.to_numpy().copy())  # Arrow buffers are read-only
+                if target.dim() == 0:
+                    target.copy_(column[0])
+                else:
+                    moved = target.movedim(self._UNIT_AXIS[prefix], 0)
+                    target.copy_(column.reshape(moved.shape).movedim(0, self._UNIT_AXIS[prefix]))
         if self.encoder is not None:
             self.encoder.restore(tables, f"{self.name}.{self.layer}")
 
@@ -226,7 +294,7 @@ class SiteLayer:
             self.out["dense"] = x[ctx.mask[:, :seq]]
         if "examples" in red:
             floored = self._floored(x, mask3) if floored is None else floored
-            self._update_examples(floored.reshape(batch * seq, width), batch * seq)
+            self._update_examples(floored.reshape(batch * seq, width), batch * seq, x)
 
     def _floored(self, x: torch.Tensor, mask3: torch.Tensor) -> torch.Tensor:
         """x with -inf on padding, for maxima (no copy when the batch has none)."""
@@ -272,6 +340,16 @@ class SiteLayer:
         stats["n_fired"] += fired.sum(dim=1, dtype=torch.int32).sum(dim=0)
         stats["sum"] += row_sums.sum(dim=0, dtype=torch.float64)
         stats["sum_sq"] += torch.linalg.vecdot(zeroed, zeroed, dim=1).sum(dim=0, dtype=torch.float64)
+        squares = zeroed * zeroed
+        stats["sum_cube"] += torch.linalg.vecdot(squares, zeroed, dim=1).sum(dim=0, dtype=torch.float64)
+        stats["sum_quad"] += torch.linalg.vecdot(squares, squares, dim=1).sum(dim=0, dtype=torch.float64)
+        stats["sum_pos"] += torch.where(zeroed > 0, zeroed, 0).sum(dim=1).sum(dim=0, dtype=torch.float64)
+        ceiled = x if ctx.full else torch.where(mask3, x, float("inf"))
+        stats["min"] = torch.minimum(stats["min"], ceiled.amin(dim=(0, 1)))
+        if "hist" in stats:
+            bins = hist_bins(x) + torch.arange(width, device=x.device) * HIST_BINS
+            valid = bins if ctx.full else bins[ctx.mask[:, :seq]]
+            stats["hist"] += torch.bincount(valid.reshape(-1), minlength=width * HIST_BINS).view(width, HIST_BINS)
         row_max = floored.amax(dim=1)                                   # [batch, width]
         batch_max = row_max.amax(dim=0)                                 # [width]
         # Ties go to the first token in document order, whatever order batches run in:
@@ -288,25 +366,49 @@ class SiteLayer:
         stats["max_doc"] = torch.where(better, first >> 32, stats["max_doc"])
         stats["max_pos"] = torch.where(better, first & 0xFFFFFFFF, stats["max_pos"])
 
-    def _update_examples(self, flat: torch.Tensor, rows: int) -> None:
-        ctx, ex, n = self.ctx, self.examples, self.red["examples"]
-        take = min(n, rows)
-        values, where = flat.topk(take, dim=0)
-        self._merge("top", values, ctx.row_doc[where], ctx.row_pos[where], order=ex["top_value"], new_order=values, largest=True)
+    def _update_examples(self, flat: torch.Tensor, rows: int, x: torch.Tensor) -> None:
+        ctx, ex = self.ctx, self.examples
+        values, where = flat.topk(min(self.red["examples"], rows), dim=0)
+        self._merge("top", {"value": values, "doc": ctx.row_doc[where], "pos": ctx.row_pos[where]},
+                    by="value", largest=True, where=where, x=x)
         keys = sample_keys(ctx.row_doc, ctx.row_pos, flat.shape[1])
         keys = keys.masked_fill(~(flat > self.threshold), _NO_KEY)
-        batch_keys, where = keys.topk(take, dim=0, largest=False)
-        self._merge("random", flat.gather(0, where), ctx.row_doc[where], ctx.row_pos[where],
-                    order=ex["random_key"], new_order=batch_keys, largest=False)
+        for kind in ("random", "pool") if "pool_key" in ex else ("random",):
+            batch_keys, where = keys.topk(min(ex[f"{kind}_key"].shape[0], rows), dim=0, largest=False)
+            # A token enters the N smallest keys when it arrives or never (later keys only push it back),
+            # so windows taken on arrival cover the final random examples.
+            self._merge(kind, {"value": flat.gather(0, where), "doc": ctx.row_doc[where], "pos": ctx.row_pos[where],
+                               "key": batch_keys}, by="key", largest=False, where=where, x=x)
 
-    def _merge(self, kind, values, docs, positions, *, order, new_order, largest) -> None:
-        ex, n = self.examples, self.red["examples"]
-        all_order = torch.cat([order, new_order])
-        _, pick = all_order.topk(n, dim=0, largest=largest)
-        for field, new in (("value", values), ("doc", docs), ("pos", positions)):
-            ex[f"{kind}_{field}"] = torch.cat([ex[f"{kind}_{field}"], new]).gather(0, pick)
-        if kind == "random":
-            ex["random_key"] = all_order.gather(0, pick)
+    def _windows(self, x: torch.Tensor, where: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+        """[m, CONTEXT] unit units[i]'s own values around flat row where[i] of x [batch, seq, width],
+        NaN outside that token's model window (before its row's start, past its valid length)."""
+        batch, seq, width = x.shape
+        row = where // seq
+        t = (where % seq)[:, None] + torch.arange(-CONTEXT_BEFORE, CONTEXT_AFTER + 1, device=x.device)
+        inside = (t >= 0) & (t < self.ctx.lengths[row][:, None])
+        values = x.reshape(batch * seq, width)[row[:, None] * seq + t.clamp(0, seq - 1), units[:, None]]
+        return torch.where(inside, values, float("nan")).to(VALUE_DTYPE)
+
+    def _merge(self, kind: str, new: dict, *, by: str, largest: bool, where=None, x=None) -> None:
+        """Keep the best of the kept and the `new` entries of one kind: largest `by` (top) or smallest (sample keys).
+
+        Window values come with `new` (another rank's examples) or, for a batch, are read from x
+        for the entries that made it in (rows `where` [new, width]): most candidates of a batch do not.
+        """
+        ex = self.examples
+        size = ex[f"{kind}_{by}"].shape[0]
+        _, pick = torch.cat([ex[f"{kind}_{by}"], new[by]]).topk(size, dim=0, largest=largest)
+        for field, values in new.items():
+            both = torch.cat([ex[f"{kind}_{field}"], values])
+            index = pick if both.dim() == 2 else pick[..., None].expand(-1, -1, both.shape[2])
+            ex[f"{kind}_{field}"] = both.gather(0, index)
+        if f"{kind}_context" in ex and "context" not in new:
+            old = ex[f"{kind}_context"]
+            kept = old.gather(0, pick.clamp(max=size - 1)[..., None].expand(-1, -1, old.shape[2]))
+            slots, units = (pick >= size).nonzero(as_tuple=True)
+            kept[slots, units] = self._windows(x, where[pick[slots, units] - size, units], units)
+            ex[f"{kind}_context"] = kept
 
 
 def collect(site_layers: list[SiteLayer]) -> tuple[dict, object]:

@@ -17,11 +17,11 @@ from .sources import Document
 
 DEMO_TEXT = Path(warehouse.__file__).parent / "fixtures" / "tinyshakespeare_head.txt"
 DEMO_RUN = "demo"
-DEMO_SITES = ["mlp.act:topk=20,examples=20", "mlp.up:nag=20", "resid.out:last"]
+DEMO_SITES = ["mlp.act:topk=20,examples=20,hist,quantiles=10,similar=10", "mlp.up:nag=20", "resid.out:last"]
 DEMO_QUERIES = [
     ("Firing rate and rare/dead share per layer", "SELECT * FROM layer_summary('demo', 'mlp.act')"),
     ("The most frequently firing units of layer 3", "SELECT * FROM firing_rate('demo', 'mlp.act', 3) ORDER BY rate DESC LIMIT 5"),
-    ("Most selective units (max / mean)", "SELECT neuron, rate, selectivity FROM selectivity('demo', 'mlp.act', 3) LIMIT 5"),
+    ("Most selective units (max / mean positive part)", "SELECT neuron, rate, selectivity FROM selectivity('demo', 'mlp.act', 3) LIMIT 5"),
     ("Where one unit fires hardest, in context", "SELECT rank, doc_id, value, context FROM top_contexts('demo', 'mlp.act', 3, {neuron}, k := 5, before := 8, after := 4)"),
     ("Speeches closest to MENENIUS's in NAG space (speaker = dataset)",
      "SELECT doc_id, dataset, distance FROM nag_distance('demo', 'demo', 'mlp.up', target_dataset := 'MENENIUS') "

@@ -1,4 +1,5 @@
-"""Run-level tables written at commit: runs, sites, neuron_stats, neuron_examples, neuron_logits."""
+"""Run-level tables written at commit: runs, sites, neuron_stats, unit_histograms, neuron_examples, neuron_logits,
+unit_neighbors."""
 
 from __future__ import annotations
 
@@ -60,27 +61,102 @@ def neuron_stats(sl: SiteLayer) -> pa.Table:
         "n_fired": s["n_fired"], "sum": s["sum"], "sum_sq": s["sum_sq"],
         "max": pa.array(s["max"], mask=~seen), "max_doc": pa.array(s["max_doc"].astype(np.int32), mask=~seen),
         "max_pos": pa.array(s["max_pos"].astype(np.int32), mask=~seen),
+        "min": pa.array(s["min"], mask=~seen), "sum_cube": s["sum_cube"], "sum_quad": s["sum_quad"], "sum_pos": s["sum_pos"],
     })
+
+
+def unit_histograms(sl: SiteLayer) -> pa.Table:
+    """The non-empty bins of every unit's histogram, in (neuron, bin) order."""
+    counts = sl.stats["hist"].cpu().numpy()
+    units, bins = np.nonzero(counts)
+    return _table("unit_histograms", {"neuron": units.astype(np.int32), "bin": bins.astype(np.int16),
+                                      "count": counts[units, bins]})
 
 
 def neuron_examples(sl: SiteLayer) -> pa.Table:
     ex = {k: v.cpu().numpy() for k, v in sl.examples.items()}
-    n, width = ex["top_value"].shape
-    ranks, units = np.meshgrid(np.arange(n), np.arange(width), indexing="ij")
-    keep_top = (ex["top_doc"] >= 0) & (ex["top_value"] > sl.threshold)
-    keep_random = ex["random_key"] != _NO_KEY
-    cols = {k: [] for k in ("neuron", "kind", "rank", "doc", "pos", "value")}
-    for kind, keep in (("top", keep_top), ("random", keep_random)):
-        # Kept entries are a prefix of each unit's sorted column, so ranks stay 0..m-1.
+    n = sl.red["examples"]
+    cols = {k: [] for k in ("neuron", "kind", "rank", "doc", "pos", "value", "quantile", "window_values")}
+
+    def add(kind, keep, fields, quantile=None):
+        # Kept entries are a prefix of each unit's column in rank order, so ranks stay 0..m-1.
+        size, width = keep.shape
+        ranks, units = np.meshgrid(np.arange(size), np.arange(width), indexing="ij")
         unit_order = np.argsort(units[keep], kind="stable")
         unit = units[keep][unit_order]
         cols["neuron"].append(unit)
         cols["kind"].append(np.full(unit.size, kind))
         cols["rank"].append(ranks[keep][unit_order])
-        cols["doc"].append(ex[f"{kind}_doc"][keep][unit_order])
-        cols["pos"].append(ex[f"{kind}_pos"][keep][unit_order])
-        cols["value"].append(ex[f"{kind}_value"][keep][unit_order])
-    return _table("neuron_examples", {k: np.concatenate(v) for k, v in cols.items()}, sl.width)
+        for field in ("doc", "pos", "value"):
+            cols[field].append(fields[field][keep][unit_order])
+        cols["quantile"].append(np.full(unit.size, None) if quantile is None else quantile[keep][unit_order])
+        windows = fields.get("context")
+        cols["window_values"].append(None if windows is None else windows[keep][unit_order])
+
+    for kind in ("top", "random"):
+        fields = {f: ex[f"{kind}_{f}"] for f in ("doc", "pos", "value", "context")}
+        keep = (ex["top_doc"] >= 0) & (ex["top_value"] > sl.threshold) if kind == "top" else ex["random_key"] != _NO_KEY
+        add(kind, keep, fields)
+    if "quantiles" in sl.red:
+        add("quantile", *_quantile_picks(sl, ex, n))
+    columns = {k: np.concatenate(v) for k, v in cols.items() if k != "window_values"}
+    columns["window_values"] = _window_lists(cols["window_values"], [len(u) for u in cols["neuron"]])
+    return _table("neuron_examples", columns, sl.width)
+
+
+def _window_lists(parts: list, lengths: list[int]) -> pa.Array:
+    """list<float16> per example: its window values (null where outside its model window); a null list
+    for kinds without windows."""
+    size = next((p.shape[1] for p in parts if p is not None), 0)
+    flat, valid = [], []
+    for part, length in zip(parts, lengths):
+        flat.append(part.reshape(-1) if part is not None else np.zeros(length * size, dtype=np.float16))
+        valid.append(np.full(length, part is not None))
+    values = np.concatenate(flat).astype(np.float16)
+    present = np.concatenate(valid)
+    offsets = pa.array(np.arange(len(present) + 1, dtype=np.int32) * size)
+    return pa.ListArray.from_arrays(offsets, pa.array(values, pa.float16(), mask=np.isnan(values)),
+                                    type=pa.list_(pa.float16()), mask=pa.array(~present))
+
+
+def quantile_bins(counts: np.ndarray, threshold: float, q: int) -> np.ndarray:
+    """[units, HIST_BINS] quantile bin (0 .. q-1) of each histogram bin that holds firing values, else -1.
+
+    Over the bins whose upper edge is above the threshold, each bin goes to the quantile
+    bin of its middle rank: floor(q * (tokens in lower bins + count / 2) / total), at most
+    q - 1 (units.sql quantile_examples computes the same). A quantile bin is thus whole
+    histogram bins, and covers exactly the firing-token shares it reports.
+    """
+    from .capture import hist_edges
+
+    firing = np.where(hist_edges()[1] > threshold, counts, 0).astype(np.float64)
+    total = firing.sum(axis=1, keepdims=True)
+    before = np.cumsum(firing, axis=1) - firing
+    with np.errstate(invalid="ignore", divide="ignore"):
+        bins = np.minimum(q - 1, np.floor(q * (before + firing / 2) / total))
+    return np.where(firing > 0, bins, -1).astype(np.int64)
+
+
+def _quantile_picks(sl: SiteLayer, ex: dict, n: int):
+    """(keep, fields, quantile) of kind quantile: per unit and quantile bin, the N
+    smallest sample keys of the pool among its members, ranked by (bin, key)."""
+    import torch
+
+    from .capture import hist_bins
+
+    q = sl.red["quantiles"]
+    of_bin = quantile_bins(sl.stats["hist"].cpu().numpy(), sl.threshold, q)             # [units, bins]
+    pool, width = ex["pool_key"].shape
+    units = np.broadcast_to(np.arange(width), (pool, width))
+    quantile = of_bin[units, hist_bins(torch.from_numpy(ex["pool_value"])).numpy()]  # [pool, units], key order
+    quantile = np.where(ex["pool_key"] != _NO_KEY, quantile, -1)
+    onehot = quantile[:, :, None] == np.arange(q)
+    within = np.take_along_axis(np.cumsum(onehot, axis=0), np.maximum(quantile, 0)[:, :, None], axis=2)[:, :, 0] - 1
+    keep = (quantile >= 0) & (within < n)
+    # Each unit's kept entries first, in (bin, key) order: the pool row is the key order.
+    order = np.argsort(np.where(keep, quantile * pool + np.arange(pool)[:, None], q * pool + pool), axis=0, kind="stable")
+    pick = lambda a: np.take_along_axis(a, order, axis=0)  # noqa: E731
+    return pick(keep), {f: pick(ex[f"pool_{f}"]) for f in ("doc", "pos", "value")}, pick(quantile)
 
 
 def _unembedding(loaded):
@@ -89,12 +165,17 @@ def _unembedding(loaded):
 
 
 def _down_projection(loaded, sl: SiteLayer):
-    """W_down [hidden, units] for MLP unit sites (mlp.act/up/gate of a decoder)."""
+    """W_down [hidden, units] for MLP unit sites (mlp.act/up/gate of a decoder, mlp.act/up of a BERT encoder)."""
     modules = dict(loaded.model.named_modules())
     name = sl.module_name
     for suffix in ("down_proj", "up_proj", "gate_proj"):
         if name.endswith(suffix) and (suffix == "down_proj") == (sl.site.hook == "in"):
             return modules[name[: -len(suffix)] + "down_proj"].weight
+    for suffix in ("output.dense", "intermediate.dense"):  # BERT: intermediate.dense -> act -> output.dense
+        down = name[: -len(suffix)] + "output.dense"
+        if (name.endswith(suffix) and not name.endswith("attention.output.dense")
+                and (suffix == "output.dense") == (sl.site.hook == "in") and down in modules):
+            return modules[down].weight
     return None
 
 
@@ -129,7 +210,7 @@ def neuron_logits(loaded, sl: SiteLayer, unembed) -> pa.Table | None:
     down = _down_projection(loaded, sl) if sl.encoder is None else _feature_directions(loaded, sl, unembed)
     if down is None:
         return None
-    cols = {k: [] for k in ("neuron", "direction", "rank", "token_id", "token", "logit")}
+    cols = {k: [] for k in ("neuron", "direction", "rank", "token_id", "token", "logit", "text")}
     with torch.inference_mode():
         for start in range(0, down.shape[1], 1024):
             logits = (unembed.float() @ down[:, start:start + 1024].float()).T  # [units, vocab]
@@ -142,8 +223,47 @@ def neuron_logits(loaded, sl: SiteLayer, unembed) -> pa.Table | None:
                 flat_ids = ids.reshape(-1).cpu().numpy()
                 cols["token_id"].append(flat_ids)
                 cols["token"].append(np.array(loaded.tokenizer.pieces(flat_ids.tolist()), dtype=object))
+                cols["text"].append(np.array(loaded.tokenizer.texts(flat_ids.tolist()), dtype=object))
                 cols["logit"].append(values.reshape(-1).cpu().numpy())
     return _table("neuron_logits", {k: np.concatenate(v) for k, v in cols.items()})
+
+
+def check_similar(loaded, resolved) -> None:
+    """Before capturing: every site asking for similar=K must have a down projection."""
+    for r in resolved:
+        if "similar" in r.spec.reductions and any(_down_projection(loaded, SiteLayer(r, layer, module, "cpu")) is None
+                                                  for layer, module in r.modules):
+            raise BadInput(f"--site {r.spec.text!r}: similar=K compares output directions, which only MLP unit sites have "
+                           "(mlp.act, mlp.up, mlp.gate): drop similar from this site")
+
+
+def unit_neighbors(loaded, sl: SiteLayer) -> pa.Table:
+    """Per unit the K others with the highest cosine of output directions (W_down columns)."""
+    import torch
+
+    down = _down_projection(loaded, sl)
+    k = min(sl.red["similar"], down.shape[1] - 1)
+    with torch.inference_mode():
+        directions = torch.nn.functional.normalize(down.float(), dim=0)   # [hidden, units]
+        cols = {key: [] for key in ("neuron", "rank", "other", "cosine")}
+        for start in range(0, directions.shape[1], 1024):
+            cosine = directions[:, start:start + 1024].T @ directions      # [chunk, units]
+            units = torch.arange(start, start + cosine.shape[0], device=cosine.device)
+            cosine[torch.arange(cosine.shape[0]), units] = float("-inf")   # not itself
+            values, others = _stable_topk(cosine, k)
+            cols["neuron"].append(np.repeat(units.cpu().numpy(), k))
+            cols["rank"].append(np.tile(np.arange(k), cosine.shape[0]))
+            cols["other"].append(others.reshape(-1).cpu().numpy())
+            cols["cosine"].append(values.reshape(-1).cpu().numpy())
+    return _table("unit_neighbors", {key: np.concatenate(v) for key, v in cols.items()})
+
+
+def _stable_topk(x, k: int):
+    """Top-k of each row, ties to the lower index (torch.topk leaves tie order unspecified)."""
+    import torch
+
+    values, order = torch.sort(x, dim=1, descending=True, stable=True)
+    return values[:, :k], order[:, :k]
 
 
 def final_parts(loaded, resolved, site_layers: list[SiteLayer], writer, logit_lens: bool, *,
@@ -155,10 +275,14 @@ def final_parts(loaded, resolved, site_layers: list[SiteLayer], writer, logit_le
         if sl.width is None:
             continue
         parts.append(("neuron_stats", sl.name, sl.layer, neuron_stats(sl)))
+        if "hist" in sl.stats:
+            parts.append(("unit_histograms", sl.name, sl.layer, unit_histograms(sl)))
         if sl.examples:
             parts.append(("neuron_examples", sl.name, sl.layer, neuron_examples(sl)))
         if sl.encoder is not None and sl.encoder.quality:
             parts.append(("dictionaries", sl.name, sl.layer, dictionaries_row(sl)))
+        if "similar" in sl.red:  # check_similar made sure the site has a down projection
+            parts.append(("unit_neighbors", sl.name, sl.layer, unit_neighbors(loaded, sl)))
     if logit_lens:
         unembed = _unembedding(loaded)
         lens = [(sl, neuron_logits(loaded, sl, unembed)) for sl in site_layers] if unembed is not None else []

@@ -2,8 +2,9 @@
  *
  * For every token: its top-k units (values descending, ties to the lower unit index,
  * NaN ranked highest as torch.topk does). For every (row, unit), over the row's valid
- * tokens: sum, sum of |a|, sum of squares, count above the threshold, max and the
- * first position reaching it. Rows run in parallel on torch's own OpenMP pool (this
+ * tokens: sum, sum of |a|, sums of a^2, a^3, a^4 and max(a, 0), count above the
+ * threshold, min, max and the first position reaching the max. whq_histogram adds
+ * each valid value to its unit's fixed-bin histogram (the bins: capture.py). Rows run in parallel on torch's own OpenMP pool (this
  * library links the libgomp that torch has already loaded), so it adds no threads.
  *
  * Top-k without sorting the row: split the row into k interleaved sets; the smallest
@@ -15,12 +16,19 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
+
+/* Histogram grid (capture.py HIST_*): 96 quarter-octave steps from 2^-12 (float exponent 115 = 460 / 4). */
+#define WHQ_HIST_LOW 460
+#define WHQ_HIST_STEPS 96
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
 
 /* a ranks above b: larger, or NaN against a number */
 static inline int above(float a, float b) { return a > b || (a != a && b == b); }
+/* a ranks below b: smaller, or NaN against a number (NaN sticks, as in torch.amin) */
+static inline int below(float a, float b) { return a < b || (a != a && b == b); }
 
 static inline void insert(float *vals, int32_t *ids, int64_t filled, float value, int32_t id) {
     int64_t p = filled - 1;
@@ -108,12 +116,23 @@ static void topk_row(const float *restrict v, int64_t width, int64_t k, float *r
     }
 }
 
-static void accumulate(const float *restrict v, int64_t width, float threshold, int32_t t, float *restrict s,
-                       float *restrict q, int32_t *restrict f, float *restrict m, int32_t *restrict am) {
+/* Per-row partial sums of a unit: a, a^2, a^3, a^4, max(a, 0); and its min. */
+typedef struct {
+    float *sum, *sq, *cube, *quad, *pos, *min;
+} Partials;
+
+static void accumulate(const float *restrict v, int64_t width, float threshold, int32_t t, const Partials *p,
+                       int32_t *restrict f, float *restrict m, int32_t *restrict am) {
+    float *restrict s = p->sum, *restrict q = p->sq, *restrict c = p->cube, *restrict h = p->quad, *restrict ps = p->pos,
+          *restrict mn = p->min;
     for (int64_t j = 0; j < width; j++) {
-        float vj = v[j];
+        float vj = v[j], sq = vj * vj;
         s[j] += vj;
-        q[j] += vj * vj;
+        q[j] += sq;
+        c[j] += sq * vj;
+        h[j] += sq * sq;
+        ps[j] += vj > 0 ? vj : 0.0f;
+        mn[j] = below(vj, mn[j]) ? vj : mn[j];
         f[j] += vj > threshold;
         int up = vj > m[j] || (vj != vj && m[j] == m[j]); /* NaN wins and sticks, as in torch.amax */
         m[j] = up ? vj : m[j];
@@ -125,23 +144,41 @@ static void accumulate_abs(const float *restrict v, int64_t width, float *restri
     for (int64_t j = 0; j < width; j++) a[j] += fabsf(v[j]);
 }
 
-/* Folds the per-row partials of unit j into the running stats: sums in float64, and the
- * max with its first token in document order (rows visited in document order, first
- * position within the row), replacing the running max only when larger, or equal and earlier. */
-static void fold_unit(int64_t j, int64_t rows, int64_t width, const float *row_sum, const float *row_sq,
-                      const int32_t *row_fired, const float *row_max, const int32_t *row_argmax,
-                      const int64_t *row_order, const int64_t *row_doc, const int64_t *row_start, int64_t *n_fired,
-                      double *sum, double *sum_sq, float *max, int64_t *max_doc, int64_t *max_pos) {
-    double s = 0, q = 0;
+/* The running stats of a site layer [width], updated in place. */
+typedef struct {
+    int64_t *n_fired;
+    double *sum, *sum_sq, *sum_cube, *sum_quad, *sum_pos;
+    float *min, *max;
+    int64_t *max_doc, *max_pos;
+} Running;
+
+/* Folds the per-row partials of unit j into the running stats: sums in float64, the min,
+ * and the max with its first token in document order (rows visited in document order,
+ * first position within the row), replacing the running max only when larger, or equal and earlier. */
+static void fold_unit(int64_t j, int64_t rows, int64_t width, const Partials *p, const int32_t *row_fired,
+                      const float *row_max, const int32_t *row_argmax, const int64_t *row_order, const int64_t *row_doc,
+                      const int64_t *row_start, const Running *run) {
+    double s = 0, q = 0, c = 0, h = 0, ps = 0;
+    float mn = INFINITY;
     int64_t f = 0;
     for (int64_t r = 0; r < rows; r++) {
-        s += row_sum[r * width + j];
-        q += row_sq[r * width + j];
+        s += p->sum[r * width + j];
+        q += p->sq[r * width + j];
+        c += p->cube[r * width + j];
+        h += p->quad[r * width + j];
+        ps += p->pos[r * width + j];
+        mn = below(p->min[r * width + j], mn) ? p->min[r * width + j] : mn;
         f += row_fired[r * width + j];
     }
-    sum[j] += s;
-    sum_sq[j] += q;
-    n_fired[j] += f;
+    run->sum[j] += s;
+    run->sum_sq[j] += q;
+    run->sum_cube[j] += c;
+    run->sum_quad[j] += h;
+    run->sum_pos[j] += ps;
+    run->n_fired[j] += f;
+    run->min[j] = below(mn, run->min[j]) ? mn : run->min[j];
+    float *max = run->max;
+    int64_t *max_doc = run->max_doc, *max_pos = run->max_pos;
     int64_t best = row_order[0];
     for (int64_t i = 1; i < rows; i++) {
         int64_t r = row_order[i];
@@ -162,10 +199,13 @@ static void fold_unit(int64_t j, int64_t rows, int64_t width, const float *row_s
  * n_fired .. max_pos are the site layer's running stats [width], updated in place. */
 int whq_site_pass(const float *x, int64_t rows, int64_t seq, int64_t width, const uint8_t *mask, float threshold,
                   int64_t k, float *topk_values, int32_t *topk_ids, float *row_sum, float *row_abs, float *row_sq,
-                  int32_t *row_fired, float *row_max, int32_t *row_argmax, const int64_t *row_order,
-                  const int64_t *row_doc, const int64_t *row_start, int64_t *n_fired, double *sum, double *sum_sq,
-                  float *max, int64_t *max_doc, int64_t *max_pos) {
+                  float *row_cube, float *row_quad, float *row_pos, float *row_min, int32_t *row_fired,
+                  float *row_max, int32_t *row_argmax, const int64_t *row_order, const int64_t *row_doc,
+                  const int64_t *row_start, int64_t *n_fired, double *sum, double *sum_sq, double *sum_cube,
+                  double *sum_quad, double *sum_pos, float *min, float *max, int64_t *max_doc, int64_t *max_pos) {
     int failed = 0;
+    const Partials partials = {row_sum, row_sq, row_cube, row_quad, row_pos, row_min};
+    const Running running = {n_fired, sum, sum_sq, sum_cube, sum_quad, sum_pos, min, max, max_doc, max_pos};
 #pragma omp parallel
     {
         Scratch scratch = {NULL, NULL, NULL};
@@ -177,12 +217,14 @@ int whq_site_pass(const float *x, int64_t rows, int64_t seq, int64_t width, cons
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; r++) {
             if (failed) continue;
-            float *s = row_sum + r * width, *q = row_sq + r * width, *m = row_max + r * width;
+            const Partials p = {row_sum + r * width, row_sq + r * width, row_cube + r * width, row_quad + r * width,
+                                row_pos + r * width, row_min + r * width};
+            float *m = row_max + r * width;
             float *a = row_abs ? row_abs + r * width : NULL;
             int32_t *f = row_fired + r * width, *am = row_argmax + r * width;
             for (int64_t j = 0; j < width; j++) {
-                s[j] = 0;
-                q[j] = 0;
+                p.sum[j] = p.sq[j] = p.cube[j] = p.quad[j] = p.pos[j] = 0;
+                p.min[j] = INFINITY;
                 f[j] = 0;
                 m[j] = -INFINITY;
                 am[j] = 0;
@@ -193,7 +235,7 @@ int whq_site_pass(const float *x, int64_t rows, int64_t seq, int64_t width, cons
                 const float *v = x + (r * seq + t) * width;
                 if (k) topk_row(v, width, k, topk_values + (r * seq + t) * k, topk_ids + (r * seq + t) * k, &scratch);
                 if (mask && !mask[r * seq + t]) continue;
-                accumulate(v, width, threshold, (int32_t)t, s, q, f, m, am);
+                accumulate(v, width, threshold, (int32_t)t, &p, f, m, am);
                 if (a) accumulate_abs(v, width, a);
             }
         }
@@ -201,8 +243,8 @@ int whq_site_pass(const float *x, int64_t rows, int64_t seq, int64_t width, cons
         if (!failed) {
 #pragma omp for schedule(static)
             for (int64_t j = 0; j < width; j++)
-                fold_unit(j, rows, width, row_sum, row_sq, row_fired, row_max, row_argmax, row_order, row_doc, row_start,
-                          n_fired, sum, sum_sq, max, max_doc, max_pos);
+                fold_unit(j, rows, width, &partials, row_fired, row_max, row_argmax, row_order, row_doc, row_start,
+                          &running);
         }
     }
     return failed ? -1 : 0;
@@ -225,4 +267,31 @@ int whq_topk(const float *x, int64_t rows, int64_t width, int64_t k, float *valu
         scratch_free(&scratch);
     }
     return failed ? -1 : 0;
+}
+
+/* The histogram bin of a value (capture.py documents the bins): the float's exponent and
+ * its top two mantissa bits, so each bin spans a quarter of an octave, with 2^-12 <= |a| < 2^12
+ * binned and everything smaller or larger in the bins at either end. */
+static inline int32_t hist_bin(float v) {
+    uint32_t bits;
+    memcpy(&bits, &v, sizeof bits);
+    int32_t k = (int32_t)((bits & 0x7FFFFFFFu) >> 21) - WHQ_HIST_LOW;
+    if ((bits >> 31) || bits == 0) return k < 0 ? WHQ_HIST_STEPS + 1 : k >= WHQ_HIST_STEPS ? 0 : WHQ_HIST_STEPS - k;
+    return k < 0 ? WHQ_HIST_STEPS + 2 : k >= WHQ_HIST_STEPS ? 2 * WHQ_HIST_STEPS + 3 : WHQ_HIST_STEPS + 3 + k;
+}
+
+/* Adds every valid value of x [rows, seq, width] to counts [width, bins] (mask = NULL: all
+ * valid). Threads own disjoint blocks of units, so the counts need no atomics. */
+void whq_histogram(const float *x, int64_t rows, int64_t seq, int64_t width, const uint8_t *mask, int64_t *counts) {
+    const int64_t block = 64, bins = 2 * WHQ_HIST_STEPS + 4;
+#pragma omp parallel for schedule(static)
+    for (int64_t j0 = 0; j0 < width; j0 += block) {
+        int64_t j1 = j0 + block < width ? j0 + block : width;
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t t = 0; t < seq; t++) {
+                if (mask && !mask[r * seq + t]) continue;
+                const float *v = x + (r * seq + t) * width;
+                for (int64_t j = j0; j < j1; j++) counts[j * bins + hist_bin(v[j])]++;
+            }
+    }
 }

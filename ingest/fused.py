@@ -75,10 +75,12 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     except (OSError, subprocess.SubprocessError) as exc:
         return None, f"build failed: {exc}"
     pointer, size = ctypes.c_void_p, ctypes.c_int64
-    lib.whq_site_pass.argtypes = [pointer, size, size, size, pointer, ctypes.c_float, size] + [pointer] * 17
+    lib.whq_site_pass.argtypes = [pointer, size, size, size, pointer, ctypes.c_float, size] + [pointer] * 25
     lib.whq_topk.argtypes = [pointer, size, size, size, pointer, pointer]
     for function in (lib.whq_site_pass, lib.whq_topk):
         function.restype = ctypes.c_int
+    lib.whq_histogram.argtypes = [pointer, size, size, size, pointer, pointer]
+    lib.whq_histogram.restype = None
     return lib, f"fused C kernel ({path})"
 
 
@@ -105,8 +107,9 @@ def _pointer(tensor: torch.Tensor | None):
 def site_pass(x: torch.Tensor, ctx, threshold: float, topk: int | None, want_abs: bool, stats: dict):
     """Run the kernel on x [batch, seq, width] of one batch (ctx: its BatchContext).
 
-    Adds the batch to `stats` in place (everything but n_tokens) and returns (top-k
-    values float32 and ids int32 [batch, seq, k], or None; row sums; row |a| sums or None).
+    Adds the batch to `stats` in place (everything but n_tokens; the histogram where
+    `stats` holds one) and returns (top-k values float32 and ids int32 [batch, seq, k], or
+    None; row sums; row |a| sums or None).
     """
     lib = _library()[0]
     x = x.contiguous()
@@ -115,14 +118,18 @@ def site_pass(x: torch.Tensor, ctx, threshold: float, topk: int | None, want_abs
     mask = None if ctx.full else ctx.mask[:, :seq].contiguous().view(torch.uint8)
     values = torch.empty(batch, seq, k, dtype=torch.float32)
     ids = torch.empty(batch, seq, k, dtype=torch.int32)
-    sums, squares, row_max = (torch.empty(batch, width) for _ in range(3))
+    sums, squares, cubes, quads, positive, row_min, row_max = (torch.empty(batch, width) for _ in range(7))
     fired, argmax = (torch.empty(batch, width, dtype=torch.int32) for _ in range(2))
     abs_sums = torch.empty(batch, width) if want_abs else None
     _check(lib.whq_site_pass(
         x.data_ptr(), batch, seq, width, _pointer(mask), threshold, k, values.data_ptr(), ids.data_ptr(),
-        sums.data_ptr(), _pointer(abs_sums), squares.data_ptr(), fired.data_ptr(), row_max.data_ptr(), argmax.data_ptr(),
+        sums.data_ptr(), _pointer(abs_sums), *(t.data_ptr() for t in (squares, cubes, quads, positive, row_min)),
+        fired.data_ptr(), row_max.data_ptr(), argmax.data_ptr(),
         *(t.data_ptr() for t in (ctx.row_order, ctx.first_doc, ctx.first_pos)),
-        *(stats[name].data_ptr() for name in ("n_fired", "sum", "sum_sq", "max", "max_doc", "max_pos"))))
+        *(stats[name].data_ptr() for name in ("n_fired", "sum", "sum_sq", "sum_cube", "sum_quad", "sum_pos",
+                                              "min", "max", "max_doc", "max_pos"))))
+    if "hist" in stats:
+        lib.whq_histogram(x.data_ptr(), batch, seq, width, _pointer(mask), stats["hist"].data_ptr())
     return ((values, ids) if k else None), sums, abs_sums
 
 

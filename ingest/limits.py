@@ -20,7 +20,12 @@ from .sites import ResolvedSite
 # 12 documents): examples=10000 and 40000 raised peak RSS by 544 MB and 2017 MB for
 # 246 MB and 983 MB of slots, about 2.1x (the merge concatenates, the resume snapshot
 # copies); 120 bytes per slot (2.5x) leaves a margin.
-BYTES_PER_EXAMPLE_SLOT = 120
+# Each top and random example also keeps its window of 71 float16 values (capture.py CONTEXT_*):
+# 284 bytes, 710 with the same margin.
+BYTES_PER_EXAMPLE_SLOT = 120 + 710
+# quantiles=Q pools 2Q sampled firings per example slot (float32 value, int64 doc, position, key):
+# 28 bytes each, 70 with the margin.
+BYTES_PER_POOL_SLOT = 70
 # Reductions whose K picks units of a token or document: more than the site's units cannot be kept.
 UNIT_COUNTS = ("topk", "abstopk", "nag")
 
@@ -92,9 +97,10 @@ def check_reductions(resolved: list[ResolvedSite], loaded, device: str) -> None:
         if "examples" not in reductions:
             continue
         n, units = reductions["examples"], sum(widths)
-        needed = n * units * BYTES_PER_EXAMPLE_SLOT
+        per_slot = BYTES_PER_EXAMPLE_SLOT + 2 * reductions.get("quantiles", 0) * BYTES_PER_POOL_SLOT
+        needed = n * units * per_slot
         if held + needed > budget:
-            most = max(0, (budget - held) // (units * BYTES_PER_EXAMPLE_SLOT))
+            most = max(0, (budget - held) // (units * per_slot))
             others = ", less what the other sites' examples hold" if held else ""
             shape = (
                 f"{widths[0]} units x {len(widths)} layers"
@@ -103,7 +109,7 @@ def check_reductions(resolved: list[ResolvedSite], loaded, device: str) -> None:
             )
             raise BadSpec(
                 f"--site {site.spec.text!r}: examples={n} needs about {_gb(needed)} of memory ({n} x {shape} "
-                f"x {BYTES_PER_EXAMPLE_SLOT} bytes), over the {_gb(budget)} budget "
+                f"x {per_slot} bytes), over the {_gb(budget)} budget "
                 f"({what}{others}): use examples=N with N at most {most}"
             )
         held += needed

@@ -211,6 +211,9 @@ def ingest(root: str | Path, model: str | IngestOptions = "minilm", data: Iterab
     max_length = _window_length(opts, loaded)
     _check_logit_lens(opts, loaded)
     _check_splice(opts, loaded, dictionaries)
+    from .finalize import check_similar
+
+    check_similar(loaded, resolved)
     run_id = opts.run_id or default_run_id(opts.model)
     identity = data_identity if documents is None else {"documents": len(documents), "sha256": _documents_identity(documents)}
     config = opts.run_config(model_id=loaded.model_id, sites=[s.text for s in specs], data_identity=identity, max_length=max_length)

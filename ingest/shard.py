@@ -76,12 +76,13 @@ class Shard:
         return pa.Table.from_pydict(cols, schema=warehouse.schema.table("documents").arrow_schema())
 
     def tokens_table(self, tokenizer) -> pa.Table:
-        ids, pieces, docs, pos, win, starts, ends, special = [], [], [], [], [], [], [], []
+        ids, pieces, texts, docs, pos, win, starts, ends, special = [], [], [], [], [], [], [], [], []
         for ordinal, _, wins in self.docs:
             for w in wins:
                 n = len(w.ids)
                 ids.extend(w.ids)
                 pieces.extend(tokenizer.pieces(w.ids))
+                texts.extend(tokenizer.texts(w.ids))
                 docs.extend([ordinal] * n)
                 pos.extend(range(w.start_pos, w.start_pos + n))
                 win.extend([w.index] * n)
@@ -97,6 +98,7 @@ class Shard:
             "char_start": starts,
             "char_end": ends,
             "special": special,
+            "text": texts,
         }
         return pa.Table.from_pydict(cols, schema=warehouse.schema.table("tokens").arrow_schema())
 

@@ -8,7 +8,7 @@ SPEC grammar (one --site each):
     KIND       := sae | transcoder                     (encode the activation with a dictionary: ingest/dictionary.py)
     PATH       := a dictionary file or folder, or dict.py[:CHECKPOINT]
     REDUCTION  := topk[=K] | abstopk[=K] | threshold[=T] | nag[=K] | examples[=N]
-                | last | mean | dense
+                | hist | quantiles[=Q] | similar[=K] | last | mean | dense
 
 Examples: `mlp.act:topk=20`, `mlp.up:nag=20`, `resid.out:last,mean`,
 `encoder.layer.*.output.dense@in:threshold=0`, `resid.out[6]+sae=saes/layers.6:topk=32,examples=20`,
@@ -34,6 +34,10 @@ REDUCTIONS = {
     "threshold": (float, 0.0, "token_neurons: every value > T (and sets the firing threshold)"),
     "nag": (int, 20, "doc_neurons: per document the K units of highest mean |value|"),
     "examples": (int, 20, "neuron_examples: per unit the N strongest tokens + N random firing tokens"),
+    "hist": (None, None, "unit_histograms: per unit exact counts on a fixed quarter-octave grid"),
+    "quantiles": (int, 10, "neuron_examples: also N firing tokens sampled from each of Q bins of the unit's values "
+                           "(needs examples and hist)"),
+    "similar": (int, 10, "unit_neighbors: per MLP unit the K units with the closest output direction"),
     "last": (None, None, "vectors: the document's last token"),
     "mean": (None, None, "vectors: the mean over the document's tokens"),
     "dense": (None, None, "vectors: every token (large; opt-in)"),
@@ -148,6 +152,9 @@ def parse_spec(text: str) -> SiteSpec:
         raise BadSpec(f"--site {text!r}: use topk or abstopk, not both")
     if "threshold" in reductions and ("topk" in reductions or "abstopk" in reductions):
         raise BadSpec(f"--site {text!r}: token_neurons keeps one capture per site: use topk=K or threshold=T, not both")
+    if "quantiles" in reductions and not {"examples", "hist"} <= reductions.keys():
+        raise BadSpec(f"--site {text!r}: quantiles=Q places its bins with the histogram and keeps examples: "
+                      f"add examples=N and hist, e.g. {text.split(':')[0]}:examples=20,hist,quantiles={reductions['quantiles']}")
     return SiteSpec(text, site, hook, reductions, layers, dict_kind, dictionary)
 
 

@@ -32,6 +32,7 @@ class HFTokenizer:
         self.n_special = len(self.prefix) + len(self.suffix)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         self._vocab: list[str] | None = None
+        self._texts: dict[int, str] = {}
 
     def encode(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
@@ -50,6 +51,11 @@ class HFTokenizer:
 
     def decode(self, ids) -> str:
         return self.tok.decode(list(ids))
+
+    def texts(self, ids) -> list[str]:
+        """Each token as the tokenizer decodes it alone (' ass', not 'Ġass'), for display; cached per id."""
+        cache = self._texts
+        return [cache[i] if i in cache else cache.setdefault(i, self.tok.decode([i])) for i in ids]
 
 
 def _special_frame(tokenizer) -> tuple[list[int], list[int]]:
@@ -84,6 +90,9 @@ class ByteTokenizer:
 
     def decode(self, ids) -> str:
         return bytes(ids).decode("utf-8", errors="replace")
+
+    def texts(self, ids) -> list[str]:
+        return [self.decode([i]) for i in ids]
 
 
 def windows(doc: int, text: str, tokenizer, max_length: int, truncate: bool) -> list[Window]:

@@ -113,6 +113,7 @@ def _documents(first_doc: int, n_docs: int, doc_len: int, token_ids: np.ndarray)
     tokens = pa.Table.from_pydict({
         "doc": doc, "pos": pos, "window": np.zeros(len(doc), dtype=np.int64), "token_id": token_ids,
         "piece": pieces, "char_start": starts, "char_end": ends, "special": np.zeros(len(doc), dtype=bool),
+        "text": pieces,
     }, schema=schema.table("tokens").arrow_schema())
     return documents, tokens
 
@@ -180,6 +181,8 @@ def build(root: str | Path, shape: Shape, seed: int = 0, echo=None) -> float | N
             "neuron": np.arange(width), "n_tokens": np.full(width, n_docs * shape.doc_len), "n_fired": n_fired[layer],
             "sum": sums[layer], "sum_sq": sum_sq[layer], "max": pa.array(max_value.astype(np.float32), mask=~seen),
             "max_doc": pa.array(max_doc, pa.int32(), mask=~seen), "max_pos": pa.array(max_pos, pa.int32(), mask=~seen),
+            # The synthetic rows carry no dense values: no min, higher moments or positive part.
+            "min": pa.nulls(width, pa.float32()), **{c: pa.nulls(width, pa.float64()) for c in ("sum_cube", "sum_quad", "sum_pos")},
         }, schema=schema.table("neuron_stats").arrow_schema(width))))
     writer.commit(final, writer.started_at)
     return time.perf_counter() - started
@@ -201,7 +204,8 @@ def _examples(rows: dict, width: int, n: int, rng) -> dict:
         for c in ("doc", "pos"):
             out[c].append(rows[c][keep])
         out["value"].append(rows["value"][keep].astype(np.float32))
-    return {c: np.concatenate(v) for c, v in out.items()}
+    merged = {c: np.concatenate(v) for c, v in out.items()}
+    return {**merged, "quantile": np.full(len(merged["neuron"]), None), "window_values": pa.nulls(len(merged["neuron"]), pa.list_(pa.float16()))}
 
 
 def _runs_row(shape: Shape, n_docs: int) -> pa.Table:

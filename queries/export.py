@@ -52,7 +52,7 @@ def _examples(wh, run, site, layer, kind, count, before, after, seed) -> dict[in
     for row in _rows(wh, "SELECT * FROM whq_examples(?, ?, ?, NULL, ?, ?, ?, ?, ?)",
                      [run, site, layer, kind, count, before, after, seed]):
         per_unit.setdefault(row["neuron"], []).append({
-            "tokens": [t["piece"] for t in row["tokens"]],
+            "tokens": [t["text"] for t in row["tokens"]],   # as the tokenizer decodes each token
             "tokens_acts_list": [t["value"] if t["value"] is not None else 0.0 for t in row["tokens"]],
             # Every position of a document is stored, so the window starts at max(0, pos - before).
             "train_token_ind": min(row["pos"], before),
@@ -63,8 +63,8 @@ def _examples(wh, run, site, layer, kind, count, before, after, seed) -> dict[in
 
 def _logit_lens(wh, run, site, layer) -> dict[int, dict[str, list[str]]]:
     lens: dict[int, dict[str, list[str]]] = {}
-    for row in _rows(wh, "SELECT neuron, direction, token FROM neuron_logits WHERE run_id = ? AND site = ? AND layer = ? "
-                         "ORDER BY neuron, direction, rank", [run, site, layer]):
+    for row in _rows(wh, "SELECT neuron, direction, coalesce(text, token) AS token FROM neuron_logits "
+                         "WHERE run_id = ? AND site = ? AND layer = ? ORDER BY neuron, direction, rank", [run, site, layer]):
         lens.setdefault(row["neuron"], {"top": [], "bottom": []})[row["direction"]].append(row["token"] or "")
     return lens
 

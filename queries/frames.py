@@ -62,7 +62,7 @@ def site_row(wh, run: str, site: str, *, reduction: str | None = None, fix: str 
 
 # The twins live in one module per topic and are re-exported here: `frames.firing_rate(wh, ...)`.
 # Looked up lazily, because those modules import `scan` from this one.
-TWIN_MODULES = ["neuron_frames", "nag_frames", "scenario_frames", "dictionary_frames"]
+TWIN_MODULES = ["neuron_frames", "nag_frames", "scenario_frames", "dictionary_frames", "unit_frames"]
 
 
 def __getattr__(name: str):

@@ -24,6 +24,7 @@ __all__ = [
 _MASK = 2147483647
 RARE_BELOW = 0.01
 EXAMPLE_WINDOW = (50, 20)  # tokens before / after in random_examples, as in top_contexts' defaults
+WINDOW_VALUES = (50, 20)   # tokens before / after held by neuron_examples.window_values (ingest/capture.py CONTEXT_*)
 
 
 def _stats(wh, run: str, site: str, layer: int | None = None) -> pl.LazyFrame:
@@ -56,9 +57,11 @@ def layer_summary(wh, run: str, site: str) -> pl.LazyFrame:
 
 def _selectivity(frame: pl.LazyFrame) -> pl.LazyFrame:
     mean = pl.col("sum") / pl.col("n_tokens")
+    positive = pl.coalesce("sum_pos", "sum")  # runs from before sum_pos: BDH's max / mean
     return frame.select(
         "neuron", _rate().alias("rate"), mean.alias("mean"), "max",
-        pl.when(pl.col("sum") == 0).then(None).otherwise(pl.col("max").cast(pl.Float64) / mean).alias("selectivity"))
+        pl.when(positive == 0).then(None).otherwise(pl.col("max").cast(pl.Float64) / (positive / pl.col("n_tokens")))
+        .alias("selectivity"))
 
 
 def selectivity(wh, run: str, site: str, layer: int) -> pl.LazyFrame:
@@ -124,11 +127,11 @@ def sample_key(seed: int, neuron: pl.Expr, doc: pl.Expr, pos: pl.Expr) -> pl.Exp
     return h.xor(h // 8192)
 
 
-def _source(info: dict, run: str, site: str, k: int) -> str:
+def _source(info: dict, run: str, site: str, k: int, kind: str) -> str:
     """Where examples come from (see whq_examples in neurons.sql)."""
     has_threshold = re.search(r"(^|,)threshold=", info["reductions"] or "") is not None
     stored = re.search(r"(^|,)examples=([0-9]+)", info["reductions"] or "")
-    if stored and (k <= int(stored.group(2)) or not has_threshold):
+    if stored and (k <= int(stored.group(2)) or not has_threshold or kind == "quantile"):
         return "examples"
     if has_threshold:
         return "firings"
@@ -142,30 +145,37 @@ def layer_examples(wh, run: str, site: str, layer: int, neuron: int | None, kind
     or of every unit with neuron None, with their context and per-token values."""
     info = site_row(wh, run, site)
     one = (lambda frame: frame) if neuron is None else (lambda frame: frame.filter(pl.col("neuron") == neuron))
-    if _source(info, run, site, k) == "examples":
+    if _source(info, run, site, k, kind) == "examples":
         candidates = one(scan(wh, "neuron_examples", run)
                          .filter(pl.col("site") == site, pl.col("layer") == layer, pl.col("kind") == kind)
-                         ).select("neuron", "doc", "pos", "value", pl.col("rank").alias("stored_rank"))
+                         ).select("neuron", "doc", "pos", "value", pl.col("rank").alias("stored_rank"),
+                                  pl.col("window_values").alias("windows"))
     else:
         candidates = one(scan(wh, "token_neurons", run).filter(pl.col("site") == site, pl.col("layer") == layer)
-                         ).select("neuron", "doc", "pos", "value", pl.lit(None, pl.Int32).alias("stored_rank"))
+                         ).select("neuron", "doc", "pos", "value", pl.lit(None, pl.Int32).alias("stored_rank"),
+                                  pl.lit(None, pl.List(pl.Float32)).alias("windows"))
     order = [sample_key(seed, pl.col("neuron"), pl.col("doc"), pl.col("pos"))] if kind == "random" else []
     picked = (candidates
               .sort([*order, pl.col("stored_rank"), pl.col("value"), pl.col("doc"), pl.col("pos")],
                     descending=[False] * len(order) + [False, True, False, False], nulls_last=True)
               .with_columns(pl.int_range(pl.len(), dtype=pl.Int32).over("neuron").alias("rank"))
               .filter(pl.col("rank") < k)
-              .select("neuron", "rank", "doc", pl.col("pos").alias("at_pos"), pl.col("value").alias("at_value")))
-    tokens = scan(wh, "tokens", run).select("doc", "pos", "piece", "char_start", "char_end", "special")
+              .select("neuron", "rank", "doc", pl.col("pos").alias("at_pos"), pl.col("value").alias("at_value"), "windows"))
+    tokens = scan(wh, "tokens", run).select("doc", "pos", "piece", pl.coalesce("text", "piece").alias("text"),
+                                            "char_start", "char_end", "special")
     stored_values = one(scan(wh, "token_neurons", run).filter(pl.col("site") == site, pl.col("layer") == layer)
                         ).select("doc", "pos", "neuron", pl.col("value").alias("stored_value"))
     at = pl.col("wpos") == pl.col("at_pos")
+    offset = pl.col("wpos") - pl.col("at_pos")
+    # the window values captured with the example (50 before, 20 after), else token_neurons' value
+    captured = pl.when(offset.is_between(-WINDOW_VALUES[0], WINDOW_VALUES[1])).then(
+        pl.col("windows").list.get(offset + WINDOW_VALUES[0], null_on_oob=True))
     window = (picked
               .with_columns(pl.int_ranges(pl.col("at_pos") - before, pl.col("at_pos") + after + 1, dtype=pl.Int32).alias("wpos"))
               .explode("wpos")
               .join(tokens, left_on=["doc", "wpos"], right_on=["doc", "pos"], how="inner")
               .join(stored_values, left_on=["doc", "wpos", "neuron"], right_on=["doc", "pos", "neuron"], how="left")
-              .with_columns(pl.when(at).then(pl.col("at_value")).otherwise(pl.col("stored_value")).alias("value"))
+              .with_columns(pl.when(at).then(pl.col("at_value")).otherwise(pl.coalesce(captured, "stored_value")).alias("value"))
               .sort("neuron", "rank", "wpos"))
     spans = window.group_by("neuron", "rank", "doc", "at_pos", "at_value", maintain_order=True).agg(
         pl.col("char_start").min().alias("first_start"),
@@ -175,7 +185,7 @@ def layer_examples(wh, run: str, site: str, layer: int, neuron: int | None, kind
         pl.col("piece").filter(at).first().alias("at_piece"),
         pl.col("char_start").filter(at).first().alias("at_start"),
         pl.col("char_end").filter(at).first().alias("at_end"),
-        pl.struct("piece", "value").alias("tokens"))
+        pl.struct("piece", "text", "value").alias("tokens"))
     anchor = pl.coalesce("end_before", "first_start", pl.lit(0, pl.Int32))
     special = pl.col("at_special")
     spans = spans.with_columns(pl.when(special).then(anchor).otherwise(pl.col("at_start")).alias("mark_start"),

@@ -41,11 +41,11 @@ COMMENT ON MACRO TABLE layer_summary IS 'Per layer: n_neurons, mean and median f
 
 CREATE OR REPLACE MACRO selectivity(run, site, layer) AS TABLE
 SELECT s.neuron, s.n_fired / s.n_tokens AS rate, s.sum / s.n_tokens AS mean, s.max,
-       CASE WHEN s.sum = 0 THEN NULL ELSE s.max / (s.sum / s.n_tokens) END AS selectivity
+       CASE WHEN coalesce(s.sum_pos, s.sum) = 0 THEN NULL ELSE s.max / (coalesce(s.sum_pos, s.sum) / s.n_tokens) END AS selectivity
 FROM neuron_stats s
 WHERE whq_known_site(run, site) AND s.run_id = run AND s.site = site AND s.layer = layer
 ORDER BY selectivity DESC NULLS LAST, s.neuron;
-COMMENT ON MACRO TABLE selectivity IS 'Per unit: rate, mean (over all tokens, zeros included), max and selectivity = max / mean (NULL where mean is 0), most selective first. Example: SELECT * FROM selectivity(''demo'', ''mlp.act'', 3) LIMIT 10';
+COMMENT ON MACRO TABLE selectivity IS 'Per unit: rate, mean (over all tokens, zeros included), max and selectivity = max / mean positive part, the mean of max(value, 0) over all tokens (neuron_stats.sum_pos; NULL where it is 0), most selective first. Where a site''s values are non-negative that is BDH''s max / mean; on signed units (GELU, SiLU) it keeps negative values from cancelling the mean and inflating the ratio. Runs captured before sum_pos was kept use max / mean. Example: SELECT * FROM selectivity(''demo'', ''mlp.act'', 3) LIMIT 10';
 
 CREATE OR REPLACE MACRO rate_histogram(run, site, layer, bins := 50) AS TABLE
 WITH st AS (
@@ -90,12 +90,14 @@ CROSS JOIN span sp
 LEFT JOIN counts c ON c.bin = g.bin
 WHERE EXISTS (SELECT 1 FROM sel)
 ORDER BY g.bin;
-COMMENT ON MACRO TABLE selectivity_histogram IS 'Histogram of selectivity (max / mean): bin 0 holds the units whose selectivity is NULL (mean 0, e.g. dead; lo = hi = NULL); bins 1..bins are linear over [min, max], bin i covering lo <= selectivity < hi (the last includes max). Example: SELECT * FROM selectivity_histogram(''demo'', ''mlp.act'', 3)';
+COMMENT ON MACRO TABLE selectivity_histogram IS 'Histogram of selectivity (see selectivity: max / mean positive part): bin 0 holds the units whose selectivity is NULL (mean 0, e.g. dead; lo = hi = NULL); bins 1..bins are linear over [min, max], bin i covering lo <= selectivity < hi (the last includes max). Example: SELECT * FROM selectivity_histogram(''demo'', ''mlp.act'', 3)';
 
 -- The examples behind top_contexts / random_examples, for one unit or (neuron NULL) every unit.
--- Source: neuron_examples when the site captured examples=N and either k <= N or it holds no
--- threshold capture; otherwise token_neurons of a threshold capture (every firing, values
--- stored as FLOAT16); otherwise an error naming the fix.
+-- A window token's value: the one captured with the example (neuron_examples.window_values,
+-- 50 tokens before to 20 after, within the example's model window), else token_neurons'.
+-- Source: neuron_examples when the site captured examples=N and either k <= N, or it holds no
+-- threshold capture, or the kind is quantile; otherwise token_neurons of a threshold capture
+-- (every firing, values stored as FLOAT16); otherwise an error naming the fix.
 CREATE OR REPLACE MACRO whq_examples(run, site, layer, neuron, kind, k, before, after, seed) AS TABLE
 WITH capture AS (
     SELECT regexp_matches(s.reductions, '(^|,)threshold=') AS has_threshold,
@@ -105,25 +107,25 @@ WITH capture AS (
 ),
 source AS (
     SELECT CASE
-        WHEN c.n_examples IS NOT NULL AND (k <= c.n_examples OR NOT c.has_threshold) THEN 'examples'
+        WHEN c.n_examples IS NOT NULL AND (k <= c.n_examples OR NOT c.has_threshold OR kind = 'quantile') THEN 'examples'
         WHEN c.has_threshold THEN 'firings'
         ELSE error('site ''' || site || ''' of run ''' || run || ''' kept neither examples=N nor a threshold capture: '
             || 're-ingest with --site ' || site || ':examples=20 (or :threshold=0)') END AS source
     FROM capture c
 ),
 candidates AS (
-    SELECT e.neuron, e.doc, e.pos, e.value, e.rank AS stored_rank
+    SELECT e.neuron, e.doc, e.pos, e.value, e.rank AS stored_rank, e.window_values AS windows
     FROM neuron_examples e, source x
     WHERE x.source = 'examples' AND e.run_id = run AND e.site = site AND e.layer = layer
       AND e.kind = kind AND (neuron IS NULL OR e.neuron = neuron)
     UNION ALL
-    SELECT t.neuron, t.doc, t.pos, t.value, NULL AS stored_rank
+    SELECT t.neuron, t.doc, t.pos, t.value, NULL AS stored_rank, NULL::FLOAT[] AS windows
     FROM token_neurons t, source x
     WHERE x.source = 'firings' AND t.run_id = run AND t.site = site AND t.layer = layer
       AND (neuron IS NULL OR t.neuron = neuron)
 ),
 ranked AS (
-    SELECT c.neuron, c.doc, c.pos, c.value,
+    SELECT c.neuron, c.doc, c.pos, c.value, c.windows,
            row_number() OVER (PARTITION BY c.neuron ORDER BY
                CASE WHEN kind = 'random' THEN whq_sample_key(seed, c.neuron, c.doc, c.pos) END,
                c.stored_rank, c.value DESC, c.doc, c.pos) - 1 AS rank
@@ -131,13 +133,16 @@ ranked AS (
 ),
 picked AS (SELECT r.* FROM ranked r WHERE r.rank < k),
 spread AS (
-    SELECT p.neuron, p.rank, p.doc, p.pos AS at_pos, p.value AS at_value,
+    SELECT p.neuron, p.rank, p.doc, p.pos AS at_pos, p.value AS at_value, p.windows,
            unnest(generate_series(p.pos - before, p.pos + after)) AS wpos
     FROM picked p
 ),
 window_tokens AS (
-    SELECT w.neuron, w.rank, w.doc, w.at_pos, w.at_value, w.wpos, t.piece, t.char_start, t.char_end, t.special,
-           CASE WHEN w.wpos = w.at_pos THEN w.at_value ELSE v.value END AS value
+    SELECT w.neuron, w.rank, w.doc, w.at_pos, w.at_value, w.wpos, t.piece, coalesce(t.text, t.piece) AS text,
+           t.char_start, t.char_end, t.special,
+           CASE WHEN w.wpos = w.at_pos THEN w.at_value
+                ELSE coalesce(CASE WHEN w.wpos - w.at_pos BETWEEN -50 AND 20 THEN w.windows[w.wpos - w.at_pos + 51] END, v.value)
+           END AS value
     FROM spread w
     JOIN tokens t ON t.run_id = run AND t.doc = w.doc AND t.pos = w.wpos
     LEFT JOIN token_neurons v ON v.run_id = run AND v.site = site AND v.layer = layer
@@ -151,7 +156,7 @@ spans AS (
            max(CASE WHEN x.wpos = x.at_pos THEN x.piece END) AS at_piece,
            max(CASE WHEN x.wpos = x.at_pos THEN x.char_start END) AS at_start,
            max(CASE WHEN x.wpos = x.at_pos THEN x.char_end END) AS at_end,
-           list({'piece': x.piece, 'value': x.value} ORDER BY x.wpos) AS tokens
+           list({'piece': x.piece, 'text': x.text, 'value': x.value} ORDER BY x.wpos) AS tokens
     FROM window_tokens x
     GROUP BY x.neuron, x.rank, x.doc, x.at_pos, x.at_value
 ),
@@ -176,7 +181,7 @@ SELECT x.rank, x.doc_id, x.pos, x.value, x.context, x.tokens
 FROM whq_examples(run, site, layer, neuron, 'top', k, before, after, 0) x
 WHERE neuron IS NOT NULL
 ORDER BY x.rank;
-COMMENT ON MACRO TABLE top_contexts IS 'The k strongest activations of one unit over ALL tokens (rank 0 = strongest; from neuron_examples for examples=N captures, capped at N, else every firing of a threshold capture), with context = the text from `before` tokens before to `after` tokens after, the firing token marked «like this», and tokens = [{piece, value}] across the window (value: token_neurons'' value, NULL where not stored; the firing token carries the example''s value). Example: SELECT * FROM top_contexts(''demo'', ''mlp.act'', 3, 42, k := 5)';
+COMMENT ON MACRO TABLE top_contexts IS 'The k strongest activations of one unit over ALL tokens (rank 0 = strongest; from neuron_examples for examples=N captures, capped at N, else every firing of a threshold capture), with context = the text from `before` tokens before to `after` tokens after, the firing token marked «like this», and tokens = [{piece, text (as decoded, tokens.text; the piece in older runs), value}] across the window (value: the unit''s exact value captured with the example (neuron_examples.window_values, 50 before to 20 after, FLOAT16) where the capture kept examples, else token_neurons'' value, NULL where neither holds it; the firing token carries the example''s value). Example: SELECT * FROM top_contexts(''demo'', ''mlp.act'', 3, 42, k := 5)';
 
 CREATE OR REPLACE MACRO random_examples(run, site, layer, neuron, n := 10, seed := 0) AS TABLE
 SELECT x.rank, x.doc_id, x.pos, x.value, x.context, x.tokens

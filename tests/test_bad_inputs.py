@@ -50,7 +50,7 @@ CASES = [
          "unknown site 'mlp.nope': did you mean 'mlp.up'? aliases for this model: mlp.up, mlp.gate, mlp.act, mlp.down, "
          "attn.q, attn.k, attn.v, attn.o, resid.in, resid.out, mlp.in; or give a module glob (see `whq sites --model M`)"),
     Case("SPEC typo in a reduction", ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "mlp.act:tpk=3"),
-         "--site 'mlp.act:tpk=3': unknown reduction 'tpk'; did you mean 'topk'? known: topk, abstopk, threshold, nag, examples, last, mean, dense"),
+         "--site 'mlp.act:tpk=3': unknown reduction 'tpk'; did you mean 'topk'? known: topk, abstopk, threshold, nag, examples, hist, quantiles, similar, last, mean, dense"),
     Case("SPEC argument not a number", ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "mlp.act:topk=x"),
          "--site 'mlp.act:topk=x': topk='x' needs a whole number"),
     Case("SPEC argument zero", ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "mlp.act:topk=0"),
@@ -233,8 +233,8 @@ CASES = [
     Case("SPEC nag above the site's units", ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "resid.out:nag=65"),
          "--site 'resid.out:nag=65': nag=65 is more than the 64 units of site resid.out: use at most 64 (or `dense` for every unit)"),
     Case("SPEC examples=N beyond memory", ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "mlp.act:examples=99999999"),
-         "--site 'mlp.act:examples=99999999': examples=99999999 needs about 6,144.0 GB of memory (99999999 x 128 units x 4 layers "
-         "x 120 bytes), over the {budget} budget (half of this machine's memory): use examples=N with N at most {most}"),
+         "--site 'mlp.act:examples=99999999': examples=99999999 needs about 42,496.0 GB of memory (99999999 x 128 units x 4 layers "
+         "x 830 bytes), over the {budget} budget (half of this machine's memory): use examples=N with N at most {most}"),
     Case("scenario temperature .nan", ("ingest", "{new}", "--scenario", "nantemp.yaml", "-q"),
          "nantemp.yaml: generation.temperature must be a finite number, got nan"),
     Case("scenario seed below 0", ("ingest", "{new}", "--scenario", "seed.yaml", "-q"),
@@ -377,7 +377,7 @@ def test_bad_input_gives_exit_2_and_one_exact_line(case, tiny_wh, tmp_path, monk
 
 
 def _memory_limits() -> dict:
-    """The machine's part of the examples=N refusal: its budget, and the largest N it allows (512 units x 120 bytes)."""
+    """The machine's part of the examples=N refusal: its budget, and the largest N it allows (512 units x BYTES_PER_EXAMPLE_SLOT)."""
     from ingest.limits import BYTES_PER_EXAMPLE_SLOT, memory_budget
 
     budget, _ = memory_budget("cpu")

@@ -74,7 +74,7 @@ def test_feature_json_holds_the_macros_answers(exported):
         for rows, examples in ((top, quantiles["Top activations"]), (sample, quantiles["Random samples"])):
             assert len(examples) == len(rows)
             for row, example in zip(rows, examples):
-                assert example["tokens"] == [t["piece"] for t in row["tokens"]]
+                assert example["tokens"] == [t["text"] for t in row["tokens"]]
                 assert example["tokens_acts_list"] == [t["value"] or 0.0 for t in row["tokens"]]
                 assert example["tokens_acts_list"][example["train_token_ind"]] == row["value"]
                 assert example["is_repeated_datapoint"] is False

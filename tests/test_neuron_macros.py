@@ -132,7 +132,8 @@ def _selectivity_reference(wh, run, site, layer):
     rows = []
     for r in stats_rows(wh, run, site, layer):
         mean = r["sum"] / r["n_tokens"]
-        sel = None if r["sum"] == 0 else float(np.float32(r["max"])) / mean
+        positive = r["sum_pos"] if r.get("sum_pos") is not None else r["sum"]  # max / mean positive part
+        sel = None if positive == 0 else float(np.float32(r["max"])) / (positive / r["n_tokens"])
         rows.append({"neuron": r["neuron"], "rate": r["n_fired"] / r["n_tokens"], "mean": mean, "max": r["max"], "selectivity": sel})
     return sorted(rows, key=lambda r: (r["selectivity"] is None, -(r["selectivity"] or 0), r["neuron"]))
 
@@ -211,11 +212,11 @@ class RawRun:
         has_threshold = re.search(r"(^|,)threshold=", reductions) is not None
         n_stored = re.search(r"(^|,)examples=(\d+)", reductions)
         if n_stored and (k <= int(n_stored.group(2)) or not has_threshold):
-            candidates = [(r["neuron"], r["doc"], r["pos"], r["value"], r["rank"]) for r in self.examples
+            candidates = [(r["neuron"], r["doc"], r["pos"], r["value"], r["rank"], r.get("window_values")) for r in self.examples
                           if r["site"] == site and r["layer"] == layer and r["kind"] == kind]
         else:
             assert has_threshold
-            candidates = [(r["neuron"], r["doc"], r["pos"], r["value"], 0) for r in self.token_neurons
+            candidates = [(r["neuron"], r["doc"], r["pos"], r["value"], 0, None) for r in self.token_neurons
                           if r["site"] == site and r["layer"] == layer]
         per_unit = defaultdict(list)
         for c in candidates:
@@ -227,14 +228,24 @@ class RawRun:
             def order(c):
                 first = (sample_key(seed, *c[:3]),) if kind == "random" else ()
                 return (*first, c[4], -c[3], c[1], c[2])
-            for rank, (_, doc, pos, value, _) in enumerate(sorted(per_unit[unit], key=order)[:k]):
+            for rank, (_, doc, pos, value, _, captured) in enumerate(sorted(per_unit[unit], key=order)[:k]):
                 out.append({"neuron": unit, "rank": rank, "doc_id": self.docs[doc]["doc_id"], "pos": pos, "value": value,
-                            **self.window(unit, doc, pos, value, before, after, stored)})
+                            **self.window(unit, doc, pos, value, before, after, stored, captured)})
         return out
 
-    def window(self, unit, doc, at, value, before, after, stored):
+    def window(self, unit, doc, at, value, before, after, stored, captured=None):
+        """The window's tokens; a value is the example's own at its token, else the one captured with the
+        example (window_values: 50 before .. 20 after), else token_neurons' (None where not stored)."""
+        def value_at(p):
+            if p == at:
+                return value
+            if captured is not None and -50 <= p - at <= 20 and captured[p - at + 50] is not None:
+                return captured[p - at + 50]
+            return stored.get((doc, p, unit))
+
         window = [self.tokens[(doc, p)] for p in range(at - before, at + after + 1) if (doc, p) in self.tokens]
-        tokens = [{"piece": t["piece"], "value": value if t["pos"] == at else stored.get((doc, t["pos"], unit))} for t in window]
+        tokens = [{"piece": t["piece"], "text": t["piece"] if t.get("text") is None else t["text"],
+                   "value": value_at(t["pos"])} for t in window]
         starts = [t["char_start"] for t in window if t["char_start"] is not None]
         ends = [t["char_end"] for t in window if t["char_end"] is not None]
         ends_before = [t["char_end"] for t in window if t["pos"] < at and t["char_end"] is not None]

@@ -46,10 +46,12 @@ def _ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def view_sql(table: schema.Table, files: list[str]) -> str:
+def view_sql(table: schema.Table, files: list[str], absent: frozenset[str] = frozenset()) -> str:
+    """The view over `files`; columns in `absent` (appended to schema.sql after every file was written) read NULL."""
     # Columns are qualified: a macro parameter named like a column (site, layer, ...) is in
     # scope when DuckDB binds a view inside a macro, and an unqualified name would conflict.
-    select = ", ".join(f"part.{_ident(c.name)}::{c.type} AS {_ident(c.name)}" for c in table.columns)
+    select = ", ".join(f"NULL::{c.type} AS {_ident(c.name)}" if c.name in absent else
+                       f"part.{_ident(c.name)}::{c.type} AS {_ident(c.name)}" for c in table.columns)
     if not files:
         nulls = ", ".join(f"NULL::{c.type} AS {_ident(c.name)}" for c in table.columns)
         return f"SELECT {nulls} WHERE false"
@@ -59,6 +61,13 @@ def view_sql(table: schema.Table, files: list[str]) -> str:
         f"SELECT {select} FROM read_parquet([{listing}], hive_partitioning = true, "
         f"hive_types = {{{hive}}}, union_by_name = true) AS part"
     )
+
+
+def _stored_columns(con, files: list[str]) -> set[str]:
+    """Every column name in the files, partition keys included."""
+    listing = ", ".join(quote(f) for f in files)
+    described = con.execute(f"DESCRIBE SELECT * FROM read_parquet([{listing}], hive_partitioning = true, union_by_name = true)")
+    return {row[0] for row in described.fetchall()}
 
 
 def committed_manifests(layout: Layout) -> list[dict]:
@@ -133,7 +142,11 @@ def _write(layout: Layout, tmp: Path, files: dict[str, list[str]]) -> None:
         con.execute("USE whq_catalog")
         for table in schema.tables().values():
             try:
-                con.execute(f"CREATE VIEW {_ident(table.name)} AS {view_sql(table, files[table.name])}")
+                try:
+                    con.execute(f"CREATE VIEW {_ident(table.name)} AS {view_sql(table, files[table.name])}")
+                except duckdb.BinderException:  # parts older than a column: only then read their schemas
+                    absent = frozenset(c.name for c in table.columns) - _stored_columns(con, files[table.name])
+                    con.execute(f"CREATE VIEW {_ident(table.name)} AS {view_sql(table, files[table.name], absent)}")
             except duckdb.Error as err:  # a view binds to its parts: a damaged one stops the build
                 if tmp.name in str(err):
                     raise  # writing the new file or its WAL failed (a full disk), not reading a part

@@ -350,6 +350,37 @@ def report(
         typer.echo(f"wrote {path}")
 
 
+@app.command()
+def serve(
+    root: WarehouseArg,
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8050, "--port", help="TCP port."),
+):
+    """Browse the warehouse's runs, sites and units in a web browser (Ctrl-C stops the server).
+
+    Example: whq serve wh --port 8050
+    """
+    import os
+    import socket
+
+    import uvicorn
+
+    import warehouse
+    from queries.server import create_app
+
+    wh = warehouse.open(root)
+    try:  # bound here, so a taken port is one line naming the fix, not uvicorn's log and exit
+        sock = socket.create_server((host, port))
+    except OSError as err:
+        _fail(
+            f"cannot listen on {host}:{port}: {os.strerror(err.errno) if err.errno else err}; pick another port with --port"
+        )
+    hosts = ["*"] if host in ("0.0.0.0", "::") else ["127.0.0.1", "localhost", "::1", host]
+    server = uvicorn.Server(uvicorn.Config(create_app(wh, allowed_hosts=hosts), log_level="warning"))
+    typer.echo(f"serving {wh.root} at http://{host}:{port}/ (Ctrl-C stops)")
+    server.run(sockets=[sock])
+
+
 from .cli_export import export_app  # noqa: E402 - sub-apps are registered after the commands
 
 app.add_typer(export_app, name="export")

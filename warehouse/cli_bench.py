@@ -92,3 +92,29 @@ def query(
         raise BadInput(f"--k {k} is more than --width {width}: top-k keeps k distinct units of each token; lower --k")
     result = bench_query(root, rows, layers=layers, width=width, k=k, repeats=repeats, echo=None if as_json else typer.echo)
     typer.echo(json.dumps(result.to_dict(), indent=1) if as_json else "\n".join(result.lines()))
+
+
+@bench_app.command("serve")
+def serve_(
+    root: Path = typer.Argument(
+        ..., help="Warehouse folder for the synthetic run (the one `whq bench query` builds; reused)."
+    ),
+    rows: int = typer.Option(10_000_000, "--rows", help="token_neurons rows of the synthetic run."),
+    layers: int = typer.Option(12, "--layers", help="Layers of the synthetic site."),
+    width: int = typer.Option(3072, "--width", help="Units per layer."),
+    k: int = typer.Option(20, "--k", help="Units kept per token (top-k)."),
+    repeats: int = typer.Option(5, "--repeats", help="Timed renders of each page after one warm-up."),
+    as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
+):
+    """Time the unit page, the token search and the run/site page warm, as `whq serve` renders them, per query.
+
+    Example: whq bench serve /tmp/whq-qbench --rows 100000000
+    """
+    import json
+
+    from queries.pages_bench import bench_serve, lines
+
+    result = bench_serve(
+        root, rows, layers=layers, width=width, k=k, repeats=repeats, echo=None if as_json else typer.echo
+    )
+    typer.echo(json.dumps(result, indent=1) if as_json else "\n".join(lines(result)))

@@ -40,3 +40,50 @@ def features(
     written = write_features(wh, run, site, out, layers, k=top, n_random=random, seed=seed)
     total = sum(written.values())
     typer.echo(f"wrote {total:,} units ({', '.join(f'layer {l}: {n:,}' for l, n in written.items())}) to {out}")
+
+
+@export_app.command()
+def site(
+    root: WarehouseArg,
+    run: str = typer.Option(..., "--run", help="Run id."),
+    site_name: str = typer.Option(..., "--site", help="Site (e.g. mlp.act)."),
+    out: Path = typer.Option(..., "--out", help="Output folder (index.html, layer-L.html, L/U.html, vega.js)."),
+    layers: list[int] | None = typer.Option(None, "--layers", help="Layers to export (repeatable; default all)."),
+):
+    """The run/site and unit pages of `whq serve` as static HTML that opens from file:// with no network.
+
+    Example: whq export site wh --run demo --site mlp.act --out site-demo --layers 3
+    """
+    import warehouse
+    from queries.pages import write_site
+
+    written = write_site(warehouse.open(root), run, site_name, out, layers)
+    typer.echo(
+        f"wrote {written['pages']:,} pages (layers {', '.join(map(str, written['layers']))}) to {out}; open {out / 'index.html'}"
+    )
+
+
+@export_app.command()
+def neuronpedia(
+    root: WarehouseArg,
+    run: str = typer.Option(..., "--run", help="Run id."),
+    site_name: str = typer.Option(..., "--site", help="Site (e.g. mlp.act)."),
+    out: Path = typer.Option(..., "--out", help="Output folder: OUT/<model>/<layer>-<set>/ per layer."),
+    layers: list[int] | None = typer.Option(None, "--layers", help="Layers to export (repeatable; default all)."),
+    model_name: str | None = typer.Option(
+        None, "--model-name", help="Neuronpedia model id (default: the model folder's name)."
+    ),
+    set_name: str | None = typer.Option(None, "--set-name", help="Neuronpedia source set (default: whq-<site>)."),
+):
+    """Features and activations in the layout Neuronpedia's importer reads (jsonl + jsonl.gz per layer).
+
+    Example: whq export neuronpedia wh --run demo --site mlp.act --out np-demo --model-name all-minilm-l6-v2
+    """
+    import warehouse
+    from queries.neuronpedia import write_neuronpedia
+
+    written = write_neuronpedia(
+        warehouse.open(root), run, site_name, out, layers, model_name=model_name, set_name=set_name
+    )
+    for folder, n in written.items():
+        typer.echo(f"wrote {n:,} features to {folder}")

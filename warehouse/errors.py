@@ -23,6 +23,10 @@ class RunExists(WarehouseError):
     """A run id that is already committed or in progress."""
 
 
+class NotFound(WarehouseError):
+    """A site, layer, unit or page that the warehouse does not hold (the message lists what it holds)."""
+
+
 class BadSpec(WarehouseError):
     """A --site SPEC that does not parse or names an unknown site/reduction."""
 

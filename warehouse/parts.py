@@ -147,7 +147,9 @@ def to_arrow(table: str, columns: dict, width: int | None) -> pa.Table:
     arrays = []
     for fld in target:
         data = columns[fld.name]
-        if pa.types.is_list(fld.type):
+        if isinstance(data, pa.Array):
+            arrays.append(data.cast(fld.type))
+        elif pa.types.is_list(fld.type):
             matrix = np.asarray(data)
             rows, width_k = matrix.shape
             flat = pa.array(matrix.reshape(-1).astype(fld.type.value_type.to_pandas_dtype()), fld.type.value_type)
@@ -155,8 +157,6 @@ def to_arrow(table: str, columns: dict, width: int | None) -> pa.Table:
             arrays.append(pa.ListArray.from_arrays(offsets, flat, type=fld.type))
         elif fld.type == pa.float16():
             arrays.append(pa.array(np.asarray(data, dtype=np.float16), pa.float16()))
-        elif isinstance(data, pa.Array):
-            arrays.append(data.cast(fld.type))
         else:
             arrays.append(pa.array(data, type=fld.type, from_pandas=True))
     return pa.Table.from_arrays(arrays, schema=target)

@@ -34,6 +34,7 @@ _ARROW = {
 _COMPACT = {
     ("token_neurons", "value"): pa.float16(),
     ("neuron_examples", "value"): pa.float32(),
+    ("neuron_examples", "window_values"): pa.list_(pa.float16()),
     ("doc_neurons", "rank"): pa.int16(),
 }
 _NEURON_ID_COLUMNS = {("token_neurons", "neuron"), ("doc_neurons", "neuron")}

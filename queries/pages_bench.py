@@ -1,0 +1,110 @@
+"""`whq bench serve`: the unit page's, token search's and run/site page's server time, warm.
+
+On the synthetic warehouse of `whq bench query` (queries/bench.py builds or reuses it).
+
+Each page is rendered as the server renders it (pages.unit_page / pages.tokens_page, no
+HTTP), after one warm-up; every SQL statement the page runs is timed on its own, so the
+report names the query that dominates.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import warehouse
+from warehouse.errors import BadInput
+
+from . import bench, pages
+
+
+class _TimedReader(pages.Reader):
+    """A Reader that adds each statement's time to `spent` under the statement's first words."""
+
+    def __init__(self, wh):
+        super().__init__(wh)
+        self.spent: dict[str, float] = defaultdict(float)
+
+    def rows(self, query, params=None):
+        start = time.perf_counter()
+        try:
+            return super().rows(query, params)
+        finally:
+            self.spent[_label(query)] += time.perf_counter() - start
+
+
+def _label(query: str) -> str:
+    """The first table or macro the statement reads."""
+    found = re.search(r"\b(?:FROM|JOIN)\s+([A-Za-z_]\w*)", query)
+    return found.group(1) if found else query.split()[0]
+
+
+def _time(render, reader: _TimedReader, repeats: int) -> tuple[list[float], dict[str, float]]:
+    render()  # warm-up: file metadata and the OS cache
+    reader.spent.clear()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        render()
+        times.append(time.perf_counter() - start)
+    return times, {name: spent / repeats for name, spent in sorted(reader.spent.items(), key=lambda kv: -kv[1])}
+
+
+def bench_serve(
+    root: str | Path, rows: int, *, layers: int = 12, width: int = 3072, k: int = 20, repeats: int = 5, echo=None
+) -> dict:
+    if repeats < 1:
+        raise BadInput("--repeats must be at least 1")
+    shape = bench.Shape(rows=rows, layers=layers, width=width, k=k)
+    say = echo or (lambda _: None)
+    say(f"building {shape.run_id} in {root} (reused if present)")
+    bench.build(root, shape, echo=say)
+    wh = warehouse.open(root)
+    reader = _TimedReader(wh)
+    links = pages.Links()
+    try:
+        run, site = shape.run_id, bench.SITE
+        unit = reader.rows(
+            "SELECT neuron FROM neuron_stats WHERE run_id = ? AND site = ? AND layer = 0 ORDER BY n_fired DESC LIMIT 1",
+            [run, site],
+        )[0]["neuron"]
+        word = reader.rows("SELECT piece FROM tokens WHERE run_id = ? LIMIT 1", [run])[0]["piece"]
+        result = {
+            "run_id": run,
+            "token_neuron_rows": shape.layers * shape.tokens * shape.k,
+            "unit": [0, unit],
+            "token": word,
+        }
+        for name, render in (
+            ("unit page", lambda: pages.unit_page(reader, links, run, site, 0, unit)),
+            ("token search", lambda: pages.tokens_page(reader, links, run, site, word)),
+            ("run/site page", lambda: pages.site_page(reader, links, run, site, 0)),
+        ):
+            times, spent = _time(render, reader, repeats)
+            result[name] = {
+                "median_ms": 1e3 * statistics.median(times),
+                "min_ms": 1e3 * min(times),
+                "queries_ms": {q: 1e3 * s for q, s in spent.items()},
+            }
+        return result
+    finally:
+        reader.close()
+        wh.close()
+
+
+def lines(result: dict) -> list[str]:
+    out = [
+        f"run {result['run_id']}: {result['token_neuron_rows']:,} token_neurons rows; unit page of layer 0 unit "
+        f"{result['unit'][1]}, token search for {result['token']!r}"
+    ]
+    for name in ("unit page", "token search", "run/site page"):
+        r = result[name]
+        top = next(iter(r["queries_ms"].items()))
+        out.append(
+            f"{name:<14} median {r['median_ms']:8.1f} ms  min {r['min_ms']:8.1f} ms  dominated by {top[0]} ({top[1]:.1f} ms)"
+        )
+        out += [f"    {q:<28} {ms:8.1f} ms" for q, ms in r["queries_ms"].items()]
+    return out

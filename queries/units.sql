@@ -1,0 +1,194 @@
+-- Unit data for unit pages: moments, per-unit histograms, token search, similar units.
+--
+-- Same conventions as neurons.sql: every macro checks its run and site first, and every
+-- column inside a macro body is qualified with its table's alias. Polars twins:
+-- queries/unit_frames.py. The histogram grid is fixed (ingest/capture.py, HIST_*):
+-- quarter-octave bins for 2^-12 <= |value| < 2^12, a near-zero bin on either side of 0 and
+-- an end bin beyond -4096 / 4096 on either side.
+
+CREATE OR REPLACE MACRO whq_hist_edge(i) AS (pow(2.0, -12 + i // 4) * (1 + (i % 4) / 4));
+COMMENT ON MACRO whq_hist_edge IS 'Edge i (0..96) of the histogram grid on |value|: 2^(-12 + i // 4) * (1 + (i % 4) / 4), from 2^-12 to 2^12.';
+
+CREATE OR REPLACE MACRO whq_hist_lo(b) AS (
+    CASE WHEN b = 0 THEN -'inf'::DOUBLE
+         WHEN b <= 96 THEN -whq_hist_edge(97 - b)
+         WHEN b = 97 THEN -whq_hist_edge(0)
+         WHEN b = 98 THEN 0.0
+         WHEN b <= 194 THEN whq_hist_edge(b - 99)
+         ELSE 4096.0 END
+);
+COMMENT ON MACRO whq_hist_lo IS 'Lower edge of histogram bin b: bins 98..195 hold lo < value < hi for bin 98 and lo <= value < hi above it; bins 0..97 hold lo < value <= hi.';
+
+CREATE OR REPLACE MACRO whq_hist_hi(b) AS (
+    CASE WHEN b = 0 THEN -4096.0
+         WHEN b <= 96 THEN -whq_hist_edge(96 - b)
+         WHEN b = 97 THEN 0.0
+         WHEN b = 98 THEN whq_hist_edge(0)
+         WHEN b <= 194 THEN whq_hist_edge(b - 98)
+         ELSE 'inf'::DOUBLE END
+);
+COMMENT ON MACRO whq_hist_hi IS 'Upper edge of histogram bin b (see whq_hist_lo).';
+
+CREATE OR REPLACE MACRO unit_stats(run, site, layer) AS TABLE
+WITH m AS (
+    SELECT s.neuron, s.n_tokens, s.n_fired, s.min, s.max,
+           s.sum / s.n_tokens AS mean, s.sum_sq / s.n_tokens AS m2,
+           s.sum_cube / s.n_tokens AS m3, s.sum_quad / s.n_tokens AS m4
+    FROM neuron_stats s
+    WHERE whq_known_site(run, site) AND s.run_id = run AND s.site = site AND s.layer = layer
+),
+central AS (
+    SELECT m.*, m.m2 - m.mean * m.mean AS var,
+           m.m3 - 3 * m.mean * m.m2 + 2 * m.mean * m.mean * m.mean AS c3,
+           m.m4 - 4 * m.mean * m.m3 + 6 * m.mean * m.mean * m.m2 - 3 * m.mean * m.mean * m.mean * m.mean AS c4
+    FROM m
+)
+SELECT c.neuron, c.n_fired / c.n_tokens AS rate, c.mean, sqrt(greatest(c.var, 0)) AS std, c.min, c.max,
+       CASE WHEN c.var > 0 THEN c.c3 / pow(c.var, 1.5) END AS skewness,
+       CASE WHEN c.var > 0 THEN c.c4 / (c.var * c.var) - 3 END AS kurtosis
+FROM central c
+ORDER BY c.neuron;
+COMMENT ON MACRO TABLE unit_stats IS 'Per unit, exact over all tokens (neuron_stats): rate, mean, std (population), min, max, skewness and excess kurtosis (Fisher: 0 for a normal distribution, as scipy.stats.kurtosis), from the running sums of value^1..4; skewness and kurtosis are NULL where the variance is 0 or the run predates them. Example: SELECT * FROM unit_stats(''demo'', ''mlp.act'', 3) ORDER BY kurtosis DESC LIMIT 10';
+
+CREATE OR REPLACE MACRO whq_has_hist(run, site_name) AS (
+    SELECT CASE WHEN NOT whq_known_site(run, site_name) THEN false
+        WHEN bool_or(regexp_matches(s.reductions, '(^|,)hist(,|$)')) THEN true
+        ELSE error('site ''' || site_name || ''' of run ''' || run || ''' kept no histograms: re-ingest with --site '
+            || site_name || ':' || coalesce(nullif(s.reductions, '') || ',', '') || 'hist') END
+    FROM sites s WHERE s.run_id = run AND s.site = site_name
+    GROUP BY s.reductions
+);
+COMMENT ON MACRO whq_has_hist IS 'true if the site captured histograms (reduction hist); otherwise fails with an error naming the fix.';
+
+CREATE OR REPLACE MACRO unit_histogram(run, site, layer, unit) AS TABLE
+WITH h AS (
+    SELECT CAST(u.bin AS INTEGER) AS bin, u.count
+    FROM unit_histograms u
+    WHERE whq_has_hist(run, site) AND u.run_id = run AND u.site = site AND u.layer = layer AND u.neuron = unit
+),
+span AS (SELECT min(h.bin) AS first_bin, max(h.bin) AS last_bin FROM h)
+SELECT CAST(g.bin AS INTEGER) AS bin, whq_hist_lo(g.bin) AS lo, whq_hist_hi(g.bin) AS hi, coalesce(h.count, 0) AS count
+FROM span sp
+CROSS JOIN range(sp.first_bin, sp.last_bin + 1) g(bin)
+LEFT JOIN h ON h.bin = g.bin
+ORDER BY g.bin;
+COMMENT ON MACRO TABLE unit_histogram IS 'One unit''s exact activation histogram over all tokens (reduction hist): every bin from its lowest to its highest non-empty one, with edges lo/hi (fixed grid: quarter-octave bins, each hi / lo <= 1.25, for 2^-12 <= |value| < 2^12; bin 97 = (-2^-12, 0], bin 98 = (0, 2^-12)) and count. Example: SELECT * FROM unit_histogram(''demo'', ''mlp.act'', 3, 42)';
+
+CREATE OR REPLACE MACRO units_for_token(run, site, text) AS TABLE
+WITH matched AS (
+    SELECT t.doc, t.pos
+    FROM tokens t
+    WHERE whq_known_site(run, site) AND t.run_id = run
+      AND lower(trim(coalesce(t.text, t.piece))) = lower(trim(text))
+),
+occurrences AS (SELECT count(*) AS n FROM matched),
+threshold AS (SELECT s.threshold FROM sites s WHERE s.run_id = run AND s.site = site)
+SELECT v.layer, v.neuron, count(*) AS n_fired, o.n AS n_occurrences, count(*) / o.n AS share, avg(v.value) AS mean_value
+FROM matched m
+JOIN token_neurons v ON v.run_id = run AND v.site = site AND v.doc = m.doc AND v.pos = m.pos
+CROSS JOIN threshold th
+CROSS JOIN occurrences o
+WHERE v.value > th.threshold
+GROUP BY v.layer, v.neuron, o.n
+ORDER BY n_fired DESC, mean_value DESC, v.layer, v.neuron;
+COMMENT ON MACRO TABLE units_for_token IS 'Token search: the units (every layer of the site) stored in token_neurons above the site threshold at the tokens whose decoded text (tokens.text; piece for older runs) equals `text`, ignoring case and surrounding spaces, with n_fired, n_occurrences of the token, share = n_fired / n_occurrences and mean_value over those firings; most firings first. topk captures only count a unit where it was in the token''s top-k. Example: SELECT * FROM units_for_token(''demo'', ''mlp.act'', ''speak'') LIMIT 10';
+
+CREATE OR REPLACE MACRO similar_units(run, site, layer, unit, k := 10) AS TABLE
+WITH thr AS (SELECT s.threshold FROM sites s WHERE whq_known_site(run, site) AND s.run_id = run AND s.site = site),
+fired AS (
+    SELECT v.neuron, v.doc, v.pos
+    FROM token_neurons v, thr
+    WHERE v.run_id = run AND v.site = site AND v.layer = layer AND v.value > thr.threshold
+),
+mine AS (SELECT f.doc, f.pos FROM fired f WHERE f.neuron = unit),
+shared AS (
+    SELECT f.neuron, count(*) AS n_shared
+    FROM fired f JOIN mine m ON m.doc = f.doc AND m.pos = f.pos
+    WHERE f.neuron <> unit
+    GROUP BY f.neuron
+),
+sizes AS (
+    SELECT f.neuron, count(*) AS n FROM fired f WHERE f.neuron IN (SELECT sh.neuron FROM shared sh) GROUP BY f.neuron
+),
+coactivation AS (
+    SELECT 'coactivation' AS kind, sh.neuron, sh.n_shared / ((SELECT count(*) FROM mine) + sz.n - sh.n_shared) AS similarity,
+           sh.n_shared
+    FROM shared sh JOIN sizes sz ON sz.neuron = sh.neuron
+),
+decoder AS (
+    SELECT 'decoder' AS kind, d.other AS neuron, CAST(d.cosine AS DOUBLE) AS similarity, CAST(NULL AS BIGINT) AS n_shared
+    FROM unit_neighbors d
+    WHERE d.run_id = run AND d.site = site AND d.layer = layer AND d.neuron = unit
+),
+ranked AS (
+    SELECT x.*, row_number() OVER (PARTITION BY x.kind ORDER BY x.similarity DESC, x.neuron) - 1 AS rank
+    FROM (SELECT * FROM decoder UNION ALL SELECT * FROM coactivation) x
+)
+SELECT r.kind, CAST(r.rank AS INTEGER) AS rank, r.neuron, r.similarity, r.n_shared
+FROM ranked r
+WHERE r.rank < k
+ORDER BY r.kind DESC, r.rank;
+COMMENT ON MACRO TABLE similar_units IS 'The k units most like one unit of the same layer, two ways: kind decoder = cosine of their output directions (rows of the down projection, W_down[:, n]; stored at ingest by reduction similar for MLP unit sites), kind coactivation = Jaccard index of the sets of tokens where each is stored in token_neurons above the site threshold (n_shared: tokens in both). Example: SELECT * FROM similar_units(''demo'', ''mlp.act'', 3, 42)';
+
+CREATE OR REPLACE MACRO whq_has_quantiles(run, site_name) AS (
+    SELECT CASE WHEN NOT whq_known_site(run, site_name) THEN false
+        WHEN bool_or(regexp_matches(s.reductions, '(^|,)quantiles=')) THEN true
+        ELSE error('site ''' || site_name || ''' of run ''' || run || ''' kept no quantile examples: re-ingest with --site '
+            || site_name || ':examples=20,hist,quantiles=10') END
+    FROM sites s WHERE s.run_id = run AND s.site = site_name
+);
+COMMENT ON MACRO whq_has_quantiles IS 'true if the site kept quantile examples (quantiles=Q); otherwise fails with an error naming the fix.';
+
+CREATE OR REPLACE MACRO whq_quantile_bins(run, site_name, layer_index, unit) AS TABLE
+WITH capture AS (
+    SELECT s.threshold,
+           CAST(nullif(regexp_extract(s.reductions, '(^|,)quantiles=([0-9]+)', 2), '') AS INTEGER) AS q
+    FROM sites s
+    WHERE whq_known_site(run, site_name) AND s.run_id = run AND s.site = site_name
+),
+checked AS (
+    SELECT c.threshold, CASE WHEN c.q IS NULL THEN error('site ''' || site_name || ''' of run ''' || run
+        || ''' kept no quantile examples: re-ingest with --site ' || site_name || ':examples=20,hist,quantiles=10')
+        ELSE c.q END AS q
+    FROM capture c
+),
+firing AS (
+    SELECT CAST(u.bin AS INTEGER) AS bin, u.count
+    FROM unit_histograms u, checked c
+    WHERE u.run_id = run AND u.site = site_name AND u.layer = layer_index AND u.neuron = unit
+      AND whq_hist_hi(u.bin) > c.threshold
+),
+cumulative AS (
+    SELECT f.bin, f.count, sum(f.count) OVER (ORDER BY f.bin) - f.count AS before, sum(f.count) OVER () AS total
+    FROM firing f
+),
+binned AS (
+    SELECT CAST(least(c.q - 1, floor(c.q * (x.before + x.count / 2) / x.total)) AS INTEGER) AS quantile, x.*
+    FROM cumulative x, checked c
+)
+SELECT b.quantile, min(whq_hist_lo(b.bin)) AS lo, max(whq_hist_hi(b.bin)) AS hi,
+       min(b.before) / max(b.total) AS share_lo, max(b.before + b.count) / max(b.total) AS share_hi,
+       CAST(sum(b.count) AS BIGINT) AS n_tokens
+FROM binned b
+GROUP BY b.quantile
+ORDER BY b.quantile;
+COMMENT ON MACRO TABLE whq_quantile_bins IS 'The quantile bins of one unit (quantiles=Q): over its histogram bins above the site threshold, each histogram bin goes to bin floor(Q * (tokens below it + its count / 2) / firing tokens), at most Q - 1; lo/hi are value edges, share_lo/share_hi the exact shares of firing tokens below and up to the bin, n_tokens its firing tokens.';
+
+CREATE OR REPLACE MACRO quantile_examples(run, site, layer, unit, before := 50, after := 20) AS TABLE
+WITH bins AS (SELECT * FROM whq_quantile_bins(run, site, layer, unit)),
+stored AS (
+    SELECT e.rank, e.quantile FROM neuron_examples e
+    WHERE e.run_id = run AND e.site = site AND e.layer = layer AND e.neuron = unit AND e.kind = 'quantile'
+),
+examples AS (
+    SELECT * FROM whq_examples(CASE WHEN whq_has_quantiles(run, site) THEN run END, site, layer, unit, 'quantile',
+                               2147483647, before, after, 0)
+)
+SELECT st.quantile, b.lo, b.hi, b.share_lo, b.share_hi,
+       CAST(x.rank - min(x.rank) OVER (PARTITION BY st.quantile) AS INTEGER) AS rank,
+       x.doc_id, x.pos, x.value, x.context, x.tokens
+FROM examples x
+JOIN stored st ON st.rank = x.rank
+JOIN bins b ON b.quantile = st.quantile
+ORDER BY st.quantile, rank;
+COMMENT ON MACRO TABLE quantile_examples IS 'Examples across one unit''s whole activation range (examples=N,hist,quantiles=Q): per quantile bin (0 = lowest firing values) up to N firing tokens sampled uniformly from the bin, with the same context and tokens columns as top_contexts. Bins are whole histogram bins (quarter octaves), so they are not exact Q-quantiles: each row says exactly which values (lo <= value < hi) and which shares of the firing tokens (share_lo .. share_hi; the true bin would be q/Q .. (q+1)/Q) its bin covers; a histogram bin holding more than 1/Q of the firings makes a wider bin and leaves some bin numbers unused. The uniform sample comes from a pool of the 2QN smallest sample keys, so a bin with few pooled firings can hold fewer than N. Example: SELECT quantile, share_lo, share_hi, value, context FROM quantile_examples(''demo'', ''mlp.act'', 3, 42)';

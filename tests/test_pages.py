@@ -1,0 +1,430 @@
+"""`whq serve` and `whq export site`: every page type served on 127.0.0.1 from the golden
+warehouse, opened in headless Chromium (charts drawn to SVG, shaded tokens, links), the SQL
+box's refusals, unknown names as 404 pages, a bounded load test, and the static export
+opened from file://. One screenshot per page type is kept under artifacts/ to look at."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import html
+import json
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+import warehouse
+from queries.pages import _number as pages_number
+
+from .cli_runner import run_cli
+
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
+RUN = "g"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+UNIT_SITES = ["mlp.act:threshold=0,examples=3,hist,quantiles=4,similar=4", "mlp.up:topk=4,examples=3"]
+
+
+@pytest.fixture(scope="module")
+def pages_root(golden_root, tmp_path_factory, tiny_lm_dir):
+    """The golden run 'g', and beside it run 'u' of the same documents with everything a unit page
+    shows: histograms, quantile examples, similar units, the logit lens."""
+    from ingest.pipeline import ingest
+    from ingest.sources import Document
+
+    from .golden.build_fixture import DOCUMENTS
+
+    root = tmp_path_factory.mktemp("pages") / "wh"
+    shutil.copytree(golden_root, root)
+    ingest(
+        root,
+        str(tiny_lm_dir),
+        sites=UNIT_SITES,
+        documents=[Document(i, text, dataset=d) for i, d, text in DOCUMENTS],
+        run_id="u",
+        batch_size=2,
+        max_length=16,
+        device="cpu",
+        progress=False,
+        logit_lens=True,
+    )
+    return root
+
+
+@contextlib.contextmanager
+def serving(root: Path):
+    """The app under uvicorn in a thread of this process, on a free port of 127.0.0.1."""
+    import uvicorn
+
+    from queries.server import create_app
+
+    wh = warehouse.open(root)
+    srv = uvicorn.Server(uvicorn.Config(create_app(wh), host="127.0.0.1", port=_free_port(), log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started:
+        assert time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{srv.config.port}"
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+        wh.close()
+
+
+@pytest.fixture(scope="module")
+def server(pages_root):
+    with serving(pages_root) as url:
+        yield url
+
+
+def get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+class _Page(HTMLParser):
+    """Links and the shaded token spans of a page."""
+
+    def __init__(self):
+        super().__init__()
+        self.links: list[str] = []
+        self.tokens: list[dict] = []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "a" and attrs.get("href"):
+            self.links.append(attrs["href"])
+        if tag == "span" and "tok" in (attrs.get("class") or "").split():
+            self.tokens.append(attrs)
+
+
+def parse(text: str) -> _Page:
+    page = _Page()
+    page.feed(text)
+    return page
+
+
+def chromium(tmp_path: Path, url: str, shot: str | None = None) -> str:
+    """The DOM after scripts ran (and a screenshot under artifacts/ when `shot` is named)."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no Chromium at {CHROMIUM}: install Debian's chromium to run the browser tests")
+    flags = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--virtual-time-budget=15000",
+        "--hide-scrollbars",
+    ]
+    dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=180).stdout
+    if shot:
+        ARTIFACTS.mkdir(exist_ok=True)
+        target = ARTIFACTS / f"page_{shot}.png"
+        subprocess.run(
+            [*flags, "--window-size=1300,2000", f"--screenshot={target}", url], capture_output=True, timeout=180
+        )
+        assert target.exists() and target.stat().st_size > 5_000
+    return dom
+
+
+def assert_charts_drawn(dom: str, n: int) -> None:
+    assert dom.count('data-rendered="yes"') == n, "every chart rendered"
+    assert not re.search(r'class="chart"[^>]*>chart failed', dom)
+    assert dom.count("<svg") >= n and 'class="mark-' in dom
+
+
+# -- pages in the browser ------------------------------------------------------------------------
+
+
+def test_home_page(server, tmp_path, golden_root):
+    dom = chromium(tmp_path, server + "/", shot="home")
+    wh = warehouse.open(golden_root)
+    n_tokens = wh.sql("SELECT n_tokens FROM runs WHERE run_id = ?", [RUN]).fetchall()[0][0]
+    on_disk = sum(p["bytes"] for p in wh.manifest(RUN)["parts"])
+    assert f"{n_tokens:,}" in dom and f"{on_disk:,}" in dom
+    links = parse(dom).links
+    assert f"/{RUN}/mlp.act" in links and f"/{RUN}/mlp.up" in links
+
+
+def test_site_page(server, tmp_path):
+    dom = chromium(tmp_path, server + "/u/mlp.act?layer=1&sort=kurtosis&order=desc", shot="site")
+    assert_charts_drawn(dom, 3)
+    page = parse(dom)
+    units = [link for link in page.links if re.fullmatch(r"/u/mlp\.act/1/\d+", link)]
+    assert len(units) == 100  # one page of the 128 units
+    cells = re.findall(
+        r'<td data-v="([0-9.e+-]*)">', dom
+    )  # 8 a row: neuron, rate, mean, min, max, skewness, kurtosis, selectivity
+    kurtosis = [float(v) for v in cells[6::8]]
+    assert len(kurtosis) == 100 and kurtosis == sorted(kurtosis, reverse=True)
+    for link in {*units[:3], *(link for link in page.links if "page=2" in link)}:
+        assert get(server + link.replace("&amp;", "&"))[0] == 200, link
+
+
+def test_unit_page(server, tmp_path, pages_root):
+    dom = chromium(tmp_path, server + "/u/mlp.act/1/3", shot="unit")
+    assert_charts_drawn(dom, 1)  # the unit's histogram
+    page = parse(dom)
+    wh = warehouse.open(pages_root)
+    top = wh.pl("SELECT * FROM top_contexts('u', 'mlp.act', 1, 3, k := 20, before := 24, after := 8)")
+    sample = wh.pl("SELECT * FROM whq_examples('u', 'mlp.act', 1, 3, 'random', 10, 24, 8, 0)")
+    spread = wh.pl("SELECT * FROM quantile_examples('u', 'mlp.act', 1, 3, before := 24, after := 8)")
+    assert spread.height > 0
+    windows = [*top["tokens"], *spread["tokens"], *sample["tokens"]]
+    assert len(page.tokens) == sum(len(t) for t in windows) > 0
+    assert [t["title"] for t in page.tokens if "fire" in t["class"].split()] == [
+        pages_number(v) for v in [*top["value"], *spread["value"], *sample["value"]]
+    ]
+    assert all(re.fullmatch(r"--a:[01]\.\d\d", t["style"]) for t in page.tokens)
+    # each window reads as its document spells it: the text from its first token's start to its last token's end
+    shown = [html.unescape(re.sub(r"<[^>]+>", "", cell)) for cell in re.findall(r'<td class="ctx">(.*?)</td>', dom)]
+    spelled = wh.pl("""
+        SELECT x.rank, substr(d.text, min(t.char_start) + 1, max(t.char_end) - min(t.char_start)) AS text
+        FROM top_contexts('u', 'mlp.act', 1, 3, k := 20, before := 24, after := 8) x
+        JOIN documents d ON d.run_id = 'u' AND d.doc_id = x.doc_id
+        JOIN tokens t ON t.run_id = 'u' AND t.doc = d.doc AND t.pos BETWEEN greatest(x.pos - 24, 0) AND x.pos + 8
+        GROUP BY x.rank, d.text ORDER BY x.rank""")
+    assert shown[: top.height] == [text.replace("\n", "⏎") for text in spelled["text"]]
+    stats = wh.pl("SELECT * FROM unit_stats('u', 'mlp.act', 1) WHERE neuron = 3").row(0, named=True)
+    assert pages_number(stats["kurtosis"]) in dom and pages_number(stats["min"]) in dom
+    similar = wh.pl("SELECT * FROM similar_units('u', 'mlp.act', 1, 3)")
+    assert {"decoder", "coactivation"} <= set(similar["kind"])
+    for unit in similar["neuron"]:
+        assert f"/u/mlp.act/1/{unit}" in page.links
+    assert "/u/mlp.act/1/2" in page.links and "/u/mlp.act/1/4" in page.links
+    for link in set(page.links):
+        if link.startswith("/"):
+            assert get(server + link.replace("&amp;", "&"))[0] == 200, link
+
+
+def test_unit_page_of_a_site_without_histograms(server, tmp_path, golden_root):
+    dom = chromium(tmp_path, server + f"/{RUN}/mlp.up/1/3")
+    assert "No histogram for this site" in dom and 'data-rendered="yes"' not in dom
+    page = parse(dom)
+    wh = warehouse.open(golden_root)
+    top = wh.pl(f"SELECT * FROM top_contexts('{RUN}', 'mlp.up', 1, 3, k := 20, before := 24, after := 8)")
+    assert (
+        len([t for t in page.tokens if "fire" in t["class"].split()])
+        == top.height
+        + wh.sql(f"SELECT count(*) FROM whq_examples('{RUN}', 'mlp.up', 1, 3, 'random', 10, 24, 8, 0)").fetchall()[0][0]
+    )
+
+
+def test_token_search_page(server, tmp_path, pages_root):
+    dom = chromium(tmp_path, server + "/u/mlp.act/tokens?q=e", shot="tokens")
+    units = [link for link in parse(dom).links if re.fullmatch(r"/u/mlp\.act/\d+/\d+", link)]
+    wh = warehouse.open(pages_root)
+    best = wh.pl("SELECT * FROM units_for_token('u', 'mlp.act', 'e') LIMIT 50")
+    assert units == [f"/u/mlp.act/{layer}/{unit}" for layer, unit in zip(best["layer"], best["neuron"])] and units
+    assert f"occurs {best['n_occurrences'][0]:,} times" in dom
+    assert get(server + units[0])[0] == 200
+
+
+def test_sql_page_runs_queries_and_refuses_writes(server, tmp_path, capsys, monkeypatch, golden_root):
+    query = urllib.parse.quote(
+        "SELECT layer, count(*) AS n FROM neuron_stats WHERE run_id = 'g' AND site = 'mlp.act' GROUP BY layer ORDER BY layer"
+    )
+    dom = chromium(tmp_path, server + f"/sql?q={query}", shot="sql")
+    assert dom.count("<tr>") == 5 and "download CSV" in dom
+    status, csv = get(server + f"/sql.csv?q={query}")
+    assert status == 200 and csv.splitlines() == ["layer,n", "0,128", "1,128", "2,128", "3,128"]
+    for statement in ("COPY runs TO 'out.csv'", "ATTACH 'other.duckdb' AS o", "SELECT * FROM read_csv('/etc/passwd')"):
+        status, text = get(server + "/sql?q=" + urllib.parse.quote(statement))
+        code, _, err = run_cli(capsys, monkeypatch, "sql", golden_root, statement, "--read-only")
+        assert status == 400 and code == 2
+        shown = re.search(r'<p class="error">(.*?)</p>', text).group(1).replace("&#39;", "'")
+        assert shown == err.strip(), statement  # the same one line as whq sql --read-only
+        assert get(server + "/sql.csv?q=" + urllib.parse.quote(statement))[0] == 400
+    status, text = get(server + "/sql?q=" + urllib.parse.quote("SELECT * FROM range(20000)"))  # SqlLimits' row cap
+    assert status == 200 and "10,000 rows (the result had more: add a LIMIT), the first 1,000 shown" in text
+
+
+@pytest.mark.parametrize(
+    "path, names",
+    [
+        ("/nope/mlp.act", "its runs: g, u"),
+        (f"/{RUN}/nope", "its sites: mlp.act, mlp.up"),
+        (f"/{RUN}/mlp.act/9/0", "its layers: 0, 1, 2, 3"),
+        (f"/{RUN}/mlp.act/1/128", "units 0..127"),
+        (f"/{RUN}/mlp.act/1/3/extra", "start from the home page"),
+    ],
+)
+def test_unknown_names_are_404_pages_naming_what_exists(server, path, names):
+    status, text = get(server + path)
+    assert status == 404 and names in text.replace("&#39;", "'")
+
+
+def test_other_host_names_are_refused(server):
+    """A page elsewhere that rebinds its own name to 127.0.0.1 cannot read the warehouse."""
+    request = urllib.request.Request(server + "/", headers={"Host": "attacker.example"})
+    try:
+        urllib.request.urlopen(request, timeout=30)
+        raise AssertionError("answered a foreign Host")
+    except urllib.error.HTTPError as err:
+        assert err.code == 400
+
+
+def test_unit_page_under_load(server):
+    """200 requests from 8 concurrent clients against the unit page: all 200 OK, same page."""
+    urls = [server + f"/u/mlp.act/1/{i % 16}" for i in range(200)]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(get, urls))
+    assert [status for status, _ in answers] == [200] * 200
+    same = [text for url, (_, text) in zip(urls, answers) if url.endswith("/1/3")]  # 13 of them
+    assert len(same) >= 1 and len(set(same)) == 1
+
+
+# -- static export -------------------------------------------------------------------------------
+
+
+def test_export_site_opens_from_file(pages_root, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "site"
+    code, stdout, err = run_cli(
+        capsys,
+        monkeypatch,
+        "export",
+        "site",
+        pages_root,
+        "--run",
+        "u",
+        "--site",
+        "mlp.act",
+        "--out",
+        out,
+        "--layers",
+        "1",
+        "--layers",
+        "2",
+    )
+    assert code == 0, err
+    assert "wrote 259 pages" in stdout  # index + 2 layer pages + 2 x 128 unit pages
+    for page in out.rglob("*.html"):
+        text = page.read_text()
+        assert not re.search(r"<script[^>]+src=\"(https?:)?//|<link[^>]+href=", text), page
+        for link in parse(text).links:
+            assert (page.parent / link).resolve().exists(), (page, link)
+    dom = chromium(tmp_path, (out / "index.html").as_uri(), shot="export_site")
+    assert_charts_drawn(dom, 3)
+    dom = chromium(tmp_path, (out / "2" / "0.html").as_uri(), shot="export_unit")
+    assert_charts_drawn(dom, 1)
+    assert len(parse(dom).tokens) > 0 and 'rel="prev"' in dom  # runs back into layer 1
+    code, _, err = run_cli(
+        capsys,
+        monkeypatch,
+        "export",
+        "site",
+        pages_root,
+        "--run",
+        "u",
+        "--site",
+        "mlp.act",
+        "--out",
+        out,
+        "--layers",
+        "7",
+    )
+    assert code == 2 and "has no layer 7" in err and len(err.strip().splitlines()) == 1
+
+
+def test_whq_serve_prints_its_url_and_stops_on_ctrl_c(golden_root):
+    import signal
+    import sys
+
+    taken = socket.create_server(("127.0.0.1", 0))
+    port = taken.getsockname()[1]
+    whq = [
+        sys.executable,
+        "-c",
+        "from warehouse.cli import main; main()",
+        "serve",
+        str(golden_root),
+        "--port",
+        str(port),
+    ]
+    busy = subprocess.run(whq, capture_output=True, text=True, timeout=120)
+    assert (
+        busy.returncode == 2
+        and busy.stderr
+        == f"error: cannot listen on 127.0.0.1:{port}: Address already in use; pick another port with --port\n"
+    )
+    taken.close()
+    server = subprocess.Popen(whq, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout.readline().strip().endswith(f"at http://127.0.0.1:{port}/ (Ctrl-C stops)")
+        assert get(f"http://127.0.0.1:{port}/")[0] == 200
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.communicate(timeout=60)
+    assert server.returncode in (0, 130)
+
+
+def test_pages_of_a_minilm_capture(minilm_wh, tmp_path):
+    """A real model's capture: a topk site with examples, WordPiece tokens."""
+    with serving(minilm_wh) as url:
+        dom = chromium(tmp_path, url + "/r/mlp.act?layer=2")
+        assert_charts_drawn(dom, 3)
+        unit = int(re.search(r'href="/r/mlp\.act/2/(\d+)"', dom).group(1))
+        dom = chromium(tmp_path, url + f"/r/mlp.act/2/{unit}")
+        wh = warehouse.open(minilm_wh)
+        top = wh.pl(f"SELECT * FROM top_contexts('r', 'mlp.act', 2, {unit}, k := 20, before := 24, after := 8)")
+        sample = wh.pl(f"SELECT * FROM whq_examples('r', 'mlp.act', 2, {unit}, 'random', 10, 24, 8, 0)")
+        page = parse(dom)
+        assert len(page.tokens) == sum(len(t) for t in [*top["tokens"], *sample["tokens"]])
+        status, text = get(url + "/r/mlp.act/tokens?q=speak")
+        assert status == 200 and "/r/mlp.act/" in text
+        status, text = get(url + "/r/mlp.up/2/5")  # a NAG site: no examples, the page says how to keep them
+        assert status == 200 and "This site kept no examples: re-ingest with --site mlp.up:nag=6,examples=20." in text
+
+
+def test_bench_serve_names_the_dominant_query(tmp_path, capsys, monkeypatch):
+    code, out, err = run_cli(
+        capsys,
+        monkeypatch,
+        "bench",
+        "serve",
+        tmp_path / "b",
+        "--rows",
+        "20000",
+        "--layers",
+        "2",
+        "--width",
+        "64",
+        "--k",
+        "4",
+        "--repeats",
+        "1",
+        "--json",
+    )
+    assert code == 0, err
+    result = json.loads(out)
+    for page in ("unit page", "token search", "run/site page"):
+        assert result[page]["median_ms"] > 0 and result[page]["queries_ms"], page
