@@ -34,10 +34,10 @@ class IngestBench:
     seq_len: int
     sites: list
     batches_per_block: int
-    hooks: str = ""              # which hook implementation ran (fused C kernel or torch ops)
-    plain_s: list = field(default_factory=list)     # seconds per timed plain block
-    capture_s: list = field(default_factory=list)   # seconds per timed capture block
-    plain_peak: int = 0          # peak device bytes (CUDA) or peak RSS (CPU) during plain blocks
+    hooks: str = ""  # which hook implementation ran (fused C kernel or torch ops)
+    plain_s: list = field(default_factory=list)  # seconds per timed plain block
+    capture_s: list = field(default_factory=list)  # seconds per timed capture block
+    plain_peak: int = 0  # peak device bytes (CUDA) or peak RSS (CPU) during plain blocks
     capture_peak: int = 0
     memory_kind: str = "rss"
     tokens_captured: int = 0
@@ -69,11 +69,23 @@ class IngestBench:
 
     def to_dict(self) -> dict:
         return {
-            "model": self.model, "device": self.device, "dtype": self.dtype, "batch_size": self.batch_size,
-            "seq_len": self.seq_len, "sites": self.sites, "batches_per_block": self.batches_per_block, "hooks": self.hooks,
-            "plain_tokens_per_s": self.plain_tokens_per_s, "capture_tokens_per_s": self.capture_tokens_per_s,
-            "ratio": self.ratio, "best_ratio": self.best_ratio, "plain_s": self.plain_s, "capture_s": self.capture_s,
-            "memory_kind": self.memory_kind, "plain_peak_bytes": self.plain_peak, "capture_peak_bytes": self.capture_peak,
+            "model": self.model,
+            "device": self.device,
+            "dtype": self.dtype,
+            "batch_size": self.batch_size,
+            "seq_len": self.seq_len,
+            "sites": self.sites,
+            "batches_per_block": self.batches_per_block,
+            "hooks": self.hooks,
+            "plain_tokens_per_s": self.plain_tokens_per_s,
+            "capture_tokens_per_s": self.capture_tokens_per_s,
+            "ratio": self.ratio,
+            "best_ratio": self.best_ratio,
+            "plain_s": self.plain_s,
+            "capture_s": self.capture_s,
+            "memory_kind": self.memory_kind,
+            "plain_peak_bytes": self.plain_peak,
+            "capture_peak_bytes": self.capture_peak,
             "extra_peak_bytes": self.capture_peak - self.plain_peak,
             "bytes_per_token": self.bytes_written / max(self.tokens_captured, 1),
             "token_neurons_bytes_per_entry": self.token_neuron_bytes / max(self.token_neuron_rows, 1),
@@ -207,10 +219,17 @@ def bench_ingest(
     # Distinct rows for each batch of a block (the same batches every block): repeated rows
     # inside one shard would compress unrealistically well.
     rows, texts = _template(loaded, batch_size * batches_per_block, seq_len, seed)
-    batches = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
-    result = IngestBench(model=loaded.model_id, device=device, dtype=dtype, batch_size=batch_size, seq_len=seq_len,
-                         sites=spec_texts, batches_per_block=batches_per_block,
-                         hooks=fused.describe() if device == "cpu" else f"torch ops on {device}")
+    batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+    result = IngestBench(
+        model=loaded.model_id,
+        device=device,
+        dtype=dtype,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        sites=spec_texts,
+        batches_per_block=batches_per_block,
+        hooks=fused.describe() if device == "cpu" else f"torch ops on {device}",
+    )
     memory = _PeakMemory(device)
     result.memory_kind = memory.kind
     say = echo or (lambda _: None)
@@ -237,8 +256,10 @@ def bench_ingest(
                 start = time.perf_counter()
                 # Each row is a document of one full window; each batch of rows one forward pass.
                 windows = [_block_windows(batch, next_doc + index * batch_size) for index, batch in enumerate(batches)]
-                shard = Shard([(w.doc, Document(f"bench:{w.doc}", texts[w.doc - next_doc]), [w]) for ws in windows for w in ws],
-                              next_doc + len(rows))
+                shard = Shard(
+                    [(w.doc, Document(f"bench:{w.doc}", texts[w.doc - next_doc]), [w]) for ws in windows for w in ws],
+                    next_doc + len(rows),
+                )
                 next_doc = shard.next_doc
                 capture.shard(shard, windows, writer)
                 writer.flush()
@@ -258,7 +279,9 @@ def bench_ingest(
                     memory.reset()
                     result.capture_s.append(capture_block())
                     result.capture_peak = max(result.capture_peak, memory.peak())
-                    say(f"block {rep + 1}/{repeats}: plain {result.plain_s[-1]:.3f} s, capture {result.capture_s[-1]:.3f} s")
+                    say(
+                        f"block {rep + 1}/{repeats}: plain {result.plain_s[-1]:.3f} s, capture {result.capture_s[-1]:.3f} s"
+                    )
             writer.close()
         finally:
             writer.stop()

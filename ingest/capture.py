@@ -27,7 +27,7 @@ from .sites import ResolvedSite
 # pseudo-random key and each unit keeps the N smallest keys among its firing tokens.
 # That is a uniform sample, mergeable across batches, shards and ranks, and the same
 # on resume.
-_NO_KEY = (1 << 62)
+_NO_KEY = 1 << 62
 # token_neurons values are stored as float16: convert on the device, so host copies are half the size.
 VALUE_DTYPE = torch.float16
 # Example windows (neuron_examples.window_values): the unit's own value at every token from
@@ -44,7 +44,7 @@ CONTEXT_BEFORE, CONTEXT_AFTER = 50, 20
 #   98: 0 < a < 2^-12           99..194: edge(b-99) <= a < edge(b-98)    195: a >= 4096 (and +inf)
 # with edge(i) = 2^(-12 + i // 4) * (1 + (i % 4) / 4). NaN counts in the end bin of its sign.
 # fused.c's hist_bin is the same function.
-HIST_LOW = 460          # (127 - 12) * 4: float bits >> 21 of 2^-12
+HIST_LOW = 460  # (127 - 12) * 4: float bits >> 21 of 2^-12
 HIST_STEPS = 96
 HIST_BINS = 2 * HIST_STEPS + 4
 
@@ -70,7 +70,11 @@ def hist_bins(x: torch.Tensor) -> torch.Tensor:
 def sample_keys(doc: torch.Tensor, pos: torch.Tensor, width: int) -> torch.Tensor:
     """A [rows, width] int64 hash of (doc, pos, unit), uniform on [0, 2^31)."""
     unit = torch.arange(width, device=doc.device, dtype=torch.int64)
-    x = (doc.to(torch.int64)[:, None] * 0x9E3779B1 + pos.to(torch.int64)[:, None] * 0x85EBCA77 + unit[None, :] * 0xC2B2AE3D) & 0x7FFFFFFF
+    x = (
+        doc.to(torch.int64)[:, None] * 0x9E3779B1
+        + pos.to(torch.int64)[:, None] * 0x85EBCA77
+        + unit[None, :] * 0xC2B2AE3D
+    ) & 0x7FFFFFFF
     for mult in (0x2C1B3C6D, 0x297A2D39):
         x = ((x ^ (x >> 15)) * mult) & 0x7FFFFFFF
     return x ^ (x >> 13)
@@ -80,18 +84,18 @@ def sample_keys(doc: torch.Tensor, pos: torch.Tensor, width: int) -> torch.Tenso
 class BatchContext:
     """What the hooks need to know about the batch being run (all on the device)."""
 
-    mask: torch.Tensor          # [B, T] bool, False on padding
-    lengths: torch.Tensor       # [B] valid tokens per row
-    row_doc: torch.Tensor       # [B*T] doc of each flattened position
-    row_pos: torch.Tensor       # [B*T] position in its document
-    segment: torch.Tensor       # [B] index of the row's document within the batch
+    mask: torch.Tensor  # [B, T] bool, False on padding
+    lengths: torch.Tensor  # [B] valid tokens per row
+    row_doc: torch.Tensor  # [B*T] doc of each flattened position
+    row_pos: torch.Tensor  # [B*T] position in its document
+    segment: torch.Tensor  # [B] index of the row's document within the batch
     n_segments: int
-    finished: torch.Tensor      # [n_finished] segments whose last window is in this batch
+    finished: torch.Tensor  # [n_finished] segments whose last window is in this batch
     finished_tokens: torch.Tensor  # [n_finished] their total token counts (all windows)
-    last_rows: torch.Tensor     # [n_finished] row holding each finished document's last window
-    carry_in: bool              # segment 0 continues a document from the previous batch
-    carry_out: bool             # the last segment continues into the next batch
-    full: bool = False          # no padding in this batch (every mask entry True)
+    last_rows: torch.Tensor  # [n_finished] row holding each finished document's last window
+    carry_in: bool  # segment 0 continues a document from the previous batch
+    carry_out: bool  # the last segment continues into the next batch
+    full: bool = False  # no padding in this batch (every mask entry True)
 
     # Shared by every site layer of the batch, so computed once.
     @cached_property
@@ -122,7 +126,15 @@ class BatchContext:
 
 
 class SiteLayer:
-    def __init__(self, site: ResolvedSite, layer: int, module_name: str, device: str, encoder=None, target_module: str | None = None):
+    def __init__(
+        self,
+        site: ResolvedSite,
+        layer: int,
+        module_name: str,
+        device: str,
+        encoder=None,
+        target_module: str | None = None,
+    ):
         self.site, self.layer, self.module_name, self.device = site, layer, module_name, device
         # A dictionary site (ingest.dictionary.DeviceDictionary) encodes the hooked tensor first; its latents
         # are the units every reduction sees. A transcoder's target_module output is its reconstruction target.
@@ -176,8 +188,9 @@ class SiteLayer:
                 if kind != "top":
                     self.examples[f"{kind}_key"] = torch.full((size, width), _NO_KEY, dtype=torch.int64, device=dev)
                 if kind != "pool":
-                    self.examples[f"{kind}_context"] = torch.full((size, width, CONTEXT_BEFORE + 1 + CONTEXT_AFTER),
-                                                                  float("nan"), dtype=VALUE_DTYPE, device=dev)
+                    self.examples[f"{kind}_context"] = torch.full(
+                        (size, width, CONTEXT_BEFORE + 1 + CONTEXT_AFTER), float("nan"), dtype=VALUE_DTYPE, device=dev
+                    )
 
     # The unit axis of each state's tensors: stats are [width] or [width, bins]; examples [n, width]
     # or [n, width, window] (window values).
@@ -224,7 +237,7 @@ class SiteLayer:
             mine[key] = torch.where(better, theirs[key], mine[key])
         # The same merge the hook applies batch by batch: top values, and smallest sample keys.
         for kind, by, largest in (("top", "value", True), ("random", "key", False), ("pool", "key", False)):
-            fields = {k[len(kind) + 1:]: v for k, v in other.examples.items() if k.startswith(f"{kind}_")}
+            fields = {k[len(kind) + 1 :]: v for k, v in other.examples.items() if k.startswith(f"{kind}_")}
             if fields:
                 self._merge(kind, fields, by=by, largest=largest)
 
@@ -254,10 +267,12 @@ class SiteLayer:
         if ctx is None:
             return  # a forward that is not a capture (--splice's extra passes)
         if x.dim() != 3:
-            raise RuntimeError(f"site {self.name} layer {self.layer}: expected [batch, seq, units], got shape {tuple(x.shape)}")
+            raise RuntimeError(
+                f"site {self.name} layer {self.layer}: expected [batch, seq, units], got shape {tuple(x.shape)}"
+            )
         x = x.detach().float()
         if self.encoder is not None:
-            x = self.encoder(x, ctx.mask[:, :x.shape[1]])
+            x = self.encoder(x, ctx.mask[:, : x.shape[1]])
         if self.width is None:
             self._allocate(x.shape[-1])
         batch, seq, width = x.shape
@@ -350,12 +365,12 @@ class SiteLayer:
             bins = hist_bins(x) + torch.arange(width, device=x.device) * HIST_BINS
             valid = bins if ctx.full else bins[ctx.mask[:, :seq]]
             stats["hist"] += torch.bincount(valid.reshape(-1), minlength=width * HIST_BINS).view(width, HIST_BINS)
-        row_max = floored.amax(dim=1)                                   # [batch, width]
-        batch_max = row_max.amax(dim=0)                                 # [width]
+        row_max = floored.amax(dim=1)  # [batch, width]
+        batch_max = row_max.amax(dim=0)  # [width]
         # Ties go to the first token in document order, whatever order batches run in:
         # first the earliest row (by document, then window start) reaching the max ...
         best = torch.where(row_max == batch_max, ctx.row_rank[:, None], batch).amin(dim=0).clamp(max=batch - 1)
-        row = ctx.row_order[best]                                       # [width] (NaN maxima: unused)
+        row = ctx.row_order[best]  # [width] (NaN maxima: unused)
         # ... then the earliest position of that row reaching it.
         within = floored.gather(0, row.view(1, 1, width).expand(1, seq, width))[0]  # [seq, width]
         pos = torch.where(within == batch_max, torch.arange(seq, device=x.device)[:, None], seq).amin(dim=0)
@@ -369,16 +384,33 @@ class SiteLayer:
     def _update_examples(self, flat: torch.Tensor, rows: int, x: torch.Tensor) -> None:
         ctx, ex = self.ctx, self.examples
         values, where = flat.topk(min(self.red["examples"], rows), dim=0)
-        self._merge("top", {"value": values, "doc": ctx.row_doc[where], "pos": ctx.row_pos[where]},
-                    by="value", largest=True, where=where, x=x)
+        self._merge(
+            "top",
+            {"value": values, "doc": ctx.row_doc[where], "pos": ctx.row_pos[where]},
+            by="value",
+            largest=True,
+            where=where,
+            x=x,
+        )
         keys = sample_keys(ctx.row_doc, ctx.row_pos, flat.shape[1])
         keys = keys.masked_fill(~(flat > self.threshold), _NO_KEY)
         for kind in ("random", "pool") if "pool_key" in ex else ("random",):
             batch_keys, where = keys.topk(min(ex[f"{kind}_key"].shape[0], rows), dim=0, largest=False)
             # A token enters the N smallest keys when it arrives or never (later keys only push it back),
             # so windows taken on arrival cover the final random examples.
-            self._merge(kind, {"value": flat.gather(0, where), "doc": ctx.row_doc[where], "pos": ctx.row_pos[where],
-                               "key": batch_keys}, by="key", largest=False, where=where, x=x)
+            self._merge(
+                kind,
+                {
+                    "value": flat.gather(0, where),
+                    "doc": ctx.row_doc[where],
+                    "pos": ctx.row_pos[where],
+                    "key": batch_keys,
+                },
+                by="key",
+                largest=False,
+                where=where,
+                x=x,
+            )
 
     def _windows(self, x: torch.Tensor, where: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
         """[m, CONTEXT] unit units[i]'s own values around flat row where[i] of x [batch, seq, width],
@@ -470,7 +502,11 @@ def hooks(model, taps: Iterable[Tap]) -> Iterator[None]:
         for tap in taps:
             module = modules[tap.module_name]
             if tap.hook_point == "in":
-                handles.append(module.register_forward_pre_hook(lambda m, a, k, tap=tap: tap(_first_tensor(a, k)), with_kwargs=True))
+                handles.append(
+                    module.register_forward_pre_hook(
+                        lambda m, a, k, tap=tap: tap(_first_tensor(a, k)), with_kwargs=True
+                    )
+                )
             else:
                 handles.append(module.register_forward_hook(lambda m, a, o, tap=tap: tap(_output_tensor(o))))
         yield

@@ -34,8 +34,8 @@ from warehouse.parts import to_arrow
 from warehouse.runwriter import RunWriter
 
 from . import models
-from .pipeline import IngestResult, default_run_id
 from .limits import check_reductions
+from .pipeline import IngestResult, default_run_id
 from .scenario import Message, Scenario, load
 from .shard import Capture, Shard
 from .sites import SOURCE_ALIASES, parse_spec, resolve
@@ -50,7 +50,7 @@ class Pass:
     doc: int
     step: int
     pos: int
-    vectors: dict                       # (source, layer) -> float32 [H]
+    vectors: dict  # (source, layer) -> float32 [H]
     lens: dict = field(default_factory=dict)
 
 
@@ -71,7 +71,9 @@ def _rendered(hf_tokenizer, messages: tuple[Message, ...]) -> str:
             return hf_tokenizer.apply_chat_template(dicts, tokenize=False, add_generation_prompt=True)
         except TemplateError as err:
             roles = "/".join(m.role for m in messages)
-            raise BadInput(f"the model's chat template rejects the messages ({roles}): {err}; reorder or merge them") from None
+            raise BadInput(
+                f"the model's chat template rejects the messages ({roles}): {err}; reorder or merge them"
+            ) from None
     return "\n".join(f"{m.role}: {m.content}" for m in messages) + "\nassistant:"
 
 
@@ -79,8 +81,16 @@ def _window(ordinal: int, text: str, tokenizer, chat_template: bool) -> Window:
     """Token ids of a rendered prompt; BOS etc. are added only when no chat template renders them."""
     ids, offsets = tokenizer.encode(text)
     prefix = [] if chat_template else list(tokenizer.prefix)
-    return Window(ordinal, 0, 0, prefix + list(ids), [True] * len(prefix) + [False] * len(ids),
-                  [-1] * len(prefix) + [s for s, _ in offsets], [-1] * len(prefix) + [e for _, e in offsets], True)
+    return Window(
+        ordinal,
+        0,
+        0,
+        prefix + list(ids),
+        [True] * len(prefix) + [False] * len(ids),
+        [-1] * len(prefix) + [s for s, _ in offsets],
+        [-1] * len(prefix) + [e for _, e in offsets],
+        True,
+    )
 
 
 def _generated_window(prompt: Window, prompt_text: str, fed: list[int], tokenizer) -> Window:
@@ -142,11 +152,15 @@ class ScenarioCapture:
         n_layers = loaded.n_layers
         layers = spec.capture.layers
         if layers is not None and max(layers) >= n_layers:
-            raise BadInput(f"capture.layers has layer {max(layers)} but {loaded.model_id} has {n_layers} layers (0..{n_layers - 1}): fix the list")
+            raise BadInput(
+                f"capture.layers has layer {max(layers)} but {loaded.model_id} has {n_layers} layers (0..{n_layers - 1}): fix the list"
+            )
         self.layers = list(layers) if layers is not None else list(range(n_layers))
         module_names = loaded.module_names
-        self.sources = {src: _captured(resolve(parse_spec(f"{src}:last"), module_names, loaded.aliases), self.layers)
-                        for src in spec.capture.sources}
+        self.sources = {
+            src: _captured(resolve(parse_spec(f"{src}:last"), module_names, loaded.aliases), self.layers)
+            for src in spec.capture.sources
+        }
         block_out = resolve(parse_spec("hidden_out"), module_names, loaded.aliases)
         self.kept: dict = {}
         self.taps = []
@@ -156,7 +170,9 @@ class ScenarioCapture:
         self.norm = _final_norm(self.model)
         self.head = self.model.get_output_embeddings()
         if spec.capture.logit_lens and self.norm is None:
-            raise BadInput(f"{loaded.model_id} has no final norm whq knows (norm, final_layer_norm, ln_f): set capture.logit_lens: 0")
+            raise BadInput(
+                f"{loaded.model_id} has no final norm whq knows (norm, final_layer_norm, ln_f): set capture.logit_lens: 0"
+            )
         self.round = _store_rounding(spec.capture.store_dtype)
         self.passes: list[Pass] = []
         self.steps: list[dict] = []
@@ -174,7 +190,9 @@ class ScenarioCapture:
     def forward(self, doc: int, step: int, pos: int, input_ids: list[int], past=None, use_cache=False):
         torch = self._torch
         ids = torch.tensor([input_ids], device=self.device)
-        out = self.model(input_ids=ids, use_cache=use_cache, logits_to_keep=1, **({self.cache_arg: past} if past is not None else {}))
+        out = self.model(
+            input_ids=ids, use_cache=use_cache, logits_to_keep=1, **({self.cache_arg: past} if past is not None else {})
+        )
         kept = dict(self.kept)
         self.kept.clear()
         logprobs = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
@@ -189,14 +207,18 @@ class ScenarioCapture:
 
     def _lens(self, hidden: list, final_logprobs) -> dict:
         torch = self._torch
-        stacked = torch.stack(hidden)[:, None, :]                      # [L, 1, H]
-        logprobs = torch.log_softmax(self.head(self.norm(stacked))[:, 0].float(), dim=-1)   # [L, V]
+        stacked = torch.stack(hidden)[:, None, :]  # [L, 1, H]
+        logprobs = torch.log_softmax(self.head(self.norm(stacked))[:, 0].float(), dim=-1)  # [L, V]
         final = final_logprobs.double()
         kl = (final.exp()[None, :] * (final[None, :] - logprobs.double())).sum(dim=-1)
         k = min(self.capture.logit_lens, logprobs.shape[-1])
         top_lp, top_ids = logprobs.topk(k, dim=-1)
-        return {"top_ids": top_ids.cpu().numpy(), "top_logprobs": top_lp.cpu().numpy(),
-                "argmax_logprob": top_lp[:, 0].cpu().numpy(), "kl": kl.cpu().numpy()}
+        return {
+            "top_ids": top_ids.cpu().numpy(),
+            "top_logprobs": top_lp.cpu().numpy(),
+            "argmax_logprob": top_lp[:, 0].cpu().numpy(),
+            "kl": kl.cpu().numpy(),
+        }
 
     # -- prefills and the generation ---------------------------------------------
     def prefill(self, doc: CapturedDoc) -> None:
@@ -220,13 +242,22 @@ class ScenarioCapture:
             top_lp, top_ids = logprobs.topk(k) if k else (logprobs[:0], logprobs[:0].long())
             argmax_lp, argmax_id = logprobs.max(dim=-1)
             top_ids = top_ids.tolist()
-            self.steps.append({
-                "doc": doc, "step": step, "kind": "prefill" if step == 0 else "decode",
-                "input_token_ids": list(feed), "input_tokens": [self.text_of(t) for t in feed],
-                "generated_token_id": chosen, "generated_token": self.text_of(chosen),
-                "argmax_id": int(argmax_id), "argmax_logprob": float(argmax_lp),
-                "top_ids": top_ids, "top_tokens": [self.text_of(t) for t in top_ids], "top_logprobs": top_lp.tolist(),
-            })
+            self.steps.append(
+                {
+                    "doc": doc,
+                    "step": step,
+                    "kind": "prefill" if step == 0 else "decode",
+                    "input_token_ids": list(feed),
+                    "input_tokens": [self.text_of(t) for t in feed],
+                    "generated_token_id": chosen,
+                    "generated_token": self.text_of(chosen),
+                    "argmax_id": int(argmax_id),
+                    "argmax_logprob": float(argmax_lp),
+                    "top_ids": top_ids,
+                    "top_tokens": [self.text_of(t) for t in top_ids],
+                    "top_logprobs": top_lp.tolist(),
+                }
+            )
             generated.append(chosen)
             if chosen in stop:
                 stopped = "eos"
@@ -269,8 +300,10 @@ def _vector_parts(passes: list[Pass], sources, layers: list[int], width: int) ->
         for layer in layers:
             rows = [p for p in ordered if (source, layer) in p.vectors]
             columns = {
-                "doc": np.array([p.doc for p in rows]), "step": np.array([p.step for p in rows]),
-                "pos": np.array([p.pos for p in rows]), "pool": np.full(len(rows), "last"),
+                "doc": np.array([p.doc for p in rows]),
+                "step": np.array([p.step for p in rows]),
+                "pos": np.array([p.pos for p in rows]),
+                "pool": np.full(len(rows), "last"),
                 "vec": np.stack([p.vectors[(source, layer)] for p in rows]),
             }
             parts.append(("vectors", source, layer, to_arrow("vectors", columns, width)))
@@ -278,7 +311,20 @@ def _vector_parts(passes: list[Pass], sources, layers: list[int], width: int) ->
 
 
 def _lens_table(passes: list[Pass], layers: list[int], text_of) -> pa.Table:
-    cols = {k: [] for k in ("doc", "step", "pos", "layer", "top_ids", "top_tokens", "top_logprobs", "argmax_logprob", "kl_from_final")}
+    cols = {
+        k: []
+        for k in (
+            "doc",
+            "step",
+            "pos",
+            "layer",
+            "top_ids",
+            "top_tokens",
+            "top_logprobs",
+            "argmax_logprob",
+            "kl_from_final",
+        )
+    }
     for p in sorted(passes, key=lambda p: (p.doc, p.step)):
         for row, layer in enumerate(layers):
             ids = p.lens["top_ids"][row].tolist()
@@ -308,8 +354,16 @@ def _device_and_dtype(spec: Scenario, device: str) -> tuple[str, str, str | None
     return device, dtype, note
 
 
-def run_scenario(root: str | Path, scenario, *, run_id: str | None = None, device: str = "auto",
-                 progress: bool = True, model: str | None = None, loaded=None) -> IngestResult:
+def run_scenario(
+    root: str | Path,
+    scenario,
+    *,
+    run_id: str | None = None,
+    device: str = "auto",
+    progress: bool = True,
+    model: str | None = None,
+    loaded=None,
+) -> IngestResult:
     """Capture a scenario (a YAML path or a parsed Scenario) as one committed run.
 
     `model` replaces the scenario's model.id (the same YAML on another model).
@@ -329,12 +383,16 @@ def run_scenario(root: str | Path, scenario, *, run_id: str | None = None, devic
     device, dtype, note = _device_and_dtype(spec, device)
     loaded = loaded or models.load(spec.model.id, device, dtype)
     if loaded.family != "decoder" or loaded.hf_tokenizer is None or loaded.model.get_output_embeddings() is None:
-        raise BadInput(f"model {spec.model.id!r} is not a causal LM with a tokenizer and an lm_head: scenarios need a chat/causal model")
+        raise BadInput(
+            f"model {spec.model.id!r} is not a causal LM with a tokenizer and an lm_head: scenarios need a chat/causal model"
+        )
     device = loaded.config["device"]
     sparse_specs = [parse_spec(s) for s in spec.capture.sites]
     clash = [s.text for s in sparse_specs if s.name in spec.capture.sources or s.name in SOURCE_ALIASES]
     if clash:
-        raise BadSpec(f"capture.sites {clash[0]!r} reuses a source name; write the alias instead (e.g. {SOURCE_ALIASES.get(sparse_specs[0].site, 'resid.out')}:topk=20)")
+        raise BadSpec(
+            f"capture.sites {clash[0]!r} reuses a source name; write the alias instead (e.g. {SOURCE_ALIASES.get(sparse_specs[0].site, 'resid.out')}:topk=20)"
+        )
     sparse = [resolve(s, loaded.module_names, loaded.aliases) for s in sparse_specs]
     check_reductions(sparse, loaded, device)
     capture = ScenarioCapture(loaded, spec, device)
@@ -343,24 +401,44 @@ def run_scenario(root: str | Path, scenario, *, run_id: str | None = None, devic
     root = Path(root)
     wh = warehouse.open_or_init(root)
     run_id = run_id or default_run_id(spec.name)
-    config = {"scenario": spec.to_json(), "model": spec.model.id, "model_id": loaded.model_id, "dtype": dtype,
-              "device": device, "chat_template": chat_template, "sources": list(spec.capture.sources),
-              "layers": capture.layers, "sites": list(spec.capture.sites), "notes": [note] if note else []}
+    config = {
+        "scenario": spec.to_json(),
+        "model": spec.model.id,
+        "model_id": loaded.model_id,
+        "dtype": dtype,
+        "device": device,
+        "chat_template": chat_template,
+        "sources": list(spec.capture.sources),
+        "layers": capture.layers,
+        "sites": list(spec.capture.sites),
+        "notes": [note] if note else [],
+    }
     writer = RunWriter(wh.layout, run_id, config)
     started = time.perf_counter()
     docs: list[CapturedDoc] = []
 
     def add(text: str, role: str, label=None, **meta) -> CapturedDoc:
         ordinal = len(docs)
-        doc = CapturedDoc(ordinal, Document(_doc_id(role, label, meta), text, spec.name, role, label, meta),
-                          _window(ordinal, text, loaded.tokenizer, chat_template))
+        doc = CapturedDoc(
+            ordinal,
+            Document(_doc_id(role, label, meta), text, spec.name, role, label, meta),
+            _window(ordinal, text, loaded.tokenizer, chat_template),
+        )
         docs.append(doc)
         return doc
 
-    with IngestProgress(enabled=progress, run_id=run_id) as bar, hooks(loaded.model, capture.taps), torch.inference_mode():
+    with (
+        IngestProgress(enabled=progress, run_id=run_id) as bar,
+        hooks(loaded.model, capture.taps),
+        torch.inference_mode(),
+    ):
         for index, message in enumerate(spec.messages):
-            doc = add(_rendered(loaded.hf_tokenizer, spec.messages[: index + 1]), "message",
-                      message_index=index, message_role=message.role)
+            doc = add(
+                _rendered(loaded.hf_tokenizer, spec.messages[: index + 1]),
+                "message",
+                message_index=index,
+                message_role=message.role,
+            )
             capture.prefill(doc)
             bar.advance(docs=1, tokens=len(doc.window.ids))
         ends = range(len(spec.messages)) if spec.run_at_each_message else [len(spec.messages) - 1]
@@ -371,12 +449,20 @@ def run_scenario(root: str | Path, scenario, *, run_id: str | None = None, devic
             prompt_tokens = len(doc.window.ids)
             doc.window = _generated_window(doc.window, prompt_text, generated[:-1], loaded.tokenizer)
             doc.document.text = prompt_text + loaded.tokenizer.decode(generated)
-            doc.document.meta.update(prompt_tokens=prompt_tokens, generated_text=loaded.tokenizer.decode(generated),
-                                     generated_tokens=len(generated), stopped=stopped)
+            doc.document.meta.update(
+                prompt_tokens=prompt_tokens,
+                generated_text=loaded.tokenizer.decode(generated),
+                generated_tokens=len(generated),
+                stopped=stopped,
+            )
             bar.advance(docs=1, tokens=len(doc.window.ids))
         for reference in spec.references:
-            doc = add(_rendered(loaded.hf_tokenizer, reference.messages), "reference", reference.label,
-                      messages=len(reference.messages))
+            doc = add(
+                _rendered(loaded.hf_tokenizer, reference.messages),
+                "reference",
+                reference.label,
+                messages=len(reference.messages),
+            )
             capture.prefill(doc)
             bar.advance(docs=1, tokens=len(doc.window.ids))
     sparse_capture = Capture(loaded, sparse, device)
@@ -399,11 +485,24 @@ def run_scenario(root: str | Path, scenario, *, run_id: str | None = None, devic
         shard_writer.stop()
 
     resolved = list(capture.sources.values()) + sparse
-    final = final_parts(loaded, resolved, sparse_capture.site_layers, writer, logit_lens=False,
-                        vector_widths={src: width for src in capture.sources})
+    final = final_parts(
+        loaded,
+        resolved,
+        sparse_capture.site_layers,
+        writer,
+        logit_lens=False,
+        vector_widths={src: width for src in capture.sources},
+    )
     manifest = writer.commit(final, writer.started_at)
-    return IngestResult(run_id, manifest["rows"], sum(p["bytes"] for p in manifest["parts"]), len(docs), shard.n_tokens,
-                        time.perf_counter() - started, notes=[note] if note else [])
+    return IngestResult(
+        run_id,
+        manifest["rows"],
+        sum(p["bytes"] for p in manifest["parts"]),
+        len(docs),
+        shard.n_tokens,
+        time.perf_counter() - started,
+        notes=[note] if note else [],
+    )
 
 
 def _doc_id(role: str, label, meta: dict) -> str:

@@ -30,7 +30,9 @@ def _up_projections(model) -> dict[int, object]:
     names = [name for name, _ in model.named_modules() if name]
     _, aliases = family_aliases(names)
     if "mlp.up" not in aliases:
-        raise BadInput(f"{type(model).__name__} has no up projection whq recognises (mlp.up_proj or intermediate.dense)")
+        raise BadInput(
+            f"{type(model).__name__} has no up projection whq recognises (mlp.up_proj or intermediate.dense)"
+        )
     site = resolve(parse_spec("mlp.up"), names, aliases)
     modules = dict(model.named_modules())
     return {layer: modules[name] for layer, name in site.modules}
@@ -46,20 +48,24 @@ def deactivate(model, keys: dict) -> int:
 
     by_layer = keys.get("layers", keys) if isinstance(keys, dict) else None
     if not isinstance(by_layer, dict):
-        raise BadInput("deactivation keys must map layers to unit lists, e.g. {\"layers\": {\"3\": [17, 40]}}")
+        raise BadInput('deactivation keys must map layers to unit lists, e.g. {"layers": {"3": [17, 40]}}')
     projections = _up_projections(model)
     zeroed = 0
     with torch.no_grad():
         for layer_key, units in by_layer.items():
             layer = int(layer_key)
             if layer not in projections:
-                raise BadInput(f"layer {layer} is not a layer of this model (it has {min(projections)}-{max(projections)}): "
-                               f"the keys were made for another model")
+                raise BadInput(
+                    f"layer {layer} is not a layer of this model (it has {min(projections)}-{max(projections)}): "
+                    f"the keys were made for another model"
+                )
             linear = projections[layer]
             rows = sorted({int(u) for u in units})
             if rows and (rows[0] < 0 or rows[-1] >= linear.weight.shape[0]):
-                raise BadInput(f"unit {rows[-1] if rows[-1] >= 0 else rows[0]} is outside layer {layer}'s "
-                               f"{linear.weight.shape[0]} units: the keys were made for another model")
+                raise BadInput(
+                    f"unit {rows[-1] if rows[-1] >= 0 else rows[0]} is outside layer {layer}'s "
+                    f"{linear.weight.shape[0]} units: the keys were made for another model"
+                )
             index = torch.tensor(rows, dtype=torch.long, device=linear.weight.device)
             linear.weight[index] = 0
             if getattr(linear, "bias", None) is not None:

@@ -25,52 +25,85 @@ def _table(name: str, columns: dict, width: int | None = None) -> pa.Table:
 def runs_row(loaded, resolved, writer) -> pa.Table:
     infos = writer.run_shard_info()  # every rank's shards
     config = dict(writer.config, model_config=loaded.config.get("model_config"))
-    return _table("runs", {
-        "model_id": [loaded.model_id], "model_revision": [loaded.revision],
-        "model_class": [type(loaded.model).__name__], "dtype": [loaded.config.get("dtype")],
-        "device": [loaded.config.get("device")], "n_layers": [loaded.n_layers],
-        "sites": [[r.spec.text for r in resolved]],
-        "n_documents": [sum(i["n_docs"] for i in infos)], "n_tokens": [sum(i["n_tokens"] for i in infos)],
-        "config": [json.dumps(config, default=str)], "created_at": [writer.started_at.replace(tzinfo=None)],
-        "status": ["committed"],
-    })
+    return _table(
+        "runs",
+        {
+            "model_id": [loaded.model_id],
+            "model_revision": [loaded.revision],
+            "model_class": [type(loaded.model).__name__],
+            "dtype": [loaded.config.get("dtype")],
+            "device": [loaded.config.get("device")],
+            "n_layers": [loaded.n_layers],
+            "sites": [[r.spec.text for r in resolved]],
+            "n_documents": [sum(i["n_docs"] for i in infos)],
+            "n_tokens": [sum(i["n_tokens"] for i in infos)],
+            "config": [json.dumps(config, default=str)],
+            "created_at": [writer.started_at.replace(tzinfo=None)],
+            "status": ["committed"],
+        },
+    )
 
 
 def sites_rows(resolved, widths: dict[str, int]) -> pa.Table:
     """One row per site; `widths`: units per site name (sites that saw no token have none)."""
-    return _table("sites", {
-        "site": [r.name for r in resolved], "module_glob": [r.glob for r in resolved], "hook_point": [r.hook for r in resolved],
-        "modules": [[m for _, m in r.modules] for r in resolved], "layers": [[layer for layer, _ in r.modules] for r in resolved],
-        "width": [widths.get(r.name) for r in resolved], "reductions": [r.spec.reductions_text for r in resolved],
-        "threshold": [r.spec.threshold for r in resolved],
-    })
+    return _table(
+        "sites",
+        {
+            "site": [r.name for r in resolved],
+            "module_glob": [r.glob for r in resolved],
+            "hook_point": [r.hook for r in resolved],
+            "modules": [[m for _, m in r.modules] for r in resolved],
+            "layers": [[layer for layer, _ in r.modules] for r in resolved],
+            "width": [widths.get(r.name) for r in resolved],
+            "reductions": [r.spec.reductions_text for r in resolved],
+            "threshold": [r.spec.threshold for r in resolved],
+        },
+    )
 
 
 def dictionaries_row(sl: SiteLayer) -> pa.Table:
     d = sl.encoder.d
-    identity = {"path": d.path, "kind": sl.spec.kind, "format": d.format, "architecture": d.architecture,
-                "encode_dtype": ENCODE_DTYPE, "sha256": d.sha256}
+    identity = {
+        "path": d.path,
+        "kind": sl.spec.kind,
+        "format": d.format,
+        "architecture": d.architecture,
+        "encode_dtype": ENCODE_DTYPE,
+        "sha256": d.sha256,
+    }
     return _table("dictionaries", {k: [v] for k, v in {**identity, **sl.encoder.summary()}.items()})
 
 
 def neuron_stats(sl: SiteLayer) -> pa.Table:
     s = {k: v.cpu().numpy() for k, v in sl.stats.items()}
     seen = s["max_doc"] >= 0
-    return _table("neuron_stats", {
-        "neuron": np.arange(sl.width, dtype=np.int32), "n_tokens": np.full(sl.width, int(s["n_tokens"])),
-        "n_fired": s["n_fired"], "sum": s["sum"], "sum_sq": s["sum_sq"],
-        "max": pa.array(s["max"], mask=~seen), "max_doc": pa.array(s["max_doc"].astype(np.int32), mask=~seen),
-        "max_pos": pa.array(s["max_pos"].astype(np.int32), mask=~seen),
-        "min": pa.array(s["min"], mask=~seen), "sum_cube": s["sum_cube"], "sum_quad": s["sum_quad"], "sum_pos": s["sum_pos"],
-    })
+    return _table(
+        "neuron_stats",
+        {
+            "neuron": np.arange(sl.width, dtype=np.int32),
+            "n_tokens": np.full(sl.width, int(s["n_tokens"])),
+            "n_fired": s["n_fired"],
+            "sum": s["sum"],
+            "sum_sq": s["sum_sq"],
+            "max": pa.array(s["max"], mask=~seen),
+            "max_doc": pa.array(s["max_doc"].astype(np.int32), mask=~seen),
+            "max_pos": pa.array(s["max_pos"].astype(np.int32), mask=~seen),
+            "min": pa.array(s["min"], mask=~seen),
+            "sum_cube": s["sum_cube"],
+            "sum_quad": s["sum_quad"],
+            "sum_pos": s["sum_pos"],
+        },
+    )
 
 
 def unit_histograms(sl: SiteLayer) -> pa.Table:
     """The non-empty bins of every unit's histogram, in (neuron, bin) order."""
     counts = sl.stats["hist"].cpu().numpy()
     units, bins = np.nonzero(counts)
-    return _table("unit_histograms", {"neuron": units.astype(np.int32), "bin": bins.astype(np.int16),
-                                      "count": counts[units, bins]})
+    return _table(
+        "unit_histograms",
+        {"neuron": units.astype(np.int32), "bin": bins.astype(np.int16), "count": counts[units, bins]},
+    )
 
 
 def neuron_examples(sl: SiteLayer) -> pa.Table:
@@ -115,8 +148,12 @@ def _window_lists(parts: list, lengths: list[int]) -> pa.Array:
     values = np.concatenate(flat).astype(np.float16)
     present = np.concatenate(valid)
     offsets = pa.array(np.arange(len(present) + 1, dtype=np.int32) * size)
-    return pa.ListArray.from_arrays(offsets, pa.array(values, pa.float16(), mask=np.isnan(values)),
-                                    type=pa.list_(pa.float16()), mask=pa.array(~present))
+    return pa.ListArray.from_arrays(
+        offsets,
+        pa.array(values, pa.float16(), mask=np.isnan(values)),
+        type=pa.list_(pa.float16()),
+        mask=pa.array(~present),
+    )
 
 
 def quantile_bins(counts: np.ndarray, threshold: float, q: int) -> np.ndarray:
@@ -145,7 +182,7 @@ def _quantile_picks(sl: SiteLayer, ex: dict, n: int):
     from .capture import hist_bins
 
     q = sl.red["quantiles"]
-    of_bin = quantile_bins(sl.stats["hist"].cpu().numpy(), sl.threshold, q)             # [units, bins]
+    of_bin = quantile_bins(sl.stats["hist"].cpu().numpy(), sl.threshold, q)  # [units, bins]
     pool, width = ex["pool_key"].shape
     units = np.broadcast_to(np.arange(width), (pool, width))
     quantile = of_bin[units, hist_bins(torch.from_numpy(ex["pool_value"])).numpy()]  # [pool, units], key order
@@ -154,7 +191,9 @@ def _quantile_picks(sl: SiteLayer, ex: dict, n: int):
     within = np.take_along_axis(np.cumsum(onehot, axis=0), np.maximum(quantile, 0)[:, :, None], axis=2)[:, :, 0] - 1
     keep = (quantile >= 0) & (within < n)
     # Each unit's kept entries first, in (bin, key) order: the pool row is the key order.
-    order = np.argsort(np.where(keep, quantile * pool + np.arange(pool)[:, None], q * pool + pool), axis=0, kind="stable")
+    order = np.argsort(
+        np.where(keep, quantile * pool + np.arange(pool)[:, None], q * pool + pool), axis=0, kind="stable"
+    )
     pick = lambda a: np.take_along_axis(a, order, axis=0)  # noqa: E731
     return pick(keep), {f: pick(ex[f"pool_{f}"]) for f in ("doc", "pos", "value")}, pick(quantile)
 
@@ -173,15 +212,21 @@ def _down_projection(loaded, sl: SiteLayer):
             return modules[name[: -len(suffix)] + "down_proj"].weight
     for suffix in ("output.dense", "intermediate.dense"):  # BERT: intermediate.dense -> act -> output.dense
         down = name[: -len(suffix)] + "output.dense"
-        if (name.endswith(suffix) and not name.endswith("attention.output.dense")
-                and (suffix == "output.dense") == (sl.site.hook == "in") and down in modules):
+        if (
+            name.endswith(suffix)
+            and not name.endswith("attention.output.dense")
+            and (suffix == "output.dense") == (sl.site.hook == "in")
+            and down in modules
+        ):
             return modules[down].weight
     return None
 
 
 def _final_norm_weight(loaded):
     """The final norm's weight (Llama/Qwen `model.norm`, GPT-2 `ln_f`), or None."""
-    decoder = loaded.model.get_decoder() if hasattr(loaded.model, "get_decoder") else getattr(loaded.model, "model", None)
+    decoder = (
+        loaded.model.get_decoder() if hasattr(loaded.model, "get_decoder") else getattr(loaded.model, "model", None)
+    )
     for name in ("norm", "final_layer_norm", "ln_f"):
         weight = getattr(getattr(decoder, name, None), "weight", None)
         if weight is not None:
@@ -213,7 +258,7 @@ def neuron_logits(loaded, sl: SiteLayer, unembed) -> pa.Table | None:
     cols = {k: [] for k in ("neuron", "direction", "rank", "token_id", "token", "logit", "text")}
     with torch.inference_mode():
         for start in range(0, down.shape[1], 1024):
-            logits = (unembed.float() @ down[:, start:start + 1024].float()).T  # [units, vocab]
+            logits = (unembed.float() @ down[:, start : start + 1024].float()).T  # [units, vocab]
             for direction, largest in (("top", True), ("bottom", False)):
                 values, ids = logits.topk(LOGIT_LENS_K, dim=1, largest=largest)
                 units = np.repeat(np.arange(start, start + logits.shape[0]), LOGIT_LENS_K)
@@ -231,10 +276,13 @@ def neuron_logits(loaded, sl: SiteLayer, unembed) -> pa.Table | None:
 def check_similar(loaded, resolved) -> None:
     """Before capturing: every site asking for similar=K must have a down projection."""
     for r in resolved:
-        if "similar" in r.spec.reductions and any(_down_projection(loaded, SiteLayer(r, layer, module, "cpu")) is None
-                                                  for layer, module in r.modules):
-            raise BadInput(f"--site {r.spec.text!r}: similar=K compares output directions, which only MLP unit sites have "
-                           "(mlp.act, mlp.up, mlp.gate): drop similar from this site")
+        if "similar" in r.spec.reductions and any(
+            _down_projection(loaded, SiteLayer(r, layer, module, "cpu")) is None for layer, module in r.modules
+        ):
+            raise BadInput(
+                f"--site {r.spec.text!r}: similar=K compares output directions, which only MLP unit sites have "
+                "(mlp.act, mlp.up, mlp.gate): drop similar from this site"
+            )
 
 
 def unit_neighbors(loaded, sl: SiteLayer) -> pa.Table:
@@ -244,12 +292,12 @@ def unit_neighbors(loaded, sl: SiteLayer) -> pa.Table:
     down = _down_projection(loaded, sl)
     k = min(sl.red["similar"], down.shape[1] - 1)
     with torch.inference_mode():
-        directions = torch.nn.functional.normalize(down.float(), dim=0)   # [hidden, units]
+        directions = torch.nn.functional.normalize(down.float(), dim=0)  # [hidden, units]
         cols = {key: [] for key in ("neuron", "rank", "other", "cosine")}
         for start in range(0, directions.shape[1], 1024):
-            cosine = directions[:, start:start + 1024].T @ directions      # [chunk, units]
+            cosine = directions[:, start : start + 1024].T @ directions  # [chunk, units]
             units = torch.arange(start, start + cosine.shape[0], device=cosine.device)
-            cosine[torch.arange(cosine.shape[0]), units] = float("-inf")   # not itself
+            cosine[torch.arange(cosine.shape[0]), units] = float("-inf")  # not itself
             values, others = _stable_topk(cosine, k)
             cols["neuron"].append(np.repeat(units.cpu().numpy(), k))
             cols["rank"].append(np.tile(np.arange(k), cosine.shape[0]))
@@ -266,11 +314,21 @@ def _stable_topk(x, k: int):
     return values[:, :k], order[:, :k]
 
 
-def final_parts(loaded, resolved, site_layers: list[SiteLayer], writer, logit_lens: bool, *,
-                vector_widths: dict[str, int] | None = None) -> list[tuple]:
+def final_parts(
+    loaded,
+    resolved,
+    site_layers: list[SiteLayer],
+    writer,
+    logit_lens: bool,
+    *,
+    vector_widths: dict[str, int] | None = None,
+) -> list[tuple]:
     """The run-level parts; `vector_widths`: the width of sites captured outside `site_layers` (scenario sources)."""
     widths = {**(vector_widths or {}), **{sl.name: sl.width for sl in site_layers if sl.width is not None}}
-    parts = [("runs", None, None, runs_row(loaded, resolved, writer)), ("sites", None, None, sites_rows(resolved, widths))]
+    parts = [
+        ("runs", None, None, runs_row(loaded, resolved, writer)),
+        ("sites", None, None, sites_rows(resolved, widths)),
+    ]
     for sl in site_layers:
         if sl.width is None:
             continue
@@ -288,7 +346,9 @@ def final_parts(loaded, resolved, site_layers: list[SiteLayer], writer, logit_le
         lens = [(sl, neuron_logits(loaded, sl, unembed)) for sl in site_layers] if unembed is not None else []
         lens = [(sl, t) for sl, t in lens if t is not None]
         if not lens:
-            raise BadInput("--logit-lens needs a causal LM with an unembedding and an MLP unit site (mlp.act, mlp.up or mlp.gate) "
-                           "or a dictionary site that writes to the residual stream")
+            raise BadInput(
+                "--logit-lens needs a causal LM with an unembedding and an MLP unit site (mlp.act, mlp.up or mlp.gate) "
+                "or a dictionary site that writes to the residual stream"
+            )
         parts.extend(("neuron_logits", sl.name, sl.layer, table) for sl, table in lens)
     return parts

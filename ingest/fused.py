@@ -45,7 +45,9 @@ def _cpu_identity() -> str:
 
 def _build(compiler: list[str]) -> Path:
     version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    digest = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(compiler + FLAGS), version, _cpu_identity()]).encode())
+    digest = hashlib.sha256(
+        "\0".join([SOURCE.read_text(), " ".join(compiler + FLAGS), version, _cpu_identity()]).encode()
+    )
     target = _cache_dir() / f"whq-fused-{digest.hexdigest()[:16]}.so"
     if target.exists():
         return target
@@ -53,7 +55,9 @@ def _build(compiler: list[str]) -> Path:
     # Compile beside the target and rename: a concurrent or interrupted build never leaves a torn library.
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
-        done = subprocess.run([*compiler, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            [*compiler, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True, timeout=300
+        )
         if done.returncode != 0:
             raise OSError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"{compiler[0]} failed")
         os.replace(built, target)
@@ -91,8 +95,12 @@ def describe() -> str:
 
 
 def usable(x: torch.Tensor, topk: int | None = None) -> bool:
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and (topk is None or topk <= MAX_K)
-            and _library()[0] is not None)
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and (topk is None or topk <= MAX_K)
+        and _library()[0] is not None
+    )
 
 
 def _check(status: int) -> None:
@@ -121,13 +129,41 @@ def site_pass(x: torch.Tensor, ctx, threshold: float, topk: int | None, want_abs
     sums, squares, cubes, quads, positive, row_min, row_max = (torch.empty(batch, width) for _ in range(7))
     fired, argmax = (torch.empty(batch, width, dtype=torch.int32) for _ in range(2))
     abs_sums = torch.empty(batch, width) if want_abs else None
-    _check(lib.whq_site_pass(
-        x.data_ptr(), batch, seq, width, _pointer(mask), threshold, k, values.data_ptr(), ids.data_ptr(),
-        sums.data_ptr(), _pointer(abs_sums), *(t.data_ptr() for t in (squares, cubes, quads, positive, row_min)),
-        fired.data_ptr(), row_max.data_ptr(), argmax.data_ptr(),
-        *(t.data_ptr() for t in (ctx.row_order, ctx.first_doc, ctx.first_pos)),
-        *(stats[name].data_ptr() for name in ("n_fired", "sum", "sum_sq", "sum_cube", "sum_quad", "sum_pos",
-                                              "min", "max", "max_doc", "max_pos"))))
+    _check(
+        lib.whq_site_pass(
+            x.data_ptr(),
+            batch,
+            seq,
+            width,
+            _pointer(mask),
+            threshold,
+            k,
+            values.data_ptr(),
+            ids.data_ptr(),
+            sums.data_ptr(),
+            _pointer(abs_sums),
+            *(t.data_ptr() for t in (squares, cubes, quads, positive, row_min)),
+            fired.data_ptr(),
+            row_max.data_ptr(),
+            argmax.data_ptr(),
+            *(t.data_ptr() for t in (ctx.row_order, ctx.first_doc, ctx.first_pos)),
+            *(
+                stats[name].data_ptr()
+                for name in (
+                    "n_fired",
+                    "sum",
+                    "sum_sq",
+                    "sum_cube",
+                    "sum_quad",
+                    "sum_pos",
+                    "min",
+                    "max",
+                    "max_doc",
+                    "max_pos",
+                )
+            ),
+        )
+    )
     if "hist" in stats:
         lib.whq_histogram(x.data_ptr(), batch, seq, width, _pointer(mask), stats["hist"].data_ptr())
     return ((values, ids) if k else None), sums, abs_sums

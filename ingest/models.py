@@ -20,12 +20,35 @@ MINILM = "minilm"
 
 # Shapes for random-initialised models built from a config (benchmarks, tests).
 MODEL_CONFIGS = {
-    "qwen3-0.6b": dict(family="qwen3", hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-                       num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=151936),
-    "qwen3-tiny": dict(family="qwen3", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=512),
-    "llama-tiny": dict(family="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                       num_attention_heads=4, num_key_value_heads=2, vocab_size=512),
+    "qwen3-0.6b": dict(
+        family="qwen3",
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=151936,
+    ),
+    "qwen3-tiny": dict(
+        family="qwen3",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=512,
+    ),
+    "llama-tiny": dict(
+        family="llama",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+    ),
 }
 
 CHAT_TEMPLATE = (
@@ -37,9 +60,9 @@ CHAT_TEMPLATE = (
 @dataclass
 class LoadedModel:
     model: object
-    tokenizer: object            # ingest.tokenize protocol (encode/wrap/pieces/decode, n_special, pad_id)
+    tokenizer: object  # ingest.tokenize protocol (encode/wrap/pieces/decode, n_special, pad_id)
     model_id: str
-    family: str                  # encoder | decoder | custom
+    family: str  # encoder | decoder | custom
     n_layers: int
     aliases: dict
     config: dict = field(default_factory=dict)
@@ -64,7 +87,9 @@ def resolve_device(device: str) -> str:
     if check_device(device) == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise BadInput(f"--device {device} asked for CUDA but this machine has no CUDA device: use --device cpu (or auto)")
+        raise BadInput(
+            f"--device {device} asked for CUDA but this machine has no CUDA device: use --device cpu (or auto)"
+        )
     return device
 
 
@@ -72,7 +97,9 @@ def resolve_dtype(dtype: str, device: str):
     import torch
 
     if check_dtype(dtype) == "float16" and device == "cpu":
-        raise BadInput("--dtype float16 is not supported on the cpu: use --dtype float32 or bfloat16 there, or --device cuda")
+        raise BadInput(
+            "--dtype float16 is not supported on the cpu: use --dtype float32 or bfloat16 there, or --device cuda"
+        )
     return getattr(torch, dtype)
 
 
@@ -105,15 +132,21 @@ def _load_hf(spec: str) -> LoadedModel:
     try:
         config = AutoConfig.from_pretrained(source, local_files_only=True)
     except (OSError, ValueError) as err:
-        raise BadInput(f"cannot load model {spec!r} offline ({str(err).splitlines()[0][:120]}): give a local folder with config.json, or `minilm`") from None
+        raise BadInput(
+            f"cannot load model {spec!r} offline ({str(err).splitlines()[0][:120]}): give a local folder with config.json, or `minilm`"
+        ) from None
     architectures = config.architectures or []
-    causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures) or getattr(config, "is_decoder", False)
+    causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures) or getattr(
+        config, "is_decoder", False
+    )
     loader = AutoModelForCausalLM if causal else AutoModel
     try:
         model = loader.from_pretrained(source, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
     except (OSError, ValueError) as err:
-        raise BadInput(f"cannot load model {spec!r} offline ({str(err).splitlines()[0][:120]}): check the folder has weights and a tokenizer") from None
+        raise BadInput(
+            f"cannot load model {spec!r} offline ({str(err).splitlines()[0][:120]}): check the folder has weights and a tokenizer"
+        ) from None
     if not getattr(tokenizer, "is_fast", False):
         raise BadInput(f"model {spec!r} has no fast tokenizer (needed for character offsets): add a tokenizer.json")
     from .sites import family_aliases
@@ -178,9 +211,17 @@ def _from_config(name: str) -> LoadedModel:
     from .sites import family_aliases
 
     family, aliases = family_aliases([n for n, _ in model.named_modules() if n])
-    return LoadedModel(model=model, tokenizer=HFTokenizer(tokenizer), hf_tokenizer=tokenizer, model_id=f"config:{name}",
-                       family=family, n_layers=model.config.num_hidden_layers, aliases=aliases,
-                       config={"model_config": model.config.to_dict()}, max_length=512)
+    return LoadedModel(
+        model=model,
+        tokenizer=HFTokenizer(tokenizer),
+        hf_tokenizer=tokenizer,
+        model_id=f"config:{name}",
+        family=family,
+        n_layers=model.config.num_hidden_layers,
+        aliases=aliases,
+        config={"model_config": model.config.to_dict()},
+        max_length=512,
+    )
 
 
 def _tiny_tokenizer(vocab_size: int):
@@ -196,8 +237,12 @@ def _tiny_tokenizer(vocab_size: int):
     core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-                                        additional_special_tokens=specials[1:])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=specials[1:],
+    )
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 

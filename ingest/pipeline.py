@@ -28,10 +28,10 @@ from warehouse.names import check_label, check_name
 from warehouse.runwriter import RunWriter, committed_with_same_config
 
 from . import dictionary, sources
+from .limits import check_reductions
 from .options import DEFAULT_SITES, IngestOptions
 from .shard import Capture, Shard
 from .sites import SiteSpec, parse_spec, resolve
-from .limits import check_reductions
 from .tokenize import windows
 
 
@@ -40,16 +40,16 @@ class IngestResult:
     """What an ingest or a scenario run did (the CLI says it)."""
 
     run_id: str
-    rows: dict[str, int] = field(default_factory=dict)   # committed rows per table
-    bytes: int = 0                                        # committed bytes on disk
-    documents: int | None = None                          # None: not captured by this call
+    rows: dict[str, int] = field(default_factory=dict)  # committed rows per table
+    bytes: int = 0  # committed bytes on disk
+    documents: int | None = None  # None: not captured by this call
     tokens: int | None = None
     seconds: float | None = None
-    skipped: int = 0                                      # bad records skipped (--skip-bad)
-    first_skipped: str | None = None                      # why the first of them was bad
-    already_committed: bool = False                       # a --resume of a run that had committed: nothing done
-    rank: int = 0                                         # not 0: this rank's part is written, rank 0 commits
-    notes: list[str] = field(default_factory=list)        # where the run differs from what was asked
+    skipped: int = 0  # bad records skipped (--skip-bad)
+    first_skipped: str | None = None  # why the first of them was bad
+    already_committed: bool = False  # a --resume of a run that had committed: nothing done
+    rank: int = 0  # not 0: this rank's part is written, rank 0 commits
+    notes: list[str] = field(default_factory=list)  # where the run differs from what was asked
 
     @property
     def tokens_per_s(self) -> float:
@@ -69,8 +69,17 @@ def _documents_identity(documents: list) -> str:
     return digest.hexdigest()
 
 
-def _shards(stream: Iterator, tokenizer, *, start: int, rank: int, world_size: int, max_length: int,
-            truncate: bool, shard_tokens: int) -> Iterator[Shard]:
+def _shards(
+    stream: Iterator,
+    tokenizer,
+    *,
+    start: int,
+    rank: int,
+    world_size: int,
+    max_length: int,
+    truncate: bool,
+    shard_tokens: int,
+) -> Iterator[Shard]:
     """This rank's documents from ordinal `start` on, windowed, in shards of at least `shard_tokens` tokens."""
     docs, tokens, ordinal = [], 0, -1
     for ordinal, doc in enumerate(stream):
@@ -92,7 +101,9 @@ def _parsed_sites(sites: Iterable[str]) -> list[SiteSpec]:
         raise BadSpec("no --site given: add e.g. --site mlp.act:topk=20")
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
-        raise BadSpec(f"site given twice ({', '.join(sorted({n for n in names if names.count(n) > 1}))}): merge the reductions into one SPEC, e.g. mlp.act:topk=20,examples=20")
+        raise BadSpec(
+            f"site given twice ({', '.join(sorted({n for n in names if names.count(n) > 1}))}): merge the reductions into one SPEC, e.g. mlp.act:topk=20,examples=20"
+        )
     for name in names:
         check_name("site", name)
     return specs
@@ -103,21 +114,31 @@ def _window_length(options: IngestOptions, loaded) -> int:
     max_length = int(options.max_length or loaded.max_length)
     positions = (loaded.config.get("model_config") or {}).get("max_position_embeddings")
     if positions and max_length > positions:
-        raise BadInput(f"--max-length {max_length} is longer than the {positions} positions model {options.model!r} has: "
-                       f"use at most {positions} (longer documents are split into windows)")
+        raise BadInput(
+            f"--max-length {max_length} is longer than the {positions} positions model {options.model!r} has: "
+            f"use at most {positions} (longer documents are split into windows)"
+        )
     if max_length <= loaded.tokenizer.n_special:
-        raise BadInput(f"--max-length {max_length} leaves no room for text after {loaded.tokenizer.n_special} special tokens: raise it")
+        raise BadInput(
+            f"--max-length {max_length} leaves no room for text after {loaded.tokenizer.n_special} special tokens: raise it"
+        )
     return max_length
 
 
 def _check_logit_lens(options: IngestOptions, loaded) -> None:
     if options.logit_lens and (loaded.family != "decoder" or loaded.model.get_output_embeddings() is None):
-        raise BadInput("--logit-lens needs a causal LM with an unembedding (lm_head); this model has none: drop --logit-lens")
+        raise BadInput(
+            "--logit-lens needs a causal LM with an unembedding (lm_head); this model has none: drop --logit-lens"
+        )
 
 
 def _check_splice(options: IngestOptions, loaded, dictionaries: dict) -> None:
-    if options.splice and (loaded.family != "decoder" or loaded.model.get_output_embeddings() is None or not dictionaries):
-        raise BadInput("--splice needs a causal LM with an unembedding and a dictionary site (SITE+sae=PATH): drop --splice")
+    if options.splice and (
+        loaded.family != "decoder" or loaded.model.get_output_embeddings() is None or not dictionaries
+    ):
+        raise BadInput(
+            "--splice needs a causal LM with an unembedding and a dictionary site (SITE+sae=PATH): drop --splice"
+        )
 
 
 def _start_doc(writer) -> int:
@@ -125,7 +146,9 @@ def _start_doc(writer) -> int:
     return writer.shard_info()[-1]["next_doc"] if writer.completed_shards else 0
 
 
-def _capture_shards(options: IngestOptions, capture: Capture, writer, shards: Iterator[Shard], run_id: str) -> tuple[int, int]:
+def _capture_shards(
+    options: IngestOptions, capture: Capture, writer, shards: Iterator[Shard], run_id: str
+) -> tuple[int, int]:
     """Capture every shard into the run's journal; returns (documents, tokens) captured."""
     import torch
 
@@ -143,8 +166,11 @@ def _capture_shards(options: IngestOptions, capture: Capture, writer, shards: It
         bar.advance(docs=len(host.finished_docs), tokens=batch_tokens)
 
     try:
-        with IngestProgress(enabled=options.progress, run_id=run_id) as bar, \
-                hooks(capture.loaded.model, capture.taps), torch.inference_mode():
+        with (
+            IngestProgress(enabled=options.progress, run_id=run_id) as bar,
+            hooks(capture.loaded.model, capture.taps),
+            torch.inference_mode(),
+        ):
             for shard in shards:
                 capture.shard(shard, shard.batches(options.batch_size), shard_writer, on_batch=count)
                 n_docs += len(shard.docs)
@@ -177,9 +203,16 @@ def _commit(options: IngestOptions, capture: Capture, resolved: list, writer) ->
     return writer.commit(parts, writer.started_at), total_docs
 
 
-def ingest(root: str | Path, model: str | IngestOptions = "minilm", data: Iterable[str] = (),
-           sites: Iterable[str] = DEFAULT_SITES, *, documents: list | None = None, loaded=None,
-           **options) -> IngestResult:
+def ingest(
+    root: str | Path,
+    model: str | IngestOptions = "minilm",
+    data: Iterable[str] = (),
+    sites: Iterable[str] = DEFAULT_SITES,
+    *,
+    documents: list | None = None,
+    loaded=None,
+    **options,
+) -> IngestResult:
     """Capture the sites of a model over the documents and commit them as one run.
 
     Takes an IngestOptions, or its fields (`model`, `data`, `sites` and the keywords);
@@ -202,7 +235,9 @@ def ingest(root: str | Path, model: str | IngestOptions = "minilm", data: Iterab
         raise BadInput("no documents to capture: the data files hold no readable documents")
     dictionaries = dictionary.load_all(specs)  # read and checked before the model loads
     if dictionaries and opts.world_size > 1:
-        raise BadInput("dictionary sites run on one rank: drop --ranks (or capture the dictionary sites in a run of their own)")
+        raise BadInput(
+            "dictionary sites run on one rank: drop --ranks (or capture the dictionary sites in a run of their own)"
+        )
     wh = warehouse.open_or_init(root)
     loaded = loaded or models.load(opts.model, opts.device, opts.dtype)
     resolved = [resolve(spec, loaded.module_names, loaded.aliases) for spec in specs]
@@ -215,8 +250,12 @@ def ingest(root: str | Path, model: str | IngestOptions = "minilm", data: Iterab
 
     check_similar(loaded, resolved)
     run_id = opts.run_id or default_run_id(opts.model)
-    identity = data_identity if documents is None else {"documents": len(documents), "sha256": _documents_identity(documents)}
-    config = opts.run_config(model_id=loaded.model_id, sites=[s.text for s in specs], data_identity=identity, max_length=max_length)
+    identity = (
+        data_identity if documents is None else {"documents": len(documents), "sha256": _documents_identity(documents)}
+    )
+    config = opts.run_config(
+        model_id=loaded.model_id, sites=[s.text for s in specs], data_identity=identity, max_length=max_length
+    )
     if opts.resume and (done := committed_with_same_config(wh.layout, run_id, config)) is not None:
         # Killed after its commit: the run is complete, resuming it is a no-op.
         return IngestResult(run_id, done["rows"], sum(p["bytes"] for p in done["parts"]), already_committed=True)
@@ -225,14 +264,25 @@ def ingest(root: str | Path, model: str | IngestOptions = "minilm", data: Iterab
 
         refuse_changed_data(wh.layout, run_id, paths, data_identity)
 
-    writer = open_writer(lambda: RunWriter(wh.layout, run_id, config, resume=opts.resume, rank=opts.rank, world_size=opts.world_size),
-                         opts.rank, opts.world_size)
+    writer = open_writer(
+        lambda: RunWriter(wh.layout, run_id, config, resume=opts.resume, rank=opts.rank, world_size=opts.world_size),
+        opts.rank,
+        opts.world_size,
+    )
     capture = Capture(loaded, resolved, loaded.config["device"], bound, splice=opts.splice)
     capture.restore(writer.state)
     counter = sources.SkipCounter(opts.skip_bad)
     stream = iter(documents) if documents is not None else sources.read(paths, counter, opts.dataset, opts.role)
-    shards = _shards(stream, loaded.tokenizer, start=_start_doc(writer), rank=opts.rank, world_size=opts.world_size,
-                     max_length=max_length, truncate=opts.truncate, shard_tokens=opts.shard_tokens)
+    shards = _shards(
+        stream,
+        loaded.tokenizer,
+        start=_start_doc(writer),
+        rank=opts.rank,
+        world_size=opts.world_size,
+        max_length=max_length,
+        truncate=opts.truncate,
+        shard_tokens=opts.shard_tokens,
+    )
     started = time.perf_counter()
     n_docs, n_tokens = _capture_shards(opts, capture, writer, shards, run_id)
     skipped = dict(skipped=counter.skipped, first_skipped=counter.first_error)
@@ -240,5 +290,12 @@ def ingest(root: str | Path, model: str | IngestOptions = "minilm", data: Iterab
         writer.finish_rank()
         return IngestResult(run_id, documents=n_docs, tokens=n_tokens, rank=opts.rank, **skipped)
     manifest, total_docs = _commit(opts, capture, resolved, writer)
-    return IngestResult(run_id, manifest["rows"], sum(p["bytes"] for p in manifest["parts"]), total_docs, n_tokens,
-                        time.perf_counter() - started, **skipped)
+    return IngestResult(
+        run_id,
+        manifest["rows"],
+        sum(p["bytes"] for p in manifest["parts"]),
+        total_docs,
+        n_tokens,
+        time.perf_counter() - started,
+        **skipped,
+    )

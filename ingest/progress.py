@@ -10,14 +10,16 @@ from rich.text import Text
 
 
 class _Rates(ProgressColumn):
-    def __init__(self, owner: "IngestProgress"):
+    def __init__(self, owner: IngestProgress):
         super().__init__()
         self.owner = owner
 
     def render(self, task) -> Text:
         elapsed = max(time.perf_counter() - self.owner.started, 1e-9)
-        return Text(f"{self.owner.docs:,} docs ({self.owner.docs / elapsed:,.1f}/s)  "
-                    f"{self.owner.tokens:,} tokens ({self.owner.tokens / elapsed:,.0f}/s)")
+        return Text(
+            f"{self.owner.docs:,} docs ({self.owner.docs / elapsed:,.1f}/s)  "
+            f"{self.owner.tokens:,} tokens ({self.owner.tokens / elapsed:,.0f}/s)"
+        )
 
 
 class IngestProgress:
@@ -29,8 +31,14 @@ class IngestProgress:
 
     def __enter__(self):
         if self.enabled:
-            self._progress = Progress(SpinnerColumn(), TextColumn(f"ingest {self.run_id}"), _Rates(self),
-                                      TimeElapsedColumn(), console=Console(stderr=True), transient=False)
+            self._progress = Progress(
+                SpinnerColumn(),
+                TextColumn(f"ingest {self.run_id}"),
+                _Rates(self),
+                TimeElapsedColumn(),
+                console=Console(stderr=True),
+                transient=False,
+            )
             self._progress.start()
             self._task = self._progress.add_task("ingest", total=None)
         return self

@@ -36,7 +36,9 @@ def _env_int(name: str, default: str | None = None) -> int:
     try:
         return int(text)
     except (TypeError, ValueError):
-        raise BadInput(f"{name}={text!r} must be a whole number (torchrun sets it): unset it, or launch with --ranks N") from None
+        raise BadInput(
+            f"{name}={text!r} must be a whole number (torchrun sets it): unset it, or launch with --ranks N"
+        ) from None
 
 
 def from_env(run_id: str | None, device: str, model: str) -> tuple[int, int, str | None, str]:
@@ -49,7 +51,9 @@ def from_env(run_id: str | None, device: str, model: str) -> tuple[int, int, str
     rank = _env_int("RANK")
     if not 0 <= rank < world_size:
         # Checked before the process group forms: a rank outside the world would wait for peers forever.
-        raise BadInput(f"RANK={rank} is outside 0..{world_size - 1} (WORLD_SIZE={world_size}): launch with torchrun or --ranks N")
+        raise BadInput(
+            f"RANK={rank} is outside 0..{world_size - 1} (WORLD_SIZE={world_size}): launch with torchrun or --ranks N"
+        )
     dist = _group()
     if run_id is None:  # the default id holds the start time: rank 0's is the one
         from .pipeline import default_run_id
@@ -120,10 +124,25 @@ def launch(n: int, data: list[str], sites: list[str], arguments: list[str]) -> N
     sources.check_paths(data)
     for spec in sites:
         if parse_spec(spec).kind is not None:
-            raise BadInput("dictionary sites run on one rank: drop --ranks (or capture the dictionary sites in a run of their own)")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", "-m", "ingest", *arguments]
+            raise BadInput(
+                "dictionary sites run on one rank: drop --ranks (or capture the dictionary sites in a run of their own)"
+            )
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={n}",
+        "-m",
+        "ingest",
+        *arguments,
+    ]
     done = subprocess.run(command, stderr=subprocess.PIPE, text=True)
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     if done.returncode != 0:
         # Each rank printed its one-line error; torchrun's own failure report adds nothing for the user.
-        raise WarehouseError(errors[0][len("error: "):] if errors else f"torchrun failed (exit {done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
+        raise WarehouseError(
+            errors[0][len("error: ") :]
+            if errors
+            else f"torchrun failed (exit {done.returncode}): {done.stderr.strip().splitlines()[-1:]}"
+        )

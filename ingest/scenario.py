@@ -60,7 +60,7 @@ class CaptureConfig:
     mlp: bool = True
     logits: bool = True
     top_k_probs: int = 20
-    layers: tuple[int, ...] | None = None       # None: all layers
+    layers: tuple[int, ...] | None = None  # None: all layers
     store_dtype: str = "float16"
     sources: tuple[str, ...] = SCENARIO_SOURCES
     sites: tuple[str, ...] = ()
@@ -127,7 +127,9 @@ class _Reader:
             self.fail(f"{self.key(name)} must be true or false, got {value!r}")
         return value
 
-    def integer(self, name, default, *, minimum: int | None = None, maximum: int | None = None, optional=False) -> int | None:
+    def integer(
+        self, name, default, *, minimum: int | None = None, maximum: int | None = None, optional=False
+    ) -> int | None:
         value = self.get(name, default)
         if value is None and optional:
             return None
@@ -162,7 +164,9 @@ class _Reader:
 
 def _safe_name(reader: _Reader, key: str, value: str | None) -> str:
     if not value or any(c in value for c in "/\\ \t\n"):
-        reader.fail(f"{reader.key(key)} {value!r} must be non-empty with no spaces or slashes (it names files and rows): e.g. {str(value or 'joy').replace('/', '_').replace(' ', '_')!r}")
+        reader.fail(
+            f"{reader.key(key)} {value!r} must be non-empty with no spaces or slashes (it names files and rows): e.g. {str(value or 'joy').replace('/', '_').replace(' ', '_')!r}"
+        )
     return value
 
 
@@ -193,7 +197,9 @@ def _model(where: str, data) -> ModelConfig:
     if config.device.split(":")[0] not in MODEL_DEVICES:
         reader.fail(f"model.device is {config.device!r}: use one of {', '.join(MODEL_DEVICES)} (or cuda:N)")
     if config.trust_remote_code:
-        reader.fail("model.trust_remote_code: true is not supported (whq loads transformers' own architectures offline): set it to false")
+        reader.fail(
+            "model.trust_remote_code: true is not supported (whq loads transformers' own architectures offline): set it to false"
+        )
     if config.gguf_file:
         reader.fail("model.gguf_file is not supported: point model.id at a folder of safetensors weights")
     return config
@@ -202,14 +208,20 @@ def _model(where: str, data) -> ModelConfig:
 def _prompt(where: str, data) -> tuple[tuple[Message, ...], bool]:
     if isinstance(data, list):
         if len(data) != 1:
-            raise BadInput(f"{where}: prompt lists {len(data)} prompts; whq captures one prompt per scenario: split them into one file each")
+            raise BadInput(
+                f"{where}: prompt lists {len(data)} prompts; whq captures one prompt per scenario: split them into one file each"
+            )
         data = data[0]
     reader = _Reader(where, "prompt", data, ("messages", "run_at_each_message"))
-    return _messages(where, "prompt.messages", reader.get("messages", required=True)), reader.boolean("run_at_each_message", False)
+    return _messages(where, "prompt.messages", reader.get("messages", required=True)), reader.boolean(
+        "run_at_each_message", False
+    )
 
 
 def _generation(where: str, data) -> GenerationConfig:
-    reader = _Reader(where, "generation", data or {}, ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "seed"))
+    reader = _Reader(
+        where, "generation", data or {}, ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "seed")
+    )
     config = GenerationConfig(
         max_new_tokens=reader.integer("max_new_tokens", 8, minimum=1),
         do_sample=reader.boolean("do_sample", False),
@@ -219,7 +231,9 @@ def _generation(where: str, data) -> GenerationConfig:
         seed=reader.integer("seed", 42, minimum=0, maximum=SEED_MAX),
     )
     if config.temperature < 0 or (config.do_sample and config.temperature == 0):
-        reader.fail(f"generation.temperature {config.temperature:g} must be > 0 when do_sample is true (and never negative); use do_sample: false for greedy decoding")
+        reader.fail(
+            f"generation.temperature {config.temperature:g} must be > 0 when do_sample is true (and never negative); use do_sample: false for greedy decoding"
+        )
     if config.top_p is not None and not 0 < config.top_p <= 1:
         reader.fail(f"generation.top_p {config.top_p:g} must be in (0, 1], or null to disable it")
     return config
@@ -229,7 +243,11 @@ def _layers(reader: _Reader):
     value = reader.get("layers", "all")
     if value == "all":
         return None
-    if not isinstance(value, list) or not value or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in value):
+    if (
+        not isinstance(value, list)
+        or not value
+        or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in value)
+    ):
         reader.fail(f"capture.layers must be 'all' or a non-empty list of layer indices (0, 1, ...), got {value!r}")
     return tuple(sorted(set(value)))
 
@@ -255,10 +273,29 @@ def _sources(reader: _Reader, hidden_states: bool, qkv: bool, mlp: bool) -> tupl
 
 
 def _capture(where: str, data) -> CaptureConfig:
-    reader = _Reader(where, "capture", data or {}, (
-        "hidden_states", "attention_weights", "qkv", "mlp", "logits", "top_k_probs", "layers", "store_dtype",
-        "sources", "sites", "logit_lens"))
-    hidden_states, qkv, mlp = reader.boolean("hidden_states", True), reader.boolean("qkv", True), reader.boolean("mlp", True)
+    reader = _Reader(
+        where,
+        "capture",
+        data or {},
+        (
+            "hidden_states",
+            "attention_weights",
+            "qkv",
+            "mlp",
+            "logits",
+            "top_k_probs",
+            "layers",
+            "store_dtype",
+            "sources",
+            "sites",
+            "logit_lens",
+        ),
+    )
+    hidden_states, qkv, mlp = (
+        reader.boolean("hidden_states", True),
+        reader.boolean("qkv", True),
+        reader.boolean("mlp", True),
+    )
     sites = reader.get("sites", [])
     if isinstance(sites, str):
         sites = [sites]
@@ -268,7 +305,9 @@ def _capture(where: str, data) -> CaptureConfig:
 
     for spec in sites:
         if parse_spec(spec).kind is not None:
-            reader.fail(f"capture.sites {spec!r}: dictionary sites are not captured in scenarios yet; ingest the documents with `whq ingest`")
+            reader.fail(
+                f"capture.sites {spec!r}: dictionary sites are not captured in scenarios yet; ingest the documents with `whq ingest`"
+            )
     return CaptureConfig(
         hidden_states=hidden_states,
         attention_weights=reader.boolean("attention_weights", True),
@@ -299,13 +338,19 @@ def _references(where: str, data) -> tuple[ReferenceState, ...]:
         if label in seen:
             reader.fail(f"reference label {label!r} is used twice: labels must be unique")
         seen.add(label)
-        out.append(ReferenceState(label, _messages(where, f"reference_states[{index}].messages", reader.get("messages", required=True))))
+        out.append(
+            ReferenceState(
+                label, _messages(where, f"reference_states[{index}].messages", reader.get("messages", required=True))
+            )
+        )
     return tuple(out)
 
 
 def parse(data, where: str = "scenario") -> Scenario:
     """A scenario from its parsed YAML mapping; `where` names it in error messages."""
-    reader = _Reader(where, "", data, ("name", "model", "prompt", "generation", "capture", "output", "reference_states"))
+    reader = _Reader(
+        where, "", data, ("name", "model", "prompt", "generation", "capture", "output", "reference_states")
+    )
     name = _safe_name(reader, "name", reader.text("name", required=True))
     messages, each = _prompt(where, reader.get("prompt", required=True))
     _Reader(where, "output", reader.get("output", {}), ("dir", "format"))  # accepted: the warehouse is the output

@@ -35,8 +35,12 @@ REDUCTIONS = {
     "nag": (int, 20, "doc_neurons: per document the K units of highest mean |value|"),
     "examples": (int, 20, "neuron_examples: per unit the N strongest tokens + N random firing tokens"),
     "hist": (None, None, "unit_histograms: per unit exact counts on a fixed quarter-octave grid"),
-    "quantiles": (int, 10, "neuron_examples: also N firing tokens sampled from each of Q bins of the unit's values "
-                           "(needs examples and hist)"),
+    "quantiles": (
+        int,
+        10,
+        "neuron_examples: also N firing tokens sampled from each of Q bins of the unit's values "
+        "(needs examples and hist)",
+    ),
     "similar": (int, 10, "unit_neighbors: per MLP unit the K units with the closest output direction"),
     "last": (None, None, "vectors: the document's last token"),
     "mean": (None, None, "vectors: the mean over the document's tokens"),
@@ -55,7 +59,7 @@ DECODER_ALIASES = {
     "attn.o": ("*.self_attn.o_proj", "out"),
     "resid.in": ("*", "in"),
     "resid.out": ("*", "out"),
-    "mlp.in": ("*.mlp", "in"),   # the MLP's input, after its norm (what transcoders read)
+    "mlp.in": ("*.mlp", "in"),  # the MLP's input, after its norm (what transcoders read)
 }
 ENCODER_ALIASES = {
     "mlp.up": ("*.intermediate.dense", "out"),
@@ -79,12 +83,12 @@ TRANSCODER_TARGET = "mlp.down"  # a transcoder reads mlp.in and reconstructs the
 @dataclass
 class SiteSpec:
     text: str
-    site: str                 # alias or module glob as written
-    hook: str | None          # "in" / "out" when given with @; None for the alias default
+    site: str  # alias or module glob as written
+    hook: str | None  # "in" / "out" when given with @; None for the alias default
     reductions: dict = field(default_factory=dict)
-    layers: tuple | str | None = None   # the [LAYERS] selector: a tuple of layers, "*", or None
-    kind: str | None = None             # sae | transcoder for a dictionary site
-    dictionary: str | None = None       # its PATH as written
+    layers: tuple | str | None = None  # the [LAYERS] selector: a tuple of layers, "*", or None
+    kind: str | None = None  # sae | transcoder for a dictionary site
+    dictionary: str | None = None  # its PATH as written
 
     @property
     def name(self) -> str:
@@ -99,7 +103,9 @@ class SiteSpec:
 
     @property
     def reductions_text(self) -> str:
-        return ",".join(k if v is None else f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.reductions.items())
+        return ",".join(
+            k if v is None else f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.reductions.items()
+        )
 
 
 def parse_spec(text: str) -> SiteSpec:
@@ -119,7 +125,9 @@ def parse_spec(text: str) -> SiteSpec:
         if hook not in ("in", "out"):
             raise BadSpec(f"--site {text!r}: hook point must be @in or @out, not @{hook}")
     if not site or not re.fullmatch(r"[A-Za-z0-9_.*\-\[\]]+", site):
-        raise BadSpec(f"--site {text!r}: {site!r} is not a site alias or module glob (letters, digits, '.', '_', '-', '*')")
+        raise BadSpec(
+            f"--site {text!r}: {site!r} is not a site alias or module glob (letters, digits, '.', '_', '-', '*')"
+        )
     reductions: dict = {}
     for item in filter(None, (r.strip() for r in reds.split(","))) if reds else []:
         name, eq, arg = item.partition("=")
@@ -142,7 +150,9 @@ def parse_spec(text: str) -> SiteSpec:
         try:
             value = kind(arg)
         except ValueError:
-            raise BadSpec(f"--site {text!r}: {name}={arg!r} needs a {'whole number' if kind is int else 'number'}") from None
+            raise BadSpec(
+                f"--site {text!r}: {name}={arg!r} needs a {'whole number' if kind is int else 'number'}"
+            ) from None
         if kind is int and value <= 0:
             raise BadSpec(f"--site {text!r}: {name}={value} must be at least 1")
         if kind is float and not math.isfinite(value):
@@ -153,8 +163,10 @@ def parse_spec(text: str) -> SiteSpec:
     if "threshold" in reductions and ("topk" in reductions or "abstopk" in reductions):
         raise BadSpec(f"--site {text!r}: token_neurons keeps one capture per site: use topk=K or threshold=T, not both")
     if "quantiles" in reductions and not {"examples", "hist"} <= reductions.keys():
-        raise BadSpec(f"--site {text!r}: quantiles=Q places its bins with the histogram and keeps examples: "
-                      f"add examples=N and hist, e.g. {text.split(':')[0]}:examples=20,hist,quantiles={reductions['quantiles']}")
+        raise BadSpec(
+            f"--site {text!r}: quantiles=Q places its bins with the histogram and keeps examples: "
+            f"add examples=N and hist, e.g. {text.split(':')[0]}:examples=20,hist,quantiles={reductions['quantiles']}"
+        )
     return SiteSpec(text, site, hook, reductions, layers, dict_kind, dictionary)
 
 
@@ -185,7 +197,9 @@ def _layer_selector(text: str, site: str) -> tuple[str, tuple | str | None]:
             layers.append(int(item))
         elif m := re.fullmatch(r"(\d+)-(\d+)", item):
             if int(m.group(1)) > int(m.group(2)):
-                raise BadSpec(f"--site {text!r}: layer range [{item}] runs backwards: write [{m.group(2)}-{m.group(1)}]")
+                raise BadSpec(
+                    f"--site {text!r}: layer range [{item}] runs backwards: write [{m.group(2)}-{m.group(1)}]"
+                )
             layers.extend(range(int(m.group(1)), int(m.group(2)) + 1))
         else:
             raise BadSpec(f"--site {text!r}: [{body}] is not a layer selector: write [6], [0,2,4], [0-3] or [*]")
@@ -217,8 +231,8 @@ class ResolvedSite:
     spec: SiteSpec
     glob: str
     hook: str
-    modules: list[tuple[int, str]]   # (layer, module name)
-    units: int | None = None          # a dictionary site's latents (d_sae); None: the hooked module's width
+    modules: list[tuple[int, str]]  # (layer, module name)
+    units: int | None = None  # a dictionary site's latents (d_sae); None: the hooked module's width
 
     @property
     def name(self) -> str:
@@ -243,18 +257,26 @@ def resolve(spec: SiteSpec, module_names: list[str], aliases: dict[str, tuple[st
     pattern = glob_regex(glob)
     matched = [name for name in module_names if pattern.match(name)]
     if not matched:
-        raise BadSpec(f"site {spec.text!r}: module glob {glob!r} matches no module of this model; list them with `whq sites --model M`")
+        raise BadSpec(
+            f"site {spec.text!r}: module glob {glob!r} matches no module of this model; list them with `whq sites --model M`"
+        )
     layered = [(layer_of(name), name) for name in matched]
     if len(layered) > 1 and any(layer is None for layer, _ in layered):
-        raise BadSpec(f"site {spec.text!r}: glob {glob!r} matches modules without a layer number ({matched[0]}, ...); make it match one module per block")
+        raise BadSpec(
+            f"site {spec.text!r}: glob {glob!r} matches modules without a layer number ({matched[0]}, ...); make it match one module per block"
+        )
     layered = [(layer if layer is not None else 0, name) for layer, name in layered]
     layers = [layer for layer, _ in layered]
     if len(set(layers)) != len(layers):
-        raise BadSpec(f"site {spec.text!r}: glob {glob!r} matches several modules per layer ({', '.join(matched[:3])}, ...); make it more specific")
+        raise BadSpec(
+            f"site {spec.text!r}: glob {glob!r} matches several modules per layer ({', '.join(matched[:3])}, ...); make it more specific"
+        )
     if isinstance(spec.layers, tuple):
         missing = [layer for layer in spec.layers if layer not in layers]
         if missing:
-            raise BadSpec(f"site {spec.text!r}: this model has no layer {missing[0]} at {glob!r}: select layers {min(layers)}-{max(layers)}")
+            raise BadSpec(
+                f"site {spec.text!r}: this model has no layer {missing[0]} at {glob!r}: select layers {min(layers)}-{max(layers)}"
+            )
         layered = [(layer, name) for layer, name in layered if layer in spec.layers]
     return ResolvedSite(spec, glob, hook, sorted(layered))
 

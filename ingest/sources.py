@@ -72,10 +72,17 @@ def _record(row: dict, where: str, index: int, stem: str) -> Document:
         if value is not None:
             _unicode(value, where, column)
     message_index = row.get("message_index")
-    if message_index is not None and (isinstance(message_index, bool) or not isinstance(message_index, int)
-                                      or not 0 <= message_index <= INT32_MAX):
-        raise ValueError(f"{where}: column 'message_index' must be a whole number from 0 to {INT32_MAX} or null, got {message_index!r}")
-    doc_id = _unicode(str(row[id_key]), where, id_key) if id_key is not None and row[id_key] is not None else f"{stem}:{index}"
+    if message_index is not None and (
+        isinstance(message_index, bool) or not isinstance(message_index, int) or not 0 <= message_index <= INT32_MAX
+    ):
+        raise ValueError(
+            f"{where}: column 'message_index' must be a whole number from 0 to {INT32_MAX} or null, got {message_index!r}"
+        )
+    doc_id = (
+        _unicode(str(row[id_key]), where, id_key)
+        if id_key is not None and row[id_key] is not None
+        else f"{stem}:{index}"
+    )
     meta = {k: v for k, v in row.items() if k not in {id_key, text_key, "dataset", "role", "label"}}
     return Document(doc_id, text, row.get("dataset"), row.get("role"), row.get("label"), meta)
 
@@ -117,10 +124,14 @@ def _parquet(path: Path, counter: SkipCounter) -> Iterator[Document]:
     try:
         reader = pq.ParquetFile(path)
     except Exception as err:  # pyarrow raises several types for a damaged file
-        raise BadInput(f"{path} is not a readable Parquet file ({str(err).splitlines()[0][:100]}): check the file") from None
+        raise BadInput(
+            f"{path} is not a readable Parquet file ({str(err).splitlines()[0][:100]}): check the file"
+        ) from None
     names = reader.schema_arrow.names
     if not any(c in names for c in TEXT_COLUMNS):
-        raise BadInput(f"{path} has no text column (expected one of {', '.join(TEXT_COLUMNS)}; found {', '.join(names)})")
+        raise BadInput(
+            f"{path} has no text column (expected one of {', '.join(TEXT_COLUMNS)}; found {', '.join(names)})"
+        )
     index = 0
     for rows in _row_batches(reader, path):
         for row in rows:
@@ -145,7 +156,9 @@ def _row_batches(reader, path: Path) -> Iterator[list[dict]]:
         except StopIteration:
             return
         except (pa.ArrowException, OSError, ValueError, OverflowError) as err:
-            raise BadInput(f"{path} is not a readable Parquet file ({str(err).splitlines()[0][:100]}): check the file") from None
+            raise BadInput(
+                f"{path} is not a readable Parquet file ({str(err).splitlines()[0][:100]}): check the file"
+            ) from None
         yield rows
 
 
@@ -172,8 +185,13 @@ def _txt(path: Path, counter: SkipCounter) -> Iterator[Document]:
 READERS = {".jsonl": _jsonl, ".json": _jsonl, ".parquet": _parquet, ".txt": _txt}
 
 
-FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
-              (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
 
 
 def check_paths(paths: list[str]) -> list[Path]:
@@ -190,7 +208,9 @@ def check_paths(paths: list[str]) -> list[Path]:
         except OSError as err:  # a symlink loop, a path through a file, a name too long
             raise BadInput(f"data file {path} cannot be opened ({err.strerror or err}): check the path") from None
         if path.suffix not in READERS:
-            raise BadInput(f"data file {path}: unsupported type {path.suffix or '(none)'}; use .jsonl, .parquet or .txt")
+            raise BadInput(
+                f"data file {path}: unsupported type {path.suffix or '(none)'}; use .jsonl, .parquet or .txt"
+            )
         kind = next((name for test, name in FILE_KINDS if test(info.st_mode)), None)
         if kind is not None:
             # A pipe would be drained by the content hash, a directory cannot be read as records.
@@ -231,12 +251,20 @@ def scan(paths: list[Path], skip_bad: bool) -> list[dict]:
     for path in paths:
         counter = SkipCounter(skip_bad)
         documents = _readable(path, _count_documents, path, counter)
-        identity.append({"path": str(path.resolve()), "bytes": path.stat().st_size,
-                         "sha256": _readable(path, _file_sha256, path), "documents": documents})
+        identity.append(
+            {
+                "path": str(path.resolve()),
+                "bytes": path.stat().st_size,
+                "sha256": _readable(path, _file_sha256, path),
+                "documents": documents,
+            }
+        )
     return identity
 
 
-def read(paths: list[Path], counter: SkipCounter, dataset: str | None = None, role: str | None = None) -> Iterator[Document]:
+def read(
+    paths: list[Path], counter: SkipCounter, dataset: str | None = None, role: str | None = None
+) -> Iterator[Document]:
     """All documents of all files in order; --dataset/--role fill what the records leave unset."""
     for path in paths:
         records = READERS[path.suffix](path, counter)

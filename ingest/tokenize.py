@@ -13,14 +13,14 @@ import numpy as np
 
 @dataclass
 class Window:
-    doc: int           # document ordinal in the run
-    index: int         # window number within the document
-    start_pos: int     # position of the window's first token in the document
+    doc: int  # document ordinal in the run
+    index: int  # window number within the document
+    start_pos: int  # position of the window's first token in the document
     ids: list[int]
     special: list[bool]
-    char_start: list[int]   # -1 for special tokens
+    char_start: list[int]  # -1 for special tokens
     char_end: list[int]
-    last: bool          # the document's final window
+    last: bool  # the document's final window
 
 
 class HFTokenizer:
@@ -63,8 +63,8 @@ def _special_frame(tokenizer) -> tuple[list[int], list[int]]:
     bare = tokenizer("a", add_special_tokens=False)["input_ids"]
     full = tokenizer("a", add_special_tokens=True)["input_ids"]
     for start in range(len(full) - len(bare) + 1):
-        if full[start:start + len(bare)] == bare:
-            return full[:start], full[start + len(bare):]
+        if full[start : start + len(bare)] == bare:
+            return full[:start], full[start + len(bare) :]
     return [], []
 
 
@@ -99,8 +99,8 @@ def windows(doc: int, text: str, tokenizer, max_length: int, truncate: bool) -> 
     """Split one document into model windows of at most max_length tokens."""
     ids, offsets = tokenizer.encode(text)
     body = max(1, max_length - tokenizer.n_special)
-    chunks = [ids[i:i + body] for i in range(0, len(ids), body)] or [[]]
-    offset_chunks = [offsets[i:i + body] for i in range(0, len(offsets), body)] or [[]]
+    chunks = [ids[i : i + body] for i in range(0, len(ids), body)] or [[]]
+    offset_chunks = [offsets[i : i + body] for i in range(0, len(offsets), body)] or [[]]
     if truncate:
         chunks, offset_chunks = chunks[:1], offset_chunks[:1]
     out, pos = [], 0

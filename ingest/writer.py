@@ -21,13 +21,13 @@ from warehouse.parts import part_order, side_by_side, to_arrow
 
 @dataclass
 class HostBatch:
-    row_doc: np.ndarray        # [B] document of each row
-    row_start: np.ndarray      # [B] position of each row's first token
-    lengths: np.ndarray        # [B] valid tokens per row
+    row_doc: np.ndarray  # [B] document of each row
+    row_start: np.ndarray  # [B] position of each row's first token
+    lengths: np.ndarray  # [B] valid tokens per row
     finished_docs: np.ndarray  # documents whose last window is in this batch, in order
     finished_last_pos: np.ndarray  # position of each finished document's last token
-    outputs: dict = field(default_factory=dict)   # (site, layer) -> {name: array}
-    ready: object = None       # CUDA event: outputs are valid once it completes (None: already valid)
+    outputs: dict = field(default_factory=dict)  # (site, layer) -> {name: array}
+    ready: object = None  # CUDA event: outputs are valid once it completes (None: already valid)
 
 
 @dataclass
@@ -41,9 +41,9 @@ class Flush:
 class ShardEnd:
     documents: pa.Table
     tokens: pa.Table
-    state: dict                # name -> pa.Table (resume state)
+    state: dict  # name -> pa.Table (resume state)
     info: dict
-    widths: dict               # (site, layer) -> units, for the list columns of vectors
+    widths: dict  # (site, layer) -> units, for the list columns of vectors
     extra_parts: list = field(default_factory=list)  # (table, site, layer, Arrow table) committed with the shard
 
 
@@ -74,24 +74,58 @@ def batch_parts(batch: HostBatch) -> list[tuple]:
         if "topk_ids" in out:
             pieces.append(("token_neurons", site, layer, _token_rows(batch, out["topk_ids"], out["topk_values"])))
         if "threshold_index" in out:
-            pieces.append(("token_neurons", site, layer, _threshold_rows(batch, out["threshold_index"], out["threshold_values"])))
+            pieces.append(
+                ("token_neurons", site, layer, _threshold_rows(batch, out["threshold_index"], out["threshold_values"]))
+            )
         if "nag_ids" in out:
             docs, k = len(batch.finished_docs), out["nag_ids"].shape[1]
-            pieces.append(("doc_neurons", site, layer, {
-                "doc": np.repeat(batch.finished_docs, k), "rank": np.tile(np.arange(k), docs),
-                "neuron": out["nag_ids"].reshape(-1), "impact": out["nag_impacts"].reshape(-1)}))
+            pieces.append(
+                (
+                    "doc_neurons",
+                    site,
+                    layer,
+                    {
+                        "doc": np.repeat(batch.finished_docs, k),
+                        "rank": np.tile(np.arange(k), docs),
+                        "neuron": out["nag_ids"].reshape(-1),
+                        "impact": out["nag_impacts"].reshape(-1),
+                    },
+                )
+            )
         for pool, positions in (("last", batch.finished_last_pos), ("mean", None)):
             if pool in out:
                 n = len(batch.finished_docs)
-                pieces.append(("vectors", site, layer, {
-                    "doc": batch.finished_docs, "step": np.full(n, None), "pos": positions if positions is not None else np.full(n, None),
-                    "pool": np.full(n, pool), "vec": out[pool]}))
+                pieces.append(
+                    (
+                        "vectors",
+                        site,
+                        layer,
+                        {
+                            "doc": batch.finished_docs,
+                            "step": np.full(n, None),
+                            "pos": positions if positions is not None else np.full(n, None),
+                            "pool": np.full(n, pool),
+                            "vec": out[pool],
+                        },
+                    )
+                )
         if "dense" in out:
             b, t = np.nonzero(np.arange(int(batch.lengths.max(initial=0)))[None, :] < batch.lengths[:, None])
             n = len(b)
-            pieces.append(("vectors", site, layer, {
-                "doc": batch.row_doc[b], "step": np.full(n, None), "pos": batch.row_start[b] + t,
-                "pool": np.full(n, "token"), "vec": out["dense"]}))
+            pieces.append(
+                (
+                    "vectors",
+                    site,
+                    layer,
+                    {
+                        "doc": batch.row_doc[b],
+                        "step": np.full(n, None),
+                        "pos": batch.row_start[b] + t,
+                        "pool": np.full(n, "token"),
+                        "vec": out["dense"],
+                    },
+                )
+            )
     return pieces
 
 
@@ -171,6 +205,7 @@ class ShardWriter:
 
 def merged_parts(pending: dict, widths: dict) -> list[tuple]:
     """(table, site, layer, Arrow table) per key of `pending`: its batch pieces concatenated, in part order."""
+
     def merge(key):
         (table, site, layer), pieces = key, pending[key]
         merged = part_order(table, {k: _concat([p[k] for p in pieces]) for k in pieces[0]})

@@ -23,7 +23,7 @@ from warehouse import schema
 from warehouse.errors import BadInput
 
 SITE = "mlp.act"
-TARGET_EVERY = 100   # every 100th document is in dataset 'target', the rest in 'pool' (for nag_distance)
+TARGET_EVERY = 100  # every 100th document is in dataset 'target', the rest in 'pool' (for nag_distance)
 
 
 @dataclass(frozen=True)
@@ -52,29 +52,42 @@ class QueryBench:
     token_neuron_rows: int
     token_neuron_bytes: int
     build_s: float | None
-    timings: dict = field(default_factory=dict)     # name -> [seconds, ...]
+    timings: dict = field(default_factory=dict)  # name -> [seconds, ...]
     result_rows: dict = field(default_factory=dict)
-    skipped: dict = field(default_factory=dict)     # name -> why
+    skipped: dict = field(default_factory=dict)  # name -> why
 
     def to_dict(self) -> dict:
         return {
-            "root": self.root, "run_id": self.shape.run_id, "token_neuron_rows": self.token_neuron_rows,
-            "token_neuron_bytes": self.token_neuron_bytes, "build_s": self.build_s,
-            "queries": {name: {"median_s": statistics.median(ts), "min_s": min(ts), "result_rows": self.result_rows[name],
-                               "rows_per_s": self.token_neuron_rows / statistics.median(ts)}
-                        for name, ts in self.timings.items()},
+            "root": self.root,
+            "run_id": self.shape.run_id,
+            "token_neuron_rows": self.token_neuron_rows,
+            "token_neuron_bytes": self.token_neuron_bytes,
+            "build_s": self.build_s,
+            "queries": {
+                name: {
+                    "median_s": statistics.median(ts),
+                    "min_s": min(ts),
+                    "result_rows": self.result_rows[name],
+                    "rows_per_s": self.token_neuron_rows / statistics.median(ts),
+                }
+                for name, ts in self.timings.items()
+            },
             "skipped": self.skipped,
         }
 
     def lines(self) -> list[str]:
         s = self.shape
         built = f"built in {self.build_s:,.1f} s" if self.build_s is not None else "reused"
-        out = [f"warehouse {self.root}, run {s.run_id}: {self.token_neuron_rows:,} token_neurons rows "
-               f"({s.layers} layers x {s.tokens:,} tokens x top-{s.k} of {s.width}), "
-               f"{self.token_neuron_bytes / 2**20:,.1f} MiB ({self.token_neuron_bytes / max(self.token_neuron_rows, 1):.2f} bytes/row), {built}",
-               f"{'query':<34} {'median s':>9} {'min s':>9} {'rows out':>9} {'token_neurons rows/s':>22}"]
+        out = [
+            f"warehouse {self.root}, run {s.run_id}: {self.token_neuron_rows:,} token_neurons rows "
+            f"({s.layers} layers x {s.tokens:,} tokens x top-{s.k} of {s.width}), "
+            f"{self.token_neuron_bytes / 2**20:,.1f} MiB ({self.token_neuron_bytes / max(self.token_neuron_rows, 1):.2f} bytes/row), {built}",
+            f"{'query':<34} {'median s':>9} {'min s':>9} {'rows out':>9} {'token_neurons rows/s':>22}",
+        ]
         for name, q in self.to_dict()["queries"].items():
-            out.append(f"{name:<34} {q['median_s']:>9.4f} {q['min_s']:>9.4f} {q['result_rows']:>9,} {q['rows_per_s']:>22,.0f}")
+            out.append(
+                f"{name:<34} {q['median_s']:>9.4f} {q['min_s']:>9.4f} {q['result_rows']:>9,} {q['rows_per_s']:>22,.0f}"
+            )
         out += [f"{name:<34} skipped: {why}" for name, why in self.skipped.items()]
         return out
 
@@ -87,7 +100,9 @@ def _token_columns(first_doc: int, n_docs: int, doc_len: int) -> tuple[np.ndarra
 
 def _subset_pool(rng, width: int, k: int, size: int = 4096) -> np.ndarray:
     """`size` random sorted k-subsets of the units: each token's top-k ids are one of them."""
-    return np.sort(np.argpartition(rng.random((size, width), dtype=np.float32), k, axis=1)[:, :k], axis=1).astype(np.int16)
+    return np.sort(np.argpartition(rng.random((size, width), dtype=np.float32), k, axis=1)[:, :k], axis=1).astype(
+        np.int16
+    )
 
 
 def _documents(first_doc: int, n_docs: int, doc_len: int, token_ids: np.ndarray) -> tuple[pa.Table, pa.Table]:
@@ -102,19 +117,37 @@ def _documents(first_doc: int, n_docs: int, doc_len: int, token_ids: np.ndarray)
         starts[span], ends[span] = offsets, offsets + lengths[span] - 1
         texts.append(" ".join(pieces[span].tolist()))
     docs = np.arange(first_doc, first_doc + n_docs)
-    documents = pa.Table.from_pydict({
-        "doc": docs, "doc_id": [f"syn:{d}" for d in docs],
-        "dataset": ["target" if d % TARGET_EVERY == 0 else "pool" for d in docs], "role": [None] * n_docs,
-        "label": [None] * n_docs, "message_index": [None] * n_docs, "message_role": [None] * n_docs,
-        "n_tokens": np.full(n_docs, doc_len), "n_windows": np.ones(n_docs, dtype=np.int64), "text": texts,
-        "meta": [None] * n_docs,
-    }, schema=schema.table("documents").arrow_schema())
+    documents = pa.Table.from_pydict(
+        {
+            "doc": docs,
+            "doc_id": [f"syn:{d}" for d in docs],
+            "dataset": ["target" if d % TARGET_EVERY == 0 else "pool" for d in docs],
+            "role": [None] * n_docs,
+            "label": [None] * n_docs,
+            "message_index": [None] * n_docs,
+            "message_role": [None] * n_docs,
+            "n_tokens": np.full(n_docs, doc_len),
+            "n_windows": np.ones(n_docs, dtype=np.int64),
+            "text": texts,
+            "meta": [None] * n_docs,
+        },
+        schema=schema.table("documents").arrow_schema(),
+    )
     doc, pos = _token_columns(first_doc, n_docs, doc_len)
-    tokens = pa.Table.from_pydict({
-        "doc": doc, "pos": pos, "window": np.zeros(len(doc), dtype=np.int64), "token_id": token_ids,
-        "piece": pieces, "char_start": starts, "char_end": ends, "special": np.zeros(len(doc), dtype=bool),
-        "text": pieces,
-    }, schema=schema.table("tokens").arrow_schema())
+    tokens = pa.Table.from_pydict(
+        {
+            "doc": doc,
+            "pos": pos,
+            "window": np.zeros(len(doc), dtype=np.int64),
+            "token_id": token_ids,
+            "piece": pieces,
+            "char_start": starts,
+            "char_end": ends,
+            "special": np.zeros(len(doc), dtype=bool),
+            "text": pieces,
+        },
+        schema=schema.table("tokens").arrow_schema(),
+    )
     return documents, tokens
 
 
@@ -132,7 +165,9 @@ def build(root: str | Path, shape: Shape, seed: int = 0, echo=None) -> float | N
     pool = _subset_pool(rng, shape.width, shape.k)
     writer = RunWriter(wh.layout, shape.run_id, {"bench": "synthetic", **shape.__dict__})
     if writer.completed_shards:
-        raise BadInput(f"run {shape.run_id} in {root} was interrupted while being built: `whq gc {root} --interrupted`, then rerun")
+        raise BadInput(
+            f"run {shape.run_id} in {root} was interrupted while being built: `whq gc {root} --interrupted`, then rerun"
+        )
     docs_per_shard = max(1, shape.shard_tokens // shape.doc_len)
     n_docs = -(-shape.tokens // shape.doc_len)
     width, k, n_ex = shape.width, shape.k, shape.examples
@@ -149,18 +184,39 @@ def build(root: str | Path, shape: Shape, seed: int = 0, echo=None) -> float | N
         for layer in range(shape.layers):
             ids = pool[rng.integers(0, len(pool), len(doc))]
             values = rng.gamma(2.0, 0.5, ids.shape).astype(np.float16)
-            cols = {"doc": np.repeat(doc, k), "pos": np.repeat(pos, k), "neuron": ids.reshape(-1), "value": values.reshape(-1)}
-            parts.append(("token_neurons", SITE, layer, to_arrow("token_neurons", part_order("token_neurons", cols), width)))
+            cols = {
+                "doc": np.repeat(doc, k),
+                "pos": np.repeat(pos, k),
+                "neuron": ids.reshape(-1),
+                "value": values.reshape(-1),
+            }
+            parts.append(
+                ("token_neurons", SITE, layer, to_arrow("token_neurons", part_order("token_neurons", cols), width))
+            )
             flat_ids, flat_values = cols["neuron"].astype(np.int64), cols["value"].astype(np.float64)
             n_fired[layer] += np.bincount(flat_ids, minlength=width)
             sums[layer] += np.bincount(flat_ids, flat_values, minlength=width)
-            sum_sq[layer] += np.bincount(flat_ids, flat_values ** 2, minlength=width)
+            sum_sq[layer] += np.bincount(flat_ids, flat_values**2, minlength=width)
             pick = rng.integers(0, len(flat_ids), 4 * width)
             candidates[layer].append({c: cols[c][pick] for c in cols})
             impacts = np.sort(rng.gamma(2.0, 0.5, (count, k)).astype(np.float32), axis=1)[:, ::-1]
-            parts.append(("doc_neurons", SITE, layer, to_arrow("doc_neurons", {
-                "doc": np.repeat(np.arange(first, first + count), k), "rank": np.tile(np.arange(k), count),
-                "neuron": pool[rng.integers(0, len(pool), count)].reshape(-1), "impact": impacts.reshape(-1)}, width)))
+            parts.append(
+                (
+                    "doc_neurons",
+                    SITE,
+                    layer,
+                    to_arrow(
+                        "doc_neurons",
+                        {
+                            "doc": np.repeat(np.arange(first, first + count), k),
+                            "rank": np.tile(np.arange(k), count),
+                            "neuron": pool[rng.integers(0, len(pool), count)].reshape(-1),
+                            "impact": impacts.reshape(-1),
+                        },
+                        width,
+                    ),
+                )
+            )
         writer.commit_shard(parts, info={"next_doc": first + count, "n_docs": count, "n_tokens": len(doc)})
         if echo:
             echo(f"  shard {writer.completed_shards}: documents {first + count:,}/{n_docs:,}")
@@ -175,15 +231,35 @@ def build(root: str | Path, shape: Shape, seed: int = 0, echo=None) -> float | N
         max_doc = np.full(width, -1)
         max_pos = np.full(width, -1)
         units = examples["neuron"][first_rank]
-        max_value[units], max_doc[units], max_pos[units] = examples["value"][first_rank], examples["doc"][first_rank], examples["pos"][first_rank]
+        max_value[units], max_doc[units], max_pos[units] = (
+            examples["value"][first_rank],
+            examples["doc"][first_rank],
+            examples["pos"][first_rank],
+        )
         seen = max_doc >= 0
-        final.append(("neuron_stats", SITE, layer, pa.Table.from_pydict({
-            "neuron": np.arange(width), "n_tokens": np.full(width, n_docs * shape.doc_len), "n_fired": n_fired[layer],
-            "sum": sums[layer], "sum_sq": sum_sq[layer], "max": pa.array(max_value.astype(np.float32), mask=~seen),
-            "max_doc": pa.array(max_doc, pa.int32(), mask=~seen), "max_pos": pa.array(max_pos, pa.int32(), mask=~seen),
-            # The synthetic rows carry no dense values: no min, higher moments or positive part.
-            "min": pa.nulls(width, pa.float32()), **{c: pa.nulls(width, pa.float64()) for c in ("sum_cube", "sum_quad", "sum_pos")},
-        }, schema=schema.table("neuron_stats").arrow_schema(width))))
+        final.append(
+            (
+                "neuron_stats",
+                SITE,
+                layer,
+                pa.Table.from_pydict(
+                    {
+                        "neuron": np.arange(width),
+                        "n_tokens": np.full(width, n_docs * shape.doc_len),
+                        "n_fired": n_fired[layer],
+                        "sum": sums[layer],
+                        "sum_sq": sum_sq[layer],
+                        "max": pa.array(max_value.astype(np.float32), mask=~seen),
+                        "max_doc": pa.array(max_doc, pa.int32(), mask=~seen),
+                        "max_pos": pa.array(max_pos, pa.int32(), mask=~seen),
+                        # The synthetic rows carry no dense values: no min, higher moments or positive part.
+                        "min": pa.nulls(width, pa.float32()),
+                        **{c: pa.nulls(width, pa.float64()) for c in ("sum_cube", "sum_quad", "sum_pos")},
+                    },
+                    schema=schema.table("neuron_stats").arrow_schema(width),
+                ),
+            )
+        )
     writer.commit(final, writer.started_at)
     return time.perf_counter() - started
 
@@ -205,27 +281,50 @@ def _examples(rows: dict, width: int, n: int, rng) -> dict:
             out[c].append(rows[c][keep])
         out["value"].append(rows["value"][keep].astype(np.float32))
     merged = {c: np.concatenate(v) for c, v in out.items()}
-    return {**merged, "quantile": np.full(len(merged["neuron"]), None), "window_values": pa.nulls(len(merged["neuron"]), pa.list_(pa.float16()))}
+    return {
+        **merged,
+        "quantile": np.full(len(merged["neuron"]), None),
+        "window_values": pa.nulls(len(merged["neuron"]), pa.list_(pa.float16())),
+    }
 
 
 def _runs_row(shape: Shape, n_docs: int) -> pa.Table:
     import datetime as dt
     import json
 
-    return pa.Table.from_pydict({
-        "model_id": ["synthetic"], "model_revision": [None], "model_class": ["synthetic"], "dtype": ["float16"],
-        "device": ["none"], "n_layers": [shape.layers], "sites": [[f"{SITE}:topk={shape.k},nag={shape.k},examples={shape.examples}"]],
-        "n_documents": [n_docs], "n_tokens": [n_docs * shape.doc_len], "config": [json.dumps(shape.__dict__)],
-        "created_at": [dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)], "status": ["committed"],
-    }, schema=schema.table("runs").arrow_schema())
+    return pa.Table.from_pydict(
+        {
+            "model_id": ["synthetic"],
+            "model_revision": [None],
+            "model_class": ["synthetic"],
+            "dtype": ["float16"],
+            "device": ["none"],
+            "n_layers": [shape.layers],
+            "sites": [[f"{SITE}:topk={shape.k},nag={shape.k},examples={shape.examples}"]],
+            "n_documents": [n_docs],
+            "n_tokens": [n_docs * shape.doc_len],
+            "config": [json.dumps(shape.__dict__)],
+            "created_at": [dt.datetime.now(dt.UTC).replace(tzinfo=None)],
+            "status": ["committed"],
+        },
+        schema=schema.table("runs").arrow_schema(),
+    )
 
 
 def _sites_row(shape: Shape) -> pa.Table:
-    return pa.Table.from_pydict({
-        "site": [SITE], "module_glob": ["synthetic"], "hook_point": ["in"],
-        "modules": [[f"layers.{i}" for i in range(shape.layers)]], "layers": [list(range(shape.layers))],
-        "width": [shape.width], "reductions": [f"topk={shape.k},nag={shape.k},examples={shape.examples}"], "threshold": [0.0],
-    }, schema=schema.table("sites").arrow_schema())
+    return pa.Table.from_pydict(
+        {
+            "site": [SITE],
+            "module_glob": ["synthetic"],
+            "hook_point": ["in"],
+            "modules": [[f"layers.{i}" for i in range(shape.layers)]],
+            "layers": [list(range(shape.layers))],
+            "width": [shape.width],
+            "reductions": [f"topk={shape.k},nag={shape.k},examples={shape.examples}"],
+            "threshold": [0.0],
+        },
+        schema=schema.table("sites").arrow_schema(),
+    )
 
 
 def _queries(run: str, layer: int, neuron: int) -> dict[str, tuple[str, str]]:
@@ -236,15 +335,31 @@ def _queries(run: str, layer: int, neuron: int) -> dict[str, tuple[str, str]]:
         "firing_rate": ("firing_rate", f"SELECT * FROM firing_rate({q}, '{SITE}', {layer})"),
         "selectivity": ("selectivity", f"SELECT * FROM selectivity({q}, '{SITE}', {layer})"),
         "top_contexts": ("top_contexts", f"SELECT * FROM top_contexts({q}, '{SITE}', {layer}, {neuron}, k := 20)"),
-        "nag_distance": ("nag_distance", f"SELECT * FROM nag_distance({q}, {q}, '{SITE}', target_dataset := 'target', pool_dataset := 'pool')"),
+        "nag_distance": (
+            "nag_distance",
+            f"SELECT * FROM nag_distance({q}, {q}, '{SITE}', target_dataset := 'target', pool_dataset := 'pool')",
+        ),
         "ref_similarity": ("ref_similarity", None),
-        "scan one neuron (baseline)": ("", f"SELECT count(*), max(t.value) FROM token_neurons t WHERE t.run_id = {q} "
-                                           f"AND t.site = '{SITE}' AND t.layer = {layer} AND t.neuron = {neuron}"),
+        "scan one neuron (baseline)": (
+            "",
+            f"SELECT count(*), max(t.value) FROM token_neurons t WHERE t.run_id = {q} "
+            f"AND t.site = '{SITE}' AND t.layer = {layer} AND t.neuron = {neuron}",
+        ),
     }
 
 
-def bench_query(root: str | Path, rows: int = 10_000_000, *, layers: int = 12, width: int = 3072, k: int = 20,
-                repeats: int = 5, shard_tokens: int = 65536, seed: int = 0, echo=None) -> QueryBench:
+def bench_query(
+    root: str | Path,
+    rows: int = 10_000_000,
+    *,
+    layers: int = 12,
+    width: int = 3072,
+    k: int = 20,
+    repeats: int = 5,
+    shard_tokens: int = 65536,
+    seed: int = 0,
+    echo=None,
+) -> QueryBench:
     """Build (or reuse) the synthetic run of `rows` token_neurons rows, then time each macro warm."""
     if rows < k * layers:
         raise BadInput(f"--rows {rows} is less than one token's rows ({k} x {layers} layers): raise it")
@@ -262,16 +377,22 @@ def bench_query(root: str | Path, rows: int = 10_000_000, *, layers: int = 12, w
     con = wh.connect()
     try:
         known = {r[0] for r in con.execute("SELECT DISTINCT function_name FROM duckdb_functions()").fetchall()}
-        neuron = int(con.execute("SELECT neuron FROM neuron_stats WHERE run_id = ? AND layer = 0 ORDER BY n_fired DESC LIMIT 1",
-                                 [shape.run_id]).fetchone()[0])
+        neuron = int(
+            con.execute(
+                "SELECT neuron FROM neuron_stats WHERE run_id = ? AND layer = 0 ORDER BY n_fired DESC LIMIT 1",
+                [shape.run_id],
+            ).fetchone()[0]
+        )
         for name, (macro, sql) in _queries(shape.run_id, 0, neuron).items():
             if macro and macro not in known:
                 result.skipped[name] = f"macro {macro} is not in this catalog"
                 continue
             if sql is None:
-                result.skipped[name] = "needs a scenario run (vectors of reference states); the synthetic warehouse has none"
+                result.skipped[name] = (
+                    "needs a scenario run (vectors of reference states); the synthetic warehouse has none"
+                )
                 continue
-            out = con.execute(sql).fetchall()      # warm-up: file metadata and OS cache
+            out = con.execute(sql).fetchall()  # warm-up: file metadata and OS cache
             times = []
             for _ in range(repeats):
                 start = time.perf_counter()

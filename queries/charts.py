@@ -32,11 +32,23 @@ def rate_histogram_chart(df, title: str = "firing rate") -> alt.Chart:
     df = _frame(df)
     dead = int(df.filter(pl.col("bin") == 0)["n_neurons"].sum())
     bars = df.filter(pl.col("bin") > 0)
-    return (alt.Chart(bars).mark_rect(opacity=0.55, stroke="white", strokeWidth=0.5)
-            .encode(alt.X("lo:Q", scale=alt.Scale(type="log"), title="firing rate (share of tokens where the unit fires)"),
-                    alt.X2("hi:Q"), alt.Y("n_neurons:Q", title="units"), alt.Y2(datum=0),
-                    tooltip=_tooltip(df, "bin", "lo", "hi", "n_neurons", "layer"), **_by_layer(bars))
-            .properties(width=WIDTH, height=HEIGHT, title=alt.TitleParams(title, subtitle=f"dead units (rate 0, not drawn): {dead:,}")))
+    return (
+        alt.Chart(bars)
+        .mark_rect(opacity=0.55, stroke="white", strokeWidth=0.5)
+        .encode(
+            alt.X("lo:Q", scale=alt.Scale(type="log"), title="firing rate (share of tokens where the unit fires)"),
+            alt.X2("hi:Q"),
+            alt.Y("n_neurons:Q", title="units"),
+            alt.Y2(datum=0),
+            tooltip=_tooltip(df, "bin", "lo", "hi", "n_neurons", "layer"),
+            **_by_layer(bars),
+        )
+        .properties(
+            width=WIDTH,
+            height=HEIGHT,
+            title=alt.TitleParams(title, subtitle=f"dead units (rate 0, not drawn): {dead:,}"),
+        )
+    )
 
 
 def selectivity_histogram_chart(df, title: str = "selectivity (max / mean positive part)") -> alt.Chart:
@@ -44,34 +56,61 @@ def selectivity_histogram_chart(df, title: str = "selectivity (max / mean positi
     df = _frame(df)
     undefined = int(df.filter(pl.col("bin") == 0)["n_neurons"].sum())
     bars = df.filter(pl.col("bin") > 0)
-    return (alt.Chart(bars).mark_rect(opacity=0.55, stroke="white", strokeWidth=0.5)
-            .encode(alt.X("lo:Q", title="selectivity = max / mean of max(value, 0)"), alt.X2("hi:Q"),
-                    alt.Y("n_neurons:Q", title="units"), alt.Y2(datum=0),
-                    tooltip=_tooltip(df, "bin", "lo", "hi", "n_neurons", "layer"), **_by_layer(bars))
-            .properties(width=WIDTH, height=HEIGHT,
-                        title=alt.TitleParams(title, subtitle=f"units with mean 0 (no selectivity, not drawn): {undefined:,}")))
+    return (
+        alt.Chart(bars)
+        .mark_rect(opacity=0.55, stroke="white", strokeWidth=0.5)
+        .encode(
+            alt.X("lo:Q", title="selectivity = max / mean of max(value, 0)"),
+            alt.X2("hi:Q"),
+            alt.Y("n_neurons:Q", title="units"),
+            alt.Y2(datum=0),
+            tooltip=_tooltip(df, "bin", "lo", "hi", "n_neurons", "layer"),
+            **_by_layer(bars),
+        )
+        .properties(
+            width=WIDTH,
+            height=HEIGHT,
+            title=alt.TitleParams(title, subtitle=f"units with mean 0 (no selectivity, not drawn): {undefined:,}"),
+        )
+    )
 
 
 def layer_summary_chart(df, title: str = "firing per layer") -> alt.Chart:
     """layer_summary rows: mean and median rate, rare and dead share, side by side per layer."""
     measures = ["mean_rate", "median_rate", "rare_share", "dead_share"]
     long = _frame(df).unpivot(index="layer", on=measures, variable_name="measure", value_name="value")
-    return (alt.Chart(long).mark_bar()
-            .encode(alt.X("layer:O"), alt.Y("value:Q", title="share"), alt.Color("measure:N", sort=measures),
-                    alt.XOffset("measure:N", sort=measures),
-                    tooltip=[alt.Tooltip("layer:O"), alt.Tooltip("measure:N"), alt.Tooltip("value:Q")])
-            .properties(width=WIDTH, height=HEIGHT, title=title))
+    return (
+        alt.Chart(long)
+        .mark_bar()
+        .encode(
+            alt.X("layer:O"),
+            alt.Y("value:Q", title="share"),
+            alt.Color("measure:N", sort=measures),
+            alt.XOffset("measure:N", sort=measures),
+            tooltip=[alt.Tooltip("layer:O"), alt.Tooltip("measure:N"), alt.Tooltip("value:Q")],
+        )
+        .properties(width=WIDTH, height=HEIGHT, title=title)
+    )
 
 
 def context_chart(df, title: str = "activation across the window") -> alt.Chart:
     """One top_contexts / random_examples row's `tokens`: the unit's value at each token of the window
     (tokens whose value was not stored show as gaps)."""
     row = _frame(df).row(0, named=True)
-    tokens = pl.DataFrame({"label": [f"{i}:{t['piece']}" for i, t in enumerate(row["tokens"])],
-                           "value": [t["value"] for t in row["tokens"]]})
-    return (alt.Chart(tokens).mark_bar()
-            .encode(alt.X("label:N", sort=None, title=None), alt.Y("value:Q", title="activation"), tooltip=["label", "value"])
-            .properties(width=WIDTH, height=HEIGHT, title=alt.TitleParams(title, subtitle=row["context"][:120])))
+    tokens = pl.DataFrame(
+        {
+            "label": [f"{i}:{t['piece']}" for i, t in enumerate(row["tokens"])],
+            "value": [t["value"] for t in row["tokens"]],
+        }
+    )
+    return (
+        alt.Chart(tokens)
+        .mark_bar()
+        .encode(
+            alt.X("label:N", sort=None, title=None), alt.Y("value:Q", title="activation"), tooltip=["label", "value"]
+        )
+        .properties(width=WIDTH, height=HEIGHT, title=alt.TitleParams(title, subtitle=row["context"][:120]))
+    )
 
 
 def unit_histogram_chart(df, title: str = "activation histogram") -> alt.Chart:

@@ -49,28 +49,47 @@ def _rows(wh, query: str, params: list) -> list[dict]:
 def _examples(wh, run, site, layer, kind, count, before, after, seed) -> dict[int, list[dict]]:
     """Per unit, its examples in the circuit-tracer shape; a value not stored in token_neurons is 0."""
     per_unit: dict[int, list[dict]] = {}
-    for row in _rows(wh, "SELECT * FROM whq_examples(?, ?, ?, NULL, ?, ?, ?, ?, ?)",
-                     [run, site, layer, kind, count, before, after, seed]):
-        per_unit.setdefault(row["neuron"], []).append({
-            "tokens": [t["text"] for t in row["tokens"]],   # as the tokenizer decodes each token
-            "tokens_acts_list": [t["value"] if t["value"] is not None else 0.0 for t in row["tokens"]],
-            # Every position of a document is stored, so the window starts at max(0, pos - before).
-            "train_token_ind": min(row["pos"], before),
-            "is_repeated_datapoint": False,
-        })
+    for row in _rows(
+        wh,
+        "SELECT * FROM whq_examples(?, ?, ?, NULL, ?, ?, ?, ?, ?)",
+        [run, site, layer, kind, count, before, after, seed],
+    ):
+        per_unit.setdefault(row["neuron"], []).append(
+            {
+                "tokens": [t["text"] for t in row["tokens"]],  # as the tokenizer decodes each token
+                "tokens_acts_list": [t["value"] if t["value"] is not None else 0.0 for t in row["tokens"]],
+                # Every position of a document is stored, so the window starts at max(0, pos - before).
+                "train_token_ind": min(row["pos"], before),
+                "is_repeated_datapoint": False,
+            }
+        )
     return per_unit
 
 
 def _logit_lens(wh, run, site, layer) -> dict[int, dict[str, list[str]]]:
     lens: dict[int, dict[str, list[str]]] = {}
-    for row in _rows(wh, "SELECT neuron, direction, coalesce(text, token) AS token FROM neuron_logits "
-                         "WHERE run_id = ? AND site = ? AND layer = ? ORDER BY neuron, direction, rank", [run, site, layer]):
+    for row in _rows(
+        wh,
+        "SELECT neuron, direction, coalesce(text, token) AS token FROM neuron_logits "
+        "WHERE run_id = ? AND site = ? AND layer = ? ORDER BY neuron, direction, rank",
+        [run, site, layer],
+    ):
         lens.setdefault(row["neuron"], {"top": [], "bottom": []})[row["direction"]].append(row["token"] or "")
     return lens
 
 
-def feature_documents(wh, run: str, site: str, layer: int, *, k: int = TOP_K, n_random: int = N_RANDOM,
-                      before: int = BEFORE, after: int = AFTER, seed: int = 0) -> dict[int, dict]:
+def feature_documents(
+    wh,
+    run: str,
+    site: str,
+    layer: int,
+    *,
+    k: int = TOP_K,
+    n_random: int = N_RANDOM,
+    before: int = BEFORE,
+    after: int = AFTER,
+    seed: int = 0,
+) -> dict[int, dict]:
     """{unit: transcoder-adapters feature JSON} for the units of one layer that fired."""
     rates = _rows(wh, "SELECT * FROM firing_rate(?, ?, ?)", [run, site, layer])
     top = _examples(wh, run, site, layer, "top", k, before, after, 0)
@@ -100,8 +119,12 @@ def feature_documents(wh, run: str, site: str, layer: int, *, k: int = TOP_K, n_
 
 
 def _metadata(wh, run: str, site: str, layers: list[int]) -> dict:
-    datasets = _rows(wh, "SELECT dataset, CAST(sum(n_tokens) AS BIGINT) AS n FROM documents WHERE run_id = ? "
-                         "GROUP BY dataset ORDER BY dataset", [run])
+    datasets = _rows(
+        wh,
+        "SELECT dataset, CAST(sum(n_tokens) AS BIGINT) AS n FROM documents WHERE run_id = ? "
+        "GROUP BY dataset ORDER BY dataset",
+        [run],
+    )
     by_dataset: dict[tuple[int, int], list[dict]] = {}
     for row in _rows(wh, "SELECT * FROM activation_frequency_by_dataset(?, ?)", [run, site]):
         by_dataset.setdefault((row["layer"], row["neuron"]), []).append(row)
@@ -112,15 +135,25 @@ def _metadata(wh, run: str, site: str, layers: list[int]) -> dict:
             if row["n_fired"] == 0:
                 continue
             per = by_dataset.get((layer, unit), [])
-            features.append({
-                "layer": layer, "feature": unit, "cantor_id": cantor(layer, unit),
-                "activation_count": row["n_fired"], "activation_freq": row["rate"],
-                "domain_density": {str(r["dataset"]): r["density"] for r in per},
-                "domain_fraction": {str(r["dataset"]): r["fraction"] for r in per},
-            })
+            features.append(
+                {
+                    "layer": layer,
+                    "feature": unit,
+                    "cantor_id": cantor(layer, unit),
+                    "activation_count": row["n_fired"],
+                    "activation_freq": row["rate"],
+                    "domain_density": {str(r["dataset"]): r["density"] for r in per},
+                    "domain_fraction": {str(r["dataset"]): r["fraction"] for r in per},
+                }
+            )
     total = _rows(wh, "SELECT n_tokens FROM runs WHERE run_id = ?", [run])[0]["n_tokens"]
-    return {"run_id": run, "site": site, "total_tokens": total,
-            "tokens_per_domain": {str(r["dataset"]): r["n"] for r in datasets}, "features": features}
+    return {
+        "run_id": run,
+        "site": site,
+        "total_tokens": total,
+        "tokens_per_domain": {str(r["dataset"]): r["n"] for r in datasets},
+        "features": features,
+    }
 
 
 def pack_entry(document: dict) -> bytes:
@@ -132,13 +165,18 @@ def write_features(wh, run: str, site: str, out: str | Path, layers: list[int] |
     """Write the per-unit JSON, the metadata and the packed layout; returns counts per layer."""
     check_name("run id", run)
     check_name("site", site)
-    site_rows = _rows(wh, "SELECT layers, width FROM sites WHERE whq_known_site(?, ?) AND run_id = ? AND site = ?",
-                      [run, site, run, site])
+    site_rows = _rows(
+        wh,
+        "SELECT layers, width FROM sites WHERE whq_known_site(?, ?) AND run_id = ? AND site = ?",
+        [run, site, run, site],
+    )
     captured, width = site_rows[0]["layers"], site_rows[0]["width"]
     layers = list(captured) if not layers else list(layers)
     missing = sorted(set(layers) - set(captured))
     if missing:
-        raise BadInput(f"site {site!r} of run {run!r} has no layer {missing[0]}: its layers are {', '.join(map(str, captured))}")
+        raise BadInput(
+            f"site {site!r} of run {run!r} has no layer {missing[0]}: its layers are {', '.join(map(str, captured))}"
+        )
     out = Path(out)
     features_dir, packed_dir = out / "features", out / "packed"
     features_dir.mkdir(parents=True, exist_ok=True)
@@ -164,6 +202,7 @@ def write_features(wh, run: str, site: str, out: str | Path, layers: list[int] |
 
 # -- reading ------------------------------------------------------------------------------------
 
+
 def read_index(packed_dir: str | Path) -> dict:
     with gzip.open(Path(packed_dir) / "index.json.gz", "rt") as fh:
         return json.load(fh)
@@ -180,7 +219,7 @@ def read_feature(packed_dir: str | Path, layer: int, feature: int, index: dict |
         fh.seek(start)
         chunk = fh.read(end - start)
     (length,) = _LENGTH.unpack_from(chunk)
-    return json.loads(gzip.decompress(chunk[_LENGTH.size:_LENGTH.size + length]))
+    return json.loads(gzip.decompress(chunk[_LENGTH.size : _LENGTH.size + length]))
 
 
 def read_features(out: str | Path) -> dict[int, dict]:

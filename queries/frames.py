@@ -55,8 +55,11 @@ def site_row(wh, run: str, site: str, *, reduction: str | None = None, fix: str 
         rows = rows.filter(pl.col("reductions").str.contains(reduction))
     found = rows.collect()
     if found.is_empty():
-        raise UnknownSite(fix or f"run {run!r} has no site {site!r}: list its sites with "
-                                 f"SELECT site, layers, reductions FROM sites WHERE run_id = '{run}'")
+        raise UnknownSite(
+            fix
+            or f"run {run!r} has no site {site!r}: list its sites with "
+            f"SELECT site, layers, reductions FROM sites WHERE run_id = '{run}'"
+        )
     return found.row(0, named=True)
 
 

@@ -41,7 +41,9 @@ def parse_layers(text: str | None) -> list[int] | None:
     for piece in text.split(","):
         match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", piece)
         if not match:
-            raise BadInput(f"cannot read layers {text!r}: write a range or a list, e.g. --layers 0-13 or --layers 0,2,5")
+            raise BadInput(
+                f"cannot read layers {text!r}: write a range or a list, e.g. --layers 0-13 or --layers 0,2,5"
+            )
         low, high = int(match[1]), int(match[2] or match[1])
         if high < low:
             raise BadInput(f"layer range {piece.strip()!r} runs backwards: write it low-high, e.g. 0-13")
@@ -57,7 +59,9 @@ def parse_target(text: str) -> tuple[str, str | None]:
     return check_name("run id", run), check_label("dataset", dataset) if dataset else None
 
 
-def _check_names(target_run: str, pool_run: str, site: str, target_dataset: str | None, pool_dataset: str | None) -> None:
+def _check_names(
+    target_run: str, pool_run: str, site: str, target_dataset: str | None, pool_dataset: str | None
+) -> None:
     for run in (target_run, pool_run):
         check_name("run id", run)
     check_name("site", site)
@@ -78,30 +82,62 @@ def _sql_literal(value) -> str:
     return quote(str(value))
 
 
-def select(wh, target_run: str, pool_run: str, site: str, *, fraction: float = 0.2, target_dataset: str | None = None,
-           pool_dataset: str | None = None, layers=None, power: float = 1.0, quality_column: str | None = None,
-           invert: bool = False, target_role: str | None = None, pool_role: str | None = None,
-           engine: str = "sql") -> pl.DataFrame:
+def select(
+    wh,
+    target_run: str,
+    pool_run: str,
+    site: str,
+    *,
+    fraction: float = 0.2,
+    target_dataset: str | None = None,
+    pool_dataset: str | None = None,
+    layers=None,
+    power: float = 1.0,
+    quality_column: str | None = None,
+    invert: bool = False,
+    target_role: str | None = None,
+    pool_role: str | None = None,
+    engine: str = "sql",
+) -> pl.DataFrame:
     """nag_select (or nag_quality when quality_column is given) as a DataFrame, in selection order."""
     _check_names(target_run, pool_run, site, target_dataset, pool_dataset)
     if quality_column is not None and not _IDENTIFIER.match(quality_column):
-        raise BadInput(f"quality column {quality_column!r} is not a plain name: use the key of the score in the source's extra columns")
+        raise BadInput(
+            f"quality column {quality_column!r} is not a plain name: use the key of the score in the source's extra columns"
+        )
     ranges.share("--fraction", fraction)
     ranges.positive("--power", power)
-    named = {"target_dataset": target_dataset, "pool_dataset": pool_dataset, "layers": layers, "power": power,
-             "fraction": fraction, "target_role": target_role, "pool_role": pool_role}
+    named = {
+        "target_dataset": target_dataset,
+        "pool_dataset": pool_dataset,
+        "layers": layers,
+        "power": power,
+        "fraction": fraction,
+        "target_role": target_role,
+        "pool_role": pool_role,
+    }
     if quality_column is not None:
         named["invert"] = invert
     if engine == "polars":
         if quality_column is None:
             return nag_frames.nag_select(wh, target_run, pool_run, site, **named).collect(engine="streaming")
-        return nag_frames.nag_quality(wh, target_run, pool_run, site, quality_column, **named).collect(engine="streaming")
+        return nag_frames.nag_quality(wh, target_run, pool_run, site, quality_column, **named).collect(
+            engine="streaming"
+        )
     if engine != "sql":
         raise BadInput(f"unknown engine {engine!r}: use sql or polars")
     positional = [target_run, pool_run, site] + ([quality_column] if quality_column is not None else [])
     macro = "nag_quality" if quality_column is not None else "nag_select"
-    with staged_weights(wh, target_run, pool_run, site, target_dataset=target_dataset, layers=layers, power=power,
-                        target_role=target_role) as weights:
+    with staged_weights(
+        wh,
+        target_run,
+        pool_run,
+        site,
+        target_dataset=target_dataset,
+        layers=layers,
+        power=power,
+        target_role=target_role,
+    ) as weights:
         return wh.pl(f"SELECT * FROM {_macro_call(macro, positional, {**named, 'weights': weights})}")
 
 
@@ -116,7 +152,9 @@ def staged_weights(wh, target_run: str, pool_run: str, site: str, **named):
     """The name of a temporary table holding nag_unit_weights: a table has statistics, so
     DuckDB joins the pool to it by array lookup (1.5x faster on a 1M-document pool)."""
     name = f"whq_nag_weights_{uuid.uuid4().hex}"
-    wh.sql(f"CREATE TEMP TABLE {name} AS SELECT * FROM {_macro_call('nag_unit_weights', [target_run, pool_run, site], named)}")
+    wh.sql(
+        f"CREATE TEMP TABLE {name} AS SELECT * FROM {_macro_call('nag_unit_weights', [target_run, pool_run, site], named)}"
+    )
     try:
         yield name
     finally:
@@ -127,8 +165,10 @@ def with_payload(wh, pool_run: str, selected: pl.DataFrame) -> pl.DataFrame:
     """The selected pool documents with their payload (documents' columns) and a nag_distance column, in selection order."""
     documents = scan(wh, "documents", pool_run).drop("run_id")
     extra = [c for c in ("quality", "score") if c in selected.columns]
-    picked = selected.select("doc", pl.col("distance").alias("nag_distance"), *[pl.col(c).alias(f"nag_{c}") for c in extra], "rank")
-    return (documents.join(picked.lazy(), on="doc", how="inner").sort("rank").drop("rank").collect())
+    picked = selected.select(
+        "doc", pl.col("distance").alias("nag_distance"), *[pl.col(c).alias(f"nag_{c}") for c in extra], "rank"
+    )
+    return documents.join(picked.lazy(), on="doc", how="inner").sort("rank").drop("rank").collect()
 
 
 def merge(selections: dict[str, pl.DataFrame], dedup: bool = False) -> tuple[pl.DataFrame, str]:
@@ -148,17 +188,23 @@ def merge(selections: dict[str, pl.DataFrame], dedup: bool = False) -> tuple[pl.
     merged = pl.concat(frames, how="diagonal_relaxed").with_row_index("order")
     repeated = merged.height - merged["doc_id"].n_unique()
     if dedup:
-        merged = (merged.sort("nag_distance", "order")
-                  .unique("doc_id", keep="first", maintain_order=True)
-                  .sort("order"))
+        merged = merged.sort("nag_distance", "order").unique("doc_id", keep="first", maintain_order=True).sort("order")
         note = f"merged {len(selections)} selections: {merged.height:,} documents; de-duplicated {repeated:,} repeated doc ids (kept the lowest distance)"
     else:
         note = f"merged {len(selections)} selections: {merged.height:,} rows; not de-duplicated ({repeated:,} doc ids appear more than once)"
     return merged.drop("order"), note
 
 
-def select_targets(wh, targets: list[tuple[str, str | None]], pool_run: str, site: str, *, fraction: float = 0.2,
-                   dedup: bool = False, **options) -> tuple[pl.DataFrame, str]:
+def select_targets(
+    wh,
+    targets: list[tuple[str, str | None]],
+    pool_run: str,
+    site: str,
+    *,
+    fraction: float = 0.2,
+    dedup: bool = False,
+    **options,
+) -> tuple[pl.DataFrame, str]:
     """NAG's multi-target mixture: each target selects fraction / N of the pool's tokens, then merge."""
     if not targets:
         raise BadInput("no target given: pass at least one (run, dataset)")
@@ -170,8 +216,17 @@ def select_targets(wh, targets: list[tuple[str, str | None]], pool_run: str, sit
     return merge(selections, dedup)
 
 
-def deactivation_keys(wh, target_run: str, site: str, *, target_dataset: str | None = None, top: int | None = None,
-                      share: float | None = None, layers=None, target_role: str | None = None) -> dict:
+def deactivation_keys(
+    wh,
+    target_run: str,
+    site: str,
+    *,
+    target_dataset: str | None = None,
+    top: int | None = None,
+    share: float | None = None,
+    layers=None,
+    target_role: str | None = None,
+) -> dict:
     """The units most often in the target documents' top-K: top-M per layer, or a global share of all units.
 
     Ties go to the lower layer, then the lower unit. The dict is what `whq nag keys` saves
@@ -197,7 +252,11 @@ def deactivation_keys(wh, target_run: str, site: str, *, target_dataset: str | N
         rule = f"share {share} of {len(used) * int(site_row['width']):,} units"
     by_layer = {str(layer): sorted(group["neuron"].to_list()) for (layer,), group in chosen.group_by("layer")}
     return {
-        "run": target_run, "site": site, "dataset": target_dataset, "role": target_role, "rule": rule,
+        "run": target_run,
+        "site": site,
+        "dataset": target_dataset,
+        "role": target_role,
+        "rule": rule,
         "n_targets": _count_targets(wh, target_run, target_dataset, target_role),
         "layers": {k: by_layer[k] for k in sorted(by_layer, key=int)},
     }
@@ -226,12 +285,14 @@ def vectors(wh, run: str, site: str, *, dataset: str | None = None, layers=None)
     documents = scan(wh, "documents", run).select("doc", "doc_id", "dataset")
     if dataset is not None:
         documents = documents.filter(pl.col("dataset") == dataset)
-    return (scan(wh, "doc_neurons", run)
-            .filter(pl.col("site") == site, pl.col("layer").is_in(used))
-            .join(documents, on="doc", how="inner")
-            .select("doc", "doc_id", "dataset", "layer", "neuron")
-            .sort("doc", "layer", "neuron")
-            .collect())
+    return (
+        scan(wh, "doc_neurons", run)
+        .filter(pl.col("site") == site, pl.col("layer").is_in(used))
+        .join(documents, on="doc", how="inner")
+        .select("doc", "doc_id", "dataset", "layer", "neuron")
+        .sort("doc", "layer", "neuron")
+        .collect()
+    )
 
 
 def pca(frame: pl.DataFrame) -> pl.DataFrame:
@@ -257,7 +318,13 @@ def pca_chart(frame: pl.DataFrame, title: str = "Documents by their NAG (PCA)"):
     import altair as alt
 
     points = pca(frame)
-    return (alt.Chart(points.drop("doc"), title=title)
-            .mark_circle(size=40, opacity=0.7)
-            .encode(x=alt.X("pc1:Q", title="PC 1"), y=alt.Y("pc2:Q", title="PC 2"),
-                    color=alt.Color("dataset:N", title="dataset"), tooltip=["doc_id:N", "dataset:N"]))
+    return (
+        alt.Chart(points.drop("doc"), title=title)
+        .mark_circle(size=40, opacity=0.7)
+        .encode(
+            x=alt.X("pc1:Q", title="PC 1"),
+            y=alt.Y("pc2:Q", title="PC 2"),
+            color=alt.Color("dataset:N", title="dataset"),
+            tooltip=["doc_id:N", "dataset:N"],
+        )
+    )

@@ -43,12 +43,15 @@ def _layer_rows(rng, n_docs: int, width: int, k: int, popularity: np.ndarray) ->
     ids = (start[:, None] + stride[:, None] * np.arange(k)[None, :]) % width
     impact = rng.random(n_docs, dtype=np.float32)[:, None] / (1.0 + np.arange(k, dtype=np.float32))[None, :]
     target = schema.table("doc_neurons").arrow_schema(width)
-    return pa.Table.from_arrays([
-        pa.array(np.repeat(np.arange(n_docs, dtype=np.int32), k)),
-        pa.array(np.tile(np.arange(k, dtype=np.int16), n_docs)),
-        pa.array(ids.reshape(-1).astype(np.int16 if width <= 32767 else np.int32)),
-        pa.array(impact.reshape(-1)),
-    ], schema=target)
+    return pa.Table.from_arrays(
+        [
+            pa.array(np.repeat(np.arange(n_docs, dtype=np.int32), k)),
+            pa.array(np.tile(np.arange(k, dtype=np.int16), n_docs)),
+            pa.array(ids.reshape(-1).astype(np.int16 if width <= 32767 else np.int32)),
+            pa.array(impact.reshape(-1)),
+        ],
+        schema=target,
+    )
 
 
 def build(root: str | Path, n_docs: int, *, n_layers: int = 28, k: int = 20, width: int = 6144, seed: int = 0) -> str:
@@ -66,23 +69,67 @@ def build(root: str | Path, n_docs: int, *, n_layers: int = 28, k: int = 20, wid
     datasets = np.where(roles == "target", "target", np.where(rng.random(total) < 0.5, "web-a", "web-b"))
 
     def parts():
-        yield "documents", None, None, pa.Table.from_pydict({
-            "doc": np.arange(total, dtype=np.int32), "doc_id": [f"d{i:09d}" for i in range(total)],
-            "dataset": datasets, "role": roles, "label": pa.nulls(total, pa.string()),
-            "message_index": pa.nulls(total, pa.int32()), "message_role": pa.nulls(total, pa.string()),
-            "n_tokens": n_tokens, "n_windows": (n_tokens + 511) // 512, "text": pa.nulls(total, pa.string()),
-            "meta": pa.nulls(total, pa.string()),
-        }, schema=schema.table("documents").arrow_schema())
-        yield "sites", None, None, pa.Table.from_pydict({
-            "site": [SITE], "module_glob": ["model.layers.*.mlp.up_proj"], "hook_point": ["out"],
-            "modules": [[f"model.layers.{i}.mlp.up_proj" for i in range(n_layers)]], "layers": [list(range(n_layers))],
-            "width": [width], "reductions": [f"nag={k}"], "threshold": [0.0],
-        }, schema=schema.table("sites").arrow_schema())
-        yield "runs", None, None, pa.Table.from_pydict({
-            "model_id": ["synthetic"], "model_revision": [None], "model_class": [None], "dtype": [None], "device": [None],
-            "n_layers": [n_layers], "sites": [[f"{SITE}:nag={k}"]], "n_documents": [total], "n_tokens": [int(n_tokens.sum())],
-            "config": ['{"source": "queries.nag_bench"}'], "created_at": [None], "status": ["committed"],
-        }, schema=schema.table("runs").arrow_schema())
+        yield (
+            "documents",
+            None,
+            None,
+            pa.Table.from_pydict(
+                {
+                    "doc": np.arange(total, dtype=np.int32),
+                    "doc_id": [f"d{i:09d}" for i in range(total)],
+                    "dataset": datasets,
+                    "role": roles,
+                    "label": pa.nulls(total, pa.string()),
+                    "message_index": pa.nulls(total, pa.int32()),
+                    "message_role": pa.nulls(total, pa.string()),
+                    "n_tokens": n_tokens,
+                    "n_windows": (n_tokens + 511) // 512,
+                    "text": pa.nulls(total, pa.string()),
+                    "meta": pa.nulls(total, pa.string()),
+                },
+                schema=schema.table("documents").arrow_schema(),
+            ),
+        )
+        yield (
+            "sites",
+            None,
+            None,
+            pa.Table.from_pydict(
+                {
+                    "site": [SITE],
+                    "module_glob": ["model.layers.*.mlp.up_proj"],
+                    "hook_point": ["out"],
+                    "modules": [[f"model.layers.{i}.mlp.up_proj" for i in range(n_layers)]],
+                    "layers": [list(range(n_layers))],
+                    "width": [width],
+                    "reductions": [f"nag={k}"],
+                    "threshold": [0.0],
+                },
+                schema=schema.table("sites").arrow_schema(),
+            ),
+        )
+        yield (
+            "runs",
+            None,
+            None,
+            pa.Table.from_pydict(
+                {
+                    "model_id": ["synthetic"],
+                    "model_revision": [None],
+                    "model_class": [None],
+                    "dtype": [None],
+                    "device": [None],
+                    "n_layers": [n_layers],
+                    "sites": [[f"{SITE}:nag={k}"]],
+                    "n_documents": [total],
+                    "n_tokens": [int(n_tokens.sum())],
+                    "config": ['{"source": "queries.nag_bench"}'],
+                    "created_at": [None],
+                    "status": ["committed"],
+                },
+                schema=schema.table("runs").arrow_schema(),
+            ),
+        )
         for layer in range(n_layers):
             yield "doc_neurons", SITE, layer, _layer_rows(rng, total, width, k, popularity)
 
@@ -97,7 +144,9 @@ def numpy_select(wh, run: str, fraction: float = 0.2) -> tuple[np.ndarray, np.nd
     role = docs.column("role").to_numpy(zero_copy_only=False)
     doc = docs.column("doc").to_numpy()
     pool, targets = doc[role == "pool"], doc[role == "target"]
-    layers = sorted({p["layer"] for p in wh.manifest(run)["parts"] if p["table"] == "doc_neurons" and p["site"] == SITE})
+    layers = sorted(
+        {p["layer"] for p in wh.manifest(run)["parts"] if p["table"] == "doc_neurons" and p["site"] == SITE}
+    )
     position = np.full(doc.max() + 1, -1, dtype=np.int64)
     position[pool] = np.arange(len(pool))
     is_target = np.zeros(doc.max() + 1, dtype=bool)
@@ -151,7 +200,9 @@ def run_bench(root: str | Path, n_docs: int, fraction: float = 0.2, echo=print) 
 
     started = time.perf_counter()
     run = build(root, n_docs)
-    echo(f"pool {run}: {n_docs:,} documents x 28 layers x K=20 in {root} ({time.perf_counter() - started:.1f} s to build or open)")
+    echo(
+        f"pool {run}: {n_docs:,} documents x 28 layers x K=20 in {root} ({time.perf_counter() - started:.1f} s to build or open)"
+    )
     wh = warehouse.open(root)
     wh.sql("SET enable_progress_bar = false")
     args = f"'{run}', '{run}', '{SITE}', target_role := 'target', pool_role := 'pool'"
@@ -159,11 +210,23 @@ def run_bench(root: str | Path, n_docs: int, fraction: float = 0.2, echo=print) 
     timings, selections = [], {}
     for engine, step, fn in [
         ("sql", "distance", lambda: wh.sql(f"SELECT * FROM nag_distance({args})").fetch_arrow_table()),
-        ("sql", "select", lambda: wh.sql(f"SELECT * FROM nag_select({args}, fraction := {fraction})").fetch_arrow_table()),
+        (
+            "sql",
+            "select",
+            lambda: wh.sql(f"SELECT * FROM nag_select({args}, fraction := {fraction})").fetch_arrow_table(),
+        ),
         # what `whq nag select` runs: the profile staged in a temporary table, then nag_select
         ("sql-staged", "select", lambda: nag.select(wh, run, run, SITE, fraction=fraction, **kwargs)),
-        ("polars", "distance", lambda: nag_frames.nag_distance(wh, run, run, SITE, **kwargs).collect(engine="streaming")),
-        ("polars", "select", lambda: nag_frames.nag_select(wh, run, run, SITE, fraction=fraction, **kwargs).collect(engine="streaming")),
+        (
+            "polars",
+            "distance",
+            lambda: nag_frames.nag_distance(wh, run, run, SITE, **kwargs).collect(engine="streaming"),
+        ),
+        (
+            "polars",
+            "select",
+            lambda: nag_frames.nag_select(wh, run, run, SITE, fraction=fraction, **kwargs).collect(engine="streaming"),
+        ),
         ("numpy", "select", lambda: numpy_select(wh, run, fraction)),
     ]:
         timing, result = _timed(engine, step, fn)

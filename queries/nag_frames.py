@@ -23,16 +23,26 @@ WEIGHT_UNITS = float(1 << 40)  # a weight is floor(weight * 2^40) units when pow
 
 def nag_site(wh, run: str, site: str) -> dict:
     """The sites row of a NAG site; an error naming the fix when the run did not capture NAG there."""
-    return site_row(wh, run, site, reduction="nag",
-                    fix=f"run '{run}' has no NAG site '{site}': capture one with --site {site}:nag=20, or list the sites "
-                        f"with SELECT site, reductions FROM sites WHERE run_id = '{run}'")
+    return site_row(
+        wh,
+        run,
+        site,
+        reduction="nag",
+        fix=f"run '{run}' has no NAG site '{site}': capture one with --site {site}:nag=20, or list the sites "
+        f"with SELECT site, reductions FROM sites WHERE run_id = '{run}'",
+    )
 
 
 def _check_documents(wh, run: str, dataset: str | None, role: str | None) -> None:
     for column, value in (("dataset", dataset), ("role", role)):
-        if value is not None and scan(wh, "documents", run).filter(pl.col(column) == value).select(pl.len()).collect().item() == 0:
-            raise BadInput(f"run '{run}' has no documents of {column} '{value}': list them with "
-                           f"SELECT {column}, count(*) FROM documents WHERE run_id = '{run}' GROUP BY ALL")
+        if (
+            value is not None
+            and scan(wh, "documents", run).filter(pl.col(column) == value).select(pl.len()).collect().item() == 0
+        ):
+            raise BadInput(
+                f"run '{run}' has no documents of {column} '{value}': list them with "
+                f"SELECT {column}, count(*) FROM documents WHERE run_id = '{run}' GROUP BY ALL"
+            )
 
 
 def check_layers(run: str, site_info: dict, layers) -> list[int]:
@@ -45,14 +55,18 @@ def check_layers(run: str, site_info: dict, layers) -> list[int]:
         raise BadInput("layers := [] selects no layer: give at least one, or NULL for all")
     missing = [x for x in wanted if x not in have]
     if missing:
-        raise BadInput(f"layers {missing} are not layers of site '{site_info['site']}' in run '{run}' "
-                       f"(it has {min(have)}-{max(have)}): pick layers from that range")
+        raise BadInput(
+            f"layers {missing} are not layers of site '{site_info['site']}' in run '{run}' "
+            f"(it has {min(have)}-{max(have)}): pick layers from that range"
+        )
     return wanted
 
 
 def _check_fraction(fraction: float) -> None:
     if not 0 < fraction <= 1:
-        raise BadInput(f"fraction must be in (0, 1], got {fraction}: e.g. fraction := 0.2 keeps a fifth of the pool's tokens")
+        raise BadInput(
+            f"fraction must be in (0, 1], got {fraction}: e.g. fraction := 0.2 keeps a fifth of the pool's tokens"
+        )
 
 
 def _documents(wh, run: str, dataset: str | None, role: str | None) -> pl.LazyFrame:
@@ -64,25 +78,40 @@ def _documents(wh, run: str, dataset: str | None, role: str | None) -> pl.LazyFr
     return frame
 
 
-def nag_profile(wh, target_run: str, site: str, target_dataset: str | None = None, layers=None,
-                power: float = 1.0, target_role: str | None = None) -> pl.LazyFrame:
+def nag_profile(
+    wh,
+    target_run: str,
+    site: str,
+    target_dataset: str | None = None,
+    layers=None,
+    power: float = 1.0,
+    target_role: str | None = None,
+) -> pl.LazyFrame:
     site_info = nag_site(wh, target_run, site)
     _check_documents(wh, target_run, target_dataset, target_role)
     used = check_layers(target_run, site_info, layers)
     targets = _documents(wh, target_run, target_dataset, target_role).select("doc")
-    counts = (scan(wh, "doc_neurons", target_run)
-              .filter(pl.col("site") == site, pl.col("layer").is_in(used))
-              .join(targets, on="doc", how="semi")
-              .group_by("layer", "neuron")
-              .agg(pl.len().cast(pl.Int64).alias("n_docs")))
+    counts = (
+        scan(wh, "doc_neurons", target_run)
+        .filter(pl.col("site") == site, pl.col("layer").is_in(used))
+        .join(targets, on="doc", how="semi")
+        .group_by("layer", "neuron")
+        .agg(pl.len().cast(pl.Int64).alias("n_docs"))
+    )
     powered = pl.col("n_docs").cast(pl.Float64).pow(power)
-    return (counts
-            .with_columns((powered / powered.sum().over("layer")).alias("weight"))
-            .sort("layer", "neuron"))
+    return counts.with_columns((powered / powered.sum().over("layer")).alias("weight")).sort("layer", "neuron")
 
 
-def nag_unit_weights(wh, target_run: str, pool_run: str, site: str, target_dataset: str | None = None, layers=None,
-                     power: float = 1.0, target_role: str | None = None) -> pl.LazyFrame:
+def nag_unit_weights(
+    wh,
+    target_run: str,
+    pool_run: str,
+    site: str,
+    target_dataset: str | None = None,
+    layers=None,
+    power: float = 1.0,
+    target_role: str | None = None,
+) -> pl.LazyFrame:
     """unit_key = layer * stride + unit, weight_units and per_unit, as queries/nag.sql computes them.
 
     With power 1 and equal layer totals a unit is one target document (exact sums);
@@ -95,18 +124,34 @@ def nag_unit_weights(wh, target_run: str, pool_run: str, site: str, target_datas
     units = pl.col("n_docs").cast(pl.Float64) if exact else (pl.col("weight") * WEIGHT_UNITS).floor()
     per_unit = 1.0 / ((totals[0] if exact else WEIGHT_UNITS) * len(used))
     stride = _stride(wh, target_run, pool_run, site)
-    return profile.lazy().select((pl.col("layer") * stride + pl.col("neuron").cast(pl.Int32)).cast(pl.Int32).alias("unit_key"),
-                                 units.alias("weight_units"), pl.lit(per_unit, dtype=pl.Float64).alias("per_unit")
-                                 ).sort("unit_key")
+    return (
+        profile.lazy()
+        .select(
+            (pl.col("layer") * stride + pl.col("neuron").cast(pl.Int32)).cast(pl.Int32).alias("unit_key"),
+            units.alias("weight_units"),
+            pl.lit(per_unit, dtype=pl.Float64).alias("per_unit"),
+        )
+        .sort("unit_key")
+    )
 
 
 def _stride(wh, target_run: str, pool_run: str, site: str) -> int:
     return max(nag_site(wh, run, site)["width"] for run in {target_run, pool_run})
 
 
-def nag_distance(wh, target_run: str, pool_run: str, site: str, target_dataset: str | None = None,
-                 pool_dataset: str | None = None, layers=None, power: float = 1.0, target_role: str | None = None,
-                 pool_role: str | None = None, weights: pl.DataFrame | None = None) -> pl.LazyFrame:
+def nag_distance(
+    wh,
+    target_run: str,
+    pool_run: str,
+    site: str,
+    target_dataset: str | None = None,
+    pool_dataset: str | None = None,
+    layers=None,
+    power: float = 1.0,
+    target_role: str | None = None,
+    pool_role: str | None = None,
+    weights: pl.DataFrame | None = None,
+) -> pl.LazyFrame:
     """Each pool row's units are gathered from a dense array indexed by unit_key, the
     way NAG's kernel indexes its weights: that streams in bounded memory and took half
     the time of a hash join on the key."""
@@ -120,16 +165,22 @@ def nag_distance(wh, target_run: str, pool_run: str, site: str, target_dataset: 
     dense[weights["unit_key"].to_numpy()] = weights["weight_units"].to_numpy()
     per_unit = weights["per_unit"].max() or 0.0  # without a profile row every sum is 0
     key = pl.col("layer") * stride + pl.col("neuron").cast(pl.Int32)
-    hits = (scan(wh, "doc_neurons", pool_run)
-            .filter(pl.col("site") == site, pl.col("layer").is_in(used))
-            .select("doc", pl.lit(pl.Series(dense)).gather(key).alias("units"))
-            .group_by("doc")
-            .agg(pl.col("units").sum()))
+    hits = (
+        scan(wh, "doc_neurons", pool_run)
+        .filter(pl.col("site") == site, pl.col("layer").is_in(used))
+        .select("doc", pl.lit(pl.Series(dense)).gather(key).alias("units"))
+        .group_by("doc")
+        .agg(pl.col("units").sum())
+    )
     similarity = pl.col("units").fill_null(0.0) * per_unit
-    return (_documents(wh, pool_run, pool_dataset, pool_role)
-            .select("doc", "doc_id", "dataset", "n_tokens")
-            .join(hits, on="doc", how="left")
-            .select("doc", "doc_id", "dataset", "n_tokens", similarity.alias("similarity"), (1 - similarity).alias("distance")))
+    return (
+        _documents(wh, pool_run, pool_dataset, pool_role)
+        .select("doc", "doc_id", "dataset", "n_tokens")
+        .join(hits, on="doc", how="left")
+        .select(
+            "doc", "doc_id", "dataset", "n_tokens", similarity.alias("similarity"), (1 - similarity).alias("distance")
+        )
+    )
 
 
 def budget_select(frame: pl.LazyFrame, key: str, fraction: float) -> pl.LazyFrame:
@@ -137,20 +188,34 @@ def budget_select(frame: pl.LazyFrame, key: str, fraction: float) -> pl.LazyFram
     _check_fraction(fraction)
     ordered = frame.sort(key, "doc_id", "doc")
     tokens = pl.col("n_tokens").cast(pl.Int64)
-    return (ordered
-            .with_columns(pl.int_range(1, pl.len() + 1, dtype=pl.Int64).alias("rank"),
-                          tokens.cum_sum().alias("cum_tokens"),
-                          tokens.sum().alias("pool_tokens"))
-            .filter((pl.col("cum_tokens") <= (fraction * pl.col("pool_tokens")).floor()) | (pl.col("rank") == 1))
-            .drop("pool_tokens"))
+    return (
+        ordered.with_columns(
+            pl.int_range(1, pl.len() + 1, dtype=pl.Int64).alias("rank"),
+            tokens.cum_sum().alias("cum_tokens"),
+            tokens.sum().alias("pool_tokens"),
+        )
+        .filter((pl.col("cum_tokens") <= (fraction * pl.col("pool_tokens")).floor()) | (pl.col("rank") == 1))
+        .drop("pool_tokens")
+    )
 
 
-def nag_select(wh, target_run: str, pool_run: str, site: str, target_dataset: str | None = None,
-               pool_dataset: str | None = None, layers=None, power: float = 1.0, fraction: float = 0.2,
-               target_role: str | None = None, pool_role: str | None = None,
-               weights: pl.DataFrame | None = None) -> pl.LazyFrame:
-    distances = nag_distance(wh, target_run, pool_run, site, target_dataset, pool_dataset, layers, power, target_role,
-                             pool_role, weights)
+def nag_select(
+    wh,
+    target_run: str,
+    pool_run: str,
+    site: str,
+    target_dataset: str | None = None,
+    pool_dataset: str | None = None,
+    layers=None,
+    power: float = 1.0,
+    fraction: float = 0.2,
+    target_role: str | None = None,
+    pool_role: str | None = None,
+    weights: pl.DataFrame | None = None,
+) -> pl.LazyFrame:
+    distances = nag_distance(
+        wh, target_run, pool_run, site, target_dataset, pool_dataset, layers, power, target_role, pool_role, weights
+    )
     return budget_select(distances, "distance", fraction)
 
 
@@ -159,21 +224,39 @@ def _minmax(column: str) -> pl.Expr:
     return pl.when(high > low).then((pl.col(column) - low) * (1.0 / (high - low))).otherwise(0.0)
 
 
-def nag_quality(wh, target_run: str, pool_run: str, site: str, quality_column: str, target_dataset: str | None = None,
-                pool_dataset: str | None = None, layers=None, power: float = 1.0, fraction: float = 0.2,
-                invert: bool = False, target_role: str | None = None, pool_role: str | None = None,
-                weights: pl.DataFrame | None = None) -> pl.LazyFrame:
+def nag_quality(
+    wh,
+    target_run: str,
+    pool_run: str,
+    site: str,
+    quality_column: str,
+    target_dataset: str | None = None,
+    pool_dataset: str | None = None,
+    layers=None,
+    power: float = 1.0,
+    fraction: float = 0.2,
+    invert: bool = False,
+    target_role: str | None = None,
+    pool_role: str | None = None,
+    weights: pl.DataFrame | None = None,
+) -> pl.LazyFrame:
     _check_fraction(fraction)
-    distances = nag_distance(wh, target_run, pool_run, site, target_dataset, pool_dataset, layers, power, target_role,
-                             pool_role, weights)
-    quality = (_documents(wh, pool_run, pool_dataset, pool_role)
-               .select("doc", pl.col("meta").str.json_path_match(f"$.{quality_column}")
-                       .cast(pl.Float64, strict=False).alias("quality")))
+    distances = nag_distance(
+        wh, target_run, pool_run, site, target_dataset, pool_dataset, layers, power, target_role, pool_role, weights
+    )
+    quality = _documents(wh, pool_run, pool_dataset, pool_role).select(
+        "doc", pl.col("meta").str.json_path_match(f"$.{quality_column}").cast(pl.Float64, strict=False).alias("quality")
+    )
     scored = distances.join(quality, on="doc", how="left")
     if quality.select(pl.col("quality").is_not_null().any()).collect().item() is not True:
-        raise BadInput(f"no pool document has a number under '{quality_column}' in its meta: quality columns are the "
-                       f"source's extra columns (SELECT meta FROM documents WHERE run_id = '{pool_run}' LIMIT 1)")
+        raise BadInput(
+            f"no pool document has a number under '{quality_column}' in its meta: quality columns are the "
+            f"source's extra columns (SELECT meta FROM documents WHERE run_id = '{pool_run}' LIMIT 1)"
+        )
     normalised = 1 - _minmax("quality") if invert else _minmax("quality")
-    mixed = scored.with_columns((_minmax("distance") + pl.when(pl.col("quality").is_null()).then(1.0).otherwise(normalised)).alias("score"))
+    mixed = scored.with_columns(
+        (_minmax("distance") + pl.when(pl.col("quality").is_null()).then(1.0).otherwise(normalised)).alias("score")
+    )
     return budget_select(mixed, "score", fraction).select(
-        "doc", "doc_id", "dataset", "n_tokens", "similarity", "distance", "quality", "score", "rank", "cum_tokens")
+        "doc", "doc_id", "dataset", "n_tokens", "similarity", "distance", "quality", "score", "rank", "cum_tokens"
+    )

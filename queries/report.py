@@ -23,9 +23,22 @@ from . import scenario_charts as charts
 
 # Activation Lab's names in its CSVs (its MLP output is `mlp_down_out`).
 LAB_SOURCE = {"hidden_in": "hidden_in", "hidden_out": "hidden_out", "attn_out": "attn_out", "mlp_out": "mlp_down_out"}
-SUMMARY_COLUMNS = ("mean_cosine", "std_cosine", "median_cosine", "min_cosine", "most_divergent_layer",
-                   "mean_MAE", "std_MAE", "median_MAE", "max_MAE_layer",
-                   "mean_overlap", "std_overlap", "median_overlap", "min_overlap", "min_overlap_layer")
+SUMMARY_COLUMNS = (
+    "mean_cosine",
+    "std_cosine",
+    "median_cosine",
+    "min_cosine",
+    "most_divergent_layer",
+    "mean_MAE",
+    "std_MAE",
+    "median_MAE",
+    "max_MAE_layer",
+    "mean_overlap",
+    "std_overlap",
+    "median_overlap",
+    "min_overlap",
+    "min_overlap_layer",
+)
 
 
 # -- data -------------------------------------------------------------------------
@@ -42,46 +55,69 @@ def _check_scenario_run(wh, run: str) -> None:
     wh.manifest(run)  # UnknownRun with the list of runs
     roles = set(_sql(wh, "SELECT DISTINCT role FROM documents WHERE run_id = ?", run)["role"].to_list())
     if "generated" not in roles or not run_sources(wh, run):
-        raise BadInput(f"run {run!r} is not a scenario run (no generation states): capture one with `whq ingest ROOT --scenario scenario.yaml`")
+        raise BadInput(
+            f"run {run!r} is not a scenario run (no generation states): capture one with `whq ingest ROOT --scenario scenario.yaml`"
+        )
 
 
 def similarity(wh, run: str) -> pl.DataFrame:
     """ref_similarity of every captured source, with a source column."""
-    frames = [_sql(wh, "SELECT ? AS source, * FROM ref_similarity(?, source := ?)", s, run, s) for s in run_sources(wh, run)]
+    frames = [
+        _sql(wh, "SELECT ? AS source, * FROM ref_similarity(?, source := ?)", s, run, s) for s in run_sources(wh, run)
+    ]
     return pl.concat(frames) if frames else pl.DataFrame()
 
 
 def generations(wh, run: str) -> pl.DataFrame:
     """doc, doc_id, prompt and generated text of each generation of the run."""
-    docs = _sql(wh, "SELECT doc, doc_id, text, meta FROM documents WHERE run_id = ? AND role = 'generated' ORDER BY doc", run)
+    docs = _sql(
+        wh, "SELECT doc, doc_id, text, meta FROM documents WHERE run_id = ? AND role = 'generated' ORDER BY doc", run
+    )
     generated = [json.loads(m).get("generated_text", "") for m in docs["meta"]]
-    prompts = [text[: len(text) - len(g)] if g and text.endswith(g) else text for text, g in zip(docs["text"], generated)]
-    return docs.select("doc", "doc_id").with_columns(prompt=pl.Series(prompts, dtype=pl.String), generated=pl.Series(generated, dtype=pl.String))
+    prompts = [
+        text[: len(text) - len(g)] if g and text.endswith(g) else text for text, g in zip(docs["text"], generated)
+    ]
+    return docs.select("doc", "doc_id").with_columns(
+        prompt=pl.Series(prompts, dtype=pl.String), generated=pl.Series(generated, dtype=pl.String)
+    )
 
 
 def per_layer_summary(per_layer: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
     """Activation Lab's summary columns from per-layer cosine / MAE / overlap rows, rounded to 4 places."""
+
     def arg(col: str, pick) -> pl.Expr:
         return pl.col("layer").sort_by([pl.col(col) if pick == "min" else -pl.col(col), pl.col("layer")]).first()
 
     return per_layer.group_by(keys, maintain_order=True).agg(
-        pl.col("cosine").mean().round(4).alias("mean_cosine"), pl.col("cosine").std(ddof=0).round(4).alias("std_cosine"),
-        pl.col("cosine").median().round(4).alias("median_cosine"), pl.col("cosine").min().round(4).alias("min_cosine"),
+        pl.col("cosine").mean().round(4).alias("mean_cosine"),
+        pl.col("cosine").std(ddof=0).round(4).alias("std_cosine"),
+        pl.col("cosine").median().round(4).alias("median_cosine"),
+        pl.col("cosine").min().round(4).alias("min_cosine"),
         arg("cosine", "min").alias("most_divergent_layer"),
-        pl.col("MAE").mean().round(4).alias("mean_MAE"), pl.col("MAE").std(ddof=0).round(4).alias("std_MAE"),
-        pl.col("MAE").median().round(4).alias("median_MAE"), arg("MAE", "max").alias("max_MAE_layer"),
-        pl.col("overlap").mean().round(4).alias("mean_overlap"), pl.col("overlap").std(ddof=0).round(4).alias("std_overlap"),
-        pl.col("overlap").median().round(4).alias("median_overlap"), pl.col("overlap").min().round(4).alias("min_overlap"),
+        pl.col("MAE").mean().round(4).alias("mean_MAE"),
+        pl.col("MAE").std(ddof=0).round(4).alias("std_MAE"),
+        pl.col("MAE").median().round(4).alias("median_MAE"),
+        arg("MAE", "max").alias("max_MAE_layer"),
+        pl.col("overlap").mean().round(4).alias("mean_overlap"),
+        pl.col("overlap").std(ddof=0).round(4).alias("std_overlap"),
+        pl.col("overlap").median().round(4).alias("median_overlap"),
+        pl.col("overlap").min().round(4).alias("min_overlap"),
         arg("overlap", "min").alias("min_overlap_layer"),
     )
 
 
 def _lab_layers(df: pl.DataFrame) -> pl.DataFrame:
     """Macro rows -> Activation Lab's per-layer columns: its source names and order, MAE, overlap."""
-    order = pl.col("source").replace_strict({s: i for i, s in enumerate(SCENARIO_SOURCES)}, default=len(SCENARIO_SOURCES))
-    return (df.with_columns(source_order=order).sort("source_order", maintain_order=True).drop("source_order")
-            .with_columns(pl.col("source").replace_strict(LAB_SOURCE, default=pl.col("source")))
-            .rename({"mae": "MAE", "jaccard": "overlap"}))
+    order = pl.col("source").replace_strict(
+        {s: i for i, s in enumerate(SCENARIO_SOURCES)}, default=len(SCENARIO_SOURCES)
+    )
+    return (
+        df.with_columns(source_order=order)
+        .sort("source_order", maintain_order=True)
+        .drop("source_order")
+        .with_columns(pl.col("source").replace_strict(LAB_SOURCE, default=pl.col("source")))
+        .rename({"mae": "MAE", "jaccard": "overlap"})
+    )
 
 
 def _rounded(df: pl.DataFrame) -> pl.DataFrame:
@@ -93,9 +129,13 @@ def intra_run_tables(wh, run: str) -> tuple[pl.DataFrame, pl.DataFrame]:
     gens = generations(wh, run)
     name = {d: run if gens.height == 1 else f"{run}/{d}" for d in gens["doc_id"]}
     rows = _lab_layers(_sql(wh, "SELECT * FROM drift(?)", run)).with_columns(run=pl.col("doc_id").replace_strict(name))
-    summary = per_layer_summary(rows, ["run", "doc_id", "source"]).join(gens.select("doc_id", "generated", "prompt"), on="doc_id", how="left")
-    return (summary.select("run", "generated", "prompt", "source", *SUMMARY_COLUMNS),
-            _rounded(rows).select("run", "source", "layer", "cosine", "MAE", "overlap"))
+    summary = per_layer_summary(rows, ["run", "doc_id", "source"]).join(
+        gens.select("doc_id", "generated", "prompt"), on="doc_id", how="left"
+    )
+    return (
+        summary.select("run", "generated", "prompt", "source", *SUMMARY_COLUMNS),
+        _rounded(rows).select("run", "source", "layer", "cosine", "MAE", "overlap"),
+    )
 
 
 def comparison_tables(wh, runs: list[str]) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -103,20 +143,54 @@ def comparison_tables(wh, runs: list[str]) -> tuple[pl.DataFrame, pl.DataFrame]:
     reports, cosines = [], []
     for run_a, run_b in combinations(runs, 2):
         gen_a, gen_b = generations(wh, run_a).row(-1, named=True), generations(wh, run_b).row(-1, named=True)
-        ids = {"pair": f"{run_a}  vs  {run_b}", "run_a": run_a, "run_b": run_b,
-               "generated_a": gen_a["generated"].replace("\n", " ").strip()[:40] or run_a,
-               "generated_b": gen_b["generated"].replace("\n", " ").strip()[:40] or run_b}
+        ids = {
+            "pair": f"{run_a}  vs  {run_b}",
+            "run_a": run_a,
+            "run_b": run_b,
+            "generated_a": gen_a["generated"].replace("\n", " ").strip()[:40] or run_a,
+            "generated_b": gen_b["generated"].replace("\n", " ").strip()[:40] or run_b,
+        }
         layers = _lab_layers(_sql(wh, "SELECT * FROM run_compare(?, ?)", run_a, run_b)).with_columns(
-            **{k: pl.lit(v) for k, v in ids.items()})
+            **{k: pl.lit(v) for k, v in ids.items()}
+        )
         cosines.append(_rounded(layers).select("state", *ids, "source", "layer", "cosine", "MAE", "overlap"))
         summary = per_layer_summary(layers, ["state", "source"])
-        reports.append(summary.with_columns(**{k: pl.lit(v) for k, v in ids.items()},
-                                            prompt_a=pl.lit(gen_a["prompt"].strip()), prompt_b=pl.lit(gen_b["prompt"].strip()))
-                       .select("state", *ids, "prompt_a", "prompt_b", "source", *SUMMARY_COLUMNS))
-    report_columns = ["state", "pair", "run_a", "run_b", "generated_a", "generated_b", "prompt_a", "prompt_b", "source", *SUMMARY_COLUMNS]
-    cosine_columns = ["state", "pair", "run_a", "run_b", "generated_a", "generated_b", "source", "layer", "cosine", "MAE", "overlap"]
-    return (pl.concat(reports) if reports else pl.DataFrame(schema={c: pl.String for c in report_columns}),
-            pl.concat(cosines) if cosines else pl.DataFrame(schema={c: pl.String for c in cosine_columns}))
+        reports.append(
+            summary.with_columns(
+                **{k: pl.lit(v) for k, v in ids.items()},
+                prompt_a=pl.lit(gen_a["prompt"].strip()),
+                prompt_b=pl.lit(gen_b["prompt"].strip()),
+            ).select("state", *ids, "prompt_a", "prompt_b", "source", *SUMMARY_COLUMNS)
+        )
+    report_columns = [
+        "state",
+        "pair",
+        "run_a",
+        "run_b",
+        "generated_a",
+        "generated_b",
+        "prompt_a",
+        "prompt_b",
+        "source",
+        *SUMMARY_COLUMNS,
+    ]
+    cosine_columns = [
+        "state",
+        "pair",
+        "run_a",
+        "run_b",
+        "generated_a",
+        "generated_b",
+        "source",
+        "layer",
+        "cosine",
+        "MAE",
+        "overlap",
+    ]
+    return (
+        pl.concat(reports) if reports else pl.DataFrame(schema={c: pl.String for c in report_columns}),
+        pl.concat(cosines) if cosines else pl.DataFrame(schema={c: pl.String for c in cosine_columns}),
+    )
 
 
 def write_csvs(wh, run: str, folder: Path, compare: list[str] = ()) -> list[Path]:
@@ -127,8 +201,12 @@ def write_csvs(wh, run: str, folder: Path, compare: list[str] = ()) -> list[Path
     intra_report, intra_cosines = intra_run_tables(wh, run)
     report, cosines = comparison_tables(wh, [run, *compare])
     written = []
-    for name, df in (("comparison_report", report), ("comparison_cosines", cosines),
-                     ("intra_run_report", intra_report), ("intra_run_cosines", intra_cosines)):
+    for name, df in (
+        ("comparison_report", report),
+        ("comparison_cosines", cosines),
+        ("intra_run_report", intra_report),
+        ("intra_run_cosines", intra_cosines),
+    ):
         path = folder / f"{name}.csv"
         df.write_csv(path)
         written.append(path)
@@ -152,7 +230,9 @@ def sections(wh, run: str) -> list[tuple[str, object]]:
     out: list[tuple[str, object]] = []
     gens = generations(wh, run)
     main = gens.row(-1, named=True)
-    shown = main["generated"] if main["generated"].strip() else repr(main["generated"])  # a random model's bytes stay visible
+    shown = (
+        main["generated"] if main["generated"].strip() else repr(main["generated"])
+    )  # a random model's bytes stay visible
     out.append(("Generation", f"<p><b>{html.escape(main['doc_id'])}</b> generated:</p><pre>{html.escape(shown)}</pre>"))
     sim = similarity(wh, run)
     if sim.height:
@@ -170,7 +250,9 @@ def sections(wh, run: str) -> list[tuple[str, object]]:
     if steps.height and steps["top_ids"].list.len().max():
         out.append(("Generation top-k explorer", charts.topk_explorer(steps)))
     if set(SCENARIO_SOURCES) <= set(run_sources(wh, run)):
-        decomposition = _sql(wh, "SELECT * FROM residual_decomposition(?) WHERE role = 'generated' AND doc_id = ?", run, main["doc_id"])
+        decomposition = _sql(
+            wh, "SELECT * FROM residual_decomposition(?) WHERE role = 'generated' AND doc_id = ?", run, main["doc_id"]
+        )
         out.append(("Residual decomposition", charts.residual_lines(decomposition)))
     return out
 
@@ -213,16 +295,24 @@ def render_html(wh, run: str) -> str:
         else:
             specs[f"chart{index}"] = item.to_dict()
             blocks.append(f'<h2>{html.escape(title)}</h2><div id="chart{index}" class="chart"></div>')
-    meta = (f"run {html.escape(run)} · scenario {html.escape(str(scenario.get('name', '?')))} · model "
-            f"{html.escape(str(manifest['config'].get('model_id', '?')))} · written {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC")
+    meta = (
+        f"run {html.escape(run)} · scenario {html.escape(str(scenario.get('name', '?')))} · model "
+        f"{html.escape(str(manifest['config'].get('model_id', '?')))} · written {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC"
+    )
     vl_version = ".".join(__import__("altair").SCHEMA_VERSION.lstrip("v").split(".")[:2])
     bundle = vl_convert.javascript_bundle(vl_version=vl_version)
-    return PAGE.format(title=f"whq scenario report: {html.escape(run)}", meta=meta, body="\n".join(blocks),
-                       bundle=bundle.replace("</script", "<\\/script"),
-                       specs=json.dumps(specs).replace("</", "<\\/"))
+    return PAGE.format(
+        title=f"whq scenario report: {html.escape(run)}",
+        meta=meta,
+        body="\n".join(blocks),
+        bundle=bundle.replace("</script", "<\\/script"),
+        specs=json.dumps(specs).replace("</", "<\\/"),
+    )
 
 
-def write_report(wh, run: str, out: str | Path, csv_dir: str | Path | None = None, compare: list[str] = ()) -> list[Path]:
+def write_report(
+    wh, run: str, out: str | Path, csv_dir: str | Path | None = None, compare: list[str] = ()
+) -> list[Path]:
     """Write the HTML report (and the CSVs when csv_dir is given); returns the paths written."""
     for name in (run, *compare):
         check_name("run id", name)

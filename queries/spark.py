@@ -95,7 +95,9 @@ def spark_session(app_name: str = "whq", **conf: str):
     try:
         spark = builder.getOrCreate()
     except Exception as err:  # py4j/JVM start-up failures have no common base class
-        raise QueryError(f"cannot start Spark ({str(err).splitlines()[0]}): check that Java 17 is installed and JAVA_HOME is set") from None
+        raise QueryError(
+            f"cannot start Spark ({str(err).splitlines()[0]}): check that Java 17 is installed and JAVA_HOME is set"
+        ) from None
     spark.sparkContext.setLogLevel("OFF")  # errors reach the caller as QueryError, with one line
     for name in ("SQLQueryContextLogger", "DataFrameQueryContextLogger"):  # pyspark logs each failed query too
         logging.getLogger(name).setLevel(logging.CRITICAL)
@@ -135,7 +137,8 @@ def table_frame(spark, table: schema.Table, base: str, files: list[str]):
     )
     frame = spark.read.schema(read).option("basePath", base).parquet(*files)
     select = [
-        f"cast(({_decode_float16(_quoted(c.name))}) as float) AS {_quoted(c.name)}" if c.name in half
+        f"cast(({_decode_float16(_quoted(c.name))}) as float) AS {_quoted(c.name)}"
+        if c.name in half
         else f"cast({_quoted(c.name)} as {spark_type(c.type)}) AS {_quoted(c.name)}"
         for c in table.columns
     ]
@@ -226,6 +229,8 @@ def to_polars(frame) -> pl.DataFrame:
 def spark_sql(wh, query: str, spark=None, macro_files=None) -> pl.DataFrame:
     """Run `query` (DuckDB dialect, macros allowed) on Spark over warehouse `wh`; returns a polars DataFrame."""
     spark = spark or spark_session()
-    if spark.conf.get(REGISTERED_CONF, None) != _state(wh):  # re-register only when runs were committed, repaired or deleted
+    if spark.conf.get(REGISTERED_CONF, None) != _state(
+        wh
+    ):  # re-register only when runs were committed, repaired or deleted
         register(spark, wh)
     return to_polars(sql(spark, query, macro_files))

@@ -101,7 +101,9 @@ def _parse_macro(sql: str, tokens, source: str) -> Macro | None:
             params.append(pname)
             defaults[pname] = sqlglot.parse_one(sql[param[2].start : param[-1].end + 1], read=WrittenDuckDB)
         else:
-            raise QueryError(f"{where}: parameter {pname!r} is neither `name` nor `name := default`; the Spark engine reads only those")
+            raise QueryError(
+                f"{where}: parameter {pname!r} is neither `name` nor `name := default`; the Spark engine reads only those"
+            )
     rest = tokens[j + 1 :]
     if not rest or rest[0].token_type != TokenType.ALIAS:
         raise QueryError(f"{where}: expected AS after the parameters")
@@ -113,7 +115,9 @@ def _parse_macro(sql: str, tokens, source: str) -> Macro | None:
     try:
         body = sqlglot.parse_one(body_sql, read=WrittenDuckDB)
     except sqlglot.errors.ParseError as err:
-        raise QueryError(f"{where}: sqlglot cannot parse the body ({str(err).splitlines()[0]}); use standard SQL there") from None
+        raise QueryError(
+            f"{where}: sqlglot cannot parse the body ({str(err).splitlines()[0]}); use standard SQL there"
+        ) from None
     return Macro(name, tuple(params), defaults, body, is_table, source)
 
 
@@ -151,7 +155,9 @@ def _bind(macro: Macro, call: exp.Func) -> dict[str, exp.Expression]:
         else:
             positional.append(arg)
     if len(positional) > len(macro.params):
-        raise QueryError(f"{macro.name}() takes {len(macro.params)} arguments ({', '.join(macro.params)}), got {len(positional)}")
+        raise QueryError(
+            f"{macro.name}() takes {len(macro.params)} arguments ({', '.join(macro.params)}), got {len(positional)}"
+        )
     bound = dict(zip(macro.params, positional))
     for name, value in named.items():
         if name not in macro.params:
@@ -169,7 +175,9 @@ def _substitute(body: exp.Expression, bound: dict[str, exp.Expression]) -> exp.E
     def replace(node):
         if isinstance(node, exp.Column) and not node.table and node.name.lower() in bound:
             value = bound[node.name.lower()].copy()
-            simple = isinstance(value, (exp.Literal, exp.Column, exp.Paren, exp.Subquery, exp.Null, exp.Boolean, exp.Func))
+            simple = isinstance(
+                value, (exp.Literal, exp.Column, exp.Paren, exp.Subquery, exp.Null, exp.Boolean, exp.Func)
+            )
             return value if simple else exp.Paren(this=value)
         return node
 
@@ -222,7 +230,9 @@ def expand(tree: exp.Expression, macros: dict[str, Macro]) -> exp.Expression:
             if macro.is_table:
                 raise QueryError(f"{macro.name} is a table macro: use it in FROM, e.g. SELECT * FROM {macro.name}(...)")
             body = body_of(macro, node, depth)
-            return body if isinstance(body, (exp.Subquery, exp.Paren, exp.Literal, exp.Column)) else exp.Paren(this=body)
+            return (
+                body if isinstance(body, (exp.Subquery, exp.Paren, exp.Literal, exp.Column)) else exp.Paren(this=body)
+            )
         return node
 
     return walk(tree, 0)
@@ -238,12 +248,19 @@ def _spark(template: str, **args: exp.Expression) -> exp.Expression:
 
 
 def _dot(a, b):
-    return _spark("aggregate(zip_with(A, B, (_whq_x, _whq_y) -> _whq_x * _whq_y), CAST(0 AS DOUBLE), (_whq_s, _whq_v) -> _whq_s + _whq_v)", A=a, B=b)
+    return _spark(
+        "aggregate(zip_with(A, B, (_whq_x, _whq_y) -> _whq_x * _whq_y), CAST(0 AS DOUBLE), (_whq_s, _whq_v) -> _whq_s + _whq_v)",
+        A=a,
+        B=b,
+    )
 
 
 def _list_sum(a):
     # DuckDB sums the non-NULL elements and gives NULL for an empty list
-    return _spark("aggregate(A, CAST(NULL AS DOUBLE), (_whq_s, _whq_v) -> CASE WHEN _whq_v IS NULL THEN _whq_s ELSE coalesce(_whq_s, 0) + _whq_v END)", A=a)
+    return _spark(
+        "aggregate(A, CAST(NULL AS DOUBLE), (_whq_s, _whq_v) -> CASE WHEN _whq_v IS NULL THEN _whq_s ELSE coalesce(_whq_s, 0) + _whq_v END)",
+        A=a,
+    )
 
 
 def _non_null_count(a):
@@ -257,8 +274,12 @@ _LIST_FUNCTIONS = {
     "list_inner_product": _dot,
     "array_dot_product": _dot,
     "array_inner_product": _dot,
-    "list_cosine_similarity": lambda a, b: _spark("D / (sqrt(AA) * sqrt(BB))", D=_dot(a, b), AA=_dot(a, a), BB=_dot(b, b)),
-    "array_cosine_similarity": lambda a, b: _spark("D / (sqrt(AA) * sqrt(BB))", D=_dot(a, b), AA=_dot(a, a), BB=_dot(b, b)),
+    "list_cosine_similarity": lambda a, b: _spark(
+        "D / (sqrt(AA) * sqrt(BB))", D=_dot(a, b), AA=_dot(a, a), BB=_dot(b, b)
+    ),
+    "array_cosine_similarity": lambda a, b: _spark(
+        "D / (sqrt(AA) * sqrt(BB))", D=_dot(a, b), AA=_dot(a, a), BB=_dot(b, b)
+    ),
     "list_sum": _list_sum,
     "list_avg": lambda a: _spark("S / N", S=_list_sum(a), N=_non_null_count(a)),
     "list_count": _non_null_count,
@@ -275,10 +296,29 @@ _LIST_FUNCTIONS = {
 
 # Functions whose result is a list (for telling DuckDB's len(list) from len(string)).
 _LIST_NODES = (
-    exp.Array, exp.ArrayAgg, exp.Transform, exp.ArrayFilter, exp.ArraySort, exp.ArrayDistinct,
-    exp.ArrayConcat, exp.Flatten, exp.GenerateSeries, exp.Split, exp.RegexpSplit, exp.ArrayIntersect,
+    exp.Array,
+    exp.ArrayAgg,
+    exp.Transform,
+    exp.ArrayFilter,
+    exp.ArraySort,
+    exp.ArrayDistinct,
+    exp.ArrayConcat,
+    exp.Flatten,
+    exp.GenerateSeries,
+    exp.Split,
+    exp.RegexpSplit,
+    exp.ArrayIntersect,
 )
-_LIST_ANONYMOUS = {"list_intersect", "array_intersect", "list_reverse", "array_reverse", "list_slice", "list_distinct", "generate_series", "range"}
+_LIST_ANONYMOUS = {
+    "list_intersect",
+    "array_intersect",
+    "list_reverse",
+    "array_reverse",
+    "list_slice",
+    "list_distinct",
+    "generate_series",
+    "range",
+}
 
 
 _BITWISE = (exp.BitwiseXor, exp.BitwiseAnd, exp.BitwiseOr, exp.BitwiseLeftShift, exp.BitwiseRightShift)
@@ -287,7 +327,9 @@ _BITWISE = (exp.BitwiseXor, exp.BitwiseAnd, exp.BitwiseOr, exp.BitwiseLeftShift,
 def _slice(a, lo, hi):
     """DuckDB a[lo:hi] (1-based, both ends included) as Spark slice(a, start, length)."""
     if any(isinstance(bound, exp.Neg) for bound in (lo, hi)):
-        raise QueryError("a list slice with a negative bound has no Spark equivalent: use positive bounds (e.g. len(x) - 1)")
+        raise QueryError(
+            "a list slice with a negative bound has no Spark equivalent: use positive bounds (e.g. len(x) - 1)"
+        )
     lo = lo or exp.Literal.number(1)
     hi = hi or _spark("size(A)", A=a)
     return _spark("slice(A, LO, HI - LO + 1)", A=a, LO=lo, HI=hi)
@@ -323,8 +365,11 @@ def _ordered_list(agg: exp.ArrayAgg) -> exp.Expression:
     """DuckDB list(v ORDER BY k...) as Spark: sort the collected (k..., v) structs, keep v (collect_list alone has no order)."""
     order: exp.Order = agg.this
     keys = order.expressions
-    struct = _spark("named_struct(" + ", ".join(f"'k{i}', K{i}" for i in range(len(keys))) + ", 'v', V)",
-                    V=order.this, **{f"K{i}": k.this for i, k in enumerate(keys)})
+    struct = _spark(
+        "named_struct(" + ", ".join(f"'k{i}', K{i}" for i in range(len(keys))) + ", 'v', V)",
+        V=order.this,
+        **{f"K{i}": k.this for i, k in enumerate(keys)},
+    )
     whens = []
     for i, key in enumerate(keys):
         first, desc = bool(key.args.get("nulls_first")), bool(key.args.get("desc"))
@@ -343,16 +388,23 @@ def _ordered_list(agg: exp.ArrayAgg) -> exp.Expression:
 def _one_generator(select: exp.Select) -> None:
     """Spark allows one generator per SELECT: DuckDB's unnest(l) next to generate_subscripts(l, 1) becomes one posexplode."""
     generators = [
-        node for projection in select.expressions for node in projection.find_all(exp.Explode, exp.Anonymous)
-        if (isinstance(node, exp.Explode) or node.name.lower() == "generate_subscripts") and node.parent_select is select
+        node
+        for projection in select.expressions
+        for node in projection.find_all(exp.Explode, exp.Anonymous)
+        if (isinstance(node, exp.Explode) or node.name.lower() == "generate_subscripts")
+        and node.parent_select is select
     ]
     if len(generators) < 2 and not any(isinstance(g, exp.Anonymous) for g in generators):
         return
     lists = {(g.this if isinstance(g, exp.Explode) else g.expressions[0]).sql() for g in generators}
     if len(lists) > 1:
-        raise QueryError("Spark allows one generator per SELECT: unnest several lists in separate subqueries (or zip them first)")
+        raise QueryError(
+            "Spark allows one generator per SELECT: unnest several lists in separate subqueries (or zip them first)"
+        )
     source = generators[0].this if isinstance(generators[0], exp.Explode) else generators[0].expressions[0]
-    lateral = sqlglot.parse_one("SELECT 1 FROM t LATERAL VIEW POSEXPLODE(L) _whq_u AS _whq_pos, _whq_val", read="spark").args["laterals"][0]
+    lateral = sqlglot.parse_one(
+        "SELECT 1 FROM t LATERAL VIEW POSEXPLODE(L) _whq_u AS _whq_pos, _whq_val", read="spark"
+    ).args["laterals"][0]
     lateral.this.set("this", source.copy())
     for generator in generators:
         if isinstance(generator, exp.Explode):
@@ -373,7 +425,10 @@ def _inline_windows(select: exp.Select) -> None:
             continue
         for key in ("partition_by", "order", "spec"):
             if not window.args.get(key) and definition.args.get(key):
-                window.set(key, definition.args[key].copy() if key != "partition_by" else [p.copy() for p in definition.args[key]])
+                window.set(
+                    key,
+                    definition.args[key].copy() if key != "partition_by" else [p.copy() for p in definition.args[key]],
+                )
         window.set("alias", None)
     select.set("windows", None)
 
@@ -383,10 +438,13 @@ def _qualify_as_where(select: exp.Select) -> exp.Expression:
     (sqlglot's own rewrite leaves them inside, so LIMIT would cut before the filter)."""
     condition = select.args["qualify"].pop().this
     if select.args.get("distinct"):
-        raise QueryError("SELECT DISTINCT ... QUALIFY has no Spark equivalent: filter in a subquery, then take DISTINCT")
+        raise QueryError(
+            "SELECT DISTINCT ... QUALIFY has no Spark equivalent: filter in a subquery, then take DISTINCT"
+        )
     aliases = {p.alias: p.this for p in select.expressions if isinstance(p, exp.Alias)}
     condition = condition.transform(
-        lambda n: aliases[n.name].copy() if isinstance(n, exp.Column) and not n.table and n.name in aliases else n)
+        lambda n: aliases[n.name].copy() if isinstance(n, exp.Column) and not n.table and n.name in aliases else n
+    )
     hidden = ["_whq_keep"]
     select.select(exp.alias_(condition, "_whq_keep"), copy=False)
     order, limit, offset = (select.args.get(k) for k in ("order", "limit", "offset"))
@@ -405,7 +463,9 @@ def _qualify_as_where(select: exp.Select) -> exp.Expression:
                 select.select(exp.alias_(key.copy(), hidden[-1]), copy=False)
                 ordered.set("this", exp.column(hidden[-1]))
     outer = sqlglot.parse_one(f"SELECT * EXCEPT ({', '.join(hidden)}) FROM q AS _whq_q WHERE _whq_keep", read="spark")
-    outer.find(exp.Table).replace(exp.Subquery(this=select.copy(), alias=exp.TableAlias(this=exp.to_identifier("_whq_q"))))
+    outer.find(exp.Table).replace(
+        exp.Subquery(this=select.copy(), alias=exp.TableAlias(this=exp.to_identifier("_whq_q")))
+    )
     for key, value in (("order", order), ("limit", limit), ("offset", offset)):
         if value:
             outer.set(key, value)
@@ -426,12 +486,24 @@ def spark_fixes(tree: exp.Expression) -> exp.Expression:
                 select.replace(outer)
 
     def fix(node):
-        if isinstance(node, exp.Lambda) and len(node.expressions) == 2 and isinstance(node.parent, (exp.Transform, exp.ArrayFilter)):
+        if (
+            isinstance(node, exp.Lambda)
+            and len(node.expressions) == 2
+            and isinstance(node.parent, (exp.Transform, exp.ArrayFilter))
+        ):
             index = node.expressions[1].name  # DuckDB's lambda index counts from 1, Spark's from 0
-            node.set("this", node.this.transform(
-                lambda n: exp.Paren(this=exp.Add(this=n.copy(), expression=exp.Literal.number(1)))
-                if isinstance(n, (exp.Identifier, exp.Column)) and n.name == index and not isinstance(n.parent, exp.Column) else n
-            ))
+            node.set(
+                "this",
+                node.this.transform(
+                    lambda n: (
+                        exp.Paren(this=exp.Add(this=n.copy(), expression=exp.Literal.number(1)))
+                        if isinstance(n, (exp.Identifier, exp.Column))
+                        and n.name == index
+                        and not isinstance(n.parent, exp.Column)
+                        else n
+                    )
+                ),
+            )
             return node
         if isinstance(node, exp.Anonymous) and node.name.lower() in _LIST_FUNCTIONS:
             return _LIST_FUNCTIONS[node.name.lower()](*node.expressions)
@@ -440,20 +512,30 @@ def spark_fixes(tree: exp.Expression) -> exp.Expression:
             if isinstance(index, exp.Slice):
                 return _slice(node.this, index.this, index.expression)
             if not (isinstance(index, exp.Literal) and index.is_string):
-                return _spark("try_element_at(A, I)", A=node.this, I=index)  # 1-based, negative from the end: DuckDB's rules
+                return _spark(
+                    "try_element_at(A, I)", A=node.this, I=index
+                )  # 1-based, negative from the end: DuckDB's rules
         if isinstance(node, exp.Length) and _is_list(node.this, list_names):
             return exp.ArraySize(this=node.this)
         if isinstance(node, _BITWISE) and isinstance(node.parent, (exp.Binary, exp.Unary)):
             return exp.Paren(this=node)  # sqlglot drops these parentheses, and Spark binds * before ^ & |
         if isinstance(node, exp.Log) and not node.expression:
             return exp.Log(this=exp.Literal.number(10), expression=node.this)  # DuckDB log(x) is base 10
-        if isinstance(node, exp.PercentileCont) and node.expression is not None and not isinstance(node.parent, exp.WithinGroup):
+        if (
+            isinstance(node, exp.PercentileCont)
+            and node.expression is not None
+            and not isinstance(node.parent, exp.WithinGroup)
+        ):
             return _spark("percentile(X, Q)", X=node.this, Q=node.expression)  # exact, interpolated: quantile_cont
         if isinstance(node, exp.ArrayAgg) and isinstance(node.this, exp.Order):
             return _ordered_list(node)
         if isinstance(node, exp.Table) and isinstance(node.this, exp.GenerateSeries):
             series = node.this  # Spark's table function range(start, end) also excludes the end
-            end = series.args["end"] if series.args.get("is_end_exclusive") else exp.Add(this=series.args["end"], expression=exp.Literal.number(1))
+            end = (
+                series.args["end"]
+                if series.args.get("is_end_exclusive")
+                else exp.Add(this=series.args["end"], expression=exp.Literal.number(1))
+            )
             args = [series.args["start"], end] + ([series.args["step"]] if series.args.get("step") else [])
             return exp.Table(this=exp.Anonymous(this="range", expressions=args), alias=node.args.get("alias"))
         return node

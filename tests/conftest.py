@@ -56,8 +56,17 @@ def minilm_wh(tmp_path_factory, sample_jsonl) -> Path:
     from ingest.pipeline import ingest
 
     root = tmp_path_factory.mktemp("minilm") / "wh"
-    ingest(root, "minilm", [str(sample_jsonl)], ["mlp.act:topk=8,examples=5", "mlp.up:nag=6", "resid.out:last"],
-           run_id="r", batch_size=4, max_length=32, device="cpu", progress=False)
+    ingest(
+        root,
+        "minilm",
+        [str(sample_jsonl)],
+        ["mlp.act:topk=8,examples=5", "mlp.up:nag=6", "resid.out:last"],
+        run_id="r",
+        batch_size=4,
+        max_length=32,
+        device="cpu",
+        progress=False,
+    )
     return root
 
 

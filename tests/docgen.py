@@ -23,10 +23,19 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ["README.md", "warehouse/README.md", "ingest/README.md", "queries/README.md"]
 """The Markdown files with generated blocks, as .ci/run checks them."""
 
-MACRO_FILES = {"neurons.sql": "neurons", "nag.sql": "NAG", "scenarios.sql": "scenarios", "units.sql": "unit data",
-               "00_common.sql": "checks"}
-TWINS = {"neurons.sql": "neuron_frames", "nag.sql": "nag_frames", "scenarios.sql": "scenario_frames",
-         "units.sql": "unit_frames"}
+MACRO_FILES = {
+    "neurons.sql": "neurons",
+    "nag.sql": "NAG",
+    "scenarios.sql": "scenarios",
+    "units.sql": "unit data",
+    "00_common.sql": "checks",
+}
+TWINS = {
+    "neurons.sql": "neuron_frames",
+    "nag.sql": "nag_frames",
+    "scenarios.sql": "scenario_frames",
+    "units.sql": "unit_frames",
+}
 
 
 # ---------------------------------------------------------------- the CLI

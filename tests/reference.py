@@ -19,10 +19,12 @@ def dense_activations(model, module_name: str, hook: str, windows_by_doc: dict) 
     captured = []
     if hook == "in":
         handle = module.register_forward_pre_hook(
-            lambda m, a, k: captured.append((a[0] if a else k["hidden_states"]).detach().float()), with_kwargs=True)
+            lambda m, a, k: captured.append((a[0] if a else k["hidden_states"]).detach().float()), with_kwargs=True
+        )
     else:
         handle = module.register_forward_hook(
-            lambda m, a, o: captured.append((o if isinstance(o, torch.Tensor) else o[0]).detach().float()))
+            lambda m, a, o: captured.append((o if isinstance(o, torch.Tensor) else o[0]).detach().float())
+        )
     out = {}
     try:
         with torch.inference_mode():
@@ -47,7 +49,7 @@ def stats(acts: dict, threshold: float = 0.0) -> dict:
         "n_tokens": np.full(stacked.shape[1], len(stacked)),
         "n_fired": (stacked > threshold).sum(axis=0),
         "sum": stacked.sum(axis=0),
-        "sum_sq": (stacked ** 2).sum(axis=0),
+        "sum_sq": (stacked**2).sum(axis=0),
         "max": stacked.max(axis=0),
         "max_doc": owner[where, 0],
         "max_pos": owner[where, 1],

@@ -9,12 +9,14 @@ def scenario_dict(model: str, **overrides) -> dict:
     data = {
         "name": "mood_swings",
         "model": {"id": model, "dtype": "float32", "device": "cpu"},
-        "prompt": {"messages": [
-            {"role": "system", "content": "You are kind."},
-            {"role": "user", "content": "I am so happy today!"},
-            {"role": "assistant", "content": "Wonderful, tell me more."},
-            {"role": "user", "content": "Now I am scared and angry."},
-        ]},
+        "prompt": {
+            "messages": [
+                {"role": "system", "content": "You are kind."},
+                {"role": "user", "content": "I am so happy today!"},
+                {"role": "assistant", "content": "Wonderful, tell me more."},
+                {"role": "user", "content": "Now I am scared and angry."},
+            ]
+        },
         "generation": {"max_new_tokens": 5, "do_sample": False, "seed": 7},
         "capture": {"top_k_probs": 5, "store_dtype": "float16", "sites": ["mlp.act:topk=8"], "logit_lens": 4},
         "reference_states": [

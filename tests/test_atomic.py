@@ -17,13 +17,34 @@ from ingest.pipeline import ingest
 from .conftest import SAMPLE_TEXTS, write_jsonl
 from .reference import run_content
 
-ARGS = ["--site", "mlp.act:topk=4,examples=3", "--site", "mlp.up:nag=5", "--site", "resid.out:last,mean",
-        "--batch-size", "4", "--max-length", "32", "--shard-tokens", "50", "--device", "cpu", "--run-id", "r"]
+ARGS = [
+    "--site",
+    "mlp.act:topk=4,examples=3",
+    "--site",
+    "mlp.up:nag=5",
+    "--site",
+    "resid.out:last,mean",
+    "--batch-size",
+    "4",
+    "--max-length",
+    "32",
+    "--shard-tokens",
+    "50",
+    "--device",
+    "cpu",
+    "--run-id",
+    "r",
+]
 
 
 def _whq(*args, **kwargs):
-    return subprocess.Popen([sys.executable, "-m", "warehouse.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, "-m", "warehouse.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +55,18 @@ def corpus(tmp_path_factory):
 
 def test_killed_ingest_is_invisible_and_resume_matches(tmp_path, corpus):
     baseline = tmp_path / "baseline"
-    ingest(baseline, "minilm", [str(corpus)], [a for a in ARGS[1:6:2]], run_id="r", batch_size=4, max_length=32,
-           shard_tokens=50, device="cpu", progress=False)
+    ingest(
+        baseline,
+        "minilm",
+        [str(corpus)],
+        [a for a in ARGS[1:6:2]],
+        run_id="r",
+        batch_size=4,
+        max_length=32,
+        shard_tokens=50,
+        device="cpu",
+        progress=False,
+    )
 
     root = tmp_path / "wh"
     warehouse.init(root)

@@ -31,243 +31,581 @@ MODEL = ["--model", "config:llama-tiny", "-q", "--device", "cpu"]
 
 @dataclass(frozen=True)
 class Case:
-    input: str             # what is wrong, for the table in warehouse/README.md
-    args: tuple            # CLI arguments; {new} fresh folder, {wh} a committed warehouse, {copy} a damaged copy of it
-    message: str           # the exact line after "error: " ({new}, {wh}, {copy} filled in)
+    input: str  # what is wrong, for the table in warehouse/README.md
+    args: tuple  # CLI arguments; {new} fresh folder, {wh} a committed warehouse, {copy} a damaged copy of it
+    message: str  # the exact line after "error: " ({new}, {wh}, {copy} filled in)
     damage: str | None = None  # how {copy} is damaged: one of DAMAGES
 
 
 _NAME_RULE = "use letters, digits, '.', '_' or '-' (at most 128 characters, starting with a letter or digit)"
 
 CASES = [
-    Case("model folder that does not exist", ("ingest", "{new}", "--model", "no/such/model", "--data", "docs.jsonl", "-q"),
-         "model folder no/such/model does not exist: give a local model folder, a cached hub id, or `minilm`"),
-    Case("unknown model config", ("ingest", "{new}", "--model", "config:gpt-huge", "--data", "docs.jsonl", "-q"),
-         "unknown model config 'gpt-huge': use one of qwen3-0.6b, qwen3-tiny, llama-tiny"),
-    Case("model without the named module", ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "nothing.*.here:topk=3"),
-         "site 'nothing.*.here:topk=3': module glob 'nothing.*.here' matches no module of this model; list them with `whq sites --model M`"),
-    Case("unknown site alias", ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "mlp.nope:topk=3"),
-         "unknown site 'mlp.nope': did you mean 'mlp.up'? aliases for this model: mlp.up, mlp.gate, mlp.act, mlp.down, "
-         "attn.q, attn.k, attn.v, attn.o, resid.in, resid.out, mlp.in; or give a module glob (see `whq sites --model M`)"),
-    Case("SPEC typo in a reduction", ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "mlp.act:tpk=3"),
-         "--site 'mlp.act:tpk=3': unknown reduction 'tpk'; did you mean 'topk'? known: topk, abstopk, threshold, nag, examples, hist, quantiles, similar, last, mean, dense"),
-    Case("SPEC argument not a number", ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "mlp.act:topk=x"),
-         "--site 'mlp.act:topk=x': topk='x' needs a whole number"),
-    Case("SPEC argument zero", ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "mlp.act:topk=0"),
-         "--site 'mlp.act:topk=0': topk=0 must be at least 1"),
-    Case("SPEC hook point typo", ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "mlp.act@sideways:topk=3"),
-         "--site 'mlp.act@sideways:topk=3': hook point must be @in or @out, not @sideways"),
-    Case("same site twice", ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "mlp.act:topk=3", "--site", "mlp.act:nag=3"),
-         "site given twice (mlp.act): merge the reductions into one SPEC, e.g. mlp.act:topk=20,examples=20"),
-    Case("no --data", ("ingest", "{new}", *MODEL),
-         "no --data given: pass a .jsonl, .parquet or .txt file (or a --scenario)"),
-    Case("data file that does not exist", ("ingest", "{new}", *MODEL, "--data", "missing.jsonl"),
-         "data file missing.jsonl does not exist: check the path"),
-    Case("unsupported data file type", ("ingest", "{new}", *MODEL, "--data", "docs.csv"),
-         "data file docs.csv: unsupported type .csv; use .jsonl, .parquet or .txt"),
-    Case("empty data file", ("ingest", "{new}", *MODEL, "--data", "empty.jsonl"),
-         "data file empty.jsonl is empty: give a file with at least one document"),
-    Case("data file of blank lines only", ("ingest", "{new}", *MODEL, "--data", "blank.jsonl"),
-         "no documents to capture: the data files hold no readable documents"),
-    Case("JSONL with a bad line (line number reported)", ("ingest", "{new}", *MODEL, "--data", "badline.jsonl"),
-         "badline.jsonl:2: invalid JSON (Expecting value); fix it, or pass --skip-bad to skip bad records"),
-    Case("JSONL line that is not an object", ("ingest", "{new}", *MODEL, "--data", "notobject.jsonl"),
-         "notobject.jsonl:1: expected a JSON object per line; fix it, or pass --skip-bad to skip bad records"),
-    Case("JSONL record without a text column", ("ingest", "{new}", *MODEL, "--data", "notext.jsonl"),
-         "notext.jsonl:1: no text column (expected one of text, doc, content); fix it, or pass --skip-bad to skip bad records"),
-    Case("JSONL text that is not a string", ("ingest", "{new}", *MODEL, "--data", "numtext.jsonl"),
-         "numtext.jsonl:1: column 'text' must be a string, got int; fix it, or pass --skip-bad to skip bad records"),
-    Case("non-UTF-8 text file", ("ingest", "{new}", *MODEL, "--data", "latin1.txt"),
-         "latin1.txt:1: not UTF-8 text; fix it, or pass --skip-bad to skip bad records"),
-    Case("non-UTF-8 JSONL line", ("ingest", "{new}", *MODEL, "--data", "latin1.jsonl"),
-         "latin1.jsonl:2: not UTF-8 text; fix it, or pass --skip-bad to skip bad records"),
-    Case("Parquet data that is not Parquet", ("ingest", "{new}", *MODEL, "--data", "fake.parquet"),
-         "fake.parquet is not a readable Parquet file (Parquet magic bytes not found in footer. Either the file is corrupted or this "
-         "is not a parquet file.): check the file"),
-    Case("window longer than the model's positions", ("ingest", "{new}", "--model", "minilm", "-q", "--device", "cpu",
-                                                      "--data", "docs.jsonl", "--max-length", "1000"),
-         "--max-length 1000 is longer than the 512 positions model 'minilm' has: use at most 512 (longer documents are split into windows)"),
-    Case("window too short for any text", ("ingest", "{new}", "--model", "minilm", "-q", "--device", "cpu",
-                                           "--data", "docs.jsonl", "--max-length", "2"),
-         "--max-length 2 leaves no room for text after 2 special tokens: raise it"),
-    Case("dtype the device lacks (float16 on the CPU)", ("ingest", "{new}", "--model", "config:llama-tiny", "-q", "--data", "docs.jsonl",
-                                                         "--dtype", "float16", "--device", "cpu"),
-         "--dtype float16 is not supported on the cpu: use --dtype float32 or bfloat16 there, or --device cuda"),
-    Case("CUDA requested without CUDA", ("ingest", "{new}", "--model", "config:llama-tiny", "-q", "--data", "docs.jsonl", "--device", "cuda"),
-         "--device cuda asked for CUDA but this machine has no CUDA device: use --device cpu (or auto)"),
-    Case("unknown device", ("ingest", "{new}", "--model", "config:llama-tiny", "-q", "--data", "docs.jsonl", "--device", "tpu"),
-         "unknown --device 'tpu': use auto, cpu, cuda or cuda:N"),
-    Case("unknown dtype", ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--dtype", "float64"),
-         "unknown --dtype 'float64': use one of float32, bfloat16, float16"),
-    Case("run id with a slash", ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--run-id", "bad/id"),
-         "invalid run id 'bad/id': use letters, digits, '.', '_' or '-' (at most 128 characters, starting with a letter or digit)"),
-    Case("batch size 0", ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--batch-size", "0"),
-         "--batch-size must be at least 1"),
-    Case("run id already committed", ("ingest", "{wh}", *MODEL, "--data", "docs.jsonl", "--site", "mlp.act:topk=3", "--run-id", "r"),
-         "run 'r' is already committed: choose another --run-id, or delete it with `whq runs {wh} --delete r`"),
-    Case("scenario file that does not exist", ("ingest", "{new}", "--scenario", "missing.yaml", "-q"),
-         "scenario file missing.yaml does not exist: give the path of a scenario .yaml"),
-    Case("scenario YAML with a syntax error", ("ingest", "{new}", "--scenario", "broken.yaml", "-q"),
-         "broken.yaml: not valid YAML at line 3 (expected ',' or ']', but got '<stream end>'): fix the syntax"),
-    Case("unknown run in a macro", ("sql", "{wh}", "SELECT * FROM layer_summary('nope', 'mlp.act')"),
-         "SQL error: Invalid Input Error: no committed run 'nope' in this warehouse: list the runs with SELECT run_id FROM runs"),
-    Case("unknown table in SQL", ("sql", "{wh}", "SELECT * FROM nope"),
-         "SQL error: Catalog Error: Table with name nope does not exist!"),
-    Case("write through --read-only", ("sql", "{wh}", "DROP VIEW runs", "--read-only"),
-         "read-only mode refuses DROP statements: only SELECT/WITH/VALUES/DESCRIBE/SUMMARIZE/SHOW queries are allowed"),
-    Case("SQL text run through --read-only", ("sql", "{wh}", "SELECT * FROM json_execute_serialized_sql(json_serialize_sql("
-                                                             "'SELECT * FROM read_text(''.tmp/secret.txt'')'))", "--read-only"),
-         "read-only mode refuses json_execute_serialized_sql(), which reads files or runs SQL text: query the warehouse's "
-         "tables and macros instead"),
-    Case("SUMMARIZE of a file through --read-only", ("sql", "{wh}", "SUMMARIZE '/etc/passwd'", "--read-only"),
-         "read-only mode refuses SUMMARIZE of the file '/etc/passwd': query the warehouse's tables and macros instead"),
-    Case("SHOW of a file through --read-only", ("sql", "{wh}", "SHOW '/etc/passwd'", "--read-only"),
-         "read-only mode refuses SHOW '/etc/passwd': show a table by name (SHOW tokens) or SHOW TABLES"),
-    Case("path as a macro argument through --read-only",
-         ("sql", "{wh}", "SELECT * FROM nag_distance('r', 'r', 'mlp.act', weights := '/etc/passwd')", "--read-only"),
-         "read-only mode refuses '/etc/passwd' as an argument of nag_distance(), which looks names up as tables: "
-         "pass a run id or table name, not a path"),
-    Case("--read-only query past its timeout", ("sql", "{wh}", "SELECT count(*) FROM range(1000000000000)", "--read-only",
-                                                "--timeout", "0.5"),
-         "the query ran past the 0.5 s timeout and was stopped: narrow it (WHERE, LIMIT), or raise --timeout"),
-    Case("--read-only query past its memory limit", ("sql", "{wh}", "SELECT length(string_agg(repeat('x', 1000000), ',')) "
-                                                     "FROM range(100000)", "--read-only", "--memory-limit", "100MB"),
-         "the query needed more than the 100MB memory limit and was stopped: narrow it (WHERE, LIMIT), or raise --memory-limit"),
-    Case("memory limit that is not a size", ("sql", "{wh}", "SELECT 1", "--read-only", "--memory-limit", "lots"),
-         "--memory-limit 'lots' must be a size such as 512MB or 4GB"),
-    Case("--timeout on trusted SQL", ("sql", "{wh}", "SELECT 1", "--timeout", "5"),
-         "--timeout and --memory-limit bound untrusted SQL: add --read-only"),
-    Case("trusted COPY into the warehouse", ("sql", "{wh}", "COPY (SELECT 1 AS x) TO '{wh}/data/extra.parquet'"),
-         "whq sql refuses writing '{wh}/data/extra.parquet', inside the warehouse {wh}: its files change only through whq; "
-         "write elsewhere, or pass --allow-writes"),
-    Case("folder that is not a warehouse", ("sql", "{new}", "SELECT 1"),
-         "{new} is not a whq warehouse: create it with `whq init {new}`"),
-    Case("deleting an unknown run", ("runs", "{wh}", "--delete", "nope"),
-         "no committed run 'nope' in {wh} (runs: r); list them with `whq runs {wh}`"),
-    Case("warehouse of a newer format version", ("runs", "{copy}"),
-         "{copy} has format version 99, newer than this whq reads (1): upgrade whq (pip install -U whq)", "newer_format"),
-    Case("damaged run manifest", ("runs", "{copy}"),
-         "manifest {copy}/runs/r.json is damaged (not JSON: Expecting property name enclosed in double quotes at line 1): "
-         "run `whq repair {copy}` to set it aside (the other runs stay queryable)", "damaged_manifest"),
-    Case("corrupt Parquet part", ("runs", "{copy}"),
-         "cannot build the catalog (Invalid Input Error: File '{copy}/data/documents/run_id=r/part-0-000000.parquet' too small "
-         "to be a Parquet file): find the bad part with `whq check {copy}`, then `whq repair {copy}` quarantines its run", "corrupt_part"),
+    Case(
+        "model folder that does not exist",
+        ("ingest", "{new}", "--model", "no/such/model", "--data", "docs.jsonl", "-q"),
+        "model folder no/such/model does not exist: give a local model folder, a cached hub id, or `minilm`",
+    ),
+    Case(
+        "unknown model config",
+        ("ingest", "{new}", "--model", "config:gpt-huge", "--data", "docs.jsonl", "-q"),
+        "unknown model config 'gpt-huge': use one of qwen3-0.6b, qwen3-tiny, llama-tiny",
+    ),
+    Case(
+        "model without the named module",
+        ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "nothing.*.here:topk=3"),
+        "site 'nothing.*.here:topk=3': module glob 'nothing.*.here' matches no module of this model; list them with `whq sites --model M`",
+    ),
+    Case(
+        "unknown site alias",
+        ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "mlp.nope:topk=3"),
+        "unknown site 'mlp.nope': did you mean 'mlp.up'? aliases for this model: mlp.up, mlp.gate, mlp.act, mlp.down, "
+        "attn.q, attn.k, attn.v, attn.o, resid.in, resid.out, mlp.in; or give a module glob (see `whq sites --model M`)",
+    ),
+    Case(
+        "SPEC typo in a reduction",
+        ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "mlp.act:tpk=3"),
+        "--site 'mlp.act:tpk=3': unknown reduction 'tpk'; did you mean 'topk'? known: topk, abstopk, threshold, nag, examples, hist, quantiles, similar, last, mean, dense",
+    ),
+    Case(
+        "SPEC argument not a number",
+        ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "mlp.act:topk=x"),
+        "--site 'mlp.act:topk=x': topk='x' needs a whole number",
+    ),
+    Case(
+        "SPEC argument zero",
+        ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "mlp.act:topk=0"),
+        "--site 'mlp.act:topk=0': topk=0 must be at least 1",
+    ),
+    Case(
+        "SPEC hook point typo",
+        ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "mlp.act@sideways:topk=3"),
+        "--site 'mlp.act@sideways:topk=3': hook point must be @in or @out, not @sideways",
+    ),
+    Case(
+        "same site twice",
+        ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "mlp.act:topk=3", "--site", "mlp.act:nag=3"),
+        "site given twice (mlp.act): merge the reductions into one SPEC, e.g. mlp.act:topk=20,examples=20",
+    ),
+    Case(
+        "no --data",
+        ("ingest", "{new}", *MODEL),
+        "no --data given: pass a .jsonl, .parquet or .txt file (or a --scenario)",
+    ),
+    Case(
+        "data file that does not exist",
+        ("ingest", "{new}", *MODEL, "--data", "missing.jsonl"),
+        "data file missing.jsonl does not exist: check the path",
+    ),
+    Case(
+        "unsupported data file type",
+        ("ingest", "{new}", *MODEL, "--data", "docs.csv"),
+        "data file docs.csv: unsupported type .csv; use .jsonl, .parquet or .txt",
+    ),
+    Case(
+        "empty data file",
+        ("ingest", "{new}", *MODEL, "--data", "empty.jsonl"),
+        "data file empty.jsonl is empty: give a file with at least one document",
+    ),
+    Case(
+        "data file of blank lines only",
+        ("ingest", "{new}", *MODEL, "--data", "blank.jsonl"),
+        "no documents to capture: the data files hold no readable documents",
+    ),
+    Case(
+        "JSONL with a bad line (line number reported)",
+        ("ingest", "{new}", *MODEL, "--data", "badline.jsonl"),
+        "badline.jsonl:2: invalid JSON (Expecting value); fix it, or pass --skip-bad to skip bad records",
+    ),
+    Case(
+        "JSONL line that is not an object",
+        ("ingest", "{new}", *MODEL, "--data", "notobject.jsonl"),
+        "notobject.jsonl:1: expected a JSON object per line; fix it, or pass --skip-bad to skip bad records",
+    ),
+    Case(
+        "JSONL record without a text column",
+        ("ingest", "{new}", *MODEL, "--data", "notext.jsonl"),
+        "notext.jsonl:1: no text column (expected one of text, doc, content); fix it, or pass --skip-bad to skip bad records",
+    ),
+    Case(
+        "JSONL text that is not a string",
+        ("ingest", "{new}", *MODEL, "--data", "numtext.jsonl"),
+        "numtext.jsonl:1: column 'text' must be a string, got int; fix it, or pass --skip-bad to skip bad records",
+    ),
+    Case(
+        "non-UTF-8 text file",
+        ("ingest", "{new}", *MODEL, "--data", "latin1.txt"),
+        "latin1.txt:1: not UTF-8 text; fix it, or pass --skip-bad to skip bad records",
+    ),
+    Case(
+        "non-UTF-8 JSONL line",
+        ("ingest", "{new}", *MODEL, "--data", "latin1.jsonl"),
+        "latin1.jsonl:2: not UTF-8 text; fix it, or pass --skip-bad to skip bad records",
+    ),
+    Case(
+        "Parquet data that is not Parquet",
+        ("ingest", "{new}", *MODEL, "--data", "fake.parquet"),
+        "fake.parquet is not a readable Parquet file (Parquet magic bytes not found in footer. Either the file is corrupted or this "
+        "is not a parquet file.): check the file",
+    ),
+    Case(
+        "window longer than the model's positions",
+        (
+            "ingest",
+            "{new}",
+            "--model",
+            "minilm",
+            "-q",
+            "--device",
+            "cpu",
+            "--data",
+            "docs.jsonl",
+            "--max-length",
+            "1000",
+        ),
+        "--max-length 1000 is longer than the 512 positions model 'minilm' has: use at most 512 (longer documents are split into windows)",
+    ),
+    Case(
+        "window too short for any text",
+        ("ingest", "{new}", "--model", "minilm", "-q", "--device", "cpu", "--data", "docs.jsonl", "--max-length", "2"),
+        "--max-length 2 leaves no room for text after 2 special tokens: raise it",
+    ),
+    Case(
+        "dtype the device lacks (float16 on the CPU)",
+        (
+            "ingest",
+            "{new}",
+            "--model",
+            "config:llama-tiny",
+            "-q",
+            "--data",
+            "docs.jsonl",
+            "--dtype",
+            "float16",
+            "--device",
+            "cpu",
+        ),
+        "--dtype float16 is not supported on the cpu: use --dtype float32 or bfloat16 there, or --device cuda",
+    ),
+    Case(
+        "CUDA requested without CUDA",
+        ("ingest", "{new}", "--model", "config:llama-tiny", "-q", "--data", "docs.jsonl", "--device", "cuda"),
+        "--device cuda asked for CUDA but this machine has no CUDA device: use --device cpu (or auto)",
+    ),
+    Case(
+        "unknown device",
+        ("ingest", "{new}", "--model", "config:llama-tiny", "-q", "--data", "docs.jsonl", "--device", "tpu"),
+        "unknown --device 'tpu': use auto, cpu, cuda or cuda:N",
+    ),
+    Case(
+        "unknown dtype",
+        ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--dtype", "float64"),
+        "unknown --dtype 'float64': use one of float32, bfloat16, float16",
+    ),
+    Case(
+        "run id with a slash",
+        ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--run-id", "bad/id"),
+        "invalid run id 'bad/id': use letters, digits, '.', '_' or '-' (at most 128 characters, starting with a letter or digit)",
+    ),
+    Case(
+        "batch size 0",
+        ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--batch-size", "0"),
+        "--batch-size must be at least 1",
+    ),
+    Case(
+        "run id already committed",
+        ("ingest", "{wh}", *MODEL, "--data", "docs.jsonl", "--site", "mlp.act:topk=3", "--run-id", "r"),
+        "run 'r' is already committed: choose another --run-id, or delete it with `whq runs {wh} --delete r`",
+    ),
+    Case(
+        "scenario file that does not exist",
+        ("ingest", "{new}", "--scenario", "missing.yaml", "-q"),
+        "scenario file missing.yaml does not exist: give the path of a scenario .yaml",
+    ),
+    Case(
+        "scenario YAML with a syntax error",
+        ("ingest", "{new}", "--scenario", "broken.yaml", "-q"),
+        "broken.yaml: not valid YAML at line 3 (expected ',' or ']', but got '<stream end>'): fix the syntax",
+    ),
+    Case(
+        "unknown run in a macro",
+        ("sql", "{wh}", "SELECT * FROM layer_summary('nope', 'mlp.act')"),
+        "SQL error: Invalid Input Error: no committed run 'nope' in this warehouse: list the runs with SELECT run_id FROM runs",
+    ),
+    Case(
+        "unknown table in SQL",
+        ("sql", "{wh}", "SELECT * FROM nope"),
+        "SQL error: Catalog Error: Table with name nope does not exist!",
+    ),
+    Case(
+        "write through --read-only",
+        ("sql", "{wh}", "DROP VIEW runs", "--read-only"),
+        "read-only mode refuses DROP statements: only SELECT/WITH/VALUES/DESCRIBE/SUMMARIZE/SHOW queries are allowed",
+    ),
+    Case(
+        "SQL text run through --read-only",
+        (
+            "sql",
+            "{wh}",
+            "SELECT * FROM json_execute_serialized_sql(json_serialize_sql("
+            "'SELECT * FROM read_text(''.tmp/secret.txt'')'))",
+            "--read-only",
+        ),
+        "read-only mode refuses json_execute_serialized_sql(), which reads files or runs SQL text: query the warehouse's "
+        "tables and macros instead",
+    ),
+    Case(
+        "SUMMARIZE of a file through --read-only",
+        ("sql", "{wh}", "SUMMARIZE '/etc/passwd'", "--read-only"),
+        "read-only mode refuses SUMMARIZE of the file '/etc/passwd': query the warehouse's tables and macros instead",
+    ),
+    Case(
+        "SHOW of a file through --read-only",
+        ("sql", "{wh}", "SHOW '/etc/passwd'", "--read-only"),
+        "read-only mode refuses SHOW '/etc/passwd': show a table by name (SHOW tokens) or SHOW TABLES",
+    ),
+    Case(
+        "path as a macro argument through --read-only",
+        ("sql", "{wh}", "SELECT * FROM nag_distance('r', 'r', 'mlp.act', weights := '/etc/passwd')", "--read-only"),
+        "read-only mode refuses '/etc/passwd' as an argument of nag_distance(), which looks names up as tables: "
+        "pass a run id or table name, not a path",
+    ),
+    Case(
+        "--read-only query past its timeout",
+        ("sql", "{wh}", "SELECT count(*) FROM range(1000000000000)", "--read-only", "--timeout", "0.5"),
+        "the query ran past the 0.5 s timeout and was stopped: narrow it (WHERE, LIMIT), or raise --timeout",
+    ),
+    Case(
+        "--read-only query past its memory limit",
+        (
+            "sql",
+            "{wh}",
+            "SELECT length(string_agg(repeat('x', 1000000), ',')) FROM range(100000)",
+            "--read-only",
+            "--memory-limit",
+            "100MB",
+        ),
+        "the query needed more than the 100MB memory limit and was stopped: narrow it (WHERE, LIMIT), or raise --memory-limit",
+    ),
+    Case(
+        "memory limit that is not a size",
+        ("sql", "{wh}", "SELECT 1", "--read-only", "--memory-limit", "lots"),
+        "--memory-limit 'lots' must be a size such as 512MB or 4GB",
+    ),
+    Case(
+        "--timeout on trusted SQL",
+        ("sql", "{wh}", "SELECT 1", "--timeout", "5"),
+        "--timeout and --memory-limit bound untrusted SQL: add --read-only",
+    ),
+    Case(
+        "trusted COPY into the warehouse",
+        ("sql", "{wh}", "COPY (SELECT 1 AS x) TO '{wh}/data/extra.parquet'"),
+        "whq sql refuses writing '{wh}/data/extra.parquet', inside the warehouse {wh}: its files change only through whq; "
+        "write elsewhere, or pass --allow-writes",
+    ),
+    Case(
+        "folder that is not a warehouse",
+        ("sql", "{new}", "SELECT 1"),
+        "{new} is not a whq warehouse: create it with `whq init {new}`",
+    ),
+    Case(
+        "deleting an unknown run",
+        ("runs", "{wh}", "--delete", "nope"),
+        "no committed run 'nope' in {wh} (runs: r); list them with `whq runs {wh}`",
+    ),
+    Case(
+        "warehouse of a newer format version",
+        ("runs", "{copy}"),
+        "{copy} has format version 99, newer than this whq reads (1): upgrade whq (pip install -U whq)",
+        "newer_format",
+    ),
+    Case(
+        "damaged run manifest",
+        ("runs", "{copy}"),
+        "manifest {copy}/runs/r.json is damaged (not JSON: Expecting property name enclosed in double quotes at line 1): "
+        "run `whq repair {copy}` to set it aside (the other runs stay queryable)",
+        "damaged_manifest",
+    ),
+    Case(
+        "corrupt Parquet part",
+        ("runs", "{copy}"),
+        "cannot build the catalog (Invalid Input Error: File '{copy}/data/documents/run_id=r/part-0-000000.parquet' too small "
+        "to be a Parquet file): find the bad part with `whq check {copy}`, then `whq repair {copy}` quarantines its run",
+        "corrupt_part",
+    ),
     # Names (warehouse/names.py): every run id, site and label is checked before it reaches a path or SQL.
-    Case("--delete of a path to the marker", ("runs", "{wh}", "--delete", "../whq"), "invalid run id '../whq': " + _NAME_RULE),
-    Case("--delete of a path outside the warehouse", ("runs", "{wh}", "--delete", "../../victim"),
-         "invalid run id '../../victim': " + _NAME_RULE),
-    Case("--delete of a run id ending in a newline", ("runs", "{wh}", "--delete", "r\n"), "invalid run id 'r\\n': " + _NAME_RULE),
-    Case("run id ending in a newline", ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--run-id", "r\n"),
-         "invalid run id 'r\\n': " + _NAME_RULE),
-    Case("--resume of a path to the marker", ("ingest", "{wh}", *MODEL, "--data", "docs.jsonl", "--run-id", "../whq", "--resume"),
-         "invalid run id '../whq': " + _NAME_RULE),
-    Case("run id with a suffix whq uses", ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--run-id", "r.json"),
-         "invalid run id 'r.json': the suffix '.json' is reserved for whq's own files: pick another name"),
-    Case("run id with '..'", ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--run-id", "a..b"),
-         "invalid run id 'a..b': '..' is not allowed in a name (names become folder names): pick another name"),
-    Case("run id naming a writer's temporary folder", ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--run-id", "a.rank-0"),
-         "invalid run id 'a.rank-0': '.rank-' is reserved for whq's temporary folders: pick another name"),
-    Case("dataset label with a control character", ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--dataset", "web\x1b[31m"),
-         "invalid --dataset 'web\\x1b[31m': use text of 1 to 256 characters without control characters"),
-    Case("report on a path", ("report", "{wh}", "--run", "../r", "--out", "r.html"), "invalid run id '../r': " + _NAME_RULE),
-    Case("export of a path", ("export", "features", "{wh}", "--run", "r/../r", "--site", "mlp.act", "--out", "f"),
-         "invalid run id 'r/../r': " + _NAME_RULE),
-    Case("NAG target with a bad run id", ("nag", "keys", "{wh}", "--target", "../r", "--top", "3", "--out", "k.json"),
-         "invalid run id '../r': " + _NAME_RULE),
-    Case("NAG target with a bad dataset label", ("nag", "keys", "{wh}", "--target", "r:a\nb", "--top", "3", "--out", "k.json"),
-         "invalid dataset 'a\\nb': use text of 1 to 256 characters without control characters"),
+    Case(
+        "--delete of a path to the marker",
+        ("runs", "{wh}", "--delete", "../whq"),
+        "invalid run id '../whq': " + _NAME_RULE,
+    ),
+    Case(
+        "--delete of a path outside the warehouse",
+        ("runs", "{wh}", "--delete", "../../victim"),
+        "invalid run id '../../victim': " + _NAME_RULE,
+    ),
+    Case(
+        "--delete of a run id ending in a newline",
+        ("runs", "{wh}", "--delete", "r\n"),
+        "invalid run id 'r\\n': " + _NAME_RULE,
+    ),
+    Case(
+        "run id ending in a newline",
+        ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--run-id", "r\n"),
+        "invalid run id 'r\\n': " + _NAME_RULE,
+    ),
+    Case(
+        "--resume of a path to the marker",
+        ("ingest", "{wh}", *MODEL, "--data", "docs.jsonl", "--run-id", "../whq", "--resume"),
+        "invalid run id '../whq': " + _NAME_RULE,
+    ),
+    Case(
+        "run id with a suffix whq uses",
+        ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--run-id", "r.json"),
+        "invalid run id 'r.json': the suffix '.json' is reserved for whq's own files: pick another name",
+    ),
+    Case(
+        "run id with '..'",
+        ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--run-id", "a..b"),
+        "invalid run id 'a..b': '..' is not allowed in a name (names become folder names): pick another name",
+    ),
+    Case(
+        "run id naming a writer's temporary folder",
+        ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--run-id", "a.rank-0"),
+        "invalid run id 'a.rank-0': '.rank-' is reserved for whq's temporary folders: pick another name",
+    ),
+    Case(
+        "dataset label with a control character",
+        ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--dataset", "web\x1b[31m"),
+        "invalid --dataset 'web\\x1b[31m': use text of 1 to 256 characters without control characters",
+    ),
+    Case(
+        "report on a path",
+        ("report", "{wh}", "--run", "../r", "--out", "r.html"),
+        "invalid run id '../r': " + _NAME_RULE,
+    ),
+    Case(
+        "export of a path",
+        ("export", "features", "{wh}", "--run", "r/../r", "--site", "mlp.act", "--out", "f"),
+        "invalid run id 'r/../r': " + _NAME_RULE,
+    ),
+    Case(
+        "NAG target with a bad run id",
+        ("nag", "keys", "{wh}", "--target", "../r", "--top", "3", "--out", "k.json"),
+        "invalid run id '../r': " + _NAME_RULE,
+    ),
+    Case(
+        "NAG target with a bad dataset label",
+        ("nag", "keys", "{wh}", "--target", "r:a\nb", "--top", "3", "--out", "k.json"),
+        "invalid dataset 'a\\nb': use text of 1 to 256 characters without control characters",
+    ),
     # Metadata of the wrong shape (warehouse/metadata.py): one line naming the file and `whq repair`.
-    Case("manifest that is {}", ("runs", "{copy}"),
-         "manifest {copy}/runs/r.json is damaged (the manifest has no valid 'run_id'): run `whq repair {copy}` to set it aside "
-         "(the other runs stay queryable)", "empty_manifest"),
-    Case("manifest that is null", ("runs", "{copy}"),
-         "manifest {copy}/runs/r.json is damaged (the manifest is not a JSON object): run `whq repair {copy}` to set it aside "
-         "(the other runs stay queryable)", "null_manifest"),
-    Case("manifest that is {\"parts\": 5}", ("runs", "{copy}"),
-         "manifest {copy}/runs/r.json is damaged (the manifest has no valid 'run_id'): run `whq repair {copy}` to set it aside "
-         "(the other runs stay queryable)", "parts_not_list"),
-    Case("manifest whose part points outside its run", ("runs", "{copy}"),
-         "manifest {copy}/runs/r.json is damaged (part path '../../victim.parquet' is not a part of run 'r'): "
-         "run `whq repair {copy}` to set it aside (the other runs stay queryable)", "part_outside"),
-    Case("quarantine.json of garbage bytes", ("runs", "{copy}"),
-         "{copy}/quarantine.json is damaged (not UTF-8 text): run `whq repair {copy}` to rebuild it (repair checks every run again)",
-         "garbage_quarantine"),
-    Case("marker whose version is a string", ("runs", "{copy}"),
-         "{copy}/whq.json is damaged (the marker has no valid 'format_version'): restore it, or rewrite it with `whq repair {copy}`",
-         "string_version"),
-    Case("catalog path that is a folder", ("runs", "{copy}"),
-         "{copy}/whq.duckdb is not a file: move it away (whq regenerates the catalog), or run `whq repair {copy}` to set it aside",
-         "catalog_folder"),
+    Case(
+        "manifest that is {}",
+        ("runs", "{copy}"),
+        "manifest {copy}/runs/r.json is damaged (the manifest has no valid 'run_id'): run `whq repair {copy}` to set it aside "
+        "(the other runs stay queryable)",
+        "empty_manifest",
+    ),
+    Case(
+        "manifest that is null",
+        ("runs", "{copy}"),
+        "manifest {copy}/runs/r.json is damaged (the manifest is not a JSON object): run `whq repair {copy}` to set it aside "
+        "(the other runs stay queryable)",
+        "null_manifest",
+    ),
+    Case(
+        'manifest that is {"parts": 5}',
+        ("runs", "{copy}"),
+        "manifest {copy}/runs/r.json is damaged (the manifest has no valid 'run_id'): run `whq repair {copy}` to set it aside "
+        "(the other runs stay queryable)",
+        "parts_not_list",
+    ),
+    Case(
+        "manifest whose part points outside its run",
+        ("runs", "{copy}"),
+        "manifest {copy}/runs/r.json is damaged (part path '../../victim.parquet' is not a part of run 'r'): "
+        "run `whq repair {copy}` to set it aside (the other runs stay queryable)",
+        "part_outside",
+    ),
+    Case(
+        "quarantine.json of garbage bytes",
+        ("runs", "{copy}"),
+        "{copy}/quarantine.json is damaged (not UTF-8 text): run `whq repair {copy}` to rebuild it (repair checks every run again)",
+        "garbage_quarantine",
+    ),
+    Case(
+        "marker whose version is a string",
+        ("runs", "{copy}"),
+        "{copy}/whq.json is damaged (the marker has no valid 'format_version'): restore it, or rewrite it with `whq repair {copy}`",
+        "string_version",
+    ),
+    Case(
+        "catalog path that is a folder",
+        ("runs", "{copy}"),
+        "{copy}/whq.duckdb is not a file: move it away (whq regenerates the catalog), or run `whq repair {copy}` to set it aside",
+        "catalog_folder",
+    ),
     # Inputs and resume (ingest/README.md): odd files, bad bytes, numbers out of range, a changed input.
-    Case("data file that is a directory", ("ingest", "{new}", *MODEL, "--data", "{copy}/docs.jsonl"),
-         "data file {copy}/docs.jsonl is a directory, not a regular file: give a .jsonl, .parquet or .txt file", "folder_named_jsonl"),
-    Case("data file that is a FIFO", ("ingest", "{new}", *MODEL, "--data", "{copy}/pipe.jsonl"),
-         "data file {copy}/pipe.jsonl is a named pipe (FIFO), not a regular file: give a .jsonl, .parquet or .txt file", "fifo"),
-    Case("data file that is a symlink loop", ("ingest", "{new}", *MODEL, "--data", "{copy}/loop.jsonl"),
-         "data file {copy}/loop.jsonl cannot be opened (Too many levels of symbolic links): check the path", "symlink_loop"),
-    Case("Parquet with a damaged data page", ("ingest", "{new}", *MODEL, "--data", "page.parquet"),
-         "page.parquet is not a readable Parquet file (ZSTD decompression failed: Data corruption detected): check the file"),
-    Case("Parquet text column of numbers", ("ingest", "{new}", *MODEL, "--data", "numbers.parquet"),
-         "numbers.parquet row 0: column 'text' must be a string, got int; fix it, or pass --skip-bad to skip bad records"),
-    Case("JSONL text with a lone surrogate escape", ("ingest", "{new}", *MODEL, "--data", "surrogate.jsonl"),
-         "surrogate.jsonl:1: column 'text' is not valid Unicode (it holds a lone surrogate); fix it, or pass --skip-bad to skip bad records"),
-    Case("JSONL dataset label that is a number", ("ingest", "{new}", *MODEL, "--data", "numlabel.jsonl"),
-         "numlabel.jsonl:1: column 'dataset' must be a string or null, got int; fix it, or pass --skip-bad to skip bad records"),
-    Case("bad record late in a large file (refused before the run exists)",
-         ("ingest", "{new}", *MODEL, "--data", "late.jsonl", "--shard-tokens", "8"),
-         "late.jsonl:301: invalid JSON (Expecting property name enclosed in double quotes); fix it, or pass --skip-bad to skip bad records"),
-    Case("--resume after the data file was edited in place", ("ingest", "{copy}", *MODEL, "--data", "docs.jsonl", "--site",
-                                                              "mlp.act:topk=3", "--run-id", "i", "--resume"),
-         "data file docs.jsonl changed since run 'i' started (its sha256 differs), so resuming would mix both versions: "
-         "restore the file and --resume, or start a new --run-id", "interrupted_then_edited"),
-    Case("max length 0", ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--max-length", "0"),
-         "--max-length 0 must be at least 1 (omit it for the model's own window)"),
-    Case("--ranks 0", ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--ranks", "0"),
-         "--ranks must be at least 1"),
-    Case("SPEC threshold=nan", ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "mlp.act:threshold=nan"),
-         "--site 'mlp.act:threshold=nan': threshold=nan must be a finite number (nan and inf fire never or always)"),
-    Case("SPEC threshold=-inf", ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "mlp.act:threshold=-inf"),
-         "--site 'mlp.act:threshold=-inf': threshold=-inf must be a finite number (nan and inf fire never or always)"),
-    Case("SPEC topk above the site's units", ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "mlp.act:topk=500"),
-         "--site 'mlp.act:topk=500': topk=500 is more than the 128 units of site mlp.act: use at most 128 (or `dense` for every unit)"),
-    Case("SPEC nag above the site's units", ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "resid.out:nag=65"),
-         "--site 'resid.out:nag=65': nag=65 is more than the 64 units of site resid.out: use at most 64 (or `dense` for every unit)"),
-    Case("SPEC examples=N beyond memory", ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "mlp.act:examples=99999999"),
-         "--site 'mlp.act:examples=99999999': examples=99999999 needs about 42,496.0 GB of memory (99999999 x 128 units x 4 layers "
-         "x 830 bytes), over the {budget} budget (half of this machine's memory): use examples=N with N at most {most}"),
-    Case("scenario temperature .nan", ("ingest", "{new}", "--scenario", "nantemp.yaml", "-q"),
-         "nantemp.yaml: generation.temperature must be a finite number, got nan"),
-    Case("scenario seed below 0", ("ingest", "{new}", "--scenario", "seed.yaml", "-q"),
-         "seed.yaml: generation.seed must be at least 0, got -1"),
-    Case("scenario value YAML cannot build (a date 2001-13-01)", ("ingest", "{new}", "--scenario", "baddate.yaml", "-q"),
-         "baddate.yaml: a value YAML cannot read (month must be in 1..12): quote it as text or fix it"),
-    Case("scenario that is a directory", ("ingest", "{new}", "--scenario", "{copy}/runs", "-q"),
-         "scenario file {copy}/runs is not a regular file: give the path of a scenario .yaml", "damaged_manifest"),
-    Case("NAG --fraction nan", ("nag", "select", "{wh}", "--target", "r", "--pool", "r", "--fraction", "nan", "--out", "x.parquet"),
-         "--fraction nan must be in (0, 1], e.g. 0.2 for a fifth"),
-    Case("NAG --power inf", ("nag", "select", "{wh}", "--target", "r", "--pool", "r", "--power", "inf", "--out", "x.parquet"),
-         "--power inf must be a finite number above 0"),
-    Case("export --top below 0", ("export", "features", "{wh}", "--run", "r", "--site", "mlp.act", "--out", "f", "--top", "-1"),
-         "--top -1 must be at least 0"),
-    Case("bench ingest --shard-tokens 0", ("bench", "ingest", "--model", "config:llama-tiny", "--shard-tokens", "0"),
-         "--shard-tokens 0 must be at least 1"),
-    Case("bench query --k above --width", ("bench", "query", "{new}", "--k", "30", "--width", "20"),
-         "--k 30 is more than --width 20: top-k keeps k distinct units of each token; lower --k"),
-    Case("bench nag --docs 0", ("bench", "nag", "{new}", "--docs", "0"),
-         "--docs 0 must be at least 1"),
-    Case("dictionary that does not exist", ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "resid.out[1]+sae=no/such/sae:topk=3"),
-         "dictionary no/such/sae does not exist: give a folder or file with cfg.json + sae_weights.safetensors (SAELens), "
-         "cfg.json + sae.safetensors (sparsify), params.npz (Gemma Scope), a folder of those per layer, or dict.py[:CHECKPOINT]"),
-    Case("dictionary of an unknown architecture", ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "resid.out[1]+sae=dicts/odd:topk=3"),
-         "dictionary dicts/odd: unknown SAELens architecture 'matryoshka': use one of standard, gated, jumprelu, topk, batchtopk, "
-         "transcoder, jumprelu_transcoder"),
-    Case("dictionary narrower than the site", ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "resid.out[1]+sae=dicts/narrow:topk=3"),
-         "site sae.resid.out layer 1: the hook gives 64 units but dictionary dicts/narrow reads d_in=32: use a dictionary trained on this site"),
-    Case("dictionary layer the model lacks", ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "resid.out[9]+sae=dicts/sae:topk=3"),
-         "site 'resid.out[9]+sae=dicts/sae:topk=3': this model has no layer 9 at 'model.layers.*': select layers 0-3"),
-    Case("SAE given as a transcoder", ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "mlp.in[1]+transcoder=dicts/sae:topk=3"),
-         "--site 'mlp.in[1]+transcoder=dicts/sae:topk=3': dictionary dicts/sae is an SAE: write +sae=PATH"),
+    Case(
+        "data file that is a directory",
+        ("ingest", "{new}", *MODEL, "--data", "{copy}/docs.jsonl"),
+        "data file {copy}/docs.jsonl is a directory, not a regular file: give a .jsonl, .parquet or .txt file",
+        "folder_named_jsonl",
+    ),
+    Case(
+        "data file that is a FIFO",
+        ("ingest", "{new}", *MODEL, "--data", "{copy}/pipe.jsonl"),
+        "data file {copy}/pipe.jsonl is a named pipe (FIFO), not a regular file: give a .jsonl, .parquet or .txt file",
+        "fifo",
+    ),
+    Case(
+        "data file that is a symlink loop",
+        ("ingest", "{new}", *MODEL, "--data", "{copy}/loop.jsonl"),
+        "data file {copy}/loop.jsonl cannot be opened (Too many levels of symbolic links): check the path",
+        "symlink_loop",
+    ),
+    Case(
+        "Parquet with a damaged data page",
+        ("ingest", "{new}", *MODEL, "--data", "page.parquet"),
+        "page.parquet is not a readable Parquet file (ZSTD decompression failed: Data corruption detected): check the file",
+    ),
+    Case(
+        "Parquet text column of numbers",
+        ("ingest", "{new}", *MODEL, "--data", "numbers.parquet"),
+        "numbers.parquet row 0: column 'text' must be a string, got int; fix it, or pass --skip-bad to skip bad records",
+    ),
+    Case(
+        "JSONL text with a lone surrogate escape",
+        ("ingest", "{new}", *MODEL, "--data", "surrogate.jsonl"),
+        "surrogate.jsonl:1: column 'text' is not valid Unicode (it holds a lone surrogate); fix it, or pass --skip-bad to skip bad records",
+    ),
+    Case(
+        "JSONL dataset label that is a number",
+        ("ingest", "{new}", *MODEL, "--data", "numlabel.jsonl"),
+        "numlabel.jsonl:1: column 'dataset' must be a string or null, got int; fix it, or pass --skip-bad to skip bad records",
+    ),
+    Case(
+        "bad record late in a large file (refused before the run exists)",
+        ("ingest", "{new}", *MODEL, "--data", "late.jsonl", "--shard-tokens", "8"),
+        "late.jsonl:301: invalid JSON (Expecting property name enclosed in double quotes); fix it, or pass --skip-bad to skip bad records",
+    ),
+    Case(
+        "--resume after the data file was edited in place",
+        ("ingest", "{copy}", *MODEL, "--data", "docs.jsonl", "--site", "mlp.act:topk=3", "--run-id", "i", "--resume"),
+        "data file docs.jsonl changed since run 'i' started (its sha256 differs), so resuming would mix both versions: "
+        "restore the file and --resume, or start a new --run-id",
+        "interrupted_then_edited",
+    ),
+    Case(
+        "max length 0",
+        ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--max-length", "0"),
+        "--max-length 0 must be at least 1 (omit it for the model's own window)",
+    ),
+    Case(
+        "--ranks 0", ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--ranks", "0"), "--ranks must be at least 1"
+    ),
+    Case(
+        "SPEC threshold=nan",
+        ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "mlp.act:threshold=nan"),
+        "--site 'mlp.act:threshold=nan': threshold=nan must be a finite number (nan and inf fire never or always)",
+    ),
+    Case(
+        "SPEC threshold=-inf",
+        ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "mlp.act:threshold=-inf"),
+        "--site 'mlp.act:threshold=-inf': threshold=-inf must be a finite number (nan and inf fire never or always)",
+    ),
+    Case(
+        "SPEC topk above the site's units",
+        ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "mlp.act:topk=500"),
+        "--site 'mlp.act:topk=500': topk=500 is more than the 128 units of site mlp.act: use at most 128 (or `dense` for every unit)",
+    ),
+    Case(
+        "SPEC nag above the site's units",
+        ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "resid.out:nag=65"),
+        "--site 'resid.out:nag=65': nag=65 is more than the 64 units of site resid.out: use at most 64 (or `dense` for every unit)",
+    ),
+    Case(
+        "SPEC examples=N beyond memory",
+        ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "mlp.act:examples=99999999"),
+        "--site 'mlp.act:examples=99999999': examples=99999999 needs about 42,496.0 GB of memory (99999999 x 128 units x 4 layers "
+        "x 830 bytes), over the {budget} budget (half of this machine's memory): use examples=N with N at most {most}",
+    ),
+    Case(
+        "scenario temperature .nan",
+        ("ingest", "{new}", "--scenario", "nantemp.yaml", "-q"),
+        "nantemp.yaml: generation.temperature must be a finite number, got nan",
+    ),
+    Case(
+        "scenario seed below 0",
+        ("ingest", "{new}", "--scenario", "seed.yaml", "-q"),
+        "seed.yaml: generation.seed must be at least 0, got -1",
+    ),
+    Case(
+        "scenario value YAML cannot build (a date 2001-13-01)",
+        ("ingest", "{new}", "--scenario", "baddate.yaml", "-q"),
+        "baddate.yaml: a value YAML cannot read (month must be in 1..12): quote it as text or fix it",
+    ),
+    Case(
+        "scenario that is a directory",
+        ("ingest", "{new}", "--scenario", "{copy}/runs", "-q"),
+        "scenario file {copy}/runs is not a regular file: give the path of a scenario .yaml",
+        "damaged_manifest",
+    ),
+    Case(
+        "NAG --fraction nan",
+        ("nag", "select", "{wh}", "--target", "r", "--pool", "r", "--fraction", "nan", "--out", "x.parquet"),
+        "--fraction nan must be in (0, 1], e.g. 0.2 for a fifth",
+    ),
+    Case(
+        "NAG --power inf",
+        ("nag", "select", "{wh}", "--target", "r", "--pool", "r", "--power", "inf", "--out", "x.parquet"),
+        "--power inf must be a finite number above 0",
+    ),
+    Case(
+        "export --top below 0",
+        ("export", "features", "{wh}", "--run", "r", "--site", "mlp.act", "--out", "f", "--top", "-1"),
+        "--top -1 must be at least 0",
+    ),
+    Case(
+        "bench ingest --shard-tokens 0",
+        ("bench", "ingest", "--model", "config:llama-tiny", "--shard-tokens", "0"),
+        "--shard-tokens 0 must be at least 1",
+    ),
+    Case(
+        "bench query --k above --width",
+        ("bench", "query", "{new}", "--k", "30", "--width", "20"),
+        "--k 30 is more than --width 20: top-k keeps k distinct units of each token; lower --k",
+    ),
+    Case("bench nag --docs 0", ("bench", "nag", "{new}", "--docs", "0"), "--docs 0 must be at least 1"),
+    Case(
+        "dictionary that does not exist",
+        ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "resid.out[1]+sae=no/such/sae:topk=3"),
+        "dictionary no/such/sae does not exist: give a folder or file with cfg.json + sae_weights.safetensors (SAELens), "
+        "cfg.json + sae.safetensors (sparsify), params.npz (Gemma Scope), a folder of those per layer, or dict.py[:CHECKPOINT]",
+    ),
+    Case(
+        "dictionary of an unknown architecture",
+        ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "resid.out[1]+sae=dicts/odd:topk=3"),
+        "dictionary dicts/odd: unknown SAELens architecture 'matryoshka': use one of standard, gated, jumprelu, topk, batchtopk, "
+        "transcoder, jumprelu_transcoder",
+    ),
+    Case(
+        "dictionary narrower than the site",
+        ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "resid.out[1]+sae=dicts/narrow:topk=3"),
+        "site sae.resid.out layer 1: the hook gives 64 units but dictionary dicts/narrow reads d_in=32: use a dictionary trained on this site",
+    ),
+    Case(
+        "dictionary layer the model lacks",
+        ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "resid.out[9]+sae=dicts/sae:topk=3"),
+        "site 'resid.out[9]+sae=dicts/sae:topk=3': this model has no layer 9 at 'model.layers.*': select layers 0-3",
+    ),
+    Case(
+        "SAE given as a transcoder",
+        ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "mlp.in[1]+transcoder=dicts/sae:topk=3"),
+        "--site 'mlp.in[1]+transcoder=dicts/sae:topk=3': dictionary dicts/sae is an SAE: write +sae=PATH",
+    ),
 ]
+
 
 def _parquet_bytes(table: pa.Table, **options) -> bytes:
     sink = io.BytesIO()
@@ -336,8 +674,14 @@ def damage(root: Path, how: str) -> None:
         # The journal of an interrupted run "i" whose docs.jsonl (in the working folder) had other content.
         journal = root / "journal" / "i"
         journal.mkdir(parents=True)
-        recorded = {"path": str(Path("docs.jsonl").resolve()), "bytes": Path("docs.jsonl").stat().st_size, "sha256": "0" * 64}
-        (journal / "config.json").write_text(json.dumps({"data": [recorded], "started_at": "2026-01-01T00:00:00+00:00"}))
+        recorded = {
+            "path": str(Path("docs.jsonl").resolve()),
+            "bytes": Path("docs.jsonl").stat().st_size,
+            "sha256": "0" * 64,
+        }
+        (journal / "config.json").write_text(
+            json.dumps({"data": [recorded], "started_at": "2026-01-01T00:00:00+00:00"})
+        )
     else:
         name, payload = DAMAGES[how]
         (root / name).write_bytes(payload)
@@ -351,7 +695,9 @@ def tiny_wh(tmp_path_factory):
     dictionaries.saelens(folder / "dicts" / "sae", "topk")
     dictionaries.saelens(folder / "dicts" / "odd", "matryoshka")
     dictionaries.saelens(folder / "dicts" / "narrow", "topk", d_in=32)
-    code, out, err = run_whq("ingest", folder / "wh", *MODEL, "--data", folder / "docs.jsonl", "--site", "mlp.act:topk=3", "--run-id", "r")
+    code, out, err = run_whq(
+        "ingest", folder / "wh", *MODEL, "--data", folder / "docs.jsonl", "--site", "mlp.act:topk=3", "--run-id", "r"
+    )
     assert code == 0, err
     return folder
 
@@ -387,7 +733,9 @@ def _memory_limits() -> dict:
 def test_skip_bad_keeps_going_and_counts(tiny_wh, tmp_path, monkeypatch):
     shutil.copy(tiny_wh / "badline.jsonl", tmp_path / "badline.jsonl")
     monkeypatch.chdir(tmp_path)
-    code, out, err = run_whq("ingest", tmp_path / "wh", *MODEL, "--data", "badline.jsonl", "--skip-bad", "--run-id", "s")
+    code, out, err = run_whq(
+        "ingest", tmp_path / "wh", *MODEL, "--data", "badline.jsonl", "--skip-bad", "--run-id", "s"
+    )
     assert code == 0, err
     assert "skipped 1 bad record(s); first: badline.jsonl:2: invalid JSON (Expecting value)" in out
     assert "committed run s; 2 documents" in out
@@ -421,12 +769,18 @@ def _parses(spec: str) -> bool:
 
 
 BAD_LINES = st.one_of(
-    st.binary(min_size=1, max_size=12).map(lambda b: b"\xff" + b),                       # not UTF-8
-    st.text(alphabet="{[\"':,ab1 ", min_size=1, max_size=12).map(lambda t: ("{" + t).encode()).filter(
-        lambda b: not _has_text(b)),                                                          # broken JSON or no text
-    st.one_of(st.integers(), st.lists(st.integers(), max_size=3), st.text(max_size=5)).map(lambda v: json.dumps(v).encode()),
-    st.dictionaries(st.sampled_from(["text", "doc", "content"]), st.one_of(st.integers(), st.none(), st.lists(st.text(max_size=3))),
-                    min_size=1).map(lambda d: json.dumps(d).encode()),                       # text not a string
+    st.binary(min_size=1, max_size=12).map(lambda b: b"\xff" + b),  # not UTF-8
+    st.text(alphabet="{[\"':,ab1 ", min_size=1, max_size=12)
+    .map(lambda t: ("{" + t).encode())
+    .filter(lambda b: not _has_text(b)),  # broken JSON or no text
+    st.one_of(st.integers(), st.lists(st.integers(), max_size=3), st.text(max_size=5)).map(
+        lambda v: json.dumps(v).encode()
+    ),
+    st.dictionaries(
+        st.sampled_from(["text", "doc", "content"]),
+        st.one_of(st.integers(), st.none(), st.lists(st.text(max_size=3))),
+        min_size=1,
+    ).map(lambda d: json.dumps(d).encode()),  # text not a string
 )
 
 
@@ -449,12 +803,17 @@ def test_malformed_jsonl_lines_end_in_one_line_naming_the_line(line):
     assert f"{data}:2: " in err
 
 
-YAML_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=6),
-                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
-                           max_leaves=8)
+YAML_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=6),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=8,
+)
 SCENARIOS = st.one_of(
-    st.dictionaries(st.sampled_from(["name", "model", "prompt", "generation", "capture", "output", "reference_states", "extra"]),
-                    YAML_VALUES, max_size=6).map(lambda d: yaml.safe_dump(d).encode()),
+    st.dictionaries(
+        st.sampled_from(["name", "model", "prompt", "generation", "capture", "output", "reference_states", "extra"]),
+        YAML_VALUES,
+        max_size=6,
+    ).map(lambda d: yaml.safe_dump(d).encode()),
     st.text(max_size=40).map(str.encode),
     st.binary(max_size=20).map(lambda b: b"name: \xff" + b),
 )

@@ -37,8 +37,16 @@ def _module(path: Path, name: str):
 def bdh_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("bdh") / "wh"
     documents = [Document(f"d{i}", text) for i, text in enumerate(TEXTS)]
-    ingest(root, f"{ADAPTER}:random-tiny", sites=[f"{SITE}:threshold=0,examples=3"], documents=documents,
-           run_id=RUN, batch_size=3, device="cpu", progress=False)
+    ingest(
+        root,
+        f"{ADAPTER}:random-tiny",
+        sites=[f"{SITE}:threshold=0,examples=3"],
+        documents=documents,
+        run_id=RUN,
+        batch_size=3,
+        device="cpu",
+        progress=False,
+    )
     wh = warehouse.open(root)
     yield wh, _dense_activations(documents)
     wh.close()
@@ -49,8 +57,10 @@ def _dense_activations(documents) -> list[np.ndarray]:
     loaded = _module(ADAPTER, "bdh_adapter_test").load(device="cpu", dtype="float32", checkpoint="random-tiny")
     model = loaded["model"]
     per_layer = [[] for _ in range(loaded["n_layers"])]
-    hooks = [marker.register_forward_hook(lambda _m, _i, out, layer=layer: per_layer[layer].append(out[0].numpy().copy()))
-             for layer, marker in enumerate(model.xy_sparse)]
+    hooks = [
+        marker.register_forward_hook(lambda _m, _i, out, layer=layer: per_layer[layer].append(out[0].numpy().copy()))
+        for layer, marker in enumerate(model.xy_sparse)
+    ]
     with torch.no_grad():
         for doc in documents:
             model(input_ids=torch.tensor([list(doc.text.encode())]))
@@ -83,7 +93,9 @@ def test_layer_summary_matches_numpy(bdh_run, analyze):
 def test_selectivity_matches_numpy(bdh_run):
     wh, acts = bdh_run
     for layer, a in enumerate(acts):
-        sel = wh.pl(f"SELECT * FROM selectivity('{RUN}', '{SITE}', {layer}) WHERE selectivity IS NOT NULL").sort("neuron")
+        sel = wh.pl(f"SELECT * FROM selectivity('{RUN}', '{SITE}', {layer}) WHERE selectivity IS NOT NULL").sort(
+            "neuron"
+        )
         fired = np.flatnonzero((a > 0).any(axis=0))  # ReLU units: mean > 0 exactly when the unit fired
         assert sel["neuron"].to_list() == fired.tolist()
         a64 = a[:, fired].astype(np.float64)
@@ -101,7 +113,7 @@ def test_strongest_activation_context_matches_text(bdh_run):
         assert (row["doc_id"], row["pos"]) == (f"d{doc}", pos)
         np.testing.assert_allclose(row["value"], a[flat, unit], rtol=1e-5)
         text = TEXTS[doc]
-        assert row["context"] == text[max(0, pos - 24):pos] + "[" + text[pos] + "]" + text[pos + 1:pos + 5]
+        assert row["context"] == text[max(0, pos - 24) : pos] + "[" + text[pos] + "]" + text[pos + 1 : pos + 5]
 
 
 def test_top_selective_matches_numpy(bdh_run, analyze):
@@ -124,7 +136,9 @@ def test_top_selective_matches_numpy(bdh_run, analyze):
 def test_histograms_and_charts(bdh_run, analyze, tmp_path):
     wh, acts = bdh_run
     rates = analyze.run_query(wh, "rate_histogram", RUN, SITE, bins=10)
-    assert rates.group_by("layer").agg(pl.col("n_neurons").sum()).sort("layer")["n_neurons"].to_list() == [a.shape[1] for a in acts]
+    assert rates.group_by("layer").agg(pl.col("n_neurons").sum()).sort("layer")["n_neurons"].to_list() == [
+        a.shape[1] for a in acts
+    ]
     for layer, a in enumerate(acts):
         dead = rates.filter(layer=layer, bin=0)["n_neurons"][0]
         assert dead == int(((a > 0).sum(axis=0) == 0).sum())

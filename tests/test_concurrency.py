@@ -62,7 +62,9 @@ def test_concurrent_ingests_of_different_runs_all_commit(corpus, tmp_path):
         deadline = time.monotonic() + 300
         while not all((root / "data" / "runs" / f"run_id={run}").exists() for run in WRITERS):
             assert time.monotonic() < deadline, "the writers did not reach their commit"
-            assert all(c.exitcode is None for c in children.values()), [(tmp_path / f"{r}.log").read_text() for r in WRITERS]
+            assert all(c.exitcode is None for c in children.values()), [
+                (tmp_path / f"{r}.log").read_text() for r in WRITERS
+            ]
             time.sleep(0.05)
         time.sleep(0.5)
         assert all(c.is_alive() for c in children.values())
@@ -93,7 +95,10 @@ def test_unlocked_writers_race_to_commit(corpus, tmp_path):
 
 
 def _assert_close(got: pl.DataFrame, want: pl.DataFrame, keys: list[str], table: str) -> None:
-    got, want = got.sort(keys, descending=[k == "value" for k in keys]), want.sort(keys, descending=[k == "value" for k in keys])
+    got, want = (
+        got.sort(keys, descending=[k == "value" for k in keys]),
+        want.sort(keys, descending=[k == "value" for k in keys]),
+    )
     assert got.height == want.height and got.columns == want.columns, table
     for column in want.columns:
         a, b = got[column], want[column]
@@ -106,9 +111,14 @@ def _assert_close(got: pl.DataFrame, want: pl.DataFrame, keys: list[str], table:
 
 
 KEYS = {
-    "runs": ["model_id"], "sites": ["site"], "documents": ["doc"], "tokens": ["doc", "pos"],
-    "token_neurons": ["site", "layer", "doc", "pos", "neuron"], "doc_neurons": ["site", "layer", "doc"],
-    "vectors": ["site", "layer", "doc", "pool"], "neuron_stats": ["site", "layer", "neuron"],
+    "runs": ["model_id"],
+    "sites": ["site"],
+    "documents": ["doc"],
+    "tokens": ["doc", "pos"],
+    "token_neurons": ["site", "layer", "doc", "pos", "neuron"],
+    "doc_neurons": ["site", "layer", "doc"],
+    "vectors": ["site", "layer", "doc", "pool"],
+    "neuron_stats": ["site", "layer", "neuron"],
     "neuron_examples": ["site", "layer", "neuron", "kind", "value", "doc", "pos"],
 }
 
@@ -120,14 +130,21 @@ def test_two_ranks_give_the_single_process_rows(corpus, tmp_path):
     sites = [s.replace("resid.out:last", "resid.out:last,mean") for s in SITES]
     args = [a.replace("resid.out:last", "resid.out:last,mean") for a in args]
     ingest(single, MODEL, [str(data)], sites, run_id="r", progress=False, **OPTIONS)
-    done = subprocess.run([sys.executable, "-m", "warehouse.cli", "ingest", str(ranked), *args, "--ranks", "2"],
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "warehouse.cli", "ingest", str(ranked), *args, "--ranks", "2"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.startswith("committed run r;") and done.stdout.count("\n") == 1
     with warehouse.open(ranked) as wh, warehouse.open(single) as reference:
         manifest = wh.manifest("r")
         assert manifest["world_size"] == 2
-        assert {Path(p["path"]).name.split("-")[1] for p in manifest["parts"] if p["table"] == "token_neurons"} == {"0", "1"}
+        assert {Path(p["path"]).name.split("-")[1] for p in manifest["parts"] if p["table"] == "token_neurons"} == {
+            "0",
+            "1",
+        }
         got, want = run_content(wh, "r"), run_content(reference, "r")
         for table, keys in KEYS.items():
             frame_got, frame_want = got[table], want[table]
@@ -140,8 +157,12 @@ def test_two_ranks_give_the_single_process_rows(corpus, tmp_path):
                 frame_got, frame_want = frame_got.drop("rank"), frame_want.drop("rank")
                 top = pl.col("kind") == "top"
                 tied = ["doc", "pos", "window_values"]
-                _assert_close(frame_got.filter(top).drop(tied), frame_want.filter(top).drop(tied),
-                              [k for k in keys if k not in ("doc", "pos")], table)
+                _assert_close(
+                    frame_got.filter(top).drop(tied),
+                    frame_want.filter(top).drop(tied),
+                    [k for k in keys if k not in ("doc", "pos")],
+                    table,
+                )
                 frame_got, frame_want = frame_got.filter(~top), frame_want.filter(~top)
             _assert_close(frame_got, frame_want, keys, table)
         assert want["token_neurons"].height > 0 and want["neuron_examples"].height > 0

@@ -11,6 +11,7 @@ import pytest
 
 import warehouse
 from queries.export import cantor, read_feature, read_features, read_index
+
 from .cli_runner import run_cli
 
 RUN, SITE = "g", "mlp.act"
@@ -37,10 +38,18 @@ def test_packed_layout_round_trips(exported):
     out, wh = exported
     features = read_features(out)
     index = read_index(out / "packed")
-    assert index["version"] == "1.0" and index["format"] == "variable_chunks" and set(index) - {"version", "format"} == {"1", "3"}
+    assert (
+        index["version"] == "1.0"
+        and index["format"] == "variable_chunks"
+        and set(index) - {"version", "format"} == {"1", "3"}
+    )
     width = wh.sql("SELECT width FROM sites WHERE run_id = ? AND site = ?", [RUN, SITE]).fetchall()[0][0]
-    fired = dict(((layer, unit), n) for layer, unit, n in wh.sql(
-        "SELECT layer, neuron, n_fired FROM neuron_stats WHERE run_id = ? AND site = ?", [RUN, SITE]).fetchall())
+    fired = dict(
+        ((layer, unit), n)
+        for layer, unit, n in wh.sql(
+            "SELECT layer, neuron, n_fired FROM neuron_stats WHERE run_id = ? AND site = ?", [RUN, SITE]
+        ).fetchall()
+    )
     for layer in (1, 3):
         assert len(index[str(layer)]["offsets"]) == width + 1
         for unit in range(width):
@@ -54,9 +63,9 @@ def test_packed_layout_round_trips(exported):
     # the binary entries are exactly the stdlib format: <u32 length><gzip(json)>
     raw = (out / "packed" / "layer_1.bin").read_bytes()
     start, end = index["1"]["offsets"][0], index["1"]["offsets"][1]
-    length = int.from_bytes(raw[start:start + 4], "little")
+    length = int.from_bytes(raw[start : start + 4], "little")
     assert end - start == length + 4
-    assert json.loads(gzip.decompress(raw[start + 4:end])) == features[cantor(1, 0)] or fired[(1, 0)] == 0
+    assert json.loads(gzip.decompress(raw[start + 4 : end])) == features[cantor(1, 0)] or fired[(1, 0)] == 0
 
 
 def test_feature_json_holds_the_macros_answers(exported):
@@ -66,9 +75,19 @@ def test_feature_json_holds_the_macros_answers(exported):
         doc = features.get(cantor(3, unit))
         if doc is None:
             continue
-        assert set(doc) == {"top_logits", "bottom_logits", "act_min", "act_max", "examples_quantiles",
-                            "activation_frequency", "layer", "feature"}
-        top = wh.pl(f"SELECT * FROM top_contexts('{RUN}', '{SITE}', 3, {unit}, k := 5, before := 6, after := 2)").to_dicts()
+        assert set(doc) == {
+            "top_logits",
+            "bottom_logits",
+            "act_min",
+            "act_max",
+            "examples_quantiles",
+            "activation_frequency",
+            "layer",
+            "feature",
+        }
+        top = wh.pl(
+            f"SELECT * FROM top_contexts('{RUN}', '{SITE}', 3, {unit}, k := 5, before := 6, after := 2)"
+        ).to_dicts()
         sample = wh.pl(f"SELECT * FROM whq_examples('{RUN}', '{SITE}', 3, {unit}, 'random', 3, 6, 2, 1)").to_dicts()
         quantiles = {q["quantile_name"]: q["examples"] for q in doc["examples_quantiles"]}
         for rows, examples in ((top, quantiles["Top activations"]), (sample, quantiles["Random samples"])):
@@ -91,8 +110,11 @@ def test_feature_metadata(exported):
     out, wh = exported
     meta = json.loads((out / "feature_metadata.json").read_text())
     assert meta["total_tokens"] == wh.sql("SELECT n_tokens FROM runs WHERE run_id = ?", [RUN]).fetchall()[0][0]
-    assert meta["tokens_per_domain"] == dict(wh.sql(
-        "SELECT dataset, sum(n_tokens)::BIGINT FROM documents WHERE run_id = ? GROUP BY dataset", [RUN]).fetchall())
+    assert meta["tokens_per_domain"] == dict(
+        wh.sql(
+            "SELECT dataset, sum(n_tokens)::BIGINT FROM documents WHERE run_id = ? GROUP BY dataset", [RUN]
+        ).fetchall()
+    )
     by_dataset = wh.pl(f"SELECT * FROM activation_frequency_by_dataset('{RUN}', '{SITE}')")
     assert {f["layer"] for f in meta["features"]} == {1, 3}
     for feature in meta["features"][:50]:
@@ -106,11 +128,44 @@ def test_feature_metadata(exported):
 
 def test_cli_export_and_its_errors(golden_root, tmp_path, capsys, monkeypatch):
     out = tmp_path / "cli"
-    code, stdout, _ = run_cli(capsys, monkeypatch, "export", "features", golden_root, "--run", RUN, "--site", "mlp.up",
-                              "--out", out, "--layers", "0", "--top", "2", "--random", "1")
+    code, stdout, _ = run_cli(
+        capsys,
+        monkeypatch,
+        "export",
+        "features",
+        golden_root,
+        "--run",
+        RUN,
+        "--site",
+        "mlp.up",
+        "--out",
+        out,
+        "--layers",
+        "0",
+        "--top",
+        "2",
+        "--random",
+        "1",
+    )
     assert code == 0 and "wrote" in stdout and "layer 0" in stdout
     assert read_index(out / "packed").keys() == {"version", "format", "0"}
-    code, _, err = run_cli(capsys, monkeypatch, "export", "features", golden_root, "--run", "nope", "--site", SITE, "--out", out)
+    code, _, err = run_cli(
+        capsys, monkeypatch, "export", "features", golden_root, "--run", "nope", "--site", SITE, "--out", out
+    )
     assert code == 2 and "error: no committed run 'nope'" in err
-    code, _, err = run_cli(capsys, monkeypatch, "export", "features", golden_root, "--run", RUN, "--site", SITE, "--out", out, "--layers", "9")
+    code, _, err = run_cli(
+        capsys,
+        monkeypatch,
+        "export",
+        "features",
+        golden_root,
+        "--run",
+        RUN,
+        "--site",
+        SITE,
+        "--out",
+        out,
+        "--layers",
+        "9",
+    )
     assert code == 2 and "has no layer 9" in err

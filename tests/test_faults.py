@@ -53,7 +53,7 @@ def ingest_args(root: Path, data: Path, run_id: str = "r") -> list[str]:
 
 @dataclass(frozen=True)
 class Scenario:
-    kill: str                  # WHQ_FAULT of the first ingest
+    kill: str  # WHQ_FAULT of the first ingest
     resume_kill: str | None = None  # WHQ_FAULT of a first --resume that is killed too
     what: str = ""
 
@@ -111,8 +111,10 @@ def visible_runs(root: Path) -> dict[str, set[str]]:
     """Run ids per table, read from the catalog file as any reader would (no sweep, no rebuild)."""
     con = duckdb.connect(str(root / "whq.duckdb"), read_only=True)
     try:
-        return {t: {r for (r,) in con.execute(f"SELECT DISTINCT run_id FROM {t}").fetchall()}
-                for t in warehouse.schema.tables()}
+        return {
+            t: {r for (r,) in con.execute(f"SELECT DISTINCT run_id FROM {t}").fetchall()}
+            for t in warehouse.schema.tables()
+        }
     finally:
         con.close()
 
@@ -201,9 +203,13 @@ def test_killed_ingest_resumes_to_the_uninterrupted_rows(scenario, outcomes, set
     allowed = {"base", "r"} if out["committed_after_kill"] else {"base"}
     assert all(runs <= allowed for runs in out["visible_after_kill"].values()), out["visible_after_kill"]
     if scenario.resume_kill:
-        assert out["resume_kill_code"] == -9, f"the resume was not killed at {scenario.resume_kill}: {log.read_text()[-2000:]}"
+        assert out["resume_kill_code"] == -9, (
+            f"the resume was not killed at {scenario.resume_kill}: {log.read_text()[-2000:]}"
+        )
         committed = (root / "runs" / "r.json").exists()
-        assert all(runs <= ({"base", "r"} if committed else {"base"}) for runs in out["visible_after_resume_kill"].values())
+        assert all(
+            runs <= ({"base", "r"} if committed else {"base"}) for runs in out["visible_after_resume_kill"].values()
+        )
     assert out["resume_code"] == 0, log.read_text()[-3000:]
 
     with warehouse.open(root) as wh:
@@ -270,7 +276,10 @@ def test_a_real_full_disk_while_the_catalog_is_rebuilt_is_one_line_and_leaves_no
             fh.write(b"\0" * max(free, 0))
         code, out, err = run_whq("repair", root)
         assert code == 2 and err.count("\n") == 1, out + err
-        assert err.startswith(f"error: cannot write the catalog {root}/whq.duckdb: ") and f"then run `whq repair {root}`" in err
+        assert (
+            err.startswith(f"error: cannot write the catalog {root}/whq.duckdb: ")
+            and f"then run `whq repair {root}`" in err
+        )
         assert not list(root.glob(".whq.duckdb*")) and not (root / "whq.duckdb").exists()
         assert part_bytes(root) == parts
         filler.unlink()
@@ -284,11 +293,14 @@ def test_a_read_only_warehouse_is_read_and_refuses_writes_with_one_line(tmp_path
     with mounted(tmp_path / "ro", "--bind", str(source)) as view:
         subprocess.run(["mount", "-o", "remount,bind,ro", str(view)], check=True)
         warehouse.open(source).close()  # a catalog exists (built for the other path: stale here)
-        code, out, err = run_whq("ingest", view, "--model", MODEL, "--data", sample_jsonl, "-q", "--run-id", "x",
-                                 "--device", "cpu")
+        code, out, err = run_whq(
+            "ingest", view, "--model", MODEL, "--data", sample_jsonl, "-q", "--run-id", "x", "--device", "cpu"
+        )
         assert code == 2 and err.count("\n") == 1, out + err
-        assert err.startswith(f"error: cannot lock {view}/journal/x/rank-0.lock: Read-only file system; "
-                              f"the warehouse folder must be writable"), err
+        assert err.startswith(
+            f"error: cannot lock {view}/journal/x/rank-0.lock: Read-only file system; "
+            f"the warehouse folder must be writable"
+        ), err
         for command in (("repair", view), ("gc", view), ("runs", view, "--delete", "g")):
             code, out, err = run_whq(*command)
             assert code == 2 and err.count("\n") == 1 and "Read-only file system" in err, (command, out + err)

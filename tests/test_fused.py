@@ -20,17 +20,23 @@ from ingest import fused
 
 from .test_perf_paths import _batches, _context, _site_layer, _valid_tokens
 
-pytestmark = pytest.mark.skipif(not fused.usable(torch.zeros(1, 1, 1)), reason=f"fused kernel unavailable: {fused.describe()}")
+pytestmark = pytest.mark.skipif(
+    not fused.usable(torch.zeros(1, 1, 1)), reason=f"fused kernel unavailable: {fused.describe()}"
+)
 
 
 def _reference_topk(rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    ids = [sorted(range(len(row)), key=lambda j: (0, 0.0, j) if math.isnan(row[j]) else (1, -row[j], j))[:k] for row in rows]
+    ids = [
+        sorted(range(len(row)), key=lambda j: (0, 0.0, j) if math.isnan(row[j]) else (1, -row[j], j))[:k]
+        for row in rows
+    ]
     ids = np.array(ids, dtype=np.int64)
     return np.take_along_axis(rows, ids, axis=1), ids
 
 
-@pytest.mark.parametrize("rows,width,k", [(9, 1536, 20), (5, 40, 40), (7, 17, 1), (6, 100, 7), (3, 5, 3), (4, 333, 20),
-                                          (2, 3072, 64)])
+@pytest.mark.parametrize(
+    "rows,width,k", [(9, 1536, 20), (5, 40, 40), (7, 17, 1), (6, 100, 7), (3, 5, 3), (4, 333, 20), (2, 3072, 64)]
+)
 def test_topk_equals_reference(rows, width, k):
     rng = np.random.default_rng(width + k)
     x = rng.standard_normal((rows, width)).astype(np.float32)
@@ -42,9 +48,9 @@ def test_topk_equals_reference(rows, width, k):
 
 def test_topk_ties_nan_and_infinities():
     rng = np.random.default_rng(7)
-    ties = rng.integers(0, 4, (6, 300)).astype(np.float32)     # every value repeats ~75 times
-    ties[1, :] = 2.0                                           # a constant row
-    ties[2, [5, 250, 17]] = np.nan                             # NaN ranks first, in index order
+    ties = rng.integers(0, 4, (6, 300)).astype(np.float32)  # every value repeats ~75 times
+    ties[1, :] = 2.0  # a constant row
+    ties[2, [5, 250, 17]] = np.nan  # NaN ranks first, in index order
     ties[3, :] = -np.inf
     ties[3, 299] = 0.0
     ties[4, [0, 299]] = np.inf
@@ -106,21 +112,36 @@ def test_ingest_commits_the_same_rows_either_way(tmp_path, monkeypatch, sample_j
         with monkeypatch.context() as patch:
             if name == "torch":
                 patch.setattr(fused, "usable", lambda *args, **kwargs: False)
-            ingest(tmp_path / name, "config:qwen3-tiny", [str(sample_jsonl)], sites, run_id="r", batch_size=3,
-                   max_length=16, device="cpu", progress=False)
+            ingest(
+                tmp_path / name,
+                "config:qwen3-tiny",
+                [str(sample_jsonl)],
+                sites,
+                run_id="r",
+                batch_size=3,
+                max_length=16,
+                device="cpu",
+                progress=False,
+            )
     tables = {}
     for name in ("kernel", "torch"):
         with warehouse.open(tmp_path / name) as wh:
             tables[name] = {
                 "token_neurons": wh.pl("SELECT layer, doc, pos, neuron, value FROM token_neurons ORDER BY ALL"),
                 "doc_neurons": wh.pl("SELECT layer, doc, rank, neuron, impact FROM doc_neurons ORDER BY ALL"),
-                "neuron_stats": wh.pl("SELECT site, layer, neuron, n_tokens, n_fired, sum, sum_sq, max, max_doc, max_pos "
-                                      "FROM neuron_stats ORDER BY site, layer, neuron"),
+                "neuron_stats": wh.pl(
+                    "SELECT site, layer, neuron, n_tokens, n_fired, sum, sum_sq, max, max_doc, max_pos "
+                    "FROM neuron_stats ORDER BY site, layer, neuron"
+                ),
             }
     kernel, plain = tables["kernel"], tables["torch"]
     assert kernel["token_neurons"].height > 0
     assert kernel["token_neurons"].equals(plain["token_neurons"])
-    assert kernel["doc_neurons"].select("layer", "doc", "rank", "neuron").equals(plain["doc_neurons"].select("layer", "doc", "rank", "neuron"))
+    assert (
+        kernel["doc_neurons"]
+        .select("layer", "doc", "rank", "neuron")
+        .equals(plain["doc_neurons"].select("layer", "doc", "rank", "neuron"))
+    )
     np.testing.assert_allclose(kernel["doc_neurons"]["impact"], plain["doc_neurons"]["impact"], rtol=1e-5)
     exact = ["site", "layer", "neuron", "n_tokens", "n_fired", "max", "max_doc", "max_pos"]
     assert kernel["neuron_stats"].select(exact).equals(plain["neuron_stats"].select(exact))
@@ -138,8 +159,9 @@ def test_build_is_cached_per_source(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == [first.name], "no temporary files are left behind"
 
 
-@pytest.mark.parametrize("env,reason", [({"WHQ_FUSED": "0"}, "disabled by WHQ_FUSED=0"),
-                                        ({"CC": "/nonexistent/cc"}, "build failed")])
+@pytest.mark.parametrize(
+    "env,reason", [({"WHQ_FUSED": "0"}, "disabled by WHQ_FUSED=0"), ({"CC": "/nonexistent/cc"}, "build failed")]
+)
 def test_unavailable_kernel_falls_back_to_torch(env, reason, tmp_path, monkeypatch):
     monkeypatch.setenv("WHQ_CACHE", str(tmp_path))
     for key, value in env.items():

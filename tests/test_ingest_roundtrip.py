@@ -31,13 +31,23 @@ TOL = dict(rtol=1e-4, atol=1e-4)
 def captured(request, tmp_path_factory, sample_jsonl, tiny_lm_dir):
     model = "minilm" if request.param == "minilm" else str(tiny_lm_dir)
     root = tmp_path_factory.mktemp("wh") / "wh"
-    summary = ingest(root, model, [str(sample_jsonl)], SITES, run_id="r", batch_size=3, max_length=24,
-                     shard_tokens=40, device="cpu", progress=False)
+    summary = ingest(
+        root,
+        model,
+        [str(sample_jsonl)],
+        SITES,
+        run_id="r",
+        batch_size=3,
+        max_length=24,
+        shard_tokens=40,
+        device="cpu",
+        progress=False,
+    )
     wh = warehouse.open(root)
     loaded = load(model, "cpu", "float32")
     tokens = wh.pl('SELECT doc, "window", pos, token_id FROM tokens ORDER BY doc, pos')
     windows_by_doc = {}
-    for (doc, window), group in tokens.group_by(["doc", "window"], maintain_order=True):
+    for (doc, _window), group in tokens.group_by(["doc", "window"], maintain_order=True):
         windows_by_doc.setdefault(doc, []).append(group["token_id"].to_list())
     acts = {}
     for text in SITES:
@@ -95,7 +105,9 @@ def test_abstopk_entries(captured):
 def test_threshold_entries(captured):
     wh, _, acts = captured
     for layer in _layers(acts, "attn.q"):
-        rows = wh.pl(f"SELECT doc, pos, neuron, value FROM token_neurons WHERE site='attn.q' AND layer={layer} ORDER BY doc, pos, neuron")
+        rows = wh.pl(
+            f"SELECT doc, pos, neuron, value FROM token_neurons WHERE site='attn.q' AND layer={layer} ORDER BY doc, pos, neuron"
+        )
         certain, possible = set(), set()
         for doc, dense in acts[("attn.q", layer)].items():
             certain |= {(doc, p, u) for p, u in zip(*np.nonzero(dense > 0.3 + 1e-4))}
@@ -107,8 +119,10 @@ def test_threshold_entries(captured):
 def test_nag_top_k(captured):
     wh, _, acts = captured
     for layer in _layers(acts, "mlp.up"):
-        rows = wh.pl("SELECT doc, list(neuron ORDER BY rank) AS neurons, list(impact ORDER BY rank) AS impacts FROM doc_neurons "
-                     f"WHERE site='mlp.up' AND layer={layer} GROUP BY doc ORDER BY doc")
+        rows = wh.pl(
+            "SELECT doc, list(neuron ORDER BY rank) AS neurons, list(impact ORDER BY rank) AS impacts FROM doc_neurons "
+            f"WHERE site='mlp.up' AND layer={layer} GROUP BY doc ORDER BY doc"
+        )
         ref = reference.nag(acts[("mlp.up", layer)], 6)
         assert rows["doc"].to_list() == sorted(ref)
         for doc, neurons, impacts in rows.iter_rows():
@@ -122,7 +136,9 @@ def test_last_and_mean_vectors(captured):
     wh, _, acts = captured
     for site, pool in (("resid.out", "last"), ("mlp.up", "mean")):
         for layer in _layers(acts, site):
-            rows = wh.pl(f"SELECT doc, pos, vec FROM vectors WHERE site='{site}' AND layer={layer} AND pool='{pool}' ORDER BY doc")
+            rows = wh.pl(
+                f"SELECT doc, pos, vec FROM vectors WHERE site='{site}' AND layer={layer} AND pool='{pool}' ORDER BY doc"
+            )
             for doc, pos, vec in rows.iter_rows():
                 dense = acts[(site, layer)][doc]
                 expected = dense[-1] if pool == "last" else dense.astype(np.float64).mean(axis=0)

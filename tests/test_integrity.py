@@ -19,8 +19,16 @@ from .reference import content_checksum
 def two_runs(tmp_path_factory, sample_jsonl):
     root = tmp_path_factory.mktemp("integrity") / "wh"
     for run_id in ("a", "b"):
-        ingest(root, "config:llama-tiny", [str(sample_jsonl)], ["mlp.act:topk=3", "resid.out:last"], run_id=run_id,
-               device="cpu", max_length=32, progress=False)
+        ingest(
+            root,
+            "config:llama-tiny",
+            [str(sample_jsonl)],
+            ["mlp.act:topk=3", "resid.out:last"],
+            run_id=run_id,
+            device="cpu",
+            max_length=32,
+            progress=False,
+        )
     return root
 
 
@@ -42,7 +50,9 @@ def test_check_passes_on_a_sound_warehouse(wh_copy):
     assert code == 0 and out.splitlines()[-1].endswith("all verify")
 
 
-@pytest.mark.parametrize("how,kind", [("flip", "corrupt"), ("truncate", "corrupt"), ("delete", "missing"), ("swap", "corrupt")])
+@pytest.mark.parametrize(
+    "how,kind", [("flip", "corrupt"), ("truncate", "corrupt"), ("delete", "missing"), ("swap", "corrupt")]
+)
 def test_check_names_a_bad_part_and_repair_quarantines_only_its_run(wh_copy, how, kind):
     part, path = _part(wh_copy, "a")
     with warehouse.open(wh_copy) as wh:
@@ -65,7 +75,10 @@ def test_check_names_a_bad_part_and_repair_quarantines_only_its_run(wh_copy, how
     assert lines[1].endswith("1 bad part(s)")
 
     code, out, _ = run_whq("repair", wh_copy)
-    assert code == 0 and out.splitlines()[0] == "quarantined run a: its parts are missing or corrupt, queries no longer see it"
+    assert (
+        code == 0
+        and out.splitlines()[0] == "quarantined run a: its parts are missing or corrupt, queries no longer see it"
+    )
     with warehouse.open(wh_copy) as wh:
         assert wh.quarantined() == {"a"}
         assert {r for (r,) in wh.sql("SELECT DISTINCT run_id FROM token_neurons").fetchall()} == {"b"}
@@ -92,6 +105,7 @@ def test_repair_releases_a_run_whose_part_was_restored(wh_copy):
 
 def test_delete_is_atomic_first_invisible_then_gone(wh_copy, monkeypatch):
     """Killed between the manifest's removal and the data's: the run is already invisible; gc removes the rest."""
+
     def killed(*args, **kwargs):
         raise KeyboardInterrupt  # stands in for the process dying before the data is removed
 
@@ -119,8 +133,12 @@ def test_gc_removes_orphans_and_keeps_what_runs_need(wh_copy):
     (wh_copy / "journal" / "live" / "config.json").write_text("{}")
     (wh_copy / "data" / "tokens" / "run_id=live").mkdir()
     (wh_copy / "data" / "tokens" / "run_id=live" / "part-0-000000.parquet").write_bytes(b"journalled part")
-    expected = ["data/tokens/run_id=b/part-0-999999.parquet", "data/tokens/run_id=zz/part-0-000000.parquet",
-                ".whq.duckdb.12345.tmp", "tmp/zz.rank-0"]
+    expected = [
+        "data/tokens/run_id=b/part-0-999999.parquet",
+        "data/tokens/run_id=zz/part-0-000000.parquet",
+        ".whq.duckdb.12345.tmp",
+        "tmp/zz.rank-0",
+    ]
     assert sorted(maintenance.gc(wh, dry_run=True)) == sorted(expected)
     assert (wh_copy / "data" / "tokens" / "run_id=zz").exists()
     assert sorted(maintenance.gc(wh)) == sorted(expected)

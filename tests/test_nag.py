@@ -23,6 +23,7 @@ from ingest.demo import DEMO_TEXT, speeches
 from ingest.sources import Document
 from queries import nag, nag_frames
 from warehouse.errors import BadInput, QueryError
+
 from .cli_runner import run_cli
 
 K = 6
@@ -42,7 +43,9 @@ def documents() -> list[Document]:
     for i, doc in enumerate(speeches(DEMO_TEXT)[:48]):
         meta = {"edu": round((i * 7 % 11) / 10, 1)} if i % 5 else {}
         docs.append(Document(doc.doc_id, doc.text, dataset=doc.dataset, role="pool", meta=meta))
-    docs += [Document(f"code:{i}", text, dataset="python", role="pool", meta={"edu": 0.5}) for i, text in enumerate(CODE)]
+    docs += [
+        Document(f"code:{i}", text, dataset="python", role="pool", meta={"edu": 0.5}) for i, text in enumerate(CODE)
+    ]
     docs += [Document(f"dup:{i}", DUPLICATE, dataset="dup", role="pool") for i in (1, 0)]
     docs.append(Document("empty:0", "", dataset="empty", role="pool"))
     return docs
@@ -54,8 +57,17 @@ def wh(tmp_path_factory, tiny_lm_dir):
 
     root = tmp_path_factory.mktemp("nag") / "wh"
     for run, model in (("m", "minilm"), ("q", str(tiny_lm_dir))):
-        ingest(root, model, sites=[f"mlp.up:nag={K}"], documents=documents(), run_id=run, batch_size=8,
-               max_length=24, device="cpu", progress=False)
+        ingest(
+            root,
+            model,
+            sites=[f"mlp.up:nag={K}"],
+            documents=documents(),
+            run_id=run,
+            batch_size=8,
+            max_length=24,
+            device="cpu",
+            progress=False,
+        )
     with warehouse.open(root) as opened:
         yield opened
 
@@ -80,8 +92,8 @@ def ref_profile(nags, targets, layers, power=1.0):
     weights = {}
     for layer in layers:
         counts = Counter(n for doc in targets for n in nags.get((layer, doc), []))
-        total = sum(c ** power for c in counts.values())
-        weights[layer] = {n: c ** power / total for n, c in counts.items()}
+        total = sum(c**power for c in counts.values())
+        weights[layer] = {n: c**power / total for n, c in counts.items()}
     return weights
 
 
@@ -135,7 +147,7 @@ def test_profile_matches_reference(wh, run, power, layers):
     targets = pick(docs, dataset="MENENIUS")
     got = both(wh, "nag_profile", run, "mlp.up", target_dataset="MENENIUS", layers=layers, power=power)
     ref = ref_profile(nags, targets, used, power)
-    assert sorted(zip(got["layer"], got["neuron"])) == sorted((l, n) for l in ref for n in ref[l])
+    assert sorted(zip(got["layer"], got["neuron"])) == sorted((lyr, n) for lyr in ref for n in ref[lyr])
     for layer, neuron, n_docs, weight in got.iter_rows():
         assert n_docs == sum(neuron in nags.get((layer, d), []) for d in targets)
         assert weight == pytest.approx(ref[layer][neuron], abs=1e-12)
@@ -204,8 +216,10 @@ def test_unit_weights_match_the_profile(wh, run, power, layers):
         assert units * per_unit * len(used) == pytest.approx(ref[key // stride][key % stride], abs=1e-9)
 
 
-@pytest.mark.parametrize("macro,named", [("nag_distance", {}), ("nag_select", {"fraction": 0.3}),
-                                          ("nag_quality", {"fraction": 0.3, "invert": True})])
+@pytest.mark.parametrize(
+    "macro,named",
+    [("nag_distance", {}), ("nag_select", {"fraction": 0.3}), ("nag_quality", {"fraction": 0.3, "invert": True})],
+)
 def test_staged_weights_give_the_same_rows(wh, macro, named):
     """weights := a table of nag_unit_weights is the fast path for big pools: same rows, bit for bit."""
     quality = ["edu"] if macro == "nag_quality" else []
@@ -297,20 +311,28 @@ def test_parse_layers():
 
 
 def test_demo_query_runs(wh):
-    rows = wh.pl("SELECT doc_id, dataset, distance FROM nag_distance('m', 'm', 'mlp.up', target_dataset := 'MENENIUS') "
-                 "WHERE dataset <> 'MENENIUS' ORDER BY distance LIMIT 5")
+    rows = wh.pl(
+        "SELECT doc_id, dataset, distance FROM nag_distance('m', 'm', 'mlp.up', target_dataset := 'MENENIUS') "
+        "WHERE dataset <> 'MENENIUS' ORDER BY distance LIMIT 5"
+    )
     assert rows.height == 5 and rows["distance"].is_sorted()
 
 
 # -- library: merge, keys, deactivation, PCA -------------------------------------------------
 def test_multi_target_merge(wh):
     merged, note = nag.select_targets(wh, [("m", "MENENIUS"), ("m", "First Citizen")], "m", "mlp.up", fraction=0.4)
-    separate = [nag.select(wh, "m", "m", "mlp.up", target_dataset=t, fraction=0.2) for t in ("MENENIUS", "First Citizen")]
+    separate = [
+        nag.select(wh, "m", "m", "mlp.up", target_dataset=t, fraction=0.2) for t in ("MENENIUS", "First Citizen")
+    ]
     assert merged.height == sum(s.height for s in separate) and "not de-duplicated" in note
     assert merged["doc_id"].to_list() == [i for s in separate for i in s["doc_id"].to_list()]
-    deduped, note = nag.select_targets(wh, [("m", "MENENIUS"), ("m", "First Citizen")], "m", "mlp.up", fraction=0.4, dedup=True)
+    deduped, note = nag.select_targets(
+        wh, [("m", "MENENIUS"), ("m", "First Citizen")], "m", "mlp.up", fraction=0.4, dedup=True
+    )
     assert deduped["doc_id"].n_unique() == deduped.height and "de-duplicated" in note
-    best = pl.concat([s.select("doc_id", "distance") for s in separate]).group_by("doc_id").agg(pl.col("distance").min())
+    best = (
+        pl.concat([s.select("doc_id", "distance") for s in separate]).group_by("doc_id").agg(pl.col("distance").min())
+    )
     assert dict(zip(deduped["doc_id"], deduped["nag_distance"])) == dict(zip(best["doc_id"], best["distance"]))
 
 
@@ -318,16 +340,19 @@ def test_multi_target_merge(wh):
 def test_deactivation_keys_match_reference(wh, rule):
     docs, nags = raw(wh, "q")
     targets = pick(docs, dataset="MENENIUS")
-    counts = [(-sum(n in nags.get((l, d), []) for d in targets), l, n) for l in all_layers(nags)
-              for n in {n for d in targets for n in nags.get((l, d), [])}]
+    counts = [
+        (-sum(n in nags.get((lyr, d), []) for d in targets), lyr, n)
+        for lyr in all_layers(nags)
+        for n in {n for d in targets for n in nags.get((lyr, d), [])}
+    ]
     counts.sort()
     if "top" in rule:
-        chosen = [(l, n) for l in all_layers(nags) for _, _, n in [c for c in counts if c[1] == l][:rule["top"]]]
+        chosen = [(lyr, n) for lyr in all_layers(nags) for _, _, n in [c for c in counts if c[1] == lyr][: rule["top"]]]
     else:
         width = wh.sql("SELECT width FROM sites WHERE run_id = 'q' AND site = 'mlp.up'").fetchall()[0][0]
-        chosen = [(l, n) for _, l, n in counts[:math.ceil(rule["share"] * len(all_layers(nags)) * width)]]
+        chosen = [(lyr, n) for _, lyr, n in counts[: math.ceil(rule["share"] * len(all_layers(nags)) * width)]]
     keys = nag.deactivation_keys(wh, "q", "mlp.up", target_dataset="MENENIUS", **rule)
-    assert sorted((int(l), n) for l, units in keys["layers"].items() for n in units) == sorted(chosen)
+    assert sorted((int(lyr), n) for lyr, units in keys["layers"].items() for n in units) == sorted(chosen)
     assert keys["n_targets"] == len(targets)
 
 
@@ -341,8 +366,12 @@ def test_deactivate_zeroes_up_proj_rows(wh, tiny_lm_dir):
     model = load(str(tiny_lm_dir), "cpu", "float32").model
     assert deactivate(model, keys) == sum(len(v) for v in keys["layers"].values())
     outputs = {}
-    hooks = [model.model.layers[int(l)].mlp.up_proj.register_forward_hook(lambda m, a, o, l=l: outputs.__setitem__(l, o))
-             for l in keys["layers"]]
+    hooks = [
+        model.model.layers[int(lyr)].mlp.up_proj.register_forward_hook(
+            lambda m, a, o, lyr=lyr: outputs.__setitem__(lyr, o)
+        )
+        for lyr in keys["layers"]
+    ]
     with torch.no_grad():
         model(input_ids=torch.tensor([[1, 2, 3, 4]]))
     for handle in hooks:
@@ -351,14 +380,18 @@ def test_deactivate_zeroes_up_proj_rows(wh, tiny_lm_dir):
         assert torch.all(outputs[layer][..., units] == 0)
         assert torch.all(model.model.layers[int(layer)].mlp.up_proj.weight[units] == 0)
     with pytest.raises(BadInput, match="another model"):
-        deactivate(model, {"layers": {"0": [10 ** 6]}})
+        deactivate(model, {"layers": {"0": [10**6]}})
 
 
 def test_pca_chart(wh):
     frame = nag.vectors(wh, "m", "mlp.up")
     points = nag.pca(frame)
     assert points.height == frame["doc"].n_unique() and points["pc1"].is_finite().all()
-    matrix = frame.pivot(on=["layer", "neuron"], index="doc", values="neuron", aggregate_function="len").fill_null(0).sort("doc")
+    matrix = (
+        frame.pivot(on=["layer", "neuron"], index="doc", values="neuron", aggregate_function="len")
+        .fill_null(0)
+        .sort("doc")
+    )
     dense = matrix.drop("doc").to_numpy().astype(float)
     variance = np.linalg.svd(dense - dense.mean(axis=0), compute_uv=False)[0] ** 2
     assert float((points["pc1"] ** 2).sum()) == pytest.approx(variance, rel=1e-9)
@@ -372,28 +405,69 @@ def test_pca_chart(wh):
 def test_cli_select_merge_keys(wh, tmp_path, capsys, monkeypatch):
     root = wh.root
     a, b = tmp_path / "menenius.parquet", tmp_path / "citizen.parquet"
-    code, out, err = run_cli(capsys, monkeypatch, "nag", "select", root, "--target", "m:MENENIUS", "--pool", "m",
-                             "--site", "mlp.up", "--fraction", "0.2", "--layers", "0-1", "--out", a)
+    code, out, err = run_cli(
+        capsys,
+        monkeypatch,
+        "nag",
+        "select",
+        root,
+        "--target",
+        "m:MENENIUS",
+        "--pool",
+        "m",
+        "--site",
+        "mlp.up",
+        "--fraction",
+        "0.2",
+        "--layers",
+        "0-1",
+        "--out",
+        a,
+    )
     assert code == 0, err
     written = pl.read_parquet(a)
     expected = nag.select(wh, "m", "m", "mlp.up", target_dataset="MENENIUS", fraction=0.2, layers=[0, 1])
     assert written["doc_id"].to_list() == expected["doc_id"].to_list()
     assert written["nag_distance"].to_list() == expected["distance"].to_list()
     assert {"text", "dataset", "n_tokens", "meta"} <= set(written.columns) and "selected" in out
-    code, out, err = run_cli(capsys, monkeypatch, "nag", "select", root, "--target", "m:First Citizen", "--pool", "m",
-                             "--quality-col", "edu", "--invert", "--engine", "polars", "--out", b)
+    code, out, err = run_cli(
+        capsys,
+        monkeypatch,
+        "nag",
+        "select",
+        root,
+        "--target",
+        "m:First Citizen",
+        "--pool",
+        "m",
+        "--quality-col",
+        "edu",
+        "--invert",
+        "--engine",
+        "polars",
+        "--out",
+        b,
+    )
     assert code == 0, err and "nag_score" in pl.read_parquet(b).columns
     merged = tmp_path / "merged.parquet"
     code, out, err = run_cli(capsys, monkeypatch, "nag", "merge", a, b, "--dedup", "--out", merged)
     assert code == 0 and "de-duplicated" in out
     assert set(pl.read_parquet(merged)["target"]) <= {"menenius", "citizen"}
     keys = tmp_path / "keys.json"
-    code, out, err = run_cli(capsys, monkeypatch, "nag", "keys", root, "--target", "m:MENENIUS", "--top", "4", "--out", keys)
+    code, out, err = run_cli(
+        capsys, monkeypatch, "nag", "keys", root, "--target", "m:MENENIUS", "--top", "4", "--out", keys
+    )
     assert code == 0 and all(len(v) == 4 for v in json.loads(keys.read_text())["layers"].values())
     for args, message in [
         (["nag", "select", root, "--target", "m:NOBODY", "--pool", "m", "--out", a], "has no documents of dataset"),
-        (["nag", "select", root, "--target", "m", "--pool", "m", "--layers", "0-40", "--out", a], "are not layers of site"),
-        (["nag", "select", root, "--target", "m", "--pool", "m", "--invert", "--out", a], "--invert applies to --quality-col"),
+        (
+            ["nag", "select", root, "--target", "m", "--pool", "m", "--layers", "0-40", "--out", a],
+            "are not layers of site",
+        ),
+        (
+            ["nag", "select", root, "--target", "m", "--pool", "m", "--invert", "--out", a],
+            "--invert applies to --quality-col",
+        ),
         (["nag", "keys", root, "--target", "m", "--out", keys], "exactly one of top"),
     ]:
         code, out, err = run_cli(capsys, monkeypatch, *args)

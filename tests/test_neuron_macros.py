@@ -31,9 +31,11 @@ from warehouse.errors import BadInput, QueryError, UnknownRun
 from . import reference
 
 LM_TEXTS = {
-    "plays": ["First Citizen: Before we proceed any further, hear me speak.",
-              "You are all resolved rather to die than to famish? " * 3,
-              "Café naïve — “quoted” ✓ text."],
+    "plays": [
+        "First Citizen: Before we proceed any further, hear me speak.",
+        "You are all resolved rather to die than to famish? " * 3,
+        "Café naïve — “quoted” ✓ text.",
+    ],
     "code": ["import os\nprint(os.getcwd())", "for i in range(3):\n    print(i * i)"],
 }
 LM_SITES = ["mlp.act:threshold=0,examples=4", "mlp.up:topk=5"]
@@ -46,11 +48,24 @@ def lm_wh(tmp_path_factory, tiny_lm_dir):
     from ingest.pipeline import ingest
     from ingest.sources import Document
 
-    documents = [Document(f"{name[0]}{i}", text, dataset=name) for name, texts in LM_TEXTS.items()
-                 for i, text in enumerate(texts)]
+    documents = [
+        Document(f"{name[0]}{i}", text, dataset=name)
+        for name, texts in LM_TEXTS.items()
+        for i, text in enumerate(texts)
+    ]
     root = tmp_path_factory.mktemp("neurons") / "wh"
-    ingest(root, str(tiny_lm_dir), sites=LM_SITES, documents=documents, run_id="t", batch_size=3,
-           max_length=24, device="cpu", progress=False, logit_lens=True)
+    ingest(
+        root,
+        str(tiny_lm_dir),
+        sites=LM_SITES,
+        documents=documents,
+        run_id="t",
+        batch_size=3,
+        max_length=24,
+        device="cpu",
+        progress=False,
+        logit_lens=True,
+    )
     wh = warehouse.open(root)
     yield wh
     wh.close()
@@ -65,6 +80,7 @@ def mini(minilm_wh):
 
 # -- the raw Parquet, read with pyarrow ------------------------------------------------------
 
+
 def raw(wh, table: str, run: str) -> list[dict]:
     """Every row of one run's table straight from its Parquet parts, hive columns from the path."""
     rows = []
@@ -76,8 +92,10 @@ def raw(wh, table: str, run: str) -> list[dict]:
 
 
 def stats_rows(wh, run, site, layer=None):
-    return sorted((r for r in raw(wh, "neuron_stats", run) if r["site"] == site and (layer is None or r["layer"] == layer)),
-                  key=lambda r: (r["layer"], r["neuron"]))
+    return sorted(
+        (r for r in raw(wh, "neuron_stats", run) if r["site"] == site and (layer is None or r["layer"] == layer)),
+        key=lambda r: (r["layer"], r["neuron"]),
+    )
 
 
 def macro(wh, sql: str) -> list[dict]:
@@ -106,14 +124,25 @@ def case(request):
 
 # -- neuron_stats macros ---------------------------------------------------------------------
 
+
 def test_firing_rate_and_activation_frequency(case):
     wh, run, site = case
     everything = stats_rows(wh, run, site)
     for layer in (0, 1):
-        expected = [{"neuron": r["neuron"], "n_tokens": r["n_tokens"], "n_fired": r["n_fired"], "rate": r["n_fired"] / r["n_tokens"]}
-                    for r in everything if r["layer"] == layer]
+        expected = [
+            {
+                "neuron": r["neuron"],
+                "n_tokens": r["n_tokens"],
+                "n_fired": r["n_fired"],
+                "rate": r["n_fired"] / r["n_tokens"],
+            }
+            for r in everything
+            if r["layer"] == layer
+        ]
         assert_rows(macro(wh, f"SELECT * FROM firing_rate('{run}', '{site}', {layer})"), expected)
-    expected = [{"layer": r["layer"], "neuron": r["neuron"], "frequency": r["n_fired"] / r["n_tokens"]} for r in everything]
+    expected = [
+        {"layer": r["layer"], "neuron": r["neuron"], "frequency": r["n_fired"] / r["n_tokens"]} for r in everything
+    ]
     assert_rows(macro(wh, f"SELECT * FROM activation_frequency('{run}', '{site}')"), expected)
 
 
@@ -122,9 +151,17 @@ def test_layer_summary(case):
     by_layer = defaultdict(list)
     for r in stats_rows(wh, run, site):
         by_layer[r["layer"]].append(r["n_fired"] / r["n_tokens"])
-    expected = [{"layer": layer, "n_neurons": len(rates), "mean_rate": math.fsum(rates) / len(rates),
-                 "median_rate": statistics.median(rates), "rare_share": sum(r < 0.01 for r in rates) / len(rates),
-                 "dead_share": sum(r == 0 for r in rates) / len(rates)} for layer, rates in sorted(by_layer.items())]
+    expected = [
+        {
+            "layer": layer,
+            "n_neurons": len(rates),
+            "mean_rate": math.fsum(rates) / len(rates),
+            "median_rate": statistics.median(rates),
+            "rare_share": sum(r < 0.01 for r in rates) / len(rates),
+            "dead_share": sum(r == 0 for r in rates) / len(rates),
+        }
+        for layer, rates in sorted(by_layer.items())
+    ]
     assert_rows(macro(wh, f"SELECT * FROM layer_summary('{run}', '{site}')"), expected)
 
 
@@ -134,7 +171,15 @@ def _selectivity_reference(wh, run, site, layer):
         mean = r["sum"] / r["n_tokens"]
         positive = r["sum_pos"] if r.get("sum_pos") is not None else r["sum"]  # max / mean positive part
         sel = None if positive == 0 else float(np.float32(r["max"])) / (positive / r["n_tokens"])
-        rows.append({"neuron": r["neuron"], "rate": r["n_fired"] / r["n_tokens"], "mean": mean, "max": r["max"], "selectivity": sel})
+        rows.append(
+            {
+                "neuron": r["neuron"],
+                "rate": r["n_fired"] / r["n_tokens"],
+                "mean": mean,
+                "max": r["max"],
+                "selectivity": sel,
+            }
+        )
     return sorted(rows, key=lambda r: (r["selectivity"] is None, -(r["selectivity"] or 0), r["neuron"]))
 
 
@@ -159,8 +204,15 @@ def test_rate_histogram(case, bins):
         if f:  # the documented edges hold the rate
             b = min(bins, 1 + math.floor(bins * math.log(f) / math.log(n)))
             assert n ** ((b - 1) / bins - 1) * (1 - 1e-9) <= rate <= n ** (b / bins - 1) * (1 + 1e-9)
-    expected = [{"bin": b, "lo": 0.0 if b == 0 else n ** ((b - 1) / bins - 1), "hi": 0.0 if b == 0 else n ** (b / bins - 1),
-                 "n_neurons": counts[b]} for b in range(bins + 1)]
+    expected = [
+        {
+            "bin": b,
+            "lo": 0.0 if b == 0 else n ** ((b - 1) / bins - 1),
+            "hi": 0.0 if b == 0 else n ** (b / bins - 1),
+            "n_neurons": counts[b],
+        }
+        for b in range(bins + 1)
+    ]
     assert_rows(macro(wh, f"SELECT * FROM rate_histogram('{run}', '{site}', 2, bins := {bins})"), expected)
 
 
@@ -173,8 +225,15 @@ def test_selectivity_histogram(case, bins):
     counts = defaultdict(int)
     for s in sels:
         counts[0 if s is None else 1 if hi == lo else min(bins, 1 + math.floor((s - lo) / (hi - lo) * bins))] += 1
-    expected = [{"bin": b, "lo": None if b == 0 else lo + (hi - lo) * (b - 1) / bins,
-                 "hi": None if b == 0 else lo + (hi - lo) * b / bins, "n_neurons": counts[b]} for b in range(bins + 1)]
+    expected = [
+        {
+            "bin": b,
+            "lo": None if b == 0 else lo + (hi - lo) * (b - 1) / bins,
+            "hi": None if b == 0 else lo + (hi - lo) * b / bins,
+            "n_neurons": counts[b],
+        }
+        for b in range(bins + 1)
+    ]
     got = macro(wh, f"SELECT * FROM selectivity_histogram('{run}', '{site}', 2, bins := {bins})")
     assert_rows(got, expected)
     assert sum(r["n_neurons"] for r in got) == len(sels)
@@ -182,7 +241,7 @@ def test_selectivity_histogram(case, bins):
 
 # -- examples --------------------------------------------------------------------------------
 
-M31 = 2 ** 31 - 1
+M31 = 2**31 - 1
 
 
 def sample_key(seed, neuron, doc, pos):
@@ -205,19 +264,29 @@ class RawRun:
         self.token_neurons = raw(wh, "token_neurons", run)
 
     def stored(self, site, layer):
-        return {(r["doc"], r["pos"], r["neuron"]): r["value"] for r in self.token_neurons if r["site"] == site and r["layer"] == layer}
+        return {
+            (r["doc"], r["pos"], r["neuron"]): r["value"]
+            for r in self.token_neurons
+            if r["site"] == site and r["layer"] == layer
+        }
 
     def examples_of(self, site, layer, kind, k, before, after, seed=0, neuron=None):
         reductions = self.sites[site]["reductions"]
         has_threshold = re.search(r"(^|,)threshold=", reductions) is not None
         n_stored = re.search(r"(^|,)examples=(\d+)", reductions)
         if n_stored and (k <= int(n_stored.group(2)) or not has_threshold):
-            candidates = [(r["neuron"], r["doc"], r["pos"], r["value"], r["rank"], r.get("window_values")) for r in self.examples
-                          if r["site"] == site and r["layer"] == layer and r["kind"] == kind]
+            candidates = [
+                (r["neuron"], r["doc"], r["pos"], r["value"], r["rank"], r.get("window_values"))
+                for r in self.examples
+                if r["site"] == site and r["layer"] == layer and r["kind"] == kind
+            ]
         else:
             assert has_threshold
-            candidates = [(r["neuron"], r["doc"], r["pos"], r["value"], 0, None) for r in self.token_neurons
-                          if r["site"] == site and r["layer"] == layer]
+            candidates = [
+                (r["neuron"], r["doc"], r["pos"], r["value"], 0, None)
+                for r in self.token_neurons
+                if r["site"] == site and r["layer"] == layer
+            ]
         per_unit = defaultdict(list)
         for c in candidates:
             if neuron is None or c[0] == neuron:
@@ -225,17 +294,28 @@ class RawRun:
         stored = self.stored(site, layer)
         out = []
         for unit in sorted(per_unit):
+
             def order(c):
                 first = (sample_key(seed, *c[:3]),) if kind == "random" else ()
                 return (*first, c[4], -c[3], c[1], c[2])
+
             for rank, (_, doc, pos, value, _, captured) in enumerate(sorted(per_unit[unit], key=order)[:k]):
-                out.append({"neuron": unit, "rank": rank, "doc_id": self.docs[doc]["doc_id"], "pos": pos, "value": value,
-                            **self.window(unit, doc, pos, value, before, after, stored, captured)})
+                out.append(
+                    {
+                        "neuron": unit,
+                        "rank": rank,
+                        "doc_id": self.docs[doc]["doc_id"],
+                        "pos": pos,
+                        "value": value,
+                        **self.window(unit, doc, pos, value, before, after, stored, captured),
+                    }
+                )
         return out
 
     def window(self, unit, doc, at, value, before, after, stored, captured=None):
         """The window's tokens; a value is the example's own at its token, else the one captured with the
         example (window_values: 50 before .. 20 after), else token_neurons' (None where not stored)."""
+
         def value_at(p):
             if p == at:
                 return value
@@ -244,8 +324,14 @@ class RawRun:
             return stored.get((doc, p, unit))
 
         window = [self.tokens[(doc, p)] for p in range(at - before, at + after + 1) if (doc, p) in self.tokens]
-        tokens = [{"piece": t["piece"], "text": t["piece"] if t.get("text") is None else t["text"],
-                   "value": value_at(t["pos"])} for t in window]
+        tokens = [
+            {
+                "piece": t["piece"],
+                "text": t["piece"] if t.get("text") is None else t["text"],
+                "value": value_at(t["pos"]),
+            }
+            for t in window
+        ]
         starts = [t["char_start"] for t in window if t["char_start"] is not None]
         ends = [t["char_end"] for t in window if t["char_end"] is not None]
         ends_before = [t["char_end"] for t in window if t["pos"] < at and t["char_end"] is not None]
@@ -275,7 +361,10 @@ def test_top_contexts_match_python(case, raw_runs, k, before, after):
     wh, run, site = case
     neuron = 17
     expected = raw_runs[run].examples_of(site, 1, "top", k, before, after, neuron=neuron)
-    got = macro(wh, f"SELECT * FROM top_contexts('{run}', '{site}', 1, {neuron}, k := {k}, before := {before}, after := {after})")
+    got = macro(
+        wh,
+        f"SELECT * FROM top_contexts('{run}', '{site}', 1, {neuron}, k := {k}, before := {before}, after := {after})",
+    )
     assert got == _strip(expected)  # exact: ids, positions, float32 values, strings
 
 
@@ -306,14 +395,16 @@ def test_random_examples_cover_every_firing_with_a_threshold_capture(lm_wh):
     neuron = min(stats, key=lambda u: (stats[u], u))  # the rarest unit: every firing fits
     everything = macro(lm_wh, f"SELECT * FROM random_examples('t', 'mlp.act', 1, {neuron}, n := 100000)")
     assert len(everything) == stats[neuron]
-    seeds = [[r["pos"] for r in macro(lm_wh, f"SELECT * FROM random_examples('t', 'mlp.act', 1, 3, n := 5, seed := {s})")]
-             for s in range(3)]
+    seeds = [
+        [r["pos"] for r in macro(lm_wh, f"SELECT * FROM random_examples('t', 'mlp.act', 1, 3, n := 5, seed := {s})")]
+        for s in range(3)
+    ]
     assert len({tuple(s) for s in seeds}) > 1  # seeds draw different samples
 
 
 def test_sample_key_is_uniform():
     keys = np.array([sample_key(0, 5, doc, pos) for doc in range(40) for pos in range(250)])
-    assert 0 <= keys.min() and keys.max() < 2 ** 31
+    assert 0 <= keys.min() and keys.max() < 2**31
     counts = np.bincount(keys >> 27, minlength=16)  # 16 equal buckets
     chi2 = ((counts - keys.size / 16) ** 2 / (keys.size / 16)).sum()
     assert chi2 < 45  # p ~ 1e-4 for 15 degrees of freedom
@@ -332,7 +423,9 @@ def lm_dense(lm_wh, tiny_lm_dir):
     for (doc, _), group in tokens.group_by(["doc", "window"], maintain_order=True):
         windows.setdefault(doc, []).append(group["token_id"].to_list())
     site = resolve(parse_spec("mlp.act"), loaded.module_names, loaded.aliases)
-    return {layer: reference.dense_activations(loaded.model, module, site.hook, windows) for layer, module in site.modules}
+    return {
+        layer: reference.dense_activations(loaded.model, module, site.hook, windows) for layer, module in site.modules
+    }
 
 
 @pytest.mark.parametrize("k", [3, 12])  # 3 <= examples=4 reads neuron_examples; 12 reads every firing
@@ -345,8 +438,14 @@ def test_top_contexts_are_exact_over_all_tokens(lm_wh, lm_dense, k):
         got = macro(lm_wh, f"SELECT * FROM top_contexts('t', 'mlp.act', 2, {unit}, k := {k})")
         column = flat[:, unit]
         order = np.argsort(-column, kind="stable")[:k]
-        np.testing.assert_allclose([r["value"] for r in got], column[order], rtol=2e-3, atol=1e-4)  # FLOAT16 where from token_neurons
-        clear = [i for i in range(len(order)) if i + 1 >= len(column) or column[order[i]] - column[np.argsort(-column)[i + 1]] > 1e-3]
+        np.testing.assert_allclose(
+            [r["value"] for r in got], column[order], rtol=2e-3, atol=1e-4
+        )  # FLOAT16 where from token_neurons
+        clear = [
+            i
+            for i in range(len(order))
+            if i + 1 >= len(column) or column[order[i]] - column[np.argsort(-column)[i + 1]] > 1e-3
+        ]
         for i in clear:
             doc, pos = owner[order[i]]
             assert (got[i]["doc_id"], got[i]["pos"]) == (doc_ids[doc], pos)
@@ -373,9 +472,18 @@ def test_activation_frequency_by_dataset(lm_wh, raw_runs):
     totals = defaultdict(int)
     for (layer, unit, _), n in fired.items():
         totals[(layer, unit)] += n
-    expected = [{"layer": layer, "neuron": unit, "dataset": ds, "n_tokens": tokens_per[ds], "n_fired": n,
-                 "density": n / tokens_per[ds], "fraction": n / totals[(layer, unit)]}
-                for (layer, unit, ds), n in sorted(fired.items())]
+    expected = [
+        {
+            "layer": layer,
+            "neuron": unit,
+            "dataset": ds,
+            "n_tokens": tokens_per[ds],
+            "n_fired": n,
+            "density": n / tokens_per[ds],
+            "fraction": n / totals[(layer, unit)],
+        }
+        for (layer, unit, ds), n in sorted(fired.items())
+    ]
     got = macro(lm_wh, "SELECT * FROM activation_frequency_by_dataset('t', 'mlp.act')")
     assert_rows(got, expected)
     assert {r["dataset"] for r in got} == {"plays", "code"}
@@ -391,7 +499,10 @@ def test_topk_capture_counts_firings_in_the_top_k(mini, raw_runs):
     for r in run.token_neurons:
         if r["site"] == "mlp.act" and r["value"] > threshold:
             fired[(r["layer"], r["neuron"])] += 1
-    got = macro(mini, "SELECT layer, neuron, sum(n_fired) AS n FROM activation_frequency_by_dataset('r', 'mlp.act') GROUP BY ALL")
+    got = macro(
+        mini,
+        "SELECT layer, neuron, sum(n_fired) AS n FROM activation_frequency_by_dataset('r', 'mlp.act') GROUP BY ALL",
+    )
     assert {(r["layer"], r["neuron"]): r["n"] for r in got} == dict(fired)
 
 
@@ -399,8 +510,11 @@ def test_neuron_contexts_bytes(lm_wh, raw_runs):
     run = raw_runs["t"]
     for row in stats_rows(lm_wh, "t", "mlp.act", 3)[:20]:
         doc, at = row["max_doc"], row["max_pos"]
-        pieces = [("[" + t["piece"] + "]" if p == at else t["piece"])
-                  for p in range(at - 24, at + 5) if (t := run.tokens.get((doc, p)))]
+        pieces = [
+            ("[" + t["piece"] + "]" if p == at else t["piece"])
+            for p in range(at - 24, at + 5)
+            if (t := run.tokens.get((doc, p)))
+        ]
         got = macro(lm_wh, f"SELECT * FROM neuron_contexts_bytes('t', 'mlp.act', 3, {row['neuron']})")
         assert got == [{"doc_id": run.docs[doc]["doc_id"], "pos": at, "value": row["max"], "context": "".join(pieces)}]
 
@@ -448,13 +562,20 @@ def test_macro_equals_polars_twin(case, name, args, kwargs):
 
 
 def test_layer_examples_and_logit_lens_twins(lm_wh):
-    assert_frame_equal(lm_wh.pl("SELECT * FROM whq_examples('t', 'mlp.act', 3, NULL, 'random', 6, 5, 5, 2)"),
-                       nf.layer_examples(lm_wh, "t", "mlp.act", 3, None, "random", 6, 5, 5, 2).collect(), check_exact=False, rel_tol=RTOL)
-    assert_frame_equal(lm_wh.pl("SELECT * FROM neuron_logit_lens('t', 'mlp.up', 2, 9)"),
-                       nf.neuron_logit_lens(lm_wh, "t", "mlp.up", 2, 9).collect())
+    assert_frame_equal(
+        lm_wh.pl("SELECT * FROM whq_examples('t', 'mlp.act', 3, NULL, 'random', 6, 5, 5, 2)"),
+        nf.layer_examples(lm_wh, "t", "mlp.act", 3, None, "random", 6, 5, 5, 2).collect(),
+        check_exact=False,
+        rel_tol=RTOL,
+    )
+    assert_frame_equal(
+        lm_wh.pl("SELECT * FROM neuron_logit_lens('t', 'mlp.up', 2, 9)"),
+        nf.neuron_logit_lens(lm_wh, "t", "mlp.up", 2, 9).collect(),
+    )
 
 
 # -- errors -------------------------------------------------------------------------------------
+
 
 def test_unknown_run_or_site_is_a_clear_error(lm_wh):
     with pytest.raises(QueryError, match="no committed run 'nope'.*SELECT run_id FROM runs"):
@@ -470,17 +591,37 @@ def test_unknown_run_or_site_is_a_clear_error(lm_wh):
 
 
 def test_examples_need_a_capture_that_holds_them(lm_wh):
-    with pytest.raises(QueryError, match="kept neither examples=N nor a threshold capture: re-ingest with --site mlp.up:examples=20"):
+    with pytest.raises(
+        QueryError, match="kept neither examples=N nor a threshold capture: re-ingest with --site mlp.up:examples=20"
+    ):
         lm_wh.pl("SELECT * FROM top_contexts('t', 'mlp.up', 0, 1)")
     with pytest.raises(BadInput, match="re-ingest with --site mlp.up:examples=20"):
         nf.random_examples(lm_wh, "t", "mlp.up", 0, 1)
 
 
 def test_every_macro_is_documented(lm_wh):
-    comments = dict(lm_wh.sql("SELECT function_name, comment FROM duckdb_functions() WHERE function_type IN ('table_macro', 'macro')").fetchall())
-    for name in ("firing_rate", "layer_summary", "selectivity", "rate_histogram", "selectivity_histogram", "top_contexts",
-                 "random_examples", "activation_frequency", "activation_frequency_by_dataset", "neuron_contexts_bytes",
-                 "neuron_logit_lens", "whq_examples", "whq_known_site", "whq_sample_key", "dictionary_quality"):
+    comments = dict(
+        lm_wh.sql(
+            "SELECT function_name, comment FROM duckdb_functions() WHERE function_type IN ('table_macro', 'macro')"
+        ).fetchall()
+    )
+    for name in (
+        "firing_rate",
+        "layer_summary",
+        "selectivity",
+        "rate_histogram",
+        "selectivity_histogram",
+        "top_contexts",
+        "random_examples",
+        "activation_frequency",
+        "activation_frequency_by_dataset",
+        "neuron_contexts_bytes",
+        "neuron_logit_lens",
+        "whq_examples",
+        "whq_known_site",
+        "whq_sample_key",
+        "dictionary_quality",
+    ):
         assert comments.get(name), name
 
 
@@ -540,18 +681,26 @@ def test_golden_output(golden_wh, name):
 
 # -- charts and the frames re-export --------------------------------------------------------------
 
+
 def test_charts_draw_the_macros_rows(lm_wh):
     import altair as alt
 
     from queries import charts
 
-    rates = pl.concat([lm_wh.pl(f"SELECT {layer} AS layer, * FROM rate_histogram('t', 'mlp.act', {layer}, bins := 8)") for layer in (0, 1)])
+    rates = pl.concat(
+        [
+            lm_wh.pl(f"SELECT {layer} AS layer, * FROM rate_histogram('t', 'mlp.act', {layer}, bins := 8)")
+            for layer in (0, 1)
+        ]
+    )
     sel = lm_wh.pl("SELECT * FROM selectivity_histogram('t', 'mlp.act', 0, bins := 8)")
     built = {
         "rate": charts.rate_histogram_chart(rates),
         "selectivity": charts.selectivity_histogram_chart(sel),
         "summary": charts.layer_summary_chart(lm_wh.pl("SELECT * FROM layer_summary('t', 'mlp.act')")),
-        "context": charts.context_chart(lm_wh.pl("SELECT * FROM top_contexts('t', 'mlp.act', 1, 5, k := 1, before := 4, after := 2)")),
+        "context": charts.context_chart(
+            lm_wh.pl("SELECT * FROM top_contexts('t', 'mlp.act', 1, 5, k := 1, before := 4, after := 2)")
+        ),
     }
     for name, chart in built.items():
         assert isinstance(chart, alt.Chart), name
@@ -561,7 +710,9 @@ def test_charts_draw_the_macros_rows(lm_wh):
     rate_spec = built["rate"].to_dict()
     assert rate_spec["encoding"]["x"]["scale"]["type"] == "log" and rate_spec["encoding"]["color"]["field"] == "layer"
     drawn = next(iter(rate_spec["datasets"].values()))
-    assert len(drawn) == 2 * 8 and sum(v["n_neurons"] for v in drawn) == rates.filter(pl.col("bin") > 0)["n_neurons"].sum()
+    assert (
+        len(drawn) == 2 * 8 and sum(v["n_neurons"] for v in drawn) == rates.filter(pl.col("bin") > 0)["n_neurons"].sum()
+    )
     assert len(next(iter(built["summary"].to_dict()["datasets"].values()))) == 4 * 4  # 4 layers x 4 measures
 
 
@@ -569,16 +720,28 @@ def test_frames_re_exports_the_twins(lm_wh):
     from queries import frames
 
     assert frames.layer_summary is nf.layer_summary
-    assert_frame_equal(frames.firing_rate(lm_wh, "t", "mlp.act", 0).collect(), lm_wh.pl("SELECT * FROM firing_rate('t', 'mlp.act', 0)"))
+    assert_frame_equal(
+        frames.firing_rate(lm_wh, "t", "mlp.act", 0).collect(), lm_wh.pl("SELECT * FROM firing_rate('t', 'mlp.act', 0)")
+    )
 
 
 @pytest.mark.skipif(shutil.which("duckdb") is None, reason="the DuckDB shell (pip install duckdb-cli) is not on PATH")
 def test_stock_duckdb_shell_runs_the_macros(golden_wh):
     import subprocess
 
-    for name in ("layer_summary", "rate_histogram", "top_contexts", "random_examples", "activation_frequency_by_dataset"):
+    for name in (
+        "layer_summary",
+        "rate_histogram",
+        "top_contexts",
+        "random_examples",
+        "activation_frequency_by_dataset",
+    ):
         query = GOLDEN[name].replace("SELECT *", "SELECT to_json(list(t)) FROM (SELECT *") + ") t"
-        shell = subprocess.run(["duckdb", "-readonly", "-noheader", "-list", str(golden_wh.root / "whq.duckdb"), "-c", query],
-                               capture_output=True, text=True, timeout=60)
+        shell = subprocess.run(
+            ["duckdb", "-readonly", "-noheader", "-list", str(golden_wh.root / "whq.duckdb"), "-c", query],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert shell.returncode == 0, shell.stderr
         _same(json.loads(shell.stdout), json.loads(json.dumps(golden_wh.pl(GOLDEN[name]).to_dicts())), name)

@@ -33,10 +33,18 @@ def _context(docs, starts, lengths, seq, device="cpu", finished=None) -> BatchCo
     finished = list(range(rows)) if finished is None else finished
     t = lambda a, dtype=torch.int64: torch.as_tensor(np.asarray(a), dtype=dtype, device=device)  # noqa: E731
     return BatchContext(
-        mask=t(mask, torch.bool), lengths=t(lengths), row_doc=t(np.repeat(docs, seq)),
-        row_pos=t((starts[:, None] + np.arange(seq)[None, :]).reshape(-1)), segment=t(np.arange(rows)),
-        n_segments=rows, finished=t(finished), finished_tokens=t(lengths[finished], torch.float32),
-        last_rows=t(finished), carry_in=False, carry_out=False, full=bool(mask.all()),
+        mask=t(mask, torch.bool),
+        lengths=t(lengths),
+        row_doc=t(np.repeat(docs, seq)),
+        row_pos=t((starts[:, None] + np.arange(seq)[None, :]).reshape(-1)),
+        segment=t(np.arange(rows)),
+        n_segments=rows,
+        finished=t(finished),
+        finished_tokens=t(lengths[finished], torch.float32),
+        last_rows=t(finished),
+        carry_in=False,
+        carry_out=False,
+        full=bool(mask.all()),
     )
 
 
@@ -57,8 +65,11 @@ def _simple_stats(batches, threshold: float) -> dict:
     in_doc_order = stacked[order]
     first_max = in_doc_order.argmax(axis=0)
     return {
-        "n_tokens": len(keys), "n_fired": (stacked > threshold).sum(axis=0), "sum": stacked.sum(axis=0),
-        "sum_sq": (stacked ** 2).sum(axis=0), "max": stacked.max(axis=0),
+        "n_tokens": len(keys),
+        "n_fired": (stacked > threshold).sum(axis=0),
+        "sum": stacked.sum(axis=0),
+        "sum_sq": (stacked**2).sum(axis=0),
+        "max": stacked.max(axis=0),
         "max_doc": np.array([keys[order[i]][0] for i in first_max]),
         "max_pos": np.array([keys[order[i]][1] for i in first_max]),
     }
@@ -69,11 +80,11 @@ def _batches(rng, width=24, seq=6):
     first = (rng.standard_normal((4, seq, width)).astype(np.float32), [7, 2, 5, 2], [0, 0, 0, 6], [6, 4, 6, 3])
     second = (rng.standard_normal((3, seq, width)).astype(np.float32), [9, 1, 8], [0, 0, 0], [6, 6, 2])
     x1, x2 = first[0], second[0]
-    x1[:, :, 0] = 3.0            # unit 0: every valid token ties; the winner is doc 1 (second batch)
+    x1[:, :, 0] = 3.0  # unit 0: every valid token ties; the winner is doc 1 (second batch)
     x2[:, :, 0] = 3.0
-    x1[0, 5, 1] = x1[3, 1, 1] = 9.0   # unit 1: tie between doc 7 pos 5 and doc 2 pos 7 -> doc 2 (a later row)
-    x2[2, 4, 2] = 50.0           # unit 2: the max sits on padding and must be ignored
-    x1[1, 4:, :] = 1e6           # padding of row 1 (length 4) is huge everywhere
+    x1[0, 5, 1] = x1[3, 1, 1] = 9.0  # unit 1: tie between doc 7 pos 5 and doc 2 pos 7 -> doc 2 (a later row)
+    x2[2, 4, 2] = 50.0  # unit 2: the max sits on padding and must be ignored
+    x1[1, 4:, :] = 1e6  # padding of row 1 (length 4) is huge everywhere
     return [first, second]
 
 
@@ -112,8 +123,13 @@ def test_full_batch_skips_masking_with_same_result(hook_path):
         sl(torch.from_numpy(x))
         outputs, ready = collect([sl])
         assert ready is None
-        results.append((outputs[("x", 0)], {k: v.clone() for k, v in sl.stats.items()},
-                        {k: v.clone() for k, v in sl.examples.items()}))
+        results.append(
+            (
+                outputs[("x", 0)],
+                {k: v.clone() for k, v in sl.stats.items()},
+                {k: v.clone() for k, v in sl.examples.items()},
+            )
+        )
     (out_a, stats_a, ex_a), (out_b, stats_b, ex_b) = results
     for key in out_a:
         np.testing.assert_array_equal(out_a[key], out_b[key])
@@ -170,7 +186,7 @@ def test_padded_batch_equals_documents_one_by_one(hook_path):
         alone_out.append(collect([alone])[0][("x", 0)])
     padded = np.full((3, max(lengths), width), 1e3, dtype=np.float32)  # garbage on padding
     for row, a in enumerate(acts):
-        padded[row, :len(a)] = a
+        padded[row, : len(a)] = a
     batch = _site_layer(spec)
     batch.ctx = _context([0, 1, 2], [0, 0, 0], lengths, max(lengths))
     assert not batch.ctx.full
@@ -192,8 +208,16 @@ def test_padded_batch_equals_documents_one_by_one(hook_path):
 def test_bench_ingest_reports_figures(tmp_path):
     from ingest.bench import bench_ingest
 
-    result = bench_ingest("config:qwen3-tiny", device="cpu", batch_size=2, seq_len=8, repeats=1, shard_tokens=32,
-                          sites=["mlp.act:topk=4", "mlp.up:nag=4", "resid.out:last"], root=tmp_path)
+    result = bench_ingest(
+        "config:qwen3-tiny",
+        device="cpu",
+        batch_size=2,
+        seq_len=8,
+        repeats=1,
+        shard_tokens=32,
+        sites=["mlp.act:topk=4", "mlp.up:nag=4", "resid.out:last"],
+        root=tmp_path,
+    )
     figures = result.to_dict()
     assert figures["plain_tokens_per_s"] > 0 and figures["capture_tokens_per_s"] > 0
     assert result.token_neuron_rows == 2 * 8 * 4 * 4 * result.batches_per_block  # tokens x k x layers
@@ -209,8 +233,14 @@ def test_bench_query_times_present_macros(tmp_path):
     figures = result.to_dict()
     assert figures["token_neuron_rows"] >= 4 * 2 * 600
     assert {"layer_summary", "firing_rate", "scan one neuron (baseline)"} <= set(figures["queries"])
-    assert set(figures["queries"]) | set(figures["skipped"]) >= {"layer_summary", "firing_rate", "selectivity", "top_contexts",
-                                                                "nag_distance", "ref_similarity"}
+    assert set(figures["queries"]) | set(figures["skipped"]) >= {
+        "layer_summary",
+        "firing_rate",
+        "selectivity",
+        "top_contexts",
+        "nag_distance",
+        "ref_similarity",
+    }
     again = bench_query(tmp_path / "wh", rows=4 * 2 * 600, layers=2, width=64, k=4, repeats=1)
     assert again.build_s is None, "the second call reuses the committed synthetic run"
     import warehouse
@@ -238,7 +268,11 @@ def test_cuda_matches_cpu():
             if ready is not None:
                 ready.synchronize()
             outs.append({k: v.copy() for k, v in out[("x", 0)].items()})
-        results[device] = (outs, {k: v.cpu() for k, v in sl.stats.items()}, {k: v.cpu() for k, v in sl.examples.items()})
+        results[device] = (
+            outs,
+            {k: v.cpu() for k, v in sl.stats.items()},
+            {k: v.cpu() for k, v in sl.examples.items()},
+        )
     (cpu_out, cpu_stats, cpu_ex), (gpu_out, gpu_stats, gpu_ex) = results["cpu"], results["cuda"]
     for a, b, (x, _, _, lengths) in zip(cpu_out, gpu_out, batches):
         # Padding is all-equal garbage, never written; each top-k orders such ties its own way.
@@ -255,8 +289,12 @@ def test_cuda_matches_cpu():
 def test_token_neuron_parts_are_neuron_major_and_same_rows():
     rng = np.random.default_rng(6)
     n = 4000
-    columns = {"doc": rng.integers(0, 50, n), "pos": rng.integers(0, 300, n), "neuron": rng.integers(0, 3000, n),
-               "value": rng.random(n).astype(np.float16)}
+    columns = {
+        "doc": rng.integers(0, 50, n),
+        "pos": rng.integers(0, 300, n),
+        "neuron": rng.integers(0, 3000, n),
+        "value": rng.random(n).astype(np.float16),
+    }
     ordered = part_order("token_neurons", columns)
     expected = np.lexsort([columns["pos"], columns["doc"], columns["neuron"]])
     for name, column in columns.items():
@@ -265,8 +303,12 @@ def test_token_neuron_parts_are_neuron_major_and_same_rows():
     tokens = [(d, p) for d in rng.permutation(40) for p in range(rng.integers(1, 30))]
     tokens.append(tokens[3])
     k = 5
-    runs = {"doc": np.repeat([d for d, _ in tokens], k), "pos": np.repeat([p for _, p in tokens], k),
-            "neuron": np.concatenate([rng.choice(3000, k, replace=False) for _ in tokens]), "value": rng.random(len(tokens) * k)}
+    runs = {
+        "doc": np.repeat([d for d, _ in tokens], k),
+        "pos": np.repeat([p for _, p in tokens], k),
+        "neuron": np.concatenate([rng.choice(3000, k, replace=False) for _ in tokens]),
+        "value": rng.random(len(tokens) * k),
+    }
     ordered = part_order("token_neurons", runs)
     expected = np.lexsort([runs["pos"], runs["doc"], runs["neuron"]])
     for name, column in runs.items():

@@ -10,15 +10,53 @@ import polars as pl
 import pytest
 
 import warehouse
+
 from .cli_runner import run_cli
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
-SUMMARY = ["mean_cosine", "std_cosine", "median_cosine", "min_cosine", "most_divergent_layer", "mean_MAE", "std_MAE",
-           "median_MAE", "max_MAE_layer", "mean_overlap", "std_overlap", "median_overlap", "min_overlap", "min_overlap_layer"]
+SUMMARY = [
+    "mean_cosine",
+    "std_cosine",
+    "median_cosine",
+    "min_cosine",
+    "most_divergent_layer",
+    "mean_MAE",
+    "std_MAE",
+    "median_MAE",
+    "max_MAE_layer",
+    "mean_overlap",
+    "std_overlap",
+    "median_overlap",
+    "min_overlap",
+    "min_overlap_layer",
+]
 LAB_COLUMNS = {  # Activation Lab's compare_runs.py
-    "comparison_report": ["state", "pair", "run_a", "run_b", "generated_a", "generated_b", "prompt_a", "prompt_b", "source", *SUMMARY],
-    "comparison_cosines": ["state", "pair", "run_a", "run_b", "generated_a", "generated_b", "source", "layer", "cosine", "MAE", "overlap"],
+    "comparison_report": [
+        "state",
+        "pair",
+        "run_a",
+        "run_b",
+        "generated_a",
+        "generated_b",
+        "prompt_a",
+        "prompt_b",
+        "source",
+        *SUMMARY,
+    ],
+    "comparison_cosines": [
+        "state",
+        "pair",
+        "run_a",
+        "run_b",
+        "generated_a",
+        "generated_b",
+        "source",
+        "layer",
+        "cosine",
+        "MAE",
+        "overlap",
+    ],
     "intra_run_report": ["run", "generated", "prompt", "source", *SUMMARY],
     "intra_run_cosines": ["run", "source", "layer", "cosine", "MAE", "overlap"],
 }
@@ -41,7 +79,9 @@ def report_files(report_wh, tmp_path_factory):
     from queries.report import write_report
 
     folder = tmp_path_factory.mktemp("out")
-    write_report(warehouse.open(report_wh), "emo", folder / "report.html", csv_dir=folder / "csv", compare=["emo-llama"])
+    write_report(
+        warehouse.open(report_wh), "emo", folder / "report.html", csv_dir=folder / "csv", compare=["emo-llama"]
+    )
     return folder
 
 
@@ -70,9 +110,20 @@ def test_report_renders_in_chromium(report_files, tmp_path):
     if not Path(CHROMIUM).exists():
         pytest.skip(f"no Chromium at {CHROMIUM}: install Debian's chromium to run the browser test")
     page = (report_files / "report.html").as_uri()
-    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=20000", "--hide-scrollbars"]
+    flags = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--virtual-time-budget=20000",
+        "--hide-scrollbars",
+    ]
     dom = subprocess.run([*flags, "--dump-dom", page], capture_output=True, text=True, timeout=180).stdout
     n_charts = (report_files / "report.html").read_text().count('class="chart"')
     assert dom.count('data-rendered="yes"') == n_charts, "every chart rendered"
@@ -86,7 +137,18 @@ def test_report_renders_in_chromium(report_files, tmp_path):
 
 
 def test_report_cli(report_wh, tmp_path, capsys, monkeypatch):
-    code, out, err = run_cli(capsys, monkeypatch, "report", report_wh, "--run", "emo", "--out", tmp_path / "r.html", "--csv", tmp_path / "csv")
+    code, out, err = run_cli(
+        capsys,
+        monkeypatch,
+        "report",
+        report_wh,
+        "--run",
+        "emo",
+        "--out",
+        tmp_path / "r.html",
+        "--csv",
+        tmp_path / "csv",
+    )
     assert code == 0, err
     assert (tmp_path / "r.html").exists() and len(list((tmp_path / "csv").glob("*.csv"))) == 4
     code, _, err = run_cli(capsys, monkeypatch, "report", report_wh, "--run", "nope")

@@ -11,8 +11,9 @@ import pytest
 from polars.testing import assert_frame_equal
 
 import warehouse
-from warehouse.schema import SCENARIO_SOURCES as SOURCES
 from queries import scenario_frames as sf
+from warehouse.schema import SCENARIO_SOURCES as SOURCES
+
 from .cli_runner import run_cli
 from .scenario_yaml import scenario_dict, write_yaml
 
@@ -89,25 +90,39 @@ def test_bad_yaml_and_missing_file(tmp_path, capsys, monkeypatch):
 def test_activation_lab_defaults_and_flags():
     from ingest.scenario import parse
 
-    spec = parse({"name": "n", "model": {"id": "m"}, "prompt": [{"messages": [{"role": "user", "content": "hi"}]}],
-                  "capture": {"qkv": False, "sources": None}})
+    spec = parse(
+        {
+            "name": "n",
+            "model": {"id": "m"},
+            "prompt": [{"messages": [{"role": "user", "content": "hi"}]}],
+            "capture": {"qkv": False, "sources": None},
+        }
+    )
     assert spec.model.dtype == "float16" and spec.generation.max_new_tokens == 8 and spec.generation.seed == 42
     assert spec.capture.sources == ("hidden_in", "hidden_out", "mlp_out")
     assert spec.capture.store_dtype == "float16" and spec.capture.top_k_probs == 20 and spec.capture.layers is None
-    assert parse({"name": "n", "model": "m", "prompt": {"messages": [{"role": "user", "content": "hi"}]},
-                  "capture": {"sources": ["mlp_down_out"]}}).capture.sources == ("mlp_out",)
+    assert parse(
+        {
+            "name": "n",
+            "model": "m",
+            "prompt": {"messages": [{"role": "user", "content": "hi"}]},
+            "capture": {"sources": ["mlp_down_out"]},
+        }
+    ).capture.sources == ("mlp_out",)
 
 
 # -- what the ingest wrote ---------------------------------------------------------
 def test_documents_steps_and_sites(scenario_wh):
     wh = warehouse.open(scenario_wh)
-    docs = wh.pl("SELECT doc, doc_id, role, label, message_index, message_role FROM documents WHERE run_id = 'chat' ORDER BY doc")
+    docs = wh.pl(
+        "SELECT doc, doc_id, role, label, message_index, message_role FROM documents WHERE run_id = 'chat' ORDER BY doc"
+    )
     assert docs["role"].to_list() == ["message"] * 4 + ["generated"] + ["reference"] * 3
     assert docs["message_role"].to_list()[:5] == ["system", "user", "assistant", "user", "user"]
     assert docs["label"].to_list()[5:] == ["joy", "fear", "calm"]
     steps = wh.pl("SELECT * FROM steps WHERE run_id = 'chat' ORDER BY step")
     assert steps["step"].to_list() == list(range(5)) and steps["kind"].to_list() == ["prefill"] + ["decode"] * 4
-    assert steps["generated_token_id"].to_list() == steps["argmax_id"].to_list()   # greedy
+    assert steps["generated_token_id"].to_list() == steps["argmax_id"].to_list()  # greedy
     assert steps["input_token_ids"].to_list()[1:] == [[t] for t in steps["generated_token_id"].to_list()[:-1]]
     assert all(len(t) == 5 for t in steps["top_ids"].to_list())
     assert np.allclose(steps["argmax_logprob"].to_numpy(), [lp[0] for lp in steps["top_logprobs"].to_list()])
@@ -115,9 +130,9 @@ def test_documents_steps_and_sites(scenario_wh):
     assert set(sites["site"]) == {*SOURCES, "mlp.act"}
     counts = wh.pl("SELECT site, count(*) AS n FROM vectors WHERE run_id = 'chat' GROUP BY site")
     n_states = 4 + 5 + 3  # snapshots, generation steps, references
-    assert dict(counts.iter_rows()) == {s: n_states * 4 for s in SOURCES}   # 4 layers each
+    assert dict(counts.iter_rows()) == {s: n_states * 4 for s in SOURCES}  # 4 layers each
     sparse_docs = wh.pl("SELECT DISTINCT doc FROM token_neurons WHERE run_id = 'chat' ORDER BY doc")["doc"].to_list()
-    assert sparse_docs == [4, 5, 6, 7]   # the whole conversation and the references
+    assert sparse_docs == [4, 5, 6, 7]  # the whole conversation and the references
 
 
 def test_greedy_generation_is_reproducible(scenario_wh):
@@ -132,13 +147,21 @@ def test_greedy_generation_is_reproducible(scenario_wh):
 def test_seeded_sampling_is_reproducible(tmp_path, lm_dir):
     from ingest.chat import run_scenario
 
-    data = scenario_dict(str(lm_dir), generation={"max_new_tokens": 6, "do_sample": True, "temperature": 1.5, "top_k": 50, "top_p": 0.95, "seed": 3})
+    data = scenario_dict(
+        str(lm_dir),
+        generation={"max_new_tokens": 6, "do_sample": True, "temperature": 1.5, "top_k": 50, "top_p": 0.95, "seed": 3},
+    )
     data["reference_states"], data["capture"] = [], {"sources": ["hidden_out"], "logit_lens": 0, "top_k_probs": 3}
     path = write_yaml(tmp_path / "sample.yaml", data)
     for run in ("s1", "s2"):
         run_scenario(tmp_path / "wh", path, run_id=run, progress=False)
     wh = warehouse.open(tmp_path / "wh")
-    tokens = [wh.pl(f"SELECT generated_token_id FROM steps WHERE run_id = '{r}' ORDER BY step")["generated_token_id"].to_list() for r in ("s1", "s2")]
+    tokens = [
+        wh.pl(f"SELECT generated_token_id FROM steps WHERE run_id = '{r}' ORDER BY step")[
+            "generated_token_id"
+        ].to_list()
+        for r in ("s1", "s2")
+    ]
     assert tokens[0] == tokens[1] and len(tokens[0]) == 6
     assert wh.sql("SELECT count(*) FROM logit_lens").fetchall()[0][0] == 0
 
@@ -154,8 +177,12 @@ def test_vectors_match_plain_hooks(scenario_wh, lm_dir):
     model = AutoModelForCausalLM.from_pretrained(lm_dir).eval()
     ids = wh.pl("SELECT doc, list(token_id ORDER BY pos) AS ids FROM tokens WHERE run_id = 'chat' GROUP BY doc")
     windows = {doc: [tokens] for doc, tokens in ids.iter_rows() if doc != 4}
-    modules = {"hidden_in": ("model.layers.{}", "in"), "hidden_out": ("model.layers.{}", "out"),
-               "attn_out": ("model.layers.{}.self_attn.o_proj", "out"), "mlp_out": ("model.layers.{}.mlp.down_proj", "out")}
+    modules = {
+        "hidden_in": ("model.layers.{}", "in"),
+        "hidden_out": ("model.layers.{}", "out"),
+        "attn_out": ("model.layers.{}.self_attn.o_proj", "out"),
+        "mlp_out": ("model.layers.{}.mlp.down_proj", "out"),
+    }
     stored = wh.pl("SELECT site, layer, doc, vec FROM vectors WHERE run_id = 'chat' AND step = 0")
     checked = 0
     for source, (name, hook) in modules.items():
@@ -172,13 +199,18 @@ def test_vectors_match_plain_hooks(scenario_wh, lm_dir):
 
 def test_logit_lens_final_layer_matches_the_steps(scenario_wh):
     wh = warehouse.open(scenario_wh)
-    lens = wh.pl("SELECT step, top_ids[1] AS top, argmax_logprob, kl_from_final FROM logit_lens "
-                 "WHERE run_id = 'chat' AND doc = 4 AND layer = 3 ORDER BY step")
+    lens = wh.pl(
+        "SELECT step, top_ids[1] AS top, argmax_logprob, kl_from_final FROM logit_lens "
+        "WHERE run_id = 'chat' AND doc = 4 AND layer = 3 ORDER BY step"
+    )
     steps = wh.pl("SELECT argmax_id, argmax_logprob FROM steps WHERE run_id = 'chat' ORDER BY step")
     assert lens["top"].to_list() == steps["argmax_id"].to_list()
     np.testing.assert_allclose(lens["argmax_logprob"].to_numpy(), steps["argmax_logprob"].to_numpy(), rtol=1e-4)
     assert lens["kl_from_final"].max() < 1e-5
-    assert wh.sql("SELECT min(kl_from_final) >= 0, count(*) FROM logit_lens WHERE run_id = 'chat'").fetchall()[0] == (True, (4 + 5 + 3) * 4)
+    assert wh.sql("SELECT min(kl_from_final) >= 0, count(*) FROM logit_lens WHERE run_id = 'chat'").fetchall()[0] == (
+        True,
+        (4 + 5 + 3) * 4,
+    )
 
 
 # -- metrics against numpy -----------------------------------------------------------
@@ -217,12 +249,14 @@ def test_ref_similarity_matches_numpy(scenario_wh):
     refs = {label: docs[f"reference:{label}"] for label in ("joy", "fear", "calm")}
     for source in SOURCES:
         got = wh.pl(f"SELECT * FROM ref_similarity('chat', source := '{source}')")
-        assert got.height == (4 + 1) * 3 * 4   # (snapshots + the generation's final step) x references x layers
+        assert got.height == (4 + 1) * 3 * 4  # (snapshots + the generation's final step) x references x layers
         for row in got.iter_rows(named=True):
             doc = docs[row["doc_id"]]
             step = 4 if row["role"] == "generated" else 0
             a, b = states[(source, row["layer"], doc, step)], states[(source, row["layer"], refs[row["label"]], 0)]
-            np.testing.assert_allclose([row["cosine"], row["mae"], row["jaccard"]], [cosine(a, b), mae(a, b), jaccard(a, b)], rtol=1e-6)
+            np.testing.assert_allclose(
+                [row["cosine"], row["mae"], row["jaccard"]], [cosine(a, b), mae(a, b), jaccard(a, b)], rtol=1e-6
+            )
     jaccards = wh.pl("SELECT DISTINCT jaccard FROM ref_similarity('chat')")["jaccard"].to_list()
     assert set(jaccards) <= {0.0, 1 / 3, 1.0} and len(jaccards) > 1
 
@@ -230,26 +264,42 @@ def test_ref_similarity_matches_numpy(scenario_wh):
 def test_summaries_drift_and_decomposition_match_numpy(scenario_wh):
     wh = warehouse.open(scenario_wh)
     states = _numpy_states(scenario_wh, "chat")
-    sim = wh.pl("SELECT * FROM ref_similarity('chat', source := 'attn_out')").filter(~wh.pl(
-        "SELECT role = 'generated' AS g FROM ref_similarity('chat', source := 'attn_out')")["g"])
+    sim = wh.pl("SELECT * FROM ref_similarity('chat', source := 'attn_out')").filter(
+        ~wh.pl("SELECT role = 'generated' AS g FROM ref_similarity('chat', source := 'attn_out')")["g"]
+    )
     summary = wh.pl("SELECT * FROM ref_summary('chat') WHERE source = 'attn_out' AND label = 'fear'").row(0, named=True)
     values = sim.filter(sim["label"] == "fear")
     for metric in ("cosine", "mae", "jaccard"):
         column = values[metric].to_numpy()
-        np.testing.assert_allclose([summary[f"mean_{metric}"], summary[f"std_{metric}"], summary[f"median_{metric}"]],
-                                   [column.mean(), column.std(), np.median(column)], rtol=1e-6, atol=1e-12)
+        np.testing.assert_allclose(
+            [summary[f"mean_{metric}"], summary[f"std_{metric}"], summary[f"median_{metric}"]],
+            [column.mean(), column.std(), np.median(column)],
+            rtol=1e-6,
+            atol=1e-12,
+        )
     drift = wh.pl("SELECT * FROM drift('chat') WHERE source = 'hidden_out' ORDER BY layer")
     expected = [cosine(states[("hidden_out", layer, 4, 0)], states[("hidden_out", layer, 4, 4)]) for layer in range(4)]
     np.testing.assert_allclose(drift["cosine"].to_numpy(), expected, rtol=1e-6)
     assert drift["most_divergent_layer"].unique().to_list() == [int(np.argmin(expected))]
-    rd = wh.pl("SELECT * FROM residual_decomposition('chat') WHERE doc_id = 'generated:03:user' AND step = 2 ORDER BY layer")
+    rd = wh.pl(
+        "SELECT * FROM residual_decomposition('chat') WHERE doc_id = 'generated:03:user' AND step = 2 ORDER BY layer"
+    )
     for row in rd.iter_rows(named=True):
-        key = lambda s: states[(s, row["layer"], 4, 2)]  # noqa: E731
+        key = lambda s, layer=row["layer"]: states[(s, layer, 4, 2)]  # noqa: E731
         update = key("hidden_out") - key("hidden_in")
         np.testing.assert_allclose(
-            [row["hidden_in_norm"], row["attn_out_norm"], row["mlp_out_norm"], row["hidden_out_norm"], row["attn_cosine"], row["mlp_cosine"]],
-            [np.linalg.norm(key(s)) for s in SOURCES[:1] + ("attn_out", "mlp_out", "hidden_out")] + [cosine(key("attn_out"), update), cosine(key("mlp_out"), update)],
-            rtol=1e-6)
+            [
+                row["hidden_in_norm"],
+                row["attn_out_norm"],
+                row["mlp_out_norm"],
+                row["hidden_out_norm"],
+                row["attn_cosine"],
+                row["mlp_cosine"],
+            ],
+            [np.linalg.norm(key(s)) for s in SOURCES[:1] + ("attn_out", "mlp_out", "hidden_out")]
+            + [cosine(key("attn_out"), update), cosine(key("mlp_out"), update)],
+            rtol=1e-6,
+        )
     cross = wh.pl("SELECT * FROM cross_layer_cosine('chat', 'reference:joy', 'hidden_out')")
     assert cross.height == 16
     for row in cross.iter_rows(named=True):
@@ -262,14 +312,26 @@ def test_run_compare_and_trajectory(scenario_wh):
     same = wh.pl("SELECT * FROM run_compare('chat', 'again')")
     assert same.height == 2 * 4 * 4 and np.allclose(same["cosine"], 1.0) and (same["mae"] == 0).all()
     states, short = _numpy_states(scenario_wh, "chat"), _numpy_states(scenario_wh, "short")
-    other = wh.pl("SELECT * FROM run_compare('chat', 'short') WHERE source = 'mlp_out' AND state = 'final' ORDER BY layer")
-    np.testing.assert_allclose(other["mae"].to_numpy(), [mae(states[("mlp_out", layer, 4, 4)], short[("mlp_out", layer, 2, 4)]) for layer in range(4)], rtol=1e-6)
+    other = wh.pl(
+        "SELECT * FROM run_compare('chat', 'short') WHERE source = 'mlp_out' AND state = 'final' ORDER BY layer"
+    )
+    np.testing.assert_allclose(
+        other["mae"].to_numpy(),
+        [mae(states[("mlp_out", layer, 4, 4)], short[("mlp_out", layer, 2, 4)]) for layer in range(4)],
+        rtol=1e-6,
+    )
     trajectory = wh.pl("SELECT * FROM neuron_trajectory('chat', 'hidden_out', 2, 17)")
-    np.testing.assert_allclose(trajectory["value"].to_numpy(), [states[("hidden_out", 2, 4, step)][17] for step in range(5)], rtol=1e-6)
+    np.testing.assert_allclose(
+        trajectory["value"].to_numpy(), [states[("hidden_out", 2, 4, step)][17] for step in range(5)], rtol=1e-6
+    )
     prompt_tokens = wh.sql("SELECT n_tokens FROM documents WHERE run_id = 'chat' AND doc = 4").fetchall()[0][0] - 4
     assert trajectory["pos"].to_list() == [prompt_tokens - 1 + s for s in range(5)]
     sparse = wh.pl("SELECT * FROM neuron_trajectory('chat', 'mlp.act', 1, 0)")
-    stored = dict(wh.sql("SELECT pos, value FROM token_neurons WHERE run_id = 'chat' AND site = 'mlp.act' AND layer = 1 AND doc = 4 AND neuron = 0").fetchall())
+    stored = dict(
+        wh.sql(
+            "SELECT pos, value FROM token_neurons WHERE run_id = 'chat' AND site = 'mlp.act' AND layer = 1 AND doc = 4 AND neuron = 0"
+        ).fetchall()
+    )
     assert [v for v in sparse["value"].to_list()] == [stored.get(p) for p in sparse["pos"].to_list()]
 
 
@@ -281,8 +343,14 @@ TWINS = [
     ("ref_by_role('chat')", lambda wh: sf.ref_by_role(wh, "chat")),
     ("drift('chat')", lambda wh: sf.drift(wh, "chat")),
     ("run_compare('chat', 'short')", lambda wh: sf.run_compare(wh, "chat", "short")),
-    ("cross_layer_cosine('chat', 'generated:03:user', 'attn_out')", lambda wh: sf.cross_layer_cosine(wh, "chat", "generated:03:user", "attn_out")),
-    ("cross_layer_cosine('chat', 'generated:03:user', 'attn_out', step := 1)", lambda wh: sf.cross_layer_cosine(wh, "chat", "generated:03:user", "attn_out", step=1)),
+    (
+        "cross_layer_cosine('chat', 'generated:03:user', 'attn_out')",
+        lambda wh: sf.cross_layer_cosine(wh, "chat", "generated:03:user", "attn_out"),
+    ),
+    (
+        "cross_layer_cosine('chat', 'generated:03:user', 'attn_out', step := 1)",
+        lambda wh: sf.cross_layer_cosine(wh, "chat", "generated:03:user", "attn_out", step=1),
+    ),
     ("neuron_trajectory('chat', 'hidden_in', 1, 5)", lambda wh: sf.neuron_trajectory(wh, "chat", "hidden_in", 1, 5)),
     ("neuron_trajectory('chat', 'mlp.act', 2, 3)", lambda wh: sf.neuron_trajectory(wh, "chat", "mlp.act", 2, 3)),
     ("residual_decomposition('chat')", lambda wh: sf.residual_decomposition(wh, "chat")),
@@ -313,8 +381,12 @@ def test_stock_duckdb_shell_runs_the_macros(scenario_wh, tmp_path):
         pytest.skip("the DuckDB shell is not installed (pip install duckdb-cli)")
     wh = warehouse.open(scenario_wh)
     for query in ("ref_summary('chat')", "drift('chat')", "residual_decomposition('chat')"):
-        done = subprocess.run([shell, "-readonly", str(scenario_wh / "whq.duckdb"), "-csv", "-c", f"SELECT count(*) FROM {query}"],
-                              capture_output=True, text=True, cwd=tmp_path)
+        done = subprocess.run(
+            [shell, "-readonly", str(scenario_wh / "whq.duckdb"), "-csv", "-c", f"SELECT count(*) FROM {query}"],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+        )
         assert done.returncode == 0, done.stderr
         assert int(done.stdout.split()[-1]) == wh.sql(f"SELECT count(*) FROM {query}").fetchall()[0][0]
 
@@ -361,7 +433,9 @@ def test_run_at_each_message_generates_after_every_prefix(tmp_path, lm_dir):
     data["capture"] = {"layers": [1, 3], "logit_lens": 2}
     run_scenario(tmp_path / "wh", write_yaml(tmp_path / "each.yaml", data), run_id="each", progress=False)
     wh = warehouse.open(tmp_path / "wh")
-    generated = wh.pl("SELECT doc_id FROM documents WHERE run_id = 'each' AND role = 'generated' ORDER BY doc")["doc_id"].to_list()
+    generated = wh.pl("SELECT doc_id FROM documents WHERE run_id = 'each' AND role = 'generated' ORDER BY doc")[
+        "doc_id"
+    ].to_list()
     assert generated == ["generated:00:system", "generated:01:user", "generated:02:assistant", "generated:03:user"]
     drift = wh.pl("SELECT * FROM drift('each')")
     assert drift.height == 4 * 4 * 2 and sorted(drift["layer"].unique()) == [1, 3]

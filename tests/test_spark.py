@@ -50,21 +50,35 @@ TINY_CALLS = {
     "whq_scenario_vectors": ["SELECT * EXCLUDE (vec) FROM whq_scenario_vectors('chat')"],
     "whq_scenario_states": ["SELECT source, layer, doc, step, top FROM whq_scenario_states('chat')"],
     "whq_ref_pairs": ["SELECT * FROM whq_ref_pairs('chat')"],
-    "ref_similarity": ["SELECT * FROM ref_similarity('chat')", "SELECT * FROM ref_similarity('chat', source := 'mlp_out')"],
+    "ref_similarity": [
+        "SELECT * FROM ref_similarity('chat')",
+        "SELECT * FROM ref_similarity('chat', source := 'mlp_out')",
+    ],
     "ref_summary": ["SELECT * FROM ref_summary('chat')"],
     "ref_by_role": ["SELECT * FROM ref_by_role('chat')"],
     "drift": ["SELECT * FROM drift('chat')"],
     "run_compare": ["SELECT * FROM run_compare('chat', 'again')"],
     "cross_layer_cosine": ["SELECT * FROM cross_layer_cosine('chat', '{doc_id}')"],
-    "neuron_trajectory": ["SELECT * FROM neuron_trajectory('chat', 'hidden_out', 1, 7)", "SELECT * FROM neuron_trajectory('chat', 'mlp.act', 0, {chat_neuron})"],
+    "neuron_trajectory": [
+        "SELECT * FROM neuron_trajectory('chat', 'hidden_out', 1, 7)",
+        "SELECT * FROM neuron_trajectory('chat', 'mlp.act', 0, {chat_neuron})",
+    ],
     "residual_decomposition": ["SELECT * FROM residual_decomposition('chat')"],
     "neuron_logit_lens": ["SELECT * FROM neuron_logit_lens('lm2', 'mlp.act', 1, 5)"],
-    "nag_profile": ["SELECT * FROM nag_profile('lm2', 'mlp.up', target_dataset := 'animals', layers := [1, 3], power := 0.5)"],
-    "nag_unit_weights": ["SELECT * FROM nag_unit_weights('lm2', 'lm2', 'mlp.up', target_dataset := 'animals', power := 0.5)"],
-    "nag_distance": ["SELECT * FROM nag_distance('lm2', 'lm2', 'mlp.up', target_dataset := 'animals', pool_dataset := 'finance')",
-                     "SELECT * FROM nag_distance('lm2', 'lm2', 'mlp.up', layers := [0, 0, 2])"],
+    "nag_profile": [
+        "SELECT * FROM nag_profile('lm2', 'mlp.up', target_dataset := 'animals', layers := [1, 3], power := 0.5)"
+    ],
+    "nag_unit_weights": [
+        "SELECT * FROM nag_unit_weights('lm2', 'lm2', 'mlp.up', target_dataset := 'animals', power := 0.5)"
+    ],
+    "nag_distance": [
+        "SELECT * FROM nag_distance('lm2', 'lm2', 'mlp.up', target_dataset := 'animals', pool_dataset := 'finance')",
+        "SELECT * FROM nag_distance('lm2', 'lm2', 'mlp.up', layers := [0, 0, 2])",
+    ],
     "nag_select": ["SELECT * FROM nag_select('lm2', 'lm2', 'mlp.up', target_dataset := 'finance', fraction := 0.5)"],
-    "nag_quality": ["SELECT * FROM nag_quality('lm2', 'lm2', 'mlp.up', 'score', target_dataset := 'animals', fraction := 0.6, invert := true)"],
+    "nag_quality": [
+        "SELECT * FROM nag_quality('lm2', 'lm2', 'mlp.up', 'score', target_dataset := 'animals', fraction := 0.6, invert := true)"
+    ],
     "dictionary_quality": ["SELECT * FROM dictionary_quality('lm2')"],
 }
 
@@ -93,14 +107,28 @@ def tiny_wh(tmp_path_factory, tiny_lm_dir):
     from ingest.pipeline import ingest
 
     folder = tmp_path_factory.mktemp("spark-tiny")
-    path = write_yaml(folder / "s.yaml", scenario_dict(
-        str(tiny_lm_dir), name="spark_parity", generation={"max_new_tokens": 3, "do_sample": False, "seed": 7},
-        capture={"top_k_probs": 3, "sites": ["mlp.act:topk=8"]}))
+    path = write_yaml(
+        folder / "s.yaml",
+        scenario_dict(
+            str(tiny_lm_dir),
+            name="spark_parity",
+            generation={"max_new_tokens": 3, "do_sample": False, "seed": 7},
+            capture={"top_k_probs": 3, "sites": ["mlp.act:topk=8"]},
+        ),
+    )
     for run_id in ("chat", "again"):
         run_scenario(folder / "wh", path, run_id=run_id, progress=False)
 
-    texts = ["The cat sat on the mat.", "Dogs bark at night.", "Stocks fell sharply today.", "The market rallied.",
-             "A cat and a dog.", "Bonds and stocks.", "", "Night falls on the city."]
+    texts = [
+        "The cat sat on the mat.",
+        "Dogs bark at night.",
+        "Stocks fell sharply today.",
+        "The market rallied.",
+        "A cat and a dog.",
+        "Bonds and stocks.",
+        "",
+        "Night falls on the city.",
+    ]
     with open(folder / "pool.jsonl", "w") as fh:
         for i, text in enumerate(texts):
             record = {"doc_id": f"x{i}", "text": text, "dataset": "animals" if i % 2 == 0 else "finance"}
@@ -108,9 +136,16 @@ def tiny_wh(tmp_path_factory, tiny_lm_dir):
                 record["score"] = round(0.1 * i + 0.05, 2)
             fh.write(json.dumps(record) + "\n")
     sae = dictionaries.sparsify(folder / "sae" / "layers.1", k=4)
-    ingest(folder / "wh", str(tiny_lm_dir), [str(folder / "pool.jsonl")], ["mlp.act:topk=8,examples=5", "mlp.up:nag=6",
-                                                                           f"resid.out+sae={sae.parent}:topk=4"],
-           run_id="lm2", logit_lens=True, device="cpu", progress=False)
+    ingest(
+        folder / "wh",
+        str(tiny_lm_dir),
+        [str(folder / "pool.jsonl")],
+        ["mlp.act:topk=8,examples=5", "mlp.up:nag=6", f"resid.out+sae={sae.parent}:topk=4"],
+        run_id="lm2",
+        logit_lens=True,
+        device="cpu",
+        progress=False,
+    )
     with warehouse.open(folder / "wh") as opened:
         yield opened
 
@@ -163,11 +198,16 @@ def _parity(wh, spark, query) -> int:
 def placeholders(wh, tiny_wh) -> dict:
     """A unit with stored examples (layer 3 of run 'r'), a generated document of run 'chat', and
     a unit in the top-k of the generation's last token in run 'chat' (so its trajectory has a value)."""
-    neuron = wh.sql("SELECT min(neuron) FROM neuron_examples WHERE run_id = 'r' AND layer = 3 AND kind = 'random'").fetchall()[0][0]
-    doc_id = tiny_wh.sql("SELECT min(doc_id) FROM documents WHERE run_id = 'chat' AND role = 'generated'").fetchall()[0][0]
+    neuron = wh.sql(
+        "SELECT min(neuron) FROM neuron_examples WHERE run_id = 'r' AND layer = 3 AND kind = 'random'"
+    ).fetchall()[0][0]
+    doc_id = tiny_wh.sql("SELECT min(doc_id) FROM documents WHERE run_id = 'chat' AND role = 'generated'").fetchall()[
+        0
+    ][0]
     chat_neuron = tiny_wh.sql(
         "SELECT t.neuron FROM token_neurons t JOIN documents d ON d.run_id = t.run_id AND d.doc = t.doc WHERE t.run_id = 'chat' "
-        "AND t.site = 'mlp.act' AND t.layer = 0 AND d.role = 'generated' ORDER BY t.pos DESC, t.neuron LIMIT 1").fetchall()[0][0]
+        "AND t.site = 'mlp.act' AND t.layer = 0 AND d.role = 'generated' ORDER BY t.pos DESC, t.neuron LIMIT 1"
+    ).fetchall()[0][0]
     return {"neuron": neuron, "doc_id": doc_id, "chat_neuron": chat_neuron}
 
 
@@ -176,7 +216,9 @@ PARITY_CASES = [("wh", name, query) for name, queries in MINILM_CALLS.items() fo
 ]
 
 
-@pytest.mark.parametrize("fixture, macro, query", PARITY_CASES, ids=[f"{m}-{i}" for i, (_, m, _) in enumerate(PARITY_CASES)])
+@pytest.mark.parametrize(
+    "fixture, macro, query", PARITY_CASES, ids=[f"{m}-{i}" for i, (_, m, _) in enumerate(PARITY_CASES)]
+)
 def test_macro_gives_duckdb_rows_on_spark(request, spark, placeholders, fixture, macro, query):
     wh = request.getfixturevalue(fixture)
     query = query.format(**placeholders)
@@ -189,7 +231,9 @@ def test_every_macro_has_a_parity_case():
     table_macros = {m.name for m in spark_transpile.load_macros(catalog.macro_files()).values() if m.is_table}
     internal = {name for name in table_macros if name.startswith("whq_")}
     missing = table_macros - internal - set(MINILM_CALLS) - set(TINY_CALLS)
-    assert not missing, f"add a Spark parity call for {sorted(missing)} to MINILM_CALLS or TINY_CALLS in tests/test_spark.py"
+    assert not missing, (
+        f"add a Spark parity call for {sorted(missing)} to MINILM_CALLS or TINY_CALLS in tests/test_spark.py"
+    )
 
 
 def test_tables_match_duckdb(wh, spark):
@@ -209,7 +253,9 @@ def test_unknown_run_fails_with_the_macro_message(wh, spark):
     with pytest.raises(QueryError) as on_spark:
         spark_sql(wh, query, spark=spark)
     assert "no committed run 'nope'" in str(duck.value)
-    assert "no committed run 'nope' in this warehouse: list the runs with SELECT run_id FROM runs" in str(on_spark.value)
+    assert "no committed run 'nope' in this warehouse: list the runs with SELECT run_id FROM runs" in str(
+        on_spark.value
+    )
     assert "\n" not in str(on_spark.value) and "SQLSTATE" not in str(on_spark.value)
 
 
@@ -235,7 +281,9 @@ def test_float16_values_decode_exactly(tmp_path, spark):
     from warehouse import schema
 
     table = schema.table("token_neurons")
-    halves = np.array([0.0, -0.0, 1.0, -2.5, 65504.0, 6e-8, -6.1e-5, 3.14159, np.inf, -np.inf, np.nan], dtype=np.float16)
+    halves = np.array(
+        [0.0, -0.0, 1.0, -2.5, 65504.0, 6e-8, -6.1e-5, 3.14159, np.inf, -np.inf, np.nan], dtype=np.float16
+    )
     n = len(halves)
     columns = {f.name: pa.array(np.arange(n), type=f.type) for f in table.arrow_schema() if f.name != "value"}
     columns["value"] = pa.array(halves, type=pa.float16())

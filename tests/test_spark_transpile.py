@@ -50,7 +50,10 @@ def test_every_project_macro_file_parses():
     found = load_macros(catalog.macro_files())
     assert "whq_known_run" in found
     for macro in found.values():
-        to_spark(f"SELECT {macro.name}({', '.join('NULL' for _ in macro.params)})" if not macro.is_table else "SELECT 1", found)
+        to_spark(
+            f"SELECT {macro.name}({', '.join('NULL' for _ in macro.params)})" if not macro.is_table else "SELECT 1",
+            found,
+        )
 
 
 def test_parameters_bind_positionally_by_name_and_by_default(macros):
@@ -64,15 +67,18 @@ def test_scalar_macros_inline_with_their_precedence(macros):
     assert spark("SELECT twice(1 + 2) AS y", macros) == "SELECT ((1 + 2) * 2) AS y"
 
 
-@pytest.mark.parametrize("query, message", [
-    ("SELECT * FROM top_units('r', 'mlp.act')", "needs the argument 'layer'"),
-    ("SELECT * FROM top_units('r', 'mlp.act', 1, kk := 2)", "has no parameter 'kk'"),
-    ("SELECT * FROM top_units('r', 'a', 1, 2, 3, 4)", "takes 5 arguments"),
-    ("SELECT * FROM twice(1)", "scalar macro"),
-    ("SELECT top_units('r', 'a', 1)", "table macro"),
-    ("CREATE TABLE x AS SELECT 1", "runs one query"),
-    ("SELECT 1; SELECT 2", "runs one query"),
-])
+@pytest.mark.parametrize(
+    "query, message",
+    [
+        ("SELECT * FROM top_units('r', 'mlp.act')", "needs the argument 'layer'"),
+        ("SELECT * FROM top_units('r', 'mlp.act', 1, kk := 2)", "has no parameter 'kk'"),
+        ("SELECT * FROM top_units('r', 'a', 1, 2, 3, 4)", "takes 5 arguments"),
+        ("SELECT * FROM twice(1)", "scalar macro"),
+        ("SELECT top_units('r', 'a', 1)", "table macro"),
+        ("CREATE TABLE x AS SELECT 1", "runs one query"),
+        ("SELECT 1; SELECT 2", "runs one query"),
+    ],
+)
 def test_bad_calls_name_the_fix(macros, query, message):
     with pytest.raises(QueryError, match=message):
         spark(query, macros)
@@ -84,18 +90,30 @@ def test_each_expansion_gets_its_own_cte_names(macros):
     assert len(defined) == len(set(defined)) == 2
 
 
-@pytest.mark.parametrize("duckdb, spark_sql", [
-    ("SELECT l[1], l[-1], l[i + 1] FROM t", "SELECT TRY_ELEMENT_AT(l, 1), TRY_ELEMENT_AT(l, -1), TRY_ELEMENT_AT(l, i + 1) FROM t"),
-    ("SELECT l[2:3], l[:2] FROM t", "SELECT SLICE(l, 2, 3 - 2 + 1), SLICE(l, 1, 2 - 1 + 1) FROM t"),
-    ("SELECT len(v.vec), len(d.text), len(CAST(x AS INTEGER[])) FROM t", "SELECT SIZE(v.vec), LENGTH(d.text), SIZE(CAST(x AS ARRAY<INT>)) FROM t"),
-    ("SELECT log(x), ln(x) FROM t", "SELECT LOG(10, x), LN(x) FROM t"),
-    ("SELECT xor(a, b) * 3 FROM t", "SELECT (a ^ b) * 3 FROM t"),
-    ("SELECT error('bad') FROM t", "SELECT RAISE_ERROR('bad') FROM t"),
-    ("SELECT quantile_cont(x, 0.25), median(x) FROM t", "SELECT PERCENTILE(x, 0.25), MEDIAN(x) FROM t"),
-    ("SELECT list_transform(a, lambda x, i: x - b[i]) FROM t", "SELECT TRANSFORM(a, (x, i) -> x - TRY_ELEMENT_AT(b, (i + 1))) FROM t"),
-    ("SELECT * FROM range(0, 3) g(bin)", "SELECT * FROM RANGE(0, 3) AS g(bin)"),
-    ("SELECT * FROM generate_series(1, 3) g(i)", "SELECT * FROM RANGE(1, 3 + 1) AS g(i)"),
-])
+@pytest.mark.parametrize(
+    "duckdb, spark_sql",
+    [
+        (
+            "SELECT l[1], l[-1], l[i + 1] FROM t",
+            "SELECT TRY_ELEMENT_AT(l, 1), TRY_ELEMENT_AT(l, -1), TRY_ELEMENT_AT(l, i + 1) FROM t",
+        ),
+        ("SELECT l[2:3], l[:2] FROM t", "SELECT SLICE(l, 2, 3 - 2 + 1), SLICE(l, 1, 2 - 1 + 1) FROM t"),
+        (
+            "SELECT len(v.vec), len(d.text), len(CAST(x AS INTEGER[])) FROM t",
+            "SELECT SIZE(v.vec), LENGTH(d.text), SIZE(CAST(x AS ARRAY<INT>)) FROM t",
+        ),
+        ("SELECT log(x), ln(x) FROM t", "SELECT LOG(10, x), LN(x) FROM t"),
+        ("SELECT xor(a, b) * 3 FROM t", "SELECT (a ^ b) * 3 FROM t"),
+        ("SELECT error('bad') FROM t", "SELECT RAISE_ERROR('bad') FROM t"),
+        ("SELECT quantile_cont(x, 0.25), median(x) FROM t", "SELECT PERCENTILE(x, 0.25), MEDIAN(x) FROM t"),
+        (
+            "SELECT list_transform(a, lambda x, i: x - b[i]) FROM t",
+            "SELECT TRANSFORM(a, (x, i) -> x - TRY_ELEMENT_AT(b, (i + 1))) FROM t",
+        ),
+        ("SELECT * FROM range(0, 3) g(bin)", "SELECT * FROM RANGE(0, 3) AS g(bin)"),
+        ("SELECT * FROM generate_series(1, 3) g(i)", "SELECT * FROM RANGE(1, 3 + 1) AS g(i)"),
+    ],
+)
 def test_duckdb_meaning_in_spark_spelling(duckdb, spark_sql):
     assert to_spark(duckdb, {}) == spark_sql
 
@@ -108,18 +126,25 @@ def test_ordered_list_sorts_collected_structs():
 
 def test_unnest_with_subscripts_becomes_one_posexplode():
     text = to_spark("SELECT unnest(v.vec) AS x, generate_subscripts(v.vec, 1) AS i FROM vectors v", {})
-    assert text == "SELECT _whq_u._whq_val AS x, (_whq_u._whq_pos + 1) AS i FROM vectors AS v LATERAL VIEW POSEXPLODE(v.vec) _whq_u AS _whq_pos, _whq_val"
+    assert (
+        text
+        == "SELECT _whq_u._whq_val AS x, (_whq_u._whq_pos + 1) AS i FROM vectors AS v LATERAL VIEW POSEXPLODE(v.vec) _whq_u AS _whq_pos, _whq_val"
+    )
     with pytest.raises(QueryError, match="one generator"):
         to_spark("SELECT unnest(a) AS x, unnest(b) AS y FROM t", {})
 
 
 def test_named_windows_are_written_out():
-    text = to_spark("SELECT sum(x) OVER (w ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) FROM t WINDOW w AS (ORDER BY y)", {})
+    text = to_spark(
+        "SELECT sum(x) OVER (w ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) FROM t WINDOW w AS (ORDER BY y)", {}
+    )
     assert text == "SELECT SUM(x) OVER (ORDER BY y NULLS LAST ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) FROM t"
 
 
 def test_qualify_filters_before_order_and_limit():
-    text = to_spark("SELECT t.id FROM t QUALIFY row_number() OVER (PARTITION BY t.g ORDER BY t.x) = 1 ORDER BY t.x LIMIT 2", {})
+    text = to_spark(
+        "SELECT t.id FROM t QUALIFY row_number() OVER (PARTITION BY t.g ORDER BY t.x) = 1 ORDER BY t.x LIMIT 2", {}
+    )
     assert text == (
         "SELECT * EXCEPT (_whq_keep, _whq_o0) FROM (SELECT t.id, ROW_NUMBER() OVER (PARTITION BY t.g ORDER BY t.x NULLS LAST) = 1 "
         "AS _whq_keep, t.x AS _whq_o0 FROM t) AS _whq_q WHERE _whq_keep ORDER BY _whq_o0 NULLS LAST LIMIT 2"
@@ -134,8 +159,13 @@ def test_cli_keeps_untrusted_sql_off_spark(tmp_path, capsys, monkeypatch):
     from warehouse import cli
 
     warehouse.init(tmp_path / "wh")
-    monkeypatch.setattr(sys, "argv", ["whq", "sql", str(tmp_path / "wh"), "SELECT 1", "--engine", "spark", "--read-only"])
+    monkeypatch.setattr(
+        sys, "argv", ["whq", "sql", str(tmp_path / "wh"), "SELECT 1", "--engine", "spark", "--read-only"]
+    )
     with pytest.raises(SystemExit) as done:
         cli.main()
     assert done.value.code == 2
-    assert capsys.readouterr().err.strip() == "error: --read-only runs on the duckdb engine only: drop --engine spark for untrusted SQL"
+    assert (
+        capsys.readouterr().err.strip()
+        == "error: --read-only runs on the duckdb engine only: drop --engine spark for untrusted SQL"
+    )

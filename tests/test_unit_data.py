@@ -55,8 +55,31 @@ def reference_hist(values: np.ndarray) -> np.ndarray:
     return counts
 
 
-SPECIAL = np.array([0.0, -0.0, 2.0 ** -12, -(2.0 ** -12), 2.0 ** -13, -(2.0 ** -13), 1.25, -1.25, 1.2499999, 1.5, -1.75,
-                    4096.0, -4096.0, 4095.99, -4095.99, 1e5, -1e5, 3e-30, 0.75, -0.5], dtype=np.float32)
+SPECIAL = np.array(
+    [
+        0.0,
+        -0.0,
+        2.0**-12,
+        -(2.0**-12),
+        2.0**-13,
+        -(2.0**-13),
+        1.25,
+        -1.25,
+        1.2499999,
+        1.5,
+        -1.75,
+        4096.0,
+        -4096.0,
+        4095.99,
+        -4095.99,
+        1e5,
+        -1e5,
+        3e-30,
+        0.75,
+        -0.5,
+    ],
+    dtype=np.float32,
+)
 
 
 def _valid_values(batches) -> np.ndarray:
@@ -66,7 +89,7 @@ def _valid_values(batches) -> np.ndarray:
 def _special_batches(rng):
     batches = _batches(rng, width=24, seq=6)
     x = batches[0][0]
-    x[0, :4, 3:8] = SPECIAL.reshape(4, 5)      # row 0 is valid for all 6 tokens
+    x[0, :4, 3:8] = SPECIAL.reshape(4, 5)  # row 0 is valid for all 6 tokens
     x[2, :, 9] = SPECIAL[:6]
     return batches
 
@@ -84,7 +107,7 @@ def test_bins_of_the_grid_edges():
 
     got = hist_bins(torch.from_numpy(SPECIAL)).tolist()
     assert got == [reference_bin(float(v)) for v in SPECIAL]
-    assert reference_bin(2.0 ** -12) == 99 and reference_bin(-(2.0 ** -12)) == 96 and reference_bin(4096.0) == 195
+    assert reference_bin(2.0**-12) == 99 and reference_bin(-(2.0**-12)) == 96 and reference_bin(4096.0) == 195
     nan = hist_bins(torch.tensor([float("nan"), -float("nan"), float("inf"), -float("inf")])).tolist()
     assert nan == [195, 0, 195, 0]  # NaN and infinities land in the end bins of their sign
 
@@ -97,8 +120,8 @@ def test_moments_min_positive_part_and_histogram_match_numpy(threshold, hook_pat
     got = {k: v.numpy() for k, v in sl.stats.items()}
     np.testing.assert_array_equal(got["min"], values.min(axis=0).astype(np.float32))
     np.testing.assert_allclose(got["sum_pos"], np.maximum(values, 0).sum(axis=0), rtol=1e-6, atol=1e-5)
-    np.testing.assert_allclose(got["sum_cube"], (values ** 3).sum(axis=0), rtol=1e-6, atol=1e-3)
-    np.testing.assert_allclose(got["sum_quad"], (values ** 4).sum(axis=0), rtol=1e-6, atol=1e-3)
+    np.testing.assert_allclose(got["sum_cube"], (values**3).sum(axis=0), rtol=1e-6, atol=1e-3)
+    np.testing.assert_allclose(got["sum_quad"], (values**4).sum(axis=0), rtol=1e-6, atol=1e-3)
     np.testing.assert_array_equal(got["hist"], reference_hist(values.astype(np.float32)))
     assert got["hist"].sum(axis=1).tolist() == [len(values)] * values.shape[1]
 
@@ -125,7 +148,7 @@ def _split(batches, parts):
     i = 0
     for x, docs, starts, lengths in batches:
         for row in range(len(docs)):
-            groups[i % parts].append((x[row:row + 1], [docs[row]], [starts[row]], [lengths[row]]))
+            groups[i % parts].append((x[row : row + 1], [docs[row]], [starts[row]], [lengths[row]]))
             i += 1
     return groups
 
@@ -139,7 +162,7 @@ def test_histogram_and_moments_merge_whatever_the_batching_snapshot_or_ranks(hoo
     merged = ranks[0]
     for other in ranks[1:]:
         restored = _site_layer("x:topk=3,hist")
-        restored.restore(other.state_tables())       # through the resume snapshot, as ranks exchange it
+        restored.restore(other.state_tables())  # through the resume snapshot, as ranks exchange it
         with torch.inference_mode():
             merged.merge(restored)
     for candidate in (one_row, merged):
@@ -189,14 +212,20 @@ def test_examples_snapshot_round_trips():
     back.restore(sl.state_tables())
     for state, restored in ((sl.stats, back.stats), (sl.examples, back.examples)):
         for key in state:
-            assert torch.equal(state[key], restored[key]) or torch.allclose(state[key], restored[key], equal_nan=True), key
+            assert torch.equal(state[key], restored[key]) or torch.allclose(
+                state[key], restored[key], equal_nan=True
+            ), key
 
 
 # -- macros on a real capture -------------------------------------------------------------------
 
-TEXTS = ["First Citizen: Before we proceed any further, hear me speak.", "All: Speak, speak.",
-         "You are all resolved rather to die than to famish? " * 3, "Café naïve — “quoted” ✓ text.",
-         "import os\nprint(os.getcwd())"]
+TEXTS = [
+    "First Citizen: Before we proceed any further, hear me speak.",
+    "All: Speak, speak.",
+    "You are all resolved rather to die than to famish? " * 3,
+    "Café naïve — “quoted” ✓ text.",
+    "import os\nprint(os.getcwd())",
+]
 SITES = ["mlp.act:topk=8,examples=3,hist,quantiles=4,similar=4", "mlp.up:topk=4"]
 Q, N = 4, 3
 RTOL = 1e-6
@@ -207,8 +236,18 @@ def _ingest(root, model_dir, batch_size, shard_tokens=65536):
     from ingest.sources import Document
 
     documents = [Document(f"d{i}", text) for i, text in enumerate(TEXTS)]
-    ingest(root, str(model_dir), sites=SITES, documents=documents, run_id="u", batch_size=batch_size, max_length=24,
-           device="cpu", progress=False, shard_tokens=shard_tokens)
+    ingest(
+        root,
+        str(model_dir),
+        sites=SITES,
+        documents=documents,
+        run_id="u",
+        batch_size=batch_size,
+        max_length=24,
+        device="cpu",
+        progress=False,
+        shard_tokens=shard_tokens,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -255,9 +294,9 @@ def test_unit_stats_match_dense_moments(unit_wh, dense):
         assert [r["neuron"] for r in got] == list(range(a.shape[1]))
         mean = a.mean(axis=0)
         centred = a - mean
-        var = (centred ** 2).mean(axis=0)
-        skew = (centred ** 3).mean(axis=0) / var ** 1.5
-        kurt = (centred ** 4).mean(axis=0) / var ** 2 - 3
+        var = (centred**2).mean(axis=0)
+        skew = (centred**3).mean(axis=0) / var**1.5
+        kurt = (centred**4).mean(axis=0) / var**2 - 3
         np.testing.assert_allclose([r["mean"] for r in got], mean, rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose([r["std"] for r in got], np.sqrt(var), rtol=1e-3)
         np.testing.assert_allclose([r["min"] for r in got], a.min(axis=0), rtol=1e-5)
@@ -275,7 +314,7 @@ def test_selectivity_divides_by_the_mean_positive_part(unit_wh, dense):
     mean_pos = np.maximum(a, 0).mean(axis=0)
     for unit in range(a.shape[1]):
         assert got[unit]["selectivity"] == pytest.approx(a[:, unit].max() / mean_pos[unit], rel=1e-4)
-    assert (a.min() < 0), "mlp.act of a SiLU model is signed: the positive part differs from the mean"
+    assert a.min() < 0, "mlp.act of a SiLU model is signed: the positive part differs from the mean"
 
 
 def test_unit_histogram_matches_numpy(unit_wh, dense):
@@ -285,7 +324,7 @@ def test_unit_histogram_matches_numpy(unit_wh, dense):
         got = rows(unit_wh, f"SELECT * FROM unit_histogram('u', 'mlp.act', 3, {unit})")
         nonzero = np.flatnonzero(expected_counts[unit])
         assert [r["bin"] for r in got] == list(range(nonzero[0], nonzero[-1] + 1))
-        assert [r["count"] for r in got] == expected_counts[unit, nonzero[0]:nonzero[-1] + 1].tolist()
+        assert [r["count"] for r in got] == expected_counts[unit, nonzero[0] : nonzero[-1] + 1].tolist()
         for r in got:  # the macro's edges hold the bin's values
             members = np.array([v for v in a[:, unit] if reference_bin(float(v)) == r["bin"]])
             if r["bin"] >= 98:
@@ -299,8 +338,10 @@ def test_unit_histogram_matches_numpy(unit_wh, dense):
 def test_histograms_are_the_same_whatever_the_batching(unit_wh, tiny_lm_dir, tmp_path):
     _ingest(tmp_path / "wh", tiny_lm_dir, batch_size=1, shard_tokens=40)
     with warehouse.open(tmp_path / "wh") as other:
-        for query in ("SELECT site, layer, neuron, bin, count FROM unit_histograms ORDER BY ALL",
-                      "SELECT layer, neuron, rank, quantile, doc, pos FROM neuron_examples WHERE kind = 'quantile' ORDER BY ALL"):
+        for query in (
+            "SELECT site, layer, neuron, bin, count FROM unit_histograms ORDER BY ALL",
+            "SELECT layer, neuron, rank, quantile, doc, pos FROM neuron_examples WHERE kind = 'quantile' ORDER BY ALL",
+        ):
             assert other.pl(query).equals(unit_wh.pl(query))
         # A padded batch computes the model in other shapes: values move by ulps (none here crosses an edge).
         query = "SELECT layer, neuron, min FROM neuron_stats WHERE site = 'mlp.act' ORDER BY ALL"
@@ -316,20 +357,33 @@ def test_tokens_are_stored_decoded(unit_wh, loaded):
 
 def test_units_for_token_matches_python(unit_wh):
     tokens = rows(unit_wh, "SELECT doc, pos, text FROM tokens")
-    fired = rows(unit_wh, "SELECT layer, neuron, doc, pos, value FROM token_neurons WHERE site = 'mlp.act' AND value > 0")
+    fired = rows(
+        unit_wh, "SELECT layer, neuron, doc, pos, value FROM token_neurons WHERE site = 'mlp.act' AND value > 0"
+    )
     for query in ("s", " S ", "k"):
         wanted = {(t["doc"], t["pos"]) for t in tokens if t["text"].strip().lower() == query.strip().lower()}
         per_unit = defaultdict(list)
         for r in fired:
             if (r["doc"], r["pos"]) in wanted:
                 per_unit[(r["layer"], r["neuron"])].append(r["value"])
-        expected = sorted(({"layer": layer, "neuron": unit, "n_fired": len(v), "n_occurrences": len(wanted),
-                            "share": len(v) / len(wanted), "mean_value": float(np.mean(v))}
-                           for (layer, unit), v in per_unit.items()),
-                          key=lambda r: (-r["n_fired"], -r["mean_value"], r["layer"], r["neuron"]))
+        expected = sorted(
+            (
+                {
+                    "layer": layer,
+                    "neuron": unit,
+                    "n_fired": len(v),
+                    "n_occurrences": len(wanted),
+                    "share": len(v) / len(wanted),
+                    "mean_value": float(np.mean(v)),
+                }
+                for (layer, unit), v in per_unit.items()
+            ),
+            key=lambda r: (-r["n_fired"], -r["mean_value"], r["layer"], r["neuron"]),
+        )
         got = rows(unit_wh, f"SELECT * FROM units_for_token('u', 'mlp.act', '{query}')")
-        assert [(r["layer"], r["neuron"], r["n_fired"], r["n_occurrences"]) for r in got] == \
-               [(r["layer"], r["neuron"], r["n_fired"], r["n_occurrences"]) for r in expected]
+        assert [(r["layer"], r["neuron"], r["n_fired"], r["n_occurrences"]) for r in got] == [
+            (r["layer"], r["neuron"], r["n_fired"], r["n_occurrences"]) for r in expected
+        ]
         np.testing.assert_allclose([r["mean_value"] for r in got], [r["mean_value"] for r in expected], rtol=1e-6)
         assert got, query
 
@@ -337,7 +391,9 @@ def test_units_for_token_matches_python(unit_wh):
 def test_similar_units_by_decoder_cosine_and_coactivation(unit_wh, loaded):
     down = loaded.model.model.layers[2].mlp.down_proj.weight.detach().double().numpy()
     directions = down / np.linalg.norm(down, axis=0)
-    fired = rows(unit_wh, "SELECT neuron, doc, pos FROM token_neurons WHERE site = 'mlp.act' AND layer = 2 AND value > 0")
+    fired = rows(
+        unit_wh, "SELECT neuron, doc, pos FROM token_neurons WHERE site = 'mlp.act' AND layer = 2 AND value > 0"
+    )
     sets = defaultdict(set)
     for r in fired:
         sets[r["neuron"]].add((r["doc"], r["pos"]))
@@ -349,8 +405,11 @@ def test_similar_units_by_decoder_cosine_and_coactivation(unit_wh, loaded):
         order = np.lexsort((np.arange(len(cosine)), -cosine))[:4]  # similar=4 stored
         assert [r["neuron"] for r in decoder] == order.tolist()
         np.testing.assert_allclose([r["similarity"] for r in decoder], cosine[order], rtol=1e-5)
-        jaccard = {other: len(sets[unit] & s) / len(sets[unit] | s) for other, s in sets.items()
-                   if other != unit and sets[unit] & s}
+        jaccard = {
+            other: len(sets[unit] & s) / len(sets[unit] | s)
+            for other, s in sets.items()
+            if other != unit and sets[unit] & s
+        }
         expected = sorted(jaccard, key=lambda o: (-jaccard[o], o))[:6]
         coactivation = [r for r in got if r["kind"] == "coactivation"]
         assert [r["neuron"] for r in coactivation] == expected
@@ -388,7 +447,7 @@ def test_quantile_bins_report_exactly_the_shares_they_cover(unit_wh, dense):
             members = values[quantile == r["quantile"]]
             assert r["n_tokens"] == len(members)
             assert r["lo"] <= members.min() and members.max() < r["hi"]
-            assert r["share_lo"] == pytest.approx((values < r["lo"]).mean(), abs=1e-12)   # exact shares of firings
+            assert r["share_lo"] == pytest.approx((values < r["lo"]).mean(), abs=1e-12)  # exact shares of firings
             assert r["share_hi"] == pytest.approx((values < r["hi"]).mean(), abs=1e-12)
         assert got[0]["share_lo"] == 0 and got[-1]["share_hi"] == 1
 
@@ -401,7 +460,7 @@ def test_quantile_examples_are_the_smallest_sample_keys_of_each_bin(unit_wh, den
         quantile = _reference_quantiles(values)
         docs, positions = (torch.tensor([o[i] for o in owners]) for i in (0, 1))
         keys = sample_keys(docs, positions, unit + 1)[:, unit].numpy()
-        pool = np.argsort(keys, kind="stable")[:2 * Q * N]              # the capture's uniform pool
+        pool = np.argsort(keys, kind="stable")[: 2 * Q * N]  # the capture's uniform pool
         expected = []
         for q in range(Q):
             members = [i for i in pool if quantile[i] == q][:N]
@@ -415,8 +474,10 @@ def test_quantile_examples_are_the_smallest_sample_keys_of_each_bin(unit_wh, den
 def test_example_windows_hold_the_units_own_values(unit_wh, dense):
     tokens = rows(unit_wh, 'SELECT doc, pos, "window" FROM tokens ORDER BY doc, pos')
     index = {(t["doc"], t["pos"]): (i, t["window"]) for i, t in enumerate(tokens)}
-    examples = rows(unit_wh, "SELECT neuron, kind, doc, pos, value, window_values FROM neuron_examples "
-                             "WHERE site = 'mlp.act' AND layer = 1")
+    examples = rows(
+        unit_wh,
+        "SELECT neuron, kind, doc, pos, value, window_values FROM neuron_examples WHERE site = 'mlp.act' AND layer = 1",
+    )
     checked = 0
     for e in examples:
         if e["kind"] == "quantile":
@@ -426,7 +487,7 @@ def test_example_windows_hold_the_units_own_values(unit_wh, dense):
         row, window = index[(e["doc"], e["pos"])]
         for offset, got in zip(range(-50, 21), e["window_values"]):
             where = index.get((e["doc"], e["pos"] + offset))
-            if where is None or where[1] != window:       # outside the document or the example's model window
+            if where is None or where[1] != window:  # outside the document or the example's model window
                 assert got is None
             else:
                 assert got == pytest.approx(dense[1][where[0], e["neuron"]], rel=2e-3, abs=2e-4)
@@ -447,7 +508,7 @@ def test_contexts_and_exports_use_the_captured_window_values(unit_wh, dense, tmp
         window = row_of[(doc, r["pos"])][1]
         positions = [p for p in range(r["pos"] - 6, r["pos"] + 3) if (doc, p) in row_of]
         for p, token in zip(positions, r["tokens"]):
-            if row_of[(doc, p)][1] == window:   # in the example's model window: its exact value, not a top-k gap
+            if row_of[(doc, p)][1] == window:  # in the example's model window: its exact value, not a top-k gap
                 assert token["value"] == pytest.approx(dense[1][row_of[(doc, p)][0], 13], rel=2e-3, abs=2e-4)
     documents = feature_documents(unit_wh, "u", "mlp.act", 1, k=3, n_random=2, before=6, after=2)
     top = documents[13]["examples_quantiles"][0]["examples"]
@@ -459,8 +520,15 @@ def test_similar_needs_an_mlp_unit_site(tmp_path, tiny_lm_dir):
     from ingest.sources import Document
 
     with pytest.raises(BadInput, match="similar=K compares output directions, which only MLP unit sites have"):
-        ingest(tmp_path / "wh", str(tiny_lm_dir), sites=["resid.out:last,similar=3"], documents=[Document("d", "hi")],
-               run_id="s", device="cpu", progress=False)
+        ingest(
+            tmp_path / "wh",
+            str(tiny_lm_dir),
+            sites=["resid.out:last,similar=3"],
+            documents=[Document("d", "hi")],
+            run_id="s",
+            device="cpu",
+            progress=False,
+        )
     assert not (tmp_path / "wh" / "runs").exists() or not list((tmp_path / "wh" / "runs").glob("*.json"))
 
 
@@ -470,7 +538,9 @@ def test_quantiles_need_examples_and_a_histogram(unit_wh):
 
     with pytest.raises(BadSpec, match="add examples=N and hist"):
         parse_spec("mlp.act:examples=5,quantiles=4")
-    with pytest.raises(QueryError, match="kept no quantile examples: re-ingest with --site mlp.up:examples=20,hist,quantiles=10"):
+    with pytest.raises(
+        QueryError, match="kept no quantile examples: re-ingest with --site mlp.up:examples=20,hist,quantiles=10"
+    ):
         unit_wh.pl("SELECT * FROM quantile_examples('u', 'mlp.up', 0, 1)")
 
 
@@ -488,10 +558,14 @@ TWIN_CALLS = [
 @pytest.mark.parametrize("name,args,kwargs", TWIN_CALLS, ids=[f"{c[0]}-{i}" for i, c in enumerate(TWIN_CALLS)])
 def test_macro_equals_polars_twin(unit_wh, name, args, kwargs):
     if name == "quantile_examples":
-        bins = unit_wh.pl(f"SELECT * FROM whq_quantile_bins('u', 'mlp.act', {args.split(',')[0]}, {args.split(',')[1]})")
+        bins = unit_wh.pl(
+            f"SELECT * FROM whq_quantile_bins('u', 'mlp.act', {args.split(',')[0]}, {args.split(',')[1]})"
+        )
         assert_frame_equal(bins, uf.quantile_bins(unit_wh, "u", "mlp.act", kwargs["layer"], kwargs["unit"]).collect())
     sql = unit_wh.pl(f"SELECT * FROM {name}('u', 'mlp.act', {args})")
-    assert_frame_equal(sql, getattr(uf, name)(unit_wh, "u", "mlp.act", **kwargs).collect(), check_exact=False, rel_tol=RTOL)
+    assert_frame_equal(
+        sql, getattr(uf, name)(unit_wh, "u", "mlp.act", **kwargs).collect(), check_exact=False, rel_tol=RTOL
+    )
     assert sql.height > 0
 
 
@@ -505,8 +579,22 @@ def test_histogram_needs_a_capture_that_kept_it(unit_wh):
 
 
 def test_every_unit_macro_is_documented(unit_wh):
-    comments = dict(unit_wh.sql("SELECT function_name, comment FROM duckdb_functions() "
-                                "WHERE function_type IN ('table_macro', 'macro')").fetchall())
-    for name in ("unit_stats", "unit_histogram", "units_for_token", "similar_units", "whq_hist_edge", "whq_hist_lo",
-                 "whq_hist_hi", "whq_has_hist", "quantile_examples", "whq_quantile_bins", "whq_has_quantiles"):
+    comments = dict(
+        unit_wh.sql(
+            "SELECT function_name, comment FROM duckdb_functions() WHERE function_type IN ('table_macro', 'macro')"
+        ).fetchall()
+    )
+    for name in (
+        "unit_stats",
+        "unit_histogram",
+        "units_for_token",
+        "similar_units",
+        "whq_hist_edge",
+        "whq_hist_lo",
+        "whq_hist_hi",
+        "whq_has_hist",
+        "quantile_examples",
+        "whq_quantile_bins",
+        "whq_has_quantiles",
+    ):
         assert comments.get(name), name

@@ -11,8 +11,18 @@ import multiprocessing
 import os
 import sys
 
-PRELOAD = ["torch", "transformers", "transformers.models.bert.modeling_bert", "warehouse.cli",
-           "ingest.pipeline", "ingest.capture", "ingest.finalize", "ingest.models", "ingest.writer", "tests.whq_child"]
+PRELOAD = [
+    "torch",
+    "transformers",
+    "transformers.models.bert.modeling_bert",
+    "warehouse.cli",
+    "ingest.pipeline",
+    "ingest.capture",
+    "ingest.finalize",
+    "ingest.models",
+    "ingest.writer",
+    "tests.whq_child",
+]
 
 _context = None
 

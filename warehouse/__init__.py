@@ -20,6 +20,16 @@ from .errors import (
 )
 
 __all__ = [
-    "Warehouse", "init", "open", "open_or_init", "WarehouseError", "BadInput", "BadSpec", "CorruptPart",
-    "NotAWarehouse", "QueryError", "RunExists", "UnknownRun",
+    "Warehouse",
+    "init",
+    "open",
+    "open_or_init",
+    "WarehouseError",
+    "BadInput",
+    "BadSpec",
+    "CorruptPart",
+    "NotAWarehouse",
+    "QueryError",
+    "RunExists",
+    "UnknownRun",
 ]

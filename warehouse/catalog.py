@@ -50,8 +50,12 @@ def view_sql(table: schema.Table, files: list[str], absent: frozenset[str] = fro
     """The view over `files`; columns in `absent` (appended to schema.sql after every file was written) read NULL."""
     # Columns are qualified: a macro parameter named like a column (site, layer, ...) is in
     # scope when DuckDB binds a view inside a macro, and an unqualified name would conflict.
-    select = ", ".join(f"NULL::{c.type} AS {_ident(c.name)}" if c.name in absent else
-                       f"part.{_ident(c.name)}::{c.type} AS {_ident(c.name)}" for c in table.columns)
+    select = ", ".join(
+        f"NULL::{c.type} AS {_ident(c.name)}"
+        if c.name in absent
+        else f"part.{_ident(c.name)}::{c.type} AS {_ident(c.name)}"
+        for c in table.columns
+    )
     if not files:
         nulls = ", ".join(f"NULL::{c.type} AS {_ident(c.name)}" for c in table.columns)
         return f"SELECT {nulls} WHERE false"
@@ -66,7 +70,9 @@ def view_sql(table: schema.Table, files: list[str], absent: frozenset[str] = fro
 def _stored_columns(con, files: list[str]) -> set[str]:
     """Every column name in the files, partition keys included."""
     listing = ", ".join(quote(f) for f in files)
-    described = con.execute(f"DESCRIBE SELECT * FROM read_parquet([{listing}], hive_partitioning = true, union_by_name = true)")
+    described = con.execute(
+        f"DESCRIBE SELECT * FROM read_parquet([{listing}], hive_partitioning = true, union_by_name = true)"
+    )
     return {row[0] for row in described.fetchall()}
 
 
@@ -121,8 +127,10 @@ def build(layout: Layout, skip: set[str] | None = None) -> None:
         if isinstance(err, duckdb.Error) and not _write_failure(err, tmp):
             raise
         reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0][:200]
-        raise WarehouseError(f"cannot write the catalog {layout.catalog}: {reason}; free disk space or fix permissions, "
-                             f"then run `whq repair {layout.root}` (no committed run is lost)") from None
+        raise WarehouseError(
+            f"cannot write the catalog {layout.catalog}: {reason}; free disk space or fix permissions, "
+            f"then run `whq repair {layout.root}` (no committed run is lost)"
+        ) from None
     finally:
         for leftover in (tmp, tmp.with_name(tmp.name + ".wal")):
             leftover.unlink(missing_ok=True)
@@ -150,8 +158,10 @@ def _write(layout: Layout, tmp: Path, files: dict[str, list[str]]) -> None:
             except duckdb.Error as err:  # a view binds to its parts: a damaged one stops the build
                 if tmp.name in str(err):
                     raise  # writing the new file or its WAL failed (a full disk), not reading a part
-                raise CorruptPart(f"cannot build the catalog ({str(err).splitlines()[0][:200]}): find the bad part with "
-                                  f"`whq check {layout.root}`, then `whq repair {layout.root}` quarantines its run") from None
+                raise CorruptPart(
+                    f"cannot build the catalog ({str(err).splitlines()[0][:200]}): find the bad part with "
+                    f"`whq check {layout.root}`, then `whq repair {layout.root}` quarantines its run"
+                ) from None
             if table.comment:
                 con.execute(f"COMMENT ON VIEW {_ident(table.name)} IS {quote(table.comment)}")
             for col in table.columns:
@@ -162,7 +172,9 @@ def _write(layout: Layout, tmp: Path, files: dict[str, list[str]]) -> None:
             f"CREATE VIEW {INFO_VIEW} AS SELECT {quote(str(layout.root))} AS root, "
             f"{FORMAT_VERSION} AS format_version, {quote(fingerprint(layout))} AS fingerprint"
         )
-        con.execute(f"COMMENT ON VIEW {INFO_VIEW} IS 'Where this catalog was built and from what: any whq command rebuilds it when stale.'")
+        con.execute(
+            f"COMMENT ON VIEW {INFO_VIEW} IS 'Where this catalog was built and from what: any whq command rebuilds it when stale.'"
+        )
         for path in macro_files():
             con.execute(path.read_text())
         con.execute("USE memory")
@@ -183,16 +195,20 @@ def private_copy(layout: Layout):
     try:
         folder = tempfile.mkdtemp(prefix="whq-catalog-")
     except OSError as err:
-        raise WarehouseError(f"cannot copy the catalog to {tempfile.gettempdir()}: {err.strerror or err}; "
-                             f"free space there, or point TMPDIR at a writable folder") from None
+        raise WarehouseError(
+            f"cannot copy the catalog to {tempfile.gettempdir()}: {err.strerror or err}; "
+            f"free space there, or point TMPDIR at a writable folder"
+        ) from None
     name = os.path.join(folder, layout.catalog.name)  # same file name: the database is still called `whq`
     try:
         try:
             shutil.copyfile(layout.catalog, name)
         except OSError as err:
-            raise WarehouseError(f"cannot copy the catalog {layout.catalog} to {folder}: {err.strerror or err}; "
-                                 f"free space there (or point TMPDIR at a writable folder), or rebuild the catalog "
-                                 f"with `whq repair {layout.root}`") from None
+            raise WarehouseError(
+                f"cannot copy the catalog {layout.catalog} to {folder}: {err.strerror or err}; "
+                f"free space there (or point TMPDIR at a writable folder), or rebuild the catalog "
+                f"with `whq repair {layout.root}`"
+            ) from None
         yield name
     finally:
         shutil.rmtree(folder, ignore_errors=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -40,7 +39,9 @@ def _print_table(df, fmt: OutputFormat) -> None:
         import polars as pl
 
         nested = [c for c, t in df.schema.items() if t.is_nested()]
-        flat = df.with_columns(pl.Series(c, [json.dumps(v, default=str) for v in df[c].to_list()], pl.String) for c in nested)
+        flat = df.with_columns(
+            pl.Series(c, [json.dumps(v, default=str) for v in df[c].to_list()], pl.String) for c in nested
+        )
         typer.echo(flat.write_csv(), nl=False)
     elif fmt == "json":
         typer.echo(json.dumps(df.to_dicts(), default=str, indent=1))
@@ -66,7 +67,7 @@ def init(root: Path = typer.Argument(..., help="Folder of the new warehouse.")):
 @app.command()
 def runs(
     root: WarehouseArg,
-    delete: Optional[str] = typer.Option(None, "--delete", help="Delete this run atomically."),
+    delete: str | None = typer.Option(None, "--delete", help="Delete this run atomically."),
     fmt: FormatOption = OutputFormat.table,
 ):
     """List committed runs (or delete one).
@@ -93,12 +94,28 @@ def sql(
     root: WarehouseArg,
     query: str = typer.Argument(..., help="SQL to run; the tables and macros of the catalog are in scope."),
     fmt: FormatOption = OutputFormat.table,
-    read_only: bool = typer.Option(False, "--read-only", help="Refuse anything but queries, bounded by --timeout and --memory-limit (for untrusted SQL)."),
+    read_only: bool = typer.Option(
+        False,
+        "--read-only",
+        help="Refuse anything but queries, bounded by --timeout and --memory-limit (for untrusted SQL).",
+    ),
     engine: SqlEngineOption = SqlEngine.duckdb,
-    timeout: float | None = typer.Option(None, "--timeout", help="With --read-only: stop the query after this many seconds (default 30)."),
-    memory_limit: str | None = typer.Option(None, "--memory-limit", help="With --read-only: DuckDB's memory limit, e.g. 2GB (default: a quarter of this machine's memory)."),
-    max_rows: int = typer.Option(10_000, "--max-rows", min=1, help="Print at most this many rows; a line on stderr says when more were cut."),
-    allow_writes: bool = typer.Option(False, "--allow-writes", help="Let trusted SQL write files inside the warehouse folder (COPY, EXPORT, ATTACH, ...)."),
+    timeout: float | None = typer.Option(
+        None, "--timeout", help="With --read-only: stop the query after this many seconds (default 30)."
+    ),
+    memory_limit: str | None = typer.Option(
+        None,
+        "--memory-limit",
+        help="With --read-only: DuckDB's memory limit, e.g. 2GB (default: a quarter of this machine's memory).",
+    ),
+    max_rows: int = typer.Option(
+        10_000, "--max-rows", min=1, help="Print at most this many rows; a line on stderr says when more were cut."
+    ),
+    allow_writes: bool = typer.Option(
+        False,
+        "--allow-writes",
+        help="Let trusted SQL write files inside the warehouse folder (COPY, EXPORT, ATTACH, ...).",
+    ),
 ):
     """Run SQL against a warehouse.
 
@@ -121,8 +138,10 @@ def sql(
         _print_table(spark_sql(wh, query), fmt)
         return
     if read_only:
-        limits = SqlLimits(**{k: v for k, v in (("timeout_s", timeout), ("memory_limit", memory_limit)) if v is not None},
-                           max_rows=max_rows)
+        limits = SqlLimits(
+            **{k: v for k, v in (("timeout_s", timeout), ("memory_limit", memory_limit)) if v is not None},
+            max_rows=max_rows,
+        )
         result = run_read_only(wh, query, limits)
         frame, truncated = result.frame, result.truncated
     else:
@@ -136,32 +155,60 @@ def sql(
         frame, truncated = frame.head(max_rows), frame.height > max_rows
     _print_table(frame, fmt)
     if truncated:
-        typer.echo(f"note: printed the first {max_rows:,} rows; more were cut: add a LIMIT, or raise --max-rows", err=True)
+        typer.echo(
+            f"note: printed the first {max_rows:,} rows; more were cut: add a LIMIT, or raise --max-rows", err=True
+        )
 
 
 @app.command()
 def ingest(
     root: Path = typer.Argument(..., help="Warehouse folder (created if missing)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Local model folder, cached hub id, `minilm` (the default), `config:qwen3-tiny`, or adapter.py[:checkpoint]; with --scenario it replaces the scenario's model.id."),
+    model: str | None = typer.Option(
+        None,
+        "--model",
+        "-m",
+        help="Local model folder, cached hub id, `minilm` (the default), `config:qwen3-tiny`, or adapter.py[:checkpoint]; with --scenario it replaces the scenario's model.id.",
+    ),
     data: list[Path] = typer.Option([], "--data", "-d", help="Documents: .jsonl, .parquet or .txt (repeatable)."),
-    site: list[str] = typer.Option([], "--site", "-s", help="SPEC: <site>[@in|@out][[layers]][+sae=PATH|+transcoder=PATH]:<reduction>[=arg],... e.g. mlp.act:topk=20, "
-                                     "resid.out[6]+sae=saes/layers.6:topk=32,examples=20 (repeatable; dictionary sites: ingest/README.md)."),
-    scenario: Optional[Path] = typer.Option(None, "--scenario", help="Chat scenario YAML (Activation Lab format) instead of --data."),
-    run_id: Optional[str] = typer.Option(None, "--run-id", help="Run id (default: <model>-<UTC time>, printed)."),
-    dataset: Optional[str] = typer.Option(None, "--dataset", help="Dataset label for documents that have none (default: file stem)."),
-    role: Optional[str] = typer.Option(None, "--role", help="Role label: pool, target, reference, ..."),
+    site: list[str] = typer.Option(
+        [],
+        "--site",
+        "-s",
+        help="SPEC: <site>[@in|@out][[layers]][+sae=PATH|+transcoder=PATH]:<reduction>[=arg],... e.g. mlp.act:topk=20, "
+        "resid.out[6]+sae=saes/layers.6:topk=32,examples=20 (repeatable; dictionary sites: ingest/README.md).",
+    ),
+    scenario: Path | None = typer.Option(
+        None, "--scenario", help="Chat scenario YAML (Activation Lab format) instead of --data."
+    ),
+    run_id: str | None = typer.Option(None, "--run-id", help="Run id (default: <model>-<UTC time>, printed)."),
+    dataset: str | None = typer.Option(
+        None, "--dataset", help="Dataset label for documents that have none (default: file stem)."
+    ),
+    role: str | None = typer.Option(None, "--role", help="Role label: pool, target, reference, ..."),
     batch_size: int = typer.Option(16, "--batch-size", "-b", help="Windows per forward pass."),
-    max_length: Optional[int] = typer.Option(None, "--max-length", help="Tokens per window (long documents are split, positions continue)."),
+    max_length: int | None = typer.Option(
+        None, "--max-length", help="Tokens per window (long documents are split, positions continue)."
+    ),
     truncate: bool = typer.Option(False, "--truncate", help="Keep only each document's first window."),
     device: DeviceOption = "auto",
     dtype: DtypeOption = "float32",
     resume: bool = typer.Option(False, "--resume", help="Finish an interrupted run (same arguments and --run-id)."),
     shard_tokens: int = typer.Option(65536, "--shard-tokens", help="Tokens per committed shard (the unit of resume)."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip (and count) bad records instead of stopping."),
-    logit_lens: bool = typer.Option(False, "--logit-lens", help="Store each MLP unit's output direction through the unembedding."),
-    splice: bool = typer.Option(False, "--splice", help="Dictionary sites of a causal LM: also measure next-token loss with each reconstruction spliced in (one extra forward per dictionary layer, plus one)."),
+    logit_lens: bool = typer.Option(
+        False, "--logit-lens", help="Store each MLP unit's output direction through the unembedding."
+    ),
+    splice: bool = typer.Option(
+        False,
+        "--splice",
+        help="Dictionary sites of a causal LM: also measure next-token loss with each reconstruction spliced in (one extra forward per dictionary layer, plus one).",
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
-    ranks: int = typer.Option(1, "--ranks", help="Shard the documents over N processes on this machine (torchrun; one GPU each with --device cuda)."),
+    ranks: int = typer.Option(
+        1,
+        "--ranks",
+        help="Shard the documents over N processes on this machine (torchrun; one GPU each with --device cuda).",
+    ),
 ):
     """Capture a model's activations over documents into a new run.
 
@@ -182,14 +229,30 @@ def ingest(
         from ingest.options import DEFAULT_SITES, IngestOptions
 
         options = IngestOptions(
-            model or "minilm", tuple(str(d) for d in data), tuple(site) or DEFAULT_SITES, run_id=run_id, dataset=dataset,
-            role=role, batch_size=batch_size, max_length=max_length, truncate=truncate, device=device, dtype=dtype,
-            resume=resume, shard_tokens=shard_tokens, skip_bad=skip_bad, logit_lens=logit_lens, splice=splice, progress=not quiet,
+            model or "minilm",
+            tuple(str(d) for d in data),
+            tuple(site) or DEFAULT_SITES,
+            run_id=run_id,
+            dataset=dataset,
+            role=role,
+            batch_size=batch_size,
+            max_length=max_length,
+            truncate=truncate,
+            device=device,
+            dtype=dtype,
+            resume=resume,
+            shard_tokens=shard_tokens,
+            skip_bad=skip_bad,
+            logit_lens=logit_lens,
+            splice=splice,
+            progress=not quiet,
         )
         if ranks != 1:
             from ingest.ranks import launch
 
-            launch(ranks, list(options.data), list(options.sites), _without_ranks(sys.argv[sys.argv.index("ingest") + 1:]))
+            launch(
+                ranks, list(options.data), list(options.sites), _without_ranks(sys.argv[sys.argv.index("ingest") + 1 :])
+            )
             return
         from ingest.pipeline import ingest as run_ingest
         from ingest.ranks import from_env
@@ -233,7 +296,9 @@ def _summary_line(result) -> str:
 def sites(
     model: str = typer.Option("minilm", "--model", "-m", help="Model as for `whq ingest --model`."),
     all_modules: bool = typer.Option(False, "--all", help="List every module, not only the first block's."),
-    dictionary: Optional[str] = typer.Option(None, "--dictionary", help="A dictionary path (as after +sae=): print what it holds instead."),
+    dictionary: str | None = typer.Option(
+        None, "--dictionary", help="A dictionary path (as after +sae=): print what it holds instead."
+    ),
 ):
     """Print a model's site aliases and module tree (to write --site SPECs), or what a dictionary holds.
 
@@ -247,9 +312,11 @@ def sites(
         info = load_dictionary(dictionary).describe()
         k = f" (k={info['k']})" if info["k"] else ""
         layers = ", ".join(map(str, info["layers"])) or "not recorded (select one: SITE[N]+sae=PATH)"
-        typer.echo(f"{info['path']}: {info['format']} {'transcoder' if info['transcoder'] else 'SAE'}, architecture "
-                   f"{info['architecture']}{k}, d_in {info['d_in']}, d_sae {info['d_sae']}, hook {info['hook'] or 'not recorded'}, "
-                   f"layers {layers}")
+        typer.echo(
+            f"{info['path']}: {info['format']} {'transcoder' if info['transcoder'] else 'SAE'}, architecture "
+            f"{info['architecture']}{k}, d_in {info['d_in']}, d_sae {info['d_sae']}, hook {info['hook'] or 'not recorded'}, "
+            f"layers {layers}"
+        )
     loaded = load(model, "cpu", "float32")
     typer.echo(f"{loaded.model_id}: {loaded.family}, {loaded.n_layers} layers")
     typer.echo("aliases:")
@@ -322,6 +389,7 @@ def gc(
     Example: whq gc wh --dry-run
     """
     import warehouse
+
     from .maintenance import gc as collect
 
     removed = collect(warehouse.open(root), interrupted=interrupted, dry_run=dry_run)
@@ -334,9 +402,15 @@ def gc(
 def report(
     root: WarehouseArg,
     run: str = typer.Option(..., "--run", "-r", help="Scenario run to report on."),
-    out: Path = typer.Option(Path("report.html"), "--out", "-o", help="HTML file to write (self-contained, opens offline)."),
-    csv: Optional[Path] = typer.Option(None, "--csv", help="Also write Activation Lab's four CSV summaries into this folder."),
-    compare: list[str] = typer.Option([], "--compare", help="Other scenario runs for the inter-run comparison (repeatable)."),
+    out: Path = typer.Option(
+        Path("report.html"), "--out", "-o", help="HTML file to write (self-contained, opens offline)."
+    ),
+    csv: Path | None = typer.Option(
+        None, "--csv", help="Also write Activation Lab's four CSV summaries into this folder."
+    ),
+    compare: list[str] = typer.Option(
+        [], "--compare", help="Other scenario runs for the inter-run comparison (repeatable)."
+    ),
 ):
     """Write the comparison report of a scenario run: one offline HTML file (and CSVs).
 

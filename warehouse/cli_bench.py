@@ -8,13 +8,17 @@ import typer
 
 from .cli_options import DeviceOption, DtypeOption
 
-bench_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Benchmarks: build synthetic data, time the engines.")
+bench_app = typer.Typer(
+    no_args_is_help=True, rich_markup_mode=None, help="Benchmarks: build synthetic data, time the engines."
+)
 
 
 @bench_app.command()
 def nag(
     root: Path = typer.Argument(Path("whq-bench"), help="Warehouse folder for the synthetic pool (kept and reused)."),
-    docs: list[int] = typer.Option([100_000], "--docs", help="Pool sizes (repeatable), e.g. --docs 100000 --docs 1000000."),
+    docs: list[int] = typer.Option(
+        [100_000], "--docs", help="Pool sizes (repeatable), e.g. --docs 100000 --docs 1000000."
+    ),
     fraction: float = typer.Option(0.2, "--fraction", help="Share of the pool's tokens to select."),
 ):
     """Time nag_distance + nag_select in SQL and Polars against NAG's numpy kernel on N docs x 28 layers x K=20.
@@ -35,12 +39,19 @@ def nag(
 @bench_app.command("ingest")
 def ingest_(
     model: str = typer.Option("minilm", "--model", "-m", help="Model as for `whq ingest --model`."),
-    model_config: str = typer.Option(None, "--model-config", help="Random-initialised model of a known shape instead, e.g. qwen3-0.6b."),
+    model_config: str = typer.Option(
+        None, "--model-config", help="Random-initialised model of a known shape instead, e.g. qwen3-0.6b."
+    ),
     device: DeviceOption = "auto",
     dtype: DtypeOption = "float32",
     batch_size: int = typer.Option(32, "--batch-size", "-b", help="Windows per forward pass."),
     seq_len: int = typer.Option(128, "--seq-len", help="Tokens per window."),
-    site: list[str] = typer.Option([], "--site", "-s", help="SPEC as for `whq ingest` (repeatable; default mlp.act:topk=20, mlp.up:nag=20, resid.out:last)."),
+    site: list[str] = typer.Option(
+        [],
+        "--site",
+        "-s",
+        help="SPEC as for `whq ingest` (repeatable; default mlp.act:topk=20, mlp.up:nag=20, resid.out:last).",
+    ),
     repeats: int = typer.Option(3, "--repeats", help="Timed blocks of each kind (after one warm-up block each)."),
     shard_tokens: int = typer.Option(65536, "--shard-tokens", help="Tokens per block = per committed shard."),
     as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
@@ -59,9 +70,18 @@ def ingest_(
     from . import ranges
 
     ranges.at_least("--shard-tokens", shard_tokens, 1)
-    result = bench_ingest(model, model_config=model_config, device=device, dtype=dtype, batch_size=batch_size,
-                          seq_len=seq_len, sites=site, repeats=repeats, shard_tokens=shard_tokens,
-                          echo=None if as_json else typer.echo)
+    result = bench_ingest(
+        model,
+        model_config=model_config,
+        device=device,
+        dtype=dtype,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        sites=site,
+        repeats=repeats,
+        shard_tokens=shard_tokens,
+        echo=None if as_json else typer.echo,
+    )
     typer.echo(json.dumps(result.to_dict(), indent=1) if as_json else "\n".join(result.lines()))
 
 
@@ -90,7 +110,9 @@ def query(
     ranges.at_least("--k", k, 1)
     if k > width:
         raise BadInput(f"--k {k} is more than --width {width}: top-k keeps k distinct units of each token; lower --k")
-    result = bench_query(root, rows, layers=layers, width=width, k=k, repeats=repeats, echo=None if as_json else typer.echo)
+    result = bench_query(
+        root, rows, layers=layers, width=width, k=k, repeats=repeats, echo=None if as_json else typer.echo
+    )
     typer.echo(json.dumps(result.to_dict(), indent=1) if as_json else "\n".join(result.lines()))
 
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 from .cli_options import WarehouseArg
 
-export_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Write a run's analyses as files for viewers.")
+export_app = typer.Typer(
+    no_args_is_help=True, rich_markup_mode=None, help="Write a run's analyses as files for viewers."
+)
 
 
 @export_app.command()
@@ -18,7 +19,7 @@ def features(
     run: str = typer.Option(..., "--run", help="Run id."),
     site: str = typer.Option(..., "--site", help="Site captured with examples=N or threshold=T (e.g. mlp.act)."),
     out: Path = typer.Option(..., "--out", help="Output folder (features/, feature_metadata.json, packed/)."),
-    layers: Optional[list[int]] = typer.Option(None, "--layers", help="Layers to export (repeatable; default all)."),
+    layers: list[int] | None = typer.Option(None, "--layers", help="Layers to export (repeatable; default all)."),
     top: int = typer.Option(20, "--top", help="Top examples per unit."),
     random: int = typer.Option(10, "--random", help="Random examples per unit."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random examples."),
@@ -39,7 +40,7 @@ def features(
     wh = warehouse.open(root)
     written = write_features(wh, run, site, out, layers, k=top, n_random=random, seed=seed)
     total = sum(written.values())
-    typer.echo(f"wrote {total:,} units ({', '.join(f'layer {l}: {n:,}' for l, n in written.items())}) to {out}")
+    typer.echo(f"wrote {total:,} units ({', '.join(f'layer {lyr}: {n:,}' for lyr, n in written.items())}) to {out}")
 
 
 @export_app.command()

@@ -2,25 +2,25 @@
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 
-class OutputFormat(str, Enum):
+class OutputFormat(StrEnum):
     table = "table"
     csv = "csv"
     json = "json"
 
 
-class SqlEngine(str, Enum):
+class SqlEngine(StrEnum):
     duckdb = "duckdb"
     spark = "spark"
 
 
-class FrameEngine(str, Enum):
+class FrameEngine(StrEnum):
     sql = "sql"
     polars = "polars"
 

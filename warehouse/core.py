@@ -18,7 +18,7 @@ from .locks import locked, try_lock
 from .names import is_valid_name
 
 
-def init(path: str | Path) -> "Warehouse":
+def init(path: str | Path) -> Warehouse:
     """Create an empty warehouse at `path` (idempotent on an existing one, and safe when several
     processes, e.g. the ranks of one ingest, create it at once)."""
     layout = Layout(path)
@@ -28,14 +28,18 @@ def init(path: str | Path) -> "Warehouse":
         layout.root.mkdir(parents=True, exist_ok=True)
         if not layout.marker.exists():
             if any(not e.name.startswith(_MARKER_TMP) for e in layout.root.iterdir()):
-                raise NotAWarehouse(f"{layout.root} is a non-empty folder that is not a whq warehouse: pick an empty or new folder")
+                raise NotAWarehouse(
+                    f"{layout.root} is a non-empty folder that is not a whq warehouse: pick an empty or new folder"
+                )
             write_marker(layout)
         # The marker is in place before anything else, so a concurrent init never sees a
         # non-empty folder without it.
         for folder in (layout.runs_dir, layout.data_dir, layout.tmp_dir):
             folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise WarehouseError(f"cannot create a warehouse at {layout.root}: {err.strerror}; check the path and its permissions") from None
+        raise WarehouseError(
+            f"cannot create a warehouse at {layout.root}: {err.strerror}; check the path and its permissions"
+        ) from None
     return open(layout.root)
 
 
@@ -52,12 +56,12 @@ def write_marker(layout: Layout) -> None:
 _GUARDED_LOCK = threading.Lock()
 
 
-def open(path: str | Path) -> "Warehouse":  # noqa: A001 - mirrors duckdb.connect / sqlite-utils style
+def open(path: str | Path) -> Warehouse:  # noqa: A001 - mirrors duckdb.connect / sqlite-utils style
     """Open an existing warehouse; regenerates its catalog if it is stale or was moved."""
     return Warehouse(path)
 
 
-def open_or_init(path: str | Path) -> "Warehouse":
+def open_or_init(path: str | Path) -> Warehouse:
     """Open the warehouse at `path`, creating it first when the folder holds none (what an ingest wants)."""
     return open(path) if Layout(path).marker.exists() else init(path)
 
@@ -128,7 +132,9 @@ class Warehouse:
         path = self.layout.manifest(run_id)  # checks the name
         if not path.exists():
             known = ", ".join(self.run_ids()) or "none yet"
-            raise UnknownRun(f"no committed run {run_id!r} in {self.root} (runs: {known}); list them with `whq runs {self.root}`")
+            raise UnknownRun(
+                f"no committed run {run_id!r} in {self.root} (runs: {known}); list them with `whq runs {self.root}`"
+            )
         return metadata.manifest(self.layout, path)
 
     def files(self, table: str | None, run_id: str | None = None) -> list[Path]:
@@ -136,7 +142,13 @@ class Warehouse:
         tables = set(schema.tables()) if table is None else {schema.table(table).name}
         manifests = [self.manifest(run_id)] if run_id else catalog.committed_manifests(self.layout)
         skip = self.quarantined()
-        return [self.root / p["path"] for m in manifests if m["run_id"] not in skip for p in m["parts"] if p["table"] in tables]
+        return [
+            self.root / p["path"]
+            for m in manifests
+            if m["run_id"] not in skip
+            for p in m["parts"]
+            if p["table"] in tables
+        ]
 
     # -- queries --------------------------------------------------------------
     def connect(self, *, guarded: bool = False, memory_limit: str | None = None) -> duckdb.DuckDBPyConnection:
@@ -159,8 +171,12 @@ class Warehouse:
             con.execute("SET memory_limit = ?", [memory_limit])
         parts = [str(path) for path in self.files(None)]
         con.execute("SET allowed_paths = ?", [parts])
-        for setting in ("enable_external_access = false", "autoinstall_known_extensions = false",
-                        "autoload_known_extensions = false", "lock_configuration = true"):
+        for setting in (
+            "enable_external_access = false",
+            "autoinstall_known_extensions = false",
+            "autoload_known_extensions = false",
+            "lock_configuration = true",
+        ):
             con.execute(f"SET {setting}")
         return con
 
@@ -197,8 +213,10 @@ class Warehouse:
             limits = limits or SqlLimits()
             result = run_read_only(self, query, limits, params)
             if result.truncated:
-                raise QueryError(f"the query returned more than {limits.max_rows:,} rows: add a LIMIT, "
-                                 f"or raise max_rows (--max-rows)")
+                raise QueryError(
+                    f"the query returned more than {limits.max_rows:,} rows: add a LIMIT, "
+                    f"or raise max_rows (--max-rows)"
+                )
             if not result.frame.width:
                 return None
             return self.guarded_connection(limits.memory_limit).from_arrow(result.frame.to_arrow())

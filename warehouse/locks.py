@@ -16,8 +16,10 @@ def _open_lock_file(path: Path) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as err:  # a read-only warehouse, or one the user may not write
-        raise WarehouseError(f"cannot lock {path}: {err.strerror}; the warehouse folder must be writable: "
-                             f"check its permissions and mount") from None
+        raise WarehouseError(
+            f"cannot lock {path}: {err.strerror}; the warehouse folder must be writable: "
+            f"check its permissions and mount"
+        ) from None
 
 
 @contextlib.contextmanager
@@ -32,7 +34,9 @@ def locked(path: Path, *, timeout: float = 600.0, what: str = "the warehouse"):
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise WarehouseError(f"timed out waiting for the lock on {what} ({path}); is another whq process stuck?") from None
+                    raise WarehouseError(
+                        f"timed out waiting for the lock on {what} ({path}); is another whq process stuck?"
+                    ) from None
                 time.sleep(0.05)
         yield
     finally:

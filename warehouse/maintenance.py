@@ -35,24 +35,29 @@ DAMAGED_SUFFIX = ".damaged"
 @dataclass
 class Problem:
     run_id: str
-    path: str          # relative to the warehouse root
-    kind: str          # missing | corrupt | damaged (a metadata file: detail is its whole message)
+    path: str  # relative to the warehouse root
+    kind: str  # missing | corrupt | damaged (a metadata file: detail is its whole message)
     detail: str
 
     def line(self, root: Path) -> str:
         if self.kind == "damaged":
             return self.detail
-        return (f"{self.kind} part {self.path} of run {self.run_id}: {self.detail}; "
-                f"fix: `whq repair {root}` quarantines run {self.run_id} (others stay queryable), "
-                f"then restore the file from a backup, re-ingest the run, or `whq runs {root} --delete {self.run_id}`")
+        return (
+            f"{self.kind} part {self.path} of run {self.run_id}: {self.detail}; "
+            f"fix: `whq repair {root}` quarantines run {self.run_id} (others stay queryable), "
+            f"then restore the file from a backup, re-ingest the run, or `whq runs {root} --delete {self.run_id}`"
+        )
 
 
 def _schema_ok(table: str, found) -> bool:
     """The part's columns are the table's, or the first of them: a part written before columns were
     appended to schema.sql (the catalog reads NULL in those)."""
     tbl = schema.table(table)
-    return any(found.equals(pa.schema(list(tbl.arrow_schema(width))[:len(found)]), check_metadata=False)
-               for width in (None, 1) if 0 < len(found) <= len(tbl.stored_columns))
+    return any(
+        found.equals(pa.schema(list(tbl.arrow_schema(width))[: len(found)]), check_metadata=False)
+        for width in (None, 1)
+        if 0 < len(found) <= len(tbl.stored_columns)
+    )
 
 
 def verify_part(root: Path, run_id: str, part: dict, *, checksum: bool = True) -> Problem | None:
@@ -124,8 +129,13 @@ def layout_of(root: str | Path) -> Layout:
 
 def _write_quarantine(layout: Layout, runs: set[str]) -> None:
     if runs:
-        write_bytes_atomic(json.dumps(sorted(runs)).encode(), layout.quarantine, layout.tmp_dir / "maintenance", "quarantine",
-                           retry=f"run `whq repair {layout.root}` again")
+        write_bytes_atomic(
+            json.dumps(sorted(runs)).encode(),
+            layout.quarantine,
+            layout.tmp_dir / "maintenance",
+            "quarantine",
+            retry=f"run `whq repair {layout.root}` again",
+        )
     else:
         layout.quarantine.unlink(missing_ok=True)
 
@@ -147,8 +157,10 @@ def _set_damaged_manifests_aside(layout: Layout) -> list[str]:
             metadata.manifest(layout, path)
         except DamagedMetadata as err:
             run = path.stem if path.stem.isprintable() else ascii(path.stem)  # the action stays one line
-            actions.append(f"set the damaged manifest of run {run} aside as {ascii(_set_aside(path))[1:-1]} ({err.detail}); "
-                           f"its data is kept (re-ingest the run, or delete data/*/run_id={run})")
+            actions.append(
+                f"set the damaged manifest of run {run} aside as {ascii(_set_aside(path))[1:-1]} ({err.detail}); "
+                f"its data is kept (re-ingest the run, or delete data/*/run_id={run})"
+            )
     return actions
 
 
@@ -174,8 +186,7 @@ def _repair_metadata(layout: Layout) -> tuple[list[str], set[str]]:
             _set_aside(layout.quarantine)
         layout.quarantine.unlink(missing_ok=True)
         before = set()
-        actions.append(f"dropped the damaged {layout.quarantine.name} ({err.detail}); "
-                       f"every run is checked again")
+        actions.append(f"dropped the damaged {layout.quarantine.name} ({err.detail}); every run is checked again")
     return actions, before
 
 
@@ -229,7 +240,9 @@ def gc(wh: Warehouse, *, interrupted: bool = False, dry_run: bool = False) -> li
         manifests = catalog.committed_manifests(layout)
         listed = {p["path"] for m in manifests for p in m["parts"]}
         committed = {m["run_id"] for m in manifests}
-        damaged = {p.name.partition(".json" + DAMAGED_SUFFIX)[0] for p in layout.runs_dir.glob(f"*.json{DAMAGED_SUFFIX}*")}
+        damaged = {
+            p.name.partition(".json" + DAMAGED_SUFFIX)[0] for p in layout.runs_dir.glob(f"*.json{DAMAGED_SUFFIX}*")
+        }
         journals = {d.name for d in layout.journal_root.iterdir()} if layout.journal_root.is_dir() else set()
         for run_id in sorted(journals):
             if run_id in committed:
@@ -242,7 +255,7 @@ def gc(wh: Warehouse, *, interrupted: bool = False, dry_run: bool = False) -> li
             if not path.is_file():
                 continue
             rel = layout.relative(path)
-            run_id = next((seg[len("run_id="):] for seg in Path(rel).parts if seg.startswith("run_id=")), None)
+            run_id = next((seg[len("run_id=") :] for seg in Path(rel).parts if seg.startswith("run_id=")), None)
             if rel not in listed and run_id not in keep:
                 remove(path)
         for stale in layout.root.glob(f".{layout.catalog.name}.*.tmp*"):
@@ -267,7 +280,9 @@ def delete_run(wh: Warehouse, run_id: str) -> None:
         manifest = layout.manifest(run_id)
         if not manifest.exists():
             known = ", ".join(wh.run_ids()) or "none yet"
-            raise UnknownRun(f"no committed run {run_id!r} in {layout.root} (runs: {known}); list them with `whq runs {layout.root}`")
+            raise UnknownRun(
+                f"no committed run {run_id!r} in {layout.root} (runs: {known}); list them with `whq runs {layout.root}`"
+            )
         parked = layout.tmp_dir / f"deleted-{uuid.uuid4().hex}.json"
         layout.tmp_dir.mkdir(parents=True, exist_ok=True)
         manifest.rename(parked)  # atomic: from here on the run is not committed

@@ -27,8 +27,7 @@ from .faults import fault
 # per entry, but encoding is 30% faster, and it runs beside the model on the same cores.
 # (BYTE_STREAM_SPLIT would give less, but DuckDB reads it only for FLOAT/DOUBLE.)
 _ENCODINGS = {
-    "token_neurons": {"doc": "DELTA_BINARY_PACKED", "pos": "DELTA_BINARY_PACKED",
-                      "neuron": "PLAIN", "value": "PLAIN"},
+    "token_neurons": {"doc": "DELTA_BINARY_PACKED", "pos": "DELTA_BINARY_PACKED", "neuron": "PLAIN", "value": "PLAIN"},
 }
 # token_neurons parts are sorted by neuron (part_order below): small row groups make
 # their neuron min/max statistics selective, so a one-unit scan skips most of them.
@@ -90,8 +89,9 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_bytes_atomic(payload: bytes, final: Path, tmp_dir: Path, what: str = "file",
-                       retry: str = "rerun with --resume") -> None:
+def write_bytes_atomic(
+    payload: bytes, final: Path, tmp_dir: Path, what: str = "file", retry: str = "rerun with --resume"
+) -> None:
     """Write under tmp_dir, fsync, then rename onto `final` (same filesystem).
 
     `what` names the fault points (warehouse.faults) on the way: <what>.partial/.synced/.renamed.
@@ -112,13 +112,23 @@ def write_bytes_atomic(payload: bytes, final: Path, tmp_dir: Path, what: str = "
         os.replace(tmp, final)
     except OSError as err:
         tmp.unlink(missing_ok=True)
-        raise WarehouseError(f"cannot write {final}: {err.strerror or err}; free disk space or fix permissions, then {retry}") from None
+        raise WarehouseError(
+            f"cannot write {final}: {err.strerror or err}; free disk space or fix permissions, then {retry}"
+        ) from None
     fault(f"{what}.renamed")
     fsync_dir(final.parent)
 
 
-def write_part(root: Path, tmp_dir: Path, final: Path, table_name: str, data: pa.Table,
-               site: str | None = None, layer: int | None = None, what: str = "part") -> PartInfo:
+def write_part(
+    root: Path,
+    tmp_dir: Path,
+    final: Path,
+    table_name: str,
+    data: pa.Table,
+    site: str | None = None,
+    layer: int | None = None,
+    what: str = "part",
+) -> PartInfo:
     payload = encode(table_name, data)
     write_bytes_atomic(payload, final, tmp_dir, what)
     return PartInfo(
@@ -170,7 +180,9 @@ def part_order(table: str, columns: dict) -> dict:
     a one-neuron scan reads ~1/20 of the rows (ingest/README.md, "Performance"); they also compress
     better (runs of equal ids).
     """
-    order = _neuron_major_order(columns) if table == "token_neurons" and "neuron" in columns else _document_order(columns)
+    order = (
+        _neuron_major_order(columns) if table == "token_neurons" and "neuron" in columns else _document_order(columns)
+    )
     return {k: np.asarray(v)[order] for k, v in columns.items()}
 
 
@@ -202,8 +214,11 @@ def _neuron_major_order(columns: dict) -> np.ndarray:
 
 def _document_order(columns: dict) -> np.ndarray:
     """The permutation to (doc, pos, neuron) order: batches run in length order, files are read in document order."""
-    keys = [np.asarray(columns[k], dtype=np.int64) for k in ("neuron", "pos", "doc")
-            if k in columns and np.asarray(columns[k]).dtype != object]
+    keys = [
+        np.asarray(columns[k], dtype=np.int64)
+        for k in ("neuron", "pos", "doc")
+        if k in columns and np.asarray(columns[k]).dtype != object
+    ]
     return _lexsort(keys)
 
 
@@ -216,7 +231,7 @@ def _lexsort(keys: list[np.ndarray]) -> np.ndarray:
     if not keys or not len(keys[0]):
         return np.lexsort(keys) if keys else np.arange(0)
     bounds = [(int(key.min()), int(key.max())) for key in keys]
-    if any(low < 0 for low, _ in bounds) or np.prod([float(high) + 1 for _, high in bounds]) >= 2.0 ** 62:
+    if any(low < 0 for low, _ in bounds) or np.prod([float(high) + 1 for _, high in bounds]) >= 2.0**62:
         return np.lexsort(keys)
     packed = np.zeros(len(keys[0]), dtype=np.int64)
     scale = 1

@@ -43,21 +43,26 @@ def _canonical(obj) -> str:
 
 
 class RunWriter:
-    def __init__(self, layout: Layout, run_id: str, config: dict, *, resume: bool = False,
-                 rank: int = 0, world_size: int = 1):
+    def __init__(
+        self, layout: Layout, run_id: str, config: dict, *, resume: bool = False, rank: int = 0, world_size: int = 1
+    ):
         self.layout = layout
         self.run_id = check_name("run id", run_id)
         self.rank, self.world_size = rank, world_size
         self.config = config
         if layout.manifest(run_id).exists():
-            raise RunExists(f"run {run_id!r} is already committed: choose another --run-id, or delete it with `whq runs {layout.root} --delete {run_id}`")
+            raise RunExists(
+                f"run {run_id!r} is already committed: choose another --run-id, or delete it with `whq runs {layout.root} --delete {run_id}`"
+            )
         self.journal_dir = layout.journal_dir(run_id)
         self.journal = self.journal_dir / f"rank-{rank}.jsonl"
         self.state_dir = self.journal_dir / "state" / f"rank-{rank}"
         self.tmp_dir = layout.tmp_dir / f"{run_id}.rank-{rank}"
         self._lock_fd = try_lock(self.journal_dir / f"rank-{rank}.lock")
         if self._lock_fd is None:
-            raise RunExists(f"run {run_id!r} (rank {rank}) is being written by another process right now; wait for it or pick another --run-id")
+            raise RunExists(
+                f"run {run_id!r} (rank {rank}) is being written by another process right now; wait for it or pick another --run-id"
+            )
         self._check_config(resume)
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
         (self.journal_dir / f"rank-{rank}.done").unlink(missing_ok=True)
@@ -84,13 +89,18 @@ class RunWriter:
                 raise
             self.started_at = dt.datetime.fromisoformat(previous["started_at"])
             if _canonical(_stable(previous)) != _canonical(_stable(self.config)):
-                changed = sorted(k for k in set(previous) | set(self.config)
-                                 if k not in VOLATILE_CONFIG_KEYS and _canonical(previous.get(k)) != _canonical(self.config.get(k)))
+                changed = sorted(
+                    k
+                    for k in set(previous) | set(self.config)
+                    if k not in VOLATILE_CONFIG_KEYS and _canonical(previous.get(k)) != _canonical(self.config.get(k))
+                )
                 self.close()
-                raise BadInput(f"--resume needs the same arguments as the interrupted run; these differ: {', '.join(changed)}")
+                raise BadInput(
+                    f"--resume needs the same arguments as the interrupted run; these differ: {', '.join(changed)}"
+                )
         else:
             # --resume with nothing to resume starts the run: a pre-empted job can always be relaunched with it.
-            self.started_at = dt.datetime.now(dt.timezone.utc)
+            self.started_at = dt.datetime.now(dt.UTC)
             self.config["started_at"] = self.started_at.isoformat()
             if self.rank == 0:
                 payload = _canonical(self.config).encode()
@@ -165,7 +175,7 @@ class RunWriter:
             fh.write(line[: len(line) // 2])
             fh.flush()
             fault("shard.journal_torn")
-            fh.write(line[len(line) // 2:])
+            fh.write(line[len(line) // 2 :])
             fh.flush()
             os.fsync(fh.fileno())
         fault("shard.journalled")
@@ -235,7 +245,7 @@ class RunWriter:
             "format_version": FORMAT_VERSION,
             "run_id": self.run_id,
             "created_at": created_at.isoformat(),
-            "committed_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+            "committed_at": dt.datetime.now(dt.UTC).isoformat(),
             "world_size": self.world_size,
             "config": self.config,
             "parts": parts,
@@ -243,8 +253,12 @@ class RunWriter:
         }
         with locked(self.layout.commit_lock):
             fault("commit.locked")
-            write_bytes_atomic(json.dumps(manifest, indent=1, default=str).encode(), self.layout.manifest(self.run_id),
-                               self.tmp_dir, "manifest")
+            write_bytes_atomic(
+                json.dumps(manifest, indent=1, default=str).encode(),
+                self.layout.manifest(self.run_id),
+                self.tmp_dir,
+                "manifest",
+            )
             catalog.build(self.layout)
         fault("commit.catalog")
         self.close()
@@ -274,8 +288,10 @@ def committed_with_same_config(layout: Layout, run_id: str, config: dict) -> dic
         return None
     manifest = metadata.manifest(layout, path)
     if _canonical(_stable(manifest["config"])) != _canonical(_stable(config)):
-        raise RunExists(f"run {run_id!r} is already committed with other arguments: choose another --run-id, "
-                        f"or delete it with `whq runs {layout.root} --delete {run_id}`")
+        raise RunExists(
+            f"run {run_id!r} is already committed with other arguments: choose another --run-id, "
+            f"or delete it with `whq runs {layout.root} --delete {run_id}`"
+        )
     return manifest
 
 
@@ -294,7 +310,7 @@ def write_run(layout: Layout, run_id: str, parts, config: dict | None = None) ->
     """
     writer = RunWriter(layout, run_id, config or {"source": "write_run"})
     writer.commit_shard(parts)
-    return writer.commit([], dt.datetime.now(dt.timezone.utc))
+    return writer.commit([], dt.datetime.now(dt.UTC))
 
 
 def read_journal(journal: Path, run_id: str) -> list[dict]:

@@ -34,8 +34,10 @@ def build(checkpoint: str | None, device: str) -> tuple[BDH, str]:
         torch.manual_seed(SEED)
         return BDH(PRESETS[name]).to(device).eval(), f"bdh-{name}-seed{SEED}"
     if not Path(name).is_file():
-        raise BadInput(f"BDH checkpoint {name} does not exist: train one with examples/bdh/train.py "
-                       f"or pass one of {', '.join(PRESETS)}")
+        raise BadInput(
+            f"BDH checkpoint {name} does not exist: train one with examples/bdh/train.py "
+            f"or pass one of {', '.join(PRESETS)}"
+        )
     return load_checkpoint(name, device), f"bdh:{Path(name).name}"
 
 

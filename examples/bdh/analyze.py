@@ -48,7 +48,9 @@ def histograms(wh, run_id: str, site: str, out: Path, bins: int = 40) -> list[Pa
     from queries.charts import rate_histogram_chart, selectivity_histogram_chart
 
     charts = {
-        "firing_rate": rate_histogram_chart(run_query(wh, "rate_histogram", run_id, site, bins=bins), "firing rate (a > 0)"),
+        "firing_rate": rate_histogram_chart(
+            run_query(wh, "rate_histogram", run_id, site, bins=bins), "firing rate (a > 0)"
+        ),
         "selectivity": selectivity_histogram_chart(run_query(wh, "selectivity_histogram", run_id, site, bins=bins)),
     }
     written = []
@@ -82,16 +84,22 @@ def report(args) -> None:
     wh = warehouse.open(args.warehouse)
     summary = layer_summary(wh, args.run_id, args.site)
     if summary.is_empty():
-        raise BadInput(f"no neuron_stats for run {args.run_id!r}, site {args.site!r}: check `whq runs {args.warehouse}`")
+        raise BadInput(
+            f"no neuron_stats for run {args.run_id!r}, site {args.site!r}: check `whq runs {args.warehouse}`"
+        )
     overall = run_query(wh, "overall", args.run_id, args.site).row(0, named=True)
     with pl.Config(tbl_rows=-1, float_precision=4):
         print(summary)
-    print(f"mean firing rate across layers {overall['mean_rate']:.2%}, "
-          f"rare (<1% of tokens) {overall['rare_share']:.1%}, dead {overall['dead_share']:.1%}")
+    print(
+        f"mean firing rate across layers {overall['mean_rate']:.2%}, "
+        f"rare (<1% of tokens) {overall['rare_share']:.1%}, dead {overall['dead_share']:.1%}"
+    )
     print(f"\ntop {args.top} selective units (selectivity = max / mean; fired on >= {args.min_fired} tokens):")
     for row in top_selective(wh, args.run_id, args.site, args.top, args.min_fired).iter_rows(named=True):
-        print(f"  layer {row['layer']} unit {row['neuron']:>6}  sel {row['selectivity']:8.1f}  "
-              f"fired {row['n_fired']:>5}  rate {row['rate']:.4f}  max {row['max']:.3f}  {row['context']!r}")
+        print(
+            f"  layer {row['layer']} unit {row['neuron']:>6}  sel {row['selectivity']:8.1f}  "
+            f"fired {row['n_fired']:>5}  rate {row['rate']:.4f}  max {row['max']:.3f}  {row['context']!r}"
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for path in histograms(wh, args.run_id, args.site, out):

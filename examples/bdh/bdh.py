@@ -38,7 +38,7 @@ class BDHConfig:
         return asdict(self)
 
 
-def rope_frequencies(n: int, theta: float = 2.0 ** 16) -> torch.Tensor:
+def rope_frequencies(n: int, theta: float = 2.0**16) -> torch.Tensor:
     # Pairs of units share a frequency (quantised to even indices), in turns per position.
     index = (torch.arange(n, dtype=torch.float32) / 2).floor() * 2
     return 1.0 / (theta ** (index / n)) / (2 * math.pi)
@@ -86,14 +86,14 @@ class BDH(nn.Module):
         tokens) never influences real positions: attention_mask is accepted and not needed."""
         B, T = input_ids.shape
         nh, N = self.config.n_head, self.config.n_neurons
-        x = self.ln(self.embed(input_ids).unsqueeze(1))                 # B, 1, T, D
+        x = self.ln(self.embed(input_ids).unsqueeze(1))  # B, 1, T, D
         for layer in range(self.config.n_layer):
-            x_sparse = F.relu(x @ self.encoder)                         # B, nh, T, N
-            attn = self.ln(self.attn(x_sparse, x))                       # B, nh, T, D
-            y_sparse = F.relu(attn @ self.encoder_v)                     # B, nh, T, N
+            x_sparse = F.relu(x @ self.encoder)  # B, nh, T, N
+            attn = self.ln(self.attn(x_sparse, x))  # B, nh, T, D
+            y_sparse = F.relu(attn @ self.encoder_v)  # B, nh, T, N
             xy = (x_sparse * y_sparse).transpose(1, 2).reshape(B, T, nh * N)
             xy = self.drop(self.xy_sparse[layer](xy))
-            y = self.ln((xy @ self.decoder).unsqueeze(1))                # B, 1, T, D
+            y = self.ln((xy @ self.decoder).unsqueeze(1))  # B, 1, T, D
             x = self.ln(x + y)
         return x.view(B, T, -1) @ self.lm_head
 

@@ -27,12 +27,12 @@ def main(argv=None) -> None:
     p.add_argument("--doc-bytes", type=int, default=256)
     args = p.parse_args(argv)
     data = read_bytes(args.data)
-    held_out = bytes(data[int(len(data) * args.train_fraction):])
+    held_out = bytes(data[int(len(data) * args.train_fraction) :])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w") as fh:
         for index in range(min(args.docs, len(held_out) // args.doc_bytes)):
-            chunk = held_out[index * args.doc_bytes:(index + 1) * args.doc_bytes]
+            chunk = held_out[index * args.doc_bytes : (index + 1) * args.doc_bytes]
             fh.write(json.dumps({"doc_id": f"val:{index}", "text": chunk.decode("utf-8", errors="replace")}) + "\n")
     print(f"wrote {out}")
 

@@ -21,7 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bdh import BDH, BDHConfig  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-DATA_CANDIDATES = (REPO / "warehouse/fixtures/tinyshakespeare_head.txt", REPO.parent / "shared/data/tinyshakespeare.txt")
+DATA_CANDIDATES = (
+    REPO / "warehouse/fixtures/tinyshakespeare_head.txt",
+    REPO.parent / "shared/data/tinyshakespeare.txt",
+)
 
 
 def default_data() -> Path | None:
@@ -31,8 +34,10 @@ def default_data() -> Path | None:
 def read_bytes(path: str | None) -> np.ndarray:
     chosen = Path(path) if path else default_data()
     if chosen is None or not chosen.exists():
-        print(f"error: no training text at {chosen or DATA_CANDIDATES[-1]}: pass --data path/to/tinyshakespeare.txt",
-              file=sys.stderr)
+        print(
+            f"error: no training text at {chosen or DATA_CANDIDATES[-1]}: pass --data path/to/tinyshakespeare.txt",
+            file=sys.stderr,
+        )
         sys.exit(2)
     return np.frombuffer(chosen.read_bytes(), dtype=np.uint8)
 
@@ -40,8 +45,8 @@ def read_bytes(path: str | None) -> np.ndarray:
 def batches(data: np.ndarray, block_size: int, batch_size: int, device: str, generator: np.random.Generator):
     while True:
         starts = generator.integers(0, len(data) - block_size - 1, batch_size)
-        x = np.stack([data[s:s + block_size] for s in starts]).astype(np.int64)
-        y = np.stack([data[s + 1:s + block_size + 1] for s in starts]).astype(np.int64)
+        x = np.stack([data[s : s + block_size] for s in starts]).astype(np.int64)
+        y = np.stack([data[s + 1 : s + block_size + 1] for s in starts]).astype(np.int64)
         yield torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
 
 
@@ -72,16 +77,24 @@ def main(argv=None) -> None:
     torch.manual_seed(args.seed)
     data = read_bytes(args.data)
     train = data[: int(len(data) * args.train_fraction)]
-    config = BDHConfig(n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head,
-                       mlp_internal_dim_multiplier=args.mult, dropout=args.dropout)
+    config = BDHConfig(
+        n_layer=args.n_layer,
+        n_embd=args.n_embd,
+        n_head=args.n_head,
+        mlp_internal_dim_multiplier=args.mult,
+        dropout=args.dropout,
+    )
     model = BDH(config).to(args.device)
     step_model = torch.compile(model) if args.compile else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     use_bf16 = args.device.startswith("cuda") and torch.cuda.is_bf16_supported()
     stream = batches(train, args.block_size, args.batch_size, args.device, np.random.default_rng(args.seed))
     started, loss_sum = time.time(), 0.0
-    print(f"config {config.to_dict()} | {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params | "
-          f"{len(train)} training bytes", flush=True)
+    print(
+        f"config {config.to_dict()} | {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params | "
+        f"{len(train)} training bytes",
+        flush=True,
+    )
     model.train()
     for step in range(1, args.steps + 1):
         x, y = next(stream)
@@ -98,9 +111,20 @@ def main(argv=None) -> None:
             loss_sum = 0.0
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": model.state_dict(), "config": config.to_dict(),
-                "train": {"steps": args.steps, "block_size": args.block_size, "batch_size": args.batch_size,
-                          "final_loss": loss.item(), "seconds": time.time() - started}}, out)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "config": config.to_dict(),
+            "train": {
+                "steps": args.steps,
+                "block_size": args.block_size,
+                "batch_size": args.batch_size,
+                "final_loss": loss.item(),
+                "seconds": time.time() - started,
+            },
+        },
+        out,
+    )
     print(f"saved {out}", flush=True)
 
 

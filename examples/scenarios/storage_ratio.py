@@ -34,11 +34,22 @@ def _full_arrays(model, modules: dict, ids: list[int]) -> dict:
     named = dict(model.named_modules())
     for key, (name, hook) in modules.items():
         if hook == "in":
-            handles.append(named[name].register_forward_pre_hook(
-                lambda m, a, k, key=key: captured.__setitem__(key, (a[0] if a else k["hidden_states"])[0].float().numpy()), with_kwargs=True))
+            handles.append(
+                named[name].register_forward_pre_hook(
+                    lambda m, a, k, key=key: captured.__setitem__(
+                        key, (a[0] if a else k["hidden_states"])[0].float().numpy()
+                    ),
+                    with_kwargs=True,
+                )
+            )
         else:
-            handles.append(named[name].register_forward_hook(
-                lambda m, a, o, key=key: captured.__setitem__(key, (o if isinstance(o, torch.Tensor) else o[0])[0].float().numpy())))
+            handles.append(
+                named[name].register_forward_hook(
+                    lambda m, a, o, key=key: captured.__setitem__(
+                        key, (o if isinstance(o, torch.Tensor) else o[0])[0].float().numpy()
+                    )
+                )
+            )
     try:
         with torch.inference_mode():
             model(input_ids=torch.tensor([ids]))
@@ -55,23 +66,38 @@ def activation_lab_bytes(wh, run: str, folder: Path) -> int:
     manifest = wh.manifest(run)
     config = manifest["config"]
     scenario = config["scenario"]
-    store = np.dtype(scenario["capture"]["store_dtype"].replace("bfloat16", "float32"))  # numpy has no bfloat16: Lab stores float32
+    store = np.dtype(
+        scenario["capture"]["store_dtype"].replace("bfloat16", "float32")
+    )  # numpy has no bfloat16: Lab stores float32
     loaded = load(config["model_id"], "cpu", "float32")
     sites = wh.pl("SELECT site, modules, layers, hook_point FROM sites WHERE run_id = ? AND reductions = 'last'", [run])
-    modules = {(site, layer): (module, hook) for site, mods, layers, hook in sites.iter_rows() for module, layer in zip(mods, layers)}
-    docs = wh.pl("SELECT d.doc, d.role, d.label, d.message_index, d.message_role, d.meta, list(t.token_id ORDER BY t.pos) AS ids "
-                 "FROM documents d JOIN tokens t ON t.run_id = d.run_id AND t.doc = d.doc WHERE d.run_id = ? "
-                 "GROUP BY ALL ORDER BY d.doc", [run])
+    modules = {
+        (site, layer): (module, hook)
+        for site, mods, layers, hook in sites.iter_rows()
+        for module, layer in zip(mods, layers)
+    }
+    docs = wh.pl(
+        "SELECT d.doc, d.role, d.label, d.message_index, d.message_role, d.meta, list(t.token_id ORDER BY t.pos) AS ids "
+        "FROM documents d JOIN tokens t ON t.run_id = d.run_id AND t.doc = d.doc WHERE d.run_id = ? "
+        "GROUP BY ALL ORDER BY d.doc",
+        [run],
+    )
     for sub in ("tensors", "conversation_snapshots", "references"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
 
     def arrays(full: dict, rows: slice) -> dict:
-        return {f"layer_{layer:02d}/{LAB_SOURCE[source]}": full[(source, layer)][None, rows].astype(store) for source, layer in full}
+        return {
+            f"layer_{layer:02d}/{LAB_SOURCE[source]}": full[(source, layer)][None, rows].astype(store)
+            for source, layer in full
+        }
 
     for doc, role, label, index, message_role, meta, ids in docs.iter_rows():
         full = _full_arrays(loaded.model, modules, ids)
         if role == "message":
-            np.savez_compressed(folder / "conversation_snapshots" / f"snapshot_{index:02d}_{message_role}.npz", **arrays(full, slice(None)))
+            np.savez_compressed(
+                folder / "conversation_snapshots" / f"snapshot_{index:02d}_{message_role}.npz",
+                **arrays(full, slice(None)),
+            )
         elif role == "reference":
             np.savez_compressed(folder / "references" / f"ref_{label}.npz", **arrays(full, slice(None)))
         elif role == "generated":
@@ -80,7 +106,9 @@ def activation_lab_bytes(wh, run: str, folder: Path) -> int:
             steps.mkdir(exist_ok=True)
             np.savez_compressed(steps / "step_000.npz", **arrays(full, slice(0, prompt)))
             for step in range(1, len(ids) - prompt + 1):
-                np.savez_compressed(steps / f"step_{step:03d}.npz", **arrays(full, slice(prompt + step - 1, prompt + step)))
+                np.savez_compressed(
+                    steps / f"step_{step:03d}.npz", **arrays(full, slice(prompt + step - 1, prompt + step))
+                )
     return sum(p.stat().st_size for p in folder.rglob("*.npz"))
 
 
@@ -90,8 +118,13 @@ def storage_ratio(wh, run: str) -> dict:
     dense_bytes = sum(p["bytes"] for p in parts if p["table"] not in SPARSE_TABLES)
     with tempfile.TemporaryDirectory() as tmp:
         lab = activation_lab_bytes(wh, run, Path(tmp))
-    return {"whq_bytes": whq_bytes, "whq_bytes_without_sparse_sites": dense_bytes, "activation_lab_npz_bytes": lab,
-            "ratio": whq_bytes / lab, "ratio_without_sparse_sites": dense_bytes / lab}
+    return {
+        "whq_bytes": whq_bytes,
+        "whq_bytes_without_sparse_sites": dense_bytes,
+        "activation_lab_npz_bytes": lab,
+        "ratio": whq_bytes / lab,
+        "ratio_without_sparse_sites": dense_bytes / lab,
+    }
 
 
 def main(argv: list[str]) -> None:

@@ -35,8 +35,18 @@ def build(target: Path = FIXTURE) -> Path:
     with tempfile.TemporaryDirectory() as scratch:
         model = tiny_causal_lm_dir(Path(scratch) / "tiny-qwen3")
         documents = [Document(doc_id, text, dataset=dataset) for doc_id, dataset, text in DOCUMENTS]
-        ingest(target, str(model), sites=SITES, documents=documents, run_id=RUN, batch_size=2, max_length=16,
-               device="cpu", progress=False, logit_lens=True)
+        ingest(
+            target,
+            str(model),
+            sites=SITES,
+            documents=documents,
+            run_id=RUN,
+            batch_size=2,
+            max_length=16,
+            device="cpu",
+            progress=False,
+            logit_lens=True,
+        )
     for leftover in ("whq.duckdb", ".commit.lock", "tmp", "journal"):
         path = target / leftover
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
