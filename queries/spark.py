@@ -130,19 +130,30 @@ def table_frame(spark, table: schema.Table, base: str, files: list[str]):
     columns = ", ".join(f"{_quoted(c.name)} {spark_type(c.type)}" for c in table.columns)
     if not files:
         return spark.createDataFrame([], columns)
-    half = {f.name for f in table.arrow_schema() if pa.types.is_float16(f.type)}
+    arrow = table.arrow_schema()
+    # Spark reads no Parquet float16: such columns (and lists of them) are read as raw bytes and decoded in SQL.
+    half = {f.name for f in arrow if pa.types.is_float16(f.type)}
+    half_lists = {f.name for f in arrow if pa.types.is_list(f.type) and pa.types.is_float16(f.type.value_type)}
+
+    def stored_type(c) -> str:
+        if c.name in half:
+            return "binary"
+        return "array<binary>" if c.name in half_lists else spark_type(c.type)
+
+    def selected(c) -> str:
+        name = _quoted(c.name)
+        if c.name in half:
+            return f"cast(({_decode_float16(name)}) as float) AS {name}"
+        if c.name in half_lists:
+            return f"transform({name}, h -> cast(({_decode_float16('h')}) as float)) AS {name}"
+        return f"cast({name} as {spark_type(c.type)}) AS {name}"
+
     read = ", ".join(
-        f"{_quoted(c.name)} {'binary' if c.name in half else spark_type(c.type)}"
+        f"{_quoted(c.name)} {stored_type(c)}"
         for c in (*table.stored_columns, *(table.column(p) for p in table.partitions))
     )
     frame = spark.read.schema(read).option("basePath", base).parquet(*files)
-    select = [
-        f"cast(({_decode_float16(_quoted(c.name))}) as float) AS {_quoted(c.name)}"
-        if c.name in half
-        else f"cast({_quoted(c.name)} as {spark_type(c.type)}) AS {_quoted(c.name)}"
-        for c in table.columns
-    ]
-    return frame.selectExpr(*select)
+    return frame.selectExpr(*(selected(c) for c in table.columns))
 
 
 def _parts_from_manifests(spark, root: str) -> dict[str, list[str]]:

@@ -69,8 +69,9 @@ WITH h AS (
 span AS (SELECT min(h.bin) AS first_bin, max(h.bin) AS last_bin FROM h)
 SELECT CAST(g.bin AS INTEGER) AS bin, whq_hist_lo(g.bin) AS lo, whq_hist_hi(g.bin) AS hi, coalesce(h.count, 0) AS count
 FROM span sp
-CROSS JOIN range(sp.first_bin, sp.last_bin + 1) g(bin)
+CROSS JOIN range(0, 196) g(bin)  -- the whole fixed grid, cut to the unit's span: portable to Spark SQL
 LEFT JOIN h ON h.bin = g.bin
+WHERE g.bin BETWEEN sp.first_bin AND sp.last_bin
 ORDER BY g.bin;
 COMMENT ON MACRO TABLE unit_histogram IS 'One unit''s exact activation histogram over all tokens (reduction hist): every bin from its lowest to its highest non-empty one, with edges lo/hi (fixed grid: quarter-octave bins, each hi / lo <= 1.25, for 2^-12 <= |value| < 2^12; bin 97 = (-2^-12, 0], bin 98 = (0, 2^-12)) and count. Example: SELECT * FROM unit_histogram(''demo'', ''mlp.act'', 3, 42)';
 

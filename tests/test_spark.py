@@ -80,6 +80,11 @@ TINY_CALLS = {
         "SELECT * FROM nag_quality('lm2', 'lm2', 'mlp.up', 'score', target_dataset := 'animals', fraction := 0.6, invert := true)"
     ],
     "dictionary_quality": ["SELECT * FROM dictionary_quality('lm2')"],
+    "unit_stats": ["SELECT * FROM unit_stats('lm2', 'mlp.act', 1)"],
+    "unit_histogram": ["SELECT * FROM unit_histogram('lm2', 'mlp.act', 1, 5)"],
+    "units_for_token": ["SELECT * FROM units_for_token('lm2', 'mlp.act', 't')"],
+    "similar_units": ["SELECT * FROM similar_units('lm2', 'mlp.act', 1, 5)"],
+    "quantile_examples": ["SELECT * FROM quantile_examples('lm2', 'mlp.act', 1, 5)"],
 }
 
 
@@ -102,7 +107,8 @@ def wh(minilm_wh):
 @pytest.fixture(scope="module")
 def tiny_wh(tmp_path_factory, tiny_lm_dir):
     """The tiny causal LM: two greedy runs of a short chat scenario ('chat', 'again') and a plain
-    run 'lm2' over two datasets with a numeric meta column, NAG, the neuron logit lens and an SAE site."""
+    run 'lm2' over two datasets with a numeric meta column, NAG, the neuron logit lens, unit data (hist, quantiles,
+    similar) and an SAE site."""
     from ingest.chat import run_scenario
     from ingest.pipeline import ingest
 
@@ -140,7 +146,7 @@ def tiny_wh(tmp_path_factory, tiny_lm_dir):
         folder / "wh",
         str(tiny_lm_dir),
         [str(folder / "pool.jsonl")],
-        ["mlp.act:topk=8,examples=5", "mlp.up:nag=6", f"resid.out+sae={sae.parent}:topk=4"],
+        ["mlp.act:topk=8,examples=5,hist,quantiles=4,similar=5", "mlp.up:nag=6", f"resid.out+sae={sae.parent}:topk=4"],
         run_id="lm2",
         logit_lens=True,
         device="cpu",
