@@ -26,10 +26,9 @@ import pytest
 import warehouse
 from queries.pages import _number as pages_number
 
+from .browser import assert_charts_drawn, render
 from .cli_runner import run_cli
 
-CHROMIUM = "/usr/bin/chromium"
-ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
 RUN = "g"
 
 
@@ -127,46 +126,11 @@ def parse(text: str) -> _Page:
     return page
 
 
-def chromium(tmp_path: Path, url: str, shot: str | None = None) -> str:
-    """The DOM after scripts ran (and a screenshot under artifacts/ when `shot` is named)."""
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"no Chromium at {CHROMIUM}: install Debian's chromium to run the browser tests")
-    flags = [
-        CHROMIUM,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        f"--user-data-dir={tmp_path / 'profile'}",
-        "--virtual-time-budget=15000",
-        "--hide-scrollbars",
-    ]
-    dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=180).stdout
-    if shot:
-        ARTIFACTS.mkdir(exist_ok=True)
-        target = ARTIFACTS / f"page_{shot}.png"
-        subprocess.run(
-            [*flags, "--window-size=1300,2000", f"--screenshot={target}", url], capture_output=True, timeout=180
-        )
-        assert target.exists() and target.stat().st_size > 5_000
-    return dom
-
-
-def assert_charts_drawn(dom: str, n: int) -> None:
-    assert dom.count('data-rendered="yes"') == n, "every chart rendered"
-    assert not re.search(r'class="chart"[^>]*>chart failed', dom)
-    assert dom.count("<svg") >= n and 'class="mark-' in dom
-
-
 # -- pages in the browser ------------------------------------------------------------------------
 
 
 def test_home_page(server, tmp_path, golden_root):
-    dom = chromium(tmp_path, server + "/", shot="home")
+    dom = render(tmp_path, server + "/", shot="page_home")
     wh = warehouse.open(golden_root)
     n_tokens = wh.sql("SELECT n_tokens FROM runs WHERE run_id = ?", [RUN]).fetchall()[0][0]
     on_disk = sum(p["bytes"] for p in wh.manifest(RUN)["parts"])
@@ -176,7 +140,7 @@ def test_home_page(server, tmp_path, golden_root):
 
 
 def test_site_page(server, tmp_path):
-    dom = chromium(tmp_path, server + "/u/mlp.act?layer=1&sort=kurtosis&order=desc", shot="site")
+    dom = render(tmp_path, server + "/u/mlp.act?layer=1&sort=kurtosis&order=desc", shot="page_site")
     assert_charts_drawn(dom, 3)
     page = parse(dom)
     units = [link for link in page.links if re.fullmatch(r"/u/mlp\.act/1/\d+", link)]
@@ -191,7 +155,7 @@ def test_site_page(server, tmp_path):
 
 
 def test_unit_page(server, tmp_path, pages_root):
-    dom = chromium(tmp_path, server + "/u/mlp.act/1/3", shot="unit")
+    dom = render(tmp_path, server + "/u/mlp.act/1/3", shot="page_unit")
     assert_charts_drawn(dom, 1)  # the unit's histogram
     page = parse(dom)
     wh = warehouse.open(pages_root)
@@ -227,7 +191,7 @@ def test_unit_page(server, tmp_path, pages_root):
 
 
 def test_unit_page_of_a_site_without_histograms(server, tmp_path, golden_root):
-    dom = chromium(tmp_path, server + f"/{RUN}/mlp.up/1/3")
+    dom = render(tmp_path, server + f"/{RUN}/mlp.up/1/3")
     assert "No histogram for this site" in dom and 'data-rendered="yes"' not in dom
     page = parse(dom)
     wh = warehouse.open(golden_root)
@@ -240,7 +204,7 @@ def test_unit_page_of_a_site_without_histograms(server, tmp_path, golden_root):
 
 
 def test_token_search_page(server, tmp_path, pages_root):
-    dom = chromium(tmp_path, server + "/u/mlp.act/tokens?q=e", shot="tokens")
+    dom = render(tmp_path, server + "/u/mlp.act/tokens?q=e", shot="page_tokens")
     units = [link for link in parse(dom).links if re.fullmatch(r"/u/mlp\.act/\d+/\d+", link)]
     wh = warehouse.open(pages_root)
     best = wh.pl("SELECT * FROM units_for_token('u', 'mlp.act', 'e') LIMIT 50")
@@ -253,7 +217,7 @@ def test_sql_page_runs_queries_and_refuses_writes(server, tmp_path, capsys, monk
     query = urllib.parse.quote(
         "SELECT layer, count(*) AS n FROM neuron_stats WHERE run_id = 'g' AND site = 'mlp.act' GROUP BY layer ORDER BY layer"
     )
-    dom = chromium(tmp_path, server + f"/sql?q={query}", shot="sql")
+    dom = render(tmp_path, server + f"/sql?q={query}", shot="page_sql")
     assert dom.count("<tr>") == 5 and "download CSV" in dom
     status, csv = get(server + f"/sql.csv?q={query}")
     assert status == 200 and csv.splitlines() == ["layer,n", "0,128", "1,128", "2,128", "3,128"]
@@ -332,9 +296,9 @@ def test_export_site_opens_from_file(pages_root, tmp_path, capsys, monkeypatch):
         assert not re.search(r"<script[^>]+src=\"(https?:)?//|<link[^>]+href=", text), page
         for link in parse(text).links:
             assert (page.parent / link).resolve().exists(), (page, link)
-    dom = chromium(tmp_path, (out / "index.html").as_uri(), shot="export_site")
+    dom = render(tmp_path, (out / "index.html").as_uri(), shot="page_export_site")
     assert_charts_drawn(dom, 3)
-    dom = chromium(tmp_path, (out / "2" / "0.html").as_uri(), shot="export_unit")
+    dom = render(tmp_path, (out / "2" / "0.html").as_uri(), shot="page_export_unit")
     assert_charts_drawn(dom, 1)
     assert len(parse(dom).tokens) > 0 and 'rel="prev"' in dom  # runs back into layer 1
     code, _, err = run_cli(
@@ -390,10 +354,10 @@ def test_whq_serve_prints_its_url_and_stops_on_ctrl_c(golden_root):
 def test_pages_of_a_minilm_capture(minilm_wh, tmp_path):
     """A real model's capture: a topk site with examples, WordPiece tokens."""
     with serving(minilm_wh) as url:
-        dom = chromium(tmp_path, url + "/r/mlp.act?layer=2")
+        dom = render(tmp_path, url + "/r/mlp.act?layer=2")
         assert_charts_drawn(dom, 3)
         unit = int(re.search(r'href="/r/mlp\.act/2/(\d+)"', dom).group(1))
-        dom = chromium(tmp_path, url + f"/r/mlp.act/2/{unit}")
+        dom = render(tmp_path, url + f"/r/mlp.act/2/{unit}")
         wh = warehouse.open(minilm_wh)
         top = wh.pl(f"SELECT * FROM top_contexts('r', 'mlp.act', 2, {unit}, k := 20, before := 24, after := 8)")
         sample = wh.pl(f"SELECT * FROM whq_examples('r', 'mlp.act', 2, {unit}, 'random', 10, 24, 8, 0)")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import subprocess
 from pathlib import Path
 
 import polars as pl
@@ -11,10 +10,9 @@ import pytest
 
 import warehouse
 
+from .browser import assert_charts_drawn, render
 from .cli_runner import run_cli
 
-CHROMIUM = "/usr/bin/chromium"
-ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
 SUMMARY = [
     "mean_cosine",
     "std_cosine",
@@ -107,33 +105,9 @@ def test_report_is_self_contained(report_files):
 
 
 def test_report_renders_in_chromium(report_files, tmp_path):
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"no Chromium at {CHROMIUM}: install Debian's chromium to run the browser test")
     page = (report_files / "report.html").as_uri()
-    flags = [
-        CHROMIUM,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        f"--user-data-dir={tmp_path / 'profile'}",
-        "--virtual-time-budget=20000",
-        "--hide-scrollbars",
-    ]
-    dom = subprocess.run([*flags, "--dump-dom", page], capture_output=True, text=True, timeout=180).stdout
-    n_charts = (report_files / "report.html").read_text().count('class="chart"')
-    assert dom.count('data-rendered="yes"') == n_charts, "every chart rendered"
-    assert not re.search(r'class="chart"[^>]*>chart failed', dom)
-    assert dom.count("<svg") >= n_charts and 'class="mark-' in dom
-    ARTIFACTS.mkdir(exist_ok=True)
-    shot = ARTIFACTS / "scenario_report.png"
-    subprocess.run([*flags, "--window-size=1400,3000", f"--screenshot={shot}", page], capture_output=True, timeout=180)
-    assert shot.exists() and shot.stat().st_size > 10_000
-    print(f"report screenshot: {shot}")
+    dom = render(tmp_path, page, shot="scenario_report", window="1400,3000", budget_ms=20000, min_shot_bytes=10_000)
+    assert_charts_drawn(dom, (report_files / "report.html").read_text().count('class="chart"'))
 
 
 def test_report_cli(report_wh, tmp_path, capsys, monkeypatch):
