@@ -25,7 +25,6 @@ b_enc [d_sae], W_dec [d_sae, d_out], b_dec [d_out], threshold [d_sae], W_skip [d
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import re
 import struct
@@ -35,6 +34,8 @@ from pathlib import Path
 import numpy as np
 
 from warehouse.errors import BadInput, BadSpec
+
+from .models import adapter_module
 
 SAELENS_FILES = ("cfg.json", "sae_weights.safetensors")
 SPARSIFY_FILES = ("cfg.json", "sae.safetensors")
@@ -341,14 +342,7 @@ def _canonical(d: Dictionary, cfg: dict) -> Dictionary:
 def _adapter(text: str) -> Dictionary:
     path_text, _, checkpoint = text.partition(":")
     path = Path(path_text)
-    if not path.exists():
-        raise BadInput(f"dictionary adapter {path} does not exist: give the path of a .py file with a load() function")
-    spec = importlib.util.spec_from_file_location(f"whq_dictionary_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "load"):
-        raise BadInput(f"dictionary adapter {path} has no load(checkpoint) function")
-    obj = module.load(checkpoint=checkpoint or None)
+    obj = adapter_module(path, "dictionary", "checkpoint").load(checkpoint=checkpoint or None)
     missing = [a for a in ("encode", "d_in", "d_sae") if not hasattr(obj, a)]
     if missing:
         raise BadInput(f"dictionary adapter {path}: the object load() returns has no {', '.join(missing)}: add them")

@@ -168,16 +168,22 @@ def _load_hf(spec: str) -> LoadedModel:
     )
 
 
-def _load_adapter(spec: str, device: str, dtype: str) -> LoadedModel:
-    path_text, _, argument = spec.partition(":")
-    path = Path(path_text)
+def adapter_module(path: Path, kind: str, load_signature: str):
+    """The Python module of a user's adapter file (`model` or `dictionary`), which must define load(...)."""
     if not path.exists():
-        raise BadInput(f"model adapter {path} does not exist: give the path of a .py file with a load() function")
-    module_spec = importlib.util.spec_from_file_location(f"whq_adapter_{path.stem}", path)
+        raise BadInput(f"{kind} adapter {path} does not exist: give the path of a .py file with a load() function")
+    module_spec = importlib.util.spec_from_file_location(f"whq_{kind}_adapter_{path.stem}", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     if not hasattr(module, "load"):
-        raise BadInput(f"model adapter {path} has no load(device, dtype, checkpoint) function")
+        raise BadInput(f"{kind} adapter {path} has no load({load_signature}) function")
+    return module
+
+
+def _load_adapter(spec: str, device: str, dtype: str) -> LoadedModel:
+    path_text, _, argument = spec.partition(":")
+    path = Path(path_text)
+    module = adapter_module(path, "model", "device, dtype, checkpoint")
     info = module.load(device=device, dtype=dtype, checkpoint=argument or None)
     return LoadedModel(
         model=info["model"],
