@@ -81,5 +81,6 @@ def run_demo(root: str | Path, progress: bool = True, echo=print) -> None:
     echo(
         f"\ndemo ready in {time.perf_counter() - started:.1f} s. Try:\n"
         f"  whq sql {root} \"SELECT * FROM layer_summary('demo', 'mlp.act')\"\n"
-        f"  duckdb {root}/whq.duckdb -c \"SELECT * FROM firing_rate('demo', 'mlp.act', 3) LIMIT 5\""
+        f"  duckdb {root}/whq.duckdb -c \"SELECT * FROM firing_rate('demo', 'mlp.act', 3) LIMIT 5\"\n"
+        f"  whq serve {root}      # unit pages in the browser"
     )
