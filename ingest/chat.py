@@ -123,15 +123,6 @@ def _captured(site, layers: list[int]):
     return replace(site, modules=[(layer, name) for layer, name in site.modules if layer in layers])
 
 
-def _final_norm(model):
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
-    for name in ("norm", "final_layer_norm", "ln_f"):
-        module = getattr(decoder, name, None)
-        if module is not None:
-            return module
-    return None
-
-
 def _store_rounding(store_dtype: str):
     import torch
 
@@ -167,7 +158,7 @@ class ScenarioCapture:
         for src, site in [*self.sources.items(), *([("hidden_out", block_out)] if spec.capture.logit_lens else [])]:
             by_layer = dict(site.modules)
             self.taps += [LastToken((src, layer), by_layer[layer], site.hook, self.kept) for layer in self.layers]
-        self.norm = _final_norm(self.model)
+        self.norm = models.final_norm(self.model)
         self.head = self.model.get_output_embeddings()
         if spec.capture.logit_lens and self.norm is None:
             raise BadInput(

@@ -24,7 +24,6 @@ b_enc [d_sae], W_dec [d_sae, d_out], b_dec [d_out], threshold [d_sae], W_skip [d
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import struct
@@ -34,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from warehouse.errors import BadInput, BadSpec
+from warehouse.parts import file_sha256
 
 from .models import adapter_module
 
@@ -100,14 +100,6 @@ class DictionarySet:
             "layers": layers,
             "k": d.k,
         }
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 _SAFETENSORS_DTYPES = {
@@ -230,7 +222,7 @@ def _saelens(folder: Path) -> Dictionary:
             transcoder=transcoder,
             layer=layer,
             hook=hook,
-            sha256=_sha256(path),
+            sha256=file_sha256(path),
             weights=weights,
             k=int(k) if encoding == "topk" else None,
             apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", False)) and not transcoder,
@@ -270,7 +262,7 @@ def _sparsify(folder: Path) -> Dictionary:
             transcoder=transcoder,
             layer=_layer_of(folder.name),
             hook=folder.name,
-            sha256=_sha256(path),
+            sha256=file_sha256(path),
             weights=weights,
             k=int(cfg["k"]),
             apply_b_dec_to_input=not transcoder,  # sparsify subtracts b_dec from an SAE's input, not a transcoder's
@@ -300,7 +292,7 @@ def _gemmascope(path: Path) -> Dictionary:
             if (m := re.search(r"layer_(\d+)", str(path)))
             else None,  # Gemma Scope's layer_N/width_16k/...
             hook=None,
-            sha256=_sha256(path),
+            sha256=file_sha256(path),
             weights=weights,
         ),
         {},
@@ -356,7 +348,7 @@ def _adapter(text: str) -> Dictionary:
         transcoder=bool(getattr(obj, "transcoder", False)),
         layer=getattr(obj, "layer", None),
         hook=getattr(obj, "hook", None),
-        sha256=_sha256(path),
+        sha256=file_sha256(path),
         adapter=obj,
     )
 

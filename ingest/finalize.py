@@ -13,6 +13,7 @@ from warehouse.errors import BadInput
 
 from .capture import _NO_KEY, SiteLayer
 from .dictionary import ENCODE_DTYPE
+from .models import final_norm
 
 LOGIT_LENS_K = 10
 
@@ -222,18 +223,6 @@ def _down_projection(loaded, sl: SiteLayer):
     return None
 
 
-def _final_norm_weight(loaded):
-    """The final norm's weight (Llama/Qwen `model.norm`, GPT-2 `ln_f`), or None."""
-    decoder = (
-        loaded.model.get_decoder() if hasattr(loaded.model, "get_decoder") else getattr(loaded.model, "model", None)
-    )
-    for name in ("norm", "final_layer_norm", "ln_f"):
-        weight = getattr(getattr(decoder, name, None), "weight", None)
-        if weight is not None:
-            return weight
-    return None
-
-
 def _feature_directions(loaded, sl: SiteLayer, unembed):
     """[hidden, latents]: a dictionary's decoder rows, scaled by the final norm's weight where the model has one.
 
@@ -244,7 +233,7 @@ def _feature_directions(loaded, sl: SiteLayer, unembed):
     w_dec = sl.encoder.w.get("W_dec")
     if w_dec is None or w_dec.shape[1] != unembed.shape[1]:
         return None
-    norm = _final_norm_weight(loaded)
+    norm = getattr(final_norm(loaded.model), "weight", None)
     with torch.inference_mode():
         return (w_dec * (1 if norm is None else norm.detach().float().to(w_dec.device))).T
 

@@ -168,6 +168,16 @@ def _load_hf(spec: str) -> LoadedModel:
     )
 
 
+def final_norm(model):
+    """The decoder's final norm module (Llama/Qwen `model.norm`, T5 `final_layer_norm`, GPT-2 `ln_f`), or None."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
+    for name in ("norm", "final_layer_norm", "ln_f"):
+        module = getattr(decoder, name, None)
+        if module is not None:
+            return module
+    return None
+
+
 def adapter_module(path: Path, kind: str, load_signature: str):
     """The Python module of a user's adapter file (`model` or `dictionary`), which must define load(...)."""
     if not path.exists():

@@ -6,7 +6,6 @@ A bad record is an error naming the file and line, unless skip_bad counts and sk
 
 from __future__ import annotations
 
-import hashlib
 import json
 import stat
 from collections.abc import Iterator
@@ -14,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from warehouse.errors import BadInput
+from warehouse.parts import file_sha256
 
 ID_COLUMNS = ("doc_id", "docid", "id")
 TEXT_COLUMNS = ("text", "doc", "content")
@@ -221,14 +221,6 @@ def check_paths(paths: list[str]) -> list[Path]:
     return out
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _count_documents(path: Path, counter: SkipCounter) -> int:
     return sum(1 for _ in READERS[path.suffix](path, counter))
 
@@ -255,7 +247,7 @@ def scan(paths: list[Path], skip_bad: bool) -> list[dict]:
             {
                 "path": str(path.resolve()),
                 "bytes": path.stat().st_size,
-                "sha256": _readable(path, _file_sha256, path),
+                "sha256": _readable(path, file_sha256, path),
                 "documents": documents,
             }
         )

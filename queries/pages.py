@@ -588,9 +588,11 @@ def write_site(wh, run: str, site: str, out: str | Path, layers: list[int] | Non
         (out / "vega.js").write_text(vega_bundle(), encoding="utf-8")
         written = {"pages": 0}
         for index, layer in enumerate(layers):
-            names = [f"layer-{layer}.html"] + (["index.html"] if index == 0 else [])
-            for name in names:
-                page = site_page(reader, Links(static_from=name), run, site, layer, page_size=None, layers=layers)
+            # Both names lie in the export's root folder, so their relative links are the same: render once.
+            page = site_page(
+                reader, Links(static_from=f"layer-{layer}.html"), run, site, layer, page_size=None, layers=layers
+            )
+            for name in [f"layer-{layer}.html"] + (["index.html"] if index == 0 else []):
                 (out / name).write_text(page, encoding="utf-8")
                 written["pages"] += 1
             (out / str(layer)).mkdir(exist_ok=True)

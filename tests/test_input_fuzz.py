@@ -7,6 +7,7 @@ properties run many examples cheaply; the CLI-level ones run the tiny config mod
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -311,7 +312,7 @@ def test_resume_refuses_data_edited_in_place_to_the_same_size(tmp_path, monkeypa
     assert code == 0, err
     assert "committed run r; 12 documents" in out
     manifest = json.loads((root / "runs" / "r.json").read_text())
-    assert [entry["sha256"] for entry in manifest["config"]["data"]] == [sources._file_sha256(data)]
+    assert [entry["sha256"] for entry in manifest["config"]["data"]] == [hashlib.sha256(data.read_bytes()).hexdigest()]
 
 
 @settings(max_examples=100, deadline=None)

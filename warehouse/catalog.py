@@ -87,11 +87,6 @@ def committed_manifests(layout: Layout) -> list[dict]:
     return manifests
 
 
-def quarantined(layout: Layout) -> set[str]:
-    """Runs that `whq repair` took out of the views because a part is missing or corrupt."""
-    return metadata.quarantine(layout)
-
-
 def fingerprint(layout: Layout) -> str:
     """Changes whenever the root moves, a manifest, the quarantine or a macro file changes."""
     digest = hashlib.sha256(str(layout.root).encode())
@@ -106,7 +101,7 @@ def fingerprint(layout: Layout) -> str:
 
 def build(layout: Layout, skip: set[str] | None = None) -> None:
     """(Re)generate whq.duckdb, leaving out quarantined runs. Call with the commit lock held."""
-    skip = quarantined(layout) if skip is None else skip
+    skip = metadata.quarantine(layout) if skip is None else skip
     files: dict[str, list[str]] = {t: [] for t in schema.tables()}
     for manifest in committed_manifests(layout):
         if manifest["run_id"] in skip:
@@ -224,12 +219,11 @@ def is_current(layout: Layout) -> bool:
     if not layout.catalog.is_file():
         return False
     try:
-        with private_copy(layout) as name:
-            con = duckdb.connect(name, read_only=True)
-            try:
-                row = con.execute(f"SELECT root, fingerprint FROM {INFO_VIEW}").fetchone()
-            finally:
-                con.close()
+        con = connect(layout)
+        try:
+            row = con.execute(f"SELECT root, fingerprint FROM {INFO_VIEW}").fetchone()
+        finally:
+            con.close()
     except (duckdb.Error, WarehouseError):
         return False
     return row == (str(layout.root), fingerprint(layout))

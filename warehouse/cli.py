@@ -123,7 +123,7 @@ def sql(
     """
     import warehouse
 
-    from .safesql import SqlLimits, check_no_warehouse_writes, run_read_only
+    from .safesql import SqlLimits, bounded, check_no_warehouse_writes, run_read_only
 
     if not read_only and (timeout is not None or memory_limit is not None):
         _fail("--timeout and --memory-limit bound untrusted SQL: add --read-only")
@@ -143,7 +143,6 @@ def sql(
             max_rows=max_rows,
         )
         result = run_read_only(wh, query, limits)
-        frame, truncated = result.frame, result.truncated
     else:
         if not allow_writes:
             check_no_warehouse_writes(query, wh.root)
@@ -151,8 +150,8 @@ def sql(
         if rel is None:
             typer.echo("ok")
             return
-        frame = _rel_to_polars(rel.limit(max_rows + 1))
-        frame, truncated = frame.head(max_rows), frame.height > max_rows
+        result = bounded(_rel_to_polars(rel.limit(max_rows + 1)), max_rows)
+    frame, truncated = result.frame, result.truncated
     _print_table(frame, fmt)
     if truncated:
         typer.echo(

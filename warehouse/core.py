@@ -122,7 +122,7 @@ class Warehouse:
                     shutil.rmtree(entry, ignore_errors=True)
 
     def quarantined(self) -> set[str]:
-        return catalog.quarantined(self.layout)
+        return metadata.quarantine(self.layout)
 
     # -- runs -----------------------------------------------------------------
     def run_ids(self) -> list[str]:

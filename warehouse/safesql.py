@@ -336,7 +336,12 @@ def run_read_only(wh: Warehouse, query: str, limits: SqlLimits | None = None, pa
         import polars
 
         return BoundedResult(polars.DataFrame(), False)
-    return BoundedResult(frame.head(limits.max_rows), frame.height > limits.max_rows)
+    return bounded(frame, limits.max_rows)
+
+
+def bounded(frame, max_rows: int) -> BoundedResult:
+    """The first `max_rows` rows of a frame read with LIMIT max_rows + 1, and whether more were cut."""
+    return BoundedResult(frame.head(max_rows), frame.height > max_rows)
 
 
 # -- trusted SQL: no writes into the warehouse -----------------------------------
