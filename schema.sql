@@ -196,10 +196,10 @@ CREATE TABLE neuron_examples (
     quantile INTEGER,
     window_values FLOAT[]
 );
-COMMENT ON TABLE neuron_examples IS 'Per unit, exact over all tokens: the N strongest activations (kind top), a uniform sample of N firing tokens (kind random) and, with quantiles=Q, a uniform sample of up to N firing tokens from each of Q bins of its value distribution (kind quantile).';
-COMMENT ON COLUMN neuron_examples.kind IS 'top (strongest first), random (uniform sample of firing tokens) or quantile (uniform samples per quantile bin).';
-COMMENT ON COLUMN neuron_examples.rank IS 'Order within kind: 0 is the strongest / first sampled; kind quantile runs through the bins in order.';
-COMMENT ON COLUMN neuron_examples.window_values IS 'Kinds top and random: the unit''s own value at every token from 50 before to 20 after the example (71 values, stored as FLOAT16), captured with it; NULL where a token lies outside the example''s model window. NULL for kind quantile and older runs.';
+COMMENT ON TABLE neuron_examples IS 'Per unit, exact over all tokens: the N strongest activations (kind top), the N most negative (kind bottom), a uniform sample of N firing tokens (kind random) and, with quantiles=Q, a uniform sample of up to N firing tokens from each of Q bins of its value distribution (kind quantile).';
+COMMENT ON COLUMN neuron_examples.kind IS 'top (strongest first), bottom (most negative first; only values < 0, so a non-negative unit has none, nor do runs from before it), random (uniform sample of firing tokens) or quantile (uniform samples per quantile bin).';
+COMMENT ON COLUMN neuron_examples.rank IS 'Order within kind: 0 is the strongest (kind bottom: the most negative; ties to the first token in document order) / first sampled; kind quantile runs through the bins in order.';
+COMMENT ON COLUMN neuron_examples.window_values IS 'Kinds top, bottom and random: the unit''s own value at every token from 50 before to 20 after the example (71 values, stored as FLOAT16), captured with it; NULL where a token lies outside the example''s model window. NULL for kind quantile and older runs.';
 COMMENT ON COLUMN neuron_examples.quantile IS 'Kind quantile: the quantile bin (0 = lowest values; see quantile_examples); NULL for the other kinds.';
 COMMENT ON COLUMN neuron_examples.neuron IS 'Unit index at the site.';
 COMMENT ON COLUMN neuron_examples.pos IS 'Token position of the example in its document.';

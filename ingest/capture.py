@@ -2,8 +2,8 @@
 
 Each (site, layer) gets a `SiteLayer` whose hook reduces the activation where it is
 computed: per-token top-k / threshold entries, document sums for NAG and mean
-vectors, last-token vectors, exact neuron statistics, and per-unit running top-N and
-uniform samples. Nothing inside a hook waits for the device except `threshold`
+vectors, last-token vectors, exact neuron statistics, and per-unit running top-N,
+bottom-N and uniform samples. Nothing inside a hook waits for the device except `threshold`
 (whose output size is data-dependent); results stay on the device until the batch
 ends and `collect()` copies them to the host in one go.
 """
@@ -31,7 +31,7 @@ _NO_KEY = 1 << 62
 # token_neurons values are stored as float16: convert on the device, so host copies are half the size.
 VALUE_DTYPE = torch.float16
 # Example windows (neuron_examples.window_values): the unit's own value at every token from
-# CONTEXT_BEFORE before to CONTEXT_AFTER after each top and random example, as float16 (the
+# CONTEXT_BEFORE before to CONTEXT_AFTER after each top, bottom and random example, as float16 (the
 # export's default window, queries/export.py BEFORE / AFTER).
 CONTEXT_BEFORE, CONTEXT_AFTER = 50, 20
 
@@ -67,6 +67,24 @@ def hist_bins(x: torch.Tensor) -> torch.Tensor:
     return torch.where((bits < 0) | (bits == 0), below, above)
 
 
+def ranking_keys(values: torch.Tensor, place: torch.Tensor, largest: bool) -> torch.Tensor:
+    """int64 keys [rows, width] ordered as values [rows, width] (float32), largest or smallest first,
+    ties to the lower place (each entry's place in document order, [rows, 1] or [rows, width], < 2^32),
+    so one top-k keeps exactly the first tokens of a tie, on any device. NaN ranks above +inf (as
+    in torch.topk) and -0.0 ties with 0.0."""
+    canonical = torch.where(values.isnan(), float("nan"), torch.where(values == 0, 0.0, values))
+    bits = canonical.contiguous().view(torch.int32)
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)  # monotonic in the value
+    return (ordered << 32) | (0xFFFFFFFF - place if largest else place)
+
+
+def document_places(doc: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """[rows, width] each entry's place (0..rows-1) in document order within its column; empty slots (doc -1) last."""
+    order = torch.where(doc < 0, torch.iinfo(torch.int64).max, doc * (1 << 32) + pos).argsort(dim=0)
+    places = torch.arange(doc.shape[0], device=doc.device)[:, None].expand_as(order)
+    return torch.empty_like(order).scatter_(0, order, places)
+
+
 def sample_keys(doc: torch.Tensor, pos: torch.Tensor, width: int) -> torch.Tensor:
     """A [rows, width] int64 hash of (doc, pos, unit), uniform on [0, 2^31)."""
     unit = torch.arange(width, device=doc.device, dtype=torch.int64)
@@ -78,6 +96,10 @@ def sample_keys(doc: torch.Tensor, pos: torch.Tensor, width: int) -> torch.Tenso
     for mult in (0x2C1B3C6D, 0x297A2D39):
         x = ((x ^ (x >> 15)) * mult) & 0x7FFFFFFF
     return x ^ (x >> 13)
+
+
+# The example kinds a site layer keeps: (kind, the field it ranks by, largest first). pool exists with quantiles=Q.
+EXAMPLE_KINDS = (("top", "value", True), ("bottom", "value", False), ("random", "key", False), ("pool", "key", False))
 
 
 @dataclass
@@ -178,14 +200,14 @@ class SiteLayer:
             self.stats["hist"] = torch.zeros(width, HIST_BINS, dtype=torch.int64, device=dev)
         if "examples" in self.red:
             n = self.red["examples"]
-            kinds = [("top", n, float("-inf")), ("random", n, float("nan"))]
+            kinds = [("top", n, float("-inf")), ("bottom", n, float("inf")), ("random", n, float("nan"))]
             if "quantiles" in self.red:
                 kinds.append(("pool", 2 * self.red["quantiles"] * n, float("nan")))
             for kind, size, fill in kinds:
                 self.examples[f"{kind}_value"] = torch.full((size, width), fill, dtype=torch.float32, device=dev)
                 self.examples[f"{kind}_doc"] = torch.full((size, width), -1, dtype=torch.int64, device=dev)
                 self.examples[f"{kind}_pos"] = torch.full((size, width), -1, dtype=torch.int64, device=dev)
-                if kind != "top":
+                if kind in ("random", "pool"):
                     self.examples[f"{kind}_key"] = torch.full((size, width), _NO_KEY, dtype=torch.int64, device=dev)
                 if kind != "pool":
                     self.examples[f"{kind}_context"] = torch.full(
@@ -235,8 +257,8 @@ class SiteLayer:
         better = seen & ((theirs["max"] > mine["max"]) | ((theirs["max"] == mine["max"]) & (key_theirs < key_mine)))
         for key in ("max", "max_doc", "max_pos"):
             mine[key] = torch.where(better, theirs[key], mine[key])
-        # The same merge the hook applies batch by batch: top values, and smallest sample keys.
-        for kind, by, largest in (("top", "value", True), ("random", "key", False), ("pool", "key", False)):
+        # The same merge the hook applies batch by batch: top and bottom values, and smallest sample keys.
+        for kind, by, largest in EXAMPLE_KINDS:
             fields = {k[len(kind) + 1 :]: v for k, v in other.examples.items() if k.startswith(f"{kind}_")}
             if fields:
                 self._merge(kind, fields, by=by, largest=largest)
@@ -383,15 +405,22 @@ class SiteLayer:
 
     def _update_examples(self, flat: torch.Tensor, rows: int, x: torch.Tensor) -> None:
         ctx, ex = self.ctx, self.examples
-        values, where = flat.topk(min(self.red["examples"], rows), dim=0)
-        self._merge(
-            "top",
-            {"value": values, "doc": ctx.row_doc[where], "pos": ctx.row_pos[where]},
-            by="value",
-            largest=True,
-            where=where,
-            x=x,
-        )
+        batch, seq, width = x.shape
+        # Each token's place in document order (its row's place, then its position): ties go to the first.
+        place = (ctx.row_rank[:, None] * seq + torch.arange(seq, device=x.device)).reshape(-1, 1)
+        ceiled = flat if ctx.full else torch.where(ctx.mask[:, :seq].reshape(-1, 1), flat, float("inf"))
+        for kind, values, largest in (("top", flat, True), ("bottom", ceiled, False)):
+            _, where = ranking_keys(values, place, largest).topk(
+                min(self.red["examples"], rows), dim=0, largest=largest
+            )
+            self._merge(
+                kind,
+                {"value": values.gather(0, where), "doc": ctx.row_doc[where], "pos": ctx.row_pos[where]},
+                by="value",
+                largest=largest,
+                where=where,
+                x=x,
+            )
         keys = sample_keys(ctx.row_doc, ctx.row_pos, flat.shape[1])
         keys = keys.masked_fill(~(flat > self.threshold), _NO_KEY)
         for kind in ("random", "pool") if "pool_key" in ex else ("random",):
@@ -423,14 +452,21 @@ class SiteLayer:
         return torch.where(inside, values, float("nan")).to(VALUE_DTYPE)
 
     def _merge(self, kind: str, new: dict, *, by: str, largest: bool, where=None, x=None) -> None:
-        """Keep the best of the kept and the `new` entries of one kind: largest `by` (top) or smallest (sample keys).
+        """Keep the best of the kept and the `new` entries of one kind: largest `by` (top), or smallest
+        (bottom, sample keys); values tie to the first token in document order.
 
         Window values come with `new` (another rank's examples) or, for a batch, are read from x
         for the entries that made it in (rows `where` [new, width]): most candidates of a batch do not.
         """
         ex = self.examples
         size = ex[f"{kind}_{by}"].shape[0]
-        _, pick = torch.cat([ex[f"{kind}_{by}"], new[by]]).topk(size, dim=0, largest=largest)
+        ranked = torch.cat([ex[f"{kind}_{by}"], new[by]])
+        if by == "value":
+            place = document_places(
+                torch.cat([ex[f"{kind}_doc"], new["doc"]]), torch.cat([ex[f"{kind}_pos"], new["pos"]])
+            )
+            ranked = ranking_keys(ranked, place, largest)
+        _, pick = ranked.topk(size, dim=0, largest=largest)
         for field, values in new.items():
             both = torch.cat([ex[f"{kind}_{field}"], values])
             index = pick if both.dim() == 2 else pick[..., None].expand(-1, -1, both.shape[2])

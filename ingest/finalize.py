@@ -127,10 +127,14 @@ def neuron_examples(sl: SiteLayer) -> pa.Table:
         windows = fields.get("context")
         cols["window_values"].append(None if windows is None else windows[keep][unit_order])
 
-    for kind in ("top", "random"):
-        fields = {f: ex[f"{kind}_{f}"] for f in ("doc", "pos", "value", "context")}
-        keep = (ex["top_doc"] >= 0) & (ex["top_value"] > sl.threshold) if kind == "top" else ex["random_key"] != _NO_KEY
-        add(kind, keep, fields)
+    # Top examples are firings (value > threshold); bottom ones are negative (so a non-negative unit has none).
+    kept = {
+        "top": (ex["top_doc"] >= 0) & (ex["top_value"] > sl.threshold),
+        "bottom": (ex["bottom_doc"] >= 0) & (ex["bottom_value"] < 0),
+        "random": ex["random_key"] != _NO_KEY,
+    }
+    for kind, keep in kept.items():
+        add(kind, keep, {f: ex[f"{kind}_{f}"] for f in ("doc", "pos", "value", "context")})
     if "quantiles" in sl.red:
         add("quantile", *_quantile_picks(sl, ex, n))
     columns = {k: np.concatenate(v) for k, v in cols.items() if k != "window_values"}

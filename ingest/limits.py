@@ -15,14 +15,14 @@ from warehouse.errors import BadInput, BadSpec
 
 from .sites import ResolvedSite
 
-# Kept per unit, layer and example slot: two float32 values (top, random) and five int64
-# (doc and position of each, the random key) = 48 bytes. Measured on llama-tiny (CPU,
-# 12 documents): examples=10000 and 40000 raised peak RSS by 544 MB and 2017 MB for
-# 246 MB and 983 MB of slots, about 2.1x (the merge concatenates, the resume snapshot
-# copies); 120 bytes per slot (2.5x) leaves a margin.
-# Each top and random example also keeps its window of 71 float16 values (capture.py CONTEXT_*):
-# 284 bytes, 710 with the same margin.
-BYTES_PER_EXAMPLE_SLOT = 120 + 710
+# Kept per unit, layer and example slot: three float32 values (top, bottom, random) and seven
+# int64 (doc and position of each, the random key) = 68 bytes. Measured on llama-tiny (CPU,
+# 12 documents, before bottom examples existed): examples=10000 and 40000 raised peak RSS by
+# 544 MB and 2017 MB for 246 MB and 983 MB of slots, about 2.1x (the merge concatenates, the
+# resume snapshot copies); 2.5x leaves a margin: 170 bytes per slot.
+# Each top, bottom and random example also keeps its window of 71 float16 values (capture.py
+# CONTEXT_*): 426 bytes, 1065 with the same margin.
+BYTES_PER_EXAMPLE_SLOT = 170 + 1065
 # quantiles=Q pools 2Q sampled firings per example slot (float32 value, int64 doc, position, key):
 # 28 bytes each, 70 with the margin.
 BYTES_PER_POOL_SLOT = 70

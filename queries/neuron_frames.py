@@ -22,6 +22,7 @@ __all__ = [
     "rate_histogram",
     "selectivity_histogram",
     "top_contexts",
+    "bottom_contexts",
     "random_examples",
     "layer_examples",
     "activation_frequency",
@@ -178,8 +179,13 @@ def _source(info: dict, run: str, site: str, k: int, kind: str) -> str:
     """Where examples come from (see whq_examples in neurons.sql)."""
     has_threshold = re.search(r"(^|,)threshold=", info["reductions"] or "") is not None
     stored = re.search(r"(^|,)examples=([0-9]+)", info["reductions"] or "")
-    if stored and (k <= int(stored.group(2)) or not has_threshold or kind == "quantile"):
+    if stored and (k <= int(stored.group(2)) or not has_threshold or kind in ("quantile", "bottom")):
         return "examples"
+    if kind == "bottom":
+        raise BadInput(
+            f"site '{site}' of run '{run}' kept no examples=N, which the most negative examples come from: "
+            f"re-ingest with --site {site}:examples=20"
+        )
     if has_threshold:
         return "firings"
     raise BadInput(
@@ -191,7 +197,7 @@ def _source(info: dict, run: str, site: str, k: int, kind: str) -> str:
 def layer_examples(
     wh, run: str, site: str, layer: int, neuron: int | None, kind: str, k: int, before: int, after: int, seed: int = 0
 ) -> pl.LazyFrame:
-    """Twin of whq_examples: top (kind 'top') or sampled (kind 'random') examples of one unit,
+    """Twin of whq_examples: top (kind 'top'), most negative (kind 'bottom') or sampled (kind 'random') examples of one unit,
     or of every unit with neuron None, with their context and per-token values."""
     info = site_row(wh, run, site)
     one = (lambda frame: frame) if neuron is None else (lambda frame: frame.filter(pl.col("neuron") == neuron))
@@ -303,6 +309,12 @@ def top_contexts(
     wh, run: str, site: str, layer: int, neuron: int, k: int = 20, before: int = 50, after: int = 20
 ) -> pl.LazyFrame:
     return layer_examples(wh, run, site, layer, neuron, "top", k, before, after).drop("neuron")
+
+
+def bottom_contexts(
+    wh, run: str, site: str, layer: int, neuron: int, k: int = 20, before: int = 50, after: int = 20
+) -> pl.LazyFrame:
+    return layer_examples(wh, run, site, layer, neuron, "bottom", k, before, after).drop("neuron")
 
 
 def random_examples(wh, run: str, site: str, layer: int, neuron: int, n: int = 10, seed: int = 0) -> pl.LazyFrame:

@@ -92,12 +92,13 @@ WHERE EXISTS (SELECT 1 FROM sel)
 ORDER BY g.bin;
 COMMENT ON MACRO TABLE selectivity_histogram IS 'Histogram of selectivity (see selectivity: max / mean positive part): bin 0 holds the units whose selectivity is NULL (mean 0, e.g. dead; lo = hi = NULL); bins 1..bins are linear over [min, max], bin i covering lo <= selectivity < hi (the last includes max). Example: SELECT * FROM selectivity_histogram(''demo'', ''mlp.act'', 3)';
 
--- The examples behind top_contexts / random_examples, for one unit or (neuron NULL) every unit.
--- A window token's value: the one captured with the example (neuron_examples.window_values,
--- 50 tokens before to 20 after, within the example's model window), else token_neurons'.
--- Source: neuron_examples when the site captured examples=N and either k <= N, or it holds no
--- threshold capture, or the kind is quantile; otherwise token_neurons of a threshold capture
--- (every firing, values stored as FLOAT16); otherwise an error naming the fix.
+-- The examples behind top_contexts / bottom_contexts / random_examples, for one unit or (neuron
+-- NULL) every unit. A window token's value: the one captured with the example
+-- (neuron_examples.window_values, 50 tokens before to 20 after, within the example's model
+-- window), else token_neurons'. Source: neuron_examples when the site captured examples=N and
+-- either k <= N, or it holds no threshold capture, or the kind is quantile or bottom; otherwise
+-- token_neurons of a threshold capture (every firing, values stored as FLOAT16; it holds no
+-- negative values to rank, so kind bottom needs examples=N); otherwise an error naming the fix.
 CREATE OR REPLACE MACRO whq_examples(run, site, layer, neuron, kind, k, before, after, seed) AS TABLE
 WITH capture AS (
     SELECT regexp_matches(s.reductions, '(^|,)threshold=') AS has_threshold,
@@ -107,7 +108,10 @@ WITH capture AS (
 ),
 source AS (
     SELECT CASE
-        WHEN c.n_examples IS NOT NULL AND (k <= c.n_examples OR NOT c.has_threshold OR kind = 'quantile') THEN 'examples'
+        WHEN c.n_examples IS NOT NULL AND (k <= c.n_examples OR NOT c.has_threshold OR kind IN ('quantile', 'bottom'))
+            THEN 'examples'
+        WHEN kind = 'bottom' THEN error('site ''' || site || ''' of run ''' || run || ''' kept no examples=N, which the '
+            || 'most negative examples come from: re-ingest with --site ' || site || ':examples=20')
         WHEN c.has_threshold THEN 'firings'
         ELSE error('site ''' || site || ''' of run ''' || run || ''' kept neither examples=N nor a threshold capture: '
             || 're-ingest with --site ' || site || ':examples=20 (or :threshold=0)') END AS source
@@ -174,7 +178,7 @@ SELECT m.neuron, CAST(m.rank AS INTEGER) AS rank, d.doc_id, m.at_pos AS pos, m.a
 FROM marked m
 JOIN documents d ON d.run_id = run AND d.doc = m.doc
 ORDER BY m.neuron, m.rank;
-COMMENT ON MACRO TABLE whq_examples IS 'The rows of top_contexts (kind top) or random_examples (kind random) with a leading neuron column, for one unit or, with neuron NULL, every unit of the layer (what whq export features reads).';
+COMMENT ON MACRO TABLE whq_examples IS 'The rows of top_contexts (kind top), bottom_contexts (kind bottom) or random_examples (kind random) with a leading neuron column, for one unit or, with neuron NULL, every unit of the layer (what whq export features reads).';
 
 CREATE OR REPLACE MACRO top_contexts(run, site, layer, neuron, k := 20, before := 50, after := 20) AS TABLE
 SELECT x.rank, x.doc_id, x.pos, x.value, x.context, x.tokens
@@ -182,6 +186,13 @@ FROM whq_examples(run, site, layer, neuron, 'top', k, before, after, 0) x
 WHERE neuron IS NOT NULL
 ORDER BY x.rank;
 COMMENT ON MACRO TABLE top_contexts IS 'The k strongest activations of one unit over ALL tokens (rank 0 = strongest; from neuron_examples for examples=N captures, capped at N, else every firing of a threshold capture), with context = the text from `before` tokens before to `after` tokens after, the firing token marked «like this», and tokens = [{piece, text (as decoded, tokens.text; the piece in older runs), value}] across the window (value: the unit''s exact value captured with the example (neuron_examples.window_values, 50 before to 20 after, FLOAT16) where the capture kept examples, else token_neurons'' value, NULL where neither holds it; the firing token carries the example''s value). Example: SELECT * FROM top_contexts(''demo'', ''mlp.act'', 3, 42, k := 5)';
+
+CREATE OR REPLACE MACRO bottom_contexts(run, site, layer, neuron, k := 20, before := 50, after := 20) AS TABLE
+SELECT x.rank, x.doc_id, x.pos, x.value, x.context, x.tokens
+FROM whq_examples(run, site, layer, neuron, 'bottom', k, before, after, 0) x
+WHERE neuron IS NOT NULL
+ORDER BY x.rank;
+COMMENT ON MACRO TABLE bottom_contexts IS 'The k most negative activations of one unit over ALL tokens (rank 0 = most negative, ties to the first token in document order), from the examples=N capture (capped at N; only values < 0 are kept, so a non-negative unit such as a ReLU or an SAE latent has none, and so do runs from before bottom examples). Same columns as top_contexts. Example: SELECT * FROM bottom_contexts(''demo'', ''mlp.act'', 3, 42, k := 5)';
 
 CREATE OR REPLACE MACRO random_examples(run, site, layer, neuron, n := 10, seed := 0) AS TABLE
 SELECT x.rank, x.doc_id, x.pos, x.value, x.context, x.tokens

@@ -527,8 +527,8 @@ CASES = [
     Case(
         "SPEC examples=N beyond memory",
         ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "mlp.act:examples=99999999"),
-        "--site 'mlp.act:examples=99999999': examples=99999999 needs about 42,496.0 GB of memory (99999999 x 128 units x 4 layers "
-        "x 830 bytes), over the {budget} budget (half of this machine's memory): use examples=N with N at most {most}",
+        "--site 'mlp.act:examples=99999999': examples=99999999 needs about 63,232.0 GB of memory (99999999 x 128 units x 4 layers "
+        "x 1235 bytes), over the {budget} budget (half of this machine's memory): use examples=N with N at most {most}",
     ),
     Case(
         "scenario temperature .nan",

@@ -174,13 +174,11 @@ def test_histogram_and_moments_merge_whatever_the_batching_snapshot_or_ranks(hoo
 
 
 def test_examples_and_their_windows_merge_whatever_the_batching_or_ranks():
-    """Top, random and pool examples with their window values: one-row batches, and three ranks merged
-    through the resume snapshot, keep exactly what whole batches keep (random data: no ties)."""
+    """Top, bottom, random and pool examples with their window values: one-row batches, and three ranks
+    merged through the resume snapshot, keep exactly what whole batches keep, ties included (_batches
+    makes every token of unit 0 tie, and two of unit 1): a tie goes to the first token in document order."""
     spec = "x:topk=3,examples=4,hist,quantiles=2"
     batches = _batches(np.random.default_rng(7), width=24, seq=6)
-    fresh = np.random.default_rng(8)
-    for x, *_ in batches:
-        x[:, :, :3] = fresh.standard_normal(x[:, :, :3].shape)  # undo _batches' deliberate ties
     whole = _capture(spec, batches)
     one_row = _capture(spec, [b for group in _split(batches, 1) for b in group])
     ranks = [_capture(spec, group) for group in _split(batches, 3)]
@@ -195,7 +193,7 @@ def test_examples_and_their_windows_merge_whatever_the_batching_or_ranks():
         for key, want in whole.examples.items():
             got = candidate.examples[key]
             kind = key.split("_")[0]
-            if kind != "top":  # slots past a unit's firings (key _NO_KEY) hold no example
+            if kind in ("random", "pool"):  # slots past a unit's firings (key _NO_KEY) hold no example
                 filled = whole.examples[f"{kind}_key"] != _NO_KEY
                 assert torch.equal(candidate.examples[f"{kind}_key"] != _NO_KEY, filled)
                 got, want = got[filled], want[filled]
@@ -203,6 +201,50 @@ def test_examples_and_their_windows_merge_whatever_the_batching_or_ranks():
             assert torch.equal(got.nan_to_num(), want.nan_to_num()), key
     context = whole.examples["top_context"]
     assert (~context.isnan()).any() and context.isnan().any()  # windows hold values, and NaN past a row's ends
+
+
+def _reference_examples(batches, n: int, kind: str) -> dict[int, list]:
+    """Per unit, (doc, pos, value, window) of its n strongest firings (kind top) or n most negative
+    values (kind bottom) over the valid tokens, ties to the first (doc, pos): straight from the arrays."""
+    tokens = []  # (doc, pos, batch, row, t)
+    for b, (_, docs, starts, lengths) in enumerate(batches):
+        tokens += [(docs[r], starts[r] + t, b, r, t) for r in range(len(docs)) for t in range(lengths[r])]
+    tokens.sort()
+    expected = {}
+    for unit in range(batches[0][0].shape[2]):
+        column = np.array([batches[b][0][r, t, unit] for _, _, b, r, t in tokens])
+        ranked = np.argsort(-column if kind == "top" else column, kind="stable")[:n]
+        kept = [i for i in ranked if (column[i] > 0 if kind == "top" else column[i] < 0)]
+        expected[unit] = []
+        for i in kept:
+            doc, pos, b, r, t = tokens[i]
+            x, length = batches[b][0], batches[b][3][r]
+            window = [x[r, t + o, unit] if 0 <= t + o < length else None for o in range(-50, 21)]
+            with np.errstate(over="ignore"):  # SPECIAL's 1e5 is inf in float16, as stored
+                expected[unit].append((doc, pos, column[i], [None if v is None else np.float16(v) for v in window]))
+    return expected
+
+
+@pytest.mark.parametrize("kind", ["top", "bottom"])
+def test_stored_top_and_bottom_examples_match_numpy_ties_included(kind, hook_path):
+    from ingest.finalize import neuron_examples
+
+    batches = _special_batches(np.random.default_rng(9))  # ties (unit 0: every token; unit 1: two) and signed values
+    for x, *_ in batches:
+        x[:, :, 11] = np.abs(x[:, :, 11])  # unit 11 is never negative: no bottom examples
+    batches[0][0][0, 1:3, 10] = batches[1][0][2, 0, 10] = -70.0  # unit 10: a three-way tie for the most negative
+    stored = neuron_examples(_capture("x:topk=3,examples=4", batches)).to_pylist()
+    expected = _reference_examples(batches, 4, kind)
+    assert not expected[11] if kind == "bottom" else expected[11]
+    assert [e[:2] for e in expected[0 if kind == "top" else 10]][:3] == (
+        [(1, 0), (1, 1), (1, 2)] if kind == "top" else [(7, 1), (7, 2), (8, 0)]
+    )
+    for unit, want in expected.items():
+        got = [r for r in stored if r["kind"] == kind and r["neuron"] == unit]
+        assert [r["rank"] for r in got] == list(range(len(want)))
+        assert [(r["doc"], r["pos"]) for r in got] == [w[:2] for w in want], unit
+        assert [r["value"] for r in got] == [w[2] for w in want]
+        assert [r["window_values"] for r in got] == [w[3] for w in want]
 
 
 def test_examples_snapshot_round_trips():
