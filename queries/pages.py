@@ -413,7 +413,7 @@ def unit_data(reader: Reader, info: dict, run: str, site: str, layer: int, unit:
     data = {
         row["neuron"]: {
             "stats": row,
-            "examples": {"top": [], "random": [], "quantile": []},
+            "examples": {"top": [], "bottom": [], "random": [], "quantile": []},
             "lens": {"top": [], "bottom": []},
             "histogram": [],
             "similar": {"decoder": [], "coactivation": []},
@@ -429,6 +429,12 @@ def unit_data(reader: Reader, info: dict, run: str, site: str, layer: int, unit:
             [*macro_args, TOP_K, BEFORE, AFTER, *macro_args, N_RANDOM, BEFORE, AFTER],
         ):
             data[row["neuron"]]["examples"][row["kind"]].append(row)
+    if _captured(info, "examples") and any((row["min"] or 0) < 0 for row in stats):  # signed units, fired or not
+        for row in reader.rows(
+            "SELECT * FROM whq_examples(?, ?, ?, ?, 'bottom', ?, ?, ?, 0) ORDER BY neuron, rank",
+            [run, site, layer, unit, TOP_K, BEFORE, AFTER],
+        ):
+            data[row["neuron"]]["examples"]["bottom"].append(row)
     for row in reader.rows(
         "SELECT g.neuron, g.direction, g.rank, g.token_id, coalesce(g.text, g.token) AS token, g.logit "
         "FROM neuron_logits g WHERE g.run_id = ? AND g.site = ? AND g.layer = ? "
@@ -472,11 +478,15 @@ def unit_page(
     data = data or unit_data(reader, info, run, site, layer, unit)[unit]
     stats = data["stats"]
     scale = max(abs(stats["max"] or 0.0), abs(stats["min"] or 0.0), 1e-12)
-    sections, specs = [], {}
+    specs = {}
+    # The most negative values of a signed unit (stored where the capture kept examples=N); a unit
+    # that never fired can still have them.
+    bottom = [("Most negative activations", "bottom", data["examples"]["bottom"])] if data["examples"]["bottom"] else []
+    sections = [(name, kind, _examples(rows, BEFORE, scale)) for name, kind, rows in bottom]
     if not _keeps_examples(info):
         no_examples = f"This site kept no examples: re-ingest with --site {site}:{info['reductions']},examples=20."
     elif not stats["n_fired"]:
-        no_examples = "This unit never fired: no examples."
+        no_examples = "This unit never fired: no firing examples."
     else:
         no_examples = None
         quantiles = [{**row, "rank": f"q{row['quantile']}.{row['rank']}"} for row in data["examples"]["quantile"]]
@@ -484,6 +494,7 @@ def unit_page(
             (name, kind, _examples(rows, BEFORE, scale))
             for name, kind, rows in (
                 ("Top activations", "top", data["examples"]["top"]),
+                *bottom,
                 ("Examples across the activation range (quantile bins, lowest first)", "quantile", quantiles),
                 ("Random firing examples", "random", data["examples"]["random"]),
             )

@@ -451,6 +451,25 @@ def test_top_contexts_are_exact_over_all_tokens(lm_wh, lm_dense, k):
             assert (got[i]["doc_id"], got[i]["pos"]) == (doc_ids[doc], pos)
 
 
+def test_bottom_contexts_are_the_most_negative_values_over_all_tokens(lm_wh, lm_dense):
+    """examples=4 keeps each unit's 4 most negative values (SiLU is signed), most negative first."""
+    dense = lm_dense[2]
+    owner = [(d, p) for d in sorted(dense) for p in range(len(dense[d]))]
+    flat = np.concatenate([dense[d] for d in sorted(dense)])
+    doc_ids = dict(lm_wh.sql("SELECT doc, doc_id FROM documents").fetchall())
+    for unit in (0, 9, 77):
+        got = macro(lm_wh, f"SELECT * FROM bottom_contexts('t', 'mlp.act', 2, {unit}, k := 20)")
+        column = flat[:, unit]
+        order = np.argsort(column, kind="stable")[:4]
+        assert column[order].max() < 0 and len(got) == 4  # capped at examples=4
+        np.testing.assert_allclose([r["value"] for r in got], column[order], rtol=1e-5, atol=1e-6)
+        for i in range(4):  # a padded batch moves values by ulps: positions where the order is clear
+            if column[np.argsort(column)[i + 1]] - column[order[i]] > 1e-4:
+                doc, pos = owner[order[i]]
+                assert (got[i]["doc_id"], got[i]["pos"]) == (doc_ids[doc], pos)
+                assert "«" in got[i]["context"] and got[i]["tokens"]
+
+
 def test_layer_summary_matches_dense(lm_wh, lm_dense):
     summary = macro(lm_wh, "SELECT * FROM layer_summary('t', 'mlp.act')")
     for row in summary:
@@ -545,6 +564,12 @@ TWIN_CALLS = [
     ("selectivity_histogram", "{site}, 0", dict(layer=0)),
     ("top_contexts", "{site}, 1, 17", dict(layer=1, neuron=17)),
     ("top_contexts", "{site}, 1, 5, k := 9, before := 3, after := 2", dict(layer=1, neuron=5, k=9, before=3, after=2)),
+    ("bottom_contexts", "{site}, 1, 17", dict(layer=1, neuron=17)),
+    (
+        "bottom_contexts",
+        "{site}, 2, 5, k := 9, before := 3, after := 2",
+        dict(layer=2, neuron=5, k=9, before=3, after=2),
+    ),
     ("random_examples", "{site}, 1, 17, n := 3, seed := 4", dict(layer=1, neuron=17, n=3, seed=4)),
     ("activation_frequency", "{site}", {}),
     ("activation_frequency_by_dataset", "{site}", {}),
@@ -597,6 +622,13 @@ def test_examples_need_a_capture_that_holds_them(lm_wh):
         lm_wh.pl("SELECT * FROM top_contexts('t', 'mlp.up', 0, 1)")
     with pytest.raises(BadInput, match="re-ingest with --site mlp.up:examples=20"):
         nf.random_examples(lm_wh, "t", "mlp.up", 0, 1)
+    negative = (
+        "kept no examples=N, which the most negative examples come from: re-ingest with --site mlp.up:examples=20"
+    )
+    with pytest.raises(QueryError, match=negative):
+        lm_wh.pl("SELECT * FROM bottom_contexts('t', 'mlp.up', 0, 1)")
+    with pytest.raises(BadInput, match=negative):
+        nf.bottom_contexts(lm_wh, "t", "mlp.up", 0, 1)
 
 
 def test_every_macro_is_documented(lm_wh):
@@ -612,6 +644,7 @@ def test_every_macro_is_documented(lm_wh):
         "rate_histogram",
         "selectivity_histogram",
         "top_contexts",
+        "bottom_contexts",
         "random_examples",
         "activation_frequency",
         "activation_frequency_by_dataset",

@@ -39,23 +39,27 @@ def _free_port() -> int:
 
 
 UNIT_SITES = ["mlp.act:threshold=0,examples=3,hist,quantiles=4,similar=4", "mlp.up:topk=4,examples=3"]
+NEGATIVE = "Most negative activations"
 
 
 @pytest.fixture(scope="module")
 def pages_root(golden_root, tmp_path_factory, tiny_lm_dir):
     """The golden run 'g', and beside it run 'u' of the same documents with everything a unit page
-    shows: histograms, quantile examples, similar units, the logit lens."""
+    shows: histograms, quantile examples, most negative examples, similar units, the logit lens; and
+    a ReLU SAE's latents (never negative: no most negative examples)."""
     from ingest.pipeline import ingest
     from ingest.sources import Document
 
+    from . import dictionaries
     from .golden.build_fixture import DOCUMENTS
 
     root = tmp_path_factory.mktemp("pages") / "wh"
     shutil.copytree(golden_root, root)
+    sae = dictionaries.saelens(root.parent / "sae", "standard", d_in=64, d_sae=32)
     ingest(
         root,
         str(tiny_lm_dir),
-        sites=UNIT_SITES,
+        sites=[*UNIT_SITES, f"resid.out[1]+sae={sae}:topk=4,examples=3"],
         documents=[Document(i, text, dataset=d) for i, d, text in DOCUMENTS],
         run_id="u",
         batch_size=2,
@@ -160,13 +164,15 @@ def test_unit_page(server, tmp_path, pages_root):
     page = parse(dom)
     wh = warehouse.open(pages_root)
     top = wh.pl("SELECT * FROM top_contexts('u', 'mlp.act', 1, 3, k := 20, before := 24, after := 8)")
+    bottom = wh.pl("SELECT * FROM bottom_contexts('u', 'mlp.act', 1, 3, k := 20, before := 24, after := 8)")
     sample = wh.pl("SELECT * FROM whq_examples('u', 'mlp.act', 1, 3, 'random', 10, 24, 8, 0)")
     spread = wh.pl("SELECT * FROM quantile_examples('u', 'mlp.act', 1, 3, before := 24, after := 8)")
-    assert spread.height > 0
-    windows = [*top["tokens"], *spread["tokens"], *sample["tokens"]]
+    assert spread.height > 0 and bottom.height == 3 and max(bottom["value"]) < 0  # SiLU: signed
+    assert NEGATIVE in dom
+    windows = [*top["tokens"], *bottom["tokens"], *spread["tokens"], *sample["tokens"]]
     assert len(page.tokens) == sum(len(t) for t in windows) > 0
     assert [t["title"] for t in page.tokens if "fire" in t["class"].split()] == [
-        pages_number(v) for v in [*top["value"], *spread["value"], *sample["value"]]
+        pages_number(v) for v in [*top["value"], *bottom["value"], *spread["value"], *sample["value"]]
     ]
     assert all(re.fullmatch(r"--a:[01]\.\d\d", t["style"]) for t in page.tokens)
     # each window reads as its document spells it: the text from its first token's start to its last token's end
@@ -193,6 +199,7 @@ def test_unit_page(server, tmp_path, pages_root):
 def test_unit_page_of_a_site_without_histograms(server, tmp_path, golden_root):
     dom = render(tmp_path, server + f"/{RUN}/mlp.up/1/3")
     assert "No histogram for this site" in dom and 'data-rendered="yes"' not in dom
+    assert NEGATIVE not in dom  # a warehouse from before bottom examples: none stored, no section
     page = parse(dom)
     wh = warehouse.open(golden_root)
     top = wh.pl(f"SELECT * FROM top_contexts('{RUN}', 'mlp.up', 1, 3, k := 20, before := 24, after := 8)")
@@ -201,6 +208,19 @@ def test_unit_page_of_a_site_without_histograms(server, tmp_path, golden_root):
         == top.height
         + wh.sql(f"SELECT count(*) FROM whq_examples('{RUN}', 'mlp.up', 1, 3, 'random', 10, 24, 8, 0)").fetchall()[0][0]
     )
+
+
+def test_unit_page_of_a_never_negative_site_has_no_most_negative_section(server, tmp_path, pages_root):
+    wh = warehouse.open(pages_root)
+    stats = wh.pl("SELECT * FROM unit_stats('u', 'sae.resid.out', 1) WHERE rate > 0 ORDER BY neuron")
+    assert stats.height > 0 and min(stats["min"]) >= 0  # ReLU latents
+    assert wh.sql(
+        "SELECT count(*) FROM neuron_examples WHERE run_id = 'u' AND kind = 'bottom' AND site = 'sae.resid.out'"
+    ).fetchall() == [(0,)]
+    unit = stats["neuron"][0]
+    dom = render(tmp_path, server + f"/u/sae.resid.out/1/{unit}")
+    top = wh.pl(f"SELECT * FROM top_contexts('u', 'sae.resid.out', 1, {unit}, k := 20, before := 24, after := 8)")
+    assert "Top activations" in dom and top.height > 0 and NEGATIVE not in dom
 
 
 def test_token_search_page(server, tmp_path, pages_root):
@@ -301,6 +321,7 @@ def test_export_site_opens_from_file(pages_root, tmp_path, capsys, monkeypatch):
     dom = render(tmp_path, (out / "2" / "0.html").as_uri(), shot="page_export_unit")
     assert_charts_drawn(dom, 1)
     assert len(parse(dom).tokens) > 0 and 'rel="prev"' in dom  # runs back into layer 1
+    assert NEGATIVE in (out / "1" / "3.html").read_text()  # the unit test_unit_page opens, exported
     code, _, err = run_cli(
         capsys,
         monkeypatch,
@@ -360,9 +381,11 @@ def test_pages_of_a_minilm_capture(minilm_wh, tmp_path):
         dom = render(tmp_path, url + f"/r/mlp.act/2/{unit}")
         wh = warehouse.open(minilm_wh)
         top = wh.pl(f"SELECT * FROM top_contexts('r', 'mlp.act', 2, {unit}, k := 20, before := 24, after := 8)")
+        bottom = wh.pl(f"SELECT * FROM bottom_contexts('r', 'mlp.act', 2, {unit}, k := 20, before := 24, after := 8)")
         sample = wh.pl(f"SELECT * FROM whq_examples('r', 'mlp.act', 2, {unit}, 'random', 10, 24, 8, 0)")
+        assert bottom.height == 5 and max(bottom["value"]) < 0 and NEGATIVE in dom  # GELU is signed
         page = parse(dom)
-        assert len(page.tokens) == sum(len(t) for t in [*top["tokens"], *sample["tokens"]])
+        assert len(page.tokens) == sum(len(t) for t in [*top["tokens"], *bottom["tokens"], *sample["tokens"]])
         status, text = get(url + "/r/mlp.act/tokens?q=speak")
         assert status == 200 and "/r/mlp.act/" in text
         status, text = get(url + "/r/mlp.up/2/5")  # a NAG site: no examples, the page says how to keep them

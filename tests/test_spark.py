@@ -40,6 +40,7 @@ MINILM_CALLS = {
     "rate_histogram": ["SELECT * FROM rate_histogram('r', 'mlp.act', 3, bins := 10)"],
     "selectivity_histogram": ["SELECT * FROM selectivity_histogram('r', 'mlp.act', 5)"],
     "top_contexts": ["SELECT * FROM top_contexts('r', 'mlp.act', 3, {neuron}, k := 3)"],
+    "bottom_contexts": ["SELECT * FROM bottom_contexts('r', 'mlp.act', 3, {neuron}, k := 3)"],
     "random_examples": ["SELECT * FROM random_examples('r', 'mlp.act', 3, {neuron}, n := 4, seed := 1)"],
     "whq_examples": ["SELECT * FROM whq_examples('r', 'mlp.act', 2, NULL, 'top', 2, 3, 2, 0)"],
     "activation_frequency": ["SELECT * FROM activation_frequency('r', 'mlp.act')"],
