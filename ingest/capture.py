@@ -243,6 +243,23 @@ class SiteLayer:
             tables.update(self.encoder.state_tables(f"{self.name}.{self.layer}"))
         return tables
 
+    @property
+    def state_names(self) -> list[str]:
+        """The names of the state tables this site layer saves (state_tables), for resume and the ranks' merge."""
+        return [f"{prefix}.{self.name}.{self.layer}" for prefix in ("stats", "examples", "quality", "quality_out")]
+
+    def merge_tables(self, tables: dict[str, pa.Table]) -> None:
+        """Fold another capture's state tables (another rank's, as state_tables wrote them) into this one:
+        statistics, examples and a dictionary's quality sums, all merged exactly."""
+        if self.width is None:  # this capture saw no tokens: take theirs
+            self.restore(tables)
+            return
+        other = SiteLayer(self.site, self.layer, self.module_name, self.device)
+        other.restore(tables)
+        self.merge(other)
+        if self.encoder is not None:
+            self.encoder.merge(tables, f"{self.name}.{self.layer}")
+
     def merge(self, other: SiteLayer) -> None:
         """Fold another capture of this site layer (another rank's) into this one: both merges are exact."""
         mine, theirs = self.stats, other.stats

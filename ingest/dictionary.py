@@ -575,16 +575,21 @@ class DeviceDictionary:
         }
 
     def restore(self, tables: dict, key: str) -> None:
+        if tables.get(f"quality.{key}") is not None:
+            self._allocate()
+            self.merge(tables, key)
+
+    def merge(self, tables: dict, key: str) -> None:
+        """Add the quality sums saved in state tables (another rank's): every one is a sum, so the merge is exact."""
         import torch
 
         main, out = tables.get(f"quality.{key}"), tables.get(f"quality_out.{key}")
         if main is None:
             return
-        self._allocate()
         for name, target in self.quality.items():
             source = out if name == "target_sum" else main
-            column = torch.from_numpy(source.column(name).to_numpy().copy())
-            target.copy_(column[0] if target.dim() == 0 else column)
+            column = torch.from_numpy(source.column(name).to_numpy().copy()).to(target.device)
+            target += column[0] if target.dim() == 0 else column
 
     def summary(self) -> dict:
         """The run's quality sums as host numbers (the dictionaries table's columns)."""

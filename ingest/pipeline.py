@@ -234,10 +234,6 @@ def ingest(
     if documents is None and not any(entry["documents"] for entry in data_identity):
         raise BadInput("no documents to capture: the data files hold no readable documents")
     dictionaries = dictionary.load_all(specs)  # read and checked before the model loads
-    if dictionaries and opts.world_size > 1:
-        raise BadInput(
-            "dictionary sites run on one rank: drop --ranks (or capture the dictionary sites in a run of their own)"
-        )
     wh = warehouse.open_or_init(root)
     loaded = loaded or models.load(opts.model, opts.device, opts.dtype)
     resolved = [resolve(spec, loaded.module_names, loaded.aliases) for spec in specs]

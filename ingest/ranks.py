@@ -8,8 +8,9 @@
 Documents are dealt round-robin by ordinal (pipeline._shards). The ranks agree on the
 run id and start in order through torch.distributed (gloo, CPU-only traffic); every
 rank journals its own shards, so `--resume` works per rank. Rank 0 waits for the
-others' done markers, merges their running statistics and examples (both are exact
-merges) and commits the run with every rank's parts in one manifest.
+others' done markers, merges their running statistics, examples and dictionary quality
+sums (all exact merges; each rank encodes its own documents with its own copy of a
+dictionary) and commits the run with every rank's parts in one manifest.
 """
 
 from __future__ import annotations
@@ -90,43 +91,29 @@ def open_writer(make_writer, rank: int, world_size: int):
 
 
 def merge_ranks(writer, site_layers) -> None:
-    """Rank 0: wait for every other rank, then fold their final statistics and examples into ours."""
+    """Rank 0: wait for every other rank, then fold their final statistics, examples and dictionary
+    quality sums into ours."""
     import torch
-
-    from .capture import SiteLayer
 
     writer.wait_for_ranks()
     with torch.inference_mode():  # the live statistics are inference tensors
         for other_rank in range(1, writer.world_size):
             for sl in site_layers:
-                names = [f"stats.{sl.name}.{sl.layer}", f"examples.{sl.name}.{sl.layer}"]
-                tables = {n: t for n in names if (t := writer.rank_state(other_rank, n)) is not None}
-                if not tables:
-                    continue  # that rank saw no tokens
-                if sl.width is None:
-                    sl.restore(tables)
-                    continue
-                other = SiteLayer(sl.site, sl.layer, sl.module_name, sl.device)
-                other.restore(tables)
-                sl.merge(other)
+                tables = {n: t for n in sl.state_names if (t := writer.rank_state(other_rank, n)) is not None}
+                if tables:  # none: that rank saw no tokens
+                    sl.merge_tables(tables)
 
 
-def launch(n: int, data: list[str], sites: list[str], arguments: list[str]) -> None:
+def launch(n: int, data: list[str], arguments: list[str]) -> None:
     """`whq ingest --ranks N`: check the cheap inputs, then run torchrun with `arguments`, the command's
     arguments after `ingest` less --ranks."""
     from . import sources
-    from .sites import parse_spec
 
     if n < 1:
         raise BadInput("--ranks must be at least 1")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise BadInput("--ranks launches torchrun; under torchrun already, drop --ranks")
     sources.check_paths(data)
-    for spec in sites:
-        if parse_spec(spec).kind is not None:
-            raise BadInput(
-                "dictionary sites run on one rank: drop --ranks (or capture the dictionary sites in a run of their own)"
-            )
     command = [
         sys.executable,
         "-m",

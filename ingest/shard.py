@@ -148,8 +148,7 @@ class Capture:
     def restore(self, saved_state: Callable[[str], pa.Table | None]) -> None:
         """Continue from the running statistics and examples a resumed run saved (`saved_state(name)`)."""
         for sl in self.site_layers:
-            names = [f"{prefix}.{sl.name}.{sl.layer}" for prefix in ("stats", "examples", "quality", "quality_out")]
-            sl.restore({name: table for name in names if (table := saved_state(name)) is not None})
+            sl.restore({name: table for name in sl.state_names if (table := saved_state(name)) is not None})
 
     def batch(self, windows: list[Window]):
         """One hooked forward pass; returns the batch's HostBatch (outputs still in flight on CUDA)."""

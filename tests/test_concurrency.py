@@ -6,6 +6,8 @@
 - `whq ingest --ranks 2` (torchrun, gloo, two CPU processes) gives the same rows as the
   single-process run: identical ids, counts and tokens; floats equal to float32 rounding
   (the ranks batch different documents together, so sums add in another order).
+- Dictionary sites (an SAE and a transcoder, with --splice) through `--ranks 3` give the
+  single-process rows too, dictionary_quality included.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from ingest.pipeline import ingest
 from warehouse.layout import Layout
 from warehouse.locks import locked
 
-from . import whq_child
+from . import dictionaries, whq_child
 from .conftest import SAMPLE_TEXTS, write_jsonl
 from .reference import content_checksum, run_content
 from .test_faults import MODEL, OPTIONS, SITES, ingest_args
@@ -120,7 +122,52 @@ KEYS = {
     "vectors": ["site", "layer", "doc", "pool"],
     "neuron_stats": ["site", "layer", "neuron"],
     "neuron_examples": ["site", "layer", "neuron", "kind", "value", "doc", "pos"],
+    "unit_histograms": ["site", "layer", "neuron", "bin"],
+    "dictionaries": ["site", "layer"],
 }
+
+
+def _ingest_ranks(root: Path, args: list, ranks: int, run_id: str) -> None:
+    """`whq ingest ROOT ARGS --ranks N` in a child process: it commits the run and prints one line."""
+    done = subprocess.run(
+        [sys.executable, "-m", "warehouse.cli", "ingest", str(root), *map(str, args), "--ranks", str(ranks)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith(f"committed run {run_id};") and done.stdout.count("\n") == 1
+
+
+def _assert_same_runs(wh, reference, run_id: str, ranks: int) -> dict:
+    """The run on `ranks` ranks has every rank's parts and the single-process run's rows; returns those rows."""
+    manifest = wh.manifest(run_id)
+    assert manifest["world_size"] == ranks
+    assert {Path(p["path"]).name.split("-")[1] for p in manifest["parts"] if p["table"] == "token_neurons"} == {
+        str(r) for r in range(ranks)
+    }
+    got, want = run_content(wh, run_id), run_content(reference, run_id)
+    for table, keys in KEYS.items():
+        frame_got, frame_want = got[table], want[table]
+        if table == "runs":
+            frame_got, frame_want = frame_got.drop("device"), frame_want.drop("device")
+        if table == "neuron_examples":
+            # Top and bottom examples: the same values; tokens whose values tie to float rounding (a unit
+            # near SiLU's minimum, say) may stand in for each other, as the ranks batch documents otherwise,
+            # and so may their windows. Random examples: the same tokens (hash keys).
+            frame_got, frame_want = frame_got.drop("rank"), frame_want.drop("rank")
+            ranked = pl.col("kind").is_in(["top", "bottom"])
+            tied = ["doc", "pos", "window_values"]
+            _assert_close(
+                frame_got.filter(ranked).drop(tied),
+                frame_want.filter(ranked).drop(tied),
+                [k for k in keys if k not in ("doc", "pos")],
+                table,
+            )
+            frame_got, frame_want = frame_got.filter(~ranked), frame_want.filter(~ranked)
+        _assert_close(frame_got, frame_want, keys, table)
+    assert want["token_neurons"].height > 0 and want["neuron_examples"].height > 0
+    return want
 
 
 def test_two_ranks_give_the_single_process_rows(corpus, tmp_path):
@@ -130,42 +177,30 @@ def test_two_ranks_give_the_single_process_rows(corpus, tmp_path):
     sites = [s.replace("resid.out:last", "resid.out:last,mean") for s in SITES]
     args = [a.replace("resid.out:last", "resid.out:last,mean") for a in args]
     ingest(single, MODEL, [str(data)], sites, run_id="r", progress=False, **OPTIONS)
-    done = subprocess.run(
-        [sys.executable, "-m", "warehouse.cli", "ingest", str(ranked), *args, "--ranks", "2"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.startswith("committed run r;") and done.stdout.count("\n") == 1
+    _ingest_ranks(ranked, args, 2, "r")
     with warehouse.open(ranked) as wh, warehouse.open(single) as reference:
-        manifest = wh.manifest("r")
-        assert manifest["world_size"] == 2
-        assert {Path(p["path"]).name.split("-")[1] for p in manifest["parts"] if p["table"] == "token_neurons"} == {
-            "0",
-            "1",
-        }
-        got, want = run_content(wh, "r"), run_content(reference, "r")
-        for table, keys in KEYS.items():
-            frame_got, frame_want = got[table], want[table]
-            if table == "runs":
-                frame_got, frame_want = frame_got.drop("device"), frame_want.drop("device")
-            if table == "neuron_examples":
-                # Top examples: the same values; tokens with exactly equal values may stand in for each other
-                # (which one a top-k keeps is not defined), and so may their windows. Random examples: the
-                # same tokens (hash keys).
-                frame_got, frame_want = frame_got.drop("rank"), frame_want.drop("rank")
-                top = pl.col("kind") == "top"
-                tied = ["doc", "pos", "window_values"]
-                _assert_close(
-                    frame_got.filter(top).drop(tied),
-                    frame_want.filter(top).drop(tied),
-                    [k for k in keys if k not in ("doc", "pos")],
-                    table,
-                )
-                frame_got, frame_want = frame_got.filter(~top), frame_want.filter(~top)
-            _assert_close(frame_got, frame_want, keys, table)
-        assert want["token_neurons"].height > 0 and want["neuron_examples"].height > 0
+        want = _assert_same_runs(wh, reference, "r", 2)
+        assert want["neuron_examples"].filter(pl.col("kind") == "bottom").height > 0  # SiLU is signed
+
+
+def test_dictionary_sites_on_three_ranks_give_the_single_process_rows(corpus, tmp_path):
+    """Each rank encodes its own documents; rank 0 merges the others' statistics, examples and quality
+    sums (the SAE's and the transcoder's, --splice's next-token losses included)."""
+    folder, data, _ = corpus
+    sae = dictionaries.saelens(tmp_path / "sae", "topk", k=6)  # layer 1, from its cfg
+    dictionaries.sparsify(tmp_path / "tc" / "layers.0", transcode=True, skip=True)
+    sites = [f"resid.out+sae={sae}:topk=4,examples=3,hist", f"mlp.in+transcoder={tmp_path / 'tc'}:threshold=0,nag=5"]
+    single, ranked = tmp_path / "single", tmp_path / "ranked"
+    ingest(single, MODEL, [str(data)], sites, run_id="d", progress=False, splice=True, **OPTIONS)
+    args = ["--model", MODEL, "--data", data, "-q", "--run-id", "d", "--splice"]
+    args += [a for site in sites for a in ("--site", site)]
+    args += [a for option, value in OPTIONS.items() for a in (f"--{option.replace('_', '-')}", value)]
+    _ingest_ranks(ranked, args, 3, "d")
+    with warehouse.open(ranked) as wh, warehouse.open(single) as reference:
+        _assert_same_runs(wh, reference, "d", 3)
+        got, want = (w.pl("SELECT * FROM dictionary_quality('d')") for w in (wh, reference))
+        _assert_close(got, want, ["site", "layer"], "dictionary_quality")
+        assert want.height == 2 and want["delta_loss"].is_not_null().all() and (want["n_tokens"] > 0).all()
 
 
 def _init_and_close(root: str) -> None:

@@ -249,9 +249,7 @@ def ingest(
         if ranks != 1:
             from ingest.ranks import launch
 
-            launch(
-                ranks, list(options.data), list(options.sites), _without_ranks(sys.argv[sys.argv.index("ingest") + 1 :])
-            )
+            launch(ranks, list(options.data), _without_ranks(sys.argv[sys.argv.index("ingest") + 1 :]))
             return
         from ingest.pipeline import ingest as run_ingest
         from ingest.ranks import from_env
