@@ -422,14 +422,18 @@ class SiteLayer:
 
     def _update_examples(self, flat: torch.Tensor, rows: int, x: torch.Tensor) -> None:
         ctx, ex = self.ctx, self.examples
-        batch, seq, width = x.shape
-        # Each token's place in document order (its row's place, then its position): ties go to the first.
-        place = (ctx.row_rank[:, None] * seq + torch.arange(seq, device=x.device)).reshape(-1, 1)
+        seq = x.shape[1]
         ceiled = flat if ctx.full else torch.where(ctx.mask[:, :seq].reshape(-1, 1), flat, float("inf"))
-        for kind, values, largest in (("top", flat, True), ("bottom", ceiled, False)):
-            _, where = ranking_keys(values, place, largest).topk(
-                min(self.red["examples"], rows), dim=0, largest=largest
-            )
+        n = min(self.red["examples"], rows)
+        if fused.usable(x, n):  # one pass over the batch for both kinds
+            picks = fused.extremes(x, ctx, n)
+        else:
+            # Each token's place in document order (its row's place, then its position): ties go to the first.
+            place = (ctx.row_rank[:, None] * seq + torch.arange(seq, device=x.device)).reshape(-1, 1)
+            picks = [
+                ranking_keys(v, place, big).topk(n, dim=0, largest=big)[1] for v, big in ((flat, True), (ceiled, False))
+            ]
+        for kind, values, largest, where in (("top", flat, True, picks[0]), ("bottom", ceiled, False, picks[1])):
             self._merge(
                 kind,
                 {"value": values.gather(0, where), "doc": ctx.row_doc[where], "pos": ctx.row_pos[where]},

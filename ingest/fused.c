@@ -4,7 +4,8 @@
  * NaN ranked highest as torch.topk does). For every (row, unit), over the row's valid
  * tokens: sum, sum of |a|, sums of a^2, a^3, a^4 and max(a, 0), count above the
  * threshold, min, max and the first position reaching the max. whq_histogram adds
- * each valid value to its unit's fixed-bin histogram (the bins: capture.py). Rows run in parallel on torch's own OpenMP pool (this
+ * each valid value to its unit's fixed-bin histogram (the bins: capture.py); whq_extremes finds
+ * each unit's top and bottom examples of a batch, ties to the first token in document order. Rows run in parallel on torch's own OpenMP pool (this
  * library links the libgomp that torch has already loaded), so it adds no threads.
  *
  * Top-k without sorting the row: split the row into k interleaved sets; the smallest
@@ -294,4 +295,91 @@ void whq_histogram(const float *x, int64_t rows, int64_t seq, int64_t width, con
                 for (int64_t j = j0; j < j1; j++) counts[j * bins + hist_bin(v[j])]++;
             }
     }
+}
+
+/* a ranks below b for the bottom examples: smaller, or a number against NaN (NaN ranks last, as NaN
+ * ranks first for the top ones) */
+static inline int lower(float a, float b) { return a < b || (a == a && b != b); }
+
+/* Insert (value, token) into column j of a ranked buffer [n][block] holding `filled` entries, after
+ * every entry it does not beat: equal values keep the order they came in. */
+#define WHQ_INSERT(BEATS, vals, ids, block, j, filled, value, token)                        \
+    do {                                                                                     \
+        int64_t p_ = (filled);                                                               \
+        while (p_ > 0 && BEATS((value), (vals)[(p_ - 1) * (block) + (j)])) {               \
+            (vals)[p_ * (block) + (j)] = (vals)[(p_ - 1) * (block) + (j)];                   \
+            (ids)[p_ * (block) + (j)] = (ids)[(p_ - 1) * (block) + (j)];                     \
+            p_--;                                                                            \
+        }                                                                                    \
+        (vals)[p_ * (block) + (j)] = (value);                                                \
+        (ids)[p_ * (block) + (j)] = (token);                                                 \
+    } while (0)
+
+/* Per unit of x [rows, seq, width], the n tokens of largest value (top) and the n of smallest
+ * (bottom), each ranked best first, as flat token indices r * seq + t into [n, width]. Tokens are
+ * visited in document order (rows in row_order, positions ascending) and a token enters only when it
+ * beats the n-th kept one, so a tie goes to the first token in document order. Padding (mask 0)
+ * competes as -inf for the top and +inf for the bottom, as the torch path sees it. n <= rows * seq.
+ * Threads own disjoint blocks of units. Returns 0, or -1 when scratch memory could not be allocated. */
+int whq_extremes(const float *x, int64_t rows, int64_t seq, int64_t width, const uint8_t *mask,
+                 const int64_t *row_order, int64_t n, int64_t *top, int64_t *bottom) {
+    const int64_t block = 16;
+    int failed = 0;
+#pragma omp parallel
+    {
+        float *top_vals = malloc(sizeof(float) * n * block), *bottom_vals = malloc(sizeof(float) * n * block);
+        int64_t *top_ids = malloc(sizeof(int64_t) * n * block), *bottom_ids = malloc(sizeof(int64_t) * n * block);
+        if (!top_vals || !bottom_vals || !top_ids || !bottom_ids) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp barrier
+#pragma omp for schedule(static)
+        for (int64_t j0 = 0; j0 < width; j0 += block) {
+            if (failed) continue;
+            int64_t units = j0 + block < width ? block : width - j0, filled = 0;
+            for (int64_t i = 0; i < rows; i++) {
+                int64_t r = row_order[i];
+                for (int64_t t = 0; t < seq; t++) {
+                    int64_t token = r * seq + t;
+                    const float *v = x + token * width + j0;
+                    int valid = !mask || mask[token];
+                    if (filled < n) {
+                        for (int64_t j = 0; j < units; j++) {
+                            float high = valid ? v[j] : -INFINITY, low = valid ? v[j] : INFINITY;
+                            WHQ_INSERT(above, top_vals, top_ids, block, j, filled, high, token);
+                            WHQ_INSERT(lower, bottom_vals, bottom_ids, block, j, filled, low, token);
+                        }
+                        filled++;
+                        continue;
+                    }
+                    /* most tokens beat no kept entry of any unit: test the whole block first (vectorised) */
+                    const float *top_last = top_vals + (n - 1) * block, *bottom_last = bottom_vals + (n - 1) * block;
+                    int beats = 0;
+                    for (int64_t j = 0; j < units; j++) {
+                        float high = valid ? v[j] : -INFINITY, low = valid ? v[j] : INFINITY;
+                        beats |= above(high, top_last[j]) | lower(low, bottom_last[j]);
+                    }
+                    if (!beats) continue;
+                    for (int64_t j = 0; j < units; j++) {
+                        float high = valid ? v[j] : -INFINITY, low = valid ? v[j] : INFINITY;
+                        if (above(high, top_vals[(n - 1) * block + j]))
+                            WHQ_INSERT(above, top_vals, top_ids, block, j, n - 1, high, token);
+                        if (lower(low, bottom_vals[(n - 1) * block + j]))
+                            WHQ_INSERT(lower, bottom_vals, bottom_ids, block, j, n - 1, low, token);
+                    }
+                }
+            }
+            for (int64_t p = 0; p < n; p++)
+                for (int64_t j = 0; j < units; j++) {
+                    top[p * width + j0 + j] = top_ids[p * block + j];
+                    bottom[p * width + j0 + j] = bottom_ids[p * block + j];
+                }
+        }
+        free(top_vals);
+        free(bottom_vals);
+        free(top_ids);
+        free(bottom_ids);
+    }
+    return failed ? -1 : 0;
 }

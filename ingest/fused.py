@@ -1,4 +1,5 @@
-"""The fused CPU hook kernel (fused.c): top-k and per-row partial statistics in one pass.
+"""The fused CPU hook kernel (fused.c): top-k and per-row partial statistics in one pass, and
+each unit's top and bottom examples of a batch.
 
 The C source is compiled on first use with the machine's C compiler (`cc -O3
 -march=native -fopenmp`) into a cache folder ($WHQ_CACHE, else ~/.cache/whq), like a JIT: about a second once, then
@@ -85,6 +86,8 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
         function.restype = ctypes.c_int
     lib.whq_histogram.argtypes = [pointer, size, size, size, pointer, pointer]
     lib.whq_histogram.restype = None
+    lib.whq_extremes.argtypes = [pointer, size, size, size, pointer, pointer, size, pointer, pointer]
+    lib.whq_extremes.restype = ctypes.c_int
     return lib, f"fused C kernel ({path})"
 
 
@@ -167,6 +170,25 @@ def site_pass(x: torch.Tensor, ctx, threshold: float, topk: int | None, want_abs
     if "hist" in stats:
         lib.whq_histogram(x.data_ptr(), batch, seq, width, _pointer(mask), stats["hist"].data_ptr())
     return ((values, ids) if k else None), sums, abs_sums
+
+
+def extremes(x: torch.Tensor, ctx, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each unit's n largest and n smallest values of x [batch, seq, width] (ctx: its BatchContext) as
+    flat token indices [n, width] (int64, best first), ties to the first token in document order; padding
+    ranks as -inf for the largest and +inf for the smallest. The same tokens as capture.ranking_keys' top-k."""
+    lib = _library()[0]
+    x = x.contiguous()
+    batch, seq, width = x.shape
+    n = min(n, batch * seq)
+    mask = None if ctx.full else ctx.mask[:, :seq].contiguous().view(torch.uint8)
+    top, bottom = (torch.empty(n, width, dtype=torch.int64) for _ in range(2))
+    order = ctx.row_order.contiguous()
+    _check(
+        lib.whq_extremes(
+            x.data_ptr(), batch, seq, width, _pointer(mask), order.data_ptr(), n, top.data_ptr(), bottom.data_ptr()
+        )
+    )
+    return top, bottom
 
 
 def topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

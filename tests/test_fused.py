@@ -4,6 +4,8 @@
   widths that are and are not multiples of k or of the vector width, ties and NaN;
 - site pass: the same batches through the kernel and through torch ops give the same
   top-k rows, document means / NAG and stats;
+- examples: the kernel's top and bottom tokens of a batch are the ones capture.ranking_keys'
+  top-k picks (the torch path), on ties, NaN, infinities, -0.0 and padding;
 - a whole ingest: both paths commit the same token_neurons rows and neuron_stats;
 - building: cached per source and CPU, and a missing compiler falls back to torch.
 """
@@ -44,6 +46,28 @@ def test_topk_equals_reference(rows, width, k):
     want_values, want_ids = _reference_topk(x, k)
     np.testing.assert_array_equal(ids.numpy(), want_ids)
     np.testing.assert_array_equal(values.numpy(), want_values)
+
+
+@pytest.mark.parametrize("n", [1, 4, 30, 35])
+def test_extremes_pick_what_the_torch_path_picks(n):
+    from ingest.capture import ranking_keys
+
+    x = np.random.default_rng(n).integers(-3, 4, (5, 7, 40)).astype(np.float32)  # every value repeats often
+    x[0, :, 3] = np.nan  # a NaN column: the first tokens of the top, the last of the bottom
+    x[1, 2, 5] = x[3, 0, 5] = np.nan
+    x[:, :, 6] = np.where(np.arange(7) % 2, 0.0, -0.0)  # -0.0 ties with 0.0
+    x[:, 3:, 7] = np.inf
+    x[4, 1:, 8] = -np.inf
+    x[1, 5:, :] = 9.0  # padding of row 1 (length 5) would win everywhere
+    docs, starts, lengths = [4, 1, 3, 1, 0], [0, 0, 0, 7, 0], [7, 5, 7, 2, 6]  # rows out of document order
+    ctx = _context(docs, starts, lengths, 7)
+    top, bottom = fused.extremes(torch.from_numpy(x), ctx, n)
+    valid = torch.from_numpy(_valid_tokens(7, lengths).reshape(-1, 1))
+    flat = torch.from_numpy(x.reshape(35, 40))
+    place = (ctx.row_rank[:, None] * 7 + torch.arange(7)).reshape(-1, 1)
+    floored, ceiled = flat.masked_fill(~valid, -np.inf), flat.masked_fill(~valid, np.inf)
+    assert torch.equal(top, ranking_keys(floored, place, True).topk(n, dim=0)[1])
+    assert torch.equal(bottom, ranking_keys(ceiled, place, False).topk(n, dim=0, largest=False)[1])
 
 
 def test_topk_ties_nan_and_infinities():

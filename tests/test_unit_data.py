@@ -173,7 +173,7 @@ def test_histogram_and_moments_merge_whatever_the_batching_snapshot_or_ranks(hoo
             torch.testing.assert_close(candidate.stats[key], whole.stats[key], rtol=1e-6, atol=1e-4)
 
 
-def test_examples_and_their_windows_merge_whatever_the_batching_or_ranks():
+def test_examples_and_their_windows_merge_whatever_the_batching_or_ranks(hook_path):
     """Top, bottom, random and pool examples with their window values: one-row batches, and three ranks
     merged through the resume snapshot, keep exactly what whole batches keep, ties included (_batches
     makes every token of unit 0 tie, and two of unit 1): a tie goes to the first token in document order."""
