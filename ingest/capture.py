@@ -20,6 +20,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from warehouse.errors import BadInput
+
 from . import fused
 from .sites import ResolvedSite
 
@@ -287,6 +289,12 @@ class SiteLayer:
         self._allocate(stats.num_rows)
         examples = tables.get(f"examples.{self.name}.{self.layer}")
         for prefix, source, state in (("stats", stats, self.stats), ("examples", examples, self.examples)):
+            missing = [key for key in state if key not in source.column_names]
+            if missing:  # e.g. bottom examples, which state saved by an older whq lacks
+                raise BadInput(
+                    f"the saved state of site {self.name} layer {self.layer} lacks {', '.join(missing)} (saved by an "
+                    f"older whq): discard the interrupted run with `whq gc WAREHOUSE --interrupted`, then ingest it again"
+                )
             for key, target in state.items():
                 data = source.column(key).combine_chunks()
                 if pa.types.is_fixed_size_list(data.type):

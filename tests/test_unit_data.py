@@ -247,6 +247,18 @@ def test_stored_top_and_bottom_examples_match_numpy_ties_included(kind, hook_pat
         assert [r["window_values"] for r in got] == [w[3] for w in want]
 
 
+def test_state_saved_without_bottom_examples_is_refused_with_the_fix():
+    """A resume state written before bottom examples existed cannot continue them exactly: one line, no guess."""
+    sl = _capture("x:topk=3,examples=4", _batches(np.random.default_rng(2)))
+    tables = sl.state_tables()
+    examples = tables["examples.x.0"]
+    tables["examples.x.0"] = examples.drop_columns([c for c in examples.column_names if c.startswith("bottom_")])
+    with pytest.raises(
+        BadInput, match=r"lacks bottom_value, bottom_doc, bottom_pos, bottom_context .*whq gc WAREHOUSE --interrupted"
+    ):
+        _site_layer("x:topk=3,examples=4").restore(tables)
+
+
 def test_examples_snapshot_round_trips():
     batches = _special_batches(np.random.default_rng(6))
     sl = _capture("x:topk=3,examples=4,hist", batches)
