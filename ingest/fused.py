@@ -1,5 +1,6 @@
-"""The fused CPU hook kernel (fused.c): top-k and per-row partial statistics in one pass, and
-each unit's top and bottom examples of a batch.
+"""The fused CPU hook kernel (fused.c): top-k and per-row partial statistics in one pass; example tokens.
+
+`extremes` finds each unit's top and bottom example tokens of a batch in one more pass.
 
 The C source is compiled on first use with the machine's C compiler (`cc -O3
 -march=native -fopenmp`) into a cache folder ($WHQ_CACHE, else ~/.cache/whq), like a JIT: about a second once, then
