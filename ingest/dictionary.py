@@ -515,13 +515,16 @@ class DeviceDictionary:
             "ce_spliced": zeros(),
         }
 
-    def __call__(self, x, mask):
-        """x [batch, seq, d_in] float32, mask [batch, seq] bool -> latents [batch, seq, d_sae]."""
+    def check_width(self, x) -> None:
         if x.shape[-1] != self.d.d_in:
             raise BadInput(
                 f"{self.where}: the hook gives {x.shape[-1]} units but dictionary {self.d.path} reads d_in={self.d.d_in}: "
                 f"use a dictionary trained on this site"
             )
+
+    def __call__(self, x, mask):
+        """x [batch, seq, d_in] float32, mask [batch, seq] bool -> latents [batch, seq, d_sae]."""
+        self.check_width(x)
         if not self.quality:
             self._allocate()
         latents = self.encode(x)

@@ -331,13 +331,18 @@ def final_parts(
         if "similar" in sl.red:  # check_similar made sure the site has a down projection
             parts.append(("unit_neighbors", sl.name, sl.layer, unit_neighbors(loaded, sl)))
     if logit_lens:
-        unembed = _unembedding(loaded)
-        lens = [(sl, neuron_logits(loaded, sl, unembed)) for sl in site_layers] if unembed is not None else []
-        lens = [(sl, t) for sl, t in lens if t is not None]
+        lens = logit_lens_parts(loaded, site_layers)
         if not lens:
             raise BadInput(
                 "--logit-lens needs a causal LM with an unembedding and an MLP unit site (mlp.act, mlp.up or mlp.gate) "
                 "or a dictionary site that writes to the residual stream"
             )
-        parts.extend(("neuron_logits", sl.name, sl.layer, table) for sl, table in lens)
+        parts.extend(lens)
     return parts
+
+
+def logit_lens_parts(loaded, site_layers: list[SiteLayer]) -> list[tuple]:
+    """The neuron_logits parts of the site layers that have output directions (none without an unembedding)."""
+    unembed = _unembedding(loaded)
+    lens = [(sl, neuron_logits(loaded, sl, unembed)) for sl in site_layers] if unembed is not None else []
+    return [("neuron_logits", sl.name, sl.layer, table) for sl, table in lens if table is not None]
