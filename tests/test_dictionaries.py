@@ -550,14 +550,3 @@ def test_eleutherai_sparsify_itself_gives_whq_values(tmp_path, transcode):
         np.testing.assert_allclose(
             ours.decode(ours.encode(x), x).numpy(), theirs(x).sae_out.numpy(), rtol=1e-5, atol=1e-5
         )
-
-
-def test_scenarios_refuse_dictionary_sites():
-    from ingest.scenario import parse
-
-    from .scenario_yaml import scenario_dict
-
-    with pytest.raises(
-        BadInput, match="dictionary sites are not captured in scenarios yet; ingest the documents with `whq ingest`"
-    ):
-        parse(scenario_dict("config:qwen3-tiny", capture={"sites": ["resid.out[1]+sae=saes:topk=3"]}))
