@@ -12,8 +12,12 @@ What one scenario writes (documents.role in brackets):
 - `steps`: per generation step its input, the chosen token, the argmax and the top-k;
 - `logit_lens`: per forward pass and captured layer, hidden_out through the final norm
   and the unembedding: top-k, argmax log-probability and KL(final || layer);
-- the sparse sites of capture.sites (`mlp.act:topk=20`, ...) over the whole
-  conversation (prompt + generation) and each reference, by the ingest capture code.
+- the sparse sites of capture.sites (`mlp.act:topk=20`, `resid.out[6]+sae=PATH:topk=20`, ...)
+  over the whole conversation (prompt + generation) and each reference, by the ingest capture
+  code, and their run-level tables as `whq ingest` commits them (finalize.final_parts);
+- per dictionary site, `vectors` of its latents at every forward pass's last token, like the
+  sources' (so the scenario macros compare latents), and the feature logit lens while
+  capture.logit_lens is on.
 Everything is committed as one run (one shard), so it appears atomically.
 """
 

@@ -3,8 +3,9 @@
 The format is Activation Lab's (`name`, `model`, `prompt`, `generation`, `capture`,
 `output`, `reference_states`) with whq's additions under `capture`: `sources` (which
 residual-stream sources get last-token vectors), `sites` (sparse SPECs over the whole
-conversation, as for `whq ingest --site`) and `logit_lens` (top-k tokens kept per
-layer, 0 = off). Every problem is one BadInput line naming the key and the fix.
+conversation, as for `whq ingest --site`, dictionary sites included) and `logit_lens`
+(top-k tokens kept per layer, 0 = off). Every problem is one BadInput line naming the key
+and the fix.
 """
 
 from __future__ import annotations
