@@ -67,6 +67,7 @@ BAD_SCENARIOS = [
     (lambda d: d["capture"].update(sources=["hidden_mid"]), "capture.sources has 'hidden_mid'"),
     (lambda d: d["capture"].update(layers=[0, 99]), "capture.layers has layer 99"),
     (lambda d: d["capture"].update(sites=["mlp.act:tpk=3"]), "did you mean 'topk'"),
+    (lambda d: d["capture"].update(sites=["attn.q:topk=3,similar=2"]), "similar=K compares output directions"),
     (lambda d: d.update(generaton={}), "unknown key 'generaton': did you mean 'generation'?"),
     (lambda d: d.pop("name"), "missing 'name'"),
     (lambda d: d["prompt"].update(messages=[]), "prompt.messages must be a non-empty list"),
