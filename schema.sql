@@ -241,6 +241,53 @@ COMMENT ON COLUMN unit_neighbors.rank IS '0 is the most similar unit (ties: lowe
 COMMENT ON COLUMN unit_neighbors.other IS 'The similar unit''s index.';
 COMMENT ON COLUMN unit_neighbors.cosine IS 'Cosine of the two units'' output directions.';
 
+CREATE TABLE unit_coactivations (
+    run_id VARCHAR,
+    site VARCHAR,
+    layer INTEGER,
+    neuron INTEGER,
+    rank INTEGER,
+    other INTEGER,
+    n_shared BIGINT,
+    jaccard DOUBLE,
+    kept INTEGER
+);
+COMMENT ON TABLE unit_coactivations IS 'Precomputed at commit from token_neurons (warehouse/indexes.py): per unit, the K other units of its layer with the highest Jaccard index of the sets of tokens where each is stored above the site threshold (similar_units, kind coactivation, reads them). A layer whose stored rows average more than 64 units a token (a threshold capture of a dense site) keeps none.';
+COMMENT ON COLUMN unit_coactivations.neuron IS 'Unit index at the site.';
+COMMENT ON COLUMN unit_coactivations.rank IS '0 is the most similar unit (ties: lower unit id first); only units sharing at least one token are kept.';
+COMMENT ON COLUMN unit_coactivations.other IS 'The co-activating unit''s index.';
+COMMENT ON COLUMN unit_coactivations.n_shared IS 'Tokens where both are stored above the threshold.';
+COMMENT ON COLUMN unit_coactivations.jaccard IS 'n_shared / (tokens of the unit + tokens of the other - n_shared).';
+COMMENT ON COLUMN unit_coactivations.kept IS 'K: how many were kept per unit (a unit sharing tokens with fewer units has fewer rows).';
+
+CREATE TABLE token_units (
+    run_id VARCHAR,
+    site VARCHAR,
+    layer INTEGER,
+    token_id INTEGER,
+    neuron INTEGER,
+    n_fired BIGINT,
+    value_sum DOUBLE
+);
+COMMENT ON TABLE token_units IS 'Token index, precomputed at commit from tokens and token_neurons (warehouse/indexes.py): per token id and unit, its rows above the site threshold at the tokens with that id (units_for_token reads it).';
+COMMENT ON COLUMN token_units.token_id IS 'Vocabulary id (see tokens.token_id, vocabulary).';
+COMMENT ON COLUMN token_units.neuron IS 'Unit index at the site.';
+COMMENT ON COLUMN token_units.n_fired IS 'Tokens with this id where the unit is stored above the threshold.';
+COMMENT ON COLUMN token_units.value_sum IS 'Sum of the unit''s values there.';
+
+CREATE TABLE vocabulary (
+    run_id VARCHAR,
+    token_id INTEGER,
+    piece VARCHAR,
+    text VARCHAR,
+    n_tokens BIGINT
+);
+COMMENT ON TABLE vocabulary IS 'Precomputed at commit from tokens (warehouse/indexes.py): one row per token id the run saw.';
+COMMENT ON COLUMN vocabulary.token_id IS 'Vocabulary id.';
+COMMENT ON COLUMN vocabulary.piece IS 'The token as text (see tokens.piece).';
+COMMENT ON COLUMN vocabulary.text IS 'The token as the tokenizer decodes it alone (see tokens.text); NULL in runs captured before it was kept.';
+COMMENT ON COLUMN vocabulary.n_tokens IS 'Token positions of the run with this id.';
+
 CREATE TABLE vectors (
     run_id VARCHAR,
     site VARCHAR,

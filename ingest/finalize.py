@@ -1,5 +1,6 @@
 """Run-level tables written at commit: runs, sites, neuron_stats, unit_histograms, neuron_examples, neuron_logits,
-unit_neighbors."""
+unit_neighbors, and the indexes over the stored top-k rows (warehouse/indexes.py: unit_coactivations, token_units,
+vocabulary)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pyarrow as pa
 
 from warehouse import schema
 from warehouse.errors import BadInput
+from warehouse.indexes import index_parts
 
 from .capture import _NO_KEY, SiteLayer
 from .dictionary import ENCODE_DTYPE
@@ -330,6 +332,7 @@ def final_parts(
             parts.append(("dictionaries", sl.name, sl.layer, dictionaries_row(sl)))
         if "similar" in sl.red:  # check_similar made sure the site has a down projection
             parts.append(("unit_neighbors", sl.name, sl.layer, unit_neighbors(loaded, sl)))
+    parts += index_parts(writer, {r.name: r.spec.threshold for r in resolved})
     if logit_lens:
         lens = logit_lens_parts(loaded, site_layers)
         if not lens:
