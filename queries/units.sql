@@ -87,7 +87,11 @@ WITH indexed AS (  -- the run's token index (token_units, vocabulary; warehouse/
     FROM (SELECT 1 FROM token_units u WHERE whq_known_site(run, site) AND u.run_id = run AND u.site = site LIMIT 1) u
 ),
 -- the run on the path that answers, NULL on the other: a join on NULL leaves that path's tables unread
-source AS (SELECT CASE WHEN i.yes THEN run END AS indexed_run, CASE WHEN NOT i.yes THEN run END AS scanned_run FROM indexed i),
+source AS (
+    SELECT CASE WHEN i.yes THEN run END AS indexed_run, CASE WHEN NOT i.yes THEN run END AS scanned_run,
+           whq_token_key(text) AS key
+    FROM indexed i
+),
 wanted AS (  -- the token ids whose text matches, from the run's vocabulary
     SELECT w.token_id, w.n_tokens
     FROM vocabulary w JOIN source x ON w.run_id = x.indexed_run
@@ -95,8 +99,7 @@ wanted AS (  -- the token ids whose text matches, from the run's vocabulary
 ),
 matched AS (  -- runs without the index: the matching tokens themselves
     SELECT t.doc, t.pos
-    FROM tokens t JOIN source x ON t.run_id = x.scanned_run
-    WHERE whq_token_key(coalesce(t.text, t.piece)) = whq_token_key(text)
+    FROM tokens t JOIN source x ON t.run_id = x.scanned_run AND whq_token_key(coalesce(t.text, t.piece)) = x.key
 ),
 occurrences AS (SELECT CAST((SELECT coalesce(sum(w.n_tokens), 0) FROM wanted w) + (SELECT count(*) FROM matched) AS BIGINT) AS n),
 threshold AS (SELECT s.threshold FROM sites s WHERE s.run_id = run AND s.site = site),
