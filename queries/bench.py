@@ -4,8 +4,9 @@ The warehouse is written through the normal write path (RunWriter shards of
 `shard_tokens` tokens, parts in the row order the capture writes them) and reused
 when a run of the same shape is already there. Each token keeps the top-k of
 `width` units on every layer of one site `mlp.act`; neuron_stats, neuron_examples,
-doc_neurons, documents and tokens match those rows, so the macros read what they
-would read after a real ingest.
+doc_neurons, documents and tokens match those rows, and the indexes come from
+warehouse/indexes.py as for every run, so the macros read what they would read after a real
+ingest.
 """
 
 from __future__ import annotations

@@ -659,3 +659,82 @@ def test_every_unit_macro_is_documented(unit_wh):
         "whq_has_quantiles",
     ):
         assert comments.get(name), name
+
+
+def _indexed_run(tmp_path, rows_of_layer: dict[int, list[list[tuple[int, float]]]], token_ids: list[int]):
+    """index_parts over one shard written by a RunWriter: per layer, each token's (unit, value) rows."""
+    from warehouse.indexes import index_parts
+    from warehouse.parts import part_order, to_arrow
+    from warehouse.runwriter import RunWriter
+
+    wh = warehouse.open_or_init(tmp_path / "wh")
+    writer = RunWriter(wh.layout, "x", {"test": True})
+    n = len(token_ids)
+    tokens = {
+        "doc": np.zeros(n, dtype=np.int64),
+        "pos": np.arange(n),
+        "window": np.zeros(n, dtype=np.int64),
+        "token_id": np.array(token_ids),
+        "piece": [f"p{i}" for i in token_ids],
+        "char_start": np.zeros(n, dtype=np.int64),
+        "char_end": np.zeros(n, dtype=np.int64),
+        "special": np.zeros(n, dtype=bool),
+        "text": [f"t{i}" for i in token_ids],
+    }
+    parts = [("tokens", None, None, to_arrow("tokens", tokens, None))]
+    for layer, per_token in rows_of_layer.items():
+        cols = {
+            "doc": np.array([0 for pos, rows in enumerate(per_token) for _ in rows]),
+            "pos": np.array([pos for pos, rows in enumerate(per_token) for _ in rows]),
+            "neuron": np.array([u for rows in per_token for u, _ in rows]),
+            "value": np.array([v for rows in per_token for _, v in rows], dtype=np.float16),
+        }
+        parts.append(("token_neurons", "s", layer, to_arrow("token_neurons", part_order("token_neurons", cols), 200)))
+    writer.commit_shard(parts)
+    out = {(t, layer): table.to_pydict() for t, _, layer, table in index_parts(writer, {"s": 0.0}, k=3)}
+    writer.close()
+    return out
+
+
+def test_index_parts_match_python_and_skip_dense_layers(tmp_path):
+    rng = np.random.default_rng(5)
+    sparse = [
+        [(int(u), float(rng.choice([-1.0, 0.5, 1.5]))) for u in rng.choice(12, 4, replace=False)] for _ in range(60)
+    ]
+    dense = [[(u, 1.0) for u in range(130)] for _ in range(3)]  # 130 firing units a token: above MAX_MEAN_COFIRING
+    token_ids = rng.integers(0, 5, 60).tolist()
+    got = _indexed_run(tmp_path, {0: sparse, 1: dense + sparse[3:]}, token_ids)
+    assert ("unit_coactivations", 1) not in got and ("token_units", 1) in got
+
+    fired = defaultdict(set)
+    for pos, rows_ in enumerate(sparse):
+        for u, v in rows_:
+            if v > 0:
+                fired[u].add(pos)
+    c = got[("unit_coactivations", 0)]
+    for unit in fired:
+        jaccard = {
+            o: len(fired[unit] & s) / len(fired[unit] | s) for o, s in fired.items() if o != unit and fired[unit] & s
+        }
+        expected = sorted(jaccard, key=lambda o: (-jaccard[o], o))[:3]
+        mine = [i for i, u in enumerate(c["neuron"]) if u == unit]
+        assert [c["other"][i] for i in mine] == expected
+        assert [c["rank"][i] for i in mine] == list(range(len(expected)))
+        assert [c["jaccard"][i] for i in mine] == [jaccard[o] for o in expected]  # the same float division
+        assert [c["n_shared"][i] for i in mine] == [len(fired[unit] & fired[o]) for o in expected]
+    assert set(c["kept"]) == {3}
+
+    t = got[("token_units", 0)]
+    expected = defaultdict(lambda: [0, 0.0])
+    for pos, rows_ in enumerate(sparse):
+        for u, v in rows_:
+            if v > 0:
+                expected[(token_ids[pos], u)][0] += 1
+                expected[(token_ids[pos], u)][1] += v
+    assert sorted(zip(t["token_id"], t["neuron"])) == list(zip(t["token_id"], t["neuron"]))  # the lookup order
+    assert {(i, u): [n, s] for i, u, n, s in zip(t["token_id"], t["neuron"], t["n_fired"], t["value_sum"])} == dict(
+        expected
+    )
+    vocabulary = got[("vocabulary", None)]
+    assert dict(zip(vocabulary["token_id"], vocabulary["n_tokens"])) == {i: token_ids.count(i) for i in set(token_ids)}
+    assert vocabulary["text"] == [f"t{i}" for i in vocabulary["token_id"]]
