@@ -738,3 +738,15 @@ def test_index_parts_match_python_and_skip_dense_layers(tmp_path):
     vocabulary = got[("vocabulary", None)]
     assert dict(zip(vocabulary["token_id"], vocabulary["n_tokens"])) == {i: token_ids.count(i) for i in set(token_ids)}
     assert vocabulary["text"] == [f"t{i}" for i in vocabulary["token_id"]]
+
+
+def test_index_parts_are_the_same_in_blocks_of_units_and_chunks_of_pairs(tmp_path, monkeypatch):
+    """Wide layers count pairs a block of units at a time, and expand pairs a chunk at a time."""
+    from warehouse import indexes
+
+    rng = np.random.default_rng(6)
+    per_token = [[(int(u), 1.0) for u in rng.choice(12, 5, replace=False)] for _ in range(40)]
+    whole = _indexed_run(tmp_path / "a", {0: per_token}, [0] * 40)
+    monkeypatch.setattr(indexes, "_BLOCK_CELLS", 3 * 12)  # blocks of 3 units
+    monkeypatch.setattr(indexes, "_CHUNK_PAIRS", 7)
+    assert _indexed_run(tmp_path / "b", {0: per_token}, [0] * 40) == whole

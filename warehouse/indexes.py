@@ -70,10 +70,10 @@ def _table(name: str, columns: dict) -> pa.Table:
     return pa.Table.from_pydict({f.name: columns[f.name] for f in target}, schema=target)
 
 
-def _fired(path: Path, threshold: float, columns=("doc", "pos", "neuron", "value")) -> dict[str, np.ndarray]:
+def _fired(path: Path, threshold: float) -> dict[str, np.ndarray]:
     """One token_neurons part's rows above the threshold, in (doc, pos) order."""
-    t = pq.read_table(path, columns=list(columns))
-    cols = {c: t.column(c).to_numpy() for c in columns}
+    t = pq.read_table(path, columns=["doc", "pos", "neuron", "value"])
+    cols = {c: t.column(c).to_numpy() for c in t.column_names}
     keep = cols["value"] > threshold
     cols = {c: v[keep] for c, v in cols.items()}
     order = np.lexsort((cols["pos"], cols["doc"]))
