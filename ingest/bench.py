@@ -196,7 +196,7 @@ def bench_ingest(
     from . import dictionary, fused, models
     from .capture import hooks
     from .limits import check_reductions
-    from .sites import parse_spec, resolve
+    from .sites import parse_specs, resolve
     from .sources import Document
     from .writer import ShardWriter
 
@@ -205,15 +205,17 @@ def bench_ingest(
     check_device(device)
     check_dtype(dtype)
     spec_texts = list(sites) or list(DEFAULT_SITES)
-    specs = [parse_spec(s) for s in spec_texts]
+    specs = parse_specs(spec_texts)
+    dictionaries = dictionary.load_all(specs)
     loaded = models.load(f"config:{model_config}" if model_config else model, device, dtype)
     device = loaded.config["device"]
     max_positions = getattr(loaded.model.config, "max_position_embeddings", None)
     if max_positions and seq_len > max_positions:
         raise BadInput(f"--seq-len {seq_len} is longer than the model's {max_positions} positions: lower it")
     resolved = [resolve(s, loaded.module_names, loaded.aliases) for s in specs]
+    dictionary.check_encode_dtypes(specs, dictionaries, device)
+    resolved, bound = dictionary.bind(resolved, dictionaries, loaded.module_names, loaded.aliases)
     check_reductions(resolved, loaded, device)
-    resolved, bound = dictionary.bind(resolved, dictionary.load_all(specs), loaded.module_names, loaded.aliases)
     capture = Capture(loaded, resolved, device, bound)
     batches_per_block = max(1, shard_tokens // (batch_size * seq_len))
     # Distinct rows for each batch of a block (the same batches every block): repeated rows

@@ -12,7 +12,6 @@ from warehouse import schema
 from warehouse.errors import BadInput
 
 from .capture import _NO_KEY, SiteLayer
-from .dictionary import ENCODE_DTYPE
 from .models import final_norm
 
 LOGIT_LENS_K = 10
@@ -69,7 +68,7 @@ def dictionaries_row(sl: SiteLayer) -> pa.Table:
         "kind": sl.spec.kind,
         "format": d.format,
         "architecture": d.architecture,
-        "encode_dtype": ENCODE_DTYPE,
+        "encode_dtype": sl.encoder.encode_dtype,
         "sha256": d.sha256,
     }
     return _table("dictionaries", {k: [v] for k, v in {**identity, **sl.encoder.summary()}.items()})
