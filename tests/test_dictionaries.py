@@ -722,3 +722,29 @@ def test_eleutherai_sparsify_itself_gives_whq_values(tmp_path, transcode):
         np.testing.assert_allclose(
             ours.decode(ours.encode(x), x).numpy(), theirs(x).sae_out.numpy(), rtol=1e-5, atol=1e-5
         )
+
+
+def test_bench_ingest_times_a_versus_configuration_in_the_same_alternation(tmp_path):
+    from ingest.bench import bench_ingest
+
+    sae = dicts.saelens(tmp_path / "d", "topk", k=4)
+    result = bench_ingest(
+        "config:qwen3-tiny",
+        device="cpu",
+        batch_size=2,
+        seq_len=8,
+        repeats=2,
+        shard_tokens=16,
+        sites=[f"resid.out+sae={sae}:topk=4"],
+        versus=[f"resid.out+sae={sae}:topk=4,encode_only"],
+        root=tmp_path,
+    )
+    figures = result.to_dict()
+    assert len(result.plain_s) == len(result.capture_s) == len(result.versus_s) == 2
+    assert figures["versus_ratio"] > 0 and figures["versus_sites"] == [f"resid.out+sae={sae}:topk=4,encode_only"]
+    assert result.token_neuron_rows == 2 * 8 * 4 * result.batches_per_block * 2  # the main capture's blocks only
+    assert any(line.startswith("ratio versus / plain") for line in result.lines())
+    alone = bench_ingest(
+        "config:qwen3-tiny", device="cpu", batch_size=1, seq_len=4, repeats=1, shard_tokens=4, root=tmp_path
+    )
+    assert alone.versus_ratio is None and not any("versus" in line for line in alone.lines())
