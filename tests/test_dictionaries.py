@@ -748,3 +748,62 @@ def test_bench_ingest_times_a_versus_configuration_in_the_same_alternation(tmp_p
         "config:qwen3-tiny", device="cpu", batch_size=1, seq_len=4, repeats=1, shard_tokens=4, root=tmp_path
     )
     assert alone.versus_ratio is None and not any("versus" in line for line in alone.lines())
+
+
+def _saelens_own(sae_lens, path):
+    """SAELens' own inference SAE for a folder: its loader, or for a BatchTopK training checkpoint (which it loads
+    only for training) its own conversion, BatchTopKTrainingSAE.save_inference_model, then its loader."""
+    import json
+
+    import torch
+
+    cfg = json.loads((path / "cfg.json").read_text())
+    if cfg["architecture"] == "batchtopk":
+        from safetensors.torch import load_file
+
+        training = sae_lens.BatchTopKTrainingSAE(
+            sae_lens.BatchTopKTrainingSAEConfig(
+                d_in=cfg["d_in"],
+                d_sae=cfg["d_sae"],
+                k=cfg["k"],
+                apply_b_dec_to_input=cfg["apply_b_dec_to_input"],
+                rescale_acts_by_decoder_norm=cfg.get("rescale_acts_by_decoder_norm", False),
+            )
+        )
+        weights = load_file(str(path / "sae_weights.safetensors"))
+        training.load_state_dict({k: v.float().reshape(training.state_dict()[k].shape) for k, v in weights.items()})
+        training.save_inference_model(str(path.parent / "inference"))
+        path = path.parent / "inference"
+    return sae_lens.SAE.load_from_disk(str(path), device="cpu"), torch
+
+
+@pytest.mark.parametrize("name", [n for n in FORMATS if n.startswith("saelens-")])
+def test_sae_lens_itself_gives_whq_values(tmp_path, name):
+    """SAELens' own loader and encoder (and decoder) on the same files give whq's latents and reconstruction."""
+    sae_lens = pytest.importorskip("sae_lens", reason="sae-lens is not installed (pip install -e '.[test]')")
+    path = FORMATS[name](tmp_path)
+    theirs, torch = _saelens_own(sae_lens, path)
+    ours = dictionary.DeviceDictionary(dictionary.load(str(path)).first, "cpu", "test")
+    x = torch.from_numpy(np.random.default_rng(2).normal(size=(11, D_IN)).astype(np.float32))
+    with torch.inference_mode():
+        latents = theirs.encode(x)
+        assert (latents != 0).any() and (latents == 0).any()
+        np.testing.assert_allclose(ours.encode(x).numpy(), latents.numpy(), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            ours.decode(latents, x).numpy(), theirs.decode(latents).numpy(), rtol=1e-5, atol=1e-5
+        )
+
+
+def test_sae_lens_itself_encodes_the_stored_activations_to_the_stored_latents(options_run):
+    """Two SAELens dictionaries on one site of one run: SAELens' encode of the stored resid.out equals each
+    one's stored latents."""
+    sae_lens = pytest.importorskip("sae_lens", reason="sae-lens is not installed (pip install -e '.[test]')")
+    import torch
+
+    wh, paths = options_run
+    _, x = _dense(wh, "resid.out", 1, "o")
+    for site in ("sae.a.resid.out", "sae.b.resid.out"):
+        theirs = sae_lens.SAE.load_from_disk(str(paths[site]), device="cpu")
+        with torch.inference_mode():
+            expected = theirs.encode(torch.from_numpy(x)).numpy()
+        np.testing.assert_allclose(_dense(wh, site, 1, "o")[1], expected, rtol=1e-5, atol=1e-5, err_msg=site)
