@@ -741,6 +741,9 @@ def test_bench_ingest_times_a_versus_configuration_in_the_same_alternation(tmp_p
     )
     figures = result.to_dict()
     assert len(result.plain_s) == len(result.capture_s) == len(result.versus_s) == 2
+    assert figures["versus_speedup"] == pytest.approx(
+        float(np.median(np.array(result.capture_s) / np.array(result.versus_s)))
+    )
     assert figures["versus_ratio"] > 0 and figures["versus_sites"] == [f"resid.out+sae={sae}:topk=4,encode_only"]
     assert result.token_neuron_rows == 2 * 8 * 4 * result.batches_per_block * 2  # the main capture's blocks only
     assert any(line.startswith("ratio versus / plain") for line in result.lines())
