@@ -382,7 +382,7 @@ COMMENT ON COLUMN dictionaries.path IS 'This layer''s dictionary: its folder or 
 COMMENT ON COLUMN dictionaries.kind IS 'sae (reconstructs its input) or transcoder (reads mlp.in, reconstructs the MLP output).';
 COMMENT ON COLUMN dictionaries.format IS 'saelens, sparsify, gemmascope or adapter.';
 COMMENT ON COLUMN dictionaries.architecture IS 'How latents are encoded: relu, gated, jumprelu (SAELens batchtopk included) or topk; an adapter''s own name.';
-COMMENT ON COLUMN dictionaries.encode_dtype IS 'Dtype the encoder ran in on the device.';
+COMMENT ON COLUMN dictionaries.encode_dtype IS 'Dtype the dictionary ran in on the device: float32, or the site''s encode_dtype (bfloat16, float16).';
 COMMENT ON COLUMN dictionaries.sha256 IS 'sha256 of the weights file (an adapter: of its .py file).';
 COMMENT ON COLUMN dictionaries.d_in IS 'Width of the activation the dictionary encodes.';
 COMMENT ON COLUMN dictionaries.d_sae IS 'Number of latents.';
@@ -391,7 +391,7 @@ COMMENT ON COLUMN dictionaries.n_tokens IS 'Token positions encoded (padding exc
 COMMENT ON COLUMN dictionaries.l0_sum IS 'Non-zero latents summed over all tokens.';
 COMMENT ON COLUMN dictionaries.n_dead IS 'Latents never non-zero on any token.';
 COMMENT ON COLUMN dictionaries.n_dense IS 'Latents non-zero on more than 10% of tokens.';
-COMMENT ON COLUMN dictionaries.sq_error IS 'Sum over tokens of |reconstruction - target|^2 (NULL for an adapter without decode).';
+COMMENT ON COLUMN dictionaries.sq_error IS 'Sum over tokens of |reconstruction - target|^2 (NULL for an adapter without decode or an encode_only site, as are total_variance and cosine_sum).';
 COMMENT ON COLUMN dictionaries.total_variance IS 'Sum over tokens of |target - mean target|^2.';
 COMMENT ON COLUMN dictionaries.cosine_sum IS 'Sum over tokens of the cosine of reconstruction to target.';
 COMMENT ON COLUMN dictionaries.n_predicted IS '--splice: next-token predictions scored (both tokens real); NULL without --splice.';

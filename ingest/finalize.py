@@ -14,7 +14,6 @@ from warehouse.errors import BadInput
 from warehouse.indexes import index_parts
 
 from .capture import _NO_KEY, SiteLayer
-from .dictionary import ENCODE_DTYPE
 from .models import final_norm
 
 LOGIT_LENS_K = 10
@@ -71,7 +70,7 @@ def dictionaries_row(sl: SiteLayer) -> pa.Table:
         "kind": sl.spec.kind,
         "format": d.format,
         "architecture": d.architecture,
-        "encode_dtype": ENCODE_DTYPE,
+        "encode_dtype": sl.encoder.encode_dtype,
         "sha256": d.sha256,
     }
     return _table("dictionaries", {k: [v] for k, v in {**identity, **sl.encoder.summary()}.items()})
