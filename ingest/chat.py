@@ -42,7 +42,7 @@ from .limits import check_reductions
 from .pipeline import IngestResult, default_run_id
 from .scenario import Message, Scenario, load
 from .shard import Capture, Shard
-from .sites import SOURCE_ALIASES, parse_spec, resolve
+from .sites import SOURCE_ALIASES, parse_spec, parse_specs, resolve
 from .sources import Document
 from .tokenize import Window
 
@@ -388,9 +388,10 @@ def run_scenario(
     spec = scenario if isinstance(scenario, Scenario) else load(scenario)
     if model:
         spec = replace(spec, model=replace(spec.model, id=model))
-    sparse_specs = [parse_spec(s) for s in spec.capture.sites]
+    sparse_specs = parse_specs(spec.capture.sites) if spec.capture.sites else []
     dictionaries = dictionary.load_all(sparse_specs)  # read and checked before the model loads
     device, dtype, note = _device_and_dtype(spec, device)
+    dictionary.check_encode_dtypes(sparse_specs, dictionaries, device)
     loaded = loaded or models.load(spec.model.id, device, dtype)
     if loaded.family != "decoder" or loaded.hf_tokenizer is None or loaded.model.get_output_embeddings() is None:
         raise BadInput(

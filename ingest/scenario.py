@@ -302,10 +302,10 @@ def _capture(where: str, data) -> CaptureConfig:
         sites = [sites]
     if not isinstance(sites, list) or not all(isinstance(s, str) for s in sites):
         reader.fail("capture.sites must be a list of SPECs such as 'mlp.act:topk=20'")
-    from .sites import parse_spec
+    from .sites import parse_specs
 
-    for spec in sites:
-        parse_spec(spec)  # a bad SPEC is refused before any model loads
+    if sites:
+        parse_specs(sites)  # a bad SPEC, or two with one name, is refused before any model loads
     return CaptureConfig(
         hidden_states=hidden_states,
         attention_weights=reader.boolean("attention_weights", True),
