@@ -241,6 +241,53 @@ COMMENT ON COLUMN unit_neighbors.rank IS '0 is the most similar unit (ties: lowe
 COMMENT ON COLUMN unit_neighbors.other IS 'The similar unit''s index.';
 COMMENT ON COLUMN unit_neighbors.cosine IS 'Cosine of the two units'' output directions.';
 
+CREATE TABLE unit_coactivations (
+    run_id VARCHAR,
+    site VARCHAR,
+    layer INTEGER,
+    neuron INTEGER,
+    rank INTEGER,
+    other INTEGER,
+    n_shared BIGINT,
+    jaccard DOUBLE,
+    kept INTEGER
+);
+COMMENT ON TABLE unit_coactivations IS 'Precomputed at commit from token_neurons (warehouse/indexes.py): per unit, the K other units of its layer with the highest Jaccard index of the sets of tokens where each is stored above the site threshold (similar_units, kind coactivation, reads them). A layer whose stored rows average more than 64 units a token (a threshold capture of a dense site) keeps none.';
+COMMENT ON COLUMN unit_coactivations.neuron IS 'Unit index at the site.';
+COMMENT ON COLUMN unit_coactivations.rank IS '0 is the most similar unit (ties: lower unit id first); only units sharing at least one token are kept.';
+COMMENT ON COLUMN unit_coactivations.other IS 'The co-activating unit''s index.';
+COMMENT ON COLUMN unit_coactivations.n_shared IS 'Tokens where both are stored above the threshold.';
+COMMENT ON COLUMN unit_coactivations.jaccard IS 'n_shared / (tokens of the unit + tokens of the other - n_shared).';
+COMMENT ON COLUMN unit_coactivations.kept IS 'K: how many were kept per unit (a unit sharing tokens with fewer units has fewer rows).';
+
+CREATE TABLE token_units (
+    run_id VARCHAR,
+    site VARCHAR,
+    layer INTEGER,
+    token_id INTEGER,
+    neuron INTEGER,
+    n_fired BIGINT,
+    value_sum DOUBLE
+);
+COMMENT ON TABLE token_units IS 'Token index, precomputed at commit from tokens and token_neurons (warehouse/indexes.py): per token id and unit, its rows above the site threshold at the tokens with that id (units_for_token reads it).';
+COMMENT ON COLUMN token_units.token_id IS 'Vocabulary id (see tokens.token_id, vocabulary).';
+COMMENT ON COLUMN token_units.neuron IS 'Unit index at the site.';
+COMMENT ON COLUMN token_units.n_fired IS 'Tokens with this id where the unit is stored above the threshold.';
+COMMENT ON COLUMN token_units.value_sum IS 'Sum of the unit''s values there.';
+
+CREATE TABLE vocabulary (
+    run_id VARCHAR,
+    token_id INTEGER,
+    piece VARCHAR,
+    text VARCHAR,
+    n_tokens BIGINT
+);
+COMMENT ON TABLE vocabulary IS 'Precomputed at commit from tokens (warehouse/indexes.py): one row per token id the run saw.';
+COMMENT ON COLUMN vocabulary.token_id IS 'Vocabulary id.';
+COMMENT ON COLUMN vocabulary.piece IS 'The token as text (see tokens.piece).';
+COMMENT ON COLUMN vocabulary.text IS 'The token as the tokenizer decodes it alone (see tokens.text); NULL in runs captured before it was kept.';
+COMMENT ON COLUMN vocabulary.n_tokens IS 'Token positions of the run with this id.';
+
 CREATE TABLE vectors (
     run_id VARCHAR,
     site VARCHAR,
@@ -335,7 +382,7 @@ COMMENT ON COLUMN dictionaries.path IS 'This layer''s dictionary: its folder or 
 COMMENT ON COLUMN dictionaries.kind IS 'sae (reconstructs its input) or transcoder (reads mlp.in, reconstructs the MLP output).';
 COMMENT ON COLUMN dictionaries.format IS 'saelens, sparsify, gemmascope or adapter.';
 COMMENT ON COLUMN dictionaries.architecture IS 'How latents are encoded: relu, gated, jumprelu (SAELens batchtopk included) or topk; an adapter''s own name.';
-COMMENT ON COLUMN dictionaries.encode_dtype IS 'Dtype the encoder ran in on the device.';
+COMMENT ON COLUMN dictionaries.encode_dtype IS 'Dtype the dictionary ran in on the device: float32, or the site''s encode_dtype (bfloat16, float16).';
 COMMENT ON COLUMN dictionaries.sha256 IS 'sha256 of the weights file (an adapter: of its .py file).';
 COMMENT ON COLUMN dictionaries.d_in IS 'Width of the activation the dictionary encodes.';
 COMMENT ON COLUMN dictionaries.d_sae IS 'Number of latents.';
@@ -344,7 +391,7 @@ COMMENT ON COLUMN dictionaries.n_tokens IS 'Token positions encoded (padding exc
 COMMENT ON COLUMN dictionaries.l0_sum IS 'Non-zero latents summed over all tokens.';
 COMMENT ON COLUMN dictionaries.n_dead IS 'Latents never non-zero on any token.';
 COMMENT ON COLUMN dictionaries.n_dense IS 'Latents non-zero on more than 10% of tokens.';
-COMMENT ON COLUMN dictionaries.sq_error IS 'Sum over tokens of |reconstruction - target|^2 (NULL for an adapter without decode).';
+COMMENT ON COLUMN dictionaries.sq_error IS 'Sum over tokens of |reconstruction - target|^2 (NULL for an adapter without decode or an encode_only site, as are total_variance and cosine_sum).';
 COMMENT ON COLUMN dictionaries.total_variance IS 'Sum over tokens of |target - mean target|^2.';
 COMMENT ON COLUMN dictionaries.cosine_sum IS 'Sum over tokens of the cosine of reconstruction to target.';
 COMMENT ON COLUMN dictionaries.n_predicted IS '--splice: next-token predictions scored (both tokens real); NULL without --splice.';

@@ -4,8 +4,10 @@ One process, one model, one batch. After a warm-up it alternates timed blocks of
 (a) the plain forward pass and (b) the full capture path — hooks, device-side
 reductions, host copies and the background writer committing a shard to a temporary
 warehouse — each block being one shard's worth of batches, and the capture block
-ending only when the writer has committed its shard. On CUDA the device is
-synchronised around every timed block.
+ending only when the writer has committed its shard. With `versus` SPECs a third
+block, the capture of those sites instead, joins the alternation, so two site
+configurations (e.g. a dictionary site with and without `encode_only`) are compared
+under the same load. On CUDA the device is synchronised around every timed block.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ class IngestBench:
     hooks: str = ""  # which hook implementation ran (fused C kernel or torch ops)
     plain_s: list = field(default_factory=list)  # seconds per timed plain block
     capture_s: list = field(default_factory=list)  # seconds per timed capture block
+    versus_sites: list = field(default_factory=list)  # the other configuration's SPECs (none: no third block)
+    versus_s: list = field(default_factory=list)  # seconds per timed block capturing those instead
     plain_peak: int = 0  # peak device bytes (CUDA) or peak RSS (CPU) during plain blocks
     capture_peak: int = 0
     memory_kind: str = "rss"
@@ -67,6 +71,20 @@ class IngestBench:
         """Fastest capture block over fastest plain block: the least disturbed pair on a shared machine."""
         return min(self.plain_s) / min(self.capture_s)
 
+    @property
+    def versus_ratio(self) -> float | None:
+        return statistics.median(self.plain_s) / statistics.median(self.versus_s) if self.versus_s else None
+
+    @property
+    def versus_best_ratio(self) -> float | None:
+        return min(self.plain_s) / min(self.versus_s) if self.versus_s else None
+
+    @property
+    def versus_speedup(self) -> float | None:
+        """Median over repeats of capture time / versus time, each pair timed back to back: the comparison least
+        moved by a shared machine's load changing between repeats."""
+        return statistics.median(c / v for c, v in zip(self.capture_s, self.versus_s)) if self.versus_s else None
+
     def to_dict(self) -> dict:
         return {
             "model": self.model,
@@ -83,6 +101,11 @@ class IngestBench:
             "best_ratio": self.best_ratio,
             "plain_s": self.plain_s,
             "capture_s": self.capture_s,
+            "versus_sites": self.versus_sites,
+            "versus_ratio": self.versus_ratio,
+            "versus_best_ratio": self.versus_best_ratio,
+            "versus_speedup": self.versus_speedup,
+            "versus_s": self.versus_s,
             "memory_kind": self.memory_kind,
             "plain_peak_bytes": self.plain_peak,
             "capture_peak_bytes": self.capture_peak,
@@ -97,6 +120,16 @@ class IngestBench:
         extra = d["extra_peak_bytes"]
         share = extra / self.plain_peak if self.plain_peak else float("nan")
         memory = "peak device memory" if self.memory_kind == "cuda" else "peak RSS"
+        versus = (
+            [
+                f"versus sites: {' '.join(self.versus_sites)}",
+                f"versus capture: {self.tokens_per_block / statistics.median(self.versus_s):>11,.0f} tokens/s",
+                f"ratio versus / plain: {self.versus_ratio:.3f} (medians; fastest blocks: {self.versus_best_ratio:.3f})",
+                f"versus speed-up over capture: {self.versus_speedup:.3f} (median of back-to-back pairs)",
+            ]
+            if self.versus_s
+            else []
+        )
         return [
             f"model {self.model} on {self.device} ({self.dtype}), batch {self.batch_size} x {self.seq_len} tokens, "
             f"{self.batches_per_block} batches per block, {len(self.plain_s)} timed blocks each",
@@ -104,6 +137,7 @@ class IngestBench:
             f"plain forward : {d['plain_tokens_per_s']:>12,.0f} tokens/s",
             f"capture+write : {d['capture_tokens_per_s']:>12,.0f} tokens/s",
             f"ratio capture / plain: {d['ratio']:.3f} (medians; fastest blocks: {d['best_ratio']:.3f})",
+            *versus,
             f"{memory}: plain {self.plain_peak / 2**20:,.1f} MiB, capture {self.capture_peak / 2**20:,.1f} MiB, "
             f"extra {extra / 2**20:,.1f} MiB ({share:.1%} of plain)",
             f"written: {d['bytes_per_token']:,.1f} bytes/token (all tables); token_neurons "
@@ -181,13 +215,15 @@ def bench_ingest(
     batch_size: int = 32,
     seq_len: int = 128,
     sites: list[str] | tuple = DEFAULT_SITES,
+    versus: list[str] | tuple = (),
     repeats: int = 3,
     shard_tokens: int = 65536,
     root: str | Path | None = None,
     seed: int = 0,
     echo=None,
 ) -> IngestBench:
-    """Time plain forward vs capture+write on the same batch; see the module docstring."""
+    """Time plain forward vs capture+write on the same batch (and vs capturing the `versus` SPECs instead);
+    see the module docstring."""
     import torch
 
     import warehouse
@@ -196,7 +232,7 @@ def bench_ingest(
     from . import dictionary, fused, models
     from .capture import hooks
     from .limits import check_reductions
-    from .sites import parse_spec, resolve
+    from .sites import parse_specs, resolve
     from .sources import Document
     from .writer import ShardWriter
 
@@ -205,16 +241,22 @@ def bench_ingest(
     check_device(device)
     check_dtype(dtype)
     spec_texts = list(sites) or list(DEFAULT_SITES)
-    specs = [parse_spec(s) for s in spec_texts]
+    configurations = [parse_specs(texts) for texts in (spec_texts, list(versus)) if texts]
+    dictionaries = [dictionary.load_all(specs) for specs in configurations]
     loaded = models.load(f"config:{model_config}" if model_config else model, device, dtype)
     device = loaded.config["device"]
     max_positions = getattr(loaded.model.config, "max_position_embeddings", None)
     if max_positions and seq_len > max_positions:
         raise BadInput(f"--seq-len {seq_len} is longer than the model's {max_positions} positions: lower it")
-    resolved = [resolve(s, loaded.module_names, loaded.aliases) for s in specs]
-    check_reductions(resolved, loaded, device)
-    resolved, bound = dictionary.bind(resolved, dictionary.load_all(specs), loaded.module_names, loaded.aliases)
-    capture = Capture(loaded, resolved, device, bound)
+
+    def capture_of(specs, dicts) -> Capture:
+        resolved = [resolve(s, loaded.module_names, loaded.aliases) for s in specs]
+        dictionary.check_encode_dtypes(specs, dicts, device)
+        resolved, bound = dictionary.bind(resolved, dicts, loaded.module_names, loaded.aliases)
+        check_reductions(resolved, loaded, device)
+        return Capture(loaded, resolved, device, bound)
+
+    capture, *other = [capture_of(specs, dicts) for specs, dicts in zip(configurations, dictionaries)]
     batches_per_block = max(1, shard_tokens // (batch_size * seq_len))
     # Distinct rows for each batch of a block (the same batches every block): repeated rows
     # inside one shard would compress unrealistically well.
@@ -227,6 +269,7 @@ def bench_ingest(
         batch_size=batch_size,
         seq_len=seq_len,
         sites=spec_texts,
+        versus_sites=list(versus),
         batches_per_block=batches_per_block,
         hooks=fused.describe() if device == "cpu" else f"torch ops on {device}",
     )
@@ -238,6 +281,9 @@ def bench_ingest(
         wh = warehouse.init(Path(tmp) / "wh")
         run = RunWriter(wh.layout, "bench", {"bench": spec_texts})
         writer = ShardWriter(run)
+        # The versus capture journals into a run of its own: the written figures are the main capture's.
+        versus_run = RunWriter(wh.layout, "bench-versus", {"bench": list(versus)}) if other else None
+        versus_writer = ShardWriter(versus_run) if other else None
         next_doc = 0
 
         def plain_block() -> float:
@@ -249,7 +295,7 @@ def bench_ingest(
             _synchronize(device)
             return time.perf_counter() - start
 
-        def capture_block() -> float:
+        def capture_block(capture: Capture, writer: ShardWriter) -> float:
             nonlocal next_doc
             with hooks(loaded.model, capture.taps):
                 _synchronize(device)
@@ -270,22 +316,32 @@ def bench_ingest(
             with torch.inference_mode():
                 say("warm-up")
                 plain_block()
-                capture_block()
+                capture_block(capture, writer)
+                if other:
+                    capture_block(other[0], versus_writer)
                 warm_shards = run.completed_shards
                 for rep in range(repeats):
                     memory.reset()
                     result.plain_s.append(plain_block())
                     result.plain_peak = max(result.plain_peak, memory.peak())
                     memory.reset()
-                    result.capture_s.append(capture_block())
+                    result.capture_s.append(capture_block(capture, writer))
                     result.capture_peak = max(result.capture_peak, memory.peak())
+                    if other:
+                        result.versus_s.append(capture_block(other[0], versus_writer))
+                    versus_time = f", versus {result.versus_s[-1]:.3f} s" if other else ""
                     say(
-                        f"block {rep + 1}/{repeats}: plain {result.plain_s[-1]:.3f} s, capture {result.capture_s[-1]:.3f} s"
+                        f"block {rep + 1}/{repeats}: plain {result.plain_s[-1]:.3f} s, "
+                        f"capture {result.capture_s[-1]:.3f} s{versus_time}"
                     )
             writer.close()
+            if other:
+                versus_writer.close()
         finally:
-            writer.stop()
-            run.close()
+            for w, r in ((writer, run), (versus_writer, versus_run)):
+                if w is not None:
+                    w.stop()
+                    r.close()
         timed = run.shards[warm_shards:]
         parts = [p for shard in timed for p in shard["parts"]]
         result.tokens_captured = sum(s["info"]["n_tokens"] for s in timed)

@@ -12,8 +12,12 @@ What one scenario writes (documents.role in brackets):
 - `steps`: per generation step its input, the chosen token, the argmax and the top-k;
 - `logit_lens`: per forward pass and captured layer, hidden_out through the final norm
   and the unembedding: top-k, argmax log-probability and KL(final || layer);
-- the sparse sites of capture.sites (`mlp.act:topk=20`, ...) over the whole
-  conversation (prompt + generation) and each reference, by the ingest capture code.
+- the sparse sites of capture.sites (`mlp.act:topk=20`, `resid.out[6]+sae=PATH:topk=20`, ...)
+  over the whole conversation (prompt + generation) and each reference, by the ingest capture
+  code, and their run-level tables as `whq ingest` commits them (finalize.final_parts);
+- per dictionary site, `vectors` of its latents at every forward pass's last token, like the
+  sources' (so the scenario macros compare latents), and the feature logit lens while
+  capture.logit_lens is on.
 Everything is committed as one run (one shard), so it appears atomically.
 """
 
@@ -28,17 +32,17 @@ import numpy as np
 import pyarrow as pa
 
 import warehouse
-from warehouse.errors import BadInput, BadSpec
+from warehouse.errors import BadInput, BadSpec, WarehouseError
 from warehouse.names import check_name
 from warehouse.parts import to_arrow
 from warehouse.runwriter import RunWriter
 
-from . import models
+from . import dictionary, models
 from .limits import check_reductions
 from .pipeline import IngestResult, default_run_id
 from .scenario import Message, Scenario, load
 from .shard import Capture, Shard
-from .sites import SOURCE_ALIASES, parse_spec, resolve
+from .sites import SOURCE_ALIASES, parse_spec, parse_specs, resolve
 from .sources import Document
 from .tokenize import Window
 
@@ -131,9 +135,13 @@ def _store_rounding(store_dtype: str):
 
 
 class ScenarioCapture:
-    """Runs the forward passes of one scenario and accumulates the rows to write."""
+    """Runs the forward passes of one scenario and accumulates the rows to write.
 
-    def __init__(self, loaded, spec: Scenario, device: str):
+    `dictionary_layers`: the SiteLayers of the dictionary sites; each pass also keeps their
+    last token's latents (encoded by the same encoder), a state like the sources' vectors.
+    """
+
+    def __init__(self, loaded, spec: Scenario, device: str, dictionary_layers: list = ()):
         import torch
 
         self.spec, self.device = spec, device
@@ -158,6 +166,12 @@ class ScenarioCapture:
         for src, site in [*self.sources.items(), *([("hidden_out", block_out)] if spec.capture.logit_lens else [])]:
             by_layer = dict(site.modules)
             self.taps += [LastToken((src, layer), by_layer[layer], site.hook, self.kept) for layer in self.layers]
+        self.encoders = {(sl.name, sl.layer): sl.encoder for sl in dictionary_layers}
+        self.taps += [
+            LastToken(key, sl.module_name, sl.hook_point, self.kept)
+            for key, sl in zip(self.encoders, dictionary_layers)
+        ]
+        self.vector_keys = [(src, layer) for src in self.sources for layer in self.layers] + list(self.encoders)
         self.norm = models.final_norm(self.model)
         self.head = self.model.get_output_embeddings()
         if spec.capture.logit_lens and self.norm is None:
@@ -187,14 +201,22 @@ class ScenarioCapture:
         kept = dict(self.kept)
         self.kept.clear()
         logprobs = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
-        keys = [key for key in kept if key[0] in self.sources]
-        rounded = self.round(torch.stack([kept[key] for key in keys])) if keys else []  # one host copy per pass
-        vectors = dict(zip(keys, rounded))
+        keys = [key for key in self.vector_keys if key in kept]
+        states = [self._latents(key, kept[key]) if key in self.encoders else kept[key].float() for key in keys]
+        sizes = np.cumsum([len(v) for v in states])[:-1]
+        flat = self.round(torch.cat(states)) if states else []  # one host copy per pass
+        vectors = dict(zip(keys, np.split(flat, sizes)))
         record = Pass(doc, step, pos, vectors)
         if self.capture.logit_lens:
             record.lens = self._lens([kept[("hidden_out", layer)] for layer in self.layers], logprobs)
         self.passes.append(record)
         return out, logprobs
+
+    def _latents(self, key: tuple, x):
+        encoder = self.encoders[key]
+        x = x.float()[None]
+        encoder.check_width(x)
+        return encoder.encode(x)[0]
 
     def _lens(self, hidden: list, final_logprobs) -> dict:
         torch = self._torch
@@ -284,20 +306,20 @@ def _pick(logits, gen, generator) -> int:
 
 
 # -- rows -----------------------------------------------------------------------
-def _vector_parts(passes: list[Pass], sources, layers: list[int], width: int) -> list[tuple]:
+def _vector_parts(passes: list[Pass], keys: list[tuple]) -> list[tuple]:
+    """One vectors part per (source or dictionary site, layer) of `keys`: every pass's last-token state."""
     parts = []
     ordered = sorted(passes, key=lambda p: (p.doc, p.step))
-    for source in sources:
-        for layer in layers:
-            rows = [p for p in ordered if (source, layer) in p.vectors]
-            columns = {
-                "doc": np.array([p.doc for p in rows]),
-                "step": np.array([p.step for p in rows]),
-                "pos": np.array([p.pos for p in rows]),
-                "pool": np.full(len(rows), "last"),
-                "vec": np.stack([p.vectors[(source, layer)] for p in rows]),
-            }
-            parts.append(("vectors", source, layer, to_arrow("vectors", columns, width)))
+    for site, layer in keys:
+        rows = [p for p in ordered if (site, layer) in p.vectors]
+        columns = {
+            "doc": np.array([p.doc for p in rows]),
+            "step": np.array([p.step for p in rows]),
+            "pos": np.array([p.pos for p in rows]),
+            "pool": np.full(len(rows), "last"),
+            "vec": np.stack([p.vectors[(site, layer)] for p in rows]),
+        }
+        parts.append(("vectors", site, layer, to_arrow("vectors", columns, columns["vec"].shape[1])))
     return parts
 
 
@@ -359,38 +381,37 @@ def run_scenario(
 
     `model` replaces the scenario's model.id (the same YAML on another model).
     """
-    import torch
-
-    from .capture import hooks
-    from .finalize import final_parts
-    from .progress import IngestProgress
-    from .writer import ShardWriter
+    from .finalize import check_similar
 
     if run_id is not None:
         check_name("run id", run_id)
     spec = scenario if isinstance(scenario, Scenario) else load(scenario)
     if model:
         spec = replace(spec, model=replace(spec.model, id=model))
+    sparse_specs = parse_specs(spec.capture.sites) if spec.capture.sites else []
+    dictionaries = dictionary.load_all(sparse_specs)  # read and checked before the model loads
     device, dtype, note = _device_and_dtype(spec, device)
+    dictionary.check_encode_dtypes(sparse_specs, dictionaries, device)
     loaded = loaded or models.load(spec.model.id, device, dtype)
     if loaded.family != "decoder" or loaded.hf_tokenizer is None or loaded.model.get_output_embeddings() is None:
         raise BadInput(
             f"model {spec.model.id!r} is not a causal LM with a tokenizer and an lm_head: scenarios need a chat/causal model"
         )
     device = loaded.config["device"]
-    sparse_specs = [parse_spec(s) for s in spec.capture.sites]
     clash = [s.text for s in sparse_specs if s.name in spec.capture.sources or s.name in SOURCE_ALIASES]
     if clash:
         raise BadSpec(
             f"capture.sites {clash[0]!r} reuses a source name; write the alias instead (e.g. {SOURCE_ALIASES.get(sparse_specs[0].site, 'resid.out')}:topk=20)"
         )
     sparse = [resolve(s, loaded.module_names, loaded.aliases) for s in sparse_specs]
+    sparse, bound = dictionary.bind(sparse, dictionaries, loaded.module_names, loaded.aliases)
     check_reductions(sparse, loaded, device)
-    capture = ScenarioCapture(loaded, spec, device)
+    check_similar(loaded, sparse)
+    sparse_capture = Capture(loaded, sparse, device, bound)
+    capture = ScenarioCapture(loaded, spec, device, [sl for sl in sparse_capture.site_layers if sl.encoder is not None])
     chat_template = bool(getattr(loaded.hf_tokenizer, "chat_template", None))
 
-    root = Path(root)
-    wh = warehouse.open_or_init(root)
+    wh = warehouse.open_or_init(Path(root))
     run_id = run_id or default_run_id(spec.name)
     config = {
         "scenario": spec.to_json(),
@@ -406,6 +427,36 @@ def run_scenario(
     }
     writer = RunWriter(wh.layout, run_id, config)
     started = time.perf_counter()
+    try:
+        docs = _run_passes(loaded, spec, capture, chat_template, progress, run_id)
+        shard = Shard([(d.ordinal, d.document, [d.window]) for d in docs], len(docs))
+        _capture_sparse(loaded, spec, capture, sparse_capture, shard, writer)
+        manifest = _commit(loaded, spec, capture, sparse, sparse_capture, writer)
+    except BaseException as err:
+        # Bad input (a dictionary of the wrong width, a chat template that refuses the messages):
+        # nothing was committed; leave no interrupted run behind.
+        if isinstance(err, WarehouseError):
+            writer.discard()
+        writer.close()
+        raise
+    return IngestResult(
+        run_id,
+        manifest["rows"],
+        sum(p["bytes"] for p in manifest["parts"]),
+        len(docs),
+        shard.n_tokens,
+        time.perf_counter() - started,
+        notes=[note] if note else [],
+    )
+
+
+def _run_passes(loaded, spec: Scenario, capture: ScenarioCapture, chat_template: bool, progress: bool, run_id: str):
+    """Every forward pass of the scenario (message prefixes, the generation, the references); returns the documents."""
+    import torch
+
+    from .capture import hooks
+    from .progress import IngestProgress
+
     docs: list[CapturedDoc] = []
 
     def add(text: str, role: str, label=None, **meta) -> CapturedDoc:
@@ -456,44 +507,52 @@ def run_scenario(
             )
             capture.prefill(doc)
             bar.advance(docs=1, tokens=len(doc.window.ids))
-    sparse_capture = Capture(loaded, sparse, device)
-    shard = Shard([(d.ordinal, d.document, [d.window]) for d in docs], len(docs))
-    width = int(loaded.model.get_input_embeddings().weight.shape[1])
-    parts = _vector_parts(capture.passes, spec.capture.sources, capture.layers, width)
+    return docs
+
+
+def _capture_sparse(loaded, spec: Scenario, capture: ScenarioCapture, sparse_capture: Capture, shard: Shard, writer):
+    """The sparse sites over whole documents (not the message prefixes), one per batch, and no forward
+    pass without them; the passes' rows go with them into the run's one shard."""
+    import torch
+
+    from .capture import hooks
+    from .writer import ShardWriter
+
+    parts = _vector_parts(capture.passes, capture.vector_keys)
     if capture.steps:
         parts.append(("steps", None, None, _steps_table(capture.steps)))
     if spec.capture.logit_lens:
         parts.append(("logit_lens", None, None, _lens_table(capture.passes, capture.layers, capture.text_of)))
-    # The sparse sites over whole documents (not the message prefixes), one per batch, and no
-    # forward pass without them; everything is committed as one shard.
-    sparse_batches = [[d.window] for d in docs if d.document.role != "message"] if sparse else []
+    sparse_batches = [wins for _, d, wins in shard.docs if d.role != "message"] if sparse_capture.site_layers else []
     shard_writer = ShardWriter(writer)
     try:
-        with hooks(loaded.model, sparse_capture.site_layers), torch.inference_mode():
+        with hooks(loaded.model, sparse_capture.taps), torch.inference_mode():
             sparse_capture.shard(shard, sparse_batches, shard_writer, extra_parts=parts)
         shard_writer.close()
     finally:
         shard_writer.stop()
 
-    resolved = list(capture.sources.values()) + sparse
-    final = final_parts(
+
+def _commit(loaded, spec: Scenario, capture: ScenarioCapture, sparse: list, sparse_capture: Capture, writer) -> dict:
+    """The run-level tables (finalize's per-run steps, as `whq ingest` writes them), then the commit.
+
+    With capture.logit_lens on, the dictionary sites whose features write to the residual stream
+    also get the feature logit lens (neuron_logits), as `whq ingest --logit-lens` gives them.
+    """
+    from .finalize import final_parts, logit_lens_parts
+
+    width = int(loaded.model.get_input_embeddings().weight.shape[1])
+    parts = final_parts(
         loaded,
-        resolved,
+        list(capture.sources.values()) + sparse,
         sparse_capture.site_layers,
         writer,
         logit_lens=False,
         vector_widths={src: width for src in capture.sources},
     )
-    manifest = writer.commit(final, writer.started_at)
-    return IngestResult(
-        run_id,
-        manifest["rows"],
-        sum(p["bytes"] for p in manifest["parts"]),
-        len(docs),
-        shard.n_tokens,
-        time.perf_counter() - started,
-        notes=[note] if note else [],
-    )
+    if spec.capture.logit_lens:
+        parts += logit_lens_parts(loaded, [sl for sl in sparse_capture.site_layers if sl.encoder is not None])
+    return writer.commit(parts, writer.started_at)
 
 
 def _doc_id(role: str, label, meta: dict) -> str:

@@ -43,8 +43,6 @@ GEMMASCOPE_FILE = "params.npz"
 SAELENS_ARCHITECTURES = ("standard", "gated", "jumprelu", "topk", "batchtopk", "transcoder", "jumprelu_transcoder")
 SAELENS_NORMALISATIONS = ("none", "constant_norm_rescale")
 DENSE_ABOVE = 0.1  # a latent is dense when active on more than this share of tokens
-# The dtype the encoder runs in on the device, whatever the dictionary was saved in (recorded in `sites`).
-ENCODE_DTYPE = "float32"
 LAYOUTS = (
     "cfg.json + sae_weights.safetensors (SAELens), cfg.json + sae.safetensors (sparsify), params.npz (Gemma Scope), "
     "a folder of those per layer, or dict.py[:CHECKPOINT]"
@@ -208,6 +206,13 @@ def _saelens(folder: Path) -> Dictionary:
         _need(weights, ("b_gate", "r_mag", "b_mag"), path)
     if encoding == "topk" and not k:
         raise BadInput(f"dictionary {folder}: a SAELens topk SAE needs k in cfg.json: add it")
+    if cfg.get("rescale_acts_by_decoder_norm") and "b_enc" in weights:
+        # SAELens' TopK / BatchTopK option: pre-activations scaled by each latent's decoder norm (the threshold
+        # is in those units) and latents divided by it before decoding. Folded as SAELens' fold_W_dec_norm does.
+        norm = np.maximum(np.linalg.norm(weights["W_dec"], axis=1), 1e-8).astype(np.float32)
+        weights.update(
+            W_enc=weights["W_enc"] * norm, b_enc=weights["b_enc"] * norm, W_dec=weights["W_dec"] / norm[:, None]
+        )
     metadata = cfg.get("metadata") or {}
     hook = cfg.get("hook_name") or metadata.get("hook_name")
     layer = cfg.get("hook_layer", _layer_of(hook))
@@ -444,31 +449,40 @@ class DeviceDictionary:
     MLP output, which a second hook hands to `target` in the same forward pass.
     """
 
-    def __init__(self, d: Dictionary, device: str, where: str):
+    def __init__(self, d: Dictionary, device: str, where: str, *, decode: bool = True, dtype: str = "float32"):
         import torch
 
         self.d, self.device, self.where = d, device, where  # where: "site S layer L", for messages
-        self.w = {k: torch.from_numpy(v).to(device) for k, v in d.weights.items()}
+        # The dictionary runs in `dtype` (the site's encode_dtype); latents and reconstructions leave it as float32.
+        self.encode_dtype, self.dtype = dtype, getattr(torch, dtype)
+        w = {k: torch.from_numpy(v) for k, v in d.weights.items()}
         if d.architecture == "gated":
-            self.w["W_mag"] = self.w["W_enc"] * self.w["r_mag"].exp()
-        self.reconstructs = d.adapter is None or hasattr(d.adapter, "decode")
+            w["W_mag"] = w["W_enc"] * w["r_mag"].exp()
+        self.w = {k: v.to(device=device, dtype=self.dtype) for k, v in w.items()}
+        # encode_only sites skip the decoder, so the reconstruction sums and --splice.
+        self.reconstructs = decode and (d.adapter is None or hasattr(d.adapter, "decode"))
         self.quality: dict = {}
         self.pending = None  # a transcoder's reconstruction and mask, until the MLP output arrives
 
     # -- encode / decode ---------------------------------------------------------
     def _scale(self, x):
-        """constant_norm_rescale's per-token factor sqrt(d_in) / |x| (1 without normalisation)."""
+        """constant_norm_rescale's per-token factor sqrt(d_in) / |x| (None without normalisation), in the
+        encode dtype but from the float32 norm (a float16 sum of squares overflows at activations near 256)."""
         if self.d.normalize == "none":
             return None
-        return self.d.d_in**0.5 / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        return (self.d.d_in**0.5 / x.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)).to(self.dtype)
 
     def encode(self, x):
-        """Latents [..., d_sae] of x [..., d_in] (float32)."""
+        """Latents [..., d_sae] (float32) of x [..., d_in] (float32)."""
+        d = self.d
+        if d.adapter is not None:
+            return d.adapter.encode(x).float()
+        return self._encode(x.to(self.dtype)).float()
+
+    def _encode(self, x):
         import torch
 
         d, w = self.d, self.w
-        if d.adapter is not None:
-            return d.adapter.encode(x).float()
         scale = self._scale(x)
         if scale is not None:
             x = x * scale
@@ -486,15 +500,16 @@ class DeviceDictionary:
         return torch.zeros_like(pre).scatter_(-1, ids, torch.relu(values))
 
     def decode(self, latents, x):
-        """The reconstruction [..., d_out] of the latents of input x."""
+        """The reconstruction [..., d_out] (float32) of the latents of input x."""
         d, w = self.d, self.w
         if d.adapter is not None:
             return d.adapter.decode(latents).float()
+        latents, x = latents.to(self.dtype), x.to(self.dtype)
         out = latents @ w["W_dec"] + w["b_dec"]
         if "W_skip" in w:
             out = out + x @ w["W_skip"].T
         scale = self._scale(x)
-        return out if scale is None else out / scale
+        return (out if scale is None else out / scale).float()
 
     # -- in the hook ---------------------------------------------------------------
     def _allocate(self) -> None:
@@ -515,13 +530,16 @@ class DeviceDictionary:
             "ce_spliced": zeros(),
         }
 
-    def __call__(self, x, mask):
-        """x [batch, seq, d_in] float32, mask [batch, seq] bool -> latents [batch, seq, d_sae]."""
+    def check_width(self, x) -> None:
         if x.shape[-1] != self.d.d_in:
             raise BadInput(
                 f"{self.where}: the hook gives {x.shape[-1]} units but dictionary {self.d.path} reads d_in={self.d.d_in}: "
                 f"use a dictionary trained on this site"
             )
+
+    def __call__(self, x, mask):
+        """x [batch, seq, d_in] float32, mask [batch, seq] bool -> latents [batch, seq, d_sae]."""
+        self.check_width(x)
         if not self.quality:
             self._allocate()
         latents = self.encode(x)
@@ -714,10 +732,43 @@ def load_all(specs) -> dict[str, DictionarySet]:
     return {spec.name: load(spec.dictionary) for spec in specs if spec.dictionary}
 
 
+def check_encode_dtypes(specs, dictionaries: dict[str, DictionarySet], device: str) -> None:
+    """Refuse an encode_dtype the device cannot run, before the model loads: a trial encode (and decode) of each
+    such site's dictionary on two random tokens must run and give finite values."""
+    import torch
+
+    for spec in specs:
+        if not spec.dictionary or spec.encode_dtype == "float32":
+            continue
+        d = dictionaries[spec.name].first
+        if d.adapter is not None:
+            raise BadSpec(
+                f"--site {spec.text!r}: an adapter dictionary runs in its own dtype: drop encode_dtype={spec.encode_dtype}"
+            )
+        trial = DeviceDictionary(d, device, f"site {spec.name}", decode=not spec.encode_only, dtype=spec.encode_dtype)
+        x = torch.from_numpy(np.random.default_rng(0).normal(size=(2, d.d_in)).astype(np.float32)).to(device)
+        try:
+            with torch.inference_mode():
+                latents = trial.encode(x)
+                finite = bool(latents.isfinite().all()) and (
+                    not trial.reconstructs or bool(trial.decode(latents, x).isfinite().all())
+                )
+        except (RuntimeError, TypeError, NotImplementedError) as err:
+            reason = str(err).splitlines()[0][:100] if str(err) else type(err).__name__
+        else:
+            reason = None if finite else "a trial encode gave non-finite values"
+        if reason:
+            raise BadInput(
+                f"--site {spec.text!r}: the {device} device cannot run the dictionary in {spec.encode_dtype} "
+                f"({reason}): use encode_dtype=float32 (or another device)"
+            )
+
+
 def bind(
     resolved: list, dictionaries: dict[str, DictionarySet], module_names: list[str], aliases: dict
 ) -> tuple[list, dict]:
-    """Each dictionary site's layers and, per (site, layer), its Dictionary and a transcoder's target module."""
+    """Each dictionary site's layers and, per (site, layer), its Dictionary, a transcoder's target module (None
+    when encode_only) and the site's SiteSpec (its options)."""
     from .sites import TRANSCODER_TARGET, ResolvedSite, glob_regex, layer_of
 
     out, bound = [], {}
@@ -751,7 +802,7 @@ def bind(
             pattern = glob_regex(aliases[TRANSCODER_TARGET][0])
             targets = {layer_of(name): name for name in module_names if pattern.match(name)}
         for layer, d in per_layer.items():
-            bound[(r.name, layer)] = (d, targets.get(layer))
+            bound[(r.name, layer)] = (d, None if spec.encode_only else targets.get(layer), spec)
         out.append(
             ResolvedSite(spec, r.glob, r.hook, [(layer, modules[layer]) for layer in per_layer], dset.first.d_sae)
         )
@@ -759,11 +810,13 @@ def bind(
 
 
 def on_device(binding, device: str, site: str, layer: int) -> tuple:
-    """(encoder, target module) for a SiteLayer: (None, None) for a plain site."""
+    """(encoder, target module) for a SiteLayer: (None, None) for a plain site; an encode_only transcoder has no
+    target to hook."""
     if binding is None:
         return None, None
-    d, target = binding
-    return DeviceDictionary(d, device, f"site {site} layer {layer}"), target
+    d, target, spec = binding
+    where = f"site {site} layer {layer}"
+    return DeviceDictionary(d, device, where, decode=not spec.encode_only, dtype=spec.encode_dtype), target
 
 
 @dataclass

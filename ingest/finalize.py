@@ -1,5 +1,6 @@
 """Run-level tables written at commit: runs, sites, neuron_stats, unit_histograms, neuron_examples, neuron_logits,
-unit_neighbors."""
+unit_neighbors, and the indexes over the stored top-k rows (warehouse/indexes.py: unit_coactivations, token_units,
+vocabulary)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ import pyarrow as pa
 
 from warehouse import schema
 from warehouse.errors import BadInput
+from warehouse.indexes import index_parts
 
 from .capture import _NO_KEY, SiteLayer
-from .dictionary import ENCODE_DTYPE
 from .models import final_norm
 
 LOGIT_LENS_K = 10
@@ -69,7 +70,7 @@ def dictionaries_row(sl: SiteLayer) -> pa.Table:
         "kind": sl.spec.kind,
         "format": d.format,
         "architecture": d.architecture,
-        "encode_dtype": ENCODE_DTYPE,
+        "encode_dtype": sl.encoder.encode_dtype,
         "sha256": d.sha256,
     }
     return _table("dictionaries", {k: [v] for k, v in {**identity, **sl.encoder.summary()}.items()})
@@ -334,14 +335,20 @@ def final_parts(
             parts.append(("dictionaries", sl.name, sl.layer, dictionaries_row(sl)))
         if "similar" in sl.red:  # check_similar made sure the site has a down projection
             parts.append(("unit_neighbors", sl.name, sl.layer, unit_neighbors(loaded, sl)))
+    parts += index_parts(writer, {r.name: r.spec.threshold for r in resolved})
     if logit_lens:
-        unembed = _unembedding(loaded)
-        lens = [(sl, neuron_logits(loaded, sl, unembed)) for sl in site_layers] if unembed is not None else []
-        lens = [(sl, t) for sl, t in lens if t is not None]
+        lens = logit_lens_parts(loaded, site_layers)
         if not lens:
             raise BadInput(
                 "--logit-lens needs a causal LM with an unembedding and an MLP unit site (mlp.act, mlp.up or mlp.gate) "
                 "or a dictionary site that writes to the residual stream"
             )
-        parts.extend(("neuron_logits", sl.name, sl.layer, table) for sl, table in lens)
+        parts.extend(lens)
     return parts
+
+
+def logit_lens_parts(loaded, site_layers: list[SiteLayer]) -> list[tuple]:
+    """The neuron_logits parts of the site layers that have output directions (none without an unembedding)."""
+    unembed = _unembedding(loaded)
+    lens = [(sl, neuron_logits(loaded, sl, unembed)) for sl in site_layers] if unembed is not None else []
+    return [("neuron_logits", sl.name, sl.layer, table) for sl, table in lens if table is not None]

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import warehouse
-from warehouse.errors import BadInput, BadSpec, WarehouseError
+from warehouse.errors import BadInput, WarehouseError
 from warehouse.names import check_label, check_name
 from warehouse.runwriter import RunWriter, committed_with_same_config
 
@@ -31,7 +31,7 @@ from . import dictionary, sources
 from .limits import check_reductions
 from .options import DEFAULT_SITES, IngestOptions
 from .shard import Capture, Shard
-from .sites import SiteSpec, parse_spec, resolve
+from .sites import parse_specs, resolve
 from .tokenize import windows
 
 
@@ -95,20 +95,6 @@ def _shards(
         yield Shard(docs, ordinal + 1)
 
 
-def _parsed_sites(sites: Iterable[str]) -> list[SiteSpec]:
-    specs = [parse_spec(s) for s in sites]
-    if not specs:
-        raise BadSpec("no --site given: add e.g. --site mlp.act:topk=20")
-    names = [s.name for s in specs]
-    if len(set(names)) != len(names):
-        raise BadSpec(
-            f"site given twice ({', '.join(sorted({n for n in names if names.count(n) > 1}))}): merge the reductions into one SPEC, e.g. mlp.act:topk=20,examples=20"
-        )
-    for name in names:
-        check_name("site", name)
-    return specs
-
-
 def _window_length(options: IngestOptions, loaded) -> int:
     """--max-length, or the model's own; checked against the model's positions and special tokens."""
     max_length = int(options.max_length or loaded.max_length)
@@ -130,6 +116,12 @@ def _check_logit_lens(options: IngestOptions, loaded) -> None:
         raise BadInput(
             "--logit-lens needs a causal LM with an unembedding (lm_head); this model has none: drop --logit-lens"
         )
+
+
+def _check_splice_sites(options: IngestOptions, specs: list) -> None:
+    encode_only = next((s.text for s in specs if s.encode_only), None)
+    if options.splice and encode_only:
+        raise BadInput(f"--splice needs the decoder that {encode_only!r} skips: drop encode_only there, or --splice")
 
 
 def _check_splice(options: IngestOptions, loaded, dictionaries: dict) -> None:
@@ -222,7 +214,7 @@ def ingest(
     from .ranks import open_writer
 
     opts = model if isinstance(model, IngestOptions) else IngestOptions(model, tuple(data), tuple(sites), **options)
-    specs = _parsed_sites(opts.sites)
+    specs = parse_specs(opts.sites)
     if opts.run_id is not None:
         check_name("run id", opts.run_id)
     for kind, label in (("--dataset", opts.dataset), ("--role", opts.role)):
@@ -234,6 +226,9 @@ def ingest(
     if documents is None and not any(entry["documents"] for entry in data_identity):
         raise BadInput("no documents to capture: the data files hold no readable documents")
     dictionaries = dictionary.load_all(specs)  # read and checked before the model loads
+    _check_splice_sites(opts, specs)
+    device = loaded.config["device"] if loaded else models.resolve_device(opts.device)
+    dictionary.check_encode_dtypes(specs, dictionaries, device)
     wh = warehouse.open_or_init(root)
     loaded = loaded or models.load(opts.model, opts.device, opts.dtype)
     resolved = [resolve(spec, loaded.module_names, loaded.aliases) for spec in specs]

@@ -3,8 +3,9 @@
 The format is Activation Lab's (`name`, `model`, `prompt`, `generation`, `capture`,
 `output`, `reference_states`) with whq's additions under `capture`: `sources` (which
 residual-stream sources get last-token vectors), `sites` (sparse SPECs over the whole
-conversation, as for `whq ingest --site`) and `logit_lens` (top-k tokens kept per
-layer, 0 = off). Every problem is one BadInput line naming the key and the fix.
+conversation, as for `whq ingest --site`, dictionary sites included) and `logit_lens`
+(top-k tokens kept per layer, 0 = off). Every problem is one BadInput line naming the key
+and the fix.
 """
 
 from __future__ import annotations
@@ -301,13 +302,10 @@ def _capture(where: str, data) -> CaptureConfig:
         sites = [sites]
     if not isinstance(sites, list) or not all(isinstance(s, str) for s in sites):
         reader.fail("capture.sites must be a list of SPECs such as 'mlp.act:topk=20'")
-    from .sites import parse_spec
+    from .sites import parse_specs
 
-    for spec in sites:
-        if parse_spec(spec).kind is not None:
-            reader.fail(
-                f"capture.sites {spec!r}: dictionary sites are not captured in scenarios yet; ingest the documents with `whq ingest`"
-            )
+    if sites:
+        parse_specs(sites)  # a bad SPEC, or two with one name, is refused before any model loads
     return CaptureConfig(
         hidden_states=hidden_states,
         attention_weights=reader.boolean("attention_weights", True),

@@ -2,19 +2,23 @@
 
 SPEC grammar (one --site each):
 
-    SPEC       := SITE [ "[" LAYERS "]" ] [ "+" KIND "=" PATH ] [ ":" REDUCTION { "," REDUCTION } ]
+    SPEC       := SITE [ "[" LAYERS "]" ] [ "+" KIND [ "." NAME ] "=" PATH ] [ ":" ITEM { "," ITEM } ]
     SITE       := ALIAS | MODULE_GLOB [ "@in" | "@out" ]
     LAYERS     := "*" | N { "," N } | N "-" M          (only these layers; default: all, or the dictionary's)
     KIND       := sae | transcoder                     (encode the activation with a dictionary: ingest/dictionary.py)
+    NAME       := letters, digits, '_' or '-'          (tells two dictionaries on one site apart)
     PATH       := a dictionary file or folder, or dict.py[:CHECKPOINT]
+    ITEM       := REDUCTION | DICTIONARY_OPTION
     REDUCTION  := topk[=K] | abstopk[=K] | threshold[=T] | nag[=K] | examples[=N]
                 | hist | quantiles[=Q] | similar[=K] | last | mean | dense
+    DICTIONARY_OPTION := encode_only | encode_dtype=float32|bfloat16|float16   (dictionary sites only)
 
 Examples: `mlp.act:topk=20`, `mlp.up:nag=20`, `resid.out:last,mean`,
 `encoder.layer.*.output.dense@in:threshold=0`, `resid.out[6]+sae=saes/layers.6:topk=32,examples=20`,
-`mlp.in[*]+transcoder=transcoders:threshold=0,nag=20`. A dictionary site is named
-KIND.SITE (`sae.resid.out`) and its units are the dictionary's latents. Every site also gets exact
-neuron_stats; a unit "fires" when its value > the site's threshold (default 0).
+`mlp.in[*]+transcoder=transcoders:threshold=0,nag=20`, `resid.out[3]+sae.wide=big:topk=32,encode_only`.
+A dictionary site is named KIND.SITE (`sae.resid.out`), or KIND.NAME.SITE (`sae.wide.resid.out`), and
+its units are the dictionary's latents. Every site also gets exact neuron_stats; a unit "fires" when
+its value > the site's threshold (default 0).
 This module is torch-free so SPECs can be validated before a model loads.
 """
 
@@ -26,6 +30,7 @@ import re
 from dataclasses import dataclass, field
 
 from warehouse.errors import BadSpec
+from warehouse.names import check_name
 
 REDUCTIONS = {
     # name: (argument type, default, what it fills)
@@ -77,6 +82,12 @@ ALIAS_PREFIXES = {"mlp", "attn", "resid"}
 # Activation Lab's names for the residual-stream sources.
 SOURCE_ALIASES = {"hidden_in": "resid.in", "hidden_out": "resid.out", "attn_out": "attn.o", "mlp_out": "mlp.down"}
 DICTIONARY_KINDS = ("sae", "transcoder")
+# Options of a dictionary site, written among its reductions: name -> what it does.
+DICTIONARY_OPTIONS = {
+    "encode_only": "run the encoder only: no decoder, so no reconstruction quality and no --splice",
+    "encode_dtype": "the dtype the dictionary runs in on the device (float32 by default)",
+}
+ENCODE_DTYPES = ("float32", "bfloat16", "float16")
 TRANSCODER_TARGET = "mlp.down"  # a transcoder reads mlp.in and reconstructs the MLP's output
 
 
@@ -89,13 +100,21 @@ class SiteSpec:
     layers: tuple | str | None = None  # the [LAYERS] selector: a tuple of layers, "*", or None
     kind: str | None = None  # sae | transcoder for a dictionary site
     dictionary: str | None = None  # its PATH as written
+    dictionary_name: str | None = None  # the NAME of +KIND.NAME=PATH
+    encode_only: bool = False  # a dictionary site without its decoder
+    encode_dtype: str = "float32"  # the dtype a dictionary site's encoder runs in
 
     @property
     def name(self) -> str:
-        """Partition-safe site name: the alias, or the glob with unsafe characters replaced; KIND.SITE for dictionaries."""
+        """Partition-safe site name: the alias, or the glob with unsafe characters replaced; KIND[.NAME].SITE for
+        dictionaries."""
+        return ".".join(filter(None, (self.kind, self.dictionary_name, self.hooked_name)))
+
+    @property
+    def hooked_name(self) -> str:
+        """The name of the hooked site alone (portable: site names are folder names)."""
         base = self.site if self.hook is None else f"{self.site}@{self.hook}"
-        name = re.sub(r"[^A-Za-z0-9_.\-]", "_", base).strip("_.") or "site"
-        return name if self.kind is None else f"{self.kind}.{name}"  # portable: site names are folder names
+        return re.sub(r"[^A-Za-z0-9_.\-]", "_", base).strip("_.") or "site"
 
     @property
     def threshold(self) -> float:
@@ -113,11 +132,13 @@ def parse_spec(text: str) -> SiteSpec:
         raise BadSpec("empty --site SPEC: write e.g. --site mlp.act:topk=20")
     text = text.strip()
     site, _, reds = text.partition(":")
-    dict_kind = dictionary = None
+    dict_kind = dictionary = dictionary_name = None
     if "+" in site:
         site, _, binding = text.partition("+")
         dict_kind, _, dictionary = binding.partition("=")
+        dict_kind, _, dictionary_name = dict_kind.partition(".")
         dictionary, reds = _dictionary_path(text, dict_kind, dictionary)
+        dictionary_name = _dictionary_name(text, dict_kind, dictionary_name)
     site, layers = _layer_selector(text, site)
     hook = None
     if "@" in site:
@@ -129,13 +150,18 @@ def parse_spec(text: str) -> SiteSpec:
             f"--site {text!r}: {site!r} is not a site alias or module glob (letters, digits, '.', '_', '-', '*')"
         )
     reductions: dict = {}
+    options: dict = {}
     for item in filter(None, (r.strip() for r in reds.split(","))) if reds else []:
         name, eq, arg = item.partition("=")
         name = name.strip()
+        if name in DICTIONARY_OPTIONS:
+            options[name] = _dictionary_option(text, dict_kind, options, name, arg.strip() if eq else None)
+            continue
         if name not in REDUCTIONS:
-            hint = difflib.get_close_matches(name, REDUCTIONS, n=1)
+            known = [*REDUCTIONS, *DICTIONARY_OPTIONS] if dict_kind else list(REDUCTIONS)
+            hint = difflib.get_close_matches(name, known, n=1)
             suggestion = f"did you mean {hint[0]!r}? " if hint else ""
-            raise BadSpec(f"--site {text!r}: unknown reduction {name!r}; {suggestion}known: {', '.join(REDUCTIONS)}")
+            raise BadSpec(f"--site {text!r}: unknown reduction {name!r}; {suggestion}known: {', '.join(known)}")
         kind, default, _ = REDUCTIONS[name]
         if name in reductions:
             raise BadSpec(f"--site {text!r}: reduction {name!r} given twice")
@@ -167,15 +193,81 @@ def parse_spec(text: str) -> SiteSpec:
             f"--site {text!r}: quantiles=Q places its bins with the histogram and keeps examples: "
             f"add examples=N and hist, e.g. {text.split(':')[0]}:examples=20,hist,quantiles={reductions['quantiles']}"
         )
-    return SiteSpec(text, site, hook, reductions, layers, dict_kind, dictionary)
+    return SiteSpec(
+        text,
+        site,
+        hook,
+        reductions,
+        layers,
+        dict_kind,
+        dictionary,
+        dictionary_name,
+        encode_only=options.get("encode_only", False),
+        encode_dtype=options.get("encode_dtype", "float32"),
+    )
+
+
+def parse_specs(texts) -> list[SiteSpec]:
+    """The SPECs of one run: each parsed, their site names valid folder names and distinct."""
+    specs = [parse_spec(s) for s in texts]
+    if not specs:
+        raise BadSpec("no --site given: add e.g. --site mlp.act:topk=20")
+    names = [s.name for s in specs]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        spec = next(s for s in specs if s.name == twice[0])
+        if spec.kind:
+            raise BadSpec(
+                f"two dictionaries on one site would both be named {twice[0]!r}: give each its own name, "
+                f"e.g. {spec.site}+{spec.kind}.wide=PATH (stored as site {spec.kind}.wide.{spec.hooked_name})"
+            )
+        raise BadSpec(
+            f"site given twice ({', '.join(twice)}): merge the reductions into one SPEC, e.g. mlp.act:topk=20,examples=20"
+        )
+    for name in names:
+        check_name("site", name)
+    return specs
+
+
+def _dictionary_option(text: str, kind: str | None, seen: dict, name: str, arg: str | None):
+    if kind is None:
+        raise BadSpec(f"--site {text!r}: {name} is an option of dictionary sites: add +sae=PATH or drop it")
+    if name in seen:
+        raise BadSpec(f"--site {text!r}: {name!r} given twice")
+    if name == "encode_only":
+        if arg is not None:
+            raise BadSpec(f"--site {text!r}: 'encode_only' takes no argument")
+        return True
+    if arg not in ENCODE_DTYPES:
+        raise BadSpec(
+            f"--site {text!r}: encode_dtype={arg or ''} is not a dtype: use one of {', '.join(ENCODE_DTYPES)}"
+        )
+    return arg
+
+
+def _dictionary_name(text: str, kind: str, name: str) -> str | None:
+    """The NAME of `+KIND.NAME=PATH` (None without one): a site-name component without dots."""
+    if not name:
+        if f"+{kind}.=" in text:
+            raise BadSpec(f"--site {text!r}: +{kind}.= needs a name, e.g. +{kind}.wide=PATH")
+        return None
+    check_name("dictionary name", name)
+    if "." in name:
+        raise BadSpec(f"--site {text!r}: dictionary name {name!r} has a '.': use letters, digits, '_' or '-'")
+    return name
 
 
 def _dictionary_path(text: str, kind: str, rest: str) -> tuple[str, str]:
-    """Split `PATH[:REDUCTIONS]`; an adapter's `dict.py:CHECKPOINT` keeps its checkpoint unless it names a reduction."""
+    """Split `PATH[:ITEMS]`; an adapter's `dict.py:CHECKPOINT` keeps its checkpoint unless it names a reduction
+    or a dictionary option."""
     if kind not in DICTIONARY_KINDS:
-        raise BadSpec(f"--site {text!r}: +{kind}= is not a dictionary kind: write +sae=PATH or +transcoder=PATH")
+        raise BadSpec(
+            f"--site {text!r}: +{kind}= is not a dictionary kind: write +sae=PATH or +transcoder=PATH "
+            f"(+sae.NAME=PATH to name it)"
+        )
     path, _, reds = rest.partition(":")
-    if path.endswith(".py") and reds and reds.split(",")[0].partition("=")[0].strip() not in REDUCTIONS:
+    first = reds.split(",")[0].partition("=")[0].strip()
+    if path.endswith(".py") and reds and first not in REDUCTIONS and first not in DICTIONARY_OPTIONS:
         checkpoint, _, reds = reds.partition(":")
         path = f"{path}:{checkpoint}"
     if not path:

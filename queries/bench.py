@@ -4,8 +4,9 @@ The warehouse is written through the normal write path (RunWriter shards of
 `shard_tokens` tokens, parts in the row order the capture writes them) and reused
 when a run of the same shape is already there. Each token keeps the top-k of
 `width` units on every layer of one site `mlp.act`; neuron_stats, neuron_examples,
-doc_neurons, documents and tokens match those rows, so the macros read what they
-would read after a real ingest.
+doc_neurons, documents and tokens match those rows, and the indexes come from
+warehouse/indexes.py as for every run, so the macros read what they would read after a real
+ingest.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import pyarrow as pa
 import warehouse
 from warehouse import schema
 from warehouse.errors import BadInput
+from warehouse.indexes import index_parts
 
 SITE = "mlp.act"
 TARGET_EVERY = 100  # every 100th document is in dataset 'target', the rest in 'pool' (for nag_distance)
@@ -260,6 +262,7 @@ def build(root: str | Path, shape: Shape, seed: int = 0, echo=None) -> float | N
                 ),
             )
         )
+    final += index_parts(writer, {SITE: 0.0})  # as every run writer: the indexes the pages read
     writer.commit(final, writer.started_at)
     return time.perf_counter() - started
 

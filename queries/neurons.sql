@@ -136,6 +136,14 @@ ranked AS (
     FROM candidates c
 ),
 picked AS (SELECT r.* FROM ranked r WHERE r.rank < k),
+-- The tokens of the examples' documents only: joined on the few documents alone (a small build side),
+-- DuckDB passes them to the scan as an IN filter, which skips the row groups of every other document.
+doc_tokens AS (
+    SELECT t.doc, t.pos, t.piece, t.text, t.char_start, t.char_end, t.special
+    FROM tokens t
+    JOIN (SELECT DISTINCT p.doc FROM picked p) pd ON pd.doc = t.doc
+    WHERE t.run_id = run
+),
 spread AS (
     SELECT p.neuron, p.rank, p.doc, p.pos AS at_pos, p.value AS at_value, p.windows,
            unnest(generate_series(p.pos - before, p.pos + after)) AS wpos
@@ -148,7 +156,7 @@ window_tokens AS (
                 ELSE coalesce(CASE WHEN w.wpos - w.at_pos BETWEEN -50 AND 20 THEN w.windows[w.wpos - w.at_pos + 51] END, v.value)
            END AS value
     FROM spread w
-    JOIN tokens t ON t.run_id = run AND t.doc = w.doc AND t.pos = w.wpos
+    JOIN doc_tokens t ON t.doc = w.doc AND t.pos = w.wpos
     LEFT JOIN token_neurons v ON v.run_id = run AND v.site = site AND v.layer = layer
         AND (neuron IS NULL OR v.neuron = neuron) AND v.doc = w.doc AND v.pos = w.wpos AND v.neuron = w.neuron
 ),

@@ -3,6 +3,10 @@
 The data comes from the scenario macros; the charts (queries/scenario_charts.py) are
 Vega-Lite specs embedded in the page together with the Vega, Vega-Lite and vega-embed
 libraries (bundled by vl-convert), so the file opens offline: nothing is fetched.
+A run with dictionary sites gets, per site, the same comparisons on its latents (each
+state's last-token latents are stored like a source's vectors), its strongest latents at
+the generation's final step with the tokens each promotes (the feature logit lens), and
+the dictionaries' quality (dictionary_quality).
 """
 
 from __future__ import annotations
@@ -46,9 +50,23 @@ def _sql(wh, query: str, *params) -> pl.DataFrame:
     return wh.pl(query, list(params) if params else None)
 
 
+def _state_sites(wh, run: str) -> list[str]:
+    """The sites with per-state (per pass) last-token vectors: the sources, and the dictionary sites' latents."""
+    return _sql(
+        wh,
+        "SELECT DISTINCT site FROM vectors WHERE run_id = ? AND pool = 'last' AND step IS NOT NULL ORDER BY site",
+        run,
+    )["site"].to_list()
+
+
 def run_sources(wh, run: str) -> list[str]:
-    found = set(_sql(wh, "SELECT DISTINCT site FROM vectors WHERE run_id = ? AND pool = 'last'", run)["site"].to_list())
+    found = set(_state_sites(wh, run))
     return [s for s in SCENARIO_SOURCES if s in found]
+
+
+def latent_sites(wh, run: str) -> list[str]:
+    """The dictionary sites of a scenario run (their latents are states like the sources')."""
+    return [s for s in _state_sites(wh, run) if s not in SCENARIO_SOURCES]
 
 
 def _check_scenario_run(wh, run: str) -> None:
@@ -60,12 +78,52 @@ def _check_scenario_run(wh, run: str) -> None:
         )
 
 
-def similarity(wh, run: str) -> pl.DataFrame:
-    """ref_similarity of every captured source, with a source column."""
+def similarity(wh, run: str, sources: list[str] | None = None) -> pl.DataFrame:
+    """ref_similarity of each source (default: every captured source), with a source column."""
     frames = [
-        _sql(wh, "SELECT ? AS source, * FROM ref_similarity(?, source := ?)", s, run, s) for s in run_sources(wh, run)
+        _sql(wh, "SELECT ? AS source, * FROM ref_similarity(?, source := ?)", s, run, s)
+        for s in (run_sources(wh, run) if sources is None else sources)
     ]
     return pl.concat(frames) if frames else pl.DataFrame()
+
+
+def top_latents(wh, run: str, site: str, doc: int, k: int = 8) -> pl.DataFrame:
+    """Per layer the k strongest active latents of one document's last state (its final step), with the
+    tokens each latent's decoder direction promotes most (neuron_logits, empty without the feature logit lens)."""
+    return _sql(
+        wh,
+        """
+        WITH final AS (
+            SELECT v.layer, unnest(v.vec) AS value, generate_subscripts(v.vec, 1) - 1 AS latent
+            FROM whq_scenario_vectors(?) v
+            WHERE v.source = ? AND v.doc = ? AND v.step = v.last_step
+        ), ranked AS (
+            SELECT f.*, row_number() OVER (PARTITION BY f.layer ORDER BY f.value DESC, f.latent) AS r
+            FROM final f WHERE f.value > 0
+        ), lens AS (
+            SELECT nl.layer, nl.neuron, string_agg(nl.text, ' ' ORDER BY nl.rank) AS promotes
+            FROM neuron_logits nl
+            WHERE nl.run_id = ? AND nl.site = ? AND nl.direction = 'top' AND nl.rank < 3
+            GROUP BY nl.layer, nl.neuron
+        )
+        SELECT r.layer, r.latent, r.value, coalesce(l.promotes, '') AS promotes
+        FROM ranked r LEFT JOIN lens l ON l.layer = r.layer AND l.neuron = r.latent
+        WHERE r.r <= ?
+        ORDER BY r.layer, r.r
+        """,
+        run,
+        site,
+        doc,
+        run,
+        site,
+        k,
+    )
+
+
+def dictionary_quality(wh, run: str) -> pl.DataFrame:
+    """dictionary_quality rows without the columns that are empty for this run (the splice losses without --splice)."""
+    quality = _sql(wh, "SELECT * FROM dictionary_quality(?)", run)
+    return quality.select(c for c in quality.columns if quality[c].null_count() < quality.height)
 
 
 def generations(wh, run: str) -> pl.DataFrame:
@@ -240,7 +298,8 @@ def sections(wh, run: str) -> list[tuple[str, object]]:
         out.append(("Reference summary", table_html(_sql(wh, "SELECT * FROM ref_summary(?)", run))))
         out.append(("Per-layer metrics vs references", charts.layer_lines(sim)))
         out.append(("User vs assistant", charts.role_averages(sim)))
-    drift = _sql(wh, "SELECT * FROM drift(?)", run)
+    all_drift = _sql(wh, "SELECT * FROM drift(?)", run)
+    drift = all_drift.filter(pl.col("source").is_in(run_sources(wh, run)))
     if drift.height:
         out.append(("Drift", charts.drift_lines(drift)))
     lens = _sql(wh, "SELECT * FROM logit_lens WHERE run_id = ? AND doc = ? ORDER BY step, layer", run, main["doc"])
@@ -254,6 +313,26 @@ def sections(wh, run: str) -> list[tuple[str, object]]:
             wh, "SELECT * FROM residual_decomposition(?) WHERE role = 'generated' AND doc_id = ?", run, main["doc_id"]
         )
         out.append(("Residual decomposition", charts.residual_lines(decomposition)))
+    for site in latent_sites(wh, run):
+        out += _latent_sections(wh, run, site, main["doc"], all_drift.filter(pl.col("source") == site))
+    quality = dictionary_quality(wh, run)
+    if quality.height:
+        out.append(("Dictionary quality", table_html(quality)))
+    return out
+
+
+def _latent_sections(wh, run: str, site: str, doc: int, drift: pl.DataFrame) -> list[tuple[str, object]]:
+    """The comparisons of one dictionary site's latents, and its strongest latents at the final step."""
+    out: list[tuple[str, object]] = []
+    sim = similarity(wh, run, [site])
+    if sim.height:
+        out.append((f"Latents of {site}: message × reference", charts.reference_heatmap(sim)))
+        out.append((f"Latents of {site}: per-layer metrics vs references", charts.layer_lines(sim)))
+    if drift.height:
+        out.append((f"Latents of {site}: drift", charts.drift_lines(drift)))
+    top = top_latents(wh, run, site, doc)
+    if top.height:
+        out.append((f"Latents of {site}: strongest at the final step", charts.latent_bars(top)))
     return out
 
 

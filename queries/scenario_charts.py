@@ -143,6 +143,24 @@ def logit_lens_table(lens: pl.DataFrame) -> alt.Chart:
     )
 
 
+def latent_bars(top: pl.DataFrame) -> alt.Chart:
+    """Per layer the strongest latents, labelled with the tokens they promote (top: layer, latent, value, promotes)."""
+    bars = top.with_columns(label=pl.format("#{} {}", pl.col("latent"), pl.col("promotes")).str.strip_chars())
+    return (
+        alt.Chart(_data(bars))
+        .mark_bar()
+        .encode(
+            x=alt.X("value:Q", title="latent value"),
+            y=alt.Y("label:N", sort="-x", title=None),
+            tooltip=["layer:O", "latent:N", alt.Tooltip("value:Q", format=".4f"), "promotes:N"],
+        )
+        .properties(width=360, height=alt.Step(16))
+        .facet(row=alt.Row("layer:O"))
+        .resolve_scale(y="independent")
+        .properties(title="Strongest latents at the final step (label: the tokens each promotes)")
+    )
+
+
 def topk_explorer(steps: pl.DataFrame) -> alt.Chart:
     """A slider over generation steps showing the top-k candidates' probabilities, and the rank x step table."""
     long = (

@@ -117,20 +117,44 @@ def unit_histogram(wh, run: str, site: str, layer: int, unit: int) -> pl.LazyFra
     )
 
 
+def token_key(text: pl.Expr) -> pl.Expr:
+    """whq_token_key: lower-cased, without surrounding spaces and without WordPiece's leading ##."""
+    key = text.str.strip_chars(" ").str.to_lowercase()
+    return pl.when(key.str.starts_with("##") & (key.str.len_chars() > 2)).then(key.str.slice(2)).otherwise(key)
+
+
 def units_for_token(wh, run: str, site: str, text: str) -> pl.LazyFrame:
     info = site_row(wh, run, site)
-    wanted = text.strip().lower()
-    matched = (
-        scan(wh, "tokens", run)
-        .filter(pl.coalesce("text", "piece").str.strip_chars().str.to_lowercase() == wanted)
-        .select("doc", "pos")
-    )
-    occurrences = matched.select(pl.len().cast(pl.Int64).alias("n_occurrences"))
-    firings = scan(wh, "token_neurons", run).filter(pl.col("site") == site, pl.col("value") > info["threshold"])
+    wanted = token_key(pl.lit(text))
+    index = scan(wh, "token_units", run).filter(pl.col("site") == site)
+    if index.select(pl.len()).collect().item():  # the token index written at commit
+        ids = (
+            scan(wh, "vocabulary", run)
+            .filter(token_key(pl.coalesce("text", "piece")) == wanted)
+            .select("token_id", "n_tokens")
+        )
+        occurrences = ids.select(pl.col("n_tokens").sum().cast(pl.Int64).alias("n_occurrences"))
+        firings = index.join(ids, on="token_id", how="inner").select("layer", "neuron", "n_fired", "value_sum")
+    else:
+        matched = scan(wh, "tokens", run).filter(token_key(pl.coalesce("text", "piece")) == wanted).select("doc", "pos")
+        occurrences = matched.select(pl.len().cast(pl.Int64).alias("n_occurrences"))
+        firings = (
+            scan(wh, "token_neurons", run)
+            .filter(pl.col("site") == site, pl.col("value") > info["threshold"])
+            .join(matched, on=["doc", "pos"], how="inner")
+            .select(
+                "layer",
+                "neuron",
+                pl.lit(1, pl.Int64).alias("n_fired"),
+                pl.col("value").cast(pl.Float64).alias("value_sum"),
+            )
+        )
     return (
-        matched.join(firings, on=["doc", "pos"], how="inner")
-        .group_by("layer", "neuron")
-        .agg(pl.len().cast(pl.Int64).alias("n_fired"), pl.col("value").cast(pl.Float64).mean().alias("mean_value"))
+        firings.group_by("layer", "neuron")
+        .agg(
+            pl.col("n_fired").sum().cast(pl.Int64),
+            (pl.col("value_sum").sum() / pl.col("n_fired").sum()).alias("mean_value"),
+        )
         .join(occurrences, how="cross")
         .select(
             "layer",
@@ -146,30 +170,17 @@ def units_for_token(wh, run: str, site: str, text: str) -> pl.LazyFrame:
 
 def similar_units(wh, run: str, site: str, layer: int, unit: int, k: int = 10) -> pl.LazyFrame:
     info = site_row(wh, run, site)
-    fired = (
-        scan(wh, "token_neurons", run)
-        .filter(pl.col("site") == site, pl.col("layer") == layer, pl.col("value") > info["threshold"])
-        .select("neuron", "doc", "pos")
-    )
-    mine = fired.filter(pl.col("neuron") == unit).select("doc", "pos")
-    n_mine = mine.select(pl.len().cast(pl.Int64).alias("n_mine"))
-    shared = (
-        fired.filter(pl.col("neuron") != unit)
-        .join(mine, on=["doc", "pos"], how="inner")
-        .group_by("neuron")
-        .agg(pl.len().cast(pl.Int64).alias("n_shared"))
-    )
-    sizes = fired.group_by("neuron").agg(pl.len().cast(pl.Int64).alias("n"))
-    coactivation = (
-        shared.join(sizes, on="neuron", how="inner")
-        .join(n_mine, how="cross")
-        .select(
+    stored = scan(wh, "unit_coactivations", run).filter(pl.col("site") == site, pl.col("layer") == layer)
+    kept = stored.select(pl.col("kept").max()).collect().item() or 0
+    if k <= kept:  # precomputed at commit (warehouse/indexes.py)
+        coactivation = stored.filter(pl.col("neuron") == unit).select(
             pl.lit("coactivation").alias("kind"),
-            "neuron",
-            (pl.col("n_shared") / (pl.col("n_mine") + pl.col("n") - pl.col("n_shared"))).alias("similarity"),
+            pl.col("other").alias("neuron"),
+            pl.col("jaccard").alias("similarity"),
             "n_shared",
         )
-    )
+    else:
+        coactivation = _coactivation(wh, run, site, layer, unit, info["threshold"])
     decoder = (
         scan(wh, "unit_neighbors", run)
         .filter(pl.col("site") == site, pl.col("layer") == layer, pl.col("neuron") == unit)
@@ -186,6 +197,34 @@ def similar_units(wh, run: str, site: str, layer: int, unit: int, k: int = 10) -
         .with_columns(pl.int_range(pl.len(), dtype=pl.Int32).over("kind").alias("rank"))
         .filter(pl.col("rank") < k)
         .select("kind", "rank", "neuron", "similarity", "n_shared")
+    )
+
+
+def _coactivation(wh, run: str, site: str, layer: int, unit: int, threshold: float) -> pl.LazyFrame:
+    """similar_units' co-activations computed from token_neurons (runs or layers without unit_coactivations)."""
+    fired = (
+        scan(wh, "token_neurons", run)
+        .filter(pl.col("site") == site, pl.col("layer") == layer, pl.col("value") > threshold)
+        .select("neuron", "doc", "pos")
+    )
+    mine = fired.filter(pl.col("neuron") == unit).select("doc", "pos")
+    n_mine = mine.select(pl.len().cast(pl.Int64).alias("n_mine"))
+    shared = (
+        fired.filter(pl.col("neuron") != unit)
+        .join(mine, on=["doc", "pos"], how="inner")
+        .group_by("neuron")
+        .agg(pl.len().cast(pl.Int64).alias("n_shared"))
+    )
+    sizes = fired.group_by("neuron").agg(pl.len().cast(pl.Int64).alias("n"))
+    return (
+        shared.join(sizes, on="neuron", how="inner")
+        .join(n_mine, how="cross")
+        .select(
+            pl.lit("coactivation").alias("kind"),
+            "neuron",
+            (pl.col("n_shared") / (pl.col("n_mine") + pl.col("n") - pl.col("n_shared"))).alias("similarity"),
+            "n_shared",
+        )
     )
 
 

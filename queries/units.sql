@@ -75,31 +75,67 @@ WHERE g.bin BETWEEN sp.first_bin AND sp.last_bin
 ORDER BY g.bin;
 COMMENT ON MACRO TABLE unit_histogram IS 'One unit''s exact activation histogram over all tokens (reduction hist): every bin from its lowest to its highest non-empty one, with edges lo/hi (fixed grid: quarter-octave bins, each hi / lo <= 1.25, for 2^-12 <= |value| < 2^12; bin 97 = (-2^-12, 0], bin 98 = (0, 2^-12)) and count. Example: SELECT * FROM unit_histogram(''demo'', ''mlp.act'', 3, 42)';
 
+CREATE OR REPLACE MACRO whq_token_key(token) AS (
+    CASE WHEN starts_with(lower(trim(token)), '##') AND length(trim(token)) > 2 THEN substr(lower(trim(token)), 3)
+         ELSE lower(trim(token)) END
+);
+COMMENT ON MACRO whq_token_key IS 'What token search compares: the text lower-cased, without surrounding spaces and without the ## that WordPiece (BERT, MiniLM) puts before a piece continuing a word, so ''ing'' finds both ''ing'' and ''##ing''.';
+
 CREATE OR REPLACE MACRO units_for_token(run, site, text) AS TABLE
-WITH matched AS (
-    SELECT t.doc, t.pos
-    FROM tokens t
-    WHERE whq_known_site(run, site) AND t.run_id = run
-      AND lower(trim(coalesce(t.text, t.piece))) = lower(trim(text))
+WITH indexed AS (  -- the run's token index (token_units, vocabulary; warehouse/indexes.py) covers the site
+    SELECT count(*) > 0 AS yes
+    FROM (SELECT 1 FROM token_units u WHERE whq_known_site(run, site) AND u.run_id = run AND u.site = site LIMIT 1) u
 ),
-occurrences AS (SELECT count(*) AS n FROM matched),
-threshold AS (SELECT s.threshold FROM sites s WHERE s.run_id = run AND s.site = site)
-SELECT v.layer, v.neuron, count(*) AS n_fired, o.n AS n_occurrences, count(*) / o.n AS share, avg(v.value) AS mean_value
-FROM matched m
-JOIN token_neurons v ON v.run_id = run AND v.site = site AND v.doc = m.doc AND v.pos = m.pos
-CROSS JOIN threshold th
+-- the run on the path that answers, NULL on the other: a join on NULL leaves that path's tables unread
+source AS (
+    SELECT CASE WHEN i.yes THEN run END AS indexed_run, CASE WHEN NOT i.yes THEN run END AS scanned_run,
+           whq_token_key(text) AS key
+    FROM indexed i
+),
+wanted AS (  -- the token ids whose text matches, from the run's vocabulary
+    SELECT w.token_id, w.n_tokens
+    FROM vocabulary w JOIN source x ON w.run_id = x.indexed_run
+    WHERE whq_token_key(coalesce(w.text, w.piece)) = whq_token_key(text)
+),
+matched AS (  -- runs without the index: the matching tokens themselves
+    SELECT t.doc, t.pos
+    FROM tokens t JOIN source x ON t.run_id = x.scanned_run AND whq_token_key(coalesce(t.text, t.piece)) = x.key
+),
+occurrences AS (SELECT CAST((SELECT coalesce(sum(w.n_tokens), 0) FROM wanted w) + (SELECT count(*) FROM matched) AS BIGINT) AS n),
+threshold AS (SELECT s.threshold FROM sites s WHERE s.run_id = run AND s.site = site),
+firings AS (
+    SELECT u.layer, u.neuron, u.n_fired, u.value_sum
+    FROM token_units u JOIN wanted w ON u.token_id = w.token_id
+    WHERE u.run_id = run AND u.site = site
+    UNION ALL
+    SELECT v.layer, v.neuron, 1 AS n_fired, v.value AS value_sum
+    FROM matched m
+    JOIN token_neurons v ON v.run_id = run AND v.site = site AND v.doc = m.doc AND v.pos = m.pos
+    CROSS JOIN threshold th
+    WHERE v.value > th.threshold
+)
+SELECT f.layer, f.neuron, CAST(sum(f.n_fired) AS BIGINT) AS n_fired, o.n AS n_occurrences, sum(f.n_fired) / o.n AS share,
+       sum(f.value_sum) / sum(f.n_fired) AS mean_value
+FROM firings f
 CROSS JOIN occurrences o
-WHERE v.value > th.threshold
-GROUP BY v.layer, v.neuron, o.n
-ORDER BY n_fired DESC, mean_value DESC, v.layer, v.neuron;
-COMMENT ON MACRO TABLE units_for_token IS 'Token search: the units (every layer of the site) stored in token_neurons above the site threshold at the tokens whose decoded text (tokens.text; piece for older runs) equals `text`, ignoring case and surrounding spaces, with n_fired, n_occurrences of the token, share = n_fired / n_occurrences and mean_value over those firings; most firings first. topk captures only count a unit where it was in the token''s top-k. Example: SELECT * FROM units_for_token(''demo'', ''mlp.act'', ''speak'') LIMIT 10';
+GROUP BY f.layer, f.neuron, o.n
+ORDER BY n_fired DESC, mean_value DESC, f.layer, f.neuron;
+COMMENT ON MACRO TABLE units_for_token IS 'Token search: the units (every layer of the site) stored in token_neurons above the site threshold at the tokens whose decoded text (tokens.text, as the tokenizer decodes the token alone; piece for older runs) matches `text` by whq_token_key (case, surrounding spaces and WordPiece''s leading ## ignored: ''ing'' finds ''ing'' and ''##ing''), with n_fired, n_occurrences of the matching tokens, share = n_fired / n_occurrences and mean_value over those firings; most firings first. topk captures only count a unit where it was in the token''s top-k. Reads the token index written at commit (token_units, vocabulary); runs written before it scan tokens and token_neurons. Example: SELECT * FROM units_for_token(''demo'', ''mlp.act'', ''speak'') LIMIT 10';
 
 CREATE OR REPLACE MACRO similar_units(run, site, layer, unit, k := 10) AS TABLE
 WITH thr AS (SELECT s.threshold FROM sites s WHERE whq_known_site(run, site) AND s.run_id = run AND s.site = site),
+kept AS (
+    SELECT coalesce(max(c.kept), 0) AS kept
+    FROM (SELECT c.kept FROM unit_coactivations c, thr
+          WHERE c.run_id = run AND c.site = site AND c.layer = layer LIMIT 1) c
+),
+-- the run when the layer's stored co-activations cannot answer (none stored, or k above the K kept): they are then
+-- computed from token_neurons; NULL otherwise, which leaves token_neurons unread
+live AS (SELECT CASE WHEN kp.kept < k THEN run END AS run_id FROM kept kp),
 fired AS (
     SELECT v.neuron, v.doc, v.pos
-    FROM token_neurons v, thr
-    WHERE v.run_id = run AND v.site = site AND v.layer = layer AND v.value > thr.threshold
+    FROM token_neurons v, thr, live l
+    WHERE v.run_id = l.run_id AND v.site = site AND v.layer = layer AND v.value > thr.threshold
 ),
 mine AS (SELECT f.doc, f.pos FROM fired f WHERE f.neuron = unit),
 shared AS (
@@ -112,6 +148,10 @@ sizes AS (
     SELECT f.neuron, count(*) AS n FROM fired f WHERE f.neuron IN (SELECT sh.neuron FROM shared sh) GROUP BY f.neuron
 ),
 coactivation AS (
+    SELECT 'coactivation' AS kind, c.other AS neuron, c.jaccard AS similarity, c.n_shared
+    FROM unit_coactivations c, live l
+    WHERE l.run_id IS NULL AND c.run_id = run AND c.site = site AND c.layer = layer AND c.neuron = unit
+    UNION ALL
     SELECT 'coactivation' AS kind, sh.neuron, sh.n_shared / ((SELECT count(*) FROM mine) + sz.n - sh.n_shared) AS similarity,
            sh.n_shared
     FROM shared sh JOIN sizes sz ON sz.neuron = sh.neuron
@@ -129,7 +169,7 @@ SELECT r.kind, CAST(r.rank AS INTEGER) AS rank, r.neuron, r.similarity, r.n_shar
 FROM ranked r
 WHERE r.rank < k
 ORDER BY r.kind DESC, r.rank;
-COMMENT ON MACRO TABLE similar_units IS 'The k units most like one unit of the same layer, two ways: kind decoder = cosine of their output directions (rows of the down projection, W_down[:, n]; stored at ingest by reduction similar for MLP unit sites), kind coactivation = Jaccard index of the sets of tokens where each is stored in token_neurons above the site threshold (n_shared: tokens in both). Example: SELECT * FROM similar_units(''demo'', ''mlp.act'', 3, 42)';
+COMMENT ON MACRO TABLE similar_units IS 'The k units most like one unit of the same layer, two ways: kind decoder = cosine of their output directions (rows of the down projection, W_down[:, n]; stored at ingest by reduction similar for MLP unit sites), kind coactivation = Jaccard index of the sets of tokens where each is stored in token_neurons above the site threshold (n_shared: tokens in both). The co-activations are read from unit_coactivations (each unit''s top 32, precomputed at commit); for k above what it kept, or a run or layer without it, they are computed from token_neurons (the same figures, slower). Example: SELECT * FROM similar_units(''demo'', ''mlp.act'', 3, 42)';
 
 CREATE OR REPLACE MACRO whq_has_quantiles(run, site_name) AS (
     SELECT CASE WHEN NOT whq_known_site(run, site_name) THEN false

@@ -219,6 +219,8 @@ def encode(path: Path, x: np.ndarray) -> np.ndarray:
         gate = sae_in @ w["W_enc"] + w["b_gate"] > 0
         return gate * np.maximum(sae_in @ (w["W_enc"] * np.exp(w["r_mag"])) + w["b_mag"], 0)
     pre = sae_in @ w["W_enc"] + w["b_enc"]
+    if cfg.get("rescale_acts_by_decoder_norm"):  # SAELens TopK / BatchTopK: in units of each decoder row's norm
+        pre = pre * np.linalg.norm(w["W_dec"], axis=1)
     if arch in ("standard", "transcoder") and cfg.get("activation_fn_str", "relu") == "relu":
         return np.maximum(pre, 0)
     if arch in ("jumprelu", "jumprelu_transcoder"):
@@ -232,6 +234,8 @@ def encode(path: Path, x: np.ndarray) -> np.ndarray:
 def decode(path: Path, latents: np.ndarray, x: np.ndarray) -> np.ndarray:
     """The reconstruction of input x from its latents."""
     fmt, cfg, w = read(path)
+    if cfg.get("rescale_acts_by_decoder_norm"):
+        latents = latents / np.linalg.norm(w["W_dec"], axis=1)
     out = latents @ w["W_dec"] + w["b_dec"]
     if fmt == "sparsify" and "W_skip" in w:
         out = out + x @ w["W_skip"].T

@@ -4,13 +4,15 @@ captured densely in the same run."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import polars as pl
 import pytest
 
 import warehouse
 from ingest import dictionary
-from ingest.sites import parse_spec
+from ingest.sites import parse_spec, parse_specs
 from queries import frames
 from warehouse.errors import BadInput, BadSpec
 
@@ -25,6 +27,8 @@ FORMATS = {
     "saelens-topk": lambda p: dicts.saelens(p / "d", "topk", k=7),
     "saelens-topk-legacy": lambda p: dicts.saelens(p / "d", "standard", k=6, legacy_topk=True),
     "saelens-batchtopk": lambda p: dicts.saelens(p / "d", "batchtopk"),
+    "saelens-topk-rescaled": lambda p: dicts.saelens(p / "d", "topk", k=7, rescale_acts_by_decoder_norm=True),
+    "saelens-batchtopk-rescaled": lambda p: dicts.saelens(p / "d", "batchtopk", rescale_acts_by_decoder_norm=True),
     "saelens-no-b_dec-input": lambda p: dicts.saelens(p / "d", "jumprelu", apply_b_dec_to_input=False),
     "saelens-constant-norm": lambda p: dicts.saelens(
         p / "d", "standard", normalize_activations="constant_norm_rescale"
@@ -115,6 +119,58 @@ def test_spec_grammar():
         parse_spec("resid.out[a]:last")
 
 
+def test_dictionary_names_and_options_in_the_grammar():
+    spec = parse_spec("resid.out[3]+sae.wide=big:topk=32,encode_only,encode_dtype=bfloat16")
+    assert (spec.name, spec.kind, spec.dictionary_name, spec.dictionary) == ("sae.wide.resid.out", "sae", "wide", "big")
+    assert (spec.reductions, spec.encode_only, spec.encode_dtype) == ({"topk": 32}, True, "bfloat16")
+    assert spec.reductions_text == "topk=32"  # options are not reductions
+    plain = parse_spec("mlp.in+transcoder=tc:threshold=0")
+    assert (plain.name, plain.encode_only, plain.encode_dtype) == ("transcoder.mlp.in", False, "float32")
+    assert parse_spec("resid.out+sae=d.py:encode_only").dictionary == "d.py"  # an option is no checkpoint
+    assert parse_spec("resid.out+sae=d.py:ck:encode_only").dictionary == "d.py:ck"
+    names = [s.name for s in parse_specs(["resid.out+sae=a", "resid.out+sae.b=b", "resid.out:last"])]
+    assert names == ["sae.resid.out", "sae.b.resid.out", "resid.out"]
+    refusals = {
+        "two dictionaries on one site would both be named 'sae.resid.out': give each its own name, e.g. "
+        "resid.out+sae.wide=PATH (stored as site sae.wide.resid.out)": ["resid.out+sae=a", "resid.out[2]+sae=b"],
+        "dictionary name 'a.b' has a '.'": ["resid.out+sae.a.b=x"],
+        "+sae.= needs a name": ["resid.out+sae.=x"],
+        "invalid dictionary name 'x!'": ["resid.out+sae.x!=a"],
+        "encode_only is an option of dictionary sites: add": ["mlp.act:topk=3,encode_only"],
+        "encode_dtype=int8 is not a dtype: use one of float32, bfloat16, float16": [
+            "resid.out+sae=a:encode_dtype=int8"
+        ],
+        "'encode_only' takes no argument": ["resid.out+sae=a:encode_only=1"],
+        "'encode_dtype' given twice": ["resid.out+sae=a:encode_dtype=float16,encode_dtype=float32"],
+    }
+    for message, texts in refusals.items():
+        with pytest.raises((BadSpec, BadInput), match=re.escape(message)):
+            parse_specs(texts)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("architecture", ["standard", "gated", "constant-norm"])
+def test_the_encoder_runs_in_its_dtype(tmp_path, dtype, architecture):
+    """Latents and reconstruction within the dtype's rounding of numpy's float64, every latent a value of the dtype."""
+    import torch
+
+    extra = {"normalize_activations": "constant_norm_rescale"} if architecture == "constant-norm" else {}
+    path = dicts.saelens(tmp_path / "d", "standard" if extra else architecture, **extra)
+    x = np.random.default_rng(1).normal(size=(18, D_IN)).astype(np.float32)
+    dev = dictionary.DeviceDictionary(dictionary.load(str(path)).first, "cpu", "test", dtype=dtype)
+    with torch.inference_mode():
+        latents = dev.encode(torch.from_numpy(x))
+        recon = dev.decode(latents, torch.from_numpy(x))
+    torch_dtype = getattr(torch, dtype)
+    assert latents.dtype == recon.dtype == torch.float32
+    assert torch.equal(latents.to(torch_dtype).float(), latents)
+    tol = max(1e-5, 4 * torch.finfo(torch_dtype).eps)  # relative to the largest value
+    expected = dicts.encode(path, x)
+    np.testing.assert_allclose(latents.numpy(), expected, rtol=tol, atol=tol * np.abs(expected).max())
+    expected_recon = dicts.decode(path, expected, x)
+    np.testing.assert_allclose(recon.numpy(), expected_recon, rtol=tol, atol=tol * np.abs(expected_recon).max())
+
+
 # -- capture ----------------------------------------------------------------------------------------
 
 
@@ -151,11 +207,11 @@ def captured(tmp_path_factory, sample_jsonl):
         yield wh, {"sae": sae, "tc": folder / "tc", "gs": jump}
 
 
-def _dense(wh, site: str, layer: int) -> tuple[np.ndarray, np.ndarray]:
+def _dense(wh, site: str, layer: int, run: str = "r") -> tuple[np.ndarray, np.ndarray]:
     rows = wh.sql(
-        "SELECT doc, pos, vec FROM vectors WHERE run_id = 'r' AND site = ? AND layer = ? AND pool = 'token' "
+        "SELECT doc, pos, vec FROM vectors WHERE run_id = ? AND site = ? AND layer = ? AND pool = 'token' "
         "ORDER BY doc, pos",
-        [site, layer],
+        [run, site, layer],
     ).fetchall()
     return np.array([(d, p) for d, p, _ in rows]), np.array([v for _, _, v in rows], dtype=np.float32)
 
@@ -342,6 +398,122 @@ def test_the_dictionaries_table_records_each_layers_dictionary(captured):
     ]
     sites = wh.pl("SELECT site, layers, width FROM sites WHERE run_id = 'r' AND site LIKE '%.%.%' ORDER BY site").rows()
     assert sites == [("sae.resid.in", [3], 96), ("sae.resid.out", [1], 96), ("transcoder.mlp.in", [0, 2], 96)]
+
+
+@pytest.fixture(scope="module")
+def options_run(tmp_path_factory, sample_jsonl):
+    """One run of llama-tiny with three dictionaries on resid.out[1] (one encode_only, one in bfloat16) and an
+    encode_only transcoder, each stored densely next to the raw activation."""
+    from ingest.pipeline import ingest
+
+    folder = tmp_path_factory.mktemp("opts")
+    paths = {
+        "sae.a.resid.out": dicts.saelens(folder / "a", "topk", k=6, seed=1),
+        "sae.b.resid.out": dicts.saelens(folder / "b", "jumprelu", seed=2),
+        "sae.half.resid.out": dicts.saelens(folder / "c", "standard", seed=3),
+        "transcoder.mlp.in": dicts.sparsify(folder / "tc" / "layers.1", transcode=True, seed=4),
+    }
+    sites = [
+        "resid.out[1]:dense",
+        "mlp.in[1]:dense",
+        f"resid.out+sae.a={paths['sae.a.resid.out']}:dense",
+        f"resid.out+sae.b={paths['sae.b.resid.out']}:dense,encode_only",
+        f"resid.out+sae.half={paths['sae.half.resid.out']}:dense,encode_dtype=bfloat16",
+        f"mlp.in+transcoder={folder / 'tc'}:dense,encode_only",
+    ]
+    ingest(folder / "wh", "config:llama-tiny", [str(sample_jsonl)], sites, run_id="o", batch_size=4, max_length=24,
+           device="cpu", progress=False)  # fmt: skip
+    with warehouse.open(folder / "wh") as wh:
+        yield wh, paths
+
+
+def test_two_dictionaries_on_one_site_each_store_numpys_latents(options_run):
+    import torch
+
+    wh, paths = options_run
+    keys, x = _dense(wh, "resid.out", 1, "o")
+    _, tc_in = _dense(wh, "mlp.in", 1, "o")
+    for site, tol in (("sae.a.resid.out", 1e-5), ("sae.b.resid.out", 1e-5), ("sae.half.resid.out", 3.2e-2)):
+        stored_keys, latents = _dense(wh, site, 1, "o")
+        expected = dicts.encode(paths[site], x)
+        assert (stored_keys == keys).all() and (expected != 0).any()
+        np.testing.assert_allclose(latents, expected, rtol=tol, atol=tol * np.abs(expected).max(), err_msg=site)
+        if site == "sae.half.resid.out":  # the bfloat16 encoder's values
+            assert torch.equal(torch.from_numpy(latents).bfloat16().float(), torch.from_numpy(latents))
+    _, latents = _dense(wh, "transcoder.mlp.in", 1, "o")
+    expected = dicts.encode(paths["transcoder.mlp.in"], tc_in)
+    np.testing.assert_allclose(latents, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_encode_only_sites_have_no_reconstruction_quality(options_run):
+    wh, paths = options_run
+    rows = {
+        r[0]: r[1:]
+        for r in wh.sql(
+            "SELECT site, encode_dtype, sq_error, total_variance, cosine_sum FROM dictionaries WHERE run_id = 'o'"
+        ).fetchall()
+    }
+    assert rows["sae.a.resid.out"][0] == "float32" and None not in rows["sae.a.resid.out"]
+    assert rows["sae.b.resid.out"] == ("float32", None, None, None)
+    assert rows["sae.half.resid.out"][0] == "bfloat16" and None not in rows["sae.half.resid.out"]
+    assert rows["transcoder.mlp.in"] == ("float32", None, None, None)
+    sql = wh.pl("SELECT * FROM dictionary_quality('o')")
+    assert sql.rows() == frames.dictionary_quality(wh, "o").collect().rows()
+    quality = {r["site"]: r for r in sql.iter_rows(named=True)}
+    _, x = _dense(wh, "resid.out", 1, "o")
+    latents = dicts.encode(paths["sae.b.resid.out"], x)
+    b = quality["sae.b.resid.out"]
+    assert (b["mse"], b["fvu"], b["mean_cosine"], b["delta_loss"]) == (None, None, None, None)
+    assert b["mean_l0"] == pytest.approx((latents != 0).sum() / len(x), rel=1e-12)  # the encoder's figures stay
+    assert quality["sae.a.resid.out"]["mse"] > 0
+
+
+def test_encode_only_refuses_splice_before_the_model_loads(tmp_path, sample_jsonl, capsys, monkeypatch):
+    from ingest import models
+    from tests.cli_runner import run_cli
+
+    sae = dicts.saelens(tmp_path / "d", "topk")
+    monkeypatch.setattr(models, "load", lambda *a, **k: pytest.fail("the model loaded"))
+    code, out, err = run_cli(
+        capsys, monkeypatch, "ingest", tmp_path / "wh", "--model", "config:qwen3-tiny", "--data", sample_jsonl,
+        "--site", f"resid.out+sae={sae}:topk=3,encode_only", "--splice", "--quiet",
+    )  # fmt: skip
+    assert code == 2 and not out and err.count("\n") == 1 and "Traceback" not in err
+    assert "--splice needs the decoder that" in err and "drop encode_only there, or --splice" in err
+    assert not (tmp_path / "wh").exists()
+
+
+@pytest.mark.parametrize("failure", ["raises", "non-finite"])
+def test_a_dtype_the_device_cannot_run_is_refused_before_the_model_loads(
+    tmp_path, sample_jsonl, capsys, monkeypatch, failure
+):
+    """No real CPU lacks float16 or bfloat16 in torch 2.13, so the device's failure is played by the encoder."""
+    import torch
+
+    from ingest import models
+    from tests.cli_runner import run_cli
+
+    real = dictionary.DeviceDictionary._encode
+
+    def device_without_float16(self, x):
+        if self.dtype != torch.float16:
+            return real(self, x)
+        if failure == "raises":
+            raise RuntimeError("\"addmm_impl_cpu_\" not implemented for 'Half'")
+        return real(self, x) * float("inf")
+
+    monkeypatch.setattr(dictionary.DeviceDictionary, "_encode", device_without_float16)
+    monkeypatch.setattr(models, "load", lambda *a, **k: pytest.fail("the model loaded"))
+    sae = dicts.saelens(tmp_path / "d", "standard")
+    code, out, err = run_cli(
+        capsys, monkeypatch, "ingest", tmp_path / "wh", "--model", "config:llama-tiny", "--data", sample_jsonl,
+        "--device", "cpu", "--site", f"resid.out+sae={sae}:topk=3,encode_dtype=float16", "--quiet",
+    )  # fmt: skip
+    reason = "addmm_impl_cpu_" if failure == "raises" else "a trial encode gave non-finite values"
+    assert code == 2 and not out and err.count("\n") == 1 and "Traceback" not in err
+    assert "the cpu device cannot run the dictionary in float16 (" in err and reason in err
+    assert "use encode_dtype=float32" in err
+    assert not (tmp_path / "wh").exists()
 
 
 def test_neuron_macros_on_a_dictionary_site_equal_their_twins(captured):
@@ -552,12 +724,89 @@ def test_eleutherai_sparsify_itself_gives_whq_values(tmp_path, transcode):
         )
 
 
-def test_scenarios_refuse_dictionary_sites():
-    from ingest.scenario import parse
+def test_bench_ingest_times_a_versus_configuration_in_the_same_alternation(tmp_path):
+    from ingest.bench import bench_ingest
 
-    from .scenario_yaml import scenario_dict
+    sae = dicts.saelens(tmp_path / "d", "topk", k=4)
+    result = bench_ingest(
+        "config:qwen3-tiny",
+        device="cpu",
+        batch_size=2,
+        seq_len=8,
+        repeats=2,
+        shard_tokens=16,
+        sites=[f"resid.out+sae={sae}:topk=4"],
+        versus=[f"resid.out+sae={sae}:topk=4,encode_only"],
+        root=tmp_path,
+    )
+    figures = result.to_dict()
+    assert len(result.plain_s) == len(result.capture_s) == len(result.versus_s) == 2
+    assert figures["versus_speedup"] == pytest.approx(
+        float(np.median(np.array(result.capture_s) / np.array(result.versus_s)))
+    )
+    assert figures["versus_ratio"] > 0 and figures["versus_sites"] == [f"resid.out+sae={sae}:topk=4,encode_only"]
+    assert result.token_neuron_rows == 2 * 8 * 4 * result.batches_per_block * 2  # the main capture's blocks only
+    assert any(line.startswith("ratio versus / plain") for line in result.lines())
+    alone = bench_ingest(
+        "config:qwen3-tiny", device="cpu", batch_size=1, seq_len=4, repeats=1, shard_tokens=4, root=tmp_path
+    )
+    assert alone.versus_ratio is None and not any("versus" in line for line in alone.lines())
 
-    with pytest.raises(
-        BadInput, match="dictionary sites are not captured in scenarios yet; ingest the documents with `whq ingest`"
-    ):
-        parse(scenario_dict("config:qwen3-tiny", capture={"sites": ["resid.out[1]+sae=saes:topk=3"]}))
+
+def _saelens_own(sae_lens, path):
+    """SAELens' own inference SAE for a folder: its loader, or for a BatchTopK training checkpoint (which it loads
+    only for training) its own conversion, BatchTopKTrainingSAE.save_inference_model, then its loader."""
+    import json
+
+    import torch
+
+    cfg = json.loads((path / "cfg.json").read_text())
+    if cfg["architecture"] == "batchtopk":
+        from safetensors.torch import load_file
+
+        training = sae_lens.BatchTopKTrainingSAE(
+            sae_lens.BatchTopKTrainingSAEConfig(
+                d_in=cfg["d_in"],
+                d_sae=cfg["d_sae"],
+                k=cfg["k"],
+                apply_b_dec_to_input=cfg["apply_b_dec_to_input"],
+                rescale_acts_by_decoder_norm=cfg.get("rescale_acts_by_decoder_norm", False),
+            )
+        )
+        weights = load_file(str(path / "sae_weights.safetensors"))
+        training.load_state_dict({k: v.float().reshape(training.state_dict()[k].shape) for k, v in weights.items()})
+        training.save_inference_model(str(path.parent / "inference"))
+        path = path.parent / "inference"
+    return sae_lens.SAE.load_from_disk(str(path), device="cpu"), torch
+
+
+@pytest.mark.parametrize("name", [n for n in FORMATS if n.startswith("saelens-")])
+def test_sae_lens_itself_gives_whq_values(tmp_path, name):
+    """SAELens' own loader and encoder (and decoder) on the same files give whq's latents and reconstruction."""
+    sae_lens = pytest.importorskip("sae_lens", reason="sae-lens is not installed (pip install -e '.[test]')")
+    path = FORMATS[name](tmp_path)
+    theirs, torch = _saelens_own(sae_lens, path)
+    ours = dictionary.DeviceDictionary(dictionary.load(str(path)).first, "cpu", "test")
+    x = torch.from_numpy(np.random.default_rng(2).normal(size=(11, D_IN)).astype(np.float32))
+    with torch.inference_mode():
+        latents = theirs.encode(x)
+        assert (latents != 0).any() and (latents == 0).any()
+        np.testing.assert_allclose(ours.encode(x).numpy(), latents.numpy(), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            ours.decode(latents, x).numpy(), theirs.decode(latents).numpy(), rtol=1e-5, atol=1e-5
+        )
+
+
+def test_sae_lens_itself_encodes_the_stored_activations_to_the_stored_latents(options_run):
+    """Two SAELens dictionaries on one site of one run: SAELens' encode of the stored resid.out equals each
+    one's stored latents."""
+    sae_lens = pytest.importorskip("sae_lens", reason="sae-lens is not installed (pip install -e '.[test]')")
+    import torch
+
+    wh, paths = options_run
+    _, x = _dense(wh, "resid.out", 1, "o")
+    for site in ("sae.a.resid.out", "sae.b.resid.out"):
+        theirs = sae_lens.SAE.load_from_disk(str(paths[site]), device="cpu")
+        with torch.inference_mode():
+            expected = theirs.encode(torch.from_numpy(x)).numpy()
+        np.testing.assert_allclose(_dense(wh, site, 1, "o")[1], expected, rtol=1e-5, atol=1e-5, err_msg=site)

@@ -14,8 +14,11 @@ import warehouse
 from queries import scenario_frames as sf
 from warehouse.schema import SCENARIO_SOURCES as SOURCES
 
+from . import dictionaries as dicts
 from .cli_runner import run_cli
 from .scenario_yaml import scenario_dict, write_yaml
+from .test_dictionaries import _quality
+from .test_unit_data import reference_hist
 
 HIDDEN = 256  # k = H // 100 = 2 top units, so Jaccard is not trivially 0 or 1
 
@@ -64,6 +67,7 @@ BAD_SCENARIOS = [
     (lambda d: d["capture"].update(sources=["hidden_mid"]), "capture.sources has 'hidden_mid'"),
     (lambda d: d["capture"].update(layers=[0, 99]), "capture.layers has layer 99"),
     (lambda d: d["capture"].update(sites=["mlp.act:tpk=3"]), "did you mean 'topk'"),
+    (lambda d: d["capture"].update(sites=["attn.q:topk=3,similar=2"]), "similar=K compares output directions"),
     (lambda d: d.update(generaton={}), "unknown key 'generaton': did you mean 'generation'?"),
     (lambda d: d.pop("name"), "missing 'name'"),
     (lambda d: d["prompt"].update(messages=[]), "prompt.messages must be a non-empty list"),
@@ -441,3 +445,158 @@ def test_run_at_each_message_generates_after_every_prefix(tmp_path, lm_dir):
     assert drift.height == 4 * 4 * 2 and sorted(drift["layer"].unique()) == [1, 3]
     assert_frame_equal(sf.drift(wh, "each").collect(), drift, rel_tol=1e-6)
     assert wh.sql("SELECT count(*) FROM steps WHERE run_id = 'each'").fetchall()[0][0] == 4 * 3
+
+
+# -- dictionary sites, histograms and neighbours -------------------------------------
+@pytest.fixture(scope="module")
+def dictionary_wh(tmp_path_factory, lm_dir):
+    """One scenario with an SAE on resid.out (layer 1) and a transcoder on mlp.in (layer 2) next to the dense
+    activations they read and reconstruct; states stored in float32 so they compare to the latents exactly."""
+    from ingest.chat import run_scenario
+
+    folder = tmp_path_factory.mktemp("dict-scenario")
+    sae = dicts.saelens(folder / "sae", "topk", d_in=HIDDEN, k=6)  # layer 1 from its cfg
+    tc = dicts.sparsify(folder / "tc" / "layers.2", d_in=HIDDEN, transcode=True, skip=True)
+    sites = [
+        "resid.out[1]:dense",
+        "mlp.in[2]:dense",
+        "mlp.down[2]:dense",
+        f"resid.out+sae={sae}:topk=4,dense,hist,examples=3",
+        f"mlp.in+transcoder={tc.parent}:threshold=0",
+        "mlp.act:topk=8,hist,similar=3",
+    ]
+    data = scenario_dict(str(lm_dir), capture={"sites": sites, "store_dtype": "float32", "logit_lens": 3})
+    run_scenario(folder / "wh", write_yaml(folder / "d.yaml", data), run_id="dict", progress=False)
+    with warehouse.open(folder / "wh") as wh:
+        yield wh, {"sae": sae, "tc": tc}
+
+
+def _tokens(wh, site: str, layer: int) -> tuple[list, np.ndarray]:
+    rows = wh.sql(
+        "SELECT doc, pos, vec FROM vectors WHERE run_id = 'dict' AND site = ? AND layer = ? AND pool = 'token' "
+        "ORDER BY doc, pos",
+        [site, layer],
+    ).fetchall()
+    return [(d, p) for d, p, _ in rows], np.array([v for *_, v in rows], dtype=np.float32)
+
+
+def _states(wh, site: str, layer: int) -> tuple[list, np.ndarray]:
+    rows = wh.sql(
+        "SELECT doc, step, vec FROM vectors WHERE run_id = 'dict' AND site = ? AND layer = ? AND pool = 'last' "
+        "ORDER BY doc, step",
+        [site, layer],
+    ).fetchall()
+    return [(d, s) for d, s, _ in rows], np.array([v for *_, v in rows], dtype=np.float32)
+
+
+def test_dictionary_latents_equal_a_numpy_encode_of_the_dense_capture(dictionary_wh):
+    wh, paths = dictionary_wh
+    keys, x = _tokens(wh, "resid.out", 1)
+    latent_keys, latents = _tokens(wh, "sae.resid.out", 1)
+    assert latent_keys == keys and len(keys) > 100
+    np.testing.assert_allclose(latents, dicts.encode(paths["sae"], x), rtol=1e-5, atol=1e-5)
+    # Every state (message snapshots, generation steps, references) also holds its last token's latents.
+    state_keys, states = _states(wh, "hidden_out", 1)
+    latent_state_keys, latent_states = _states(wh, "sae.resid.out", 1)
+    assert latent_state_keys == state_keys and len(state_keys) == 4 + 5 + 3
+    np.testing.assert_allclose(latent_states, dicts.encode(paths["sae"], states), rtol=1e-5, atol=1e-5)
+
+
+def test_dictionary_quality_rows_and_feature_logit_lens(dictionary_wh, lm_dir):
+    from transformers import AutoModelForCausalLM
+
+    wh, paths = dictionary_wh
+    quality = {
+        (r["site"], r["layer"]): r for r in wh.pl("SELECT * FROM dictionary_quality('dict')").iter_rows(named=True)
+    }
+    assert sorted(quality) == [("sae.resid.out", 1), ("transcoder.mlp.in", 2)]
+    x = _tokens(wh, "resid.out", 1)[1]
+    latents = dicts.encode(paths["sae"], x)
+    mlp_in, mlp_out = _tokens(wh, "mlp.in", 2)[1], _tokens(wh, "mlp.down", 2)[1].astype(np.float64)
+    tc_latents = dicts.encode(paths["tc"], mlp_in)
+    cases = [
+        (("sae.resid.out", 1), _quality(latents, dicts.decode(paths["sae"], latents, x), x.astype(np.float64))),
+        (("transcoder.mlp.in", 2), _quality(tc_latents, dicts.decode(paths["tc"], tc_latents, mlp_in), mlp_out)),
+    ]
+    for key, expected in cases:
+        for column, value in expected.items():
+            assert quality[key][column] == pytest.approx(value, rel=1e-5, abs=1e-9), (key, column)
+    # The SAE writes to the residual stream: each latent's decoder row times the final norm, through the unembedding.
+    model = AutoModelForCausalLM.from_pretrained(lm_dir).eval()
+    _, _, w = dicts.read(paths["sae"])
+    unembed = model.get_output_embeddings().weight.detach().double().numpy()
+    logits = (w["W_dec"] * model.model.norm.weight.detach().double().numpy()) @ unembed.T
+    lens = wh.pl(
+        "SELECT token_id, logit FROM neuron_logits WHERE run_id = 'dict' AND site = 'sae.resid.out' AND layer = 1 "
+        "AND direction = 'top' ORDER BY neuron, rank"
+    )
+    expected = np.argsort(-logits, axis=1, kind="stable")[:, :10]
+    np.testing.assert_array_equal(lens["token_id"].to_numpy().reshape(-1, 10), expected)
+    np.testing.assert_allclose(
+        lens["logit"].to_numpy().reshape(-1, 10), np.take_along_axis(logits, expected, 1), rtol=1e-4, atol=1e-5
+    )
+    # Only the dictionary sites: mlp.act has output directions too, but scenarios keep the lens for latents.
+    lensed = wh.sql("SELECT DISTINCT site FROM neuron_logits WHERE run_id = 'dict' ORDER BY site").fetchall()
+    assert lensed == [("sae.resid.out",), ("transcoder.mlp.in",)]
+
+
+def test_scenario_histograms_and_neighbours_equal_numpy(dictionary_wh, lm_dir):
+    from transformers import AutoModelForCausalLM
+
+    wh, paths = dictionary_wh
+    latents = dicts.encode(paths["sae"], _tokens(wh, "resid.out", 1)[1]).astype(np.float32)
+    expected = reference_hist(latents)
+    stored = np.zeros_like(expected)
+    for neuron, bin_, count in wh.sql(
+        "SELECT neuron, bin, count FROM unit_histograms WHERE run_id = 'dict' AND site = 'sae.resid.out' AND layer = 1"
+    ).fetchall():
+        stored[neuron, bin_] = count
+    np.testing.assert_array_equal(stored, expected)
+    model = AutoModelForCausalLM.from_pretrained(lm_dir).eval()
+    for layer in range(4):
+        down = model.model.layers[layer].mlp.down_proj.weight.detach().double().numpy()
+        directions = down / np.linalg.norm(down, axis=0)
+        cosine = directions.T @ directions
+        np.fill_diagonal(cosine, -np.inf)
+        rows = wh.sql(
+            "SELECT neuron, other, cosine FROM unit_neighbors WHERE run_id = 'dict' AND site = 'mlp.act' AND layer = ? "
+            "ORDER BY neuron, rank",
+            [layer],
+        ).fetchall()
+        others = np.array([o for _, o, _ in rows]).reshape(-1, 3)
+        order = np.array([np.lexsort((np.arange(len(c)), -c))[:3] for c in cosine])
+        np.testing.assert_array_equal(others, order)
+        np.testing.assert_allclose(
+            [c for *_, c in rows], np.take_along_axis(cosine, order, 1).reshape(-1), rtol=1e-5, atol=1e-6
+        )
+    assert wh.sql("SELECT count(DISTINCT layer) FROM unit_histograms WHERE site = 'mlp.act'").fetchall() == [(4,)]
+
+
+def test_scenario_metrics_on_latents_equal_their_twins_and_numpy(dictionary_wh):
+    wh, _ = dictionary_wh
+    got = wh.pl("SELECT * FROM ref_similarity('dict', source := 'sae.resid.out')")
+    assert_frame_equal(sf.ref_similarity(wh, "dict", source="sae.resid.out").collect(), got, rel_tol=1e-6)
+    keys, states = _states(wh, "sae.resid.out", 1)
+    by_key = dict(zip(keys, states.astype(np.float64)))
+    docs = dict(wh.sql("SELECT doc_id, doc FROM documents WHERE run_id = 'dict'").fetchall())
+    assert got.height == (4 + 1) * 3
+    for row in got.iter_rows(named=True):
+        a = by_key[(docs[row["doc_id"]], 4 if row["role"] == "generated" else 0)]
+        b = by_key[(docs[f"reference:{row['label']}"], 0)]
+        np.testing.assert_allclose(
+            [row["cosine"], row["mae"], row["jaccard"]], [cosine(a, b), mae(a, b), jaccard(a, b)], rtol=1e-6
+        )
+
+
+def test_a_dictionary_of_the_wrong_width_is_one_line_and_commits_nothing(tmp_path, capsys, monkeypatch, lm_dir):
+    sae = dicts.saelens(tmp_path / "narrow", "topk", d_in=HIDDEN // 2)
+    data = scenario_dict(str(lm_dir), capture={"sites": [f"resid.out+sae={sae}:topk=3"]})
+    path = write_yaml(tmp_path / "narrow.yaml", data)
+    args = ("ingest", tmp_path / "wh", "--scenario", path, "--run-id", "narrow", "-q", "--device", "cpu")
+    code, _, err = run_cli(capsys, monkeypatch, *args)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert f"reads d_in={HIDDEN // 2}: use a dictionary trained on this site" in lines[0]
+    wh = warehouse.open(tmp_path / "wh")
+    assert wh.sql("SELECT count(*) FROM runs").fetchall() == [(0,)]
+    assert not list((tmp_path / "wh").rglob("*narrow*"))  # no journal or staged part left behind

@@ -84,7 +84,10 @@ TINY_CALLS = {
     "unit_stats": ["SELECT * FROM unit_stats('lm2', 'mlp.act', 1)"],
     "unit_histogram": ["SELECT * FROM unit_histogram('lm2', 'mlp.act', 1, 5)"],
     "units_for_token": ["SELECT * FROM units_for_token('lm2', 'mlp.act', 't')"],
-    "similar_units": ["SELECT * FROM similar_units('lm2', 'mlp.act', 1, 5)"],
+    "similar_units": [
+        "SELECT * FROM similar_units('lm2', 'mlp.act', 1, 5)",
+        "SELECT * FROM similar_units('lm2', 'mlp.act', 1, 5, k := 40)",  # above the 32 stored: computed
+    ],
     "quantile_examples": ["SELECT * FROM quantile_examples('lm2', 'mlp.act', 1, 5)"],
 }
 

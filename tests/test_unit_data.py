@@ -409,31 +409,44 @@ def test_tokens_are_stored_decoded(unit_wh, loaded):
     assert not any("Ġ" in t["text"] for t in tokens)
 
 
-def test_units_for_token_matches_python(unit_wh):
-    tokens = rows(unit_wh, "SELECT doc, pos, text FROM tokens")
+def token_key(text: str) -> str:
+    """The documented match of token search: case and surrounding spaces ignored, and WordPiece's ## too."""
+    key = text.strip(" ").lower()
+    return key[2:] if key.startswith("##") and len(key) > 2 else key
+
+
+def _units_for_token_in_python(wh, run: str, query: str) -> list[dict]:
+    tokens = rows(wh, f"SELECT doc, pos, coalesce(text, piece) AS text FROM tokens WHERE run_id = '{run}'")
     fired = rows(
-        unit_wh, "SELECT layer, neuron, doc, pos, value FROM token_neurons WHERE site = 'mlp.act' AND value > 0"
+        wh,
+        "SELECT layer, neuron, doc, pos, value FROM token_neurons "
+        f"WHERE run_id = '{run}' AND site = 'mlp.act' AND value > 0",
     )
+    wanted = {(t["doc"], t["pos"]) for t in tokens if token_key(t["text"]) == token_key(query)}
+    per_unit = defaultdict(list)
+    for r in fired:
+        if (r["doc"], r["pos"]) in wanted:
+            per_unit[(r["layer"], r["neuron"])].append(r["value"])
+    return sorted(
+        (
+            {
+                "layer": layer,
+                "neuron": unit,
+                "n_fired": len(v),
+                "n_occurrences": len(wanted),
+                "share": len(v) / len(wanted),
+                "mean_value": float(np.mean(v)),
+            }
+            for (layer, unit), v in per_unit.items()
+        ),
+        key=lambda r: (-r["n_fired"], -r["mean_value"], r["layer"], r["neuron"]),
+    )
+
+
+def test_units_for_token_matches_python(unit_wh):
+    assert rows(unit_wh, "SELECT count(*) AS n FROM token_units WHERE site = 'mlp.act'")[0]["n"] > 0  # the index
     for query in ("s", " S ", "k"):
-        wanted = {(t["doc"], t["pos"]) for t in tokens if t["text"].strip().lower() == query.strip().lower()}
-        per_unit = defaultdict(list)
-        for r in fired:
-            if (r["doc"], r["pos"]) in wanted:
-                per_unit[(r["layer"], r["neuron"])].append(r["value"])
-        expected = sorted(
-            (
-                {
-                    "layer": layer,
-                    "neuron": unit,
-                    "n_fired": len(v),
-                    "n_occurrences": len(wanted),
-                    "share": len(v) / len(wanted),
-                    "mean_value": float(np.mean(v)),
-                }
-                for (layer, unit), v in per_unit.items()
-            ),
-            key=lambda r: (-r["n_fired"], -r["mean_value"], r["layer"], r["neuron"]),
-        )
+        expected = _units_for_token_in_python(unit_wh, "u", query)
         got = rows(unit_wh, f"SELECT * FROM units_for_token('u', 'mlp.act', '{query}')")
         assert [(r["layer"], r["neuron"], r["n_fired"], r["n_occurrences"]) for r in got] == [
             (r["layer"], r["neuron"], r["n_fired"], r["n_occurrences"]) for r in expected
@@ -470,6 +483,52 @@ def test_similar_units_by_decoder_cosine_and_coactivation(unit_wh, loaded):
         np.testing.assert_allclose([r["similarity"] for r in coactivation], [jaccard[o] for o in expected], rtol=1e-12)
         assert [r["n_shared"] for r in coactivation] == [len(sets[unit] & sets[o]) for o in expected]
         assert [r["rank"] for r in coactivation] == list(range(len(expected)))
+
+
+def test_token_search_finds_wordpiece_continuations(minilm_wh):
+    with warehouse.open(minilm_wh) as wh:
+        pieces = [r["piece"] for r in rows(wh, "SELECT DISTINCT piece FROM tokens WHERE piece LIKE '##_%'")]
+        assert pieces, "the MiniLM capture has WordPiece continuations"
+        for piece in pieces[:5]:
+            expected = _units_for_token_in_python(wh, "r", piece[2:])
+            got = rows(wh, f"SELECT * FROM units_for_token('r', 'mlp.act', '{piece[2:]}')")
+            assert [(r["layer"], r["neuron"], r["n_fired"], r["n_occurrences"]) for r in got] == [
+                (r["layer"], r["neuron"], r["n_fired"], r["n_occurrences"]) for r in expected
+            ]
+            texts = rows(wh, "SELECT text FROM tokens")
+            assert got[0]["n_occurrences"] == sum(t["text"] in (piece, piece[2:]) for t in texts) > 0
+            assert rows(wh, f"SELECT * FROM units_for_token('r', 'mlp.act', '{piece}')") == got
+
+
+def test_runs_without_the_indexes_give_the_same_rows(unit_wh, tiny_lm_dir, tmp_path, monkeypatch):
+    """A run written before unit_coactivations, token_units and vocabulary: the macros and twins compute
+    from token_neurons and tokens, with the same results."""
+    import ingest.finalize
+
+    monkeypatch.setattr(ingest.finalize, "index_parts", lambda *args, **kwargs: [])
+    _ingest(tmp_path / "wh", tiny_lm_dir, batch_size=3)
+    with warehouse.open(tmp_path / "wh") as old:
+        for table in ("unit_coactivations", "token_units", "vocabulary"):
+            assert rows(old, f"SELECT count(*) AS n FROM {table}")[0]["n"] == 0
+        for sql, twin, kwargs in (
+            ("units_for_token('u', 'mlp.act', 's')", uf.units_for_token, dict(text="s")),
+            ("similar_units('u', 'mlp.act', 2, 7)", uf.similar_units, dict(layer=2, unit=7)),
+            ("similar_units('u', 'mlp.act', 0, 50, k := 40)", uf.similar_units, dict(layer=0, unit=50, k=40)),
+        ):
+            got = old.pl(f"SELECT * FROM {sql}")
+            assert got.height > 0
+            assert_frame_equal(got, unit_wh.pl(f"SELECT * FROM {sql}"), check_exact=False, rel_tol=1e-12)
+            assert_frame_equal(got, twin(old, "u", "mlp.act", **kwargs).collect(), check_exact=False, rel_tol=RTOL)
+
+
+def test_coactivations_beyond_those_kept_are_computed(unit_wh):
+    from warehouse.indexes import COACTIVATION_K
+
+    kept = unit_wh.pl(f"SELECT * FROM similar_units('u', 'mlp.act', 1, 3, k := {COACTIVATION_K})")
+    more = unit_wh.pl(f"SELECT * FROM similar_units('u', 'mlp.act', 1, 3, k := {COACTIVATION_K + 20})")
+    coactivating = more.filter(more["kind"] == "coactivation")
+    assert coactivating.height > COACTIVATION_K, "the unit shares tokens with more units than are kept"
+    assert_frame_equal(more.filter(more["rank"] < COACTIVATION_K), kept)
 
 
 def _firing(unit_wh, dense, layer, unit):
@@ -604,6 +663,7 @@ TWIN_CALLS = [
     ("units_for_token", "'s'", dict(text="s")),
     ("similar_units", "2, 7", dict(layer=2, unit=7)),
     ("similar_units", "0, 3, k := 2", dict(layer=0, unit=3, k=2)),
+    ("similar_units", "1, 3, k := 50", dict(layer=1, unit=3, k=50)),
     ("quantile_examples", "2, 9", dict(layer=2, unit=9)),
     ("quantile_examples", "0, 1, before := 2, after := 0", dict(layer=0, unit=1, before=2, after=0)),
 ]
@@ -643,6 +703,7 @@ def test_every_unit_macro_is_documented(unit_wh):
         "unit_histogram",
         "units_for_token",
         "similar_units",
+        "whq_token_key",
         "whq_hist_edge",
         "whq_hist_lo",
         "whq_hist_hi",
@@ -652,3 +713,94 @@ def test_every_unit_macro_is_documented(unit_wh):
         "whq_has_quantiles",
     ):
         assert comments.get(name), name
+
+
+def _indexed_run(tmp_path, rows_of_layer: dict[int, list[list[tuple[int, float]]]], token_ids: list[int]):
+    """index_parts over one shard written by a RunWriter: per layer, each token's (unit, value) rows."""
+    from warehouse.indexes import index_parts
+    from warehouse.parts import part_order, to_arrow
+    from warehouse.runwriter import RunWriter
+
+    wh = warehouse.open_or_init(tmp_path / "wh")
+    writer = RunWriter(wh.layout, "x", {"test": True})
+    n = len(token_ids)
+    tokens = {
+        "doc": np.zeros(n, dtype=np.int64),
+        "pos": np.arange(n),
+        "window": np.zeros(n, dtype=np.int64),
+        "token_id": np.array(token_ids),
+        "piece": [f"p{i}" for i in token_ids],
+        "char_start": np.zeros(n, dtype=np.int64),
+        "char_end": np.zeros(n, dtype=np.int64),
+        "special": np.zeros(n, dtype=bool),
+        "text": [f"t{i}" for i in token_ids],
+    }
+    parts = [("tokens", None, None, to_arrow("tokens", tokens, None))]
+    for layer, per_token in rows_of_layer.items():
+        cols = {
+            "doc": np.array([0 for pos, rows in enumerate(per_token) for _ in rows]),
+            "pos": np.array([pos for pos, rows in enumerate(per_token) for _ in rows]),
+            "neuron": np.array([u for rows in per_token for u, _ in rows]),
+            "value": np.array([v for rows in per_token for _, v in rows], dtype=np.float16),
+        }
+        parts.append(("token_neurons", "s", layer, to_arrow("token_neurons", part_order("token_neurons", cols), 200)))
+    writer.commit_shard(parts)
+    out = {(t, layer): table.to_pydict() for t, _, layer, table in index_parts(writer, {"s": 0.0}, k=3)}
+    writer.close()
+    return out
+
+
+def test_index_parts_match_python_and_skip_dense_layers(tmp_path):
+    rng = np.random.default_rng(5)
+    sparse = [
+        [(int(u), float(rng.choice([-1.0, 0.5, 1.5]))) for u in rng.choice(12, 4, replace=False)] for _ in range(60)
+    ]
+    dense = [[(u, 1.0) for u in range(130)] for _ in range(3)]  # 130 firing units a token: above MAX_MEAN_COFIRING
+    token_ids = rng.integers(0, 5, 60).tolist()
+    got = _indexed_run(tmp_path, {0: sparse, 1: dense + sparse[3:]}, token_ids)
+    assert ("unit_coactivations", 1) not in got and ("token_units", 1) in got
+
+    fired = defaultdict(set)
+    for pos, rows_ in enumerate(sparse):
+        for u, v in rows_:
+            if v > 0:
+                fired[u].add(pos)
+    c = got[("unit_coactivations", 0)]
+    for unit in fired:
+        jaccard = {
+            o: len(fired[unit] & s) / len(fired[unit] | s) for o, s in fired.items() if o != unit and fired[unit] & s
+        }
+        expected = sorted(jaccard, key=lambda o: (-jaccard[o], o))[:3]
+        mine = [i for i, u in enumerate(c["neuron"]) if u == unit]
+        assert [c["other"][i] for i in mine] == expected
+        assert [c["rank"][i] for i in mine] == list(range(len(expected)))
+        assert [c["jaccard"][i] for i in mine] == [jaccard[o] for o in expected]  # the same float division
+        assert [c["n_shared"][i] for i in mine] == [len(fired[unit] & fired[o]) for o in expected]
+    assert set(c["kept"]) == {3}
+
+    t = got[("token_units", 0)]
+    expected = defaultdict(lambda: [0, 0.0])
+    for pos, rows_ in enumerate(sparse):
+        for u, v in rows_:
+            if v > 0:
+                expected[(token_ids[pos], u)][0] += 1
+                expected[(token_ids[pos], u)][1] += v
+    assert sorted(zip(t["token_id"], t["neuron"])) == list(zip(t["token_id"], t["neuron"]))  # the lookup order
+    assert {(i, u): [n, s] for i, u, n, s in zip(t["token_id"], t["neuron"], t["n_fired"], t["value_sum"])} == dict(
+        expected
+    )
+    vocabulary = got[("vocabulary", None)]
+    assert dict(zip(vocabulary["token_id"], vocabulary["n_tokens"])) == {i: token_ids.count(i) for i in set(token_ids)}
+    assert vocabulary["text"] == [f"t{i}" for i in vocabulary["token_id"]]
+
+
+def test_index_parts_are_the_same_in_blocks_of_units_and_chunks_of_pairs(tmp_path, monkeypatch):
+    """Wide layers count pairs a block of units at a time, and expand pairs a chunk at a time."""
+    from warehouse import indexes
+
+    rng = np.random.default_rng(6)
+    per_token = [[(int(u), 1.0) for u in rng.choice(12, 5, replace=False)] for _ in range(40)]
+    whole = _indexed_run(tmp_path / "a", {0: per_token}, [0] * 40)
+    monkeypatch.setattr(indexes, "_BLOCK_CELLS", 3 * 12)  # blocks of 3 units
+    monkeypatch.setattr(indexes, "_CHUNK_PAIRS", 7)
+    assert _indexed_run(tmp_path / "b", {0: per_token}, [0] * 40) == whole

@@ -173,8 +173,9 @@ def ingest(
         [],
         "--site",
         "-s",
-        help="SPEC: <site>[@in|@out][[layers]][+sae=PATH|+transcoder=PATH]:<reduction>[=arg],... e.g. mlp.act:topk=20, "
-        "resid.out[6]+sae=saes/layers.6:topk=32,examples=20 (repeatable; dictionary sites: ingest/README.md).",
+        help="SPEC: <site>[@in|@out][[layers]][+sae[.NAME]=PATH|+transcoder[.NAME]=PATH]:<reduction>[=arg],... e.g. "
+        "mlp.act:topk=20, resid.out[6]+sae=saes/layers.6:topk=32,examples=20 (repeatable; dictionary sites and their "
+        "options encode_only, encode_dtype=bfloat16: ingest/README.md).",
     ),
     scenario: Path | None = typer.Option(
         None, "--scenario", help="Chat scenario YAML (Activation Lab format) instead of --data."
@@ -200,7 +201,7 @@ def ingest(
     splice: bool = typer.Option(
         False,
         "--splice",
-        help="Dictionary sites of a causal LM: also measure next-token loss with each reconstruction spliced in (one extra forward per dictionary layer, plus one).",
+        help="Dictionary sites of a causal LM: also measure next-token loss with each reconstruction spliced in (one extra forward per dictionary layer, plus one; not with encode_only).",
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     ranks: int = typer.Option(
@@ -216,7 +217,9 @@ def ingest(
     Dictionary sites encode a site with an SAE or transcoder on the device and store its latents as units:
     --site 'resid.out[3]+sae=saes:topk=32,examples=20' --site 'mlp.in[*]+transcoder=transcoders:threshold=0'
     ([3], [0,2], [0-3], [*] select layers; PATH is a SAELens, sparsify or Gemma Scope dictionary, a folder of them
-    per layer, or dict.py[:checkpoint]; the site is named sae.resid.out / transcoder.mlp.in).
+    per layer, or dict.py[:checkpoint]; the site is named sae.resid.out / transcoder.mlp.in, and +sae.NAME=PATH
+    names a second dictionary on one site sae.NAME.resid.out). Dictionary options among the reductions:
+    encode_only (no decoder: no reconstruction quality, no --splice), encode_dtype=float32|bfloat16|float16.
     """
     if scenario is not None:
         from ingest.chat import run_scenario
