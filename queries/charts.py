@@ -126,9 +126,20 @@ def unit_histogram_chart(df, title: str = "activation histogram") -> alt.Chart:
         alt.Chart(finite)
         .mark_rect(color="#f97316", stroke="white", strokeWidth=0.3)
         .encode(
-            alt.X("lo:Q", scale=alt.Scale(type="symlog", constant=2**-12), title="activation value"),
+            # symlog axes bunch their ticks at the ends: drop the labels that would overprint
+            alt.X(
+                "lo:Q",
+                scale=alt.Scale(type="symlog", constant=2**-12),
+                axis=alt.Axis(labelOverlap="greedy", labelSeparation=6),
+                title="activation value",
+            ),
             alt.X2("hi:Q"),
-            alt.Y("count:Q", scale=alt.Scale(type="symlog"), title="tokens"),
+            alt.Y(
+                "count:Q",
+                scale=alt.Scale(type="symlog"),
+                axis=alt.Axis(labelOverlap="greedy", labelSeparation=6),
+                title="tokens",
+            ),
             alt.Y2(datum=0),
             tooltip=_tooltip(df, "bin", "lo", "hi", "count"),
         )

@@ -305,9 +305,10 @@ def _spell(reader: Reader, run: str, rows: list[dict]) -> None:
                 end = span[1] if end is None else max(end, span[1])
 
 
-def shaded(tokens: list[dict], fire: int, scale: float):
+def shaded(tokens: list[dict], fire: int, scale: float, negative_scale: float | None = None):
     """A context window as HTML: one span per token, its background orange for a positive value and
-    blue for a negative one, opacity |value| / scale, the value as its title; `fire` (the example's
+    blue for a negative one, opacity |value| / scale (/ `negative_scale` for negative values where
+    given), the value as its title; `fire` (the example's
     own token) outlined; a line break shows as ⏎, so each window stays one line. Built here rather
     than in the template: Jinja's per-token escaping and attribute lookups made most of
     `whq export site`'s time (259 golden pages: 12.3 s, now 2.9 s)."""
@@ -316,7 +317,8 @@ def shaded(tokens: list[dict], fire: int, scale: float):
     spans = []
     for i, token in enumerate(tokens):
         value = token.get("value")
-        alpha = 0.0 if value is None or not scale else min(1.0, abs(value) / scale)
+        by = negative_scale if negative_scale and (value or 0) < 0 else scale
+        alpha = 0.0 if value is None or not by else min(1.0, abs(value) / by)
         kind = " neg" if (value or 0) < 0 else ""
         # the colour is CSS's (.tok, .tok.neg); the span carries only its opacity: a demo unit page
         # holds ~4,300 spans, and a full rgba() style in each made it 0.5 MB
@@ -327,8 +329,8 @@ def shaded(tokens: list[dict], fire: int, scale: float):
     return Markup("".join(spans))
 
 
-def _examples(rows: list[dict], before: int, scale: float) -> list[dict]:
-    return [{**row, "shaded": shaded(row["tokens"], min(row["pos"], before), scale)} for row in rows]
+def _examples(rows: list[dict], before: int, scale: float, negative_scale: float | None = None) -> list[dict]:
+    return [{**row, "shaded": shaded(row["tokens"], min(row["pos"], before), scale, negative_scale)} for row in rows]
 
 
 # -- pages -------------------------------------------------------------------------------------
@@ -485,7 +487,10 @@ def unit_page(
     # The most negative values of a signed unit (stored where the capture kept examples=N); a unit
     # that never fired can still have them.
     bottom = [("Most negative activations", "bottom", data["examples"]["bottom"])] if data["examples"]["bottom"] else []
-    sections = [(name, kind, _examples(rows, BEFORE, scale)) for name, kind, rows in bottom]
+    # A GELU/SiLU unit's negative part is small next to its maximum (demo: -0.17 vs 1.99): shaded on the
+    # common scale its most negative examples were near-white, so that section shades negatives by |min|.
+    negative_scale = {"bottom": abs(stats["min"] or 0.0) or None}
+    sections = [(name, kind, _examples(rows, BEFORE, scale, negative_scale[kind])) for name, kind, rows in bottom]
     if not _keeps_examples(info):
         no_examples = f"This site kept no examples: re-ingest with --site {site}:{info['reductions']},examples=20."
     elif not stats["n_fired"]:
@@ -494,7 +499,7 @@ def unit_page(
         no_examples = None
         quantiles = [{**row, "rank": f"q{row['quantile']}.{row['rank']}"} for row in data["examples"]["quantile"]]
         sections = [
-            (name, kind, _examples(rows, BEFORE, scale))
+            (name, kind, _examples(rows, BEFORE, scale, negative_scale.get(kind)))
             for name, kind, rows in (
                 ("Top activations", "top", data["examples"]["top"]),
                 *bottom,

@@ -186,6 +186,13 @@ def test_unit_page(server, tmp_path, pages_root):
     assert shown[: top.height] == [text.replace("\n", "⏎") for text in spelled["text"]]
     stats = wh.pl("SELECT * FROM unit_stats('u', 'mlp.act', 1) WHERE neuron = 3").row(0, named=True)
     assert pages_number(stats["kurtosis"]) in dom and pages_number(stats["min"]) in dom
+    # the outlined token's opacity: |value| / max |value|, but |value| / |min| in the most negative section
+    # (a SiLU unit's negative part is small: on the common scale those examples were near-white)
+    fire_alpha = [float(t["style"][len("--a:") :]) for t in page.tokens if "fire" in t["class"].split()]
+    scale = max(abs(stats["max"]), abs(stats["min"]))
+    expected = [abs(v) / scale for v in top["value"]] + [abs(v) / abs(stats["min"]) for v in bottom["value"]]
+    assert fire_alpha[: len(expected)] == pytest.approx(expected, abs=0.006)
+    assert max(expected[top.height :]) == pytest.approx(1.0, abs=1e-3)  # the most negative example is full blue
     similar = wh.pl("SELECT * FROM similar_units('u', 'mlp.act', 1, 3)")
     assert {"decoder", "coactivation"} <= set(similar["kind"])
     for unit in similar["neuron"]:
