@@ -27,6 +27,10 @@ def _by_layer(df: pl.DataFrame) -> dict:
     return {"color": alt.Color("layer:N", title="layer")} if "layer" in df.columns else {}
 
 
+# log and symlog axes bunch their ticks ("0.0010.002"): drop the labels that would overprint
+_SPARSE_LABELS = alt.Axis(labelOverlap="greedy", labelSeparation=6)
+
+
 def rate_histogram_chart(df, title: str = "firing rate") -> alt.Chart:
     """rate_histogram rows: log-spaced bars for bins 1..n; the dead units (bin 0) in the subtitle."""
     df = _frame(df)
@@ -36,7 +40,12 @@ def rate_histogram_chart(df, title: str = "firing rate") -> alt.Chart:
         alt.Chart(bars)
         .mark_rect(opacity=0.55, stroke="white", strokeWidth=0.5)
         .encode(
-            alt.X("lo:Q", scale=alt.Scale(type="log"), title="firing rate (share of tokens where the unit fires)"),
+            alt.X(
+                "lo:Q",
+                scale=alt.Scale(type="log"),
+                axis=_SPARSE_LABELS,
+                title="firing rate (share of tokens where the unit fires)",
+            ),
             alt.X2("hi:Q"),
             alt.Y("n_neurons:Q", title="units"),
             alt.Y2(datum=0),
@@ -51,8 +60,11 @@ def rate_histogram_chart(df, title: str = "firing rate") -> alt.Chart:
     )
 
 
-def selectivity_histogram_chart(df, title: str = "selectivity (max / mean positive part)") -> alt.Chart:
-    """selectivity_histogram rows: linear bars for bins 1..n; units without a selectivity (bin 0) in the subtitle."""
+def selectivity_histogram_chart(
+    df, title: str = "selectivity (max / mean positive part)", log: bool = False
+) -> alt.Chart:
+    """selectivity_histogram rows: bars for bins 1..n, on a log axis for its log := true bins; units without
+    a selectivity (bin 0) in the subtitle."""
     df = _frame(df)
     undefined = int(df.filter(pl.col("bin") == 0)["n_neurons"].sum())
     bars = df.filter(pl.col("bin") > 0)
@@ -60,7 +72,12 @@ def selectivity_histogram_chart(df, title: str = "selectivity (max / mean positi
         alt.Chart(bars)
         .mark_rect(opacity=0.55, stroke="white", strokeWidth=0.5)
         .encode(
-            alt.X("lo:Q", title="selectivity = max / mean of max(value, 0)"),
+            alt.X(
+                "lo:Q",
+                scale=alt.Scale(type="log" if log else "linear"),
+                axis=_SPARSE_LABELS,
+                title="selectivity = max / mean of max(value, 0)",
+            ),
             alt.X2("hi:Q"),
             alt.Y("n_neurons:Q", title="units"),
             alt.Y2(datum=0),
@@ -126,18 +143,17 @@ def unit_histogram_chart(df, title: str = "activation histogram") -> alt.Chart:
         alt.Chart(finite)
         .mark_rect(color="#f97316", stroke="white", strokeWidth=0.3)
         .encode(
-            # symlog axes bunch their ticks at the ends: drop the labels that would overprint
             alt.X(
                 "lo:Q",
                 scale=alt.Scale(type="symlog", constant=2**-12),
-                axis=alt.Axis(labelOverlap="greedy", labelSeparation=6),
+                axis=_SPARSE_LABELS,
                 title="activation value",
             ),
             alt.X2("hi:Q"),
             alt.Y(
                 "count:Q",
                 scale=alt.Scale(type="symlog"),
-                axis=alt.Axis(labelOverlap="greedy", labelSeparation=6),
+                axis=_SPARSE_LABELS,
                 title="tokens",
             ),
             alt.Y2(datum=0),

@@ -133,8 +133,10 @@ def rate_histogram(wh, run: str, site: str, layer: int, bins: int = 50) -> pl.La
     return _histogram(binned, bins, edges)
 
 
-def selectivity_histogram(wh, run: str, site: str, layer: int, bins: int = 50) -> pl.LazyFrame:
-    sel = _selectivity(_stats(wh, run, site, layer)).select("selectivity")
+def selectivity_histogram(wh, run: str, site: str, layer: int, bins: int = 50, log: bool = False) -> pl.LazyFrame:
+    sel = _selectivity(_stats(wh, run, site, layer)).select(
+        pl.col("selectivity").log() if log else pl.col("selectivity")
+    )
     span = sel.select(
         pl.col("selectivity").min().alias("s_lo"), pl.col("selectivity").max().alias("s_hi"), pl.len().alias("units")
     )
@@ -158,6 +160,8 @@ def selectivity_histogram(wh, run: str, site: str, layer: int, bins: int = 50) -
             pl.when(b > 0).then(lo + (hi - lo) * b / bins).alias("hi"),
         )
     )
+    if log:
+        edges = edges.with_columns(pl.col("lo").exp(), pl.col("hi").exp())
     return _histogram(binned, bins, edges)
 
 

@@ -71,26 +71,35 @@ WHERE sc.n_tokens IS NOT NULL
 ORDER BY g.bin;
 COMMENT ON MACRO TABLE rate_histogram IS 'Histogram of firing rates: bin 0 holds the dead units (rate = 0, lo = hi = 0); bins 1..bins are log-spaced over [1 / n_tokens, 1], bin i covering lo <= rate < hi (the last includes 1); every bin is listed. Example: SELECT * FROM rate_histogram(''demo'', ''mlp.act'', 3, bins := 20)';
 
-CREATE OR REPLACE MACRO selectivity_histogram(run, site, layer, bins := 50) AS TABLE
-WITH sel AS (SELECT x.selectivity FROM selectivity(run, site, layer) x),
-span AS (SELECT min(x.selectivity) AS lo, max(x.selectivity) AS hi FROM sel x),
+CREATE OR REPLACE MACRO selectivity_histogram(run, site, layer, bins := 50, log := false) AS TABLE
+WITH sel AS (
+    -- log := true bins ln(selectivity): selectivity is heavy-tailed (>= 1 where defined, up to ~10^4
+    -- for units that almost never fire), so linear bins put nearly every unit in the first one
+    SELECT CASE WHEN log THEN ln(x.selectivity) ELSE x.selectivity END AS t FROM selectivity(run, site, layer) x
+),
+span AS (SELECT min(x.t) AS lo, max(x.t) AS hi FROM sel x),
 binned AS (
-    SELECT CASE WHEN x.selectivity IS NULL THEN 0
+    SELECT CASE WHEN x.t IS NULL THEN 0
                 WHEN sp.hi = sp.lo THEN 1
-                ELSE least(bins, 1 + CAST(floor((x.selectivity - sp.lo) / (sp.hi - sp.lo) * bins) AS INTEGER)) END AS bin
+                ELSE least(bins, 1 + CAST(floor((x.t - sp.lo) / (sp.hi - sp.lo) * bins) AS INTEGER)) END AS bin
     FROM sel x CROSS JOIN span sp
 ),
-counts AS (SELECT b.bin, count(*) AS n_neurons FROM binned b GROUP BY b.bin)
-SELECT CAST(g.bin AS INTEGER) AS bin,
-       CASE WHEN g.bin > 0 THEN sp.lo + (sp.hi - sp.lo) * (g.bin - 1) / bins END AS lo,
-       CASE WHEN g.bin > 0 THEN sp.lo + (sp.hi - sp.lo) * g.bin / bins END AS hi,
+counts AS (SELECT b.bin, count(*) AS n_neurons FROM binned b GROUP BY b.bin),
+edges AS (
+    SELECT g.bin,
+           CASE WHEN g.bin > 0 THEN sp.lo + (sp.hi - sp.lo) * (g.bin - 1) / bins END AS t_lo,
+           CASE WHEN g.bin > 0 THEN sp.lo + (sp.hi - sp.lo) * g.bin / bins END AS t_hi
+    FROM range(0, bins + 1) g(bin) CROSS JOIN span sp
+    WHERE EXISTS (SELECT 1 FROM sel)
+)
+SELECT CAST(e.bin AS INTEGER) AS bin,
+       CASE WHEN log THEN exp(e.t_lo) ELSE e.t_lo END AS lo,
+       CASE WHEN log THEN exp(e.t_hi) ELSE e.t_hi END AS hi,
        coalesce(c.n_neurons, 0) AS n_neurons
-FROM range(0, bins + 1) g(bin)
-CROSS JOIN span sp
-LEFT JOIN counts c ON c.bin = g.bin
-WHERE EXISTS (SELECT 1 FROM sel)
-ORDER BY g.bin;
-COMMENT ON MACRO TABLE selectivity_histogram IS 'Histogram of selectivity (see selectivity: max / mean positive part): bin 0 holds the units whose selectivity is NULL (mean 0, e.g. dead; lo = hi = NULL); bins 1..bins are linear over [min, max], bin i covering lo <= selectivity < hi (the last includes max). Example: SELECT * FROM selectivity_histogram(''demo'', ''mlp.act'', 3)';
+FROM edges e
+LEFT JOIN counts c ON c.bin = e.bin
+ORDER BY e.bin;
+COMMENT ON MACRO TABLE selectivity_histogram IS 'Histogram of selectivity (see selectivity: max / mean positive part): bin 0 holds the units whose selectivity is NULL (mean 0, e.g. dead; lo = hi = NULL); bins 1..bins are linear over [min, max] or, with log := true, log-spaced (linear in ln(selectivity)), bin i covering lo <= selectivity < hi (the last includes max). Example: SELECT * FROM selectivity_histogram(''demo'', ''mlp.act'', 3, log := true)';
 
 -- The examples behind top_contexts / bottom_contexts / random_examples, for one unit or (neuron
 -- NULL) every unit. A window token's value: the one captured with the example

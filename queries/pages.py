@@ -359,7 +359,7 @@ def site_page(
         raise BadInput(f"sort by one of {', '.join(SORTS)}, order asc or desc")
     summary = reader.frame("SELECT * FROM layer_summary(?, ?)", [run, site])
     rate_hist = reader.frame("SELECT * FROM rate_histogram(?, ?, ?)", [run, site, layer])
-    sel_hist = reader.frame("SELECT * FROM selectivity_histogram(?, ?, ?)", [run, site, layer])
+    sel_hist = reader.frame("SELECT * FROM selectivity_histogram(?, ?, ?, log := true)", [run, site, layer])
     n_pages = 1 if page_size is None else max(1, -(-info["width"] // page_size))
     if not 1 <= page <= n_pages:
         raise NotFound(f"layer {layer} of site {site!r} has pages 1..{n_pages}; there is no page {page}")
@@ -373,7 +373,9 @@ def site_page(
     specs = {
         "chart-layers": _spec(charts.layer_summary_chart(summary)),
         "chart-rate": _spec(charts.rate_histogram_chart(rate_hist, title=f"firing rate, layer {layer}")),
-        "chart-selectivity": _spec(charts.selectivity_histogram_chart(sel_hist, title=f"selectivity, layer {layer}")),
+        "chart-selectivity": _spec(
+            charts.selectivity_histogram_chart(sel_hist, title=f"selectivity, layer {layer}", log=True)
+        ),
     }
     return _render(
         "site.html",

@@ -217,26 +217,31 @@ def test_rate_histogram(case, bins):
 
 
 @pytest.mark.parametrize("bins", [1, 9])
-def test_selectivity_histogram(case, bins):
+@pytest.mark.parametrize("log", [False, True])
+def test_selectivity_histogram(case, bins, log):
     wh, run, site = case
+    to, back = (math.log, math.exp) if log else (float, float)
     sels = [r["selectivity"] for r in _selectivity_reference(wh, run, site, 2)]
-    known = [s for s in sels if s is not None]
+    known = [to(s) for s in sels if s is not None]
     lo, hi = min(known), max(known)
     counts = defaultdict(int)
     for s in sels:
-        counts[0 if s is None else 1 if hi == lo else min(bins, 1 + math.floor((s - lo) / (hi - lo) * bins))] += 1
+        t = None if s is None else to(s)
+        counts[0 if t is None else 1 if hi == lo else min(bins, 1 + math.floor((t - lo) / (hi - lo) * bins))] += 1
     expected = [
         {
             "bin": b,
-            "lo": None if b == 0 else lo + (hi - lo) * (b - 1) / bins,
-            "hi": None if b == 0 else lo + (hi - lo) * b / bins,
+            "lo": None if b == 0 else back(lo + (hi - lo) * (b - 1) / bins),
+            "hi": None if b == 0 else back(lo + (hi - lo) * b / bins),
             "n_neurons": counts[b],
         }
         for b in range(bins + 1)
     ]
-    got = macro(wh, f"SELECT * FROM selectivity_histogram('{run}', '{site}', 2, bins := {bins})")
+    got = macro(wh, f"SELECT * FROM selectivity_histogram('{run}', '{site}', 2, bins := {bins}, log := {log})")
     assert_rows(got, expected)
     assert sum(r["n_neurons"] for r in got) == len(sels)
+    if log and bins > 1:  # log bins spread the heavy tail: no single bin holds almost every unit
+        assert max(r["n_neurons"] for r in got[1:]) < len(known)
 
 
 # -- examples --------------------------------------------------------------------------------
@@ -562,6 +567,7 @@ TWIN_CALLS = [
     ("selectivity", "{site}, 2", dict(layer=2)),
     ("rate_histogram", "{site}, 2, bins := 12", dict(layer=2, bins=12)),
     ("selectivity_histogram", "{site}, 0", dict(layer=0)),
+    ("selectivity_histogram", "{site}, 2, bins := 7, log := true", dict(layer=2, bins=7, log=True)),
     ("top_contexts", "{site}, 1, 17", dict(layer=1, neuron=17)),
     ("top_contexts", "{site}, 1, 5, k := 9, before := 3, after := 2", dict(layer=1, neuron=5, k=9, before=3, after=2)),
     ("bottom_contexts", "{site}, 1, 17", dict(layer=1, neuron=17)),

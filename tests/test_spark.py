@@ -38,7 +38,10 @@ MINILM_CALLS = {
     "layer_summary": ["SELECT * FROM layer_summary('r', 'mlp.act')", "SELECT * FROM layer_summary('r', 'mlp.up')"],
     "selectivity": ["SELECT * FROM selectivity('r', 'mlp.act', 3)"],
     "rate_histogram": ["SELECT * FROM rate_histogram('r', 'mlp.act', 3, bins := 10)"],
-    "selectivity_histogram": ["SELECT * FROM selectivity_histogram('r', 'mlp.act', 5)"],
+    "selectivity_histogram": [
+        "SELECT * FROM selectivity_histogram('r', 'mlp.act', 5)",
+        "SELECT * FROM selectivity_histogram('r', 'mlp.act', 5, bins := 12, log := true)",
+    ],
     "top_contexts": ["SELECT * FROM top_contexts('r', 'mlp.act', 3, {neuron}, k := 3)"],
     "bottom_contexts": ["SELECT * FROM bottom_contexts('r', 'mlp.act', 3, {neuron}, k := 3)"],
     "random_examples": ["SELECT * FROM random_examples('r', 'mlp.act', 3, {neuron}, n := 4, seed := 1)"],
