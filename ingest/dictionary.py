@@ -24,6 +24,7 @@ b_enc [d_sae], W_dec [d_sae, d_out], b_dec [d_out], threshold [d_sae], W_skip [d
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import struct
@@ -110,13 +111,14 @@ _SAFETENSORS_DTYPES = {
 }
 
 
-def _safetensors(path: Path) -> dict:
-    """A .safetensors file as numpy arrays; bfloat16 (which numpy lacks) widened exactly to float32."""
+def _safetensors(path: Path) -> tuple[dict, str]:
+    """A .safetensors file as numpy arrays (bfloat16, which numpy lacks, widened exactly to float32),
+    and the file's sha256, hashed from the same read."""
     try:
-        with open(path, "rb") as fh:
-            (size,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(size))
-            data = fh.read()
+        blob = path.read_bytes()
+        (size,) = struct.unpack_from("<Q", blob)
+        header = json.loads(blob[8 : 8 + size])
+        data = memoryview(blob)[8 + size :]
         arrays = {}
         for name, info in header.items():
             if name == "__metadata__":
@@ -126,7 +128,7 @@ def _safetensors(path: Path) -> dict:
             start, end = info["data_offsets"]
             array = np.frombuffer(data[start:end], dtype=_SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
             arrays[name] = (array.astype(np.uint32) << 16).view(np.float32) if info["dtype"] == "BF16" else array
-        return arrays
+        return arrays, hashlib.sha256(blob).hexdigest()
     except (OSError, ValueError, KeyError, TypeError, struct.error) as err:
         raise BadInput(
             f"dictionary weights {path} are not a readable safetensors file ({str(err)[:80]}): check the file"
@@ -163,7 +165,8 @@ def _float32(weights: dict) -> dict:
 def _saelens(folder: Path) -> Dictionary:
     cfg = _config(folder / "cfg.json")
     path = folder / "sae_weights.safetensors"
-    weights = _float32(_safetensors(path))
+    arrays, sha256 = _safetensors(path)
+    weights = _float32(arrays)
     architecture = cfg.get("architecture", "standard")
     activation = cfg.get("activation_fn_str", "relu")
     k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
@@ -227,7 +230,7 @@ def _saelens(folder: Path) -> Dictionary:
             transcoder=transcoder,
             layer=layer,
             hook=hook,
-            sha256=file_sha256(path),
+            sha256=sha256,
             weights=weights,
             k=int(k) if encoding == "topk" else None,
             apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", False)) and not transcoder,
@@ -240,7 +243,8 @@ def _saelens(folder: Path) -> Dictionary:
 def _sparsify(folder: Path) -> Dictionary:
     cfg = _config(folder / "cfg.json")
     path = folder / "sae.safetensors"
-    raw = _float32(_safetensors(path))
+    arrays, sha256 = _safetensors(path)
+    raw = _float32(arrays)
     _need(raw, ("encoder.weight", "encoder.bias", "W_dec", "b_dec"), path)
     activation = cfg.get("activation", "topk")
     if activation != "topk":
@@ -267,7 +271,7 @@ def _sparsify(folder: Path) -> Dictionary:
             transcoder=transcoder,
             layer=_layer_of(folder.name),
             hook=folder.name,
-            sha256=file_sha256(path),
+            sha256=sha256,
             weights=weights,
             k=int(cfg["k"]),
             apply_b_dec_to_input=not transcoder,  # sparsify subtracts b_dec from an SAE's input, not a transcoder's
