@@ -205,11 +205,9 @@ def runs(reader: Reader) -> list[dict]:
         "SELECT run_id, model_id, n_layers, n_documents, n_tokens, strftime(created_at, '%Y-%m-%d %H:%M') AS created "
         "FROM runs ORDER BY created_at, run_id"
     )
-    sites = reader.rows(
-        "SELECT run_id, site, reductions, width, len(layers) AS n_layers FROM sites ORDER BY run_id, site"
-    )
+    sites = reader.sites()
     for row in rows:
-        row["sites"] = [s for s in sites if s["run_id"] == row["run_id"]]
+        row["sites"] = [{**s, "n_layers": len(s["layers"])} for s in sites[row["run_id"]]]
         row["bytes"] = sum(p["bytes"] for p in reader.wh.manifest(row["run_id"])["parts"])
     return rows
 
