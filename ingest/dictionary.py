@@ -219,24 +219,19 @@ def _saelens(folder: Path) -> Dictionary:
     metadata = cfg.get("metadata") or {}
     hook = cfg.get("hook_name") or metadata.get("hook_name")
     layer = cfg.get("hook_layer", _layer_of(hook))
-    return _canonical(
-        Dictionary(
-            path=str(folder),
-            format="saelens",
-            architecture=encoding,
-            d_in=int(weights["W_enc"].shape[0]),
-            d_sae=int(weights["W_enc"].shape[1]),
-            d_out=int(weights["W_dec"].shape[1]),
-            transcoder=transcoder,
-            layer=layer,
-            hook=hook,
-            sha256=sha256,
-            weights=weights,
-            k=int(k) if encoding == "topk" else None,
-            apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", False)) and not transcoder,
-            normalize=normalize,
-        ),
+    return _from_weights(
+        weights,
         cfg,
+        path=str(folder),
+        format="saelens",
+        architecture=encoding,
+        transcoder=transcoder,
+        layer=layer,
+        hook=hook,
+        sha256=sha256,
+        k=int(k) if encoding == "topk" else None,
+        apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", False)) and not transcoder,
+        normalize=normalize,
     )
 
 
@@ -260,23 +255,18 @@ def _sparsify(folder: Path) -> Dictionary:
     }
     if "W_skip" in raw:
         weights["W_skip"] = raw["W_skip"]
-    return _canonical(
-        Dictionary(
-            path=str(folder),
-            format="sparsify",
-            architecture="topk",
-            d_in=int(weights["W_enc"].shape[0]),
-            d_sae=int(weights["W_enc"].shape[1]),
-            d_out=int(weights["W_dec"].shape[1]),
-            transcoder=transcoder,
-            layer=_layer_of(folder.name),
-            hook=folder.name,
-            sha256=sha256,
-            weights=weights,
-            k=int(cfg["k"]),
-            apply_b_dec_to_input=not transcoder,  # sparsify subtracts b_dec from an SAE's input, not a transcoder's
-        ),
+    return _from_weights(
+        weights,
         cfg,
+        path=str(folder),
+        format="sparsify",
+        architecture="topk",
+        transcoder=transcoder,
+        layer=_layer_of(folder.name),
+        hook=folder.name,
+        sha256=sha256,
+        k=int(cfg["k"]),
+        apply_b_dec_to_input=not transcoder,  # sparsify subtracts b_dec from an SAE's input, not a transcoder's
     )
 
 
@@ -289,22 +279,30 @@ def _gemmascope(path: Path) -> Dictionary:
             f"dictionary weights {path} are not a readable .npz file ({str(err)[:80]}): check the file"
         ) from None
     _need(weights, ("W_enc", "b_enc", "threshold", "W_dec", "b_dec"), path)
+    return _from_weights(
+        weights,
+        {},
+        path=str(path),
+        format="gemmascope",
+        architecture="jumprelu",
+        # Gemma Scope's layer_N/width_16k/...
+        layer=int(m.group(1)) if (m := re.search(r"layer_(\d+)", str(path))) else None,
+        hook=None,
+        sha256=file_sha256(path),
+    )
+
+
+def _from_weights(weights: dict, cfg: dict, **fields) -> Dictionary:
+    """A file format's dictionary, its widths those of its canonical weights, checked by `_canonical`."""
     return _canonical(
         Dictionary(
-            path=str(path),
-            format="gemmascope",
-            architecture="jumprelu",
             d_in=int(weights["W_enc"].shape[0]),
             d_sae=int(weights["W_enc"].shape[1]),
             d_out=int(weights["W_dec"].shape[1]),
-            layer=int(m.group(1))
-            if (m := re.search(r"layer_(\d+)", str(path)))
-            else None,  # Gemma Scope's layer_N/width_16k/...
-            hook=None,
-            sha256=file_sha256(path),
             weights=weights,
+            **fields,
         ),
-        {},
+        cfg,
     )
 
 
