@@ -349,13 +349,16 @@ def site_page(
     page: int = 1,
     page_size: int | None = PAGE_SIZE,
     layers: list[int] | None = None,
+    summary: pl.DataFrame | None = None,
 ) -> str:
+    """`summary`: the site's layer_summary rows when the caller already has them (the export, once for all layers)."""
     info = site_info(reader, run, site, layers)
     layer = info["layers"][0] if layer is None else layer
     check_unit(info, run, site, layer, 0)
     if sort not in SORTS or order not in ("asc", "desc"):
         raise BadInput(f"sort by one of {', '.join(SORTS)}, order asc or desc")
-    summary = reader.frame("SELECT * FROM layer_summary(?, ?)", [run, site])
+    if summary is None:
+        summary = reader.frame("SELECT * FROM layer_summary(?, ?)", [run, site])
     rate_hist = reader.frame("SELECT * FROM rate_histogram(?, ?, ?)", [run, site, layer])
     sel_hist = reader.frame("SELECT * FROM selectivity_histogram(?, ?, ?, log := true)", [run, site, layer])
     n_pages = 1 if page_size is None else max(1, -(-info["width"] // page_size))
@@ -606,10 +609,18 @@ def write_site(wh, run: str, site: str, out: str | Path, layers: list[int] | Non
         out.mkdir(parents=True, exist_ok=True)
         (out / "vega.js").write_text(vega_bundle(), encoding="utf-8")
         written = {"pages": 0}
+        summary = reader.frame("SELECT * FROM layer_summary(?, ?)", [run, site])
         for index, layer in enumerate(layers):
             # Both names lie in the export's root folder, so their relative links are the same: render once.
             page = site_page(
-                reader, Links(static_from=f"layer-{layer}.html"), run, site, layer, page_size=None, layers=layers
+                reader,
+                Links(static_from=f"layer-{layer}.html"),
+                run,
+                site,
+                layer,
+                page_size=None,
+                layers=layers,
+                summary=summary,
             )
             for name in [f"layer-{layer}.html"] + (["index.html"] if index == 0 else []):
                 (out / name).write_text(page, encoding="utf-8")
