@@ -31,21 +31,16 @@ def _by_layer(df: pl.DataFrame) -> dict:
 _SPARSE_LABELS = alt.Axis(labelOverlap="greedy", labelSeparation=6)
 
 
-def rate_histogram_chart(df, title: str = "firing rate") -> alt.Chart:
-    """rate_histogram rows: log-spaced bars for bins 1..n; the dead units (bin 0) in the subtitle."""
+def _bins_chart(df, title: str, x_title: str, scale: str, skipped: str) -> alt.Chart:
+    """Histogram rows (bin, lo, hi, n_neurons[, layer]): bars for bins 1..n; bin 0's count in the subtitle after `skipped`."""
     df = _frame(df)
-    dead = int(df.filter(pl.col("bin") == 0)["n_neurons"].sum())
+    n_skipped = int(df.filter(pl.col("bin") == 0)["n_neurons"].sum())
     bars = df.filter(pl.col("bin") > 0)
     return (
         alt.Chart(bars)
         .mark_rect(opacity=0.55, stroke="white", strokeWidth=0.5)
         .encode(
-            alt.X(
-                "lo:Q",
-                scale=alt.Scale(type="log"),
-                axis=_SPARSE_LABELS,
-                title="firing rate (share of tokens where the unit fires)",
-            ),
+            alt.X("lo:Q", scale=alt.Scale(type=scale), axis=_SPARSE_LABELS, title=x_title),
             alt.X2("hi:Q"),
             alt.Y("n_neurons:Q", title="units"),
             alt.Y2(datum=0),
@@ -55,8 +50,15 @@ def rate_histogram_chart(df, title: str = "firing rate") -> alt.Chart:
         .properties(
             width=WIDTH,
             height=HEIGHT,
-            title=alt.TitleParams(title, subtitle=f"dead units (rate 0, not drawn): {dead:,}"),
+            title=alt.TitleParams(title, subtitle=f"{skipped}: {n_skipped:,}"),
         )
+    )
+
+
+def rate_histogram_chart(df, title: str = "firing rate") -> alt.Chart:
+    """rate_histogram rows: log-spaced bars for bins 1..n; the dead units (bin 0) in the subtitle."""
+    return _bins_chart(
+        df, title, "firing rate (share of tokens where the unit fires)", "log", "dead units (rate 0, not drawn)"
     )
 
 
@@ -65,30 +67,12 @@ def selectivity_histogram_chart(
 ) -> alt.Chart:
     """selectivity_histogram rows: bars for bins 1..n, on a log axis for its log := true bins; units without
     a selectivity (bin 0) in the subtitle."""
-    df = _frame(df)
-    undefined = int(df.filter(pl.col("bin") == 0)["n_neurons"].sum())
-    bars = df.filter(pl.col("bin") > 0)
-    return (
-        alt.Chart(bars)
-        .mark_rect(opacity=0.55, stroke="white", strokeWidth=0.5)
-        .encode(
-            alt.X(
-                "lo:Q",
-                scale=alt.Scale(type="log" if log else "linear"),
-                axis=_SPARSE_LABELS,
-                title="selectivity = max / mean of max(value, 0)",
-            ),
-            alt.X2("hi:Q"),
-            alt.Y("n_neurons:Q", title="units"),
-            alt.Y2(datum=0),
-            tooltip=_tooltip(df, "bin", "lo", "hi", "n_neurons", "layer"),
-            **_by_layer(bars),
-        )
-        .properties(
-            width=WIDTH,
-            height=HEIGHT,
-            title=alt.TitleParams(title, subtitle=f"units with mean 0 (no selectivity, not drawn): {undefined:,}"),
-        )
+    return _bins_chart(
+        df,
+        title,
+        "selectivity = max / mean of max(value, 0)",
+        "log" if log else "linear",
+        "units with mean 0 (no selectivity, not drawn)",
     )
 
 
