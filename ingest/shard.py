@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import pyarrow as pa
@@ -32,15 +33,20 @@ class Shard:
     docs: list[tuple[int, Document, list[Window]]]  # (ordinal, document, its windows in order)
     next_doc: int  # ordinal after the shard's last document
 
+    @cached_property
+    def doc_tokens(self) -> list[int]:
+        """Each document's token count (the tokens of its windows), in `docs` order."""
+        return [sum(len(w.ids) for w in wins) for _, _, wins in self.docs]
+
     @property
     def n_tokens(self) -> int:
-        return sum(len(w.ids) for _, _, wins in self.docs for w in wins)
+        return sum(self.doc_tokens)
 
     def batches(self, batch_size: int) -> Iterator[list[Window]]:
         """The windows in batches, shortest documents first: batches of similar length waste little
         on padding. A document's windows stay consecutive and in order (the capture relies on it)."""
-        by_length = sorted(self.docs, key=lambda d: sum(len(w.ids) for w in d[2]))
-        live = [w for _, _, wins in by_length for w in wins if w.ids]
+        by_length = sorted(zip(self.doc_tokens, self.docs), key=lambda pair: pair[0])
+        live = [w for _, (_, _, wins) in by_length for w in wins if w.ids]
         for i in range(0, len(live), batch_size):
             yield live[i : i + batch_size]
 
@@ -61,7 +67,7 @@ class Shard:
                 "meta",
             )
         }
-        for ordinal, doc, wins in self.docs:
+        for (ordinal, doc, wins), n_tokens in zip(self.docs, self.doc_tokens):
             cols["doc"].append(ordinal)
             cols["doc_id"].append(doc.doc_id)
             cols["dataset"].append(doc.dataset)
@@ -69,7 +75,7 @@ class Shard:
             cols["label"].append(doc.label)
             cols["message_index"].append(doc.meta.get("message_index"))
             cols["message_role"].append(doc.meta.get("message_role"))
-            cols["n_tokens"].append(sum(len(w.ids) for w in wins))
+            cols["n_tokens"].append(n_tokens)
             cols["n_windows"].append(len(wins))
             cols["text"].append(doc.text)
             cols["meta"].append(json.dumps(doc.meta, default=str) if doc.meta else None)
