@@ -361,7 +361,7 @@ def check(
         typer.echo(problem.line(layout.root))
     quarantined = f"; quarantined: {', '.join(counts['quarantined'])}" if counts["quarantined"] else ""
     verdict = f"{len(problems)} bad part(s)" if problems else "all verify"
-    typer.echo(f"checked {counts['parts']} parts of {counts['runs']} runs: {verdict}{quarantined}")
+    typer.echo(f"checked {counts['parts']} parts of {len(counts['runs'])} runs: {verdict}{quarantined}")
     if problems:
         raise typer.Exit(1)
 

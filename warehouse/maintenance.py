@@ -87,7 +87,8 @@ def verify_part(root: Path, run_id: str, part: dict, *, checksum: bool = True) -
 
 
 def check(wh: Warehouse | Layout, *, checksum: bool = True) -> tuple[list[Problem], dict]:
-    """Verify every committed part (quarantined runs too) and every metadata file; returns (problems, counts)."""
+    """Verify every committed part (quarantined runs too) and every metadata file; returns (problems, found):
+    found["runs"] and found["quarantined"] are run ids, found["parts"] the number of parts checked."""
     layout = wh.layout if isinstance(wh, Warehouse) else wh
     problems, parts, manifests = [], 0, []
 
@@ -116,7 +117,7 @@ def check(wh: Warehouse | Layout, *, checksum: bool = True) -> tuple[list[Proble
             found = verify_part(layout.root, manifest["run_id"], part, checksum=checksum)
             if found:
                 problems.append(found)
-    return problems, {"runs": len(manifests), "parts": parts, "quarantined": quarantined}
+    return problems, {"runs": [m["run_id"] for m in manifests], "parts": parts, "quarantined": quarantined}
 
 
 def layout_of(root: str | Path) -> Layout:
@@ -198,9 +199,9 @@ def repair(root: str | Path) -> list[str]:
     with locked(layout.commit_lock):
         actions, before = _repair_metadata(layout)
     # Checked before the catalog is built: a damaged part would stop the build.
-    problems, _ = check(layout)
+    problems, found = check(layout)
     bad = {p.run_id for p in problems if p.kind != "damaged"}
-    committed = {m["run_id"] for m in catalog.committed_manifests(layout)}
+    committed = set(found["runs"])
     with locked(layout.commit_lock):
         _write_quarantine(layout, bad)
         catalog.build(layout)
