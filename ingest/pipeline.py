@@ -166,7 +166,8 @@ def _capture_shards(
             for shard in shards:
                 capture.shard(shard, shard.batches(options.batch_size), shard_writer, on_batch=count)
                 n_docs += len(shard.docs)
-                bar.advance(docs=sum(1 for _, _, ws in shard.docs if not any(w.ids for w in ws)), tokens=0)
+                # Documents without a token finish in no batch: count them here.
+                bar.advance(docs=shard.doc_tokens.count(0), tokens=0)
             shard_writer.close()
     except BaseException as err:
         # A bad input before anything was journalled: leave no interrupted run behind to trip the next try.
