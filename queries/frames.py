@@ -63,6 +63,12 @@ def site_row(wh, run: str, site: str, *, reduction: str | None = None, fix: str 
     return found.row(0, named=True)
 
 
+def kept_reductions(info: dict) -> dict[str, str | None]:
+    """A sites row's reductions text ("topk=20,examples=20,hist") as {name: value, None for a bare flag}."""
+    parts = (part.partition("=") for part in (info["reductions"] or "").split(",") if part)
+    return {name: value if sep else None for name, sep, value in parts}
+
+
 # The twins live in one module per topic and are re-exported here: `frames.firing_rate(wh, ...)`.
 # Looked up lazily, because those modules import `scan` from this one.
 TWIN_MODULES = ["neuron_frames", "nag_frames", "scenario_frames", "dictionary_frames", "unit_frames"]

@@ -7,13 +7,11 @@ through DuckDB, so the two engines check each other.
 
 from __future__ import annotations
 
-import re
-
 import polars as pl
 
 from warehouse.errors import BadInput
 
-from .frames import scan, site_row
+from .frames import kept_reductions, scan, site_row
 
 __all__ = [
     "firing_rate",
@@ -181,9 +179,10 @@ def sample_key(seed: int, neuron: pl.Expr, doc: pl.Expr, pos: pl.Expr) -> pl.Exp
 
 def _source(info: dict, run: str, site: str, k: int, kind: str) -> str:
     """Where examples come from (see whq_examples in neurons.sql)."""
-    has_threshold = re.search(r"(^|,)threshold=", info["reductions"] or "") is not None
-    stored = re.search(r"(^|,)examples=([0-9]+)", info["reductions"] or "")
-    if stored and (k <= int(stored.group(2)) or not has_threshold or kind in ("quantile", "bottom")):
+    kept = kept_reductions(info)
+    has_threshold = kept.get("threshold") is not None
+    stored = kept.get("examples")
+    if stored and (k <= int(stored) or not has_threshold or kind in ("quantile", "bottom")):
         return "examples"
     if kind == "bottom":
         raise BadInput(
@@ -331,7 +330,7 @@ def activation_frequency(wh, run: str, site: str) -> pl.LazyFrame:
 
 def activation_frequency_by_dataset(wh, run: str, site: str) -> pl.LazyFrame:
     info = site_row(wh, run, site)
-    has_threshold = re.search(r"(^|,)threshold=", info["reductions"] or "") is not None
+    has_threshold = kept_reductions(info).get("threshold") is not None
     documents = scan(wh, "documents", run).select("doc", "dataset", "n_tokens")
     dataset_tokens = documents.group_by("dataset").agg(pl.col("n_tokens").sum().cast(pl.Int64))
     firings = scan(wh, "token_neurons", run).filter(pl.col("site") == site)

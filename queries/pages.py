@@ -32,6 +32,7 @@ import polars as pl
 from warehouse.errors import BadInput, NotFound, QueryError, UnknownRun
 
 from . import charts
+from .frames import kept_reductions
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 PAGE_SIZE = 100  # units per page of the run/site table (server; the export lists a layer on one page)
@@ -397,13 +398,10 @@ def site_page(
     )
 
 
-def _captured(info: dict, reduction: str) -> bool:
-    return any(part.split("=")[0] == reduction for part in (info["reductions"] or "").split(","))
-
-
 def _keeps_examples(info: dict) -> bool:
     """Whether whq_examples has a source: examples=N, or a threshold capture's every firing."""
-    return _captured(info, "examples") or _captured(info, "threshold")
+    kept = kept_reductions(info)
+    return "examples" in kept or "threshold" in kept
 
 
 def unit_data(reader: Reader, info: dict, run: str, site: str, layer: int, unit: int | None = None) -> dict[int, dict]:
@@ -411,6 +409,7 @@ def unit_data(reader: Reader, info: dict, run: str, site: str, layer: int, unit:
     static export reads them: a few statements per layer, plus one per fired unit for the
     quantile examples and similar units (their macros take one unit)."""
     params = [run, site, layer, unit, unit]
+    kept = kept_reductions(info)
     stats = reader.rows(
         "SELECT u.*, s.n_tokens, s.n_fired, s.max_doc, s.max_pos, x.selectivity "
         "FROM unit_stats(?, ?, ?) u JOIN selectivity(?, ?, ?) x ON x.neuron = u.neuron "
@@ -437,7 +436,7 @@ def unit_data(reader: Reader, info: dict, run: str, site: str, layer: int, unit:
             [*macro_args, TOP_K, BEFORE, AFTER, *macro_args, N_RANDOM, BEFORE, AFTER],
         ):
             data[row["neuron"]]["examples"][row["kind"]].append(row)
-    if _captured(info, "examples") and any((row["min"] or 0) < 0 for row in stats):  # signed units, fired or not
+    if "examples" in kept and any((row["min"] or 0) < 0 for row in stats):  # signed units, fired or not
         for row in reader.rows(
             "SELECT * FROM whq_examples(?, ?, ?, ?, 'bottom', ?, ?, ?, 0) ORDER BY neuron, rank",
             [run, site, layer, unit, TOP_K, BEFORE, AFTER],
@@ -450,7 +449,7 @@ def unit_data(reader: Reader, info: dict, run: str, site: str, layer: int, unit:
         params,
     ):
         data[row["neuron"]]["lens"][row["direction"]].append(row)
-    if _captured(info, "hist"):  # the table unit_histogram reads, for every unit at once; empty bins are not stored
+    if "hist" in kept:  # the table unit_histogram reads, for every unit at once; empty bins are not stored
         for row in reader.rows(
             "SELECT u.neuron, CAST(u.bin AS INTEGER) AS bin, whq_hist_lo(u.bin) AS lo, "
             "whq_hist_hi(u.bin) AS hi, u.count FROM unit_histograms u WHERE u.run_id = ? AND u.site = ? "
@@ -459,7 +458,7 @@ def unit_data(reader: Reader, info: dict, run: str, site: str, layer: int, unit:
         ):
             data[row["neuron"]]["histogram"].append(row)
     for neuron in fired:
-        if _captured(info, "quantiles") and _captured(info, "hist"):
+        if "quantiles" in kept and "hist" in kept:
             data[neuron]["examples"]["quantile"] = reader.rows(
                 "SELECT * FROM quantile_examples(?, ?, ?, ?, before := ?, after := ?)",
                 [run, site, layer, neuron, BEFORE, AFTER],

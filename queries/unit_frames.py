@@ -6,14 +6,12 @@ and returns a polars.LazyFrame read from the committed Parquet, never through Du
 
 from __future__ import annotations
 
-import re
-
 import polars as pl
 
 from warehouse.errors import BadInput
 
 from . import neuron_frames as nf  # a module reference: frames may import this module while loading that one
-from .frames import scan, site_row
+from .frames import kept_reductions, scan, site_row
 
 __all__ = [
     "unit_stats",
@@ -91,7 +89,7 @@ def unit_stats(wh, run: str, site: str, layer: int) -> pl.LazyFrame:
 def _has_hist(wh, run: str, site: str) -> None:
     info = site_row(wh, run, site)
     reductions = info["reductions"] or ""
-    if re.search(r"(^|,)hist(,|$)", reductions) is None:
+    if "hist" not in kept_reductions(info):
         raise BadInput(
             f"site '{site}' of run '{run}' kept no histograms: re-ingest with --site "
             f"{site}:{reductions + ',' if reductions else ''}hist"
@@ -231,13 +229,13 @@ def _coactivation(wh, run: str, site: str, layer: int, unit: int, threshold: flo
 def quantile_bins(wh, run: str, site: str, layer: int, unit: int) -> pl.LazyFrame:
     """Twin of whq_quantile_bins."""
     info = site_row(wh, run, site)
-    found = re.search(r"(^|,)quantiles=([0-9]+)", info["reductions"] or "")
+    found = kept_reductions(info).get("quantiles")
     if found is None:
         raise BadInput(
             f"site '{site}' of run '{run}' kept no quantile examples: "
             f"re-ingest with --site {site}:examples=20,hist,quantiles=10"
         )
-    q = int(found.group(2))
+    q = int(found)
     b = pl.col("bin")
     firing = (
         scan(wh, "unit_histograms", run)
