@@ -199,9 +199,12 @@ def intra_run_tables(wh, run: str) -> tuple[pl.DataFrame, pl.DataFrame]:
 def comparison_tables(wh, runs: list[str]) -> tuple[pl.DataFrame, pl.DataFrame]:
     """comparison_report and comparison_cosines rows for every pair of runs (initial and final states)."""
     reports, cosines = [], []
+    ids = ["pair", "run_a", "run_b", "generated_a", "generated_b"]
+    report_columns = ["state", *ids, "prompt_a", "prompt_b", "source", *SUMMARY_COLUMNS]
+    cosine_columns = ["state", *ids, "source", "layer", "cosine", "MAE", "overlap"]
     for run_a, run_b in combinations(runs, 2):
         gen_a, gen_b = generations(wh, run_a).row(-1, named=True), generations(wh, run_b).row(-1, named=True)
-        ids = {
+        values = {
             "pair": f"{run_a}  vs  {run_b}",
             "run_a": run_a,
             "run_b": run_b,
@@ -209,42 +212,17 @@ def comparison_tables(wh, runs: list[str]) -> tuple[pl.DataFrame, pl.DataFrame]:
             "generated_b": gen_b["generated"].replace("\n", " ").strip()[:40] or run_b,
         }
         layers = _lab_layers(_sql(wh, "SELECT * FROM run_compare(?, ?)", run_a, run_b)).with_columns(
-            **{k: pl.lit(v) for k, v in ids.items()}
+            **{k: pl.lit(v) for k, v in values.items()}
         )
-        cosines.append(_rounded(layers).select("state", *ids, "source", "layer", "cosine", "MAE", "overlap"))
+        cosines.append(_rounded(layers).select(cosine_columns))
         summary = per_layer_summary(layers, ["state", "source"])
         reports.append(
             summary.with_columns(
-                **{k: pl.lit(v) for k, v in ids.items()},
+                **{k: pl.lit(v) for k, v in values.items()},
                 prompt_a=pl.lit(gen_a["prompt"].strip()),
                 prompt_b=pl.lit(gen_b["prompt"].strip()),
-            ).select("state", *ids, "prompt_a", "prompt_b", "source", *SUMMARY_COLUMNS)
+            ).select(report_columns)
         )
-    report_columns = [
-        "state",
-        "pair",
-        "run_a",
-        "run_b",
-        "generated_a",
-        "generated_b",
-        "prompt_a",
-        "prompt_b",
-        "source",
-        *SUMMARY_COLUMNS,
-    ]
-    cosine_columns = [
-        "state",
-        "pair",
-        "run_a",
-        "run_b",
-        "generated_a",
-        "generated_b",
-        "source",
-        "layer",
-        "cosine",
-        "MAE",
-        "overlap",
-    ]
     return (
         pl.concat(reports) if reports else pl.DataFrame(schema={c: pl.String for c in report_columns}),
         pl.concat(cosines) if cosines else pl.DataFrame(schema={c: pl.String for c in cosine_columns}),
