@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 import warehouse
-from warehouse import schema
+from warehouse import ranges, schema
 from warehouse.errors import BadInput
 from warehouse.indexes import index_parts
 
@@ -37,6 +37,21 @@ class Shape:
     doc_len: int = 256
     examples: int = 20
     shard_tokens: int = 65536
+
+    def __post_init__(self) -> None:
+        # `whq bench query` and `whq bench serve` both build this run: its options are checked here, once.
+        ranges.at_least("--layers", self.layers, 1)
+        ranges.at_least("--k", self.k, 1)
+        if self.k > self.width:
+            raise BadInput(
+                f"--k {self.k} is more than --width {self.width}: top-k keeps k distinct units of each token; lower --k"
+            )
+        if self.width > 32767:
+            raise BadInput("--width must be at most 32767 (token_neurons stores SMALLINT ids)")
+        if self.rows < self.k * self.layers:
+            raise BadInput(
+                f"--rows {self.rows} is less than one token's rows ({self.k} x {self.layers} layers): raise it"
+            )
 
     @property
     def tokens(self) -> int:
@@ -364,12 +379,8 @@ def bench_query(
     echo=None,
 ) -> QueryBench:
     """Build (or reuse) the synthetic run of `rows` token_neurons rows, then time each macro warm."""
-    if rows < k * layers:
-        raise BadInput(f"--rows {rows} is less than one token's rows ({k} x {layers} layers): raise it")
     if repeats < 1:
         raise BadInput("--repeats must be at least 1")
-    if width > 32767:
-        raise BadInput("--width must be at most 32767 (token_neurons stores SMALLINT ids)")
     shape = Shape(rows=rows, layers=layers, width=width, k=k, shard_tokens=shard_tokens)
     say = echo or (lambda _: None)
     say(f"building {shape.run_id} in {root} (reused if present)")

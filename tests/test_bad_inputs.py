@@ -576,6 +576,7 @@ CASES = [
         ("bench", "query", "{new}", "--k", "30", "--width", "20"),
         "--k 30 is more than --width 20: top-k keeps k distinct units of each token; lower --k",
     ),
+    Case("bench serve --k 0", ("bench", "serve", "{new}", "--k", "0"), "--k 0 must be at least 1"),
     Case("bench nag --docs 0", ("bench", "nag", "{new}", "--docs", "0"), "--docs 0 must be at least 1"),
     Case(
         "dictionary that does not exist",

@@ -109,13 +109,6 @@ def query(
 
     from queries.bench import bench_query
 
-    from . import ranges
-    from .errors import BadInput
-
-    ranges.at_least("--layers", layers, 1)
-    ranges.at_least("--k", k, 1)
-    if k > width:
-        raise BadInput(f"--k {k} is more than --width {width}: top-k keeps k distinct units of each token; lower --k")
     result = bench_query(
         root, rows, layers=layers, width=width, k=k, repeats=repeats, echo=None if as_json else typer.echo
     )
