@@ -13,6 +13,8 @@ from pathlib import Path
 
 import typer
 
+from ingest.sites import spec_help
+
 from .cli_options import DeviceOption, DtypeOption, FormatOption, OutputFormat, SqlEngine, SqlEngineOption, WarehouseArg
 from .errors import WarehouseError
 
@@ -173,9 +175,7 @@ def ingest(
         [],
         "--site",
         "-s",
-        help="SPEC: <site>[@in|@out][[layers]][+sae[.NAME]=PATH|+transcoder[.NAME]=PATH]:<reduction>[=arg],... e.g. "
-        "mlp.act:topk=20, resid.out[6]+sae=saes/layers.6:topk=32,examples=20 (repeatable; dictionary sites and their "
-        "options encode_only, encode_dtype=bfloat16: ingest/README.md).",
+        help=spec_help(),
     ),
     scenario: Path | None = typer.Option(
         None, "--scenario", help="Chat scenario YAML (Activation Lab format) instead of --data."
