@@ -406,3 +406,67 @@ def file_tree() -> str:
         add(f"{readme.parent.name}/", title, 2)
     add(".ci/run", OTHER[".ci/run"])
     return "```text\n" + "\n".join(lines) + "\n```\n"
+
+
+# ---------------------------------------------------------------- the tables
+
+
+def tables_summary() -> str:
+    """Every table of schema.sql: its partition keys and its COMMENT ON TABLE."""
+    from warehouse.schema import tables
+
+    rows = ["| table | partitioned by | what |", "|---|---|---|"]
+    for table in tables().values():
+        rows.append(f"| `{table.name}` | {', '.join(table.partitions)} | {_cell(table.comment or '')} |")
+    return "\n".join(rows) + "\n"
+
+
+def tables_reference() -> str:
+    """Every table of schema.sql with every column: type and COMMENT ON COLUMN."""
+    from warehouse.schema import tables
+
+    out = []
+    for table in tables().values():
+        rows = ["| column | type | what |", "|---|---|---|"]
+        rows += [f"| `{c.name}` | {_cell(c.type)} | {_cell(c.comment or '')} |" for c in table.columns]
+        out.append(f"## `{table.name}`\n\n{table.comment or ''}\n\n" + "\n".join(rows) + "\n")
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------- the ingest options
+
+
+def field_docs(cls) -> dict[str, str]:
+    """The docstring written under each field of a dataclass (the string right after its annotation)."""
+    import ast
+    import inspect
+
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if (
+                isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)
+            ):
+                docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def options_table() -> str:
+    """Every field of IngestOptions: its default and its docstring (what `whq ingest` and `ingest()` take)."""
+    from dataclasses import MISSING, fields
+
+    from ingest.options import IngestOptions
+
+    docs = field_docs(IngestOptions)
+    rows = ["| field | default | what |", "|---|---|---|"]
+    for f in fields(IngestOptions):
+        default = (
+            f.default if f.default is not MISSING else f.default_factory() if f.default_factory is not MISSING else ""
+        )
+        shown = ", ".join(map(str, default)) if isinstance(default, tuple) else default
+        shown = f"`{shown}`" if shown not in ("", None, ()) else "" if shown is None or shown == "" else "`()`"
+        rows.append(f"| `{f.name}` | {_cell(shown)} | {_cell(docs.get(f.name, ''))} |")
+    return "\n".join(rows) + "\n"
