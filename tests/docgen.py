@@ -319,7 +319,11 @@ def docs_index() -> str:
         text = path.read_text()
         title = next((line.lstrip("# ").strip() for line in text.splitlines() if line.startswith("# ")), path.stem)
         paragraph = next(
-            (p for p in re.split(r"\n\s*\n", text) if p.strip() and not p.lstrip().startswith(("#", "<!--", "|", "```"))),
+            (
+                p
+                for p in re.split(r"\n\s*\n", text)
+                if p.strip() and not p.lstrip().startswith(("#", "<!--", "|", "```"))
+            ),
             "",
         )
         first = re.split(r"(?<=\.)\s", " ".join(paragraph.split()), maxsplit=1)[0]
