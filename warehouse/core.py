@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import threading
@@ -10,7 +9,7 @@ from pathlib import Path
 
 import duckdb
 
-from . import catalog, metadata, schema
+from . import catalog, jsonio, metadata, schema
 from .errors import NotAWarehouse, QueryError, UnknownRun, WarehouseError, sql_error
 from .faults import fault
 from .layout import FORMAT_VERSION, Layout
@@ -49,7 +48,7 @@ _MARKER_TMP = ".whq.json."
 def write_marker(layout: Layout) -> None:
     """Write the format marker atomically (readers never see it half-written)."""
     tmp = layout.root / f"{_MARKER_TMP}{os.getpid()}.tmp"
-    tmp.write_text(json.dumps({"format_version": FORMAT_VERSION, "tool": "whq"}) + "\n")
+    tmp.write_text(jsonio.dumps({"format_version": FORMAT_VERSION, "tool": "whq"}) + "\n")
     os.replace(tmp, layout.marker)
 
 
