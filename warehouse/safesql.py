@@ -30,6 +30,7 @@ import sqlglot
 from sqlglot import exp
 from sqlglot.tokens import TokenType
 
+from .display import result_frame
 from .errors import QueryError, sql_error
 
 if TYPE_CHECKING:
@@ -317,7 +318,7 @@ def run_read_only(wh: Warehouse, query: str, limits: SqlLimits | None = None, pa
         check_read_only(query, wh.name_resolving_macros())
         with _interrupted_after(cursor, limits.timeout_s):
             rel = cursor.sql(query, params=params)
-            frame = rel.limit(limits.max_rows + 1).pl() if rel is not None else None
+            frame = result_frame(rel.limit(limits.max_rows + 1)) if rel is not None else None
     except duckdb.InterruptException:
         raise QueryError(
             f"the query ran past the {limits.timeout_s:g} s timeout and was stopped: "
