@@ -12,7 +12,6 @@ Selections come from the SQL macros (engine="sql") or their Polars twins
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import uuid
@@ -22,10 +21,11 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from warehouse import ranges
+from warehouse import jsonio, ranges
 from warehouse.catalog import quote
 from warehouse.errors import BadInput
 from warehouse.names import check_label, check_name
+from warehouse.output import check_output_file, ensure_parent
 
 from . import nag_frames
 from .frames import scan
@@ -272,8 +272,13 @@ def _count_targets(wh, run: str, dataset: str | None, role: str | None) -> int:
 
 
 def save_keys(keys: dict, path: str | Path) -> Path:
-    path = Path(path)
-    path.write_text(json.dumps(keys, indent=1) + "\n")
+    return jsonio.write(ensure_parent(check_output_file(path)), keys, indent=1)
+
+
+def write_selection(rows: pl.DataFrame, path: str | Path) -> Path:
+    """A selection (or merged selections) as a Parquet file at `path` (checked as an output file)."""
+    path = ensure_parent(check_output_file(path))
+    rows.write_parquet(path)
     return path
 
 

@@ -49,10 +49,15 @@ def _key(key: object) -> str:
     return key if isinstance(key, str) else json.dumps(plain(key)).strip('"')
 
 
-def dumps(value: object, *, indent: int | None = None, sort_keys: bool = False, compact: bool = False) -> str:
-    """Strict JSON text of `value` (see the module docstring for what is converted)."""
+def dumps(
+    value: object, *, indent: int | None = None, sort_keys: bool = False, compact: bool = False, ascii: bool = True
+) -> str:
+    """Strict JSON text of `value` (see the module docstring for what is converted); `ascii`: escape
+    every non-ASCII character, else write it as UTF-8 text (control characters are escaped either way)."""
     separators = (",", ":") if compact else None
-    return json.dumps(plain(value), indent=indent, sort_keys=sort_keys, separators=separators, allow_nan=False)
+    return json.dumps(
+        plain(value), indent=indent, sort_keys=sort_keys, separators=separators, allow_nan=False, ensure_ascii=ascii
+    )
 
 
 def write(path: str | Path, value: object, *, indent: int | None = None, sort_keys: bool = False) -> Path:
