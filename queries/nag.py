@@ -275,6 +275,21 @@ def save_keys(keys: dict, path: str | Path) -> Path:
     return jsonio.write(ensure_parent(check_output_file(path)), keys, indent=1)
 
 
+def read_selection(path: str | Path) -> pl.DataFrame:
+    """A selection written by `whq nag select`; a missing, odd or damaged file is one BadInput."""
+    path = Path(path)
+    if not path.is_file():
+        state = "does not exist" if not path.exists() else "is not a regular file"
+        raise BadInput(f"selection {path} {state}: give the Parquet files `whq nag select` writes")
+    try:
+        return pl.read_parquet(path)
+    except (pl.exceptions.PolarsError, OSError) as err:
+        first = (str(err).splitlines() or [type(err).__name__])[0]
+        raise BadInput(
+            f"selection {path} is not a readable Parquet file ({first}): give the files `whq nag select` writes"
+        ) from None
+
+
 def write_selection(rows: pl.DataFrame, path: str | Path) -> Path:
     """A selection (or merged selections) as a Parquet file at `path` (checked as an output file)."""
     path = ensure_parent(check_output_file(path))

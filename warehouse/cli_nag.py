@@ -90,8 +90,6 @@ def merge(
 
     Example: whq nag merge arc.parquet hellaswag.parquet --dedup --out mixture.parquet
     """
-    import polars as pl
-
     from queries import nag
 
     from .errors import BadInput
@@ -100,7 +98,7 @@ def merge(
     names = [p.stem for p in inputs]
     if len(set(names)) != len(names):
         raise BadInput("two inputs share a file name; the name labels each target: rename one")
-    merged, note = nag.merge({p.stem: pl.read_parquet(p) for p in inputs}, dedup=dedup)
+    merged, note = nag.merge({p.stem: nag.read_selection(p) for p in inputs}, dedup=dedup)
     nag.write_selection(merged, out)
     typer.echo(f"{note} -> {out}")
 

@@ -65,6 +65,8 @@ def _display_type(duck_type) -> str | None:
         child = dict(duck_type.children)["child"]
         shown = _display_type(child)
         return f"{shown or child}[]" if shown or kind == "array" else None
+    if kind == "map":
+        return None if all(_display_type(child) is None for _, child in duck_type.children) else "VARCHAR"
     if kind == "struct":
         fields = [(name, child, _display_type(child)) for name, child in duck_type.children]
         if all(shown is None for _, _, shown in fields):
@@ -90,36 +92,29 @@ def _safe_value(value):
     if isinstance(value, str):
         return terminal_safe(value)
     if isinstance(value, dict):
-        return {k: _safe_value(v) for k, v in value.items()}
+        return {_safe_value(k): _safe_value(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_safe_value(v) for v in value]
     return value
 
 
-def _has_text(dtype) -> bool:
+def _safe_column(series: pl.Series) -> pl.Series:
+    """A column with its text (top level or nested) escaped by terminal_safe, and its name too."""
     import polars as pl
 
-    if dtype == pl.String:
-        return True
-    if isinstance(dtype, (pl.List, pl.Array)):
-        return _has_text(dtype.inner)
-    if isinstance(dtype, pl.Struct):
-        return any(_has_text(f.dtype) for f in dtype.fields)
-    return False
+    name = terminal_safe(series.name)
+    if series.dtype == pl.Categorical or isinstance(series.dtype, pl.Enum):
+        series = series.cast(pl.String)
+    if series.dtype != pl.String and not series.dtype.is_nested():
+        return series.rename(name)
+    return pl.Series(name, [_safe_value(v) for v in series.to_list()], series.dtype)
 
 
 def table_text(frame: pl.DataFrame, *, rows: int = 50, columns: int = 20) -> str:
     """`frame` as an aligned text table for a terminal, control characters escaped."""
     import polars as pl
 
-    safe = pl.DataFrame(
-        [
-            pl.Series(terminal_safe(name), [_safe_value(v) for v in frame[name].to_list()], frame[name].dtype)
-            if _has_text(frame[name].dtype)
-            else frame[name].rename(terminal_safe(name))
-            for name in frame.columns
-        ]
-    )
+    safe = pl.DataFrame([_safe_column(frame.to_series(i)) for i in range(frame.width)])
     with pl.Config(tbl_rows=rows, tbl_cols=columns, fmt_str_lengths=60, tbl_width_chars=160):
         return str(safe)
 
