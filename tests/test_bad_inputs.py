@@ -651,6 +651,18 @@ CASES = [
         "intact",
     ),
     Case(
+        "new warehouse inside a warehouse",
+        ("init", "{wh}/runs/new"),
+        "whq refuses writing '{wh}/runs/new', inside the warehouse {wh}: its files change only through whq; "
+        "create the new warehouse outside it",
+    ),
+    Case(
+        "ingest into a new folder inside a warehouse",
+        ("ingest", "{wh}/data/new", *MODEL, "--data", "docs.jsonl"),
+        "whq refuses writing '{wh}/data/new', inside the warehouse {wh}: its files change only through whq; "
+        "create the new warehouse outside it",
+    ),
+    Case(
         "--out that is a folder where a file is wanted",
         ("nag", "keys", "{wh}", "--target", "r", "--top", "3", "--out", "dicts"),
         "--out dicts is a folder: name a file in it, e.g. dicts/out",

@@ -15,6 +15,7 @@ from .faults import fault
 from .layout import FORMAT_VERSION, Layout
 from .locks import locked, try_lock
 from .names import is_valid_name
+from .output import check_new_warehouse
 
 
 def init(path: str | Path) -> Warehouse:
@@ -23,6 +24,8 @@ def init(path: str | Path) -> Warehouse:
     layout = Layout(path)
     if layout.root.exists() and not layout.root.is_dir():
         raise NotAWarehouse(f"{layout.root} is a file: pick a folder path for the warehouse")
+    if not layout.marker.exists():
+        check_new_warehouse(layout.root)
     try:
         layout.root.mkdir(parents=True, exist_ok=True)
         if not layout.marker.exists():

@@ -68,6 +68,13 @@ def _outside_warehouse(path: Path, option: str) -> None:
         raise BadInput(refusal("whq", path, warehouse, f"give {option} a path outside it"))
 
 
+def check_new_warehouse(root: str | Path) -> None:
+    """A new warehouse is a user-named output too: never inside another warehouse's folder."""
+    warehouse = enclosing_warehouse(Path(root).resolve().parent)
+    if warehouse is not None:
+        raise BadInput(refusal("whq", root, warehouse, "create the new warehouse outside it"))
+
+
 def _parent_problem(path: Path, option: str) -> None:
     """A parent of `path` that exists but is not a folder."""
     for parent in path.parents:
