@@ -164,3 +164,19 @@ def test_checks_directly(wh, tmp_path):
     assert check_output_folder(tmp_path / "new") == tmp_path / "new"
     with pytest.raises(BadInput, match="inside the warehouse"):
         check_output_folder(wh / "data")
+
+
+def test_no_warehouse_is_created_inside_another(wh, tmp_path):
+    """A new warehouse is a user-named output too (whq init, and ingest into a new folder)."""
+    before = _fingerprint(wh)
+    for args in (
+        ("init", wh / "runs" / "new"),
+        ("ingest", wh / "data" / "new", *MODEL, "--data", wh.parent / "docs.jsonl"),
+    ):
+        code, _, err = run_whq(*args)
+        assert _one_line(code, err) == (
+            f"whq refuses writing '{args[1]}', inside the warehouse {wh.resolve()}: its files change only through "
+            "whq; create the new warehouse outside it"
+        )
+        assert not args[1].exists()
+    assert _fingerprint(wh) == before
