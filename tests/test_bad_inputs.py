@@ -724,6 +724,11 @@ CASES = [
         "control characters; fix it in the data file",
     ),
     Case(
+        "SQL whose error message carries a terminal escape",
+        ("sql", "{wh}", "SELECT CAST(chr(27) || '[31m' AS INTEGER)"),
+        "SQL error: Conversion Error: Could not convert string '\\x1b[31m' to INT32",
+    ),
+    Case(
         "two documents with one doc_id",
         ("ingest", "{new}", *MODEL, "--data", "dup_id.jsonl"),
         "dup_id.jsonl, document 2: doc_id '7' is also the id of dup_id.jsonl, document 1, and pages and exports "

@@ -158,3 +158,13 @@ def test_whq_sql_prints_any_value_safely_in_the_table_format(value, tmp_path):
         assert code == 0, err
         assert not any(_unsafe(c) for c in out if c != "\n"), out
         assert terminal_safe(value) in out
+
+
+def test_error_lines_carry_no_raw_control_character(tmp_path):
+    """The CLI's one error line escapes what a library's message quotes (DuckDB quotes the value)."""
+    assert run_whq("init", tmp_path / "wh")[0] == 0
+    code, _, err = run_whq("sql", tmp_path / "wh", "SELECT CAST(chr(27) || ']0;title' || chr(7) AS INTEGER)")
+    assert (code, err) == (
+        2,
+        "error: SQL error: Conversion Error: Could not convert string '\\x1b]0;title\\x07' to INT32\n",
+    )

@@ -13,6 +13,7 @@ from pathlib import Path
 import typer
 
 from .cli_options import DeviceOption, DtypeOption, FormatOption, OutputFormat, SqlEngine, SqlEngineOption, WarehouseArg
+from .display import terminal_safe
 from .errors import WarehouseError
 
 try:  # recent typer vendors click
@@ -472,7 +473,8 @@ def main() -> None:
         if isinstance(code, int) and code:
             sys.exit(code)
     except WarehouseError as err:
-        typer.echo(f"error: {' '.join(str(err).split())}", err=True)  # one line, even if a library's text had several
+        # One line, even if a library's text had several, and no raw control character (a value in DuckDB's message).
+        typer.echo(f"error: {terminal_safe(' '.join(str(err).split()))}", err=True)
         sys.exit(err.exit_code)
     except typer.Exit as done:
         sys.exit(done.exit_code)
