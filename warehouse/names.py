@@ -98,11 +98,9 @@ def _document_label_problem(path, number: int, doc) -> str | None:
     for column, attribute, longest in DOCUMENT_LABELS:
         value = getattr(doc, attribute, None)
         value = value.get(column) if isinstance(value, dict) else value
-        if value is None or label_problem(value, longest) is None:
-            continue
-        named_by_file = isinstance(value, str) and Path(path).stem in value and column in ("doc_id", "dataset")
-        fix = "rename the file (its name labels its documents)" if named_by_file else "fix it in the data file"
-        return f"{path}, document {number}: invalid {column} {value!r}: {label_problem(value, longest)}; {fix}"
+        problem = None if value is None else label_problem(value, longest)
+        if problem:
+            return f"{path}, document {number}: invalid {column} {value!r}: {problem}; fix it in the data file"
     return None
 
 
