@@ -600,6 +600,11 @@ CASES = [
         ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "resid.out[9]+sae=dicts/sae:topk=3"),
         "site 'resid.out[9]+sae=dicts/sae:topk=3': this model has no layer 9 at 'model.layers.*': select layers 0-3",
     ),
+    Case(
+        "SAE given as a transcoder",
+        ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "mlp.in[1]+transcoder=dicts/sae:topk=3"),
+        "--site 'mlp.in[1]+transcoder=dicts/sae:topk=3': dictionary dicts/sae is an SAE: write +sae=PATH",
+    ),
     # Output paths (warehouse/output.py): nothing lands in a warehouse folder; wrong kinds are one line.
     Case(
         "report --out over a run's manifest",
@@ -744,11 +749,6 @@ CASES = [
         ("ingest", "{new}", *MODEL, "--data", "web\x1b[31m.txt"),
         "data file 'web\\x1b[31m.txt': its name labels its documents, so it must be a valid label (use text of 1 to "
         "256 characters without control characters): rename it",
-    ),
-    Case(
-        "SAE given as a transcoder",
-        ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "mlp.in[1]+transcoder=dicts/sae:topk=3"),
-        "--site 'mlp.in[1]+transcoder=dicts/sae:topk=3': dictionary dicts/sae is an SAE: write +sae=PATH",
     ),
 ]
 
