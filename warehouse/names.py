@@ -18,7 +18,6 @@ and a doc_id names one document only (check_documents).
 
 from __future__ import annotations
 
-import hashlib
 import re
 import unicodedata
 from array import array
@@ -35,6 +34,7 @@ RESERVED_SUFFIXES = (".json", ".jsonl", ".damaged", ".tmp", ".wal", ".lock", ".d
 RANK_SEPARATOR = ".rank-"
 MAX_LABEL = 256
 MAX_DOC_ID = 1024
+_PRINTABLE_ASCII = re.compile(r"[\x20-\x7e]*")
 
 
 def name_problem(name: object) -> str | None:
@@ -70,7 +70,10 @@ def label_problem(label: object, max_length: int = MAX_LABEL) -> str | None:
         not isinstance(label, str)
         or not 1 <= len(label) <= max_length
         or not label.strip()
-        or any(unicodedata.category(c)[0] == "C" or unicodedata.category(c) in ("Zl", "Zp") for c in label)
+        or (
+            not _PRINTABLE_ASCII.fullmatch(label)  # the common case, without a look-up per character
+            and any(unicodedata.category(c)[0] == "C" or unicodedata.category(c) in ("Zl", "Zp") for c in label)
+        )
     ):
         return f"use text of 1 to {max_length} characters without control characters"
     return None
@@ -105,7 +108,7 @@ def _document_label_problem(path, number: int, doc) -> str | None:
 
 
 def _id_hash(doc_id: str) -> int:
-    return int.from_bytes(hashlib.blake2b(doc_id.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+    return hash(doc_id) & 0xFFFF_FFFF_FFFF_FFFF  # compared within this process only
 
 
 def check_documents(paths: Iterable, read_file: Callable[[object], Iterable]) -> None:
