@@ -4,12 +4,10 @@ vocabulary)."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pyarrow as pa
 
-from warehouse import schema
+from warehouse import jsonio, schema
 from warehouse.errors import BadInput
 from warehouse.indexes import index_parts
 
@@ -39,7 +37,7 @@ def runs_row(loaded, resolved, writer) -> pa.Table:
             "sites": [[r.spec.text for r in resolved]],
             "n_documents": [sum(i["n_docs"] for i in infos)],
             "n_tokens": [sum(i["n_tokens"] for i in infos)],
-            "config": [json.dumps(config, default=str)],
+            "config": [jsonio.dumps(config)],
             "created_at": [writer.started_at.replace(tzinfo=None)],
             "status": ["committed"],
         },

@@ -6,11 +6,11 @@ Nothing is downloaded: hub ids resolve only from the local cache.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from warehouse import jsonio
 from warehouse.errors import BadInput
 
 from .options import check_device, check_dtype
@@ -270,5 +270,5 @@ def tiny_causal_lm_dir(path: str | Path, family: str = "qwen3", seed: int = 0, *
     model = _build_causal_lm(shape, seed)
     model.save_pretrained(path)
     _tiny_tokenizer(shape["vocab_size"]).save_pretrained(path)
-    (path / "whq_tiny.json").write_text(json.dumps({"family": family, "seed": seed}))
+    jsonio.write(path / "whq_tiny.json", {"family": family, "seed": seed})
     return path

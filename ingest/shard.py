@@ -12,7 +12,6 @@ everywhere in ingest/.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -21,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 import warehouse
+from warehouse import jsonio
 
 from .sources import Document
 from .tokenize import Window, pad_batch
@@ -78,7 +78,7 @@ class Shard:
             cols["n_tokens"].append(n_tokens)
             cols["n_windows"].append(len(wins))
             cols["text"].append(doc.text)
-            cols["meta"].append(json.dumps(doc.meta, default=str) if doc.meta else None)
+            cols["meta"].append(jsonio.dumps(doc.meta) if doc.meta else None)
         return pa.Table.from_pydict(cols, schema=warehouse.schema.table("documents").arrow_schema())
 
     def tokens_table(self, tokenizer) -> pa.Table:

@@ -12,7 +12,6 @@ Selections come from the SQL macros (engine="sql") or their Polars twins
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import uuid
@@ -22,10 +21,11 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from warehouse import ranges
+from warehouse import jsonio, ranges
 from warehouse.catalog import quote
 from warehouse.errors import BadInput
 from warehouse.names import check_label, check_name
+from warehouse.output import check_output_file, ensure_parent
 
 from . import nag_frames
 from .frames import scan
@@ -272,8 +272,28 @@ def _count_targets(wh, run: str, dataset: str | None, role: str | None) -> int:
 
 
 def save_keys(keys: dict, path: str | Path) -> Path:
+    return jsonio.write(ensure_parent(check_output_file(path)), keys, indent=1)
+
+
+def read_selection(path: str | Path) -> pl.DataFrame:
+    """A selection written by `whq nag select`; a missing, odd or damaged file is one BadInput."""
     path = Path(path)
-    path.write_text(json.dumps(keys, indent=1) + "\n")
+    if not path.is_file():
+        state = "does not exist" if not path.exists() else "is not a regular file"
+        raise BadInput(f"selection {path} {state}: give the Parquet files `whq nag select` writes")
+    try:
+        return pl.read_parquet(path)
+    except (pl.exceptions.PolarsError, OSError) as err:
+        first = (str(err).splitlines() or [type(err).__name__])[0]
+        raise BadInput(
+            f"selection {path} is not a readable Parquet file ({first}): give the files `whq nag select` writes"
+        ) from None
+
+
+def write_selection(rows: pl.DataFrame, path: str | Path) -> Path:
+    """A selection (or merged selections) as a Parquet file at `path` (checked as an output file)."""
+    path = ensure_parent(check_output_file(path))
+    rows.write_parquet(path)
     return path
 
 

@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import json
 import re
 from pathlib import Path
+
+from warehouse import jsonio
+from warehouse.output import check_output_folder, output_folder
 
 from . import pages
 
@@ -47,11 +49,11 @@ def _jsonl_gz(path: Path, records: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with gzip.open(path, "wt", encoding="utf-8", compresslevel=5) as fh:
         for record in records:
-            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+            fh.write(jsonio.dumps(record, ascii=False) + "\n")
 
 
 def _jsonl(path: Path, record: dict) -> None:
-    path.write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
+    path.write_text(jsonio.dumps(record, ascii=False) + "\n", encoding="utf-8")
 
 
 def _activation(run, site, layer, unit, kind, index, row, model, source, created, bin_row=None) -> dict:
@@ -137,6 +139,7 @@ def write_neuronpedia(
     set_name: str | None = None,
 ) -> dict:
     """Write one Neuronpedia source per layer; returns {source folder: units written}."""
+    check_output_folder(out)
     reader = pages.Reader(wh)
     try:
         info = pages.site_info(reader, run, site, layers)
@@ -148,133 +151,134 @@ def write_neuronpedia(
         set_id = np_name(set_name or f"whq-{site}")
         created = meta["created"]
         written = {}
-        for layer in info["layers"]:
-            source = f"{layer}-{set_id}"
-            folder = Path(out) / model / source
-            folder.mkdir(parents=True, exist_ok=True)
-            _jsonl(
-                folder / "release.jsonl",
-                {
-                    "name": set_id,
-                    "description": f"whq run {run}, site {site}",
-                    "creatorName": "whq",
-                    "creatorId": CREATOR_ID,
-                    "visibility": "PUBLIC",
-                    "isNewUi": False,
-                    "featured": False,
-                    "descriptionShort": f"whq {run} {site}",
-                    "urls": [],
-                    "creatorEmail": None,
-                    "creatorNameShort": "whq",
-                    "defaultSourceSetName": set_id,
-                    "defaultSourceId": source,
-                    "defaultUmapSourceIds": [],
-                    "createdAt": created,
-                },
-            )
-            _jsonl(
-                folder / "model.jsonl",
-                {
-                    "id": model,
-                    "instruct": False,
-                    "creatorId": CREATOR_ID,
-                    "displayNameShort": model,
-                    "displayName": meta["model_id"],
-                    "tlensId": None,
-                    "dimension": None,
-                    "visibility": "PUBLIC",
-                    "defaultSourceSetName": set_id,
-                    "defaultSourceId": source,
-                    "inferenceEnabled": False,
-                    "layers": meta["n_layers"],
-                    "neuronsPerLayer": info["width"],
-                    "createdAt": created,
-                    "owner": "",
-                    "updatedAt": created,
-                    "website": None,
-                },
-            )
-            _jsonl(
-                folder / "sourceset.jsonl",
-                {
-                    "modelId": model,
-                    "name": set_id,
-                    "creatorId": CREATOR_ID,
-                    "hasDashboards": True,
-                    "visibility": "PUBLIC",
-                    "description": f"whq site {site} ({info['reductions']})",
-                    "type": "",
-                    "creatorName": "whq",
-                    "urls": [],
-                    "creatorEmail": None,
-                    "releaseName": set_id,
-                    "defaultOfModelId": None,
-                    "defaultRange": 1,
-                    "defaultShowBreaks": True,
-                    "showDfa": False,
-                    "showCorrelated": False,
-                    "showHeadAttribution": False,
-                    "showUmap": False,
-                    "createdAt": created,
-                },
-            )
-            _jsonl(
-                folder / "source.jsonl",
-                {
-                    "id": source,
-                    "modelId": model,
-                    "setName": set_id,
-                    "creatorId": CREATOR_ID,
-                    "hasDashboards": True,
-                    "inferenceEnabled": False,
-                    "inferenceHosts": [],
-                    "saelensConfig": None,
-                    "saelensRelease": None,
-                    "saelensSaeId": None,
-                    "hfRepoId": None,
-                    "hfFolderId": None,
-                    "visibility": "PUBLIC",
-                    "defaultOfModelId": None,
-                    "hasUmap": False,
-                    "hasUmapLogSparsity": False,
-                    "hasUmapClusters": False,
-                    "num_prompts": None,
-                    "num_tokens_in_prompt": None,
-                    "dataset": f"whq:{run}",
-                    "notes": None,
-                    "createdAt": created,
-                },
-            )
-            data = pages.unit_data(reader, info, run, site, layer)
-            fired = [unit for unit, d in data.items() if d["stats"]["n_fired"]]
-            for batch, start in enumerate(range(0, max(len(fired), 1), BATCH)):
-                chunk = fired[start : start + BATCH]
-                _jsonl_gz(
-                    folder / "features" / f"batch-{batch}.jsonl.gz",
-                    [_feature(model, source, u, data[u], created) for u in chunk],
+        with output_folder(out, "whq export neuronpedia"):
+            for layer in info["layers"]:
+                source = f"{layer}-{set_id}"
+                folder = Path(out) / model / source
+                folder.mkdir(parents=True, exist_ok=True)
+                _jsonl(
+                    folder / "release.jsonl",
+                    {
+                        "name": set_id,
+                        "description": f"whq run {run}, site {site}",
+                        "creatorName": "whq",
+                        "creatorId": CREATOR_ID,
+                        "visibility": "PUBLIC",
+                        "isNewUi": False,
+                        "featured": False,
+                        "descriptionShort": f"whq {run} {site}",
+                        "urls": [],
+                        "creatorEmail": None,
+                        "creatorNameShort": "whq",
+                        "defaultSourceSetName": set_id,
+                        "defaultSourceId": source,
+                        "defaultUmapSourceIds": [],
+                        "createdAt": created,
+                    },
                 )
-                _jsonl_gz(
-                    folder / "activations" / f"batch-{batch}.jsonl.gz",
-                    [
-                        _activation(
-                            run,
-                            site,
-                            layer,
-                            u,
-                            kind,
-                            i,
-                            row,
-                            model,
-                            source,
-                            created,
-                            row if kind == "quantile" else None,
-                        )
-                        for u in chunk
-                        for kind in ("top", "quantile", "random")
-                        for i, row in enumerate(data[u]["examples"][kind])
-                    ],
+                _jsonl(
+                    folder / "model.jsonl",
+                    {
+                        "id": model,
+                        "instruct": False,
+                        "creatorId": CREATOR_ID,
+                        "displayNameShort": model,
+                        "displayName": meta["model_id"],
+                        "tlensId": None,
+                        "dimension": None,
+                        "visibility": "PUBLIC",
+                        "defaultSourceSetName": set_id,
+                        "defaultSourceId": source,
+                        "inferenceEnabled": False,
+                        "layers": meta["n_layers"],
+                        "neuronsPerLayer": info["width"],
+                        "createdAt": created,
+                        "owner": "",
+                        "updatedAt": created,
+                        "website": None,
+                    },
                 )
-            written[str(folder)] = len(fired)
+                _jsonl(
+                    folder / "sourceset.jsonl",
+                    {
+                        "modelId": model,
+                        "name": set_id,
+                        "creatorId": CREATOR_ID,
+                        "hasDashboards": True,
+                        "visibility": "PUBLIC",
+                        "description": f"whq site {site} ({info['reductions']})",
+                        "type": "",
+                        "creatorName": "whq",
+                        "urls": [],
+                        "creatorEmail": None,
+                        "releaseName": set_id,
+                        "defaultOfModelId": None,
+                        "defaultRange": 1,
+                        "defaultShowBreaks": True,
+                        "showDfa": False,
+                        "showCorrelated": False,
+                        "showHeadAttribution": False,
+                        "showUmap": False,
+                        "createdAt": created,
+                    },
+                )
+                _jsonl(
+                    folder / "source.jsonl",
+                    {
+                        "id": source,
+                        "modelId": model,
+                        "setName": set_id,
+                        "creatorId": CREATOR_ID,
+                        "hasDashboards": True,
+                        "inferenceEnabled": False,
+                        "inferenceHosts": [],
+                        "saelensConfig": None,
+                        "saelensRelease": None,
+                        "saelensSaeId": None,
+                        "hfRepoId": None,
+                        "hfFolderId": None,
+                        "visibility": "PUBLIC",
+                        "defaultOfModelId": None,
+                        "hasUmap": False,
+                        "hasUmapLogSparsity": False,
+                        "hasUmapClusters": False,
+                        "num_prompts": None,
+                        "num_tokens_in_prompt": None,
+                        "dataset": f"whq:{run}",
+                        "notes": None,
+                        "createdAt": created,
+                    },
+                )
+                data = pages.unit_data(reader, info, run, site, layer)
+                fired = [unit for unit, d in data.items() if d["stats"]["n_fired"]]
+                for batch, start in enumerate(range(0, max(len(fired), 1), BATCH)):
+                    chunk = fired[start : start + BATCH]
+                    _jsonl_gz(
+                        folder / "features" / f"batch-{batch}.jsonl.gz",
+                        [_feature(model, source, u, data[u], created) for u in chunk],
+                    )
+                    _jsonl_gz(
+                        folder / "activations" / f"batch-{batch}.jsonl.gz",
+                        [
+                            _activation(
+                                run,
+                                site,
+                                layer,
+                                u,
+                                kind,
+                                i,
+                                row,
+                                model,
+                                source,
+                                created,
+                                row if kind == "quantile" else None,
+                            )
+                            for u in chunk
+                            for kind in ("top", "quantile", "random")
+                            for i, row in enumerate(data[u]["examples"][kind])
+                        ],
+                    )
+                written[str(folder)] = len(fired)
         return written
     finally:
         reader.close()

@@ -7,7 +7,6 @@ inside the commands that need them, so `whq sql` starts fast.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import typer
 from ingest.sites import spec_help
 
 from .cli_options import DeviceOption, DtypeOption, FormatOption, OutputFormat, SqlEngine, SqlEngineOption, WarehouseArg
+from .display import terminal_safe
 from .errors import WarehouseError
 
 try:  # recent typer vendors click
@@ -37,21 +37,9 @@ def _fail(message: str) -> None:
 
 
 def _print_table(df, fmt: OutputFormat) -> None:
-    if fmt == "csv":
-        import polars as pl
+    from .display import formatted
 
-        nested = [c for c, t in df.schema.items() if t.is_nested()]
-        flat = df.with_columns(
-            pl.Series(c, [json.dumps(v, default=str) for v in df[c].to_list()], pl.String) for c in nested
-        )
-        typer.echo(flat.write_csv(), nl=False)
-    elif fmt == "json":
-        typer.echo(json.dumps(df.to_dicts(), default=str, indent=1))
-    else:
-        import polars as pl
-
-        with pl.Config(tbl_rows=50, tbl_cols=20, fmt_str_lengths=60, tbl_width_chars=160):
-            typer.echo(df)
+    typer.echo(formatted(df, fmt), nl=fmt != "csv")
 
 
 @app.command()
@@ -469,10 +457,11 @@ app.add_typer(bench_app, name="bench")
 def _rel_to_polars(rel):
     import duckdb
 
+    from .display import result_frame
     from .errors import sql_error
 
     try:
-        return rel.pl()
+        return result_frame(rel)
     except duckdb.Error as err:
         raise sql_error(err) from None
 
@@ -484,7 +473,8 @@ def main() -> None:
         if isinstance(code, int) and code:
             sys.exit(code)
     except WarehouseError as err:
-        typer.echo(f"error: {' '.join(str(err).split())}", err=True)  # one line, even if a library's text had several
+        # One line, even if a library's text had several, and no raw control character (a value in DuckDB's message).
+        typer.echo(f"error: {terminal_safe(' '.join(str(err).split()))}", err=True)
         sys.exit(err.exit_code)
     except typer.Exit as done:
         sys.exit(done.exit_code)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from . import jsonio
 from .cli_options import DeviceOption, DtypeOption
 
 bench_app = typer.Typer(
@@ -68,7 +69,6 @@ def ingest_(
 
     Example: whq bench ingest --model minilm --batch-size 32 --seq-len 128
     """
-    import json
 
     from ingest.bench import bench_ingest
 
@@ -88,7 +88,7 @@ def ingest_(
         shard_tokens=shard_tokens,
         echo=None if as_json else typer.echo,
     )
-    typer.echo(json.dumps(result.to_dict(), indent=1) if as_json else "\n".join(result.lines()))
+    typer.echo(jsonio.dumps(result.to_dict(), indent=1) if as_json else "\n".join(result.lines()))
 
 
 @bench_app.command("query")
@@ -105,14 +105,13 @@ def query(
 
     Example: whq bench query /tmp/whq-qbench --rows 100000000
     """
-    import json
 
     from queries.bench import bench_query
 
     result = bench_query(
         root, rows, layers=layers, width=width, k=k, repeats=repeats, echo=None if as_json else typer.echo
     )
-    typer.echo(json.dumps(result.to_dict(), indent=1) if as_json else "\n".join(result.lines()))
+    typer.echo(jsonio.dumps(result.to_dict(), indent=1) if as_json else "\n".join(result.lines()))
 
 
 @bench_app.command("serve")
@@ -131,11 +130,10 @@ def serve_(
 
     Example: whq bench serve /tmp/whq-qbench --rows 100000000
     """
-    import json
 
     from queries.pages_bench import bench_serve, lines
 
     result = bench_serve(
         root, rows, layers=layers, width=width, k=k, repeats=repeats, echo=None if as_json else typer.echo
     )
-    typer.echo(json.dumps(result, indent=1) if as_json else "\n".join(lines(result)))
+    typer.echo(jsonio.dumps(result, indent=1) if as_json else "\n".join(lines(result)))

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from .cli_options import WarehouseArg
+from .output import output_folder
 
 export_app = typer.Typer(
     no_args_is_help=True, rich_markup_mode=None, help="Write a run's analyses as files for viewers."
@@ -58,7 +59,8 @@ def site(
     import warehouse
     from queries.pages import write_site
 
-    written = write_site(warehouse.open(root), run, site_name, out, layers)
+    with output_folder(out, "whq export site"):
+        written = write_site(warehouse.open(root), run, site_name, out, layers)
     typer.echo(
         f"wrote {written['pages']:,} pages (layers {', '.join(map(str, written['layers']))}) to {out}; open {out / 'index.html'}"
     )

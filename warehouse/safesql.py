@@ -30,7 +30,9 @@ import sqlglot
 from sqlglot import exp
 from sqlglot.tokens import TokenType
 
+from .display import result_frame
 from .errors import QueryError, sql_error
+from .output import enclosing_warehouse, refusal
 
 if TYPE_CHECKING:
     import polars
@@ -317,7 +319,7 @@ def run_read_only(wh: Warehouse, query: str, limits: SqlLimits | None = None, pa
         check_read_only(query, wh.name_resolving_macros())
         with _interrupted_after(cursor, limits.timeout_s):
             rel = cursor.sql(query, params=params)
-            frame = rel.limit(limits.max_rows + 1).pl() if rel is not None else None
+            frame = result_frame(rel.limit(limits.max_rows + 1)) if rel is not None else None
     except duckdb.InterruptException:
         raise QueryError(
             f"the query ran past the {limits.timeout_s:g} s timeout and was stopped: "
@@ -348,7 +350,6 @@ def bounded(frame, max_rows: int) -> BoundedResult:
 
 _STRINGS = {TokenType.STRING, TokenType.RAW_STRING, TokenType.HEREDOC_STRING, TokenType.NATIONAL_STRING}
 _PATH_SETTING = re.compile(r"directory|path|output|file", re.I)
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 _QUERY_WORDS = {"SELECT", "WITH", "FROM", "VALUES", "TABLE", "DESCRIBE", "SUMMARIZE", "SHOW", "PIVOT", "UNPIVOT", "("}
 _ATTACH_TYPE = re.compile(r"^(duckdb|sqlite):", re.I)
 
@@ -378,18 +379,9 @@ def _written_paths(statement: list) -> list[str]:
     return [text for _, text in strings if re.search(r"[/\\]", text) or text.startswith("~")]
 
 
-def _inside(text: str, root: Path) -> bool:
-    if not text or text == ":memory:" or _URL.match(text):
-        return False
-    try:
-        path = Path(os.path.expanduser(text)).resolve()
-    except (OSError, RuntimeError, ValueError):
-        return False
-    return path == root or root in path.parents
-
-
 def check_no_warehouse_writes(query: str, root: Path) -> None:
-    """Raise QueryError if a statement of trusted `query` would write a file inside the warehouse `root`.
+    """Raise QueryError if a statement of trusted `query` would write a file inside the warehouse `root`
+    (or any other warehouse folder: the rule of every user-named output, warehouse/output.py).
 
     A guard against mistakes (COPY over a committed part, EXPORT or ATTACH into the folder,
     a temp or log directory pointed into it), not a sandbox: untrusted SQL goes to --read-only.
@@ -402,11 +394,8 @@ def check_no_warehouse_writes(query: str, root: Path) -> None:
         return  # DuckDB refuses what does not even tokenize, before writing anything
     for statement in statements:
         for text in _written_paths(statement):
-            if _inside(text, root):
-                raise QueryError(
-                    f"whq sql refuses writing {text!r}, inside the warehouse {root}: its files change only "
-                    f"through whq; write elsewhere, or pass --allow-writes"
-                )
+            if (warehouse := enclosing_warehouse(text, (root,))) is not None:
+                raise QueryError(refusal("whq sql", text, warehouse, "write elsewhere, or pass --allow-writes"))
 
 
 def _tokenized_statements(query: str) -> list[list]:
