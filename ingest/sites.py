@@ -5,7 +5,7 @@ SPEC grammar (one --site each):
     SPEC       := SITE [ "[" LAYERS "]" ] [ "+" KIND [ "." NAME ] "=" PATH ] [ ":" ITEM { "," ITEM } ]
     SITE       := ALIAS | MODULE_GLOB [ "@in" | "@out" ]
     LAYERS     := "*" | N { "," N } | N "-" M          (only these layers; default: all, or the dictionary's)
-    KIND       := sae | transcoder                     (encode the activation with a dictionary: ingest/dictionary.py)
+    KIND       := sae | transcoder                     (encode the activation with a dictionary: ingest/encoder.py)
     NAME       := letters, digits, '_' or '-'          (tells two dictionaries on one site apart)
     PATH       := a dictionary file or folder, or dict.py[:CHECKPOINT]
     ITEM       := REDUCTION | DICTIONARY_OPTION
