@@ -22,8 +22,9 @@ import numpy as np
 
 from warehouse.errors import BadInput
 
+from .capture import Capture, forward
 from .options import DEFAULT_SITES, check_device, check_dtype
-from .shard import Capture, Shard, forward
+from .shard import Shard
 from .tokenize import Window
 
 
@@ -229,8 +230,8 @@ def bench_ingest(
     import warehouse
     from warehouse.runwriter import RunWriter
 
-    from . import dictionary, fused, models
-    from .capture import hooks
+    from . import dictionary_files, encoder, fused, models
+    from .hooks import hooks
     from .limits import check_reductions
     from .sites import parse_specs, resolve
     from .sources import Document
@@ -242,7 +243,7 @@ def bench_ingest(
     check_dtype(dtype)
     spec_texts = list(sites) or list(DEFAULT_SITES)
     configurations = [parse_specs(texts) for texts in (spec_texts, list(versus)) if texts]
-    dictionaries = [dictionary.load_all(specs) for specs in configurations]
+    dictionaries = [dictionary_files.load_all(specs) for specs in configurations]
     loaded = models.load(f"config:{model_config}" if model_config else model, device, dtype)
     device = loaded.config["device"]
     max_positions = getattr(loaded.model.config, "max_position_embeddings", None)
@@ -251,8 +252,8 @@ def bench_ingest(
 
     def capture_of(specs, dicts) -> Capture:
         resolved = [resolve(s, loaded.module_names, loaded.aliases) for s in specs]
-        dictionary.check_encode_dtypes(specs, dicts, device)
-        resolved, bound = dictionary.bind(resolved, dicts, loaded.module_names, loaded.aliases)
+        encoder.check_encode_dtypes(specs, dicts, device)
+        resolved, bound = encoder.bind(resolved, dicts, loaded.module_names, loaded.aliases)
         check_reductions(resolved, loaded, device)
         return Capture(loaded, resolved, device, bound)
 

@@ -11,8 +11,8 @@ from warehouse import jsonio, schema
 from warehouse.errors import BadInput
 from warehouse.indexes import index_parts
 
-from .capture import _NO_KEY, SiteLayer
 from .models import final_norm
+from .reductions import _NO_KEY, SiteLayer
 
 LOGIT_LENS_K = 10
 
@@ -168,7 +168,7 @@ def quantile_bins(counts: np.ndarray, threshold: float, q: int) -> np.ndarray:
     q - 1 (units.sql quantile_examples computes the same). A quantile bin is thus whole
     histogram bins, and covers exactly the firing-token shares it reports.
     """
-    from .capture import hist_edges
+    from .reductions import hist_edges
 
     firing = np.where(hist_edges()[1] > threshold, counts, 0).astype(np.float64)
     total = firing.sum(axis=1, keepdims=True)
@@ -183,7 +183,7 @@ def _quantile_picks(sl: SiteLayer, ex: dict, n: int):
     smallest sample keys of the pool among its members, ranked by (bin, key)."""
     import torch
 
-    from .capture import hist_bins
+    from .reductions import hist_bins
 
     q = sl.red["quantiles"]
     of_bin = quantile_bins(sl.stats["hist"].cpu().numpy(), sl.threshold, q)  # [units, bins]

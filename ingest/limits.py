@@ -20,7 +20,7 @@ from .sites import ResolvedSite
 # 12 documents, before bottom examples existed): examples=10000 and 40000 raised peak RSS by
 # 544 MB and 2017 MB for 246 MB and 983 MB of slots, about 2.1x (the merge concatenates, the
 # resume snapshot copies); 2.5x leaves a margin: 170 bytes per slot.
-# Each top, bottom and random example also keeps its window of 71 float16 values (capture.py
+# Each top, bottom and random example also keeps its window of 71 float16 values (reductions.py
 # CONTEXT_*): 426 bytes, 1065 with the same margin.
 BYTES_PER_EXAMPLE_SLOT = 170 + 1065
 # quantiles=Q pools 2Q sampled firings per example slot (float32 value, int64 doc, position, key):

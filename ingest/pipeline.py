@@ -8,7 +8,7 @@ Documents are streamed and processed in shards of whole documents; each shard is
 committed with the run's resume state, so an interrupted ingest continues with
 `resume=True` from its last shard and ends with exactly the rows of an uninterrupted run.
 `ingest()` is its steps in order, one small function each; the capture itself is
-`shard.Capture`, shared with `whq bench ingest` and scenario runs.
+`capture.Capture`, shared with `whq bench ingest` and scenario runs.
 """
 
 from __future__ import annotations
@@ -27,10 +27,11 @@ from warehouse.errors import BadInput, WarehouseError
 from warehouse.names import check_label, check_name
 from warehouse.runwriter import RunWriter, committed_with_same_config
 
-from . import dictionary, sources
+from . import dictionary_files, encoder, sources
+from .capture import Capture
 from .limits import check_reductions
 from .options import DEFAULT_SITES, IngestOptions
-from .shard import Capture, Shard
+from .shard import Shard
 from .sites import parse_specs, resolve
 from .tokenize import windows
 
@@ -144,7 +145,7 @@ def _capture_shards(
     """Capture every shard into the run's journal; returns (documents, tokens) captured."""
     import torch
 
-    from .capture import hooks
+    from .hooks import hooks
     from .progress import IngestProgress
     from .writer import ShardWriter
 
@@ -226,14 +227,14 @@ def ingest(
     data_identity = sources.scan(paths, opts.skip_bad) if documents is None else None
     if documents is None and not any(entry["documents"] for entry in data_identity):
         raise BadInput("no documents to capture: the data files hold no readable documents")
-    dictionaries = dictionary.load_all(specs)  # read and checked before the model loads
+    dictionaries = dictionary_files.load_all(specs)  # read and checked before the model loads
     _check_splice_sites(opts, specs)
     device = loaded.config["device"] if loaded else models.resolve_device(opts.device)
-    dictionary.check_encode_dtypes(specs, dictionaries, device)
+    encoder.check_encode_dtypes(specs, dictionaries, device)
     wh = warehouse.open_or_init(root)
     loaded = loaded or models.load(opts.model, opts.device, opts.dtype)
     resolved = [resolve(spec, loaded.module_names, loaded.aliases) for spec in specs]
-    resolved, bound = dictionary.bind(resolved, dictionaries, loaded.module_names, loaded.aliases)
+    resolved, bound = encoder.bind(resolved, dictionaries, loaded.module_names, loaded.aliases)
     check_reductions(resolved, loaded, loaded.config["device"])
     max_length = _window_length(opts, loaded)
     _check_logit_lens(opts, loaded)

@@ -33,7 +33,7 @@ __all__ = [
 _MASK = 2147483647
 RARE_BELOW = 0.01
 EXAMPLE_WINDOW = (50, 20)  # tokens before / after in random_examples, as in top_contexts' defaults
-WINDOW_VALUES = (50, 20)  # tokens before / after held by neuron_examples.window_values (ingest/capture.py CONTEXT_*)
+WINDOW_VALUES = (50, 20)  # tokens before / after held by neuron_examples.window_values (ingest/reductions.py CONTEXT_*)
 
 
 def _stats(wh, run: str, site: str, layer: int | None = None) -> pl.LazyFrame:

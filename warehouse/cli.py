@@ -295,7 +295,7 @@ def sites(
     from ingest.models import load
 
     if dictionary is not None:
-        from ingest.dictionary import load as load_dictionary
+        from ingest.dictionary_files import load as load_dictionary
 
         info = load_dictionary(dictionary).describe()
         k = f" (k={info['k']})" if info["k"] else ""
