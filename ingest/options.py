@@ -11,13 +11,15 @@ and checks options before any model is loaded.
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Literal, get_args
 
 from warehouse.errors import BadInput
 
-from .limits import check_run_numbers
+from .sites import parse_specs
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 DTYPES: tuple[str, ...] = get_args(Dtype)
@@ -28,6 +30,13 @@ DEVICES: tuple[str, ...] = get_args(Device)
 DEFAULT_SITES = ("mlp.act:topk=20", "mlp.up:nag=20", "resid.out:last")
 # How this process runs, not what the run holds: not stored with the run (runs.device records the device).
 _NOT_STORED = ("run_id", "device", "progress", "rank")
+
+
+def default_run_id(model: str) -> str:
+    """`<model>-<UTC time>`, a valid run id whatever the model is called: the run id when none is given."""
+    stem = re.sub(r"[^A-Za-z0-9_.\-]", "-", Path(model.split(":")[0]).name or model).strip("-.") or "run"
+    stem = re.sub(r"\.{2,}", ".", stem)  # '..' is not allowed in a run id (warehouse/names.py)
+    return f"{stem[:40]}-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}"
 
 
 def check_device(device: str) -> str:
@@ -93,7 +102,14 @@ class IngestOptions:
             raise BadInput("--batch-size must be at least 1")
         if self.shard_tokens < 1:
             raise BadInput("--shard-tokens must be at least 1")
-        check_run_numbers(max_length=self.max_length, rank=self.rank, world_size=self.world_size)
+        if self.max_length is not None and self.max_length < 1:
+            raise BadInput(f"--max-length {self.max_length} must be at least 1 (omit it for the model's own window)")
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise BadInput(
+                f"rank {self.rank} of world size {self.world_size} is out of range: the rank must be 0..world size - 1 "
+                f"(torchrun sets RANK and WORLD_SIZE; use --ranks N on one machine)"
+            )
+        parse_specs(self.sites)  # a malformed SPEC is refused before any data file is read
 
     def run_config(self, *, model_id: str, sites: list[str], data_identity: object, max_length: int) -> dict:
         """The config stored with the run: the options that decide its rows, resolved: the model's id,
