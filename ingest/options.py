@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Literal, get_args
 
 from warehouse.errors import BadInput
 
-from .sites import parse_specs
+from .sites import parse_specs, spec_help
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 DTYPES: tuple[str, ...] = get_args(Dtype)
@@ -53,30 +53,34 @@ def check_dtype(dtype: str) -> str:
 
 @dataclass(frozen=True)
 class IngestOptions:
-    model: str = "minilm"
+    """One ingest's options. Each field is also a `whq ingest` flag (warehouse/cli_options.py): its name
+    (`--batch-size`), default, docstring (the help) and Literal choices; in a field's metadata, `flags`
+    names it otherwise (`flags=()` keeps it off the command line) and `help` replaces the docstring."""
+
+    model: str = field(default="minilm", metadata={"flags": ("--model", "-m")})
     """Local model folder, cached hub id, `minilm`, `config:qwen3-tiny`, or adapter.py[:checkpoint]."""
-    data: tuple[str, ...] = ()
-    """Document files (.jsonl, .parquet, .txt); empty when `ingest()` is given documents."""
-    sites: tuple[str, ...] = DEFAULT_SITES
-    """SPECs `<site>[@in|@out][[layers]][+sae=PATH|+transcoder=PATH]:<reduction>[=arg],...`, one per site."""
+    data: tuple[str, ...] = field(default=(), metadata={"flags": ("--data", "-d")})
+    """Document files: .jsonl, .parquet or .txt (none when `ingest()` is given documents)."""
+    sites: tuple[str, ...] = field(default=DEFAULT_SITES, metadata={"flags": ("--site", "-s"), "help": spec_help()})
+    """SPECs, one per site; the grammar and every reduction are in `sites.spec_help()`, the flag's help."""
     run_id: str | None = None
-    """The run's id; None: `<model>-<UTC time>`."""
+    """The run's id (default: `<model>-<UTC time>`, printed)."""
     dataset: str | None = None
-    """Dataset label for documents that have none (None: the file stem)."""
+    """Dataset label for documents that have none (default: the file stem)."""
     role: str | None = None
     """Role label for documents that have none: pool, target, reference, ..."""
-    batch_size: int = 16
+    batch_size: int = field(default=16, metadata={"flags": ("--batch-size", "-b")})
     """Windows per forward pass."""
     max_length: int | None = None
-    """Tokens per window (None: the model's own); longer documents are split, positions continue."""
+    """Tokens per window (default: the model's own); longer documents are split, positions continue."""
     truncate: bool = False
     """Keep only each document's first window."""
     device: str = "auto"
-    """One of DEVICES, or cuda:N."""
+    """Where the model runs: auto, cpu, cuda, cuda:N or mps."""
     dtype: Dtype = "float32"
     """The model's weights and activations."""
     resume: bool = False
-    """Finish an interrupted run of the same options and run id."""
+    """Finish an interrupted run: the same options and run id."""
     shard_tokens: int = 65536
     """Tokens per committed shard: the unit of resume."""
     skip_bad: bool = False
@@ -84,13 +88,14 @@ class IngestOptions:
     logit_lens: bool = False
     """Also store each MLP unit's output direction through the unembedding."""
     splice: bool = False
-    """Dictionary sites of a causal LM: also measure next-token loss with each reconstruction spliced in."""
-    progress: bool = True
+    """Dictionary sites of a causal LM: also measure next-token loss with each reconstruction spliced in
+    (one extra forward per dictionary layer, plus one; not with encode_only)."""
+    progress: bool = field(default=True, metadata={"flags": ("--progress/--quiet", " /-q")})
     """Show a progress bar on stderr."""
-    rank: int = 0
-    """This process's rank under torchrun (0 alone)."""
-    world_size: int = 1
-    """Processes sharing the documents (1 alone)."""
+    rank: int = field(default=0, metadata={"flags": ()})
+    """This process's rank under torchrun (0 alone; torchrun sets it)."""
+    world_size: int = field(default=1, metadata={"flags": ()})
+    """Processes sharing the documents (1 alone; torchrun sets it)."""
 
     def __post_init__(self) -> None:
         # Lists are accepted and kept as tuples, so options compare and hash by value.
