@@ -62,7 +62,7 @@ class IngestOptions:
     data: tuple[str, ...] = field(default=(), metadata={"flags": ("--data", "-d")})
     """Document files: .jsonl, .parquet or .txt (none when `ingest()` is given documents)."""
     sites: tuple[str, ...] = field(default=DEFAULT_SITES, metadata={"flags": ("--site", "-s"), "help": spec_help()})
-    """SPECs, one per site; the grammar and every reduction are in `sites.spec_help()`, the flag's help."""
+    """SPECs, one per site (the grammar and every reduction: `whq ingest --help`, docs/sites.md)."""
     run_id: str | None = None
     """The run's id (default: `<model>-<UTC time>`, printed)."""
     dataset: str | None = None

@@ -50,7 +50,9 @@ def test_ingest_scenario_and_bench_refuse_the_same_specs(spec, lm_dir, tmp_path)
     path = write_yaml(tmp_path / "s.yaml", scenario)
     by_scenario = _refusal(lambda: run_scenario(tmp_path / "wh", path, device="cpu", progress=False))
     by_bench = _refusal(
-        lambda: bench_ingest(lm_dir, device="cpu", sites=[spec], batch_size=1, seq_len=8, shard_tokens=8, repeats=1, root=tmp_path)
+        lambda: bench_ingest(
+            lm_dir, device="cpu", sites=[spec], batch_size=1, seq_len=8, shard_tokens=8, repeats=1, root=tmp_path
+        )
     )
     assert spec in by_ingest or "mlp.nope" in by_ingest, by_ingest
     assert by_scenario == by_ingest
@@ -58,7 +60,15 @@ def test_ingest_scenario_and_bench_refuse_the_same_specs(spec, lm_dir, tmp_path)
     # The versus configuration goes through the same set-up.
     by_versus = _refusal(
         lambda: bench_ingest(
-            lm_dir, device="cpu", sites=["mlp.act:topk=3"], versus=[spec], batch_size=1, seq_len=8, shard_tokens=8, repeats=1, root=tmp_path
+            lm_dir,
+            device="cpu",
+            sites=["mlp.act:topk=3"],
+            versus=[spec],
+            batch_size=1,
+            seq_len=8,
+            shard_tokens=8,
+            repeats=1,
+            root=tmp_path,
         )
     )
     assert by_versus == by_ingest

@@ -1,5 +1,4 @@
-"""Options shared by several `whq` commands, declared once (typer `Annotated` aliases), and the
-flags of an options dataclass derived from its fields.
+"""`whq` options declared once: aliases shared by several commands, and flags derived from a dataclass.
 
 `dataclass_options(IngestOptions)` is how `whq ingest` gets its flags, as delphi's config.py
 gets its command line from its dataclasses through simple_parsing: one flag per field, named
