@@ -22,10 +22,10 @@ from .models import down_projection
 from .sites import ResolvedSite, SiteSpec
 
 # Kept per unit, layer and example slot: three float32 values (top, bottom, random) and seven
-# int64 (doc and position of each, the random key) = 68 bytes. Measured on llama-tiny (CPU,
-# 12 documents, before bottom examples existed): examples=10000 and 40000 raised peak RSS by
-# 544 MB and 2017 MB for 246 MB and 983 MB of slots, about 2.1x (the merge concatenates, the
-# resume snapshot copies); 2.5x leaves a margin: 170 bytes per slot.
+# int64 (doc and position of each, the random key) = 68 bytes. Peak memory grows by about 2.1x
+# the slots' bytes, because the merge concatenates them and the resume snapshot copies them
+# (llama-tiny on the CPU: examples=10000 and 40000 raised peak RSS by 544 MB and 2017 MB for
+# 246 MB and 983 MB of slots); 2.5x leaves a margin: 170 bytes per slot.
 # Each top, bottom and random example also keeps its window of 71 float16 values (capture.py
 # CONTEXT_*): 426 bytes, 1065 with the same margin.
 BYTES_PER_EXAMPLE_SLOT = 170 + 1065

@@ -7,8 +7,9 @@
 Documents are streamed and processed in shards of whole documents; each shard is
 committed with the run's resume state, so an interrupted ingest continues with
 `resume=True` from its last shard and ends with exactly the rows of an uninterrupted run.
-`ingest()` is its steps in order, one small function each; the capture itself is
-`shard.Capture`, shared with `whq bench ingest` and scenario runs.
+`ingest()` is its steps in order, one small function each; the capture is set up by
+ingest/prepare.py and runs as `shard.Capture`, both shared with `whq bench ingest` and
+scenario runs.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ import typer
 from .cli_options import (
     INGEST_OPTIONS,
     FormatOption,
+    ModelOption,
     OutputFormat,
     SqlEngine,
     SqlEngineOption,
@@ -284,7 +285,7 @@ def _summary_line(result) -> str:
 
 @app.command()
 def sites(
-    model: str = typer.Option("minilm", "--model", "-m", help="Model as for `whq ingest --model`."),
+    model: ModelOption = "minilm",
     all_modules: bool = typer.Option(False, "--all", help="List every module, not only the first block's."),
     dictionary: str | None = typer.Option(
         None, "--dictionary", help="A dictionary path (as after +sae=): print what it holds instead."
