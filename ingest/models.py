@@ -178,6 +178,25 @@ def final_norm(model):
     return None
 
 
+def down_projection(model, module_name: str, hook: str):
+    """W_down [hidden, units] of an MLP unit site hooked at `module_name` (mlp.act/up/gate of a decoder,
+    mlp.act/up of a BERT encoder), or None for any other site: the units' output directions."""
+    modules = dict(model.named_modules())
+    for suffix in ("down_proj", "up_proj", "gate_proj"):
+        if module_name.endswith(suffix) and (suffix == "down_proj") == (hook == "in"):
+            return modules[module_name[: -len(suffix)] + "down_proj"].weight
+    for suffix in ("output.dense", "intermediate.dense"):  # BERT: intermediate.dense -> act -> output.dense
+        down = module_name[: -len(suffix)] + "output.dense"
+        if (
+            module_name.endswith(suffix)
+            and not module_name.endswith("attention.output.dense")
+            and (suffix == "output.dense") == (hook == "in")
+            and down in modules
+        ):
+            return modules[down].weight
+    return None
+
+
 def adapter_module(path: Path, kind: str, load_signature: str):
     """The Python module of a user's adapter file (`model` or `dictionary`), which must define load(...)."""
     if not path.exists():

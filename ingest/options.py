@@ -11,13 +11,15 @@ and checks options before any model is loaded.
 
 from __future__ import annotations
 
+import datetime as dt
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Literal, get_args
 
 from warehouse.errors import BadInput
 
-from .limits import check_run_numbers
+from .sites import parse_specs, spec_help
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 DTYPES: tuple[str, ...] = get_args(Dtype)
@@ -28,6 +30,13 @@ DEVICES: tuple[str, ...] = get_args(Device)
 DEFAULT_SITES = ("mlp.act:topk=20", "mlp.up:nag=20", "resid.out:last")
 # How this process runs, not what the run holds: not stored with the run (runs.device records the device).
 _NOT_STORED = ("run_id", "device", "progress", "rank")
+
+
+def default_run_id(model: str) -> str:
+    """`<model>-<UTC time>`, a valid run id whatever the model is called: the run id when none is given."""
+    stem = re.sub(r"[^A-Za-z0-9_.\-]", "-", Path(model.split(":")[0]).name or model).strip("-.") or "run"
+    stem = re.sub(r"\.{2,}", ".", stem)  # '..' is not allowed in a run id (warehouse/names.py)
+    return f"{stem[:40]}-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}"
 
 
 def check_device(device: str) -> str:
@@ -44,30 +53,34 @@ def check_dtype(dtype: str) -> str:
 
 @dataclass(frozen=True)
 class IngestOptions:
-    model: str = "minilm"
+    """One ingest's options. Each field is also a `whq ingest` flag (warehouse/cli_options.py): its name
+    (`--batch-size`), default, docstring (the help) and Literal choices; in a field's metadata, `flags`
+    names it otherwise (`flags=()` keeps it off the command line) and `help` replaces the docstring."""
+
+    model: str = field(default="minilm", metadata={"flags": ("--model", "-m")})
     """Local model folder, cached hub id, `minilm`, `config:qwen3-tiny`, or adapter.py[:checkpoint]."""
-    data: tuple[str, ...] = ()
-    """Document files (.jsonl, .parquet, .txt); empty when `ingest()` is given documents."""
-    sites: tuple[str, ...] = DEFAULT_SITES
-    """SPECs `<site>[@in|@out][[layers]][+sae=PATH|+transcoder=PATH]:<reduction>[=arg],...`, one per site."""
+    data: tuple[str, ...] = field(default=(), metadata={"flags": ("--data", "-d")})
+    """Document files: .jsonl, .parquet or .txt (none when `ingest()` is given documents)."""
+    sites: tuple[str, ...] = field(default=DEFAULT_SITES, metadata={"flags": ("--site", "-s"), "help": spec_help()})
+    """SPECs, one per site (the grammar and every reduction: `whq ingest --help`, docs/sites.md)."""
     run_id: str | None = None
-    """The run's id; None: `<model>-<UTC time>`."""
+    """The run's id (default: `<model>-<UTC time>`, printed)."""
     dataset: str | None = None
-    """Dataset label for documents that have none (None: the file stem)."""
+    """Dataset label for documents that have none (default: the file stem)."""
     role: str | None = None
     """Role label for documents that have none: pool, target, reference, ..."""
-    batch_size: int = 16
+    batch_size: int = field(default=16, metadata={"flags": ("--batch-size", "-b")})
     """Windows per forward pass."""
     max_length: int | None = None
-    """Tokens per window (None: the model's own); longer documents are split, positions continue."""
+    """Tokens per window (default: the model's own); longer documents are split, positions continue."""
     truncate: bool = False
     """Keep only each document's first window."""
     device: str = "auto"
-    """One of DEVICES, or cuda:N."""
+    """Where the model runs: auto, cpu, cuda, cuda:N or mps."""
     dtype: Dtype = "float32"
     """The model's weights and activations."""
     resume: bool = False
-    """Finish an interrupted run of the same options and run id."""
+    """Finish an interrupted run: the same options and run id."""
     shard_tokens: int = 65536
     """Tokens per committed shard: the unit of resume."""
     skip_bad: bool = False
@@ -75,13 +88,14 @@ class IngestOptions:
     logit_lens: bool = False
     """Also store each MLP unit's output direction through the unembedding."""
     splice: bool = False
-    """Dictionary sites of a causal LM: also measure next-token loss with each reconstruction spliced in."""
-    progress: bool = True
+    """Dictionary sites of a causal LM: also measure next-token loss with each reconstruction spliced in
+    (one extra forward per dictionary layer, plus one; not with encode_only)."""
+    progress: bool = field(default=True, metadata={"flags": ("--progress/--quiet", " /-q")})
     """Show a progress bar on stderr."""
-    rank: int = 0
-    """This process's rank under torchrun (0 alone)."""
-    world_size: int = 1
-    """Processes sharing the documents (1 alone)."""
+    rank: int = field(default=0, metadata={"flags": ()})
+    """This process's rank under torchrun (0 alone; torchrun sets it)."""
+    world_size: int = field(default=1, metadata={"flags": ()})
+    """Processes sharing the documents (1 alone; torchrun sets it)."""
 
     def __post_init__(self) -> None:
         # Lists are accepted and kept as tuples, so options compare and hash by value.
@@ -93,7 +107,14 @@ class IngestOptions:
             raise BadInput("--batch-size must be at least 1")
         if self.shard_tokens < 1:
             raise BadInput("--shard-tokens must be at least 1")
-        check_run_numbers(max_length=self.max_length, rank=self.rank, world_size=self.world_size)
+        if self.max_length is not None and self.max_length < 1:
+            raise BadInput(f"--max-length {self.max_length} must be at least 1 (omit it for the model's own window)")
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise BadInput(
+                f"rank {self.rank} of world size {self.world_size} is out of range: the rank must be 0..world size - 1 "
+                f"(torchrun sets RANK and WORLD_SIZE; use --ranks N on one machine)"
+            )
+        parse_specs(self.sites)  # a malformed SPEC is refused before any data file is read
 
     def run_config(self, *, model_id: str, sites: list[str], data_identity: object, max_length: int) -> dict:
         """The config stored with the run: the options that decide its rows, resolved: the model's id,

@@ -7,14 +7,22 @@ inside the commands that need them, so `whq sql` starts fast.
 
 from __future__ import annotations
 
+import inspect
 import sys
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
-from ingest.sites import spec_help
-
-from .cli_options import DeviceOption, DtypeOption, FormatOption, OutputFormat, SqlEngine, SqlEngineOption, WarehouseArg
+from .cli_options import (
+    INGEST_OPTIONS,
+    FormatOption,
+    ModelOption,
+    OutputFormat,
+    SqlEngine,
+    SqlEngineOption,
+    WarehouseArg,
+)
 from .display import terminal_safe
 from .errors import WarehouseError
 
@@ -149,55 +157,7 @@ def sql(
         )
 
 
-@app.command()
-def ingest(
-    root: Path = typer.Argument(..., help="Warehouse folder (created if missing)."),
-    model: str | None = typer.Option(
-        None,
-        "--model",
-        "-m",
-        help="Local model folder, cached hub id, `minilm` (the default), `config:qwen3-tiny`, or adapter.py[:checkpoint]; with --scenario it replaces the scenario's model.id.",
-    ),
-    data: list[Path] = typer.Option([], "--data", "-d", help="Documents: .jsonl, .parquet or .txt (repeatable)."),
-    site: list[str] = typer.Option(
-        [],
-        "--site",
-        "-s",
-        help=spec_help(),
-    ),
-    scenario: Path | None = typer.Option(
-        None, "--scenario", help="Chat scenario YAML (Activation Lab format) instead of --data."
-    ),
-    run_id: str | None = typer.Option(None, "--run-id", help="Run id (default: <model>-<UTC time>, printed)."),
-    dataset: str | None = typer.Option(
-        None, "--dataset", help="Dataset label for documents that have none (default: file stem)."
-    ),
-    role: str | None = typer.Option(None, "--role", help="Role label: pool, target, reference, ..."),
-    batch_size: int = typer.Option(16, "--batch-size", "-b", help="Windows per forward pass."),
-    max_length: int | None = typer.Option(
-        None, "--max-length", help="Tokens per window (long documents are split, positions continue)."
-    ),
-    truncate: bool = typer.Option(False, "--truncate", help="Keep only each document's first window."),
-    device: DeviceOption = "auto",
-    dtype: DtypeOption = "float32",
-    resume: bool = typer.Option(False, "--resume", help="Finish an interrupted run (same arguments and --run-id)."),
-    shard_tokens: int = typer.Option(65536, "--shard-tokens", help="Tokens per committed shard (the unit of resume)."),
-    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip (and count) bad records instead of stopping."),
-    logit_lens: bool = typer.Option(
-        False, "--logit-lens", help="Store each MLP unit's output direction through the unembedding."
-    ),
-    splice: bool = typer.Option(
-        False,
-        "--splice",
-        help="Dictionary sites of a causal LM: also measure next-token loss with each reconstruction spliced in (one extra forward per dictionary layer, plus one; not with encode_only).",
-    ),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
-    ranks: int = typer.Option(
-        1,
-        "--ranks",
-        help="Shard the documents over N processes on this machine (torchrun; one GPU each with --device cuda).",
-    ),
-):
+def ingest(ctx: typer.Context, root: Path, scenario: Path | None, ranks: int, **fields) -> None:
     """Capture a model's activations over documents into a new run.
 
     Example: whq ingest wh --model minilm --data docs.jsonl --site mlp.act:topk=20 --site mlp.up:nag=20 --site resid.out:last
@@ -212,31 +172,21 @@ def ingest(
     if scenario is not None:
         from ingest.chat import run_scenario
 
-        result = run_scenario(root, scenario, run_id=run_id, device=device, progress=not quiet, model=model)
+        given_model = ctx.get_parameter_source("model").name != "DEFAULT"
+        result = run_scenario(
+            root,
+            scenario,
+            run_id=fields["run_id"],
+            device=fields["device"],
+            progress=fields["progress"],
+            model=fields["model"] if given_model else None,
+        )
     else:
         from dataclasses import replace
 
-        from ingest.options import DEFAULT_SITES, IngestOptions
+        from ingest.options import IngestOptions
 
-        options = IngestOptions(
-            model or "minilm",
-            tuple(str(d) for d in data),
-            tuple(site) or DEFAULT_SITES,
-            run_id=run_id,
-            dataset=dataset,
-            role=role,
-            batch_size=batch_size,
-            max_length=max_length,
-            truncate=truncate,
-            device=device,
-            dtype=dtype,
-            resume=resume,
-            shard_tokens=shard_tokens,
-            skip_bad=skip_bad,
-            logit_lens=logit_lens,
-            splice=splice,
-            progress=not quiet,
-        )
+        options = IngestOptions(**fields)
         if ranks != 1:
             from ingest.ranks import launch
 
@@ -245,14 +195,55 @@ def ingest(
         from ingest.pipeline import ingest as run_ingest
         from ingest.ranks import from_env
 
-        rank, world_size, run_id, device = from_env(run_id, device, options.model)  # set by torchrun
+        rank, world_size, run_id, device = from_env(options.run_id, options.device, options.model)  # set by torchrun
         result = run_ingest(root, replace(options, run_id=run_id, device=device, rank=rank, world_size=world_size))
-    for note in result.notes if not quiet else []:
+    for note in result.notes if fields["progress"] else []:
         typer.echo(note)
     if result.skipped:
         typer.echo(f"skipped {result.skipped} bad record(s); first: {result.first_skipped}")
     if result.rank == 0:  # rank 0 reports the committed run
         typer.echo(_summary_line(result))
+
+
+# The flags are IngestOptions' fields (cli_options.dataclass_options), between the folder and the two
+# options that are not ingest options: a scenario instead of documents, and the torchrun launch.
+_INGEST_PARAMETERS = [
+    inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context),
+    inspect.Parameter(
+        "root",
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        annotation=Annotated[Path, typer.Argument(help="Warehouse folder (created if missing).")],
+    ),
+    *INGEST_OPTIONS.values(),
+    inspect.Parameter(
+        "scenario",
+        inspect.Parameter.KEYWORD_ONLY,
+        default=None,
+        annotation=Annotated[
+            Path | None,
+            typer.Option(
+                "--scenario",
+                help="Chat scenario YAML (Activation Lab format) instead of --data; "
+                "--model then replaces the scenario's model.id.",
+            ),
+        ],
+    ),
+    inspect.Parameter(
+        "ranks",
+        inspect.Parameter.KEYWORD_ONLY,
+        default=1,
+        annotation=Annotated[
+            int,
+            typer.Option(
+                "--ranks",
+                help="Shard the documents over N processes on this machine (torchrun; one GPU each with --device cuda).",
+            ),
+        ],
+    ),
+]
+ingest.__signature__ = inspect.Signature(_INGEST_PARAMETERS)
+ingest.__annotations__ = {p.name: p.annotation for p in _INGEST_PARAMETERS}
+app.command()(ingest)
 
 
 def _without_ranks(arguments: list[str]) -> list[str]:
@@ -282,7 +273,7 @@ def _summary_line(result) -> str:
 
 @app.command()
 def sites(
-    model: str = typer.Option("minilm", "--model", "-m", help="Model as for `whq ingest --model`."),
+    model: ModelOption = "minilm",
     all_modules: bool = typer.Option(False, "--all", help="List every module, not only the first block's."),
     dictionary: str | None = typer.Option(
         None, "--dictionary", help="A dictionary path (as after +sae=): print what it holds instead."

@@ -171,6 +171,10 @@ class RunWriter:
             saved[name] = filename
         record = {"shard": index, "parts": [p.to_json() for p in written], "state": saved, "info": info or {}}
         line = jsonio.dumps(record) + "\n"
+        # The line is the shard's commit point: a crash mid-write leaves a torn last line, which a
+        # resume reads as "this shard did not complete" (metadata.journal_record). It is written
+        # in two halves only so the fault point shard.journal_torn can stop the process between
+        # them and the crash tests (tests/test_faults.py) can prove exactly that.
         with open(self.journal, "a") as fh:
             fh.write(line[: len(line) // 2])
             fh.flush()

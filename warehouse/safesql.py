@@ -23,7 +23,7 @@ import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import duckdb
 import sqlglot
@@ -37,7 +37,15 @@ from .output import enclosing_warehouse, refusal
 if TYPE_CHECKING:
     import polars
 
-    from .core import Warehouse
+
+class GuardedCatalog(Protocol):
+    """What run_read_only needs of a warehouse (core.Warehouse is one). A protocol, not an import of
+    core: core runs untrusted SQL through this module, so this module must not depend on core."""
+
+    def guarded_connection(self, memory_limit: str) -> duckdb.DuckDBPyConnection: ...
+
+    def name_resolving_macros(self) -> frozenset[str]: ...
+
 
 _ALLOWED = (exp.Query, exp.Values, exp.Describe, exp.Summarize, exp.Show)
 _WRITES = (
@@ -306,7 +314,7 @@ def _interrupted_after(cursor: duckdb.DuckDBPyConnection, seconds: float):
         watcher.join()
 
 
-def run_read_only(wh: Warehouse, query: str, limits: SqlLimits | None = None, params=None) -> BoundedResult:
+def run_read_only(wh: GuardedCatalog, query: str, limits: SqlLimits | None = None, params=None) -> BoundedResult:
     """Run untrusted SQL through both walls and within `limits`; safe to call from several threads.
 
     Each call runs on its own cursor of the guarded connection, so the timeout interrupts
