@@ -396,7 +396,7 @@ def test_the_name_check_can_fail():
         "_parsed_sites",
         "pipeline._parsed_sites",
         "ingest.shard.NoSuchThing",
-        "shard.Capture.no_such_method",
+        "capture.Capture.no_such_method",
         "ingest/no_such_file.py",
         "tests/test_docs.py::test_no_such_test",
         "--no-such-flag",
@@ -408,7 +408,7 @@ def test_the_name_check_can_fail():
         assert code_name_problem(stale), stale
     for real in (
         "pipeline.ingest",
-        "ingest.shard.Capture",
+        "ingest.capture.Capture",
         "Capture.batch",
         "IngestOptions.run_config(...)",
         "queries/nag.sql",
