@@ -18,10 +18,10 @@ from pathlib import Path
 import warehouse
 from warehouse.errors import BadInput
 
-from . import bench, pages
+from . import bench, page_data, pages
 
 
-class _TimedReader(pages.Reader):
+class _TimedReader(page_data.Reader):
     """A Reader that adds each statement's time to `spent` under the statement's first words."""
 
     def __init__(self, wh):

@@ -26,13 +26,13 @@ from starlette.routing import Route
 
 from warehouse.errors import BadInput, NotFound, QueryError, UnknownRun
 
-from . import pages
+from . import page_data, pages
 
 
 def create_app(wh, allowed_hosts: list[str] | None = None) -> Starlette:
     """The app; `allowed_hosts` are the Host headers it answers (default: the loopback names), so a
     web page elsewhere cannot read the warehouse through DNS rebinding; ["*"] answers any."""
-    reader = pages.Reader(wh)
+    reader = page_data.Reader(wh)
     links = pages.Links()
 
     def page(render):
