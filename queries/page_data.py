@@ -3,7 +3,7 @@
 Reads go through `Reader`: the trusted macros on a per-thread cursor of one read-only
 connection (the server answers from a thread pool), and the SQL box's untrusted text
 through `safesql.run_read_only`, what `whq sql --read-only` runs (both walls, timeout, memory
-limit, row cap). The functions here return rows and dicts; queries/pages.py renders them.
+limit, row and byte caps). The functions here return rows and dicts; queries/pages.py renders them.
 """
 
 from __future__ import annotations
@@ -46,18 +46,27 @@ class Reader:
                 cursor = self._local.cursor = self._con.cursor()
         return cursor
 
-    def rows(self, query: str, params: list | None = None) -> list[dict]:
+    def fetch(self, query: str, params: list | None = None) -> tuple[list[str], list[tuple]]:
+        """(column names, rows) of a trusted statement; QueryError with DuckDB's first line."""
         # fetchall, not .pl() or Arrow: on the pages' small results those add ~14 ms a statement
         cursor = self._cursor()
         try:
             values = cursor.execute(query, params or []).fetchall()
         except duckdb.Error as err:  # macros check their arguments when the rows are fetched
             raise QueryError(str(err).splitlines()[0].removeprefix("Invalid Input Error: ")) from None
-        names = [d[0] for d in cursor.description]
+        return [d[0] for d in cursor.description], values
+
+    def rows(self, query: str, params: list | None = None) -> list[dict]:
+        names, values = self.fetch(query, params)
         return [dict(zip(names, row)) for row in values]
 
     def frame(self, query: str, params: list | None = None) -> pl.DataFrame:
-        return pl.DataFrame(self.rows(query, params), infer_schema_length=None)
+        """The rows as a frame; with no rows (a run that held no token), an empty frame of the columns'
+        types, so the charts draw an empty chart from it like any other."""
+        names, values = self.fetch(query, params)
+        if values:
+            return pl.DataFrame(values, schema=names, orient="row", infer_schema_length=None)
+        return self._cursor().sql(query, params=params or []).pl()  # no rows: cheap to read again, typed
 
     def sites(self) -> dict[str, list[dict]]:
         """{run: its rows of `sites`}, read once: the connection sees the catalog as it was when opened."""
@@ -67,16 +76,18 @@ class Reader:
                 "LEFT JOIN sites s USING (run_id) ORDER BY r.run_id, s.site"
             )
             self._sites = {}
-            for row in rows:
+            for row in rows:  # a site of a run that held no token never learned its width: it has no units
+                row["width"] = row["width"] or 0
                 self._sites.setdefault(row.pop("run_id"), []).extend([row] if row["site"] is not None else [])
         return self._sites
 
-    def untrusted(self, query: str):
+    def untrusted(self, query: str, limits=None):
         """Untrusted SQL through safesql.run_read_only, what `whq sql --read-only` runs: both walls,
-        its timeout, memory limit and row cap (SqlLimits' defaults); a BoundedResult (frame, truncated)."""
-        from warehouse.safesql import SqlLimits, run_read_only
+        its timeout, memory limit, row and byte caps (`limits`, a SqlLimits; its defaults when None);
+        a BoundedResult (frame, truncated)."""
+        from warehouse.safesql import run_read_only
 
-        return run_read_only(self.wh, query, SqlLimits())
+        return run_read_only(self.wh, query, limits)
 
     def close(self) -> None:
         self._con.close()
@@ -110,15 +121,21 @@ def site_info(reader: Reader, run: str, site: str, layers: list[int] | None = No
         raise NotFound(f"run {run!r} has no site {site!r}; its sites: {', '.join(r['site'] for r in rows)}")
     info = found[0]
     for layer in layers or ():
-        check_unit(info, run, site, layer, 0)
+        check_layer(info, run, site, layer)
     return {**info, "layers": sorted(layers)} if layers else info
 
 
-def check_unit(info: dict, run: str, site: str, layer: int, unit: int) -> None:
+def check_layer(info: dict, run: str, site: str, layer: int) -> None:
     if layer not in info["layers"]:
         raise NotFound(
             f"site {site!r} of run {run!r} has no layer {layer}; its layers: {', '.join(map(str, info['layers']))}"
         )
+
+
+def check_unit(info: dict, run: str, site: str, layer: int, unit: int) -> None:
+    check_layer(info, run, site, layer)
+    if not info["width"]:
+        raise NotFound(f"site {site!r} of run {run!r} has no units: the run's documents held no token")
     if not 0 <= unit < info["width"]:
         raise NotFound(f"site {site!r} of run {run!r} has units 0..{info['width'] - 1}; there is no unit {unit}")
 

@@ -30,6 +30,7 @@ from .page_data import (
     PAGE_SIZE,
     SORTS,
     Reader,
+    check_layer,
     check_sort,
     check_unit,
     keeps_examples,
@@ -46,6 +47,7 @@ from .page_data import (
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 SQL_ROWS = 1000  # rows of the SQL box's table (the CSV download has them all)
+SQL_CELL_CHARS = 1000  # characters of one value in the SQL box's table (the CSV download has them all)
 
 
 @lru_cache(maxsize=1)
@@ -103,11 +105,14 @@ def lens_token(row: dict) -> str:
 
 
 class Links:
-    """The URLs a page links to: server routes, or (static_from = the page's own path inside an
-    export) relative paths to the exported files, None where the export has no such page."""
+    """The URLs a page links to: server routes (carrying `token`, the server's per-launch token, when
+    the page was opened with it, so the SQL box stays one click away), or (static_from = the page's
+    own path inside an export) relative paths to the exported files, None where the export has no
+    such page."""
 
-    def __init__(self, static_from: str | None = None):
+    def __init__(self, static_from: str | None = None, token: str | None = None):
         self.static_from = static_from
+        self.token = token
 
     @property
     def static(self) -> bool:
@@ -116,32 +121,35 @@ class Links:
     def _rel(self, path: str) -> str:
         return posixpath.relpath(path, posixpath.dirname(self.static_from) or ".")
 
+    def _route(self, path: str, query: dict | None = None) -> str:
+        query = {k: v for k, v in {**(query or {}), "token": self.token}.items() if v is not None}
+        return path + (f"?{urlencode(query)}" if query else "")
+
     def vega(self) -> str:
         return self._rel("vega.js") if self.static else "/_whq/vega.js"
 
     def home(self) -> str | None:
-        return None if self.static else "/"
+        return None if self.static else self._route("/")
 
     def site(self, run: str, site: str, layer: int | None = None, **params) -> str:
         if self.static:
             return self._rel(f"layer-{layer}.html" if layer is not None else "index.html")
-        query = {k: v for k, v in {"layer": layer, **params}.items() if v is not None}
-        return f"/{quote(run, safe='')}/{quote(site, safe='')}" + (f"?{urlencode(query)}" if query else "")
+        return self._route(f"/{quote(run, safe='')}/{quote(site, safe='')}", {"layer": layer, **params})
 
     def unit(self, run: str, site: str, layer: int, unit: int) -> str:
         if self.static:
             return self._rel(f"{layer}/{unit}.html")
-        return f"/{quote(run, safe='')}/{quote(site, safe='')}/{layer}/{unit}"
+        return self._route(f"/{quote(run, safe='')}/{quote(site, safe='')}/{layer}/{unit}")
 
     def tokens(self, run: str, site: str, text: str | None = None) -> str | None:
         if self.static:
             return None
-        return f"/{quote(run, safe='')}/{quote(site, safe='')}/tokens" + (f"?{urlencode({'q': text})}" if text else "")
+        return self._route(f"/{quote(run, safe='')}/{quote(site, safe='')}/tokens", {"q": text or None})
 
     def sql(self, query: str | None = None, csv: bool = False) -> str | None:
         if self.static:
             return None
-        return ("/sql.csv" if csv else "/sql") + (f"?{urlencode({'q': query})}" if query else "")
+        return self._route("/sql.csv" if csv else "/sql", {"q": query or None})
 
 
 # -- rendering helpers -------------------------------------------------------------------------
@@ -210,7 +218,7 @@ def site_page(
     """`summary`: the site's layer_summary rows when the caller already has them (the export, once for all layers)."""
     info = site_info(reader, run, site, layers)
     layer = info["layers"][0] if layer is None else layer
-    check_unit(info, run, site, layer, 0)
+    check_layer(info, run, site, layer)
     check_sort(sort, order)
     if summary is None:
         summary = layer_summary(reader, run, site)
@@ -331,20 +339,30 @@ def tokens_page(reader: Reader, links: Links, run: str, site: str, text: str = "
     )
 
 
-def sql_result(reader: Reader, query: str) -> pl.DataFrame:
-    return reader.untrusted(query).frame
+def sql_result(reader: Reader, query: str, limits=None) -> pl.DataFrame:
+    return reader.untrusted(query, limits).frame
 
 
-def sql_page(reader: Reader, links: Links, query: str = "") -> tuple[str, int]:
-    """(page, status): 400 with the one-line refusal when the SQL is refused or fails."""
+def sql_cell(value) -> str:
+    """One value of the SQL box's table as text: numbers as everywhere on the pages, a long value cut
+    to SQL_CELL_CHARS characters (the CSV download has it whole). The one place the SQL box formats values."""
+    text = _number(value) if value is None or isinstance(value, (int, float)) else str(value)
+    if len(text) > SQL_CELL_CHARS:
+        return f"{text[:SQL_CELL_CHARS]}… ({len(text):,} characters; the CSV download has them all)"
+    return text
+
+
+def sql_page(reader: Reader, links: Links, query: str = "", limits=None) -> tuple[str, int]:
+    """(page, status): 400 with the one-line refusal when the SQL is refused or fails; `limits`
+    (safesql.SqlLimits, its defaults when None) bound the query."""
     frame, error, truncated = None, None, False
     if query.strip():
         try:
-            result = reader.untrusted(query)
+            result = reader.untrusted(query, limits)
             frame, truncated = result.frame, result.truncated
         except QueryError as err:
             error = " ".join(str(err).split())
-    rows = frame.head(SQL_ROWS).rows() if frame is not None else []
+    rows = [[sql_cell(v) for v in row] for row in frame.head(SQL_ROWS).rows()] if frame is not None else []
     page = _render(
         "sql.html",
         links,

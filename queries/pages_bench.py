@@ -28,10 +28,10 @@ class _TimedReader(page_data.Reader):
         super().__init__(wh)
         self.spent: dict[str, float] = defaultdict(float)
 
-    def rows(self, query, params=None):
+    def fetch(self, query, params=None):
         start = time.perf_counter()
         try:
-            return super().rows(query, params)
+            return super().fetch(query, params)
         finally:
             self.spent[_label(query)] += time.perf_counter() - start
 

@@ -254,6 +254,8 @@ class SqlLimits:
     """DuckDB's memory_limit for the guarded instance, e.g. '2GB' (--memory-limit); spilling to disk is off."""
     max_rows: int = 10_000
     """Rows fetched at most; a result with more is cut and marked truncated (--max-rows)."""
+    max_bytes: str = "256MB"
+    """Bytes the fetched rows may hold, e.g. '1GB' (--max-bytes); a result with more is refused (result_bounds)."""
 
     def __post_init__(self):
         if (
@@ -272,6 +274,9 @@ class SqlLimits:
             raise QueryError(f"--memory-limit {self.memory_limit!r} must be a size such as 512MB or 4GB")
         if isinstance(self.max_rows, bool) or not isinstance(self.max_rows, int) or self.max_rows < 1:
             raise QueryError(f"--max-rows {self.max_rows!r} must be a whole number of at least 1")
+        from .result_bounds import size_bytes
+
+        size_bytes(self.max_bytes)
 
 
 @dataclass(frozen=True)
@@ -310,6 +315,8 @@ def run_read_only(wh: Warehouse, query: str, limits: SqlLimits | None = None, pa
     Each call runs on its own cursor of the guarded connection, so the timeout interrupts
     this query only.
     """
+    from .result_bounds import fetch_bounded, size_bytes
+
     limits = limits or SqlLimits()
     cursor = wh.guarded_connection(limits.memory_limit).cursor()
     try:
@@ -317,7 +324,7 @@ def run_read_only(wh: Warehouse, query: str, limits: SqlLimits | None = None, pa
         check_read_only(query, wh.name_resolving_macros())
         with _interrupted_after(cursor, limits.timeout_s):
             rel = cursor.sql(query, params=params)
-            frame = rel.limit(limits.max_rows + 1).pl() if rel is not None else None
+            frame = fetch_bounded(rel, limits.max_rows, size_bytes(limits.max_bytes)) if rel is not None else None
     except duckdb.InterruptException:
         raise QueryError(
             f"the query ran past the {limits.timeout_s:g} s timeout and was stopped: "
