@@ -23,6 +23,7 @@ from urllib.parse import quote, urlencode
 import polars as pl
 
 from warehouse.errors import NotFound, QueryError
+from warehouse.result_bounds import unshowable_values
 
 from . import charts
 from .page_data import (
@@ -352,17 +353,23 @@ def sql_cell(value) -> str:
     return text
 
 
+def sql_rows(frame: pl.DataFrame) -> list[list[str]]:
+    """The first SQL_ROWS rows of a result as sql_cell texts; QueryError for a value Polars cannot convert."""
+    with unshowable_values():
+        return [[sql_cell(v) for v in row] for row in frame.head(SQL_ROWS).rows()]
+
+
 def sql_page(reader: Reader, links: Links, query: str = "", limits=None) -> tuple[str, int]:
     """(page, status): 400 with the one-line refusal when the SQL is refused or fails; `limits`
     (safesql.SqlLimits, its defaults when None) bound the query."""
-    frame, error, truncated = None, None, False
+    frame, error, truncated, rows = None, None, False, []
     if query.strip():
         try:
             result = reader.untrusted(query, limits)
             frame, truncated = result.frame, result.truncated
+            rows = sql_rows(frame)
         except QueryError as err:
-            error = " ".join(str(err).split())
-    rows = [[sql_cell(v) for v in row] for row in frame.head(SQL_ROWS).rows()] if frame is not None else []
+            frame, error = None, " ".join(str(err).split())
     page = _render(
         "sql.html",
         links,
@@ -379,11 +386,12 @@ def sql_page(reader: Reader, links: Links, query: str = "", limits=None) -> tupl
 
 
 def csv_text(frame: pl.DataFrame) -> str:
-    nested = [c for c, t in frame.schema.items() if t.is_nested()]
-    flat = frame.with_columns(
-        pl.Series(c, [json.dumps(v, default=str) for v in frame[c].to_list()], pl.String) for c in nested
-    )
-    return flat.write_csv()
+    with unshowable_values():
+        nested = [c for c, t in frame.schema.items() if t.is_nested()]
+        flat = frame.with_columns(
+            pl.Series(c, [json.dumps(v, default=str) for v in frame[c].to_list()], pl.String) for c in nested
+        )
+        return flat.write_csv()
 
 
 def missing_page(links: Links, message: str) -> str:

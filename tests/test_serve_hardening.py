@@ -10,6 +10,7 @@ repaired while the server runs are seen without a restart.
 
 from __future__ import annotations
 
+import html
 import re
 import shutil
 import signal
@@ -130,6 +131,46 @@ def test_host_header_names_are_parsed_with_ipv6(served, host, answered):
         sock.sendall(f"GET / HTTP/1.1\r\nHost: {host.format(port=port)}\r\nConnection: close\r\n\r\n".encode())
         head = sock.makefile("rb").readline().decode()
     assert head.split()[1] == ("200" if answered else "400"), host
+
+
+# -- hostile URLs: each answers one line, never a 500 -------------------------------------------
+
+_CAST = ": cast that column to VARCHAR in the query"
+HOSTILE = [
+    ("/g/mlp.act?layer=99999999999999999999999", 404, "has no layer 99999999999999999999999; its layers: 0, 1, 2, 3"),
+    ("/g/mlp.act?layer=1.5", 400, "layer must be an integer, not '1.5'"),
+    ("/g/mlp.act?layer=%00", 400, "layer must be an integer, not '\\x00'"),
+    ("/g/mlp.act?page=0", 404, "has pages 1..2; there is no page 0"),
+    ("/g/mlp.act?sort=neuron;DROP", 400, "sort by one of neuron, rate, mean"),
+    ("/g/mlp.act?order=asc%20--", 400, "sort by one of neuron, rate, mean"),
+    ("/g/mlp.act/1/-1", 404, "has units 0..127; there is no unit -1"),
+    ("/g/mlp.act/1/0x10", 400, "unit must be an integer, not '0x10'"),
+    ("/%00/mlp.act", 404, "no run '\\x00' in this warehouse; its runs: g"),
+    ("/g/%00", 404, "run 'g' has no site '\\x00'; its sites: mlp.act, mlp.up"),
+    ("/g/..%2F..%2F", 404, "no page at /g/../../: start from the home page /"),
+    ("/g/mlp.act/tokens?q=%00", 200, None),
+    ("/g/mlp.act/tokens?q=%E2%80%AE", 200, None),
+    ("/g/mlp.act/tokens?q=" + "a" * 20000, 200, None),
+    ("/sql?q=" + "(" * 3000, 400, "it is nested too deeply; flatten it (WITH ...)"),
+    ("/sql?q=SELECT%20now()%20-%20created_at%20FROM%20runs", 400, "a value of the result cannot be shown (could not import from `month_day_nano_interval` type)" + _CAST),
+    ("/sql?q=SELECT%20%27infinity%27::TIMESTAMP", 400, "a value of the result cannot be shown (`NaiveDateTime + TimeDelta` overflowed)" + _CAST),
+    ("/sql.csv?q=SELECT%20%27infinity%27::TIMESTAMP", 400, "a value of the result cannot be shown"),
+    ("/sql?q=SELECT%20%27%3C/script%3E%3Cscript%3Ealert(1)%3C/script%3E%27%20AS%20x", 200, "<td>&lt;/script&gt;&lt;script&gt;alert(1)&lt;/script&gt;</td>"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("path, status, shown", HOSTILE, ids=[h[0][:40] for h in HOSTILE])
+def test_hostile_urls_answer_in_one_line(served, path, status, shown):
+    if path.startswith("/sql"):
+        path += f"&token={TOKEN}"
+    answer, text, _ = fetch(served + path)
+    assert answer == status, text[:300]
+    if shown is not None and status != 200:
+        line = re.search(r'<p class="error">(.*?)</p>', text)
+        line = html.unescape(line.group(1)) if line else text.strip()
+        assert shown in line and "\n" not in line, line
+    elif shown is not None:
+        assert shown in text
 
 
 # -- bytes, not rows -------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ for (its memory limit bounds that); what is bounded is everything whq builds fro
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 import duckdb
@@ -57,4 +58,17 @@ def fetch_bounded(rel: duckdb.DuckDBPyRelation, max_rows: int, max_bytes: int) -
                 f"values (LIMIT, left(text, 200)), or raise --max-bytes"
             )
         batches.append(batch)
-    return pl.from_arrow(pa.Table.from_batches(batches, schema=reader.schema))
+    with unshowable_values():
+        return pl.from_arrow(pa.Table.from_batches(batches, schema=reader.schema))
+
+
+@contextlib.contextmanager
+def unshowable_values():
+    """A value Polars cannot convert (an INTERVAL, an infinite timestamp) as one QueryError line naming the fix."""
+    try:
+        yield
+    except (pl.exceptions.PolarsError, pl.exceptions.PanicException) as err:
+        first = str(err).strip().splitlines()[0].split(". Hint")[0] if str(err).strip() else type(err).__name__
+        raise QueryError(
+            f"a value of the result cannot be shown ({first[:120]}): cast that column to VARCHAR in the query"
+        ) from None
