@@ -46,7 +46,7 @@ from starlette.responses import HTMLResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from warehouse import catalog
-from warehouse.errors import BadInput, NotFound, QueryError, UnknownRun
+from warehouse.errors import BadInput, NotFound, QueryError, UnknownRun, WarehouseError
 
 from . import page_data, pages
 
@@ -180,8 +180,11 @@ class LiveReader:
         import warehouse
 
         with self._lock:
-            now = catalog.fingerprint(self._reader.wh.layout)
-            if now != self._fingerprint:
+            try:
+                now = catalog.fingerprint(self._reader.wh.layout)
+            except OSError:  # a manifest went away while it was listed: reopen, and look again next time
+                now = None
+            if now is None or now != self._fingerprint:
                 # a fresh Warehouse rebuilds the catalog and forgets the guarded connections of the old one
                 self._reader = page_data.Reader(warehouse.open(self.root))
                 self._fingerprint = now
@@ -268,6 +271,10 @@ def create_app(wh, allowed_hosts: list[str] | None = None, token: str | None = N
             status_code=404,
         )
 
+    def unavailable(request: Request, exc: WarehouseError) -> Response:
+        """The warehouse could not be read (reopened mid-repair, a damaged manifest): its one line, 503."""
+        return HTMLResponse(pages.missing_page(links_for(request), " ".join(str(exc).split())), status_code=503)
+
     routes = [
         Route("/", page(home)),
         Route("/sql", sql),
@@ -283,5 +290,5 @@ def create_app(wh, allowed_hosts: list[str] | None = None, token: str | None = N
         yield
         live.close()
 
-    app = Starlette(routes=routes, exception_handlers={404: missing}, lifespan=lifespan)
+    app = Starlette(routes=routes, exception_handlers={404: missing, WarehouseError: unavailable}, lifespan=lifespan)
     return Guard(app, allowed_hosts or list(LOOPBACK_NAMES), token)

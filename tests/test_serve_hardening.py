@@ -310,6 +310,8 @@ def test_runs_deleted_added_and_repaired_while_serving(golden_root, tmp_path, ti
         status, text, _ = fetch(url + "/new/mlp.act/1/2")
         assert status == 200 and "new / mlp.act / layer 1 / unit 2" in text  # no restart
         assert fetch(sql_url(url, "SELECT run_id FROM runs ORDER BY run_id", csv=True))[1] == "run_id\ng\nnew\n"
-        (root / "whq.duckdb").unlink()  # a damaged catalog, then `whq repair`
+        (root / "runs" / "new.json").write_text('{"run_id": "new", ')  # a torn manifest: one line, then `whq repair`
+        status, text, _ = fetch(url + "/g/mlp.act/1/3")
+        assert status == 503 and "whq repair" in html.unescape(re.search(r'<p class="error">(.*?)</p>', text).group(1))
         assert run_cli(capsys, monkeypatch, "repair", root)[0] == 0
-        assert fetch(url + "/g/mlp.act/1/3")[0] == 200 and fetch(url + "/new/mlp.act/1/2")[0] == 200
+        assert fetch(url + "/g/mlp.act/1/3")[0] == 200

@@ -97,7 +97,7 @@ def sql(
     read_only: bool = typer.Option(
         False,
         "--read-only",
-        help="Refuse anything but queries, bounded by --timeout and --memory-limit (for untrusted SQL).",
+        help="Refuse anything but queries, bounded by --timeout, --memory-limit and --max-bytes (for untrusted SQL).",
     ),
     engine: SqlEngineOption = SqlEngine.duckdb,
     timeout: float | None = typer.Option(
