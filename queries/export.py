@@ -173,7 +173,7 @@ def write_features(wh, run: str, site: str, out: str | Path, layers: list[int] |
         "SELECT layers, width FROM sites WHERE whq_known_site(?, ?) AND run_id = ? AND site = ?",
         [run, site, run, site],
     )
-    captured, width = site_rows[0]["layers"], site_rows[0]["width"]
+    captured, width = site_rows[0]["layers"], site_rows[0]["width"] or 0  # NULL: the run held no token
     layers = list(captured) if not layers else list(layers)
     missing = sorted(set(layers) - set(captured))
     if missing:

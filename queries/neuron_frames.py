@@ -133,7 +133,7 @@ def rate_histogram(wh, run: str, site: str, layer: int, bins: int = 50) -> pl.La
 
 def selectivity_histogram(wh, run: str, site: str, layer: int, bins: int = 50, log: bool = False) -> pl.LazyFrame:
     sel = _selectivity(_stats(wh, run, site, layer)).select(
-        pl.col("selectivity").log() if log else pl.col("selectivity")
+        pl.when(pl.col("selectivity") > 0).then(pl.col("selectivity").log()) if log else pl.col("selectivity")
     )
     span = sel.select(
         pl.col("selectivity").min().alias("s_lo"), pl.col("selectivity").max().alias("s_hi"), pl.len().alias("units")

@@ -11,7 +11,7 @@ Neuronpedia imports a source (one layer of one model's SAE or neuron set) from
 record carries exactly the fields of neuronpedia-utils' `db_models` dataclasses, because the
 importer hands each line to Prisma's `create`, which refuses unknown fields;
 tests/test_neuronpedia.py checks them against that published schema. Values come from the
-pages' reads (pages.unit_data): frac_nonzero and maxActApprox from unit_stats, pos/neg logits
+pages' reads (page_data.unit_data): frac_nonzero and maxActApprox from unit_stats, pos/neg logits
 from neuron_logits, the frequency histogram from unit_histograms, topkCosSim from similar_units
 (output directions), activations from whq_examples (top, random) and quantile_examples (with
 their bin as binMin/binMax, and binContains = the share of firing tokens up to the bin's top),
@@ -30,7 +30,7 @@ from pathlib import Path
 from warehouse import jsonio
 from warehouse.output import check_output_folder, output_folder
 
-from . import pages
+from . import page_data
 
 CREATOR_ID = "clkht01d40000jv08hvalcvly"  # neuronpedia-utils' DEFAULT_CREATOR_ID (the local instance's default user)
 BATCH = 4096
@@ -60,7 +60,7 @@ def _activation(run, site, layer, unit, kind, index, row, model, source, created
     values = [t["value"] if t["value"] is not None else 0.0 for t in row["tokens"]]
     return {
         "id": _id(run, site, layer, unit, kind, index),
-        "tokens": [pages.token_text(t) for t in row["tokens"]],
+        "tokens": [page_data.token_text(t) for t in row["tokens"]],
         "index": str(unit),
         "layer": source,
         "modelId": model,
@@ -81,7 +81,7 @@ def _activation(run, site, layer, unit, kind, index, row, model, source, created
         "binMin": bin_row["lo"] if bin_row else None,
         "binMax": bin_row["hi"] if bin_row else None,
         "binContains": bin_row["share_hi"] if bin_row else None,
-        "qualifyingTokenIndex": min(row["pos"], pages.BEFORE),
+        "qualifyingTokenIndex": min(row["pos"], page_data.BEFORE),
     }
 
 
@@ -140,9 +140,9 @@ def write_neuronpedia(
 ) -> dict:
     """Write one Neuronpedia source per layer; returns {source folder: units written}."""
     check_output_folder(out)
-    reader = pages.Reader(wh)
+    reader = page_data.Reader(wh)
     try:
-        info = pages.site_info(reader, run, site, layers)
+        info = page_data.site_info(reader, run, site, layers)
         meta = reader.rows(
             "SELECT model_id, n_layers, strftime(created_at, '%Y-%m-%dT%H:%M:%S.%f') AS created FROM runs WHERE run_id = ?",
             [run],
@@ -249,7 +249,7 @@ def write_neuronpedia(
                         "createdAt": created,
                     },
                 )
-                data = pages.unit_data(reader, info, run, site, layer)
+                data = page_data.unit_data(reader, info, run, site, layer)
                 fired = [unit for unit, d in data.items() if d["stats"]["n_fired"]]
                 for batch, start in enumerate(range(0, max(len(fired), 1), BATCH)):
                     chunk = fired[start : start + BATCH]

@@ -753,6 +753,38 @@ CASES = [
 ]
 
 
+# -- whq serve and the byte bound of untrusted results (kept apart from the rows above) --------------
+CASES += [
+    Case(
+        "serve --port above 65535",
+        ("serve", "{wh}", "--port", "70000"),
+        "--port 70000 must be a TCP port in 0..65535 (0 picks a free one)",
+    ),
+    Case(
+        "serve --host given as a URL",
+        ("serve", "{wh}", "--host", "http://127.0.0.1"),
+        "--host 'http://127.0.0.1' must be an address or a name of this machine, e.g. 127.0.0.1, ::1 or 0.0.0.0",
+    ),
+    Case(
+        "serve --max-bytes not a size",
+        ("serve", "{wh}", "--max-bytes", "lots"),
+        "--max-bytes 'lots' must be a size such as 64MB or 1GB",
+    ),
+    Case("serve --timeout 0", ("serve", "{wh}", "--timeout", "0"), "--timeout 0 must be a positive number of seconds"),
+    Case(
+        "sql --max-bytes without --read-only",
+        ("sql", "{wh}", "--max-bytes", "1MB", "SELECT 1"),
+        "--max-bytes bounds untrusted SQL: add --read-only",
+    ),
+    Case(
+        "sql --read-only result over --max-bytes",
+        ("sql", "{wh}", "--read-only", "--max-bytes", "1KB", "SELECT repeat('x', 2000)"),
+        "the result holds more than 1,000 bytes (stopped fetching): select fewer or shorter values "
+        "(LIMIT, left(text, 200)), or raise --max-bytes",
+    ),
+]
+
+
 def _parquet_bytes(table: pa.Table, **options) -> bytes:
     sink = io.BytesIO()
     pq.write_table(table, sink, **options)

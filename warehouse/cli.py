@@ -95,7 +95,7 @@ def sql(
     read_only: bool = typer.Option(
         False,
         "--read-only",
-        help="Refuse anything but queries, bounded by --timeout and --memory-limit (for untrusted SQL).",
+        help="Refuse anything but queries, bounded by --timeout, --memory-limit and --max-bytes (for untrusted SQL).",
     ),
     engine: SqlEngineOption = SqlEngine.duckdb,
     timeout: float | None = typer.Option(
@@ -108,6 +108,9 @@ def sql(
     ),
     max_rows: int = typer.Option(
         10_000, "--max-rows", min=1, help="Print at most this many rows; a line on stderr says when more were cut."
+    ),
+    max_bytes: str | None = typer.Option(
+        None, "--max-bytes", help="With --read-only: refuse a result holding more than this, e.g. 1GB (default 256MB)."
     ),
     allow_writes: bool = typer.Option(
         False,
@@ -125,6 +128,8 @@ def sql(
 
     if not read_only and (timeout is not None or memory_limit is not None):
         _fail("--timeout and --memory-limit bound untrusted SQL: add --read-only")
+    if not read_only and max_bytes is not None:
+        _fail("--max-bytes bounds untrusted SQL: add --read-only")
     if read_only and allow_writes:
         _fail("--allow-writes contradicts --read-only: drop one of them")
     wh = warehouse.open(root)
@@ -137,7 +142,11 @@ def sql(
         return
     if read_only:
         limits = SqlLimits(
-            **{k: v for k, v in (("timeout_s", timeout), ("memory_limit", memory_limit)) if v is not None},
+            **{
+                k: v
+                for k, v in (("timeout_s", timeout), ("memory_limit", memory_limit), ("max_bytes", max_bytes))
+                if v is not None
+            },
             max_rows=max_rows,
         )
         result = run_read_only(wh, query, limits)
@@ -406,31 +415,41 @@ def report(
 @app.command()
 def serve(
     root: WarehouseArg,
-    host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on (0.0.0.0: every interface)."),
-    port: int = typer.Option(8050, "--port", help="TCP port."),
+    host: str = typer.Option(
+        "127.0.0.1", "--host", help="Interface to listen on (::1 for IPv6, 0.0.0.0: every interface)."
+    ),
+    port: int = typer.Option(8050, "--port", help="TCP port (0: any free port; the URL printed names it)."),
+    timeout: float | None = typer.Option(
+        None, "--timeout", help="The SQL box: stop a query after this many seconds (default 30)."
+    ),
+    memory_limit: str | None = typer.Option(
+        None,
+        "--memory-limit",
+        help="The SQL box: DuckDB's memory limit, e.g. 2GB (default: a quarter of this machine's memory).",
+    ),
+    max_bytes: str | None = typer.Option(
+        None, "--max-bytes", help="The SQL box: refuse a result holding more than this, e.g. 1GB (default 256MB)."
+    ),
 ):
     """Browse the warehouse's runs, sites and units in a web browser (Ctrl-C stops the server).
 
-    Example: whq serve wh --port 8050
+    The SQL box answers only with the token of the URL printed. Example: whq serve wh --port 8050
     """
-    import os
-    import socket
-
     import uvicorn
 
     import warehouse
-    from queries.server import create_app
+    from queries.server import allowed_hosts, create_app, listen, new_token, url_of
 
+    from .safesql import SqlLimits
+
+    options = (("timeout_s", timeout), ("memory_limit", memory_limit), ("max_bytes", max_bytes))
+    limits = SqlLimits(**{k: v for k, v in options if v is not None})
     wh = warehouse.open(root)
-    try:  # bound here, so a taken port is one line naming the fix, not uvicorn's log and exit
-        sock = socket.create_server((host, port))
-    except OSError as err:
-        _fail(
-            f"cannot listen on {host}:{port}: {os.strerror(err.errno) if err.errno else err}; pick another port with --port"
-        )
-    hosts = ["*"] if host in ("0.0.0.0", "::") else ["127.0.0.1", "localhost", "::1", host]
-    server = uvicorn.Server(uvicorn.Config(create_app(wh, allowed_hosts=hosts), log_level="warning"))
-    typer.echo(f"serving {wh.root} at http://{host}:{port}/ (Ctrl-C stops)")
+    sock = listen(host, port)  # bound here, so a taken port is one line naming the fix, not uvicorn's log and exit
+    token = new_token()
+    app = create_app(wh, allowed_hosts=allowed_hosts(sock, host), token=token, limits=limits)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    typer.echo(f"serving {wh.root} at {url_of(sock, token)} (Ctrl-C stops)")
     server.run(sockets=[sock])
 
 

@@ -57,7 +57,7 @@ def site(
     Example: whq export site wh --run demo --site mlp.act --out site-demo --layers 3
     """
     import warehouse
-    from queries.pages import write_site
+    from queries.site_export import write_site
 
     with output_folder(out, "whq export site"):
         written = write_site(warehouse.open(root), run, site_name, out, layers)

@@ -75,17 +75,22 @@ def _display_type(duck_type) -> str | None:
     return "VARCHAR"
 
 
+def displayable(rel: duckdb.DuckDBPyRelation) -> duckdb.DuckDBPyRelation:
+    """`rel` with every column Polars cannot import or show cast to DuckDB's own text (see the module docstring)."""
+    casts = [_display_type(t) for t in rel.types]
+    if not any(casts):
+        return rel
+    return rel.project(
+        ", ".join(
+            f"{'#' + str(i) if cast is None else f'CAST(#{i} AS {cast})'} AS {_quoted(name)}"
+            for i, (name, cast) in enumerate(zip(rel.columns, casts), start=1)
+        )
+    )
+
+
 def result_frame(rel: duckdb.DuckDBPyRelation) -> pl.DataFrame:
     """The rows of `rel` as a Polars frame every format shows (see the module docstring)."""
-    casts = [_display_type(t) for t in rel.types]
-    if any(casts):
-        rel = rel.project(
-            ", ".join(
-                f"{'#' + str(i) if cast is None else f'CAST(#{i} AS {cast})'} AS {_quoted(name)}"
-                for i, (name, cast) in enumerate(zip(rel.columns, casts), start=1)
-            )
-        )
-    return rel.pl()
+    return displayable(rel).pl()
 
 
 def _safe_value(value):

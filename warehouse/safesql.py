@@ -30,7 +30,7 @@ import sqlglot
 from sqlglot import exp
 from sqlglot.tokens import TokenType
 
-from .display import result_frame
+from .display import displayable
 from .errors import QueryError, sql_error
 from .output import enclosing_warehouse, refusal
 
@@ -264,6 +264,8 @@ class SqlLimits:
     """DuckDB's memory_limit for the guarded instance, e.g. '2GB' (--memory-limit); spilling to disk is off."""
     max_rows: int = 10_000
     """Rows fetched at most; a result with more is cut and marked truncated (--max-rows)."""
+    max_bytes: str = "256MB"
+    """Bytes the fetched rows may hold, e.g. '1GB' (--max-bytes); a result with more is refused (result_bounds)."""
 
     def __post_init__(self):
         if (
@@ -282,6 +284,9 @@ class SqlLimits:
             raise QueryError(f"--memory-limit {self.memory_limit!r} must be a size such as 512MB or 4GB")
         if isinstance(self.max_rows, bool) or not isinstance(self.max_rows, int) or self.max_rows < 1:
             raise QueryError(f"--max-rows {self.max_rows!r} must be a whole number of at least 1")
+        from .result_bounds import size_bytes
+
+        size_bytes(self.max_bytes)
 
 
 @dataclass(frozen=True)
@@ -320,6 +325,8 @@ def run_read_only(wh: GuardedCatalog, query: str, limits: SqlLimits | None = Non
     Each call runs on its own cursor of the guarded connection, so the timeout interrupts
     this query only.
     """
+    from .result_bounds import fetch_bounded, size_bytes
+
     limits = limits or SqlLimits()
     cursor = wh.guarded_connection(limits.memory_limit).cursor()
     try:
@@ -327,7 +334,11 @@ def run_read_only(wh: GuardedCatalog, query: str, limits: SqlLimits | None = Non
         check_read_only(query, wh.name_resolving_macros())
         with _interrupted_after(cursor, limits.timeout_s):
             rel = cursor.sql(query, params=params)
-            frame = result_frame(rel.limit(limits.max_rows + 1)) if rel is not None else None
+            frame = (
+                fetch_bounded(displayable(rel), limits.max_rows, size_bytes(limits.max_bytes))
+                if rel is not None
+                else None
+            )
     except duckdb.InterruptException:
         raise QueryError(
             f"the query ran past the {limits.timeout_s:g} s timeout and was stopped: "
