@@ -1,0 +1,510 @@
+"""whq explain and whq score: plan every model call first, then send them, then commit the rows.
+
+Planning first gives --dry-run its exact figures (units, calls, prompt tokens) before anything is
+sent, and a batch id (the hash of the recipe and units) that names the batch's journal, so the
+same command with --resume finds its cached calls.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import random
+from itertools import cycle
+from typing import Callable
+
+import pyarrow as pa
+
+from warehouse import schema
+from warehouse.errors import BadInput
+from warehouse.parts import to_arrow
+
+from . import examples as ex
+from . import metrics, prompts
+from .llm import NO_MODEL, TOP_LOGPROBS, Answer, Caller, Request, messages
+
+EXPLAINERS = ("delphi", "contrastive", "top-tokens")
+SCORERS = ("detection", "fuzz", "simulation", "embedding", "intruder")
+HEADLINE = {
+    "detection": "balanced_accuracy",
+    "fuzz": "balanced_accuracy",
+    "simulation": "ev_correlation",
+    "embedding": "auc",
+    "intruder": "accuracy",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """Settings of an explanation or score, stored with it (delphi's defaults where it has them)."""
+
+    n_explain: int = 20
+    n_test: int = 20
+    n_non_activating: int = 20
+    non_activating: tuple[str, ...] = ("non-firing", "neighbours")
+    normalise: str = "ceil"
+    seed: int = 22
+    examples_per_prompt: int = 5
+    explain_tokens: int = 200
+    answer_tokens: int = 50
+
+    def __post_init__(self):
+        if self.normalise not in prompts.NORMALISATIONS:
+            raise BadInput(f"--normalise {self.normalise!r}: use ceil (delphi) or floor (OpenAI)")
+        if min(self.n_explain, self.n_test, self.examples_per_prompt) < 1 or self.n_non_activating < 0:
+            raise BadInput("example counts must be positive (--n-non-activating may be 0)")
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self) | {"non_activating": list(self.non_activating)}
+
+
+def _hash(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclasses.dataclass
+class Plan:
+    """Every call a command will make, and how to turn the answers into rows."""
+
+    batch: str
+    units: int
+    requests: list[Request]
+    finish: Callable[[list[Answer]], list[tuple]]
+    redone: set[tuple]  # (explanation_id, scorer or None): the rows this plan writes anew
+
+    def prompt_tokens(self, count: Callable[[str], int]) -> int:
+        return sum(count(r.text()) for r in self.requests)
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+def _table(name: str, rows: list[dict]):
+    """Rows as an Arrow table of `name`'s stored schema (list columns built as Arrow lists, NULLs kept)."""
+    if not rows:
+        return None
+    columns = {}
+    for field in schema.table(name).arrow_schema():
+        values = [r[field.name] for r in rows]
+        columns[field.name] = pa.array(values, type=field.type) if pa.types.is_list(field.type) else values
+    return to_arrow(name, columns, None)
+
+
+def _example_row(exp_id, neuron, scorer, role, w: ex.Window, **verdict) -> dict:
+    row = dict(
+        neuron=neuron,
+        explanation_id=exp_id,
+        scorer=scorer,
+        role=role,
+        source=w.source,
+        doc=w.doc,
+        pos=w.pos,
+        quantile=w.quantile,
+        truth=w.activating,
+        value=w.value,
+        prediction=None,
+        probability=None,
+        correct=None,
+        parsed=None,
+        request_hash=None,
+        true_values=None,
+        predicted_values=None,
+    )
+    row.update(verdict)
+    return row
+
+
+def _by_layer(rows: list[tuple[int, dict]], table: str) -> list[tuple]:
+    layers = sorted({layer for layer, _ in rows})
+    return [(table, layer, _table(table, [r for lay, r in rows if lay == layer])) for layer in layers]
+
+
+# -- explain ------------------------------------------------------------------------------
+def plan_explain(wh, run, site, units, *, explainer: str, model: str, recipe: Recipe) -> Plan:
+    if explainer not in EXPLAINERS:
+        raise BadInput(f"--explainer {explainer!r}: use one of {', '.join(EXPLAINERS)}")
+    if (explainer == NO_MODEL) != (model == NO_MODEL):
+        raise BadInput("--explainer top-tokens needs no model (--llm top-tokens), and the others need one")
+    settings = recipe.to_json()
+    wh.sql("SET enable_progress_bar = false")  # the command draws its own progress
+    stored = {
+        layer: ex.stored_examples(wh, run, site, layer, [n for lay, n in units if lay == layer])
+        for layer in sorted({lay for lay, _ in units})
+    }
+    jobs, requests = [], []
+    for layer, neuron in units:
+        shown, _ = ex.split(stored[layer].get(neuron, []), recipe.n_explain, recipe.n_test, recipe.seed)
+        if not shown:
+            continue
+        negatives = []
+        if explainer == "contrastive":
+            negatives = ex.non_activating(
+                wh, run, site, layer, neuron, recipe.n_non_activating, recipe.seed, list(recipe.non_activating)
+            )
+        exp_id = _hash(run, site, layer, neuron, explainer, model, settings)[:16]
+        request = None
+        if explainer != NO_MODEL:
+            top = max(w.max_activation for w in shown)
+            if explainer == "delphi":
+                msgs = prompts.delphi_default(shown, top, recipe.normalise)
+            else:
+                msgs = prompts.delphi_contrastive(shown, negatives, top, recipe.normalise)
+            request = Request(model, messages(msgs), max_tokens=recipe.explain_tokens, seed=recipe.seed)
+            requests.append(request)
+        jobs.append((layer, neuron, exp_id, shown, negatives, request))
+
+    def finish(answers: list[Answer]) -> list[tuple]:
+        from .embed import embed
+
+        by_key = dict(zip((r.key for r in requests), answers))
+        texts, rows_e, rows_x = [], [], []
+        for layer, neuron, exp_id, shown, negatives, request in jobs:
+            text = prompts.top_tokens(shown) if request is None else prompts.parse_explanation(by_key[request.key].text)
+            texts.append(text)
+            rows_e.append(
+                (
+                    layer,
+                    dict(
+                        neuron=neuron,
+                        explanation_id=exp_id,
+                        explainer=explainer,
+                        model=model,
+                        text=text,
+                        parsed=text is not None,
+                        settings=json.dumps(settings),
+                        prompt_hash=None if request is None else request.key,
+                        embedding=None,
+                        created_at=_now(),
+                    ),
+                )
+            )
+            rows_x += [(layer, _example_row(exp_id, neuron, None, "explain", w)) for w in shown]
+            rows_x += [(layer, _example_row(exp_id, neuron, None, "non-activating", w)) for w in negatives]
+        parsed = [i for i, t in enumerate(texts) if t is not None]
+        for i, vector in zip(parsed, embed([texts[i] for i in parsed])):
+            rows_e[i][1]["embedding"] = vector
+        return [(t, site, layer, data) for t, layer, data in _by_layer(rows_e, "explanations")] + [
+            (t, site, layer, data) for t, layer, data in _by_layer(rows_x, "explanation_examples")
+        ]
+
+    batch = _hash("explain", run, site, explainer, model, settings)[:12]
+    return Plan(batch, len(jobs), requests, finish, {(j[2], None) for j in jobs})
+
+
+# -- score --------------------------------------------------------------------------------
+def _explanations(wh, run, site, layers, explainer):
+    return wh.sql(
+        "SELECT layer, neuron, explanation_id, text, settings, explainer FROM explanations "
+        "WHERE run_id = $run AND site = $site AND list_contains($layers, layer) AND parsed "
+        "AND ($explainer IS NULL OR explainer = $explainer) ORDER BY layer, neuron, explanation_id",
+        {"run": run, "site": site, "layers": layers, "explainer": explainer},
+    ).fetchall()
+
+
+def _shown_keys(wh, run, site) -> dict[str, set]:
+    keys: dict[str, set] = {}
+    for exp_id, doc, pos in wh.sql(
+        "SELECT explanation_id, doc, pos FROM explanation_examples WHERE run_id = $run AND site = $site "
+        "AND scorer IS NULL AND role = 'explain'",
+        {"run": run, "site": site},
+    ).fetchall():
+        keys.setdefault(exp_id, set()).add((doc, pos))
+    return keys
+
+
+def test_examples(windows: list[ex.Window], shown: set, settings: dict) -> list[ex.Window]:
+    """The explanation's test examples: its recipe's split, never a (doc, pos) it was shown."""
+    _, test = ex.split(windows, settings["n_explain"], settings["n_test"], settings["seed"])
+    return [w for w in test if w.key not in shown]
+
+
+class _Scoring:
+    """One explanation's test material and the rows its scorers produce."""
+
+    def __init__(self, layer, neuron, exp_id, text, test, negatives, recipe, model):
+        self.layer, self.neuron, self.exp_id, self.text = layer, neuron, exp_id, text
+        self.test, self.negatives, self.recipe, self.model = test, negatives, recipe, model
+        self.requests: list[Request] = []
+
+    def _request(self, msgs, **kw) -> Request:
+        request = Request(self.model, messages(msgs), seed=self.recipe.seed, **kw)
+        self.requests.append(request)
+        return request
+
+    # classifier scorers: one prompt per batch of examples_per_prompt shuffled samples
+    def plan_classifier(self, scorer: str):
+        if scorer == "detection":
+            samples = [(w, w.text) for w in self.negatives] + [(w, w.text) for w in self.test]
+        else:
+            wrong = prompts.n_incorrect(self.test)
+            samples = [(w, prompts.fuzz_text(w, wrong)) for w in self.negatives]
+            samples += [(w, prompts.fuzz_text(w, 0)) for w in self.test]
+        random.Random(42).shuffle(samples)  # delphi Classifier: rng = random.Random(42)
+        size = self.recipe.examples_per_prompt
+        batches = [samples[i : i + size] for i in range(0, len(samples), size)]
+        planned = [
+            (
+                batch,
+                self._request(
+                    prompts.classifier_prompt(scorer, self.text, [t for _, t in batch]),
+                    max_tokens=self.recipe.answer_tokens,
+                    logprobs=True,
+                    top_logprobs=TOP_LOGPROBS,
+                ),
+            )
+            for batch in batches
+        ]
+
+        def finish(answers):
+            rows = []
+            for batch, request in planned:
+                answer = answers[request.key]
+                parsed = prompts.parse_binary(answer.text, len(batch), answer.tokens)
+                for i, (w, _) in enumerate(batch):
+                    role = "test" if w.activating else "non-activating"
+                    if parsed is None:
+                        rows.append(_example_row(self.exp_id, self.neuron, scorer, role, w, parsed=False,
+                                                 request_hash=request.key))
+                        continue
+                    pred, prob = parsed[0][i], parsed[1][i]
+                    rows.append(
+                        _example_row(self.exp_id, self.neuron, scorer, role, w, prediction=float(pred),
+                                     probability=prob, correct=bool(pred) == w.activating, parsed=True,
+                                     request_hash=request.key)
+                    )
+            truth = [r["truth"] for r in rows]
+            conf = metrics.confusion(truth, [r["prediction"] for r in rows])
+            values = metrics.classification(conf)
+            values["auc"] = metrics.roc_auc(truth, [r["probability"] for r in rows])
+            return rows, values, conf["total"], sum(1 for r in rows if not r["parsed"])
+
+        return finish
+
+    def plan_intruder(self):
+        groups: dict = {}
+        for w in self.test:
+            groups.setdefault(w.quantile if w.quantile is not None else w.source, []).append(w)
+        rng = random.Random(42)
+        trials = []
+        if groups:
+            for (_, group), intruder in zip(cycle(groups.items()), self.negatives):
+                shown = rng.sample(group, min(self.recipe.examples_per_prompt - 1, len(group)))
+                texts = [prompts.fuzz_text(w, 0) for w in shown]
+                active_tokens = sum(sum(1 for v in w.values if v > 0) for w in shown)
+                wrong = 0 if intruder.max_activation > 0 else active_tokens // len(shown)
+                at = rng.randint(0, len(shown))
+                texts = texts[:at] + [prompts.fuzz_text(intruder, wrong)] + texts[at:]
+                windows = shown[:at] + [intruder] + shown[at:]
+                request = self._request(prompts.intruder_prompt(texts), max_tokens=self.recipe.answer_tokens)
+                trials.append((windows, at, request))
+
+        def finish(answers):
+            rows, correct, failed = [], 0, 0
+            for windows, at, request in trials:
+                picked = prompts.parse_intruder(answers[request.key].text, len(windows))
+                failed += picked is None
+                correct += picked == at
+                for i, w in enumerate(windows):
+                    role = "non-activating" if i == at else "test"
+                    rows.append(
+                        _example_row(self.exp_id, self.neuron, "intruder", role, w, parsed=picked is not None,
+                                     prediction=None if picked is None else float(picked == i),
+                                     correct=(picked == at) if i == at else None, request_hash=request.key)
+                    )
+            accuracy = correct / len(trials) if trials else None  # delphi: an unparsed trial is a wrong one
+            return rows, {"accuracy": accuracy}, len(trials) - failed, failed
+
+        return finish
+
+    def plan_simulation(self):
+        planned = []
+        for w in self.negatives + self.test:
+            msgs, forced = prompts.simulation_request(self.text, w)
+            request = self._request(msgs, max_tokens=0, logprobs=True, forced=forced, marker=prompts.MARK)
+            planned.append((w, request))
+
+        def finish(answers):
+            rows, groups, all_true, all_pred, failed = [], {}, [], [], 0
+            for w, request in planned:
+                marks = answers[request.key].marks or []
+                role = "test" if w.activating else "non-activating"
+                if len(marks) != len(w.tokens):
+                    failed += 1
+                    rows.append(_example_row(self.exp_id, self.neuron, "simulation", role, w, parsed=False,
+                                             request_hash=request.key))
+                    continue
+                predicted = [prompts.expected_value(d) for d in marks]
+                true = list(w.values) if w.activating else [0.0] * len(w.tokens)
+                at = next((i for i, t in enumerate(true) if t == max(true)), 0)
+                rows.append(
+                    _example_row(self.exp_id, self.neuron, "simulation", role, w, parsed=True,
+                                 prediction=predicted[at] if predicted else None, request_hash=request.key,
+                                 true_values=true, predicted_values=predicted)
+                )
+                all_true += true
+                all_pred += predicted
+                if w.activating:
+                    key = f"q{w.quantile}" if w.quantile is not None else w.source
+                    groups.setdefault(key, ([], []))
+                    groups[key][0].extend(true)
+                    groups[key][1].extend(predicted)
+            values = {"ev_correlation": _finite(metrics.correlation(all_true, all_pred))}
+            for key, (true, pred) in sorted(groups.items()):
+                values[f"ev_correlation_{key}"] = _finite(metrics.correlation(true, pred))
+            return rows, values, len(planned) - failed, failed
+
+        return finish
+
+    def embedding(self):
+        from .embed import QUERY_PREFIX, cosine, embed
+
+        windows = self.negatives + self.test
+        vectors = embed([QUERY_PREFIX + self.text] + [w.text for w in windows])
+        rows = []
+        for w, vector in zip(windows, vectors[1:]):
+            role = "test" if w.activating else "non-activating"
+            rows.append(_example_row(self.exp_id, self.neuron, "embedding", role, w, parsed=True,
+                                     prediction=cosine(vectors[0], vector)))
+        auc = metrics.roc_auc([r["truth"] for r in rows], [r["prediction"] for r in rows])
+        return rows, {"auc": auc}, len(rows), 0
+
+
+def _finite(value: float) -> float | None:
+    return None if value != value else value
+
+
+def plan_score(wh, run, site, layers, *, scorers: list[str], model: str, recipe: Recipe, explainer=None) -> Plan:
+    unknown = [s for s in scorers if s not in SCORERS]
+    if unknown or not scorers:
+        raise BadInput(f"--scorer {','.join(scorers)!r}: use some of {', '.join(SCORERS)}")
+    if model == NO_MODEL and set(scorers) - {"embedding"}:
+        raise BadInput("scorers other than embedding need a model: give --llm openai:URL:MODEL or --llm hf:PATH")
+    wh.sql("SET enable_progress_bar = false")  # the command draws its own progress
+    found = _explanations(wh, run, site, layers, explainer)
+    if not found:
+        raise BadInput(
+            f"no parsed explanations for site {site!r} of run {run!r} at layers {layers}: run `whq explain` first"
+        )
+    shown = _shown_keys(wh, run, site)
+    stored = {
+        layer: ex.stored_examples(wh, run, site, layer, [r[1] for r in found if r[0] == layer])
+        for layer in sorted({r[0] for r in found})
+    }
+    settings = recipe.to_json()
+    work, requests = [], []
+    for layer, neuron, exp_id, text, exp_settings, _ in found:
+        exp_settings = json.loads(exp_settings)
+        test = test_examples(stored[layer].get(neuron, []), shown.get(exp_id, set()), exp_settings)
+        negatives = ex.non_activating(
+            wh, run, site, layer, neuron, recipe.n_non_activating, recipe.seed, list(recipe.non_activating)
+        )
+        unit = _Scoring(layer, neuron, exp_id, text, test, negatives, recipe, model)
+        finishers = {}
+        for scorer in scorers:
+            if scorer in ("detection", "fuzz"):
+                finishers[scorer] = unit.plan_classifier(scorer)
+            elif scorer == "intruder":
+                finishers[scorer] = unit.plan_intruder()
+            elif scorer == "simulation":
+                finishers[scorer] = unit.plan_simulation()
+        requests += unit.requests
+        work.append((unit, finishers))
+
+    def finish(answers: list[Answer]) -> list[tuple]:
+        by_key = dict(zip((r.key for r in requests), answers))
+        rows_x, rows_s = [], []
+        for unit, finishers in work:
+            for scorer in scorers:
+                if scorer == "embedding":
+                    rows, values, n, failed = unit.embedding()
+                else:
+                    rows, values, n, failed = finishers[scorer](by_key)
+                rows_x += [(unit.layer, r) for r in rows]
+                for metric, value in values.items():
+                    rows_s.append(
+                        (
+                            unit.layer,
+                            dict(
+                                neuron=unit.neuron,
+                                explanation_id=unit.exp_id,
+                                scorer=scorer,
+                                model="minilm" if scorer == "embedding" else model,
+                                metric=metric,
+                                value=None if value is None else float(value),
+                                n_examples=n,
+                                n_unparsable=failed,
+                                settings=json.dumps(settings),
+                                created_at=_now(),
+                            ),
+                        )
+                    )
+        return [(t, site, layer, data) for t, layer, data in _by_layer(rows_s, "scores")] + [
+            (t, site, layer, data) for t, layer, data in _by_layer(rows_x, "explanation_examples")
+        ]
+
+    batch = _hash("score", run, site, model, settings)[:12]
+    return Plan(batch, len(work), requests, finish, {(w[0].exp_id, s) for w in work for s in scorers})
+
+
+def execute(plan: Plan, caller: Caller | None) -> list[tuple]:
+    """Send the plan's calls (distinct requests once each) and build its rows."""
+    unique = list({r.key: r for r in plan.requests}.values())
+    answers = caller.map(unique) if unique else []
+    by_key = dict(zip((r.key for r in unique), answers))
+    return plan.finish([by_key[r.key] for r in plan.requests])
+
+
+@dataclasses.dataclass
+class Outcome:
+    units: int
+    requests: int
+    counters: object
+    parts: int
+    seconds: float
+
+
+def run_plan(
+    wh,
+    run: str,
+    plan: Plan,
+    *,
+    llm: str,
+    api_key_env: str = "OPENAI_API_KEY",
+    timeout: float = 60.0,
+    concurrency: int = 4,
+    retries: int = 5,
+    backoff_s: float = 0.5,
+    max_calls: int | None = None,
+    resume: bool = False,
+    device: str = "cpu",
+    on_call=None,
+    backend=None,
+) -> Outcome:
+    """Send the plan's calls through the cache and commit its rows into `run` in one step."""
+    import time
+
+    from . import store
+    from .llm import open_backend
+
+    started = time.perf_counter()
+    cache = store.CallCache(wh, run, plan.batch, resume=resume)
+    try:
+        needed = [r for r in {r.key: r for r in plan.requests}.values() if cache.get(r.key) is None]
+        if backend is None and needed:
+            backend = open_backend(llm, api_key_env=api_key_env, timeout=timeout, device=device)
+        caller = Caller(
+            backend, cache, concurrency=concurrency, retries=retries, backoff_s=backoff_s, max_calls=max_calls,
+            on_call=on_call,
+        )
+        parts = execute(plan, caller)
+        written = store.commit(wh, run, plan.batch, [*parts, ("model_calls", None, None, cache.calls_table())],
+                               plan.redone)
+    except BaseException:
+        # A run that paid for no call leaves nothing to resume (as RunWriter.discard).
+        cache.discard() if not cache.new else cache.close()
+        raise
+    cache.discard()
+    return Outcome(plan.units, len(plan.requests), caller.counters, written, time.perf_counter() - started)
