@@ -435,6 +435,7 @@ CREATE TABLE explanation_examples (
     neuron INTEGER,
     explanation_id VARCHAR,
     scorer VARCHAR,
+    model VARCHAR,
     role VARCHAR,
     source VARCHAR,
     doc INTEGER,
@@ -454,6 +455,7 @@ COMMENT ON TABLE explanation_examples IS 'Every example an explanation was writt
 COMMENT ON COLUMN explanation_examples.neuron IS 'Unit index at the site.';
 COMMENT ON COLUMN explanation_examples.explanation_id IS 'The explanation (explanations.explanation_id).';
 COMMENT ON COLUMN explanation_examples.scorer IS 'NULL for the explainer''s own examples; else detection, fuzz, simulation, embedding or intruder.';
+COMMENT ON COLUMN explanation_examples.model IS 'The model that judged (as scores.model); NULL for the explainer''s examples.';
 COMMENT ON COLUMN explanation_examples.role IS 'explain (shown to the explainer), test (an activating held-out example) or non-activating.';
 COMMENT ON COLUMN explanation_examples.source IS 'Where the window came from: top, quantile, random (the unit''s stored examples), non-firing or neighbours (non-activating; a trailing ~ marks a top-k capture where the unit may fire unstored).';
 COMMENT ON COLUMN explanation_examples.doc IS 'Document of the example (documents.doc).';

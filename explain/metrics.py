@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 
+CLASSIFICATION = ("balanced_accuracy", "precision", "recall", "f1")
+
 
 def confusion(truth: list[bool], predictions: list[float | None]) -> dict:
     pairs = [(bool(t), p) for t, p in zip(truth, predictions) if p is not None]

@@ -98,6 +98,7 @@ def _example_row(exp_id, neuron, scorer, role, w: ex.Window, **verdict) -> dict:
         neuron=neuron,
         explanation_id=exp_id,
         scorer=scorer,
+        model=None,
         role=role,
         source=w.source,
         doc=w.doc,
@@ -277,7 +278,7 @@ class _Scoring:
                     )
             truth = [r["truth"] for r in rows]
             conf = metrics.confusion(truth, [r["prediction"] for r in rows])
-            values = metrics.classification(conf)
+            values = metrics.classification(conf) if conf["total"] else dict.fromkeys(metrics.CLASSIFICATION)
             values["auc"] = metrics.roc_auc(truth, [r["probability"] for r in rows])
             return rows, values, conf["total"], sum(1 for r in rows if not r["parsed"])
 
@@ -422,7 +423,8 @@ def plan_score(wh, run, site, layers, *, scorers: list[str], model: str, recipe:
                     rows, values, n, failed = unit.embedding()
                 else:
                     rows, values, n, failed = finishers[scorer](by_key)
-                rows_x += [(unit.layer, r) for r in rows]
+                judge = "minilm" if scorer == "embedding" else model
+                rows_x += [(unit.layer, r | {"model": judge}) for r in rows]
                 for metric, value in values.items():
                     rows_s.append(
                         (
@@ -431,7 +433,7 @@ def plan_score(wh, run, site, layers, *, scorers: list[str], model: str, recipe:
                                 neuron=unit.neuron,
                                 explanation_id=unit.exp_id,
                                 scorer=scorer,
-                                model="minilm" if scorer == "embedding" else model,
+                                model=judge,
                                 metric=metric,
                                 value=None if value is None else float(value),
                                 n_examples=n,
