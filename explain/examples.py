@@ -221,8 +221,16 @@ def non_firing(wh, run: str, site: str, layer: int, neuron: int, n: int, seed: i
             SELECT 1 FROM fired f WHERE f.doc = t.doc AND f.pos BETWEEN t.pos - $before AND t.pos + $after)
         ORDER BY hash($seed, t.doc, t.pos), t.doc, t.pos LIMIT $n
         """,
-        {"run": run, "site": site, "layer": layer, "neuron": neuron, "seed": seed, "n": n, "before": BEFORE,
-         "after": AFTER},
+        {
+            "run": run,
+            "site": site,
+            "layer": layer,
+            "neuron": neuron,
+            "seed": seed,
+            "n": n,
+            "before": BEFORE,
+            "after": AFTER,
+        },
     ).fetchall()
     source = "non-firing" if exact else "non-firing~"
     return [Window(d, p, toks, [0.0] * len(toks), source, False) for d, p, toks in _token_windows(wh, run, centres)]

@@ -267,14 +267,26 @@ class _Scoring:
                 for i, (w, _) in enumerate(batch):
                     role = "test" if w.activating else "non-activating"
                     if parsed is None:
-                        rows.append(_example_row(self.exp_id, self.neuron, scorer, role, w, parsed=False,
-                                                 request_hash=request.key))
+                        rows.append(
+                            _example_row(
+                                self.exp_id, self.neuron, scorer, role, w, parsed=False, request_hash=request.key
+                            )
+                        )
                         continue
                     pred, prob = parsed[0][i], parsed[1][i]
                     rows.append(
-                        _example_row(self.exp_id, self.neuron, scorer, role, w, prediction=float(pred),
-                                     probability=prob, correct=bool(pred) == w.activating, parsed=True,
-                                     request_hash=request.key)
+                        _example_row(
+                            self.exp_id,
+                            self.neuron,
+                            scorer,
+                            role,
+                            w,
+                            prediction=float(pred),
+                            probability=prob,
+                            correct=bool(pred) == w.activating,
+                            parsed=True,
+                            request_hash=request.key,
+                        )
                     )
             truth = [r["truth"] for r in rows]
             conf = metrics.confusion(truth, [r["prediction"] for r in rows])
@@ -311,9 +323,17 @@ class _Scoring:
                 for i, w in enumerate(windows):
                     role = "non-activating" if i == at else "test"
                     rows.append(
-                        _example_row(self.exp_id, self.neuron, "intruder", role, w, parsed=picked is not None,
-                                     prediction=None if picked is None else float(picked == i),
-                                     correct=(picked == at) if i == at else None, request_hash=request.key)
+                        _example_row(
+                            self.exp_id,
+                            self.neuron,
+                            "intruder",
+                            role,
+                            w,
+                            parsed=picked is not None,
+                            prediction=None if picked is None else float(picked == i),
+                            correct=(picked == at) if i == at else None,
+                            request_hash=request.key,
+                        )
                     )
             accuracy = correct / len(trials) if trials else None  # delphi: an unparsed trial is a wrong one
             return rows, {"accuracy": accuracy}, len(trials) - failed, failed
@@ -334,16 +354,28 @@ class _Scoring:
                 role = "test" if w.activating else "non-activating"
                 if len(marks) != len(w.tokens):
                     failed += 1
-                    rows.append(_example_row(self.exp_id, self.neuron, "simulation", role, w, parsed=False,
-                                             request_hash=request.key))
+                    rows.append(
+                        _example_row(
+                            self.exp_id, self.neuron, "simulation", role, w, parsed=False, request_hash=request.key
+                        )
+                    )
                     continue
                 predicted = [prompts.expected_value(d) for d in marks]
                 true = list(w.values) if w.activating else [0.0] * len(w.tokens)
                 at = next((i for i, t in enumerate(true) if t == max(true)), 0)
                 rows.append(
-                    _example_row(self.exp_id, self.neuron, "simulation", role, w, parsed=True,
-                                 prediction=predicted[at] if predicted else None, request_hash=request.key,
-                                 true_values=true, predicted_values=predicted)
+                    _example_row(
+                        self.exp_id,
+                        self.neuron,
+                        "simulation",
+                        role,
+                        w,
+                        parsed=True,
+                        prediction=predicted[at] if predicted else None,
+                        request_hash=request.key,
+                        true_values=true,
+                        predicted_values=predicted,
+                    )
                 )
                 all_true += true
                 all_pred += predicted
@@ -367,8 +399,11 @@ class _Scoring:
         rows = []
         for w, vector in zip(windows, vectors[1:]):
             role = "test" if w.activating else "non-activating"
-            rows.append(_example_row(self.exp_id, self.neuron, "embedding", role, w, parsed=True,
-                                     prediction=cosine(vectors[0], vector)))
+            rows.append(
+                _example_row(
+                    self.exp_id, self.neuron, "embedding", role, w, parsed=True, prediction=cosine(vectors[0], vector)
+                )
+            )
         auc = metrics.roc_auc([r["truth"] for r in rows], [r["prediction"] for r in rows])
         return rows, {"auc": auc}, len(rows), 0
 
@@ -498,12 +533,18 @@ def run_plan(
         if backend is None and needed:
             backend = open_backend(llm, api_key_env=api_key_env, timeout=timeout, device=device)
         caller = Caller(
-            backend, cache, concurrency=concurrency, retries=retries, backoff_s=backoff_s, max_calls=max_calls,
+            backend,
+            cache,
+            concurrency=concurrency,
+            retries=retries,
+            backoff_s=backoff_s,
+            max_calls=max_calls,
             on_call=on_call,
         )
         parts = execute(plan, caller)
-        written = store.commit(wh, run, plan.batch, [*parts, ("model_calls", None, None, cache.calls_table())],
-                               plan.redone)
+        written = store.commit(
+            wh, run, plan.batch, [*parts, ("model_calls", None, None, cache.calls_table())], plan.redone
+        )
     except BaseException:
         # A run that paid for no call leaves nothing to resume (as RunWriter.discard).
         cache.discard() if not cache.new else cache.close()

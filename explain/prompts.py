@@ -232,7 +232,7 @@ MARK = "\x00"
 SIMULATION_SYSTEM = (
     "We're studying neurons in a neural network. Each neuron looks for some particular thing in a short "
     "document. Look at an explanation of what the neuron does, and try to predict its activations on each "
-    "token.\n\nThe activation format is token<tab>activation, activations go from 0 to 10, \"unknown\" "
+    'token.\n\nThe activation format is token<tab>activation, activations go from 0 to 10, "unknown" '
     "indicates an unknown activation. Most activations will be 0."
 )
 

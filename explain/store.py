@@ -138,7 +138,9 @@ def _keep_rows(path: Path, redone: set[tuple]) -> pa.Table:
     return data.filter(pa.array(keep, pa.bool_()))
 
 
-def commit(wh, run: str, batch: str, parts: list[tuple[str, str | None, int | None, pa.Table]], redone: set[tuple]) -> int:
+def commit(
+    wh, run: str, batch: str, parts: list[tuple[str, str | None, int | None, pa.Table]], redone: set[tuple]
+) -> int:
     """Add `parts` (table, site, layer, rows) to the committed run `run` in one step. The batch's
     earlier rows for the same (explanation_id, scorer) pairs are replaced (so a rerun leaves the same
     rows), its other earlier rows kept; returns the number of parts written."""
@@ -156,13 +158,17 @@ def commit(wh, run: str, batch: str, parts: list[tuple[str, str | None, int | No
         for part in replaced:
             kept = _keep_rows(layout.root / part["path"], redone)
             if kept.num_rows:
-                site_layer = [seg.partition("=")[2] for seg in Path(part["path"]).parts if seg.startswith(("site=", "layer="))]
+                site_layer = [
+                    seg.partition("=")[2] for seg in Path(part["path"]).parts if seg.startswith(("site=", "layer="))
+                ]
                 site, layer = (site_layer[0], int(site_layer[1])) if site_layer else (None, None)
                 carried.append((part["table"], site, layer, kept))
         for table, site, layer, data in [*parts, *carried]:
             if data is None or data.num_rows == 0:
                 continue
-            folder = layout.partition_dir(table, run, site, layer) if site is not None else layout.partition_dir(table, run)
+            folder = (
+                layout.partition_dir(table, run, site, layer) if site is not None else layout.partition_dir(table, run)
+            )
             n = counters[folder / table] = counters.get(folder / table, 0) + 1
             final = folder / f"{PART_PREFIX}{batch}-{token}-{n}.parquet"
             info = write_part(layout.root, layout.tmp_dir / f"explain-{batch}", final, table, data, site, layer)

@@ -34,7 +34,9 @@ def _layers(wh, run: str, site: str, text: str | None) -> list[int]:
 
     from .errors import NotFound
 
-    rows = wh.sql("SELECT layers FROM sites WHERE run_id = $run AND site = $site", {"run": run, "site": site}).fetchall()
+    rows = wh.sql(
+        "SELECT layers FROM sites WHERE run_id = $run AND site = $site", {"run": run, "site": site}
+    ).fetchall()
     row = rows[0] if rows else None
     if row is None:
         raise NotFound(f"run {run!r} has no site {site!r}: list its sites with `whq runs {wh.root}`")
@@ -65,7 +67,12 @@ def _go(wh, run, plan, *, llm, dry_run, quiet, **options) -> None:
     else:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-        columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[stats]}"), TimeElapsedColumn()]
+        columns = [
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.fields[stats]}"),
+            TimeElapsedColumn(),
+        ]
         with Progress(*columns, transient=True) as bar:
             task = bar.add_task(f"{plan.units} units", total=len(plan.requests), stats="")
 
@@ -108,7 +115,9 @@ def explain(
     concurrency: int = typer.Option(4, "--concurrency", help="Calls in flight at once (a remote server)."),
     timeout: float = typer.Option(60.0, "--timeout", help="Seconds per call before it is retried."),
     retries: int = typer.Option(5, "--retries", help="Retries of a call on 429, 5xx, timeouts (exponential backoff)."),
-    max_calls: int | None = typer.Option(None, "--max-calls", help="Send at most this many calls (cache hits are free)."),
+    max_calls: int | None = typer.Option(
+        None, "--max-calls", help="Send at most this many calls (cache hits are free)."
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print units, calls and prompt tokens; send nothing."),
     resume: bool = typer.Option(False, "--resume", help="Finish an interrupted run of the same command."),
     device: str = typer.Option("cpu", "--device", help="Device of an hf: model."),
@@ -134,8 +143,21 @@ def explain(
     chosen = select_units(wh, run, site, _layers(wh, run, site, layers), units, limit)
     recipe = _recipe(n_explain, n_test, n_non_activating, non_activating, normalise, seed, 5)
     plan = plan_explain(wh, run, site, chosen, explainer=explainer, model=model_name(llm), recipe=recipe)
-    _go(wh, run, plan, llm=llm, dry_run=dry_run, quiet=quiet, api_key_env=api_key_env, timeout=timeout,
-        concurrency=concurrency, retries=retries, max_calls=max_calls, resume=resume, device=device)
+    _go(
+        wh,
+        run,
+        plan,
+        llm=llm,
+        dry_run=dry_run,
+        quiet=quiet,
+        api_key_env=api_key_env,
+        timeout=timeout,
+        concurrency=concurrency,
+        retries=retries,
+        max_calls=max_calls,
+        resume=resume,
+        device=device,
+    )
 
 
 @explain_app.command()
@@ -151,7 +173,9 @@ def score(
     concurrency: int = typer.Option(4, "--concurrency", help="Calls in flight at once (a remote server)."),
     timeout: float = typer.Option(60.0, "--timeout", help="Seconds per call before it is retried."),
     retries: int = typer.Option(5, "--retries", help="Retries of a call on 429, 5xx, timeouts (exponential backoff)."),
-    max_calls: int | None = typer.Option(None, "--max-calls", help="Send at most this many calls (cache hits are free)."),
+    max_calls: int | None = typer.Option(
+        None, "--max-calls", help="Send at most this many calls (cache hits are free)."
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print units, calls and prompt tokens; send nothing."),
     resume: bool = typer.Option(False, "--resume", help="Finish an interrupted run of the same command."),
     device: str = typer.Option("cpu", "--device", help="Device of an hf: model."),
@@ -183,8 +207,21 @@ def score(
         recipe=recipe,
         explainer=explainer,
     )
-    _go(wh, run, plan, llm=llm, dry_run=dry_run, quiet=quiet, api_key_env=api_key_env, timeout=timeout,
-        concurrency=concurrency, retries=retries, max_calls=max_calls, resume=resume, device=device)
+    _go(
+        wh,
+        run,
+        plan,
+        llm=llm,
+        dry_run=dry_run,
+        quiet=quiet,
+        api_key_env=api_key_env,
+        timeout=timeout,
+        concurrency=concurrency,
+        retries=retries,
+        max_calls=max_calls,
+        resume=resume,
+        device=device,
+    )
 
 
 @bench_app.command("explain")
