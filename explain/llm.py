@@ -22,8 +22,8 @@ import json
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
 
 from warehouse.errors import BadInput, WarehouseError
 
@@ -174,7 +174,6 @@ class OpenAIBackend:
             except httpx.TransportError as err:
                 raise Retryable(f"connection failed ({err})") from None
             return reply.status_code, reply.text
-        import socket
         import urllib.error
         import urllib.request
 
@@ -184,7 +183,7 @@ class OpenAIBackend:
                 return reply.status, reply.read().decode("utf-8", "replace")
         except urllib.error.HTTPError as err:
             return err.code, err.read().decode("utf-8", "replace")
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             raise Retryable("timed out") from None
         except urllib.error.URLError as err:
             raise Retryable(f"connection failed ({err.reason})") from None

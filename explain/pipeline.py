@@ -12,8 +12,8 @@ import datetime as dt
 import hashlib
 import json
 import random
+from collections.abc import Callable
 from itertools import cycle
-from typing import Callable
 
 import pyarrow as pa
 
