@@ -139,7 +139,7 @@ def fuzz_text(ex: Window, n_incorrect: int) -> str:
         marked = {i for i, v in enumerate(ex.values) if v >= cut}
     else:
         below = [i for i, v in enumerate(ex.values) if v <= cut]
-        if not below:
+        if len(below) < 2:  # delphi's torch.nonzero(...).squeeze() is 0-d for one index: its default message
             return delphi_default_message()
         rng = random.Random(22)
         k = min(n_incorrect, len(below))
