@@ -220,6 +220,10 @@ class HFBackend:
                     f"Hugging Face folder or config:qwen3-tiny"
                 ) from None
         self.model.to(device).eval()
+        import inspect
+
+        # transformers 5 renamed past_key_values to cache; older releases and custom models keep the old name
+        self._cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         self._lock = threading.Lock()  # one forward at a time: concurrency is for remote servers
 
     def count_tokens(self, text: str) -> int:
@@ -255,8 +259,8 @@ class HFBackend:
         generated, tokens, past = [], [], None
         step = torch.tensor([ids], device=self.device)
         for _ in range(request.max_tokens):
-            out = self.model(input_ids=step, past_key_values=past, use_cache=True)
-            past = out.past_key_values
+            out = self.model(input_ids=step, use_cache=True, **{self._cache_arg: past})
+            past = getattr(out, self._cache_arg)
             logprobs = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
             chosen = int(logprobs.argmax())  # temperature 0: greedy, as the cache key promises
             if chosen == eos:
