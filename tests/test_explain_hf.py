@@ -47,7 +47,7 @@ def test_generated_tokens_and_logprobs_match_one_forward_pass(tiny):
     logprobs = _forward_logprobs(tiny, prompt + generated)
     for i, (token, logprob, top) in enumerate(answer.tokens):
         row = logprobs[len(prompt) + i - 1]
-        assert int(row.argmax()) == generated[i]  # temperature 0: greedy
+        assert int(row.argmax()) == generated[i] and token == tiny.tokenizer.decode([generated[i]])  # greedy
         assert logprob == pytest.approx(float(row.max()), abs=1e-4)
         values, indices = row.topk(3)
         assert [c for c, _ in top] == [tiny.tokenizer.decode([int(j)]) for j in indices]
