@@ -38,18 +38,21 @@ conf AS (
     FROM x WHERE x.scorer IN ('detection', 'fuzz') GROUP BY x.scorer, x.model
 ),
 classification AS (
-    SELECT c.scorer, c.model, m.metric, m.value FROM conf c,
-    LATERAL (SELECT unnest([
-        {'metric': 'balanced_accuracy',
-         'value': CASE WHEN c.pos + c.neg > 0 THEN ((CASE WHEN c.pos > 0 THEN c.tp / c.pos ELSE 0 END)
-                  + (CASE WHEN c.neg > 0 THEN c.tn / c.neg ELSE 0 END)) / 2 END},
-        {'metric': 'precision', 'value': CASE WHEN c.pos + c.neg > 0 THEN
-                  (CASE WHEN c.tp + c.fp > 0 THEN c.tp / (c.tp + c.fp) ELSE 0 END) END},
-        {'metric': 'recall', 'value': CASE WHEN c.pos + c.neg > 0 THEN
-                  (CASE WHEN c.pos > 0 THEN c.tp / c.pos ELSE 0 END) END},
-        {'metric': 'f1', 'value': CASE WHEN c.pos + c.neg > 0 THEN
-                  (CASE WHEN c.tp > 0 THEN 2 * c.tp / (2 * c.tp + c.fp + (c.pos - c.tp)) ELSE 0 END) END}
-    ], recursive := true)) m
+    SELECT c.scorer, c.model, 'balanced_accuracy' AS metric,
+           CASE WHEN c.pos + c.neg > 0 THEN ((CASE WHEN c.pos > 0 THEN c.tp / c.pos ELSE 0 END)
+               + (CASE WHEN c.neg > 0 THEN c.tn / c.neg ELSE 0 END)) / 2 END AS value
+    FROM conf c
+    UNION ALL
+    SELECT c.scorer, c.model, 'precision',
+           CASE WHEN c.pos + c.neg > 0 THEN (CASE WHEN c.tp + c.fp > 0 THEN c.tp / (c.tp + c.fp) ELSE 0 END) END
+    FROM conf c
+    UNION ALL
+    SELECT c.scorer, c.model, 'recall', CASE WHEN c.pos + c.neg > 0 THEN (CASE WHEN c.pos > 0 THEN c.tp / c.pos ELSE 0 END) END
+    FROM conf c
+    UNION ALL
+    SELECT c.scorer, c.model, 'f1',
+           CASE WHEN c.pos + c.neg > 0 THEN (CASE WHEN c.tp > 0 THEN 2 * c.tp / (2 * c.tp + c.fp + (c.pos - c.tp)) ELSE 0 END) END
+    FROM conf c
 ),
 ranked AS (
     SELECT a.scorer, a.model, a.truth,
@@ -70,8 +73,10 @@ intruder AS (
     FROM x WHERE x.scorer = 'intruder' AND x.role = 'non-activating' GROUP BY x.scorer, x.model
 ),
 simulated AS (
-    SELECT x.scorer, x.model, unnest(x.true_values) AS t, unnest(x.predicted_values) AS p
-    FROM x WHERE x.scorer = 'simulation' AND x.parsed
+    SELECT z.scorer, z.model, z.true_values[z.i] AS t, z.predicted_values[z.i] AS p
+    FROM (SELECT x.scorer, x.model, x.true_values, x.predicted_values,
+                 unnest(generate_series(1, len(x.true_values))) AS i
+          FROM x WHERE x.scorer = 'simulation' AND x.parsed) z
 ),
 simulation AS (
     SELECT s.scorer, s.model, 'ev_correlation' AS metric, corr(s.t, s.p) AS value

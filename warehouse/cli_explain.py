@@ -109,7 +109,9 @@ def explain(
         None, "--units", help="SQL condition over unit_stats' columns (rate, mean, max, ...), e.g. 'rate > 0.001'."
     ),
     limit: int | None = typer.Option(None, "--limit", help="At most this many units (most frequent first)."),
-    explainer: str = typer.Option("delphi", "--explainer", help="delphi, contrastive or top-tokens (no model)."),
+    explainer: str | None = typer.Option(
+        None, "--explainer", help="delphi, contrastive or top-tokens (default: top-tokens without --llm, else delphi)."
+    ),
     llm: str = typer.Option("top-tokens", "--llm", help=_LLM_HELP),
     api_key_env: str = _COMMON["api_key_env"],
     concurrency: int = typer.Option(4, "--concurrency", help="Calls in flight at once (a remote server)."),
@@ -138,6 +140,7 @@ def explain(
     from explain.llm import model_name
     from explain.pipeline import plan_explain
 
+    explainer = explainer or ("top-tokens" if llm == "top-tokens" else "delphi")
     wh = warehouse.open(root)
     wh.manifest(run)
     chosen = select_units(wh, run, site, _layers(wh, run, site, layers), units, limit)
@@ -233,8 +236,11 @@ def bench_explain(
     limit: int = typer.Option(4, "--limit", help="Units."),
     llm: str = typer.Option("hf:config:qwen3-tiny", "--llm", help=_LLM_HELP),
 ):
-    """Prompt tokens and calls per unit for each explainer and scorer, whq's overhead over the model's own time,
-    and a fully cached rerun. Works on a copy of the warehouse (the original is not written).
+    """Measure explain and score: tokens and calls per unit, whq's overhead, a fully cached rerun.
+
+    Prompt tokens and calls per unit for each explainer and scorer, the wall time per unit minus the
+    model's own time, and the speed of a fully cached rerun. Works on a copy of the warehouse (the
+    original is not written).
 
     Example: whq bench explain whq-demo --run demo --site mlp.act --layers 3 --limit 4
     """
