@@ -419,7 +419,7 @@ CREATE TABLE explanations (
 COMMENT ON TABLE explanations IS 'One row per explained unit and recipe (whq explain): the explanation text, which explainer and model wrote it, with which settings; its examples are in explanation_examples (scorer NULL).';
 COMMENT ON COLUMN explanations.neuron IS 'Unit index at the site.';
 COMMENT ON COLUMN explanations.explanation_id IS 'sha256 (16 hex digits) of run, site, layer, unit, explainer, model and settings: the same recipe gives the same id.';
-COMMENT ON COLUMN explanations.explainer IS 'delphi (delphi''s default), contrastive (delphi''s, with non-activating examples) or top-tokens (no model).';
+COMMENT ON COLUMN explanations.explainer IS 'delphi (delphi''s default), contrastive (delphi''s, with non-activating examples), openai (OpenAI''s token-activation pairs) or top-tokens (no model).';
 COMMENT ON COLUMN explanations.model IS 'The model that wrote it: openai:MODEL, hf:PATH_OR_CONFIG or top-tokens (never a URL''s credentials or a key).';
 COMMENT ON COLUMN explanations.text IS 'The explanation; NULL when the answer was out of form (see parsed; the answer is in model_calls).';
 COMMENT ON COLUMN explanations.parsed IS 'false when the model''s answer held no [EXPLANATION]: line (the explanation is not scored).';

@@ -25,7 +25,7 @@ from . import examples as ex
 from . import metrics, prompts
 from .llm import NO_MODEL, TOP_LOGPROBS, Answer, Caller, Request, messages
 
-EXPLAINERS = ("delphi", "contrastive", "top-tokens")
+EXPLAINERS = ("delphi", "contrastive", "openai", "top-tokens")
 SCORERS = ("detection", "fuzz", "simulation", "embedding", "intruder")
 HEADLINE = {
     "detection": "balanced_accuracy",
@@ -151,6 +151,8 @@ def plan_explain(wh, run, site, units, *, explainer: str, model: str, recipe: Re
             top = max(w.max_activation for w in shown)
             if explainer == "delphi":
                 msgs = prompts.delphi_default(shown, top, recipe.normalise)
+            elif explainer == "openai":
+                msgs = prompts.openai_token_pairs(shown, recipe.normalise)
             else:
                 msgs = prompts.delphi_contrastive(shown, negatives, top, recipe.normalise)
             request = Request(model, messages(msgs), max_tokens=recipe.explain_tokens, seed=recipe.seed)
@@ -163,7 +165,12 @@ def plan_explain(wh, run, site, units, *, explainer: str, model: str, recipe: Re
         by_key = dict(zip((r.key for r in requests), answers))
         texts, rows_e, rows_x = [], [], []
         for layer, neuron, exp_id, shown, negatives, request in jobs:
-            text = prompts.top_tokens(shown) if request is None else prompts.parse_explanation(by_key[request.key].text)
+            if request is None:
+                text = prompts.top_tokens(shown)
+            elif explainer == "openai":
+                text = prompts.parse_openai_explanation(by_key[request.key].text)
+            else:
+                text = prompts.parse_explanation(by_key[request.key].text)
             texts.append(text)
             rows_e.append(
                 (

@@ -114,6 +114,62 @@ def parse_explanation(text: str) -> str | None:
     return found or None
 
 
+# -- OpenAI's token-activation-pair explainer (neuron-explainer TokenActivationPairExplainer, HARMONY_V4,
+# its ORIGINAL few-shot neurons, zeros repeated filtered out below 20% non-zero) --------------------------
+OPENAI_SYSTEM = (
+    "We're studying neurons in a neural network. Each neuron looks for some particular "
+    "thing in a short document. Look at the parts of the document the neuron activates for "
+    "and summarize in a single sentence what the neuron is looking for. Don't list "
+    "examples of words.\n\nThe activation format is token<tab>activation. Activation "
+    "values range from 0 to 10. A neuron finding what it's looking for is represented by a "
+    "non-zero activation value. The higher the activation value, the stronger the match."
+)
+OPENAI_PREFIX = "the main thing this neuron does is find"
+
+
+def _openai_records(records: list[tuple[list[str], list[float]]], top: float, how: str, omit_zeros: bool) -> str:
+    """neuron-explainer format_activation_records: token<TAB>value lines between <start> and <end>."""
+    blocks = []
+    for tokens, values in records:
+        norm = normalise(values, top, how)
+        pairs = [(t, a) for t, a in zip(tokens, norm) if a > 0 or not omit_zeros]
+        blocks.append("\n".join(f"{t}\t{a}" for t, a in pairs))
+    return "\n<start>\n" + "\n<end>\n<start>\n".join(blocks) + "\n<end>\n"
+
+
+def _openai_neuron(records, index: int, how: str) -> str:
+    top = max(max(max(v, 0.0) for v in values) for _, values in records)
+    message = f"\n\nNeuron {index + 1}\nActivations:{_openai_records(records, top, how, False)}"
+    norms = [normalise(values, top, how) for _, values in records]
+    if sum(1 for n in norms for a in n if a != 0) / sum(len(n) for n in norms) < 0.2:
+        message += f"\nSame activations, but with all zeros filtered out:{_openai_records(records, top, how, True)}"
+    return message + f"\nExplanation of neuron {index + 1} behavior: {OPENAI_PREFIX}"
+
+
+def openai_token_pairs(examples: list[Window], how: str) -> list[dict]:
+    """OpenAI TokenActivationPairExplainer.make_explanation_prompt (4k context, no record omitted)."""
+    import importlib.resources
+
+    shots = json.loads(
+        importlib.resources.files("explain.vendor").joinpath("openai_few_shot_original.json").read_text()
+    )["examples"]
+    messages = [{"role": "system", "content": OPENAI_SYSTEM}]
+    for i, shot in enumerate(shots):
+        records = [(r["tokens"], r["activations"]) for r in shot["records"]]
+        messages.append({"role": "user", "content": _openai_neuron(records, i, how)})
+        messages.append({"role": "assistant", "content": f" {shot['explanation']}."})
+    records = [(ex.tokens, ex.values) for ex in examples]
+    messages.append({"role": "user", "content": _openai_neuron(records, len(shots), how)})
+    return messages
+
+
+def parse_openai_explanation(text: str) -> str | None:
+    """The completion continues the prefix: its first line, without a final period (None when empty)."""
+    line = text.strip().split("\n", 1)[0].strip()
+    line = line[:-1] if line.endswith(".") else line
+    return line or None
+
+
 def top_tokens(examples: list[Window], k: int = 5) -> str:
     """The no-model explainer: the tokens most often firing (above 0.3 of their example's max) in the
     explanation examples, in one fixed sentence."""

@@ -98,7 +98,8 @@ def peers():
     ):
         stub(name)
     stub("boostedblob", ensure_session=lambda f: f)
-    stub("neuron_explainer.api_client", ApiClient=object)  # it asserts OPENAI_API_KEY at import
+    # it asserts OPENAI_API_KEY at import; the explainer only constructs one
+    stub("neuron_explainer.api_client", ApiClient=type("ApiClient", (), {"__init__": lambda self, *a, **k: None}))
     stub("delphi", __path__=[str(DELPHI)], logger=logging.getLogger("delphi"))
     for package in (
         "clients",
@@ -132,6 +133,8 @@ def peers():
     }
     modules["scoring"] = importlib.import_module("neuron_explainer.explanations.scoring")
     modules["records"] = importlib.import_module("neuron_explainer.activations.activation_records")
+    modules["activations"] = importlib.import_module("neuron_explainer.activations.activations")
+    modules["explainer"] = importlib.import_module("neuron_explainer.explanations.explainer")
     # delphi's normalize_activations lives in latents/samplers.py, whose other imports need simple_parsing:
     # its source is run alone.
     tree = ast.parse((DELPHI / "latents" / "samplers.py").read_text())
@@ -291,6 +294,26 @@ def test_explainer_prompts_match_delphi(peers, contrastive):
     for text in ("[EXPLANATION]: plural nouns\n", "no label", "[EXPLANATION]:   "):
         parsed = peers["explainers.default.default"].DefaultExplainer(client).parse_explanation(text)
         assert prompts.parse_explanation(text) == (None if parsed == prompts.UNPARSED or not parsed else parsed)
+
+
+@pytest.mark.parametrize("seed, sparse", [(21, False), (22, True)])
+def test_openai_explainer_prompt_matches_neuron_explainer(peers, seed, sparse):
+    shown = _windows(seed, 5, True)
+    if sparse:  # under 20% non-zero: OpenAI repeats the non-zero activations
+        shown = [
+            Window(w.doc, w.pos, w.tokens * 3, w.values + [0.0] * (2 * len(w.values)), w.source, True) for w in shown
+        ]
+    explainer = peers["explainer"].TokenActivationPairExplainer(model_name=peers["explainer"].HARMONY_V4_MODELS[0])
+    explainer._prompt_is_too_long = lambda *args: False  # counts tokens with tiktoken, absent here
+    records = [peers["activations"].ActivationRecord(tokens=w.tokens, activations=w.values) for w in shown]
+    theirs = explainer.make_explanation_prompt(
+        all_activation_records=records,
+        max_activation=peers["records"].calculate_max_activation(records),
+        max_tokens_for_completion=60,
+    )
+    ours = prompts.openai_token_pairs(shown, "floor")
+    assert ours == [{"role": str(m["role"].value), "content": m["content"]} for m in theirs]
+    assert ("zeros filtered out" in ours[-1]["content"]) == sparse
 
 
 def test_normalisation_matches_delphi_and_openai(peers):

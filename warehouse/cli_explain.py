@@ -110,7 +110,9 @@ def explain(
     ),
     limit: int | None = typer.Option(None, "--limit", help="At most this many units (most frequent first)."),
     explainer: str | None = typer.Option(
-        None, "--explainer", help="delphi, contrastive or top-tokens (default: top-tokens without --llm, else delphi)."
+        None,
+        "--explainer",
+        help="delphi, contrastive, openai or top-tokens (default: top-tokens without --llm, else delphi).",
     ),
     llm: str = typer.Option("top-tokens", "--llm", help=_LLM_HELP),
     api_key_env: str = _COMMON["api_key_env"],
