@@ -11,7 +11,8 @@ unit does not fire; the capture-side sample (`examples=N` keeping non-firing win
 one more entry. Two sources exist today:
 
   non-firing   windows (50 tokens before to 20 after a token) holding no stored firing of the
-               unit, drawn uniformly without replacement. Exact where every firing is stored: a
+               unit, drawn uniformly without replacement, one centre at most per 71-token block
+               of a document. Exact where every firing is stored: a
                threshold capture (token_neurons holds every value above the threshold), or a
                top-k capture of a unit whose stored firings number its exact n_fired
                (neuron_stats). For other units of a top-k capture a firing may lie outside the
@@ -207,7 +208,8 @@ def _token_windows(wh, run: str, centres: list[tuple[int, int]]) -> list[tuple[i
 
 def non_firing(wh, run: str, site: str, layer: int, neuron: int, n: int, seed: int) -> list[Window]:
     """n windows (without replacement, seeded) centred on non-special tokens whose whole window
-    (50 before to 20 after) holds no stored firing of the unit."""
+    (50 before to 20 after) holds no stored firing of the unit: at most one centre per 71-token block
+    of a document, so two windows are never near copies."""
     exact = _exactness(wh, run, site, layer).get(neuron, False)
     centres = wh.sql(
         """
@@ -219,6 +221,8 @@ def non_firing(wh, run: str, site: str, layer: int, neuron: int, n: int, seed: i
         SELECT t.doc, t.pos FROM tokens t
         WHERE t.run_id = $run AND NOT t.special AND NOT EXISTS (
             SELECT 1 FROM fired f WHERE f.doc = t.doc AND f.pos BETWEEN t.pos - $before AND t.pos + $after)
+        QUALIFY row_number() OVER (PARTITION BY t.doc, t.pos // ($before + $after + 1)
+                                   ORDER BY hash($seed, t.doc, t.pos), t.pos) = 1
         ORDER BY hash($seed, t.doc, t.pos), t.doc, t.pos LIMIT $n
         """,
         {
