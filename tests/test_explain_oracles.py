@@ -28,7 +28,8 @@ import pytest
 from explain import metrics, prompts
 from explain.examples import Window
 from explain.llm import Answer
-from explain.pipeline import Recipe, _Scoring
+from explain.pipeline import Recipe
+from explain.scorers import Scoring
 
 delphi_spec = importlib.util.find_spec("delphi")
 nx_spec = importlib.util.find_spec("neuron_explainer")
@@ -218,7 +219,7 @@ def _delphi_client(peers, prompts_seen):
 
 def _whq_rows(scorer, test, negatives, explanation="numbers after w"):
     recipe = Recipe(examples_per_prompt=5)
-    unit = _Scoring(0, 7, "e", explanation, test, negatives, recipe, "m")
+    unit = Scoring(0, 7, "e", explanation, test, negatives, recipe, "m")
     finish = unit.plan_intruder() if scorer == "intruder" else unit.plan_classifier(scorer)
     answers = {}
     for request in unit.requests:
