@@ -165,8 +165,20 @@ def split(windows: list[Window], n_explain: int, n_test: int, seed: int) -> tupl
 
 
 # -- non-activating windows ---------------------------------------------------------------
+_EXACTNESS: dict[tuple, dict[int, bool]] = {}
+
+
 def _exactness(wh, run: str, site: str, layer: int) -> dict[int, bool]:
-    """Per unit: is every firing stored in token_neurons (so a window without one is exactly non-firing)?"""
+    """Per unit: is every firing stored in token_neurons (so a window without one is exactly non-firing)?
+    Computed once per layer of a committed run (explaining never changes token_neurons or neuron_stats;
+    a run deleted and captured again has another commit time)."""
+    key = (str(wh.root), run, wh.manifest(run)["committed_at"], site, layer)
+    if key not in _EXACTNESS:
+        _EXACTNESS[key] = _stored_every_firing(wh, run, site, layer)
+    return _EXACTNESS[key]
+
+
+def _stored_every_firing(wh, run: str, site: str, layer: int) -> dict[int, bool]:
     rows = wh.sql(
         """
         WITH stored AS (
