@@ -462,6 +462,9 @@ app.add_typer(nag_app, name="nag")
 from .cli_bench import bench_app  # noqa: E402
 
 app.add_typer(bench_app, name="bench")
+from .cli_explain import explain_app  # noqa: E402 - whq explain, whq score (and whq bench explain)
+
+app.add_typer(explain_app)
 
 
 def _rel_to_polars(rel):
