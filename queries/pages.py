@@ -13,7 +13,6 @@ of JavaScript in each.
 from __future__ import annotations
 
 import html
-import json
 import math
 import posixpath
 from functools import lru_cache
@@ -22,6 +21,7 @@ from urllib.parse import quote, urlencode
 
 import polars as pl
 
+from warehouse import jsonio
 from warehouse.errors import NotFound, QueryError
 from warehouse.result_bounds import unshowable_values
 
@@ -160,7 +160,7 @@ def _render(template: str, links: Links, title: str, specs: dict | None = None, 
     return (
         environment()
         .get_template(template)
-        .render(links=links, title=title, specs=json.dumps(specs or {}).replace("</", "<\\/"), **context)
+        .render(links=links, title=title, specs=jsonio.script_json(specs or {}), **context)
     )
 
 
@@ -383,15 +383,6 @@ def sql_page(reader: Reader, links: Links, query: str = "", limits=None) -> tupl
         truncated=truncated,
     )
     return page, 400 if error else 200
-
-
-def csv_text(frame: pl.DataFrame) -> str:
-    with unshowable_values():
-        nested = [c for c, t in frame.schema.items() if t.is_nested()]
-        flat = frame.with_columns(
-            pl.Series(c, [json.dumps(v, default=str) for v in frame[c].to_list()], pl.String) for c in nested
-        )
-        return flat.write_csv()
 
 
 def missing_page(links: Links, message: str) -> str:

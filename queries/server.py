@@ -46,6 +46,7 @@ from starlette.responses import HTMLResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from warehouse import catalog
+from warehouse.display import csv_text
 from warehouse.errors import BadInput, NotFound, QueryError, UnknownRun, WarehouseError
 
 from . import page_data, pages
@@ -257,7 +258,7 @@ def create_app(wh, allowed_hosts: list[str] | None = None, token: str | None = N
 
     def sql_csv(request: Request) -> Response:
         try:
-            text = pages.csv_text(pages.sql_result(live.current(), request.query_params.get("q", ""), limits))
+            text = csv_text(pages.sql_result(live.current(), request.query_params.get("q", ""), limits))
         except QueryError as err:
             return PlainTextResponse(f"error: {' '.join(str(err).split())}\n", status_code=400)
         return Response(text, media_type="text/csv", headers={"content-disposition": 'attachment; filename="whq.csv"'})
