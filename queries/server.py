@@ -6,6 +6,7 @@ Routes (run and site names are path segments; a run may not be called `sql` or `
     /{run}/{site}?layer=&sort=&order=&page=   run/site: layer summary, histograms, units table
     /{run}/{site}/{layer}/{unit}        unit page
     /{run}/{site}/tokens?q=             token search
+    /{run}/{site}/explanations?q=       units found by what their explanation says
     /sql?q=&token=   /sql.csv?q=&token= read-only SQL box and its CSV download
     /_whq/vega.js                       vega + vega-lite + vega-embed (vl-convert's bundle)
 
@@ -252,6 +253,10 @@ def create_app(wh, allowed_hosts: list[str] | None = None, token: str | None = N
         p = request.path_params
         return pages.tokens_page(reader, links, p["run"], p["site"], request.query_params.get("q", "").strip())
 
+    def explanations(request, reader, links) -> str:
+        p = request.path_params
+        return pages.explanations_page(reader, links, p["run"], p["site"], request.query_params.get("q", "").strip())
+
     def sql(request: Request) -> Response:
         body, status = pages.sql_page(live.current(), links_for(request), request.query_params.get("q", ""), limits)
         return HTMLResponse(body, status_code=status)
@@ -283,6 +288,7 @@ def create_app(wh, allowed_hosts: list[str] | None = None, token: str | None = N
         Route("/_whq/vega.js", vega),
         Route("/{run}/{site}", page(site)),
         Route("/{run}/{site}/tokens", page(tokens)),
+        Route("/{run}/{site}/explanations", page(explanations)),
         Route("/{run}/{site}/{layer}/{unit}", page(unit)),
     ]
 
