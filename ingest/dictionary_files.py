@@ -20,6 +20,11 @@ A folder holding one such dictionary per sub-folder (sparsify's `layers.N`, a SA
 release `blocks.N.hook_resid_post`, `layer_N`) is a per-layer set: the first number in a
 sub-folder's name is its layer. Weights are held in one canonical layout: W_enc [d_in, d_sae],
 b_enc [d_sae], W_dec [d_sae, d_out], b_dec [d_out], threshold [d_sae], W_skip [d_out, d_in].
+
+Dictionary files are untrusted input: each format's cfg.json fields and tensors are checked
+against a declared schema (SAELENS_CFG, SPARSIFY_CFG, ADAPTER_ATTRIBUTES, *_TENSORS), every
+read is bounded by the file's real size before anything is allocated, only regular files are
+read, and weights must be finite. Each refusal is one BadInput line naming the fix.
 """
 
 from __future__ import annotations
