@@ -231,10 +231,10 @@ def ingest(
     _check_splice_sites(opts, specs)
     device = loaded.config["device"] if loaded else models.resolve_device(opts.device)
     encoder.check_encode_dtypes(specs, dictionaries, device)
-    wh = warehouse.open_or_init(root)
     loaded = loaded or models.load(opts.model, opts.device, opts.dtype)
     resolved = [resolve(spec, loaded.module_names, loaded.aliases) for spec in specs]
     resolved, bound = encoder.bind(resolved, dictionaries, loaded.module_names, loaded.aliases)
+    encoder.check_widths(resolved, bound, loaded)
     check_reductions(resolved, loaded, loaded.config["device"])
     max_length = _window_length(opts, loaded)
     _check_logit_lens(opts, loaded)
@@ -242,6 +242,7 @@ def ingest(
     from .finalize import check_similar
 
     check_similar(loaded, resolved)
+    wh = warehouse.open_or_init(root)  # once every input is checked: a refused one creates no warehouse
     run_id = opts.run_id or default_run_id(opts.model)
     identity = (
         data_identity if documents is None else {"documents": len(documents), "sha256": _documents_identity(documents)}

@@ -341,20 +341,22 @@ def _tree(root: Path) -> dict:
     return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
 
 
-@pytest.mark.parametrize("make", ["nan", "k_text", "header_list"])
+@pytest.mark.parametrize("make", ["nan", "k_text", "header_list", "narrower_than_the_site"])
 def test_a_refused_dictionary_creates_no_warehouse_and_adds_nothing(make, tmp_path, sample_jsonl):
     folder = tmp_path / "dict"
     if make == "nan":
         _hostile(folder)
     elif make == "k_text":
         _cfg(dicts.saelens(folder, "topk"), k="eight")
-    else:
+    elif make == "header_list":
         dicts.saelens(folder, "topk")
         (folder / "sae_weights.safetensors").write_bytes(_safetensors_bytes([]))
+    else:
+        dicts.saelens(folder, "topk", d_in=32)  # refused when bound to the model, before the warehouse opens
     site = ["--site", f"resid.out[1]+sae={folder}:topk=3"]
     fresh = tmp_path / "fresh"
     code, _, err = run_whq("ingest", fresh, *MODEL, "--data", sample_jsonl, *site)
-    assert code == 2 and err.startswith("error: dictionary") and err.count("\n") == 1, err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and str(folder) in err, err
     assert not fresh.exists(), "a refused dictionary created the warehouse folder"
 
     existing = tmp_path / "wh"
