@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 import os
 import re
 import stat
@@ -203,7 +204,11 @@ def _checked(cfg: dict, schema: dict, where: str, fix: str = "fix it in cfg.json
                 raise BadInput(f"{where} has no {name}: add it")
             continue
         if spec.kind == "int":
-            ok = isinstance(value, int) and not isinstance(value, bool) and spec.minimum <= value <= spec.most
+            ok = (
+                isinstance(value, numbers.Integral)
+                and not isinstance(value, bool)
+                and spec.minimum <= value <= spec.most
+            )
             want = f"a whole number from {spec.minimum} to {spec.most}"
         elif spec.kind == "str":
             ok = isinstance(value, str) and len(value) <= spec.most
@@ -222,7 +227,7 @@ def _jsonable(value) -> bool:
     try:
         json.dumps(value)
         return True
-    except (ValueError, RecursionError):
+    except (TypeError, ValueError, RecursionError):
         return False
 
 
@@ -605,17 +610,18 @@ def _adapter(text: str) -> Dictionary:
     if missing:
         raise BadInput(f"dictionary adapter {path}: the object load() returns has no {', '.join(missing)}: add them")
     fields = {name: getattr(obj, name, None) for name in ADAPTER_ATTRIBUTES}
-    fields["d_out"] = fields["d_out"] or fields["d_in"]
+    if fields["d_out"] is None:
+        fields["d_out"] = fields["d_in"]
     _checked(fields, ADAPTER_ATTRIBUTES, f"dictionary adapter {path}", "fix the object load() returns")
     return Dictionary(
         path=text,
         format="adapter",
         architecture=fields["architecture"] or "adapter",
-        d_in=fields["d_in"],
-        d_sae=fields["d_sae"],
-        d_out=fields["d_out"],
+        d_in=int(fields["d_in"]),
+        d_sae=int(fields["d_sae"]),
+        d_out=int(fields["d_out"]),
         transcoder=bool(fields["transcoder"]),
-        layer=fields["layer"],
+        layer=None if fields["layer"] is None else int(fields["layer"]),
         hook=fields["hook"],
         sha256=file_sha256(path),
         adapter=obj,

@@ -390,6 +390,18 @@ def test_adapter_attributes_are_checked(tmp_path):
         BadInput, match=r"d_in is \"64\", expected a whole number from 1 .*: fix the object load\(\) returns"
     ):
         dictionary_files.load(str(tmp_path / "dict.py"))
+    (tmp_path / "numpy_ints.py").write_text(
+        "import numpy as np\nclass D:\n    d_in = np.int64(64)\n    d_sae = np.int32(8)\n    layer = np.int64(2)\n"
+        "    def encode(self, x):\n        return x\ndef load(checkpoint=None):\n    return D()\n"
+    )
+    d = dictionary_files.load(str(tmp_path / "numpy_ints.py")).first
+    assert (d.d_in, d.d_sae, d.d_out, d.layer) == (64, 8, 64, 2) and type(d.d_in) is int
+    (tmp_path / "zero.py").write_text(
+        "class D:\n    d_in = 64\n    d_sae = 0\n    def encode(self, x):\n        return x\n"
+        "def load(checkpoint=None):\n    return D()\n"
+    )
+    with pytest.raises(BadInput, match=r"d_sae is 0, expected a whole number from 1"):
+        dictionary_files.load(str(tmp_path / "zero.py"))
 
 
 # -- fuzzing: a valid Dictionary or a WarehouseError, nothing else -----------------------------------------
