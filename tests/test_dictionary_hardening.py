@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ingest import dictionary_files
+from warehouse.display import terminal_safe
 from warehouse.errors import BadInput, WarehouseError
 
 from . import dictionaries as dicts
@@ -412,7 +413,7 @@ def _load_or_refuse(path: Path) -> None:
     try:
         dset = dictionary_files.load(str(path))
     except WarehouseError as refused:
-        assert "\n" not in str(refused) and str(refused).isprintable(), str(refused)
+        assert terminal_safe(str(refused)) == str(refused), str(refused)  # one line, nothing a terminal obeys
         return
     for d in dset.by_layer.values():
         assert d.d_in >= 1 and d.d_sae >= 1 and d.d_out >= 1
@@ -420,7 +421,7 @@ def _load_or_refuse(path: Path) -> None:
         assert d.weights["W_enc"].shape == (d.d_in, d.d_sae) and d.weights["W_dec"].shape == (d.d_sae, d.d_out)
         assert all(w.dtype == np.float32 and np.isfinite(w).all() for w in d.weights.values())
     hook = dset.describe()["hook"]
-    assert hook is None or hook.isprintable()
+    assert hook is None or terminal_safe(hook) == hook
 
 
 JSON = st.recursive(
