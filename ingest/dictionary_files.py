@@ -268,8 +268,10 @@ def _safetensors(path: Path) -> tuple[dict, str]:
     if len(blob) < 8:
         raise bad(f"{len(blob)} bytes, shorter than the 8-byte header length")
     (size,) = struct.unpack_from("<Q", blob)
-    if size > min(len(blob) - 8, SAFETENSORS_HEADER_MOST):
+    if size > len(blob) - 8:
         raise bad(f"its header length {size:,} exceeds the {len(blob) - 8:,} bytes present")
+    if size > SAFETENSORS_HEADER_MOST:
+        raise bad(f"its header of {size:,} bytes is beyond the format's {SAFETENSORS_HEADER_MOST:,}")
     try:
         header = json.loads(blob[8 : 8 + size])
     except (ValueError, RecursionError) as err:
