@@ -180,11 +180,11 @@ def ingest(
         raise BadInput("no documents to capture: the data files hold no readable documents")
     device = loaded.config["device"] if loaded else models.resolve_device(opts.device)
     request = read_sites(opts.sites, device, splice=opts.splice)
-    wh = warehouse.open_or_init(root)
     loaded = loaded or models.load(opts.model, opts.device, opts.dtype)
     ready = ready_capture(request, loaded)
     max_length = limits.window_length(opts.max_length, loaded, opts.model)
     limits.check_logit_lens(opts.logit_lens, loaded)
+    wh = warehouse.open_or_init(root)  # once every input is checked: a refused one creates no warehouse
     run_id = opts.run_id or default_run_id(opts.model)
     identity = (
         data_identity if documents is None else {"documents": len(documents), "sha256": _documents_identity(documents)}
