@@ -113,6 +113,8 @@ def dataclass_options(cls) -> dict[str, inspect.Parameter]:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         if isinstance(default, tuple):
             default = list(default)
+        if typing.get_origin(annotation) is list:  # a repeatable flag takes one value at a time
+            extra["metavar"] = f"<{typing.get_args(annotation)[0].__name__}>"
         option = typer.Option(*flags, help=help_text, **extra)
         options[f.name] = inspect.Parameter(
             f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[annotation, option]
