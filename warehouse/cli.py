@@ -464,6 +464,10 @@ app.add_typer(nag_app, name="nag")
 from .cli_bench import bench_app  # noqa: E402
 
 app.add_typer(bench_app, name="bench")
+from .cli_remote import pull, push  # noqa: E402
+
+app.command()(push)
+app.command()(pull)
 
 
 def _rel_to_polars(rel):

@@ -21,6 +21,9 @@ from .names import is_valid_name
 def init(path: str | Path) -> Warehouse:
     """Create an empty warehouse at `path` (idempotent on an existing one, and safe when several
     processes, e.g. the ranks of one ingest, create it at once)."""
+    from .remote import refuse_url
+
+    refuse_url(path)
     layout = Layout(path)
     if layout.root.exists() and not layout.root.is_dir():
         raise NotAWarehouse(f"{layout.root} is a file: pick a folder path for the warehouse")
@@ -57,12 +60,18 @@ _GUARDED_LOCK = threading.Lock()
 
 
 def open(path: str | Path) -> Warehouse:  # noqa: A001 - mirrors duckdb.connect / sqlite-utils style
-    """Open an existing warehouse; regenerates its catalog if it is stale or was moved."""
-    return Warehouse(path)
+    """Open an existing warehouse; regenerates its catalog if it is stale or was moved.
+    A URL (s3://bucket/prefix) opens a read-only warehouse in place (warehouse/remote.py)."""
+    from .remote import RemoteWarehouse, is_url
+
+    return RemoteWarehouse(path) if is_url(path) else Warehouse(path)
 
 
 def open_or_init(path: str | Path) -> Warehouse:
     """Open the warehouse at `path`, creating it first when the folder holds none (what an ingest wants)."""
+    from .remote import refuse_url
+
+    refuse_url(path)
     return open(path) if Layout(path).marker.exists() else init(path)
 
 
@@ -83,7 +92,7 @@ class Warehouse:
     def refresh(self, force: bool = False) -> None:
         """Regenerate whq.duckdb when runs were committed, macros changed or the folder moved."""
         if force or not catalog.is_current(self.layout):
-            if self.layout.catalog.is_file() and not os.access(self.root, os.W_OK):
+            if self.layout.catalog.is_file() and not os.access(self.layout.root, os.W_OK):
                 return  # a read-only warehouse is read with the catalog it has
             with locked(self.layout.commit_lock):
                 catalog.build(self.layout)
@@ -143,7 +152,7 @@ class Warehouse:
         manifests = [self.manifest(run_id)] if run_id else catalog.committed_manifests(self.layout)
         skip = self.quarantined()
         return [
-            self.root / p["path"]
+            self.layout.part_path(p["path"])
             for m in manifests
             if m["run_id"] not in skip
             for p in m["parts"]
@@ -163,6 +172,7 @@ class Warehouse:
         # against SET. The catalog is attached to a private in-memory instance, because
         # connections to one file share one instance and its (then locked) settings.
         con = duckdb.connect(":memory:")
+        self.layout.prepare(con)
         with catalog.private_copy(self.layout) as name:  # never lock whq.duckdb against the stock shell
             con.execute(f"ATTACH {catalog.quote(name)} AS whq_catalog (READ_ONLY)")
         con.execute("USE whq_catalog")
