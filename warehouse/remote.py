@@ -91,6 +91,8 @@ class Remote:
     def write(self, rel: str, payload: bytes) -> None:
         """One PUT: on S3 the object appears whole or not at all."""
         with self.errors():
+            if self.protocol not in S3_PROTOCOLS:  # a folder tree (file://) needs its folders; a bucket does not
+                self.fs.makedirs(self.fs._parent(self.key(rel)), exist_ok=True)
             self.fs.pipe_file(self.key(rel), payload)
 
     def listing(self, rel: str) -> dict[str, dict]:
