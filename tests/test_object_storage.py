@@ -218,12 +218,19 @@ def test_whq_sql_on_the_s3_root(minilm_pair):
     assert code == 0 and str(local.pl("SELECT count(*) FROM tokens").item()) in out, err
 
 
-def test_guarded_sql_reads_only_the_committed_parts(s3, minilm_pair):
-    s3.fs.pipe_file(f"{BUCKET}/minilm/stray.parquet", b"not a part")
-    code, _, err = run_whq(
-        "sql", _url("minilm"), f"SELECT * FROM read_parquet('{_url('minilm')}/stray.parquet')", "--read-only"
-    )
-    assert code == 2 and "stray.parquet" in err, err
+def test_guarded_connection_reads_only_the_committed_parts(s3, minilm_pair):
+    """The second wall of --read-only (DuckDB's allowed_paths) holds for URLs too."""
+    import duckdb
+
+    _, remote = minilm_pair
+    s3.fs.pipe_file(f"{BUCKET}/minilm/stray.parquet", s3.fs.cat_file(remote.files("runs")[0]))
+    con = remote.connect(guarded=True)
+    try:
+        assert con.sql(f"SELECT count(*) FROM read_parquet('{remote.files('runs')[0]}')").fetchall() == [(1,)]
+        with pytest.raises(duckdb.PermissionException):
+            con.sql(f"SELECT * FROM read_parquet('{_url('minilm')}/stray.parquet')").fetchall()
+    finally:
+        con.close()
 
 
 def test_writes_to_an_s3_root_are_refused(minilm_pair, tmp_path, sample_jsonl):
@@ -248,17 +255,18 @@ def test_serve_pages_on_the_s3_root_equal_the_local_ones(minilm_pair):
 
 
 def test_report_on_the_s3_root_writes_the_local_csvs(tiny_pair, tmp_path):
+    from queries.report import write_csvs
+
     local, _ = tiny_pair
-    for name, root in (("local", local.root), ("s3", _url("tiny"))):
-        code, _, err = run_whq(
-            "report", root, "--run", "chat", "--compare", "again", "--out", tmp_path / name / "r.html",
-            "--csv", tmp_path / name / "csv",
-        )  # fmt: skip
-        assert code == 0, err
-    csvs = sorted(p.name for p in (tmp_path / "local" / "csv").iterdir())
-    assert csvs
+    code, out, err = run_whq(
+        "report", _url("tiny"), "--run", "chat", "--compare", "again", "--out", tmp_path / "r.html",
+        "--csv", tmp_path / "s3",
+    )  # fmt: skip
+    assert code == 0 and (tmp_path / "r.html").stat().st_size > 0, err
+    csvs = sorted(p.name for p in write_csvs(local, "chat", tmp_path / "local", ["again"]))
+    assert csvs and sorted(p.name for p in (tmp_path / "s3").iterdir()) == csvs
     for name in csvs:
-        assert (tmp_path / "s3" / "csv" / name).read_bytes() == (tmp_path / "local" / "csv" / name).read_bytes()
+        assert (tmp_path / "s3" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
 
 
 # -- interrupted copies --------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from .names import is_valid_name
 from .parts import write_bytes_atomic
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
+_URL_OR_ITS_PATH = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:/")
 S3_PROTOCOLS = ("s3", "s3a")
 
 
@@ -41,8 +42,11 @@ def is_url(text) -> bool:
 
 
 def refuse_url(path) -> None:
-    """Writes go to local warehouses only: a URL root is read in place, and filled with `whq push`."""
-    if is_url(str(path)):
+    """Writes go to local warehouses only: a URL root is read in place, and filled with `whq push`.
+
+    A URL that went through pathlib (a command's Path argument) has lost a slash: s3:/bucket/prefix.
+    """
+    if _URL_OR_ITS_PATH.match(str(path)):
         raise WarehouseError(
             f"{path} is read-only here: write a local warehouse, then copy its runs there with `whq push WAREHOUSE {path}`"
         )
