@@ -99,6 +99,43 @@ class Remote:
                 self.fs.makedirs(self.fs._parent(self.key(rel)), exist_ok=True)
             self.fs.pipe_file(self.key(rel), payload)
 
+    def write_many(self, payloads: dict[str, bytes]) -> dict[str, dict | None]:
+        """PUT every {rel: bytes} concurrently; {rel: the storage's answer (S3: its ETag), None if it gave none}."""
+        if not payloads:
+            return {}
+        rels = list(payloads)
+        with self.errors():
+            if self.protocol not in S3_PROTOCOLS:
+                for folder in {self.fs._parent(self.key(rel)) for rel in rels}:
+                    self.fs.makedirs(folder, exist_ok=True)
+            answers = self.fs.pipe({self.key(rel): payloads[rel] for rel in rels})
+        answers = answers if isinstance(answers, list) and len(answers) == len(rels) else [None] * len(rels)
+        return {rel: answer if isinstance(answer, dict) else None for rel, answer in zip(rels, answers)}
+
+    def read_many(self, rels: list[str]) -> dict[str, bytes | None]:
+        """GET every object concurrently; None for one that does not exist."""
+        if not rels:
+            return {}
+        with self.errors():
+            found = self.fs.cat([self.key(rel) for rel in rels], on_error="return")
+        out = {}
+        for rel in rels:
+            value = found.get(self.key(rel))
+            if isinstance(value, FileNotFoundError) and not _missing_bucket(value):
+                value = None
+            elif isinstance(value, Exception):
+                raise self.explain(value)
+            out[rel] = value
+        return out
+
+    def arrived(self, rel: str, answer: dict | None, size: int, md5: str, sha256: str) -> bool:
+        """Did the PUT of `rel` store exactly these bytes? S3 answers a single PUT with ETag = MD5 of what it
+        stored; other filesystems are asked again."""
+        etag = str((answer or {}).get("ETag", "")).strip('"')
+        if self.protocol in S3_PROTOCOLS and etag and "-" not in etag:
+            return etag == md5
+        return self.same_object(rel, None, size, md5, sha256)
+
     def listing(self, rel: str) -> dict[str, dict]:
         """{path relative to the root: the storage's info (size, ETag)} for every object under `rel`."""
         with self.errors():

@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from . import metadata
@@ -31,7 +30,7 @@ from .faults import fault
 from .layout import FORMAT_VERSION
 from .locks import try_lock
 from .names import check_name
-from .parts import write_bytes_atomic
+from .parts import side_by_side, write_bytes_atomic
 from .remote import Remote
 from .runwriter import commit_manifest
 
@@ -43,8 +42,10 @@ KILL_POINTS = {
 }
 __doc__ += "".join(f"\n    {point:<14} {what}" for point, what in KILL_POINTS.items()) + "\n"
 
-# Parts in flight at once: enough to hide the round trips of small parts, few enough for 2 cores.
-CONCURRENCY = 8
+# Parts copied concurrently (fsspec's gather) in batches of at most this many bytes and parts: enough
+# to hide the round trips of small parts, and a bound on the memory a batch holds.
+BATCH_BYTES = 128 << 20
+BATCH_PARTS = 256
 
 Progress = Callable[[int], None]
 
@@ -130,11 +131,10 @@ def push(wh: Warehouse, url: str, *, endpoint_url: str | None = None, progress: 
         return done
     listed = remote.listing("data")
 
-    def upload(part: dict) -> bool:
-        """Copy one part; True when a verified copy was already there (an interrupted push's)."""
-        path = wh.layout.part_path(part["path"])
+    def read_verified(part: dict) -> tuple[dict, bytes, str, str]:
+        """The part's bytes and digests, refused when they do not match the manifest."""
         try:
-            payload = path.read_bytes()
+            payload = wh.layout.part_path(part["path"]).read_bytes()
         except OSError as err:
             raise CorruptPart(
                 f"cannot read part {part['path']} ({err.strerror or err}): check it with `whq check {wh.root}`"
@@ -145,28 +145,49 @@ def push(wh: Warehouse, url: str, *, endpoint_url: str | None = None, progress: 
                 f"part {part['path']} does not match its manifest: find the damage with `whq check {wh.root}` "
                 f"and `whq repair` it before pushing"
             )
-        present = remote.same_object(part["path"], listed.get(part["path"]), len(payload), md5, sha256)
-        if not present:
-            remote.write(part["path"], payload)
-            if not remote.same_object(part["path"], None, len(payload), md5, sha256):
-                raise WarehouseError(
-                    f"part {part['path']} did not arrive intact at {remote.url}: push again (verified parts are kept)"
-                )
-        if progress:
-            progress(len(payload))
-        fault("push.part")
-        return present
+        return part, payload, md5, sha256
 
-    with ThreadPoolExecutor(max_workers=CONCURRENCY, thread_name_prefix="whq-push") as pool:
-        for run_id, payload, manifest in todo:
-            done.parts_present += sum(pool.map(upload, manifest["parts"]))
-            fault("push.parts")
-            remote.write(f"runs/{run_id}.json", payload)
-            fault("push.manifest")
-            done.copied.append(run_id)
-            done.parts += len(manifest["parts"])
-            done.bytes += sum(p["bytes"] for p in manifest["parts"])
+    for run_id, payload, manifest in todo:
+        for batch in _batches(manifest["parts"]):
+            loaded = side_by_side(read_verified, batch)
+            present = {
+                part["path"]
+                for part, data, md5, sha256 in loaded
+                if part["path"] in listed
+                and remote.same_object(part["path"], listed[part["path"]], len(data), md5, sha256)
+            }
+            answers = remote.write_many({p["path"]: data for p, data, _, _ in loaded if p["path"] not in present})
+            for part, data, md5, sha256 in loaded:
+                if part["path"] in answers and not remote.arrived(
+                    part["path"], answers[part["path"]], len(data), md5, sha256
+                ):
+                    raise WarehouseError(
+                        f"part {part['path']} did not arrive intact at {remote.url}: push again (verified parts are kept)"
+                    )
+                if progress:
+                    progress(len(data))
+                fault("push.part")
+            done.parts_present += len(present)
+        fault("push.parts")
+        remote.write(f"runs/{run_id}.json", payload)
+        fault("push.manifest")
+        done.copied.append(run_id)
+        done.parts += len(manifest["parts"])
+        done.bytes += sum(p["bytes"] for p in manifest["parts"])
     return done
+
+
+def _batches(parts: list[dict]) -> list[list[dict]]:
+    """The parts in batches copied concurrently, each at most BATCH_BYTES (or one larger part) and BATCH_PARTS."""
+    batches: list[list[dict]] = [[]]
+    size = 0
+    for part in parts:
+        if batches[-1] and (size + part["bytes"] > BATCH_BYTES or len(batches[-1]) >= BATCH_PARTS):
+            batches.append([])
+            size = 0
+        batches[-1].append(part)
+        size += part["bytes"]
+    return [batch for batch in batches if batch]
 
 
 def pull(url: str, root, *, endpoint_url: str | None = None, progress: Progress | None = None) -> Transfer:
@@ -209,28 +230,31 @@ def _pull_run(remote: Remote, layout, run_id: str, payload: bytes, manifest: dic
                 f"`whq gc {layout.root} --interrupted`, then pull again"
             )
 
-        def fetch(part: dict) -> bool:
-            """Copy one part; True when a verified copy was already in place (an interrupted pull's)."""
+        def in_place(part: dict) -> bool:
+            """Is a verified copy already there (an interrupted pull's)?"""
             final = layout.part_path(part["path"])
-            if final.is_file() and final.stat().st_size == part["bytes"]:
-                if hashlib.sha256(final.read_bytes()).hexdigest() == part["sha256"]:
-                    if progress:
-                        progress(part["bytes"])
-                    return True
-            data = remote.read(part["path"])
+            if not final.is_file() or final.stat().st_size != part["bytes"]:
+                return False
+            return hashlib.sha256(final.read_bytes()).hexdigest() == part["sha256"]
+
+        def store(item: tuple[dict, bytes | None]) -> None:
+            part, data = item
             if data is None or len(data) != part["bytes"] or hashlib.sha256(data).hexdigest() != part["sha256"]:
                 raise CorruptPart(
                     f"part {part['path']} at {remote.url} is missing or does not match its manifest: "
                     f"push run {run_id!r} there again; nothing of it was committed here"
                 )
-            write_bytes_atomic(data, final, tmp_dir, "part", retry="pull again")
-            if progress:
-                progress(len(data))
+            write_bytes_atomic(data, layout.part_path(part["path"]), tmp_dir, "part", retry="pull again")
             fault("pull.part")
-            return False
 
-        with ThreadPoolExecutor(max_workers=CONCURRENCY, thread_name_prefix="whq-pull") as pool:
-            done.parts_present += sum(pool.map(fetch, manifest["parts"]))
+        for batch in _batches(manifest["parts"]):
+            placed = side_by_side(in_place, batch)
+            needed = [part for part, ok in zip(batch, placed) if not ok]
+            fetched = remote.read_many([part["path"] for part in needed])
+            side_by_side(store, [(part, fetched[part["path"]]) for part in needed])
+            done.parts_present += sum(placed)
+            if progress:
+                progress(sum(part["bytes"] for part in batch))
         commit_manifest(layout, run_id, payload, tmp_dir)
     finally:
         os.close(lock)
