@@ -194,7 +194,8 @@ class Remote:
                 f"bucket {self.bucket!r} does not exist{where}: create it (e.g. `aws s3 mb s3://{self.bucket}`) "
                 f"or fix the URL {self.url}"
             )
-        if _no_credentials(err):
+        anonymous = getattr(self.fs, "anon", False) and isinstance(err, PermissionError)
+        if _no_credentials(err) or anonymous:
             return WarehouseError(
                 f"no credentials for {self.url}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"
             )
