@@ -236,6 +236,8 @@ def test_guarded_connection_reads_only_the_committed_parts(s3, minilm_pair):
 def test_writes_to_an_s3_root_are_refused(minilm_pair, tmp_path, sample_jsonl):
     line = one_line_error(run_whq("init", _url("minilm")))
     assert "read-only here" in line and "whq push" in line
+    line = one_line_error(run_whq("push", _url("minilm"), _url("elsewhere")))
+    assert "copies a local warehouse" in line and "whq pull" in line
     with pytest.raises(WarehouseError, match="read-only here"):
         warehouse.open_or_init(_url("minilm"))
 

@@ -31,7 +31,7 @@ from .layout import FORMAT_VERSION
 from .locks import try_lock
 from .names import check_name
 from .parts import side_by_side, write_bytes_atomic
-from .remote import Remote
+from .remote import Remote, RemoteWarehouse
 from .runwriter import commit_manifest
 
 KILL_POINTS = {
@@ -107,6 +107,8 @@ def _conflict(run_id: str, source: str, destination: str) -> WarehouseError:
 
 def push(wh: Warehouse, url: str, *, endpoint_url: str | None = None, progress: Progress | None = None) -> Transfer:
     """Copy the committed runs of local `wh` that `url` lacks (quarantined runs stay behind)."""
+    if isinstance(wh, RemoteWarehouse):
+        raise WarehouseError(f"whq push copies a local warehouse, and {wh.root} is a URL: `whq pull` it first")
     remote = Remote(url, endpoint_url)
     marker = remote.read("whq.json")
     if marker is None:
