@@ -21,6 +21,12 @@ from .names import is_valid_name
 def init(path: str | Path) -> Warehouse:
     """Create an empty warehouse at `path` (idempotent on an existing one, and safe when several
     processes, e.g. the ranks of one ingest, create it at once)."""
+    return open(create(path))
+
+
+def create(path: str | Path) -> Layout:
+    """The folders and marker of a warehouse at `path`, without opening it: no catalog is built, for
+    a writer that fills the warehouse first and opens it once at the end (`whq pull`)."""
     from .remote import refuse_url
 
     refuse_url(path)
@@ -43,7 +49,7 @@ def init(path: str | Path) -> Warehouse:
         raise WarehouseError(
             f"cannot create a warehouse at {layout.root}: {err.strerror}; check the path and its permissions"
         ) from None
-    return open(layout.root)
+    return layout
 
 
 _MARKER_TMP = ".whq.json."

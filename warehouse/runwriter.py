@@ -272,13 +272,19 @@ class RunWriter:
             self._lock_fd = None
 
 
-def commit_manifest(layout: Layout, run_id: str, payload: bytes, tmp_dir: Path) -> None:
+def commit_manifest(
+    layout: Layout, run_id: str, payload: bytes, tmp_dir: Path, *, rebuild_catalog: bool = True
+) -> None:
     """Make a run visible in one step: its manifest renamed into runs/ under the commit lock, then the
-    catalog rebuilt (an ingest's commit, and `whq pull` of a run whose parts are in place)."""
+    catalog rebuilt (an ingest's commit, and `whq pull` of a run whose parts are in place).
+
+    rebuild_catalog=False leaves the catalog stale, which the next open rebuilds: for a writer that
+    commits several runs and opens the warehouse once at the end (`whq pull`)."""
     with locked(layout.commit_lock):
         fault("commit.locked")
         write_bytes_atomic(payload, layout.manifest(run_id), tmp_dir, "manifest")
-        catalog.build(layout)
+        if rebuild_catalog:
+            catalog.build(layout)
 
 
 def committed_with_same_config(layout: Layout, run_id: str, config: dict) -> dict | None:

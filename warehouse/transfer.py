@@ -7,8 +7,9 @@ parts no manifest names (invisible to every reader); the rerun skips the parts a
 there and verified, and copies the rest.
 
     push: part PUTs (verified by the returned size and ETag = MD5), then runs/<id>.json in one PUT
-    pull: parts written as an ingest writes them (tmp/, fsync, rename), verified against the
-          manifest's sha256, then the manifest renamed into runs/ under the commit lock
+    pull: parts fetched concurrently, each verified against the manifest's sha256 as it arrives and
+          written as an ingest writes them (tmp/, fsync, rename), their folders fsynced once, then
+          the manifest renamed into runs/ under the commit lock; the catalog is built once, at the end
 
 Kill points (warehouse/faults.py's WHQ_FAULT) of the tests, besides those of the local
 writes a pull goes through (part.*, commit.locked, manifest.*):
@@ -20,17 +21,19 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 from . import metadata
-from .core import Warehouse, open_or_init
+from .core import Warehouse, create
+from .core import open as open_warehouse
 from .errors import CorruptPart, DamagedMetadata, RunExists, WarehouseError
 from .faults import fault
 from .layout import FORMAT_VERSION
 from .locks import try_lock
 from .names import check_name
-from .parts import side_by_side, write_bytes_atomic
+from .parts import fsync_dir, side_by_side, write_bytes_atomic
 from .remote import Remote, RemoteWarehouse
 from .runwriter import commit_manifest
 
@@ -42,10 +45,12 @@ KILL_POINTS = {
 }
 __doc__ += "".join(f"\n    {point:<14} {what}" for point, what in KILL_POINTS.items()) + "\n"
 
-# Parts copied concurrently (fsspec's gather) in batches of at most this many bytes and parts: enough
-# to hide the round trips of small parts, and a bound on the memory a batch holds.
+# Parts copied concurrently (push: fsspec's gather, in batches) with at most this many bytes and parts
+# in memory at once: enough to hide the round trips of small parts, and a bound on the memory held.
 BATCH_BYTES = 128 << 20
 BATCH_PARTS = 256
+# A pull's parts in flight at once, each GET, checked and written by its own thread.
+PULL_THREADS = 16
 
 Progress = Callable[[int], None]
 
@@ -200,8 +205,10 @@ def pull(url: str, root, *, endpoint_url: str | None = None, progress: Progress 
         raise WarehouseError(f"{remote.url} is not a whq warehouse (no whq.json): check the URL")
     _check_format(remote, marker)
     there = remote.manifests()
-    wh = open_or_init(root)
-    layout, done, todo = wh.layout, Transfer(), []
+    # Created (or checked) without opening: the catalog is built once, by the open at the end.
+    layout = create(root)
+    metadata.format_version(layout)
+    done, todo = Transfer(), []
     for run_id, payload in sorted(there.items()):
         check_name("run id", run_id)
         local = layout.manifest(run_id)
@@ -211,9 +218,9 @@ def pull(url: str, root, *, endpoint_url: str | None = None, progress: Progress 
             done.present.append(run_id)
         else:
             todo.append((run_id, payload, _parse(payload, run_id, remote.url)))
-    wh.close()
     for run_id, payload, manifest in todo:
         _pull_run(remote, layout, run_id, payload, manifest, done, progress)
+    open_warehouse(layout.root).close()
     return done
 
 
@@ -232,32 +239,31 @@ def _pull_run(remote: Remote, layout, run_id: str, payload: bytes, manifest: dic
                 f"`whq gc {layout.root} --interrupted`, then pull again"
             )
 
-        def in_place(part: dict) -> bool:
-            """Is a verified copy already there (an interrupted pull's)?"""
+        def fetch(part: dict) -> bool:
+            """GET one part, check it against the manifest and write it into data/; True when a verified
+            copy (an interrupted pull's) was already there."""
             final = layout.part_path(part["path"])
-            if not final.is_file() or final.stat().st_size != part["bytes"]:
-                return False
-            return hashlib.sha256(final.read_bytes()).hexdigest() == part["sha256"]
-
-        def store(item: tuple[dict, bytes | None]) -> None:
-            part, data = item
+            if final.is_file() and final.stat().st_size == part["bytes"]:
+                if hashlib.sha256(final.read_bytes()).hexdigest() == part["sha256"]:
+                    return True
+            data = remote.read(part["path"])
             if data is None or len(data) != part["bytes"] or hashlib.sha256(data).hexdigest() != part["sha256"]:
                 raise CorruptPart(
                     f"part {part['path']} at {remote.url} is missing or does not match its manifest: "
                     f"push run {run_id!r} there again; nothing of it was committed here"
                 )
-            write_bytes_atomic(data, layout.part_path(part["path"]), tmp_dir, "part", retry="pull again")
-            fault("pull.part")
+            write_bytes_atomic(data, final, tmp_dir, "part", retry="pull again", sync_folder=False)
+            return False
 
-        for batch in _batches(manifest["parts"]):
-            placed = side_by_side(in_place, batch)
-            needed = [part for part, ok in zip(batch, placed) if not ok]
-            fetched = remote.read_many([part["path"] for part in needed])
-            side_by_side(store, [(part, fetched[part["path"]]) for part in needed])
-            done.parts_present += sum(placed)
+        for part, reused in _fetched(fetch, manifest["parts"]):
+            done.parts_present += reused
+            if not reused:
+                fault("pull.part")
             if progress:
-                progress(sum(part["bytes"] for part in batch))
-        commit_manifest(layout, run_id, payload, tmp_dir)
+                progress(part["bytes"])
+        for folder in sorted({layout.part_path(part["path"]).parent for part in manifest["parts"]}):
+            fsync_dir(folder)
+        commit_manifest(layout, run_id, payload, tmp_dir, rebuild_catalog=False)
     finally:
         os.close(lock)
     shutil.rmtree(journal, ignore_errors=True)
@@ -265,3 +271,25 @@ def _pull_run(remote: Remote, layout, run_id: str, payload: bytes, manifest: dic
     done.copied.append(run_id)
     done.parts += len(manifest["parts"])
     done.bytes += sum(p["bytes"] for p in manifest["parts"])
+
+
+def _fetched(fetch: Callable[[dict], bool], parts: list[dict]) -> Iterator[tuple[dict, bool]]:
+    """(part, fetch(part)) for every part as each finishes, at most PULL_THREADS parts and BATCH_BYTES
+    (or one larger part) in flight: the GETs of some parts overlap the hashing and writing of others."""
+    pending: dict[Future, dict] = {}
+    with ThreadPoolExecutor(max_workers=PULL_THREADS, thread_name_prefix="whq-pull") as pool:
+        try:
+            queue = list(reversed(parts))
+            while queue or pending:
+                in_flight = sum(part["bytes"] for part in pending.values())
+                while queue and (
+                    not pending or (len(pending) < PULL_THREADS and in_flight + queue[-1]["bytes"] <= BATCH_BYTES)
+                ):
+                    part = queue.pop()
+                    pending[pool.submit(fetch, part)] = part
+                    in_flight += part["bytes"]
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    yield pending.pop(future), future.result()
+        finally:
+            pool.shutdown(cancel_futures=True)
