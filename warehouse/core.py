@@ -21,7 +21,7 @@ from .names import is_valid_name
 def init(path: str | Path) -> Warehouse:
     """Create an empty warehouse at `path` (idempotent on an existing one, and safe when several
     processes, e.g. the ranks of one ingest, create it at once)."""
-    return open(create(path))
+    return open(create(path).root)
 
 
 def create(path: str | Path) -> Layout:
