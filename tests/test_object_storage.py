@@ -37,7 +37,7 @@ from warehouse.remote import RemoteWarehouse
 from warehouse.seaweed import LocalS3, weed_binary
 
 from .cli_runner import run_whq
-from .macro_calls import MINILM_CALLS, TINY_CALLS, build_tiny_warehouse, placeholder_values
+from .macro_calls import MINILM_CALLS, TINY_CALLS, placeholder_values
 from .test_neuron_macros import TWIN_CALLS
 
 pytestmark = pytest.mark.skipif(
@@ -109,9 +109,10 @@ def one_line_error(result) -> str:
     return lines[0]
 
 
-@pytest.fixture
-def golden_copy(golden_root, tmp_path) -> Path:
-    root = tmp_path / "wh"
+@pytest.fixture(scope="module")
+def golden_copy(golden_root, tmp_path_factory) -> Path:
+    """The golden warehouse as a push source, shared: every test that pushes it asserts its files unchanged."""
+    root = tmp_path_factory.mktemp("s3-golden") / "wh"
     shutil.copytree(golden_root, root)
     warehouse.open(root).close()  # a current catalog, so nothing below rewrites it
     return root
@@ -166,10 +167,9 @@ def minilm_pair(s3, minilm_wh):
 
 
 @pytest.fixture(scope="module")
-def tiny_pair(s3, tmp_path_factory, tiny_lm_dir):
-    root = build_tiny_warehouse(tmp_path_factory.mktemp("s3-tiny"), tiny_lm_dir)
-    assert run_whq("push", root, _url("tiny"), "-q")[0] == 0
-    with warehouse.open(root) as local, warehouse.open(_url("tiny")) as remote:
+def tiny_pair(s3, tiny_macro_root):
+    assert run_whq("push", tiny_macro_root, _url("tiny"), "-q")[0] == 0
+    with warehouse.open(tiny_macro_root) as local, warehouse.open(_url("tiny")) as remote:
         yield local, remote
 
 
@@ -325,7 +325,7 @@ def test_a_killed_pull_shows_no_partial_run_and_resumes(s3, golden_copy, tmp_pat
 # -- bad credentials, buckets and servers --------------------------------------------------------------
 
 
-def test_wrong_secret_missing_bucket_and_unreachable_endpoint_are_one_line(s3, golden_copy):
+def test_wrong_secret_missing_bucket_and_unreachable_endpoint_are_one_line(s3, golden_copy, tmp_path):
     before = all_files(golden_copy)
     line = one_line_error(whq_child("push", golden_copy, _url("x"), env={"AWS_SECRET_ACCESS_KEY": "wrong"}))
     assert "denied" in line and "AWS_SECRET_ACCESS_KEY" in line
@@ -333,7 +333,7 @@ def test_wrong_secret_missing_bucket_and_unreachable_endpoint_are_one_line(s3, g
     assert "denied" in line and "AWS_ACCESS_KEY_ID" in line
     line = one_line_error(whq_child("push", golden_copy, "s3://no-such-bucket/wh", "-q"))
     assert "bucket 'no-such-bucket' does not exist" in line and "create it" in line
-    line = one_line_error(whq_child("pull", "s3://no-such-bucket/wh", golden_copy.parent / "p", "-q"))
+    line = one_line_error(whq_child("pull", "s3://no-such-bucket/wh", tmp_path / "p", "-q"))
     assert "bucket 'no-such-bucket' does not exist" in line
     line = one_line_error(
         whq_child("push", golden_copy, _url("x"), "-q", "--endpoint-url", f"http://127.0.0.1:{_closed_port()}")
@@ -389,3 +389,17 @@ def test_other_fsspec_urls_push_pull_and_query(golden_copy, tmp_path, scheme):
                 )
     assert transfer.pull(url, tmp_path / "back").copied == ["g"]
     assert local_files(tmp_path / "back") == local_files(golden_copy)
+
+
+def test_a_pull_builds_the_catalog_once(golden_copy, tmp_path, monkeypatch):
+    """A pull into a new warehouse builds its catalog once, at the end (none for the empty warehouse)."""
+    url = f"file://{tmp_path / 'source'}"
+    with warehouse.open(golden_copy) as wh:
+        transfer.push(wh, url)
+    builds, build = [], catalog.build
+    monkeypatch.setattr(catalog, "build", lambda layout: builds.append(layout.root) or build(layout))
+    assert transfer.pull(url, tmp_path / "back").copied == ["g"]
+    assert builds == [(tmp_path / "back").resolve()]
+    with warehouse.open(tmp_path / "back") as back:
+        assert back.run_ids() == ["g"] and back.pl("SELECT count(*) AS n FROM tokens").item() > 0
+    assert builds == [(tmp_path / "back").resolve()]

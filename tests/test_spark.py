@@ -17,7 +17,7 @@ from queries import spark_transpile
 from warehouse import catalog
 from warehouse.errors import QueryError
 
-from .macro_calls import MINILM_CALLS, TINY_CALLS, build_tiny_warehouse, placeholder_values
+from .macro_calls import MINILM_CALLS, TINY_CALLS, placeholder_values
 
 pytestmark = pytest.mark.spark
 
@@ -47,8 +47,8 @@ def wh(minilm_wh):
 
 
 @pytest.fixture(scope="module")
-def tiny_wh(tmp_path_factory, tiny_lm_dir):
-    with warehouse.open(build_tiny_warehouse(tmp_path_factory.mktemp("spark-tiny"), tiny_lm_dir)) as opened:
+def tiny_wh(tiny_macro_root):
+    with warehouse.open(tiny_macro_root) as opened:
         yield opened
 
 
