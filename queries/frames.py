@@ -44,7 +44,13 @@ def scan(wh, table: str, run: str | None = None) -> pl.LazyFrame:
     if not files:
         return pl.LazyFrame(schema=target)
     hive = {k: target[k] for k in schema.table(table).partitions}
-    frame = pl.scan_parquet(files, hive_partitioning=True, hive_schema=hive, missing_columns="insert")
+    frame = pl.scan_parquet(
+        files,
+        hive_partitioning=True,
+        hive_schema=hive,
+        missing_columns="insert",
+        storage_options=wh.layout.storage_options,  # credentials and endpoint of an s3:// root
+    )
     return frame.select(pl.col(name).cast(dtype) for name, dtype in target.items())
 
 

@@ -77,6 +77,15 @@ def minilm_wh(tmp_path_factory, sample_jsonl) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def tiny_macro_root(tmp_path_factory, tiny_lm_dir) -> Path:
+    """The tiny causal LM's warehouse of tests/macro_calls.py (runs 'chat', 'again', 'lm2'), built once
+    for the engine parity tests (Spark, object storage); tests only read it."""
+    from .macro_calls import build_tiny_warehouse
+
+    return build_tiny_warehouse(tmp_path_factory.mktemp("macro-tiny"), tiny_lm_dir)
+
+
 @pytest.fixture(params=["fused", "torch"])
 def hook_path(request, monkeypatch) -> str:
     """Run a capture test through the fused C kernel and through the torch ops."""

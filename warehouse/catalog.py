@@ -107,7 +107,7 @@ def build(layout: Layout, skip: set[str] | None = None) -> None:
         if manifest["run_id"] in skip:
             continue
         for part in manifest["parts"]:
-            files.setdefault(part["table"], []).append(str(layout.root / part["path"]))
+            files.setdefault(part["table"], []).append(str(layout.part_path(part["path"])))
 
     metadata.catalog_file(layout)
     # Under the commit lock every temporary catalog is one a killed process left behind.
@@ -140,6 +140,7 @@ def _write_failure(err: duckdb.Error, tmp: Path) -> bool:
 def _write(layout: Layout, tmp: Path, files: dict[str, list[str]]) -> None:
     """The catalog's views, info view and macros, written into the new file `tmp`."""
     con = duckdb.connect()
+    layout.prepare(con)
     try:
         con.execute(f"ATTACH {quote(str(tmp))} AS whq_catalog (STORAGE_VERSION '{STORAGE_VERSION}')")
         con.execute("USE whq_catalog")
@@ -212,7 +213,9 @@ def private_copy(layout: Layout):
 def connect(layout: Layout) -> duckdb.DuckDBPyConnection:
     """A read-only connection to (a private copy of) the catalog; it never locks whq.duckdb."""
     with private_copy(layout) as name:
-        return duckdb.connect(name, read_only=True)
+        con = duckdb.connect(name, read_only=True)
+    layout.prepare(con)
+    return con
 
 
 def is_current(layout: Layout) -> bool:

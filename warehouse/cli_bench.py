@@ -142,3 +142,30 @@ def serve_(
         root, rows, layers=layers, width=width, k=k, repeats=repeats, echo=None if as_json else typer.echo
     )
     typer.echo(jsonio.dumps(result, indent=1) if as_json else "\n".join(lines(result)))
+
+
+@bench_app.command("storage")
+def storage(
+    root: Path = typer.Argument(..., help="Warehouse whose committed runs are pushed and pulled (built when --rows)."),
+    rows: int | None = typer.Option(
+        None, "--rows", help="First write the synthetic run of `whq bench query` with this many token_neurons rows."
+    ),
+    repeats: int = typer.Option(1, "--repeats", help="Timed copies of each kind, alternating; the best counts."),
+    as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
+):
+    """Push and pull throughput to a local S3 server (SeaweedFS) against a plain s3fs copy of the same files.
+
+    Example: whq bench storage /tmp/whq-sbench --rows 20000000
+    """
+    import warehouse
+
+    from . import ranges
+    from .transfer_bench import bench_storage
+
+    ranges.at_least("--repeats", repeats, 1)
+    if rows is not None:
+        from queries.bench import Shape, build
+
+        build(root, Shape(rows=rows), echo=None if as_json else typer.echo)
+    result = bench_storage(warehouse.open(root), repeats, echo=None if as_json else typer.echo)
+    typer.echo(jsonio.dumps(result.to_dict(), indent=1) if as_json else "\n".join(result.lines()))

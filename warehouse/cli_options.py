@@ -20,7 +20,6 @@ import inspect
 import textwrap
 import typing
 from enum import StrEnum
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -44,7 +43,7 @@ class FrameEngine(StrEnum):
     polars = "polars"
 
 
-WarehouseArg = Annotated[Path, typer.Argument(help="Warehouse folder.")]
+WarehouseArg = Annotated[str, typer.Argument(help="Warehouse folder, or a URL (s3://bucket/prefix) to read in place.")]
 FormatOption = Annotated[OutputFormat, typer.Option("--format", help="How to print the rows: table, csv or json.")]
 SqlEngineOption = Annotated[SqlEngine, typer.Option("--engine", help="duckdb, or spark to run the same SQL on Spark.")]
 FrameEngineOption = Annotated[FrameEngine, typer.Option("--engine", help="sql (DuckDB) or polars.")]

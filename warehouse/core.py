@@ -21,6 +21,15 @@ from .output import check_new_warehouse
 def init(path: str | Path) -> Warehouse:
     """Create an empty warehouse at `path` (idempotent on an existing one, and safe when several
     processes, e.g. the ranks of one ingest, create it at once)."""
+    return open(create(path).root)
+
+
+def create(path: str | Path) -> Layout:
+    """The folders and marker of a warehouse at `path`, without opening it: no catalog is built, for
+    a writer that fills the warehouse first and opens it once at the end (`whq pull`)."""
+    from .remote import refuse_url
+
+    refuse_url(path)
     layout = Layout(path)
     if layout.root.exists() and not layout.root.is_dir():
         raise NotAWarehouse(f"{layout.root} is a file: pick a folder path for the warehouse")
@@ -42,7 +51,7 @@ def init(path: str | Path) -> Warehouse:
         raise WarehouseError(
             f"cannot create a warehouse at {layout.root}: {err.strerror}; check the path and its permissions"
         ) from None
-    return open(layout.root)
+    return layout
 
 
 _MARKER_TMP = ".whq.json."
@@ -59,12 +68,18 @@ _GUARDED_LOCK = threading.Lock()
 
 
 def open(path: str | Path) -> Warehouse:  # noqa: A001 - mirrors duckdb.connect / sqlite-utils style
-    """Open an existing warehouse; regenerates its catalog if it is stale or was moved."""
-    return Warehouse(path)
+    """Open an existing warehouse; regenerates its catalog if it is stale or was moved.
+    A URL (s3://bucket/prefix) opens a read-only warehouse in place (warehouse/remote.py)."""
+    from .remote import RemoteWarehouse, is_url
+
+    return RemoteWarehouse(path) if is_url(path) else Warehouse(path)
 
 
 def open_or_init(path: str | Path) -> Warehouse:
     """Open the warehouse at `path`, creating it first when the folder holds none (what an ingest wants)."""
+    from .remote import refuse_url
+
+    refuse_url(path)
     return open(path) if Layout(path).marker.exists() else init(path)
 
 
@@ -85,7 +100,7 @@ class Warehouse:
     def refresh(self, force: bool = False) -> None:
         """Regenerate whq.duckdb when runs were committed, macros changed or the folder moved."""
         if force or not catalog.is_current(self.layout):
-            if self.layout.catalog.is_file() and not os.access(self.root, os.W_OK):
+            if self.layout.catalog.is_file() and not os.access(self.layout.root, os.W_OK):
                 return  # a read-only warehouse is read with the catalog it has
             with locked(self.layout.commit_lock):
                 catalog.build(self.layout)
@@ -145,7 +160,7 @@ class Warehouse:
         manifests = [self.manifest(run_id)] if run_id else catalog.committed_manifests(self.layout)
         skip = self.quarantined()
         return [
-            self.root / p["path"]
+            self.layout.part_path(p["path"])
             for m in manifests
             if m["run_id"] not in skip
             for p in m["parts"]
@@ -165,6 +180,7 @@ class Warehouse:
         # against SET. The catalog is attached to a private in-memory instance, because
         # connections to one file share one instance and its (then locked) settings.
         con = duckdb.connect(":memory:")
+        self.layout.prepare(con)
         with catalog.private_copy(self.layout) as name:  # never lock whq.duckdb against the stock shell
             con.execute(f"ATTACH {catalog.quote(name)} AS whq_catalog (READ_ONLY)")
         con.execute("USE whq_catalog")

@@ -24,8 +24,18 @@ CATALOG = "whq.duckdb"
 
 
 class Layout:
+    # Options Polars needs to read the parts (credentials and endpoint of a remote root, warehouse/remote.py).
+    storage_options: dict | None = None
+
     def __init__(self, root: str | Path):
         self.root = Path(root).resolve()
+
+    def part_path(self, rel: str) -> Path:
+        """Where DuckDB and Polars read a committed part (`rel` as its manifest names it)."""
+        return self.root / rel
+
+    def prepare(self, con) -> None:
+        """Let DuckDB connection `con` read the parts (a remote root registers its filesystem)."""
 
     @property
     def marker(self) -> Path:

@@ -92,12 +92,20 @@ def fsync_dir(path: Path) -> None:
 
 
 def write_bytes_atomic(
-    payload: bytes, final: Path, tmp_dir: Path, what: str = "file", retry: str = "rerun with --resume"
+    payload: bytes,
+    final: Path,
+    tmp_dir: Path,
+    what: str = "file",
+    retry: str = "rerun with --resume",
+    *,
+    sync_folder: bool = True,
 ) -> None:
-    """Write under tmp_dir, fsync, then rename onto `final` (same filesystem).
+    """Write under tmp_dir, fsync, then rename onto `final` (same filesystem), and fsync its folder.
 
     `what` names the fault points (warehouse.faults) on the way: <what>.partial/.synced/.renamed.
     `retry` is the advice after a failure (maintenance commands are rerun, not resumed).
+    sync_folder=False leaves the folder's fsync to a caller that writes many files into few
+    folders and syncs each folder once before it commits.
     """
     tmp = tmp_dir / f"{uuid.uuid4().hex}.tmp"
     try:
@@ -118,7 +126,8 @@ def write_bytes_atomic(
             f"cannot write {final}: {err.strerror or err}; free disk space or fix permissions, then {retry}"
         ) from None
     fault(f"{what}.renamed")
-    fsync_dir(final.parent)
+    if sync_folder:
+        fsync_dir(final.parent)
 
 
 def write_part(

@@ -255,15 +255,7 @@ class RunWriter:
             "parts": parts,
             "rows": _rows_by_table(parts),
         }
-        with locked(self.layout.commit_lock):
-            fault("commit.locked")
-            write_bytes_atomic(
-                jsonio.dumps(manifest, indent=1).encode(),
-                self.layout.manifest(self.run_id),
-                self.tmp_dir,
-                "manifest",
-            )
-            catalog.build(self.layout)
+        commit_manifest(self.layout, self.run_id, jsonio.dumps(manifest, indent=1).encode(), self.tmp_dir)
         fault("commit.catalog")
         self.close()
         shutil.rmtree(self.journal_dir, ignore_errors=True)
@@ -282,6 +274,21 @@ class RunWriter:
         if getattr(self, "_lock_fd", None) is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+
+def commit_manifest(
+    layout: Layout, run_id: str, payload: bytes, tmp_dir: Path, *, rebuild_catalog: bool = True
+) -> None:
+    """Make a run visible in one step: its manifest renamed into runs/ under the commit lock, then the
+    catalog rebuilt (an ingest's commit, and `whq pull` of a run whose parts are in place).
+
+    rebuild_catalog=False leaves the catalog stale, which the next open rebuilds: for a writer that
+    commits several runs and opens the warehouse once at the end (`whq pull`)."""
+    with locked(layout.commit_lock):
+        fault("commit.locked")
+        write_bytes_atomic(payload, layout.manifest(run_id), tmp_dir, "manifest")
+        if rebuild_catalog:
+            catalog.build(layout)
 
 
 def committed_with_same_config(layout: Layout, run_id: str, config: dict) -> dict | None:

@@ -1,0 +1,295 @@
+"""`whq push` and `whq pull`: copy committed runs between a local warehouse and a URL root.
+
+Both keep the commit discipline of a local write: a run's parts are copied first, each
+verified by size and checksum, and its manifest (byte for byte the source's) goes last, so
+a run appears at the destination only once it is complete. Interrupted, either leaves only
+parts no manifest names (invisible to every reader); the rerun skips the parts already
+there and verified, and copies the rest.
+
+    push: part PUTs (verified by the returned size and ETag = MD5), then runs/<id>.json in one PUT
+    pull: parts fetched concurrently, each verified against the manifest's sha256 as it arrives and
+          written as an ingest writes them (tmp/, fsync, rename), their folders fsynced once, then
+          the manifest renamed into runs/ under the commit lock; the catalog is built once, at the end
+
+Kill points (warehouse/faults.py's WHQ_FAULT) of the tests, besides those of the local
+writes a pull goes through (part.*, commit.locked, manifest.*):
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+
+from . import metadata
+from .core import Warehouse, create
+from .core import open as open_warehouse
+from .errors import CorruptPart, DamagedMetadata, RunExists, WarehouseError
+from .faults import fault
+from .layout import FORMAT_VERSION
+from .locks import try_lock
+from .names import check_name
+from .parts import fsync_dir, side_by_side, write_bytes_atomic
+from .remote import Remote, RemoteWarehouse
+from .runwriter import commit_manifest
+
+KILL_POINTS = {
+    "push.part": "push: a part uploaded and verified, before the next",
+    "push.parts": "push: every part of a run uploaded, before its manifest",
+    "push.manifest": "push: a run's manifest uploaded (the run is visible there), before the next run",
+    "pull.part": "pull: a part written and verified, before the next",
+}
+__doc__ += "".join(f"\n    {point:<14} {what}" for point, what in KILL_POINTS.items()) + "\n"
+
+# Parts copied concurrently (push: fsspec's gather, in batches) with at most this many bytes and parts
+# in memory at once: enough to hide the round trips of small parts, and a bound on the memory held.
+BATCH_BYTES = 128 << 20
+BATCH_PARTS = 256
+# A pull's parts in flight at once, each GET, checked and written by its own thread.
+PULL_THREADS = 16
+
+Progress = Callable[[int], None]
+
+
+@dataclass
+class Transfer:
+    """What a push or pull did: runs copied, runs already there, parts and bytes moved and skipped."""
+
+    copied: list[str] = field(default_factory=list)
+    present: list[str] = field(default_factory=list)
+    skipped_quarantined: list[str] = field(default_factory=list)
+    parts: int = 0
+    bytes: int = 0
+    parts_present: int = 0
+
+    def line(self, verb: str, where: str) -> str:
+        text = (
+            f"{verb} {len(self.copied)} run(s) ({self.parts} parts, {self.bytes / 1e6:.1f} MB) {where}; "
+            f"{len(self.present)} already there"
+        )
+        if self.parts_present:
+            text += f", {self.parts_present} part(s) of an interrupted copy reused"
+        if self.skipped_quarantined:
+            text += f"; left out quarantined run(s) {', '.join(self.skipped_quarantined)} (`whq repair` first)"
+        return text
+
+
+def _digests(payload: bytes) -> tuple[str, str]:
+    return hashlib.md5(payload, usedforsecurity=False).hexdigest(), hashlib.sha256(payload).hexdigest()
+
+
+def _parse(payload: bytes, run_id: str, where: str) -> dict:
+    try:
+        return metadata.check_manifest(json.loads(payload.decode("utf-8")), run_id)
+    except (ValueError, UnicodeDecodeError, RecursionError) as what:
+        raise DamagedMetadata(
+            f"the manifest of run {run_id!r} at {where} is damaged ({what}): delete it there"
+        ) from None
+
+
+def _check_format(remote: Remote, marker: bytes) -> None:
+    try:
+        version = json.loads(marker)["format_version"]
+    except (ValueError, KeyError, TypeError):
+        raise DamagedMetadata(f"{remote.url_of('whq.json')} is damaged: delete it, then push again") from None
+    if version != FORMAT_VERSION:
+        raise WarehouseError(
+            f"{remote.url} holds a warehouse of format version {version}, this whq writes {FORMAT_VERSION}: "
+            f"push to another prefix, or upgrade whq"
+        )
+
+
+def _conflict(run_id: str, source: str, destination: str) -> WarehouseError:
+    return RunExists(
+        f"run {run_id!r} at {destination} differs from the one in {source}: delete it at the destination "
+        f"(or push to another prefix); nothing was copied"
+    )
+
+
+def push(wh: Warehouse, url: str, *, endpoint_url: str | None = None, progress: Progress | None = None) -> Transfer:
+    """Copy the committed runs of local `wh` that `url` lacks (quarantined runs stay behind)."""
+    if isinstance(wh, RemoteWarehouse):
+        raise WarehouseError(f"whq push copies a local warehouse, and {wh.root} is a URL: `whq pull` it first")
+    remote = Remote(url, endpoint_url)
+    marker = remote.read("whq.json")
+    if marker is None:
+        remote.write("whq.json", wh.layout.marker.read_bytes())
+    else:
+        _check_format(remote, marker)
+    there = remote.manifests()
+    done, todo = Transfer(), []
+    quarantined = wh.quarantined()
+    for run_id in wh.run_ids():
+        if run_id in quarantined:
+            done.skipped_quarantined.append(run_id)
+            continue
+        payload = wh.layout.manifest(run_id).read_bytes()
+        if run_id in there:
+            if there[run_id] != payload:
+                raise _conflict(run_id, str(wh.root), remote.url)
+            done.present.append(run_id)
+        else:
+            todo.append((run_id, payload, wh.manifest(run_id)))
+    if not todo:
+        return done
+    listed = remote.listing("data")
+
+    def read_verified(part: dict) -> tuple[dict, bytes, str, str]:
+        """The part's bytes and digests, refused when they do not match the manifest."""
+        try:
+            payload = wh.layout.part_path(part["path"]).read_bytes()
+        except OSError as err:
+            raise CorruptPart(
+                f"cannot read part {part['path']} ({err.strerror or err}): check it with `whq check {wh.root}`"
+            ) from None
+        md5, sha256 = _digests(payload)
+        if len(payload) != part["bytes"] or sha256 != part["sha256"]:
+            raise CorruptPart(
+                f"part {part['path']} does not match its manifest: find the damage with `whq check {wh.root}` "
+                f"and `whq repair` it before pushing"
+            )
+        return part, payload, md5, sha256
+
+    for run_id, payload, manifest in todo:
+        for batch in _batches(manifest["parts"]):
+            loaded = side_by_side(read_verified, batch)
+            present = {
+                part["path"]
+                for part, data, md5, sha256 in loaded
+                if part["path"] in listed
+                and remote.same_object(part["path"], listed[part["path"]], len(data), md5, sha256)
+            }
+            answers = remote.write_many({p["path"]: data for p, data, _, _ in loaded if p["path"] not in present})
+            for part, data, md5, sha256 in loaded:
+                if part["path"] in answers and not remote.arrived(
+                    part["path"], answers[part["path"]], len(data), md5, sha256
+                ):
+                    raise WarehouseError(
+                        f"part {part['path']} did not arrive intact at {remote.url}: push again (verified parts are kept)"
+                    )
+                if progress:
+                    progress(len(data))
+                fault("push.part")
+            done.parts_present += len(present)
+        fault("push.parts")
+        remote.write(f"runs/{run_id}.json", payload)
+        fault("push.manifest")
+        done.copied.append(run_id)
+        done.parts += len(manifest["parts"])
+        done.bytes += sum(p["bytes"] for p in manifest["parts"])
+    return done
+
+
+def _batches(parts: list[dict]) -> list[list[dict]]:
+    """The parts in batches copied concurrently, each at most BATCH_BYTES (or one larger part) and BATCH_PARTS."""
+    batches: list[list[dict]] = [[]]
+    size = 0
+    for part in parts:
+        if batches[-1] and (size + part["bytes"] > BATCH_BYTES or len(batches[-1]) >= BATCH_PARTS):
+            batches.append([])
+            size = 0
+        batches[-1].append(part)
+        size += part["bytes"]
+    return [batch for batch in batches if batch]
+
+
+def pull(url: str, root, *, endpoint_url: str | None = None, progress: Progress | None = None) -> Transfer:
+    """Copy the runs committed at `url` that local warehouse `root` lacks (created when absent)."""
+    remote = Remote(url, endpoint_url)
+    marker = remote.read("whq.json")
+    if marker is None:
+        raise WarehouseError(f"{remote.url} is not a whq warehouse (no whq.json): check the URL")
+    _check_format(remote, marker)
+    there = remote.manifests()
+    # Created (or checked) without opening: the catalog is built once, by the open at the end.
+    layout = create(root)
+    metadata.format_version(layout)
+    done, todo = Transfer(), []
+    for run_id, payload in sorted(there.items()):
+        check_name("run id", run_id)
+        local = layout.manifest(run_id)
+        if local.exists():
+            if local.read_bytes() != payload:
+                raise _conflict(run_id, remote.url, str(layout.root))
+            done.present.append(run_id)
+        else:
+            todo.append((run_id, payload, _parse(payload, run_id, remote.url)))
+    for run_id, payload, manifest in todo:
+        _pull_run(remote, layout, run_id, payload, manifest, done, progress)
+    open_warehouse(layout.root).close()
+    return done
+
+
+def _pull_run(remote: Remote, layout, run_id: str, payload: bytes, manifest: dict, done: Transfer, progress) -> None:
+    # A pull writes as rank 0 of the run would: under its rank lock and in its tmp folder, so the
+    # warehouse's sweep and gc leave a live pull's files alone and an ingest of the same id is refused.
+    journal = layout.journal_dir(run_id)
+    lock = try_lock(journal / "rank-0.lock")
+    if lock is None:
+        raise RunExists(f"run {run_id!r} is being written into {layout.root} right now; wait for it, then pull again")
+    tmp_dir = layout.tmp_dir / f"{run_id}.rank-0"
+    try:
+        if (journal / "config.json").exists():
+            raise RunExists(
+                f"run {run_id!r} has an interrupted ingest in {layout.root}: resume it, or discard it with "
+                f"`whq gc {layout.root} --interrupted`, then pull again"
+            )
+
+        def fetch(part: dict) -> bool:
+            """GET one part, check it against the manifest and write it into data/; True when a verified
+            copy (an interrupted pull's) was already there."""
+            final = layout.part_path(part["path"])
+            if final.is_file() and final.stat().st_size == part["bytes"]:
+                if hashlib.sha256(final.read_bytes()).hexdigest() == part["sha256"]:
+                    return True
+            data = remote.read(part["path"])
+            if data is None or len(data) != part["bytes"] or hashlib.sha256(data).hexdigest() != part["sha256"]:
+                raise CorruptPart(
+                    f"part {part['path']} at {remote.url} is missing or does not match its manifest: "
+                    f"push run {run_id!r} there again; nothing of it was committed here"
+                )
+            write_bytes_atomic(data, final, tmp_dir, "part", retry="pull again", sync_folder=False)
+            return False
+
+        for part, reused in _fetched(fetch, manifest["parts"]):
+            done.parts_present += reused
+            if not reused:
+                fault("pull.part")
+            if progress:
+                progress(part["bytes"])
+        for folder in sorted({layout.part_path(part["path"]).parent for part in manifest["parts"]}):
+            fsync_dir(folder)
+        commit_manifest(layout, run_id, payload, tmp_dir, rebuild_catalog=False)
+    finally:
+        os.close(lock)
+    shutil.rmtree(journal, ignore_errors=True)
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    done.copied.append(run_id)
+    done.parts += len(manifest["parts"])
+    done.bytes += sum(p["bytes"] for p in manifest["parts"])
+
+
+def _fetched(fetch: Callable[[dict], bool], parts: list[dict]) -> Iterator[tuple[dict, bool]]:
+    """(part, fetch(part)) for every part as each finishes, at most PULL_THREADS parts and BATCH_BYTES
+    (or one larger part) in flight: the GETs of some parts overlap the hashing and writing of others."""
+    pending: dict[Future, dict] = {}
+    with ThreadPoolExecutor(max_workers=PULL_THREADS, thread_name_prefix="whq-pull") as pool:
+        try:
+            queue = list(reversed(parts))
+            while queue or pending:
+                in_flight = sum(part["bytes"] for part in pending.values())
+                while queue and (
+                    not pending or (len(pending) < PULL_THREADS and in_flight + queue[-1]["bytes"] <= BATCH_BYTES)
+                ):
+                    part = queue.pop()
+                    pending[pool.submit(fetch, part)] = part
+                    in_flight += part["bytes"]
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    yield pending.pop(future), future.result()
+        finally:
+            pool.shutdown(cancel_futures=True)
