@@ -47,7 +47,8 @@ class IngestOptions:
     model: str = "minilm"
     """Local model folder, cached hub id, `minilm`, `config:qwen3-tiny`, or adapter.py[:checkpoint]."""
     data: tuple[str, ...] = ()
-    """Document files (.jsonl, .parquet, .txt); empty when `ingest()` is given documents."""
+    """Document files (.jsonl, .parquet, .txt), hf:NAME[:CONFIG], a save_to_disk folder, or a folder or glob of
+    .parquet/.jsonl/.txt shards (docs/datasets.md); empty when `ingest()` is given documents."""
     sites: tuple[str, ...] = DEFAULT_SITES
     """SPECs `<site>[@in|@out][[layers]][+sae=PATH|+transcoder=PATH]:<reduction>[=arg],...`, one per site."""
     run_id: str | None = None
@@ -82,6 +83,40 @@ class IngestOptions:
     """This process's rank under torchrun (0 alone)."""
     world_size: int = 1
     """Processes sharing the documents (1 alone)."""
+    # Dataset input (docs/datasets.md).
+    split: str | None = None
+    """Dataset split to read (None: train, or the dataset's only split)."""
+    text_column: str | None = None
+    """Dataset column holding the text (None: `text`, else a pre-tokenized input_ids/tokens column, used as is)."""
+    id_column: str | None = None
+    """Dataset column holding each document's id (None: `<dataset>:<row>`, the row's place in the stream)."""
+    where: str | None = None
+    """Keep only the dataset rows where this SQL boolean expression over its columns holds, e.g. "lang = 'en'"."""
+    shuffle: int | None = None
+    """Shuffle the dataset's rows with this seed (a buffer shuffle, as `datasets` streams do; None: in order)."""
+    shuffle_buffer: int = 10_000
+    """Rows in the --shuffle buffer."""
+    streaming: bool = True
+    """Stream hf: datasets (False: download and cache them whole first)."""
+    max_docs: int | None = None
+    """Stop after this many documents (before the split over ranks)."""
+    max_tokens: int | None = None
+    """Stop after exactly this many document tokens (special tokens the model adds not counted); the last
+    document is cut at its token boundary."""
+    # Model inputs (docs/datasets.md#packing).
+    context_size: int | None = None
+    """Tokens per packed context (with --pack)."""
+    pack: bool = False
+    """Pack documents into contexts of --context-size tokens as SAELens does, instead of per-document windows."""
+    prepend_bos: bool | None = None
+    """Begin each packed context with BOS (None: as the SAELens dictionary's cfg.json says, else yes)."""
+    separator: str = "bos"
+    """Token between packed documents: bos, eos, sep, none or a token id (SAELens's sequence_separator_token)."""
+    keep_partial: bool = False
+    """Keep the last, partial packed context (shorter) instead of dropping it."""
+    exclude_special: bool = False
+    """Leave BOS/EOS/pad and the tokenizer's other special tokens out of statistics, examples and tables
+    (SAELens's exclude_special_tokens); the model still sees them."""
 
     def __post_init__(self) -> None:
         # Lists are accepted and kept as tuples, so options compare and hash by value.
@@ -94,6 +129,9 @@ class IngestOptions:
         if self.shard_tokens < 1:
             raise BadInput("--shard-tokens must be at least 1")
         check_run_numbers(max_length=self.max_length, rank=self.rank, world_size=self.world_size)
+        from .inputs import check_options
+
+        check_options(self)
 
     def run_config(self, *, model_id: str, sites: list[str], data_identity: object, max_length: int) -> dict:
         """The config stored with the run: the options that decide its rows, resolved: the model's id,

@@ -27,12 +27,11 @@ from warehouse.errors import BadInput, WarehouseError
 from warehouse.names import check_label, check_name
 from warehouse.runwriter import RunWriter, committed_with_same_config
 
-from . import dictionary, sources
+from . import contexts, dictionary, inputs, sources
 from .limits import check_reductions
 from .options import DEFAULT_SITES, IngestOptions
 from .shard import Capture, Shard
 from .sites import parse_specs, resolve
-from .tokenize import windows
 
 
 @dataclass
@@ -67,32 +66,6 @@ def _documents_identity(documents: list) -> str:
     for doc in documents:
         digest.update(json.dumps([doc.doc_id, doc.text, doc.dataset, doc.role, doc.label], default=str).encode())
     return digest.hexdigest()
-
-
-def _shards(
-    stream: Iterator,
-    tokenizer,
-    *,
-    start: int,
-    rank: int,
-    world_size: int,
-    max_length: int,
-    truncate: bool,
-    shard_tokens: int,
-) -> Iterator[Shard]:
-    """This rank's documents from ordinal `start` on, windowed, in shards of at least `shard_tokens` tokens."""
-    docs, tokens, ordinal = [], 0, -1
-    for ordinal, doc in enumerate(stream):
-        if ordinal < start or ordinal % world_size != rank:
-            continue
-        wins = windows(ordinal, doc.text, tokenizer, max_length, truncate)
-        docs.append((ordinal, doc, wins))
-        tokens += sum(len(w.ids) for w in wins)
-        if tokens >= shard_tokens:
-            yield Shard(docs, ordinal + 1)
-            docs, tokens = [], 0
-    if docs:
-        yield Shard(docs, ordinal + 1)
 
 
 def _window_length(options: IngestOptions, loaded) -> int:
@@ -221,11 +194,9 @@ def ingest(
     for kind, label in (("--dataset", opts.dataset), ("--role", opts.role)):
         if label is not None:
             check_label(kind, label)
-    paths = [] if documents is not None else sources.check_paths(list(opts.data))
-    # Read once before the run exists: bad records are refused now, and the hashes tie --resume to the content.
-    data_identity = sources.scan(paths, opts.skip_bad) if documents is None else None
-    if documents is None and not any(entry["documents"] for entry in data_identity):
-        raise BadInput("no documents to capture: the data files hold no readable documents")
+    # Opened before the run exists: bad records of plain files, unknown columns and splits are refused now,
+    # and the data's identity (file hashes, dataset fingerprints) ties --resume to the content.
+    source = inputs.open_input(opts) if documents is None else None
     dictionaries = dictionary.load_all(specs)  # read and checked before the model loads
     _check_splice_sites(opts, specs)
     device = loaded.config["device"] if loaded else models.resolve_device(opts.device)
@@ -236,6 +207,7 @@ def ingest(
     resolved, bound = dictionary.bind(resolved, dictionaries, loaded.module_names, loaded.aliases)
     check_reductions(resolved, loaded, loaded.config["device"])
     max_length = _window_length(opts, loaded)
+    plan, opts, notes = contexts.plan(opts, loaded.tokenizer, dictionaries, max_length)
     _check_logit_lens(opts, loaded)
     _check_splice(opts, loaded, dictionaries)
     from .finalize import check_similar
@@ -243,7 +215,9 @@ def ingest(
     check_similar(loaded, resolved)
     run_id = opts.run_id or default_run_id(opts.model)
     identity = (
-        data_identity if documents is None else {"documents": len(documents), "sha256": _documents_identity(documents)}
+        source.identity
+        if documents is None
+        else {"documents": len(documents), "sha256": _documents_identity(documents)}
     )
     config = opts.run_config(
         model_id=loaded.model_id, sites=[s.text for s in specs], data_identity=identity, max_length=max_length
@@ -251,10 +225,10 @@ def ingest(
     if opts.resume and (done := committed_with_same_config(wh.layout, run_id, config)) is not None:
         # Killed after its commit: the run is complete, resuming it is a no-op.
         return IngestResult(run_id, done["rows"], sum(p["bytes"] for p in done["parts"]), already_committed=True)
-    if opts.resume and paths:
+    if opts.resume and source is not None and source.paths:
         from .resume import refuse_changed_data
 
-        refuse_changed_data(wh.layout, run_id, paths, data_identity)
+        refuse_changed_data(wh.layout, run_id, source.paths, source.plain_identity)
 
     writer = open_writer(
         lambda: RunWriter(wh.layout, run_id, config, resume=opts.resume, rank=opts.rank, world_size=opts.world_size),
@@ -264,15 +238,14 @@ def ingest(
     capture = Capture(loaded, resolved, loaded.config["device"], bound, splice=opts.splice)
     capture.restore(writer.state)
     counter = sources.SkipCounter(opts.skip_bad)
-    stream = iter(documents) if documents is not None else sources.read(paths, counter, opts.dataset, opts.role)
-    shards = _shards(
+    stream = iter(documents) if documents is not None else source.documents(counter, opts.dataset, opts.role)
+    shards = contexts.shards(
         stream,
         loaded.tokenizer,
+        plan,
         start=_start_doc(writer),
         rank=opts.rank,
         world_size=opts.world_size,
-        max_length=max_length,
-        truncate=opts.truncate,
         shard_tokens=opts.shard_tokens,
     )
     started = time.perf_counter()
@@ -280,7 +253,7 @@ def ingest(
     skipped = dict(skipped=counter.skipped, first_skipped=counter.first_error)
     if opts.rank != 0:
         writer.finish_rank()
-        return IngestResult(run_id, documents=n_docs, tokens=n_tokens, rank=opts.rank, **skipped)
+        return IngestResult(run_id, documents=n_docs, tokens=n_tokens, rank=opts.rank, notes=notes, **skipped)
     manifest, total_docs = _commit(opts, capture, resolved, writer)
     return IngestResult(
         run_id,
@@ -289,5 +262,6 @@ def ingest(
         total_docs,
         n_tokens,
         time.perf_counter() - started,
+        notes=notes,
         **skipped,
     )

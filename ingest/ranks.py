@@ -107,13 +107,13 @@ def merge_ranks(writer, site_layers) -> None:
 def launch(n: int, data: list[str], arguments: list[str]) -> None:
     """`whq ingest --ranks N`: check the cheap inputs, then run torchrun with `arguments`, the command's
     arguments after `ingest` less --ranks."""
-    from . import sources
+    from .inputs import check_data
 
     if n < 1:
         raise BadInput("--ranks must be at least 1")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise BadInput("--ranks launches torchrun; under torchrun already, drop --ranks")
-    sources.check_paths(data)
+    check_data(data)
     command = [
         sys.executable,
         "-m",

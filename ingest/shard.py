@@ -23,7 +23,7 @@ import pyarrow as pa
 import warehouse
 
 from .sources import Document
-from .tokenize import Window, pad_batch
+from .tokenize import Window
 
 
 @dataclass
@@ -32,6 +32,7 @@ class Shard:
 
     docs: list[tuple[int, Document, list[Window]]]  # (ordinal, document, its windows in order)
     next_doc: int  # ordinal after the shard's last document
+    packed: bool = False  # the windows are cut from packed contexts (ingest/contexts.py)
 
     @cached_property
     def doc_tokens(self) -> list[int]:
@@ -44,7 +45,13 @@ class Shard:
 
     def batches(self, batch_size: int) -> Iterator[list[Window]]:
         """The windows in batches, shortest documents first: batches of similar length waste little
-        on padding. A document's windows stay consecutive and in order (the capture relies on it)."""
+        on padding. A document's windows stay consecutive and in order (the capture relies on it).
+        Packed windows come in context order instead, whole contexts a batch."""
+        if self.packed:
+            from .contexts import packed_batches
+
+            yield from packed_batches(self.docs, batch_size)
+            return
         by_length = sorted(zip(self.doc_tokens, self.docs), key=lambda pair: pair[0])
         live = [w for _, (_, _, wins) in by_length for w in wins if w.ids]
         for i in range(0, len(live), batch_size):
@@ -83,6 +90,7 @@ class Shard:
 
     def tokens_table(self, tokenizer) -> pa.Table:
         ids, pieces, texts, docs, pos, win, starts, ends, special = [], [], [], [], [], [], [], [], []
+        contexts, context_pos = [], []
         for ordinal, _, wins in self.docs:
             for w in wins:
                 n = len(w.ids)
@@ -95,6 +103,8 @@ class Shard:
                 starts.extend(None if s < 0 else s for s in w.char_start)
                 ends.extend(None if e < 0 else e for e in w.char_end)
                 special.extend(w.special)
+                contexts.extend([w.context if w.context >= 0 else None] * n)
+                context_pos.extend(range(w.context_start, w.context_start + n))
         cols = {
             "doc": docs,
             "pos": pos,
@@ -105,6 +115,8 @@ class Shard:
             "char_end": ends,
             "special": special,
             "text": texts,
+            "context": contexts,
+            "context_pos": context_pos,
         }
         return pa.Table.from_pydict(cols, schema=warehouse.schema.table("tokens").arrow_schema())
 
@@ -208,10 +220,13 @@ def _batch_context(batch: list[Window], pad_id: int, device: str):
     import torch
 
     from .capture import BatchContext
+    from .contexts import model_input
     from .writer import HostBatch
 
-    ids, mask = pad_batch(batch, pad_id)
-    rows, seq = ids.shape
+    # The model runs on model_ids; the hooks see each window's own positions (unpacked when windows are cut
+    # from packed contexts or stripped of special tokens).
+    model_ids, model_mask, mask, unpack = model_input(batch, pad_id)
+    rows, seq = mask.shape
     docs = np.array([w.doc for w in batch], dtype=np.int64)
     starts = np.array([w.start_pos for w in batch], dtype=np.int64)
     lengths = mask.sum(axis=1)
@@ -219,7 +234,8 @@ def _batch_context(batch: list[Window], pad_id: int, device: str):
     segment = [segment_of.setdefault(int(d), len(segment_of)) for d in docs]
     finished_rows = [row for row, w in enumerate(batch) if w.last]
     finished_docs = docs[finished_rows]
-    finished_tokens = np.array([batch[r].start_pos + len(batch[r].ids) for r in finished_rows], dtype=np.int64)
+    finished_tokens = np.array([batch[r].tokens_through for r in finished_rows], dtype=np.int64)
+    finished_last = np.array([batch[r].start_pos + len(batch[r].ids) - 1 for r in finished_rows], dtype=np.int64)
 
     def dev(array, dtype=torch.int64):
         return torch.as_tensor(np.asarray(array), dtype=dtype).to(device, non_blocking=True)
@@ -237,6 +253,7 @@ def _batch_context(batch: list[Window], pad_id: int, device: str):
         carry_in=batch[0].index > 0,
         carry_out=not batch[-1].last,
         full=bool(mask.all()),
+        unpack=None if unpack is None else dev(unpack),
     )
-    host = HostBatch(docs, starts, lengths, finished_docs, finished_tokens - 1)
-    return dev(ids), dev(mask), ctx, host
+    host = HostBatch(docs, starts, lengths, finished_docs, finished_last)
+    return dev(model_ids), dev(model_mask), ctx, host

@@ -209,6 +209,34 @@ def ingest(
         "--ranks",
         help="Shard the documents over N processes on this machine (torchrun; one GPU each with --device cuda).",
     ),
+    # dataset input options (docs/datasets.md; the fields and their help: ingest/options.py)
+    split: str | None = typer.Option(None, "--split", help="Dataset split (default: train, or the only one)."),
+    text_column: str | None = typer.Option(
+        None, "--text-column", help="Column with the text (default: text, else input_ids/tokens used as is)."
+    ),
+    id_column: str | None = typer.Option(None, "--id-column", help="Column with each document's id."),
+    where: str | None = typer.Option(
+        None, "--where", help="Keep rows where this SQL boolean expression holds, e.g. \"lang = 'en'\"."
+    ),
+    shuffle: int | None = typer.Option(None, "--shuffle", help="Shuffle the rows with this seed (buffer shuffle)."),
+    shuffle_buffer: int = typer.Option(10_000, "--shuffle-buffer", help="Rows in the --shuffle buffer."),
+    streaming: bool = typer.Option(True, "--streaming/--no-streaming", help="Stream hf: datasets."),
+    max_docs: int | None = typer.Option(None, "--max-docs", help="Stop after this many documents."),
+    max_tokens: int | None = typer.Option(
+        None, "--max-tokens", help="Stop after exactly this many document tokens (the last document is cut)."
+    ),
+    context_size: int | None = typer.Option(None, "--context-size", help="Tokens per packed context (--pack)."),
+    pack: bool = typer.Option(False, "--pack", help="Pack documents into fixed contexts as SAELens does."),
+    prepend_bos: bool | None = typer.Option(
+        None, "--prepend-bos/--no-prepend-bos", help="BOS at each packed context's start (default: the SAE's cfg)."
+    ),
+    separator: str = typer.Option(
+        "bos", "--separator", help="Token between packed documents: bos, eos, sep, none, ID."
+    ),
+    keep_partial: bool = typer.Option(False, "--keep-partial", help="Keep the last, partial packed context."),
+    exclude_special: bool = typer.Option(
+        False, "--exclude-special", help="Leave BOS/EOS/pad tokens out of statistics, examples and tables."
+    ),
 ):
     """Capture a model's activations over documents into a new run.
 
@@ -228,6 +256,7 @@ def ingest(
     else:
         from dataclasses import replace
 
+        from ingest.inputs import INPUT_OPTIONS  # dataset input options
         from ingest.options import DEFAULT_SITES, IngestOptions
 
         options = IngestOptions(
@@ -248,6 +277,7 @@ def ingest(
             logit_lens=logit_lens,
             splice=splice,
             progress=not quiet,
+            **{name: value for name, value in locals().items() if name in INPUT_OPTIONS},  # dataset input options
         )
         if ranks != 1:
             from ingest.ranks import launch
