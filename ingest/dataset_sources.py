@@ -284,16 +284,16 @@ class DatasetInput:
             if self.filter is not None:
                 batch = self.filter.apply(batch)
             for record in batch.to_pylist():
+                index = record.pop(ROW_COLUMN)
                 try:
-                    doc = self._document(record, label, role)
+                    doc = self._document(record, index, label, role)
                 except ValueError as err:
-                    counter.bad(f"{self.spec.text} row {record[ROW_COLUMN]}: {err}")
+                    counter.bad(f"{self.spec.text} row {index}: {err}")
                     continue
                 yield doc
 
-    def _document(self, record: dict, label: str, role: str | None) -> Document:
+    def _document(self, record: dict, index: int, label: str, role: str | None) -> Document:
         cols = self.columns
-        index = record.pop(ROW_COLUMN)
         doc_id = record.get(cols.id) if cols.id else None
         doc_id = f"{self.spec.label}:{index}" if doc_id is None else str(doc_id)
         if cols.tokens is not None:
