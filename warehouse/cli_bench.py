@@ -60,6 +60,13 @@ def ingest_(
     repeats: int = typer.Option(3, "--repeats", help="Timed blocks of each kind (after one warm-up block each)."),
     shard_tokens: int = typer.Option(65536, "--shard-tokens", help="Tokens per block = per committed shard."),
     as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
+    data: str | None = typer.Option(
+        None,
+        "--data",
+        help="A dataset source (hf:NAME, a save_to_disk folder, shards): time capture ÷ plain from it against the same "
+        "documents from a local JSONL (docs/datasets.md).",
+    ),
+    max_docs: int | None = typer.Option(None, "--max-docs", help="With --data: documents to read."),
 ):
     """Time the plain forward pass against the full capture path (hooks, reductions, writer) on one batch.
 
@@ -75,6 +82,25 @@ def ingest_(
     from . import ranges
 
     ranges.at_least("--shard-tokens", shard_tokens, 1)
+    if data is not None:
+        from ingest.bench_input import bench_input
+        from ingest.options import DEFAULT_SITES, IngestOptions
+
+        options = IngestOptions(
+            model,
+            (data,),
+            tuple(site) or DEFAULT_SITES,
+            batch_size=batch_size,
+            max_length=seq_len,
+            device=device,
+            dtype=dtype,
+            shard_tokens=shard_tokens,
+            max_docs=max_docs,
+            progress=False,
+        )
+        found = bench_input(options, repeats=repeats, echo=None if as_json else typer.echo)
+        typer.echo(json.dumps(found.to_dict(), indent=1) if as_json else "\n".join(found.lines()))
+        return
     result = bench_ingest(
         model,
         model_config=model_config,
