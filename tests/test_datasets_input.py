@@ -260,3 +260,22 @@ def test_max_docs(sources):
 def test_bad_context_options_are_one_line(options, fix):
     with pytest.raises(BadInput, match=fix):
         IngestOptions(**options)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "fix"),
+    [
+        (["--text-column", "body"], "--text-column 'body' is not a column of"),
+        (["--split", "validation"], "use --split with one of train, test"),
+        (["--where", "lang = (SELECT 1)"], "is not allowed"),
+        (["--where", "colour = 'red'"], "not a column of"),
+        (["--pack"], "--pack needs --context-size"),
+    ],
+)
+def test_cli_bad_inputs_are_one_line(sources, tmp_path, capsys, monkeypatch, arguments, fix):
+    from .cli_runner import run_cli
+
+    code, out, err = run_cli(capsys, monkeypatch, "ingest", tmp_path / "wh", "--data", sources["dict"], *arguments)
+    assert code != 0 and fix in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "wh" / "runs").exists() or not any((tmp_path / "wh" / "runs").iterdir())
