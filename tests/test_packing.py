@@ -325,3 +325,21 @@ def test_exclude_special_keeps_the_model_input_but_not_the_rows(excluded, sample
         wins = windows(doc, texts[doc], loaded.tokenizer, 12, False)
         keep = [not s for w in wins for s in w.special]
         np.testing.assert_allclose(np.array(vec), acts[doc][keep].astype(np.float64).mean(axis=0), **TOL)
+
+
+def test_exclude_special_in_packed_contexts_skips_the_documents_own_specials():
+    # Pre-tokenized documents keep their own BOS/EOS (id 0 here); --exclude-special leaves them out of the windows.
+    docs = [Document("a", "", token_ids=[0, 5, 6, 0, 7]), Document("b", "", token_ids=[8, 9, 0])]
+
+    class Ids(_Words):
+        def decode(self, ids):
+            return " ".join(map(str, ids))
+
+    plan = ContextPlan(
+        max_length=0, context_size=4, bos_id=BOS, separator_id=SEP, keep_partial=True, exclude_special=True
+    )
+    (shard,) = contexts.shards(iter(docs), Ids(), plan, start=0, rank=0, world_size=1, shard_tokens=100)
+    kept = {ordinal: [(w.start_pos, w.ids) for w in wins] for ordinal, _, wins in shard.docs}
+    # contexts: [1 0 5 6] [1 0 7 2] [1 8 9 0] -> document a keeps 5 6 | 7, document b keeps 8 9
+    assert kept == {0: [(1, [5, 6]), (4, [7])], 1: [(0, [8, 9])]}
+    assert [w.tokens_through for w in shard.docs[0][2]] == [2, 3]  # tokens counted, not positions
