@@ -232,6 +232,46 @@ def packed(tmp_path_factory):
     wh.close()
 
 
+TABLES = ("tokens", "documents", "vectors", "token_neurons", "doc_neurons", "neuron_stats", "neuron_examples")
+
+
+def test_packed_resume_equals_the_uninterrupted_run(packed, monkeypatch):
+    """A packed run stopped after its second shard and resumed holds exactly the rows of the run never stopped
+    (contexts shared by two shards are computed in both)."""
+    from ingest.pipeline import ingest
+    from warehouse import faults
+
+    wh, loaded, _, _ = packed
+    root = wh.root.parent / "resumed"
+    options = dict(
+        run_id="p",
+        batch_size=3,
+        shard_tokens=40,
+        device="cpu",
+        progress=False,
+        loaded=loaded,
+        pack=True,
+        context_size=16,
+        keep_partial=True,
+    )
+    data = [str(wh.root.parent / "ds")]
+    monkeypatch.setenv("WHQ_FAULT", "shard.journalled:2:enospc")
+    monkeypatch.setattr(faults, "_counts", {})
+    with pytest.raises(OSError):
+        ingest(root, "minilm", data, SITES, **options)
+    monkeypatch.delenv("WHQ_FAULT")
+    ingest(root, "minilm", data, SITES, resume=True, **options)
+    resumed = warehouse.open(root)
+    try:
+        for table in TABLES:
+            columns = [c for c in wh.pl(f"SELECT * FROM {table} LIMIT 0").columns if c not in ("run_id",)]
+            order = ", ".join(f'"{c}"' for c in columns if c not in ("vec", "window_values", "meta"))
+            query = f"SELECT * EXCLUDE (run_id) FROM {table} ORDER BY {order}"
+            assert resumed.pl(query).equals(wh.pl(query)), table
+    finally:
+        resumed.close()
+
+
 def test_packed_tokens_follow_the_packer(packed):
     wh, loaded, texts, _ = packed
     tok = loaded.tokenizer
