@@ -63,17 +63,16 @@ class ContextPlan:
         return self.context_size is not None
 
 
-def special_id(name: str | None, tokenizer, flag: str) -> int | None:
-    """The token id --separator (or a BOS) names: bos, eos, sep, none or a number."""
-    if name is None or name == "none":
+def special_id(name: str, tokenizer, flag: str, notes: list[str]) -> int | None:
+    """The token id --separator (or a BOS) names: bos, eos, sep, none or a number. A token the tokenizer
+    lacks is none, with a note (SAELens, too, goes on without it)."""
+    if name == "none":
         return None
     if name.isdigit():
         return int(name)
-    if name not in SEPARATORS:
-        raise BadInput(f"{flag} {name!r} is not a token: use bos, eos, sep, none or a token id")
     found = getattr(tokenizer, f"{name}_id", None)
     if found is None:
-        raise BadInput(f"{flag} {name}: this model's tokenizer has no {name.upper()} token: use another, or none")
+        notes.append(f"note: this model's tokenizer has no {name.upper()} token, so {flag} inserts none")
     return found
 
 
@@ -110,8 +109,9 @@ def resolve_prepend_bos(asked: bool | None, dictionaries: dict) -> tuple[bool, s
     return asked, None
 
 
-def plan(options, tokenizer, dictionaries: dict, max_length: int):
-    """(ContextPlan, the options with --prepend-bos resolved where packing uses it, notes for the user)."""
+def plan(options, tokenizer, dictionaries: dict, max_length: int, positions: int | None = None):
+    """(ContextPlan, the options with --prepend-bos resolved where packing uses it, notes for the user);
+    `positions`: the model's, which a packed context must fit."""
     notes = []
     bos_id = separator_id = None
     if options.pack or options.exclude_special:
@@ -122,11 +122,16 @@ def plan(options, tokenizer, dictionaries: dict, max_length: int):
                 "drop --pack and --exclude-special for this site"
             )
     if options.pack:
+        if positions and options.context_size > positions:
+            raise BadInput(
+                f"--context-size {options.context_size} is longer than the {positions} positions this model has: "
+                f"use at most {positions}"
+            )
         prepend_bos, note = resolve_prepend_bos(options.prepend_bos, dictionaries)
         notes += [note] if note else []
         options = replace(options, prepend_bos=prepend_bos)
-        bos_id = special_id("bos", tokenizer, "--prepend-bos") if prepend_bos else None
-        separator_id = special_id(options.separator, tokenizer, "--separator")
+        bos_id = special_id("bos", tokenizer, "--prepend-bos", notes) if prepend_bos else None
+        separator_id = special_id(options.separator, tokenizer, "--separator", notes)
     context_plan = ContextPlan(
         max_length=max_length,
         truncate=options.truncate,

@@ -59,8 +59,10 @@ class DatasetSpec:
 
 
 def is_dataset(text: str) -> bool:
-    """A --data value read with `datasets` (not ingest/sources.py): hf:, a folder or a glob."""
-    return text.startswith(HF_PREFIX) or Path(text).is_dir() or glob.has_magic(text)
+    """A --data value read with `datasets` (not ingest/sources.py): hf:, a folder or a glob. A folder named
+    like a data file (docs.jsonl/) is left to sources.py, which says it is not a file."""
+    path = Path(text)
+    return text.startswith(HF_PREFIX) or (path.is_dir() and path.suffix not in SHARD_BUILDERS) or glob.has_magic(text)
 
 
 def parse(text: str) -> DatasetSpec:

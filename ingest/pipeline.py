@@ -207,7 +207,8 @@ def ingest(
     resolved, bound = dictionary.bind(resolved, dictionaries, loaded.module_names, loaded.aliases)
     check_reductions(resolved, loaded, loaded.config["device"])
     max_length = _window_length(opts, loaded)
-    plan, opts, notes = contexts.plan(opts, loaded.tokenizer, dictionaries, max_length)
+    positions = (loaded.config.get("model_config") or {}).get("max_position_embeddings")
+    plan, opts, notes = contexts.plan(opts, loaded.tokenizer, dictionaries, max_length, positions)
     _check_logit_lens(opts, loaded)
     _check_splice(opts, loaded, dictionaries)
     from .finalize import check_similar

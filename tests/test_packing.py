@@ -383,3 +383,21 @@ def test_exclude_special_in_packed_contexts_skips_the_documents_own_specials():
     # contexts: [1 0 5 6] [1 0 7 2] [1 8 9 0] -> document a keeps 5 6 | 7, document b keeps 8 9
     assert kept == {0: [(1, [5, 6]), (4, [7])], 1: [(0, [8, 9])]}
     assert [w.tokens_through for w in shard.docs[0][2]] == [2, 3]  # tokens counted, not positions
+
+
+def test_plan_without_a_bos_token_and_too_long_contexts():
+    from ingest.options import IngestOptions
+    from warehouse.errors import BadInput
+
+    class NoBos(_Words):
+        bos_id = None
+        eos_id = 7
+
+    options = IngestOptions(pack=True, context_size=8)
+    plan, resolved, notes = contexts.plan(options, NoBos(), {}, 512, positions=512)
+    assert (plan.bos_id, plan.separator_id, resolved.prepend_bos) == (None, None, True)
+    assert len(notes) == 2 and all("has no BOS token" in n for n in notes)
+    plan, _, notes = contexts.plan(IngestOptions(pack=True, context_size=8, separator="eos"), NoBos(), {}, 512)
+    assert plan.separator_id == 7
+    with pytest.raises(BadInput, match="--context-size 600 is longer than the 512 positions"):
+        contexts.plan(IngestOptions(pack=True, context_size=600), NoBos(), {}, 512, positions=512)
