@@ -59,7 +59,7 @@ class InputBench:
 
 def bench_input(options: IngestOptions, *, repeats: int = 1, echo=None) -> InputBench:
     """Time capture ÷ plain from `options.data` (one dataset source) against the same documents from a local
-    JSONL, alternating, `repeats` times each."""
+    JSONL, alternating (swapping which goes first), `repeats` times each."""
     import torch
 
     import warehouse
@@ -135,11 +135,9 @@ def bench_input(options: IngestOptions, *, repeats: int = 1, echo=None) -> Input
 
         with torch.inference_mode():
             plain(local)  # warm-up: the first forward passes are slower
+            sides = [("dataset", options, result.dataset_ratio), ("jsonl", local, result.jsonl_ratio)]
             for rep in range(repeats):
-                for name, opts, ratios in (
-                    ("dataset", options, result.dataset_ratio),
-                    ("jsonl", local, result.jsonl_ratio),
-                ):
+                for name, opts, ratios in sides if rep % 2 == 0 else sides[::-1]:  # neither side always first
                     seconds, result.documents, result.tokens = captured(opts, f"{name}-{rep}")
                     ratios.append(seconds / plain(opts))
                     say(f"repeat {rep + 1}/{repeats} {name}: capture ÷ plain {ratios[-1]:.3f}")
