@@ -5,7 +5,7 @@
     torchrun --nnodes 4 --node-rank $NODE --rdzv-backend c10d --rdzv-endpoint $HOST:29500 \\
              --nproc-per-node 8 -m ingest /shared/wh --device cuda ...   # each rank uses cuda:LOCAL_RANK
 
-Documents are dealt round-robin by ordinal (pipeline._shards). The ranks agree on the
+Documents are dealt round-robin by ordinal (contexts.shards). The ranks agree on the
 run id and start in order through torch.distributed (gloo, CPU-only traffic); every
 rank journals its own shards, so `--resume` works per rank. Rank 0 waits for the
 others' done markers, merges their running statistics, examples and dictionary quality
