@@ -69,9 +69,7 @@ def _wants_datasets(options) -> bool:
 def check_data(data: list[str], options=None) -> tuple[list[Path], list[dataset_sources.DatasetSpec]]:
     """(plain files, dataset specs) of the --data values, each checked to exist (nothing read yet)."""
     if not data:
-        raise BadInput(
-            "no --data given: pass a .jsonl, .parquet or .txt file, hf:NAME, a dataset folder or a glob (or a --scenario)"
-        )
+        sources.check_paths([])  # its message says what --data takes
     as_dataset = options is not None and _wants_datasets(options)
     specs = [dataset_sources.parse(d) for d in data if as_dataset or dataset_sources.is_dataset(d)]
     plain = [d for d in data if not (as_dataset or dataset_sources.is_dataset(d))]
