@@ -218,6 +218,8 @@ class DatasetInput:
         from .where import RowFilter
 
         self.spec = spec
+        # Text shards: a document is a paragraph, without the newlines around it (as ingest/sources.py reads .txt).
+        self.paragraphs = spec.kind == "files" and _builder(spec) == "text"
         self.shuffle, self.shuffle_buffer = shuffle, shuffle_buffer
         self.dataset, self.split = load(spec, split, streaming)
         if shuffle is not None:
@@ -287,6 +289,10 @@ class DatasetInput:
                 batch = self.filter.apply(batch)
             for record in batch.to_pylist():
                 index = record.pop(ROW_COLUMN)
+                if self.paragraphs:
+                    record[TEXT_COLUMN] = record[TEXT_COLUMN].strip("\n")
+                    if not record[TEXT_COLUMN]:
+                        continue
                 try:
                     doc = self._document(record, index, label, role)
                 except ValueError as err:

@@ -279,3 +279,13 @@ def test_cli_bad_inputs_are_one_line(sources, tmp_path, capsys, monkeypatch, arg
     assert code != 0 and fix in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "wh" / "runs").exists() or not any((tmp_path / "wh" / "runs").iterdir())
+
+
+def test_text_shards_hold_paragraphs(tmp_path):
+    texts = [r["text"] for r in ROWS]
+    (tmp_path / "a.txt").write_text("\n\n".join(texts[:20]) + "\n\n\n")
+    (tmp_path / "b.txt").write_text("\n\n".join(texts[20:]) + "\n")
+    docs = _docs(str(tmp_path))
+    assert [d.text for d in docs] == texts
+    # The blank paragraph closing a.txt is a row of the stream (ids count it) but no document.
+    assert [d.doc_id for d in docs] == [f"{tmp_path.name}:{i}" for i in [*range(20), *range(21, N + 1)]]
