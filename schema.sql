@@ -401,3 +401,124 @@ COMMENT ON COLUMN dictionaries.cosine_sum IS 'Sum over tokens of the cosine of r
 COMMENT ON COLUMN dictionaries.n_predicted IS '--splice: next-token predictions scored (both tokens real); NULL without --splice.';
 COMMENT ON COLUMN dictionaries.ce_clean_sum IS '--splice: summed next-token cross-entropy of the unchanged model.';
 COMMENT ON COLUMN dictionaries.ce_spliced_sum IS '--splice: the same with this layer''s reconstruction in place of its activation (a transcoder''s: of the MLP output).';
+
+-- Explanations and scores (explain/, docs/explain.md): committed into the unit's run, atomically,
+-- by `whq explain` / `whq score`; removed with the run.
+
+CREATE TABLE explanations (
+    run_id VARCHAR,
+    site VARCHAR,
+    layer INTEGER,
+    neuron INTEGER,
+    explanation_id VARCHAR,
+    explainer VARCHAR,
+    model VARCHAR,
+    text VARCHAR,
+    parsed BOOLEAN,
+    settings JSON,
+    prompt_hash VARCHAR,
+    embedding FLOAT[],
+    created_at TIMESTAMP
+);
+COMMENT ON TABLE explanations IS 'One row per explained unit and recipe (whq explain): the explanation text, which explainer and model wrote it, with which settings; its examples are in explanation_examples (scorer NULL).';
+COMMENT ON COLUMN explanations.neuron IS 'Unit index at the site.';
+COMMENT ON COLUMN explanations.explanation_id IS 'sha256 (16 hex digits) of run, site, layer, unit, explainer, model and settings: the same recipe gives the same id.';
+COMMENT ON COLUMN explanations.explainer IS 'delphi (delphi''s default), contrastive (delphi''s, with non-activating examples), openai (OpenAI''s token-activation pairs) or top-tokens (no model).';
+COMMENT ON COLUMN explanations.model IS 'The model that wrote it: openai:MODEL, hf:PATH_OR_CONFIG or top-tokens (never a URL''s credentials or a key).';
+COMMENT ON COLUMN explanations.text IS 'The explanation; NULL when the answer was out of form (see parsed; the answer is in model_calls).';
+COMMENT ON COLUMN explanations.parsed IS 'false when the model''s answer held no [EXPLANATION]: line (the explanation is not scored).';
+COMMENT ON COLUMN explanations.settings IS 'The recipe''s settings as JSON: example counts, seed, normalisation (ceil = delphi, floor = OpenAI), non-activating sources, sampling.';
+COMMENT ON COLUMN explanations.prompt_hash IS 'request_hash of the model call (model_calls) that wrote it; NULL for top-tokens.';
+COMMENT ON COLUMN explanations.embedding IS 'MiniLM (all-MiniLM-L6-v2) sentence embedding of the text, L2-normalised: search_explanations ranks by its cosine with a query''s.';
+COMMENT ON COLUMN explanations.created_at IS 'UTC time the explanation was committed.';
+
+CREATE TABLE explanation_examples (
+    run_id VARCHAR,
+    site VARCHAR,
+    layer INTEGER,
+    neuron INTEGER,
+    explanation_id VARCHAR,
+    scorer VARCHAR,
+    model VARCHAR,
+    role VARCHAR,
+    source VARCHAR,
+    doc INTEGER,
+    pos INTEGER,
+    quantile INTEGER,
+    truth BOOLEAN,
+    value FLOAT,
+    prediction DOUBLE,
+    probability DOUBLE,
+    correct BOOLEAN,
+    parsed BOOLEAN,
+    request_hash VARCHAR,
+    true_values FLOAT[],
+    predicted_values FLOAT[]
+);
+COMMENT ON TABLE explanation_examples IS 'Every example an explanation was written from (scorer NULL, role explain or non-activating) and every example a scorer tested it on, with the verdict: explanation and test examples of a unit are disjoint by construction (a query can check it).';
+COMMENT ON COLUMN explanation_examples.neuron IS 'Unit index at the site.';
+COMMENT ON COLUMN explanation_examples.explanation_id IS 'The explanation (explanations.explanation_id).';
+COMMENT ON COLUMN explanation_examples.scorer IS 'NULL for the explainer''s own examples; else detection, fuzz, simulation, embedding or intruder.';
+COMMENT ON COLUMN explanation_examples.model IS 'The model that judged (as scores.model); NULL for the explainer''s examples.';
+COMMENT ON COLUMN explanation_examples.role IS 'explain (shown to the explainer), test (an activating held-out example) or non-activating.';
+COMMENT ON COLUMN explanation_examples.source IS 'Where the window came from: top, quantile, random (the unit''s stored examples), non-firing or neighbours (non-activating; a trailing ~ marks a top-k capture where the unit may fire unstored).';
+COMMENT ON COLUMN explanation_examples.doc IS 'Document of the example (documents.doc).';
+COMMENT ON COLUMN explanation_examples.pos IS 'The example token''s position (the firing token; for a non-activating window its centre).';
+COMMENT ON COLUMN explanation_examples.quantile IS 'Quantile bin of a kind-quantile example; NULL otherwise.';
+COMMENT ON COLUMN explanation_examples.truth IS 'true for an activating example, false for a non-activating one.';
+COMMENT ON COLUMN explanation_examples.value IS 'The unit''s value at pos (0 for non-activating windows).';
+COMMENT ON COLUMN explanation_examples.prediction IS 'The scorer''s verdict: detection/fuzz 1 or 0; embedding the cosine similarity; intruder 1 where the model picked this window as the intruder; simulation the predicted value at pos; NULL when unparsable or for the explainer''s examples.';
+COMMENT ON COLUMN explanation_examples.probability IS 'detection/fuzz: P(1)/(P(0)+P(1)) from the answer''s log-probabilities, where the backend returned them; NULL otherwise.';
+COMMENT ON COLUMN explanation_examples.correct IS 'Whether the verdict was right (detection/fuzz: prediction = truth; intruder: the trial''s intruder was found); NULL when unparsable or not a yes/no verdict.';
+COMMENT ON COLUMN explanation_examples.parsed IS 'false when the model''s answer for this example was out of form (stored and counted, never guessed).';
+COMMENT ON COLUMN explanation_examples.request_hash IS 'The model call that judged it (model_calls.request_hash); NULL for embedding and the explainer''s examples.';
+COMMENT ON COLUMN explanation_examples.true_values IS 'simulation: the unit''s true value at each shown token (non-activating windows: 0).';
+COMMENT ON COLUMN explanation_examples.predicted_values IS 'simulation: the expected value over the answers 0..10 at each shown token.';
+
+CREATE TABLE scores (
+    run_id VARCHAR,
+    site VARCHAR,
+    layer INTEGER,
+    neuron INTEGER,
+    explanation_id VARCHAR,
+    scorer VARCHAR,
+    model VARCHAR,
+    metric VARCHAR,
+    value DOUBLE,
+    n_examples INTEGER,
+    n_unparsable INTEGER,
+    settings JSON,
+    created_at TIMESTAMP
+);
+COMMENT ON TABLE scores IS 'One row per explanation, scorer and metric (whq score), computed per unit from its rows in explanation_examples as delphi and OpenAI define them.';
+COMMENT ON COLUMN scores.neuron IS 'Unit index at the site.';
+COMMENT ON COLUMN scores.explanation_id IS 'The explanation scored (explanations.explanation_id).';
+COMMENT ON COLUMN scores.scorer IS 'detection, fuzz, simulation, embedding or intruder.';
+COMMENT ON COLUMN scores.model IS 'The model that judged (embedding: minilm).';
+COMMENT ON COLUMN scores.metric IS 'detection/fuzz: balanced_accuracy, precision, recall, f1, auc; simulation: ev_correlation (all examples, non-activating as zeros) and ev_correlation_q<N> / ev_correlation_top / ev_correlation_random (activating examples of one group); embedding: auc; intruder: accuracy.';
+COMMENT ON COLUMN scores.value IS 'The metric''s value (NULL where undefined: an AUC without both classes or without probabilities).';
+COMMENT ON COLUMN scores.n_examples IS 'Examples (intruder: trials) the metric was computed over, unparsable ones excluded.';
+COMMENT ON COLUMN scores.n_unparsable IS 'Examples whose answer was out of form.';
+COMMENT ON COLUMN scores.settings IS 'The scorer''s settings as JSON (examples per prompt, counts, seed, normalisation).';
+COMMENT ON COLUMN scores.created_at IS 'UTC time the score was committed.';
+
+CREATE TABLE model_calls (
+    run_id VARCHAR,
+    request_hash VARCHAR,
+    model VARCHAR,
+    request JSON,
+    response JSON,
+    prompt_tokens INTEGER,
+    completion_tokens INTEGER,
+    latency_s DOUBLE,
+    created_at TIMESTAMP
+);
+COMMENT ON TABLE model_calls IS 'The model-call cache: every request whq explain/score sent, with its answer; a rerun or a resumed run answers from here and pays nothing. Never holds an API key.';
+COMMENT ON COLUMN model_calls.request_hash IS 'sha256 of the canonical request JSON (model, messages, sampling settings, seed): the cache key.';
+COMMENT ON COLUMN model_calls.model IS 'The model asked (as in explanations.model).';
+COMMENT ON COLUMN model_calls.request IS 'The canonical request JSON: exactly what was asked.';
+COMMENT ON COLUMN model_calls.response IS 'The answer: text, and where returned the tokens with their log-probabilities (or the distributions at a forced answer''s places).';
+COMMENT ON COLUMN model_calls.prompt_tokens IS 'Prompt tokens as the backend counted them.';
+COMMENT ON COLUMN model_calls.completion_tokens IS 'Generated tokens.';
+COMMENT ON COLUMN model_calls.latency_s IS 'Seconds the call took, retries excluded.';
+COMMENT ON COLUMN model_calls.created_at IS 'UTC time of the call.';

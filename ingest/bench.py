@@ -22,8 +22,9 @@ import numpy as np
 
 from warehouse.errors import BadInput
 
+from .capture import Capture, forward
 from .options import DEFAULT_SITES, check_device, check_dtype
-from .shard import Capture, Shard, forward
+from .shard import Shard
 from .tokenize import Window
 
 
@@ -229,10 +230,10 @@ def bench_ingest(
     import warehouse
     from warehouse.runwriter import RunWriter
 
-    from . import dictionary, fused, models
-    from .capture import hooks
-    from .limits import check_reductions
-    from .sites import parse_specs, resolve
+    from . import fused, models
+    from .hooks import hooks
+    from .limits import model_positions
+    from .prepare import read_sites, ready_capture
     from .sources import Document
     from .writer import ShardWriter
 
@@ -241,22 +242,14 @@ def bench_ingest(
     check_device(device)
     check_dtype(dtype)
     spec_texts = list(sites) or list(DEFAULT_SITES)
-    configurations = [parse_specs(texts) for texts in (spec_texts, list(versus)) if texts]
-    dictionaries = [dictionary.load_all(specs) for specs in configurations]
+    requested_device = models.resolve_device(device)
+    requests = [read_sites(texts, requested_device) for texts in (spec_texts, list(versus)) if texts]
     loaded = models.load(f"config:{model_config}" if model_config else model, device, dtype)
     device = loaded.config["device"]
-    max_positions = getattr(loaded.model.config, "max_position_embeddings", None)
-    if max_positions and seq_len > max_positions:
-        raise BadInput(f"--seq-len {seq_len} is longer than the model's {max_positions} positions: lower it")
-
-    def capture_of(specs, dicts) -> Capture:
-        resolved = [resolve(s, loaded.module_names, loaded.aliases) for s in specs]
-        dictionary.check_encode_dtypes(specs, dicts, device)
-        resolved, bound = dictionary.bind(resolved, dicts, loaded.module_names, loaded.aliases)
-        check_reductions(resolved, loaded, device)
-        return Capture(loaded, resolved, device, bound)
-
-    capture, *other = [capture_of(specs, dicts) for specs, dicts in zip(configurations, dictionaries)]
+    positions = model_positions(loaded)
+    if positions and seq_len > positions:
+        raise BadInput(f"--seq-len {seq_len} is longer than the model's {positions} positions: lower it")
+    capture, *other = [ready_capture(request, loaded).capture for request in requests]
     batches_per_block = max(1, shard_tokens // (batch_size * seq_len))
     # Distinct rows for each batch of a block (the same batches every block): repeated rows
     # inside one shard would compress unrealistically well.

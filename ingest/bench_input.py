@@ -65,25 +65,22 @@ def bench_input(options: IngestOptions, *, repeats: int = 1, echo=None) -> Input
     import warehouse
     from warehouse.runwriter import RunWriter
 
-    from . import contexts, dictionary, models
-    from .capture import hooks
+    from . import contexts, limits, models
+    from .capture import forward
+    from .hooks import hooks
     from .inputs import open_input
-    from .limits import check_reductions
-    from .pipeline import _window_length
-    from .shard import Capture, forward
-    from .sites import parse_specs, resolve
+    from .prepare import read_sites, ready_capture
     from .sources import SkipCounter
     from .writer import ShardWriter
 
     say = echo or (lambda _: None)
-    specs = parse_specs(options.sites)
-    dictionaries = dictionary.load_all(specs)
+    request = read_sites(options.sites, models.resolve_device(options.device))
     loaded = models.load(options.model, options.device, options.dtype)
     device = loaded.config["device"]
-    resolved = [resolve(spec, loaded.module_names, loaded.aliases) for spec in specs]
-    resolved, bound = dictionary.bind(resolved, dictionaries, loaded.module_names, loaded.aliases)
-    check_reductions(resolved, loaded, device)
-    plan, options, _ = contexts.plan(options, loaded.tokenizer, dictionaries, _window_length(options, loaded))
+    max_length = limits.window_length(options.max_length, loaded, options.model)
+    plan, options, _ = contexts.plan(
+        options, loaded.tokenizer, request.dictionaries, max_length, limits.model_positions(loaded)
+    )
     result = InputBench(options.data[0], loaded.model_id)
 
     def documents(opts: IngestOptions):
@@ -115,7 +112,7 @@ def bench_input(options: IngestOptions, *, repeats: int = 1, echo=None) -> Input
             return time.perf_counter() - started
 
         def captured(opts, run_id: str) -> tuple[float, int, int]:
-            capture = Capture(loaded, resolved, device, bound)
+            capture = ready_capture(request, loaded).capture
             run = RunWriter(wh.layout, run_id, {"bench": run_id})
             writer = ShardWriter(run)
             n_docs = n_tokens = 0

@@ -1,585 +1,164 @@
-"""Hooks and on-device reductions.
+"""The capture: a model's site layers turn batches of windows into rows, a shard of documents at a time.
 
-Each (site, layer) gets a `SiteLayer` whose hook reduces the activation where it is
-computed: per-token top-k / threshold entries, document sums for NAG and mean
-vectors, last-token vectors, exact neuron statistics, and per-unit running top-N,
-bottom-N and uniform samples. Nothing inside a hook waits for the device except `threshold`
-(whose output size is data-dependent); results stay on the device until the batch
-ends and `collect()` copies them to the host in one go.
+    capture = Capture(loaded, resolved_sites, device)
+    with hooks(loaded.model, capture.taps), torch.inference_mode():
+        capture.shard(shard, shard.batches(batch_size), shard_writer)
+
+`ingest()` (ingest/pipeline.py), `whq bench ingest` (ingest/bench.py) and scenario runs
+(ingest/chat.py) all capture through `Capture.shard`; they differ only in where the
+documents come from and what else they commit. Torch is imported on first use, as
+everywhere in ingest/.
+
+Each module of the capture is named for the one thing a reader looks for in it:
+capture.py (here) runs batches through the hooked model (`Capture`); hooks.py attaches
+taps to modules (`hooks`, the one place forward hooks are registered); reductions.py is
+what a site layer's tap computes on the device (`SiteLayer`, `collect`); shard.py is the
+unit of documents committed together (`Shard`); encoder.py runs a dictionary inside a
+tap, and dictionary_files.py reads dictionary files.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
-from functools import cached_property
-from typing import Protocol
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
-import torch
 
-from warehouse.errors import BadInput
-
-from . import fused
-from .sites import ResolvedSite
-
-# Reservoir sampling as a bottom-N sketch: every (doc, pos, unit) gets a fixed
-# pseudo-random key and each unit keeps the N smallest keys among its firing tokens.
-# That is a uniform sample, mergeable across batches, shards and ranks, and the same
-# on resume.
-_NO_KEY = 1 << 62
-# token_neurons values are stored as float16: convert on the device, so host copies are half the size.
-VALUE_DTYPE = torch.float16
-# Example windows (neuron_examples.window_values): the unit's own value at every token from
-# CONTEXT_BEFORE before to CONTEXT_AFTER after each top, bottom and random example, as float16 (the
-# export's default window, queries/export.py BEFORE / AFTER).
-CONTEXT_BEFORE, CONTEXT_AFTER = 50, 20
-
-# Per-unit histograms (reduction `hist`) use one fixed grid for every site, unit and run,
-# so counts from batches, shards and ranks merge by addition. A value's bin comes from its
-# float32 bits: the exponent and the top two mantissa bits, i.e. quarter-octave steps with
-# edges 2^e * (1, 1.25, 1.5, 1.75), for 2^-12 <= |a| < 2^12 (96 steps a sign). Bins, in
-# value order (queries/units.sql whq_hist_lo/hi give the edges):
-#   0: a <= -4096 (and -inf)    1..96: -edge(97-b) < a <= -edge(96-b)    97: -2^-12 < a <= 0
-#   98: 0 < a < 2^-12           99..194: edge(b-99) <= a < edge(b-98)    195: a >= 4096 (and +inf)
-# with edge(i) = 2^(-12 + i // 4) * (1 + (i % 4) / 4). NaN counts in the end bin of its sign.
-# fused.c's hist_bin is the same function.
-HIST_LOW = 460  # (127 - 12) * 4: float bits >> 21 of 2^-12
-HIST_STEPS = 96
-HIST_BINS = 2 * HIST_STEPS + 4
+from .shard import Shard
+from .tokenize import Window
 
 
-def hist_edges() -> tuple[np.ndarray, np.ndarray]:
-    """(lo, hi) of every histogram bin, as in the comment above."""
-    edge = np.array([2.0 ** (-12 + i // 4) * (1 + (i % 4) / 4) for i in range(HIST_STEPS + 1)])
-    lo = np.concatenate([[-np.inf], -edge[:0:-1], [-edge[0], 0.0], edge[:-1], [edge[-1]]])
-    hi = np.concatenate([[-edge[-1]], -edge[-2::-1], [0.0, edge[0]], edge[1:], [np.inf]])
-    return lo, hi
+def forward(loaded, ids, mask):
+    """The model's forward pass as the capture runs it."""
+    kwargs = {"input_ids": ids, "attention_mask": mask}
+    if loaded.family == "decoder":
+        kwargs["logits_to_keep"] = 1  # hidden states are what we capture; skip the full-vocab projection
+    return loaded.model(**kwargs)
 
 
-def hist_bins(x: torch.Tensor) -> torch.Tensor:
-    """The histogram bin (int64, 0 .. HIST_BINS - 1) of every value of a float32 tensor."""
-    bits = x.contiguous().view(torch.int32)
-    k = ((bits & 0x7FFFFFFF) >> 21).to(torch.int64) - HIST_LOW
-    inside = (k >= 0) & (k < HIST_STEPS)
-    below = torch.where(inside, HIST_STEPS - k, torch.where(k < 0, HIST_STEPS + 1, 0))
-    above = torch.where(inside, HIST_STEPS + 3 + k, torch.where(k < 0, HIST_STEPS + 2, 2 * HIST_STEPS + 3))
-    return torch.where((bits < 0) | (bits == 0), below, above)
+class Capture:
+    """The site layers of one model on one device, and the steps that fill them.
 
-
-def ranking_keys(values: torch.Tensor, place: torch.Tensor, largest: bool) -> torch.Tensor:
-    """int64 keys [rows, width] ordered as values [rows, width] (float32), largest or smallest first,
-    ties to the lower place (each entry's place in document order, [rows, 1] or [rows, width], < 2^32),
-    so one top-k keeps exactly the first tokens of a tie, on any device. NaN ranks above +inf (as
-    in torch.topk) and -0.0 ties with 0.0."""
-    canonical = torch.where(values.isnan(), float("nan"), torch.where(values == 0, 0.0, values))
-    bits = canonical.contiguous().view(torch.int32)
-    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)  # monotonic in the value
-    return (ordered << 32) | (0xFFFFFFFF - place if largest else place)
-
-
-def document_places(doc: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """[rows, width] each entry's place (0..rows-1) in document order within its column; empty slots (doc -1) last."""
-    order = torch.where(doc < 0, torch.iinfo(torch.int64).max, doc * (1 << 32) + pos).argsort(dim=0)
-    places = torch.arange(doc.shape[0], device=doc.device)[:, None].expand_as(order)
-    return torch.empty_like(order).scatter_(0, order, places)
-
-
-def sample_keys(doc: torch.Tensor, pos: torch.Tensor, width: int) -> torch.Tensor:
-    """A [rows, width] int64 hash of (doc, pos, unit), uniform on [0, 2^31)."""
-    unit = torch.arange(width, device=doc.device, dtype=torch.int64)
-    x = (
-        doc.to(torch.int64)[:, None] * 0x9E3779B1
-        + pos.to(torch.int64)[:, None] * 0x85EBCA77
-        + unit[None, :] * 0xC2B2AE3D
-    ) & 0x7FFFFFFF
-    for mult in (0x2C1B3C6D, 0x297A2D39):
-        x = ((x ^ (x >> 15)) * mult) & 0x7FFFFFFF
-    return x ^ (x >> 13)
-
-
-# The example kinds a site layer keeps: (kind, the field it ranks by, largest first). pool exists with quantiles=Q.
-EXAMPLE_KINDS = (("top", "value", True), ("bottom", "value", False), ("random", "key", False), ("pool", "key", False))
-
-
-@dataclass
-class BatchContext:
-    """What the hooks need to know about the batch being run (all on the device)."""
-
-    mask: torch.Tensor  # [B, T] bool, False on padding
-    lengths: torch.Tensor  # [B] valid tokens per row
-    row_doc: torch.Tensor  # [B*T] doc of each flattened position
-    row_pos: torch.Tensor  # [B*T] position in its document
-    segment: torch.Tensor  # [B] index of the row's document within the batch
-    n_segments: int
-    finished: torch.Tensor  # [n_finished] segments whose last window is in this batch
-    finished_tokens: torch.Tensor  # [n_finished] their total token counts (all windows)
-    last_rows: torch.Tensor  # [n_finished] row holding each finished document's last window
-    carry_in: bool  # segment 0 continues a document from the previous batch
-    carry_out: bool  # the last segment continues into the next batch
-    full: bool = False  # no padding in this batch (every mask entry True)
-    # [B*T] where each window position was computed in the model's flattened [rows * seq] output; None: the
-    # model's rows are the windows (ingest/contexts.py model_input)
-    unpack: torch.Tensor | None = None
-
-    # Shared by every site layer of the batch, so computed once.
-    @cached_property
-    def n_valid(self) -> torch.Tensor:
-        return self.mask.sum()
-
-    @cached_property
-    def first_doc(self) -> torch.Tensor:
-        """[B] document of each row."""
-        return self.row_doc.view(self.mask.shape[0], -1)[:, 0].contiguous()
-
-    @cached_property
-    def first_pos(self) -> torch.Tensor:
-        """[B] position of each row's first token in its document."""
-        return self.row_pos.view(self.mask.shape[0], -1)[:, 0].contiguous()
-
-    @cached_property
-    def row_order(self) -> torch.Tensor:
-        """[B] the rows in document order (by document, then window start)."""
-        return torch.argsort(self.first_doc * (1 << 32) + self.first_pos)
-
-    @cached_property
-    def row_rank(self) -> torch.Tensor:
-        """[B] each row's place in document order."""
-        rank = torch.empty_like(self.row_order)
-        rank[self.row_order] = torch.arange(len(rank), device=rank.device)
-        return rank
-
-
-class SiteLayer:
-    def __init__(
-        self,
-        site: ResolvedSite,
-        layer: int,
-        module_name: str,
-        device: str,
-        encoder=None,
-        target_module: str | None = None,
-    ):
-        self.site, self.layer, self.module_name, self.device = site, layer, module_name, device
-        # A dictionary site (ingest.dictionary.DeviceDictionary) encodes the hooked tensor first; its latents
-        # are the units every reduction sees. A transcoder's target_module output is its reconstruction target.
-        self.encoder, self.target_module = encoder, target_module
-        self.spec = site.spec
-        self.red = site.spec.reductions
-        self.threshold = site.spec.threshold
-        self.width: int | None = None
-        self.ctx: BatchContext | None = None
-        self.out: dict[str, torch.Tensor] = {}
-        self.carry: dict[str, torch.Tensor] = {}
-        self.stats: dict[str, torch.Tensor] = {}
-        self.examples: dict[str, torch.Tensor] = {}
-
-    @property
-    def name(self) -> str:
-        return self.site.name
-
-    @property
-    def hook_point(self) -> str:
-        return self.site.hook
-
-    # -- state ----------------------------------------------------------------
-    def _allocate(self, width: int) -> None:
-        self.width = width
-        dev = self.device
-        self.stats = {
-            "n_tokens": torch.zeros((), dtype=torch.int64, device=dev),
-            "n_fired": torch.zeros(width, dtype=torch.int64, device=dev),
-            "sum": torch.zeros(width, dtype=torch.float64, device=dev),
-            "sum_sq": torch.zeros(width, dtype=torch.float64, device=dev),
-            "max": torch.full((width,), float("-inf"), dtype=torch.float32, device=dev),
-            "max_doc": torch.full((width,), -1, dtype=torch.int64, device=dev),
-            "max_pos": torch.full((width,), -1, dtype=torch.int64, device=dev),
-            "sum_cube": torch.zeros(width, dtype=torch.float64, device=dev),
-            "sum_quad": torch.zeros(width, dtype=torch.float64, device=dev),
-            "sum_pos": torch.zeros(width, dtype=torch.float64, device=dev),
-            "min": torch.full((width,), float("inf"), dtype=torch.float32, device=dev),
-        }
-        if "hist" in self.red:
-            self.stats["hist"] = torch.zeros(width, HIST_BINS, dtype=torch.int64, device=dev)
-        if "examples" in self.red:
-            n = self.red["examples"]
-            kinds = [("top", n, float("-inf")), ("bottom", n, float("inf")), ("random", n, float("nan"))]
-            if "quantiles" in self.red:
-                kinds.append(("pool", 2 * self.red["quantiles"] * n, float("nan")))
-            for kind, size, fill in kinds:
-                self.examples[f"{kind}_value"] = torch.full((size, width), fill, dtype=torch.float32, device=dev)
-                self.examples[f"{kind}_doc"] = torch.full((size, width), -1, dtype=torch.int64, device=dev)
-                self.examples[f"{kind}_pos"] = torch.full((size, width), -1, dtype=torch.int64, device=dev)
-                if kind in ("random", "pool"):
-                    self.examples[f"{kind}_key"] = torch.full((size, width), _NO_KEY, dtype=torch.int64, device=dev)
-                if kind != "pool":
-                    self.examples[f"{kind}_context"] = torch.full(
-                        (size, width, CONTEXT_BEFORE + 1 + CONTEXT_AFTER), float("nan"), dtype=VALUE_DTYPE, device=dev
-                    )
-
-    # The unit axis of each state's tensors: stats are [width] or [width, bins]; examples [n, width]
-    # or [n, width, window] (window values).
-    _UNIT_AXIS = {"stats": 0, "examples": 1}
-
-    def state_tables(self) -> dict[str, pa.Table]:
-        """A snapshot (copied: the live tensors keep changing) of the run-level state, for resume.
-
-        One row per unit: a tensor with more values per unit than one is a fixed-size list column.
-        """
-        if self.width is None:
-            return {}
-
-        def column(v, axis):
-            if v.dim() == 0:
-                return np.full(self.width, v.item())
-            per_unit = v.movedim(axis, 0).reshape(self.width, -1).cpu().numpy().copy()
-            if v.dim() == 1:
-                return per_unit[:, 0]
-            return pa.FixedSizeListArray.from_arrays(per_unit.reshape(-1), per_unit.shape[1])
-
-        tables = {}
-        for prefix, state in (("stats", self.stats), ("examples", self.examples)):
-            if state:
-                axis = self._UNIT_AXIS[prefix]
-                tables[f"{prefix}.{self.name}.{self.layer}"] = pa.table({k: column(v, axis) for k, v in state.items()})
-        if self.encoder is not None:
-            tables.update(self.encoder.state_tables(f"{self.name}.{self.layer}"))
-        return tables
-
-    @property
-    def state_names(self) -> list[str]:
-        """The names of the state tables this site layer saves (state_tables), for resume and the ranks' merge."""
-        return [f"{prefix}.{self.name}.{self.layer}" for prefix in ("stats", "examples", "quality", "quality_out")]
-
-    def merge_tables(self, tables: dict[str, pa.Table]) -> None:
-        """Fold another capture's state tables (another rank's, as state_tables wrote them) into this one:
-        statistics, examples and a dictionary's quality sums, all merged exactly."""
-        if self.width is None:  # this capture saw no tokens: take theirs
-            self.restore(tables)
-            return
-        other = SiteLayer(self.site, self.layer, self.module_name, self.device)
-        other.restore(tables)
-        self.merge(other)
-        if self.encoder is not None:
-            self.encoder.merge(tables, f"{self.name}.{self.layer}")
-
-    def merge(self, other: SiteLayer) -> None:
-        """Fold another capture of this site layer (another rank's) into this one: both merges are exact."""
-        mine, theirs = self.stats, other.stats
-        for key in ("n_tokens", "n_fired", "sum", "sum_sq", "sum_cube", "sum_quad", "sum_pos", "hist"):
-            if key in mine:
-                mine[key] += theirs[key]
-        mine["min"] = torch.minimum(mine["min"], theirs["min"])
-        # Ties go to the first token in document order, as within one process.
-        key_mine = mine["max_doc"] * (1 << 32) + mine["max_pos"]
-        key_theirs = theirs["max_doc"] * (1 << 32) + theirs["max_pos"]
-        seen = theirs["max_doc"] >= 0
-        better = seen & ((theirs["max"] > mine["max"]) | ((theirs["max"] == mine["max"]) & (key_theirs < key_mine)))
-        for key in ("max", "max_doc", "max_pos"):
-            mine[key] = torch.where(better, theirs[key], mine[key])
-        # The same merge the hook applies batch by batch: top and bottom values, and smallest sample keys.
-        for kind, by, largest in EXAMPLE_KINDS:
-            fields = {k[len(kind) + 1 :]: v for k, v in other.examples.items() if k.startswith(f"{kind}_")}
-            if fields:
-                self._merge(kind, fields, by=by, largest=largest)
-
-    def restore(self, tables: dict[str, pa.Table]) -> None:
-        stats = tables.get(f"stats.{self.name}.{self.layer}")
-        if stats is None:
-            return
-        self._allocate(stats.num_rows)
-        examples = tables.get(f"examples.{self.name}.{self.layer}")
-        for prefix, source, state in (("stats", stats, self.stats), ("examples", examples, self.examples)):
-            missing = [key for key in state if key not in source.column_names]
-            if missing:  # e.g. bottom examples, which state saved by an older whq lacks
-                raise BadInput(
-                    f"the saved state of site {self.name} layer {self.layer} lacks {', '.join(missing)} (saved by an "
-                    f"older whq): discard the interrupted run with `whq gc WAREHOUSE --interrupted`, then ingest it again"
-                )
-            for key, target in state.items():
-                data = source.column(key).combine_chunks()
-                if pa.types.is_fixed_size_list(data.type):
-                    data = data.flatten()
-                column = torch.from_numpy(data.to_numpy().copy())  # Arrow buffers are read-only
-                if target.dim() == 0:
-                    target.copy_(column[0])
-                else:
-                    moved = target.movedim(self._UNIT_AXIS[prefix], 0)
-                    target.copy_(column.reshape(moved.shape).movedim(0, self._UNIT_AXIS[prefix]))
-        if self.encoder is not None:
-            self.encoder.restore(tables, f"{self.name}.{self.layer}")
-
-    # -- the hook ---------------------------------------------------------------
-    def __call__(self, x: torch.Tensor) -> None:
-        ctx = self.ctx
-        if ctx is None:
-            return  # a forward that is not a capture (--splice's extra passes)
-        if x.dim() != 3:
-            raise RuntimeError(
-                f"site {self.name} layer {self.layer}: expected [batch, seq, units], got shape {tuple(x.shape)}"
-            )
-        x = x.detach().float()
-        if ctx.unpack is not None:
-            x = x.reshape(-1, x.shape[-1])[ctx.unpack].view(*ctx.mask.shape, x.shape[-1])
-        if self.encoder is not None:
-            x = self.encoder(x, ctx.mask[:, : x.shape[1]])
-        if self.width is None:
-            self._allocate(x.shape[-1])
-        batch, seq, width = x.shape
-        mask3 = ctx.mask[:, :seq, None]
-        red = self.red
-        id_dtype = torch.int16 if width <= 32767 else torch.int32
-        stats = self.stats
-        stats["n_tokens"] += ctx.n_valid
-        if fused.usable(x, red.get("topk")):
-            top, sums, abs_sums = fused.site_pass(x, ctx, self.threshold, red.get("topk"), "nag" in red, stats)
-            floored = None
-        else:
-            # Padding only exists in some batches; the zeroed / -inf copies are made only then.
-            zeroed = x if ctx.full else x * mask3
-            floored = self._floored(x, mask3)
-            top = x.topk(min(red["topk"], width), dim=-1) if "topk" in red else None
-            sums = zeroed.sum(dim=1)  # [batch, width], float32 over at most `seq` values
-            abs_sums = zeroed.abs().sum(dim=1) if "nag" in red else None
-            self._update_stats(x, zeroed, floored, sums, mask3)
-        if top is not None:
-            self.out["topk_values"], self.out["topk_ids"] = top[0].to(VALUE_DTYPE), top[1].to(id_dtype)
-        if "abstopk" in red:
-            _, ids = x.abs().topk(min(red["abstopk"], width), dim=-1)
-            self.out["topk_values"], self.out["topk_ids"] = x.gather(-1, ids).to(VALUE_DTYPE), ids.to(id_dtype)
-        if "threshold" in red:
-            hits = (x > self.threshold) & mask3
-            self.out["threshold_index"] = hits.nonzero()
-            self.out["threshold_values"] = x[hits]
-        if "nag" in red or "mean" in red:
-            self._document_sums(sums, abs_sums)
-        if "last" in red:
-            self.out["last"] = x[ctx.last_rows, ctx.lengths[ctx.last_rows] - 1]
-        if "dense" in red:
-            self.out["dense"] = x[ctx.mask[:, :seq]]
-        if "examples" in red:
-            floored = self._floored(x, mask3) if floored is None else floored
-            self._update_examples(floored.reshape(batch * seq, width), batch * seq, x)
-
-    def _floored(self, x: torch.Tensor, mask3: torch.Tensor) -> torch.Tensor:
-        """x with -inf on padding, for maxima (no copy when the batch has none)."""
-        return x if self.ctx.full else torch.where(mask3, x, float("-inf"))
-
-    def _document_sums(self, sums: torch.Tensor, abs_sums: torch.Tensor | None) -> None:
-        """Per-document means of a and |a| from the per-row sums [batch, width]; NAG keeps the top units of |a|."""
-        ctx = self.ctx
-        wanted = [("abs", abs_sums)] if "nag" in self.red else []
-        wanted += [("raw", sums)] if "mean" in self.red else []
-        for kind, per_row in wanted:
-            sums = torch.zeros(ctx.n_segments, per_row.shape[-1], dtype=torch.float32, device=per_row.device)
-            sums.index_add_(0, ctx.segment, per_row)
-            if ctx.carry_in and kind in self.carry:
-                sums[0] += self.carry.pop(kind)
-            if ctx.carry_out:
-                self.carry[kind] = sums[-1].clone()
-            done = sums[ctx.finished] / ctx.finished_tokens[:, None].clamp(min=1)
-            if kind == "abs":
-                k = min(self.red["nag"], per_row.shape[-1])
-                if fused.usable(done, k):
-                    impacts, order = fused.topk(done, k)  # same order as the stable sort below
-                else:
-                    impacts, order = torch.sort(done, dim=-1, descending=True, stable=True)
-                self.out["nag_ids"], self.out["nag_impacts"] = order[:, :k], impacts[:, :k]
-            else:
-                self.out["mean"] = done
-
-    def _update_stats(self, x, zeroed, floored, row_sums, mask3) -> None:
-        """Exact stats from per-row partials with torch ops (CUDA; fused.c does the same on the CPU).
-
-        Sums reduce each row's positions in float32 and the rows in float64; the max is
-        found per row first, so the tie rule (first token in document order) only ever
-        looks at `batch` rows and then at one row's positions, never at [tokens, width]
-        int64 keys. No host synchronisation.
-        """
-        ctx, stats = self.ctx, self.stats
-        batch, seq, width = x.shape
-        fired = x > self.threshold
-        if not ctx.full:
-            fired &= mask3
-        # int32 per row (at most `seq` firings): the int64 bool sum is 10x slower on CPU.
-        stats["n_fired"] += fired.sum(dim=1, dtype=torch.int32).sum(dim=0)
-        stats["sum"] += row_sums.sum(dim=0, dtype=torch.float64)
-        stats["sum_sq"] += torch.linalg.vecdot(zeroed, zeroed, dim=1).sum(dim=0, dtype=torch.float64)
-        squares = zeroed * zeroed
-        stats["sum_cube"] += torch.linalg.vecdot(squares, zeroed, dim=1).sum(dim=0, dtype=torch.float64)
-        stats["sum_quad"] += torch.linalg.vecdot(squares, squares, dim=1).sum(dim=0, dtype=torch.float64)
-        stats["sum_pos"] += torch.where(zeroed > 0, zeroed, 0).sum(dim=1).sum(dim=0, dtype=torch.float64)
-        ceiled = x if ctx.full else torch.where(mask3, x, float("inf"))
-        stats["min"] = torch.minimum(stats["min"], ceiled.amin(dim=(0, 1)))
-        if "hist" in stats:
-            bins = hist_bins(x) + torch.arange(width, device=x.device) * HIST_BINS
-            valid = bins if ctx.full else bins[ctx.mask[:, :seq]]
-            stats["hist"] += torch.bincount(valid.reshape(-1), minlength=width * HIST_BINS).view(width, HIST_BINS)
-        row_max = floored.amax(dim=1)  # [batch, width]
-        batch_max = row_max.amax(dim=0)  # [width]
-        # Ties go to the first token in document order, whatever order batches run in:
-        # first the earliest row (by document, then window start) reaching the max ...
-        best = torch.where(row_max == batch_max, ctx.row_rank[:, None], batch).amin(dim=0).clamp(max=batch - 1)
-        row = ctx.row_order[best]  # [width] (NaN maxima: unused)
-        # ... then the earliest position of that row reaching it.
-        within = floored.gather(0, row.view(1, 1, width).expand(1, seq, width))[0]  # [seq, width]
-        pos = torch.where(within == batch_max, torch.arange(seq, device=x.device)[:, None], seq).amin(dim=0)
-        first = ctx.first_doc[row] * (1 << 32) + ctx.first_pos[row] + pos
-        running = stats["max_doc"] * (1 << 32) + stats["max_pos"]
-        better = (batch_max > stats["max"]) | ((batch_max == stats["max"]) & (first < running))
-        stats["max"] = torch.where(better, batch_max, stats["max"])
-        stats["max_doc"] = torch.where(better, first >> 32, stats["max_doc"])
-        stats["max_pos"] = torch.where(better, first & 0xFFFFFFFF, stats["max_pos"])
-
-    def _update_examples(self, flat: torch.Tensor, rows: int, x: torch.Tensor) -> None:
-        ctx, ex = self.ctx, self.examples
-        seq = x.shape[1]
-        ceiled = flat if ctx.full else torch.where(ctx.mask[:, :seq].reshape(-1, 1), flat, float("inf"))
-        n = min(self.red["examples"], rows)
-        if fused.usable(x, n):  # one pass over the batch for both kinds
-            picks = fused.extremes(x, ctx, n)
-        else:
-            # Each token's place in document order (its row's place, then its position): ties go to the first.
-            place = (ctx.row_rank[:, None] * seq + torch.arange(seq, device=x.device)).reshape(-1, 1)
-            picks = [
-                ranking_keys(v, place, big).topk(n, dim=0, largest=big)[1] for v, big in ((flat, True), (ceiled, False))
-            ]
-        for kind, values, largest, where in (("top", flat, True, picks[0]), ("bottom", ceiled, False, picks[1])):
-            self._merge(
-                kind,
-                {"value": values.gather(0, where), "doc": ctx.row_doc[where], "pos": ctx.row_pos[where]},
-                by="value",
-                largest=largest,
-                where=where,
-                x=x,
-            )
-        keys = sample_keys(ctx.row_doc, ctx.row_pos, flat.shape[1])
-        keys = keys.masked_fill(~(flat > self.threshold), _NO_KEY)
-        for kind in ("random", "pool") if "pool_key" in ex else ("random",):
-            batch_keys, where = keys.topk(min(ex[f"{kind}_key"].shape[0], rows), dim=0, largest=False)
-            # A token enters the N smallest keys when it arrives or never (later keys only push it back),
-            # so windows taken on arrival cover the final random examples.
-            self._merge(
-                kind,
-                {
-                    "value": flat.gather(0, where),
-                    "doc": ctx.row_doc[where],
-                    "pos": ctx.row_pos[where],
-                    "key": batch_keys,
-                },
-                by="key",
-                largest=False,
-                where=where,
-                x=x,
-            )
-
-    def _windows(self, x: torch.Tensor, where: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
-        """[m, CONTEXT] unit units[i]'s own values around flat row where[i] of x [batch, seq, width],
-        NaN outside that token's model window (before its row's start, past its valid length)."""
-        batch, seq, width = x.shape
-        row = where // seq
-        t = (where % seq)[:, None] + torch.arange(-CONTEXT_BEFORE, CONTEXT_AFTER + 1, device=x.device)
-        inside = (t >= 0) & (t < self.ctx.lengths[row][:, None])
-        values = x.reshape(batch * seq, width)[row[:, None] * seq + t.clamp(0, seq - 1), units[:, None]]
-        return torch.where(inside, values, float("nan")).to(VALUE_DTYPE)
-
-    def _merge(self, kind: str, new: dict, *, by: str, largest: bool, where=None, x=None) -> None:
-        """Keep the best of the kept and the `new` entries of one kind: largest `by` (top), or smallest
-        (bottom, sample keys); values tie to the first token in document order.
-
-        Window values come with `new` (another rank's examples) or, for a batch, are read from x
-        for the entries that made it in (rows `where` [new, width]): most candidates of a batch do not.
-        """
-        ex = self.examples
-        size = ex[f"{kind}_{by}"].shape[0]
-        ranked = torch.cat([ex[f"{kind}_{by}"], new[by]])
-        if by == "value":
-            place = document_places(
-                torch.cat([ex[f"{kind}_doc"], new["doc"]]), torch.cat([ex[f"{kind}_pos"], new["pos"]])
-            )
-            ranked = ranking_keys(ranked, place, largest)
-        _, pick = ranked.topk(size, dim=0, largest=largest)
-        for field, values in new.items():
-            both = torch.cat([ex[f"{kind}_{field}"], values])
-            index = pick if both.dim() == 2 else pick[..., None].expand(-1, -1, both.shape[2])
-            ex[f"{kind}_{field}"] = both.gather(0, index)
-        if f"{kind}_context" in ex and "context" not in new:
-            old = ex[f"{kind}_context"]
-            kept = old.gather(0, pick.clamp(max=size - 1)[..., None].expand(-1, -1, old.shape[2]))
-            slots, units = (pick >= size).nonzero(as_tuple=True)
-            kept[slots, units] = self._windows(x, where[pick[slots, units] - size, units], units)
-            ex[f"{kind}_context"] = kept
-
-
-def collect(site_layers: list[SiteLayer]) -> tuple[dict, object]:
-    """Every site layer's batch outputs as host arrays, keyed (site, layer), and a ready event.
-
-    On the CPU the arrays share the tensors' memory and the event is None. On CUDA each
-    output is copied into pinned host memory without blocking; the arrays are valid once
-    the returned event completes, which the writer thread waits for, so the model thread
-    never synchronises with the device.
+    The hooks are attached by the caller (`with hooks(loaded.model, capture.taps)`),
+    so one capture can run with and without them (the benchmark's plain passes).
+    `bound` gives dictionary sites their encoder per (site, layer) (ingest.encoder.bind);
+    `splice` adds --splice's loss passes after each batch.
     """
-    outputs = {}
-    for sl in site_layers:
-        outputs[(sl.name, sl.layer)], sl.out = sl.out, {}
-    if not any(t.is_cuda for out in outputs.values() for t in out.values()):
-        return {key: {k: v.numpy() for k, v in out.items()} for key, out in outputs.items()}, None
-    host = {}
-    for key, out in outputs.items():
-        host[key] = {}
-        for name, tensor in out.items():
-            pinned = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-            pinned.copy_(tensor, non_blocking=True)
-            host[key][name] = pinned.numpy()
-    ready = torch.cuda.Event()
-    ready.record()
-    return host, ready
+
+    def __init__(self, loaded, resolved: list, device: str, bound: dict | None = None, *, splice: bool = False):
+        from .encoder import on_device
+        from .reductions import SiteLayer
+
+        self.loaded, self.device, self.splice = loaded, device, splice
+        bound = bound or {}
+        self.site_layers = [
+            SiteLayer(r, layer, module, device, *on_device(bound.get((r.name, layer)), device, r.name, layer))
+            for r in resolved
+            for layer, module in r.modules
+        ]
+
+    @property
+    def taps(self) -> list:
+        """What the hooks attach: every site layer, and each transcoder's target (the MLP output)."""
+        from .encoder import target_taps
+
+        return self.site_layers + target_taps(self.site_layers)
+
+    @property
+    def widths(self) -> dict[tuple[str, int], int | None]:
+        return {(sl.name, sl.layer): sl.width for sl in self.site_layers}
+
+    def restore(self, saved_state: Callable[[str], pa.Table | None]) -> None:
+        """Continue from the running statistics and examples a resumed run saved (`saved_state(name)`)."""
+        for sl in self.site_layers:
+            sl.restore({name: table for name in sl.state_names if (table := saved_state(name)) is not None})
+
+    def batch(self, windows: list[Window]):
+        """One hooked forward pass; returns the batch's HostBatch (outputs still in flight on CUDA)."""
+        from .reductions import collect
+
+        ids, mask, ctx, host = _batch_context(windows, self.loaded.tokenizer.pad_id, self.device)
+        for sl in self.site_layers:
+            sl.ctx = ctx
+        forward(self.loaded, ids, mask)
+        if self.splice:
+            from .encoder import splice_losses
+
+            splice_losses(self.loaded.model, self.site_layers, ids, mask)
+        host.outputs, host.ready = collect(self.site_layers)
+        return host
+
+    def shard(
+        self,
+        shard: Shard,
+        batches: Iterable[list[Window]],
+        writer,
+        *,
+        extra_parts: list = (),
+        on_batch: Callable | None = None,
+    ) -> None:
+        """Capture `batches` (the shard's windows) into `writer` (a ShardWriter), then end the shard:
+        its documents, tokens, resume state and `extra_parts` are committed with the batches' rows."""
+        from .writer import ShardEnd
+
+        for batch in batches:
+            host = self.batch(batch)
+            writer.put(host)
+            if on_batch is not None:
+                on_batch(host)
+        state = {name: table for sl in self.site_layers for name, table in sl.state_tables().items()}
+        info = {"next_doc": shard.next_doc, "n_docs": len(shard.docs), "n_tokens": shard.n_tokens}
+        writer.put(
+            ShardEnd(
+                shard.documents_table(),
+                shard.tokens_table(self.loaded.tokenizer),
+                state,
+                info,
+                self.widths,
+                list(extra_parts),
+            )
+        )
 
 
-def _first_tensor(args, kwargs):
-    if args and isinstance(args[0], torch.Tensor):
-        return args[0]
-    if "hidden_states" in kwargs:
-        return kwargs["hidden_states"]
-    for value in list(args) + list(kwargs.values()):
-        if isinstance(value, torch.Tensor) and value.is_floating_point():
-            return value
-    raise RuntimeError("hooked module got no tensor input")
+def _batch_context(batch: list[Window], pad_id: int, device: str):
+    """Host arrays and the device-side BatchContext for one batch of windows."""
+    import torch
 
+    from .contexts import model_input
+    from .reductions import BatchContext
+    from .writer import HostBatch
 
-def _output_tensor(output):
-    # A tuple, list or transformers ModelOutput puts the hidden states first.
-    return output if isinstance(output, torch.Tensor) else output[0]
+    # The model runs on model_ids; the hooks see each window's own positions (unpacked when windows are cut
+    # from packed contexts or stripped of special tokens).
+    model_ids, model_mask, mask, unpack = model_input(batch, pad_id)
+    rows, seq = mask.shape
+    docs = np.array([w.doc for w in batch], dtype=np.int64)
+    starts = np.array([w.start_pos for w in batch], dtype=np.int64)
+    lengths = mask.sum(axis=1)
+    segment_of: dict[int, int] = {}
+    segment = [segment_of.setdefault(int(d), len(segment_of)) for d in docs]
+    finished_rows = [row for row, w in enumerate(batch) if w.last]
+    finished_docs = docs[finished_rows]
+    finished_tokens = np.array([batch[r].tokens_through for r in finished_rows], dtype=np.int64)
+    finished_last = np.array([batch[r].start_pos + len(batch[r].ids) - 1 for r in finished_rows], dtype=np.int64)
 
+    def dev(array, dtype=torch.int64):
+        return torch.as_tensor(np.asarray(array), dtype=dtype).to(device, non_blocking=True)
 
-class Tap(Protocol):
-    """What `hooks` attaches: a callable given one module's input ("in") or output ("out") tensor."""
-
-    module_name: str
-    hook_point: str
-
-    def __call__(self, x: torch.Tensor) -> None: ...
-
-
-@contextmanager
-def hooks(model, taps: Iterable[Tap]) -> Iterator[None]:
-    """Attach each tap to its module for the duration of the block; the hooks are removed however it ends."""
-    modules = dict(model.named_modules())
-    handles = []
-    try:
-        for tap in taps:
-            module = modules[tap.module_name]
-            if tap.hook_point == "in":
-                handles.append(
-                    module.register_forward_pre_hook(
-                        lambda m, a, k, tap=tap: tap(_first_tensor(a, k)), with_kwargs=True
-                    )
-                )
-            else:
-                handles.append(module.register_forward_hook(lambda m, a, o, tap=tap: tap(_output_tensor(o))))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+    ctx = BatchContext(
+        mask=dev(mask, torch.bool),
+        lengths=dev(lengths),
+        row_doc=dev(np.repeat(docs, seq)),
+        row_pos=dev((starts[:, None] + np.arange(seq)[None, :]).reshape(-1)),
+        segment=dev(segment),
+        n_segments=len(segment_of),
+        finished=dev([segment_of[int(d)] for d in finished_docs]),
+        finished_tokens=dev(finished_tokens, torch.float32),
+        last_rows=dev(finished_rows),
+        carry_in=batch[0].index > 0,
+        carry_out=not batch[-1].last,
+        full=bool(mask.all()),
+        unpack=None if unpack is None else dev(unpack),
+    )
+    host = HostBatch(docs, starts, lengths, finished_docs, finished_last)
+    return dev(model_ids), dev(model_mask), ctx, host

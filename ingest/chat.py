@@ -37,12 +37,15 @@ from warehouse.names import check_name
 from warehouse.parts import to_arrow
 from warehouse.runwriter import RunWriter
 
-from . import dictionary, models
-from .limits import check_reductions
-from .pipeline import IngestResult, default_run_id
+from . import models
+from .capture import Capture
+from .limits import check_scenario_model
+from .options import default_run_id
+from .pipeline import IngestResult
+from .prepare import read_sites, ready_capture
 from .scenario import Message, Scenario, load
-from .shard import Capture, Shard
-from .sites import SOURCE_ALIASES, parse_spec, parse_specs, resolve
+from .shard import Shard
+from .sites import SOURCE_ALIASES, parse_spec, resolve
 from .sources import Document
 from .tokenize import Window
 
@@ -111,7 +114,7 @@ def _generated_window(prompt: Window, prompt_text: str, fed: list[int], tokenize
 
 @dataclass
 class LastToken:
-    """A tap (see capture.hooks) keeping the last position's vector of one (source, layer) in `kept`."""
+    """A tap (see ingest/hooks.py) keeping the last position's vector of one (source, layer) in `kept`."""
 
     key: tuple
     module_name: str
@@ -381,33 +384,23 @@ def run_scenario(
 
     `model` replaces the scenario's model.id (the same YAML on another model).
     """
-    from .finalize import check_similar
-
     if run_id is not None:
         check_name("run id", run_id)
     spec = scenario if isinstance(scenario, Scenario) else load(scenario)
     if model:
         spec = replace(spec, model=replace(spec.model, id=model))
-    sparse_specs = parse_specs(spec.capture.sites) if spec.capture.sites else []
-    dictionaries = dictionary.load_all(sparse_specs)  # read and checked before the model loads
     device, dtype, note = _device_and_dtype(spec, device)
-    dictionary.check_encode_dtypes(sparse_specs, dictionaries, device)
+    request = read_sites(spec.capture.sites, device)
     loaded = loaded or models.load(spec.model.id, device, dtype)
-    if loaded.family != "decoder" or loaded.hf_tokenizer is None or loaded.model.get_output_embeddings() is None:
-        raise BadInput(
-            f"model {spec.model.id!r} is not a causal LM with a tokenizer and an lm_head: scenarios need a chat/causal model"
-        )
+    check_scenario_model(loaded, spec.model.id)
     device = loaded.config["device"]
-    clash = [s.text for s in sparse_specs if s.name in spec.capture.sources or s.name in SOURCE_ALIASES]
+    clash = [s.text for s in request.specs if s.name in spec.capture.sources or s.name in SOURCE_ALIASES]
     if clash:
         raise BadSpec(
-            f"capture.sites {clash[0]!r} reuses a source name; write the alias instead (e.g. {SOURCE_ALIASES.get(sparse_specs[0].site, 'resid.out')}:topk=20)"
+            f"capture.sites {clash[0]!r} reuses a source name; write the alias instead (e.g. {SOURCE_ALIASES.get(request.specs[0].site, 'resid.out')}:topk=20)"
         )
-    sparse = [resolve(s, loaded.module_names, loaded.aliases) for s in sparse_specs]
-    sparse, bound = dictionary.bind(sparse, dictionaries, loaded.module_names, loaded.aliases)
-    check_reductions(sparse, loaded, device)
-    check_similar(loaded, sparse)
-    sparse_capture = Capture(loaded, sparse, device, bound)
+    ready = ready_capture(request, loaded)
+    sparse, sparse_capture = ready.resolved, ready.capture
     capture = ScenarioCapture(loaded, spec, device, [sl for sl in sparse_capture.site_layers if sl.encoder is not None])
     chat_template = bool(getattr(loaded.hf_tokenizer, "chat_template", None))
 
@@ -454,7 +447,7 @@ def _run_passes(loaded, spec: Scenario, capture: ScenarioCapture, chat_template:
     """Every forward pass of the scenario (message prefixes, the generation, the references); returns the documents."""
     import torch
 
-    from .capture import hooks
+    from .hooks import hooks
     from .progress import IngestProgress
 
     docs: list[CapturedDoc] = []
@@ -515,7 +508,7 @@ def _capture_sparse(loaded, spec: Scenario, capture: ScenarioCapture, sparse_cap
     pass without them; the passes' rows go with them into the run's one shard."""
     import torch
 
-    from .capture import hooks
+    from .hooks import hooks
     from .writer import ShardWriter
 
     parts = _vector_parts(capture.passes, capture.vector_keys)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from warehouse.errors import BadInput
+from warehouse.names import document_label_problem
 
 from .sources import ID_COLUMNS, INT32_MAX, Document, SkipCounter
 
@@ -319,7 +320,7 @@ class DatasetInput:
             k: v for k, v in record.items() if k not in {cols.text, cols.tokens, cols.id, "dataset", "role", "label"}
         }
         labels = {k: record.get(k) if isinstance(record.get(k), str) else None for k in ("dataset", "role", "label")}
-        return Document(
+        doc = Document(
             doc_id,
             text or "",
             labels["dataset"] or label,
@@ -328,6 +329,11 @@ class DatasetInput:
             meta,
             token_ids=ids,
         )
+        # Labels reach terminals and pages: a row's are checked as a data file's are (warehouse/names.py).
+        problem = document_label_problem(doc)
+        if problem:
+            raise ValueError(problem)
+        return doc
 
 
 def _file_identity(path: str) -> dict:

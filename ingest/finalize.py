@@ -4,17 +4,15 @@ vocabulary)."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pyarrow as pa
 
-from warehouse import schema
+from warehouse import jsonio, schema
 from warehouse.errors import BadInput
 from warehouse.indexes import index_parts
 
-from .capture import _NO_KEY, SiteLayer
-from .models import final_norm
+from .models import down_projection, final_norm
+from .reductions import _NO_KEY, SiteLayer
 
 LOGIT_LENS_K = 10
 
@@ -39,7 +37,7 @@ def runs_row(loaded, resolved, writer) -> pa.Table:
             "sites": [[r.spec.text for r in resolved]],
             "n_documents": [sum(i["n_docs"] for i in infos)],
             "n_tokens": [sum(i["n_tokens"] for i in infos)],
-            "config": [json.dumps(config, default=str)],
+            "config": [jsonio.dumps(config)],
             "created_at": [writer.started_at.replace(tzinfo=None)],
             "status": ["committed"],
         },
@@ -170,7 +168,7 @@ def quantile_bins(counts: np.ndarray, threshold: float, q: int) -> np.ndarray:
     q - 1 (units.sql quantile_examples computes the same). A quantile bin is thus whole
     histogram bins, and covers exactly the firing-token shares it reports.
     """
-    from .capture import hist_edges
+    from .reductions import hist_edges
 
     firing = np.where(hist_edges()[1] > threshold, counts, 0).astype(np.float64)
     total = firing.sum(axis=1, keepdims=True)
@@ -185,7 +183,7 @@ def _quantile_picks(sl: SiteLayer, ex: dict, n: int):
     smallest sample keys of the pool among its members, ranked by (bin, key)."""
     import torch
 
-    from .capture import hist_bins
+    from .reductions import hist_bins
 
     q = sl.red["quantiles"]
     of_bin = quantile_bins(sl.stats["hist"].cpu().numpy(), sl.threshold, q)  # [units, bins]
@@ -209,25 +207,6 @@ def _unembedding(loaded):
     return None if head is None else head.weight
 
 
-def _down_projection(loaded, sl: SiteLayer):
-    """W_down [hidden, units] for MLP unit sites (mlp.act/up/gate of a decoder, mlp.act/up of a BERT encoder)."""
-    modules = dict(loaded.model.named_modules())
-    name = sl.module_name
-    for suffix in ("down_proj", "up_proj", "gate_proj"):
-        if name.endswith(suffix) and (suffix == "down_proj") == (sl.site.hook == "in"):
-            return modules[name[: -len(suffix)] + "down_proj"].weight
-    for suffix in ("output.dense", "intermediate.dense"):  # BERT: intermediate.dense -> act -> output.dense
-        down = name[: -len(suffix)] + "output.dense"
-        if (
-            name.endswith(suffix)
-            and not name.endswith("attention.output.dense")
-            and (suffix == "output.dense") == (sl.site.hook == "in")
-            and down in modules
-        ):
-            return modules[down].weight
-    return None
-
-
 def _feature_directions(loaded, sl: SiteLayer, unembed):
     """[hidden, latents]: a dictionary's decoder rows, scaled by the final norm's weight where the model has one.
 
@@ -246,7 +225,11 @@ def _feature_directions(loaded, sl: SiteLayer, unembed):
 def neuron_logits(loaded, sl: SiteLayer, unembed) -> pa.Table | None:
     import torch
 
-    down = _down_projection(loaded, sl) if sl.encoder is None else _feature_directions(loaded, sl, unembed)
+    down = (
+        down_projection(loaded.model, sl.module_name, sl.site.hook)
+        if sl.encoder is None
+        else _feature_directions(loaded, sl, unembed)
+    )
     if down is None:
         return None
     cols = {k: [] for k in ("neuron", "direction", "rank", "token_id", "token", "logit", "text")}
@@ -267,23 +250,11 @@ def neuron_logits(loaded, sl: SiteLayer, unembed) -> pa.Table | None:
     return _table("neuron_logits", {k: np.concatenate(v) for k, v in cols.items()})
 
 
-def check_similar(loaded, resolved) -> None:
-    """Before capturing: every site asking for similar=K must have a down projection."""
-    for r in resolved:
-        if "similar" in r.spec.reductions and any(
-            _down_projection(loaded, SiteLayer(r, layer, module, "cpu")) is None for layer, module in r.modules
-        ):
-            raise BadInput(
-                f"--site {r.spec.text!r}: similar=K compares output directions, which only MLP unit sites have "
-                "(mlp.act, mlp.up, mlp.gate): drop similar from this site"
-            )
-
-
 def unit_neighbors(loaded, sl: SiteLayer) -> pa.Table:
     """Per unit the K others with the highest cosine of output directions (W_down columns)."""
     import torch
 
-    down = _down_projection(loaded, sl)
+    down = down_projection(loaded.model, sl.module_name, sl.site.hook)
     k = min(sl.red["similar"], down.shape[1] - 1)
     with torch.inference_mode():
         directions = torch.nn.functional.normalize(down.float(), dim=0)  # [hidden, units]
@@ -333,7 +304,7 @@ def final_parts(
             parts.append(("neuron_examples", sl.name, sl.layer, neuron_examples(sl)))
         if sl.encoder is not None and sl.encoder.quality:
             parts.append(("dictionaries", sl.name, sl.layer, dictionaries_row(sl)))
-        if "similar" in sl.red:  # check_similar made sure the site has a down projection
+        if "similar" in sl.red:  # limits.check_similar made sure the site has a down projection
             parts.append(("unit_neighbors", sl.name, sl.layer, unit_neighbors(loaded, sl)))
     parts += index_parts(writer, {r.name: r.spec.threshold for r in resolved})
     if logit_lens:

@@ -176,7 +176,7 @@ def site_pass(x: torch.Tensor, ctx, threshold: float, topk: int | None, want_abs
 def extremes(x: torch.Tensor, ctx, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each unit's n largest and n smallest values of x [batch, seq, width] (ctx: its BatchContext) as
     flat token indices [n, width] (int64, best first), ties to the first token in document order; padding
-    ranks as -inf for the largest and +inf for the smallest. The same tokens as capture.ranking_keys' top-k."""
+    ranks as -inf for the largest and +inf for the smallest. The same tokens as reductions.ranking_keys' top-k."""
     lib = _library()[0]
     x = x.contiguous()
     batch, seq, width = x.shape

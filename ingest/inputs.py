@@ -23,20 +23,6 @@ from . import dataset_sources, sources
 from .contexts import SEPARATORS
 
 DATASET_OPTIONS = ("split", "text_column", "id_column", "where", "shuffle")
-# The IngestOptions fields of dataset input and model inputs (what `whq ingest` passes through).
-INPUT_OPTIONS = (
-    *DATASET_OPTIONS,
-    "shuffle_buffer",
-    "streaming",
-    "max_docs",
-    "max_tokens",
-    "context_size",
-    "pack",
-    "prepend_bos",
-    "separator",
-    "keep_partial",
-    "exclude_special",
-)
 
 
 def check_options(options) -> None:

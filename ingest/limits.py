@@ -1,9 +1,14 @@
-"""Range checks that need the loaded model: K against a site's units, examples=N against memory.
+"""The checks of a capture against the loaded model, all refused before the first forward pass.
 
-Both are refused before the first forward pass.
+- a site's reductions: K against the site's units, examples=N against memory (`check_reductions`),
+  similar=K only where units have output directions (`check_similar`);
+- the options that need a kind of model: the window against its positions (`window_length`),
+  --logit-lens and --splice a causal LM with an unembedding, a scenario a chat/causal model.
 
-Run-level numbers (batch size, window, shard size, ranks) are checked by `check_run_numbers`
-before anything loads. Torch is imported only to ask a CUDA device its memory.
+`ingest.prepare.ready_capture` runs the site checks for every capture (ingest, scenario runs,
+`whq bench ingest`), so the three refuse the same SPECs. The numbers that need no model
+(batch size, window, ranks) are checked when the options are built (ingest/options.py).
+Torch is imported only to ask a CUDA device its memory.
 """
 
 from __future__ import annotations
@@ -13,13 +18,14 @@ from pathlib import Path
 
 from warehouse.errors import BadInput, BadSpec
 
-from .sites import ResolvedSite
+from .models import down_projection
+from .sites import ResolvedSite, SiteSpec
 
 # Kept per unit, layer and example slot: three float32 values (top, bottom, random) and seven
-# int64 (doc and position of each, the random key) = 68 bytes. Measured on llama-tiny (CPU,
-# 12 documents, before bottom examples existed): examples=10000 and 40000 raised peak RSS by
-# 544 MB and 2017 MB for 246 MB and 983 MB of slots, about 2.1x (the merge concatenates, the
-# resume snapshot copies); 2.5x leaves a margin: 170 bytes per slot.
+# int64 (doc and position of each, the random key) = 68 bytes. Peak memory grows by about 2.1x
+# the slots' bytes, because the merge concatenates them and the resume snapshot copies them
+# (llama-tiny on the CPU: examples=10000 and 40000 raised peak RSS by 544 MB and 2017 MB for
+# 246 MB and 983 MB of slots); 2.5x leaves a margin: 170 bytes per slot.
 # Each top, bottom and random example also keeps its window of 71 float16 values (capture.py
 # CONTEXT_*): 426 bytes, 1065 with the same margin.
 BYTES_PER_EXAMPLE_SLOT = 170 + 1065
@@ -28,17 +34,6 @@ BYTES_PER_EXAMPLE_SLOT = 170 + 1065
 BYTES_PER_POOL_SLOT = 70
 # Reductions whose K picks units of a token or document: more than the site's units cannot be kept.
 UNIT_COUNTS = ("topk", "abstopk", "nag")
-
-
-def check_run_numbers(*, max_length: int | None, rank: int, world_size: int) -> None:
-    """Numbers of one ingest that the older checks in pipeline.ingest do not cover."""
-    if max_length is not None and max_length < 1:
-        raise BadInput(f"--max-length {max_length} must be at least 1 (omit it for the model's own window)")
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise BadInput(
-            f"rank {rank} of world size {world_size} is out of range: the rank must be 0..world size - 1 "
-            f"(torchrun sets RANK and WORLD_SIZE; use --ranks N on one machine)"
-        )
 
 
 def _physical_memory() -> int:
@@ -113,3 +108,70 @@ def check_reductions(resolved: list[ResolvedSite], loaded, device: str) -> None:
                 f"({what}{others}): use examples=N with N at most {most}"
             )
         held += needed
+
+
+def check_similar(loaded, resolved: list[ResolvedSite]) -> None:
+    """similar=K ranks units by the cosine of their output directions: every layer of the site must have them."""
+    for r in resolved:
+        if "similar" in r.spec.reductions and any(
+            down_projection(loaded.model, module, r.hook) is None for _, module in r.modules
+        ):
+            raise BadInput(
+                f"--site {r.spec.text!r}: similar=K compares output directions, which only MLP unit sites have "
+                "(mlp.act, mlp.up, mlp.gate): drop similar from this site"
+            )
+
+
+def _is_causal_lm(loaded) -> bool:
+    return loaded.family == "decoder" and loaded.model.get_output_embeddings() is not None
+
+
+def check_splice_sites(splice: bool, specs: list[SiteSpec]) -> None:
+    """Before the model loads: --splice puts each reconstruction back, which an encode_only site cannot make."""
+    encode_only = next((s.text for s in specs if s.encode_only), None)
+    if splice and encode_only:
+        raise BadInput(f"--splice needs the decoder that {encode_only!r} skips: drop encode_only there, or --splice")
+
+
+def check_splice(splice: bool, loaded, dictionaries: dict) -> None:
+    """--splice measures next-token loss, so it needs a causal LM and a dictionary to splice in."""
+    if splice and (not _is_causal_lm(loaded) or not dictionaries):
+        raise BadInput(
+            "--splice needs a causal LM with an unembedding and a dictionary site (SITE+sae=PATH): drop --splice"
+        )
+
+
+def check_logit_lens(logit_lens: bool, loaded) -> None:
+    if logit_lens and not _is_causal_lm(loaded):
+        raise BadInput(
+            "--logit-lens needs a causal LM with an unembedding (lm_head); this model has none: drop --logit-lens"
+        )
+
+
+def check_scenario_model(loaded, model: str) -> None:
+    """A scenario generates: it needs a causal LM with a tokenizer and an lm_head."""
+    if not _is_causal_lm(loaded) or loaded.hf_tokenizer is None:
+        raise BadInput(
+            f"model {model!r} is not a causal LM with a tokenizer and an lm_head: scenarios need a chat/causal model"
+        )
+
+
+def model_positions(loaded) -> int | None:
+    """The positions the model has (max_position_embeddings), when its config says."""
+    return (loaded.config.get("model_config") or {}).get("max_position_embeddings")
+
+
+def window_length(max_length: int | None, loaded, model: str) -> int:
+    """--max-length, or the model's own; checked against the model's positions and special tokens."""
+    length = int(max_length or loaded.max_length)
+    positions = model_positions(loaded)
+    if positions and length > positions:
+        raise BadInput(
+            f"--max-length {length} is longer than the {positions} positions model {model!r} has: "
+            f"use at most {positions} (longer documents are split into windows)"
+        )
+    if length <= loaded.tokenizer.n_special:
+        raise BadInput(
+            f"--max-length {length} leaves no room for text after {loaded.tokenizer.n_special} special tokens: raise it"
+        )
+    return length

@@ -6,11 +6,11 @@ Nothing is downloaded: hub ids resolve only from the local cache.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from warehouse import jsonio
 from warehouse.errors import BadInput
 
 from .options import check_device, check_dtype
@@ -178,6 +178,25 @@ def final_norm(model):
     return None
 
 
+def down_projection(model, module_name: str, hook: str):
+    """W_down [hidden, units] of an MLP unit site hooked at `module_name` (mlp.act/up/gate of a decoder,
+    mlp.act/up of a BERT encoder), or None for any other site: the units' output directions."""
+    modules = dict(model.named_modules())
+    for suffix in ("down_proj", "up_proj", "gate_proj"):
+        if module_name.endswith(suffix) and (suffix == "down_proj") == (hook == "in"):
+            return modules[module_name[: -len(suffix)] + "down_proj"].weight
+    for suffix in ("output.dense", "intermediate.dense"):  # BERT: intermediate.dense -> act -> output.dense
+        down = module_name[: -len(suffix)] + "output.dense"
+        if (
+            module_name.endswith(suffix)
+            and not module_name.endswith("attention.output.dense")
+            and (suffix == "output.dense") == (hook == "in")
+            and down in modules
+        ):
+            return modules[down].weight
+    return None
+
+
 def adapter_module(path: Path, kind: str, load_signature: str):
     """The Python module of a user's adapter file (`model` or `dictionary`), which must define load(...)."""
     if not path.exists():
@@ -270,5 +289,5 @@ def tiny_causal_lm_dir(path: str | Path, family: str = "qwen3", seed: int = 0, *
     model = _build_causal_lm(shape, seed)
     model.save_pretrained(path)
     _tiny_tokenizer(shape["vocab_size"]).save_pretrained(path)
-    (path / "whq_tiny.json").write_text(json.dumps({"family": family, "seed": seed}))
+    jsonio.write(path / "whq_tiny.json", {"family": family, "seed": seed})
     return path

@@ -11,13 +11,15 @@ and checks options before any model is loaded.
 
 from __future__ import annotations
 
+import datetime as dt
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Literal, get_args
 
 from warehouse.errors import BadInput
 
-from .limits import check_run_numbers
+from .sites import parse_specs, spec_help
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 DTYPES: tuple[str, ...] = get_args(Dtype)
@@ -28,6 +30,13 @@ DEVICES: tuple[str, ...] = get_args(Device)
 DEFAULT_SITES = ("mlp.act:topk=20", "mlp.up:nag=20", "resid.out:last")
 # How this process runs, not what the run holds: not stored with the run (runs.device records the device).
 _NOT_STORED = ("run_id", "device", "progress", "rank")
+
+
+def default_run_id(model: str) -> str:
+    """`<model>-<UTC time>`, a valid run id whatever the model is called: the run id when none is given."""
+    stem = re.sub(r"[^A-Za-z0-9_.\-]", "-", Path(model.split(":")[0]).name or model).strip("-.") or "run"
+    stem = re.sub(r"\.{2,}", ".", stem)  # '..' is not allowed in a run id (warehouse/names.py)
+    return f"{stem[:40]}-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}"
 
 
 def check_device(device: str) -> str:
@@ -44,31 +53,35 @@ def check_dtype(dtype: str) -> str:
 
 @dataclass(frozen=True)
 class IngestOptions:
-    model: str = "minilm"
+    """One ingest's options. Each field is also a `whq ingest` flag (warehouse/cli_options.py): its name
+    (`--batch-size`), default, docstring (the help) and Literal choices; in a field's metadata, `flags`
+    names it otherwise (`flags=()` keeps it off the command line) and `help` replaces the docstring."""
+
+    model: str = field(default="minilm", metadata={"flags": ("--model", "-m")})
     """Local model folder, cached hub id, `minilm`, `config:qwen3-tiny`, or adapter.py[:checkpoint]."""
-    data: tuple[str, ...] = ()
-    """Document files (.jsonl, .parquet, .txt), hf:NAME[:CONFIG], a save_to_disk folder, or a folder or glob of
-    .parquet/.jsonl/.txt shards (docs/datasets.md); empty when `ingest()` is given documents."""
-    sites: tuple[str, ...] = DEFAULT_SITES
-    """SPECs `<site>[@in|@out][[layers]][+sae=PATH|+transcoder=PATH]:<reduction>[=arg],...`, one per site."""
+    data: tuple[str, ...] = field(default=(), metadata={"flags": ("--data", "-d")})
+    """Documents: .jsonl, .parquet or .txt files, hf:NAME[:CONFIG], a save_to_disk folder, or a folder or glob of
+    .parquet/.jsonl/.txt shards (docs/datasets.md); none when `ingest()` is given documents."""
+    sites: tuple[str, ...] = field(default=DEFAULT_SITES, metadata={"flags": ("--site", "-s"), "help": spec_help()})
+    """SPECs, one per site (the grammar and every reduction: `whq ingest --help`, docs/sites.md)."""
     run_id: str | None = None
-    """The run's id; None: `<model>-<UTC time>`."""
+    """The run's id (default: `<model>-<UTC time>`, printed)."""
     dataset: str | None = None
-    """Dataset label for documents that have none (None: the file stem)."""
+    """Dataset label for documents that have none (default: the file stem)."""
     role: str | None = None
     """Role label for documents that have none: pool, target, reference, ..."""
-    batch_size: int = 16
+    batch_size: int = field(default=16, metadata={"flags": ("--batch-size", "-b")})
     """Windows per forward pass."""
     max_length: int | None = None
-    """Tokens per window (None: the model's own); longer documents are split, positions continue."""
+    """Tokens per window (default: the model's own); longer documents are split, positions continue."""
     truncate: bool = False
     """Keep only each document's first window."""
     device: str = "auto"
-    """One of DEVICES, or cuda:N."""
+    """Where the model runs: auto, cpu, cuda, cuda:N or mps."""
     dtype: Dtype = "float32"
     """The model's weights and activations."""
     resume: bool = False
-    """Finish an interrupted run of the same options and run id."""
+    """Finish an interrupted run: the same options and run id."""
     shard_tokens: int = 65536
     """Tokens per committed shard: the unit of resume."""
     skip_bad: bool = False
@@ -76,28 +89,29 @@ class IngestOptions:
     logit_lens: bool = False
     """Also store each MLP unit's output direction through the unembedding."""
     splice: bool = False
-    """Dictionary sites of a causal LM: also measure next-token loss with each reconstruction spliced in."""
-    progress: bool = True
+    """Dictionary sites of a causal LM: also measure next-token loss with each reconstruction spliced in
+    (one extra forward per dictionary layer, plus one; not with encode_only)."""
+    progress: bool = field(default=True, metadata={"flags": ("--progress/--quiet", " /-q")})
     """Show a progress bar on stderr."""
-    rank: int = 0
-    """This process's rank under torchrun (0 alone)."""
-    world_size: int = 1
-    """Processes sharing the documents (1 alone)."""
+    rank: int = field(default=0, metadata={"flags": ()})
+    """This process's rank under torchrun (0 alone; torchrun sets it)."""
+    world_size: int = field(default=1, metadata={"flags": ()})
+    """Processes sharing the documents (1 alone; torchrun sets it)."""
     # Dataset input (docs/datasets.md).
     split: str | None = None
-    """Dataset split to read (None: train, or the dataset's only split)."""
+    """Dataset split to read (default: train, or the dataset's only split)."""
     text_column: str | None = None
-    """Dataset column holding the text (None: `text`, else a pre-tokenized input_ids/tokens column, used as is)."""
+    """Dataset column holding the text (default: `text`, else a pre-tokenized input_ids/tokens column, used as is)."""
     id_column: str | None = None
-    """Dataset column holding each document's id (None: `<dataset>:<row>`, the row's place in the stream)."""
+    """Dataset column holding each document's id (default: `<dataset>:<row>`, the row's place in the stream)."""
     where: str | None = None
     """Keep only the dataset rows where this SQL boolean expression over its columns holds, e.g. "lang = 'en'"."""
     shuffle: int | None = None
-    """Shuffle the dataset's rows with this seed (a buffer shuffle, as `datasets` streams do; None: in order)."""
+    """Shuffle the dataset's rows with this seed (a buffer shuffle, as `datasets` streams do; default: in order)."""
     shuffle_buffer: int = 10_000
     """Rows in the --shuffle buffer."""
-    streaming: bool = True
-    """Stream hf: datasets (False: download and cache them whole first)."""
+    streaming: bool = field(default=True, metadata={"flags": ("--streaming/--no-streaming",)})
+    """Stream hf: datasets (--no-streaming: download and cache them whole first)."""
     max_docs: int | None = None
     """Stop after this many documents (before the split over ranks)."""
     max_tokens: int | None = None
@@ -108,8 +122,8 @@ class IngestOptions:
     """Tokens per packed context (with --pack)."""
     pack: bool = False
     """Pack documents into contexts of --context-size tokens as SAELens does, instead of per-document windows."""
-    prepend_bos: bool | None = None
-    """Begin each packed context with BOS (None: as the SAELens dictionary's cfg.json says, else yes)."""
+    prepend_bos: bool | None = field(default=None, metadata={"flags": ("--prepend-bos/--no-prepend-bos",)})
+    """Begin each packed context with BOS (default: as the SAELens dictionary's cfg.json says, else yes)."""
     separator: str = "bos"
     """Token between packed documents: bos, eos, sep, none or a token id (SAELens's sequence_separator_token)."""
     keep_partial: bool = False
@@ -128,7 +142,14 @@ class IngestOptions:
             raise BadInput("--batch-size must be at least 1")
         if self.shard_tokens < 1:
             raise BadInput("--shard-tokens must be at least 1")
-        check_run_numbers(max_length=self.max_length, rank=self.rank, world_size=self.world_size)
+        if self.max_length is not None and self.max_length < 1:
+            raise BadInput(f"--max-length {self.max_length} must be at least 1 (omit it for the model's own window)")
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise BadInput(
+                f"rank {self.rank} of world size {self.world_size} is out of range: the rank must be 0..world size - 1 "
+                f"(torchrun sets RANK and WORLD_SIZE; use --ranks N on one machine)"
+            )
+        parse_specs(self.sites)  # a malformed SPEC is refused before any data file is read
         from .inputs import check_options
 
         check_options(self)

@@ -7,16 +7,15 @@
 Documents are streamed and processed in shards of whole documents; each shard is
 committed with the run's resume state, so an interrupted ingest continues with
 `resume=True` from its last shard and ends with exactly the rows of an uninterrupted run.
-`ingest()` is its steps in order, one small function each; the capture itself is
-`shard.Capture`, shared with `whq bench ingest` and scenario runs.
+`ingest()` is its steps in order, one small function each; the capture is set up by
+ingest/prepare.py and runs as `shard.Capture`, both shared with `whq bench ingest` and
+scenario runs.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import json
-import re
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -27,11 +26,12 @@ from warehouse.errors import BadInput, WarehouseError
 from warehouse.names import check_label, check_name
 from warehouse.runwriter import RunWriter, committed_with_same_config
 
-from . import contexts, dictionary, inputs, sources
-from .limits import check_reductions
-from .options import DEFAULT_SITES, IngestOptions
-from .shard import Capture, Shard
-from .sites import parse_specs, resolve
+from . import contexts, inputs, limits, sources
+from .capture import Capture
+from .options import DEFAULT_SITES, IngestOptions, default_run_id
+from .prepare import read_sites, ready_capture
+from .ranks import merge_ranks, open_writer
+from .shard import Shard
 
 
 @dataclass
@@ -55,55 +55,11 @@ class IngestResult:
         return self.tokens / self.seconds if self.tokens and self.seconds else 0.0
 
 
-def default_run_id(model: str) -> str:
-    stem = re.sub(r"[^A-Za-z0-9_.\-]", "-", Path(model.split(":")[0]).name or model).strip("-.") or "run"
-    stem = re.sub(r"\.{2,}", ".", stem)  # '..' is not allowed in a run id (warehouse/names.py)
-    return f"{stem[:40]}-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}"
-
-
 def _documents_identity(documents: list) -> str:
     digest = hashlib.sha256()
     for doc in documents:
         digest.update(json.dumps([doc.doc_id, doc.text, doc.dataset, doc.role, doc.label], default=str).encode())
     return digest.hexdigest()
-
-
-def _window_length(options: IngestOptions, loaded) -> int:
-    """--max-length, or the model's own; checked against the model's positions and special tokens."""
-    max_length = int(options.max_length or loaded.max_length)
-    positions = (loaded.config.get("model_config") or {}).get("max_position_embeddings")
-    if positions and max_length > positions:
-        raise BadInput(
-            f"--max-length {max_length} is longer than the {positions} positions model {options.model!r} has: "
-            f"use at most {positions} (longer documents are split into windows)"
-        )
-    if max_length <= loaded.tokenizer.n_special:
-        raise BadInput(
-            f"--max-length {max_length} leaves no room for text after {loaded.tokenizer.n_special} special tokens: raise it"
-        )
-    return max_length
-
-
-def _check_logit_lens(options: IngestOptions, loaded) -> None:
-    if options.logit_lens and (loaded.family != "decoder" or loaded.model.get_output_embeddings() is None):
-        raise BadInput(
-            "--logit-lens needs a causal LM with an unembedding (lm_head); this model has none: drop --logit-lens"
-        )
-
-
-def _check_splice_sites(options: IngestOptions, specs: list) -> None:
-    encode_only = next((s.text for s in specs if s.encode_only), None)
-    if options.splice and encode_only:
-        raise BadInput(f"--splice needs the decoder that {encode_only!r} skips: drop encode_only there, or --splice")
-
-
-def _check_splice(options: IngestOptions, loaded, dictionaries: dict) -> None:
-    if options.splice and (
-        loaded.family != "decoder" or loaded.model.get_output_embeddings() is None or not dictionaries
-    ):
-        raise BadInput(
-            "--splice needs a causal LM with an unembedding and a dictionary site (SITE+sae=PATH): drop --splice"
-        )
 
 
 def _start_doc(writer) -> int:
@@ -117,7 +73,7 @@ def _capture_shards(
     """Capture every shard into the run's journal; returns (documents, tokens) captured."""
     import torch
 
-    from .capture import hooks
+    from .hooks import hooks
     from .progress import IngestProgress
     from .writer import ShardWriter
 
@@ -158,8 +114,6 @@ def _commit(options: IngestOptions, capture: Capture, resolved: list, writer) ->
     from .finalize import final_parts
 
     if options.world_size > 1:
-        from .ranks import merge_ranks
-
         merge_ranks(writer, capture.site_layers)
     total_docs = sum(i["n_docs"] for i in writer.run_shard_info())
     if total_docs == 0:
@@ -185,10 +139,8 @@ def ingest(
     `documents` (Document objects) replace `data`, and `loaded` an already loaded model.
     """
     from . import models
-    from .ranks import open_writer
 
     opts = model if isinstance(model, IngestOptions) else IngestOptions(model, tuple(data), tuple(sites), **options)
-    specs = parse_specs(opts.sites)
     if opts.run_id is not None:
         check_name("run id", opts.run_id)
     for kind, label in (("--dataset", opts.dataset), ("--role", opts.role)):
@@ -197,23 +149,16 @@ def ingest(
     # Opened before the run exists: bad records of plain files, unknown columns and splits are refused now,
     # and the data's identity (file hashes, dataset fingerprints) ties --resume to the content.
     source = inputs.open_input(opts) if documents is None else None
-    dictionaries = dictionary.load_all(specs)  # read and checked before the model loads
-    _check_splice_sites(opts, specs)
     device = loaded.config["device"] if loaded else models.resolve_device(opts.device)
-    dictionary.check_encode_dtypes(specs, dictionaries, device)
+    request = read_sites(opts.sites, device, splice=opts.splice)
     wh = warehouse.open_or_init(root)
     loaded = loaded or models.load(opts.model, opts.device, opts.dtype)
-    resolved = [resolve(spec, loaded.module_names, loaded.aliases) for spec in specs]
-    resolved, bound = dictionary.bind(resolved, dictionaries, loaded.module_names, loaded.aliases)
-    check_reductions(resolved, loaded, loaded.config["device"])
-    max_length = _window_length(opts, loaded)
-    positions = (loaded.config.get("model_config") or {}).get("max_position_embeddings")
-    plan, opts, notes = contexts.plan(opts, loaded.tokenizer, dictionaries, max_length, positions)
-    _check_logit_lens(opts, loaded)
-    _check_splice(opts, loaded, dictionaries)
-    from .finalize import check_similar
-
-    check_similar(loaded, resolved)
+    ready = ready_capture(request, loaded)
+    max_length = limits.window_length(opts.max_length, loaded, opts.model)
+    plan, opts, notes = contexts.plan(
+        opts, loaded.tokenizer, request.dictionaries, max_length, limits.model_positions(loaded)
+    )
+    limits.check_logit_lens(opts.logit_lens, loaded)
     run_id = opts.run_id or default_run_id(opts.model)
     identity = (
         source.identity
@@ -221,7 +166,7 @@ def ingest(
         else {"documents": len(documents), "sha256": _documents_identity(documents)}
     )
     config = opts.run_config(
-        model_id=loaded.model_id, sites=[s.text for s in specs], data_identity=identity, max_length=max_length
+        model_id=loaded.model_id, sites=[s.text for s in request.specs], data_identity=identity, max_length=max_length
     )
     if opts.resume and (done := committed_with_same_config(wh.layout, run_id, config)) is not None:
         # Killed after its commit: the run is complete, resuming it is a no-op.
@@ -236,7 +181,7 @@ def ingest(
         opts.rank,
         opts.world_size,
     )
-    capture = Capture(loaded, resolved, loaded.config["device"], bound, splice=opts.splice)
+    capture = ready.capture
     capture.restore(writer.state)
     counter = sources.SkipCounter(opts.skip_bad)
     stream = iter(documents) if documents is not None else source.documents(counter, opts.dataset, opts.role)
@@ -255,7 +200,7 @@ def ingest(
     if opts.rank != 0:
         writer.finish_rank()
         return IngestResult(run_id, documents=n_docs, tokens=n_tokens, rank=opts.rank, notes=notes, **skipped)
-    manifest, total_docs = _commit(opts, capture, resolved, writer)
+    manifest, total_docs = _commit(opts, capture, ready.resolved, writer)
     return IngestResult(
         run_id,
         manifest["rows"],

@@ -22,6 +22,8 @@ import sys
 
 from warehouse.errors import BadInput, WarehouseError
 
+from .options import default_run_id
+
 
 def _group():
     import torch.distributed as dist
@@ -57,8 +59,6 @@ def from_env(run_id: str | None, device: str, model: str) -> tuple[int, int, str
         )
     dist = _group()
     if run_id is None:  # the default id holds the start time: rank 0's is the one
-        from .pipeline import default_run_id
-
         agreed = [default_run_id(model) if rank == 0 else None]
         dist.broadcast_object_list(agreed, src=0)
         run_id = agreed[0]

@@ -1,26 +1,20 @@
-"""The one capture unit: a model's site layers turn batches of windows into rows, a shard of documents at a time.
+"""A shard: whole documents captured and committed together, the unit of resume.
 
-    capture = Capture(loaded, resolved_sites, device)
-    with hooks(loaded.model, capture.taps), torch.inference_mode():
-        capture.shard(shard, shard.batches(batch_size), shard_writer)
-
-`ingest()` (ingest/pipeline.py), `whq bench ingest` (ingest/bench.py) and scenario runs
-(ingest/chat.py) all capture through `Capture.shard`; they differ only in where the
-documents come from and what else they commit. Torch is imported on first use, as
-everywhere in ingest/.
+`Shard` holds the documents with their windows, orders them into batches for the capture
+(`Capture.shard`, ingest/capture.py), and gives the documents and tokens tables committed
+with the shard's rows.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 
-import numpy as np
 import pyarrow as pa
 
 import warehouse
+from warehouse import jsonio
 
 from .sources import Document
 from .tokenize import Window
@@ -85,7 +79,7 @@ class Shard:
             cols["n_tokens"].append(n_tokens)
             cols["n_windows"].append(len(wins))
             cols["text"].append(doc.text)
-            cols["meta"].append(json.dumps(doc.meta, default=str) if doc.meta else None)
+            cols["meta"].append(jsonio.dumps(doc.meta) if doc.meta else None)
         return pa.Table.from_pydict(cols, schema=warehouse.schema.table("documents").arrow_schema())
 
     def tokens_table(self, tokenizer) -> pa.Table:
@@ -119,141 +113,3 @@ class Shard:
             "context_pos": context_pos,
         }
         return pa.Table.from_pydict(cols, schema=warehouse.schema.table("tokens").arrow_schema())
-
-
-def forward(loaded, ids, mask):
-    """The model's forward pass as the capture runs it."""
-    kwargs = {"input_ids": ids, "attention_mask": mask}
-    if loaded.family == "decoder":
-        kwargs["logits_to_keep"] = 1  # hidden states are what we capture; skip the full-vocab projection
-    return loaded.model(**kwargs)
-
-
-class Capture:
-    """The site layers of one model on one device, and the steps that fill them.
-
-    The hooks are attached by the caller (`with hooks(loaded.model, capture.taps)`),
-    so one capture can run with and without them (the benchmark's plain passes).
-    `bound` gives dictionary sites their encoder per (site, layer) (ingest.dictionary.bind);
-    `splice` adds --splice's loss passes after each batch.
-    """
-
-    def __init__(self, loaded, resolved: list, device: str, bound: dict | None = None, *, splice: bool = False):
-        from . import dictionary
-        from .capture import SiteLayer
-
-        self.loaded, self.device, self.splice = loaded, device, splice
-        bound = bound or {}
-        self.site_layers = [
-            SiteLayer(
-                r, layer, module, device, *dictionary.on_device(bound.get((r.name, layer)), device, r.name, layer)
-            )
-            for r in resolved
-            for layer, module in r.modules
-        ]
-
-    @property
-    def taps(self) -> list:
-        """What the hooks attach: every site layer, and each transcoder's target (the MLP output)."""
-        from .dictionary import target_taps
-
-        return self.site_layers + target_taps(self.site_layers)
-
-    @property
-    def widths(self) -> dict[tuple[str, int], int | None]:
-        return {(sl.name, sl.layer): sl.width for sl in self.site_layers}
-
-    def restore(self, saved_state: Callable[[str], pa.Table | None]) -> None:
-        """Continue from the running statistics and examples a resumed run saved (`saved_state(name)`)."""
-        for sl in self.site_layers:
-            sl.restore({name: table for name in sl.state_names if (table := saved_state(name)) is not None})
-
-    def batch(self, windows: list[Window]):
-        """One hooked forward pass; returns the batch's HostBatch (outputs still in flight on CUDA)."""
-        from .capture import collect
-
-        ids, mask, ctx, host = _batch_context(windows, self.loaded.tokenizer.pad_id, self.device)
-        for sl in self.site_layers:
-            sl.ctx = ctx
-        forward(self.loaded, ids, mask)
-        if self.splice:
-            from .dictionary import splice_losses
-
-            splice_losses(self.loaded.model, self.site_layers, ids, mask)
-        host.outputs, host.ready = collect(self.site_layers)
-        return host
-
-    def shard(
-        self,
-        shard: Shard,
-        batches: Iterable[list[Window]],
-        writer,
-        *,
-        extra_parts: list = (),
-        on_batch: Callable | None = None,
-    ) -> None:
-        """Capture `batches` (the shard's windows) into `writer` (a ShardWriter), then end the shard:
-        its documents, tokens, resume state and `extra_parts` are committed with the batches' rows."""
-        from .writer import ShardEnd
-
-        for batch in batches:
-            host = self.batch(batch)
-            writer.put(host)
-            if on_batch is not None:
-                on_batch(host)
-        state = {name: table for sl in self.site_layers for name, table in sl.state_tables().items()}
-        info = {"next_doc": shard.next_doc, "n_docs": len(shard.docs), "n_tokens": shard.n_tokens}
-        writer.put(
-            ShardEnd(
-                shard.documents_table(),
-                shard.tokens_table(self.loaded.tokenizer),
-                state,
-                info,
-                self.widths,
-                list(extra_parts),
-            )
-        )
-
-
-def _batch_context(batch: list[Window], pad_id: int, device: str):
-    """Host arrays and the device-side BatchContext for one batch of windows."""
-    import torch
-
-    from .capture import BatchContext
-    from .contexts import model_input
-    from .writer import HostBatch
-
-    # The model runs on model_ids; the hooks see each window's own positions (unpacked when windows are cut
-    # from packed contexts or stripped of special tokens).
-    model_ids, model_mask, mask, unpack = model_input(batch, pad_id)
-    rows, seq = mask.shape
-    docs = np.array([w.doc for w in batch], dtype=np.int64)
-    starts = np.array([w.start_pos for w in batch], dtype=np.int64)
-    lengths = mask.sum(axis=1)
-    segment_of: dict[int, int] = {}
-    segment = [segment_of.setdefault(int(d), len(segment_of)) for d in docs]
-    finished_rows = [row for row, w in enumerate(batch) if w.last]
-    finished_docs = docs[finished_rows]
-    finished_tokens = np.array([batch[r].tokens_through for r in finished_rows], dtype=np.int64)
-    finished_last = np.array([batch[r].start_pos + len(batch[r].ids) - 1 for r in finished_rows], dtype=np.int64)
-
-    def dev(array, dtype=torch.int64):
-        return torch.as_tensor(np.asarray(array), dtype=dtype).to(device, non_blocking=True)
-
-    ctx = BatchContext(
-        mask=dev(mask, torch.bool),
-        lengths=dev(lengths),
-        row_doc=dev(np.repeat(docs, seq)),
-        row_pos=dev((starts[:, None] + np.arange(seq)[None, :]).reshape(-1)),
-        segment=dev(segment),
-        n_segments=len(segment_of),
-        finished=dev([segment_of[int(d)] for d in finished_docs]),
-        finished_tokens=dev(finished_tokens, torch.float32),
-        last_rows=dev(finished_rows),
-        carry_in=batch[0].index > 0,
-        carry_out=not batch[-1].last,
-        full=bool(mask.all()),
-        unpack=None if unpack is None else dev(unpack),
-    )
-    host = HostBatch(docs, starts, lengths, finished_docs, finished_last)
-    return dev(model_ids), dev(model_mask), ctx, host

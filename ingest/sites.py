@@ -1,17 +1,8 @@
 """Sites: where to hook (an alias or a module glob, input or output) and what to keep.
 
-SPEC grammar (one --site each):
-
-    SPEC       := SITE [ "[" LAYERS "]" ] [ "+" KIND [ "." NAME ] "=" PATH ] [ ":" ITEM { "," ITEM } ]
-    SITE       := ALIAS | MODULE_GLOB [ "@in" | "@out" ]
-    LAYERS     := "*" | N { "," N } | N "-" M          (only these layers; default: all, or the dictionary's)
-    KIND       := sae | transcoder                     (encode the activation with a dictionary: ingest/dictionary.py)
-    NAME       := letters, digits, '_' or '-'          (tells two dictionaries on one site apart)
-    PATH       := a dictionary file or folder, or dict.py[:CHECKPOINT]
-    ITEM       := REDUCTION | DICTIONARY_OPTION
-    REDUCTION  := topk[=K] | abstopk[=K] | threshold[=T] | nag[=K] | examples[=N]
-                | hist | quantiles[=Q] | similar[=K] | last | mean | dense
-    DICTIONARY_OPTION := encode_only | encode_dtype=float32|bfloat16|float16   (dictionary sites only)
+One --site SPEC each. The grammar is `spec_grammar()`, built from REDUCTIONS, DICTIONARY_KINDS and
+DICTIONARY_OPTIONS below, so the CLI help (`spec_help()`), docs/sites.md and the READMEs that print it
+are generated from this module and cannot say something else.
 
 Examples: `mlp.act:topk=20`, `mlp.up:nag=20`, `resid.out:last,mean`,
 `encoder.layer.*.output.dense@in:threshold=0`, `resid.out[6]+sae=saes/layers.6:topk=32,examples=20`,
@@ -33,23 +24,49 @@ from warehouse.errors import BadSpec
 from warehouse.names import check_name
 
 REDUCTIONS = {
-    # name: (argument type, default, what it fills)
-    "topk": (int, 20, "token_neurons: the K largest values of each token"),
-    "abstopk": (int, 20, "token_neurons: the K largest |values| of each token"),
-    "threshold": (float, 0.0, "token_neurons: every value > T (and sets the firing threshold)"),
-    "nag": (int, 20, "doc_neurons: per document the K units of highest mean |value|"),
-    "examples": (int, 20, "neuron_examples: per unit the N strongest tokens + N random firing tokens"),
-    "hist": (None, None, "unit_histograms: per unit exact counts on a fixed quarter-octave grid"),
+    # name: (argument type, default, "the table it fills: what it keeps"); the text is the documentation.
+    "topk": (int, 20, "token_neurons: the K largest values of every token"),
+    "abstopk": (int, 20, "token_neurons: the K largest |values| of every token (the signed values are stored)"),
+    "threshold": (float, 0.0, "token_neurons: every value > T; T is also the site's firing threshold"),
+    "nag": (
+        int,
+        20,
+        "doc_neurons: per document and layer the K units of highest mean |value| over its tokens (NAG), "
+        "ties to the lower unit",
+    ),
+    "examples": (
+        int,
+        20,
+        "neuron_examples: per unit, over all tokens of the run, up to N firing tokens of largest value (kind top), "
+        "up to N tokens of most negative value, values < 0 only (kind bottom), and a uniform sample of up to N "
+        "firing tokens (kind random); ties go to the first token in document order, and each example keeps the "
+        "unit's own values from 50 tokens before to 20 after it (window_values)",
+    ),
+    "hist": (None, None, "unit_histograms: per unit exact counts of its values on a fixed quarter-octave grid"),
     "quantiles": (
         int,
         10,
-        "neuron_examples: also N firing tokens sampled from each of Q bins of the unit's values "
-        "(needs examples and hist)",
+        "neuron_examples: with examples=N and hist, also up to N firing tokens sampled uniformly from each of "
+        "Q bins of the unit's values (kind quantile; bins are whole histogram bins, without window values)",
     ),
-    "similar": (int, 10, "unit_neighbors: per MLP unit the K units with the closest output direction"),
-    "last": (None, None, "vectors: the document's last token"),
-    "mean": (None, None, "vectors: the mean over the document's tokens"),
-    "dense": (None, None, "vectors: every token (large; opt-in)"),
+    "similar": (
+        int,
+        10,
+        "unit_neighbors: per MLP unit the K units of its layer with the closest output direction (W_down columns)",
+    ),
+    "last": (None, None, "vectors: the document's last-token vector"),
+    "mean": (None, None, "vectors: the mean vector over the document's tokens"),
+    "dense": (None, None, "vectors: every token's vector (large; opt-in)"),
+}
+# The letter each reduction's argument goes by in the grammar and the documentation.
+ARGUMENT_NAMES = {
+    "topk": "K",
+    "abstopk": "K",
+    "threshold": "T",
+    "nag": "K",
+    "examples": "N",
+    "quantiles": "Q",
+    "similar": "K",
 }
 
 # Aliases per architecture family: alias -> (glob relative to the blocks container, hook point).
@@ -89,6 +106,55 @@ DICTIONARY_OPTIONS = {
 }
 ENCODE_DTYPES = ("float32", "bfloat16", "float16")
 TRANSCODER_TARGET = "mlp.down"  # a transcoder reads mlp.in and reconstructs the MLP's output
+
+
+def reduction_syntax(name: str) -> str:
+    """How a reduction is written in a SPEC: `topk[=K]`, or `hist` for one without an argument."""
+    return f"{name}[={ARGUMENT_NAMES[name]}]" if REDUCTIONS[name][0] is not None else name
+
+
+def spec_grammar() -> str:
+    """The SPEC grammar, one rule a line (the docstring's, the CLI's and the documents' one source)."""
+    reductions = [reduction_syntax(name) for name in REDUCTIONS]
+    lines, line = [], "REDUCTION  := "
+    for i, item in enumerate(reductions):
+        piece = item if i == 0 else f" | {item}"
+        if len(line) + len(piece) > 92:
+            lines.append(line)
+            line = "            " + piece.lstrip()
+        else:
+            line += piece
+    lines.append(line)
+    kinds = " | ".join(DICTIONARY_KINDS)
+    options = " | ".join(
+        f"{name}={'|'.join(ENCODE_DTYPES)}" if name == "encode_dtype" else name for name in DICTIONARY_OPTIONS
+    )
+    return "\n".join(
+        [
+            'SPEC       := SITE [ "[" LAYERS "]" ] [ "+" KIND [ "." NAME ] "=" PATH ] [ ":" ITEM { "," ITEM } ]',
+            'SITE       := ALIAS | MODULE_GLOB [ "@in" | "@out" ]',
+            'LAYERS     := "*" | N { "," N } | N "-" M',
+            f"KIND       := {kinds}",
+            "NAME       := letters, digits, '_' or '-'",
+            "PATH       := a dictionary file or folder, a folder of them (one per layer), or dict.py[:CHECKPOINT]",
+            "ITEM       := REDUCTION | DICTIONARY_OPTION",
+            *lines,
+            f"DICTIONARY_OPTION := {options}",
+        ]
+    )
+
+
+def spec_help() -> str:
+    """The --site help: the grammar on one line, every reduction with its default, and where the rest is."""
+    reductions = ", ".join(
+        f"{name}={default:g}" if isinstance(default, float) else f"{name}={default}" if default is not None else name
+        for name, (_, default, _) in REDUCTIONS.items()
+    )
+    return (
+        "SPEC: SITE[@in|@out][[LAYERS]][+sae|transcoder[.NAME]=PATH][:ITEM,...], e.g. mlp.act:topk=20,examples=20 "
+        f"(repeatable). Reductions and their defaults: {reductions}; dictionary options: "
+        f"{', '.join(DICTIONARY_OPTIONS)}. What each keeps: docs/sites.md."
+    )
 
 
 @dataclass

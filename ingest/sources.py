@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from warehouse.errors import BadInput
+from warehouse.names import check_documents
 from warehouse.parts import file_sha256
 
 ID_COLUMNS = ("doc_id", "docid", "id")
@@ -252,6 +253,7 @@ def scan(paths: list[Path], skip_bad: bool) -> list[dict]:
                 "documents": documents,
             }
         )
+    check_documents(paths, lambda path: read([path], SkipCounter(skip_bad)))
     return identity
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 import warehouse
-from warehouse import ranges, schema
+from warehouse import jsonio, ranges, schema
 from warehouse.errors import BadInput
 from warehouse.indexes import index_parts
 
@@ -308,7 +308,6 @@ def _examples(rows: dict, width: int, n: int, rng) -> dict:
 
 def _runs_row(shape: Shape, n_docs: int) -> pa.Table:
     import datetime as dt
-    import json
 
     return pa.Table.from_pydict(
         {
@@ -321,7 +320,7 @@ def _runs_row(shape: Shape, n_docs: int) -> pa.Table:
             "sites": [[f"{SITE}:topk={shape.k},nag={shape.k},examples={shape.examples}"]],
             "n_documents": [n_docs],
             "n_tokens": [n_docs * shape.doc_len],
-            "config": [json.dumps(shape.__dict__)],
+            "config": [jsonio.dumps(shape.__dict__)],
             "created_at": [dt.datetime.now(dt.UTC).replace(tzinfo=None)],
             "status": ["committed"],
         },

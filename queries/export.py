@@ -25,8 +25,10 @@ from pathlib import Path
 
 import duckdb
 
+from warehouse import jsonio
 from warehouse.errors import BadInput, QueryError
 from warehouse.names import check_name
+from warehouse.output import check_output_folder, output_folder
 
 TOP_K = 20
 N_RANDOM = 10
@@ -157,7 +159,7 @@ def _metadata(wh, run: str, site: str, layers: list[int]) -> dict:
 
 
 def pack_entry(document: dict) -> bytes:
-    data = gzip.compress(json.dumps(document, separators=(",", ":")).encode(), mtime=0)
+    data = gzip.compress(jsonio.dumps(document, compact=True).encode(), mtime=0)
     return _LENGTH.pack(len(data)) + data
 
 
@@ -165,38 +167,39 @@ def write_features(wh, run: str, site: str, out: str | Path, layers: list[int] |
     """Write the per-unit JSON, the metadata and the packed layout; returns counts per layer."""
     check_name("run id", run)
     check_name("site", site)
+    check_output_folder(out)
     site_rows = _rows(
         wh,
         "SELECT layers, width FROM sites WHERE whq_known_site(?, ?) AND run_id = ? AND site = ?",
         [run, site, run, site],
     )
-    captured, width = site_rows[0]["layers"], site_rows[0]["width"]
+    captured, width = site_rows[0]["layers"], site_rows[0]["width"] or 0  # NULL: the run held no token
     layers = list(captured) if not layers else list(layers)
     missing = sorted(set(layers) - set(captured))
     if missing:
         raise BadInput(
             f"site {site!r} of run {run!r} has no layer {missing[0]}: its layers are {', '.join(map(str, captured))}"
         )
-    out = Path(out)
-    features_dir, packed_dir = out / "features", out / "packed"
-    features_dir.mkdir(parents=True, exist_ok=True)
-    packed_dir.mkdir(parents=True, exist_ok=True)
-    index: dict = {"version": "1.0", "format": "variable_chunks"}
-    written = {}
-    for layer in layers:
-        documents = feature_documents(wh, run, site, layer, **options)
-        offsets = [0]
-        with open(packed_dir / f"layer_{layer}.bin", "wb") as packed:
-            for unit in range(width):
-                if unit in documents:
-                    (features_dir / f"{cantor(layer, unit)}.json").write_text(json.dumps(documents[unit]))
-                    packed.write(pack_entry(documents[unit]))
-                offsets.append(packed.tell())
-        index[str(layer)] = {"filename": f"layer_{layer}.bin", "offsets": offsets}
-        written[layer] = len(documents)
-    with gzip.open(packed_dir / "index.json.gz", "wt") as fh:
-        json.dump(index, fh)
-    (out / "feature_metadata.json").write_text(json.dumps(_metadata(wh, run, site, layers)))
+    with output_folder(out, "whq export features") as out:
+        features_dir, packed_dir = out / "features", out / "packed"
+        features_dir.mkdir(exist_ok=True)
+        packed_dir.mkdir(exist_ok=True)
+        index: dict = {"version": "1.0", "format": "variable_chunks"}
+        written = {}
+        for layer in layers:
+            documents = feature_documents(wh, run, site, layer, **options)
+            offsets = [0]
+            with open(packed_dir / f"layer_{layer}.bin", "wb") as packed:
+                for unit in range(width):
+                    if unit in documents:
+                        (features_dir / f"{cantor(layer, unit)}.json").write_text(jsonio.dumps(documents[unit]))
+                        packed.write(pack_entry(documents[unit]))
+                    offsets.append(packed.tell())
+            index[str(layer)] = {"filename": f"layer_{layer}.bin", "offsets": offsets}
+            written[layer] = len(documents)
+        with gzip.open(packed_dir / "index.json.gz", "wt") as fh:
+            fh.write(jsonio.dumps(index))
+        jsonio.write(out / "feature_metadata.json", _metadata(wh, run, site, layers))
     return written
 
 

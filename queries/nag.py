@@ -12,7 +12,6 @@ Selections come from the SQL macros (engine="sql") or their Polars twins
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import uuid
@@ -22,10 +21,11 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from warehouse import ranges
+from warehouse import jsonio, ranges
 from warehouse.catalog import quote
 from warehouse.errors import BadInput
 from warehouse.names import check_label, check_name
+from warehouse.output import check_output_file, ensure_parent
 
 from . import nag_frames
 from .frames import scan
@@ -128,16 +128,19 @@ def select(
         raise BadInput(f"unknown engine {engine!r}: use sql or polars")
     positional = [target_run, pool_run, site] + ([quality_column] if quality_column is not None else [])
     macro = "nag_quality" if quality_column is not None else "nag_select"
-    with staged_weights(
-        wh,
-        target_run,
-        pool_run,
-        site,
-        target_dataset=target_dataset,
-        layers=layers,
-        power=power,
-        target_role=target_role,
-    ) as weights:
+    with (
+        staged_weights(
+            wh,
+            target_run,
+            pool_run,
+            site,
+            target_dataset=target_dataset,
+            layers=layers,
+            power=power,
+            target_role=target_role,
+        ) as weights,
+        _documents_by_array(wh),
+    ):
         return wh.pl(f"SELECT * FROM {_macro_call(macro, positional, {**named, 'weights': weights})}")
 
 
@@ -159,6 +162,25 @@ def staged_weights(wh, target_run: str, pool_run: str, site: str, **named):
         yield name
     finally:
         wh.sql(f"DROP TABLE IF EXISTS {name}")
+
+
+# A doc ordinal range of up to 2^22 (4M documents) is summed by DuckDB's perfect hash
+# aggregate, a plain array indexed by doc (the range comes from the Parquet statistics),
+# instead of its default hash table (2^12): the GROUP BY doc over every row of the pool
+# is most of nag_distance's time, and this took a third less CPU on a 100k-document pool.
+# A thread's array then holds at most 4M sums (about 100 MB).
+_DOC_ARRAY_BITS = 22
+
+
+@contextmanager
+def _documents_by_array(wh):
+    """Let DuckDB sum per document into an array indexed by doc, then restore the setting."""
+    (previous,) = wh.sql("SELECT current_setting('perfect_ht_threshold')").fetchall()[0]
+    wh.sql(f"SET perfect_ht_threshold = {max(int(previous), _DOC_ARRAY_BITS)}")
+    try:
+        yield
+    finally:
+        wh.sql(f"SET perfect_ht_threshold = {int(previous)}")
 
 
 def with_payload(wh, pool_run: str, selected: pl.DataFrame) -> pl.DataFrame:
@@ -272,8 +294,28 @@ def _count_targets(wh, run: str, dataset: str | None, role: str | None) -> int:
 
 
 def save_keys(keys: dict, path: str | Path) -> Path:
+    return jsonio.write(ensure_parent(check_output_file(path)), keys, indent=1)
+
+
+def read_selection(path: str | Path) -> pl.DataFrame:
+    """A selection written by `whq nag select`; a missing, odd or damaged file is one BadInput."""
     path = Path(path)
-    path.write_text(json.dumps(keys, indent=1) + "\n")
+    if not path.is_file():
+        state = "does not exist" if not path.exists() else "is not a regular file"
+        raise BadInput(f"selection {path} {state}: give the Parquet files `whq nag select` writes")
+    try:
+        return pl.read_parquet(path)
+    except (pl.exceptions.PolarsError, OSError) as err:
+        first = (str(err).splitlines() or [type(err).__name__])[0]
+        raise BadInput(
+            f"selection {path} is not a readable Parquet file ({first}): give the files `whq nag select` writes"
+        ) from None
+
+
+def write_selection(rows: pl.DataFrame, path: str | Path) -> Path:
+    """A selection (or merged selections) as a Parquet file at `path` (checked as an output file)."""
+    path = ensure_parent(check_output_file(path))
+    rows.write_parquet(path)
     return path
 
 

@@ -90,11 +90,16 @@ def nag_profile(
     site_info = nag_site(wh, target_run, site)
     _check_documents(wh, target_run, target_dataset, target_role)
     used = check_layers(target_run, site_info, layers)
-    targets = _documents(wh, target_run, target_dataset, target_role).select("doc")
+    targets = _documents(wh, target_run, target_dataset, target_role).select("doc").collect()
+    # doc_neurons parts are in document order (warehouse/parts.py), so the targets' doc
+    # range lets the scan skip the row groups of other documents: when the targets are a
+    # small slice of a big run, the profile reads that slice instead of the whole run.
+    first, last = targets["doc"].min(), targets["doc"].max()
+    in_range = pl.col("doc").is_between(first, last) if first is not None else pl.lit(False)
     counts = (
         scan(wh, "doc_neurons", target_run)
-        .filter(pl.col("site") == site, pl.col("layer").is_in(used))
-        .join(targets, on="doc", how="semi")
+        .filter(pl.col("site") == site, pl.col("layer").is_in(used), in_range)
+        .join(targets.lazy(), on="doc", how="semi")
         .group_by("layer", "neuron")
         .agg(pl.len().cast(pl.Int64).alias("n_docs"))
     )

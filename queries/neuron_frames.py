@@ -33,7 +33,7 @@ __all__ = [
 _MASK = 2147483647
 RARE_BELOW = 0.01
 EXAMPLE_WINDOW = (50, 20)  # tokens before / after in random_examples, as in top_contexts' defaults
-WINDOW_VALUES = (50, 20)  # tokens before / after held by neuron_examples.window_values (ingest/capture.py CONTEXT_*)
+WINDOW_VALUES = (50, 20)  # tokens before / after held by neuron_examples.window_values (ingest/reductions.py CONTEXT_*)
 
 
 def _stats(wh, run: str, site: str, layer: int | None = None) -> pl.LazyFrame:
@@ -133,7 +133,7 @@ def rate_histogram(wh, run: str, site: str, layer: int, bins: int = 50) -> pl.La
 
 def selectivity_histogram(wh, run: str, site: str, layer: int, bins: int = 50, log: bool = False) -> pl.LazyFrame:
     sel = _selectivity(_stats(wh, run, site, layer)).select(
-        pl.col("selectivity").log() if log else pl.col("selectivity")
+        pl.when(pl.col("selectivity") > 0).then(pl.col("selectivity").log()) if log else pl.col("selectivity")
     )
     span = sel.select(
         pl.col("selectivity").min().alias("s_lo"), pl.col("selectivity").max().alias("s_hi"), pl.len().alias("units")

@@ -11,7 +11,7 @@ Neuronpedia imports a source (one layer of one model's SAE or neuron set) from
 record carries exactly the fields of neuronpedia-utils' `db_models` dataclasses, because the
 importer hands each line to Prisma's `create`, which refuses unknown fields;
 tests/test_neuronpedia.py checks them against that published schema. Values come from the
-pages' reads (pages.unit_data): frac_nonzero and maxActApprox from unit_stats, pos/neg logits
+pages' reads (page_data.unit_data): frac_nonzero and maxActApprox from unit_stats, pos/neg logits
 from neuron_logits, the frequency histogram from unit_histograms, topkCosSim from similar_units
 (output directions), activations from whq_examples (top, random) and quantile_examples (with
 their bin as binMin/binMax, and binContains = the share of firing tokens up to the bin's top),
@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import json
 import re
 from pathlib import Path
 
-from . import pages
+from warehouse import jsonio
+from warehouse.output import check_output_folder, output_folder
+
+from . import page_data
 
 CREATOR_ID = "clkht01d40000jv08hvalcvly"  # neuronpedia-utils' DEFAULT_CREATOR_ID (the local instance's default user)
 BATCH = 4096
@@ -47,18 +49,18 @@ def _jsonl_gz(path: Path, records: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with gzip.open(path, "wt", encoding="utf-8", compresslevel=5) as fh:
         for record in records:
-            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+            fh.write(jsonio.dumps(record, ascii=False) + "\n")
 
 
 def _jsonl(path: Path, record: dict) -> None:
-    path.write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
+    path.write_text(jsonio.dumps(record, ascii=False) + "\n", encoding="utf-8")
 
 
 def _activation(run, site, layer, unit, kind, index, row, model, source, created, bin_row=None) -> dict:
     values = [t["value"] if t["value"] is not None else 0.0 for t in row["tokens"]]
     return {
         "id": _id(run, site, layer, unit, kind, index),
-        "tokens": [pages.token_text(t) for t in row["tokens"]],
+        "tokens": [page_data.token_text(t) for t in row["tokens"]],
         "index": str(unit),
         "layer": source,
         "modelId": model,
@@ -79,7 +81,7 @@ def _activation(run, site, layer, unit, kind, index, row, model, source, created
         "binMin": bin_row["lo"] if bin_row else None,
         "binMax": bin_row["hi"] if bin_row else None,
         "binContains": bin_row["share_hi"] if bin_row else None,
-        "qualifyingTokenIndex": min(row["pos"], pages.BEFORE),
+        "qualifyingTokenIndex": min(row["pos"], page_data.BEFORE),
     }
 
 
@@ -137,9 +139,10 @@ def write_neuronpedia(
     set_name: str | None = None,
 ) -> dict:
     """Write one Neuronpedia source per layer; returns {source folder: units written}."""
-    reader = pages.Reader(wh)
+    check_output_folder(out)
+    reader = page_data.Reader(wh)
     try:
-        info = pages.site_info(reader, run, site, layers)
+        info = page_data.site_info(reader, run, site, layers)
         meta = reader.rows(
             "SELECT model_id, n_layers, strftime(created_at, '%Y-%m-%dT%H:%M:%S.%f') AS created FROM runs WHERE run_id = ?",
             [run],
@@ -148,133 +151,134 @@ def write_neuronpedia(
         set_id = np_name(set_name or f"whq-{site}")
         created = meta["created"]
         written = {}
-        for layer in info["layers"]:
-            source = f"{layer}-{set_id}"
-            folder = Path(out) / model / source
-            folder.mkdir(parents=True, exist_ok=True)
-            _jsonl(
-                folder / "release.jsonl",
-                {
-                    "name": set_id,
-                    "description": f"whq run {run}, site {site}",
-                    "creatorName": "whq",
-                    "creatorId": CREATOR_ID,
-                    "visibility": "PUBLIC",
-                    "isNewUi": False,
-                    "featured": False,
-                    "descriptionShort": f"whq {run} {site}",
-                    "urls": [],
-                    "creatorEmail": None,
-                    "creatorNameShort": "whq",
-                    "defaultSourceSetName": set_id,
-                    "defaultSourceId": source,
-                    "defaultUmapSourceIds": [],
-                    "createdAt": created,
-                },
-            )
-            _jsonl(
-                folder / "model.jsonl",
-                {
-                    "id": model,
-                    "instruct": False,
-                    "creatorId": CREATOR_ID,
-                    "displayNameShort": model,
-                    "displayName": meta["model_id"],
-                    "tlensId": None,
-                    "dimension": None,
-                    "visibility": "PUBLIC",
-                    "defaultSourceSetName": set_id,
-                    "defaultSourceId": source,
-                    "inferenceEnabled": False,
-                    "layers": meta["n_layers"],
-                    "neuronsPerLayer": info["width"],
-                    "createdAt": created,
-                    "owner": "",
-                    "updatedAt": created,
-                    "website": None,
-                },
-            )
-            _jsonl(
-                folder / "sourceset.jsonl",
-                {
-                    "modelId": model,
-                    "name": set_id,
-                    "creatorId": CREATOR_ID,
-                    "hasDashboards": True,
-                    "visibility": "PUBLIC",
-                    "description": f"whq site {site} ({info['reductions']})",
-                    "type": "",
-                    "creatorName": "whq",
-                    "urls": [],
-                    "creatorEmail": None,
-                    "releaseName": set_id,
-                    "defaultOfModelId": None,
-                    "defaultRange": 1,
-                    "defaultShowBreaks": True,
-                    "showDfa": False,
-                    "showCorrelated": False,
-                    "showHeadAttribution": False,
-                    "showUmap": False,
-                    "createdAt": created,
-                },
-            )
-            _jsonl(
-                folder / "source.jsonl",
-                {
-                    "id": source,
-                    "modelId": model,
-                    "setName": set_id,
-                    "creatorId": CREATOR_ID,
-                    "hasDashboards": True,
-                    "inferenceEnabled": False,
-                    "inferenceHosts": [],
-                    "saelensConfig": None,
-                    "saelensRelease": None,
-                    "saelensSaeId": None,
-                    "hfRepoId": None,
-                    "hfFolderId": None,
-                    "visibility": "PUBLIC",
-                    "defaultOfModelId": None,
-                    "hasUmap": False,
-                    "hasUmapLogSparsity": False,
-                    "hasUmapClusters": False,
-                    "num_prompts": None,
-                    "num_tokens_in_prompt": None,
-                    "dataset": f"whq:{run}",
-                    "notes": None,
-                    "createdAt": created,
-                },
-            )
-            data = pages.unit_data(reader, info, run, site, layer)
-            fired = [unit for unit, d in data.items() if d["stats"]["n_fired"]]
-            for batch, start in enumerate(range(0, max(len(fired), 1), BATCH)):
-                chunk = fired[start : start + BATCH]
-                _jsonl_gz(
-                    folder / "features" / f"batch-{batch}.jsonl.gz",
-                    [_feature(model, source, u, data[u], created) for u in chunk],
+        with output_folder(out, "whq export neuronpedia"):
+            for layer in info["layers"]:
+                source = f"{layer}-{set_id}"
+                folder = Path(out) / model / source
+                folder.mkdir(parents=True, exist_ok=True)
+                _jsonl(
+                    folder / "release.jsonl",
+                    {
+                        "name": set_id,
+                        "description": f"whq run {run}, site {site}",
+                        "creatorName": "whq",
+                        "creatorId": CREATOR_ID,
+                        "visibility": "PUBLIC",
+                        "isNewUi": False,
+                        "featured": False,
+                        "descriptionShort": f"whq {run} {site}",
+                        "urls": [],
+                        "creatorEmail": None,
+                        "creatorNameShort": "whq",
+                        "defaultSourceSetName": set_id,
+                        "defaultSourceId": source,
+                        "defaultUmapSourceIds": [],
+                        "createdAt": created,
+                    },
                 )
-                _jsonl_gz(
-                    folder / "activations" / f"batch-{batch}.jsonl.gz",
-                    [
-                        _activation(
-                            run,
-                            site,
-                            layer,
-                            u,
-                            kind,
-                            i,
-                            row,
-                            model,
-                            source,
-                            created,
-                            row if kind == "quantile" else None,
-                        )
-                        for u in chunk
-                        for kind in ("top", "quantile", "random")
-                        for i, row in enumerate(data[u]["examples"][kind])
-                    ],
+                _jsonl(
+                    folder / "model.jsonl",
+                    {
+                        "id": model,
+                        "instruct": False,
+                        "creatorId": CREATOR_ID,
+                        "displayNameShort": model,
+                        "displayName": meta["model_id"],
+                        "tlensId": None,
+                        "dimension": None,
+                        "visibility": "PUBLIC",
+                        "defaultSourceSetName": set_id,
+                        "defaultSourceId": source,
+                        "inferenceEnabled": False,
+                        "layers": meta["n_layers"],
+                        "neuronsPerLayer": info["width"],
+                        "createdAt": created,
+                        "owner": "",
+                        "updatedAt": created,
+                        "website": None,
+                    },
                 )
-            written[str(folder)] = len(fired)
+                _jsonl(
+                    folder / "sourceset.jsonl",
+                    {
+                        "modelId": model,
+                        "name": set_id,
+                        "creatorId": CREATOR_ID,
+                        "hasDashboards": True,
+                        "visibility": "PUBLIC",
+                        "description": f"whq site {site} ({info['reductions']})",
+                        "type": "",
+                        "creatorName": "whq",
+                        "urls": [],
+                        "creatorEmail": None,
+                        "releaseName": set_id,
+                        "defaultOfModelId": None,
+                        "defaultRange": 1,
+                        "defaultShowBreaks": True,
+                        "showDfa": False,
+                        "showCorrelated": False,
+                        "showHeadAttribution": False,
+                        "showUmap": False,
+                        "createdAt": created,
+                    },
+                )
+                _jsonl(
+                    folder / "source.jsonl",
+                    {
+                        "id": source,
+                        "modelId": model,
+                        "setName": set_id,
+                        "creatorId": CREATOR_ID,
+                        "hasDashboards": True,
+                        "inferenceEnabled": False,
+                        "inferenceHosts": [],
+                        "saelensConfig": None,
+                        "saelensRelease": None,
+                        "saelensSaeId": None,
+                        "hfRepoId": None,
+                        "hfFolderId": None,
+                        "visibility": "PUBLIC",
+                        "defaultOfModelId": None,
+                        "hasUmap": False,
+                        "hasUmapLogSparsity": False,
+                        "hasUmapClusters": False,
+                        "num_prompts": None,
+                        "num_tokens_in_prompt": None,
+                        "dataset": f"whq:{run}",
+                        "notes": None,
+                        "createdAt": created,
+                    },
+                )
+                data = page_data.unit_data(reader, info, run, site, layer)
+                fired = [unit for unit, d in data.items() if d["stats"]["n_fired"]]
+                for batch, start in enumerate(range(0, max(len(fired), 1), BATCH)):
+                    chunk = fired[start : start + BATCH]
+                    _jsonl_gz(
+                        folder / "features" / f"batch-{batch}.jsonl.gz",
+                        [_feature(model, source, u, data[u], created) for u in chunk],
+                    )
+                    _jsonl_gz(
+                        folder / "activations" / f"batch-{batch}.jsonl.gz",
+                        [
+                            _activation(
+                                run,
+                                site,
+                                layer,
+                                u,
+                                kind,
+                                i,
+                                row,
+                                model,
+                                source,
+                                created,
+                                row if kind == "quantile" else None,
+                            )
+                            for u in chunk
+                            for kind in ("top", "quantile", "random")
+                            for i, row in enumerate(data[u]["examples"][kind])
+                        ],
+                    )
+                written[str(folder)] = len(fired)
         return written
     finally:
         reader.close()

@@ -74,8 +74,10 @@ COMMENT ON MACRO TABLE rate_histogram IS 'Histogram of firing rates: bin 0 holds
 CREATE OR REPLACE MACRO selectivity_histogram(run, site, layer, bins := 50, log := false) AS TABLE
 WITH sel AS (
     -- log := true bins ln(selectivity): selectivity is heavy-tailed (>= 1 where defined, up to ~10^4
-    -- for units that almost never fire), so linear bins put nearly every unit in the first one
-    SELECT CASE WHEN log THEN ln(x.selectivity) ELSE x.selectivity END AS t FROM selectivity(run, site, layer) x
+    -- for units that almost never fire), so linear bins put nearly every unit in the first one; a run
+    -- captured before sum_pos can have a negative max / mean, which has no logarithm: bin 0 with NULL
+    SELECT CASE WHEN log THEN ln(CASE WHEN x.selectivity > 0 THEN x.selectivity END) ELSE x.selectivity END AS t
+    FROM selectivity(run, site, layer) x
 ),
 span AS (SELECT min(x.t) AS lo, max(x.t) AS hi FROM sel x),
 binned AS (
@@ -99,7 +101,7 @@ SELECT CAST(e.bin AS INTEGER) AS bin,
 FROM edges e
 LEFT JOIN counts c ON c.bin = e.bin
 ORDER BY e.bin;
-COMMENT ON MACRO TABLE selectivity_histogram IS 'Histogram of selectivity (see selectivity: max / mean positive part): bin 0 holds the units whose selectivity is NULL (mean 0, e.g. dead; lo = hi = NULL); bins 1..bins are linear over [min, max] or, with log := true, log-spaced (linear in ln(selectivity)), bin i covering lo <= selectivity < hi (the last includes max). Example: SELECT * FROM selectivity_histogram(''demo'', ''mlp.act'', 3, log := true)';
+COMMENT ON MACRO TABLE selectivity_histogram IS 'Histogram of selectivity (see selectivity: max / mean positive part): bin 0 holds the units whose selectivity is NULL (mean 0, e.g. dead; with log := true also a negative one; lo = hi = NULL); bins 1..bins are linear over [min, max] or, with log := true, log-spaced (linear in ln(selectivity)), bin i covering lo <= selectivity < hi (the last includes max). Example: SELECT * FROM selectivity_histogram(''demo'', ''mlp.act'', 3, log := true)';
 
 -- The examples behind top_contexts / bottom_contexts / random_examples, for one unit or (neuron
 -- NULL) every unit. A window token's value: the one captured with the example

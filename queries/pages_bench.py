@@ -18,20 +18,20 @@ from pathlib import Path
 import warehouse
 from warehouse.errors import BadInput
 
-from . import bench, pages
+from . import bench, page_data, pages
 
 
-class _TimedReader(pages.Reader):
+class _TimedReader(page_data.Reader):
     """A Reader that adds each statement's time to `spent` under the statement's first words."""
 
     def __init__(self, wh):
         super().__init__(wh)
         self.spent: dict[str, float] = defaultdict(float)
 
-    def rows(self, query, params=None):
+    def fetch(self, query, params=None):
         start = time.perf_counter()
         try:
-            return super().rows(query, params)
+            return super().fetch(query, params)
         finally:
             self.spent[_label(query)] += time.perf_counter() - start
 

@@ -20,7 +20,9 @@ from pathlib import Path
 import polars as pl
 
 from warehouse.errors import BadInput
+from warehouse.jsonio import script_json
 from warehouse.names import check_name
+from warehouse.output import check_output_file, check_output_folder, ensure_parent, output_folder
 from warehouse.schema import SCENARIO_SOURCES
 
 from . import scenario_charts as charts
@@ -231,21 +233,22 @@ def comparison_tables(wh, runs: list[str]) -> tuple[pl.DataFrame, pl.DataFrame]:
 
 def write_csvs(wh, run: str, folder: Path, compare: list[str] = ()) -> list[Path]:
     """Activation Lab's four CSV summaries, same file names and columns."""
-    folder.mkdir(parents=True, exist_ok=True)
+    check_output_folder(folder, "--csv")
     for other in compare:
         _check_scenario_run(wh, other)
     intra_report, intra_cosines = intra_run_tables(wh, run)
     report, cosines = comparison_tables(wh, [run, *compare])
     written = []
-    for name, df in (
-        ("comparison_report", report),
-        ("comparison_cosines", cosines),
-        ("intra_run_report", intra_report),
-        ("intra_run_cosines", intra_cosines),
-    ):
-        path = folder / f"{name}.csv"
-        df.write_csv(path)
-        written.append(path)
+    with output_folder(folder, "report CSVs", "--csv"):
+        for name, df in (
+            ("comparison_report", report),
+            ("comparison_cosines", cosines),
+            ("intra_run_report", intra_report),
+            ("intra_run_cosines", intra_cosines),
+        ):
+            path = Path(folder) / f"{name}.csv"
+            df.write_csv(path)
+            written.append(path)
     return written
 
 
@@ -363,7 +366,7 @@ def render_html(wh, run: str) -> str:
         meta=meta,
         body="\n".join(blocks),
         bundle=bundle.replace("</script", "<\\/script"),
-        specs=json.dumps(specs).replace("</", "<\\/"),
+        specs=script_json(specs),
     )
 
 
@@ -373,10 +376,12 @@ def write_report(
     """Write the HTML report (and the CSVs when csv_dir is given); returns the paths written."""
     for name in (run, *compare):
         check_name("run id", name)
+    out = check_output_file(out)
+    if csv_dir is not None:
+        check_output_folder(csv_dir, "--csv")
     _check_scenario_run(wh, run)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render_html(wh, run), encoding="utf-8")
+    page = render_html(wh, run)
+    ensure_parent(out).write_text(page, encoding="utf-8")
     written = [out]
     if csv_dir is not None:
         written += write_csvs(wh, run, Path(csv_dir), list(compare))

@@ -472,6 +472,115 @@ def _qualify_as_where(select: exp.Select) -> exp.Expression:
     return outer
 
 
+# -- One rewrite per construct, in the style of sqlglot's transforms.py: each takes a node of the expanded
+# tree (children already rewritten) and returns its Spark spelling, or the node itself when it does not apply.
+
+
+def _lambda_index_from_one(node: exp.Expression) -> exp.Expression:
+    """DuckDB's lambda index (`(x, i) -> ...` in list_transform / list_filter) counts from 1, Spark's from 0:
+    every use of the index in the body becomes (i + 1)."""
+    if not (
+        isinstance(node, exp.Lambda)
+        and len(node.expressions) == 2
+        and isinstance(node.parent, (exp.Transform, exp.ArrayFilter))
+    ):
+        return node
+    index = node.expressions[1].name
+    node.set(
+        "this",
+        node.this.transform(
+            lambda n: (
+                exp.Paren(this=exp.Add(this=n.copy(), expression=exp.Literal.number(1)))
+                if isinstance(n, (exp.Identifier, exp.Column))
+                and n.name == index
+                and not isinstance(n.parent, exp.Column)
+                else n
+            )
+        ),
+    )
+    return node
+
+
+def _list_function(node: exp.Expression) -> exp.Expression:
+    """A DuckDB list function sqlglot passes through by name (`_LIST_FUNCTIONS`) as its Spark expression."""
+    if isinstance(node, exp.Anonymous) and node.name.lower() in _LIST_FUNCTIONS:
+        return _LIST_FUNCTIONS[node.name.lower()](*node.expressions)
+    return node
+
+
+def _list_slice(node: exp.Expression) -> exp.Expression:
+    """DuckDB's a[lo:hi] (1-based, both ends included) as Spark's slice()."""
+    if isinstance(node, exp.Bracket) and len(node.expressions) == 1 and isinstance(node.expressions[0], exp.Slice):
+        index = node.expressions[0]
+        return _slice(node.this, index.this, index.expression)
+    return node
+
+
+def _list_element(node: exp.Expression) -> exp.Expression:
+    """DuckDB's a[i] (1-based, negative from the end, NULL out of range) as Spark's try_element_at, which
+    follows the same rules; a string key (a struct field) stays as it is."""
+    if not (isinstance(node, exp.Bracket) and len(node.expressions) == 1):
+        return node
+    index = node.expressions[0]
+    if isinstance(index, exp.Slice) or (isinstance(index, exp.Literal) and index.is_string):
+        return node
+    return _spark("try_element_at(A, I)", A=node.this, I=index)
+
+
+def _list_length(node: exp.Expression, list_names: set[str]) -> exp.Expression:
+    """DuckDB's len() of a list (a list column, or an expression that gives one) as Spark's size()."""
+    if isinstance(node, exp.Length) and _is_list(node.this, list_names):
+        return exp.ArraySize(this=node.this)
+    return node
+
+
+def _bitwise_parentheses(node: exp.Expression) -> exp.Expression:
+    """Parentheses around a bitwise operation inside another operation: sqlglot drops them, and Spark binds
+    * before ^ & |, so without them the meaning changes."""
+    if isinstance(node, _BITWISE) and isinstance(node.parent, (exp.Binary, exp.Unary)):
+        return exp.Paren(this=node)
+    return node
+
+
+def _log_base_ten(node: exp.Expression) -> exp.Expression:
+    """DuckDB's one-argument log(x) is base 10; Spark's is the natural logarithm."""
+    if isinstance(node, exp.Log) and not node.expression:
+        return exp.Log(this=exp.Literal.number(10), expression=node.this)
+    return node
+
+
+def _exact_percentile(node: exp.Expression) -> exp.Expression:
+    """DuckDB's quantile_cont(x, q) (exact, interpolated) as Spark's percentile(x, q), not an approximation."""
+    if (
+        isinstance(node, exp.PercentileCont)
+        and node.expression is not None
+        and not isinstance(node.parent, exp.WithinGroup)
+    ):
+        return _spark("percentile(X, Q)", X=node.this, Q=node.expression)
+    return node
+
+
+def _ordered_list_aggregate(node: exp.Expression) -> exp.Expression:
+    """DuckDB's list(v ORDER BY k) keeps the order; Spark's collect_list has none (see `_ordered_list`)."""
+    if isinstance(node, exp.ArrayAgg) and isinstance(node.this, exp.Order):
+        return _ordered_list(node)
+    return node
+
+
+def _range_table(node: exp.Expression) -> exp.Expression:
+    """DuckDB's table function generate_series(start, end) includes its end; Spark's range(start, end) does not."""
+    if not (isinstance(node, exp.Table) and isinstance(node.this, exp.GenerateSeries)):
+        return node
+    series = node.this
+    end = (
+        series.args["end"]
+        if series.args.get("is_end_exclusive")
+        else exp.Add(this=series.args["end"], expression=exp.Literal.number(1))
+    )
+    args = [series.args["start"], end] + ([series.args["step"]] if series.args.get("step") else [])
+    return exp.Table(this=exp.Anonymous(this="range", expressions=args), alias=node.args.get("alias"))
+
+
 def spark_fixes(tree: exp.Expression) -> exp.Expression:
     """Rewrite the constructs whose sqlglot Spark output would not mean what DuckDB means."""
     list_names = _list_columns(tree)
@@ -485,59 +594,25 @@ def spark_fixes(tree: exp.Expression) -> exp.Expression:
             else:
                 select.replace(outer)
 
+    rewrites = (
+        _lambda_index_from_one,
+        _list_function,
+        _list_slice,
+        _list_element,
+        functools.partial(_list_length, list_names=list_names),
+        _bitwise_parentheses,
+        _log_base_ten,
+        _exact_percentile,
+        _ordered_list_aggregate,
+        _range_table,
+    )
+
     def fix(node):
-        if (
-            isinstance(node, exp.Lambda)
-            and len(node.expressions) == 2
-            and isinstance(node.parent, (exp.Transform, exp.ArrayFilter))
-        ):
-            index = node.expressions[1].name  # DuckDB's lambda index counts from 1, Spark's from 0
-            node.set(
-                "this",
-                node.this.transform(
-                    lambda n: (
-                        exp.Paren(this=exp.Add(this=n.copy(), expression=exp.Literal.number(1)))
-                        if isinstance(n, (exp.Identifier, exp.Column))
-                        and n.name == index
-                        and not isinstance(n.parent, exp.Column)
-                        else n
-                    )
-                ),
-            )
-            return node
-        if isinstance(node, exp.Anonymous) and node.name.lower() in _LIST_FUNCTIONS:
-            return _LIST_FUNCTIONS[node.name.lower()](*node.expressions)
-        if isinstance(node, exp.Bracket) and len(node.expressions) == 1:
-            index = node.expressions[0]
-            if isinstance(index, exp.Slice):
-                return _slice(node.this, index.this, index.expression)
-            if not (isinstance(index, exp.Literal) and index.is_string):
-                return _spark(
-                    "try_element_at(A, I)", A=node.this, I=index
-                )  # 1-based, negative from the end: DuckDB's rules
-        if isinstance(node, exp.Length) and _is_list(node.this, list_names):
-            return exp.ArraySize(this=node.this)
-        if isinstance(node, _BITWISE) and isinstance(node.parent, (exp.Binary, exp.Unary)):
-            return exp.Paren(this=node)  # sqlglot drops these parentheses, and Spark binds * before ^ & |
-        if isinstance(node, exp.Log) and not node.expression:
-            return exp.Log(this=exp.Literal.number(10), expression=node.this)  # DuckDB log(x) is base 10
-        if (
-            isinstance(node, exp.PercentileCont)
-            and node.expression is not None
-            and not isinstance(node.parent, exp.WithinGroup)
-        ):
-            return _spark("percentile(X, Q)", X=node.this, Q=node.expression)  # exact, interpolated: quantile_cont
-        if isinstance(node, exp.ArrayAgg) and isinstance(node.this, exp.Order):
-            return _ordered_list(node)
-        if isinstance(node, exp.Table) and isinstance(node.this, exp.GenerateSeries):
-            series = node.this  # Spark's table function range(start, end) also excludes the end
-            end = (
-                series.args["end"]
-                if series.args.get("is_end_exclusive")
-                else exp.Add(this=series.args["end"], expression=exp.Literal.number(1))
-            )
-            args = [series.args["start"], end] + ([series.args["step"]] if series.args.get("step") else [])
-            return exp.Table(this=exp.Anonymous(this="range", expressions=args), alias=node.args.get("alias"))
+        """The node as the first of `rewrites` that changes it gives it (the node itself when none does)."""
+        for rewrite in rewrites:
+            new = rewrite(node)
+            if new is not node:
+                return new
         return node
 
     # Children before parents, so a rewritten node's template holds rewritten children

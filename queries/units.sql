@@ -2,7 +2,7 @@
 --
 -- Same conventions as neurons.sql: every macro checks its run and site first, and every
 -- column inside a macro body is qualified with its table's alias. Polars twins:
--- queries/unit_frames.py. The histogram grid is fixed (ingest/capture.py, HIST_*):
+-- queries/unit_frames.py. The histogram grid is fixed (ingest/reductions.py, HIST_*):
 -- quarter-octave bins for 2^-12 <= |value| < 2^12, a near-zero bin on either side of 0 and
 -- an end bin beyond -4096 / 4096 on either side.
 

@@ -1,5 +1,5 @@
 """Tiny dictionaries with random weights, written in each library's exact file layout, and a numpy
-reference encoder written from each library's own formulas (not from ingest/dictionary.py).
+reference encoder written from each library's own formulas (not from ingest/dictionary_files.py and ingest/encoder.py).
 
     SAELens   cfg.json + sae_weights.safetensors: W_enc [d_in, d_sae], b_enc, W_dec [d_sae, d_in], b_dec;
               jumprelu adds threshold; gated has b_gate, r_mag, b_mag instead of b_enc; a BatchTopK training

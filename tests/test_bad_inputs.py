@@ -605,6 +605,183 @@ CASES = [
         ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "mlp.in[1]+transcoder=dicts/sae:topk=3"),
         "--site 'mlp.in[1]+transcoder=dicts/sae:topk=3': dictionary dicts/sae is an SAE: write +sae=PATH",
     ),
+    # Output paths (warehouse/output.py): nothing lands in a warehouse folder; wrong kinds are one line.
+    Case(
+        "report --out over a run's manifest",
+        ("report", "{wh}", "--run", "r", "--out", "{wh}/runs/r.json"),
+        "whq refuses writing '{wh}/runs/r.json', inside the warehouse {wh}: its files change only through whq; "
+        "give --out a path outside it",
+    ),
+    Case(
+        "report --csv into the warehouse",
+        ("report", "{wh}", "--run", "r", "--out", "r.html", "--csv", "{wh}/data"),
+        "whq refuses writing '{wh}/data', inside the warehouse {wh}: its files change only through whq; "
+        "give --csv a path outside it",
+    ),
+    Case(
+        "export site into the warehouse folder",
+        ("export", "site", "{wh}", "--run", "r", "--site", "mlp.act", "--out", "{wh}"),
+        "whq refuses writing '{wh}', inside the warehouse {wh}: its files change only through whq; "
+        "give --out a path outside it",
+    ),
+    Case(
+        "export neuronpedia into the data folder",
+        ("export", "neuronpedia", "{wh}", "--run", "r", "--site", "mlp.act", "--out", "{wh}/data/np"),
+        "whq refuses writing '{wh}/data/np', inside the warehouse {wh}: its files change only through whq; "
+        "give --out a path outside it",
+    ),
+    Case(
+        "NAG keys over a run's manifest",
+        ("nag", "keys", "{wh}", "--target", "r", "--top", "3", "--out", "{wh}/runs/r.json"),
+        "whq refuses writing '{wh}/runs/r.json', inside the warehouse {wh}: its files change only through whq; "
+        "give --out a path outside it",
+    ),
+    Case(
+        "NAG select into the warehouse",
+        ("nag", "select", "{wh}", "--target", "r", "--pool", "r", "--out", "{wh}/selected.parquet"),
+        "whq refuses writing '{wh}/selected.parquet', inside the warehouse {wh}: its files change only through whq; "
+        "give --out a path outside it",
+    ),
+    Case(
+        "NAG merge into the warehouse",
+        ("nag", "merge", "selected.parquet", "--out", "{wh}/merged.parquet"),
+        "whq refuses writing '{wh}/merged.parquet', inside the warehouse {wh}: its files change only through whq; "
+        "give --out a path outside it",
+    ),
+    Case(
+        "trusted COPY into another warehouse",
+        ("sql", "{wh}", "COPY (SELECT 1 AS x) TO '{copy}/data/x.parquet'"),
+        "whq sql refuses writing '{copy}/data/x.parquet', inside the warehouse {copy}: its files change only through "
+        "whq; write elsewhere, or pass --allow-writes",
+        "intact",
+    ),
+    Case(
+        "new warehouse inside a warehouse",
+        ("init", "{wh}/runs/new"),
+        "whq refuses writing '{wh}/runs/new', inside the warehouse {wh}: its files change only through whq; "
+        "create the new warehouse outside it",
+    ),
+    Case(
+        "ingest into a new folder inside a warehouse",
+        ("ingest", "{wh}/data/new", *MODEL, "--data", "docs.jsonl"),
+        "whq refuses writing '{wh}/data/new', inside the warehouse {wh}: its files change only through whq; "
+        "create the new warehouse outside it",
+    ),
+    Case(
+        "--out that is a folder where a file is wanted",
+        ("nag", "keys", "{wh}", "--target", "r", "--top", "3", "--out", "dicts"),
+        "--out dicts is a folder: name a file in it, e.g. dicts/out",
+    ),
+    Case(
+        "--out below a file",
+        ("report", "{wh}", "--run", "r", "--out", "docs.jsonl/r.html"),
+        "--out docs.jsonl/r.html: docs.jsonl is a file, not a folder: pick another path",
+    ),
+    Case(
+        "export --out that is a file",
+        ("export", "features", "{wh}", "--run", "r", "--site", "mlp.act", "--out", "docs.jsonl"),
+        "--out docs.jsonl is a file, not a folder: name a new or empty folder",
+    ),
+    Case(
+        "export into a folder of files whq did not write",
+        ("export", "site", "{wh}", "--run", "r", "--site", "mlp.act", "--out", "dicts"),
+        "--out dicts holds files whq did not write: name a new or empty folder, or remove them first",
+    ),
+    Case(
+        "report --csv that is a file",
+        ("report", "{wh}", "--run", "r", "--out", "r.html", "--csv", "docs.jsonl"),
+        "--csv docs.jsonl is a file, not a folder: name a new or empty folder",
+    ),
+    Case(
+        "NAG merge of a file that is not Parquet",
+        ("nag", "merge", "docs.jsonl", "--out", "merged.parquet"),
+        "selection docs.jsonl is not a readable Parquet file (parquet: File out of specification: The file must end "
+        "with PAR1 or PARE): give the files `whq nag select` writes",
+    ),
+    Case(
+        "NAG merge of a missing selection",
+        ("nag", "merge", "missing.parquet", "--out", "merged.parquet"),
+        "selection missing.parquet does not exist: give the Parquet files `whq nag select` writes",
+    ),
+    # Data fields are data (warehouse/names.py): a data file's labels are checked like the flags.
+    Case(
+        "JSONL dataset field with an OSC 52 clipboard escape",
+        ("ingest", "{new}", *MODEL, "--data", "osc52.jsonl"),
+        "osc52.jsonl, document 1: invalid dataset 'web\\x1b]52;c;aGk=\\x07': use text of 1 to 256 characters "
+        "without control characters; fix it in the data file",
+    ),
+    Case(
+        "JSONL doc_id with a newline",
+        ("ingest", "{new}", *MODEL, "--data", "newline_id.jsonl"),
+        "newline_id.jsonl, document 1: invalid doc_id 'a\\nb': use text of 1 to 1024 characters without control "
+        "characters; fix it in the data file",
+    ),
+    Case(
+        "JSONL role with a carriage return",
+        ("ingest", "{new}", *MODEL, "--data", "cr_role.jsonl"),
+        "cr_role.jsonl, document 1: invalid role 'ok\\rEVIL': use text of 1 to 256 characters without control "
+        "characters; fix it in the data file",
+    ),
+    Case(
+        "JSONL label with a bidirectional override",
+        ("ingest", "{new}", *MODEL, "--data", "bidi_label.jsonl"),
+        "bidi_label.jsonl, document 1: invalid label '\\u202eadmin': use text of 1 to 256 characters without "
+        "control characters; fix it in the data file",
+    ),
+    Case(
+        "SQL whose error message carries a terminal escape",
+        ("sql", "{wh}", "SELECT CAST(chr(27) || '[31m' AS INTEGER)"),
+        "SQL error: Conversion Error: Could not convert string '\\x1b[31m' to INT32",
+    ),
+    Case(
+        "two documents with one doc_id",
+        ("ingest", "{new}", *MODEL, "--data", "dup_id.jsonl"),
+        "dup_id.jsonl, document 2: doc_id '7' is also the id of dup_id.jsonl, document 1, and pages and exports "
+        "name documents by it: give each document its own id, e.g. prefix each file's ids with its name",
+    ),
+    Case(
+        "one data file given twice",
+        ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--data", "docs.jsonl"),
+        "data file docs.jsonl is given twice: give each --data once",
+    ),
+    Case(
+        "data file named with a terminal escape",
+        ("ingest", "{new}", *MODEL, "--data", "web\x1b[31m.txt"),
+        "data file 'web\\x1b[31m.txt': its name labels its documents, so it must be a valid label (use text of 1 to "
+        "256 characters without control characters): rename it",
+    ),
+]
+
+
+# -- whq serve and the byte bound of untrusted results (kept apart from the rows above) --------------
+CASES += [
+    Case(
+        "serve --port above 65535",
+        ("serve", "{wh}", "--port", "70000"),
+        "--port 70000 must be a TCP port in 0..65535 (0 picks a free one)",
+    ),
+    Case(
+        "serve --host given as a URL",
+        ("serve", "{wh}", "--host", "http://127.0.0.1"),
+        "--host 'http://127.0.0.1' must be an address or a name of this machine, e.g. 127.0.0.1, ::1 or 0.0.0.0",
+    ),
+    Case(
+        "serve --max-bytes not a size",
+        ("serve", "{wh}", "--max-bytes", "lots"),
+        "--max-bytes 'lots' must be a size such as 64MB or 1GB",
+    ),
+    Case("serve --timeout 0", ("serve", "{wh}", "--timeout", "0"), "--timeout 0 must be a positive number of seconds"),
+    Case(
+        "sql --max-bytes without --read-only",
+        ("sql", "{wh}", "--max-bytes", "1MB", "SELECT 1"),
+        "--max-bytes bounds untrusted SQL: add --read-only",
+    ),
+    Case(
+        "sql --read-only result over --max-bytes",
+        ("sql", "{wh}", "--read-only", "--max-bytes", "1KB", "SELECT repeat('x', 2000)"),
+        "the result holds more than 1,000 bytes (stopped fetching): select fewer or shorter values "
+        "(LIMIT, left(text, 200)), or raise --max-bytes",
+    ),
 ]
 
 
@@ -642,6 +819,12 @@ FILES = {
     "nantemp.yaml": b"name: t\nmodel: config:llama-tiny\nprompt: {messages: [{role: user, content: hi}]}\ngeneration: {temperature: .nan}\n",
     "seed.yaml": b"name: t\nmodel: config:llama-tiny\nprompt: {messages: [{role: user, content: hi}]}\ngeneration: {seed: -1}\n",
     "baddate.yaml": b"name: t\nwhen: 2001-13-01\n",
+    "osc52.jsonl": b'{"text": "x", "dataset": "web\\u001b]52;c;aGk=\\u0007"}\n',
+    "newline_id.jsonl": b'{"text": "x", "doc_id": "a\\nb"}\n',
+    "cr_role.jsonl": b'{"text": "x", "role": "ok\\rEVIL"}\n',
+    "bidi_label.jsonl": b'{"text": "x", "label": "\\u202eadmin"}\n',
+    "dup_id.jsonl": b'{"text": "x", "id": "7"}\n{"text": "y", "id": "7"}\n',
+    "web\x1b[31m.txt": b"hello\n",
 }
 
 
@@ -683,6 +866,8 @@ def damage(root: Path, how: str) -> None:
         (journal / "config.json").write_text(
             json.dumps({"data": [recorded], "started_at": "2026-01-01T00:00:00+00:00"})
         )
+    elif how == "intact":
+        pass  # a second, undamaged warehouse
     else:
         name, payload = DAMAGES[how]
         (root / name).write_bytes(payload)

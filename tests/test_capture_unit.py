@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, replace
 import pytest
 import torch
 
-from ingest.capture import hooks
+from ingest.hooks import hooks
 from ingest.options import IngestOptions
 from warehouse.errors import BadInput
 
@@ -72,3 +72,42 @@ def test_hooks_see_input_and_output_and_are_always_removed():
         model(x)
     model(x)
     assert len(failing.seen) == 1 and len(taps[1].seen) == 1, "no hook outlives its block"
+
+
+@dataclass
+class _Doubler:
+    """A tap that returns a tensor: the module gets twice what it was given (as --splice's taps replace)."""
+
+    module_name: str
+    hook_point: str
+
+    def __call__(self, x):
+        return x * 2
+
+
+class _Block(torch.nn.Module):
+    """Hidden states by position or by keyword, a tuple out, as transformers' layers have them."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 3)
+
+    def forward(self, hidden_states, scale=1.0):
+        return self.linear(hidden_states) * scale, "extra"
+
+
+def test_a_tap_that_returns_a_tensor_replaces_what_it_was_given():
+    block, x = _Block(), torch.randn(2, 3)
+    with torch.no_grad():
+        doubled_in, doubled_out = block.linear(x * 2), block.linear(x) * 2
+        for tap, call, expected in [
+            (_Doubler("", "in"), lambda: block(x, 1.0), doubled_in),
+            (_Doubler("", "in"), lambda: block(hidden_states=x, scale=1.0), doubled_in),
+            (_Doubler("", "out"), lambda: block(x), doubled_out),
+            (_Doubler("linear", "out"), lambda: block(x), doubled_out),
+        ]:
+            with hooks(block, [tap]):
+                out = call()
+            torch.testing.assert_close(out[0], expected)
+            assert out[1] == "extra"
+        torch.testing.assert_close(block(x)[0], block.linear(x), msg="no replacement outlives its block")

@@ -289,3 +289,58 @@ def test_text_shards_hold_paragraphs(tmp_path):
     assert [d.text for d in docs] == texts
     # The blank paragraph closing a.txt is a row of the stream (ids count it) but no document.
     assert [d.doc_id for d in docs] == [f"{tmp_path.name}:{i}" for i in [*range(20), *range(21, N + 1)]]
+
+
+HOSTILE = [
+    ("doc_id", "uid", "a\nb", "invalid doc_id 'a\\nb': use text of 1 to 1024 characters without control characters"),
+    ("doc_id", "uid", "u" * 1025, "invalid doc_id 'uuu"),
+    ("dataset", "dataset", "web\x1b]52;c;aGk=\x07", "invalid dataset 'web\\x1b]52;c;aGk=\\x07': use text of 1 to 256"),
+    ("role", "role", "ok\rEVIL", "invalid role 'ok\\rEVIL'"),
+    ("label", "label", "\u202eadmin", "invalid label '\\u202eadmin'"),
+    ("message_role", "message_role", "user\x1b[2J", "invalid message_role 'user\\x1b[2J'"),
+]
+
+
+def _labelled(tmp_path, column: str, value: str) -> str:
+    """A save_to_disk dataset whose row 1 carries `value` in `column` (the other rows are valid)."""
+    rows = [
+        {"text": f"text {i}", "uid": f"u{i}", "dataset": "web", "role": "pool", "label": "x", "message_role": "user"}
+        for i in range(3)
+    ]
+    rows[1][column] = value
+    path = tmp_path / f"labels-{column}"
+    datasets.Dataset.from_list(rows).save_to_disk(str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize(("field", "column", "value", "shown"), HOSTILE)
+def test_hostile_labels_are_refused_as_a_data_file_s(tmp_path, field, column, value, shown):
+    """A dataset row's labels meet the rule a data file's do (warehouse/names.py), escaped in the message;
+    with --skip-bad the row is skipped and counted."""
+    from ingest.sources import Document
+    from warehouse.names import document_label_problem
+
+    data = _labelled(tmp_path, column, value)
+    with pytest.raises(BadInput) as refused:
+        _docs(data, id_column="uid")
+    message = str(refused.value)
+    assert f"{data} row 1: " in message and shown in message and "--skip-bad" in message
+    assert value.isprintable() or value not in message  # control characters only as escapes
+    # The same words as the data-file check gives for the same value.
+    carried = {"meta": {column: value}} if column == "message_role" else {field: value}
+    doc = Document(**{"doc_id": "u", "text": "t", **carried})
+    assert document_label_problem(doc) in message
+    counter = SkipCounter(skip_bad=True)
+    source = inputs.open_input(IngestOptions(data=(data,), id_column="uid", skip_bad=True))
+    assert [d.doc_id for d in source.documents(counter, None, None)] == ["u0", "u2"]
+    assert counter.skipped == 1 and shown in counter.first_error
+
+
+def test_cli_refuses_a_hostile_dataset_label_in_one_line(tmp_path, capsys, monkeypatch):
+    from .cli_runner import run_cli
+
+    data = _labelled(tmp_path, "dataset", "web\x1b[31m")
+    code, _, err = run_cli(capsys, monkeypatch, "ingest", tmp_path / "wh", "--data", data, "--quiet")
+    assert code != 0 and "row 1: invalid dataset 'web\\x1b[31m'" in err and "\x1b" not in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "wh" / "runs").exists() or not any((tmp_path / "wh" / "runs").iterdir())

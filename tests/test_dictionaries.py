@@ -5,13 +5,15 @@ captured densely in the same run."""
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 
 import numpy as np
 import polars as pl
 import pytest
 
 import warehouse
-from ingest import dictionary
+from ingest import dictionary_files, encoder
 from ingest.sites import parse_spec, parse_specs
 from queries import frames
 from warehouse.errors import BadInput, BadSpec
@@ -46,9 +48,9 @@ def test_every_format_encodes_and_decodes_as_its_library(name, tmp_path):
     import torch
 
     path = FORMATS[name](tmp_path)
-    d = dictionary.load(str(path)).first
+    d = dictionary_files.load(str(path)).first
     x = np.random.default_rng(1).normal(size=(2, 9, D_IN)).astype(np.float32)
-    dev = dictionary.DeviceDictionary(d, "cpu", "test")
+    dev = encoder.DeviceDictionary(d, "cpu", "test")
     with torch.inference_mode():
         latents = dev.encode(torch.from_numpy(x))
         recon = dev.decode(latents, torch.from_numpy(x))
@@ -71,7 +73,7 @@ def test_bfloat16_weights_are_read_exactly(tmp_path):
 
     weights = {k: torch.from_numpy(v).to(torch.bfloat16) for k, v in load_file(str(folder / "sae.safetensors")).items()}
     save_file(weights, str(folder / "sae.safetensors"))
-    d = dictionary.load(str(folder)).first
+    d = dictionary_files.load(str(folder)).first
     np.testing.assert_array_equal(d.weights["W_enc"], weights["encoder.weight"].float().numpy().T)
     np.testing.assert_array_equal(d.weights["b_dec"], weights["b_dec"].float().numpy())
 
@@ -79,7 +81,7 @@ def test_bfloat16_weights_are_read_exactly(tmp_path):
 def test_a_folder_of_layers_and_what_it_describes(tmp_path):
     for layer in (0, 2):
         dicts.sparsify(tmp_path / "tc" / f"layers.{layer}.mlp", transcode=True, seed=layer)
-    dset = dictionary.load(str(tmp_path / "tc"))
+    dset = dictionary_files.load(str(tmp_path / "tc"))
     assert dset.describe() == {
         "path": str(tmp_path / "tc"),
         "format": "sparsify",
@@ -91,10 +93,10 @@ def test_a_folder_of_layers_and_what_it_describes(tmp_path):
         "layers": [0, 2],
         "k": 5,
     }
-    assert list(dictionary.for_layers(dset, "s", None, [0, 1, 2, 3])) == [0, 2]
-    assert list(dictionary.for_layers(dset, "s", (2,), [0, 1, 2, 3])) == [2]
+    assert list(dictionary_files.for_layers(dset, "s", None, [0, 1, 2, 3])) == [0, 2]
+    assert list(dictionary_files.for_layers(dset, "s", (2,), [0, 1, 2, 3])) == [2]
     with pytest.raises(BadSpec, match=r"has no dictionary for layer 1 \(it has layers 0, 2\)"):
-        dictionary.for_layers(dset, "s", "*", [0, 1, 2, 3])
+        dictionary_files.for_layers(dset, "s", "*", [0, 1, 2, 3])
 
 
 def test_spec_grammar():
@@ -157,7 +159,7 @@ def test_the_encoder_runs_in_its_dtype(tmp_path, dtype, architecture):
     extra = {"normalize_activations": "constant_norm_rescale"} if architecture == "constant-norm" else {}
     path = dicts.saelens(tmp_path / "d", "standard" if extra else architecture, **extra)
     x = np.random.default_rng(1).normal(size=(18, D_IN)).astype(np.float32)
-    dev = dictionary.DeviceDictionary(dictionary.load(str(path)).first, "cpu", "test", dtype=dtype)
+    dev = encoder.DeviceDictionary(dictionary_files.load(str(path)).first, "cpu", "test", dtype=dtype)
     with torch.inference_mode():
         latents = dev.encode(torch.from_numpy(x))
         recon = dev.decode(latents, torch.from_numpy(x))
@@ -493,7 +495,7 @@ def test_a_dtype_the_device_cannot_run_is_refused_before_the_model_loads(
     from ingest import models
     from tests.cli_runner import run_cli
 
-    real = dictionary.DeviceDictionary._encode
+    real = encoder.DeviceDictionary._encode
 
     def device_without_float16(self, x):
         if self.dtype != torch.float16:
@@ -502,7 +504,7 @@ def test_a_dtype_the_device_cannot_run_is_refused_before_the_model_loads(
             raise RuntimeError("\"addmm_impl_cpu_\" not implemented for 'Half'")
         return real(self, x) * float("inf")
 
-    monkeypatch.setattr(dictionary.DeviceDictionary, "_encode", device_without_float16)
+    monkeypatch.setattr(encoder.DeviceDictionary, "_encode", device_without_float16)
     monkeypatch.setattr(models, "load", lambda *a, **k: pytest.fail("the model loaded"))
     sae = dicts.saelens(tmp_path / "d", "standard")
     code, out, err = run_cli(
@@ -601,25 +603,39 @@ def test_exact_and_damaged_adapters_on_tiny_qwen(tmp_path, sample_jsonl):
 
 def test_bad_dictionaries_are_one_line(tmp_path):
     with pytest.raises(BadInput, match="does not exist"):
-        dictionary.load(str(tmp_path / "nope"))
+        dictionary_files.load(str(tmp_path / "nope"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(BadInput, match="holds no dictionary: expected cfg.json"):
-        dictionary.load(str(tmp_path / "empty"))
+        dictionary_files.load(str(tmp_path / "empty"))
     dicts.saelens(tmp_path / "m", "matryoshka")
     with pytest.raises(BadInput, match="unknown SAELens architecture 'matryoshka'"):
-        dictionary.load(str(tmp_path / "m"))
+        dictionary_files.load(str(tmp_path / "m"))
     dicts.saelens(tmp_path / "ln", "standard", normalize_activations="layer_norm")
     with pytest.raises(BadInput, match="normalize_activations 'layer_norm' is not supported"):
-        dictionary.load(str(tmp_path / "ln"))
+        dictionary_files.load(str(tmp_path / "ln"))
     dicts.sparsify(tmp_path / "two" / "layers.1")
     dicts.sparsify(tmp_path / "two" / "layers.1.mlp")
     with pytest.raises(BadInput, match="two dictionaries for layer 1"):
-        dictionary.load(str(tmp_path / "two"))
-    single = dictionary.load(str(dicts.saelens(tmp_path / "s", "standard", hook_layer=None)))
+        dictionary_files.load(str(tmp_path / "two"))
+    single = dictionary_files.load(str(dicts.saelens(tmp_path / "s", "standard", hook_layer=None)))
     with pytest.raises(BadSpec, match=r"does not say its layer: give it, e.g. resid.out\[6\]"):
-        dictionary.for_layers(single, "x", None, [0, 1])
+        dictionary_files.for_layers(single, "x", None, [0, 1])
     with pytest.raises(BadSpec, match="one dictionary .* for 4 layers"):
-        dictionary.for_layers(single, "x", "*", [0, 1, 2, 3])
+        dictionary_files.for_layers(single, "x", "*", [0, 1, 2, 3])
+
+
+def test_dictionary_files_are_read_without_torch(tmp_path):
+    """Every format is read and checked before the model loads, in a process that never imports torch."""
+    paths = [str(make(tmp_path / name)) for name, make in FORMATS.items()]
+    script = (
+        "import sys\n"
+        "from ingest import dictionary_files\n"
+        f"formats = [dictionary_files.load(path).first.format for path in {paths!r}]\n"
+        "print(' '.join(formats), 'torch' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [name.split("-")[0] for name in FORMATS] + ["False"]
 
 
 def test_export_features_of_a_transcoder_round_trips(captured, tmp_path):
@@ -714,7 +730,7 @@ def test_eleutherai_sparsify_itself_gives_whq_values(tmp_path, transcode):
     folder = dicts.sparsify(tmp_path / "layers.1", transcode=transcode, skip=transcode, k=6)
     theirs = sparsify.SparseCoder.load_from_disk(folder)
     x = torch.from_numpy(np.random.default_rng(2).normal(size=(11, D_IN)).astype(np.float32))
-    ours = dictionary.DeviceDictionary(dictionary.load(str(folder)).first, "cpu", "test")
+    ours = encoder.DeviceDictionary(dictionary_files.load(str(folder)).first, "cpu", "test")
     with torch.inference_mode():
         encoded = theirs.encode(x)
         latents = torch.zeros(11, 96).scatter_(-1, encoded.top_indices, encoded.top_acts)
@@ -786,7 +802,7 @@ def test_sae_lens_itself_gives_whq_values(tmp_path, name):
     sae_lens = pytest.importorskip("sae_lens", reason="sae-lens is not installed (pip install -e '.[test]')")
     path = FORMATS[name](tmp_path)
     theirs, torch = _saelens_own(sae_lens, path)
-    ours = dictionary.DeviceDictionary(dictionary.load(str(path)).first, "cpu", "test")
+    ours = encoder.DeviceDictionary(dictionary_files.load(str(path)).first, "cpu", "test")
     x = torch.from_numpy(np.random.default_rng(2).normal(size=(11, D_IN)).astype(np.float32))
     with torch.inference_mode():
         latents = theirs.encode(x)

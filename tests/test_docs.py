@@ -1,11 +1,15 @@
-"""The READMEs cannot drift from the code.
+"""The documents cannot drift from the code.
 
 - README.md's shell and Python blocks run, in order, against a small demo warehouse
   (`whq demo` itself is only parsed: it builds the full demo, ~30 s).
-- Every `whq` line in every README parses against the real command line: the command
+- Every `whq` line in every document parses against the real command line: the command
   exists, every option exists, and the values have the right types.
 - The generated parts (tests/docgen.py) are what cog writes now, whatever the terminal.
 - Relative links point to files and headings that exist; README's test command is .ci/run's.
+- Names in backticks that look like code name code that exists (see `code_name_problem`), and no
+  document names a path of one machine.
+- Every macro of every queries/*.sql file has a comment and a row in docs/macros.md; the --site help
+  and the SPEC grammar in the documents come from ingest/sites.py.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -28,7 +33,9 @@ READMES = [
     ROOT / "README.md",
     *(ROOT / d / "README.md" for d in ("warehouse", "ingest", "queries")),
     *sorted((ROOT / "examples").glob("*/README.md")),
+    *sorted((ROOT / "docs").glob("*.md")),
 ]
+"""Every Markdown document: the README, the room guides, the examples' READMEs and the pages of docs/."""
 RUN = {
     ("whq", "runs"),
     ("whq", "sql"),
@@ -224,7 +231,9 @@ def test_generated_parts_are_current(monkeypatch):
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("COLUMNS", "40")
     monkeypatch.setenv("TZ", "Pacific/Kiritimati")
-    status = Cog().main(["cog", "-I", str(ROOT), "--check", "--verbosity=0", *docgen.DOCS])
+    files = [str(path.relative_to(ROOT)) for path in docgen.doc_files()]
+    assert "docs/macros.md" in files and "README.md" in files
+    status = Cog().main(["cog", "-I", str(ROOT), "--check", "--verbosity=0", *files])
     assert status == 0, f"generated docs are stale: cog -I . -r {' '.join(docgen.DOCS)}"
 
 
@@ -301,3 +310,326 @@ def test_twin_table_runs(readme_dir):
 
 def test_readme_is_short():
     assert len((ROOT / "README.md").read_text().splitlines()) <= 300, "deep material belongs in a room's README"
+
+
+@pytest.mark.parametrize("path", READMES[1:4], ids=lambda p: str(p.relative_to(ROOT)))
+def test_room_guides_are_guides(path):
+    """A room README is a guide read in minutes; references and figures live in docs/."""
+    assert len(path.read_text().splitlines()) <= 320, f"{path.relative_to(ROOT)}: move reference material to docs/"
+
+
+# ---------------------------------------------------------------- macros and the SPEC grammar
+
+
+def test_every_macro_is_documented(readme_dir):
+    """Every macro the macro files create (parsed from the files, so a new file is covered) has a COMMENT ON
+    in a real catalog and a row in docs/macros.md."""
+    import warehouse
+
+    names = docgen.macro_names()
+    files = {m.file for m in docgen.macros()}
+    assert len(names) >= 57 and {"units.sql", "dictionaries.sql", "00_common.sql"} <= files
+    assert files == {f.name for f in (ROOT / "queries").glob("*.sql")}, "a macro file the catalog does not load"
+    comments = dict(
+        warehouse.open(readme_dir / "whq-demo")
+        .sql("SELECT function_name, comment FROM duckdb_functions() WHERE function_type IN ('table_macro', 'macro')")
+        .fetchall()
+    )
+    page = (ROOT / "docs" / "macros.md").read_text()
+    for name in names:
+        assert comments.get(name), f"macro {name} has no COMMENT ON MACRO"
+        assert f"| `{name}(" in page, f"docs/macros.md lacks {name}: cog -I . -r docs/macros.md"
+
+
+def test_macro_names_come_from_the_files(tmp_path, monkeypatch):
+    """The parser finds every CREATE form, so a macro cannot hide from the check above."""
+    (tmp_path / "queries").mkdir()
+    (tmp_path / "queries" / "x.sql").write_text(
+        "CREATE OR REPLACE MACRO a(x) AS x + 1;\nCREATE MACRO b(run) AS TABLE SELECT 1;\n"
+        "create temp macro c() as 2;\nCOMMENT ON MACRO a IS 'one';\n"
+    )
+    monkeypatch.setattr(docgen, "macro_files", lambda: sorted((tmp_path / "queries").glob("*.sql")))
+    found = docgen.macros()
+    assert [m.name for m in found] == ["a", "b", "c"]
+    assert [m.table for m in found] == [False, True, False] and found[0].comment == "one"
+
+
+def test_site_help_and_grammar_come_from_sites():
+    """One source for the SPEC grammar: the CLI's --site help is spec_help(), every reduction is described
+    and named in the grammar, and no document carries a hand-written copy of it."""
+    from ingest import sites
+
+    ingest_command = dict((words, c) for words, c in docgen.cli_commands())[("whq", "ingest")]
+    site = next(p for p in ingest_command.params if "--site" in p.opts)
+    assert site.help == sites.spec_help()
+    grammar = sites.spec_grammar()
+    for name, (_, _, text) in sites.REDUCTIONS.items():
+        table, _, what = text.partition(": ")
+        assert table and what, f"reduction {name} needs 'table: what it keeps'"
+        assert sites.reduction_syntax(name) in grammar and name in sites.spec_help()
+    assert set(sites.ARGUMENT_NAMES) == {n for n, (kind, _, _) in sites.REDUCTIONS.items() if kind is not None}
+    for path in READMES:
+        outside = re.sub(r"\[\[\[cog.*?\[\[\[end\]\]\]", "", path.read_text(), flags=re.S)
+        assert "REDUCTION  :=" not in outside, f"{path.relative_to(ROOT)}: a hand-written SPEC grammar; use cog"
+
+
+# ---------------------------------------------------------------- names in backticks, machine paths
+
+MACHINE_PATH = re.compile(r"""(?:^|(?<=[\s`'"(=]))/(?:work|home|Users|root|tmp|mnt|scratch|private|var/folders)/""")
+"""Absolute paths of one machine: a document names relative paths, or the reader's own (~, $VAR)."""
+
+
+@pytest.mark.parametrize("path", READMES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_machine_paths(path):
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        assert not MACHINE_PATH.search(line), f"{path.relative_to(ROOT)}:{number}: a machine's path: {line.strip()}"
+
+
+@pytest.mark.parametrize("path", READMES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_backticked_names_exist(path):
+    problems = [f"`{span}`: {why}" for span in inline_code(path.read_text()) if (why := code_name_problem(span))]
+    assert not problems, f"{path.relative_to(ROOT)} names code that does not exist:\n" + "\n".join(problems)
+
+
+def test_the_name_check_can_fail():
+    for stale in (
+        "_parsed_sites",
+        "pipeline._parsed_sites",
+        "ingest.shard.NoSuchThing",
+        "capture.Capture.no_such_method",
+        "ingest/no_such_file.py",
+        "tests/test_docs.py::test_no_such_test",
+        "--no-such-flag",
+        "nosuchmodule.py",
+        "whq frobnicate",
+        "tokens.no_such_column",
+        "no_such_helper(x)",
+    ):
+        assert code_name_problem(stale), stale
+    for real in (
+        "pipeline.ingest",
+        "ingest.capture.Capture",
+        "Capture.batch",
+        "IngestOptions.run_config(...)",
+        "queries/nag.sql",
+        "tests/test_docs.py::test_no_machine_paths",
+        "--splice",
+        "whq nag select",
+        "tokens.token_id",
+        "top_contexts",
+        "mlp.act",
+        "shard.journalled",
+        "torch.topk",
+        "frames.top_contexts(wh, 'demo')",
+        "csv.py",
+        "count_star()",
+    ):
+        assert code_name_problem(real) is None, (real, code_name_problem(real))
+    assert inline_code("a `x` b ```\n`y`\n``` `` `z` `` c") == ["x"]
+
+
+def inline_code(text: str) -> list[str]:
+    """The inline code spans of Markdown text, outside fenced blocks and double-backtick spans."""
+    text = re.sub(r"^\s*```.*?^\s*```", "", text, flags=re.S | re.M)
+    text = re.sub(r"``.*?``", "", text, flags=re.S)
+    return [span.strip() for span in re.findall(r"`([^`\n]+)`", text)]
+
+
+DATA_SUFFIXES = {".json", ".jsonl", ".parquet", ".duckdb", ".safetensors", ".npz", ".yaml", ".txt", ".csv", ".gz"}
+DATA_SUFFIXES |= {".html", ".png", ".bin", ".lock", ".damaged", ".tmp", ".wal", ".done", ".pt", ".svg"}
+CODE_SUFFIXES = {".py", ".sql", ".c", ".md", ".toml"}
+REPO_FOLDERS = ("warehouse/", "ingest/", "queries/", "tests/", "examples/", "docs/", ".ci/")
+
+
+def code_name_problem(span: str) -> str | None:
+    """Why a span naming code names nothing that exists, or None. The rule, by the span's shape:
+
+    - `--flag`: an option of some whq command; `whq WORDS`: an existing command.
+    - a path under a repository folder (`queries/nag.sql`, `tests/x.py::test_y`): the file (and the test) exists;
+      a bare file name with a code suffix (`fused.c`): some file of the repository has that name.
+    - a dotted name: a fault point, a table.column of schema.sql, or resolved through the project's modules and
+      classes when its first part is one (`pipeline.ingest`, `ingest.shard.Capture`, `Capture.batch`); a first
+      part the project does not define (a library, a site alias, a model's module) is not checked.
+    - a bare name starting with `_` must be defined in the project's Python; a called snake_case name
+      (`check_name(...)`) must be a project function, a macro, a DuckDB function or occur in a source file.
+    Anything else (SQL, values, column names, option and key names, shell words, plain words) is not checked:
+    columns are checked as `table.column`, options as `--flag`.
+    """
+    index = code_index()
+    if span.startswith("--"):
+        flag = re.match(r"--[\w-]+", span)
+        return (
+            None if not flag or flag.group(0) in index.flags else f"no command or script has the option {flag.group(0)}"
+        )
+    if re.fullmatch(r"whq( [a-z][\w-]*)+", span):
+        words = span.split()[1:]
+        group = docgen.cli_root()
+        for word in words:
+            if not hasattr(group, "commands"):
+                return None
+            group = group.get_command(None, word)
+            if group is None:
+                return f"whq has no command {word!r}"
+        return None
+    path = re.fullmatch(r"([\w.\-/]+?)(::(\w+))?", span)
+    if path and "/" in span and span.startswith(REPO_FOLDERS):
+        file = ROOT / path.group(1).rstrip("/")
+        if not file.exists() and not _ignored(path.group(1)):
+            return f"no file {path.group(1)} in the repository"
+        if path.group(3) and not (file.is_file() and re.search(rf"def {path.group(3)}\b", file.read_text())):
+            return f"{path.group(1)} has no {path.group(3)}"
+        return None
+    if re.fullmatch(r"[\w\-]+(\.[\w\-]+)+", span) and Path(span).suffix in CODE_SUFFIXES | DATA_SUFFIXES:
+        stem = span.split(".")[0]
+        if Path(span).suffix in CODE_SUFFIXES and span not in index.file_names and stem not in sys.stdlib_module_names:
+            return f"no file named {span} in the repository"
+        return None
+    name = re.fullmatch(r"([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)(\(.*\))?", span)
+    if not name:
+        return None
+    dotted, called = name.group(1), bool(name.group(2))
+    parts = dotted.split(".")
+    if len(parts) > 1:
+        return index.dotted_problem(parts)
+    if dotted.startswith("_") and dotted not in index.defined:
+        return f"nothing named {dotted} is defined in the project"
+    if called and "_" in dotted and dotted.islower() and dotted not in index.callables:
+        return f"no function, macro or DuckDB function named {dotted}, and no source file mentions it"
+    return None
+
+
+@dataclass
+class CodeIndex:
+    modules: dict[str, dict]  # dotted module name -> {top-level name: class members or None}
+    defined: set[str]  # every def, class and assigned name of the project's Python
+    classes: dict[str, set[str]]  # class name -> its members (methods, fields, properties)
+    callables: set[str]  # defined names, macros, DuckDB's functions and every identifier in a source file
+    file_names: set[str]
+    flags: set[str]
+    macros: set[str]
+    tables: dict[str, set[str]]
+
+    def dotted_problem(self, parts: list[str]) -> str | None:
+        dotted = ".".join(parts)
+        from warehouse.faults import POINTS
+
+        if dotted in POINTS:
+            return None
+        if parts[0] in self.tables and len(parts) == 2:
+            return None if parts[1] in self.tables[parts[0]] else f"table {parts[0]} has no column {parts[1]}"
+        for length in range(len(parts), 0, -1):  # the longest module prefix: ingest.shard, or shard alone
+            prefix = ".".join(parts[:length])
+            modules = [m for m in self.modules if m == prefix or m.endswith("." + prefix)]
+            if modules:
+                rest = parts[length:]
+                if not rest:
+                    return None
+                if any(self._member(self.modules[m], rest) for m in modules):
+                    return None
+                if any("__getattr__" in self.modules[m] and self._in_package(m, rest) for m in modules):
+                    return None
+                return f"{prefix} has no {'.'.join(rest)}"
+        if parts[0] in self.classes:
+            return None if parts[1] in self.classes[parts[0]] else f"class {parts[0]} has no {parts[1]}"
+        return None
+
+    def _in_package(self, module: str, rest: list[str]) -> bool:
+        """A module with __getattr__ (queries.frames) answers for what its package's modules define."""
+        package = module.rpartition(".")[0]
+        return any(self._member(names, rest) for m, names in self.modules.items() if m.rpartition(".")[0] == package)
+
+    def _member(self, names: dict, rest: list[str]) -> bool:
+        if rest[0] not in names:
+            return False
+        members = names[rest[0]]
+        return len(rest) == 1 or (members is not None and rest[1] in members)
+
+
+def _python_names(tree) -> dict:
+    import ast
+
+    names: dict = {}
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef):
+            members = set()
+            for item in node.body:
+                if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    members.add(item.name)
+                elif isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name):
+                    members.add(item.target.id)
+                elif isinstance(item, ast.Assign):
+                    members |= {t.id for t in item.targets if isinstance(t, ast.Name)}
+            names[node.name] = members
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            names[node.name] = None
+        elif isinstance(node, ast.Assign):
+            names.update({t.id: None for t in node.targets if isinstance(t, ast.Name)})
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names[node.target.id] = None
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update({(a.asname or a.name).split(".")[0]: None for a in node.names})
+    return names
+
+
+def _ignored(path: str) -> bool:
+    """A path git ignores: what a script or command writes (examples/bdh/out/), named but never committed."""
+    if not shutil.which("git"):
+        return False
+    done = subprocess.run(["git", "-C", str(ROOT), "check-ignore", "-q", path], capture_output=True)
+    return done.returncode == 0
+
+
+_INDEX: list = []
+
+
+def code_index() -> CodeIndex:
+    """What the project defines, read from its files once (AST, not imports: nothing heavy is loaded)."""
+    if _INDEX:
+        return _INDEX[0]
+    import ast
+
+    from warehouse.schema import tables
+
+    modules, defined, classes, words, file_names, script_flags = {}, set(), {}, set(), set(), set()
+    sources = [p for p in ROOT.rglob("*") if p.is_file() and not {".venv", ".git", "out"} & set(p.parts)]
+    sources = [p for p in sources if p != Path(__file__)]  # this file names stale names on purpose
+    for path in sources:
+        file_names.add(path.name)
+        if path.suffix in (".py", ".sql", ".c", ".toml", ".yaml", ".yml", ".h"):
+            text = path.read_text(errors="replace")
+            words |= set(re.findall(r"[A-Za-z_]\w*", text))
+            if path.parts[len(ROOT.parts)] == "examples":  # the argparse options of the examples' scripts
+                script_flags |= set(re.findall(r"""["'](--[\w-]+)""", text))
+        if path.suffix == ".py":
+            tree = ast.parse(path.read_text())
+            module = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+            modules[module] = _python_names(tree)
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                    defined.add(node.name)
+                elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                    defined.add(node.id)
+                elif isinstance(node, ast.arg):
+                    defined.add(node.arg)
+            for name, members in modules[module].items():
+                if members is not None:
+                    classes.setdefault(name, set()).update(members)
+    flags = {o for _, command in docgen.cli_commands() for p in command.params for o in (*p.opts, *p.secondary_opts)}
+    flags |= script_flags
+    import duckdb
+
+    duckdb_functions = {
+        name for (name,) in duckdb.sql("SELECT DISTINCT function_name FROM duckdb_functions()").fetchall()
+    }
+    index = CodeIndex(
+        modules=modules,
+        defined=defined,
+        classes=classes,
+        callables=defined | words | duckdb_functions | set(docgen.macro_names()),
+        file_names=file_names,
+        flags={f for f in flags if f.startswith("--")},
+        macros=set(docgen.macro_names()),
+        tables={t.name: {c.name for c in t.columns} for t in tables().values()},
+    )
+    _INDEX.append(index)
+    return index

@@ -4,7 +4,7 @@
   widths that are and are not multiples of k or of the vector width, ties and NaN;
 - site pass: the same batches through the kernel and through torch ops give the same
   top-k rows, document means / NAG and stats;
-- examples: the kernel's top and bottom tokens of a batch are the ones capture.ranking_keys'
+- examples: the kernel's top and bottom tokens of a batch are the ones reductions.ranking_keys'
   top-k picks (the torch path), on ties, NaN, infinities, -0.0 and padding;
 - a whole ingest: both paths commit the same token_neurons rows and neuron_stats;
 - building: cached per source and CPU, and a missing compiler falls back to torch.
@@ -50,7 +50,7 @@ def test_topk_equals_reference(rows, width, k):
 
 @pytest.mark.parametrize("n", [1, 4, 30, 35])
 def test_extremes_pick_what_the_torch_path_picks(n):
-    from ingest.capture import ranking_keys
+    from ingest.reductions import ranking_keys
 
     x = np.random.default_rng(n).integers(-3, 4, (5, 7, 40)).astype(np.float32)  # every value repeats often
     x[0, :, 3] = np.nan  # a NaN column: the first tokens of the top, the last of the bottom

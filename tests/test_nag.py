@@ -235,6 +235,19 @@ def test_staged_weights_give_the_same_rows(wh, macro, named):
     assert wh.pl(f"SELECT count(*) AS n FROM duckdb_tables() WHERE table_name = '{table}'")["n"][0] == 0  # dropped
 
 
+def test_select_sums_by_array_and_restores_the_setting(wh):
+    """nag.select lets DuckDB sum per document into an array (perfect hash aggregate), with
+    the rows of the default plan, and leaves the connection's setting as it found it."""
+    threshold = "SELECT current_setting('perfect_ht_threshold') AS t"
+    before = wh.pl(threshold)["t"][0]
+    picked = nag.select(wh, "m", "m", "mlp.up", target_dataset="MENENIUS", fraction=0.3)
+    assert wh.pl(threshold)["t"][0] == before
+    assert picked.equals(both(wh, "nag_select", "m", "m", "mlp.up", target_dataset="MENENIUS", fraction=0.3))
+    with pytest.raises(QueryError, match="no pool document has a number"):  # fails inside the query
+        nag.select(wh, "m", "m", "mlp.up", target_dataset="MENENIUS", quality_column="nothing")
+    assert wh.pl(threshold)["t"][0] == before
+
+
 # -- edge cases ------------------------------------------------------------------------
 def test_ties_break_by_doc_id(wh):
     got = both(wh, "nag_distance", "m", "m", "mlp.up", target_dataset="MENENIUS").filter(pl.col("dataset") == "dup")

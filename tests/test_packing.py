@@ -172,7 +172,7 @@ def test_packed_batches_hold_whole_contexts():
 
 
 def test_prepend_bos_follows_the_dictionary(tmp_path):
-    from ingest.dictionary import Dictionary, DictionarySet
+    from ingest.dictionary_files import Dictionary, DictionarySet
 
     def dictionaries(value):
         folder = tmp_path / f"sae-{value}"

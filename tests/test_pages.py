@@ -71,15 +71,19 @@ def pages_root(golden_root, tmp_path_factory, tiny_lm_dir):
     return root
 
 
+TOKEN = "test-token"  # the per-launch token the SQL box needs (whq serve draws a new one each launch)
+
+
 @contextlib.contextmanager
-def serving(root: Path):
-    """The app under uvicorn in a thread of this process, on a free port of 127.0.0.1."""
+def serving(root: Path, **options):
+    """The app under uvicorn in a thread of this process, on a free port of 127.0.0.1; `options` go to create_app."""
     import uvicorn
 
     from queries.server import create_app
 
     wh = warehouse.open(root)
-    srv = uvicorn.Server(uvicorn.Config(create_app(wh), host="127.0.0.1", port=_free_port(), log_level="warning"))
+    app = create_app(wh, **{"token": TOKEN, **options})
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=_free_port(), log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -244,18 +248,18 @@ def test_sql_page_runs_queries_and_refuses_writes(server, tmp_path, capsys, monk
     query = urllib.parse.quote(
         "SELECT layer, count(*) AS n FROM neuron_stats WHERE run_id = 'g' AND site = 'mlp.act' GROUP BY layer ORDER BY layer"
     )
-    dom = render(tmp_path, server + f"/sql?q={query}", shot="page_sql")
+    dom = render(tmp_path, server + f"/sql?token={TOKEN}&q={query}", shot="page_sql")
     assert dom.count("<tr>") == 5 and "download CSV" in dom
-    status, csv = get(server + f"/sql.csv?q={query}")
+    status, csv = get(server + f"/sql.csv?token={TOKEN}&q={query}")
     assert status == 200 and csv.splitlines() == ["layer,n", "0,128", "1,128", "2,128", "3,128"]
     for statement in ("COPY runs TO 'out.csv'", "ATTACH 'other.duckdb' AS o", "SELECT * FROM read_csv('/etc/passwd')"):
-        status, text = get(server + "/sql?q=" + urllib.parse.quote(statement))
+        status, text = get(server + f"/sql?token={TOKEN}&q=" + urllib.parse.quote(statement))
         code, _, err = run_cli(capsys, monkeypatch, "sql", golden_root, statement, "--read-only")
         assert status == 400 and code == 2
         shown = re.search(r'<p class="error">(.*?)</p>', text).group(1).replace("&#39;", "'")
         assert shown == err.strip(), statement  # the same one line as whq sql --read-only
-        assert get(server + "/sql.csv?q=" + urllib.parse.quote(statement))[0] == 400
-    status, text = get(server + "/sql?q=" + urllib.parse.quote("SELECT * FROM range(20000)"))  # SqlLimits' row cap
+        assert get(server + f"/sql.csv?token={TOKEN}&q=" + urllib.parse.quote(statement))[0] == 400
+    status, text = get(server + f"/sql?token={TOKEN}&q=" + urllib.parse.quote("SELECT * FROM range(20000)"))  # row cap
     assert status == 200 and "10,000 rows (the result had more: add a LIMIT), the first 1,000 shown" in text
 
 
@@ -371,8 +375,10 @@ def test_whq_serve_prints_its_url_and_stops_on_ctrl_c(golden_root):
     taken.close()
     server = subprocess.Popen(whq, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert server.stdout.readline().strip().endswith(f"at http://127.0.0.1:{port}/ (Ctrl-C stops)")
+        printed = re.search(r" at (http://\S+) \(Ctrl-C stops\)$", server.stdout.readline().strip()).group(1)
+        assert re.fullmatch(rf"http://127\.0\.0\.1:{port}/\?token=[\w-]{{32}}", printed)
         assert get(f"http://127.0.0.1:{port}/")[0] == 200
+        assert get(printed.replace("/?", "/sql?"))[0] == 200 and get(f"http://127.0.0.1:{port}/sql")[0] == 403
     finally:
         server.send_signal(signal.SIGINT)
         server.communicate(timeout=60)

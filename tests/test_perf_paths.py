@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from ingest.capture import BatchContext, SiteLayer, collect
+from ingest.reductions import BatchContext, SiteLayer, collect
 from ingest.sites import ResolvedSite, parse_spec
 from warehouse.parts import _lexsort, part_order
 

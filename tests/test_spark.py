@@ -93,6 +93,13 @@ TINY_CALLS = {
     ],
     "quantile_examples": ["SELECT * FROM quantile_examples('lm2', 'mlp.act', 1, 5)"],
 }
+# On explained_wh: run 'r' of minilm_wh with top-tokens explanations and embedding scores (no model needed).
+EXPLAIN_CALLS = {
+    "explanation_scores": ["SELECT * FROM explanation_scores('r', 'mlp.act', 3)"],
+    "scorer_summary": ["SELECT * FROM scorer_summary('r', 'mlp.act')"],
+    "search_explanations": ["SELECT * FROM search_explanations('r', 'mlp.act', 'fires')"],
+    "scorer_verdicts": ["SELECT * FROM scorer_verdicts('r', 'mlp.act', 3, {explained_neuron})"],
+}
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +215,7 @@ def _parity(wh, spark, query) -> int:
 
 
 @pytest.fixture(scope="module")
-def placeholders(wh, tiny_wh) -> dict:
+def placeholders(request, wh, tiny_wh) -> dict:
     """A unit with stored examples (layer 3 of run 'r'), a generated document of run 'chat', and
     a unit in the top-k of the generation's last token in run 'chat' (so its trajectory has a value)."""
     neuron = wh.sql(
@@ -221,12 +228,34 @@ def placeholders(wh, tiny_wh) -> dict:
         "SELECT t.neuron FROM token_neurons t JOIN documents d ON d.run_id = t.run_id AND d.doc = t.doc WHERE t.run_id = 'chat' "
         "AND t.site = 'mlp.act' AND t.layer = 0 AND d.role = 'generated' ORDER BY t.pos DESC, t.neuron LIMIT 1"
     ).fetchall()[0][0]
-    return {"neuron": neuron, "doc_id": doc_id, "chat_neuron": chat_neuron}
+    explained = "SELECT min(neuron) FROM explanation_examples WHERE run_id = 'r' AND scorer IS NOT NULL AND layer = 3"
+    explained_neuron = request.getfixturevalue("explained_wh").sql(explained).fetchall()[0][0]
+    return {"neuron": neuron, "doc_id": doc_id, "chat_neuron": chat_neuron, "explained_neuron": explained_neuron}
 
 
-PARITY_CASES = [("wh", name, query) for name, queries in MINILM_CALLS.items() for query in queries] + [
-    ("tiny_wh", name, query) for name, queries in TINY_CALLS.items() for query in queries
-]
+PARITY_CASES = (
+    [("wh", name, query) for name, queries in MINILM_CALLS.items() for query in queries]
+    + [("tiny_wh", name, query) for name, queries in TINY_CALLS.items() for query in queries]
+    + [("explained_wh", name, query) for name, queries in EXPLAIN_CALLS.items() for query in queries]
+)
+
+
+@pytest.fixture(scope="module")
+def explained_wh(minilm_wh, tmp_path_factory):
+    from explain.examples import select_units
+    from explain.pipeline import Recipe, plan_explain, plan_score, run_plan
+
+    root = tmp_path_factory.mktemp("spark-explained") / "wh"
+    shutil.copytree(minilm_wh, root)
+    opened = warehouse.open(root)
+    recipe = Recipe(n_explain=3, n_test=3, n_non_activating=3)
+    units = select_units(opened, "r", "mlp.act", [3], None, 2)
+    plan = plan_explain(opened, "r", "mlp.act", units, explainer="top-tokens", model="top-tokens", recipe=recipe)
+    run_plan(opened, "r", plan, llm="top-tokens")
+    plan = plan_score(opened, "r", "mlp.act", [3], scorers=["embedding"], model="top-tokens", recipe=recipe)
+    run_plan(opened, "r", plan, llm="top-tokens")
+    yield opened
+    opened.close()
 
 
 @pytest.mark.parametrize(
@@ -243,7 +272,7 @@ def test_macro_gives_duckdb_rows_on_spark(request, spark, placeholders, fixture,
 def test_every_macro_has_a_parity_case():
     table_macros = {m.name for m in spark_transpile.load_macros(catalog.macro_files()).values() if m.is_table}
     internal = {name for name in table_macros if name.startswith("whq_")}
-    missing = table_macros - internal - set(MINILM_CALLS) - set(TINY_CALLS)
+    missing = table_macros - internal - set(MINILM_CALLS) - set(TINY_CALLS) - set(EXPLAIN_CALLS)
     assert not missing, (
         f"add a Spark parity call for {sorted(missing)} to MINILM_CALLS or TINY_CALLS in tests/test_spark.py"
     )

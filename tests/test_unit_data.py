@@ -1,4 +1,4 @@
-"""Unit data (queries/units.sql, ingest/capture.py): moments, positive part, min, histograms,
+"""Unit data (queries/units.sql, ingest/reductions.py): moments, positive part, min, histograms,
 quantile examples, example windows, decoded tokens, token search and similar units.
 
 - capture: both hook paths (fused C kernel, torch ops) against float64 numpy over the valid
@@ -22,7 +22,7 @@ import warehouse
 from queries import unit_frames as uf
 from warehouse.errors import BadInput, QueryError
 
-from . import reference
+from . import docgen, reference
 from .test_perf_paths import _batches, _context, _site_layer
 
 # -- the documented grid, written out independently of the bit arithmetic ----------------------
@@ -103,7 +103,7 @@ def _capture(spec, batches):
 
 
 def test_bins_of_the_grid_edges():
-    from ingest.capture import hist_bins
+    from ingest.reductions import hist_bins
 
     got = hist_bins(torch.from_numpy(SPECIAL)).tolist()
     assert got == [reference_bin(float(v)) for v in SPECIAL]
@@ -186,7 +186,7 @@ def test_examples_and_their_windows_merge_whatever_the_batching_or_ranks(hook_pa
         restored = _site_layer(spec)
         restored.restore(other.state_tables())
         ranks[0].merge(restored)
-    from ingest.capture import _NO_KEY
+    from ingest.reductions import _NO_KEY
 
     for candidate in (one_row, ranks[0]):
         assert candidate.examples.keys() == whole.examples.keys()
@@ -566,7 +566,7 @@ def test_quantile_bins_report_exactly_the_shares_they_cover(unit_wh, dense):
 
 
 def test_quantile_examples_are_the_smallest_sample_keys_of_each_bin(unit_wh, dense):
-    from ingest.capture import sample_keys
+    from ingest.reductions import sample_keys
 
     for unit in (0, 13, 77):
         values, owners = _firing(unit_wh, dense, 1, unit)
@@ -698,20 +698,7 @@ def test_every_unit_macro_is_documented(unit_wh):
             "SELECT function_name, comment FROM duckdb_functions() WHERE function_type IN ('table_macro', 'macro')"
         ).fetchall()
     )
-    for name in (
-        "unit_stats",
-        "unit_histogram",
-        "units_for_token",
-        "similar_units",
-        "whq_token_key",
-        "whq_hist_edge",
-        "whq_hist_lo",
-        "whq_hist_hi",
-        "whq_has_hist",
-        "quantile_examples",
-        "whq_quantile_bins",
-        "whq_has_quantiles",
-    ):
+    for name in docgen.macro_names(["units.sql"]):  # parsed from queries/*.sql, so a new macro or file is covered
         assert comments.get(name), name
 
 

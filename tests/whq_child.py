@@ -17,7 +17,7 @@ PRELOAD = [
     "transformers.models.bert.modeling_bert",
     "warehouse.cli",
     "ingest.pipeline",
-    "ingest.capture",
+    "ingest.reductions",
     "ingest.finalize",
     "ingest.models",
     "ingest.writer",

@@ -7,13 +7,23 @@ inside the commands that need them, so `whq sql` starts fast.
 
 from __future__ import annotations
 
-import json
+import inspect
 import sys
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
-from .cli_options import DeviceOption, DtypeOption, FormatOption, OutputFormat, SqlEngine, SqlEngineOption, WarehouseArg
+from .cli_options import (
+    INGEST_OPTIONS,
+    FormatOption,
+    ModelOption,
+    OutputFormat,
+    SqlEngine,
+    SqlEngineOption,
+    WarehouseArg,
+)
+from .display import terminal_safe
 from .errors import WarehouseError
 
 try:  # recent typer vendors click
@@ -35,21 +45,9 @@ def _fail(message: str) -> None:
 
 
 def _print_table(df, fmt: OutputFormat) -> None:
-    if fmt == "csv":
-        import polars as pl
+    from .display import formatted
 
-        nested = [c for c, t in df.schema.items() if t.is_nested()]
-        flat = df.with_columns(
-            pl.Series(c, [json.dumps(v, default=str) for v in df[c].to_list()], pl.String) for c in nested
-        )
-        typer.echo(flat.write_csv(), nl=False)
-    elif fmt == "json":
-        typer.echo(json.dumps(df.to_dicts(), default=str, indent=1))
-    else:
-        import polars as pl
-
-        with pl.Config(tbl_rows=50, tbl_cols=20, fmt_str_lengths=60, tbl_width_chars=160):
-            typer.echo(df)
+    typer.echo(formatted(df, fmt), nl=fmt != "csv")
 
 
 @app.command()
@@ -97,7 +95,7 @@ def sql(
     read_only: bool = typer.Option(
         False,
         "--read-only",
-        help="Refuse anything but queries, bounded by --timeout and --memory-limit (for untrusted SQL).",
+        help="Refuse anything but queries, bounded by --timeout, --memory-limit and --max-bytes (for untrusted SQL).",
     ),
     engine: SqlEngineOption = SqlEngine.duckdb,
     timeout: float | None = typer.Option(
@@ -110,6 +108,9 @@ def sql(
     ),
     max_rows: int = typer.Option(
         10_000, "--max-rows", min=1, help="Print at most this many rows; a line on stderr says when more were cut."
+    ),
+    max_bytes: str | None = typer.Option(
+        None, "--max-bytes", help="With --read-only: refuse a result holding more than this, e.g. 1GB (default 256MB)."
     ),
     allow_writes: bool = typer.Option(
         False,
@@ -127,6 +128,8 @@ def sql(
 
     if not read_only and (timeout is not None or memory_limit is not None):
         _fail("--timeout and --memory-limit bound untrusted SQL: add --read-only")
+    if not read_only and max_bytes is not None:
+        _fail("--max-bytes bounds untrusted SQL: add --read-only")
     if read_only and allow_writes:
         _fail("--allow-writes contradicts --read-only: drop one of them")
     wh = warehouse.open(root)
@@ -139,7 +142,11 @@ def sql(
         return
     if read_only:
         limits = SqlLimits(
-            **{k: v for k, v in (("timeout_s", timeout), ("memory_limit", memory_limit)) if v is not None},
+            **{
+                k: v
+                for k, v in (("timeout_s", timeout), ("memory_limit", memory_limit), ("max_bytes", max_bytes))
+                if v is not None
+            },
             max_rows=max_rows,
         )
         result = run_read_only(wh, query, limits)
@@ -159,85 +166,7 @@ def sql(
         )
 
 
-@app.command()
-def ingest(
-    root: Path = typer.Argument(..., help="Warehouse folder (created if missing)."),
-    model: str | None = typer.Option(
-        None,
-        "--model",
-        "-m",
-        help="Local model folder, cached hub id, `minilm` (the default), `config:qwen3-tiny`, or adapter.py[:checkpoint]; with --scenario it replaces the scenario's model.id.",
-    ),
-    data: list[Path] = typer.Option([], "--data", "-d", help="Documents: .jsonl, .parquet or .txt (repeatable)."),
-    site: list[str] = typer.Option(
-        [],
-        "--site",
-        "-s",
-        help="SPEC: <site>[@in|@out][[layers]][+sae[.NAME]=PATH|+transcoder[.NAME]=PATH]:<reduction>[=arg],... e.g. "
-        "mlp.act:topk=20, resid.out[6]+sae=saes/layers.6:topk=32,examples=20 (repeatable; dictionary sites and their "
-        "options encode_only, encode_dtype=bfloat16: ingest/README.md).",
-    ),
-    scenario: Path | None = typer.Option(
-        None, "--scenario", help="Chat scenario YAML (Activation Lab format) instead of --data."
-    ),
-    run_id: str | None = typer.Option(None, "--run-id", help="Run id (default: <model>-<UTC time>, printed)."),
-    dataset: str | None = typer.Option(
-        None, "--dataset", help="Dataset label for documents that have none (default: file stem)."
-    ),
-    role: str | None = typer.Option(None, "--role", help="Role label: pool, target, reference, ..."),
-    batch_size: int = typer.Option(16, "--batch-size", "-b", help="Windows per forward pass."),
-    max_length: int | None = typer.Option(
-        None, "--max-length", help="Tokens per window (long documents are split, positions continue)."
-    ),
-    truncate: bool = typer.Option(False, "--truncate", help="Keep only each document's first window."),
-    device: DeviceOption = "auto",
-    dtype: DtypeOption = "float32",
-    resume: bool = typer.Option(False, "--resume", help="Finish an interrupted run (same arguments and --run-id)."),
-    shard_tokens: int = typer.Option(65536, "--shard-tokens", help="Tokens per committed shard (the unit of resume)."),
-    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip (and count) bad records instead of stopping."),
-    logit_lens: bool = typer.Option(
-        False, "--logit-lens", help="Store each MLP unit's output direction through the unembedding."
-    ),
-    splice: bool = typer.Option(
-        False,
-        "--splice",
-        help="Dictionary sites of a causal LM: also measure next-token loss with each reconstruction spliced in (one extra forward per dictionary layer, plus one; not with encode_only).",
-    ),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
-    ranks: int = typer.Option(
-        1,
-        "--ranks",
-        help="Shard the documents over N processes on this machine (torchrun; one GPU each with --device cuda).",
-    ),
-    # dataset input options (docs/datasets.md; the fields and their help: ingest/options.py)
-    split: str | None = typer.Option(None, "--split", help="Dataset split (default: train, or the only one)."),
-    text_column: str | None = typer.Option(
-        None, "--text-column", help="Column with the text (default: text, else input_ids/tokens used as is)."
-    ),
-    id_column: str | None = typer.Option(None, "--id-column", help="Column with each document's id."),
-    where: str | None = typer.Option(
-        None, "--where", help="Keep rows where this SQL boolean expression holds, e.g. \"lang = 'en'\"."
-    ),
-    shuffle: int | None = typer.Option(None, "--shuffle", help="Shuffle the rows with this seed (buffer shuffle)."),
-    shuffle_buffer: int = typer.Option(10_000, "--shuffle-buffer", help="Rows in the --shuffle buffer."),
-    streaming: bool = typer.Option(True, "--streaming/--no-streaming", help="Stream hf: datasets."),
-    max_docs: int | None = typer.Option(None, "--max-docs", help="Stop after this many documents."),
-    max_tokens: int | None = typer.Option(
-        None, "--max-tokens", help="Stop after exactly this many document tokens (the last document is cut)."
-    ),
-    context_size: int | None = typer.Option(None, "--context-size", help="Tokens per packed context (--pack)."),
-    pack: bool = typer.Option(False, "--pack", help="Pack documents into fixed contexts as SAELens does."),
-    prepend_bos: bool | None = typer.Option(
-        None, "--prepend-bos/--no-prepend-bos", help="BOS at each packed context's start (default: the SAE's cfg)."
-    ),
-    separator: str = typer.Option(
-        "bos", "--separator", help="Token between packed documents: bos, eos, sep, none, ID."
-    ),
-    keep_partial: bool = typer.Option(False, "--keep-partial", help="Keep the last, partial packed context."),
-    exclude_special: bool = typer.Option(
-        False, "--exclude-special", help="Leave BOS/EOS/pad tokens out of statistics, examples and tables."
-    ),
-):
+def ingest(ctx: typer.Context, root: Path, scenario: Path | None, ranks: int, **fields) -> None:
     """Capture a model's activations over documents into a new run.
 
     Example: whq ingest wh --model minilm --data docs.jsonl --site mlp.act:topk=20 --site mlp.up:nag=20 --site resid.out:last
@@ -252,33 +181,21 @@ def ingest(
     if scenario is not None:
         from ingest.chat import run_scenario
 
-        result = run_scenario(root, scenario, run_id=run_id, device=device, progress=not quiet, model=model)
+        given_model = ctx.get_parameter_source("model").name != "DEFAULT"
+        result = run_scenario(
+            root,
+            scenario,
+            run_id=fields["run_id"],
+            device=fields["device"],
+            progress=fields["progress"],
+            model=fields["model"] if given_model else None,
+        )
     else:
         from dataclasses import replace
 
-        from ingest.inputs import INPUT_OPTIONS  # dataset input options
-        from ingest.options import DEFAULT_SITES, IngestOptions
+        from ingest.options import IngestOptions
 
-        options = IngestOptions(
-            model or "minilm",
-            tuple(str(d) for d in data),
-            tuple(site) or DEFAULT_SITES,
-            run_id=run_id,
-            dataset=dataset,
-            role=role,
-            batch_size=batch_size,
-            max_length=max_length,
-            truncate=truncate,
-            device=device,
-            dtype=dtype,
-            resume=resume,
-            shard_tokens=shard_tokens,
-            skip_bad=skip_bad,
-            logit_lens=logit_lens,
-            splice=splice,
-            progress=not quiet,
-            **{name: value for name, value in locals().items() if name in INPUT_OPTIONS},  # dataset input options
-        )
+        options = IngestOptions(**fields)
         if ranks != 1:
             from ingest.ranks import launch
 
@@ -287,14 +204,55 @@ def ingest(
         from ingest.pipeline import ingest as run_ingest
         from ingest.ranks import from_env
 
-        rank, world_size, run_id, device = from_env(run_id, device, options.model)  # set by torchrun
+        rank, world_size, run_id, device = from_env(options.run_id, options.device, options.model)  # set by torchrun
         result = run_ingest(root, replace(options, run_id=run_id, device=device, rank=rank, world_size=world_size))
-    for note in result.notes if not quiet else []:
+    for note in result.notes if fields["progress"] else []:
         typer.echo(note)
     if result.skipped:
         typer.echo(f"skipped {result.skipped} bad record(s); first: {result.first_skipped}")
     if result.rank == 0:  # rank 0 reports the committed run
         typer.echo(_summary_line(result))
+
+
+# The flags are IngestOptions' fields (cli_options.dataclass_options), between the folder and the two
+# options that are not ingest options: a scenario instead of documents, and the torchrun launch.
+_INGEST_PARAMETERS = [
+    inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context),
+    inspect.Parameter(
+        "root",
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        annotation=Annotated[Path, typer.Argument(help="Warehouse folder (created if missing).")],
+    ),
+    *INGEST_OPTIONS.values(),
+    inspect.Parameter(
+        "scenario",
+        inspect.Parameter.KEYWORD_ONLY,
+        default=None,
+        annotation=Annotated[
+            Path | None,
+            typer.Option(
+                "--scenario",
+                help="Chat scenario YAML (Activation Lab format) instead of --data; "
+                "--model then replaces the scenario's model.id.",
+            ),
+        ],
+    ),
+    inspect.Parameter(
+        "ranks",
+        inspect.Parameter.KEYWORD_ONLY,
+        default=1,
+        annotation=Annotated[
+            int,
+            typer.Option(
+                "--ranks",
+                help="Shard the documents over N processes on this machine (torchrun; one GPU each with --device cuda).",
+            ),
+        ],
+    ),
+]
+ingest.__signature__ = inspect.Signature(_INGEST_PARAMETERS)
+ingest.__annotations__ = {p.name: p.annotation for p in _INGEST_PARAMETERS}
+app.command()(ingest)
 
 
 def _without_ranks(arguments: list[str]) -> list[str]:
@@ -324,7 +282,7 @@ def _summary_line(result) -> str:
 
 @app.command()
 def sites(
-    model: str = typer.Option("minilm", "--model", "-m", help="Model as for `whq ingest --model`."),
+    model: ModelOption = "minilm",
     all_modules: bool = typer.Option(False, "--all", help="List every module, not only the first block's."),
     dictionary: str | None = typer.Option(
         None, "--dictionary", help="A dictionary path (as after +sae=): print what it holds instead."
@@ -337,7 +295,7 @@ def sites(
     from ingest.models import load
 
     if dictionary is not None:
-        from ingest.dictionary import load as load_dictionary
+        from ingest.dictionary_files import load as load_dictionary
 
         info = load_dictionary(dictionary).describe()
         k = f" (k={info['k']})" if info["k"] else ""
@@ -457,31 +415,41 @@ def report(
 @app.command()
 def serve(
     root: WarehouseArg,
-    host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on (0.0.0.0: every interface)."),
-    port: int = typer.Option(8050, "--port", help="TCP port."),
+    host: str = typer.Option(
+        "127.0.0.1", "--host", help="Interface to listen on (::1 for IPv6, 0.0.0.0: every interface)."
+    ),
+    port: int = typer.Option(8050, "--port", help="TCP port (0: any free port; the URL printed names it)."),
+    timeout: float | None = typer.Option(
+        None, "--timeout", help="The SQL box: stop a query after this many seconds (default 30)."
+    ),
+    memory_limit: str | None = typer.Option(
+        None,
+        "--memory-limit",
+        help="The SQL box: DuckDB's memory limit, e.g. 2GB (default: a quarter of this machine's memory).",
+    ),
+    max_bytes: str | None = typer.Option(
+        None, "--max-bytes", help="The SQL box: refuse a result holding more than this, e.g. 1GB (default 256MB)."
+    ),
 ):
     """Browse the warehouse's runs, sites and units in a web browser (Ctrl-C stops the server).
 
-    Example: whq serve wh --port 8050
+    The SQL box answers only with the token of the URL printed. Example: whq serve wh --port 8050
     """
-    import os
-    import socket
-
     import uvicorn
 
     import warehouse
-    from queries.server import create_app
+    from queries.server import allowed_hosts, create_app, listen, new_token, url_of
 
+    from .safesql import SqlLimits
+
+    options = (("timeout_s", timeout), ("memory_limit", memory_limit), ("max_bytes", max_bytes))
+    limits = SqlLimits(**{k: v for k, v in options if v is not None})
     wh = warehouse.open(root)
-    try:  # bound here, so a taken port is one line naming the fix, not uvicorn's log and exit
-        sock = socket.create_server((host, port))
-    except OSError as err:
-        _fail(
-            f"cannot listen on {host}:{port}: {os.strerror(err.errno) if err.errno else err}; pick another port with --port"
-        )
-    hosts = ["*"] if host in ("0.0.0.0", "::") else ["127.0.0.1", "localhost", "::1", host]
-    server = uvicorn.Server(uvicorn.Config(create_app(wh, allowed_hosts=hosts), log_level="warning"))
-    typer.echo(f"serving {wh.root} at http://{host}:{port}/ (Ctrl-C stops)")
+    sock = listen(host, port)  # bound here, so a taken port is one line naming the fix, not uvicorn's log and exit
+    token = new_token()
+    app = create_app(wh, allowed_hosts=allowed_hosts(sock, host), token=token, limits=limits)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    typer.echo(f"serving {wh.root} at {url_of(sock, token)} (Ctrl-C stops)")
     server.run(sockets=[sock])
 
 
@@ -494,15 +462,19 @@ app.add_typer(nag_app, name="nag")
 from .cli_bench import bench_app  # noqa: E402
 
 app.add_typer(bench_app, name="bench")
+from .cli_explain import explain_app  # noqa: E402 - whq explain, whq score (and whq bench explain)
+
+app.add_typer(explain_app)
 
 
 def _rel_to_polars(rel):
     import duckdb
 
+    from .display import result_frame
     from .errors import sql_error
 
     try:
-        return rel.pl()
+        return result_frame(rel)
     except duckdb.Error as err:
         raise sql_error(err) from None
 
@@ -514,7 +486,8 @@ def main() -> None:
         if isinstance(code, int) and code:
             sys.exit(code)
     except WarehouseError as err:
-        typer.echo(f"error: {' '.join(str(err).split())}", err=True)  # one line, even if a library's text had several
+        # One line, even if a library's text had several, and no raw control character (a value in DuckDB's message).
+        typer.echo(f"error: {terminal_safe(' '.join(str(err).split()))}", err=True)
         sys.exit(err.exit_code)
     except typer.Exit as done:
         sys.exit(done.exit_code)

@@ -3,14 +3,33 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
-from .cli_options import DeviceOption, DtypeOption
+from ingest.options import DEFAULT_SITES
+
+from . import jsonio
+from .cli_options import (
+    BatchSizeOption,
+    DeviceOption,
+    DtypeOption,
+    JsonOption,
+    MaxDocsOption,
+    ModelOption,
+    SitesOption,
+)
 
 bench_app = typer.Typer(
     no_args_is_help=True, rich_markup_mode=None, help="Benchmarks: build synthetic data, time the engines."
 )
+
+# The shape of the synthetic run `whq bench query` builds and `whq bench serve` reuses, and the repeats.
+RowsOption = Annotated[int, typer.Option("--rows", help="token_neurons rows of the synthetic run.")]
+LayersOption = Annotated[int, typer.Option("--layers", help="Layers of the synthetic site.")]
+WidthOption = Annotated[int, typer.Option("--width", help="Units per layer.")]
+KOption = Annotated[int, typer.Option("--k", help="Units kept per token (top-k).")]
+RepeatsOption = Annotated[int, typer.Option("--repeats", help="Timed repeats of each measurement, after one warm-up.")]
 
 
 @bench_app.command()
@@ -38,35 +57,30 @@ def nag(
 
 @bench_app.command("ingest")
 def ingest_(
-    model: str = typer.Option("minilm", "--model", "-m", help="Model as for `whq ingest --model`."),
+    model: ModelOption = "minilm",
     model_config: str = typer.Option(
         None, "--model-config", help="Random-initialised model of a known shape instead, e.g. qwen3-0.6b."
     ),
     device: DeviceOption = "auto",
     dtype: DtypeOption = "float32",
-    batch_size: int = typer.Option(32, "--batch-size", "-b", help="Windows per forward pass."),
+    batch_size: BatchSizeOption = 32,
     seq_len: int = typer.Option(128, "--seq-len", help="Tokens per window."),
-    site: list[str] = typer.Option(
-        [],
-        "--site",
-        "-s",
-        help="SPEC as for `whq ingest` (repeatable; default mlp.act:topk=20, mlp.up:nag=20, resid.out:last).",
-    ),
+    sites: SitesOption = DEFAULT_SITES,
     versus: list[str] = typer.Option(
         [],
         "--versus",
         help="SPEC of another site configuration (repeatable), timed in the same alternation: e.g. the same dictionary site with encode_only.",
     ),
-    repeats: int = typer.Option(3, "--repeats", help="Timed blocks of each kind (after one warm-up block each)."),
+    repeats: RepeatsOption = 3,
     shard_tokens: int = typer.Option(65536, "--shard-tokens", help="Tokens per block = per committed shard."),
-    as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
+    as_json: JsonOption = False,
     data: str | None = typer.Option(
         None,
         "--data",
         help="A dataset source (hf:NAME, a save_to_disk folder, shards): time capture ÷ plain from it against the same "
         "documents from a local JSONL (docs/datasets.md).",
     ),
-    max_docs: int | None = typer.Option(None, "--max-docs", help="With --data: documents to read."),
+    max_docs: MaxDocsOption = None,
 ):
     """Time the plain forward pass against the full capture path (hooks, reductions, writer) on one batch.
 
@@ -75,7 +89,6 @@ def ingest_(
 
     Example: whq bench ingest --model minilm --batch-size 32 --seq-len 128
     """
-    import json
 
     from ingest.bench import bench_ingest
 
@@ -84,12 +97,12 @@ def ingest_(
     ranges.at_least("--shard-tokens", shard_tokens, 1)
     if data is not None:
         from ingest.bench_input import bench_input
-        from ingest.options import DEFAULT_SITES, IngestOptions
+        from ingest.options import IngestOptions
 
         options = IngestOptions(
             model,
             (data,),
-            tuple(site) or DEFAULT_SITES,
+            tuple(sites),
             batch_size=batch_size,
             max_length=seq_len,
             device=device,
@@ -99,7 +112,7 @@ def ingest_(
             progress=False,
         )
         found = bench_input(options, repeats=repeats, echo=None if as_json else typer.echo)
-        typer.echo(json.dumps(found.to_dict(), indent=1) if as_json else "\n".join(found.lines()))
+        typer.echo(jsonio.dumps(found.to_dict(), indent=1) if as_json else "\n".join(found.lines()))
         return
     result = bench_ingest(
         model,
@@ -108,37 +121,36 @@ def ingest_(
         dtype=dtype,
         batch_size=batch_size,
         seq_len=seq_len,
-        sites=site,
+        sites=sites,
         versus=versus,
         repeats=repeats,
         shard_tokens=shard_tokens,
         echo=None if as_json else typer.echo,
     )
-    typer.echo(json.dumps(result.to_dict(), indent=1) if as_json else "\n".join(result.lines()))
+    typer.echo(jsonio.dumps(result.to_dict(), indent=1) if as_json else "\n".join(result.lines()))
 
 
 @bench_app.command("query")
 def query(
     root: Path = typer.Argument(..., help="Warehouse folder for the synthetic run (built once, then reused)."),
-    rows: int = typer.Option(10_000_000, "--rows", help="token_neurons rows of the synthetic run."),
-    layers: int = typer.Option(12, "--layers", help="Layers of the synthetic site."),
-    width: int = typer.Option(3072, "--width", help="Units per layer."),
-    k: int = typer.Option(20, "--k", help="Units kept per token (top-k)."),
-    repeats: int = typer.Option(5, "--repeats", help="Timed runs of each query after one warm-up run."),
-    as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
+    rows: RowsOption = 10_000_000,
+    layers: LayersOption = 12,
+    width: WidthOption = 3072,
+    k: KOption = 20,
+    repeats: RepeatsOption = 5,
+    as_json: JsonOption = False,
 ):
     """Time the main macros warm on a synthetic warehouse of N token_neurons rows (written through the normal write path).
 
     Example: whq bench query /tmp/whq-qbench --rows 100000000
     """
-    import json
 
     from queries.bench import bench_query
 
     result = bench_query(
         root, rows, layers=layers, width=width, k=k, repeats=repeats, echo=None if as_json else typer.echo
     )
-    typer.echo(json.dumps(result.to_dict(), indent=1) if as_json else "\n".join(result.lines()))
+    typer.echo(jsonio.dumps(result.to_dict(), indent=1) if as_json else "\n".join(result.lines()))
 
 
 @bench_app.command("serve")
@@ -146,22 +158,21 @@ def serve_(
     root: Path = typer.Argument(
         ..., help="Warehouse folder for the synthetic run (the one `whq bench query` builds; reused)."
     ),
-    rows: int = typer.Option(10_000_000, "--rows", help="token_neurons rows of the synthetic run."),
-    layers: int = typer.Option(12, "--layers", help="Layers of the synthetic site."),
-    width: int = typer.Option(3072, "--width", help="Units per layer."),
-    k: int = typer.Option(20, "--k", help="Units kept per token (top-k)."),
-    repeats: int = typer.Option(5, "--repeats", help="Timed renders of each page after one warm-up."),
-    as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
+    rows: RowsOption = 10_000_000,
+    layers: LayersOption = 12,
+    width: WidthOption = 3072,
+    k: KOption = 20,
+    repeats: RepeatsOption = 5,
+    as_json: JsonOption = False,
 ):
     """Time the unit page, the token search and the run/site page warm, as `whq serve` renders them, per query.
 
     Example: whq bench serve /tmp/whq-qbench --rows 100000000
     """
-    import json
 
     from queries.pages_bench import bench_serve, lines
 
     result = bench_serve(
         root, rows, layers=layers, width=width, k=k, repeats=repeats, echo=None if as_json else typer.echo
     )
-    typer.echo(json.dumps(result, indent=1) if as_json else "\n".join(lines(result)))
+    typer.echo(jsonio.dumps(result, indent=1) if as_json else "\n".join(lines(result)))

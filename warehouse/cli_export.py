@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from .cli_options import WarehouseArg
+from .output import output_folder
 
 export_app = typer.Typer(
     no_args_is_help=True, rich_markup_mode=None, help="Write a run's analyses as files for viewers."
@@ -56,9 +57,10 @@ def site(
     Example: whq export site wh --run demo --site mlp.act --out site-demo --layers 3
     """
     import warehouse
-    from queries.pages import write_site
+    from queries.site_export import write_site
 
-    written = write_site(warehouse.open(root), run, site_name, out, layers)
+    with output_folder(out, "whq export site"):
+        written = write_site(warehouse.open(root), run, site_name, out, layers)
     typer.echo(
         f"wrote {written['pages']:,} pages (layers {', '.join(map(str, written['layers']))}) to {out}; open {out / 'index.html'}"
     )

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from .cli_options import FrameEngine, FrameEngineOption, WarehouseArg
+from .output import check_output_file
 
 nag_app = typer.Typer(
     no_args_is_help=True,
@@ -50,6 +51,7 @@ def select(
         raise BadInput("--invert applies to --quality-col: add --quality-col NAME, or drop --invert")
     target_run, target_dataset = nag.parse_target(target)
     pool_run, pool_dataset = nag.parse_target(pool)
+    check_output_file(out)  # before the selection runs; written by nag.write_selection
     wh = warehouse.open(root)
     picked = nag.select(
         wh,
@@ -68,7 +70,7 @@ def select(
         engine=engine.value,
     )
     rows = nag.with_payload(wh, pool_run, picked)
-    rows.write_parquet(out)
+    nag.write_selection(rows, out)
     tokens = int(rows["n_tokens"].sum()) if rows.height else 0
     typer.echo(
         f"selected {rows.height:,} documents ({tokens:,} tokens, distance {rows['nag_distance'].min():.4f}-"
@@ -88,17 +90,16 @@ def merge(
 
     Example: whq nag merge arc.parquet hellaswag.parquet --dedup --out mixture.parquet
     """
-    import polars as pl
-
     from queries import nag
 
     from .errors import BadInput
 
+    check_output_file(out)
     names = [p.stem for p in inputs]
     if len(set(names)) != len(names):
         raise BadInput("two inputs share a file name; the name labels each target: rename one")
-    merged, note = nag.merge({p.stem: pl.read_parquet(p) for p in inputs}, dedup=dedup)
-    merged.write_parquet(out)
+    merged, note = nag.merge({p.stem: nag.read_selection(p) for p in inputs}, dedup=dedup)
+    nag.write_selection(merged, out)
     typer.echo(f"{note} -> {out}")
 
 
@@ -123,6 +124,7 @@ def keys(
     from queries import nag
 
     target_run, target_dataset = nag.parse_target(target)
+    check_output_file(out)  # before the keys are computed; written by nag.save_keys
     found = nag.deactivation_keys(
         warehouse.open(root),
         target_run,

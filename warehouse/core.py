@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import threading
@@ -10,12 +9,13 @@ from pathlib import Path
 
 import duckdb
 
-from . import catalog, metadata, schema
+from . import catalog, jsonio, metadata, schema
 from .errors import NotAWarehouse, QueryError, UnknownRun, WarehouseError, sql_error
 from .faults import fault
 from .layout import FORMAT_VERSION, Layout
 from .locks import locked, try_lock
 from .names import is_valid_name
+from .output import check_new_warehouse
 
 
 def init(path: str | Path) -> Warehouse:
@@ -24,6 +24,8 @@ def init(path: str | Path) -> Warehouse:
     layout = Layout(path)
     if layout.root.exists() and not layout.root.is_dir():
         raise NotAWarehouse(f"{layout.root} is a file: pick a folder path for the warehouse")
+    if not layout.marker.exists():
+        check_new_warehouse(layout.root)
     try:
         layout.root.mkdir(parents=True, exist_ok=True)
         if not layout.marker.exists():
@@ -49,7 +51,7 @@ _MARKER_TMP = ".whq.json."
 def write_marker(layout: Layout) -> None:
     """Write the format marker atomically (readers never see it half-written)."""
     tmp = layout.root / f"{_MARKER_TMP}{os.getpid()}.tmp"
-    tmp.write_text(json.dumps({"format_version": FORMAT_VERSION, "tool": "whq"}) + "\n")
+    tmp.write_text(jsonio.dumps({"format_version": FORMAT_VERSION, "tool": "whq"}) + "\n")
     os.replace(tmp, layout.marker)
 
 

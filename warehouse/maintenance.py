@@ -11,7 +11,6 @@ journal never both vanish while gc decides what is an orphan.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import uuid
@@ -21,7 +20,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import catalog, metadata, schema
+from . import catalog, jsonio, metadata, schema
 from .core import Warehouse, write_marker
 from .errors import DamagedMetadata, NotAWarehouse, UnknownRun
 from .layout import Layout
@@ -131,7 +130,7 @@ def layout_of(root: str | Path) -> Layout:
 def _write_quarantine(layout: Layout, runs: set[str]) -> None:
     if runs:
         write_bytes_atomic(
-            json.dumps(sorted(runs)).encode(),
+            jsonio.dumps(sorted(runs)).encode(),
             layout.quarantine,
             layout.tmp_dir / "maintenance",
             "quarantine",

@@ -23,7 +23,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import catalog, metadata, schema
+from . import catalog, jsonio, metadata, schema
 from .errors import BadInput, DamagedMetadata, RunExists, WarehouseError
 from .faults import fault
 from .layout import FORMAT_VERSION, Layout
@@ -170,7 +170,11 @@ class RunWriter:
             write_bytes_atomic(sink.getvalue().to_pybytes(), self.state_dir / filename, self.tmp_dir, "state")
             saved[name] = filename
         record = {"shard": index, "parts": [p.to_json() for p in written], "state": saved, "info": info or {}}
-        line = json.dumps(record) + "\n"
+        line = jsonio.dumps(record) + "\n"
+        # The line is the shard's commit point: a crash mid-write leaves a torn last line, which a
+        # resume reads as "this shard did not complete" (metadata.journal_record). It is written
+        # in two halves only so the fault point shard.journal_torn can stop the process between
+        # them and the crash tests (tests/test_faults.py) can prove exactly that.
         with open(self.journal, "a") as fh:
             fh.write(line[: len(line) // 2])
             fh.flush()
@@ -254,7 +258,7 @@ class RunWriter:
         with locked(self.layout.commit_lock):
             fault("commit.locked")
             write_bytes_atomic(
-                json.dumps(manifest, indent=1, default=str).encode(),
+                jsonio.dumps(manifest, indent=1).encode(),
                 self.layout.manifest(self.run_id),
                 self.tmp_dir,
                 "manifest",

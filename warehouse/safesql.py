@@ -23,19 +23,29 @@ import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import duckdb
 import sqlglot
 from sqlglot import exp
 from sqlglot.tokens import TokenType
 
+from .display import displayable
 from .errors import QueryError, sql_error
+from .output import enclosing_warehouse, refusal
 
 if TYPE_CHECKING:
     import polars
 
-    from .core import Warehouse
+
+class GuardedCatalog(Protocol):
+    """What run_read_only needs of a warehouse (core.Warehouse is one). A protocol, not an import of
+    core: core runs untrusted SQL through this module, so this module must not depend on core."""
+
+    def guarded_connection(self, memory_limit: str) -> duckdb.DuckDBPyConnection: ...
+
+    def name_resolving_macros(self) -> frozenset[str]: ...
+
 
 _ALLOWED = (exp.Query, exp.Values, exp.Describe, exp.Summarize, exp.Show)
 _WRITES = (
@@ -254,6 +264,8 @@ class SqlLimits:
     """DuckDB's memory_limit for the guarded instance, e.g. '2GB' (--memory-limit); spilling to disk is off."""
     max_rows: int = 10_000
     """Rows fetched at most; a result with more is cut and marked truncated (--max-rows)."""
+    max_bytes: str = "256MB"
+    """Bytes the fetched rows may hold, e.g. '1GB' (--max-bytes); a result with more is refused (result_bounds)."""
 
     def __post_init__(self):
         if (
@@ -272,6 +284,9 @@ class SqlLimits:
             raise QueryError(f"--memory-limit {self.memory_limit!r} must be a size such as 512MB or 4GB")
         if isinstance(self.max_rows, bool) or not isinstance(self.max_rows, int) or self.max_rows < 1:
             raise QueryError(f"--max-rows {self.max_rows!r} must be a whole number of at least 1")
+        from .result_bounds import size_bytes
+
+        size_bytes(self.max_bytes)
 
 
 @dataclass(frozen=True)
@@ -304,12 +319,14 @@ def _interrupted_after(cursor: duckdb.DuckDBPyConnection, seconds: float):
         watcher.join()
 
 
-def run_read_only(wh: Warehouse, query: str, limits: SqlLimits | None = None, params=None) -> BoundedResult:
+def run_read_only(wh: GuardedCatalog, query: str, limits: SqlLimits | None = None, params=None) -> BoundedResult:
     """Run untrusted SQL through both walls and within `limits`; safe to call from several threads.
 
     Each call runs on its own cursor of the guarded connection, so the timeout interrupts
     this query only.
     """
+    from .result_bounds import fetch_bounded, size_bytes
+
     limits = limits or SqlLimits()
     cursor = wh.guarded_connection(limits.memory_limit).cursor()
     try:
@@ -317,7 +334,11 @@ def run_read_only(wh: Warehouse, query: str, limits: SqlLimits | None = None, pa
         check_read_only(query, wh.name_resolving_macros())
         with _interrupted_after(cursor, limits.timeout_s):
             rel = cursor.sql(query, params=params)
-            frame = rel.limit(limits.max_rows + 1).pl() if rel is not None else None
+            frame = (
+                fetch_bounded(displayable(rel), limits.max_rows, size_bytes(limits.max_bytes))
+                if rel is not None
+                else None
+            )
     except duckdb.InterruptException:
         raise QueryError(
             f"the query ran past the {limits.timeout_s:g} s timeout and was stopped: "
@@ -348,7 +369,6 @@ def bounded(frame, max_rows: int) -> BoundedResult:
 
 _STRINGS = {TokenType.STRING, TokenType.RAW_STRING, TokenType.HEREDOC_STRING, TokenType.NATIONAL_STRING}
 _PATH_SETTING = re.compile(r"directory|path|output|file", re.I)
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 _QUERY_WORDS = {"SELECT", "WITH", "FROM", "VALUES", "TABLE", "DESCRIBE", "SUMMARIZE", "SHOW", "PIVOT", "UNPIVOT", "("}
 _ATTACH_TYPE = re.compile(r"^(duckdb|sqlite):", re.I)
 
@@ -378,18 +398,9 @@ def _written_paths(statement: list) -> list[str]:
     return [text for _, text in strings if re.search(r"[/\\]", text) or text.startswith("~")]
 
 
-def _inside(text: str, root: Path) -> bool:
-    if not text or text == ":memory:" or _URL.match(text):
-        return False
-    try:
-        path = Path(os.path.expanduser(text)).resolve()
-    except (OSError, RuntimeError, ValueError):
-        return False
-    return path == root or root in path.parents
-
-
 def check_no_warehouse_writes(query: str, root: Path) -> None:
-    """Raise QueryError if a statement of trusted `query` would write a file inside the warehouse `root`.
+    """Raise QueryError if a statement of trusted `query` would write a file inside the warehouse `root`
+    (or any other warehouse folder: the rule of every user-named output, warehouse/output.py).
 
     A guard against mistakes (COPY over a committed part, EXPORT or ATTACH into the folder,
     a temp or log directory pointed into it), not a sandbox: untrusted SQL goes to --read-only.
@@ -402,11 +413,8 @@ def check_no_warehouse_writes(query: str, root: Path) -> None:
         return  # DuckDB refuses what does not even tokenize, before writing anything
     for statement in statements:
         for text in _written_paths(statement):
-            if _inside(text, root):
-                raise QueryError(
-                    f"whq sql refuses writing {text!r}, inside the warehouse {root}: its files change only "
-                    f"through whq; write elsewhere, or pass --allow-writes"
-                )
+            if (warehouse := enclosing_warehouse(text, (root,))) is not None:
+                raise QueryError(refusal("whq sql", text, warehouse, "write elsewhere, or pass --allow-writes"))
 
 
 def _tokenized_statements(query: str) -> list[list]:

@@ -1,0 +1,296 @@
+"""The examples a unit is explained and scored on, read from the warehouse.
+
+Activating examples are the unit's stored examples (neuron_examples: kinds top, quantile, random)
+with their windows as whq_examples builds them (50 tokens before to 20 after, each token's value:
+the one captured with the example, else token_neurons'). `split` draws the explanation examples
+and the test examples from them DISJOINT by construction: the test pool is the stored examples
+minus every (doc, pos) shown to the explainer.
+
+Non-activating examples come from `NON_ACTIVATING_SOURCES`, functions returning windows where the
+unit does not fire; the capture-side sample (`examples=N` keeping non-firing windows) plugs in as
+one more entry. Two sources exist today:
+
+  non-firing   windows (50 tokens before to 20 after a token) holding no stored firing of the
+               unit, drawn uniformly without replacement, one centre at most per 71-token block
+               of a document. Exact where every firing is stored: a
+               threshold capture (token_neurons holds every value above the threshold), or a
+               top-k capture of a unit whose stored firings number its exact n_fired
+               (neuron_stats). For other units of a top-k capture a firing may lie outside the
+               top k: such windows are marked with a trailing ~ (source 'non-firing~').
+  neighbours   the top windows of the unit's most co-activating units (unit_coactivations,
+               delphi's "neighbours" hard negatives) holding no stored firing of the unit, with
+               the same exactness rule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections.abc import Callable
+
+from warehouse.errors import BadInput, WarehouseError
+
+BEFORE, AFTER = 50, 20
+
+
+@dataclasses.dataclass
+class Window:
+    """One example: the unit's value at each shown token. `pos` is the example token (the
+    activating one; for a non-activating window, the token the window is centred on)."""
+
+    doc: int
+    pos: int
+    tokens: list[str]
+    values: list[float]
+    source: str  # top | quantile | random | non-firing[~] | neighbours[~]
+    activating: bool
+    quantile: int | None = None
+    value: float = 0.0
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.doc, self.pos)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.tokens)
+
+    @property
+    def max_activation(self) -> float:
+        return max(self.values, default=0.0)
+
+
+def select_units(wh, run: str, site: str, layers: list[int], where: str | None, limit: int | None) -> list[tuple]:
+    """(layer, neuron) of the units passing `where` (an SQL condition over unit_stats' columns:
+    rate, mean, std, min, max, skewness, kurtosis), most frequent first, at most `limit`."""
+    units = []
+    condition = f"({where})" if where else "true"
+    for layer in layers:
+        try:
+            rows = wh.sql(
+                f"SELECT neuron FROM unit_stats($run, $site, $layer) WHERE rate > 0 AND {condition} "
+                f"ORDER BY rate DESC, neuron",
+                {"run": run, "site": site, "layer": layer},
+            ).fetchall()
+        except WarehouseError as err:
+            raise BadInput(f"--units {where!r} does not select units: {err}") from None
+        units += [(layer, n) for (n,) in rows]
+    return units[:limit] if limit else units
+
+
+def _specials(wh, run: str) -> dict[int, set[int]]:
+    """Per document, the positions of special tokens ([CLS], BOS, ...), which windows leave out."""
+    rows = wh.sql(
+        "SELECT doc, list(pos) FROM tokens WHERE run_id = $run AND special GROUP BY doc", {"run": run}
+    ).fetchall()
+    return {doc: set(positions) for doc, positions in rows}
+
+
+def stored_examples(wh, run: str, site: str, layer: int, neurons: list[int]) -> dict[int, list[Window]]:
+    """The stored activating examples (kinds top, quantile, random) of `neurons` at one layer, in rank
+    order, with their windows as whq_examples builds them, special tokens left out."""
+    params = {"run": run, "site": site, "layer": layer}
+    kinds = {
+        k
+        for (k,) in wh.sql(
+            "SELECT DISTINCT kind FROM neuron_examples WHERE run_id = $run AND site = $site AND layer = $layer",
+            params,
+        ).fetchall()
+    }
+    if not kinds & {"top", "quantile", "random"}:
+        raise BadInput(
+            f"site {site!r} of run {run!r} kept no examples at layer {layer}: re-ingest with --site {site}:examples=20"
+        )
+    specials = _specials(wh, run)
+    quantiles = {
+        (n, r): q
+        for n, r, q in wh.sql(
+            "SELECT neuron, rank, quantile FROM neuron_examples WHERE run_id = $run AND site = $site "
+            "AND layer = $layer AND kind = 'quantile'",
+            params,
+        ).fetchall()
+    }
+    found: dict[int, list[Window]] = {}
+    for kind in ("top", "quantile", "random"):
+        if kind not in kinds:
+            continue
+        rows = wh.sql(
+            "SELECT x.neuron, x.rank, d.doc, x.pos, x.value, x.tokens "
+            "FROM whq_examples($run, $site, $layer, NULL, $kind, 2147483647, $before, $after, 0) x "
+            "JOIN documents d ON d.run_id = $run AND d.doc_id = x.doc_id "
+            "WHERE list_contains($neurons, x.neuron) ORDER BY x.neuron, x.rank",
+            params | {"kind": kind, "before": BEFORE, "after": AFTER, "neurons": neurons},
+        ).fetchall()
+        for neuron, rank, doc, pos, value, tokens in rows:
+            first = max(0, pos - BEFORE)  # a document's positions run 0, 1, ... without gaps
+            skip = specials.get(doc, set())
+            kept = [t for i, t in enumerate(tokens) if first + i not in skip]
+            found.setdefault(neuron, []).append(
+                Window(
+                    doc=doc,
+                    pos=pos,
+                    tokens=[t["text"] or "" for t in kept],
+                    values=[max(float(t["value"] or 0.0), 0.0) for t in kept],
+                    source=kind,
+                    activating=True,
+                    quantile=quantiles.get((neuron, rank)) if kind == "quantile" else None,
+                    value=float(value),
+                )
+            )
+    return found
+
+
+def split(windows: list[Window], n_explain: int, n_test: int, seed: int) -> tuple[list[Window], list[Window]]:
+    """(explanation examples, test examples), disjoint by construction.
+
+    The explanation examples are the strongest stored ones (kind top, rank order; delphi's default
+    `train_type = top`); the test pool is every other stored example whose token was not shown,
+    deduplicated by (doc, pos), of which n_test are drawn uniformly without replacement (seeded)."""
+    tops = [w for w in windows if w.source == "top"]
+    explain, seen = [], set()
+    for w in tops:
+        if len(explain) == n_explain:
+            break
+        if w.key not in seen:
+            explain.append(w)
+            seen.add(w.key)
+    pool = []
+    for w in windows:
+        if w.key not in seen:
+            pool.append(w)
+            seen.add(w.key)
+    rng = random.Random(seed)
+    test = rng.sample(pool, min(n_test, len(pool)))
+    return explain, test
+
+
+# -- non-activating windows ---------------------------------------------------------------
+_EXACTNESS: dict[tuple, dict[int, bool]] = {}
+
+
+def _exactness(wh, run: str, site: str, layer: int) -> dict[int, bool]:
+    """Per unit: is every firing stored in token_neurons (so a window without one is exactly non-firing)?
+    Computed once per layer of a committed run (explaining never changes token_neurons or neuron_stats;
+    a run deleted and captured again has another commit time)."""
+    key = (str(wh.root), run, wh.manifest(run)["committed_at"], site, layer)
+    if key not in _EXACTNESS:
+        _EXACTNESS[key] = _stored_every_firing(wh, run, site, layer)
+    return _EXACTNESS[key]
+
+
+def _stored_every_firing(wh, run: str, site: str, layer: int) -> dict[int, bool]:
+    rows = wh.sql(
+        """
+        WITH stored AS (
+            SELECT t.neuron, count(*) AS n FROM token_neurons t, sites s
+            WHERE t.run_id = $run AND t.site = $site AND t.layer = $layer AND s.run_id = $run AND s.site = $site
+              AND t.value > coalesce(s.threshold, 0)
+            GROUP BY t.neuron
+        )
+        SELECT ns.neuron, coalesce(st.n, 0) >= ns.n_fired FROM neuron_stats ns LEFT JOIN stored st USING (neuron)
+        WHERE ns.run_id = $run AND ns.site = $site AND ns.layer = $layer
+        """,
+        {"run": run, "site": site, "layer": layer},
+    ).fetchall()
+    return dict(rows)
+
+
+def _token_windows(wh, run: str, centres: list[tuple[int, int]]) -> list[tuple[int, int, list[str]]]:
+    if not centres:
+        return []
+    rows = wh.sql(
+        """
+        WITH c AS (SELECT unnest($docs) AS doc, unnest($poss) AS pos, unnest($idx) AS i)
+        SELECT c.i, c.doc, c.pos, list(coalesce(t.text, t.piece) ORDER BY t.pos)
+        FROM c JOIN tokens t ON t.run_id = $run AND t.doc = c.doc
+            AND t.pos BETWEEN c.pos - $before AND c.pos + $after AND NOT t.special
+        GROUP BY c.i, c.doc, c.pos ORDER BY c.i
+        """,
+        {
+            "run": run,
+            "docs": [d for d, _ in centres],
+            "poss": [p for _, p in centres],
+            "idx": list(range(len(centres))),
+            "before": BEFORE,
+            "after": AFTER,
+        },
+    ).fetchall()
+    return [(doc, pos, [t or "" for t in toks]) for _, doc, pos, toks in rows]
+
+
+def non_firing(wh, run: str, site: str, layer: int, neuron: int, n: int, seed: int) -> list[Window]:
+    """n windows (without replacement, seeded) centred on non-special tokens whose whole window
+    (50 before to 20 after) holds no stored firing of the unit: at most one centre per 71-token block
+    of a document, so two windows are never near copies."""
+    exact = _exactness(wh, run, site, layer).get(neuron, False)
+    centres = wh.sql(
+        """
+        WITH fired AS (
+            SELECT t.doc, t.pos FROM token_neurons t, sites s
+            WHERE t.run_id = $run AND t.site = $site AND t.layer = $layer AND t.neuron = $neuron
+              AND s.run_id = $run AND s.site = $site AND t.value > coalesce(s.threshold, 0)
+        )
+        SELECT t.doc, t.pos FROM tokens t
+        WHERE t.run_id = $run AND NOT t.special AND NOT EXISTS (
+            SELECT 1 FROM fired f WHERE f.doc = t.doc AND f.pos BETWEEN t.pos - $before AND t.pos + $after)
+        QUALIFY row_number() OVER (PARTITION BY t.doc, t.pos // ($before + $after + 1)
+                                   ORDER BY hash($seed, t.doc, t.pos), t.pos) = 1
+        ORDER BY hash($seed, t.doc, t.pos), t.doc, t.pos LIMIT $n
+        """,
+        {
+            "run": run,
+            "site": site,
+            "layer": layer,
+            "neuron": neuron,
+            "seed": seed,
+            "n": n,
+            "before": BEFORE,
+            "after": AFTER,
+        },
+    ).fetchall()
+    source = "non-firing" if exact else "non-firing~"
+    return [Window(d, p, toks, [0.0] * len(toks), source, False) for d, p, toks in _token_windows(wh, run, centres)]
+
+
+def neighbours(wh, run: str, site: str, layer: int, neuron: int, n: int, seed: int) -> list[Window]:
+    """Up to n top windows of the unit's most co-activating units whose whole window holds no stored firing of it."""
+    exact = _exactness(wh, run, site, layer).get(neuron, False)
+    centres = wh.sql(
+        """
+        WITH fired AS (
+            SELECT t.doc, t.pos FROM token_neurons t, sites s
+            WHERE t.run_id = $run AND t.site = $site AND t.layer = $layer AND t.neuron = $neuron
+              AND s.run_id = $run AND s.site = $site AND t.value > coalesce(s.threshold, 0)
+        )
+        SELECT DISTINCT ON (e.doc, e.pos) e.doc, e.pos
+        FROM unit_coactivations c
+        JOIN neuron_examples e ON e.run_id = $run AND e.site = $site AND e.layer = $layer
+            AND e.neuron = c.other AND e.kind = 'top'
+        WHERE c.run_id = $run AND c.site = $site AND c.layer = $layer AND c.neuron = $neuron
+          AND NOT EXISTS (SELECT 1 FROM fired f WHERE f.doc = e.doc AND f.pos BETWEEN e.pos - $before AND e.pos + $after)
+        ORDER BY e.doc, e.pos
+        """,
+        {"run": run, "site": site, "layer": layer, "neuron": neuron, "before": BEFORE, "after": AFTER},
+    ).fetchall()
+    centres = random.Random(seed).sample(centres, min(n, len(centres)))
+    source = "neighbours" if exact else "neighbours~"
+    return [Window(d, p, toks, [0.0] * len(toks), source, False) for d, p, toks in _token_windows(wh, run, centres)]
+
+
+NonActivatingSource = Callable[..., list[Window]]
+NON_ACTIVATING_SOURCES: dict[str, NonActivatingSource] = {"non-firing": non_firing, "neighbours": neighbours}
+
+
+def non_activating(wh, run, site, layer, neuron, n: int, seed: int, sources: list[str]) -> list[Window]:
+    """n non-activating windows, split as evenly as the sources allow, in source order, no (doc, pos) twice."""
+    unknown = [s for s in sources if s not in NON_ACTIVATING_SOURCES]
+    if unknown:
+        raise BadInput(f"unknown non-activating source {unknown[0]!r}: use {', '.join(NON_ACTIVATING_SOURCES)}")
+    out, seen = [], set()
+    share = -(-n // max(1, len(sources)))
+    for name in sources:
+        for w in NON_ACTIVATING_SOURCES[name](wh, run, site, layer, neuron, share, seed):
+            if w.key not in seen and len(out) < n:
+                out.append(w)
+                seen.add(w.key)
+    return out

@@ -1,0 +1,195 @@
+"""The model-call cache and the atomic commit of explanations and scores into their run.
+
+While `whq explain`/`whq score` runs, every answered call is appended (and fsynced) to a journal,
+journal/<run>.explain-<batch>/calls.jsonl, which no query reads: nothing of the batch is visible.
+At the end one commit, under the warehouse's commit lock, writes the batch's parts into the run's
+folders, rewrites the run's manifest to list them (one atomic rename: the rows appear all at once)
+and rebuilds the catalog; the journal's calls become the batch's model_calls part. A batch
+committed again (the same recipe) replaces its earlier parts, so a rerun leaves the same rows.
+Because the parts belong to the run's manifest, `whq check` verifies them and deleting the run
+removes them. Killed before the rename, a batch leaves only the journal (resume answers its calls
+from it) and perhaps unlisted parts, which `whq gc` removes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import threading
+import uuid
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from warehouse import catalog, metadata
+from warehouse.errors import RunExists
+from warehouse.locks import locked, try_lock
+from warehouse.parts import to_arrow, write_bytes_atomic, write_part
+
+from .llm import Answer, Request
+
+PART_PREFIX = "explain-"
+
+
+def journal_dir(wh, run: str, batch: str) -> Path:
+    return wh.layout.journal_dir(f"{run}.explain-{batch}")
+
+
+class CallCache:
+    """Answers by request hash: the committed model_calls of every run, then this batch's journal."""
+
+    def __init__(self, wh, run: str, batch: str, *, resume: bool):
+        self.folder = journal_dir(wh, run, batch)
+        self.path = self.folder / "calls.jsonl"
+        if self.folder.exists() and not resume:
+            raise RunExists(
+                f"an earlier `whq explain`/`whq score` of this recipe on run {run!r} was interrupted: finish it with "
+                f"the same command and --resume (its calls are cached), or discard it with `whq gc {wh.root} --interrupted`"
+            )
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = try_lock(self.folder / "lock")
+        if self._lock_fd is None:
+            raise RunExists(f"this recipe is being run on run {run!r} by another process right now; wait for it")
+        self._lock = threading.Lock()
+        self.answers: dict[str, Answer] = {}
+        for key, payload, p_tok, c_tok, latency in wh.sql(
+            "SELECT request_hash, response, prompt_tokens, completion_tokens, latency_s FROM model_calls"
+        ).fetchall():
+            self.answers[key] = Answer.from_json(
+                payload, prompt_tokens=p_tok, completion_tokens=c_tok, latency_s=latency, cached=True
+            )
+        self.new: list[dict] = []
+        if self.path.exists():
+            for line in self.path.read_text(errors="replace").splitlines():
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    break  # a torn last line: that call is asked again
+                self._remember(record)
+
+    def _remember(self, record: dict) -> None:
+        self.new.append(record)
+        self.answers[record["request_hash"]] = Answer.from_json(
+            record["response"],
+            prompt_tokens=record["prompt_tokens"],
+            completion_tokens=record["completion_tokens"],
+            latency_s=record["latency_s"],
+            cached=True,
+        )
+
+    def get(self, key: str) -> Answer | None:
+        with self._lock:
+            return self.answers.get(key)
+
+    def put(self, key: str, request: Request, answer: Answer) -> None:
+        record = {
+            "request_hash": key,
+            "model": request.model,
+            "request": request.canonical(),
+            "response": answer.to_json(),
+            "prompt_tokens": answer.prompt_tokens,
+            "completion_tokens": answer.completion_tokens,
+            "latency_s": answer.latency_s,
+            "created_at": dt.datetime.now(dt.UTC).replace(tzinfo=None).isoformat(),
+        }
+        line = json.dumps(record, ensure_ascii=False) + "\n"
+        with self._lock:
+            with open(self.path, "a") as fh:
+                fh.write(line)
+                fh.flush()
+                os.fsync(fh.fileno())
+            self._remember(record)
+
+    def calls_table(self) -> pa.Table | None:
+        if not self.new:
+            return None
+        columns = {
+            "request_hash": [r["request_hash"] for r in self.new],
+            "model": [r["model"] for r in self.new],
+            "request": [r["request"] for r in self.new],
+            "response": [r["response"] for r in self.new],
+            "prompt_tokens": [r["prompt_tokens"] for r in self.new],
+            "completion_tokens": [r["completion_tokens"] for r in self.new],
+            "latency_s": [r["latency_s"] for r in self.new],
+            "created_at": [dt.datetime.fromisoformat(r["created_at"]) for r in self.new],
+        }
+        return to_arrow("model_calls", columns, None)
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def discard(self) -> None:
+        """After the commit: the journal's calls are in model_calls now."""
+        self.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _keep_rows(path: Path, redone: set[tuple]) -> pa.Table:
+    """An earlier part's rows that this commit does not write anew."""
+    data = pq.read_table(path)
+    ids = data.column("explanation_id").to_pylist()
+    scorers = data.column("scorer").to_pylist() if "scorer" in data.column_names else [None] * len(ids)
+    keep = [(i, s) not in redone for i, s in zip(ids, scorers)]
+    return data.filter(pa.array(keep, pa.bool_()))
+
+
+def commit(
+    wh, run: str, batch: str, parts: list[tuple[str, str | None, int | None, pa.Table]], redone: set[tuple]
+) -> int:
+    """Add `parts` (table, site, layer, rows) to the committed run `run` in one step. The batch's
+    earlier rows for the same (explanation_id, scorer) pairs are replaced (so a rerun leaves the same
+    rows), its other earlier rows kept; returns the number of parts written."""
+    layout = wh.layout
+    token = uuid.uuid4().hex[:8]
+    written, counters = [], {}
+    with locked(layout.commit_lock):
+        manifest = metadata.manifest(layout, wh.layout.manifest(run))
+        replaced = [
+            p
+            for p in manifest["parts"]
+            if p["table"] != "model_calls" and Path(p["path"]).name.startswith(f"{PART_PREFIX}{batch}-")
+        ]
+        carried = []
+        for part in replaced:
+            kept = _keep_rows(layout.root / part["path"], redone)
+            if kept.num_rows:
+                site_layer = [
+                    seg.partition("=")[2] for seg in Path(part["path"]).parts if seg.startswith(("site=", "layer="))
+                ]
+                site, layer = (site_layer[0], int(site_layer[1])) if site_layer else (None, None)
+                carried.append((part["table"], site, layer, kept))
+        for table, site, layer, data in [*parts, *carried]:
+            if data is None or data.num_rows == 0:
+                continue
+            folder = (
+                layout.partition_dir(table, run, site, layer) if site is not None else layout.partition_dir(table, run)
+            )
+            n = counters[folder / table] = counters.get(folder / table, 0) + 1
+            final = folder / f"{PART_PREFIX}{batch}-{token}-{n}.parquet"
+            info = write_part(layout.root, layout.tmp_dir / f"explain-{batch}", final, table, data, site, layer)
+            written.append(info.to_json())
+        if not written and not replaced:
+            return 0
+        kept = [p for p in manifest["parts"] if p not in replaced]
+        manifest["parts"] = kept + written
+        rows: dict[str, int] = {}
+        for part in manifest["parts"]:
+            rows[part["table"]] = rows.get(part["table"], 0) + part["rows"]
+        manifest["rows"] = rows
+        write_bytes_atomic(
+            json.dumps(manifest, indent=1, default=str).encode(),
+            layout.manifest(run),
+            layout.tmp_dir / f"explain-{batch}",
+            "manifest",
+        )
+        catalog.build(layout)
+        for part in replaced:
+            (layout.root / part["path"]).unlink(missing_ok=True)
+        shutil.rmtree(layout.tmp_dir / f"explain-{batch}", ignore_errors=True)
+    wh.close()
+    return len(written)

@@ -1,0 +1,300 @@
+"""The pages' reads: what `whq serve`, `whq export site` and `whq export neuronpedia` show, as rows.
+
+Reads go through `Reader`: the trusted macros on a per-thread cursor of one read-only
+connection (the server answers from a thread pool), and the SQL box's untrusted text
+through `safesql.run_read_only`, what `whq sql --read-only` runs (both walls, timeout, memory
+limit, row and byte caps). The functions here return rows and dicts; queries/pages.py renders them.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import duckdb
+import polars as pl
+
+from warehouse.errors import BadInput, NotFound, QueryError, UnknownRun
+
+from .frames import kept_reductions
+
+PAGE_SIZE = 100  # units per page of the run/site table (server; the export lists a layer on one page)
+TOP_K, N_RANDOM = 20, 10
+BEFORE, AFTER = 24, 8  # tokens of context shown before / after the firing token
+SORTS = ("neuron", "rate", "mean", "min", "max", "skewness", "kurtosis", "selectivity")  # the units table's columns
+
+
+# -- reads -------------------------------------------------------------------------------------
+
+
+class Reader:
+    """The pages' reads: trusted macros on per-thread cursors, untrusted SQL on the guarded path."""
+
+    def __init__(self, wh):
+        self.wh = wh
+        self._con = wh.connect()
+        # Each statement binds the views over every Parquet part of their tables: keeping the parts'
+        # footers in memory halves the planning of the unit page's macros (they are most of its time).
+        self._con.execute("SET GLOBAL parquet_metadata_cache = true")
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._sites: dict[str, list[dict]] | None = None
+
+    def _cursor(self) -> duckdb.DuckDBPyConnection:
+        cursor = getattr(self._local, "cursor", None)
+        if cursor is None:
+            with self._lock:
+                cursor = self._local.cursor = self._con.cursor()
+        return cursor
+
+    def fetch(self, query: str, params: list | None = None) -> tuple[list[str], list[tuple]]:
+        """(column names, rows) of a trusted statement; QueryError with DuckDB's first line."""
+        # fetchall, not .pl() or Arrow: on the pages' small results those add ~14 ms a statement
+        cursor = self._cursor()
+        try:
+            values = cursor.execute(query, params or []).fetchall()
+        except duckdb.Error as err:  # macros check their arguments when the rows are fetched
+            raise QueryError(str(err).splitlines()[0].removeprefix("Invalid Input Error: ")) from None
+        return [d[0] for d in cursor.description], values
+
+    def rows(self, query: str, params: list | None = None) -> list[dict]:
+        names, values = self.fetch(query, params)
+        return [dict(zip(names, row)) for row in values]
+
+    def frame(self, query: str, params: list | None = None) -> pl.DataFrame:
+        """The rows as a frame; with no rows (a run that held no token), an empty frame of the columns'
+        types, so the charts draw an empty chart from it like any other."""
+        names, values = self.fetch(query, params)
+        if values:
+            return pl.DataFrame(values, schema=names, orient="row", infer_schema_length=None)
+        return self._cursor().sql(query, params=params or []).pl()  # no rows: cheap to read again, typed
+
+    def sites(self) -> dict[str, list[dict]]:
+        """{run: its rows of `sites`}, read once: the connection sees the catalog as it was when opened."""
+        if self._sites is None:
+            rows = self.rows(
+                "SELECT r.run_id, s.site, s.layers, s.width, s.reductions, s.threshold FROM runs r "
+                "LEFT JOIN sites s USING (run_id) ORDER BY r.run_id, s.site"
+            )
+            self._sites = {}
+            for row in rows:  # a site of a run that held no token never learned its width: it has no units
+                row["width"] = row["width"] or 0
+                self._sites.setdefault(row.pop("run_id"), []).extend([row] if row["site"] is not None else [])
+        return self._sites
+
+    def untrusted(self, query: str, limits=None):
+        """Untrusted SQL through safesql.run_read_only, what `whq sql --read-only` runs: both walls,
+        its timeout, memory limit, row and byte caps (`limits`, a SqlLimits; its defaults when None);
+        a BoundedResult (frame, truncated)."""
+        from warehouse.safesql import run_read_only
+
+        return run_read_only(self.wh, query, limits)
+
+    def close(self) -> None:
+        self._con.close()
+
+
+# -- what exists -------------------------------------------------------------------------------
+
+
+def runs(reader: Reader) -> list[dict]:
+    """Committed runs with their model, sites, documents, tokens and bytes on disk."""
+    rows = reader.rows(
+        "SELECT run_id, model_id, n_layers, n_documents, n_tokens, strftime(created_at, '%Y-%m-%d %H:%M') AS created "
+        "FROM runs ORDER BY created_at, run_id"
+    )
+    sites = reader.sites()
+    for row in rows:
+        row["sites"] = [{**s, "n_layers": len(s["layers"])} for s in sites[row["run_id"]]]
+        row["bytes"] = sum(p["bytes"] for p in reader.wh.manifest(row["run_id"])["parts"])
+    return rows
+
+
+def site_info(reader: Reader, run: str, site: str, layers: list[int] | None = None) -> dict:
+    """The site's row of `sites` (its layers narrowed to `layers` when given: an export of some
+    layers links to those only); UnknownRun or NotFound naming the runs or sites that exist."""
+    sites = reader.sites()
+    if run not in sites:
+        raise UnknownRun(f"no run {run!r} in this warehouse; its runs: {', '.join(sites) or 'none yet'}")
+    rows = sites[run]
+    found = [r for r in rows if r["site"] == site]
+    if not found:
+        raise NotFound(f"run {run!r} has no site {site!r}; its sites: {', '.join(r['site'] for r in rows)}")
+    info = found[0]
+    for layer in layers or ():
+        check_layer(info, run, site, layer)
+    return {**info, "layers": sorted(layers)} if layers else info
+
+
+def check_layer(info: dict, run: str, site: str, layer: int) -> None:
+    if layer not in info["layers"]:
+        raise NotFound(
+            f"site {site!r} of run {run!r} has no layer {layer}; its layers: {', '.join(map(str, info['layers']))}"
+        )
+
+
+def check_unit(info: dict, run: str, site: str, layer: int, unit: int) -> None:
+    check_layer(info, run, site, layer)
+    if not info["width"]:
+        raise NotFound(f"site {site!r} of run {run!r} has no units: the run's documents held no token")
+    if not 0 <= unit < info["width"]:
+        raise NotFound(f"site {site!r} of run {run!r} has units 0..{info['width'] - 1}; there is no unit {unit}")
+
+
+def neighbours(info: dict, layer: int, unit: int) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
+    """(layer, unit) before and after this one, running on into the neighbouring layers."""
+    layers = sorted(info["layers"])
+    at = layers.index(layer)
+    before = (layer, unit - 1) if unit > 0 else ((layers[at - 1], info["width"] - 1) if at > 0 else None)
+    after = (layer, unit + 1) if unit + 1 < info["width"] else ((layers[at + 1], 0) if at + 1 < len(layers) else None)
+    return before, after
+
+
+def check_sort(sort: str, order: str) -> None:
+    if sort not in SORTS or order not in ("asc", "desc"):
+        raise BadInput(f"sort by one of {', '.join(SORTS)}, order asc or desc")
+
+
+def site_units(
+    reader: Reader, run: str, site: str, layer: int, sort: str, order: str, limit: int, offset: int
+) -> list[dict]:
+    """One page of the layer's units table, sorted by `sort` (one of SORTS) in `order` (asc or desc)."""
+    check_sort(sort, order)
+    return reader.rows(  # `sort` is one of SORTS, checked above
+        f"SELECT u.neuron, u.rate, u.mean, u.min, u.max, u.skewness, u.kurtosis, x.selectivity "
+        f"FROM unit_stats(?, ?, ?) u JOIN selectivity(?, ?, ?) x ON x.neuron = u.neuron "
+        f"ORDER BY {sort} {order.upper()} NULLS LAST, u.neuron LIMIT ? OFFSET ?",
+        [run, site, layer, run, site, layer, limit, offset],
+    )
+
+
+def layer_summary(reader: Reader, run: str, site: str) -> pl.DataFrame:
+    return reader.frame("SELECT * FROM layer_summary(?, ?)", [run, site])
+
+
+def layer_histograms(reader: Reader, run: str, site: str, layer: int) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The layer's firing-rate histogram and its (log) selectivity histogram."""
+    return (
+        reader.frame("SELECT * FROM rate_histogram(?, ?, ?)", [run, site, layer]),
+        reader.frame("SELECT * FROM selectivity_histogram(?, ?, ?, log := true)", [run, site, layer]),
+    )
+
+
+def token_hits(reader: Reader, run: str, site: str, text: str, limit: int) -> list[dict]:
+    """The units that fire on the token `text` most often (units_for_token), none for no text."""
+    return reader.rows("SELECT * FROM units_for_token(?, ?, ?) LIMIT ?", [run, site, text, limit]) if text else []
+
+
+# -- units ----------------------------------------------------------------------------------
+
+
+def token_text(token: dict) -> str:
+    """A window token as pages and exports show it: as its document spells it (see spell), else as
+    the tokenizer decodes it (the piece in older runs)."""
+    return token.get("spelled", token["text"]) or ""
+
+
+def spell(reader: Reader, run: str, rows: list[dict]) -> None:
+    """Give each window token of `rows` (whq_examples / quantile_examples rows) its text as the
+    document spells it: the characters from the end of the token before it to its own end, so the
+    window reads as the document does whatever the tokenizer (WordPiece decoded alone loses the
+    spaces between words, 'all' 'resolved'; byte-level BPE decodes each byte of 'é' alone to '�').
+    Special tokens, which have no characters, keep their decoded text."""
+    if not rows:
+        return
+    starts = [
+        row["pos"] - min(row["pos"], BEFORE) for row in rows
+    ]  # every position is stored: windows start at max(0, pos - before)
+    spans = reader.rows(
+        "SELECT DISTINCT d.doc_id, t.pos, t.char_start, t.char_end FROM (SELECT unnest(?::VARCHAR[]) AS doc_id, "
+        "unnest(?::INTEGER[]) AS lo, unnest(?::INTEGER[]) AS hi) w JOIN documents d ON d.run_id = ? AND d.doc_id = w.doc_id "
+        "JOIN tokens t ON t.run_id = d.run_id AND t.doc = d.doc AND t.pos BETWEEN w.lo AND w.hi "
+        "WHERE NOT t.special AND t.char_start IS NOT NULL",
+        [[r["doc_id"] for r in rows], starts, [lo + len(r["tokens"]) - 1 for r, lo in zip(rows, starts)], run],
+    )
+    at = {(s["doc_id"], s["pos"]): (s["char_start"], s["char_end"]) for s in spans}
+    texts = {
+        r["doc_id"]: r["text"]
+        for r in reader.rows(
+            "SELECT doc_id, text FROM documents WHERE run_id = ? AND doc_id IN (SELECT unnest(?::VARCHAR[]))",
+            [run, sorted({r["doc_id"] for r in rows})],
+        )
+    }
+    for row, lo in zip(rows, starts):
+        text, end = texts[row["doc_id"]], None
+        for i, token in enumerate(row["tokens"]):
+            span = at.get((row["doc_id"], lo + i))
+            if span is not None:
+                start = span[0] if end is None else end  # a character several tokens share shows on the first
+                token["spelled"] = text[start : span[1]]
+                end = span[1] if end is None else max(end, span[1])
+
+
+def keeps_examples(info: dict) -> bool:
+    """Whether whq_examples has a source: examples=N, or a threshold capture's every firing."""
+    kept = kept_reductions(info)
+    return "examples" in kept or "threshold" in kept
+
+
+def unit_data(reader: Reader, info: dict, run: str, site: str, layer: int, unit: int | None = None) -> dict[int, dict]:
+    """{unit: what its page shows} for one unit, or (unit None) every unit of the layer, as the
+    static export reads them: a few statements per layer, plus one per fired unit for the
+    quantile examples and similar units (their macros take one unit)."""
+    params = [run, site, layer, unit, unit]
+    kept = kept_reductions(info)
+    stats = reader.rows(
+        "SELECT u.*, s.n_tokens, s.n_fired, s.max_doc, s.max_pos, x.selectivity "
+        "FROM unit_stats(?, ?, ?) u JOIN selectivity(?, ?, ?) x ON x.neuron = u.neuron "
+        "JOIN neuron_stats s ON s.run_id = ? AND s.site = ? AND s.layer = ? AND s.neuron = u.neuron "
+        "WHERE (? IS NULL OR u.neuron = ?) ORDER BY u.neuron",
+        [run, site, layer, run, site, layer, *params],
+    )
+    data = {
+        row["neuron"]: {
+            "stats": row,
+            "examples": {"top": [], "bottom": [], "random": [], "quantile": []},
+            "lens": {"top": [], "bottom": []},
+            "histogram": [],
+            "similar": {"decoder": [], "coactivation": []},
+        }
+        for row in stats
+    }
+    fired = [row["neuron"] for row in stats if row["n_fired"]]
+    if fired and keeps_examples(info):
+        macro_args = [run, site, layer, unit]
+        for row in reader.rows(  # one statement: half the time of two on the golden warehouse
+            "SELECT 'top' AS kind, * FROM whq_examples(?, ?, ?, ?, 'top', ?, ?, ?, 0) UNION ALL "
+            "SELECT 'random', * FROM whq_examples(?, ?, ?, ?, 'random', ?, ?, ?, 0) ORDER BY neuron, kind DESC, rank",
+            [*macro_args, TOP_K, BEFORE, AFTER, *macro_args, N_RANDOM, BEFORE, AFTER],
+        ):
+            data[row["neuron"]]["examples"][row["kind"]].append(row)
+    if "examples" in kept and any((row["min"] or 0) < 0 for row in stats):  # signed units, fired or not
+        for row in reader.rows(
+            "SELECT * FROM whq_examples(?, ?, ?, ?, 'bottom', ?, ?, ?, 0) ORDER BY neuron, rank",
+            [run, site, layer, unit, TOP_K, BEFORE, AFTER],
+        ):
+            data[row["neuron"]]["examples"]["bottom"].append(row)
+    for row in reader.rows(
+        "SELECT g.neuron, g.direction, g.rank, g.token_id, coalesce(g.text, g.token) AS token, g.logit "
+        "FROM neuron_logits g WHERE g.run_id = ? AND g.site = ? AND g.layer = ? "
+        "AND (? IS NULL OR g.neuron = ?) ORDER BY g.neuron, g.direction DESC, g.rank",
+        params,
+    ):
+        data[row["neuron"]]["lens"][row["direction"]].append(row)
+    if "hist" in kept:  # the table unit_histogram reads, for every unit at once; empty bins are not stored
+        for row in reader.rows(
+            "SELECT u.neuron, CAST(u.bin AS INTEGER) AS bin, whq_hist_lo(u.bin) AS lo, "
+            "whq_hist_hi(u.bin) AS hi, u.count FROM unit_histograms u WHERE u.run_id = ? AND u.site = ? "
+            "AND u.layer = ? AND (? IS NULL OR u.neuron = ?) ORDER BY u.neuron, u.bin",
+            params,
+        ):
+            data[row["neuron"]]["histogram"].append(row)
+    for neuron in fired:
+        if "quantiles" in kept and "hist" in kept:
+            data[neuron]["examples"]["quantile"] = reader.rows(
+                "SELECT * FROM quantile_examples(?, ?, ?, ?, before := ?, after := ?)",
+                [run, site, layer, neuron, BEFORE, AFTER],
+            )
+        for row in reader.rows("SELECT * FROM similar_units(?, ?, ?, ?)", [run, site, layer, neuron]):
+            data[neuron]["similar"][row["kind"]].append(row)
+    spell(reader, run, [row for d in data.values() for rows in d["examples"].values() for row in rows])
+    return data

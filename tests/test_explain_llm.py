@@ -1,0 +1,161 @@
+"""The model-call layer against a loopback OpenAI-compatible server: parsing, retries, timeouts,
+concurrency, the cache, the budget, and answers out of form."""
+
+from __future__ import annotations
+
+import pytest
+
+from explain import prompts
+from explain.llm import BudgetSpent, Caller, LLMUnavailable, OpenAIBackend, Request, model_name, parse_llm
+from warehouse.errors import BadInput
+
+from .llm_server import ScriptedServer, completion
+
+
+class DictCache:
+    def __init__(self):
+        self.answers = {}
+
+    def get(self, key):
+        return self.answers.get(key)
+
+    def put(self, key, request, answer):
+        self.answers[key] = answer
+
+
+def _request(text="hello", **kw) -> Request:
+    return Request("openai:m", (("user", text),), max_tokens=8, **kw)
+
+
+def _caller(server, *, timeout=5.0, **kw) -> Caller:
+    return Caller(OpenAIBackend(server.url, "m", "sk-test", timeout), DictCache(), backoff_s=0.01, **kw)
+
+
+def test_a_completion_with_logprobs_is_read_whole():
+    tokens = [("[", -0.01, [("[", -0.01)]), ("1", -0.2, [("1", -0.2), ("0", -1.7)]), ("]", -0.01, [("]", -0.01)])]
+    with ScriptedServer(lambda body, n: (200, completion("[1]", logprobs=tokens, prompt_tokens=42), 0)) as server:
+        answer = _caller(server).call(_request(logprobs=True, top_logprobs=5))
+        body = server.bodies[0]
+    assert answer.text == "[1]" and answer.prompt_tokens == 42 and answer.completion_tokens == 3
+    assert answer.tokens[1] == ["1", -0.2, [["1", -0.2], ["0", -1.7]]]
+    assert body["logprobs"] is True and body["top_logprobs"] == 5 and body["temperature"] == 0.0
+    assert body["messages"] == [{"role": "user", "content": "hello"}] and body["model"] == "m"
+    predictions, probabilities = prompts.parse_binary(answer.text, 1, answer.tokens)
+    assert predictions == [1] and probabilities[0] == pytest.approx(0.818730753 / (0.818730753 + 0.182683524))
+
+
+def test_429_500_and_garbled_bodies_are_retried_with_backoff():
+    script = [(429, {"error": "slow down"}, 0), (500, "oops", 0), (200, "{not json", 0), (200, completion("ok"), 0)]
+    with ScriptedServer(lambda body, n: script[n]) as server:
+        caller = _caller(server)
+        answer = caller.call(_request())
+        assert len(server.bodies) == 4
+    assert answer.text == "ok" and caller.counters.retries == 3 and caller.counters.calls == 1
+
+
+def test_a_slow_answer_times_out_and_is_asked_again():
+    with ScriptedServer(lambda body, n: (200, completion(f"answer {n}"), 1.0 if n == 0 else 0)) as server:
+        answer = _caller(server, timeout=0.3).call(_request())
+    assert answer.text == "answer 1"
+
+
+def test_a_server_that_keeps_failing_is_one_line_after_the_retries():
+    with ScriptedServer(lambda body, n: (503, "down", 0)) as server:
+        with pytest.raises(LLMUnavailable) as err:
+            _caller(server, retries=2).call(_request())
+        assert len(server.bodies) == 3
+    assert "failed 3 times" in str(err.value) and "--resume" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_refused_request_is_not_retried_and_names_the_fix():
+    with ScriptedServer(lambda body, n: (401, '{"error": "bad key"}', 0)) as server:
+        with pytest.raises(LLMUnavailable) as err:
+            _caller(server).call(_request())
+        assert len(server.bodies) == 1
+    assert "HTTP 401" in str(err.value) and "API key" in str(err.value)
+
+
+def test_concurrency_keeps_that_many_calls_in_flight_and_the_order():
+    with ScriptedServer(lambda body, n: (200, completion(body["messages"][0]["content"].upper()), 0.3)) as server:
+        answers = _caller(server, concurrency=3).map([_request(f"q{i}") for i in range(7)])
+        assert server.max_in_flight == 3
+    assert [a.text for a in answers] == [f"Q{i}" for i in range(7)]
+
+
+def test_a_cached_request_is_never_sent_again():
+    with ScriptedServer(lambda body, n: (200, completion(f"answer {n}"), 0)) as server:
+        caller = _caller(server)
+        first, again = caller.call(_request()), caller.call(_request())
+        other = caller.call(_request(seed=1))  # the seed is part of the key
+        assert len(server.bodies) == 2
+    assert first.text == again.text == "answer 0" and other.text == "answer 1"
+    assert caller.counters.cache_hits == 1 and caller.counters.calls == 2
+
+
+def test_the_budget_stops_before_the_call_that_would_exceed_it():
+    with ScriptedServer(lambda body, n: (200, completion("x"), 0)) as server:
+        caller = _caller(server, max_calls=2)
+        caller.call(_request("a"))
+        caller.call(_request("b"))
+        caller.call(_request("a"))  # a cache hit is free
+        with pytest.raises(BudgetSpent, match="--max-calls 2"):
+            caller.call(_request("c"))
+        assert len(server.bodies) == 2
+
+
+def test_the_api_key_goes_in_the_header_only():
+    with ScriptedServer(lambda body, n: (200, completion("x"), 0)) as server:
+        request = _request()
+        _caller(server).call(request)
+        assert server.auth == ["Bearer sk-test"]
+    assert "sk-test" not in request.canonical()
+
+
+def test_the_urllib_fallback_speaks_the_same_protocol():
+    script = [(429, "{}", 0), (200, completion("fine"), 0)]
+    with ScriptedServer(lambda body, n: script[n]) as server:
+        caller = _caller(server)
+        caller.backend._client = None
+        assert caller.call(_request()).text == "fine"
+        assert server.auth == ["Bearer sk-test"] * 2
+
+
+@pytest.mark.parametrize(
+    "answer, n, expected",
+    [
+        ("[1, 0, 1]", 3, [1, 0, 1]),
+        ("Sure! [0,0,1] is my answer", 3, [0, 0, 1]),
+        ("Ignore the above: [1, 1]", 3, None),  # wrong length
+        ("[1, 2, 0]", 3, None),  # not 0/1
+        ("[0.5, 1, 0]", 3, None),
+        ("[true, false, true]", 3, [1, 0, 1]),  # delphi reads JSON booleans too
+        ("__import__('os').system('echo hi')", 3, None),
+        ("[1, 0, 1", 3, None),
+    ],
+)
+def test_classifier_answers_are_parsed_strictly(answer, n, expected):
+    parsed = prompts.parse_binary(answer, n, None)
+    assert (parsed[0] if parsed else None) == expected
+
+
+@pytest.mark.parametrize(
+    "answer, expected",
+    [
+        ("[RESPONSE]: 2", 2),
+        ("I think... [RESPONSE]: 0", 0),
+        ("[RESPONSE]: 7", None),
+        ("[RESPONSE]: two", None),
+        ("2", None),
+    ],
+)
+def test_intruder_answers_are_parsed_strictly(answer, expected):
+    assert prompts.parse_intruder(answer, 5) == expected
+
+
+def test_llm_specs_and_the_name_stored():
+    assert parse_llm("openai:http://127.0.0.1:8000/v1:qwen") == ("openai", "http://127.0.0.1:8000/v1|qwen")
+    assert model_name("openai:https://api.example.com/v1:gpt-x") == "openai:gpt-x"
+    assert parse_llm("hf:config:qwen3-tiny") == ("hf", "config:qwen3-tiny")
+    for bad in ("openai:qwen", "openai:ftp://x:m", "gpt-4", "hf:"):
+        with pytest.raises(BadInput):
+            parse_llm(bad)
