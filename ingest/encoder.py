@@ -145,10 +145,7 @@ class DeviceDictionary:
 
     def check_width(self, x) -> None:
         if x.shape[-1] != self.d.d_in:
-            raise BadInput(
-                f"{self.where}: the hook gives {x.shape[-1]} units but dictionary {self.d.path} reads d_in={self.d.d_in}: "
-                f"use a dictionary trained on this site"
-            )
+            raise width_mismatch(self.where, "hook", x.shape[-1], self.d)
 
     def __call__(self, x, mask):
         """x [batch, seq, d_in] float32, mask [batch, seq] bool -> latents [batch, seq, d_sae]."""
@@ -189,10 +186,7 @@ class DeviceDictionary:
         import torch
 
         if target.shape[-1] != self.d.d_out:
-            raise BadInput(
-                f"{self.where}: the target gives {target.shape[-1]} units but dictionary {self.d.path} "
-                f"reconstructs d_out={self.d.d_out}: use a dictionary trained on this site"
-            )
+            raise width_mismatch(self.where, "target", target.shape[-1], self.d)
         q, m = self.quality, mask.to(torch.float64)
         q["sq_error"] += ((recon - target).double().square().sum(-1) * m).sum()
         zeroed = target.double() * m[..., None]
@@ -405,6 +399,30 @@ def bind(
             ResolvedSite(spec, r.glob, r.hook, [(layer, modules[layer]) for layer in per_layer], dset.first.d_sae)
         )
     return out, bound
+
+
+def width_mismatch(where: str, what: str, width: int, d: Dictionary) -> BadInput:
+    """The one line for a dictionary whose d_in (what="hook") or d_out (what="target") is not the model's width."""
+    reads = f"reads d_in={d.d_in}" if what == "hook" else f"reconstructs d_out={d.d_out}"
+    return BadInput(
+        f"{where}: the {what} gives {width} units but dictionary {d.path} {reads}: use a dictionary trained on this site"
+    )
+
+
+def check_widths(resolved: list, bound: dict, loaded) -> None:
+    """Refuse a bound dictionary whose d_in is not its site's width (or a transcoder's d_out not its target's)
+    where the model says the width, before anything is written; the hooks check the others on the first batch."""
+    from .limits import site_width
+
+    sites = {r.name: r for r in resolved}
+    for (site, layer), (d, target, _) in bound.items():
+        where = f"site {site} layer {layer}"
+        width = site_width(loaded, dict(sites[site].modules)[layer], sites[site].hook)
+        if width is not None and width != d.d_in:
+            raise width_mismatch(where, "hook", width, d)
+        width = None if target is None else site_width(loaded, target, "out")
+        if width is not None and width != d.d_out:
+            raise width_mismatch(where, "target", width, d)
 
 
 def on_device(binding, device: str, site: str, layer: int) -> tuple:

@@ -151,7 +151,6 @@ def ingest(
     source = inputs.open_input(opts) if documents is None else None
     device = loaded.config["device"] if loaded else models.resolve_device(opts.device)
     request = read_sites(opts.sites, device, splice=opts.splice)
-    wh = warehouse.open_or_init(root)
     loaded = loaded or models.load(opts.model, opts.device, opts.dtype)
     ready = ready_capture(request, loaded)
     max_length = limits.window_length(opts.max_length, loaded, opts.model)
@@ -159,6 +158,7 @@ def ingest(
         opts, loaded.tokenizer, request.dictionaries, max_length, limits.model_positions(loaded)
     )
     limits.check_logit_lens(opts.logit_lens, loaded)
+    wh = warehouse.open_or_init(root)  # once every input is checked: a refused one creates no warehouse
     run_id = opts.run_id or default_run_id(opts.model)
     identity = (
         source.identity

@@ -58,6 +58,7 @@ def ready_capture(request: SiteRequest, loaded) -> ReadyCapture:
     device = loaded.config["device"]
     resolved = [resolve(spec, loaded.module_names, loaded.aliases) for spec in request.specs]
     resolved, bound = encoder.bind(resolved, request.dictionaries, loaded.module_names, loaded.aliases)
+    encoder.check_widths(resolved, bound, loaded)
     limits.check_reductions(resolved, loaded, device)
     limits.check_similar(loaded, resolved)
     limits.check_splice(request.splice, loaded, request.dictionaries)

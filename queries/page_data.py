@@ -21,6 +21,10 @@ PAGE_SIZE = 100  # units per page of the run/site table (server; the export list
 TOP_K, N_RANDOM = 20, 10
 BEFORE, AFTER = 24, 8  # tokens of context shown before / after the firing token
 SORTS = ("neuron", "rate", "mean", "min", "max", "skewness", "kurtosis", "selectivity")  # the units table's columns
+SCORERS = ("detection", "fuzz", "simulation", "embedding", "intruder")  # explanation_scores' headline columns
+EXPLANATION_SORTS = ("explanation", *SCORERS)  # the units table's further columns where the layer has explanations
+CONTEXT_BEFORE, CONTEXT_AFTER = 12, 4  # tokens around an explanation's or a verdict's example
+SEARCH_LIMIT = 100  # units an explanation search shows
 
 
 # -- reads -------------------------------------------------------------------------------------
@@ -38,6 +42,7 @@ class Reader:
         self._local = threading.local()
         self._lock = threading.Lock()
         self._sites: dict[str, list[dict]] | None = None
+        self._explained: set[tuple[str, str]] | None = None
 
     def _cursor(self) -> duckdb.DuckDBPyConnection:
         cursor = getattr(self._local, "cursor", None)
@@ -80,6 +85,14 @@ class Reader:
                 row["width"] = row["width"] or 0
                 self._sites.setdefault(row.pop("run_id"), []).extend([row] if row["site"] is not None else [])
         return self._sites
+
+    def explained(self, run: str, site: str) -> bool:
+        """Whether `whq explain` committed explanations for the site; the set is read once, like sites."""
+        if self._explained is None:
+            self._explained = {
+                (r["run_id"], r["site"]) for r in self.rows("SELECT DISTINCT run_id, site FROM explanations")
+            }
+        return (run, site) in self._explained
 
     def untrusted(self, query: str, limits=None):
         """Untrusted SQL through safesql.run_read_only, what `whq sql --read-only` runs: both walls,
@@ -149,22 +162,143 @@ def neighbours(info: dict, layer: int, unit: int) -> tuple[tuple[int, int] | Non
     return before, after
 
 
-def check_sort(sort: str, order: str) -> None:
-    if sort not in SORTS or order not in ("asc", "desc"):
-        raise BadInput(f"sort by one of {', '.join(SORTS)}, order asc or desc")
+def check_sort(sort: str, order: str, explained: bool = False) -> None:
+    columns = (*SORTS, *EXPLANATION_SORTS) if explained else SORTS
+    if sort not in columns or order not in ("asc", "desc"):
+        raise BadInput(f"sort by one of {', '.join(columns)}, order asc or desc")
 
 
 def site_units(
-    reader: Reader, run: str, site: str, layer: int, sort: str, order: str, limit: int, offset: int
+    reader: Reader,
+    run: str,
+    site: str,
+    layer: int,
+    sort: str,
+    order: str,
+    limit: int,
+    offset: int,
+    explained: bool = False,
 ) -> list[dict]:
-    """One page of the layer's units table, sorted by `sort` (one of SORTS) in `order` (asc or desc)."""
-    check_sort(sort, order)
-    return reader.rows(  # `sort` is one of SORTS, checked above
-        f"SELECT u.neuron, u.rate, u.mean, u.min, u.max, u.skewness, u.kurtosis, x.selectivity "
-        f"FROM unit_stats(?, ?, ?) u JOIN selectivity(?, ?, ?) x ON x.neuron = u.neuron "
+    """One page of the layer's units table, sorted by `sort` (one of SORTS, or with `explained` also
+    EXPLANATION_SORTS) in `order` (asc or desc). With `explained`, each unit's explanations (joined
+    by ' | ' where several explainers or models wrote one) and each scorer's best headline figure
+    from explanation_scores; NULL where the unit has none."""
+    check_sort(sort, order, explained)
+    columns = "u.neuron, u.rate, u.mean, u.min, u.max, u.skewness, u.kurtosis, x.selectivity"
+    joins, params = "", [run, site, layer, run, site, layer]
+    if explained:
+        scorers = ", ".join(f"max(e.{s}) AS {s}" for s in SCORERS)
+        columns += ", " + ", ".join(f"e.{c}" for c in EXPLANATION_SORTS)
+        joins = (
+            "LEFT JOIN (SELECT e.neuron, string_agg(e.text, ' | ' ORDER BY e.explainer, e.model, e.explanation_id) "
+            f"AS explanation, {scorers} FROM explanation_scores(?, ?, ?) e GROUP BY e.neuron) e ON e.neuron = u.neuron "
+        )
+        params += [run, site, layer]
+    return reader.rows(  # `sort` is one of the columns, checked above
+        f"SELECT {columns} FROM unit_stats(?, ?, ?) u JOIN selectivity(?, ?, ?) x ON x.neuron = u.neuron {joins}"
         f"ORDER BY {sort} {order.upper()} NULLS LAST, u.neuron LIMIT ? OFFSET ?",
-        [run, site, layer, run, site, layer, limit, offset],
+        [*params, limit, offset],
     )
+
+
+def scored_columns(reader: Reader, run: str, site: str) -> list[str]:
+    """The SCORERS whose headline figure the site has (the units table shows those columns only)."""
+    found = {
+        r["scorer"]
+        for r in reader.rows("SELECT DISTINCT scorer FROM scores WHERE run_id = ? AND site = ?", [run, site])
+    }
+    return [s for s in SCORERS if s in found]
+
+
+def explanation_hits(reader: Reader, run: str, site: str, text: str, limit: int = SEARCH_LIMIT) -> list[dict]:
+    """The explanations of the site that contain `text` (case ignored; search_explanations without a
+    query embedding: the pages never load MiniLM), none for no text."""
+    if not text:
+        return []
+    return reader.rows(
+        "SELECT layer, neuron, explainer, model, text FROM search_explanations(?, ?, ?) LIMIT ?",
+        [run, site, text, limit],
+    )
+
+
+def contexts(reader: Reader, run: str, rows: list[dict]) -> None:
+    """Give each row with a (doc, pos) its text around that token as the document spells it:
+    `before` (CONTEXT_BEFORE tokens), `token` and `after` (CONTEXT_AFTER tokens); empty strings where
+    the token has no characters (a special token)."""
+    placed = [r for r in rows if r.get("doc") is not None and r.get("pos") is not None]
+    if not placed:
+        return
+    spans = reader.rows(
+        "SELECT w.i, t.pos, t.char_start, t.char_end FROM (SELECT unnest(?::INTEGER[]) AS doc, "
+        "unnest(?::INTEGER[]) AS pos, unnest(?::INTEGER[]) AS i) w JOIN tokens t ON t.run_id = ? AND t.doc = w.doc "
+        "AND t.pos BETWEEN w.pos - ? AND w.pos + ? WHERE NOT t.special AND t.char_start IS NOT NULL",
+        [
+            [r["doc"] for r in placed],
+            [r["pos"] for r in placed],
+            list(range(len(placed))),
+            run,
+            CONTEXT_BEFORE,
+            CONTEXT_AFTER,
+        ],
+    )
+    texts = dict(
+        reader.fetch(
+            "SELECT doc, text FROM documents WHERE run_id = ? AND doc IN (SELECT unnest(?::INTEGER[]))",
+            [run, sorted({r["doc"] for r in placed})],
+        )[1]
+    )
+    around: dict[int, list[dict]] = {}
+    for span in spans:
+        around.setdefault(span["i"], []).append(span)
+    for i, row in enumerate(placed):
+        text, window = texts.get(row["doc"]) or "", around.get(i, [])
+        fire = next((s for s in window if s["pos"] == row["pos"]), None)
+        if not window or fire is None:
+            row.update(before="", token="", after="")
+            continue
+        lo, hi = min(s["char_start"] for s in window), max(s["char_end"] for s in window)
+        row.update(
+            before=text[lo : fire["char_start"]],
+            token=text[fire["char_start"] : fire["char_end"]],
+            after=text[fire["char_end"] : hi],
+        )
+
+
+def unit_explanations(reader: Reader, run: str, site: str, layer: int, unit: int) -> list[dict]:
+    """The unit's explanations (explanations), each with its scores (scores: every scorer, model and
+    metric), the examples its explainer was shown (explanation_examples without a scorer) and the
+    scorers' verdicts on the test and non-activating examples (scorer_verdicts); none where the unit
+    was not explained."""
+    if not reader.explained(run, site):
+        return []
+    found = reader.rows(
+        "SELECT explanation_id, explainer, model, text, parsed FROM explanations "
+        "WHERE run_id = ? AND site = ? AND layer = ? AND neuron = ? ORDER BY explainer, model, explanation_id",
+        [run, site, layer, unit],
+    )
+    if not found:
+        return []
+    where = [run, site, layer, unit]
+    scores = reader.rows(
+        "SELECT explanation_id, scorer, model, metric, value, n_examples, n_unparsable FROM scores "
+        "WHERE run_id = ? AND site = ? AND layer = ? AND neuron = ? ORDER BY scorer, model, metric",
+        where,
+    )
+    shown = reader.rows(
+        "SELECT x.explanation_id, x.role, x.source, x.quantile, x.doc, d.doc_id, x.pos, x.value "
+        "FROM explanation_examples x JOIN documents d ON d.run_id = x.run_id AND d.doc = x.doc "
+        "WHERE x.run_id = ? AND x.site = ? AND x.layer = ? AND x.neuron = ? AND x.scorer IS NULL "
+        "ORDER BY x.explanation_id, x.value DESC NULLS LAST, x.doc, x.pos",
+        where,
+    )
+    verdicts = reader.rows("SELECT * FROM scorer_verdicts(?, ?, ?, ?)", where)
+    contexts(reader, run, shown + verdicts)
+    for explanation in found:
+        key = explanation["explanation_id"]
+        explanation["scores"] = [r for r in scores if r["explanation_id"] == key]
+        explanation["shown"] = [r for r in shown if r["explanation_id"] == key]
+        explanation["verdicts"] = [r for r in verdicts if r["explanation_id"] == key]
+    return found
 
 
 def layer_summary(reader: Reader, run: str, site: str) -> pl.DataFrame:

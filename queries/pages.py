@@ -13,7 +13,6 @@ of JavaScript in each.
 from __future__ import annotations
 
 import html
-import json
 import math
 import posixpath
 from functools import lru_cache
@@ -22,6 +21,7 @@ from urllib.parse import quote, urlencode
 
 import polars as pl
 
+from warehouse import jsonio
 from warehouse.errors import NotFound, QueryError
 from warehouse.result_bounds import unshowable_values
 
@@ -34,16 +34,19 @@ from .page_data import (
     check_layer,
     check_sort,
     check_unit,
+    explanation_hits,
     keeps_examples,
     layer_histograms,
     layer_summary,
     neighbours,
     runs,
+    scored_columns,
     site_info,
     site_units,
     token_hits,
     token_text,
     unit_data,
+    unit_explanations,
 )
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -147,6 +150,11 @@ class Links:
             return None
         return self._route(f"/{quote(run, safe='')}/{quote(site, safe='')}/tokens", {"q": text or None})
 
+    def explanations(self, run: str, site: str, text: str | None = None) -> str | None:
+        if self.static:
+            return None
+        return self._route(f"/{quote(run, safe='')}/{quote(site, safe='')}/explanations", {"q": text or None})
+
     def sql(self, query: str | None = None, csv: bool = False) -> str | None:
         if self.static:
             return None
@@ -160,7 +168,7 @@ def _render(template: str, links: Links, title: str, specs: dict | None = None, 
     return (
         environment()
         .get_template(template)
-        .render(links=links, title=title, specs=json.dumps(specs or {}).replace("</", "<\\/"), **context)
+        .render(links=links, title=title, specs=jsonio.script_json(specs or {}), **context)
     )
 
 
@@ -220,7 +228,8 @@ def site_page(
     info = site_info(reader, run, site, layers)
     layer = info["layers"][0] if layer is None else layer
     check_layer(info, run, site, layer)
-    check_sort(sort, order)
+    explained = reader.explained(run, site)
+    check_sort(sort, order, explained)
     if summary is None:
         summary = layer_summary(reader, run, site)
     rate_hist, sel_hist = layer_histograms(reader, run, site, layer)
@@ -228,7 +237,8 @@ def site_page(
     if not 1 <= page <= n_pages:
         raise NotFound(f"layer {layer} of site {site!r} has pages 1..{n_pages}; there is no page {page}")
     limit = info["width"] if page_size is None else page_size
-    units = site_units(reader, run, site, layer, sort, order, limit, (page - 1) * limit)
+    units = site_units(reader, run, site, layer, sort, order, limit, (page - 1) * limit, explained)
+    scorers = scored_columns(reader, run, site) if explained else []
     specs = {
         "chart-layers": _spec(charts.layer_summary_chart(summary)),
         "chart-rate": _spec(charts.rate_histogram_chart(rate_hist, title=f"firing rate, layer {layer}")),
@@ -252,6 +262,9 @@ def site_page(
         page=page,
         n_pages=n_pages,
         columns=SORTS,
+        explained=explained,
+        scorers=scorers,
+        headers=[*SORTS, "explanation", *scorers] if explained else list(SORTS),
     )
 
 
@@ -321,6 +334,7 @@ def unit_page(
         similar=data["similar"],
         prev=before,
         next=after,
+        explanations=unit_explanations(reader, run, site, layer, unit),
     )
 
 
@@ -337,6 +351,22 @@ def tokens_page(reader: Reader, links: Links, run: str, site: str, text: str = "
     hits = token_hits(reader, run, site, text, limit)
     return _render(
         "tokens.html", links, f"{run} / {site}: token search", run=run, site=site, info=info, text=text, hits=hits
+    )
+
+
+def explanations_page(reader: Reader, links: Links, run: str, site: str, text: str = "") -> str:
+    info = site_info(reader, run, site)
+    hits = explanation_hits(reader, run, site, text)
+    return _render(
+        "explanations.html",
+        links,
+        f"{run} / {site}: explanation search",
+        run=run,
+        site=site,
+        info=info,
+        text=text,
+        hits=hits,
+        explained=reader.explained(run, site),
     )
 
 
@@ -383,15 +413,6 @@ def sql_page(reader: Reader, links: Links, query: str = "", limits=None) -> tupl
         truncated=truncated,
     )
     return page, 400 if error else 200
-
-
-def csv_text(frame: pl.DataFrame) -> str:
-    with unshowable_values():
-        nested = [c for c, t in frame.schema.items() if t.is_nested()]
-        flat = frame.with_columns(
-            pl.Series(c, [json.dumps(v, default=str) for v in frame[c].to_list()], pl.String) for c in nested
-        )
-        return flat.write_csv()
 
 
 def missing_page(links: Links, message: str) -> str:

@@ -6,6 +6,7 @@ Routes (run and site names are path segments; a run may not be called `sql` or `
     /{run}/{site}?layer=&sort=&order=&page=   run/site: layer summary, histograms, units table
     /{run}/{site}/{layer}/{unit}        unit page
     /{run}/{site}/tokens?q=             token search
+    /{run}/{site}/explanations?q=       units found by what their explanation says
     /sql?q=&token=   /sql.csv?q=&token= read-only SQL box and its CSV download
     /_whq/vega.js                       vega + vega-lite + vega-embed (vl-convert's bundle)
 
@@ -46,6 +47,7 @@ from starlette.responses import HTMLResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from warehouse import catalog
+from warehouse.display import csv_text
 from warehouse.errors import BadInput, NotFound, QueryError, UnknownRun, WarehouseError
 
 from . import page_data, pages
@@ -251,13 +253,17 @@ def create_app(wh, allowed_hosts: list[str] | None = None, token: str | None = N
         p = request.path_params
         return pages.tokens_page(reader, links, p["run"], p["site"], request.query_params.get("q", "").strip())
 
+    def explanations(request, reader, links) -> str:
+        p = request.path_params
+        return pages.explanations_page(reader, links, p["run"], p["site"], request.query_params.get("q", "").strip())
+
     def sql(request: Request) -> Response:
         body, status = pages.sql_page(live.current(), links_for(request), request.query_params.get("q", ""), limits)
         return HTMLResponse(body, status_code=status)
 
     def sql_csv(request: Request) -> Response:
         try:
-            text = pages.csv_text(pages.sql_result(live.current(), request.query_params.get("q", ""), limits))
+            text = csv_text(pages.sql_result(live.current(), request.query_params.get("q", ""), limits))
         except QueryError as err:
             return PlainTextResponse(f"error: {' '.join(str(err).split())}\n", status_code=400)
         return Response(text, media_type="text/csv", headers={"content-disposition": 'attachment; filename="whq.csv"'})
@@ -282,6 +288,7 @@ def create_app(wh, allowed_hosts: list[str] | None = None, token: str | None = N
         Route("/_whq/vega.js", vega),
         Route("/{run}/{site}", page(site)),
         Route("/{run}/{site}/tokens", page(tokens)),
+        Route("/{run}/{site}/explanations", page(explanations)),
         Route("/{run}/{site}/{layer}/{unit}", page(unit)),
     ]
 

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import pytest
+
+# The tests run tiny models whose every op takes microseconds: a second intra-op thread only adds
+# synchronisation, and on two busy cores its spin-waiting makes each op tens of times slower. Set before
+# torch is imported, and inherited by the whq processes the tests start. tests/test_fused.py restores the
+# machine's threads, so the kernel's parallel region stays tested.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -750,6 +751,80 @@ CASES = [
         "data file 'web\\x1b[31m.txt': its name labels its documents, so it must be a valid label (use text of 1 to "
         "256 characters without control characters): rename it",
     ),
+    # Dictionary files are untrusted input (ingest/dictionary_files.py): declared schemas, bounded reads, finite weights.
+    *(
+        Case(
+            what,
+            ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", f"resid.out[1]+sae=dicts/{name}:topk=3"),
+            message,
+        )
+        for what, name, message in [
+            (
+                "dictionary with a NaN weight",
+                "nan",
+                "dictionary weights dicts/nan/sae_weights.safetensors: W_enc holds non-finite values (NaN or infinity "
+                "in float32): use a dictionary whose weights are finite",
+            ),
+            (
+                "dictionary safetensors header that is a JSON list",
+                "list_header",
+                "dictionary weights dicts/list_header/sae_weights.safetensors are not a readable safetensors file "
+                "(its header is a JSON list, not an object): check the file",
+            ),
+            (
+                "dictionary safetensors header longer than the file",
+                "long_header",
+                "dictionary weights dicts/long_header/sae_weights.safetensors are not a readable safetensors file "
+                "(its header length 1,000,000,000 exceeds the 2 bytes present): check the file",
+            ),
+            (
+                "dictionary tensor larger than its bytes",
+                "huge_tensor",
+                "dictionary weights dicts/huge_tensor/sae_weights.safetensors are not a readable safetensors file "
+                "(tensor W_enc of shape [1048576, 1048576] needs 4,398,046,511,104 bytes, its offsets span 0..16 of "
+                "the 16 present): check the file",
+            ),
+            (
+                "dictionary cfg.json k that is text",
+                "k_text",
+                'dictionary config dicts/k_text/cfg.json: k is "eight", expected a whole number from 1 to 2147483647: '
+                "fix it in cfg.json",
+            ),
+            (
+                "dictionary cfg.json k that is a fraction",
+                "k_fraction",
+                "dictionary config dicts/k_fraction/cfg.json: k is 2.9, expected a whole number from 1 to 2147483647: "
+                "fix it in cfg.json",
+            ),
+            (
+                "dictionary cfg.json hook_layer that is a list",
+                "layer_list",
+                "dictionary config dicts/layer_list/cfg.json: hook_layer is [1], expected a whole number from 0 to "
+                "2147483647: fix it in cfg.json",
+            ),
+            (
+                "dictionary k larger than its latents",
+                "k_beyond",
+                "dictionary dicts/k_beyond: k=97 must be between 1 and d_sae=96",
+            ),
+            (
+                "dictionary of zero latents",
+                "no_latents",
+                "dictionary dicts/no_latents: its weights give d_sae=0: use a dictionary of at least one unit",
+            ),
+            (
+                "dictionary cfg.json that is a folder",
+                "cfg_folder",
+                "dictionary config dicts/cfg_folder/cfg.json is a folder, not a file: point at the dictionary's files",
+            ),
+            (
+                "dictionary params.npz member larger than its bytes",
+                "npz_member/layer_1",
+                "dictionary weights dicts/npz_member/layer_1/params.npz are not a readable .npz file (member W_enc.npy "
+                "of shape (1048576, 1048576) needs 4,398,046,511,104 bytes, it holds 192): check the file",
+            ),
+        ]
+    ),
 ]
 
 
@@ -783,6 +858,53 @@ CASES += [
         "(LIMIT, left(text, 200)), or raise --max-bytes",
     ),
 ]
+
+
+def hostile_dictionaries(folder: Path) -> None:
+    """The dictionaries of the untrusted-dictionary rows, each one defect on a valid SAELens / Gemma Scope file."""
+    import numpy as np
+
+    def tensors(header, data: bytes = b"", length: int | None = None) -> bytes:
+        text = json.dumps(header).encode()
+        return (len(text) if length is None else length).to_bytes(8, "little") + text + data
+
+    def cfg(name: str, **changes) -> None:
+        path = dictionaries.saelens(folder / name, "topk", **changes.pop("make", {})) / "cfg.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+    nan = dictionaries.saelens(folder / "nan", "topk") / "sae_weights.safetensors"
+    from safetensors.numpy import load_file, save_file
+
+    weights = load_file(str(nan))
+    weights["W_enc"][0, 0] = np.nan
+    save_file(weights, str(nan))
+    (dictionaries.saelens(folder / "list_header", "topk") / "sae_weights.safetensors").write_bytes(tensors([1, 2]))
+    (dictionaries.saelens(folder / "long_header", "topk") / "sae_weights.safetensors").write_bytes(
+        tensors({}, length=10**9)
+    )
+    huge = {"W_enc": {"dtype": "F32", "shape": [2**20, 2**20], "data_offsets": [0, 16]}}
+    (dictionaries.saelens(folder / "huge_tensor", "topk") / "sae_weights.safetensors").write_bytes(
+        tensors(huge, b"\0" * 16)
+    )
+    cfg("k_text", k="eight")
+    cfg("k_fraction", k=2.9)
+    cfg("layer_list", hook_layer=[1])
+    cfg("k_beyond", make={"k": 97})
+    zero = {"W_enc": (64, 0), "b_enc": (0,), "W_dec": (0, 64), "b_dec": (64,)}
+    header, data = {}, b""
+    for name, shape in zero.items():
+        size = 4 * int(np.prod(shape))
+        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [len(data), len(data) + size]}
+        data += b"\0" * size
+    cfg("no_latents", d_sae=None)
+    (folder / "no_latents" / "sae_weights.safetensors").write_bytes(tensors(header, data))
+    (dictionaries.saelens(folder / "cfg_folder", "topk") / "cfg.json").unlink()
+    (folder / "cfg_folder" / "cfg.json").mkdir()
+    npz = dictionaries.gemmascope(folder / "npz_member" / "layer_1" / "params.npz")
+    with zipfile.ZipFile(npz, "w") as archive:
+        member = io.BytesIO()
+        np.lib.format.write_array_header_1_0(member, {"descr": "<f4", "fortran_order": False, "shape": (2**20, 2**20)})
+        archive.writestr("W_enc.npy", member.getvalue() + b"\0" * 64)
 
 
 def _parquet_bytes(table: pa.Table, **options) -> bytes:
@@ -881,6 +1003,7 @@ def tiny_wh(tmp_path_factory):
     dictionaries.saelens(folder / "dicts" / "sae", "topk")
     dictionaries.saelens(folder / "dicts" / "odd", "matryoshka")
     dictionaries.saelens(folder / "dicts" / "narrow", "topk", d_in=32)
+    hostile_dictionaries(folder / "dicts")
     code, out, err = run_whq(
         "ingest", folder / "wh", *MODEL, "--data", folder / "docs.jsonl", "--site", "mlp.act:topk=3", "--run-id", "r"
     )

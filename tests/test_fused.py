@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -25,6 +26,15 @@ from .test_perf_paths import _batches, _context, _site_layer, _valid_tokens
 pytestmark = pytest.mark.skipif(
     not fused.usable(torch.zeros(1, 1, 1)), reason=f"fused kernel unavailable: {fused.describe()}"
 )
+
+
+@pytest.fixture(autouse=True, scope="module")
+def every_core():
+    """The kernel's rows split across threads (tests/conftest.py runs the rest of the suite on one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, os.cpu_count() or 1))
+    yield
+    torch.set_num_threads(threads)
 
 
 def _reference_topk(rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
