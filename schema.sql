@@ -99,7 +99,9 @@ CREATE TABLE tokens (
     char_start INTEGER,
     char_end INTEGER,
     special BOOLEAN,
-    text VARCHAR
+    text VARCHAR,
+    context INTEGER,
+    context_pos INTEGER
 );
 COMMENT ON TABLE tokens IS 'Every token position the model saw: re-running the model on token_id grouped by (doc, window) reproduces the stored activations.';
 COMMENT ON COLUMN tokens.pos IS 'Position in the document, continuing across windows, special tokens included.';
@@ -109,6 +111,8 @@ COMMENT ON COLUMN tokens.piece IS 'The token as text (tokenizer.convert_ids_to_t
 COMMENT ON COLUMN tokens.char_start IS 'Start offset of the token in documents.text (NULL for special tokens).';
 COMMENT ON COLUMN tokens.char_end IS 'End offset (exclusive) in documents.text (NULL for special tokens).';
 COMMENT ON COLUMN tokens.special IS 'True for tokens the tokenizer added ([CLS], [SEP], BOS, ...).';
+COMMENT ON COLUMN tokens.context IS 'Packed runs (--pack): ordinal in the run of the packed context the token was computed in; NULL when each window is its own model input.';
+COMMENT ON COLUMN tokens.context_pos IS 'Position of the token in the model input it was computed in (the packed context, or its window): 0 is the first position the model saw.';
 COMMENT ON COLUMN tokens.text IS 'The token as the tokenizer decodes it alone (tokenizer.decode([token_id]): '' ass'', not ''Ġass''), for display; NULL in runs captured before it was kept.';
 
 CREATE TABLE token_neurons (

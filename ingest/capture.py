@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 from .shard import Shard
-from .tokenize import Window, pad_batch
+from .tokenize import Window
 
 
 def forward(loaded, ids, mask):
@@ -124,11 +124,14 @@ def _batch_context(batch: list[Window], pad_id: int, device: str):
     """Host arrays and the device-side BatchContext for one batch of windows."""
     import torch
 
+    from .contexts import model_input
     from .reductions import BatchContext
     from .writer import HostBatch
 
-    ids, mask = pad_batch(batch, pad_id)
-    rows, seq = ids.shape
+    # The model runs on model_ids; the hooks see each window's own positions (unpacked when windows are cut
+    # from packed contexts or stripped of special tokens).
+    model_ids, model_mask, mask, unpack = model_input(batch, pad_id)
+    rows, seq = mask.shape
     docs = np.array([w.doc for w in batch], dtype=np.int64)
     starts = np.array([w.start_pos for w in batch], dtype=np.int64)
     lengths = mask.sum(axis=1)
@@ -136,7 +139,8 @@ def _batch_context(batch: list[Window], pad_id: int, device: str):
     segment = [segment_of.setdefault(int(d), len(segment_of)) for d in docs]
     finished_rows = [row for row, w in enumerate(batch) if w.last]
     finished_docs = docs[finished_rows]
-    finished_tokens = np.array([batch[r].start_pos + len(batch[r].ids) for r in finished_rows], dtype=np.int64)
+    finished_tokens = np.array([batch[r].tokens_through for r in finished_rows], dtype=np.int64)
+    finished_last = np.array([batch[r].start_pos + len(batch[r].ids) - 1 for r in finished_rows], dtype=np.int64)
 
     def dev(array, dtype=torch.int64):
         return torch.as_tensor(np.asarray(array), dtype=dtype).to(device, non_blocking=True)
@@ -154,6 +158,7 @@ def _batch_context(batch: list[Window], pad_id: int, device: str):
         carry_in=batch[0].index > 0,
         carry_out=not batch[-1].last,
         full=bool(mask.all()),
+        unpack=None if unpack is None else dev(unpack),
     )
-    host = HostBatch(docs, starts, lengths, finished_docs, finished_tokens - 1)
-    return dev(ids), dev(mask), ctx, host
+    host = HostBatch(docs, starts, lengths, finished_docs, finished_last)
+    return dev(model_ids), dev(model_mask), ctx, host

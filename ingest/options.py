@@ -60,7 +60,8 @@ class IngestOptions:
     model: str = field(default="minilm", metadata={"flags": ("--model", "-m")})
     """Local model folder, cached hub id, `minilm`, `config:qwen3-tiny`, or adapter.py[:checkpoint]."""
     data: tuple[str, ...] = field(default=(), metadata={"flags": ("--data", "-d")})
-    """Document files: .jsonl, .parquet or .txt (none when `ingest()` is given documents)."""
+    """Documents: .jsonl, .parquet or .txt files, hf:NAME[:CONFIG], a save_to_disk folder, or a folder or glob of
+    .parquet/.jsonl/.txt shards (docs/datasets.md); none when `ingest()` is given documents."""
     sites: tuple[str, ...] = field(default=DEFAULT_SITES, metadata={"flags": ("--site", "-s"), "help": spec_help()})
     """SPECs, one per site (the grammar and every reduction: `whq ingest --help`, docs/sites.md)."""
     run_id: str | None = None
@@ -96,6 +97,40 @@ class IngestOptions:
     """This process's rank under torchrun (0 alone; torchrun sets it)."""
     world_size: int = field(default=1, metadata={"flags": ()})
     """Processes sharing the documents (1 alone; torchrun sets it)."""
+    # Dataset input (docs/datasets.md).
+    split: str | None = None
+    """Dataset split to read (default: train, or the dataset's only split)."""
+    text_column: str | None = None
+    """Dataset column holding the text (default: `text`, else a pre-tokenized input_ids/tokens column, used as is)."""
+    id_column: str | None = None
+    """Dataset column holding each document's id (default: `<dataset>:<row>`, the row's place in the stream)."""
+    where: str | None = None
+    """Keep only the dataset rows where this SQL boolean expression over its columns holds, e.g. "lang = 'en'"."""
+    shuffle: int | None = None
+    """Shuffle the dataset's rows with this seed (a buffer shuffle, as `datasets` streams do; default: in order)."""
+    shuffle_buffer: int = 10_000
+    """Rows in the --shuffle buffer."""
+    streaming: bool = field(default=True, metadata={"flags": ("--streaming/--no-streaming",)})
+    """Stream hf: datasets (--no-streaming: download and cache them whole first)."""
+    max_docs: int | None = None
+    """Stop after this many documents (before the split over ranks)."""
+    max_tokens: int | None = None
+    """Stop after exactly this many document tokens (special tokens the model adds not counted); the last
+    document is cut at its token boundary."""
+    # Model inputs (docs/datasets.md#packing).
+    context_size: int | None = None
+    """Tokens per packed context (with --pack)."""
+    pack: bool = False
+    """Pack documents into contexts of --context-size tokens as SAELens does, instead of per-document windows."""
+    prepend_bos: bool | None = field(default=None, metadata={"flags": ("--prepend-bos/--no-prepend-bos",)})
+    """Begin each packed context with BOS (default: as the SAELens dictionary's cfg.json says, else yes)."""
+    separator: str = "bos"
+    """Token between packed documents: bos, eos, sep, none or a token id (SAELens's sequence_separator_token)."""
+    keep_partial: bool = False
+    """Keep the last, partial packed context (shorter) instead of dropping it."""
+    exclude_special: bool = False
+    """Leave BOS/EOS/pad and the tokenizer's other special tokens out of statistics, examples and tables
+    (SAELens's exclude_special_tokens); the model still sees them."""
 
     def __post_init__(self) -> None:
         # Lists are accepted and kept as tuples, so options compare and hash by value.
@@ -115,6 +150,9 @@ class IngestOptions:
                 f"(torchrun sets RANK and WORLD_SIZE; use --ranks N on one machine)"
             )
         parse_specs(self.sites)  # a malformed SPEC is refused before any data file is read
+        from .inputs import check_options
+
+        check_options(self)
 
     def run_config(self, *, model_id: str, sites: list[str], data_identity: object, max_length: int) -> dict:
         """The config stored with the run: the options that decide its rows, resolved: the model's id,

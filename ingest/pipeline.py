@@ -26,13 +26,12 @@ from warehouse.errors import BadInput, WarehouseError
 from warehouse.names import check_label, check_name
 from warehouse.runwriter import RunWriter, committed_with_same_config
 
-from . import limits, sources
+from . import contexts, inputs, limits, sources
 from .capture import Capture
 from .options import DEFAULT_SITES, IngestOptions, default_run_id
 from .prepare import read_sites, ready_capture
 from .ranks import merge_ranks, open_writer
 from .shard import Shard
-from .tokenize import windows
 
 
 @dataclass
@@ -61,32 +60,6 @@ def _documents_identity(documents: list) -> str:
     for doc in documents:
         digest.update(json.dumps([doc.doc_id, doc.text, doc.dataset, doc.role, doc.label], default=str).encode())
     return digest.hexdigest()
-
-
-def _shards(
-    stream: Iterator,
-    tokenizer,
-    *,
-    start: int,
-    rank: int,
-    world_size: int,
-    max_length: int,
-    truncate: bool,
-    shard_tokens: int,
-) -> Iterator[Shard]:
-    """This rank's documents from ordinal `start` on, windowed, in shards of at least `shard_tokens` tokens."""
-    docs, tokens, ordinal = [], 0, -1
-    for ordinal, doc in enumerate(stream):
-        if ordinal < start or ordinal % world_size != rank:
-            continue
-        wins = windows(ordinal, doc.text, tokenizer, max_length, truncate)
-        docs.append((ordinal, doc, wins))
-        tokens += sum(len(w.ids) for w in wins)
-        if tokens >= shard_tokens:
-            yield Shard(docs, ordinal + 1)
-            docs, tokens = [], 0
-    if docs:
-        yield Shard(docs, ordinal + 1)
 
 
 def _start_doc(writer) -> int:
@@ -173,21 +146,24 @@ def ingest(
     for kind, label in (("--dataset", opts.dataset), ("--role", opts.role)):
         if label is not None:
             check_label(kind, label)
-    paths = [] if documents is not None else sources.check_paths(list(opts.data))
-    # Read once before the run exists: bad records are refused now, and the hashes tie --resume to the content.
-    data_identity = sources.scan(paths, opts.skip_bad) if documents is None else None
-    if documents is None and not any(entry["documents"] for entry in data_identity):
-        raise BadInput("no documents to capture: the data files hold no readable documents")
+    # Opened before the run exists: bad records of plain files, unknown columns and splits are refused now,
+    # and the data's identity (file hashes, dataset fingerprints) ties --resume to the content.
+    source = inputs.open_input(opts) if documents is None else None
     device = loaded.config["device"] if loaded else models.resolve_device(opts.device)
     request = read_sites(opts.sites, device, splice=opts.splice)
     loaded = loaded or models.load(opts.model, opts.device, opts.dtype)
     ready = ready_capture(request, loaded)
     max_length = limits.window_length(opts.max_length, loaded, opts.model)
+    plan, opts, notes = contexts.plan(
+        opts, loaded.tokenizer, request.dictionaries, max_length, limits.model_positions(loaded)
+    )
     limits.check_logit_lens(opts.logit_lens, loaded)
     wh = warehouse.open_or_init(root)  # once every input is checked: a refused one creates no warehouse
     run_id = opts.run_id or default_run_id(opts.model)
     identity = (
-        data_identity if documents is None else {"documents": len(documents), "sha256": _documents_identity(documents)}
+        source.identity
+        if documents is None
+        else {"documents": len(documents), "sha256": _documents_identity(documents)}
     )
     config = opts.run_config(
         model_id=loaded.model_id, sites=[s.text for s in request.specs], data_identity=identity, max_length=max_length
@@ -195,10 +171,10 @@ def ingest(
     if opts.resume and (done := committed_with_same_config(wh.layout, run_id, config)) is not None:
         # Killed after its commit: the run is complete, resuming it is a no-op.
         return IngestResult(run_id, done["rows"], sum(p["bytes"] for p in done["parts"]), already_committed=True)
-    if opts.resume and paths:
+    if opts.resume and source is not None and source.paths:
         from .resume import refuse_changed_data
 
-        refuse_changed_data(wh.layout, run_id, paths, data_identity)
+        refuse_changed_data(wh.layout, run_id, source.paths, source.plain_identity)
 
     writer = open_writer(
         lambda: RunWriter(wh.layout, run_id, config, resume=opts.resume, rank=opts.rank, world_size=opts.world_size),
@@ -208,15 +184,14 @@ def ingest(
     capture = ready.capture
     capture.restore(writer.state)
     counter = sources.SkipCounter(opts.skip_bad)
-    stream = iter(documents) if documents is not None else sources.read(paths, counter, opts.dataset, opts.role)
-    shards = _shards(
+    stream = iter(documents) if documents is not None else source.documents(counter, opts.dataset, opts.role)
+    shards = contexts.shards(
         stream,
         loaded.tokenizer,
+        plan,
         start=_start_doc(writer),
         rank=opts.rank,
         world_size=opts.world_size,
-        max_length=max_length,
-        truncate=opts.truncate,
         shard_tokens=opts.shard_tokens,
     )
     started = time.perf_counter()
@@ -224,7 +199,7 @@ def ingest(
     skipped = dict(skipped=counter.skipped, first_skipped=counter.first_error)
     if opts.rank != 0:
         writer.finish_rank()
-        return IngestResult(run_id, documents=n_docs, tokens=n_tokens, rank=opts.rank, **skipped)
+        return IngestResult(run_id, documents=n_docs, tokens=n_tokens, rank=opts.rank, notes=notes, **skipped)
     manifest, total_docs = _commit(opts, capture, ready.resolved, writer)
     return IngestResult(
         run_id,
@@ -233,5 +208,6 @@ def ingest(
         total_docs,
         n_tokens,
         time.perf_counter() - started,
+        notes=notes,
         **skipped,
     )

@@ -5,7 +5,7 @@
     torchrun --nnodes 4 --node-rank $NODE --rdzv-backend c10d --rdzv-endpoint $HOST:29500 \\
              --nproc-per-node 8 -m ingest /shared/wh --device cuda ...   # each rank uses cuda:LOCAL_RANK
 
-Documents are dealt round-robin by ordinal (pipeline._shards). The ranks agree on the
+Documents are dealt round-robin by ordinal (contexts.shards). The ranks agree on the
 run id and start in order through torch.distributed (gloo, CPU-only traffic); every
 rank journals its own shards, so `--resume` works per rank. Rank 0 waits for the
 others' done markers, merges their running statistics, examples and dictionary quality
@@ -107,13 +107,13 @@ def merge_ranks(writer, site_layers) -> None:
 def launch(n: int, data: list[str], arguments: list[str]) -> None:
     """`whq ingest --ranks N`: check the cheap inputs, then run torchrun with `arguments`, the command's
     arguments after `ingest` less --ranks."""
-    from . import sources
+    from .inputs import check_data
 
     if n < 1:
         raise BadInput("--ranks must be at least 1")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise BadInput("--ranks launches torchrun; under torchrun already, drop --ranks")
-    sources.check_paths(data)
+    check_data(data)
     command = [
         sys.executable,
         "-m",

@@ -120,6 +120,9 @@ class BatchContext:
     carry_in: bool  # segment 0 continues a document from the previous batch
     carry_out: bool  # the last segment continues into the next batch
     full: bool = False  # no padding in this batch (every mask entry True)
+    # [B*T] where each window position was computed in the model's flattened [rows * seq] output; None: the
+    # model's rows are the windows (ingest/contexts.py model_input)
+    unpack: torch.Tensor | None = None
 
     # Shared by every site layer of the batch, so computed once.
     @cached_property
@@ -336,6 +339,8 @@ class SiteLayer:
                 f"site {self.name} layer {self.layer}: expected [batch, seq, units], got shape {tuple(x.shape)}"
             )
         x = x.detach().float()
+        if ctx.unpack is not None:
+            x = x.reshape(-1, x.shape[-1])[ctx.unpack].view(*ctx.mask.shape, x.shape[-1])
         if self.encoder is not None:
             x = self.encoder(x, ctx.mask[:, : x.shape[1]])
         if self.width is None:

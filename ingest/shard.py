@@ -26,6 +26,7 @@ class Shard:
 
     docs: list[tuple[int, Document, list[Window]]]  # (ordinal, document, its windows in order)
     next_doc: int  # ordinal after the shard's last document
+    packed: bool = False  # the windows are cut from packed contexts (ingest/contexts.py)
 
     @cached_property
     def doc_tokens(self) -> list[int]:
@@ -38,7 +39,13 @@ class Shard:
 
     def batches(self, batch_size: int) -> Iterator[list[Window]]:
         """The windows in batches, shortest documents first: batches of similar length waste little
-        on padding. A document's windows stay consecutive and in order (the capture relies on it)."""
+        on padding. A document's windows stay consecutive and in order (the capture relies on it).
+        Packed windows come in context order instead, whole contexts a batch."""
+        if self.packed:
+            from .contexts import packed_batches
+
+            yield from packed_batches(self.docs, batch_size)
+            return
         by_length = sorted(zip(self.doc_tokens, self.docs), key=lambda pair: pair[0])
         live = [w for _, (_, _, wins) in by_length for w in wins if w.ids]
         for i in range(0, len(live), batch_size):
@@ -77,6 +84,7 @@ class Shard:
 
     def tokens_table(self, tokenizer) -> pa.Table:
         ids, pieces, texts, docs, pos, win, starts, ends, special = [], [], [], [], [], [], [], [], []
+        contexts, context_pos = [], []
         for ordinal, _, wins in self.docs:
             for w in wins:
                 n = len(w.ids)
@@ -89,6 +97,8 @@ class Shard:
                 starts.extend(None if s < 0 else s for s in w.char_start)
                 ends.extend(None if e < 0 else e for e in w.char_end)
                 special.extend(w.special)
+                contexts.extend([w.context if w.context >= 0 else None] * n)
+                context_pos.extend(range(w.context_start, w.context_start + n))
         cols = {
             "doc": docs,
             "pos": pos,
@@ -99,5 +109,7 @@ class Shard:
             "char_end": ends,
             "special": special,
             "text": texts,
+            "context": contexts,
+            "context_pos": context_pos,
         }
         return pa.Table.from_pydict(cols, schema=warehouse.schema.table("tokens").arrow_schema())

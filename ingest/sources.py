@@ -29,6 +29,7 @@ class Document:
     role: str | None = None
     label: str | None = None
     meta: dict = field(default_factory=dict)
+    token_ids: list[int] | None = None  # a pre-tokenized document's ids, used as they are (text: for display)
 
 
 @dataclass

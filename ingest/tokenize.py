@@ -21,6 +21,23 @@ class Window:
     char_start: list[int]  # -1 for special tokens
     char_end: list[int]
     last: bool  # the document's final window
+    # A window is its own model input unless it was cut from a longer one (a packed context, or a
+    # window whose special tokens --exclude-special leaves out): then `row` is that input, `context`
+    # its ordinal in the run (-1: not a packed context), `context_start` where in it the window starts,
+    # and `n_before` the document's tokens in its earlier windows (positions skip the left-out ones).
+    context: int = -1
+    context_start: int = 0
+    row: list[int] | None = None
+    n_before: int | None = None
+
+    @property
+    def model_row(self) -> list[int]:
+        return self.ids if self.row is None else self.row
+
+    @property
+    def tokens_through(self) -> int:
+        """The document's tokens up to and including this window."""
+        return (self.start_pos if self.n_before is None else self.n_before) + len(self.ids)
 
 
 class HFTokenizer:
@@ -31,6 +48,11 @@ class HFTokenizer:
         self.prefix, self.suffix = _special_frame(tokenizer)
         self.n_special = len(self.prefix) + len(self.suffix)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        self.special_ids = frozenset(tokenizer.all_special_ids)
+        # The token a context or sequence begins with: BOS, or [CLS] for BERT-style tokenizers.
+        self.bos_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.cls_token_id
+        self.eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+        self.sep_id = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else self.eos_id
         self._vocab: list[str] | None = None
         self._texts: dict[int, str] = {}
 
@@ -73,6 +95,8 @@ class ByteTokenizer:
 
     n_special = 0
     pad_id = 0
+    special_ids = frozenset()
+    bos_id = eos_id = sep_id = None
 
     def encode(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         ids, offsets = [], []
@@ -98,6 +122,17 @@ class ByteTokenizer:
 def windows(doc: int, text: str, tokenizer, max_length: int, truncate: bool) -> list[Window]:
     """Split one document into model windows of at most max_length tokens."""
     ids, offsets = tokenizer.encode(text)
+    return windows_of(doc, ids, offsets, tokenizer, max_length, truncate)
+
+
+def windows_of(
+    doc: int, ids: list[int], offsets: list | None, tokenizer, max_length: int, truncate: bool
+) -> list[Window]:
+    """Split one document's token ids into model windows of at most max_length tokens, each framed by the
+    tokenizer's special tokens. offsets None: a pre-tokenized document, used as it is (no frame, no
+    character offsets; its own special tokens are marked as such)."""
+    if offsets is None:
+        return _pretokenized_windows(doc, ids, tokenizer, max_length, truncate)
     body = max(1, max_length - tokenizer.n_special)
     chunks = [ids[i : i + body] for i in range(0, len(ids), body)] or [[]]
     offset_chunks = [offsets[i : i + body] for i in range(0, len(offsets), body)] or [[]]
@@ -118,6 +153,26 @@ def windows(doc: int, text: str, tokenizer, max_length: int, truncate: bool) -> 
         out.append(Window(doc, index, pos, full, special, starts, ends, index == len(chunks) - 1))
         pos += len(full)
     return out
+
+
+def _pretokenized_windows(doc: int, ids: list[int], tokenizer, max_length: int, truncate: bool) -> list[Window]:
+    chunks = [ids[i : i + max_length] for i in range(0, len(ids), max_length)] or [[]]
+    if truncate:
+        chunks = chunks[:1]
+    specials = tokenizer.special_ids
+    return [
+        Window(
+            doc,
+            index,
+            index * max_length,
+            list(chunk),
+            [i in specials for i in chunk],
+            [-1] * len(chunk),
+            [-1] * len(chunk),
+            index == len(chunks) - 1,
+        )
+        for index, chunk in enumerate(chunks)
+    ]
 
 
 def pad_batch(batch: list[Window], pad_id: int) -> tuple[np.ndarray, np.ndarray]:

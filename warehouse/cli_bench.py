@@ -10,7 +10,15 @@ import typer
 from ingest.options import DEFAULT_SITES
 
 from . import jsonio
-from .cli_options import BatchSizeOption, DeviceOption, DtypeOption, JsonOption, ModelOption, SitesOption
+from .cli_options import (
+    BatchSizeOption,
+    DeviceOption,
+    DtypeOption,
+    JsonOption,
+    MaxDocsOption,
+    ModelOption,
+    SitesOption,
+)
 
 bench_app = typer.Typer(
     no_args_is_help=True, rich_markup_mode=None, help="Benchmarks: build synthetic data, time the engines."
@@ -66,6 +74,13 @@ def ingest_(
     repeats: RepeatsOption = 3,
     shard_tokens: int = typer.Option(65536, "--shard-tokens", help="Tokens per block = per committed shard."),
     as_json: JsonOption = False,
+    data: str | None = typer.Option(
+        None,
+        "--data",
+        help="A dataset source (hf:NAME, a save_to_disk folder, shards): time capture ÷ plain from it against the same "
+        "documents from a local JSONL (docs/datasets.md).",
+    ),
+    max_docs: MaxDocsOption = None,
 ):
     """Time the plain forward pass against the full capture path (hooks, reductions, writer) on one batch.
 
@@ -80,6 +95,25 @@ def ingest_(
     from . import ranges
 
     ranges.at_least("--shard-tokens", shard_tokens, 1)
+    if data is not None:
+        from ingest.bench_input import bench_input
+        from ingest.options import IngestOptions
+
+        options = IngestOptions(
+            model,
+            (data,),
+            tuple(sites),
+            batch_size=batch_size,
+            max_length=seq_len,
+            device=device,
+            dtype=dtype,
+            shard_tokens=shard_tokens,
+            max_docs=max_docs,
+            progress=False,
+        )
+        found = bench_input(options, repeats=repeats, echo=None if as_json else typer.echo)
+        typer.echo(jsonio.dumps(found.to_dict(), indent=1) if as_json else "\n".join(found.lines()))
+        return
     result = bench_ingest(
         model,
         model_config=model_config,

@@ -128,3 +128,4 @@ SitesOption = INGEST_OPTIONS["sites"].annotation
 DeviceOption = INGEST_OPTIONS["device"].annotation
 DtypeOption = INGEST_OPTIONS["dtype"].annotation
 BatchSizeOption = INGEST_OPTIONS["batch_size"].annotation
+MaxDocsOption = INGEST_OPTIONS["max_docs"].annotation

@@ -97,13 +97,15 @@ DOCUMENT_LABELS = (
 )
 
 
-def _document_label_problem(path, number: int, doc) -> str | None:
+def document_label_problem(doc) -> str | None:
+    """Why one of a document's labels (DOCUMENT_LABELS) is not valid (None when all are): the check
+    check_documents makes of every document of a file, and dataset sources of each row they stream."""
     for column, attribute, longest in DOCUMENT_LABELS:
         value = getattr(doc, attribute, None)
         value = value.get(column) if isinstance(value, dict) else value
         problem = None if value is None else label_problem(value, longest)
         if problem:
-            return f"{path}, document {number}: invalid {column} {value!r}: {problem}; fix it in the data file"
+            return f"invalid {column} {value!r}: {problem}"
     return None
 
 
@@ -136,9 +138,9 @@ def check_documents(paths: Iterable, read_file: Callable[[object], Iterable]) ->
                 f"({label_problem(Path(path).stem)}): rename it"
             )
         for number, doc in enumerate(read_file(path), start=1):
-            problem = _document_label_problem(path, number, doc)
+            problem = document_label_problem(doc)
             if problem:
-                raise BadInput(problem)
+                raise BadInput(f"{path}, document {number}: {problem}; fix it in the data file")
             hashes.append(_id_hash(doc.doc_id))
     ordered = np.sort(np.frombuffer(hashes, dtype=np.uint64))
     repeated = set(ordered[1:][ordered[1:] == ordered[:-1]].tolist())

@@ -1,0 +1,341 @@
+"""Dataset sources read with the `datasets` library, streamed as Documents.
+
+    --data hf:NAME[:CONFIG]          a Hub dataset (streamed; from the local cache with HF_DATASETS_OFFLINE=1),
+                                     or hf:FOLDER, a local dataset repository (Parquet/JSONL files)
+    --data FOLDER                    a `save_to_disk` folder, or a folder of .parquet/.jsonl/.txt shards
+    --data 'shards/*.parquet'        a glob of shards
+
+A plain file with a dataset option (--where, --shuffle, --text-column, ...) is read the same
+way. Rows arrive in the dataset's order (or a seeded buffer shuffle of it), are filtered by
+--where (a SQL boolean expression DuckDB evaluates over each Arrow batch, checked by sqlglot to
+be a pure expression: columns, literals, operators and a few string functions, nothing that
+reads, writes or runs code) and become Documents: the text column (or a pre-tokenized
+`input_ids`/`tokens` column, kept as is), an id (the --id-column, else `<name>:<row>`, the
+row's place in the stream before the filter) and the other columns as the document's meta.
+
+`identity()` is what the run config stores as its data, the fingerprint `--resume` checks:
+the source, its revision or content fingerprint, the split, filter, shuffle seed and columns.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from warehouse.errors import BadInput
+from warehouse.names import document_label_problem
+
+from .sources import ID_COLUMNS, INT32_MAX, Document, SkipCounter
+
+HF_PREFIX = "hf:"
+SHARD_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "text"}
+TOKEN_COLUMNS = ("input_ids", "tokens")
+TEXT_COLUMN = "text"
+ROW_COLUMN = "__whq_row"  # the row's place in the (shuffled) stream, before --where
+BATCH_ROWS = 1024
+# save_to_disk writes these beside its Arrow files.
+DISK_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Where a --data value's rows come from."""
+
+    text: str  # as given
+    kind: str  # hub | disk | files
+    name: str  # Hub name or local repository folder (hub), folder (disk), or the glob / folder (files)
+    config: str | None = None
+    files: tuple[str, ...] = ()  # kind files: the shards, sorted
+
+    @property
+    def label(self) -> str:
+        """The dataset label of its documents (when the rows carry none): the name, folder, or the glob's folder."""
+        path = Path(self.name)
+        return (path.parent.name if glob.has_magic(self.name) else path.name) or self.name
+
+
+def is_dataset(text: str) -> bool:
+    """A --data value read with `datasets` (not ingest/sources.py): hf:, a folder or a glob. A folder named
+    like a data file (docs.jsonl/) is left to sources.py, which says it is not a file."""
+    path = Path(text)
+    return text.startswith(HF_PREFIX) or (path.is_dir() and path.suffix not in SHARD_BUILDERS) or glob.has_magic(text)
+
+
+def parse(text: str) -> DatasetSpec:
+    """The spec of one --data value; a missing folder or an empty glob is one BadInput."""
+    if text.startswith(HF_PREFIX):
+        rest = text[len(HF_PREFIX) :]
+        local = Path(rest)
+        if local.is_dir():  # a folder can hold ':' in its name: it wins over NAME:CONFIG
+            return DatasetSpec(text, "hub", str(local))
+        name, _, config = rest.partition(":")
+        if not name:
+            raise BadInput(f"--data {text!r} names no dataset: use hf:NAME or hf:NAME:CONFIG")
+        return DatasetSpec(text, "hub", name, config or None)
+    path = Path(text)
+    if path.is_dir():
+        if any((path / marker).exists() for marker in DISK_MARKERS):
+            return DatasetSpec(text, "disk", str(path))
+        files = sorted(str(p) for p in path.rglob("*") if p.is_file() and p.suffix in SHARD_BUILDERS)
+        if not files:
+            raise BadInput(
+                f"data folder {text} holds no save_to_disk dataset and no .parquet/.jsonl/.txt shards: check the path"
+            )
+        return DatasetSpec(text, "files", str(path), files=tuple(files))
+    files = sorted(p for p in glob.glob(text, recursive=True) if Path(p).is_file())
+    if not files and not glob.has_magic(text) and path.is_file():
+        files = [text]
+    if not files:
+        raise BadInput(f"--data {text!r} matches no file: check the path or glob")
+    return DatasetSpec(text, "files", text, files=tuple(files))
+
+
+def _builder(spec: DatasetSpec) -> str:
+    kinds = {SHARD_BUILDERS.get(Path(f).suffix) for f in spec.files}
+    if None in kinds or len(kinds) != 1:
+        suffixes = ", ".join(sorted({Path(f).suffix or "(none)" for f in spec.files}))
+        raise BadInput(
+            f"--data {spec.text!r} mixes or holds unsupported shard types ({suffixes}): "
+            "give shards of one type, .parquet, .jsonl or .txt"
+        )
+    return kinds.pop()
+
+
+def _one_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+
+
+def _split_of(splits: list[str], split: str | None, spec: DatasetSpec) -> str:
+    if split is None:
+        if "train" in splits or len(splits) != 1:
+            split = "train"
+        else:
+            split = splits[0]
+    if split not in splits:
+        raise BadInput(f"dataset {spec.text} has no split {split!r}: use --split with one of {', '.join(splits)}")
+    return split
+
+
+def load(spec: DatasetSpec, split: str | None, streaming: bool = True):
+    """(dataset, split) with `datasets`: an IterableDataset when streaming, a Dataset otherwise."""
+    import datasets
+
+    datasets.disable_progress_bars()  # the ingest has its own progress line
+    if spec.kind == "disk":
+        try:
+            loaded = datasets.load_from_disk(spec.name)
+        except Exception as err:  # datasets raises several types for a damaged folder
+            raise BadInput(f"dataset folder {spec.name} is not readable ({_one_line(err)}): check the folder") from None
+        if isinstance(loaded, datasets.DatasetDict):
+            split = _split_of(list(loaded), split, spec)
+            loaded = loaded[split]
+        elif split not in (None, "train"):
+            raise BadInput(f"dataset {spec.text} has no splits (it is one dataset): drop --split {split}")
+        return (loaded.to_iterable_dataset() if streaming else loaded), split or "train"
+    if spec.kind == "files":
+        if split not in (None, "train"):
+            raise BadInput(f"shard files {spec.text} form one split, train: drop --split {split}")
+        builder = _builder(spec)
+        extra = {"sample_by": "paragraph"} if builder == "text" else {}  # documents end at a blank line
+        return _load_dataset(spec, builder, data_files=list(spec.files), split="train", streaming=streaming, **extra)
+    try:
+        import datasets
+
+        splits = datasets.get_dataset_split_names(spec.name, spec.config)
+    except Exception as err:
+        raise BadInput(
+            f"dataset {spec.text} cannot be opened ({_one_line(err)}): check the name, or set "
+            "HF_DATASETS_OFFLINE=1 to read it from the local cache"
+        ) from None
+    split = _split_of(splits, split, spec)
+    return _load_dataset(spec, spec.name, spec.config, split=split, streaming=streaming)
+
+
+def _load_dataset(spec: DatasetSpec, *args, split: str, **kwargs):
+    import datasets
+
+    try:
+        return datasets.load_dataset(*args, split=split, **kwargs), split
+    except Exception as err:
+        raise BadInput(
+            f"dataset {spec.text} cannot be opened ({_one_line(err)}): check the name and files, or set "
+            "HF_DATASETS_OFFLINE=1 to read it from the local cache"
+        ) from None
+
+
+@dataclass
+class Columns:
+    """Which columns make a Document."""
+
+    text: str | None  # None: pre-tokenized
+    tokens: str | None
+    id: str | None
+    all: list[str]
+
+
+def columns(available: list[str], text_column: str | None, id_column: str | None, where: str) -> Columns:
+    """The text (or token) and id columns, checked against the dataset's columns (the id column by default
+    the first of doc_id, docid, id it has)."""
+    shown = ", ".join(available)
+    for flag, column in (("--text-column", text_column), ("--id-column", id_column)):
+        if column is not None and column not in available:
+            raise BadInput(f"{flag} {column!r} is not a column of {where}: use one of {shown}")
+    if id_column is None:
+        id_column = next((c for c in ID_COLUMNS if c in available), None)
+    if text_column in TOKEN_COLUMNS:
+        return Columns(None, text_column, id_column, available)
+    if text_column is not None:
+        return Columns(text_column, None, id_column, available)
+    tokens = next((c for c in TOKEN_COLUMNS if c in available), None)
+    if TEXT_COLUMN in available:
+        return Columns(TEXT_COLUMN, None, id_column, available)
+    if tokens is not None:
+        return Columns(None, tokens, id_column, available)
+    raise BadInput(
+        f"{where} has no text column and no input_ids/tokens column: name one with --text-column (columns: {shown})"
+    )
+
+
+class DatasetInput:
+    """One dataset source with its options: its documents, its identity, its column check."""
+
+    def __init__(
+        self,
+        spec: DatasetSpec,
+        *,
+        split: str | None = None,
+        text_column: str | None = None,
+        id_column: str | None = None,
+        where: str | None = None,
+        shuffle: int | None = None,
+        shuffle_buffer: int = 10_000,
+        streaming: bool = True,
+    ):
+        from .where import RowFilter
+
+        self.spec = spec
+        # Text shards: a document is a paragraph, without the newlines around it (as ingest/sources.py reads .txt).
+        self.paragraphs = spec.kind == "files" and _builder(spec) == "text"
+        self.shuffle, self.shuffle_buffer = shuffle, shuffle_buffer
+        self.dataset, self.split = load(spec, split, streaming)
+        if shuffle is not None:
+            if not hasattr(self.dataset, "_ex_iterable"):  # a map-style Dataset: shuffle it as a stream
+                self.dataset = self.dataset.to_iterable_dataset()
+            self.dataset = self.dataset.shuffle(seed=shuffle, buffer_size=shuffle_buffer)
+        available = self._column_names()
+        self.columns = columns(available, text_column, id_column, spec.text)
+        self.filter = RowFilter(where, available, spec.text) if where else None
+
+    def _column_names(self) -> list[str]:
+        names = self.dataset.column_names
+        if names is None:  # a stream of JSON rows declares no features: read the first batch's
+            first = next(iter(self.dataset.with_format("arrow").iter(batch_size=1)), None)
+            names = [] if first is None else first.column_names
+        return list(names)
+
+    def identity(self) -> dict:
+        """What the run config stores: the source and every option that decides which rows, in which order."""
+        spec = self.spec
+        identity = {
+            "source": spec.text,
+            "kind": spec.kind,
+            "name": spec.name,
+            "config": spec.config,
+            "split": self.split,
+            "revision": self._revision(),
+            "where": self.filter.sql if self.filter else None,
+            "shuffle": self.shuffle,
+            "shuffle_buffer": self.shuffle_buffer if self.shuffle is not None else None,
+            "text_column": self.columns.text,
+            "tokens_column": self.columns.tokens,
+            "id_column": self.columns.id,
+        }
+        identity["fingerprint"] = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+        return identity
+
+    def _revision(self) -> object:
+        """The content the rows come from: the save_to_disk fingerprint, each shard's size and mtime, or
+        the Hub dataset's cached revision (its builder hash, which names the commit it was read at)."""
+        spec = self.spec
+        if spec.kind == "disk":
+            state = [json.loads(p.read_text()).get("_fingerprint") for p in sorted(Path(spec.name).rglob("state.json"))]
+            return {"fingerprints": state}
+        if spec.kind == "files":
+            return {"files": [_file_identity(f) for f in spec.files]}
+        if Path(spec.name).is_dir():
+            files = sorted(p for p in Path(spec.name).rglob("*") if p.is_file() and ".cache" not in p.parts)
+            return {"files": [_file_identity(str(f)) for f in files]}
+        try:
+            import datasets
+
+            return {"builder_hash": datasets.load_dataset_builder(spec.name, spec.config).hash}
+        except Exception:  # an offline cache without builder metadata: the name and config must do
+            return None
+
+    def documents(self, counter: SkipCounter, dataset: str | None, role: str | None) -> Iterator[Document]:
+        """The rows in order (after --where) as Documents; a bad row is refused, or counted with --skip-bad."""
+        import pyarrow as pa
+
+        label = dataset or self.spec.label
+        row = 0
+        for batch in self.dataset.with_format("arrow").iter(batch_size=BATCH_ROWS):
+            batch = batch.append_column(ROW_COLUMN, pa.array(range(row, row + batch.num_rows), pa.int64()))
+            row += batch.num_rows
+            if self.filter is not None:
+                batch = self.filter.apply(batch)
+            for record in batch.to_pylist():
+                index = record.pop(ROW_COLUMN)
+                if self.paragraphs:
+                    record[TEXT_COLUMN] = record[TEXT_COLUMN].strip("\n")
+                    if not record[TEXT_COLUMN]:
+                        continue
+                try:
+                    doc = self._document(record, index, label, role)
+                except ValueError as err:
+                    counter.bad(f"{self.spec.text} row {index}: {err}")
+                    continue
+                yield doc
+
+    def _document(self, record: dict, index: int, label: str, role: str | None) -> Document:
+        cols = self.columns
+        doc_id = record.get(cols.id) if cols.id else None
+        doc_id = f"{self.spec.label}:{index}" if doc_id is None else str(doc_id)
+        if cols.tokens is not None:
+            ids = record[cols.tokens]
+            if not isinstance(ids, list) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and 0 <= i <= INT32_MAX for i in ids
+            ):
+                raise ValueError(f"column {cols.tokens!r} must be a list of token ids (whole numbers >= 0)")
+            text = record.get(TEXT_COLUMN) if isinstance(record.get(TEXT_COLUMN), str) else None
+        else:
+            text, ids = record[cols.text], None
+            if not isinstance(text, str):
+                raise ValueError(f"column {cols.text!r} must be a string, got {type(text).__name__}")
+        meta = {
+            k: v for k, v in record.items() if k not in {cols.text, cols.tokens, cols.id, "dataset", "role", "label"}
+        }
+        labels = {k: record.get(k) if isinstance(record.get(k), str) else None for k in ("dataset", "role", "label")}
+        doc = Document(
+            doc_id,
+            text or "",
+            labels["dataset"] or label,
+            labels["role"] or role,
+            labels["label"],
+            meta,
+            token_ids=ids,
+        )
+        # Labels reach terminals and pages: a row's are checked as a data file's are (warehouse/names.py).
+        problem = document_label_problem(doc)
+        if problem:
+            raise ValueError(problem)
+        return doc
+
+
+def _file_identity(path: str) -> dict:
+    info = os.stat(path)
+    return {"path": str(Path(path).resolve()), "bytes": info.st_size, "mtime_ns": info.st_mtime_ns}

@@ -1,0 +1,346 @@
+"""Dataset sources (ingest/dataset_sources.py, ingest/where.py): a small dataset the tests write with
+`datasets` (save_to_disk, Parquet and JSONL shards, a local Hub-style repository) read in every mode,
+against plain Python over the same rows. Nothing touches the network (HF_DATASETS_OFFLINE=1)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+datasets = pytest.importorskip("datasets")
+
+from ingest import contexts, inputs  # noqa: E402
+from ingest.options import IngestOptions  # noqa: E402
+from ingest.sources import SkipCounter  # noqa: E402
+from warehouse.errors import BadInput  # noqa: E402
+
+N = 40
+ROWS = [
+    {
+        "text": f"Row {i}: " + " ".join(f"w{(i * 7 + j) % 13}" for j in range(i % 9)),
+        "uid": f"u{i}",
+        "lang": "en" if i % 3 else "fr",
+        "score": i * 0.5,
+    }
+    for i in range(N)
+]
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    """{kind: --data value} over the same ROWS (the DatasetDict one has a test split too)."""
+    base = tmp_path_factory.mktemp("datasets")
+    ds = datasets.Dataset.from_list(ROWS)
+    ds.save_to_disk(str(base / "disk"))
+    datasets.DatasetDict({"train": ds, "test": ds.select(range(5))}).save_to_disk(str(base / "dict"))
+    (base / "parquet").mkdir()
+    (base / "jsonl").mkdir()
+    for k in range(4):  # contiguous shards: their sorted names hold the rows in order
+        part = ds.shard(4, k, contiguous=True)
+        part.to_parquet(str(base / "parquet" / f"part-{k}.parquet"))
+        with open(base / "jsonl" / f"part-{k}.jsonl", "w") as fh:
+            for row in part:
+                fh.write(json.dumps(row) + "\n")
+    (base / "repo" / "data").mkdir(parents=True)
+    ds.to_parquet(str(base / "repo" / "data" / "train.parquet"))
+    return {
+        "disk": str(base / "disk"),
+        "dict": str(base / "dict"),
+        "parquet-folder": str(base / "parquet"),
+        "parquet-glob": str(base / "parquet" / "*.parquet"),
+        "jsonl-glob": str(base / "jsonl" / "part-*.jsonl"),
+        "hub-folder": "hf:" + str(base / "repo"),
+        "hub-folder-stored": "hf:" + str(base / "repo"),
+    }
+
+
+def _docs(data: str, **options) -> list:
+    source = inputs.open_input(IngestOptions(data=(data,), **options))
+    return list(source.documents(SkipCounter(), None, None))
+
+
+@pytest.mark.parametrize("kind", ["disk", "dict", "parquet-folder", "parquet-glob", "jsonl-glob", "hub-folder"])
+def test_every_source_reads_the_rows_in_order(sources, kind):
+    docs = _docs(sources[kind], id_column="uid")
+    assert [d.text for d in docs] == [r["text"] for r in ROWS]
+    assert [d.doc_id for d in docs] == [r["uid"] for r in ROWS]
+    assert [d.meta["lang"] for d in docs] == [r["lang"] for r in ROWS]
+
+
+def test_not_streamed_reads_the_same(sources):
+    assert [d.text for d in _docs(sources["hub-folder-stored"], streaming=False)] == [r["text"] for r in ROWS]
+
+
+def test_default_id_is_the_row_in_the_stream(sources):
+    docs = _docs(sources["disk"], where="lang = 'fr'")
+    assert [d.doc_id for d in docs] == [f"disk:{i}" for i in range(N) if i % 3 == 0]
+
+
+def test_split(sources):
+    assert [d.text for d in _docs(sources["dict"], split="test")] == [r["text"] for r in ROWS[:5]]
+    with pytest.raises(BadInput, match="has no split 'validation': use --split with one of train, test"):
+        _docs(sources["dict"], split="validation")
+    with pytest.raises(BadInput, match="drop --split"):
+        _docs(sources["parquet-glob"], split="test")
+
+
+@pytest.mark.parametrize(
+    ("where", "keep"),
+    [
+        ("lang = 'en' AND score >= 5", lambda r: r["lang"] == "en" and r["score"] >= 5),
+        (
+            "length(text) BETWEEN 10 AND 20 OR uid IN ('u1', 'u2')",
+            lambda r: 10 <= len(r["text"]) <= 20 or r["uid"] in ("u1", "u2"),
+        ),
+        ("NOT (text LIKE '%w3%') AND lower(lang) <> 'fr'", lambda r: "w3" not in r["text"] and r["lang"] != "fr"),
+    ],
+)
+def test_where_equals_python(sources, where, keep):
+    for kind in ("disk", "jsonl-glob"):
+        assert [d.text for d in _docs(sources[kind], where=where)] == [r["text"] for r in ROWS if keep(r)]
+
+
+@pytest.mark.parametrize(
+    ("where", "fix"),
+    [
+        ("(SELECT 1) = 1", "is not allowed"),
+        ("read_csv('/etc/passwd') IS NULL", "is not allowed"),
+        ("lang = 'en'; DROP TABLE x", "is not allowed"),
+        ("nope = 1", "not a column of"),
+        ("t.lang = 'en'", "not a column of"),
+        ("lang = ", "is not a SQL expression"),
+        ("getenv('HOME') = 'x'", "is not allowed"),
+    ],
+)
+def test_bad_where_is_one_line(sources, where, fix):
+    with pytest.raises(BadInput, match=fix) as raised:
+        _docs(sources["disk"], where=where)
+    assert "\n" not in str(raised.value)
+
+
+def test_unknown_columns_and_missing_sources(sources, tmp_path):
+    with pytest.raises(BadInput, match="--text-column 'body' is not a column of .*: use one of text, uid, lang, score"):
+        _docs(sources["disk"], text_column="body")
+    with pytest.raises(BadInput, match="--id-column 'key' is not a column"):
+        _docs(sources["disk"], id_column="key")
+    with pytest.raises(BadInput, match="matches no file"):
+        _docs(str(tmp_path / "none-*.parquet"))
+    with pytest.raises(BadInput, match="no save_to_disk dataset and no .parquet/.jsonl/.txt shards"):
+        _docs(str(tmp_path))
+    with pytest.raises(BadInput, match="HF_DATASETS_OFFLINE"):
+        _docs("hf:whq-tests/not-a-dataset-anywhere")
+
+
+def test_shuffle_is_a_seeded_permutation(sources):
+    texts = [r["text"] for r in ROWS]
+    once = [d.text for d in _docs(sources["disk"], shuffle=7, shuffle_buffer=8)]
+    assert once == [d.text for d in _docs(sources["disk"], shuffle=7, shuffle_buffer=8)]
+    assert sorted(once) == sorted(texts) and once != texts
+    assert once != [d.text for d in _docs(sources["disk"], shuffle=8, shuffle_buffer=8)]
+
+
+def test_pretokenized_column_is_used_as_is(tmp_path):
+    rows = [{"input_ids": [5, 6, 7 + i], "note": str(i)} for i in range(4)]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "tok"))
+    docs = _docs(str(tmp_path / "tok"))
+    assert [d.token_ids for d in docs] == [r["input_ids"] for r in rows]
+    datasets.Dataset.from_list([{"input_ids": [1, -2]}]).save_to_disk(str(tmp_path / "bad"))
+    with pytest.raises(BadInput, match="row 0: column 'input_ids' must be a list of token ids"):
+        _docs(str(tmp_path / "bad"))
+    counter = SkipCounter(skip_bad=True)
+    source = inputs.open_input(IngestOptions(data=(str(tmp_path / "bad"),), skip_bad=True))
+    assert list(source.documents(counter, None, None)) == [] and counter.skipped == 1
+
+
+def test_plain_file_with_a_dataset_option_goes_through_datasets(sources, tmp_path):
+    path = tmp_path / "one.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    assert [d.text for d in _docs(str(path), where="score < 3")] == [r["text"] for r in ROWS if r["score"] < 3]
+
+
+def test_fingerprint_follows_split_filter_seed_and_content(sources, tmp_path):
+    def fingerprint(data, **options):
+        return inputs.open_input(IngestOptions(data=(data,), **options)).identity[0]["fingerprint"]
+
+    base = fingerprint(sources["dict"])
+    assert base == fingerprint(sources["dict"])  # stable
+    changed = [
+        fingerprint(sources["dict"], split="test"),
+        fingerprint(sources["dict"], where="lang = 'en'"),
+        fingerprint(sources["dict"], shuffle=1),
+        fingerprint(sources["dict"], shuffle=2),
+        fingerprint(sources["dict"], text_column="uid"),
+    ]
+    assert len({base, *changed}) == 1 + len(changed)
+    shard = tmp_path / "shards"
+    shard.mkdir()
+    (shard / "a.jsonl").write_text(json.dumps(ROWS[0]) + "\n")
+    before = fingerprint(str(shard))
+    (shard / "a.jsonl").write_text(json.dumps(ROWS[1]) + "\n")
+    assert fingerprint(str(shard)) != before
+
+
+class _Ids:
+    """A tokenizer for the stream tests: one token per word, ids from a shared table."""
+
+    special_ids = frozenset({0})
+    n_special = 0
+    bos_id = 0
+
+    def __init__(self):
+        self.vocab: dict[str, int] = {}
+
+    def encode(self, text):
+        ids, offsets, at = [], [], 0
+        for word in text.split(" "):
+            ids.append(self.vocab.setdefault(word, len(self.vocab) + 1))
+            offsets.append((at, at + len(word)))
+            at += len(word) + 1
+        return ids, offsets
+
+    def wrap(self, ids):
+        return list(ids), [False] * len(ids)
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_ranks_read_disjoint_shards_whose_union_is_the_whole(sources, pack):
+    plan = contexts.ContextPlan(max_length=8, context_size=8 if pack else None, bos_id=0, keep_partial=True)
+    seen = []
+    for rank in range(3):
+        stream = _docs_stream(sources["parquet-glob"])
+        for shard in contexts.shards(stream, _Ids(), plan, start=0, rank=rank, world_size=3, shard_tokens=16):
+            seen += [(ordinal, doc.doc_id) for ordinal, doc, _ in shard.docs]
+    assert sorted(seen) == [(i, f"parquet:{i}") for i in range(N)]  # each document once, by one rank
+
+
+def _docs_stream(data):
+    return inputs.open_input(IngestOptions(data=(data,))).documents(SkipCounter(), None, None)
+
+
+@pytest.mark.parametrize("pack", [False, True])
+@pytest.mark.parametrize("limit", [1, 17, 60, 10_000])
+def test_max_tokens_is_exact(sources, pack, limit):
+    tokenizer = _Ids()
+    plan = contexts.ContextPlan(
+        max_length=6, context_size=5 if pack else None, bos_id=0, keep_partial=True, max_tokens=limit
+    )
+    shards = list(
+        contexts.shards(_docs_stream(sources["disk"]), tokenizer, plan, start=0, rank=0, world_size=1, shard_tokens=9)
+    )
+    stored = sum(len(w.ids) for shard in shards for _, _, wins in shard.docs for w in wins)
+    total = sum(len(tokenizer.encode(r["text"])[0]) for r in ROWS)
+    assert stored == min(limit, total)
+    last_doc = shards[-1].docs[-1][1]
+    if limit < total:  # the last document is cut at its token boundary, its text too
+        kept = sum(len(w.ids) for w in shards[-1].docs[-1][2])
+        assert len(last_doc.text.split(" ")) == kept
+
+
+def test_max_docs(sources):
+    plan = contexts.ContextPlan(max_length=64, max_docs=7)
+    shards = contexts.shards(_docs_stream(sources["disk"]), _Ids(), plan, start=0, rank=0, world_size=1, shard_tokens=5)
+    assert [o for s in shards for o, _, _ in s.docs] == list(range(7))
+
+
+@pytest.mark.parametrize(
+    ("options", "fix"),
+    [
+        (dict(pack=True), "--pack needs --context-size"),
+        (dict(context_size=8), "add --pack"),
+        (dict(pack=True, context_size=8, max_length=16), "drop --truncate and --max-length"),
+        (dict(max_tokens=0), "--max-tokens must be at least 1"),
+        (dict(separator="newline"), "use bos, eos, sep, none or a token id"),
+        (dict(pack=True, context_size=8, splice=True), "drop --pack and --exclude-special, or --splice"),
+    ],
+)
+def test_bad_context_options_are_one_line(options, fix):
+    with pytest.raises(BadInput, match=fix):
+        IngestOptions(**options)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "fix"),
+    [
+        (["--text-column", "body"], "--text-column 'body' is not a column of"),
+        (["--split", "validation"], "use --split with one of train, test"),
+        (["--where", "lang = (SELECT 1)"], "is not allowed"),
+        (["--where", "colour = 'red'"], "not a column of"),
+        (["--pack"], "--pack needs --context-size"),
+    ],
+)
+def test_cli_bad_inputs_are_one_line(sources, tmp_path, capsys, monkeypatch, arguments, fix):
+    from .cli_runner import run_cli
+
+    code, out, err = run_cli(capsys, monkeypatch, "ingest", tmp_path / "wh", "--data", sources["dict"], *arguments)
+    assert code != 0 and fix in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "wh" / "runs").exists() or not any((tmp_path / "wh" / "runs").iterdir())
+
+
+def test_text_shards_hold_paragraphs(tmp_path):
+    texts = [r["text"] for r in ROWS]
+    (tmp_path / "a.txt").write_text("\n\n".join(texts[:20]) + "\n\n\n")
+    (tmp_path / "b.txt").write_text("\n\n".join(texts[20:]) + "\n")
+    docs = _docs(str(tmp_path))
+    assert [d.text for d in docs] == texts
+    # The blank paragraph closing a.txt is a row of the stream (ids count it) but no document.
+    assert [d.doc_id for d in docs] == [f"{tmp_path.name}:{i}" for i in [*range(20), *range(21, N + 1)]]
+
+
+HOSTILE = [
+    ("doc_id", "uid", "a\nb", "invalid doc_id 'a\\nb': use text of 1 to 1024 characters without control characters"),
+    ("doc_id", "uid", "u" * 1025, "invalid doc_id 'uuu"),
+    ("dataset", "dataset", "web\x1b]52;c;aGk=\x07", "invalid dataset 'web\\x1b]52;c;aGk=\\x07': use text of 1 to 256"),
+    ("role", "role", "ok\rEVIL", "invalid role 'ok\\rEVIL'"),
+    ("label", "label", "\u202eadmin", "invalid label '\\u202eadmin'"),
+    ("message_role", "message_role", "user\x1b[2J", "invalid message_role 'user\\x1b[2J'"),
+]
+
+
+def _labelled(tmp_path, column: str, value: str) -> str:
+    """A save_to_disk dataset whose row 1 carries `value` in `column` (the other rows are valid)."""
+    rows = [
+        {"text": f"text {i}", "uid": f"u{i}", "dataset": "web", "role": "pool", "label": "x", "message_role": "user"}
+        for i in range(3)
+    ]
+    rows[1][column] = value
+    path = tmp_path / f"labels-{column}"
+    datasets.Dataset.from_list(rows).save_to_disk(str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize(("field", "column", "value", "shown"), HOSTILE)
+def test_hostile_labels_are_refused_as_a_data_file_s(tmp_path, field, column, value, shown):
+    """A dataset row's labels meet the rule a data file's do (warehouse/names.py), escaped in the message;
+    with --skip-bad the row is skipped and counted."""
+    from ingest.sources import Document
+    from warehouse.names import document_label_problem
+
+    data = _labelled(tmp_path, column, value)
+    with pytest.raises(BadInput) as refused:
+        _docs(data, id_column="uid")
+    message = str(refused.value)
+    assert f"{data} row 1: " in message and shown in message and "--skip-bad" in message
+    assert value.isprintable() or value not in message  # control characters only as escapes
+    # The same words as the data-file check gives for the same value.
+    carried = {"meta": {column: value}} if column == "message_role" else {field: value}
+    doc = Document(**{"doc_id": "u", "text": "t", **carried})
+    assert document_label_problem(doc) in message
+    counter = SkipCounter(skip_bad=True)
+    source = inputs.open_input(IngestOptions(data=(data,), id_column="uid", skip_bad=True))
+    assert [d.doc_id for d in source.documents(counter, None, None)] == ["u0", "u2"]
+    assert counter.skipped == 1 and shown in counter.first_error
+
+
+def test_cli_refuses_a_hostile_dataset_label_in_one_line(tmp_path, capsys, monkeypatch):
+    from .cli_runner import run_cli
+
+    data = _labelled(tmp_path, "dataset", "web\x1b[31m")
+    code, _, err = run_cli(capsys, monkeypatch, "ingest", tmp_path / "wh", "--data", data, "--quiet")
+    assert code != 0 and "row 1: invalid dataset 'web\\x1b[31m'" in err and "\x1b" not in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "wh" / "runs").exists() or not any((tmp_path / "wh" / "runs").iterdir())
