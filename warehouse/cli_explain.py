@@ -92,19 +92,43 @@ def _go(wh, run, plan, *, llm, dry_run, quiet, **options) -> None:
     )
 
 
-_COMMON = dict(
+# The options both commands take, declared once: flag, default and help. Each command names them in
+# its signature and hands their values to _go through _call_options.
+_CALL = dict(
+    llm=typer.Option("top-tokens", "--llm", help=_LLM_HELP + " whq score with the embedding scorer alone needs none."),
     api_key_env=typer.Option(
         "OPENAI_API_KEY", "--api-key-env", help="Environment variable holding the API key (never stored)."
     ),
+    concurrency=typer.Option(4, "--concurrency", help="Calls in flight at once (a remote server)."),
+    timeout=typer.Option(60.0, "--timeout", help="Seconds per call before it is retried."),
+    retries=typer.Option(5, "--retries", help="Retries of a call on 429, 5xx, timeouts (exponential backoff)."),
+    max_calls=typer.Option(None, "--max-calls", help="Send at most this many calls (cache hits are free)."),
+    dry_run=typer.Option(False, "--dry-run", help="Print units, calls and prompt tokens; send nothing."),
+    resume=typer.Option(False, "--resume", help="Finish an interrupted run of the same command."),
+    device=typer.Option("cpu", "--device", help="Device of an hf: model."),
+    quiet=typer.Option(False, "--quiet", "-q", help="No progress bar."),
 )
+_SAMPLE = dict(
+    run=typer.Option(..., "--run", help="Run id."),
+    layers=typer.Option(None, "--layers", help="Layers: a range or list, e.g. 3 or 0-5 (default: all)."),
+    n_non_activating=typer.Option(20, "--n-non-activating", help="Non-activating examples per unit."),
+    non_activating=typer.Option("non-firing,neighbours", "--non-activating", help="Their sources."),
+    normalise=typer.Option("ceil", "--normalise", help="ceil (delphi) or floor (OpenAI): 10·a/max rounded."),
+    seed=typer.Option(22, "--seed", help="Seed of every sample."),
+)
+
+
+def _call_options(values: dict) -> dict:
+    """The values of the _CALL options among a command's arguments."""
+    return {name: values[name] for name in _CALL}
 
 
 @explain_app.command()
 def explain(
     root: WarehouseArg,
-    run: str = typer.Option(..., "--run", help="Run id."),
+    run: str = _SAMPLE["run"],
     site: str = typer.Option(..., "--site", help="Site captured with examples=N."),
-    layers: str | None = typer.Option(None, "--layers", help="Layers: a range or list, e.g. 3 or 0-5 (default: all)."),
+    layers: str | None = _SAMPLE["layers"],
     units: str | None = typer.Option(
         None, "--units", help="SQL condition over unit_stats' columns (rate, mean, max, ...), e.g. 'rate > 0.001'."
     ),
@@ -114,24 +138,22 @@ def explain(
         "--explainer",
         help="delphi, contrastive, openai or top-tokens (default: top-tokens without --llm, else delphi).",
     ),
-    llm: str = typer.Option("top-tokens", "--llm", help=_LLM_HELP),
-    api_key_env: str = _COMMON["api_key_env"],
-    concurrency: int = typer.Option(4, "--concurrency", help="Calls in flight at once (a remote server)."),
-    timeout: float = typer.Option(60.0, "--timeout", help="Seconds per call before it is retried."),
-    retries: int = typer.Option(5, "--retries", help="Retries of a call on 429, 5xx, timeouts (exponential backoff)."),
-    max_calls: int | None = typer.Option(
-        None, "--max-calls", help="Send at most this many calls (cache hits are free)."
-    ),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print units, calls and prompt tokens; send nothing."),
-    resume: bool = typer.Option(False, "--resume", help="Finish an interrupted run of the same command."),
-    device: str = typer.Option("cpu", "--device", help="Device of an hf: model."),
+    llm: str = _CALL["llm"],
+    api_key_env: str = _CALL["api_key_env"],
+    concurrency: int = _CALL["concurrency"],
+    timeout: float = _CALL["timeout"],
+    retries: int = _CALL["retries"],
+    max_calls: int | None = _CALL["max_calls"],
+    dry_run: bool = _CALL["dry_run"],
+    resume: bool = _CALL["resume"],
+    device: str = _CALL["device"],
     n_explain: int = typer.Option(20, "--n-explain", help="Explanation examples per unit (its strongest)."),
     n_test: int = typer.Option(20, "--n-test", help="Held-out test examples per unit (drawn at scoring)."),
-    n_non_activating: int = typer.Option(20, "--n-non-activating", help="Non-activating examples (contrastive)."),
-    non_activating: str = typer.Option("non-firing,neighbours", "--non-activating", help="Their sources."),
-    normalise: str = typer.Option("ceil", "--normalise", help="ceil (delphi) or floor (OpenAI): 10·a/max rounded."),
-    seed: int = typer.Option(22, "--seed", help="Seed of every sample."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    n_non_activating: int = _SAMPLE["n_non_activating"],
+    non_activating: str = _SAMPLE["non_activating"],
+    normalise: str = _SAMPLE["normalise"],
+    seed: int = _SAMPLE["seed"],
+    quiet: bool = _CALL["quiet"],
 ):
     """Explain units from their stored examples with a language model (or top-tokens) and commit the explanations.
 
@@ -148,48 +170,32 @@ def explain(
     chosen = select_units(wh, run, site, _layers(wh, run, site, layers), units, limit)
     recipe = _recipe(n_explain, n_test, n_non_activating, non_activating, normalise, seed, 5)
     plan = plan_explain(wh, run, site, chosen, explainer=explainer, model=model_name(llm), recipe=recipe)
-    _go(
-        wh,
-        run,
-        plan,
-        llm=llm,
-        dry_run=dry_run,
-        quiet=quiet,
-        api_key_env=api_key_env,
-        timeout=timeout,
-        concurrency=concurrency,
-        retries=retries,
-        max_calls=max_calls,
-        resume=resume,
-        device=device,
-    )
+    _go(wh, run, plan, **_call_options(locals()))
 
 
 @explain_app.command()
 def score(
     root: WarehouseArg,
-    run: str = typer.Option(..., "--run", help="Run id."),
+    run: str = _SAMPLE["run"],
     site: str = typer.Option(..., "--site", help="Site whose explanations to score."),
-    layers: str | None = typer.Option(None, "--layers", help="Layers: a range or list (default: all)."),
+    layers: str | None = _SAMPLE["layers"],
     scorer: str = typer.Option("detection,fuzz", "--scorer", help="detection, fuzz, simulation, embedding, intruder."),
     explainer: str | None = typer.Option(None, "--explainer", help="Only explanations of this explainer."),
-    llm: str = typer.Option("top-tokens", "--llm", help=_LLM_HELP + " embedding alone needs none."),
-    api_key_env: str = _COMMON["api_key_env"],
-    concurrency: int = typer.Option(4, "--concurrency", help="Calls in flight at once (a remote server)."),
-    timeout: float = typer.Option(60.0, "--timeout", help="Seconds per call before it is retried."),
-    retries: int = typer.Option(5, "--retries", help="Retries of a call on 429, 5xx, timeouts (exponential backoff)."),
-    max_calls: int | None = typer.Option(
-        None, "--max-calls", help="Send at most this many calls (cache hits are free)."
-    ),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print units, calls and prompt tokens; send nothing."),
-    resume: bool = typer.Option(False, "--resume", help="Finish an interrupted run of the same command."),
-    device: str = typer.Option("cpu", "--device", help="Device of an hf: model."),
-    n_non_activating: int = typer.Option(20, "--n-non-activating", help="Non-activating examples per unit."),
-    non_activating: str = typer.Option("non-firing,neighbours", "--non-activating", help="Their sources."),
-    normalise: str = typer.Option("ceil", "--normalise", help="ceil (delphi) or floor (OpenAI)."),
-    seed: int = typer.Option(22, "--seed", help="Seed of every sample."),
+    llm: str = _CALL["llm"],
+    api_key_env: str = _CALL["api_key_env"],
+    concurrency: int = _CALL["concurrency"],
+    timeout: float = _CALL["timeout"],
+    retries: int = _CALL["retries"],
+    max_calls: int | None = _CALL["max_calls"],
+    dry_run: bool = _CALL["dry_run"],
+    resume: bool = _CALL["resume"],
+    device: str = _CALL["device"],
+    n_non_activating: int = _SAMPLE["n_non_activating"],
+    non_activating: str = _SAMPLE["non_activating"],
+    normalise: str = _SAMPLE["normalise"],
+    seed: int = _SAMPLE["seed"],
     per_prompt: int = typer.Option(5, "--examples-per-prompt", help="Examples per detection/fuzz/intruder prompt."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    quiet: bool = _CALL["quiet"],
 ):
     """Score the committed explanations of a site on held-out examples and commit the scores.
 
@@ -212,21 +218,7 @@ def score(
         recipe=recipe,
         explainer=explainer,
     )
-    _go(
-        wh,
-        run,
-        plan,
-        llm=llm,
-        dry_run=dry_run,
-        quiet=quiet,
-        api_key_env=api_key_env,
-        timeout=timeout,
-        concurrency=concurrency,
-        retries=retries,
-        max_calls=max_calls,
-        resume=resume,
-        device=device,
-    )
+    _go(wh, run, plan, **_call_options(locals()))
 
 
 @bench_app.command("explain")
