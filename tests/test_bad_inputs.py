@@ -1,6 +1,6 @@
 """The bad-input matrix: each bad input through the real CLI ends in exit 2 and one exact line.
 
-The bad-input table of warehouse/README.md is generated from CASES (by cog, through
+The bad-input table of docs/bad-inputs.md is generated from CASES (by cog, through
 tests/docgen.py; `python -m tests.test_bad_inputs` prints it), so the table and the test
 cannot drift apart. A hypothesis test then throws malformed SPECs, scenario YAMLs and
 JSONL lines at the CLI: always exit 2, one line, no traceback.
@@ -32,7 +32,7 @@ MODEL = ["--model", "config:llama-tiny", "-q", "--device", "cpu"]
 
 @dataclass(frozen=True)
 class Case:
-    input: str  # what is wrong, for the table in warehouse/README.md
+    input: str  # what is wrong, for the table in docs/bad-inputs.md
     args: tuple  # CLI arguments; {new} fresh folder, {wh} a committed warehouse, {copy} a damaged copy of it
     message: str  # the exact line after "error: " ({new}, {wh}, {copy} filled in)
     damage: str | None = None  # how {copy} is damaged: one of DAMAGES
@@ -446,7 +446,7 @@ CASES = [
         "{copy}/whq.duckdb is not a file: move it away (whq regenerates the catalog), or run `whq repair {copy}` to set it aside",
         "catalog_folder",
     ),
-    # Inputs and resume (ingest/README.md): odd files, bad bytes, numbers out of range, a changed input.
+    # Inputs and resume (docs/datasets.md, ingest/README.md): odd files, bad bytes, numbers out of range, a changed input.
     Case(
         "data file that is a directory",
         ("ingest", "{new}", *MODEL, "--data", "{copy}/docs.jsonl"),
@@ -1146,7 +1146,7 @@ def _shell_word(arg: str) -> str:
 
 
 def matrix_markdown() -> str:
-    """The bad-input table of warehouse/README.md, from CASES."""
+    """The bad-input table of docs/bad-inputs.md, from CASES."""
     names = {"new": "NEW", "wh": "WH", "copy": "WH", "budget": "<half the RAM>", "most": "<N>"}
     lines = ["| # | bad input | command | exact one-line message (exit 2) |", "|---|---|---|---|"]
     for i, case in enumerate(CASES, 1):

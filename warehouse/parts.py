@@ -21,7 +21,7 @@ from . import schema
 from .errors import WarehouseError
 from .faults import fault
 
-# token_neurons (measured on MiniLM top-20 parts, ingest/README.md, "Performance"): in neuron-major parts
+# token_neurons (measured on MiniLM top-20 parts, docs/bench-ingest.md, "Storage"): in neuron-major parts
 # the doc/pos columns delta-encode to a fraction of a byte a row, and neuron ids (long runs) and
 # FLOAT16 values compress best as PLAIN under zstd. Level 3 rather than 6: 2.51 vs 2.49 bytes
 # per entry, but encoding is 30% faster, and it runs beside the model on the same cores.
@@ -188,7 +188,7 @@ def part_order(table: str, columns: dict) -> dict:
 
     Neuron-major token_neurons parts, written in small row groups (_ROW_GROUP_ROWS), let a
     scan for one unit skip every row group whose neuron min/max excludes it: at 100M rows
-    a one-neuron scan reads ~1/20 of the rows (ingest/README.md, "Performance"); they also compress
+    a one-neuron scan reads ~1/20 of the rows (docs/bench-ingest.md, "Storage"); they also compress
     better (runs of equal ids).
     """
     order = (

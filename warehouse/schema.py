@@ -29,7 +29,7 @@ _ARROW = {
     "TIMESTAMP": pa.timestamp("us"),
 }
 
-# Narrower physical types for the big tables (see ingest/README.md, "Storage"): the views widen
+# Narrower physical types for the big tables (see docs/bench-ingest.md, "Storage"): the views widen
 # them back to the schema types, so queries never see the difference.
 _COMPACT = {
     ("token_neurons", "value"): pa.float16(),
