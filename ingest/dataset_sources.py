@@ -61,9 +61,14 @@ class DatasetSpec:
 
 def is_dataset(text: str) -> bool:
     """A --data value read with `datasets` (not ingest/sources.py): hf:, a folder or a glob. A folder named
-    like a data file (docs.jsonl/) is left to sources.py, which says it is not a file."""
+    like a data file (docs.jsonl/) is left to sources.py, which says it is not a file, and so is a file whose
+    name holds glob characters (web[1].txt): an existing file is a file."""
     path = Path(text)
-    return text.startswith(HF_PREFIX) or (path.is_dir() and path.suffix not in SHARD_BUILDERS) or glob.has_magic(text)
+    if text.startswith(HF_PREFIX):
+        return True
+    if path.is_dir():
+        return path.suffix not in SHARD_BUILDERS
+    return glob.has_magic(text) and not path.exists()
 
 
 def parse(text: str) -> DatasetSpec:
