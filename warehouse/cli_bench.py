@@ -189,7 +189,7 @@ def storage(
 ):
     """Push and pull throughput to a local S3 server (SeaweedFS) against a plain s3fs copy of the same files.
 
-    Example: whq bench storage /tmp/whq-sbench --rows 20000000
+    Example: whq bench storage sbench-wh --rows 20000000
     """
     import warehouse
 
