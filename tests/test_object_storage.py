@@ -186,7 +186,11 @@ CALLS = [("minilm_pair", name, q) for name, qs in MINILM_CALLS.items() for q in 
 def test_every_table_macro_has_a_call():
     macros = spark_transpile.load_macros(catalog.macro_files()).values()
     table_macros = {m.name for m in macros if m.is_table and not m.name.startswith("whq_")}
-    assert table_macros <= set(MINILM_CALLS) | set(TINY_CALLS)
+    # The explanation macros read tables that `whq explain` writes into a run; the warehouses pushed
+    # here carry none, so they are not compared on the s3:// root (tests/test_spark.py's EXPLAIN_CALLS
+    # holds their calls).
+    explanation_macros = {m.name for m in macros if m.is_table and m.source == "explanations.sql"}
+    assert table_macros - explanation_macros <= set(MINILM_CALLS) | set(TINY_CALLS)
 
 
 @pytest.mark.parametrize("pair, macro, query", CALLS, ids=[f"{m}-{i}" for i, (_, m, _) in enumerate(CALLS)])
