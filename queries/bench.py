@@ -162,6 +162,8 @@ def _documents(first_doc: int, n_docs: int, doc_len: int, token_ids: np.ndarray)
             "char_end": ends,
             "special": np.zeros(len(doc), dtype=bool),
             "text": pieces,
+            "context": pa.nulls(len(doc), pa.int32()),  # each document is its own model input
+            "context_pos": pos,
         },
         schema=schema.table("tokens").arrow_schema(),
     )

@@ -721,6 +721,8 @@ def _indexed_run(tmp_path, rows_of_layer: dict[int, list[list[tuple[int, float]]
         "char_end": np.zeros(n, dtype=np.int64),
         "special": np.zeros(n, dtype=bool),
         "text": [f"t{i}" for i in token_ids],
+        "context": [None] * n,
+        "context_pos": np.arange(n),
     }
     parts = [("tokens", None, None, to_arrow("tokens", tokens, None))]
     for layer, per_token in rows_of_layer.items():
