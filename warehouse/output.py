@@ -91,17 +91,25 @@ def _parent_problem(path: Path, option: str) -> None:
         return
 
 
-def check_output_file(path: str | Path, option: str = "--out") -> Path:
-    """`path` as a file whq may write (its missing parent folders are created by ensure_parent)."""
-    path = Path(path)
+def _existing_output(path: Path, option: str) -> os.stat_result | None:
+    """The stat of output `path` once it is known to lie outside every warehouse under a folder
+    (None: it does not exist yet, and whq creates it)."""
     _outside_warehouse(path, option)
     _parent_problem(path, option)
     try:
-        info = path.stat()
+        return path.stat()
     except FileNotFoundError:
-        return path
+        return None
     except OSError as err:
         raise BadInput(f"{option} {path} cannot be opened ({err.strerror or err}): pick another path") from None
+
+
+def check_output_file(path: str | Path, option: str = "--out") -> Path:
+    """`path` as a file whq may write (its missing parent folders are created by ensure_parent)."""
+    path = Path(path)
+    info = _existing_output(path, option)
+    if info is None:
+        return path
     if stat.S_ISDIR(info.st_mode):
         raise BadInput(f"{option} {path} is a folder: name a file in it, e.g. {path / 'out'}{path.suffix}")
     if not stat.S_ISREG(info.st_mode):
@@ -112,14 +120,9 @@ def check_output_file(path: str | Path, option: str = "--out") -> Path:
 def check_output_folder(path: str | Path, option: str = "--out") -> Path:
     """`path` as a folder whq may write into: new, empty, or written by whq before."""
     path = Path(path)
-    _outside_warehouse(path, option)
-    _parent_problem(path, option)
-    try:
-        info = path.stat()
-    except FileNotFoundError:
+    info = _existing_output(path, option)
+    if info is None:
         return path
-    except OSError as err:
-        raise BadInput(f"{option} {path} cannot be opened ({err.strerror or err}): pick another path") from None
     if not stat.S_ISDIR(info.st_mode):
         raise BadInput(f"{option} {path} is a file, not a folder: name a new or empty folder")
     if not (path / EXPORT_MARKER).is_file() and any(path.iterdir()):
