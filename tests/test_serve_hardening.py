@@ -206,12 +206,13 @@ def test_the_server_limits_are_options(golden_root):
 
 
 def test_whq_sql_read_only_bounds_the_bytes_in_memory(golden_root):
-    """1 GB in 10,000 rows (under the row cap): whq sql --read-only held it all (1.15 GB peak, measured);
-    now it stops fetching past 256 MB. DuckDB's own chunk is bounded by --memory-limit, not here."""
+    """3 GB in a million 3 KB rows, all under the row cap given: held whole, the process peaked at 8.9 GB
+    (measured); bounded, it stops fetching past 256 MB. The rows are short so that DuckDB's own chunks
+    (2,048 rows per thread, outside whq's bound) stay a few MB and the peak measures what whq holds."""
     measured = "import atexit, resource, sys; atexit.register(lambda: print('peak', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)); "
     done = subprocess.run(
         [sys.executable, "-c", measured + WHQ[-1], "sql", str(golden_root), "--read-only", "--memory-limit", "500MB",
-         "SELECT repeat('<', 100000) AS x FROM range(10000)"],
+         "--max-rows", "1000000", "SELECT repeat('<', 3000) AS x FROM range(1000000)"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     error, peak = done.stderr.splitlines()
