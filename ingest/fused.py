@@ -23,16 +23,12 @@ from pathlib import Path
 
 import torch
 
+from warehouse.user_cache import cache_dir
+
 SOURCE = Path(__file__).with_name("fused.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared"]
 # Top-k keeps a sorted buffer of k entries per token: beyond this, torch.topk is faster.
 MAX_K = 256
-
-
-def _cache_dir() -> Path:
-    if os.environ.get("WHQ_CACHE"):
-        return Path(os.environ["WHQ_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "whq"
 
 
 def _cpu_identity() -> str:
@@ -50,7 +46,7 @@ def _build(compiler: list[str]) -> Path:
     digest = hashlib.sha256(
         "\0".join([SOURCE.read_text(), " ".join(compiler + FLAGS), version, _cpu_identity()]).encode()
     )
-    target = _cache_dir() / f"whq-fused-{digest.hexdigest()[:16]}.so"
+    target = cache_dir() / f"whq-fused-{digest.hexdigest()[:16]}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

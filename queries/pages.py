@@ -24,6 +24,7 @@ import polars as pl
 from warehouse import jsonio
 from warehouse.errors import NotFound, QueryError
 from warehouse.result_bounds import unshowable_values
+from warehouse.user_cache import cached_text
 
 from . import charts
 from .page_data import (
@@ -56,12 +57,16 @@ SQL_CELL_CHARS = 1000  # characters of one value in the SQL box's table (the CSV
 
 @lru_cache(maxsize=1)
 def vega_bundle() -> str:
-    """vega + vega-lite + vega-embed from vl-convert, for the Vega-Lite version altair writes."""
+    """vega + vega-lite + vega-embed from vl-convert, for the Vega-Lite version altair writes; bundling
+    takes seconds, so it is kept in whq's cache folder per vl-convert and Vega-Lite version."""
     import altair
     import vl_convert
 
     version = ".".join(altair.SCHEMA_VERSION.lstrip("v").split(".")[:2])
-    return vl_convert.javascript_bundle(vl_version=version)
+    return cached_text(
+        f"vega-bundle-{vl_convert.__version__}-vl{version}.js",
+        lambda: vl_convert.javascript_bundle(vl_version=version),
+    )
 
 
 @lru_cache(maxsize=1)
@@ -173,7 +178,9 @@ def _render(template: str, links: Links, title: str, specs: dict | None = None, 
 
 
 def _spec(chart) -> dict:
-    return chart.to_dict()
+    # Not validated against Vega-Lite's JSON schema here: that was most of a page's chart time, and the
+    # chart functions' specs are validated in tests/test_neuron_macros.py (test_charts_draw_the_macros_rows).
+    return chart.to_dict(validate=False)
 
 
 def shaded(tokens: list[dict], fire: int, scale: float, negative_scale: float | None = None):

@@ -246,7 +246,7 @@ def test_readme_test_command_is_what_ci_runs():
     ci = (ROOT / ".ci" / "run").read_text()
     assert install == "pip install -e '.[test]'" and "pip install -q -e '.[test]'" in ci
     assert "cog -I . --check " + " ".join(docgen.DOCS) in steps, "the README's cog check must name every generated file"
-    assert steps[-1] == "python -m pytest"
+    assert steps[-1] == "python -m pytest -n 2"
     commands = [c.strip() for line in ci.splitlines() for c in re.split(r"&&|\|\|", line) if c.strip()]
     where = [commands.index(step) if step in commands else -1 for step in steps]
     assert -1 not in where, f".ci/run lacks {steps[where.index(-1)]!r}"

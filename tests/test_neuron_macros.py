@@ -723,6 +723,16 @@ def test_charts_draw_the_macros_rows(lm_wh):
         "context": charts.context_chart(
             lm_wh.pl("SELECT * FROM top_contexts('t', 'mlp.act', 1, 5, k := 1, before := 4, after := 2)")
         ),
+        "histogram": charts.unit_histogram_chart(  # the open end bins too
+            pl.DataFrame(
+                {
+                    "bin": [0, 70, 140],
+                    "lo": [float("-inf"), 0.5, 8.0],
+                    "hi": [-8.0, 0.6, float("inf")],
+                    "count": [1, 5, 2],
+                }
+            )  # fmt: skip
+        ),
     }
     for name, chart in built.items():
         assert isinstance(chart, alt.Chart), name

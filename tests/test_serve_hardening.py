@@ -209,7 +209,9 @@ def test_whq_sql_read_only_bounds_the_bytes_in_memory(golden_root):
     """3 GB in a million 3 KB rows, all under the row cap given: held whole, the process peaked at 8.9 GB
     (measured); bounded, it stops fetching past 256 MB. The rows are short so that DuckDB's own chunks
     (2,048 rows per thread, outside whq's bound) stay a few MB and the peak measures what whq holds."""
-    measured = "import atexit, resource, sys; atexit.register(lambda: print('peak', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)); "
+    # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over exec from the forking process, so a
+    # child of a large pytest process reported the parent's size
+    measured = "import atexit, re, sys; atexit.register(lambda: print('peak', re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read())[1], file=sys.stderr)); "
     done = subprocess.run(
         [sys.executable, "-c", measured + WHQ[-1], "sql", str(golden_root), "--read-only", "--memory-limit", "500MB",
          "--max-rows", "1000000", "SELECT repeat('<', 3000) AS x FROM range(1000000)"],
