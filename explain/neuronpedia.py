@@ -186,9 +186,9 @@ def read_export(
             where = f"{file} line {number}"
             try:
                 record = json.loads(line)
-            except ValueError as err:
+            except (ValueError, RecursionError) as err:
                 raise BadInput(
-                    f"{where}: not JSON ({err.args[0][:60]}): is this Neuronpedia's explanation export?"
+                    f"{where}: not JSON ({getattr(err, 'msg', 'nested too deeply')}): is this Neuronpedia's explanation export?"
                 ) from None
             if not isinstance(record, dict):
                 raise BadInput(f"{where}: not a JSON object: each line must be one Neuronpedia explanation")
