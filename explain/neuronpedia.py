@@ -32,13 +32,14 @@ from pathlib import Path
 from queries.neuronpedia import EXPLANATION_FIELDS, IMPORTED, WHQ_TYPE
 from warehouse.errors import BadInput, NotFound
 
+from .pipeline import SCORERS, Recipe, _by_layer
+
 BATCH = "neuronpedia"  # every import into a run shares one batch: a re-import replaces its rows
 REQUIRED = ("modelId", "layer", "index", "description")
 MAX_TEXT = 10_000  # characters of a description; Neuronpedia's are one sentence
 _NAME = re.compile(r"[^\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]{1,200}")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 _SOURCE_LAYER = re.compile(r"(\d+)(?:-|$)")
-WHQ_SCORERS = ("detection", "fuzz", "simulation", "embedding", "intruder")
 
 
 @dataclasses.dataclass
@@ -106,9 +107,9 @@ def _text(where: str, value: object) -> str | None:
     return value.strip() or None
 
 
-def _number(where: str, value: object) -> float:
+def _number(where: str, value: object, what: str = "a score's value") -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise BadInput(f"{where}: a score's value must be a finite number, not {json.dumps(value)[:40]}")
+        raise BadInput(f"{where}: {what} must be a finite number, not {json.dumps(value)[:40]}")
     return float(value)
 
 
@@ -131,11 +132,16 @@ def _score_rows(where, record, exp_id, neuron, now) -> list[dict]:
             raise BadInput(f"{where}: a score's jsonDetails must be text (JSON as a string)")
         base = dict(neuron=neuron, explanation_id=exp_id, model=model, created_at=now)
         scorer = kind[len(WHQ_TYPE) :] if kind.startswith(WHQ_TYPE) else None
-        if scorer in WHQ_SCORERS:  # written by `whq export neuronpedia`: every metric back
+        if scorer in SCORERS:  # written by `whq export neuronpedia`: every metric back
             try:
                 kept = json.loads(details)
                 metrics = {str(k): v for k, v in kept["metrics"].items()}
-            except (ValueError, TypeError, KeyError, AttributeError):
+                counts = [kept.get("n_examples"), kept.get("n_unparsable")]
+                if not isinstance(kept.get("settings", {}), dict) or not all(
+                    c is None or (isinstance(c, int) and not isinstance(c, bool)) for c in counts
+                ):
+                    raise TypeError("counts or settings of another type")
+            except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
                 raise BadInput(f"{where}: score {kind} has no whq metrics in its jsonDetails") from None
             for metric, v in metrics.items():
                 rows.append(
@@ -173,8 +179,6 @@ def read_export(
     path: str | Path, layers: list[int], width: int, site: str, *, layer: int | None, source: str | None
 ) -> tuple[list[tuple[int, dict]], list[tuple[int, dict]], int, int]:
     """Every explanation (and score) of the file(s) as (layer, row) pairs, checked; raises on the first bad line."""
-    from .pipeline import Recipe
-
     settings = Recipe().to_json()  # the split `whq score` holds out for test examples
     now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
     explanations, scores, seen = [], [], set()
@@ -227,8 +231,11 @@ def read_export(
             for field in ("id", "authorId", "typeName", "explanationModelName"):
                 kept[field] = _name(where, record, field)
             for field in ("umap_x", "umap_y", "umap_cluster", "umap_log_feature_sparsity"):
-                if kept[field] is not None:
-                    kept[field] = _number(where, kept[field])
+                value = kept[field]  # kept as written: umap_cluster is an Int column in Neuronpedia
+                if value is not None:
+                    _number(where, value, field)
+                    if field == "umap_cluster" and not isinstance(value, int):
+                        raise BadInput(f"{where}: umap_cluster must be a whole number or null")
             kept["id"] = kept["id"] or _hash(
                 record["modelId"], np_source, index, text, kept["typeName"], kept["explanationModelName"]
             )
@@ -274,7 +281,6 @@ def import_explanations(
     """Read a Neuronpedia explanation export (file or folder) and commit it onto `run`/`site` in one step."""
     from . import store
     from .embed import embed
-    from .pipeline import _by_layer
 
     wh.manifest(run)
     rows = wh.sql(

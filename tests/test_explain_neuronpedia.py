@@ -11,13 +11,17 @@ import shutil
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from markupsafe import escape
 from starlette.testclient import TestClient
 
 import warehouse
+from explain.neuronpedia import read_export
 from queries.explanation_frames import HEADLINE
 from queries.neuronpedia import EXPLANATION_FIELDS, SCORE_FIELDS
 from queries.server import create_app
+from warehouse.errors import BadInput
 
 from .cli_runner import run_whq
 
@@ -249,3 +253,33 @@ def test_imported_records_are_exported_as_read(imported, tmp_path):
     exported = _export(root, "mlp.up", tmp_path / "out")
     fixture = {r["id"]: r for r in fixture_records() if r["layer"] == "0-res-jb"}
     assert exported == fixture
+
+
+_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 300) | st.floats(allow_nan=True) | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6,
+)
+_FIELDS = [*EXPLANATION_FIELDS, "scores"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    changes=st.dictionaries(st.sampled_from(_FIELDS), _VALUES, max_size=4),
+    score=st.dictionaries(st.sampled_from([*SCORE_FIELDS, "jsonDetails"]), _VALUES, max_size=4),
+    dropped=st.sets(st.sampled_from(_FIELDS), max_size=2),
+)
+def test_any_malformed_record_is_refused_in_one_line_or_read(tmp_path_factory, changes, score, dropped):
+    """Whatever a line holds, reading it either yields rows or refuses the file in one BadInput line."""
+    good = np_score(1, "cexp000000000000000000001", 0.5) | {"explanationScoreTypeName": "whq_fuzz"} | score
+    record = np_explanation(1, 5, scores=[good]) | changes
+    for field in dropped:
+        record.pop(field, None)
+    path = write_jsonl(tmp_path_factory.mktemp("fuzz") / "x.jsonl.gz", [record])
+    try:
+        explanations, scores, _, _ = read_export(path, [0, 1], 128, "s", layer=None, source=None)
+    except BadInput as err:
+        assert "\n" not in str(err) and str(err).startswith(str(path))
+    else:
+        assert len(explanations) == 1 and all(0 <= row["neuron"] < 128 for _, row in explanations)
+        assert all(isinstance(row["value"], float | None) for _, row in scores)
