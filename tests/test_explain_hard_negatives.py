@@ -165,3 +165,104 @@ def test_score_with_similar_non_activating_examples(hn_root, tmp_path):
         picked = [(d, p) for u, d, p in rows if u == neuron]
         assert sorted(picked) == sorted(reference(wh, 2, neuron, 4))
     wh.close()
+
+
+def _delphi_faiss_windows():
+    """delphi's faiss_non_activation_windows itself, run alone (its module imports faiss, jaxtyping and
+    sentence-transformers, which the test extra leaves out): FAISS's exact IndexFlatL2 in numpy, the
+    sentence-transformers model as the shipped MiniLM (explain.embed, the same all-MiniLM-L6-v2)."""
+    import __future__
+
+    import ast
+    import hashlib
+    import importlib.util
+    import logging
+    import os
+    from pathlib import Path
+
+    torch = pytest.importorskip("torch")
+    spec = importlib.util.find_spec("delphi")
+    if spec is None:
+        pytest.skip("eai-delphi is in the test extra (pip install --no-deps)")
+    source = Path(spec.submodule_search_locations[0]) / "latents" / "constructors.py"
+    tree = ast.parse(source.read_text())
+    wanted = {"faiss_non_activation_windows", "create_token_key"}
+    functions = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in wanted]
+
+    class IndexFlatL2:
+        def __init__(self, dim):
+            self.vectors = np.zeros((0, dim), dtype=np.float32)
+
+        def add(self, vectors):
+            self.vectors = np.concatenate([self.vectors, np.asarray(vectors, dtype=np.float32)])
+
+        def search(self, queries, k):
+            distances = ((self.vectors[None, :, :] - queries[:, None, :]) ** 2).sum(axis=2)
+            order = np.argsort(distances, axis=1, kind="stable")[:, :k]
+            return np.take_along_axis(distances, order, axis=1), order
+
+    class Encoder:
+        def encode(self, texts, show_progress_bar=False):
+            return np.asarray(embed(list(texts)), dtype=np.float32)
+
+    namespace = {
+        "torch": torch,
+        "np": np,
+        "os": os,
+        "Path": Path,
+        "hashlib": hashlib,
+        "faiss": type("faiss", (), {"IndexFlatL2": IndexFlatL2}),
+        "get_model": lambda name: Encoder(),
+        "logger": logging.getLogger("delphi"),
+        "prepare_non_activating_examples": lambda tokens, activations, distance, tokenizer: tokens,
+    }
+    code = compile(ast.Module(functions, []), str(source), "exec", flags=__future__.annotations.compiler_flag)
+    exec(code, namespace)
+    return namespace["faiss_non_activation_windows"], torch
+
+
+def test_similar_windows_equal_delphis_own_faiss_source(hn_root):
+    """The same candidate windows and top examples given to delphi's own function: it picks the same
+    windows. Its token ids here are characters (so decoding and joining gives each window's text), each
+    row padded with ids that decode to nothing and ending in one naming its window."""
+    faiss_windows, torch = _delphi_faiss_windows()
+    mark = 0x110001  # ids from here decode to nothing and name a window
+
+    def decode(row):
+        return [chr(int(i) - 1) if 0 < int(i) < mark else "" for i in row]
+
+    def rows(texts, marks):
+        width = max(len(t) for t in texts) + 1
+        return torch.tensor([[ord(c) + 1 for c in t] + [0] * (width - 1 - len(t)) + [m] for t, m in zip(texts, marks)])
+
+    tokenizer = type("Tokenizer", (), {"batch_decode": staticmethod(decode)})
+    wh = warehouse.open(hn_root)
+    windows, _ = windows_of(wh)
+    candidates = rows([t for _, _, t in windows], [mark + k for k in range(len(windows))])
+    layer, n = 2, 5
+    for neuron in _units(wh, layer)[:3]:
+        got = ex.NON_ACTIVATING_SOURCES["similar"](wh, RUN, SITE, layer, neuron, n, 0)
+        tops = [w for w in ex.stored_examples(wh, RUN, SITE, layer, [neuron])[neuron] if w.source == "top"]
+        fired = set(
+            wh.sql(
+                "SELECT doc, pos FROM token_neurons WHERE run_id = ? AND site = ? AND layer = ? AND neuron = ? "
+                "AND value > (SELECT coalesce(threshold, 0) FROM sites WHERE run_id = ? AND site = ?)",
+                [RUN, SITE, layer, neuron, RUN, SITE],
+            ).fetchall()
+        )
+        available = [
+            k for k, (doc, c, _) in enumerate(windows) if not any((doc, p) in fired for p in range(c - 50, c + 21))
+        ]
+        examples = rows([w.text for w in tops], [mark] * len(tops))
+        record = type("LatentRecord", (), {"examples": [type("Example", (), {"tokens": r})() for r in examples]})()
+        picked = faiss_windows(
+            available_indices=torch.tensor(available),
+            record=record,
+            tokens=candidates,
+            ctx_len=candidates.shape[1],
+            tokenizer=tokenizer,
+            n_not_active=n,
+            cache_enabled=False,
+        )
+        assert [w.key for w in got] == [windows[int(r[-1]) - mark][:2] for r in picked] and len(got) == n
+    wh.close()
