@@ -423,7 +423,7 @@ CREATE TABLE explanations (
 COMMENT ON TABLE explanations IS 'One row per explained unit and recipe (whq explain): the explanation text, which explainer and model wrote it, with which settings; its examples are in explanation_examples (scorer NULL).';
 COMMENT ON COLUMN explanations.neuron IS 'Unit index at the site.';
 COMMENT ON COLUMN explanations.explanation_id IS 'sha256 (16 hex digits) of run, site, layer, unit, explainer, model and settings: the same recipe gives the same id.';
-COMMENT ON COLUMN explanations.explainer IS 'delphi (delphi''s default), contrastive (delphi''s, with non-activating examples), openai (OpenAI''s token-activation pairs) or top-tokens (no model).';
+COMMENT ON COLUMN explanations.explainer IS 'delphi (delphi''s default), contrastive (delphi''s, with non-activating examples), openai (OpenAI''s token-activation pairs), top-tokens (no model), or neuronpedia:<typeName> (read by whq import explanations from Neuronpedia''s export; its fields kept in settings.neuronpedia).';
 COMMENT ON COLUMN explanations.model IS 'The model that wrote it: openai:MODEL, hf:PATH_OR_CONFIG or top-tokens (never a URL''s credentials or a key).';
 COMMENT ON COLUMN explanations.text IS 'The explanation; NULL when the answer was out of form (see parsed; the answer is in model_calls).';
 COMMENT ON COLUMN explanations.parsed IS 'false when the model''s answer held no [EXPLANATION]: line (the explanation is not scored).';
@@ -461,7 +461,7 @@ COMMENT ON COLUMN explanation_examples.explanation_id IS 'The explanation (expla
 COMMENT ON COLUMN explanation_examples.scorer IS 'NULL for the explainer''s own examples; else detection, fuzz, simulation, embedding or intruder.';
 COMMENT ON COLUMN explanation_examples.model IS 'The model that judged (as scores.model); NULL for the explainer''s examples.';
 COMMENT ON COLUMN explanation_examples.role IS 'explain (shown to the explainer), test (an activating held-out example) or non-activating.';
-COMMENT ON COLUMN explanation_examples.source IS 'Where the window came from: top, quantile, random (the unit''s stored examples), non-firing or neighbours (non-activating; a trailing ~ marks a top-k capture where the unit may fire unstored).';
+COMMENT ON COLUMN explanation_examples.source IS 'Where the window came from: top, quantile, random (the unit''s stored examples), non-firing, neighbours or similar (non-activating; similar = MiniLM-nearest to the top examples; a trailing ~ marks a top-k capture where the unit may fire unstored).';
 COMMENT ON COLUMN explanation_examples.doc IS 'Document of the example (documents.doc).';
 COMMENT ON COLUMN explanation_examples.pos IS 'The example token''s position (the firing token; for a non-activating window its centre).';
 COMMENT ON COLUMN explanation_examples.quantile IS 'Quantile bin of a kind-quantile example; NULL otherwise.';
@@ -493,7 +493,7 @@ CREATE TABLE scores (
 COMMENT ON TABLE scores IS 'One row per explanation, scorer and metric (whq score), computed per unit from its rows in explanation_examples as delphi and OpenAI define them.';
 COMMENT ON COLUMN scores.neuron IS 'Unit index at the site.';
 COMMENT ON COLUMN scores.explanation_id IS 'The explanation scored (explanations.explanation_id).';
-COMMENT ON COLUMN scores.scorer IS 'detection, fuzz, simulation, embedding or intruder.';
+COMMENT ON COLUMN scores.scorer IS 'detection, fuzz, simulation, embedding or intruder; neuronpedia:<explanationScoreTypeName> for a score read by whq import explanations (metric value).';
 COMMENT ON COLUMN scores.model IS 'The model that judged (embedding: minilm).';
 COMMENT ON COLUMN scores.metric IS 'detection/fuzz: balanced_accuracy, precision, recall, f1, auc; simulation: ev_correlation (all examples, non-activating as zeros) and ev_correlation_q<N> / ev_correlation_top / ev_correlation_random (activating examples of one group); embedding: auc; intruder: accuracy.';
 COMMENT ON COLUMN scores.value IS 'The metric''s value (NULL where undefined: an AUC without both classes or without probabilities).';

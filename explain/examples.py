@@ -30,6 +30,8 @@ from collections.abc import Callable
 
 from warehouse.errors import BadInput, WarehouseError
 
+from .hard_negatives import similar
+
 BEFORE, AFTER = 50, 20
 
 
@@ -278,7 +280,11 @@ def neighbours(wh, run: str, site: str, layer: int, neuron: int, n: int, seed: i
 
 
 NonActivatingSource = Callable[..., list[Window]]
-NON_ACTIVATING_SOURCES: dict[str, NonActivatingSource] = {"non-firing": non_firing, "neighbours": neighbours}
+NON_ACTIVATING_SOURCES: dict[str, NonActivatingSource] = {
+    "non-firing": non_firing,
+    "neighbours": neighbours,
+    "similar": similar,  # explain/hard_negatives.py: MiniLM-nearest non-firing windows (delphi's FAISS source)
+}
 
 
 def non_activating(wh, run, site, layer, neuron, n: int, seed: int, sources: list[str]) -> list[Window]:

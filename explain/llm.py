@@ -8,7 +8,10 @@ cache journal before handing it back, so a killed run loses no call it paid for.
 
 Backends:
   openai:URL:MODEL   any OpenAI-compatible server (vLLM, llama.cpp, Ollama, a hosted API): POST
-                     URL/chat/completions with logprobs/top_logprobs; httpx when installed, else urllib
+                     URL/chat/completions with logprobs/top_logprobs; httpx when installed, else urllib.
+                     A forced answer (simulation) goes to the legacy URL/completions with echo, logprobs
+                     and max_tokens 0, which returns the prompt's own log-probabilities (OpenAI's
+                     simulator did the same)
   hf:PATH|config:X   a local Hugging Face causal LM in this process (CPU or CUDA); log-probabilities
                      from its logits; torch is imported only here
   top-tokens         no model at all (the deterministic explainer; scorers refuse it)
@@ -30,6 +33,8 @@ from warehouse.errors import BadInput, WarehouseError
 NO_MODEL = "top-tokens"
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 TOP_LOGPROBS = 5  # delphi asks for 5 (scorers/classifier/classifier.py)
+ECHO_LOGPROBS = 15  # OpenAI's simulator asks for 15 at each prompt token (explanations/simulator.py)
+PLACEHOLDER = "unknown"  # what OpenAI's simulator writes where it reads the distribution over 0..10
 
 
 class LLMUnavailable(WarehouseError):
@@ -100,10 +105,11 @@ class Answer:
 
 # -- backends ---------------------------------------------------------------------------
 class OpenAIBackend:
-    """Chat completions on any OpenAI-compatible server."""
+    """Chat completions on any OpenAI-compatible server; forced answers through its completions endpoint."""
 
     def __init__(self, base_url: str, model: str, api_key: str | None, timeout: float):
         self.url = base_url.rstrip("/") + "/chat/completions"
+        self.completions_url = base_url.rstrip("/") + "/completions"
         self.model, self.timeout = model, timeout
         self._headers = {"Content-Type": "application/json"}
         if api_key:
@@ -120,10 +126,7 @@ class OpenAIBackend:
 
     def send(self, request: Request) -> Answer:
         if request.forced is not None:
-            raise BadInput(
-                "the simulation scorer reads log-probabilities at forced answer positions, which chat completions "
-                "do not return: score simulation with an hf: model, or leave it out of --scorer"
-            )
+            return self._forced(request)
         body = {
             "model": self.model,
             "messages": [{"role": r, "content": c} for r, c in request.messages],
@@ -133,16 +136,7 @@ class OpenAIBackend:
         }
         if request.logprobs:
             body.update(logprobs=True, top_logprobs=request.top_logprobs)
-        started = time.perf_counter()
-        status, raw = self._post(json.dumps(body).encode())
-        latency = time.perf_counter() - started
-        if status in RETRY_STATUS or status >= 500:
-            raise Retryable(f"HTTP {status}")
-        if status != 200:
-            raise LLMUnavailable(
-                f"the model server at {self.url} answered HTTP {status} ({raw[:120]!r}): check the URL, the model "
-                f"name and the API key variable"
-            )
+        raw, latency = self._exchange(self.url, body, "check the URL, the model name and the API key variable")
         try:
             reply = json.loads(raw)
             choice = reply["choices"][0]
@@ -163,12 +157,72 @@ class OpenAIBackend:
             raise Retryable(f"a reply that is not a chat completion ({err})") from None
         return Answer(text, tokens, None, prompt_tokens, completion_tokens, latency)
 
-    def _post(self, payload: bytes) -> tuple[int, str]:
+    def _exchange(self, url: str, body: dict, fix: str) -> tuple[str, float]:
+        """The reply's body and the call's seconds; a failure worth retrying raises Retryable."""
+        started = time.perf_counter()
+        status, raw = self._post(url, json.dumps(body).encode())
+        latency = time.perf_counter() - started
+        if status in RETRY_STATUS or status >= 500:
+            raise Retryable(f"HTTP {status}")
+        if status != 200:
+            raise LLMUnavailable(f"the model server at {url} answered HTTP {status} ({raw[:120]!r}): {fix}")
+        return raw, latency
+
+    def _forced(self, request: Request) -> Answer:
+        """The prompt as plain text (the messages joined by blank lines, as HFBackend does without a chat
+        template) followed by the forced answer with PLACEHOLDER at each marker, sent to the completions
+        endpoint with echo and max_tokens 0: the server scores the prompt and returns, for each of its
+        tokens, the top log-probabilities of the token at that place. At each placeholder (found by its
+        character offset) they are the model's distribution over what it would write there."""
+        prefix = "\n\n".join(c for _, c in request.messages) + "\n\n"
+        pieces = request.forced.split(request.marker)
+        prompt, places = prefix, []
+        for i, piece in enumerate(pieces):
+            prompt += piece
+            if i < len(pieces) - 1:
+                places.append(len(prompt))
+                prompt += PLACEHOLDER
+        body = {
+            "model": self.model,
+            "prompt": prompt,
+            "max_tokens": 0,
+            "echo": True,
+            "logprobs": ECHO_LOGPROBS,
+            "temperature": request.temperature,
+            "seed": request.seed,
+        }
+        raw, latency = self._exchange(
+            self.completions_url,
+            body,
+            "the simulation scorer needs a server whose completions endpoint returns the prompt's log-probabilities "
+            "(echo with logprobs and max_tokens 0: vLLM, llama.cpp); else score simulation with an hf: model",
+        )
+        try:
+            reply = json.loads(raw)
+            logprobs = reply["choices"][0]["logprobs"]
+            offsets, tops = logprobs["text_offset"], logprobs["top_logprobs"]
+            if len(offsets) != len(tops):
+                raise ValueError("text_offset and top_logprobs differ in length")
+            at = {int(offset): i for i, offset in enumerate(offsets)}
+            marks = []
+            for place in places:
+                i = at.get(place)
+                if i is None:  # the placeholder did not start a token: this answer is out of form
+                    marks = []
+                    break
+                marks.append(_distribution(tops[i]))
+            usage = reply.get("usage") or {}
+            prompt_tokens = int(usage.get("prompt_tokens") or len(offsets))
+        except (ValueError, KeyError, IndexError, TypeError) as err:
+            raise Retryable(f"a reply that is not a completion with prompt log-probabilities ({err})") from None
+        return Answer("", None, marks, prompt_tokens, 0, latency)
+
+    def _post(self, url: str, payload: bytes) -> tuple[int, str]:
         if self._client is not None:
             import httpx
 
             try:
-                reply = self._client.post(self.url, content=payload, headers=self._headers)
+                reply = self._client.post(url, content=payload, headers=self._headers)
             except httpx.TimeoutException:
                 raise Retryable("timed out") from None
             except httpx.TransportError as err:
@@ -177,7 +231,7 @@ class OpenAIBackend:
         import urllib.error
         import urllib.request
 
-        req = urllib.request.Request(self.url, data=payload, headers=self._headers, method="POST")
+        req = urllib.request.Request(url, data=payload, headers=self._headers, method="POST")
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as reply:
                 return reply.status, reply.read().decode("utf-8", "replace")
@@ -191,6 +245,16 @@ class OpenAIBackend:
     def close(self) -> None:
         if self._client is not None:
             self._client.close()
+
+
+def _distribution(top) -> dict[str, float]:
+    """A prompt token's top log-probabilities as {token: logprob}: OpenAI and vLLM send a mapping,
+    some servers a list of {token, logprob}; the first token has none (null)."""
+    if top is None:
+        return {}
+    if isinstance(top, dict):
+        return {str(k): float(v) for k, v in top.items()}
+    return {str(t["token"]): float(t["logprob"]) for t in top}
 
 
 class HFBackend:

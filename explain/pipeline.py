@@ -26,13 +26,6 @@ from .scorers import Scoring, example_row
 
 EXPLAINERS = ("delphi", "contrastive", "openai", "top-tokens")
 SCORERS = ("detection", "fuzz", "simulation", "embedding", "intruder")
-HEADLINE = {
-    "detection": "balanced_accuracy",
-    "fuzz": "balanced_accuracy",
-    "simulation": "ev_correlation",
-    "embedding": "auc",
-    "intruder": "accuracy",
-}
 
 
 @dataclasses.dataclass(frozen=True)

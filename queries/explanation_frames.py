@@ -15,6 +15,7 @@ _HEADLINE = [
     ("embedding", "embedding", "auc"),
     ("intruder", "intruder", "accuracy"),
 ]
+HEADLINE = {scorer: metric for _, scorer, metric in _HEADLINE}  # each scorer's headline metric
 
 
 def _rows(wh, table: str, run: str, site: str) -> pl.LazyFrame:

@@ -6,6 +6,7 @@ Neuronpedia imports a source (one layer of one model's SAE or neuron set) from
         release.jsonl  model.jsonl  sourceset.jsonl  source.jsonl     one record each
         features/batch-{n}.jsonl.gz                                   one Neuron record per unit that fired
         activations/batch-{n}.jsonl.gz                                one Activation record per example
+        explanations/batch-{n}.jsonl.gz                               one Explanation record per explanation
 
 (its webapp's admin import route, and neuronpedia-utils' converters that write it). Every
 record carries exactly the fields of neuronpedia-utils' `db_models` dataclasses, because the
@@ -18,12 +19,20 @@ their bin as binMin/binMax, and binContains = the share of firing tokens up to t
 each with the unit's value at every token of its window.
 Records are reproducible: ids are hashes of (run, site, layer, unit, kind, rank) and every
 createdAt is the run's own creation time.
+
+Explanations (whq explain, or imported by `whq import explanations`) are written as Neuronpedia's
+bulk export writes them (neuronpedia-utils' export-data.py, `export_explanations`: the columns
+EXPLANATION_FIELDS of its Explanation table), each with its scores in a `scores` list of
+ExplanationScore records, the shape Neuronpedia's API gives an explanation. Neuronpedia's importer
+keeps only the keys that are columns of its table, so `scores` does not stop it; `whq import
+explanations` reads both, and an explanation it imported is written back as it was read.
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import re
 from pathlib import Path
 
@@ -31,9 +40,40 @@ from warehouse import jsonio
 from warehouse.output import check_output_folder, output_folder
 
 from . import page_data
+from .explanation_frames import HEADLINE
 
 CREATOR_ID = "clkht01d40000jv08hvalcvly"  # neuronpedia-utils' DEFAULT_CREATOR_ID (the local instance's default user)
 BATCH = 4096
+
+# Neuronpedia's explanation export: export-data.py's export_explanations writes these columns of its
+# Explanation table (apps/webapp/prisma/schema.prisma), one row per line of explanations/batch-N.jsonl.gz.
+EXPLANATION_FIELDS = (
+    "id",
+    "modelId",
+    "layer",
+    "index",
+    "authorId",
+    "description",
+    "embedding",
+    "typeName",
+    "explanationModelName",
+    "umap_x",
+    "umap_y",
+    "umap_cluster",
+    "umap_log_feature_sparsity",
+)
+# Its ExplanationScore table's columns, as an explanation's `scores` carry them in Neuronpedia's API.
+SCORE_FIELDS = (
+    "id",
+    "initiatedByUserId",
+    "value",
+    "explanationId",
+    "explanationScoreTypeName",
+    "explanationScoreModelName",
+    "jsonDetails",
+)
+IMPORTED = "neuronpedia:"  # explainer and scorer names of what `whq import explanations` read
+WHQ_TYPE = "whq_"  # typeName / explanationScoreTypeName of whq's own explainers and scorers
 
 
 def np_name(text: str) -> str:
@@ -127,6 +167,93 @@ def _feature(model, source, unit, data, created) -> dict:
         "logits_hist_data_bar_values": [],
         "decoder_weights_dist": [],
     }
+
+
+def explanation_records(reader, run: str, site: str, layer: int, model: str, source: str) -> list[dict]:
+    """The layer's explanations (those with a text) as Neuronpedia Explanation records with their scores.
+
+    whq's own: typeName whq_<explainer>, explanationModelName its model, each scorer one score whose
+    value is its headline metric (HEADLINE) and whose jsonDetails holds all its metrics and counts.
+    Imported ones: their Neuronpedia fields and scores as read (kept in settings by the import)."""
+    where = [run, site, layer]
+    explanations = reader.rows(
+        "SELECT neuron, explanation_id, explainer, model, text, settings FROM explanations "
+        "WHERE run_id = ? AND site = ? AND layer = ? AND text IS NOT NULL ORDER BY neuron, explainer, model, explanation_id",
+        where,
+    )
+    scores: dict[str, list[dict]] = {}
+    for row in reader.rows(
+        "SELECT explanation_id, scorer, model, metric, value, n_examples, n_unparsable, settings FROM scores "
+        "WHERE run_id = ? AND site = ? AND layer = ? ORDER BY explanation_id, scorer, model, metric",
+        where,
+    ):
+        scores.setdefault(row["explanation_id"], []).append(row)
+    records = []
+    for e in explanations:
+        kept = json.loads(e["settings"] or "{}").get("neuronpedia")
+        np_id = kept["id"] if kept else _id(run, site, layer, e["neuron"], "explanation", e["explanation_id"])
+        record = {
+            "id": np_id,
+            "modelId": model,
+            "layer": source,
+            "index": str(e["neuron"]),
+            "authorId": CREATOR_ID,
+            "description": e["text"],
+            "embedding": None,  # Neuronpedia's is its own 256-float model's; whq's MiniLM vector is not one
+            "typeName": f"{WHQ_TYPE}{e['explainer']}",
+            "explanationModelName": e["model"],
+            "umap_x": None,
+            "umap_y": None,
+            "umap_cluster": None,
+            "umap_log_feature_sparsity": None,
+        }
+        if kept:
+            record.update({k: kept.get(k) for k in EXPLANATION_FIELDS if k not in ("id", "modelId", "layer", "index")})
+            record["description"] = e["text"]
+        record["scores"] = _score_records(np_id, e["explanation_id"], scores.get(e["explanation_id"], []))
+        records.append(record)
+    return records
+
+
+def _score_records(np_id: str, explanation_id: str, rows: list[dict]) -> list[dict]:
+    """One ExplanationScore per (scorer, model): an imported one as read, whq's with its headline value."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["scorer"], row["model"]), []).append(row)
+    out = []
+    for (scorer, model), metrics in groups.items():
+        kept = json.loads(metrics[0]["settings"] or "{}").get("neuronpedia")
+        if scorer.startswith(IMPORTED) and kept:
+            record = {
+                "id": kept["id"],
+                "initiatedByUserId": kept.get("initiatedByUserId") or CREATOR_ID,
+                "value": metrics[0]["value"],
+                "explanationId": np_id,
+                "explanationScoreTypeName": scorer[len(IMPORTED) :],
+                "explanationScoreModelName": model,
+                "jsonDetails": kept.get("jsonDetails", ""),
+            }
+        else:
+            values = {m["metric"]: m["value"] for m in metrics}
+            settings = json.loads(metrics[0]["settings"] or "{}")
+            kept = settings.pop("neuronpedia", None)  # a whq score read back by `whq import explanations`
+            details = {
+                "metrics": values,
+                "n_examples": metrics[0]["n_examples"],
+                "n_unparsable": metrics[0]["n_unparsable"],
+                "settings": settings,
+            }
+            record = {
+                "id": kept["id"] if kept and kept.get("id") else _id(explanation_id, scorer, model),
+                "initiatedByUserId": CREATOR_ID,
+                "value": values.get(HEADLINE.get(scorer, "")),
+                "explanationId": np_id,
+                "explanationScoreTypeName": f"{WHQ_TYPE}{scorer}",
+                "explanationScoreModelName": model,
+                "jsonDetails": jsonio.dumps(details),
+            }
+        out.append(record)
+    return out
 
 
 def write_neuronpedia(
@@ -278,6 +405,10 @@ def write_neuronpedia(
                             for i, row in enumerate(data[u]["examples"][kind])
                         ],
                     )
+                if reader.explained(run, site):
+                    explained = explanation_records(reader, run, site, layer, model, source)
+                    for batch, start in enumerate(range(0, len(explained), BATCH)):
+                        _jsonl_gz(folder / "explanations" / f"batch-{batch}.jsonl.gz", explained[start : start + BATCH])
                 written[str(folder)] = len(fired)
         return written
     finally:

@@ -1,14 +1,17 @@
-"""A loopback OpenAI-compatible chat-completions server for the explain tests, answering from a script.
+"""A loopback OpenAI-compatible server for the explain tests (chat completions, and the legacy
+completions with echo that the simulation scorer uses), answering from a script.
 
 `script(body, n)` gets the request body (a dict) and the 0-based request number and returns
 (status, payload, delay_s): payload is a dict sent as JSON, or a str sent as is (a garbled body).
-The server records every body, the Authorization headers it saw, and the most requests in flight.
+The server records every body and path, the Authorization headers it saw, and the most requests in flight.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -32,10 +35,55 @@ def completion(text: str, *, logprobs: list | None = None, prompt_tokens: int = 
     }
 
 
+# How the scripted server tokenizes an echoed prompt: '<', '>', tab, newline and 'unknown' alone, the
+# runs between them as one token each (so "<start>" is three tokens, as OpenAI's simulator expects).
+ECHO_TOKENS = re.compile(r"<|>|\t|\n|unknown|[^<>\t\n]+")
+
+
+def echo_completion(prompt: str, distribution) -> dict:
+    """A text_completion body for `prompt` sent with echo, logprobs and max_tokens 0: the prompt's
+    tokens with their text offsets and top log-probabilities; at the k-th 'unknown' after a tab the
+    mapping distribution(k) ({token: logprob}), elsewhere the token itself (the first token: null)."""
+    tokens = ECHO_TOKENS.findall(prompt)
+    assert "".join(tokens) == prompt
+    offsets = list(itertools.accumulate([0] + [len(t) for t in tokens[:-1]]))
+    places = itertools.count()
+    tops = [
+        None if i == 0 else distribution(next(places)) if t == "unknown" and tokens[i - 1] == "\t" else {t: -0.05}
+        for i, t in enumerate(tokens)
+    ]
+    logprobs = {
+        "tokens": tokens,
+        "token_logprobs": [None] + [-0.05] * (len(tokens) - 1),
+        "top_logprobs": tops,
+        "text_offset": offsets,
+    }
+    return {
+        "id": "cmpl-2",
+        "object": "text_completion",
+        "choices": [{"index": 0, "text": prompt, "logprobs": logprobs, "finish_reason": "length"}],
+        "usage": {"prompt_tokens": len(tokens), "completion_tokens": 0, "total_tokens": len(tokens)},
+    }
+
+
+def simulation_distribution(k: int) -> dict[str, float]:
+    """A simulator's top log-probabilities at the k-th place: most of the answers 0..10 and two other tokens."""
+    weights = {str(v): 1.0 + ((k * 7 + v * 5) % 11) ** 2 / (1 + v) for v in range(11) if (k + v) % 6 != 5}
+    total = sum(weights.values()) * 1.25
+    return {**{t: math.log(w / total) for t, w in weights.items()}, "unknown": math.log(0.1), " 1": math.log(0.05)}
+
+
+def simulation_answers(body: dict, n: int):
+    """Answers to whq's simulation requests (legacy completions with echo)."""
+    assert body["echo"] is True and body["max_tokens"] == 0 and body["logprobs"] > 0
+    return 200, echo_completion(body["prompt"], simulation_distribution), 0.0
+
+
 class ScriptedServer:
     def __init__(self, script):
         self.script = script
         self.bodies: list[dict] = []
+        self.paths: list[str] = []
         self.auth: list[str | None] = []
         self.in_flight = self.max_in_flight = 0
         self.answered = 0
@@ -48,6 +96,7 @@ class ScriptedServer:
                 with owner._lock:
                     n = len(owner.bodies)
                     owner.bodies.append(body)
+                    owner.paths.append(self.path)
                     owner.auth.append(self.headers.get("Authorization"))
                     owner.in_flight += 1
                     owner.max_in_flight = max(owner.max_in_flight, owner.in_flight)

@@ -8,6 +8,7 @@ JSONL lines at the CLI: always exit 2, one line, no traceback.
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import os
@@ -860,6 +861,59 @@ CASES += [
 ]
 
 
+# -- whq import explanations: Neuronpedia's explanation export (tests/test_explain_neuronpedia.py has the rest) ----
+_IMPORT = ("import", "explanations", "{wh}")
+_RUN_SITE = ("--run", "r", "--site", "mlp.act", "-q")
+CASES += [
+    Case(
+        "import explanations: corrupt gzip",
+        (*_IMPORT, "np_truncated.jsonl.gz", *_RUN_SITE),
+        "np_truncated.jsonl.gz: not a readable gzip file (Compressed file ended before the end-of-stream marker was "
+        "reached): download it again (or gunzip it to see where it breaks)",
+    ),
+    Case(
+        "import explanations: a line that is not JSON",
+        (*_IMPORT, "np_badjson.jsonl", *_RUN_SITE),
+        "np_badjson.jsonl line 2: not JSON (Expecting property name enclosed in double quotes): is this Neuronpedia's "
+        "explanation export?",
+    ),
+    Case(
+        "import explanations: a record without its description",
+        (*_IMPORT, "np_missing.jsonl", *_RUN_SITE),
+        "np_missing.jsonl line 1: no 'description' field: Neuronpedia's explanation export has modelId, layer, index, "
+        "description on every line",
+    ),
+    Case(
+        "import explanations: unknown unit index",
+        (*_IMPORT, "np_unit.jsonl", *_RUN_SITE),
+        "np_unit.jsonl line 1: unit 99999 is not one of site 'mlp.act''s 128 units: is this the right --site or --source?",
+    ),
+    Case(
+        "import explanations: source of a layer the site lacks",
+        (*_IMPORT, "np_layer.jsonl", *_RUN_SITE),
+        "np_layer.jsonl line 1: source '9-res-jb' is layer 9, which site 'mlp.act' does not have (layers 0, 1, 2, 3): "
+        "give --layer, or --source to import one source",
+    ),
+    Case(
+        "import explanations: terminal escape in a description",
+        (*_IMPORT, "np_hostile.jsonl", *_RUN_SITE),
+        "np_hostile.jsonl line 1: description holds the control character '\\x1b': remove it or the line (a damaged "
+        "export?)",
+    ),
+    Case(
+        "import explanations: line break in a model name",
+        (*_IMPORT, "np_name.jsonl", *_RUN_SITE),
+        'np_name.jsonl line 1: explanationModelName "gpt\\nEVIL" must be text of 1 to 200 characters without '
+        "control characters",
+    ),
+    Case(
+        "import explanations: no such file",
+        (*_IMPORT, "np_nothing.jsonl.gz", *_RUN_SITE),
+        "np_nothing.jsonl.gz does not exist: give a Neuronpedia explanations file (.jsonl.gz) or its folder",
+    ),
+]
+
+
 def hostile_dictionaries(folder: Path) -> None:
     """The dictionaries of the untrusted-dictionary rows, each one defect on a valid SAELens / Gemma Scope file."""
     import numpy as np
@@ -920,6 +974,15 @@ def _damaged_parquet() -> bytes:
     return bytes(data)
 
 
+_NP_LINE = json.dumps(
+    {
+        "modelId": "gpt2-small",
+        "layer": "0-res-jb",
+        "index": "3",
+        "description": "plural nouns",
+        "explanationModelName": "gpt-4o-mini",
+    }
+)
 FILES = {
     "docs.jsonl": b'{"text": "hello world"}\n{"text": "a second document"}\n',
     "empty.jsonl": b"",
@@ -947,6 +1010,13 @@ FILES = {
     "bidi_label.jsonl": b'{"text": "x", "label": "\\u202eadmin"}\n',
     "dup_id.jsonl": b'{"text": "x", "id": "7"}\n{"text": "y", "id": "7"}\n',
     "web\x1b[31m.txt": b"hello\n",
+    "np_truncated.jsonl.gz": gzip.compress(_NP_LINE.encode())[:-12],
+    "np_badjson.jsonl": (_NP_LINE + "\n{oops}\n").encode(),
+    "np_missing.jsonl": _NP_LINE.replace('"description": "plural nouns", ', "").encode(),
+    "np_unit.jsonl": _NP_LINE.replace('"index": "3"', '"index": "99999"').encode(),
+    "np_layer.jsonl": _NP_LINE.replace("0-res-jb", "9-res-jb").encode(),
+    "np_hostile.jsonl": _NP_LINE.replace("plural nouns", "plural\\u001b[2J nouns").encode(),
+    "np_name.jsonl": _NP_LINE.replace('"gpt-4o-mini"', '"gpt\\nEVIL"').encode(),
 }
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import pytest
 
+from explain import examples as ex
 from explain import prompts
-from explain.llm import BudgetSpent, Caller, LLMUnavailable, OpenAIBackend, Request, model_name, parse_llm
+from explain.llm import BudgetSpent, Caller, LLMUnavailable, OpenAIBackend, Request, messages, model_name, parse_llm
 from warehouse.errors import BadInput
 
-from .llm_server import ScriptedServer, completion
+from .llm_server import ScriptedServer, completion, echo_completion, simulation_answers, simulation_distribution
 
 
 class DictCache:
@@ -118,6 +119,44 @@ def test_the_urllib_fallback_speaks_the_same_protocol():
         caller.backend._client = None
         assert caller.call(_request()).text == "fine"
         assert server.auth == ["Bearer sk-test"] * 2
+
+
+def _simulation_request(tokens=(" a", " b", "c")) -> Request:
+    window = ex.Window(0, 0, list(tokens), [0.0] * len(tokens), "top", True)
+    msgs, forced = prompts.simulation_request("letters", window)
+    return Request("openai:m", messages(msgs), max_tokens=0, logprobs=True, forced=forced, marker=prompts.MARK)
+
+
+def test_simulation_reads_the_prompt_logprobs_of_the_completions_endpoint():
+    request = _simulation_request()
+    with ScriptedServer(simulation_answers) as server:
+        answer = _caller(server).call(request)
+        body, path = server.bodies[0], server.paths[0]
+    assert path == "/v1/completions" and body["echo"] is True and body["max_tokens"] == 0 and body["logprobs"] == 15
+    user = request.messages[1][1]  # its listing holds 3 'unknown' places before the forced answer's
+    prefix = "\n\n".join(c for _, c in request.messages) + "\n\n"
+    assert body["prompt"] == prefix + request.forced.replace(prompts.MARK, "unknown") and user.count("\tunknown") == 3
+    assert answer.marks == [pytest.approx(simulation_distribution(k)) for k in (3, 4, 5)]
+    assert answer.prompt_tokens > 0 and answer.text == ""
+
+
+def test_a_placeholder_split_by_the_tokenizer_makes_the_answer_out_of_form():
+    def merged(body, n):  # a tokenizer that folds the tab into the placeholder: no token starts at it
+        reply = echo_completion(body["prompt"], simulation_distribution)
+        logprobs = reply["choices"][0]["logprobs"]
+        last_tab = max(i for i, t in enumerate(logprobs["tokens"]) if t == "\t")
+        logprobs["text_offset"][last_tab + 1] -= 1
+        return 200, reply, 0
+
+    with ScriptedServer(merged) as server:
+        assert _caller(server).call(_simulation_request()).marks == []
+
+
+def test_a_server_without_echo_names_the_fix():
+    with ScriptedServer(lambda body, n: (400, '{"error": "echo is not supported"}', 0)) as server:
+        with pytest.raises(LLMUnavailable) as err:
+            _caller(server).call(_simulation_request())
+    assert "HTTP 400" in str(err.value) and "completions endpoint" in str(err.value) and "hf:" in str(err.value)
 
 
 @pytest.mark.parametrize(

@@ -136,6 +136,8 @@ def peers():
     modules["records"] = importlib.import_module("neuron_explainer.activations.activation_records")
     modules["activations"] = importlib.import_module("neuron_explainer.activations.activations")
     modules["explainer"] = importlib.import_module("neuron_explainer.explanations.explainer")
+    modules["simulator"] = importlib.import_module("neuron_explainer.explanations.simulator")
+    modules["explanations"] = importlib.import_module("neuron_explainer.explanations.explanations")
     # delphi's normalize_activations lives in latents/samplers.py, whose other imports need simple_parsing:
     # its source is run alone.
     tree = ast.parse((DELPHI / "latents" / "samplers.py").read_text())
@@ -335,6 +337,39 @@ def test_ev_correlation_matches_openai(peers):
         assert metrics.correlation(true, predicted) == pytest.approx(
             peers["scoring"].correlation_score(true, predicted)
         )
+
+
+def test_simulation_through_a_completions_server_matches_openai(peers):
+    """whq's simulation scorer through an OpenAI-compatible completions endpoint (echo, prompt
+    log-probabilities) against OpenAI's own code on the same scripted replies: its
+    parse_simulation_response reads the expected values at each place, its
+    aggregate_scored_sequence_simulations computes the ev_correlation_score over all windows."""
+    from explain.llm import OpenAIBackend
+
+    from .llm_server import ScriptedServer, simulation_answers
+
+    simulator, explanations = peers["simulator"], peers["explanations"]
+    test, negatives = _windows(11, 6, True), _windows(12, 3, False)
+    unit = Scoring(0, 7, "e", "words that start with w", test, negatives, Recipe(), "openai:m")
+    finish = unit.plan_simulation()
+    with ScriptedServer(simulation_answers) as server:
+        backend = OpenAIBackend(server.url, "m", None, 10.0)
+        answers = {r.key: backend.send(r) for r in unit.requests}
+        replies = [simulation_answers(body, i)[1] for i, body in enumerate(server.bodies)]
+    rows, values, n, failed = finish(answers)
+    assert (n, failed) == (9, 0)
+    scored = []
+    for w, reply, row in zip(negatives + test, replies, rows):
+        simulation = simulator.parse_simulation_response(reply, simulator.PromptFormat.NONE, w.tokens)
+        assert row["predicted_values"] == pytest.approx(simulation.expected_activations)
+        true = list(w.values) if w.activating else [0.0] * len(w.tokens)
+        scored.append(
+            explanations.ScoredSequenceSimulation(
+                simulation=simulation, true_activations=true, ev_correlation_score=0.0
+            )
+        )
+    oracle = peers["scoring"].aggregate_scored_sequence_simulations(scored).ev_correlation_score
+    assert values["ev_correlation"] == pytest.approx(oracle) and 0 < abs(oracle) < 1
 
 
 def test_pooled_auc_matches_sklearn_through_delphi(peers):

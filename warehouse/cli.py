@@ -465,6 +465,9 @@ app.add_typer(bench_app, name="bench")
 from .cli_explain import explain_app  # noqa: E402 - whq explain, whq score (and whq bench explain)
 
 app.add_typer(explain_app)
+from .cli_import import import_app  # noqa: E402 - whq import explanations
+
+app.add_typer(import_app, name="import")
 from .cli_remote import pull, push  # noqa: E402
 
 app.command()(push)

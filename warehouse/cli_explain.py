@@ -112,7 +112,9 @@ _SAMPLE = dict(
     run=typer.Option(..., "--run", help="Run id."),
     layers=typer.Option(None, "--layers", help="Layers: a range or list, e.g. 3 or 0-5 (default: all)."),
     n_non_activating=typer.Option(20, "--n-non-activating", help="Non-activating examples per unit."),
-    non_activating=typer.Option("non-firing,neighbours", "--non-activating", help="Their sources."),
+    non_activating=typer.Option(
+        "non-firing,neighbours", "--non-activating", help="Their sources: non-firing, neighbours, similar."
+    ),
     normalise=typer.Option("ceil", "--normalise", help="ceil (delphi) or floor (OpenAI): 10·a/max rounded."),
     seed=typer.Option(22, "--seed", help="Seed of every sample."),
 )
