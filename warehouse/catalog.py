@@ -137,46 +137,82 @@ def _write_failure(err: duckdb.Error, tmp: Path) -> bool:
     return isinstance(err, (duckdb.IOException, duckdb.TransactionException)) or tmp.name in str(err)
 
 
+class _OlderParts(Exception):
+    """A view could not bind: its parts were written before a column of schema.sql existed."""
+
+    def __init__(self, table: schema.Table):
+        self.table = table
+
+
 def _write(layout: Layout, tmp: Path, files: dict[str, list[str]]) -> None:
-    """The catalog's views, info view and macros, written into the new file `tmp`."""
+    """The catalog's views, info view and macros, written into the new file `tmp` in one transaction
+    (one commit, where each statement on its own would write and sync the file)."""
     con = duckdb.connect()
     layout.prepare(con)
     try:
         con.execute(f"ATTACH {quote(str(tmp))} AS whq_catalog (STORAGE_VERSION '{STORAGE_VERSION}')")
         con.execute("USE whq_catalog")
-        for table in schema.tables().values():
+        absent: dict[str, frozenset[str]] = {}
+        while True:
+            con.execute("BEGIN TRANSACTION")
             try:
-                try:
-                    con.execute(f"CREATE VIEW {_ident(table.name)} AS {view_sql(table, files[table.name])}")
-                except duckdb.BinderException:  # parts older than a column: only then read their schemas
-                    absent = frozenset(c.name for c in table.columns) - _stored_columns(con, files[table.name])
-                    con.execute(f"CREATE VIEW {_ident(table.name)} AS {view_sql(table, files[table.name], absent)}")
-            except duckdb.Error as err:  # a view binds to its parts: a damaged one stops the build
-                if tmp.name in str(err):
-                    raise  # writing the new file or its WAL failed (a full disk), not reading a part
-                raise CorruptPart(
-                    f"cannot build the catalog ({str(err).splitlines()[0][:200]}): find the bad part with "
-                    f"`whq check {layout.root}`, then `whq repair {layout.root}` quarantines its run"
-                ) from None
-            if table.comment:
-                con.execute(f"COMMENT ON VIEW {_ident(table.name)} IS {quote(table.comment)}")
-            for col in table.columns:
-                if col.comment:
-                    con.execute(f"COMMENT ON COLUMN {_ident(table.name)}.{_ident(col.name)} IS {quote(col.comment)}")
-        fault("catalog.views")
-        con.execute(
-            f"CREATE VIEW {INFO_VIEW} AS SELECT {quote(str(layout.root))} AS root, "
-            f"{FORMAT_VERSION} AS format_version, {quote(fingerprint(layout))} AS fingerprint"
-        )
-        con.execute(
-            f"COMMENT ON VIEW {INFO_VIEW} IS 'Where this catalog was built and from what: any whq command rebuilds it when stale.'"
-        )
-        for path in macro_files():
-            con.execute(path.read_text())
+                _create(con, layout, tmp, files, absent)
+                break
+            except _OlderParts as older:  # a failed statement ends the transaction: begin again, knowing more
+                con.execute("ROLLBACK")
+                table = older.table
+                absent[table.name] = frozenset(c.name for c in table.columns) - _stored_columns(con, files[table.name])
+        con.execute("COMMIT")
         con.execute("USE memory")
         con.execute("DETACH whq_catalog")
     finally:
         con.close()
+
+
+def _create(con, layout: Layout, tmp: Path, files: dict[str, list[str]], absent: dict[str, frozenset[str]]) -> None:
+    # DuckDB binds a macro when it is created, and binding a view over parts reads every part's
+    # footer (union_by_name): the macros are created over empty views of the same columns, and
+    # each view is then replaced by the one over its parts, so the build reads each footer once.
+    for table in schema.tables().values():
+        con.execute(f"CREATE VIEW {_ident(table.name)} AS {view_sql(table, [])}")
+    for path in macro_files():
+        con.execute(path.read_text())
+    for table in schema.tables().values():
+        _replace_view(con, layout, tmp, table, files[table.name], absent)
+    fault("catalog.views")
+    con.execute(
+        f"CREATE VIEW {INFO_VIEW} AS SELECT {quote(str(layout.root))} AS root, "
+        f"{FORMAT_VERSION} AS format_version, {quote(fingerprint(layout))} AS fingerprint"
+    )
+    con.execute(
+        f"COMMENT ON VIEW {INFO_VIEW} IS 'Where this catalog was built and from what: any whq command rebuilds it when stale.'"
+    )
+
+
+def _replace_view(con, layout: Layout, tmp: Path, table: schema.Table, files: list[str], absent) -> None:
+    """Replace `table`'s empty view by the one over its parts, with the comments of schema.sql."""
+    try:
+        con.execute(
+            f"CREATE OR REPLACE VIEW {_ident(table.name)} AS {view_sql(table, files, absent.get(table.name, frozenset()))}"
+        )
+    except duckdb.Error as err:  # a view binds to its parts: a damaged one stops the build
+        if isinstance(err, duckdb.BinderException) and table.name not in absent:
+            raise _OlderParts(table) from None  # parts older than a column: only then read their schemas
+        raise _damaged(layout, tmp, err) from None
+    if table.comment:
+        con.execute(f"COMMENT ON VIEW {_ident(table.name)} IS {quote(table.comment)}")
+    for col in table.columns:
+        if col.comment:
+            con.execute(f"COMMENT ON COLUMN {_ident(table.name)}.{_ident(col.name)} IS {quote(col.comment)}")
+
+
+def _damaged(layout: Layout, tmp: Path, err: duckdb.Error) -> Exception:
+    if tmp.name in str(err):
+        return err  # writing the new file or its WAL failed (a full disk), not reading a part
+    return CorruptPart(
+        f"cannot build the catalog ({str(err).splitlines()[0][:200]}): find the bad part with "
+        f"`whq check {layout.root}`, then `whq repair {layout.root}` quarantines its run"
+    )
 
 
 @contextlib.contextmanager
