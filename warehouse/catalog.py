@@ -14,7 +14,9 @@ import hashlib
 import importlib.util
 import os
 import shutil
+import stat
 import tempfile
+import threading
 from pathlib import Path
 
 import duckdb
@@ -147,6 +149,9 @@ class _OlderParts(Exception):
 def _write(layout: Layout, tmp: Path, files: dict[str, list[str]]) -> None:
     """The catalog's views, info view and macros, written into the new file `tmp` in one transaction
     (one commit, where each statement on its own would write and sync the file)."""
+    base = _base()
+    if base is not None:
+        shutil.copyfile(base, tmp)
     con = duckdb.connect()
     layout.prepare(con)
     try:
@@ -156,6 +161,8 @@ def _write(layout: Layout, tmp: Path, files: dict[str, list[str]]) -> None:
         while True:
             con.execute("BEGIN TRANSACTION")
             try:
+                if base is None:
+                    _bind_macros(con)
                 _create(con, layout, tmp, files, absent)
                 break
             except _OlderParts as older:  # a failed statement ends the transaction: begin again, knowing more
@@ -169,14 +176,59 @@ def _write(layout: Layout, tmp: Path, files: dict[str, list[str]]) -> None:
         con.close()
 
 
-def _create(con, layout: Layout, tmp: Path, files: dict[str, list[str]], absent: dict[str, frozenset[str]]) -> None:
-    # DuckDB binds a macro when it is created, and binding a view over parts reads every part's
-    # footer (union_by_name): the macros are created over empty views of the same columns, and
-    # each view is then replaced by the one over its parts, so the build reads each footer once.
+def _bind_macros(con) -> None:
+    """The views of schema.sql over no parts, and the macros of queries/*.sql created over them.
+
+    DuckDB binds a macro when it is created (most of a build's time), and binding one over a view of
+    parts would read every part's footer (union_by_name): over these empty views of the same columns
+    it reads none, and _create then replaces each view by the one over its parts."""
     for table in schema.tables().values():
         con.execute(f"CREATE VIEW {_ident(table.name)} AS {view_sql(table, [])}")
     for path in macro_files():
         con.execute(path.read_text())
+
+
+def _base() -> Path | None:
+    """A catalog of _bind_macros alone, which no warehouse changes, built once per content of schema.sql,
+    queries/*.sql and DuckDB's version, in this user's own folder under the system's temp folder: every
+    build copies it. None when that folder is not this user's alone (another user could change what every
+    catalog holds) or cannot be written: the build then binds the macros itself."""
+    digest = hashlib.sha256(f"{duckdb.__version__}\n{STORAGE_VERSION}\n".encode())
+    for path in [schema.SCHEMA_SQL.resolve(), *macro_files()]:
+        digest.update(f"{path.name}\n{len(path.read_bytes())}\n".encode() + path.read_bytes())
+    folder = Path(tempfile.gettempdir()) / f"whq-catalog-{os.getuid()}"
+    base = folder / f"base-{digest.hexdigest()[:16]}.duckdb"
+    try:
+        folder.mkdir(mode=0o700, exist_ok=True)
+        info = folder.lstat()
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+            return None
+        if base.is_file():
+            return base
+        tmp = folder / f".{base.name}.{os.getpid()}.{threading.get_ident()}.tmp"
+        try:
+            con = duckdb.connect()
+            try:
+                con.execute(f"ATTACH {quote(str(tmp))} AS whq_catalog (STORAGE_VERSION '{STORAGE_VERSION}')")
+                con.execute("USE whq_catalog")
+                con.execute("BEGIN TRANSACTION")
+                _bind_macros(con)
+                con.execute("COMMIT")
+                con.execute("USE memory")
+                con.execute("DETACH whq_catalog")
+            finally:
+                con.close()
+            os.replace(tmp, base)  # whole or absent: a concurrent build copies one or the other
+        finally:
+            for leftover in (tmp, tmp.with_name(tmp.name + ".wal")):
+                leftover.unlink(missing_ok=True)
+        return base
+    except (OSError, duckdb.Error):
+        return None
+
+
+def _create(con, layout: Layout, tmp: Path, files: dict[str, list[str]], absent: dict[str, frozenset[str]]) -> None:
+    """Each view over its parts, with schema.sql's comments, and the info view (the macros are there already)."""
     for table in schema.tables().values():
         _replace_view(con, layout, tmp, table, files[table.name], absent)
     fault("catalog.views")
