@@ -21,6 +21,8 @@ import hashlib
 import json
 import os
 import shutil
+import threading
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -239,21 +241,30 @@ def _pull_run(remote: Remote, layout, run_id: str, payload: bytes, manifest: dic
                 f"`whq gc {layout.root} --interrupted`, then pull again"
             )
 
+        # Each folder is fsynced once, by the thread that put its last part there, while other parts
+        # are still on their way.
+        folders = Counter(layout.part_path(part["path"]).parent for part in manifest["parts"])
+        counting = threading.Lock()
+
         def fetch(part: dict) -> bool:
             """GET one part, check it against the manifest and write it into data/; True when a verified
             copy (an interrupted pull's) was already there."""
             final = layout.part_path(part["path"])
-            if final.is_file() and final.stat().st_size == part["bytes"]:
-                if hashlib.sha256(final.read_bytes()).hexdigest() == part["sha256"]:
-                    return True
-            data = remote.read(part["path"])
-            if data is None or len(data) != part["bytes"] or hashlib.sha256(data).hexdigest() != part["sha256"]:
-                raise CorruptPart(
-                    f"part {part['path']} at {remote.url} is missing or does not match its manifest: "
-                    f"push run {run_id!r} there again; nothing of it was committed here"
-                )
-            write_bytes_atomic(data, final, tmp_dir, "part", retry="pull again", sync_folder=False)
-            return False
+            reused = _verified_copy(final, part)
+            if not reused:
+                data = remote.read(part["path"])
+                if data is None or len(data) != part["bytes"] or hashlib.sha256(data).hexdigest() != part["sha256"]:
+                    raise CorruptPart(
+                        f"part {part['path']} at {remote.url} is missing or does not match its manifest: "
+                        f"push run {run_id!r} there again; nothing of it was committed here"
+                    )
+                write_bytes_atomic(data, final, tmp_dir, "part", retry="pull again", sync_folder=False)
+            with counting:
+                folders[final.parent] -= 1
+                last = folders[final.parent] == 0
+            if last:
+                fsync_dir(final.parent)
+            return reused
 
         for part, reused in _fetched(fetch, manifest["parts"]):
             done.parts_present += reused
@@ -261,8 +272,6 @@ def _pull_run(remote: Remote, layout, run_id: str, payload: bytes, manifest: dic
                 fault("pull.part")
             if progress:
                 progress(part["bytes"])
-        for folder in sorted({layout.part_path(part["path"]).parent for part in manifest["parts"]}):
-            fsync_dir(folder)
         commit_manifest(layout, run_id, payload, tmp_dir, rebuild_catalog=False)
     finally:
         os.close(lock)
@@ -271,6 +280,13 @@ def _pull_run(remote: Remote, layout, run_id: str, payload: bytes, manifest: dic
     done.copied.append(run_id)
     done.parts += len(manifest["parts"])
     done.bytes += sum(p["bytes"] for p in manifest["parts"])
+
+
+def _verified_copy(final, part: dict) -> bool:
+    """Is the part already at `final`, whole (an interrupted pull's copy)?"""
+    if not (final.is_file() and final.stat().st_size == part["bytes"]):
+        return False
+    return hashlib.sha256(final.read_bytes()).hexdigest() == part["sha256"]
 
 
 def _fetched(fetch: Callable[[dict], bool], parts: list[dict]) -> Iterator[tuple[dict, bool]]:
