@@ -58,7 +58,7 @@ BATCH_PARTS = 256
 # PULL_THREADS threads): small enough that most of that work overlaps the transfers.
 PULL_BATCH_BYTES = 32 << 20
 PULL_BATCH_PARTS = 64
-PULL_THREADS = 16
+PULL_THREADS = 4
 
 Progress = Callable[[int], None]
 
