@@ -4,7 +4,9 @@ It holds views and macros only. Views list the committed parts explicitly (never
 glob), so a run is visible exactly when its manifest is committed. The file is
 written next to the old one and renamed over it, so a reader never sees a
 half-built catalog, and it is written in an old storage version that the DuckDB
-shell from PyPI (duckdb-cli) opens.
+shell from PyPI (duckdb-cli) opens. The macros, which no warehouse changes, are bound
+once per version of schema.sql, queries/*.sql and DuckDB into a base catalog in the
+user's own temp folder, which each build copies (_base).
 """
 
 from __future__ import annotations
