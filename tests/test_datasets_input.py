@@ -221,6 +221,27 @@ def _docs_stream(data):
     return inputs.open_input(IngestOptions(data=(data,))).documents(SkipCounter(), None, None)
 
 
+@pytest.mark.parametrize("kind", ["disk", "parquet-folder", "jsonl-glob"])
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_every_source_is_split_over_ranks_into_disjoint_parts_of_the_whole(sources, kind, world_size):
+    """Each rank's documents (after --where and --max-docs) are its own, and together the one-process run's."""
+    plan = contexts.ContextPlan(max_length=8, max_docs=20)
+    where = dict(where="lang = 'en'")
+
+    def documents(rank: int, world: int) -> list:
+        stream = inputs.open_input(IngestOptions(data=(sources[kind],), **where)).documents(SkipCounter(), None, None)
+        found = contexts.shards(stream, _Ids(), plan, start=0, rank=rank, world_size=world, shard_tokens=16)
+        return [(ordinal, doc.doc_id, doc.text) for shard in found for ordinal, doc, _ in shard.docs]
+
+    whole = documents(0, 1)
+    parts = [documents(rank, world_size) for rank in range(world_size)]
+    assert all(parts) and sum(len(part) for part in parts) == len(whole)
+    assert sorted(doc for part in parts for doc in part) == whole
+    english = [r["text"] for r in ROWS if r["lang"] == "en"]
+    assert len(english) > 20 and [(o, t) for o, _, t in whole] == list(enumerate(english[:20]))
+    assert len({doc_id for _, doc_id, _ in whole}) == 20
+
+
 @pytest.mark.parametrize("pack", [False, True])
 @pytest.mark.parametrize("limit", [1, 17, 60, 10_000])
 def test_max_tokens_is_exact(sources, pack, limit):
