@@ -74,11 +74,41 @@ class Input:
     plain_identity: list = field(default_factory=list)  # the plain files' scan entries (--resume's sha256 check)
 
     def documents(self, counter: sources.SkipCounter, dataset: str | None, role: str | None) -> Iterator:
+        """Every document in order. Pages and exports name a document by its doc_id, so none may be given
+        twice: plain files alone were checked whole before the run (sources.scan); a dataset is a stream,
+        checked as it goes by (a set of the ids' 64-bit hashes, a repeated hash confirmed by re-reading)."""
+        stream = self._documents(counter, dataset, role)
+        if not self.datasets:
+            yield from stream
+            return
+        seen: set[int] = set()
+        for number, doc in enumerate(stream, start=1):
+            key = hash(doc.doc_id)
+            if key in seen and (first := self._number_of(doc.doc_id, number, dataset, role)) is not None:
+                raise BadInput(
+                    f"doc_id {doc.doc_id!r} is given twice (documents {first} and {number} of --data), and pages and "
+                    f"exports name documents by it: name a column of unique ids with --id-column, or leave "
+                    f"--id-column out (each row is then named SOURCE:ROW)"
+                )
+            seen.add(key)
+            yield doc
+
+    def _documents(self, counter: sources.SkipCounter, dataset: str | None, role: str | None) -> Iterator:
         for item in self.order:
             if isinstance(item, Path):
                 yield from sources.read([item], counter, dataset, role)
             else:
                 yield from item.documents(counter, dataset, role)
+
+    def _number_of(self, doc_id: str, before: int, dataset: str | None, role: str | None) -> int | None:
+        """The number of the first document before document `before` whose id is `doc_id` (None: a hash collision)."""
+        again = self._documents(sources.SkipCounter(self.skip_bad), dataset, role)
+        for number, doc in enumerate(again, start=1):
+            if number >= before:
+                return None
+            if doc.doc_id == doc_id:
+                return number
+        return None
 
 
 def open_input(options) -> Input:

@@ -221,6 +221,27 @@ def _docs_stream(data):
     return inputs.open_input(IngestOptions(data=(data,))).documents(SkipCounter(), None, None)
 
 
+@pytest.mark.parametrize("kind", ["disk", "parquet-folder", "jsonl-glob"])
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_every_source_is_split_over_ranks_into_disjoint_parts_of_the_whole(sources, kind, world_size):
+    """Each rank's documents (after --where and --max-docs) are its own, and together the one-process run's."""
+    plan = contexts.ContextPlan(max_length=8, max_docs=20)
+    where = dict(where="lang = 'en'")
+
+    def documents(rank: int, world: int) -> list:
+        stream = inputs.open_input(IngestOptions(data=(sources[kind],), **where)).documents(SkipCounter(), None, None)
+        found = contexts.shards(stream, _Ids(), plan, start=0, rank=rank, world_size=world, shard_tokens=16)
+        return [(ordinal, doc.doc_id, doc.text) for shard in found for ordinal, doc, _ in shard.docs]
+
+    whole = documents(0, 1)
+    parts = [documents(rank, world_size) for rank in range(world_size)]
+    assert all(parts) and sum(len(part) for part in parts) == len(whole)
+    assert sorted(doc for part in parts for doc in part) == whole
+    english = [r["text"] for r in ROWS if r["lang"] == "en"]
+    assert len(english) > 20 and [(o, t) for o, _, t in whole] == list(enumerate(english[:20]))
+    assert len({doc_id for _, doc_id, _ in whole}) == 20
+
+
 @pytest.mark.parametrize("pack", [False, True])
 @pytest.mark.parametrize("limit", [1, 17, 60, 10_000])
 def test_max_tokens_is_exact(sources, pack, limit):
@@ -344,3 +365,38 @@ def test_cli_refuses_a_hostile_dataset_label_in_one_line(tmp_path, capsys, monke
     assert code != 0 and "row 1: invalid dataset 'web\\x1b[31m'" in err and "\x1b" not in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "wh" / "runs").exists() or not any((tmp_path / "wh" / "runs").iterdir())
+
+
+@pytest.fixture(scope="module")
+def repeated_ids(tmp_path_factory):
+    """ROWS as Parquet shards with a column `dup` whose id of row 31 repeats row 12's."""
+    base = tmp_path_factory.mktemp("repeated") / "shards"
+    base.mkdir()
+    rows = [{**r, "dup": f"x{i}" if i != 31 else "x12"} for i, r in enumerate(ROWS)]
+    ds = datasets.Dataset.from_list(rows)
+    for k in range(2):
+        ds.shard(2, k, contiguous=True).to_parquet(str(base / f"part-{k}.parquet"))
+    return str(base)
+
+
+def test_a_streamed_id_given_twice_is_refused_naming_both(repeated_ids):
+    with pytest.raises(BadInput, match=r"doc_id 'x12' is given twice \(documents 13 and 32 of --data\).*--id-column"):
+        _docs(repeated_ids, id_column="dup")
+    assert [d.doc_id for d in _docs(repeated_ids, id_column="uid")] == [r["uid"] for r in ROWS]
+
+
+def test_cli_refuses_a_repeated_id_in_one_line_keeping_committed_runs(repeated_ids, tmp_path, capsys, monkeypatch):
+    from .cli_runner import run_cli
+
+    root = tmp_path / "wh"
+    model = ("--model", "config:llama-tiny", "--device", "cpu", "--quiet")
+    code, _, err = run_cli(capsys, monkeypatch, "ingest", root, "--data", repeated_ids, "--run-id", "kept", *model)
+    assert code == 0, err
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file() and p.name != "whq.duckdb"}
+    code, _, err = run_cli(
+        capsys, monkeypatch, "ingest", root, "--data", repeated_ids, "--id-column", "dup", "--run-id", "r", *model
+    )
+    assert code != 0 and "doc_id 'x12' is given twice" in err and "--id-column" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert {p: p.read_bytes() for p in before} == before
+    assert sorted(p.name for p in (root / "runs").iterdir()) == ["kept.json"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -32,7 +33,7 @@ import warehouse
 from queries import frames, spark_transpile
 from queries import neuron_frames as nf
 from warehouse import catalog, transfer
-from warehouse.errors import WarehouseError
+from warehouse.errors import CorruptPart, WarehouseError
 from warehouse.output import EXPORT_MARKER
 from warehouse.remote import RemoteWarehouse
 from warehouse.seaweed import LocalS3, weed_binary
@@ -409,3 +410,21 @@ def test_a_pull_builds_the_catalog_once(golden_copy, tmp_path, monkeypatch):
     with warehouse.open(tmp_path / "back") as back:
         assert back.run_ids() == ["g"] and back.pl("SELECT count(*) AS n FROM tokens").item() > 0
     assert builds == [(tmp_path / "back").resolve()]
+
+
+@pytest.mark.parametrize("damage", ["delete", "flip"])
+def test_a_part_missing_or_damaged_at_the_source_is_one_line_and_nothing_is_committed(golden_copy, tmp_path, damage):
+    source = tmp_path / "source"
+    with warehouse.open(golden_copy) as wh:
+        transfer.push(wh, f"file://{source}")
+        part = wh.manifest("g")["parts"][-1]["path"]
+    if damage == "delete":
+        (source / part).unlink()
+    else:
+        payload = bytearray((source / part).read_bytes())
+        payload[len(payload) // 2] ^= 0xFF
+        (source / part).write_bytes(bytes(payload))
+    with pytest.raises(CorruptPart, match=rf"part {re.escape(part)} at file://.* is missing or does not match"):
+        transfer.pull(f"file://{source}", tmp_path / "back")
+    assert not list((tmp_path / "back" / "runs").glob("*.json"))
+    assert not (tmp_path / "back" / part).exists()

@@ -4,7 +4,9 @@ It holds views and macros only. Views list the committed parts explicitly (never
 glob), so a run is visible exactly when its manifest is committed. The file is
 written next to the old one and renamed over it, so a reader never sees a
 half-built catalog, and it is written in an old storage version that the DuckDB
-shell from PyPI (duckdb-cli) opens.
+shell from PyPI (duckdb-cli) opens. The macros, which no warehouse changes, are bound
+once per version of schema.sql, queries/*.sql and DuckDB into a base catalog in the
+user's own temp folder, which each build copies (_base).
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import hashlib
 import importlib.util
 import os
 import shutil
+import stat
 import tempfile
+import threading
 from pathlib import Path
 
 import duckdb
@@ -137,46 +141,132 @@ def _write_failure(err: duckdb.Error, tmp: Path) -> bool:
     return isinstance(err, (duckdb.IOException, duckdb.TransactionException)) or tmp.name in str(err)
 
 
+class _OlderParts(Exception):
+    """A view could not bind: its parts were written before a column of schema.sql existed."""
+
+    def __init__(self, table: schema.Table):
+        self.table = table
+
+
 def _write(layout: Layout, tmp: Path, files: dict[str, list[str]]) -> None:
-    """The catalog's views, info view and macros, written into the new file `tmp`."""
+    """The catalog's views, info view and macros, written into the new file `tmp` in one transaction
+    (one commit, where each statement on its own would write and sync the file)."""
+    base = _base()
+    if base is not None:
+        shutil.copyfile(base, tmp)
     con = duckdb.connect()
     layout.prepare(con)
     try:
         con.execute(f"ATTACH {quote(str(tmp))} AS whq_catalog (STORAGE_VERSION '{STORAGE_VERSION}')")
         con.execute("USE whq_catalog")
-        for table in schema.tables().values():
+        absent: dict[str, frozenset[str]] = {}
+        while True:
+            con.execute("BEGIN TRANSACTION")
             try:
-                try:
-                    con.execute(f"CREATE VIEW {_ident(table.name)} AS {view_sql(table, files[table.name])}")
-                except duckdb.BinderException:  # parts older than a column: only then read their schemas
-                    absent = frozenset(c.name for c in table.columns) - _stored_columns(con, files[table.name])
-                    con.execute(f"CREATE VIEW {_ident(table.name)} AS {view_sql(table, files[table.name], absent)}")
-            except duckdb.Error as err:  # a view binds to its parts: a damaged one stops the build
-                if tmp.name in str(err):
-                    raise  # writing the new file or its WAL failed (a full disk), not reading a part
-                raise CorruptPart(
-                    f"cannot build the catalog ({str(err).splitlines()[0][:200]}): find the bad part with "
-                    f"`whq check {layout.root}`, then `whq repair {layout.root}` quarantines its run"
-                ) from None
-            if table.comment:
-                con.execute(f"COMMENT ON VIEW {_ident(table.name)} IS {quote(table.comment)}")
-            for col in table.columns:
-                if col.comment:
-                    con.execute(f"COMMENT ON COLUMN {_ident(table.name)}.{_ident(col.name)} IS {quote(col.comment)}")
-        fault("catalog.views")
-        con.execute(
-            f"CREATE VIEW {INFO_VIEW} AS SELECT {quote(str(layout.root))} AS root, "
-            f"{FORMAT_VERSION} AS format_version, {quote(fingerprint(layout))} AS fingerprint"
-        )
-        con.execute(
-            f"COMMENT ON VIEW {INFO_VIEW} IS 'Where this catalog was built and from what: any whq command rebuilds it when stale.'"
-        )
-        for path in macro_files():
-            con.execute(path.read_text())
+                if base is None:
+                    _bind_macros(con)
+                _create(con, layout, tmp, files, absent)
+                break
+            except _OlderParts as older:  # a failed statement ends the transaction: begin again, knowing more
+                con.execute("ROLLBACK")
+                table = older.table
+                absent[table.name] = frozenset(c.name for c in table.columns) - _stored_columns(con, files[table.name])
+        con.execute("COMMIT")
         con.execute("USE memory")
         con.execute("DETACH whq_catalog")
     finally:
         con.close()
+
+
+def _bind_macros(con) -> None:
+    """The views of schema.sql over no parts, and the macros of queries/*.sql created over them.
+
+    DuckDB binds a macro when it is created (most of a build's time), and binding one over a view of
+    parts would read every part's footer (union_by_name): over these empty views of the same columns
+    it reads none, and _create then replaces each view by the one over its parts."""
+    for table in schema.tables().values():
+        con.execute(f"CREATE VIEW {_ident(table.name)} AS {view_sql(table, [])}")
+    for path in macro_files():
+        con.execute(path.read_text())
+
+
+def _base() -> Path | None:
+    """A catalog of _bind_macros alone, which no warehouse changes, built once per content of schema.sql,
+    queries/*.sql and DuckDB's version, in this user's own folder under the system's temp folder: every
+    build copies it. None when that folder is not this user's alone (another user could change what every
+    catalog holds) or cannot be written: the build then binds the macros itself."""
+    digest = hashlib.sha256(f"{duckdb.__version__}\n{STORAGE_VERSION}\n".encode())
+    for path in [schema.SCHEMA_SQL.resolve(), *macro_files()]:
+        digest.update(f"{path.name}\n{len(path.read_bytes())}\n".encode() + path.read_bytes())
+    folder = Path(tempfile.gettempdir()) / f"whq-catalog-{os.getuid()}"
+    base = folder / f"base-{digest.hexdigest()[:16]}.duckdb"
+    try:
+        folder.mkdir(mode=0o700, exist_ok=True)
+        info = folder.lstat()
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+            return None
+        if base.is_file():
+            return base
+        tmp = folder / f".{base.name}.{os.getpid()}.{threading.get_ident()}.tmp"
+        try:
+            con = duckdb.connect()
+            try:
+                con.execute(f"ATTACH {quote(str(tmp))} AS whq_catalog (STORAGE_VERSION '{STORAGE_VERSION}')")
+                con.execute("USE whq_catalog")
+                con.execute("BEGIN TRANSACTION")
+                _bind_macros(con)
+                con.execute("COMMIT")
+                con.execute("USE memory")
+                con.execute("DETACH whq_catalog")
+            finally:
+                con.close()
+            os.replace(tmp, base)  # whole or absent: a concurrent build copies one or the other
+        finally:
+            for leftover in (tmp, tmp.with_name(tmp.name + ".wal")):
+                leftover.unlink(missing_ok=True)
+        return base
+    except (OSError, duckdb.Error):
+        return None
+
+
+def _create(con, layout: Layout, tmp: Path, files: dict[str, list[str]], absent: dict[str, frozenset[str]]) -> None:
+    """Each view over its parts, with schema.sql's comments, and the info view (the macros are there already)."""
+    for table in schema.tables().values():
+        _replace_view(con, layout, tmp, table, files[table.name], absent)
+    fault("catalog.views")
+    con.execute(
+        f"CREATE VIEW {INFO_VIEW} AS SELECT {quote(str(layout.root))} AS root, "
+        f"{FORMAT_VERSION} AS format_version, {quote(fingerprint(layout))} AS fingerprint"
+    )
+    con.execute(
+        f"COMMENT ON VIEW {INFO_VIEW} IS 'Where this catalog was built and from what: any whq command rebuilds it when stale.'"
+    )
+
+
+def _replace_view(con, layout: Layout, tmp: Path, table: schema.Table, files: list[str], absent) -> None:
+    """Replace `table`'s empty view by the one over its parts, with the comments of schema.sql."""
+    try:
+        con.execute(
+            f"CREATE OR REPLACE VIEW {_ident(table.name)} AS {view_sql(table, files, absent.get(table.name, frozenset()))}"
+        )
+    except duckdb.Error as err:  # a view binds to its parts: a damaged one stops the build
+        if isinstance(err, duckdb.BinderException) and table.name not in absent:
+            raise _OlderParts(table) from None  # parts older than a column: only then read their schemas
+        raise _damaged(layout, tmp, err) from None
+    if table.comment:
+        con.execute(f"COMMENT ON VIEW {_ident(table.name)} IS {quote(table.comment)}")
+    for col in table.columns:
+        if col.comment:
+            con.execute(f"COMMENT ON COLUMN {_ident(table.name)}.{_ident(col.name)} IS {quote(col.comment)}")
+
+
+def _damaged(layout: Layout, tmp: Path, err: duckdb.Error) -> Exception:
+    if tmp.name in str(err):
+        return err  # writing the new file or its WAL failed (a full disk), not reading a part
+    return CorruptPart(
+        f"cannot build the catalog ({str(err).splitlines()[0][:200]}): find the bad part with "
+        f"`whq check {layout.root}`, then `whq repair {layout.root}` quarantines its run"
+    )
 
 
 @contextlib.contextmanager

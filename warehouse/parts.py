@@ -110,14 +110,30 @@ def write_bytes_atomic(
     tmp = tmp_dir / f"{uuid.uuid4().hex}.tmp"
     try:
         tmp_dir.mkdir(parents=True, exist_ok=True)
-        final.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as fh:
             view, half = memoryview(payload), len(payload) // 2  # halves without copying the payload
             fh.write(view[:half])
             fault(f"{what}.partial")
             fh.write(view[half:])
             fh.flush()
-            os.fsync(fh.fileno())
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise WarehouseError(
+            f"cannot write {final}: {err.strerror or err}; free disk space or fix permissions, then {retry}"
+        ) from None
+    install_atomic(tmp, final, what, retry, sync_folder=sync_folder)
+
+
+def install_atomic(tmp: Path, final: Path, what: str, retry: str, *, sync_folder: bool = True) -> None:
+    """The second half of write_bytes_atomic, for a file written under tmp/ otherwise: fsync it, rename it
+    onto `final`, fsync the folder (unless sync_folder=False); fault points <what>.synced/.renamed."""
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         fault(f"{what}.synced")
         os.replace(tmp, final)
     except OSError as err:

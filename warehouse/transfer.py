@@ -7,9 +7,10 @@ parts no manifest names (invisible to every reader); the rerun skips the parts a
 there and verified, and copies the rest.
 
     push: part PUTs (verified by the returned size and ETag = MD5), then runs/<id>.json in one PUT
-    pull: parts fetched concurrently, each verified against the manifest's sha256 as it arrives and
-          written as an ingest writes them (tmp/, fsync, rename), their folders fsynced once, then
-          the manifest renamed into runs/ under the commit lock; the catalog is built once, at the end
+    pull: parts fetched into tmp/ in concurrent batches (the library's own `get`), each checked against
+          the manifest's sha256, fsynced and renamed into data/ while the next batch arrives, their
+          folders fsynced once, then the manifest renamed into runs/ under the commit lock; the
+          catalog is built once, at the end
 
 Kill points (warehouse/faults.py's WHQ_FAULT) of the tests, besides those of the local
 writes a pull goes through (part.*, commit.locked, manifest.*):
@@ -21,9 +22,13 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+import threading
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from . import metadata
 from .core import Warehouse, create
@@ -33,7 +38,7 @@ from .faults import fault
 from .layout import FORMAT_VERSION
 from .locks import try_lock
 from .names import check_name
-from .parts import fsync_dir, side_by_side, write_bytes_atomic
+from .parts import fsync_dir, install_atomic, side_by_side
 from .remote import Remote, RemoteWarehouse
 from .runwriter import commit_manifest
 
@@ -49,8 +54,11 @@ __doc__ += "".join(f"\n    {point:<14} {what}" for point, what in KILL_POINTS.it
 # in memory at once: enough to hide the round trips of small parts, and a bound on the memory held.
 BATCH_BYTES = 128 << 20
 BATCH_PARTS = 256
-# A pull's parts in flight at once, each GET, checked and written by its own thread.
-PULL_THREADS = 16
+# A pull fetches batches of parts this large, each while the one before it is checked and renamed (by
+# PULL_THREADS threads): small enough that most of that work overlaps the transfers.
+PULL_BATCH_BYTES = 32 << 20
+PULL_BATCH_PARTS = 64
+PULL_THREADS = 4
 
 Progress = Callable[[int], None]
 
@@ -184,12 +192,12 @@ def push(wh: Warehouse, url: str, *, endpoint_url: str | None = None, progress: 
     return done
 
 
-def _batches(parts: list[dict]) -> list[list[dict]]:
-    """The parts in batches copied concurrently, each at most BATCH_BYTES (or one larger part) and BATCH_PARTS."""
+def _batches(parts: list[dict], max_bytes: int = BATCH_BYTES, max_parts: int = BATCH_PARTS) -> list[list[dict]]:
+    """The parts in batches copied concurrently, each at most max_bytes (or one larger part) and max_parts."""
     batches: list[list[dict]] = [[]]
     size = 0
     for part in parts:
-        if batches[-1] and (size + part["bytes"] > BATCH_BYTES or len(batches[-1]) >= BATCH_PARTS):
+        if batches[-1] and (size + part["bytes"] > max_bytes or len(batches[-1]) >= max_parts):
             batches.append([])
             size = 0
         batches[-1].append(part)
@@ -239,30 +247,69 @@ def _pull_run(remote: Remote, layout, run_id: str, payload: bytes, manifest: dic
                 f"`whq gc {layout.root} --interrupted`, then pull again"
             )
 
-        def fetch(part: dict) -> bool:
-            """GET one part, check it against the manifest and write it into data/; True when a verified
-            copy (an interrupted pull's) was already there."""
-            final = layout.part_path(part["path"])
-            if final.is_file() and final.stat().st_size == part["bytes"]:
-                if hashlib.sha256(final.read_bytes()).hexdigest() == part["sha256"]:
-                    return True
-            data = remote.read(part["path"])
-            if data is None or len(data) != part["bytes"] or hashlib.sha256(data).hexdigest() != part["sha256"]:
-                raise CorruptPart(
-                    f"part {part['path']} at {remote.url} is missing or does not match its manifest: "
-                    f"push run {run_id!r} there again; nothing of it was committed here"
-                )
-            write_bytes_atomic(data, final, tmp_dir, "part", retry="pull again", sync_folder=False)
-            return False
+        # Each folder is fsynced once, by the thread that put its last part there, while other parts
+        # are still on their way.
+        folders = Counter(layout.part_path(part["path"]).parent for part in manifest["parts"])
+        counting = threading.Lock()
 
-        for part, reused in _fetched(fetch, manifest["parts"]):
-            done.parts_present += reused
-            if not reused:
-                fault("pull.part")
-            if progress:
-                progress(part["bytes"])
-        for folder in sorted({layout.part_path(part["path"]).parent for part in manifest["parts"]}):
-            fsync_dir(folder)
+        def placed(final) -> None:
+            with counting:
+                folders[final.parent] -= 1
+                last = folders[final.parent] == 0
+            if last:
+                fsync_dir(final.parent)
+
+        def install(fetched: tuple[dict, Path]) -> dict:
+            """Check a downloaded part against the manifest, then fsync it and rename it into data/."""
+            part, tmp = fetched
+            final = layout.part_path(part["path"])
+            data = tmp.read_bytes() if tmp.is_file() else None
+            if data is None or len(data) != part["bytes"] or hashlib.sha256(data).hexdigest() != part["sha256"]:
+                raise not_there(part)
+            install_atomic(tmp, final, "part", "pull again", sync_folder=False)
+            placed(final)
+            return part
+
+        def not_there(part: dict) -> CorruptPart:
+            return CorruptPart(
+                f"part {part['path']} at {remote.url} is missing or does not match its manifest: "
+                f"push run {run_id!r} there again; nothing of it was committed here"
+            )
+
+        def download(batch: list[dict]) -> list[tuple[dict, Path]]:
+            tmps = [tmp_dir / f"{uuid.uuid4().hex}.tmp" for _ in batch]
+            missing = remote.get_many([part["path"] for part in batch], tmps)
+            if missing is not None:
+                raise not_there(next((p for p in batch if p["path"] == missing), batch[0]))
+            return list(zip(batch, tmps))
+
+        tmp_dir.mkdir(parents=True, exist_ok=True)
+        wanted = []
+        for part, reused in zip(
+            manifest["parts"], side_by_side(lambda part: _verified_copy(part, layout), manifest["parts"])
+        ):
+            if reused:  # an interrupted pull's verified copy
+                placed(layout.part_path(part["path"]))
+                done.parts_present += 1
+                if progress:
+                    progress(part["bytes"])
+            else:
+                wanted.append(part)
+        # The parts come in batches, each fetched with the library's own concurrent copy (as `get` does)
+        # while the batch before it is checked, synced and renamed by a pool of threads.
+        batches = _batches(wanted, PULL_BATCH_BYTES, PULL_BATCH_PARTS)
+        with (
+            ThreadPoolExecutor(1, thread_name_prefix="whq-pull-get") as getter,
+            ThreadPoolExecutor(PULL_THREADS, thread_name_prefix="whq-pull") as installer,
+        ):
+            ahead = getter.submit(download, batches[0]) if batches else None
+            for number in range(len(batches)):
+                fetched = ahead.result()
+                ahead = getter.submit(download, batches[number + 1]) if number + 1 < len(batches) else None
+                for part in installer.map(install, fetched):
+                    fault("pull.part")
+                    if progress:
+                        progress(part["bytes"])
         commit_manifest(layout, run_id, payload, tmp_dir, rebuild_catalog=False)
     finally:
         os.close(lock)
@@ -273,23 +320,9 @@ def _pull_run(remote: Remote, layout, run_id: str, payload: bytes, manifest: dic
     done.bytes += sum(p["bytes"] for p in manifest["parts"])
 
 
-def _fetched(fetch: Callable[[dict], bool], parts: list[dict]) -> Iterator[tuple[dict, bool]]:
-    """(part, fetch(part)) for every part as each finishes, at most PULL_THREADS parts and BATCH_BYTES
-    (or one larger part) in flight: the GETs of some parts overlap the hashing and writing of others."""
-    pending: dict[Future, dict] = {}
-    with ThreadPoolExecutor(max_workers=PULL_THREADS, thread_name_prefix="whq-pull") as pool:
-        try:
-            queue = list(reversed(parts))
-            while queue or pending:
-                in_flight = sum(part["bytes"] for part in pending.values())
-                while queue and (
-                    not pending or (len(pending) < PULL_THREADS and in_flight + queue[-1]["bytes"] <= BATCH_BYTES)
-                ):
-                    part = queue.pop()
-                    pending[pool.submit(fetch, part)] = part
-                    in_flight += part["bytes"]
-                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    yield pending.pop(future), future.result()
-        finally:
-            pool.shutdown(cancel_futures=True)
+def _verified_copy(part: dict, layout) -> bool:
+    """Is the part already in data/, whole (an interrupted pull's copy)?"""
+    final = layout.part_path(part["path"])
+    if not (final.is_file() and final.stat().st_size == part["bytes"]):
+        return False
+    return hashlib.sha256(final.read_bytes()).hexdigest() == part["sha256"]
