@@ -3,7 +3,6 @@ written before a column of schema.sql existed read that column as NULL."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import stat
 
@@ -62,16 +61,13 @@ def _catalog_dump(path) -> tuple:
 
 def test_the_shared_base_builds_the_same_catalog_and_only_from_a_private_folder(golden_root, tmp_path, monkeypatch):
     """Builds copy the macros bound once into this user's own folder; without it they bind them themselves."""
-    import tempfile
-
     root = tmp_path / "wh"
     shutil.copytree(golden_root, root)
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
-    (tmp_path / "tmp").mkdir()
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("WHQ_CACHE", str(folder))
     with warehouse.open(root) as wh:
         wh.refresh(force=True)
-    folder = tmp_path / "tmp" / f"whq-catalog-{os.getuid()}"
-    assert len(list(folder.glob("base-*.duckdb"))) == 1 and stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert len(list(folder.glob("catalog-base-*.duckdb"))) == 1 and stat.S_IMODE(folder.stat().st_mode) == 0o700
     shared = _catalog_dump(root / "whq.duckdb")
     shutil.rmtree(folder)
     folder.mkdir(mode=0o777)

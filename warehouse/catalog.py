@@ -5,8 +5,8 @@ glob), so a run is visible exactly when its manifest is committed. The file is
 written next to the old one and renamed over it, so a reader never sees a
 half-built catalog, and it is written in an old storage version that the DuckDB
 shell from PyPI (duckdb-cli) opens. The macros, which no warehouse changes, are bound
-once per version of schema.sql, queries/*.sql and DuckDB into a base catalog in the
-user's own temp folder, which each build copies (_base).
+once per version of schema.sql, queries/*.sql and DuckDB into a base catalog in
+whq's cache folder, which each build copies (_base).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from . import metadata, schema
 from .errors import CorruptPart, WarehouseError
 from .faults import fault
 from .layout import FORMAT_VERSION, Layout
+from .user_cache import cache_dir
 
 STORAGE_VERSION = "v1.0.0"
 INFO_VIEW = "whq_info"
@@ -192,18 +193,18 @@ def _bind_macros(con) -> None:
 
 def _base() -> Path | None:
     """A catalog of _bind_macros alone, which no warehouse changes, built once per content of schema.sql,
-    queries/*.sql and DuckDB's version, in this user's own folder under the system's temp folder: every
-    build copies it. None when that folder is not this user's alone (another user could change what every
-    catalog holds) or cannot be written: the build then binds the macros itself."""
+    queries/*.sql and DuckDB's version, in whq's cache folder: every build copies it. None when that folder
+    is not this user's or others may write in it (they could change what every catalog holds), or it
+    cannot be written: the build then binds the macros itself."""
     digest = hashlib.sha256(f"{duckdb.__version__}\n{STORAGE_VERSION}\n".encode())
     for path in [schema.SCHEMA_SQL.resolve(), *macro_files()]:
         digest.update(f"{path.name}\n{len(path.read_bytes())}\n".encode() + path.read_bytes())
-    folder = Path(tempfile.gettempdir()) / f"whq-catalog-{os.getuid()}"
-    base = folder / f"base-{digest.hexdigest()[:16]}.duckdb"
+    folder = cache_dir()
+    base = folder / f"catalog-base-{digest.hexdigest()[:16]}.duckdb"
     try:
-        folder.mkdir(mode=0o700, exist_ok=True)
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         info = folder.lstat()
-        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022:
             return None
         if base.is_file():
             return base
