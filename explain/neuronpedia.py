@@ -328,6 +328,7 @@ def import_explanations(
     from . import store
     from .embed import embed
 
+    store.check_writable(wh)
     wh.manifest(run)
     rows = wh.sql(
         "SELECT layers, width FROM sites WHERE run_id = $run AND site = $site", {"run": run, "site": site}
