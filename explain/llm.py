@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import threading
 import time
@@ -147,12 +148,16 @@ class OpenAIBackend:
             content = (choice.get("logprobs") or {}).get("content")
             if content:
                 tokens = [
-                    [t["token"], float(t["logprob"]), [[c["token"], float(c["logprob"])] for c in t["top_logprobs"]]]
+                    [
+                        t["token"],
+                        _logprob(t["logprob"]),
+                        [[c["token"], _logprob(c["logprob"])] for c in t["top_logprobs"]],
+                    ]
                     for t in content
                 ]
             usage = reply.get("usage") or {}
-            prompt_tokens = int(usage.get("prompt_tokens") or 0)
-            completion_tokens = int(usage.get("completion_tokens") or 0)
+            prompt_tokens = _count(usage.get("prompt_tokens") or 0)
+            completion_tokens = _count(usage.get("completion_tokens") or 0)
         except (ValueError, KeyError, IndexError, TypeError) as err:
             raise Retryable(f"a reply that is not a chat completion ({err})") from None
         return Answer(text, tokens, None, prompt_tokens, completion_tokens, latency)
@@ -212,7 +217,7 @@ class OpenAIBackend:
                     break
                 marks.append(_distribution(tops[i]))
             usage = reply.get("usage") or {}
-            prompt_tokens = int(usage.get("prompt_tokens") or len(offsets))
+            prompt_tokens = _count(usage.get("prompt_tokens") or len(offsets))
         except (ValueError, KeyError, IndexError, TypeError) as err:
             raise Retryable(f"a reply that is not a completion with prompt log-probabilities ({err})") from None
         return Answer("", None, marks, prompt_tokens, 0, latency)
@@ -253,8 +258,31 @@ def _distribution(top) -> dict[str, float]:
     if top is None:
         return {}
     if isinstance(top, dict):
-        return {str(k): float(v) for k, v in top.items()}
-    return {str(t["token"]): float(t["logprob"]) for t in top}
+        return {str(k): _logprob(v) for k, v in top.items()}
+    return {str(t["token"]): _logprob(t["logprob"]) for t in top}
+
+
+def _logprob(value) -> float:
+    """A server's log-probability: a finite number at most 0 (NaN, infinities and positive values, which
+    no probability has, would turn every metric computed from it into NaN or an overflow)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"a log-probability that is not a number ({str(value)[:20]!r})")
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not -math.inf < number <= 0:
+        raise ValueError(f"a log-probability of {number} (not a finite number at most 0)")
+    return number
+
+
+def _count(value) -> int:
+    """A server's token count, stored as a 32-bit integer."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 2**31 - 1:
+        raise ValueError(f"a token count of {str(value)[:20]} (not a whole number from 0 to 2**31 - 1)")
+    return value
 
 
 class HFBackend:

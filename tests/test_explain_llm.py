@@ -3,6 +3,9 @@ concurrency, the cache, the budget, and answers out of form."""
 
 from __future__ import annotations
 
+import json
+import math
+
 import pytest
 
 from explain import examples as ex
@@ -157,6 +160,53 @@ def test_a_server_without_echo_names_the_fix():
         with pytest.raises(LLMUnavailable) as err:
             _caller(server).call(_simulation_request())
     assert "HTTP 400" in str(err.value) and "completions endpoint" in str(err.value) and "hf:" in str(err.value)
+
+
+def _spoiled_simulation(spoil):
+    """Script: the first answer is the echo completion with `spoil` applied to its JSON text, then good ones."""
+
+    def script(body, n):
+        status, reply, delay = simulation_answers(body, n)
+        return (status, spoil(json.dumps(reply)), delay) if n == 0 else (status, reply, delay)
+
+    return script
+
+
+_AT_A_PLACE = '"unknown": ' + json.dumps(math.log(0.1))  # its last one is at a place the simulation reads
+
+
+def _at_the_last_place(value: str):
+    return lambda raw: value.join(raw.rsplit(_AT_A_PLACE, 1))
+
+
+@pytest.mark.parametrize(
+    "spoil",
+    [
+        _at_the_last_place('"unknown": NaN'),  # JSON's forbidden NaN, which Python's json reads
+        _at_the_last_place('"unknown": 1e999'),  # infinity
+        _at_the_last_place('"unknown": -' + "9" * 400),  # an integer beyond a double
+        _at_the_last_place('"unknown": 3.5'),  # a log-probability above 0
+        _at_the_last_place('"unknown": "-2.3"'),  # text
+        lambda raw: raw.replace('"prompt_tokens": ', '"prompt_tokens": 1e999, "x": ', 1),
+        lambda raw: raw.replace('"prompt_tokens": ', '"prompt_tokens": 99999999999999, "x": ', 1),
+    ],
+    ids=["nan", "infinity", "huge-integer", "positive", "text", "infinite-count", "count-over-32-bits"],
+)
+def test_a_simulation_answer_with_impossible_numbers_is_asked_again(spoil):
+    """A log-probability must be a finite number at most 0 and a token count a 32-bit whole number:
+    anything else would make every metric NaN, overflow, or stop the commit; such a body is retried."""
+    with ScriptedServer(_spoiled_simulation(spoil)) as server:
+        caller = _caller(server)
+        answer = caller.call(_simulation_request())
+    assert caller.counters.retries == 1 and answer.marks == [
+        pytest.approx(simulation_distribution(k)) for k in (3, 4, 5)
+    ]
+
+
+def test_the_expected_value_counts_only_the_answers_spelled_0_to_10():
+    """OpenAI's VALID_ACTIVATION_TOKENS: other digits ('\u00b2', '\u0663', '07', 5000 nines) are other tokens."""
+    others = {"\u00b2": 0.0, "\u0663": 0.0, "07": 0.0, "9" * 5000: 0.0, " 1": 0.0}
+    assert prompts.expected_value({"2": math.log(0.25), "6": math.log(0.75), **others}) == pytest.approx(5.0)
 
 
 @pytest.mark.parametrize(
