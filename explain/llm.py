@@ -20,6 +20,7 @@ Backends:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -35,6 +36,7 @@ NO_MODEL = "top-tokens"
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 TOP_LOGPROBS = 5  # delphi asks for 5 (scorers/classifier/classifier.py)
 ECHO_LOGPROBS = 15  # OpenAI's simulator asks for 15 at each prompt token (explanations/simulator.py)
+MAX_REPLY = 64 * 2**20  # bytes: an echoed prompt's 15 log-probabilities a token fit many times over
 PLACEHOLDER = "unknown"  # what OpenAI's simulator writes where it reads the distribution over 0..10
 
 
@@ -223,25 +225,26 @@ class OpenAIBackend:
         return Answer("", None, marks, prompt_tokens, 0, latency)
 
     def _post(self, url: str, payload: bytes) -> tuple[int, str]:
+        deadline = time.perf_counter() + self.timeout
         if self._client is not None:
             import httpx
 
             try:
-                reply = self._client.post(url, content=payload, headers=self._headers)
+                with self._client.stream("POST", url, content=payload, headers=self._headers) as reply:
+                    return reply.status_code, _read_by(reply.iter_bytes(), deadline)
             except httpx.TimeoutException:
                 raise Retryable("timed out") from None
             except httpx.TransportError as err:
                 raise Retryable(f"connection failed ({err})") from None
-            return reply.status_code, reply.text
         import urllib.error
         import urllib.request
 
         req = urllib.request.Request(url, data=payload, headers=self._headers, method="POST")
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as reply:
-                return reply.status, reply.read().decode("utf-8", "replace")
+                return reply.status, _read_by(iter(functools.partial(reply.read1, 65536), b""), deadline)
         except urllib.error.HTTPError as err:
-            return err.code, err.read().decode("utf-8", "replace")
+            return err.code, _read_by(iter(functools.partial(err.read1, 65536), b""), deadline)
         except TimeoutError:
             raise Retryable("timed out") from None
         except urllib.error.URLError as err:
@@ -250,6 +253,19 @@ class OpenAIBackend:
     def close(self) -> None:
         if self._client is not None:
             self._client.close()
+
+
+def _read_by(chunks, deadline: float) -> str:
+    """A reply's body, read whole by `deadline` (the clients' timeouts bound each read, so a server
+    sending a byte a second would hold a call for ever) and at most MAX_REPLY bytes (held in memory)."""
+    body = bytearray()
+    for chunk in chunks:
+        body += chunk
+        if len(body) > MAX_REPLY:
+            raise Retryable(f"a reply over {MAX_REPLY // 2**20} MiB")
+        if time.perf_counter() > deadline:
+            raise Retryable("timed out")
+    return body.decode("utf-8", "replace")
 
 
 def _distribution(top) -> dict[str, float]:

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import math
+import threading
+import time
 
 import pytest
 
 from explain import examples as ex
-from explain import prompts
+from explain import llm, prompts
 from explain.llm import BudgetSpent, Caller, LLMUnavailable, OpenAIBackend, Request, messages, model_name, parse_llm
 from warehouse.errors import BadInput
 
@@ -61,6 +63,66 @@ def test_a_slow_answer_times_out_and_is_asked_again():
     with ScriptedServer(lambda body, n: (200, completion(f"answer {n}"), 1.0 if n == 0 else 0)) as server:
         answer = _caller(server, timeout=0.3).call(_request())
     assert answer.text == "answer 1"
+
+
+class _Trickle:
+    """A server that answers 200 and then `size` bytes of spaces, `chunk` bytes every `pause` seconds."""
+
+    def __init__(self, size: int, chunk: int, pause: float):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - the http.server interface
+                self.rfile.read(int(self.headers["Content-Length"]))
+                self.send_response(200)
+                self.send_header("Content-Length", str(size))
+                self.end_headers()
+                try:
+                    for _ in range(size // chunk):
+                        self.wfile.write(b" " * chunk)
+                        self.wfile.flush()
+                        time.sleep(pause)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.mark.parametrize("client", ["httpx", "urllib"])
+def test_a_trickling_answer_times_out_within_the_timeout(client):
+    """--timeout bounds the whole call: a server sending a byte every 50 ms (each read well within the
+    clients' own per-read timeout) for 500 s is given up on after 0.5 s, each try."""
+    server = _Trickle(10_000, 1, 0.05)
+    try:
+        backend = OpenAIBackend(server.url, "m", None, 0.5)
+        if client == "urllib":
+            backend._client = None
+        started = time.perf_counter()
+        with pytest.raises(LLMUnavailable, match=r"failed 2 times \(timed out\)"):
+            Caller(backend, DictCache(), retries=1, backoff_s=0.01).call(_request())
+        assert time.perf_counter() - started < 3.0
+    finally:
+        server.close()
+
+
+def test_a_reply_too_large_to_hold_is_refused(monkeypatch):
+    monkeypatch.setattr(llm, "MAX_REPLY", 2**20)
+    server = _Trickle(2**21, 2**16, 0.0)
+    try:
+        with pytest.raises(LLMUnavailable, match=r"failed 1 times \(a reply over 1 MiB\)"):
+            Caller(OpenAIBackend(server.url, "m", None, 5.0), DictCache(), retries=0).call(_request())
+    finally:
+        server.close()
 
 
 def test_a_server_that_keeps_failing_is_one_line_after_the_retries():
