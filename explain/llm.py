@@ -160,7 +160,7 @@ class OpenAIBackend:
             usage = reply.get("usage") or {}
             prompt_tokens = _count(usage.get("prompt_tokens") or 0)
             completion_tokens = _count(usage.get("completion_tokens") or 0)
-        except (ValueError, KeyError, IndexError, TypeError) as err:
+        except (ValueError, KeyError, IndexError, TypeError, OverflowError) as err:
             raise Retryable(f"a reply that is not a chat completion ({err})") from None
         return Answer(text, tokens, None, prompt_tokens, completion_tokens, latency)
 
@@ -220,7 +220,7 @@ class OpenAIBackend:
                 marks.append(_distribution(tops[i]))
             usage = reply.get("usage") or {}
             prompt_tokens = _count(usage.get("prompt_tokens") or len(offsets))
-        except (ValueError, KeyError, IndexError, TypeError) as err:
+        except (ValueError, KeyError, IndexError, TypeError, OverflowError) as err:
             raise Retryable(f"a reply that is not a completion with prompt log-probabilities ({err})") from None
         return Answer("", None, marks, prompt_tokens, 0, latency)
 

@@ -251,8 +251,9 @@ def _at_the_last_place(value: str):
         _at_the_last_place('"unknown": "-2.3"'),  # text
         lambda raw: raw.replace('"prompt_tokens": ', '"prompt_tokens": 1e999, "x": ', 1),
         lambda raw: raw.replace('"prompt_tokens": ', '"prompt_tokens": 99999999999999, "x": ', 1),
+        lambda raw: raw.replace('"text_offset": [0, ', '"text_offset": [1e999, ', 1),
     ],
-    ids=["nan", "infinity", "huge-integer", "positive", "text", "infinite-count", "count-over-32-bits"],
+    ids=["nan", "infinity", "huge-integer", "positive", "text", "infinite-count", "count-over-32-bits", "offset"],
 )
 def test_a_simulation_answer_with_impossible_numbers_is_asked_again(spoil):
     """A log-probability must be a finite number at most 0 and a token count a 32-bit whole number:
