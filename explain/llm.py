@@ -20,8 +20,10 @@ Backends:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
+import math
 import os
 import threading
 import time
@@ -34,6 +36,7 @@ NO_MODEL = "top-tokens"
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 TOP_LOGPROBS = 5  # delphi asks for 5 (scorers/classifier/classifier.py)
 ECHO_LOGPROBS = 15  # OpenAI's simulator asks for 15 at each prompt token (explanations/simulator.py)
+MAX_REPLY = 64 * 2**20  # bytes: an echoed prompt's 15 log-probabilities a token fit many times over
 PLACEHOLDER = "unknown"  # what OpenAI's simulator writes where it reads the distribution over 0..10
 
 
@@ -147,13 +150,17 @@ class OpenAIBackend:
             content = (choice.get("logprobs") or {}).get("content")
             if content:
                 tokens = [
-                    [t["token"], float(t["logprob"]), [[c["token"], float(c["logprob"])] for c in t["top_logprobs"]]]
+                    [
+                        t["token"],
+                        _logprob(t["logprob"]),
+                        [[c["token"], _logprob(c["logprob"])] for c in t["top_logprobs"]],
+                    ]
                     for t in content
                 ]
             usage = reply.get("usage") or {}
-            prompt_tokens = int(usage.get("prompt_tokens") or 0)
-            completion_tokens = int(usage.get("completion_tokens") or 0)
-        except (ValueError, KeyError, IndexError, TypeError) as err:
+            prompt_tokens = _count(usage.get("prompt_tokens") or 0)
+            completion_tokens = _count(usage.get("completion_tokens") or 0)
+        except (ValueError, KeyError, IndexError, TypeError, OverflowError) as err:
             raise Retryable(f"a reply that is not a chat completion ({err})") from None
         return Answer(text, tokens, None, prompt_tokens, completion_tokens, latency)
 
@@ -212,31 +219,32 @@ class OpenAIBackend:
                     break
                 marks.append(_distribution(tops[i]))
             usage = reply.get("usage") or {}
-            prompt_tokens = int(usage.get("prompt_tokens") or len(offsets))
-        except (ValueError, KeyError, IndexError, TypeError) as err:
+            prompt_tokens = _count(usage.get("prompt_tokens") or len(offsets))
+        except (ValueError, KeyError, IndexError, TypeError, OverflowError) as err:
             raise Retryable(f"a reply that is not a completion with prompt log-probabilities ({err})") from None
         return Answer("", None, marks, prompt_tokens, 0, latency)
 
     def _post(self, url: str, payload: bytes) -> tuple[int, str]:
+        deadline = time.perf_counter() + self.timeout
         if self._client is not None:
             import httpx
 
             try:
-                reply = self._client.post(url, content=payload, headers=self._headers)
+                with self._client.stream("POST", url, content=payload, headers=self._headers) as reply:
+                    return reply.status_code, _read_by(reply.iter_bytes(), deadline)
             except httpx.TimeoutException:
                 raise Retryable("timed out") from None
             except httpx.TransportError as err:
                 raise Retryable(f"connection failed ({err})") from None
-            return reply.status_code, reply.text
         import urllib.error
         import urllib.request
 
         req = urllib.request.Request(url, data=payload, headers=self._headers, method="POST")
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as reply:
-                return reply.status, reply.read().decode("utf-8", "replace")
+                return reply.status, _read_by(iter(functools.partial(reply.read1, 65536), b""), deadline)
         except urllib.error.HTTPError as err:
-            return err.code, err.read().decode("utf-8", "replace")
+            return err.code, _read_by(iter(functools.partial(err.read1, 65536), b""), deadline)
         except TimeoutError:
             raise Retryable("timed out") from None
         except urllib.error.URLError as err:
@@ -247,14 +255,50 @@ class OpenAIBackend:
             self._client.close()
 
 
+def _read_by(chunks, deadline: float) -> str:
+    """A reply's body, read whole by `deadline` (the clients' timeouts bound each read, so a server
+    sending a byte a second would hold a call for ever) and at most MAX_REPLY bytes (held in memory)."""
+    body = bytearray()
+    for chunk in chunks:
+        body += chunk
+        if len(body) > MAX_REPLY:
+            raise Retryable(f"a reply over {MAX_REPLY // 2**20} MiB")
+        if time.perf_counter() > deadline:
+            raise Retryable("timed out")
+    return body.decode("utf-8", "replace")
+
+
 def _distribution(top) -> dict[str, float]:
     """A prompt token's top log-probabilities as {token: logprob}: OpenAI and vLLM send a mapping,
     some servers a list of {token, logprob}; the first token has none (null)."""
     if top is None:
         return {}
     if isinstance(top, dict):
-        return {str(k): float(v) for k, v in top.items()}
-    return {str(t["token"]): float(t["logprob"]) for t in top}
+        return {str(k): _logprob(v) for k, v in top.items()}
+    return {str(t["token"]): _logprob(t["logprob"]) for t in top}
+
+
+def _logprob(value) -> float:
+    """A server's log-probability: a finite number at most 0 (NaN, infinities and positive values, which
+    no probability has, would turn every metric computed from it into NaN or an overflow)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"a log-probability that is not a number ({str(value)[:20]!r})")
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not -math.inf < number <= 0:
+        raise ValueError(f"a log-probability of {number} (not a finite number at most 0)")
+    return number
+
+
+def _count(value) -> int:
+    """A server's token count, stored as a 32-bit integer."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 2**31 - 1:
+        raise ValueError(f"a token count of {str(value)[:20]} (not a whole number from 0 to 2**31 - 1)")
+    return value
 
 
 class HFBackend:

@@ -25,11 +25,13 @@ import hashlib
 import json
 import math
 import re
+import stat
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from queries.neuronpedia import EXPLANATION_FIELDS, IMPORTED, WHQ_TYPE
+from warehouse import jsonio
 from warehouse.errors import BadInput, NotFound
 
 from .pipeline import SCORERS, Recipe, _by_layer
@@ -37,9 +39,13 @@ from .pipeline import SCORERS, Recipe, _by_layer
 BATCH = "neuronpedia"  # every import into a run shares one batch: a re-import replaces its rows
 REQUIRED = ("modelId", "layer", "index", "description")
 MAX_TEXT = 10_000  # characters of a description; Neuronpedia's are one sentence
+# characters of one line: a description, a 256-float embedding and scores with their jsonDetails fit
+# many times over; the bound keeps a line without end (a device, a decompression bomb) out of memory
+MAX_LINE = 1_000_000
 _NAME = re.compile(r"[^\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]{1,200}")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
-_SOURCE_LAYER = re.compile(r"(\d+)(?:-|$)")
+INT32 = 2**31 - 1  # Neuronpedia's Int columns (umap_cluster) and whq's counts are 32-bit
+_SOURCE_LAYER = re.compile(r"(\d+)(?:-|$)", re.ASCII)
 
 
 @dataclasses.dataclass
@@ -62,6 +68,8 @@ def _files(path: Path) -> list[Path]:
                 f"{path} holds no .jsonl or .jsonl.gz file: give Neuronpedia's explanations/ folder or a file"
             )
         return found
+    if not stat.S_ISREG(path.stat().st_mode):  # a pipe or device would block or never end
+        raise BadInput(f"{path} is not a regular file (a pipe or device?): copy the export to a file")
     return [path]
 
 
@@ -73,7 +81,13 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
     number = 0
     try:
         with opener(path, "rt", encoding="utf-8", errors="strict") as fh:
-            for number, line in enumerate(fh, 1):
+            while line := fh.readline(MAX_LINE + 1):
+                number += 1
+                if len(line) > MAX_LINE:
+                    raise BadInput(
+                        f"{path} line {number}: over {MAX_LINE:,} characters, not one explanation: "
+                        "is this Neuronpedia's explanations/ export?"
+                    )
                 yield number, line
     except (OSError, EOFError, zlib.error) as err:
         raise BadInput(
@@ -108,9 +122,32 @@ def _text(where: str, value: object) -> str | None:
 
 
 def _number(where: str, value: object, what: str = "a score's value") -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise BadInput(f"{where}: {what} must be a finite number, not {json.dumps(value)[:40]}")
-    return float(value)
+    try:
+        number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+    except OverflowError:  # an integer beyond a double
+        number = math.inf
+    if not math.isfinite(number):
+        raise BadInput(f"{where}: {what} must be a finite number, not {_shown(value)}")
+    return number
+
+
+def _shown(value: object) -> str:
+    """The start of `value` as JSON, for a message (an integer of thousands of digits is not spelled out)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        return "an integer of more than 38 digits"
+    return json.dumps(value)[:40]
+
+
+def _load(where: str, text: str) -> object:
+    """`text` parsed as JSON whose every string whq can store (UTF-8 has no lone surrogate, "\\ud800")."""
+    value = json.loads(text)
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadInput(
+            f"{where}: text holds a lone surrogate escape (\\ud800 to \\udfff): not valid Unicode; remove the line"
+        ) from None
+    return value
 
 
 def _hash(*parts) -> str:
@@ -127,6 +164,7 @@ def _score_rows(where, record, exp_id, neuron, now) -> list[dict]:
     for s in scores:
         kind = _name(where, s, "explanationScoreTypeName", required=True)
         model = _name(where, s, "explanationScoreModelName", required=True)
+        score_id = _name(where, s, "id")
         details = s.get("jsonDetails", "")
         if not isinstance(details, str):
             raise BadInput(f"{where}: a score's jsonDetails must be text (JSON as a string)")
@@ -134,13 +172,16 @@ def _score_rows(where, record, exp_id, neuron, now) -> list[dict]:
         scorer = kind[len(WHQ_TYPE) :] if kind.startswith(WHQ_TYPE) else None
         if scorer in SCORERS:  # written by `whq export neuronpedia`: every metric back
             try:
-                kept = json.loads(details)
+                kept = _load(where, details)
                 metrics = {str(k): v for k, v in kept["metrics"].items()}
                 counts = [kept.get("n_examples"), kept.get("n_unparsable")]
                 if not isinstance(kept.get("settings", {}), dict) or not all(
-                    c is None or (isinstance(c, int) and not isinstance(c, bool)) for c in counts
+                    c is None or (isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= INT32) for c in counts
                 ):
                     raise TypeError("counts or settings of another type")
+                if not all(_NAME.fullmatch(m) for m in metrics):
+                    raise TypeError("a metric name that is not a name")
+                stored = jsonio.dumps(kept.get("settings", {}) | {"neuronpedia": {"id": score_id}})
             except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
                 raise BadInput(f"{where}: score {kind} has no whq metrics in its jsonDetails") from None
             for metric, v in metrics.items():
@@ -152,12 +193,12 @@ def _score_rows(where, record, exp_id, neuron, now) -> list[dict]:
                         value=None if v is None else _number(where, v),
                         n_examples=kept.get("n_examples"),
                         n_unparsable=kept.get("n_unparsable"),
-                        settings=json.dumps(kept.get("settings", {}) | {"neuronpedia": {"id": s.get("id")}}),
+                        settings=stored,
                     )
                 )
         else:
             kept = {
-                "id": s.get("id") if isinstance(s.get("id"), str) else _hash(exp_id, kind, model),
+                "id": score_id or _hash(exp_id, kind, model),
                 "initiatedByUserId": _name(where, s, "initiatedByUserId"),
                 "jsonDetails": details,
             }
@@ -169,7 +210,7 @@ def _score_rows(where, record, exp_id, neuron, now) -> list[dict]:
                     value=_number(where, s.get("value")),
                     n_examples=None,
                     n_unparsable=None,
-                    settings=json.dumps({"neuronpedia": kept}),
+                    settings=jsonio.dumps({"neuronpedia": kept}),
                 )
             )
     return rows
@@ -189,11 +230,16 @@ def read_export(
                 continue
             where = f"{file} line {number}"
             try:
-                record = json.loads(line)
+                record = _load(where, line)
             except (ValueError, RecursionError) as err:
-                raise BadInput(
-                    f"{where}: not JSON ({getattr(err, 'msg', 'nested too deeply')}): is this Neuronpedia's explanation export?"
-                ) from None
+                why = (
+                    err.msg
+                    if isinstance(err, json.JSONDecodeError)
+                    else "nested too deeply"
+                    if isinstance(err, RecursionError)
+                    else "a number of thousands of digits"
+                )
+                raise BadInput(f"{where}: not JSON ({why}): is this Neuronpedia's explanation export?") from None
             if not isinstance(record, dict):
                 raise BadInput(f"{where}: not a JSON object: each line must be one Neuronpedia explanation")
             missing = [f for f in REQUIRED if f not in record]
@@ -207,10 +253,10 @@ def read_export(
                 other += 1
                 continue
             index = record["index"]
-            if isinstance(index, str) and index.isascii() and index.isdigit():
+            if isinstance(index, str) and index.isascii() and index.isdigit() and len(index) <= 20:
                 index = int(index)
             if isinstance(index, bool) or not isinstance(index, int):
-                raise BadInput(f"{where}: index {json.dumps(index)[:40]} is not a unit number")
+                raise BadInput(f"{where}: index {_shown(index)} is not a unit number")
             at = layer
             if at is None:
                 found = _SOURCE_LAYER.match(np_source)
@@ -234,8 +280,8 @@ def read_export(
                 value = kept[field]  # kept as written: umap_cluster is an Int column in Neuronpedia
                 if value is not None:
                     _number(where, value, field)
-                    if field == "umap_cluster" and not isinstance(value, int):
-                        raise BadInput(f"{where}: umap_cluster must be a whole number or null")
+                    if field == "umap_cluster" and not (isinstance(value, int) and -INT32 - 1 <= value <= INT32):
+                        raise BadInput(f"{where}: umap_cluster must be a whole number of 32 bits or null")
             kept["id"] = kept["id"] or _hash(
                 record["modelId"], np_source, index, text, kept["typeName"], kept["explanationModelName"]
             )
@@ -254,7 +300,7 @@ def read_export(
                         model=kept["explanationModelName"] or "unknown",
                         text=text,
                         parsed=text is not None,
-                        settings=json.dumps(settings | {"neuronpedia": kept}),
+                        settings=jsonio.dumps(settings | {"neuronpedia": kept}),
                         prompt_hash=None,
                         embedding=None,
                         created_at=now,
@@ -282,6 +328,7 @@ def import_explanations(
     from . import store
     from .embed import embed
 
+    store.check_writable(wh)
     wh.manifest(run)
     rows = wh.sql(
         "SELECT layers, width FROM sites WHERE run_id = $run AND site = $site", {"run": run, "site": site}

@@ -305,8 +305,12 @@ def simulation_request(explanation: str, ex: Window) -> tuple[list[dict], str]:
     return [{"role": "system", "content": SIMULATION_SYSTEM}, {"role": "user", "content": user}], forced
 
 
+_ANSWERS = {str(v): v for v in range(11)}
+
+
 def expected_value(distribution: dict[str, float]) -> float:
-    """OpenAI's expected value over the answers 0..10 present, probabilities renormalised over them."""
-    items = [(int(k), math.exp(v)) for k, v in distribution.items() if k.isdigit() and 0 <= int(k) <= 10]
+    """OpenAI's expected value over the answers 0..10 present (tokens spelled exactly "0" to "10", as its
+    VALID_ACTIVATION_TOKENS), probabilities renormalised over them."""
+    items = [(_ANSWERS[k], math.exp(v)) for k, v in distribution.items() if k in _ANSWERS]
     total = sum(p for _, p in items)
     return sum(v * p for v, p in items) / total if total > 0 else 0.0

@@ -34,6 +34,14 @@ from .llm import Answer, Request
 PART_PREFIX = "explain-"
 
 
+def check_writable(wh) -> None:
+    """Explanations, scores and imports commit into the run's own folders: a URL root (s3://) is read in
+    place only, so refuse it before any work rather than write into its local shadow."""
+    from warehouse.remote import refuse_url
+
+    refuse_url(wh.root)
+
+
 def journal_dir(wh, run: str, batch: str) -> Path:
     return wh.layout.journal_dir(f"{run}.explain-{batch}")
 
@@ -42,6 +50,7 @@ class CallCache:
     """Answers by request hash: the committed model_calls of every run, then this batch's journal."""
 
     def __init__(self, wh, run: str, batch: str, *, resume: bool):
+        check_writable(wh)
         self.folder = journal_dir(wh, run, batch)
         self.path = self.folder / "calls.jsonl"
         if self.folder.exists() and not resume:

@@ -3,10 +3,15 @@ concurrency, the cache, the budget, and answers out of form."""
 
 from __future__ import annotations
 
+import json
+import math
+import threading
+import time
+
 import pytest
 
 from explain import examples as ex
-from explain import prompts
+from explain import llm, prompts
 from explain.llm import BudgetSpent, Caller, LLMUnavailable, OpenAIBackend, Request, messages, model_name, parse_llm
 from warehouse.errors import BadInput
 
@@ -58,6 +63,66 @@ def test_a_slow_answer_times_out_and_is_asked_again():
     with ScriptedServer(lambda body, n: (200, completion(f"answer {n}"), 1.0 if n == 0 else 0)) as server:
         answer = _caller(server, timeout=0.3).call(_request())
     assert answer.text == "answer 1"
+
+
+class _Trickle:
+    """A server that answers 200 and then `size` bytes of spaces, `chunk` bytes every `pause` seconds."""
+
+    def __init__(self, size: int, chunk: int, pause: float):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - the http.server interface
+                self.rfile.read(int(self.headers["Content-Length"]))
+                self.send_response(200)
+                self.send_header("Content-Length", str(size))
+                self.end_headers()
+                try:
+                    for _ in range(size // chunk):
+                        self.wfile.write(b" " * chunk)
+                        self.wfile.flush()
+                        time.sleep(pause)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.mark.parametrize("client", ["httpx", "urllib"])
+def test_a_trickling_answer_times_out_within_the_timeout(client):
+    """--timeout bounds the whole call: a server sending a byte every 50 ms (each read well within the
+    clients' own per-read timeout) for 500 s is given up on after 0.5 s, each try."""
+    server = _Trickle(10_000, 1, 0.05)
+    try:
+        backend = OpenAIBackend(server.url, "m", None, 0.5)
+        if client == "urllib":
+            backend._client = None
+        started = time.perf_counter()
+        with pytest.raises(LLMUnavailable, match=r"failed 2 times \(timed out\)"):
+            Caller(backend, DictCache(), retries=1, backoff_s=0.01).call(_request())
+        assert time.perf_counter() - started < 3.0
+    finally:
+        server.close()
+
+
+def test_a_reply_too_large_to_hold_is_refused(monkeypatch):
+    monkeypatch.setattr(llm, "MAX_REPLY", 2**20)
+    server = _Trickle(2**21, 2**16, 0.0)
+    try:
+        with pytest.raises(LLMUnavailable, match=r"failed 1 times \(a reply over 1 MiB\)"):
+            Caller(OpenAIBackend(server.url, "m", None, 5.0), DictCache(), retries=0).call(_request())
+    finally:
+        server.close()
 
 
 def test_a_server_that_keeps_failing_is_one_line_after_the_retries():
@@ -157,6 +222,54 @@ def test_a_server_without_echo_names_the_fix():
         with pytest.raises(LLMUnavailable) as err:
             _caller(server).call(_simulation_request())
     assert "HTTP 400" in str(err.value) and "completions endpoint" in str(err.value) and "hf:" in str(err.value)
+
+
+def _spoiled_simulation(spoil):
+    """Script: the first answer is the echo completion with `spoil` applied to its JSON text, then good ones."""
+
+    def script(body, n):
+        status, reply, delay = simulation_answers(body, n)
+        return (status, spoil(json.dumps(reply)), delay) if n == 0 else (status, reply, delay)
+
+    return script
+
+
+_AT_A_PLACE = '"unknown": ' + json.dumps(math.log(0.1))  # its last one is at a place the simulation reads
+
+
+def _at_the_last_place(value: str):
+    return lambda raw: value.join(raw.rsplit(_AT_A_PLACE, 1))
+
+
+@pytest.mark.parametrize(
+    "spoil",
+    [
+        _at_the_last_place('"unknown": NaN'),  # JSON's forbidden NaN, which Python's json reads
+        _at_the_last_place('"unknown": 1e999'),  # infinity
+        _at_the_last_place('"unknown": -' + "9" * 400),  # an integer beyond a double
+        _at_the_last_place('"unknown": 3.5'),  # a log-probability above 0
+        _at_the_last_place('"unknown": "-2.3"'),  # text
+        lambda raw: raw.replace('"prompt_tokens": ', '"prompt_tokens": 1e999, "x": ', 1),
+        lambda raw: raw.replace('"prompt_tokens": ', '"prompt_tokens": 99999999999999, "x": ', 1),
+        lambda raw: raw.replace('"text_offset": [0, ', '"text_offset": [1e999, ', 1),
+    ],
+    ids=["nan", "infinity", "huge-integer", "positive", "text", "infinite-count", "count-over-32-bits", "offset"],
+)
+def test_a_simulation_answer_with_impossible_numbers_is_asked_again(spoil):
+    """A log-probability must be a finite number at most 0 and a token count a 32-bit whole number:
+    anything else would make every metric NaN, overflow, or stop the commit; such a body is retried."""
+    with ScriptedServer(_spoiled_simulation(spoil)) as server:
+        caller = _caller(server)
+        answer = caller.call(_simulation_request())
+    assert caller.counters.retries == 1 and answer.marks == [
+        pytest.approx(simulation_distribution(k)) for k in (3, 4, 5)
+    ]
+
+
+def test_the_expected_value_counts_only_the_answers_spelled_0_to_10():
+    """OpenAI's VALID_ACTIVATION_TOKENS: other digits ('\u00b2', '\u0663', '07', 5000 nines) are other tokens."""
+    others = {"\u00b2": 0.0, "\u0663": 0.0, "07": 0.0, "9" * 5000: 0.0, " 1": 0.0}
+    assert prompts.expected_value({"2": math.log(0.25), "6": math.log(0.75), **others}) == pytest.approx(5.0)
 
 
 @pytest.mark.parametrize(

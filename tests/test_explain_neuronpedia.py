@@ -283,3 +283,114 @@ def test_any_malformed_record_is_refused_in_one_line_or_read(tmp_path_factory, c
     else:
         assert len(explanations) == 1 and all(0 <= row["neuron"] < 128 for _, row in explanations)
         assert all(isinstance(row["value"], float | None) for _, row in scores)
+
+
+def _whq_score(details: str) -> dict:
+    return np_score(1, "cexp000000000000000000001", 0.5) | {
+        "explanationScoreTypeName": "whq_fuzz",
+        "jsonDetails": details,
+    }
+
+
+_HOSTILE_LINES = [
+    (
+        json.dumps(np_explanation(1, 5)).replace('"explanation 1 of unit 5"', '"a\\ud800b"'),
+        "text holds a lone surrogate escape (\\ud800 to \\udfff): not valid Unicode; remove the line",
+    ),
+    (
+        json.dumps(np_explanation(1, 5, scores=[np_score(1, "c", 0.5) | {"jsonDetails": "x\ud800"}])),
+        "text holds a lone surrogate escape (\\ud800 to \\udfff): not valid Unicode; remove the line",
+    ),
+    (
+        json.dumps(np_explanation(1, 5, scores=[_whq_score('{"metrics": {"\\ud800": 1}}')])),
+        "text holds a lone surrogate escape (\\ud800 to \\udfff): not valid Unicode; remove the line",
+    ),
+    (
+        json.dumps(np_explanation(1, 5, scores=[np_score(1, "c", 10**400)])),
+        "a score's value must be a finite number, not an integer of more than 38 digits",
+    ),
+    (
+        json.dumps(np_explanation(1, 5, scores=[_whq_score(json.dumps({"metrics": {"a": 10**400}}))])),
+        "a score's value must be a finite number, not an integer of more than 38 digits",
+    ),
+    (
+        json.dumps(np_explanation(1, 5) | {"index": "9" * 5000}),
+        'index "' + "9" * 39 + " is not a unit number",
+    ),
+    (
+        json.dumps(np_explanation(1, 5)).replace('"5"', "9" * 5000, 1),
+        "not JSON (a number of thousands of digits): is this Neuronpedia's explanation export?",
+    ),
+    (
+        json.dumps(np_explanation(1, 5, umap_cluster=2**31)),
+        "umap_cluster must be a whole number of 32 bits or null",
+    ),
+    (
+        json.dumps(np_explanation(1, 5, source="\u0663-res-jb")),
+        "Neuronpedia source '\u0663-res-jb' names no layer: give --layer",
+    ),
+    (
+        json.dumps(np_explanation(1, 5, scores=[np_score(1, "c", 0.5) | {"id": "\x1b[2J"}])),
+        'id "\\u001b[2J" must be text of 1 to 200 characters without control characters',
+    ),
+    (
+        json.dumps(np_explanation(1, 5, scores=[_whq_score(json.dumps({"metrics": {"a": 1}, "n_examples": 2**31}))])),
+        "score whq_fuzz has no whq metrics in its jsonDetails",
+    ),
+    (
+        json.dumps(np_explanation(1, 5, scores=[_whq_score(json.dumps({"metrics": {"<b>\x1b[31m": 1}}))])),
+        "score whq_fuzz has no whq metrics in its jsonDetails",
+    ),
+    (
+        json.dumps(
+            np_explanation(
+                1, 5, scores=[_whq_score('{"metrics": {"a": 1}, "settings": {"x": ' + "[" * 900 + "]" * 900 + "}}")]
+            )
+        ),
+        "score whq_fuzz has no whq metrics in its jsonDetails",
+    ),
+]
+
+
+@pytest.mark.parametrize(("line", "message"), _HOSTILE_LINES)
+def test_hostile_values_are_refused_before_anything_is_stored(tmp_path, line, message):
+    """Values JSON holds but whq cannot store (a lone surrogate, an integer beyond a double or 32 bits, a
+    deep nesting), or may not show (a control character in an id or metric name), stop in one line."""
+    path = tmp_path / "x.jsonl"
+    path.write_text(line + "\n", encoding="utf-8")
+    with pytest.raises(BadInput) as refused:
+        read_export(path, [0, 1, 3], 128, "s", layer=None, source=None)
+    assert str(refused.value) == f"{path} line 1: {message}"
+
+
+def test_non_finite_settings_of_a_whq_score_are_stored_as_strict_json(tmp_path):
+    details = '{"metrics": {"balanced_accuracy": 0.5}, "settings": {"seed": NaN}}'
+    path = write_jsonl(tmp_path / "x.jsonl.gz", [np_explanation(1, 5, scores=[_whq_score(details)])])
+    _, scores, _, _ = read_export(path, [0], 128, "s", layer=None, source=None)
+    assert [json.loads(row["settings"], parse_constant=pytest.fail) for _, row in scores] == [
+        {"seed": None, "neuronpedia": {"id": "cscore0000000000000000001"}}
+    ]
+
+
+def test_a_pipe_a_device_and_an_endless_line_are_refused_in_bounded_memory(tmp_path):
+    import os
+    import tracemalloc
+
+    os.mkfifo(tmp_path / "pipe.jsonl")  # opening it would wait for a writer for ever
+    (tmp_path / "zero.jsonl").symlink_to("/dev/zero")  # one line without end
+    for name in ("pipe.jsonl", "zero.jsonl"):
+        with pytest.raises(BadInput, match=f"^{tmp_path / name} is not a regular file"):
+            read_export(tmp_path / name, [0], 128, "s", layer=None, source=None)
+    bomb = tmp_path / "bomb.jsonl.gz"  # 256 KB compressed, 256 MB of one line uncompressed
+    with gzip.open(bomb, "wb", compresslevel=9) as fh:
+        fh.write(b'{"description": "')
+        for _ in range(256):
+            fh.write(b"a" * (1 << 20))
+    tracemalloc.start()
+    try:
+        with pytest.raises(BadInput, match="line 1: over 1,000,000 characters"):
+            read_export(bomb, [0], 128, "s", layer=None, source=None)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 * 2**20  # the line was never held whole

@@ -246,6 +246,20 @@ def test_writes_to_an_s3_root_are_refused(minilm_pair, tmp_path, sample_jsonl):
     assert "copies a local warehouse" in line and "whq pull" in line
     with pytest.raises(WarehouseError, match="read-only here"):
         warehouse.open_or_init(_url("minilm"))
+    # explain, score and import commit into the run's folders: refused before any work, never written
+    # into the root's local shadow (whose catalog then pointed at parts the bucket lacks)
+    explanation = tmp_path / "np.jsonl"
+    explanation.write_text('{"modelId": "m", "layer": "0-x", "index": "1", "description": "plural nouns"}\n')
+    for args in (
+        ("import", "explanations", _url("minilm"), explanation, "--run", "r", "--site", "mlp.act", "-q"),
+        ("explain", _url("minilm"), "--run", "r", "--site", "mlp.act", "--layers", "0", "--limit", "1", "-q"),
+    ):
+        line = one_line_error(run_whq(*args))
+        assert line == (
+            f"error: {_url('minilm')} is read-only here: write a local warehouse, then copy its runs there with "
+            f"`whq push WAREHOUSE {_url('minilm')}`"
+        )
+    assert minilm_pair[1].sql("SELECT count(*) FROM explanations").fetchall() == [(0,)]
 
 
 def test_serve_pages_on_the_s3_root_equal_the_local_ones(minilm_pair):
