@@ -34,6 +34,17 @@ def write_jsonl(path: Path, texts=SAMPLE_TEXTS, **extra) -> Path:
     return path
 
 
+# The files that take minutes, longest first: run first, so that with `-n 2` (each file in one process)
+# the last minutes are not one long file running beside an idle process.
+LONG_FILES = ("test_faults.py", "test_object_storage.py", "test_pages.py", "test_degenerate_runs.py",
+              "test_spark.py", "test_concurrency.py", "test_atomic.py", "test_docs.py")  # fmt: skip
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))  # stable: files keep their order
+
+
 @pytest.fixture(scope="session")
 def golden_root(tmp_path_factory) -> Path:
     """A copy of the committed golden warehouse (opening a warehouse writes its catalog)."""
