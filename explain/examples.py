@@ -220,18 +220,23 @@ def _token_windows(wh, run: str, centres: list[tuple[int, int]]) -> list[tuple[i
     return [(doc, pos, [t or "" for t in toks]) for _, doc, pos, toks in rows]
 
 
+# The unit's stored firings (doc, pos): the tokens no non-activating window may hold. Parameters $run,
+# $site, $layer, $neuron.
+FIRED = """fired AS (
+            SELECT t.doc, t.pos FROM token_neurons t, sites s
+            WHERE t.run_id = $run AND t.site = $site AND t.layer = $layer AND t.neuron = $neuron
+              AND s.run_id = $run AND s.site = $site AND t.value > coalesce(s.threshold, 0)
+        )"""
+
+
 def non_firing(wh, run: str, site: str, layer: int, neuron: int, n: int, seed: int) -> list[Window]:
     """n windows (without replacement, seeded) centred on non-special tokens whose whole window
     (50 before to 20 after) holds no stored firing of the unit: at most one centre per 71-token block
     of a document, so two windows are never near copies."""
     exact = _exactness(wh, run, site, layer).get(neuron, False)
     centres = wh.sql(
-        """
-        WITH fired AS (
-            SELECT t.doc, t.pos FROM token_neurons t, sites s
-            WHERE t.run_id = $run AND t.site = $site AND t.layer = $layer AND t.neuron = $neuron
-              AND s.run_id = $run AND s.site = $site AND t.value > coalesce(s.threshold, 0)
-        )
+        f"""
+        WITH {FIRED}
         SELECT t.doc, t.pos FROM tokens t
         WHERE t.run_id = $run AND NOT t.special AND NOT EXISTS (
             SELECT 1 FROM fired f WHERE f.doc = t.doc AND f.pos BETWEEN t.pos - $before AND t.pos + $after)
@@ -258,12 +263,8 @@ def neighbours(wh, run: str, site: str, layer: int, neuron: int, n: int, seed: i
     """Up to n top windows of the unit's most co-activating units whose whole window holds no stored firing of it."""
     exact = _exactness(wh, run, site, layer).get(neuron, False)
     centres = wh.sql(
-        """
-        WITH fired AS (
-            SELECT t.doc, t.pos FROM token_neurons t, sites s
-            WHERE t.run_id = $run AND t.site = $site AND t.layer = $layer AND t.neuron = $neuron
-              AND s.run_id = $run AND s.site = $site AND t.value > coalesce(s.threshold, 0)
-        )
+        f"""
+        WITH {FIRED}
         SELECT DISTINCT ON (e.doc, e.pos) e.doc, e.pos
         FROM unit_coactivations c
         JOIN neuron_examples e ON e.run_id = $run AND e.site = $site AND e.layer = $layer

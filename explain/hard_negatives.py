@@ -85,13 +85,10 @@ def nearest(queries: np.ndarray, candidates: np.ndarray, n: int) -> list[int]:
 
 
 def _firings(wh, run: str, site: str, layer: int, neuron: int) -> dict[int, list[int]]:
+    from .examples import FIRED  # examples registers this module's source: imported here, not at the top
+
     rows = wh.sql(
-        """
-        SELECT t.doc, list(t.pos ORDER BY t.pos) FROM token_neurons t, sites s
-        WHERE t.run_id = $run AND t.site = $site AND t.layer = $layer AND t.neuron = $neuron
-          AND s.run_id = $run AND s.site = $site AND t.value > coalesce(s.threshold, 0)
-        GROUP BY t.doc
-        """,
+        f"WITH {FIRED} SELECT doc, list(pos ORDER BY pos) FROM fired GROUP BY doc",
         {"run": run, "site": site, "layer": layer, "neuron": neuron},
     ).fetchall()
     return dict(rows)
