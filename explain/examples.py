@@ -7,16 +7,18 @@ and the test examples from them DISJOINT by construction: the test pool is the s
 minus every (doc, pos) shown to the explainer.
 
 Non-activating examples come from `NON_ACTIVATING_SOURCES`, functions returning windows where the
-unit does not fire; the capture-side sample (`examples=N` keeping non-firing windows) plugs in as
-one more entry. Two sources exist today:
+unit does not fire:
 
-  non-firing   windows (50 tokens before to 20 after a token) holding no stored firing of the
-               unit, drawn uniformly without replacement, one centre at most per 71-token block
-               of a document. Exact where every firing is stored: a
-               threshold capture (token_neurons holds every value above the threshold), or a
-               top-k capture of a unit whose stored firings number its exact n_fired
-               (neuron_stats). For other units of a top-k capture a firing may lie outside the
-               top k: such windows are marked with a trailing ~ (source 'non-firing~').
+  non-firing   the capture's uniform sample of 71-token windows where the unit never fires
+               (neuron_examples kind nonfiring, kept with examples=N), with the unit's exact
+               values. For runs without it: windows (50 tokens before to 20 after a token)
+               holding no stored firing of the unit, drawn uniformly without replacement, one
+               centre at most per 71-token block of a document. Exact where every firing is
+               stored: a threshold capture (token_neurons holds every value above the
+               threshold), or a top-k capture of a unit whose stored firings number its exact
+               n_fired (neuron_stats). For other units of a top-k capture a firing may lie
+               outside the top k: such windows are marked with a trailing ~ (source
+               'non-firing~').
   neighbours   the top windows of the unit's most co-activating units (unit_coactivations,
                delphi's "neighbours" hard negatives) holding no stored firing of the unit, with
                the same exactness rule.
@@ -124,22 +126,26 @@ def stored_examples(wh, run: str, site: str, layer: int, neurons: list[int]) -> 
             params | {"kind": kind, "before": BEFORE, "after": AFTER, "neurons": neurons},
         ).fetchall()
         for neuron, rank, doc, pos, value, tokens in rows:
-            first = max(0, pos - BEFORE)  # a document's positions run 0, 1, ... without gaps
-            skip = specials.get(doc, set())
-            kept = [t for i, t in enumerate(tokens) if first + i not in skip]
-            found.setdefault(neuron, []).append(
-                Window(
-                    doc=doc,
-                    pos=pos,
-                    tokens=[t["text"] or "" for t in kept],
-                    values=[max(float(t["value"] or 0.0), 0.0) for t in kept],
-                    source=kind,
-                    activating=True,
-                    quantile=quantiles.get((neuron, rank)) if kind == "quantile" else None,
-                    value=float(value),
-                )
-            )
+            quantile = quantiles.get((neuron, rank)) if kind == "quantile" else None
+            found.setdefault(neuron, []).append(_window(doc, pos, value, tokens, specials, kind, True, quantile))
     return found
+
+
+def _window(doc, pos, value, tokens, specials, source, activating, quantile=None) -> Window:
+    """A Window from a whq_examples row's tokens, special tokens left out."""
+    first = max(0, pos - BEFORE)  # a document's positions run 0, 1, ... without gaps
+    skip = specials.get(doc, set())
+    kept = [t for i, t in enumerate(tokens) if first + i not in skip]
+    return Window(
+        doc=doc,
+        pos=pos,
+        tokens=[t["text"] or "" for t in kept],
+        values=[max(float(t["value"] or 0.0), 0.0) for t in kept],
+        source=source,
+        activating=activating,
+        quantile=quantile,
+        value=float(value),
+    )
 
 
 def split(windows: list[Window], n_explain: int, n_test: int, seed: int) -> tuple[list[Window], list[Window]]:
@@ -230,9 +236,13 @@ FIRED = """fired AS (
 
 
 def non_firing(wh, run: str, site: str, layer: int, neuron: int, n: int, seed: int) -> list[Window]:
-    """n windows (without replacement, seeded) centred on non-special tokens whose whole window
-    (50 before to 20 after) holds no stored firing of the unit: at most one centre per 71-token block
-    of a document, so two windows are never near copies."""
+    """n windows (without replacement, seeded) where the unit does not fire: drawn from the capture's
+    own uniform sample (neuron_examples kind nonfiring, with the unit's exact values) where the site
+    kept one; else centred on non-special tokens whose whole window (50 before to 20 after) holds no
+    stored firing of the unit, at most one centre per 71-token block of a document, so two windows
+    are never near copies."""
+    if _kept_non_firing(wh, run, site, layer):
+        return _captured_non_firing(wh, run, site, layer, neuron, n, seed)
     exact = _exactness(wh, run, site, layer).get(neuron, False)
     centres = wh.sql(
         f"""
@@ -257,6 +267,30 @@ def non_firing(wh, run: str, site: str, layer: int, neuron: int, n: int, seed: i
     ).fetchall()
     source = "non-firing" if exact else "non-firing~"
     return [Window(d, p, toks, [0.0] * len(toks), source, False) for d, p, toks in _token_windows(wh, run, centres)]
+
+
+def _kept_non_firing(wh, run: str, site: str, layer: int) -> bool:
+    """Did the capture keep its sample of non-firing windows at this layer (kind nonfiring)?"""
+    return bool(
+        wh.sql(
+            "SELECT count(*) FROM neuron_examples WHERE run_id = $run AND site = $site AND layer = $layer "
+            "AND kind = 'nonfiring'",
+            {"run": run, "site": site, "layer": layer},
+        ).fetchall()[0][0]
+    )
+
+
+def _captured_non_firing(wh, run: str, site: str, layer: int, neuron: int, n: int, seed: int) -> list[Window]:
+    rows = wh.sql(
+        "SELECT d.doc, x.pos, x.value, x.tokens "
+        "FROM whq_examples($run, $site, $layer, $neuron, 'nonfiring', 2147483647, $before, $after, 0) x "
+        "JOIN documents d ON d.run_id = $run AND d.doc_id = x.doc_id ORDER BY x.rank",
+        {"run": run, "site": site, "layer": layer, "neuron": neuron, "before": BEFORE, "after": AFTER},
+    ).fetchall()
+    specials = _specials(wh, run)
+    windows = [_window(doc, pos, value, tokens, specials, "non-firing", False) for doc, pos, value, tokens in rows]
+    shown = [w for w in windows if w.tokens]  # a document of special tokens alone shows nothing
+    return random.Random(seed).sample(shown, min(n, len(shown)))
 
 
 def neighbours(wh, run: str, site: str, layer: int, neuron: int, n: int, seed: int) -> list[Window]:

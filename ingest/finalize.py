@@ -107,7 +107,7 @@ def unit_histograms(sl: SiteLayer) -> pa.Table:
 
 
 def neuron_examples(sl: SiteLayer) -> pa.Table:
-    ex = {k: v.cpu().numpy() for k, v in sl.examples.items()}
+    ex = {k: v.cpu().numpy() for k, v in sl.examples_in_order().items()}
     n = sl.red["examples"]
     cols = {k: [] for k in ("neuron", "kind", "rank", "doc", "pos", "value", "quantile", "window_values")}
 
@@ -131,6 +131,7 @@ def neuron_examples(sl: SiteLayer) -> pa.Table:
         "top": (ex["top_doc"] >= 0) & (ex["top_value"] > sl.threshold),
         "bottom": (ex["bottom_doc"] >= 0) & (ex["bottom_value"] < 0),
         "random": ex["random_key"] != _NO_KEY,
+        "nonfiring": ex["nonfiring_key"] != _NO_KEY,
     }
     for kind, keep in kept.items():
         add(kind, keep, {f: ex[f"{kind}_{f}"] for f in ("doc", "pos", "value", "context")})
@@ -138,6 +139,10 @@ def neuron_examples(sl: SiteLayer) -> pa.Table:
         add("quantile", *_quantile_picks(sl, ex, n))
     columns = {k: np.concatenate(v) for k, v in cols.items() if k != "window_values"}
     columns["window_values"] = _window_lists(cols["window_values"], [len(u) for u in cols["neuron"]])
+    # Unit-major rows (kinds in the order above within a unit): the part's small row groups
+    # (warehouse/parts.py) then let a one-unit page read only its unit's windows.
+    order = np.argsort(columns["neuron"], kind="stable")
+    columns = {k: v.take(order) if isinstance(v, pa.Array) else v[order] for k, v in columns.items()}
     return _table("neuron_examples", columns, sl.width)
 
 
@@ -199,7 +204,9 @@ def _quantile_picks(sl: SiteLayer, ex: dict, n: int):
         np.where(keep, quantile * pool + np.arange(pool)[:, None], q * pool + pool), axis=0, kind="stable"
     )
     pick = lambda a: np.take_along_axis(a, order, axis=0)  # noqa: E731
-    return pick(keep), {f: pick(ex[f"pool_{f}"]) for f in ("doc", "pos", "value")}, pick(quantile)
+    fields = {f: pick(ex[f"pool_{f}"]) for f in ("doc", "pos", "value")}
+    fields["context"] = np.take_along_axis(ex["pool_context"], order[..., None], axis=0)
+    return pick(keep), fields, pick(quantile)
 
 
 def _unembedding(loaded):

@@ -21,17 +21,17 @@ from warehouse.errors import BadInput, BadSpec
 from .models import down_projection
 from .sites import ResolvedSite, SiteSpec
 
-# Kept per unit, layer and example slot: three float32 values (top, bottom, random) and seven
-# int64 (doc and position of each, the random key) = 68 bytes. Peak memory grows by about 2.1x
-# the slots' bytes, because the merge concatenates them and the resume snapshot copies them
-# (llama-tiny on the CPU: examples=10000 and 40000 raised peak RSS by 544 MB and 2017 MB for
-# 246 MB and 983 MB of slots); 2.5x leaves a margin: 170 bytes per slot.
-# Each top, bottom and random example also keeps its window of 71 float16 values (capture.py
-# CONTEXT_*): 426 bytes, 1065 with the same margin.
-BYTES_PER_EXAMPLE_SLOT = 170 + 1065
-# quantiles=Q pools 2Q sampled firings per example slot (float32 value, int64 doc, position, key):
-# 28 bytes each, 70 with the margin.
-BYTES_PER_POOL_SLOT = 70
+# Kept per unit, layer and example slot: four float32 values (top, bottom, random, nonfiring), and
+# int64 doc, position and window slot of each and the two sample keys = 128 bytes. Peak memory grows
+# by about 2.1x the slots' bytes, because the merge concatenates them and the resume snapshot copies
+# them (llama-tiny on the CPU: examples=10000 and 40000 raised peak RSS by 544 MB and 2017 MB for
+# 246 MB and 983 MB of slots); 2.5x leaves a margin: 320 bytes per slot.
+# Each example also keeps its window of 71 float16 values (reductions.py WINDOW): 568 bytes, 1420
+# with the same margin.
+BYTES_PER_EXAMPLE_SLOT = 320 + 1420
+# quantiles=Q pools 2Q sampled firings per example slot (float32 value, int64 doc, position, key and
+# window slot, and its window): 178 bytes each, 445 with the margin.
+BYTES_PER_POOL_SLOT = 445
 # Reductions whose K picks units of a token or document: more than the site's units cannot be kept.
 UNIT_COUNTS = ("topk", "abstopk", "nag")
 

@@ -101,7 +101,14 @@ def sample_keys(doc: torch.Tensor, pos: torch.Tensor, width: int) -> torch.Tenso
 
 
 # The example kinds a site layer keeps: (kind, the field it ranks by, largest first). pool exists with quantiles=Q.
-EXAMPLE_KINDS = (("top", "value", True), ("bottom", "value", False), ("random", "key", False), ("pool", "key", False))
+EXAMPLE_KINDS = (
+    ("top", "value", True),
+    ("bottom", "value", False),
+    ("random", "key", False),
+    ("nonfiring", "key", False),
+    ("pool", "key", False),
+)
+WINDOW = CONTEXT_BEFORE + 1 + CONTEXT_AFTER
 
 
 @dataclass
@@ -193,6 +200,10 @@ class SiteLayer:
         self.carry: dict[str, torch.Tensor] = {}
         self.stats: dict[str, torch.Tensor] = {}
         self.examples: dict[str, torch.Tensor] = {}
+        # Per example kind, [size, width]: the slot of `examples[kind_context]` holding each entry's window.
+        # Windows stay in their slot while the entries are re-ranked, so a batch writes only the windows
+        # of the entries it brings in (with quantiles=Q the pool's windows are most of the state).
+        self.window_slots: dict[str, torch.Tensor] = {}
 
     @property
     def name(self) -> str:
@@ -223,19 +234,30 @@ class SiteLayer:
             self.stats["hist"] = torch.zeros(width, HIST_BINS, dtype=torch.int64, device=dev)
         if "examples" in self.red:
             n = self.red["examples"]
-            kinds = [("top", n, float("-inf")), ("bottom", n, float("inf")), ("random", n, float("nan"))]
+            kinds = [("top", n), ("bottom", n), ("random", n), ("nonfiring", n)]
             if "quantiles" in self.red:
-                kinds.append(("pool", 2 * self.red["quantiles"] * n, float("nan")))
-            for kind, size, fill in kinds:
+                kinds.append(("pool", 2 * self.red["quantiles"] * n))
+            fills = {"top": float("-inf"), "bottom": float("inf")}
+            for kind, size in kinds:
+                fill = fills.get(kind, float("nan"))
                 self.examples[f"{kind}_value"] = torch.full((size, width), fill, dtype=torch.float32, device=dev)
                 self.examples[f"{kind}_doc"] = torch.full((size, width), -1, dtype=torch.int64, device=dev)
                 self.examples[f"{kind}_pos"] = torch.full((size, width), -1, dtype=torch.int64, device=dev)
-                if kind in ("random", "pool"):
+                if kind not in fills:
                     self.examples[f"{kind}_key"] = torch.full((size, width), _NO_KEY, dtype=torch.int64, device=dev)
-                if kind != "pool":
-                    self.examples[f"{kind}_context"] = torch.full(
-                        (size, width, CONTEXT_BEFORE + 1 + CONTEXT_AFTER), float("nan"), dtype=VALUE_DTYPE, device=dev
-                    )
+                self.examples[f"{kind}_context"] = torch.full(
+                    (size, width, WINDOW), float("nan"), dtype=VALUE_DTYPE, device=dev
+                )
+                self.window_slots[kind] = torch.arange(size, device=dev)[:, None].expand(size, width).contiguous()
+
+    def examples_in_order(self) -> dict[str, torch.Tensor]:
+        """The examples with each kind's windows in the order of its entries (rank order)."""
+        ordered = dict(self.examples)
+        for kind, slots in self.window_slots.items():
+            ordered[f"{kind}_context"] = self.examples[f"{kind}_context"].gather(
+                0, slots[..., None].expand(-1, -1, WINDOW)
+            )
+        return ordered
 
     # The unit axis of each state's tensors: stats are [width] or [width, bins]; examples [n, width]
     # or [n, width, window] (window values).
@@ -258,7 +280,7 @@ class SiteLayer:
             return pa.FixedSizeListArray.from_arrays(per_unit.reshape(-1), per_unit.shape[1])
 
         tables = {}
-        for prefix, state in (("stats", self.stats), ("examples", self.examples)):
+        for prefix, state in (("stats", self.stats), ("examples", self.examples_in_order())):
             if state:
                 axis = self._UNIT_AXIS[prefix]
                 tables[f"{prefix}.{self.name}.{self.layer}"] = pa.table({k: column(v, axis) for k, v in state.items()})
@@ -298,8 +320,9 @@ class SiteLayer:
         for key in ("max", "max_doc", "max_pos"):
             mine[key] = torch.where(better, theirs[key], mine[key])
         # The same merge the hook applies batch by batch: top and bottom values, and smallest sample keys.
+        theirs = other.examples_in_order()
         for kind, by, largest in EXAMPLE_KINDS:
-            fields = {k[len(kind) + 1 :]: v for k, v in other.examples.items() if k.startswith(f"{kind}_")}
+            fields = {k[len(kind) + 1 :]: v for k, v in theirs.items() if k.startswith(f"{kind}_")}
             if fields:
                 self._merge(kind, fields, by=by, largest=largest)
 
@@ -476,22 +499,56 @@ class SiteLayer:
         keys = sample_keys(ctx.row_doc, ctx.row_pos, flat.shape[1])
         keys = keys.masked_fill(~(flat > self.threshold), _NO_KEY)
         for kind in ("random", "pool") if "pool_key" in ex else ("random",):
-            batch_keys, where = keys.topk(min(ex[f"{kind}_key"].shape[0], rows), dim=0, largest=False)
-            # A token enters the N smallest keys when it arrives or never (later keys only push it back),
-            # so windows taken on arrival cover the final random examples.
-            self._merge(
-                kind,
-                {
-                    "value": flat.gather(0, where),
-                    "doc": ctx.row_doc[where],
-                    "pos": ctx.row_pos[where],
-                    "key": batch_keys,
-                },
-                by="key",
-                largest=False,
-                where=where,
-                x=x,
-            )
+            self._merge_sample(kind, keys, torch.arange(rows, device=x.device), flat, x)
+        centres, window_max = self._quiet_window_candidates(flat.view(x.shape))
+        quiet_keys = sample_keys(ctx.row_doc[centres], ctx.row_pos[centres], flat.shape[1])
+        self._merge_sample(
+            "nonfiring", quiet_keys.masked_fill(~(window_max <= self.threshold), _NO_KEY), centres, flat, x
+        )
+
+    def _merge_sample(self, kind: str, keys: torch.Tensor, rows: torch.Tensor, flat: torch.Tensor, x) -> None:
+        """Merge the entries of smallest sample key among candidate rows `rows` (flat rows of the batch,
+        keys [candidates, width]) into kind's sample."""
+        ctx = self.ctx
+        batch_keys, at = keys.topk(min(self.examples[f"{kind}_key"].shape[0], keys.shape[0]), dim=0, largest=False)
+        where = rows[at]
+        # A token enters the N smallest keys when it arrives or never (later keys only push it back),
+        # so windows taken on arrival cover the final sample.
+        self._merge(
+            kind,
+            {"value": flat.gather(0, where), "doc": ctx.row_doc[where], "pos": ctx.row_pos[where], "key": batch_keys},
+            by="key",
+            largest=False,
+            where=where,
+            x=x,
+        )
+
+    def _quiet_window_candidates(self, floored: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(centres [c], window_max [c, width]) of the batch's candidate non-firing windows: each row's
+        valid tokens cut into WINDOW-token blocks, the last block ending at the row's end. A block's
+        centre is the token CONTEXT_BEFORE into it (the row's last token in a row shorter than that),
+        so its stored window is exactly the block; window_max is the unit's largest value in it
+        (-inf for a block that is not a candidate)."""
+        batch, seq, width = floored.shape
+        lengths = self.ctx.lengths
+        full = seq // WINDOW
+        starts = torch.arange(full, device=floored.device) * WINDOW  # [full]
+        block_max = floored[:, : full * WINDOW].reshape(batch, full, WINDOW, width).amax(dim=2)  # [batch, full, width]
+        block_max = block_max.masked_fill((starts[None, :] + WINDOW > lengths[:, None])[..., None], float("-inf"))
+        block_centres = starts[None, :] + CONTEXT_BEFORE  # [1, full]
+        # The tail: the last WINDOW tokens of a row whose length is not a multiple of WINDOW.
+        tail_start = (lengths - WINDOW).clamp(min=0)  # [batch]
+        at = tail_start[:, None] + torch.arange(WINDOW, device=floored.device)  # [batch, WINDOW]
+        inside = at < lengths[:, None]
+        tail = floored.gather(1, at.clamp(max=seq - 1)[..., None].expand(-1, -1, width))
+        tail_max = torch.where(inside[..., None], tail, float("-inf")).amax(dim=1)  # [batch, width]
+        tail_max = tail_max.masked_fill((lengths % WINDOW == 0)[:, None], float("-inf"))
+        tail_centre = tail_start + torch.minimum(lengths - 1 - tail_start, torch.full_like(tail_start, CONTEXT_BEFORE))
+        row = torch.arange(batch, device=floored.device)[:, None] * seq
+        centres = torch.cat([(row + block_centres).reshape(-1), row[:, 0] + tail_centre])
+        window_max = torch.cat([block_max.reshape(-1, width), tail_max])
+        # A non-candidate (-inf) must never pass `<= threshold`: NaN keeps it out.
+        return centres, window_max.masked_fill(window_max == float("-inf"), float("nan"))
 
     def _windows(self, x: torch.Tensor, where: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
         """[m, CONTEXT] unit units[i]'s own values around flat row where[i] of x [batch, seq, width],
@@ -512,23 +569,44 @@ class SiteLayer:
         """
         ex = self.examples
         size = ex[f"{kind}_{by}"].shape[0]
-        ranked = torch.cat([ex[f"{kind}_{by}"], new[by]])
+        if by == "key":  # an empty new entry never displaces an empty kept one (whose window need not move)
+            ranked = torch.cat([ex[f"{kind}_key"], new["key"] + (new["key"] == _NO_KEY).long()])
+        else:
+            ranked = torch.cat([ex[f"{kind}_{by}"], new[by]])
         if by == "value":
             place = document_places(
                 torch.cat([ex[f"{kind}_doc"], new["doc"]]), torch.cat([ex[f"{kind}_pos"], new["pos"]])
             )
             ranked = ranking_keys(ranked, place, largest)
         _, pick = ranked.topk(size, dim=0, largest=largest)
+        windows = new.pop("context", None)
         for field, values in new.items():
-            both = torch.cat([ex[f"{kind}_{field}"], values])
-            index = pick if both.dim() == 2 else pick[..., None].expand(-1, -1, both.shape[2])
-            ex[f"{kind}_{field}"] = both.gather(0, index)
-        if f"{kind}_context" in ex and "context" not in new:
-            old = ex[f"{kind}_context"]
-            kept = old.gather(0, pick.clamp(max=size - 1)[..., None].expand(-1, -1, old.shape[2]))
-            slots, units = (pick >= size).nonzero(as_tuple=True)
-            kept[slots, units] = self._windows(x, where[pick[slots, units] - size, units], units)
-            ex[f"{kind}_context"] = kept
+            ex[f"{kind}_{field}"] = torch.cat([ex[f"{kind}_{field}"], values]).gather(0, pick)
+        if kind in self.window_slots:
+            self._place_windows(kind, pick, windows, where, x)
+
+    def _place_windows(self, kind: str, pick: torch.Tensor, windows, where, x) -> None:
+        """After a merge picked entries `pick` [size, width] (>= size: the new ones), write the new
+        entries' windows into the slots the dropped entries free: from `windows` [new, width, WINDOW]
+        (another rank's) or read from the batch x at flat rows `where`."""
+        slots = self.window_slots[kind]
+        size, width = slots.shape
+        arrived = pick >= size
+        kept = slots.gather(0, pick.clamp(max=size - 1))
+        # Mark the slots of the entries that stay (arrived entries point at a spare row).
+        taken = torch.zeros(size + 1, width, dtype=torch.bool, device=slots.device)
+        taken.scatter_(0, torch.where(arrived, size, kept), True)
+        # Per unit as many slots are freed as entries arrive: pair them in (unit, order) order.
+        free_unit, free_slot = (~taken[:size]).T.nonzero(as_tuple=True)
+        new_unit, new_rank = arrived.T.nonzero(as_tuple=True)
+        kept[new_rank, new_unit] = free_slot
+        self.window_slots[kind] = kept
+        source = pick[new_rank, new_unit] - size
+        store = self.examples[f"{kind}_context"]
+        if windows is not None:
+            store[free_slot, free_unit] = windows[source, new_unit]
+        else:
+            store[free_slot, free_unit] = self._windows(x, where[source, new_unit], new_unit)
 
 
 def collect(site_layers: list[SiteLayer]) -> tuple[dict, object]:

@@ -38,16 +38,23 @@ REDUCTIONS = {
         int,
         20,
         "neuron_examples: per unit, over all tokens of the run, up to N firing tokens of largest value (kind top), "
-        "up to N tokens of most negative value, values < 0 only (kind bottom), and a uniform sample of up to N "
-        "firing tokens (kind random); ties go to the first token in document order, and each example keeps the "
-        "unit's own values from 50 tokens before to 20 after it (window_values)",
+        "up to N tokens of most negative value, values < 0 only (kind bottom), a uniform sample of up to N "
+        "firing tokens (kind random) and a uniform sample of up to N 71-token windows where the unit never fires "
+        "(kind nonfiring); ties go to the first token in document order, each example keeps the "
+        "unit's own values from 50 tokens before to 20 after it (window_values), and the site keeps hist",
     ),
-    "hist": (None, None, "unit_histograms: per unit exact counts of its values on a fixed quarter-octave grid"),
+    "hist": (
+        None,
+        None,
+        "unit_histograms: per unit exact counts of its values on a fixed quarter-octave grid (kept with examples=N "
+        "unless nohist is given, so every unit page has its chart)",
+    ),
+    "nohist": (None, None, "unit_histograms: none, with examples=N (which keeps hist unless told not to)"),
     "quantiles": (
         int,
         10,
-        "neuron_examples: with examples=N and hist, also up to N firing tokens sampled uniformly from each of "
-        "Q bins of the unit's values (kind quantile; bins are whole histogram bins, without window values)",
+        "neuron_examples: with examples=N (and its hist), also up to N firing tokens sampled uniformly from each of "
+        "Q bins of the unit's values (kind quantile; bins are whole histogram bins), with their window values",
     ),
     "similar": (
         int,
@@ -254,10 +261,16 @@ def parse_spec(text: str) -> SiteSpec:
         raise BadSpec(f"--site {text!r}: use topk or abstopk, not both")
     if "threshold" in reductions and ("topk" in reductions or "abstopk" in reductions):
         raise BadSpec(f"--site {text!r}: token_neurons keeps one capture per site: use topk=K or threshold=T, not both")
+    if "nohist" in reductions and ("hist" in reductions or "examples" not in reductions):
+        raise BadSpec(
+            f"--site {text!r}: nohist drops the histogram examples=N keeps: use it with examples=N, without hist"
+        )
+    if "examples" in reductions and "nohist" not in reductions:
+        reductions.setdefault("hist", None)
     if "quantiles" in reductions and not {"examples", "hist"} <= reductions.keys():
         raise BadSpec(
             f"--site {text!r}: quantiles=Q places its bins with the histogram and keeps examples: "
-            f"add examples=N and hist, e.g. {text.split(':')[0]}:examples=20,hist,quantiles={reductions['quantiles']}"
+            f"add examples=N without nohist, e.g. {text.split(':')[0]}:examples=20,quantiles={reductions['quantiles']}"
         )
     return SiteSpec(
         text,

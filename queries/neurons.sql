@@ -119,7 +119,7 @@ WITH capture AS (
 ),
 source AS (
     SELECT CASE
-        WHEN c.n_examples IS NOT NULL AND (k <= c.n_examples OR NOT c.has_threshold OR kind IN ('quantile', 'bottom'))
+        WHEN c.n_examples IS NOT NULL AND (k <= c.n_examples OR NOT c.has_threshold OR kind IN ('quantile', 'bottom', 'nonfiring'))
             THEN 'examples'
         WHEN kind = 'bottom' THEN error('site ''' || site || ''' of run ''' || run || ''' kept no examples=N, which the '
             || 'most negative examples come from: re-ingest with --site ' || site || ':examples=20')
@@ -160,16 +160,28 @@ spread AS (
            unnest(generate_series(p.pos - before, p.pos + after)) AS wpos
     FROM picked p
 ),
-window_tokens AS (
-    SELECT w.neuron, w.rank, w.doc, w.at_pos, w.at_value, w.wpos, t.piece, coalesce(t.text, t.piece) AS text,
-           t.char_start, t.char_end, t.special,
+-- Each window token's value: the example's own at its token, else the one captured with it; only the
+-- tokens neither holds (outside the captured window, or runs without window values) look in token_neurons.
+valued AS (
+    SELECT w.neuron, w.rank, w.doc, w.at_pos, w.at_value, w.wpos,
            CASE WHEN w.wpos = w.at_pos THEN w.at_value
-                ELSE coalesce(CASE WHEN w.wpos - w.at_pos BETWEEN -50 AND 20 THEN w.windows[w.wpos - w.at_pos + 51] END, v.value)
-           END AS value
+                WHEN w.wpos - w.at_pos BETWEEN -50 AND 20 THEN w.windows[w.wpos - w.at_pos + 51] END AS known
     FROM spread w
-    JOIN doc_tokens t ON t.doc = w.doc AND t.pos = w.wpos
-    LEFT JOIN token_neurons v ON v.run_id = run AND v.site = site AND v.layer = layer
-        AND (neuron IS NULL OR v.neuron = neuron) AND v.doc = w.doc AND v.pos = w.wpos AND v.neuron = w.neuron
+),
+filled AS (
+    SELECT v.neuron, v.rank, v.doc, v.at_pos, v.at_value, v.wpos, v.known AS value FROM valued v WHERE v.known IS NOT NULL
+    UNION ALL
+    SELECT v.neuron, v.rank, v.doc, v.at_pos, v.at_value, v.wpos, tn.value
+    FROM valued v
+    LEFT JOIN token_neurons tn ON tn.run_id = run AND tn.site = site AND tn.layer = layer
+        AND (neuron IS NULL OR tn.neuron = neuron) AND tn.doc = v.doc AND tn.pos = v.wpos AND tn.neuron = v.neuron
+    WHERE v.known IS NULL
+),
+window_tokens AS (
+    SELECT f.neuron, f.rank, f.doc, f.at_pos, f.at_value, f.wpos, t.piece, coalesce(t.text, t.piece) AS text,
+           t.char_start, t.char_end, t.special, f.value
+    FROM filled f
+    JOIN doc_tokens t ON t.doc = f.doc AND t.pos = f.wpos
 ),
 spans AS (
     SELECT x.neuron, x.rank, x.doc, x.at_pos, x.at_value,

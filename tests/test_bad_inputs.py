@@ -66,7 +66,7 @@ CASES = [
     Case(
         "SPEC typo in a reduction",
         ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "mlp.act:tpk=3"),
-        "--site 'mlp.act:tpk=3': unknown reduction 'tpk'; did you mean 'topk'? known: topk, abstopk, threshold, nag, examples, hist, quantiles, similar, last, mean, dense",
+        "--site 'mlp.act:tpk=3': unknown reduction 'tpk'; did you mean 'topk'? known: topk, abstopk, threshold, nag, examples, hist, nohist, quantiles, similar, last, mean, dense",
     ),
     Case(
         "SPEC argument not a number",
@@ -529,8 +529,8 @@ CASES = [
     Case(
         "SPEC examples=N beyond memory",
         ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "mlp.act:examples=99999999"),
-        "--site 'mlp.act:examples=99999999': examples=99999999 needs about 63,232.0 GB of memory (99999999 x 128 units x 4 layers "
-        "x 1235 bytes), over the {budget} budget (half of this machine's memory): use examples=N with N at most {most}",
+        "--site 'mlp.act:examples=99999999': examples=99999999 needs about 89,088.0 GB of memory (99999999 x 128 units x 4 layers "
+        "x 1740 bytes), over the {budget} budget (half of this machine's memory): use examples=N with N at most {most}",
     ),
     Case(
         "scenario temperature .nan",

@@ -107,7 +107,7 @@ def test_spec_grammar():
         (6,),
         "sae",
         "path/to/sae_dir",
-        {"topk": 32, "examples": 20},
+        {"topk": 32, "examples": 20, "hist": None},
     )
     spec = parse_spec("mlp.in[*]+transcoder=tc:threshold=0,nag=20")
     assert (spec.name, spec.layers, spec.reductions) == ("transcoder.mlp.in", "*", {"threshold": 0.0, "nag": 20})
@@ -528,9 +528,9 @@ def test_neuron_macros_on_a_dictionary_site_equal_their_twins(captured):
         ("top_contexts", ("r", "sae.resid.out", 1, "{unit}")),
         ("nag_profile", ("r", "transcoder.mlp.in")),
     ]
-    unit = wh.sql("SELECT min(neuron) FROM neuron_examples WHERE run_id = 'r' AND site = 'sae.resid.out'").fetchall()[
-        0
-    ][0]
+    unit = wh.sql(
+        "SELECT min(neuron) FROM neuron_examples WHERE run_id = 'r' AND site = 'sae.resid.out' AND kind = 'top'"
+    ).fetchall()[0][0]
     for name, args in calls:
         args = tuple(unit if a == "{unit}" else a for a in args)
         sql = wh.pl(f"SELECT * FROM {name}({', '.join(repr(a) for a in args)})")

@@ -131,6 +131,8 @@ def test_per_unit_scores_match_numpy(scored):
             if metric == "auc":
                 with_p = rows.filter(rows["probability"].is_not_null())
                 expected = _numpy_auc(with_p["truth"].to_numpy(), with_p["probability"].to_numpy())
+            elif parsed.height == 0:  # every answer out of form: nothing to measure
+                expected = None
             else:
                 expected = _numpy_classification(parsed["truth"].to_numpy(), parsed["prediction"].to_numpy())[metric]
         elif scorer == "embedding":
@@ -330,3 +332,40 @@ def test_explanation_and_test_examples_are_disjoint_by_construction(keys, n_expl
     assert [w.key for w in shown] == tops[:n_explain]  # the strongest stored examples, in rank order
     rest = {w.key for w in windows} - set(tops[:n_explain])
     assert len(test) == min(n_test, len(rest))
+
+
+def test_non_firing_windows_come_from_the_captures_own_sample(minilm_wh, monkeypatch):
+    """The capture kept a uniform sample of windows where each unit never fires: the non-firing source
+    draws from it (seeded, without replacement), with the unit's exact values, all at most the threshold;
+    a run without the sample falls back to windows holding no stored firing of the unit."""
+    wh = warehouse.open(minilm_wh)
+    for _, neuron in ex.select_units(wh, RUN, SITE, [LAYER], "rate < 0.05", 3):  # rare: silent windows abound
+        params = {"run": RUN, "site": SITE, "layer": LAYER, "neuron": neuron}
+        stored = {
+            (doc, pos): values
+            for doc, pos, values in wh.sql(
+                "SELECT doc, pos, window_values FROM neuron_examples WHERE run_id = $run AND site = $site "
+                "AND layer = $layer AND neuron = $neuron AND kind = 'nonfiring'",
+                params,
+            ).fetchall()
+        }
+        assert 3 <= len(stored) <= 5
+        got = ex.non_firing(wh, RUN, SITE, LAYER, neuron, 2, seed=1)
+        assert len({w.key for w in got}) == 2 and {w.key for w in got} <= stored.keys()
+        assert ex.non_firing(wh, RUN, SITE, LAYER, neuron, 2, seed=1) == got
+        for w in got:
+            assert w.source == "non-firing" and not w.activating and w.tokens
+            assert all(v is None or v <= 0 for v in stored[w.key]) and w.values == [0.0] * len(w.tokens)
+        monkeypatch.setattr(ex, "_kept_non_firing", lambda *args: False)
+        fired = {
+            (doc, pos)
+            for doc, pos in wh.sql(
+                "SELECT doc, pos FROM token_neurons WHERE run_id = $run AND site = $site AND layer = $layer "
+                "AND neuron = $neuron AND value > 0",
+                params,
+            ).fetchall()
+        }
+        for w in ex.non_firing(wh, RUN, SITE, LAYER, neuron, 3, seed=1):
+            assert w.source.startswith("non-firing")
+            assert not any((w.doc, p) in fired for p in range(w.pos - 50, w.pos + 21))
+        monkeypatch.undo()

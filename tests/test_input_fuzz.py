@@ -407,8 +407,8 @@ def test_examples_bound_refuses_the_reported_oom_and_names_the_limit(monkeypatch
         check("mlp.act:examples=99999")
     most = 12 * 10**9 // (1536 * 6 * limits.BYTES_PER_EXAMPLE_SLOT)
     assert str(refused.value) == (
-        "--site 'mlp.act:examples=99999': examples=99999 needs about 1,138.2 GB of memory (99999 x 1536 units x 6 layers "
-        f"x 1235 bytes), over the 12.0 GB budget (half of this machine's memory): use examples=N with N at most {most}"
+        "--site 'mlp.act:examples=99999': examples=99999 needs about 1,603.6 GB of memory (99999 x 1536 units x 6 layers "
+        f"x 1740 bytes), over the 12.0 GB budget (half of this machine's memory): use examples=N with N at most {most}"
     )
     check(f"mlp.act:examples={most}")  # the bound itself is accepted
     with pytest.raises(BadSpec, match="less what the other sites' examples hold"):

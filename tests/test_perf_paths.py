@@ -127,7 +127,7 @@ def test_full_batch_skips_masking_with_same_result(hook_path):
             (
                 outputs[("x", 0)],
                 {k: v.clone() for k, v in sl.stats.items()},
-                {k: v.clone() for k, v in sl.examples.items()},
+                {k: v.clone() for k, v in sl.examples_in_order().items()},
             )
         )
     (out_a, stats_a, ex_a), (out_b, stats_b, ex_b) = results
@@ -201,8 +201,9 @@ def test_padded_batch_equals_documents_one_by_one(hook_path):
         np.testing.assert_array_equal(together["last"][doc], out["last"][0])
     for key in alone.stats:
         torch.testing.assert_close(batch.stats[key], alone.stats[key], rtol=1e-6, atol=1e-6)
-    for key in alone.examples:
-        torch.testing.assert_close(batch.examples[key], alone.examples[key], rtol=0, atol=0, equal_nan=True)
+    batch_examples, alone_examples = batch.examples_in_order(), alone.examples_in_order()
+    for key in alone_examples:
+        torch.testing.assert_close(batch_examples[key], alone_examples[key], rtol=0, atol=0, equal_nan=True)
 
 
 def test_bench_ingest_reports_figures(tmp_path):
@@ -271,7 +272,7 @@ def test_cuda_matches_cpu():
         results[device] = (
             outs,
             {k: v.cpu() for k, v in sl.stats.items()},
-            {k: v.cpu() for k, v in sl.examples.items()},
+            {k: v.cpu() for k, v in sl.examples_in_order().items()},
         )
     (cpu_out, cpu_stats, cpu_ex), (gpu_out, gpu_stats, gpu_ex) = results["cpu"], results["cuda"]
     for a, b, (x, _, _, lengths) in zip(cpu_out, gpu_out, batches):

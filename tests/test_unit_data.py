@@ -174,7 +174,7 @@ def test_histogram_and_moments_merge_whatever_the_batching_snapshot_or_ranks(hoo
 
 
 def test_examples_and_their_windows_merge_whatever_the_batching_or_ranks(hook_path):
-    """Top, bottom, random and pool examples with their window values: one-row batches, and three ranks
+    """Top, bottom, random, non-firing and pool examples with their window values: one-row batches, and three ranks
     merged through the resume snapshot, keep exactly what whole batches keep, ties included (_batches
     makes every token of unit 0 tie, and two of unit 1): a tie goes to the first token in document order."""
     spec = "x:topk=3,examples=4,hist,quantiles=2"
@@ -188,19 +188,22 @@ def test_examples_and_their_windows_merge_whatever_the_batching_or_ranks(hook_pa
         ranks[0].merge(restored)
     from ingest.reductions import _NO_KEY
 
+    want_all = whole.examples_in_order()
     for candidate in (one_row, ranks[0]):
-        assert candidate.examples.keys() == whole.examples.keys()
-        for key, want in whole.examples.items():
-            got = candidate.examples[key]
+        got_all = candidate.examples_in_order()
+        assert got_all.keys() == want_all.keys()
+        for key, want in want_all.items():
+            got = got_all[key]
             kind = key.split("_")[0]
-            if kind in ("random", "pool"):  # slots past a unit's firings (key _NO_KEY) hold no example
-                filled = whole.examples[f"{kind}_key"] != _NO_KEY
-                assert torch.equal(candidate.examples[f"{kind}_key"] != _NO_KEY, filled)
+            if kind in ("random", "nonfiring", "pool"):  # slots past a unit's sample (key _NO_KEY) hold no example
+                filled = want_all[f"{kind}_key"] != _NO_KEY
+                assert torch.equal(got_all[f"{kind}_key"] != _NO_KEY, filled)
                 got, want = got[filled], want[filled]
             assert torch.equal(got.isnan(), want.isnan()), key
             assert torch.equal(got.nan_to_num(), want.nan_to_num()), key
-    context = whole.examples["top_context"]
-    assert (~context.isnan()).any() and context.isnan().any()  # windows hold values, and NaN past a row's ends
+    for kind in ("top", "nonfiring", "pool"):
+        context = want_all[f"{kind}_context"]
+        assert (~context.isnan()).any() and context.isnan().any()  # windows hold values, and NaN past a row's ends
 
 
 def _reference_examples(batches, n: int, kind: str) -> dict[int, list]:
@@ -247,6 +250,66 @@ def test_stored_top_and_bottom_examples_match_numpy_ties_included(kind, hook_pat
         assert [r["window_values"] for r in got] == [w[3] for w in want]
 
 
+def _long_row_batches(rng):
+    """Rows longer than one 71-token window, so non-firing candidates are whole blocks and a tail; units
+    fire less and less often (unit 5 never, unit 0 on most tokens)."""
+    offsets = np.array([0.0, 2.0, 2.5, 3.0, 3.5, 10.0], dtype=np.float32)
+    batches = []
+    for docs, lengths in (([3, 1, 4], [160, 100, 71]), ([0, 2, 5], [142, 30, 155])):
+        x = rng.standard_normal((3, 160, 6)).astype(np.float32) - offsets
+        for row, length in enumerate(lengths):
+            x[row, length:] = 1e6  # padding fires everywhere and must be ignored
+        batches.append((x, docs, [0, 0, 0], lengths))
+    return batches
+
+
+def _reference_nonfiring(batches, n: int) -> dict[int, list]:
+    """Per unit, (doc, pos, window) of the n silent candidate windows of smallest sample key, from the arrays:
+    each row's valid tokens in 71-token blocks from its start, plus the last 71 tokens of a row whose
+    length is no multiple of 71; a window is centred 50 tokens into it (a shorter row: on its last token)."""
+    from ingest.reductions import sample_keys
+
+    candidates = []  # (doc, centre position, batch, row, centre index, first index, end index)
+    for b, (_, docs, starts, lengths) in enumerate(batches):
+        for r, length in enumerate(lengths):
+            spans = [(j * 71, j * 71 + 71) for j in range(length // 71)]
+            if length % 71:
+                spans.append((max(0, length - 71), length))
+            for first, end in spans:
+                centre = first + min(50, end - 1 - first)
+                candidates.append((docs[r], starts[r] + centre, b, r, centre, first, end))
+    width = batches[0][0].shape[2]
+    keys = sample_keys(torch.tensor([c[0] for c in candidates]), torch.tensor([c[1] for c in candidates]), width)
+    expected = {}
+    for unit in range(width):
+        silent = [
+            i
+            for i, (_, _, b, r, _, first, end) in enumerate(candidates)
+            if batches[b][0][r, first:end, unit].max() <= 0
+        ]
+        chosen = sorted(silent, key=lambda i: int(keys[i, unit]))[:n]
+        expected[unit] = []
+        for i in chosen:
+            doc, pos, b, r, centre, _, _ = candidates[i]
+            x, length = batches[b][0], batches[b][3][r]
+            window = [x[r, centre + o, unit] if 0 <= centre + o < length else None for o in range(-50, 21)]
+            expected[unit].append((doc, pos, [None if v is None else np.float16(v) for v in window]))
+    return expected
+
+
+def test_non_firing_examples_are_the_smallest_keys_of_silent_windows(hook_path):
+    from ingest.finalize import neuron_examples
+
+    batches = _long_row_batches(np.random.default_rng(4))
+    expected = _reference_nonfiring(batches, 3)
+    assert expected[5] and len(expected[3]) == 3 and not expected[0]  # units with all, enough and no silent windows
+    stored = neuron_examples(_capture("x:topk=3,examples=3", batches)).to_pylist()
+    for unit, want in expected.items():
+        got = [r for r in stored if r["kind"] == "nonfiring" and r["neuron"] == unit]
+        assert [(r["doc"], r["pos"]) for r in got] == [w[:2] for w in want], unit
+        assert [r["window_values"] for r in got] == [w[2] for w in want], unit
+
+
 def test_state_saved_without_bottom_examples_is_refused_with_the_fix():
     """A resume state written before bottom examples existed cannot continue them exactly: one line, no guess."""
     sl = _capture("x:topk=3,examples=4", _batches(np.random.default_rng(2)))
@@ -264,7 +327,7 @@ def test_examples_snapshot_round_trips():
     sl = _capture("x:topk=3,examples=4,hist", batches)
     back = _site_layer("x:topk=3,examples=4,hist")
     back.restore(sl.state_tables())
-    for state, restored in ((sl.stats, back.stats), (sl.examples, back.examples)):
+    for state, restored in ((sl.stats, back.stats), (sl.examples_in_order(), back.examples_in_order())):
         for key in state:
             assert torch.equal(state[key], restored[key]) or torch.allclose(
                 state[key], restored[key], equal_nan=True
@@ -592,10 +655,8 @@ def test_example_windows_hold_the_units_own_values(unit_wh, dense):
         "SELECT neuron, kind, doc, pos, value, window_values FROM neuron_examples WHERE site = 'mlp.act' AND layer = 1",
     )
     checked = 0
+    assert {e["kind"] for e in examples} == {"top", "bottom", "random", "quantile", "nonfiring"}
     for e in examples:
-        if e["kind"] == "quantile":
-            assert e["window_values"] is None
-            continue
         assert len(e["window_values"]) == 71
         row, window = index[(e["doc"], e["pos"])]
         for offset, got in zip(range(-50, 21), e["window_values"]):
@@ -605,6 +666,8 @@ def test_example_windows_hold_the_units_own_values(unit_wh, dense):
             else:
                 assert got == pytest.approx(dense[1][where[0], e["neuron"]], rel=2e-3, abs=2e-4)
                 checked += 1
+                if e["kind"] == "nonfiring":  # the unit is silent over the whole window
+                    assert dense[1][where[0], e["neuron"]] <= 0
         assert e["window_values"][50] == pytest.approx(e["value"], rel=1e-3, abs=1e-5)
     assert checked > 1000
 
@@ -649,8 +712,13 @@ def test_quantiles_need_examples_and_a_histogram(unit_wh):
     from ingest.sites import parse_spec
     from warehouse.errors import BadSpec
 
-    with pytest.raises(BadSpec, match="add examples=N and hist"):
-        parse_spec("mlp.act:examples=5,quantiles=4")
+    assert parse_spec("mlp.act:examples=5,quantiles=4").reductions_text == "examples=5,quantiles=4,hist"
+    assert "hist" not in parse_spec("mlp.act:examples=5,nohist").reductions
+    for text in ("mlp.act:quantiles=4", "mlp.act:examples=5,nohist,quantiles=4"):
+        with pytest.raises(BadSpec, match="add examples=N without nohist"):
+            parse_spec(text)
+    with pytest.raises(BadSpec, match="use it with examples=N, without hist"):
+        parse_spec("mlp.act:topk=3,nohist")
     with pytest.raises(
         QueryError, match="kept no quantile examples: re-ingest with --site mlp.up:examples=20,hist,quantiles=10"
     ):

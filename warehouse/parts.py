@@ -32,8 +32,15 @@ _ENCODINGS = {
 # token_neurons parts are sorted by neuron (part_order below): small row groups make
 # their neuron min/max statistics selective, so a one-unit scan skips most of them. The
 # indexes (warehouse/indexes.py) are sorted by their lookup key for the same reason, and
-# tokens (in document order) so that an example's window reads its document's row groups only.
-_ROW_GROUP_ROWS = {"token_neurons": 1 << 16, "token_units": 1 << 14, "unit_coactivations": 1 << 12, "tokens": 1 << 12}
+# tokens (in document order) so that an example's window reads its document's row groups only, and
+# neuron_examples (unit-major, ingest/finalize.py) so that a unit page reads its unit's windows only.
+_ROW_GROUP_ROWS = {
+    "token_neurons": 1 << 16,
+    "token_units": 1 << 14,
+    "unit_coactivations": 1 << 12,
+    "tokens": 1 << 12,
+    "neuron_examples": 1 << 12,
+}
 # Min/max statistics where they prune: neuron (one-unit scans) and doc (a shard's documents).
 # In neuron-major row groups pos and value span nearly their whole range, so theirs would
 # prune nothing and cost 12% of the encode.
