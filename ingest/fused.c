@@ -383,3 +383,101 @@ int whq_extremes(const float *x, int64_t rows, int64_t seq, int64_t width, const
     }
     return failed ? -1 : 0;
 }
+
+/* The sample key of (doc, pos, unit): reductions.sample_keys, in uint64 so the wrap-around is defined. */
+static inline int64_t sample_key(uint64_t token_part, int64_t unit) {
+    uint64_t k = (token_part + (uint64_t)unit * 0xC2B2AE3Dull) & 0x7FFFFFFFull;
+    k = ((k ^ (k >> 15)) * 0x2C1B3C6Dull) & 0x7FFFFFFFull;
+    k = ((k ^ (k >> 15)) * 0x297A2D39ull) & 0x7FFFFFFFull;
+    return (int64_t)(k ^ (k >> 13));
+}
+
+/* Sift the root of a max-heap of `size` keys (column j of [n][block] buffers) down to its place. */
+static void sift_down(int64_t *keys, int64_t *ids, int64_t block, int64_t j, int64_t size) {
+    int64_t p = 0;
+    for (;;) {
+        int64_t c = 2 * p + 1;
+        if (c >= size) break;
+        if (c + 1 < size && keys[(c + 1) * block + j] > keys[c * block + j]) c++;
+        if (keys[c * block + j] <= keys[p * block + j]) break;
+        int64_t tk = keys[p * block + j], ti = ids[p * block + j];
+        keys[p * block + j] = keys[c * block + j];
+        ids[p * block + j] = ids[c * block + j];
+        keys[c * block + j] = tk;
+        ids[c * block + j] = ti;
+        p = c;
+    }
+}
+
+/* Per unit of x [rows, seq, width], the n smallest sample keys of its firing tokens (value above the
+ * threshold, mask 1) that are below bound[unit] (the largest key a unit's kept sample holds: no larger
+ * one could enter it), smallest first, as keys and flat token indices r * seq + t into [n, width];
+ * the rest of a column holds key no_key and token 0. The same entries as reductions.sample_keys'
+ * bottom-n, less those that cannot enter the kept sample, for tokens with distinct keys. Threads own
+ * disjoint blocks of units. Returns 0, or -1 when scratch memory could not be allocated. */
+int whq_sample(const float *x, int64_t rows, int64_t seq, int64_t width, const uint8_t *mask, float threshold,
+               const int64_t *row_doc, const int64_t *row_pos, const int64_t *bound, int64_t n, int64_t no_key,
+               int64_t *out_keys, int64_t *out_ids) {
+    const int64_t block = 16;
+    int failed = 0;
+#pragma omp parallel
+    {
+        int64_t *keys = malloc(sizeof(int64_t) * n * block), *ids = malloc(sizeof(int64_t) * n * block);
+        if (!keys || !ids) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp barrier
+#pragma omp for schedule(static)
+        for (int64_t j0 = 0; j0 < width; j0 += block) {
+            if (failed) continue;
+            int64_t units = j0 + block < width ? block : width - j0;
+            int64_t size[16] = {0}, limit[16];
+            for (int64_t j = 0; j < units; j++) limit[j] = bound[j0 + j];
+            for (int64_t token = 0; token < rows * seq; token++) {
+                if (mask && !mask[token]) continue;
+                const float *v = x + token * width + j0;
+                uint64_t token_part = (uint64_t)row_doc[token] * 0x9E3779B1ull + (uint64_t)row_pos[token] * 0x85EBCA77ull;
+                for (int64_t j = 0; j < units; j++) {
+                    if (!(v[j] > threshold)) continue;
+                    int64_t key = sample_key(token_part, j0 + j);
+                    if (key >= limit[j]) continue;
+                    if (size[j] < n) { /* sift up */
+                        int64_t p = size[j]++;
+                        while (p > 0 && keys[((p - 1) / 2) * block + j] < key) {
+                            keys[p * block + j] = keys[((p - 1) / 2) * block + j];
+                            ids[p * block + j] = ids[((p - 1) / 2) * block + j];
+                            p = (p - 1) / 2;
+                        }
+                        keys[p * block + j] = key;
+                        ids[p * block + j] = token;
+                        if (size[j] == n && keys[j] < limit[j]) limit[j] = keys[j];
+                    } else { /* replace the largest */
+                        keys[j] = key;
+                        ids[j] = token;
+                        sift_down(keys, ids, block, j, n);
+                        limit[j] = keys[j];
+                    }
+                }
+            }
+            for (int64_t j = 0; j < units; j++) {
+                /* heap sort: the largest goes last */
+                for (int64_t s = size[j]; s > 1; s--) {
+                    int64_t tk = keys[j], ti = ids[j];
+                    keys[j] = keys[(s - 1) * block + j];
+                    ids[j] = ids[(s - 1) * block + j];
+                    keys[(s - 1) * block + j] = tk;
+                    ids[(s - 1) * block + j] = ti;
+                    sift_down(keys, ids, block, j, s - 1);
+                }
+                for (int64_t p = 0; p < n; p++) {
+                    out_keys[p * width + j0 + j] = p < size[j] ? keys[p * block + j] : no_key;
+                    out_ids[p * width + j0 + j] = p < size[j] ? ids[p * block + j] : 0;
+                }
+            }
+        }
+        free(keys);
+        free(ids);
+    }
+    return failed ? -1 : 0;
+}

@@ -85,6 +85,9 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     lib.whq_histogram.restype = None
     lib.whq_extremes.argtypes = [pointer, size, size, size, pointer, pointer, size, pointer, pointer]
     lib.whq_extremes.restype = ctypes.c_int
+    lib.whq_sample.argtypes = [pointer, size, size, size, pointer, ctypes.c_float] + [pointer] * 3 + [size] * 2
+    lib.whq_sample.argtypes += [pointer] * 2
+    lib.whq_sample.restype = ctypes.c_int
     return lib, f"fused C kernel ({path})"
 
 
@@ -186,6 +189,36 @@ def extremes(x: torch.Tensor, ctx, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         )
     )
     return top, bottom
+
+
+def sample(x: torch.Tensor, ctx, threshold: float, n: int, bound: torch.Tensor, no_key: int):
+    """Each unit's n smallest sample keys (reductions.sample_keys) among the firing tokens of x [batch, seq,
+    width] below bound [width] (int64), as (keys, flat token indices), each [n, width] int64, smallest
+    first; no_key and token 0 past a unit's candidates."""
+    lib = _library()[0]
+    x = x.contiguous()
+    batch, seq, width = x.shape
+    mask = None if ctx.full else ctx.mask[:, :seq].contiguous().view(torch.uint8)
+    keys, ids = (torch.empty(n, width, dtype=torch.int64) for _ in range(2))
+    doc, pos, bound = (t.contiguous() for t in (ctx.row_doc, ctx.row_pos, bound))
+    _check(
+        lib.whq_sample(
+            x.data_ptr(),
+            batch,
+            seq,
+            width,
+            _pointer(mask),
+            threshold,
+            doc.data_ptr(),
+            pos.data_ptr(),
+            bound.data_ptr(),
+            n,
+            no_key,
+            keys.data_ptr(),
+            ids.data_ptr(),
+        )
+    )
+    return keys, ids
 
 
 def topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

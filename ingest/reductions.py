@@ -496,10 +496,21 @@ class SiteLayer:
                 where=where,
                 x=x,
             )
-        keys = sample_keys(ctx.row_doc, ctx.row_pos, flat.shape[1])
-        keys = keys.masked_fill(~(flat > self.threshold), _NO_KEY)
-        for kind in ("random", "pool") if "pool_key" in ex else ("random",):
-            self._merge_sample(kind, keys, torch.arange(rows, device=x.device), flat, x)
+        kinds = ("random", "pool") if "pool_key" in ex else ("random",)
+        if fused.usable(x, n):
+            # Only keys below what a kept sample holds can enter it: the kernel hashes firing tokens
+            # alone and drops the rest as it goes, instead of keying every (token, unit).
+            size = max(ex[f"{kind}_key"].shape[0] for kind in kinds)
+            bound = torch.stack([ex[f"{kind}_key"].amax(dim=0) for kind in kinds]).amax(dim=0)
+            keys, where = fused.sample(x, ctx, self.threshold, min(size, rows), bound, _NO_KEY)
+            for kind in kinds:
+                kept = min(ex[f"{kind}_key"].shape[0], rows)
+                self._merge_sample_picks(kind, keys[:kept], where[:kept], flat, x)
+        else:
+            keys = sample_keys(ctx.row_doc, ctx.row_pos, flat.shape[1])
+            keys = keys.masked_fill(~(flat > self.threshold), _NO_KEY)
+            for kind in kinds:
+                self._merge_sample(kind, keys, torch.arange(rows, device=x.device), flat, x)
         centres, window_max = self._quiet_window_candidates(flat.view(x.shape))
         quiet_keys = sample_keys(ctx.row_doc[centres], ctx.row_pos[centres], flat.shape[1])
         self._merge_sample(
@@ -509,9 +520,12 @@ class SiteLayer:
     def _merge_sample(self, kind: str, keys: torch.Tensor, rows: torch.Tensor, flat: torch.Tensor, x) -> None:
         """Merge the entries of smallest sample key among candidate rows `rows` (flat rows of the batch,
         keys [candidates, width]) into kind's sample."""
-        ctx = self.ctx
         batch_keys, at = keys.topk(min(self.examples[f"{kind}_key"].shape[0], keys.shape[0]), dim=0, largest=False)
-        where = rows[at]
+        self._merge_sample_picks(kind, batch_keys, rows[at], flat, x)
+
+    def _merge_sample_picks(self, kind: str, batch_keys: torch.Tensor, where: torch.Tensor, flat, x) -> None:
+        """Merge a batch's smallest sample keys [n, width] at flat rows `where` [n, width] into kind's sample."""
+        ctx = self.ctx
         # A token enters the N smallest keys when it arrives or never (later keys only push it back),
         # so windows taken on arrival cover the final sample.
         self._merge(

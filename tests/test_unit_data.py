@@ -206,6 +206,31 @@ def test_examples_and_their_windows_merge_whatever_the_batching_or_ranks(hook_pa
         assert (~context.isnan()).any() and context.isnan().any()  # windows hold values, and NaN past a row's ends
 
 
+def test_fused_sample_keeps_the_torch_paths_samples(monkeypatch):
+    """The fused kernel's sample (firing tokens keyed only below what the kept sample holds) keeps the
+    same random, non-firing and pool entries, windows included, as keying every token with torch ops."""
+    from ingest import fused
+    from ingest.reductions import _NO_KEY
+
+    if not fused.usable(torch.zeros(1, 1, 1)):
+        pytest.skip(f"the fused kernel is unavailable here: {fused.describe()}")
+    rng = np.random.default_rng(11)
+    batches = []
+    for i in range(6):  # enough batches that the kept samples fill and prune what follows
+        for x, docs, starts, lengths in _batches(rng, width=24, seq=6):
+            batches.append((x, [d + 10 * i for d in docs], starts, lengths))
+    spec = "x:topk=3,examples=4,quantiles=2"
+    fused_path = _capture(spec, batches).examples_in_order()
+    monkeypatch.setattr(fused, "usable", lambda *args, **kwargs: False)
+    torch_path = _capture(spec, batches).examples_in_order()
+    for kind in ("random", "nonfiring", "pool"):
+        filled = torch_path[f"{kind}_key"] != _NO_KEY
+        assert filled.any() and torch.equal(fused_path[f"{kind}_key"] != _NO_KEY, filled)
+        for field in ("key", "doc", "pos", "value", "context"):
+            got, want = fused_path[f"{kind}_{field}"][filled], torch_path[f"{kind}_{field}"][filled]
+            assert torch.equal(got.nan_to_num(), want.nan_to_num()) and torch.equal(got.isnan(), want.isnan()), kind
+
+
 def _reference_examples(batches, n: int, kind: str) -> dict[int, list]:
     """Per unit, (doc, pos, value, window) of its n strongest firings (kind top) or n most negative
     values (kind bottom) over the valid tokens, ties to the first (doc, pos): straight from the arrays."""
