@@ -232,11 +232,11 @@ def run_bench(root: str | Path, n_docs: int, fraction: float = 0.2, echo=print) 
                 .item(0, 0)
             ),
         ),
-        ("sql", "distance", lambda: wh.sql(f"SELECT * FROM nag_distance({args})").fetch_arrow_table()),
+        ("sql", "distance", lambda: wh.sql(f"SELECT * FROM nag_distance({args})").to_arrow_table()),
         (
             "sql",
             "select",
-            lambda: wh.sql(f"SELECT * FROM nag_select({args}, fraction := {fraction})").fetch_arrow_table(),
+            lambda: wh.sql(f"SELECT * FROM nag_select({args}, fraction := {fraction})").to_arrow_table(),
         ),
         # what `whq nag select` runs: the profile staged in a temporary table, then nag_select
         ("sql-staged", "select", lambda: nag.select(wh, run, run, SITE, fraction=fraction, **kwargs)),
