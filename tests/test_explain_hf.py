@@ -89,7 +89,7 @@ def test_score_with_the_tiny_model_end_to_end(minilm_wh, tmp_path, tiny):
     shutil.copytree(minilm_wh, root)
     wh = warehouse.open(root)
     recipe = Recipe(n_explain=3, n_test=2, n_non_activating=2, answer_tokens=6)
-    units = ex.select_units(wh, RUN, SITE, [LAYER], None, 1)
+    units = ex.select_units(wh, RUN, SITE, [LAYER], "rate < 0.3", 1)  # silent windows exist
     plan = plan_explain(wh, RUN, SITE, units, explainer="top-tokens", model="top-tokens", recipe=recipe)
     run_plan(wh, RUN, plan, llm="top-tokens")
     plan = plan_score(
