@@ -104,6 +104,12 @@ class ScriptedServer:
                     status, payload, delay = owner.script(body, n)
                     time.sleep(delay)
                     raw = payload if isinstance(payload, str) else json.dumps(payload)
+                finally:
+                    # Out of flight before the reply leaves: a client that reads it may send its next call
+                    # at once, before this thread would run again.
+                    with owner._lock:
+                        owner.in_flight -= 1
+                try:
                     self.send_response(status)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(raw.encode())))
@@ -113,7 +119,6 @@ class ScriptedServer:
                     pass  # the client gave up (a timeout test)
                 finally:
                     with owner._lock:
-                        owner.in_flight -= 1
                         owner.answered += 1
 
             def log_message(self, *args):
