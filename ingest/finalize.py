@@ -123,8 +123,7 @@ def neuron_examples(sl: SiteLayer) -> pa.Table:
         for field in ("doc", "pos", "value"):
             cols[field].append(fields[field][keep][unit_order])
         cols["quantile"].append(np.full(unit.size, None) if quantile is None else quantile[keep][unit_order])
-        windows = fields.get("context")
-        cols["window_values"].append(None if windows is None else windows[keep][unit_order])
+        cols["window_values"].append(fields["context"][keep][unit_order])
 
     # Top examples are firings (value > threshold); bottom ones are negative (so a non-negative unit has none).
     kept = {
@@ -137,31 +136,21 @@ def neuron_examples(sl: SiteLayer) -> pa.Table:
         add(kind, keep, {f: ex[f"{kind}_{f}"] for f in ("doc", "pos", "value", "context")})
     if "quantiles" in sl.red:
         add("quantile", *_quantile_picks(sl, ex, n))
-    columns = {k: np.concatenate(v) for k, v in cols.items() if k != "window_values"}
-    columns["window_values"] = _window_lists(cols["window_values"], [len(u) for u in cols["neuron"]])
+    columns = {k: np.concatenate(v) for k, v in cols.items()}
     # Unit-major rows (kinds in the order above within a unit): the part's small row groups
     # (warehouse/parts.py) then let a one-unit page read only its unit's windows.
     order = np.argsort(columns["neuron"], kind="stable")
-    columns = {k: v.take(order) if isinstance(v, pa.Array) else v[order] for k, v in columns.items()}
+    columns = {k: v[order] for k, v in columns.items()}
+    columns["window_values"] = _window_lists(columns["window_values"])
     return _table("neuron_examples", columns, sl.width)
 
 
-def _window_lists(parts: list, lengths: list[int]) -> pa.Array:
-    """list<float16> per example: its window values (null where outside its model window); a null list
-    for kinds without windows."""
-    size = next((p.shape[1] for p in parts if p is not None), 0)
-    flat, valid = [], []
-    for part, length in zip(parts, lengths):
-        flat.append(part.reshape(-1) if part is not None else np.zeros(length * size, dtype=np.float16))
-        valid.append(np.full(length, part is not None))
-    values = np.concatenate(flat).astype(np.float16)
-    present = np.concatenate(valid)
-    offsets = pa.array(np.arange(len(present) + 1, dtype=np.int32) * size)
+def _window_lists(windows: np.ndarray) -> pa.Array:
+    """list<float16> per example [examples, window]: its window values, null outside its model window."""
+    values = windows.reshape(-1).astype(np.float16)
+    offsets = pa.array(np.arange(len(windows) + 1, dtype=np.int32) * windows.shape[1])
     return pa.ListArray.from_arrays(
-        offsets,
-        pa.array(values, pa.float16(), mask=np.isnan(values)),
-        type=pa.list_(pa.float16()),
-        mask=pa.array(~present),
+        offsets, pa.array(values, pa.float16(), mask=np.isnan(values)), type=pa.list_(pa.float16())
     )
 
 
@@ -205,7 +194,7 @@ def _quantile_picks(sl: SiteLayer, ex: dict, n: int):
     )
     pick = lambda a: np.take_along_axis(a, order, axis=0)  # noqa: E731
     fields = {f: pick(ex[f"pool_{f}"]) for f in ("doc", "pos", "value")}
-    fields["context"] = np.take_along_axis(ex["pool_context"], order[..., None], axis=0)
+    fields["context"] = ex["pool_context"][order, np.arange(width)]  # whole windows, not values
     return pick(keep), fields, pick(quantile)
 
 

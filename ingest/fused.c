@@ -22,7 +22,7 @@
 /* Histogram grid (capture.py HIST_*): 96 quarter-octave steps from 2^-12 (float exponent 115 = 460 / 4). */
 #define WHQ_HIST_LOW 460
 #define WHQ_HIST_STEPS 96
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -480,4 +480,36 @@ int whq_sample(const float *x, int64_t rows, int64_t seq, int64_t width, const u
         free(ids);
     }
     return failed ? -1 : 0;
+}
+
+/* float to float16 bits, rounding to nearest even as torch's .to(torch.float16) */
+static inline uint16_t to_half(float v) {
+#if defined(__F16C__)
+    return (uint16_t)_cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT);
+#else
+    _Float16 h = (_Float16)v;
+    uint16_t bits;
+    memcpy(&bits, &h, sizeof bits);
+    return bits;
+#endif
+}
+
+/* The windows of m example tokens: for each, unit units[i]'s own values (as float16 bits) from
+ * `before` tokens before to `after` after flat token where[i] of x [rows, seq, width], NaN outside
+ * the token's row or past its valid length, written to slot slots[i] of store [size, width, window]. */
+void whq_windows(const float *x, int64_t seq, int64_t width, const int64_t *lengths, int64_t m,
+                 const int64_t *where, const int64_t *units, const int64_t *slots, int64_t before, int64_t after,
+                 uint16_t *store) {
+    const int64_t window = before + 1 + after;
+    const uint16_t nan_bits = to_half(NAN);
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < m; i++) {
+        int64_t row = where[i] / seq, t = where[i] % seq, unit = units[i], length = lengths[row];
+        uint16_t *out = store + (slots[i] * width + unit) * window;
+        const float *column = x + row * seq * width + unit;
+        for (int64_t o = -before; o <= after; o++) {
+            int64_t at = t + o;
+            out[o + before] = at >= 0 && at < length ? to_half(column[at * width]) : nan_bits;
+        }
+    }
 }

@@ -88,6 +88,8 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     lib.whq_sample.argtypes = [pointer, size, size, size, pointer, ctypes.c_float] + [pointer] * 3 + [size] * 2
     lib.whq_sample.argtypes += [pointer] * 2
     lib.whq_sample.restype = ctypes.c_int
+    lib.whq_windows.argtypes = [pointer, size, size, pointer, size] + [pointer] * 3 + [size] * 2 + [pointer]
+    lib.whq_windows.restype = None
     return lib, f"fused C kernel ({path})"
 
 
@@ -219,6 +221,30 @@ def sample(x: torch.Tensor, ctx, threshold: float, n: int, bound: torch.Tensor, 
         )
     )
     return keys, ids
+
+
+def write_windows(x: torch.Tensor, ctx, where, units, slots, before: int, after: int, store: torch.Tensor) -> None:
+    """Write the windows of flat tokens `where` of x [batch, seq, width] (unit `units`, NaN outside the
+    token's row) into slots `slots` of store [size, width, before + 1 + after] (float16): as
+    reductions.SiteLayer._windows, without the index tensors."""
+    lib = _library()[0]
+    x = x.contiguous()
+    batch, seq, width = x.shape
+    where, units, slots, lengths = (t.contiguous() for t in (where, units, slots, ctx.lengths))
+    assert store.is_contiguous() and store.dtype == torch.float16
+    lib.whq_windows(
+        x.data_ptr(),
+        seq,
+        width,
+        lengths.data_ptr(),
+        len(where),
+        where.data_ptr(),
+        units.data_ptr(),
+        slots.data_ptr(),
+        before,
+        after,
+        store.data_ptr(),
+    )
 
 
 def topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -254,9 +254,8 @@ class SiteLayer:
         """The examples with each kind's windows in the order of its entries (rank order)."""
         ordered = dict(self.examples)
         for kind, slots in self.window_slots.items():
-            ordered[f"{kind}_context"] = self.examples[f"{kind}_context"].gather(
-                0, slots[..., None].expand(-1, -1, WINDOW)
-            )
+            units = torch.arange(slots.shape[1], device=slots.device)
+            ordered[f"{kind}_context"] = self.examples[f"{kind}_context"][slots, units]  # whole windows, not values
         return ordered
 
     # The unit axis of each state's tensors: stats are [width] or [width, bins]; examples [n, width]
@@ -619,6 +618,10 @@ class SiteLayer:
         store = self.examples[f"{kind}_context"]
         if windows is not None:
             store[free_slot, free_unit] = windows[source, new_unit]
+        elif fused.usable(x):
+            fused.write_windows(
+                x, self.ctx, where[source, new_unit], new_unit, free_slot, CONTEXT_BEFORE, CONTEXT_AFTER, store
+            )
         else:
             store[free_slot, free_unit] = self._windows(x, where[source, new_unit], new_unit)
 
