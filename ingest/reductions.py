@@ -541,7 +541,7 @@ class SiteLayer:
         valid tokens cut into WINDOW-token blocks, the last block ending at the row's end. A block's
         centre is the token CONTEXT_BEFORE into it (the row's last token in a row shorter than that),
         so its stored window is exactly the block; window_max is the unit's largest value in it
-        (-inf for a block that is not a candidate)."""
+        (NaN for a block that is not a candidate, so it never passes `<= threshold`)."""
         batch, seq, width = floored.shape
         lengths = self.ctx.lengths
         full = seq // WINDOW
@@ -595,8 +595,7 @@ class SiteLayer:
         windows = new.pop("context", None)
         for field, values in new.items():
             ex[f"{kind}_{field}"] = torch.cat([ex[f"{kind}_{field}"], values]).gather(0, pick)
-        if kind in self.window_slots:
-            self._place_windows(kind, pick, windows, where, x)
+        self._place_windows(kind, pick, windows, where, x)  # every kind keeps windows
 
     def _place_windows(self, kind: str, pick: torch.Tensor, windows, where, x) -> None:
         """After a merge picked entries `pick` [size, width] (>= size: the new ones), write the new
