@@ -371,8 +371,7 @@ def keeps_examples(info: dict) -> bool:
 
 def unit_data(reader: Reader, info: dict, run: str, site: str, layer: int, unit: int | None = None) -> dict[int, dict]:
     """{unit: what its page shows} for one unit, or (unit None) every unit of the layer, as the
-    static export reads them: a few statements per layer, plus one per fired unit for the
-    quantile examples and similar units (their macros take one unit)."""
+    static export reads them: a few statements per layer."""
     params = [run, site, layer, unit, unit]
     kept = kept_reductions(info)
     stats = reader.rows(
@@ -422,13 +421,15 @@ def unit_data(reader: Reader, info: dict, run: str, site: str, layer: int, unit:
             params,
         ):
             data[row["neuron"]]["histogram"].append(row)
-    for neuron in fired:
-        if "quantiles" in kept and "hist" in kept:
-            data[neuron]["examples"]["quantile"] = reader.rows(
-                "SELECT * FROM quantile_examples(?, ?, ?, ?, before := ?, after := ?)",
-                [run, site, layer, neuron, BEFORE, AFTER],
-            )
-        for row in reader.rows("SELECT * FROM similar_units(?, ?, ?, ?)", [run, site, layer, neuron]):
-            data[neuron]["similar"][row["kind"]].append(row)
+    if fired and "quantiles" in kept and "hist" in kept:
+        for row in reader.rows(
+            "SELECT * FROM whq_quantile_examples(?, ?, ?, ?, ?, ?)", [run, site, layer, unit, BEFORE, AFTER]
+        ):
+            data[row.pop("neuron")]["examples"]["quantile"].append(row)
+    if fired:
+        shown = set(fired)  # a unit that never fired shows no similar units
+        for row in reader.rows("SELECT * FROM whq_similar_units(?, ?, ?, ?, 10)", [run, site, layer, unit]):
+            if row["of_unit"] in shown:
+                data[row.pop("of_unit")]["similar"][row["kind"]].append(row)
     spell(reader, run, [row for d in data.values() for rows in d["examples"].values() for row in rows])
     return data

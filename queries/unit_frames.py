@@ -226,8 +226,8 @@ def _coactivation(wh, run: str, site: str, layer: int, unit: int, threshold: flo
     )
 
 
-def quantile_bins(wh, run: str, site: str, layer: int, unit: int) -> pl.LazyFrame:
-    """Twin of whq_quantile_bins."""
+def quantile_bins(wh, run: str, site: str, layer: int, unit: int | None) -> pl.LazyFrame:
+    """Twin of whq_quantile_bins (unit None: every unit of the layer)."""
     info = site_row(wh, run, site)
     found = kept_reductions(info).get("quantiles")
     if found is None:
@@ -239,12 +239,13 @@ def quantile_bins(wh, run: str, site: str, layer: int, unit: int) -> pl.LazyFram
     b = pl.col("bin")
     firing = (
         scan(wh, "unit_histograms", run)
-        .filter(pl.col("site") == site, pl.col("layer") == layer, pl.col("neuron") == unit)
-        .select(b.cast(pl.Int32), "count")
+        .filter(pl.col("site") == site, pl.col("layer") == layer, pl.lit(unit is None) | (pl.col("neuron") == unit))
+        .select("neuron", b.cast(pl.Int32), "count")
         .filter(hist_hi(b) > info["threshold"])
-        .sort("bin")
+        .sort("neuron", "bin")
         .with_columns(
-            (pl.col("count").cum_sum() - pl.col("count")).alias("before"), pl.col("count").sum().alias("total")
+            (pl.col("count").cum_sum() - pl.col("count")).over("neuron").alias("before"),
+            pl.col("count").sum().over("neuron").alias("total"),
         )
     )
     quantile = pl.min_horizontal(
@@ -252,7 +253,7 @@ def quantile_bins(wh, run: str, site: str, layer: int, unit: int) -> pl.LazyFram
     ).cast(pl.Int32)
     return (
         firing.with_columns(quantile.alias("quantile"))
-        .group_by("quantile")
+        .group_by("neuron", "quantile")
         .agg(
             hist_lo(b).min().alias("lo"),
             hist_hi(b).max().alias("hi"),
@@ -260,7 +261,7 @@ def quantile_bins(wh, run: str, site: str, layer: int, unit: int) -> pl.LazyFram
             ((pl.col("before") + pl.col("count")).max() / pl.col("total").max()).alias("share_hi"),
             pl.col("count").sum().cast(pl.Int64).alias("n_tokens"),
         )
-        .sort("quantile")
+        .sort("neuron", "quantile")
     )
 
 
@@ -278,7 +279,7 @@ def quantile_examples(
     examples = nf.layer_examples(wh, run, site, layer, unit, "quantile", 2147483647, before, after)
     return (
         examples.join(stored, on="rank", how="inner")
-        .join(bins, on="quantile", how="inner")
+        .join(bins.drop("neuron"), on="quantile", how="inner")
         .with_columns((pl.col("rank") - pl.col("rank").min().over("quantile")).cast(pl.Int32).alias("rank"))
         .select("quantile", "lo", "hi", "share_lo", "share_hi", "rank", "doc_id", "pos", "value", "context", "tokens")
         .sort("quantile", "rank")

@@ -122,7 +122,7 @@ GROUP BY f.layer, f.neuron, o.n
 ORDER BY n_fired DESC, mean_value DESC, f.layer, f.neuron;
 COMMENT ON MACRO TABLE units_for_token IS 'Token search: the units (every layer of the site) stored in token_neurons above the site threshold at the tokens whose decoded text (tokens.text, as the tokenizer decodes the token alone; piece for older runs) matches `text` by whq_token_key (case, surrounding spaces and WordPiece''s leading ## ignored: ''ing'' finds ''ing'' and ''##ing''), with n_fired, n_occurrences of the matching tokens, share = n_fired / n_occurrences and mean_value over those firings; most firings first. topk captures only count a unit where it was in the token''s top-k. Reads the token index written at commit (token_units, vocabulary); runs written before it scan tokens and token_neurons. Example: SELECT * FROM units_for_token(''demo'', ''mlp.act'', ''speak'') LIMIT 10';
 
-CREATE OR REPLACE MACRO similar_units(run, site, layer, unit, k := 10) AS TABLE
+CREATE OR REPLACE MACRO whq_similar_units(run, site, layer, unit, k) AS TABLE
 WITH thr AS (SELECT s.threshold FROM sites s WHERE whq_known_site(run, site) AND s.run_id = run AND s.site = site),
 kept AS (
     SELECT coalesce(max(c.kept), 0) AS kept
@@ -137,38 +137,47 @@ fired AS (
     FROM token_neurons v, thr, live l
     WHERE v.run_id = l.run_id AND v.site = site AND v.layer = layer AND v.value > thr.threshold
 ),
-mine AS (SELECT f.doc, f.pos FROM fired f WHERE f.neuron = unit),
+mine AS (SELECT f.neuron AS of_unit, f.doc, f.pos FROM fired f WHERE unit IS NULL OR f.neuron = unit),
 shared AS (
-    SELECT f.neuron, count(*) AS n_shared
+    SELECT m.of_unit, f.neuron, count(*) AS n_shared
     FROM fired f JOIN mine m ON m.doc = f.doc AND m.pos = f.pos
-    WHERE f.neuron <> unit
-    GROUP BY f.neuron
+    WHERE f.neuron <> m.of_unit
+    GROUP BY m.of_unit, f.neuron
 ),
 sizes AS (
-    SELECT f.neuron, count(*) AS n FROM fired f WHERE f.neuron IN (SELECT sh.neuron FROM shared sh) GROUP BY f.neuron
+    SELECT f.neuron, count(*) AS n FROM fired f
+    WHERE f.neuron IN (SELECT sh.neuron FROM shared sh UNION ALL SELECT sh.of_unit FROM shared sh)
+    GROUP BY f.neuron
 ),
 coactivation AS (
-    SELECT 'coactivation' AS kind, c.other AS neuron, c.jaccard AS similarity, c.n_shared
+    SELECT c.neuron AS of_unit, 'coactivation' AS kind, c.other AS neuron, c.jaccard AS similarity, c.n_shared
     FROM unit_coactivations c, live l
-    WHERE l.run_id IS NULL AND c.run_id = run AND c.site = site AND c.layer = layer AND c.neuron = unit
+    WHERE l.run_id IS NULL AND c.run_id = run AND c.site = site AND c.layer = layer AND (unit IS NULL OR c.neuron = unit)
     UNION ALL
-    SELECT 'coactivation' AS kind, sh.neuron, sh.n_shared / ((SELECT count(*) FROM mine) + sz.n - sh.n_shared) AS similarity,
+    SELECT sh.of_unit, 'coactivation' AS kind, sh.neuron, sh.n_shared / (mz.n + sz.n - sh.n_shared) AS similarity,
            sh.n_shared
-    FROM shared sh JOIN sizes sz ON sz.neuron = sh.neuron
+    FROM shared sh JOIN sizes sz ON sz.neuron = sh.neuron JOIN sizes mz ON mz.neuron = sh.of_unit
 ),
 decoder AS (
-    SELECT 'decoder' AS kind, d.other AS neuron, CAST(d.cosine AS DOUBLE) AS similarity, CAST(NULL AS BIGINT) AS n_shared
+    SELECT d.neuron AS of_unit, 'decoder' AS kind, d.other AS neuron, CAST(d.cosine AS DOUBLE) AS similarity,
+           CAST(NULL AS BIGINT) AS n_shared
     FROM unit_neighbors d
-    WHERE d.run_id = run AND d.site = site AND d.layer = layer AND d.neuron = unit
+    WHERE d.run_id = run AND d.site = site AND d.layer = layer AND (unit IS NULL OR d.neuron = unit)
 ),
 ranked AS (
-    SELECT x.*, row_number() OVER (PARTITION BY x.kind ORDER BY x.similarity DESC, x.neuron) - 1 AS rank
+    SELECT x.*, row_number() OVER (PARTITION BY x.of_unit, x.kind ORDER BY x.similarity DESC, x.neuron) - 1 AS rank
     FROM (SELECT * FROM decoder UNION ALL SELECT * FROM coactivation) x
 )
-SELECT r.kind, CAST(r.rank AS INTEGER) AS rank, r.neuron, r.similarity, r.n_shared
+SELECT r.of_unit, r.kind, CAST(r.rank AS INTEGER) AS rank, r.neuron, r.similarity, r.n_shared
 FROM ranked r
 WHERE r.rank < k
-ORDER BY r.kind DESC, r.rank;
+ORDER BY r.of_unit, r.kind DESC, r.rank;
+COMMENT ON MACRO TABLE whq_similar_units IS 'similar_units with an of_unit column (the unit each row is like), for one unit or (unit NULL) every unit of the layer in one statement (the static export reads a layer at once).';
+
+CREATE OR REPLACE MACRO similar_units(run, site, layer, unit, k := 10) AS TABLE
+SELECT s.kind, s.rank, s.neuron, s.similarity, s.n_shared
+FROM whq_similar_units(run, site, layer, unit, k) s
+ORDER BY s.kind DESC, s.rank;
 COMMENT ON MACRO TABLE similar_units IS 'The k units most like one unit of the same layer, two ways: kind decoder = cosine of their output directions (rows of the down projection, W_down[:, n]; stored at ingest by reduction similar for MLP unit sites), kind coactivation = Jaccard index of the sets of tokens where each is stored in token_neurons above the site threshold (n_shared: tokens in both). The co-activations are read from unit_coactivations (each unit''s top 32, precomputed at commit); for k above what it kept, or a run or layer without it, they are computed from token_neurons (the same figures, slower). Example: SELECT * FROM similar_units(''demo'', ''mlp.act'', 3, 42)';
 
 CREATE OR REPLACE MACRO whq_has_quantiles(run, site_name) AS (
@@ -194,42 +203,50 @@ checked AS (
     FROM capture c
 ),
 firing AS (
-    SELECT CAST(u.bin AS INTEGER) AS bin, u.count
+    SELECT u.neuron, CAST(u.bin AS INTEGER) AS bin, u.count
     FROM unit_histograms u, checked c
-    WHERE u.run_id = run AND u.site = site_name AND u.layer = layer_index AND u.neuron = unit
+    WHERE u.run_id = run AND u.site = site_name AND u.layer = layer_index AND (unit IS NULL OR u.neuron = unit)
       AND whq_hist_hi(u.bin) > c.threshold
 ),
 cumulative AS (
-    SELECT f.bin, f.count, sum(f.count) OVER (ORDER BY f.bin) - f.count AS before, sum(f.count) OVER () AS total
+    SELECT f.neuron, f.bin, f.count, sum(f.count) OVER (PARTITION BY f.neuron ORDER BY f.bin) - f.count AS before,
+           sum(f.count) OVER (PARTITION BY f.neuron) AS total
     FROM firing f
 ),
 binned AS (
     SELECT CAST(least(c.q - 1, floor(c.q * (x.before + x.count / 2) / x.total)) AS INTEGER) AS quantile, x.*
     FROM cumulative x, checked c
 )
-SELECT b.quantile, min(whq_hist_lo(b.bin)) AS lo, max(whq_hist_hi(b.bin)) AS hi,
+SELECT b.neuron, b.quantile, min(whq_hist_lo(b.bin)) AS lo, max(whq_hist_hi(b.bin)) AS hi,
        min(b.before) / max(b.total) AS share_lo, max(b.before + b.count) / max(b.total) AS share_hi,
        CAST(sum(b.count) AS BIGINT) AS n_tokens
 FROM binned b
-GROUP BY b.quantile
-ORDER BY b.quantile;
-COMMENT ON MACRO TABLE whq_quantile_bins IS 'The quantile bins of one unit (quantiles=Q): over its histogram bins above the site threshold, each histogram bin goes to bin floor(Q * (tokens below it + its count / 2) / firing tokens), at most Q - 1; lo/hi are value edges, share_lo/share_hi the exact shares of firing tokens below and up to the bin, n_tokens its firing tokens.';
+GROUP BY b.neuron, b.quantile
+ORDER BY b.neuron, b.quantile;
+COMMENT ON MACRO TABLE whq_quantile_bins IS 'The quantile bins of one unit, or of every unit of the layer when unit is NULL (quantiles=Q): over its histogram bins above the site threshold, each histogram bin goes to bin floor(Q * (tokens below it + its count / 2) / firing tokens), at most Q - 1; lo/hi are value edges, share_lo/share_hi the exact shares of firing tokens below and up to the bin, n_tokens its firing tokens.';
 
-CREATE OR REPLACE MACRO quantile_examples(run, site, layer, unit, before := 50, after := 20) AS TABLE
+CREATE OR REPLACE MACRO whq_quantile_examples(run, site, layer, unit, before, after) AS TABLE
 WITH bins AS (SELECT * FROM whq_quantile_bins(run, site, layer, unit)),
 stored AS (
-    SELECT e.rank, e.quantile FROM neuron_examples e
-    WHERE e.run_id = run AND e.site = site AND e.layer = layer AND e.neuron = unit AND e.kind = 'quantile'
+    SELECT e.neuron, e.rank, e.quantile FROM neuron_examples e
+    WHERE e.run_id = run AND e.site = site AND e.layer = layer AND (unit IS NULL OR e.neuron = unit)
+      AND e.kind = 'quantile'
 ),
 examples AS (
     SELECT * FROM whq_examples(CASE WHEN whq_has_quantiles(run, site) THEN run END, site, layer, unit, 'quantile',
                                2147483647, before, after, 0)
 )
-SELECT st.quantile, b.lo, b.hi, b.share_lo, b.share_hi,
-       CAST(x.rank - min(x.rank) OVER (PARTITION BY st.quantile) AS INTEGER) AS rank,
+SELECT x.neuron, st.quantile, b.lo, b.hi, b.share_lo, b.share_hi,
+       CAST(x.rank - min(x.rank) OVER (PARTITION BY x.neuron, st.quantile) AS INTEGER) AS rank,
        x.doc_id, x.pos, x.value, x.context, x.tokens
 FROM examples x
-JOIN stored st ON st.rank = x.rank
-JOIN bins b ON b.quantile = st.quantile
-ORDER BY st.quantile, rank;
+JOIN stored st ON st.neuron = x.neuron AND st.rank = x.rank
+JOIN bins b ON b.neuron = x.neuron AND b.quantile = st.quantile
+ORDER BY x.neuron, st.quantile, rank;
+COMMENT ON MACRO TABLE whq_quantile_examples IS 'quantile_examples with a neuron column, for one unit or (unit NULL) every unit of the layer in one statement (the static export reads a layer at once).';
+
+CREATE OR REPLACE MACRO quantile_examples(run, site, layer, unit, before := 50, after := 20) AS TABLE
+SELECT q.quantile, q.lo, q.hi, q.share_lo, q.share_hi, q.rank, q.doc_id, q.pos, q.value, q.context, q.tokens
+FROM whq_quantile_examples(run, site, layer, unit, before, after) q
+ORDER BY q.quantile, q.rank;
 COMMENT ON MACRO TABLE quantile_examples IS 'Examples across one unit''s whole activation range (examples=N,hist,quantiles=Q): per quantile bin (0 = lowest firing values) up to N firing tokens sampled uniformly from the bin, with the same context and tokens columns as top_contexts. Bins are whole histogram bins (quarter octaves), so they are not exact Q-quantiles: each row says exactly which values (lo <= value < hi) and which shares of the firing tokens (share_lo .. share_hi; the true bin would be q/Q .. (q+1)/Q) its bin covers; a histogram bin holding more than 1/Q of the firings makes a wider bin and leaves some bin numbers unused. The uniform sample comes from a pool of the 2QN smallest sample keys, so a bin with few pooled firings can hold fewer than N. Example: SELECT quantile, share_lo, share_hi, value, context FROM quantile_examples(''demo'', ''mlp.act'', 3, 42)';

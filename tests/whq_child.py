@@ -21,7 +21,17 @@ PRELOAD = [
     "ingest.finalize",
     "ingest.models",
     "ingest.writer",
+    "ingest.hooks",
+    "ingest.progress",
     "tests.whq_child",
+    # imported on the way by every ingest: half a second a child when left to it
+    "pandas",
+    "pyarrow.dataset",
+    "pydantic",
+    "rich.progress",
+    "transformers.convert_slow_tokenizer",
+    "transformers.models.llama.modeling_llama",
+    "transformers.models.qwen3.modeling_qwen3",
 ]
 
 _context = None
