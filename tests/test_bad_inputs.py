@@ -25,6 +25,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from warehouse.output import EXPORT_MARKER
+
 from . import dictionaries
 from .cli_runner import run_whq
 
@@ -695,6 +697,20 @@ CASES = [
         "--csv docs.jsonl is a file, not a folder: name a new or empty folder",
     ),
     Case(
+        "report --out that is a second hard link to a run's manifest",
+        ("report", "{copy}", "--run", "r", "--out", "linked.html"),
+        "--out linked.html has 2 hard links, and writing it would change the file under its other names too: "
+        "remove it first, or name another file",
+        damage="hard_link_out",
+    ),
+    Case(
+        "export again into its folder, where a symlink to a manifest was put",
+        ("export", "site", "{copy}", "--run", "r", "--site", "mlp.act", "--out", "site"),
+        "--out site holds site/index.html, a link whq did not make, and writing through it would change the file "
+        "it leads to: remove it first, or name a new or empty folder",
+        damage="link_in_export",
+    ),
+    Case(
         "NAG merge of a file that is not Parquet",
         ("nag", "merge", "docs.jsonl", "--out", "merged.parquet"),
         "selection docs.jsonl is not a readable Parquet file (parquet: File out of specification: The file must end "
@@ -1058,6 +1074,12 @@ def damage(root: Path, how: str) -> None:
         (journal / "config.json").write_text(
             json.dumps({"data": [recorded], "started_at": "2026-01-01T00:00:00+00:00"})
         )
+    elif how == "hard_link_out":
+        os.link(root / "runs" / "r.json", "linked.html")  # in the working folder, as a user names an output
+    elif how == "link_in_export":
+        Path("site").mkdir()
+        (Path("site") / EXPORT_MARKER).write_text('{"tool": "whq"}\n')  # an earlier export's folder
+        (Path("site") / "index.html").symlink_to(root / "runs" / "r.json")
     elif how == "intact":
         pass  # a second, undamaged warehouse
     else:
