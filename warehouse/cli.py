@@ -47,7 +47,8 @@ def _fail(message: str) -> None:
 def _print_table(df, fmt: OutputFormat) -> None:
     from .display import formatted
 
-    typer.echo(formatted(df, fmt), nl=fmt != "csv")
+    # color=True: click would otherwise drop what looks like a terminal escape from values printed to a pipe
+    typer.echo(formatted(df, fmt, terminal=sys.stdout.isatty()), nl=fmt != "csv", color=True)
 
 
 @app.command()
