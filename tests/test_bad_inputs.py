@@ -864,6 +864,11 @@ CASES += [
     ),
     Case("serve --timeout 0", ("serve", "{wh}", "--timeout", "0"), "--timeout 0 must be a positive number of seconds"),
     Case(
+        "sql --timeout past what a timer can wait",
+        ("sql", "{wh}", "SELECT 1", "--read-only", "--timeout", "1e300"),
+        "--timeout 1e+300 is longer than 1,000,000,000 seconds: give a shorter one",
+    ),
+    Case(
         "sql --max-bytes without --read-only",
         ("sql", "{wh}", "--max-bytes", "1MB", "SELECT 1"),
         "--max-bytes bounds untrusted SQL: add --read-only",

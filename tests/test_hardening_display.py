@@ -231,7 +231,7 @@ def test_csv_escapes_control_characters_for_a_terminal_and_keeps_them_for_a_pipe
     """CSV is data: piped, its values are exact (click dropped what looked like a terminal escape);
     printed to a terminal, no value or column name may drive the terminal."""
     columns = ", ".join(
-        f"{' || '.join(f'chr({ord(c)})' for c in value)} AS \"{name}\"" for name, value in HOSTILE_TEXT.items()
+        f'{" || ".join(f"chr({ord(c)})" for c in value)} AS "{name}"' for name, value in HOSTILE_TEXT.items()
     )
     query = f"SELECT {columns}"
     code, out, err = run_whq("sql", wh, query, "--format", "csv")
