@@ -864,6 +864,11 @@ CASES += [
     ),
     Case("serve --timeout 0", ("serve", "{wh}", "--timeout", "0"), "--timeout 0 must be a positive number of seconds"),
     Case(
+        "sql --max-rows past 64 bits",
+        ("sql", "{wh}", "SELECT 1", "--max-rows", "99999999999999999999"),
+        "Invalid value for '--max-rows': Input should be less than or equal to 9223372036854775806 (see --help)",
+    ),
+    Case(
         "sql --timeout past what a timer can wait",
         ("sql", "{wh}", "SELECT 1", "--read-only", "--timeout", "1e300"),
         "--timeout 1e+300 is longer than 1,000,000,000 seconds: give a shorter one",
