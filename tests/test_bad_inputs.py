@@ -489,6 +489,11 @@ CASES = [
         "numlabel.jsonl:1: column 'dataset' must be a string or null, got int; fix it, or pass --skip-bad to skip bad records",
     ),
     Case(
+        "JSONL doc_id that is a list (its id would be Python's '[1]')",
+        ("ingest", "{new}", *MODEL, "--data", "listid.jsonl"),
+        "listid.jsonl:1: column 'doc_id' must be text or a number, got list; fix it, or pass --skip-bad to skip bad records",
+    ),
+    Case(
         "bad record late in a large file (refused before the run exists)",
         ("ingest", "{new}", *MODEL, "--data", "late.jsonl", "--shard-tokens", "8"),
         "late.jsonl:301: invalid JSON (Expecting property name enclosed in double quotes); fix it, or pass --skip-bad to skip bad records",
@@ -1026,6 +1031,7 @@ FILES = {
     "numbers.parquet": _parquet_bytes(pa.table({"text": [1, 2]})),
     "surrogate.jsonl": b'{"text": "a\\ud800b"}\n',
     "numlabel.jsonl": b'{"text": "x", "dataset": 5}\n',
+    "listid.jsonl": b'{"text": "x", "doc_id": [1]}\n',
     "late.jsonl": b'{"text": "hello world"}\n' * 300 + b"{oops}\n",
     "nantemp.yaml": b"name: t\nmodel: config:llama-tiny\nprompt: {messages: [{role: user, content: hi}]}\ngeneration: {temperature: .nan}\n",
     "seed.yaml": b"name: t\nmodel: config:llama-tiny\nprompt: {messages: [{role: user, content: hi}]}\ngeneration: {seed: -1}\n",
