@@ -677,6 +677,12 @@ CASES = [
         "create the new warehouse outside it",
     ),
     Case(
+        "push to a file:// folder inside a warehouse",
+        ("push", "{wh}", "file://{wh}/data/copy", "-q"),
+        "whq refuses writing 'file://{wh}/data/copy', inside the warehouse {wh}: its files change only through whq; "
+        "push to a folder outside it",
+    ),
+    Case(
         "--out that is a folder where a file is wanted",
         ("nag", "keys", "{wh}", "--target", "r", "--top", "3", "--out", "dicts"),
         "--out dicts is a folder: name a file in it, e.g. dicts/out",

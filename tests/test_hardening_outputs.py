@@ -166,6 +166,27 @@ def test_checks_directly(wh, tmp_path):
         check_output_folder(wh / "data")
 
 
+def test_no_push_goes_into_a_warehouse_folder(wh, tmp_path):
+    """A file:// destination of `whq push` is a new warehouse folder on this machine, refused inside
+    a warehouse like `whq init` (it had written a second warehouse into the first one's data/)."""
+    other = tmp_path / "other"
+    assert run_whq("init", other)[0] == 0
+    before = _fingerprint(wh)
+    for url, inside in (
+        (f"file://{wh}/data/copy", wh),
+        (f"file://{other}/copy", other),
+        (f"local://{wh}/runs", wh),
+    ):
+        code, _, err = run_whq("push", wh, url, "-q")
+        assert _one_line(code, err) == (
+            f"whq refuses writing {url!r}, inside the warehouse {inside.resolve()}: its files change only "
+            "through whq; push to a folder outside it"
+        )
+    assert _fingerprint(wh) == before and not (other / "copy").exists()
+    code, out, err = run_whq("push", wh, f"file://{tmp_path / 'elsewhere'}", "-q")
+    assert code == 0 and (tmp_path / "elsewhere" / "runs" / "r.json").is_file(), err
+
+
 def test_no_warehouse_is_created_inside_another(wh, tmp_path):
     """A new warehouse is a user-named output too (whq init, and ingest into a new folder)."""
     before = _fingerprint(wh)
