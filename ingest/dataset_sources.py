@@ -30,7 +30,7 @@ from pathlib import Path
 from warehouse.errors import BadInput
 from warehouse.names import document_label_problem
 
-from .sources import ID_COLUMNS, INT32_MAX, Document, SkipCounter
+from .sources import ID_COLUMNS, INT32_MAX, Document, SkipCounter, id_text
 
 HF_PREFIX = "hf:"
 SHARD_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "text"}
@@ -308,8 +308,8 @@ class DatasetInput:
 
     def _document(self, record: dict, index: int, label: str, role: str | None) -> Document:
         cols = self.columns
-        doc_id = record.get(cols.id) if cols.id else None
-        doc_id = f"{self.spec.label}:{index}" if doc_id is None else str(doc_id)
+        doc_id = id_text(record.get(cols.id), cols.id) if cols.id else None
+        doc_id = f"{self.spec.label}:{index}" if doc_id is None else doc_id
         if cols.tokens is not None:
             ids = record[cols.tokens]
             if not isinstance(ids, list) or not all(

@@ -58,6 +58,17 @@ def _unicode(value: str, where: str, column: str) -> str:
     return value
 
 
+def id_text(value: object, column: str, where: str | None = None) -> str | None:
+    """A document id read from a data column as text (None when absent). Only text and numbers are ids:
+    str() of a list, a mapping or a boolean would make Python's spelling ('[1]', 'True') the id."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        place = f"{where}: " if where else ""
+        raise ValueError(f"{place}column {column!r} must be text or a number, got {type(value).__name__}")
+    return str(value)
+
+
 def _record(row: dict, where: str, index: int, stem: str) -> Document:
     id_key = next((k for k in ID_COLUMNS if k in row), None)
     text_key = next((k for k in TEXT_COLUMNS if k in row), None)
@@ -80,11 +91,8 @@ def _record(row: dict, where: str, index: int, stem: str) -> Document:
         raise ValueError(
             f"{where}: column 'message_index' must be a whole number from 0 to {INT32_MAX} or null, got {message_index!r}"
         )
-    doc_id = (
-        _unicode(str(row[id_key]), where, id_key)
-        if id_key is not None and row[id_key] is not None
-        else f"{stem}:{index}"
-    )
+    given = id_text(row[id_key], id_key, where) if id_key is not None else None
+    doc_id = _unicode(given, where, id_key) if given is not None else f"{stem}:{index}"
     meta = {k: v for k, v in row.items() if k not in {id_key, text_key, "dataset", "role", "label"}}
     return Document(doc_id, text, row.get("dataset"), row.get("role"), row.get("label"), meta)
 

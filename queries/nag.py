@@ -266,7 +266,8 @@ def deactivation_keys(
     profile = nag_frames.nag_profile(wh, target_run, site, target_dataset, used, 1.0, target_role).collect()
     ordered = profile.sort(["n_docs", "layer", "neuron"], descending=[True, False, False])
     if top is not None:
-        chosen = ordered.group_by("layer", maintain_order=True).head(top)
+        # no layer has more than width units (and Polars takes no count beyond 64 bits)
+        chosen = ordered.group_by("layer", maintain_order=True).head(min(top, int(site_row["width"])))
         rule = f"top {top} per layer"
     else:
         count = math.ceil(share * len(used) * int(site_row["width"]))

@@ -25,6 +25,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from warehouse.output import EXPORT_MARKER
+
 from . import dictionaries
 from .cli_runner import run_whq
 
@@ -487,6 +489,11 @@ CASES = [
         "numlabel.jsonl:1: column 'dataset' must be a string or null, got int; fix it, or pass --skip-bad to skip bad records",
     ),
     Case(
+        "JSONL doc_id that is a list (its id would be Python's '[1]')",
+        ("ingest", "{new}", *MODEL, "--data", "listid.jsonl"),
+        "listid.jsonl:1: column 'doc_id' must be text or a number, got list; fix it, or pass --skip-bad to skip bad records",
+    ),
+    Case(
         "bad record late in a large file (refused before the run exists)",
         ("ingest", "{new}", *MODEL, "--data", "late.jsonl", "--shard-tokens", "8"),
         "late.jsonl:301: invalid JSON (Expecting property name enclosed in double quotes); fix it, or pass --skip-bad to skip bad records",
@@ -670,6 +677,12 @@ CASES = [
         "create the new warehouse outside it",
     ),
     Case(
+        "push to a file:// folder inside a warehouse",
+        ("push", "{wh}", "file://{wh}/data/copy", "-q"),
+        "whq refuses writing 'file://{wh}/data/copy', inside the warehouse {wh}: its files change only through whq; "
+        "push to a folder outside it",
+    ),
+    Case(
         "--out that is a folder where a file is wanted",
         ("nag", "keys", "{wh}", "--target", "r", "--top", "3", "--out", "dicts"),
         "--out dicts is a folder: name a file in it, e.g. dicts/out",
@@ -693,6 +706,20 @@ CASES = [
         "report --csv that is a file",
         ("report", "{wh}", "--run", "r", "--out", "r.html", "--csv", "docs.jsonl"),
         "--csv docs.jsonl is a file, not a folder: name a new or empty folder",
+    ),
+    Case(
+        "report --out that is a second hard link to a run's manifest",
+        ("report", "{copy}", "--run", "r", "--out", "linked.html"),
+        "--out linked.html has 2 hard links, and writing it would change the file under its other names too: "
+        "remove it first, or name another file",
+        damage="hard_link_out",
+    ),
+    Case(
+        "export again into its folder, where a symlink to a manifest was put",
+        ("export", "site", "{copy}", "--run", "r", "--site", "mlp.act", "--out", "site"),
+        "--out site holds site/index.html, a link whq did not make, and writing through it would change the file "
+        "it leads to: remove it first, or name a new or empty folder",
+        damage="link_in_export",
     ),
     Case(
         "NAG merge of a file that is not Parquet",
@@ -848,6 +875,16 @@ CASES += [
     ),
     Case("serve --timeout 0", ("serve", "{wh}", "--timeout", "0"), "--timeout 0 must be a positive number of seconds"),
     Case(
+        "sql --max-rows past 64 bits",
+        ("sql", "{wh}", "SELECT 1", "--max-rows", "99999999999999999999"),
+        "Invalid value for '--max-rows': Input should be less than or equal to 9223372036854775806 (see --help)",
+    ),
+    Case(
+        "sql --timeout past what a timer can wait",
+        ("sql", "{wh}", "SELECT 1", "--read-only", "--timeout", "1e300"),
+        "--timeout 1e+300 is longer than 1,000,000,000 seconds: give a shorter one",
+    ),
+    Case(
         "sql --max-bytes without --read-only",
         ("sql", "{wh}", "--max-bytes", "1MB", "SELECT 1"),
         "--max-bytes bounds untrusted SQL: add --read-only",
@@ -1000,6 +1037,7 @@ FILES = {
     "numbers.parquet": _parquet_bytes(pa.table({"text": [1, 2]})),
     "surrogate.jsonl": b'{"text": "a\\ud800b"}\n',
     "numlabel.jsonl": b'{"text": "x", "dataset": 5}\n',
+    "listid.jsonl": b'{"text": "x", "doc_id": [1]}\n',
     "late.jsonl": b'{"text": "hello world"}\n' * 300 + b"{oops}\n",
     "nantemp.yaml": b"name: t\nmodel: config:llama-tiny\nprompt: {messages: [{role: user, content: hi}]}\ngeneration: {temperature: .nan}\n",
     "seed.yaml": b"name: t\nmodel: config:llama-tiny\nprompt: {messages: [{role: user, content: hi}]}\ngeneration: {seed: -1}\n",
@@ -1058,6 +1096,12 @@ def damage(root: Path, how: str) -> None:
         (journal / "config.json").write_text(
             json.dumps({"data": [recorded], "started_at": "2026-01-01T00:00:00+00:00"})
         )
+    elif how == "hard_link_out":
+        os.link(root / "runs" / "r.json", "linked.html")  # in the working folder, as a user names an output
+    elif how == "link_in_export":
+        Path("site").mkdir()
+        (Path("site") / EXPORT_MARKER).write_text('{"tool": "whq"}\n')  # an earlier export's folder
+        (Path("site") / "index.html").symlink_to(root / "runs" / "r.json")
     elif how == "intact":
         pass  # a second, undamaged warehouse
     else:

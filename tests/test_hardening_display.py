@@ -4,11 +4,13 @@ JSON file whq writes is strict JSON, and JSON embedded in HTML cannot end its <s
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import io
 import json
 import math
+import unicodedata
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -208,3 +210,41 @@ def test_report_page_keeps_hostile_labels_inside_its_script():
     assert len(parser.scripts) == 2
     embedded = parser.scripts[1].split("const specs = ", 1)[1].split(";\n", 1)[0]
     assert _strict(embedded) == {"chart0": {**specs["chart0"], "y": None}}
+
+
+HOSTILE_TEXT = {
+    "a": "\x1b[31mRED",  # recolour
+    "b": "\x1b]52;c;aGk=\x07",  # OSC 52: write the clipboard
+    "c": "x\ry",
+    "d": "\x9b31m",  # the one-byte CSI
+    "e": "\u202eabc",  # bidirectional override
+    "f\x1b[2J": "name",  # a column name that clears the screen
+}
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_csv_escapes_control_characters_for_a_terminal_and_keeps_them_for_a_pipe(wh, monkeypatch):
+    """CSV is data: piped, its values are exact (click dropped what looked like a terminal escape);
+    printed to a terminal, no value or column name may drive the terminal."""
+    columns = ", ".join(
+        f'{" || ".join(f"chr({ord(c)})" for c in value)} AS "{name}"' for name, value in HOSTILE_TEXT.items()
+    )
+    query = f"SELECT {columns}"
+    code, out, err = run_whq("sql", wh, query, "--format", "csv")
+    assert code == 0, err
+    assert list(csv.reader(io.StringIO(out, newline=""))) == [list(HOSTILE_TEXT), list(HOSTILE_TEXT.values())]
+
+    from warehouse import cli
+
+    terminal = _Terminal()
+    monkeypatch.setattr("sys.argv", ["whq", "sql", str(wh), query, "--format", "csv"])
+    with contextlib.redirect_stdout(terminal):
+        cli.main()  # returns on success
+    shown = terminal.getvalue()
+    unsafe = [c for c in shown if c != "\n" and unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp")]
+    assert unsafe == [], shown
+    assert "\\x1b[31mRED" in shown and "\\x1b]52;c;aGk=\\x07" in shown and "f\\x1b[2J" in shown

@@ -166,6 +166,27 @@ def test_checks_directly(wh, tmp_path):
         check_output_folder(wh / "data")
 
 
+def test_no_push_goes_into_a_warehouse_folder(wh, tmp_path):
+    """A file:// destination of `whq push` is a new warehouse folder on this machine, refused inside
+    a warehouse like `whq init` (it had written a second warehouse into the first one's data/)."""
+    other = tmp_path / "other"
+    assert run_whq("init", other)[0] == 0
+    before = _fingerprint(wh)
+    for url, inside in (
+        (f"file://{wh}/data/copy", wh),
+        (f"file://{other}/copy", other),
+        (f"local://{wh}/runs", wh),
+    ):
+        code, _, err = run_whq("push", wh, url, "-q")
+        assert _one_line(code, err) == (
+            f"whq refuses writing {url!r}, inside the warehouse {inside.resolve()}: its files change only "
+            "through whq; push to a folder outside it"
+        )
+    assert _fingerprint(wh) == before and not (other / "copy").exists()
+    code, out, err = run_whq("push", wh, f"file://{tmp_path / 'elsewhere'}", "-q")
+    assert code == 0 and (tmp_path / "elsewhere" / "runs" / "r.json").is_file(), err
+
+
 def test_no_warehouse_is_created_inside_another(wh, tmp_path):
     """A new warehouse is a user-named output too (whq init, and ingest into a new folder)."""
     before = _fingerprint(wh)
@@ -180,3 +201,58 @@ def test_no_warehouse_is_created_inside_another(wh, tmp_path):
         )
         assert not args[1].exists()
     assert _fingerprint(wh) == before
+
+
+def test_no_output_is_written_through_a_link(wh, tmp_path):
+    """Writing a file truncates it in place: a hard link to a run's manifest named as the output, or a
+    symlink dropped into a folder whq marked before, would have the output written over the manifest."""
+    manifest = wh / "runs" / "r.json"
+    before = _fingerprint(wh)
+    for writer, (args, option, kind) in WRITERS.items():
+        if kind == "file":
+            path = tmp_path / f"{writer.replace(' ', '_')}.out"
+            os.link(manifest, path)
+            expected = (
+                f"{option} {path} has 2 hard links, and writing it would change the file under its other names "
+                "too: remove it first, or name another file"
+            )
+        else:
+            path = tmp_path / writer.replace(" ", "_")
+            path.mkdir()
+            (path / EXPORT_MARKER).write_text('{"tool": "whq"}\n')  # as an earlier export left it
+            (path / "index.html").symlink_to(manifest)
+            expected = (
+                f"{option} {path} holds {path / 'index.html'}, a link whq did not make, and writing through it "
+                "would change the file it leads to: remove it first, or name a new or empty folder"
+            )
+        code, _, err = _run([*args, str(path)], wh=wh, tmp=tmp_path)
+        assert _one_line(code, err) == expected, writer
+        if kind == "file":
+            path.unlink()
+    assert _fingerprint(wh) == before, "an output was written through a link into the warehouse"
+
+
+def test_a_site_export_is_not_written_through_a_link_it_did_not_make(wh, tmp_path):
+    """The attack end to end: export once, swap the export's index.html for a symlink to the manifest
+    and a unit folder for a symlink into the data, export again."""
+    out = tmp_path / "site"
+    args = ["export", "site", wh, "--run", "r", "--site", "mlp.act", "--out", out, "--layers", "0"]
+    assert run_whq(*args)[0] == 0
+    before = _fingerprint(wh)
+    (out / "index.html").unlink()
+    (out / "index.html").symlink_to(wh / "runs" / "r.json")
+    code, _, err = run_whq(*args)
+    assert "index.html, a link whq did not make" in _one_line(code, err)
+    (out / "index.html").unlink()
+    os.link(wh / "runs" / "r.json", out / "index.html")
+    code, _, err = run_whq(*args)
+    assert "index.html, a link whq did not make" in _one_line(code, err)
+    (out / "index.html").unlink()
+    unit_folder = next(p for p in out.iterdir() if p.is_dir())
+    os.rename(unit_folder, tmp_path / "moved")
+    unit_folder.symlink_to(wh / "data", target_is_directory=True)
+    code, _, err = run_whq(*args)
+    assert f"{unit_folder.name}, a link whq did not make" in _one_line(code, err)
+    assert _fingerprint(wh) == before
+    unit_folder.unlink()
+    assert run_whq(*args)[0] == 0  # the links gone, the folder is whq's again

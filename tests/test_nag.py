@@ -369,6 +369,13 @@ def test_deactivation_keys_match_reference(wh, rule):
     assert keys["n_targets"] == len(targets)
 
 
+def test_deactivation_keys_past_the_width_keep_every_unit_seen(wh):
+    """A --top beyond a layer's units (beyond 64 bits, even) is every unit the targets fired, not an overflow."""
+    every = nag.deactivation_keys(wh, "q", "mlp.up", target_dataset="MENENIUS", share=1.0)
+    huge = nag.deactivation_keys(wh, "q", "mlp.up", target_dataset="MENENIUS", top=10**20)
+    assert huge["layers"] == every["layers"] and huge["rule"] == f"top {10**20} per layer"
+
+
 def test_deactivate_zeroes_up_proj_rows(wh, tiny_lm_dir):
     import torch
 

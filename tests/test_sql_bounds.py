@@ -105,6 +105,7 @@ def test_rows_beyond_max_rows_are_cut_and_marked(wh):
         ({"timeout_s": 0}, "--timeout 0 must be a positive number of seconds"),
         ({"timeout_s": float("inf")}, "--timeout inf must be a positive number of seconds"),
         ({"timeout_s": float("nan")}, "--timeout nan must be a positive number of seconds"),
+        ({"timeout_s": 1e300}, "--timeout 1e+300 is longer than 1,000,000,000 seconds: give a shorter one"),
         ({"memory_limit": "lots"}, "--memory-limit 'lots' must be a size such as 512MB or 4GB"),
         ({"memory_limit": "0GB"}, "--memory-limit '0GB' must be a size such as 512MB or 4GB"),
         ({"max_rows": 0}, "--max-rows 0 must be a whole number of at least 1"),

@@ -47,7 +47,8 @@ def _fail(message: str) -> None:
 def _print_table(df, fmt: OutputFormat) -> None:
     from .display import formatted
 
-    typer.echo(formatted(df, fmt), nl=fmt != "csv")
+    # color=True: click would otherwise drop what looks like a terminal escape from values printed to a pipe
+    typer.echo(formatted(df, fmt, terminal=sys.stdout.isatty()), nl=fmt != "csv", color=True)
 
 
 @app.command()
@@ -107,7 +108,11 @@ def sql(
         help="With --read-only: DuckDB's memory limit, e.g. 2GB (default: a quarter of this machine's memory).",
     ),
     max_rows: int = typer.Option(
-        10_000, "--max-rows", min=1, help="Print at most this many rows; a line on stderr says when more were cut."
+        10_000,
+        "--max-rows",
+        min=1,
+        max=2**63 - 2,  # read with LIMIT max_rows + 1, a 64-bit count in DuckDB
+        help="Print at most this many rows; a line on stderr says when more were cut.",
     ),
     max_bytes: str | None = typer.Option(
         None, "--max-bytes", help="With --read-only: refuse a result holding more than this, e.g. 1GB (default 256MB)."

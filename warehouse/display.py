@@ -124,8 +124,9 @@ def table_text(frame: pl.DataFrame, *, rows: int = 50, columns: int = 20) -> str
         return str(safe)
 
 
-def csv_text(frame: pl.DataFrame) -> str:
-    """`frame` as CSV: values as they are, nested values as strict JSON text."""
+def csv_text(frame: pl.DataFrame, *, terminal: bool = False) -> str:
+    """`frame` as CSV: values as they are, nested values as strict JSON text; for a `terminal`,
+    control characters in values and names escaped as table_text escapes them."""
     import polars as pl
 
     nested = [name for name, dtype in frame.schema.items() if dtype.is_nested()]
@@ -133,6 +134,8 @@ def csv_text(frame: pl.DataFrame) -> str:
         pl.Series(name, [None if v is None else jsonio.dumps(v) for v in frame[name].to_list()], pl.String)
         for name in nested
     )
+    if terminal:
+        flat = pl.DataFrame([_safe_column(flat.to_series(i)) for i in range(flat.width)])
     return flat.write_csv()
 
 
@@ -144,6 +147,8 @@ def json_text(frame: pl.DataFrame) -> str:
 FORMATS = {"table": table_text, "csv": csv_text, "json": json_text}
 
 
-def formatted(frame: pl.DataFrame, fmt: str) -> str:
-    """`frame` in one of FORMATS (table, csv, json)."""
-    return FORMATS[str(getattr(fmt, "value", fmt))](frame)
+def formatted(frame: pl.DataFrame, fmt: str, *, terminal: bool = False) -> str:
+    """`frame` in one of FORMATS (table, csv, json). Table and JSON text escape control characters
+    always; CSV escapes them when the text goes to a `terminal`, and keeps the values exact for a pipe."""
+    fmt = str(getattr(fmt, "value", fmt))
+    return csv_text(frame, terminal=terminal) if fmt == "csv" else FORMATS[fmt](frame)

@@ -11,6 +11,11 @@ where a file is wanted, a file where a folder is wanted, a parent that is a file
 output (a site export, a features export, CSVs) that already holds files whq did not write is
 refused rather than silently overwritten: whq marks each folder it writes (output_folder) with EXPORT_MARKER,
 and writes again only into an empty folder or one it marked.
+
+Writing a file truncates it in place, so a link reaches whatever it leads to: a symlink or a
+second hard link to runs/<id>.json, dropped into an export folder whq marked, would have the
+export's index.html written over the manifest. whq makes no links, so an output file with
+other hard links, or a link inside a folder it would write again, is refused.
 """
 
 from __future__ import annotations
@@ -114,7 +119,23 @@ def check_output_file(path: str | Path, option: str = "--out") -> Path:
         raise BadInput(f"{option} {path} is a folder: name a file in it, e.g. {path / 'out'}{path.suffix}")
     if not stat.S_ISREG(info.st_mode):
         raise BadInput(f"{option} {path} is not a regular file: name a file")
+    if info.st_nlink > 1:
+        raise BadInput(
+            f"{option} {path} has {info.st_nlink} hard links, and writing it would change the file under its "
+            "other names too: remove it first, or name another file"
+        )
     return path
+
+
+def _foreign_link(folder: Path) -> Path | None:
+    """The first symlink, or file with other hard links, below `folder` (whq's exports make neither)."""
+    for parent, dirs, files in os.walk(folder):
+        for name in [*dirs, *files]:
+            entry = Path(parent) / name
+            info = entry.lstat()
+            if stat.S_ISLNK(info.st_mode) or (stat.S_ISREG(info.st_mode) and info.st_nlink > 1):
+                return entry
+    return None
 
 
 def check_output_folder(path: str | Path, option: str = "--out") -> Path:
@@ -128,6 +149,11 @@ def check_output_folder(path: str | Path, option: str = "--out") -> Path:
     if not (path / EXPORT_MARKER).is_file() and any(path.iterdir()):
         raise BadInput(
             f"{option} {path} holds files whq did not write: name a new or empty folder, or remove them first"
+        )
+    if (link := _foreign_link(path)) is not None:
+        raise BadInput(
+            f"{option} {path} holds {link}, a link whq did not make, and writing through it would change the "
+            "file it leads to: remove it first, or name a new or empty folder"
         )
     return path
 

@@ -74,6 +74,7 @@ class Remote:
                 ) from None
         self.path = self.fs._strip_protocol(self.url).rstrip("/")
         self.bucket = self.path.split("/", 1)[0]
+        self.local = self.protocol in ("file", "local")  # a folder of this machine: local folders' rules hold
 
     def key(self, rel: str) -> str:
         """The filesystem path of `rel` (a path relative to the warehouse root)."""

@@ -254,6 +254,9 @@ def default_memory_limit() -> str:
     return f"{total // 4 // 2**20}MiB"
 
 
+MAX_TIMEOUT_S = 1_000_000_000  # below threading.TIMEOUT_MAX on every platform Python runs on
+
+
 @dataclass(frozen=True)
 class SqlLimits:
     """Bounds on untrusted SQL (`whq sql --read-only`, Warehouse.sql(read_only=True), run_read_only)."""
@@ -276,6 +279,10 @@ class SqlLimits:
         ):
             shown = f"{self.timeout_s:g}" if isinstance(self.timeout_s, float) else repr(self.timeout_s)
             raise QueryError(f"--timeout {shown} must be a positive number of seconds")
+        if self.timeout_s > MAX_TIMEOUT_S:  # the timer thread's wait cannot be longer
+            raise QueryError(
+                f"--timeout {self.timeout_s:g} is longer than {MAX_TIMEOUT_S:,} seconds: give a shorter one"
+            )
         if (
             not isinstance(self.memory_limit, str)
             or not _SIZE.fullmatch(self.memory_limit)

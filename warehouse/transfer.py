@@ -33,11 +33,12 @@ from pathlib import Path
 from . import metadata
 from .core import Warehouse, create
 from .core import open as open_warehouse
-from .errors import CorruptPart, DamagedMetadata, RunExists, WarehouseError
+from .errors import BadInput, CorruptPart, DamagedMetadata, RunExists, WarehouseError
 from .faults import fault
 from .layout import FORMAT_VERSION
 from .locks import try_lock
 from .names import check_name
+from .output import enclosing_warehouse, refusal
 from .parts import fsync_dir, install_atomic, side_by_side
 from .remote import Remote, RemoteWarehouse
 from .runwriter import commit_manifest
@@ -123,6 +124,10 @@ def push(wh: Warehouse, url: str, *, endpoint_url: str | None = None, progress: 
     if isinstance(wh, RemoteWarehouse):
         raise WarehouseError(f"whq push copies a local warehouse, and {wh.root} is a URL: `whq pull` it first")
     remote = Remote(url, endpoint_url)
+    if remote.local:  # a file:// destination is a new warehouse folder, never one inside a warehouse
+        inside = enclosing_warehouse(Path(remote.path).parent)
+        if inside is not None:
+            raise BadInput(refusal("whq", url, inside, "push to a folder outside it"))
     marker = remote.read("whq.json")
     if marker is None:
         remote.write("whq.json", wh.layout.marker.read_bytes())
