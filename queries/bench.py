@@ -11,6 +11,7 @@ ingest.
 
 from __future__ import annotations
 
+import shutil
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from warehouse.errors import BadInput
 from warehouse.indexes import index_parts
 
 SITE = "mlp.act"
+# token_neurons bytes a synthetic row takes on disk, rounded up (docs/bench-queries.md measures 3.2-3.4)
+BYTES_PER_ROW = 4
 TARGET_EVERY = 100  # every 100th document is in dataset 'target', the rest in 'pool' (for nag_distance)
 
 
@@ -176,6 +179,14 @@ def build(root: str | Path, shape: Shape, seed: int = 0, echo=None) -> float | N
     from warehouse.runwriter import RunWriter
 
     root = Path(root)
+    if not (root / "runs" / f"{shape.run_id}.json").exists():  # checked before anything is created
+        disk = next(p for p in (root, *root.absolute().parents) if p.exists())
+        needed, free = shape.rows * BYTES_PER_ROW, shutil.disk_usage(disk).free
+        if needed > free:
+            raise BadInput(
+                f"--rows {shape.rows:,} would write about {needed / 2**30:,.1f} GiB of token_neurons, and {disk} has "
+                f"{free / 2**30:,.1f} GiB free: lower --rows"
+            )
     wh = warehouse.open_or_init(root)
     if shape.run_id in wh.run_ids():
         return None

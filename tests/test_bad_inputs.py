@@ -944,6 +944,16 @@ CASES += [
         "control characters",
     ),
     Case(
+        "a folder inside a warehouse given as the warehouse",
+        ("sql", "{wh}/runs", "SELECT 1"),
+        "{wh}/runs is inside the warehouse {wh}, not a warehouse itself: give {wh}",
+    ),
+    Case(
+        "export layers that are not a range or list",
+        ("export", "site", "{wh}", "--run", "r", "--site", "mlp.act", "--out", "{new}", "--layers", "1-x"),
+        "cannot read layers '1-x': write a range or a list, e.g. --layers 0-13 or --layers 0,2,5",
+    ),
+    Case(
         "import explanations: no such file",
         (*_IMPORT, "np_nothing.jsonl.gz", *_RUN_SITE),
         "np_nothing.jsonl.gz does not exist: give a Neuronpedia explanations file (.jsonl.gz) or its folder",

@@ -316,3 +316,18 @@ def test_token_neuron_parts_are_neuron_major_and_same_rows():
         np.testing.assert_array_equal(ordered[name], column[expected])
     doc_order = part_order("doc_neurons", {"doc": columns["doc"], "neuron": columns["neuron"]})
     np.testing.assert_array_equal(doc_order["doc"], np.sort(columns["doc"], kind="stable"))
+
+
+def test_bench_query_refuses_rows_beyond_the_free_disk_before_creating_anything(tmp_path):
+    import shutil
+
+    from queries.bench import BYTES_PER_ROW, build
+    from queries.bench import Shape as BenchShape
+    from warehouse.errors import BadInput
+
+    too_many = shutil.disk_usage(tmp_path).free // BYTES_PER_ROW + 1
+    with pytest.raises(
+        BadInput, match=r"^--rows [\d,]+ would write about [\d,.]+ GiB of token_neurons, .* lower --rows$"
+    ):
+        build(tmp_path / "wh", BenchShape(rows=too_many))
+    assert not (tmp_path / "wh").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -13,6 +14,20 @@ export_app = typer.Typer(
     no_args_is_help=True, rich_markup_mode=None, help="Write a run's analyses as files for viewers."
 )
 
+LayersOption = Annotated[
+    list[str] | None,
+    typer.Option("--layers", help="Layers to export: a range or list, e.g. 3, 0-5 or 0,2 (repeatable; default all)."),
+]
+
+
+def _layers(values: list[str] | None) -> list[int] | None:
+    """Every --layers given, each a range or list as `whq nag --layers` reads it."""
+    from queries.nag import parse_layers
+
+    if not values:
+        return None
+    return sorted({layer for value in values for layer in parse_layers(value) or []})
+
 
 @export_app.command()
 def features(
@@ -20,7 +35,7 @@ def features(
     run: str = typer.Option(..., "--run", help="Run id."),
     site: str = typer.Option(..., "--site", help="Site captured with examples=N or threshold=T (e.g. mlp.act)."),
     out: Path = typer.Option(..., "--out", help="Output folder (features/, feature_metadata.json, packed/)."),
-    layers: list[int] | None = typer.Option(None, "--layers", help="Layers to export (repeatable; default all)."),
+    layers: LayersOption = None,
     top: int = typer.Option(20, "--top", help="Top examples per unit."),
     random: int = typer.Option(10, "--random", help="Random examples per unit."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random examples."),
@@ -36,10 +51,8 @@ def features(
 
     ranges.at_least("--top", top, 0)
     ranges.at_least("--random", random, 0)
-    for layer in layers or []:
-        ranges.at_least("--layers", layer, 0)
     wh = warehouse.open(root)
-    written = write_features(wh, run, site, out, layers, k=top, n_random=random, seed=seed)
+    written = write_features(wh, run, site, out, _layers(layers), k=top, n_random=random, seed=seed)
     total = sum(written.values())
     typer.echo(f"wrote {total:,} units ({', '.join(f'layer {lyr}: {n:,}' for lyr, n in written.items())}) to {out}")
 
@@ -50,7 +63,7 @@ def site(
     run: str = typer.Option(..., "--run", help="Run id."),
     site_name: str = typer.Option(..., "--site", help="Site (e.g. mlp.act)."),
     out: Path = typer.Option(..., "--out", help="Output folder (index.html, layer-L.html, L/U.html, vega.js)."),
-    layers: list[int] | None = typer.Option(None, "--layers", help="Layers to export (repeatable; default all)."),
+    layers: LayersOption = None,
 ):
     """The run/site and unit pages of `whq serve` as static HTML that opens from file:// with no network.
 
@@ -60,7 +73,7 @@ def site(
     from queries.site_export import write_site
 
     with output_folder(out, "whq export site"):
-        written = write_site(warehouse.open(root), run, site_name, out, layers)
+        written = write_site(warehouse.open(root), run, site_name, out, _layers(layers))
     typer.echo(
         f"wrote {written['pages']:,} pages (layers {', '.join(map(str, written['layers']))}) to {out}; open {out / 'index.html'}"
     )
@@ -72,7 +85,7 @@ def neuronpedia(
     run: str = typer.Option(..., "--run", help="Run id."),
     site_name: str = typer.Option(..., "--site", help="Site (e.g. mlp.act)."),
     out: Path = typer.Option(..., "--out", help="Output folder: OUT/<model>/<layer>-<set>/ per layer."),
-    layers: list[int] | None = typer.Option(None, "--layers", help="Layers to export (repeatable; default all)."),
+    layers: LayersOption = None,
     model_name: str | None = typer.Option(
         None, "--model-name", help="Neuronpedia model id (default: the model folder's name)."
     ),
@@ -86,7 +99,7 @@ def neuronpedia(
     from queries.neuronpedia import write_neuronpedia
 
     written = write_neuronpedia(
-        warehouse.open(root), run, site_name, out, layers, model_name=model_name, set_name=set_name
+        warehouse.open(root), run, site_name, out, _layers(layers), model_name=model_name, set_name=set_name
     )
     for folder, n in written.items():
         typer.echo(f"wrote {n:,} features to {folder}")

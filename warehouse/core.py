@@ -15,7 +15,7 @@ from .faults import fault
 from .layout import FORMAT_VERSION, Layout
 from .locks import locked, try_lock
 from .names import is_valid_name
-from .output import check_new_warehouse
+from .output import check_new_warehouse, not_a_warehouse
 
 
 def init(path: str | Path) -> Warehouse:
@@ -87,7 +87,7 @@ class Warehouse:
     def __init__(self, path: str | Path):
         self.layout = Layout(path)
         if not self.layout.marker.exists() and not self.layout.marker.is_symlink():
-            raise NotAWarehouse(f"{self.layout.root} is not a whq warehouse: create it with `whq init {path}`")
+            raise not_a_warehouse(self.layout.root, path)
         metadata.format_version(self.layout)
         self._sweep()
         self.refresh()

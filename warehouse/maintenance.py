@@ -26,6 +26,7 @@ from .errors import DamagedMetadata, NotAWarehouse, UnknownRun
 from .layout import Layout
 from .locks import locked, try_lock
 from .names import check_name, is_valid_name
+from .output import not_a_warehouse
 from .parts import file_sha256, write_bytes_atomic
 
 DAMAGED_SUFFIX = ".damaged"
@@ -123,7 +124,7 @@ def layout_of(root: str | Path) -> Layout:
     """The layout of an existing warehouse, without opening (or rebuilding) its catalog."""
     layout = Layout(root)
     if not layout.marker.exists():
-        raise NotAWarehouse(f"{layout.root} is not a whq warehouse: create it with `whq init {root}`")
+        raise not_a_warehouse(layout.root, root)
     return layout
 
 

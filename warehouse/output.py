@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from . import jsonio
-from .errors import BadInput
+from .errors import BadInput, NotAWarehouse
 from .layout import MARKER
 
 EXPORT_MARKER = ".whq-export"
@@ -190,3 +190,12 @@ def output_folder(path: str | Path, what: str, option: str = "--out") -> Iterato
             (path / EXPORT_MARKER).unlink()
             path.rmdir()
         raise
+
+
+def not_a_warehouse(root: Path, given: str | Path) -> NotAWarehouse:
+    """The error for a folder `given` (resolved: `root`) with no warehouse marker: inside a warehouse,
+    name that warehouse (`whq init` there would be refused); elsewhere, how to create one."""
+    inside = enclosing_warehouse(root)
+    if inside is not None:
+        return NotAWarehouse(f"{root} is inside the warehouse {inside}, not a warehouse itself: give {inside}")
+    return NotAWarehouse(f"{root} is not a whq warehouse: create it with `whq init {given}`")
