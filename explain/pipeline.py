@@ -19,8 +19,8 @@ from warehouse import schema
 from warehouse.errors import BadInput
 from warehouse.parts import to_arrow
 
+from . import embed, prompts
 from . import examples as ex
-from . import prompts
 from .llm import NO_MODEL, Answer, Caller, Request, messages
 from .scorers import Scoring, example_row
 
@@ -125,9 +125,10 @@ def plan_explain(wh, run, site, units, *, explainer: str, model: str, recipe: Re
             request = Request(model, messages(msgs), max_tokens=recipe.explain_tokens, seed=recipe.seed)
             requests.append(request)
         jobs.append((layer, neuron, exp_id, shown, negatives, request))
+    if jobs:  # finish embeds the explanations: MiniLM loads while the calls are made
+        embed.preload()
 
     def finish(answers: list[Answer]) -> list[tuple]:
-        from .embed import embed
 
         by_key = dict(zip((r.key for r in requests), answers))
         texts, rows_e, rows_x = [], [], []
@@ -159,7 +160,7 @@ def plan_explain(wh, run, site, units, *, explainer: str, model: str, recipe: Re
             rows_x += [(layer, example_row(exp_id, neuron, None, "explain", w)) for w in shown]
             rows_x += [(layer, example_row(exp_id, neuron, None, "non-activating", w)) for w in negatives]
         parsed = [i for i, t in enumerate(texts) if t is not None]
-        for i, vector in zip(parsed, embed([texts[i] for i in parsed])):
+        for i, vector in zip(parsed, embed.embed([texts[i] for i in parsed])):
             rows_e[i][1]["embedding"] = vector
         return [(t, site, layer, data) for t, layer, data in _by_layer(rows_e, "explanations")] + [
             (t, site, layer, data) for t, layer, data in _by_layer(rows_x, "explanation_examples")

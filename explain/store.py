@@ -1,7 +1,10 @@
 """The model-call cache and the atomic commit of explanations and scores into their run.
 
-While `whq explain`/`whq score` runs, every answered call is appended (and fsynced) to a journal,
+While `whq explain`/`whq score` runs, every answered call is appended to a journal,
 journal/<run>.explain-<batch>/calls.jsonl, which no query reads: nothing of the batch is visible.
+Each line reaches the OS at once (a killed process loses no answered call); the file is fsynced at
+most every SYNC_EVERY_S and at the end, so a power cut can cost the last fraction of a second of
+calls, which resume asks again, instead of a disk flush per call.
 At the end one commit, under the warehouse's commit lock, writes the batch's parts into the run's
 folders, rewrites the run's manifest to list them (one atomic rename: the rows appear all at once)
 and rebuilds the catalog; the journal's calls become the batch's model_calls part. A batch
@@ -13,11 +16,13 @@ from it) and perhaps unlisted parts, which `whq gc` removes.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import os
 import shutil
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -32,6 +37,7 @@ from warehouse.parts import to_arrow, write_bytes_atomic, write_part
 from .llm import Answer, Request
 
 PART_PREFIX = "explain-"
+SYNC_EVERY_S = 0.25  # the longest a journal line waits for its fsync (see the module docstring)
 
 
 def check_writable(wh) -> None:
@@ -71,6 +77,8 @@ class CallCache:
                 payload, prompt_tokens=p_tok, completion_tokens=c_tok, latency_s=latency, cached=True
             )
         self.new: list[dict] = []
+        self._journal = None  # calls.jsonl, opened at the first new answer and kept open
+        self._synced = -SYNC_EVERY_S  # when the journal was last fsynced (time.monotonic)
         if self.path.exists():
             for line in self.path.read_text(errors="replace").splitlines():
                 try:
@@ -79,14 +87,18 @@ class CallCache:
                     break  # a torn last line: that call is asked again
                 self._remember(record)
 
-    def _remember(self, record: dict) -> None:
+    def _remember(self, record: dict, answer: Answer | None = None) -> None:
         self.new.append(record)
-        self.answers[record["request_hash"]] = Answer.from_json(
-            record["response"],
-            prompt_tokens=record["prompt_tokens"],
-            completion_tokens=record["completion_tokens"],
-            latency_s=record["latency_s"],
-            cached=True,
+        self.answers[record["request_hash"]] = (
+            Answer.from_json(
+                record["response"],
+                prompt_tokens=record["prompt_tokens"],
+                completion_tokens=record["completion_tokens"],
+                latency_s=record["latency_s"],
+                cached=True,
+            )
+            if answer is None
+            else dataclasses.replace(answer, cached=True)
         )
 
     def get(self, key: str) -> Answer | None:
@@ -106,11 +118,14 @@ class CallCache:
         }
         line = json.dumps(record, ensure_ascii=False) + "\n"
         with self._lock:
-            with open(self.path, "a") as fh:
-                fh.write(line)
-                fh.flush()
-                os.fsync(fh.fileno())
-            self._remember(record)
+            if self._journal is None:
+                self._journal = open(self.path, "a")
+            self._journal.write(line)
+            self._journal.flush()
+            if time.monotonic() - self._synced >= SYNC_EVERY_S:
+                os.fsync(self._journal.fileno())
+                self._synced = time.monotonic()
+            self._remember(record, answer)
 
     def calls_table(self) -> pa.Table | None:
         if not self.new:
@@ -128,6 +143,10 @@ class CallCache:
         return to_arrow("model_calls", columns, None)
 
     def close(self) -> None:
+        if self._journal is not None:
+            os.fsync(self._journal.fileno())
+            self._journal.close()
+            self._journal = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
