@@ -312,7 +312,7 @@ def run_plan(
     from .llm import open_backend
 
     started = time.perf_counter()
-    cache = store.CallCache(wh, run, plan.batch, resume=resume)
+    cache = store.CallCache(wh, run, plan.batch, resume=resume, keys=[r.key for r in plan.requests])
     try:
         needed = [r for r in {r.key: r for r in plan.requests}.values() if cache.get(r.key) is None]
         if backend is None and needed:

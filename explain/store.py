@@ -55,7 +55,9 @@ def journal_dir(wh, run: str, batch: str) -> Path:
 class CallCache:
     """Answers by request hash: the committed model_calls of every run, then this batch's journal."""
 
-    def __init__(self, wh, run: str, batch: str, *, resume: bool):
+    def __init__(self, wh, run: str, batch: str, *, resume: bool, keys: list[str]):
+        """`keys`: the request hashes the command will ask for; only their committed answers are read
+        (model_calls holds every run's calls, and grows with each command)."""
         check_writable(wh)
         self.folder = journal_dir(wh, run, batch)
         self.path = self.folder / "calls.jsonl"
@@ -71,7 +73,9 @@ class CallCache:
         self._lock = threading.Lock()
         self.answers: dict[str, Answer] = {}
         for key, payload, p_tok, c_tok, latency in wh.sql(
-            "SELECT request_hash, response, prompt_tokens, completion_tokens, latency_s FROM model_calls"
+            "SELECT request_hash, response, prompt_tokens, completion_tokens, latency_s FROM model_calls "
+            "WHERE request_hash IN (SELECT unnest(?::VARCHAR[]))",
+            [sorted(set(keys))],
         ).fetchall():
             self.answers[key] = Answer.from_json(
                 payload, prompt_tokens=p_tok, completion_tokens=c_tok, latency_s=latency, cached=True
