@@ -177,6 +177,7 @@ COMMENT ON MACRO TABLE whq_similar_units IS 'similar_units with an of_unit colum
 CREATE OR REPLACE MACRO similar_units(run, site, layer, unit, k := 10) AS TABLE
 SELECT s.kind, s.rank, s.neuron, s.similarity, s.n_shared
 FROM whq_similar_units(run, site, layer, unit, k) s
+WHERE s.of_unit = unit  -- one unit: a NULL unit answers no rows, as before the layer-wide form existed
 ORDER BY s.kind DESC, s.rank;
 COMMENT ON MACRO TABLE similar_units IS 'The k units most like one unit of the same layer, two ways: kind decoder = cosine of their output directions (rows of the down projection, W_down[:, n]; stored at ingest by reduction similar for MLP unit sites), kind coactivation = Jaccard index of the sets of tokens where each is stored in token_neurons above the site threshold (n_shared: tokens in both). The co-activations are read from unit_coactivations (each unit''s top 32, precomputed at commit); for k above what it kept, or a run or layer without it, they are computed from token_neurons (the same figures, slower). Example: SELECT * FROM similar_units(''demo'', ''mlp.act'', 3, 42)';
 
@@ -248,5 +249,6 @@ COMMENT ON MACRO TABLE whq_quantile_examples IS 'quantile_examples with a neuron
 CREATE OR REPLACE MACRO quantile_examples(run, site, layer, unit, before := 50, after := 20) AS TABLE
 SELECT q.quantile, q.lo, q.hi, q.share_lo, q.share_hi, q.rank, q.doc_id, q.pos, q.value, q.context, q.tokens
 FROM whq_quantile_examples(run, site, layer, unit, before, after) q
+WHERE q.neuron = unit  -- one unit: a NULL unit answers no rows, as before the layer-wide form existed
 ORDER BY q.quantile, q.rank;
 COMMENT ON MACRO TABLE quantile_examples IS 'Examples across one unit''s whole activation range (examples=N,hist,quantiles=Q): per quantile bin (0 = lowest firing values) up to N firing tokens sampled uniformly from the bin, with the same context and tokens columns as top_contexts. Bins are whole histogram bins (quarter octaves), so they are not exact Q-quantiles: each row says exactly which values (lo <= value < hi) and which shares of the firing tokens (share_lo .. share_hi; the true bin would be q/Q .. (q+1)/Q) its bin covers; a histogram bin holding more than 1/Q of the firings makes a wider bin and leaves some bin numbers unused. The uniform sample comes from a pool of the 2QN smallest sample keys, so a bin with few pooled firings can hold fewer than N. Example: SELECT quantile, share_lo, share_hi, value, context FROM quantile_examples(''demo'', ''mlp.act'', 3, 42)';

@@ -672,6 +672,38 @@ def test_quantile_examples_are_the_smallest_sample_keys_of_each_bin(unit_wh, den
             assert r["lo"] <= r["value"] < r["hi"] and "«" in r["context"] and len(r["tokens"]) <= 5
 
 
+def test_layer_wide_forms_equal_the_one_unit_macros(unit_wh):
+    """whq_quantile_bins, whq_quantile_examples and whq_similar_units with a NULL unit (the static
+    export's one statement a layer) answer, unit by unit, what the one-unit macros answer."""
+    units = [
+        r["neuron"]
+        for r in rows(
+            unit_wh,
+            "SELECT neuron FROM neuron_stats WHERE run_id = 'u' AND site = 'mlp.act' AND layer = 1 AND n_fired > 0 ORDER BY neuron",
+        )
+    ]
+    assert len(units) > 10
+    layer_bins = rows(unit_wh, "SELECT * FROM whq_quantile_bins('u', 'mlp.act', 1, NULL)")
+    layer_examples = rows(unit_wh, "SELECT * FROM whq_quantile_examples('u', 'mlp.act', 1, NULL, 3, 1)")
+    layer_similar = rows(unit_wh, "SELECT * FROM whq_similar_units('u', 'mlp.act', 1, NULL, 10)")
+    for unit in units:
+        bins = rows(unit_wh, f"SELECT * FROM whq_quantile_bins('u', 'mlp.act', 1, {unit})")
+        assert [r for r in layer_bins if r["neuron"] == unit] == bins
+        one = rows(unit_wh, f"SELECT * FROM quantile_examples('u', 'mlp.act', 1, {unit}, before := 3, after := 1)")
+        assert [{k: v for k, v in r.items() if k != "neuron"} for r in layer_examples if r["neuron"] == unit] == one
+        similar = rows(unit_wh, f"SELECT * FROM similar_units('u', 'mlp.act', 1, {unit})")
+        assert [
+            {k: v for k, v in r.items() if k != "of_unit"} for r in layer_similar if r["of_unit"] == unit
+        ] == similar
+    assert {r["neuron"] for r in layer_examples} <= set(units) and layer_examples and layer_similar
+    # k above the 32 co-activations kept at commit: both forms compute them from token_neurons
+    live = rows(unit_wh, "SELECT * FROM whq_similar_units('u', 'mlp.act', 1, NULL, 50)")
+    for unit in units[:5]:
+        similar = rows(unit_wh, f"SELECT * FROM similar_units('u', 'mlp.act', 1, {unit}, k := 50)")
+        assert any(r["kind"] == "coactivation" for r in similar)
+        assert [{k: v for k, v in r.items() if k != "of_unit"} for r in live if r["of_unit"] == unit] == similar
+
+
 def test_example_windows_hold_the_units_own_values(unit_wh, dense):
     tokens = rows(unit_wh, 'SELECT doc, pos, "window" FROM tokens ORDER BY doc, pos')
     index = {(t["doc"], t["pos"]): (i, t["window"]) for i, t in enumerate(tokens)}
