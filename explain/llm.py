@@ -115,6 +115,8 @@ class Answer:
 class OpenAIBackend:
     """Chat completions on any OpenAI-compatible server; forced answers through its completions endpoint."""
 
+    max_in_flight = None  # the server decides how many it answers at once
+
     def __init__(self, base_url: str, model: str, api_key: str | None, timeout: float):
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.completions_url = base_url.rstrip("/") + "/completions"
@@ -309,6 +311,10 @@ def _count(value) -> int:
 class HFBackend:
     """A local causal LM in this process: greedy decoding, log-probabilities from the logits."""
 
+    # One forward at a time: more calls in flight only make threads contend for the cores (measured:
+    # simulation on the tiny model took 1.6x the time with 4 in flight).
+    max_in_flight = 1
+
     def __init__(self, spec: str, device: str = "cpu"):
         import torch
         from transformers.utils import logging
@@ -469,7 +475,9 @@ class Caller:
         on_call: Callable[[Counters], None] | None = None,
     ):
         self.backend, self.cache = backend, cache
-        self.concurrency, self.retries, self.backoff_s = max(1, concurrency), retries, backoff_s
+        limit = getattr(backend, "max_in_flight", None)
+        self.concurrency = max(1, concurrency if limit is None else min(concurrency, limit))
+        self.retries, self.backoff_s = retries, backoff_s
         self.max_calls = max_calls
         self.counters = Counters()
         self.on_call = on_call or (lambda counters: None)

@@ -311,3 +311,25 @@ def test_llm_specs_and_the_name_stored():
     for bad in ("openai:qwen", "openai:ftp://x:m", "gpt-4", "hf:"):
         with pytest.raises(BadInput):
             parse_llm(bad)
+
+
+def test_a_backend_that_runs_one_call_at_a_time_gets_one_in_flight():
+    """An in-process model (HFBackend.max_in_flight = 1) is sent one call at a time whatever --concurrency says."""
+    in_flight, most, lock = [0], [0], threading.Lock()
+
+    class OneAtATime:
+        max_in_flight = 1
+
+        def send(self, request):
+            with lock:
+                in_flight[0] += 1
+                most[0] = max(most[0], in_flight[0])
+            time.sleep(0.01)
+            with lock:
+                in_flight[0] -= 1
+            return llm.Answer(request.messages[0][1])
+
+    caller = Caller(OneAtATime(), DictCache(), concurrency=4)
+    answers = caller.map([_request(str(i)) for i in range(12)])
+    assert [a.text for a in answers] == [str(i) for i in range(12)] and most[0] == 1
+    assert llm.HFBackend.max_in_flight == 1 and OpenAIBackend.max_in_flight is None
