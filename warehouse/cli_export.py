@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .cli_options import WarehouseArg
+from .cli_options import RunOption, WarehouseArg
 from .output import output_folder
 
 export_app = typer.Typer(
@@ -32,7 +32,7 @@ def _layers(values: list[str] | None) -> list[int] | None:
 @export_app.command()
 def features(
     root: WarehouseArg,
-    run: str = typer.Option(..., "--run", help="Run id."),
+    run: RunOption,
     site: str = typer.Option(..., "--site", help="Site captured with examples=N or threshold=T (e.g. mlp.act)."),
     out: Path = typer.Option(..., "--out", help="Output folder (features/, feature_metadata.json, packed/)."),
     layers: LayersOption = None,
@@ -60,7 +60,7 @@ def features(
 @export_app.command()
 def site(
     root: WarehouseArg,
-    run: str = typer.Option(..., "--run", help="Run id."),
+    run: RunOption,
     site_name: str = typer.Option(..., "--site", help="Site (e.g. mlp.act)."),
     out: Path = typer.Option(..., "--out", help="Output folder (index.html, layer-L.html, L/U.html, vega.js)."),
     layers: LayersOption = None,
@@ -82,7 +82,7 @@ def site(
 @export_app.command()
 def neuronpedia(
     root: WarehouseArg,
-    run: str = typer.Option(..., "--run", help="Run id."),
+    run: RunOption,
     site_name: str = typer.Option(..., "--site", help="Site (e.g. mlp.act)."),
     out: Path = typer.Option(..., "--out", help="Output folder: OUT/<model>/<layer>-<set>/ per layer."),
     layers: LayersOption = None,

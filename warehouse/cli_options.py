@@ -48,6 +48,7 @@ FormatOption = Annotated[OutputFormat, typer.Option("--format", help="How to pri
 SqlEngineOption = Annotated[SqlEngine, typer.Option("--engine", help="duckdb, or spark to run the same SQL on Spark.")]
 FrameEngineOption = Annotated[FrameEngine, typer.Option("--engine", help="sql (DuckDB) or polars.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")]
+RunOption = Annotated[str, typer.Option("--run", help="Run id.")]
 
 
 def field_docs(cls) -> dict[str, str]:
