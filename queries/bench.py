@@ -187,6 +187,8 @@ def build(root: str | Path, shape: Shape, seed: int = 0, echo=None) -> float | N
                 f"--rows {shape.rows:,} would write about {needed / 2**30:,.1f} GiB of token_neurons, and {disk} has "
                 f"{free / 2**30:,.1f} GiB free: lower --rows"
             )
+    if echo:  # after the disk check, so a refusal is the command's only line
+        echo(f"building {shape.run_id} in {root} (reused if present)")
     wh = warehouse.open_or_init(root)
     if shape.run_id in wh.run_ids():
         return None
@@ -395,7 +397,6 @@ def bench_query(
         raise BadInput("--repeats must be at least 1")
     shape = Shape(rows=rows, layers=layers, width=width, k=k, shard_tokens=shard_tokens)
     say = echo or (lambda _: None)
-    say(f"building {shape.run_id} in {root} (reused if present)")
     build_s = build(root, shape, seed, echo=say)
     wh = warehouse.open(root)
     parts = [p for p in wh.manifest(shape.run_id)["parts"] if p["table"] == "token_neurons"]

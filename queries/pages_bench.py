@@ -59,9 +59,7 @@ def bench_serve(
     if repeats < 1:
         raise BadInput("--repeats must be at least 1")
     shape = bench.Shape(rows=rows, layers=layers, width=width, k=k)
-    say = echo or (lambda _: None)
-    say(f"building {shape.run_id} in {root} (reused if present)")
-    bench.build(root, shape, echo=say)
+    bench.build(root, shape, echo=echo)
     wh = warehouse.open(root)
     reader = _TimedReader(wh)
     links = pages.Links()

@@ -954,6 +954,21 @@ CASES += [
         "cannot read layers '1-x': write a range or a list, e.g. --layers 0-13 or --layers 0,2,5",
     ),
     Case(
+        "export layers: a range too long to list",
+        ("export", "site", "{wh}", "--run", "r", "--site", "mlp.act", "--out", "{new}", "--layers", "0-99999999999"),
+        "layer 99999999999 in '0-99999999999' is beyond any model: give the site's own layers",
+    ),
+    Case(
+        "export layers: empty",
+        ("export", "site", "{wh}", "--run", "r", "--site", "mlp.act", "--out", "{new}", "--layers", " "),
+        "--layers is empty: write a range or a list, e.g. --layers 0-13 or --layers 0,2,5",
+    ),
+    Case(
+        "export layers: digits of another script",
+        ("export", "site", "{wh}", "--run", "r", "--site", "mlp.act", "--out", "{new}", "--layers", "\u0663"),
+        "cannot read layers '\u0663': write a range or a list, e.g. --layers 0-13 or --layers 0,2,5",
+    ),
+    Case(
         "import explanations: no such file",
         (*_IMPORT, "np_nothing.jsonl.gz", *_RUN_SITE),
         "np_nothing.jsonl.gz does not exist: give a Neuronpedia explanations file (.jsonl.gz) or its folder",

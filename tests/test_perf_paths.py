@@ -326,8 +326,10 @@ def test_bench_query_refuses_rows_beyond_the_free_disk_before_creating_anything(
     from warehouse.errors import BadInput
 
     too_many = shutil.disk_usage(tmp_path).free // BYTES_PER_ROW + 1
+    said: list[str] = []
     with pytest.raises(
         BadInput, match=r"^--rows [\d,]+ would write about [\d,.]+ GiB of token_neurons, .* lower --rows$"
     ):
-        build(tmp_path / "wh", BenchShape(rows=too_many))
+        build(tmp_path / "wh", BenchShape(rows=too_many), echo=said.append)
     assert not (tmp_path / "wh").exists()
+    assert said == []  # the refusal is the command's only line
