@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from warehouse.errors import BadSpec
 from warehouse.names import check_name
+from warehouse.ranges import LAYER_CEILING
 
 REDUCTIONS = {
     # name: (argument type, default, "the table it fills: what it keeps"); the text is the documentation.
@@ -364,14 +365,13 @@ def _layer_selector(text: str, site: str) -> tuple[str, tuple | str | None]:
         return site, "*"
     layers: list[int] = []
     for item in body.split(","):
-        if re.fullmatch(r"\d+", item):
-            layers.append(int(item))
-        elif m := re.fullmatch(r"(\d+)-(\d+)", item):
-            if int(m.group(1)) > int(m.group(2)):
-                raise BadSpec(
-                    f"--site {text!r}: layer range [{item}] runs backwards: write [{m.group(2)}-{m.group(1)}]"
-                )
-            layers.extend(range(int(m.group(1)), int(m.group(2)) + 1))
+        if m := re.fullmatch(r"([0-9]+)(?:-([0-9]+))?", item):  # ASCII digits: \d takes every script's
+            low, high = int(m.group(1)), int(m.group(2) or m.group(1))
+            if low > high:
+                raise BadSpec(f"--site {text!r}: layer range [{item}] runs backwards: write [{high}-{low}]")
+            if high >= LAYER_CEILING:
+                raise BadSpec(f"--site {text!r}: layer {high} is beyond any model: give the model's own layers")
+            layers.extend(range(low, high + 1))
         else:
             raise BadSpec(f"--site {text!r}: [{body}] is not a layer selector: write [6], [0,2,4], [0-3] or [*]")
     return site, tuple(sorted(set(layers)))

@@ -33,10 +33,6 @@ from .frames import scan
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
-# Far beyond any model's depth, and small enough that a range up to it is a cheap list.
-_LAYER_CEILING = 10_000
-
-
 def parse_layers(text: str | None) -> list[int] | None:
     """'0-13', '0,2,5' or '0-3,8' -> a sorted list of layers (None: all)."""
     if text is None:
@@ -53,7 +49,7 @@ def parse_layers(text: str | None) -> list[int] | None:
         low, high = int(match[1]), int(match[2] or match[1])
         if high < low:
             raise BadInput(f"layer range {piece.strip()!r} runs backwards: write it low-high, e.g. 0-13")
-        if high >= _LAYER_CEILING:
+        if high >= ranges.LAYER_CEILING:
             raise BadInput(f"layer {high} in {piece.strip()!r} is beyond any model: give the site's own layers")
         layers.update(range(low, high + 1))
     return sorted(layers)

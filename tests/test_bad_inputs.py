@@ -949,6 +949,11 @@ CASES += [
         "{wh}/runs is inside the warehouse {wh}, not a warehouse itself: give {wh}",
     ),
     Case(
+        "site layers beyond any model",
+        ("ingest", "{new}", *MODEL, "--data", "docs.jsonl", "--site", "resid.out[0-99999999999]:last"),
+        "--site 'resid.out[0-99999999999]:last': layer 99999999999 is beyond any model: give the model's own layers",
+    ),
+    Case(
         "export layers that are not a range or list",
         ("export", "site", "{wh}", "--run", "r", "--site", "mlp.act", "--out", "{new}", "--layers", "1-x"),
         "cannot read layers '1-x': write a range or a list, e.g. --layers 0-13 or --layers 0,2,5",

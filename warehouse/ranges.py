@@ -10,6 +10,10 @@ import math
 
 from .errors import BadInput
 
+# Far beyond any model's depth, and small enough that a range up to it is a cheap list: every
+# layer selector (`--layers 0-13`, `--site resid.out[0-3]`) refuses layers from here on.
+LAYER_CEILING = 10_000
+
 
 def at_least(option: str, value: float, minimum: float) -> None:
     if not value >= minimum:
