@@ -155,14 +155,10 @@ doc_tokens AS (
     JOIN (SELECT DISTINCT p.doc FROM picked p) pd ON pd.doc = t.doc
     WHERE t.run_id = run
 ),
--- The window is cut to its document's tokens before it is listed, so a huge before/after costs no more
--- than the whole document.
-doc_spans AS (SELECT t.doc, min(t.pos) AS first_pos, max(t.pos) AS last_pos FROM doc_tokens t GROUP BY t.doc),
 spread AS (
     SELECT p.neuron, p.rank, p.doc, p.pos AS at_pos, p.value AS at_value, p.windows,
-           unnest(generate_series(greatest(p.pos - before, d.first_pos), least(p.pos + after, d.last_pos))) AS wpos
+           unnest(generate_series(p.pos - before, p.pos + after)) AS wpos
     FROM picked p
-    JOIN doc_spans d ON d.doc = p.doc
 ),
 -- Each window token's value: the example's own at its token, else the one captured with it; only the
 -- tokens neither holds (outside the captured window, or runs without window values) look in token_neurons.

@@ -373,16 +373,6 @@ def test_top_contexts_match_python(case, raw_runs, k, before, after):
     assert got == _strip(expected)  # exact: ids, positions, float32 values, strings
 
 
-def test_a_window_beyond_every_document_is_the_whole_document(case, raw_runs):
-    """before/after of a billion costs what the whole document costs (the window was once listed in full)."""
-    wh, run, site = case
-    longest = max(pos for _, pos in raw_runs[run].tokens) + 1
-    expected = raw_runs[run].examples_of(site, 1, "top", 5, longest, longest, neuron=17)
-    huge = 10**9
-    got = macro(wh, f"SELECT * FROM top_contexts('{run}', '{site}', 1, 17, k := 5, before := {huge}, after := {huge})")
-    assert got == _strip(expected)
-
-
 def test_every_unit_of_a_layer_matches_python(case, raw_runs):
     """All units at once (what the export reads): covers firing [CLS]/[SEP] tokens and non-ASCII text."""
     wh, run, site = case
