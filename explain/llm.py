@@ -52,6 +52,11 @@ class Retryable(Exception):
     """A failure worth another try: a 429, a 5xx, a timeout, a body that is not the expected JSON."""
 
 
+def canonical_json(body) -> str:
+    """A request's text, the one its key hashes."""
+    return json.dumps(body, sort_keys=True, ensure_ascii=False)
+
+
 @dataclasses.dataclass(frozen=True)
 class Request:
     model: str
@@ -71,7 +76,7 @@ class Request:
     def _canonical(self) -> str:
         body = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         body["messages"] = [{"role": r, "content": c} for r, c in self.messages]
-        return json.dumps(body, sort_keys=True, ensure_ascii=False)
+        return canonical_json(body)
 
     def canonical(self) -> str:
         return self._canonical
@@ -107,7 +112,10 @@ class Answer:
 
     @classmethod
     def from_json(cls, payload: str, **counts) -> Answer:
-        body = json.loads(payload)
+        return cls.from_body(json.loads(payload), **counts)
+
+    @classmethod
+    def from_body(cls, body: dict, **counts) -> Answer:
         return cls(text=body["text"], tokens=body.get("tokens"), marks=body.get("marks"), **counts)
 
 
@@ -392,27 +400,27 @@ class HFBackend:
         text = self.tokenizer.decode(generated, skip_special_tokens=True)
         return Answer(text, tokens if request.logprobs else None, None, len(ids), len(generated))
 
+    @functools.cached_property
+    def _answer_ids(self) -> list[list[int]]:
+        """The token ids of each answer 0..10."""
+        return [self.tokenizer(str(v), add_special_tokens=False)["input_ids"] for v in range(11)]
+
     def _forced(self, ids: list[int], request: Request) -> Answer:
         """The forced answer after the prompt; at each marker, the log-probability of each answer
-        0..10 as the next token(s) (multi-token answers: the sum over their tokens)."""
+        0..10 as the next token (an answer the tokenizer splits into several tokens is left out)."""
         torch = self.torch
         pieces = request.forced.split(request.marker)
-        choices = [self.tokenizer(str(v), add_special_tokens=False)["input_ids"] for v in range(11)]
         full, marks = list(ids), []
-        for i, piece in enumerate(pieces):
-            full += self.tokenizer(piece, add_special_tokens=False)["input_ids"] if piece else []
+        # One tokenizer call for every piece: a call per piece cost more than the forward itself.
+        for i, piece_ids in enumerate(self.tokenizer(pieces, add_special_tokens=False)["input_ids"]):
+            full += piece_ids
             if i < len(pieces) - 1:
                 marks.append(len(full))
-                full += choices[0]  # a placeholder continuation; only the logits before it are read
-        logits = self.model(input_ids=torch.tensor([full], device=self.device)).logits[0].float()
-        logprobs = torch.log_softmax(logits, dim=-1)
-        out = []
-        for at in marks:
-            dist = {}
-            for value, toks in enumerate(choices):
-                if len(toks) == 1:
-                    dist[str(value)] = float(logprobs[at - 1, toks[0]])
-            out.append(dist)
+                full += self._answer_ids[0]  # a placeholder continuation; only the logits before it are read
+        logits = self.model(input_ids=torch.tensor([full], device=self.device)).logits[0]
+        logprobs = torch.log_softmax(logits[[at - 1 for at in marks]].float(), dim=-1)
+        single = {str(value): toks[0] for value, toks in enumerate(self._answer_ids) if len(toks) == 1}
+        out = [dict(zip(single, row)) for row in logprobs[:, list(single.values())].tolist()]
         return Answer("", None, out, len(full), 0)
 
 

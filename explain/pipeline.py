@@ -171,6 +171,22 @@ def plan_explain(wh, run, site, units, *, explainer: str, model: str, recipe: Re
 
 
 # -- score --------------------------------------------------------------------------------
+def _no_explanations(wh, run, site, layers, explainer) -> str:
+    """Why there is nothing to score: no explanation at all, or only answers out of form."""
+    ((written,),) = wh.sql(
+        "SELECT count(*) FROM explanations WHERE run_id = $run AND site = $site AND list_contains($layers, layer) "
+        "AND ($explainer IS NULL OR explainer = $explainer)",
+        {"run": run, "site": site, "layers": layers, "explainer": explainer},
+    ).fetchall()
+    which = f"site {site!r} of run {run!r} at layers {layers}" + (f" by explainer {explainer!r}" if explainer else "")
+    if written:
+        return (
+            f"none of the {written} explanations of {which} parsed (the model's answers were out of form): "
+            f"explain again with a stronger --llm, or with --explainer top-tokens, which needs no model"
+        )
+    return f"no explanations of {which}: run `whq explain` first"
+
+
 def _explanations(wh, run, site, layers, explainer):
     return wh.sql(
         "SELECT layer, neuron, explanation_id, text, settings, explainer FROM explanations "
@@ -206,9 +222,7 @@ def plan_score(wh, run, site, layers, *, scorers: list[str], model: str, recipe:
     wh.sql("SET enable_progress_bar = false")  # the command draws its own progress
     found = _explanations(wh, run, site, layers, explainer)
     if not found:
-        raise BadInput(
-            f"no parsed explanations for site {site!r} of run {run!r} at layers {layers}: run `whq explain` first"
-        )
+        raise BadInput(_no_explanations(wh, run, site, layers, explainer))
     shown = _shown_keys(wh, run, site)
     stored = {
         layer: ex.stored_examples(wh, run, site, layer, [r[1] for r in found if r[0] == layer])

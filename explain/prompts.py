@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import random
 import re
 from collections import Counter
+
+import numpy as np
 
 from .examples import Window
 from .vendor import (
@@ -305,12 +308,28 @@ def simulation_request(explanation: str, ex: Window) -> tuple[list[dict], str]:
     return [{"role": "system", "content": SIMULATION_SYSTEM}, {"role": "user", "content": user}], forced
 
 
-_ANSWERS = {str(v): v for v in range(11)}
+_ANSWERS = [str(v) for v in range(11)]
 
 
-def expected_value(distribution: dict[str, float]) -> float:
-    """OpenAI's expected value over the answers 0..10 present (tokens spelled exactly "0" to "10", as its
-    VALID_ACTIVATION_TOKENS), probabilities renormalised over them."""
-    items = [(_ANSWERS[k], math.exp(v)) for k, v in distribution.items() if k in _ANSWERS]
-    total = sum(p for _, p in items)
-    return sum(v * p for v, p in items) / total if total > 0 else 0.0
+_ALL_ANSWERS = operator.itemgetter(*_ANSWERS)
+
+
+def _answer_logprobs(distribution: dict[str, float]) -> tuple[float, ...] | list[float]:
+    """The log-probabilities of the answers 0..10 (-inf for one absent)."""
+    try:
+        return _ALL_ANSWERS(distribution)  # a local model's answer has each of them
+    except KeyError:
+        return [distribution.get(k, -np.inf) for k in _ANSWERS]
+
+
+def expected_values(marks: list[dict[str, float]]) -> list[float]:
+    """OpenAI's expected value at each marker over the answers 0..10 present (tokens spelled exactly "0"
+    to "10", as its VALID_ACTIVATION_TOKENS), probabilities renormalised over them; 0 where none is."""
+    if not marks:
+        return []
+    # one array for every marker of the answer: a simulation answer has ~35 markers of 11 answers each
+    logprobs = np.array([_answer_logprobs(d) for d in marks], dtype=np.float64)
+    probabilities = np.exp(logprobs)
+    total = probabilities.sum(axis=1)
+    weighted = probabilities @ np.arange(11, dtype=np.float64)
+    return np.where(total > 0, weighted / np.where(total > 0, total, 1.0), 0.0).tolist()

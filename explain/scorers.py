@@ -178,7 +178,7 @@ class Scoring:
                         )
                     )
                     continue
-                predicted = [prompts.expected_value(d) for d in marks]
+                predicted = prompts.expected_values(marks)
                 true = list(w.values) if w.activating else [0.0] * len(w.tokens)
                 at = next((i for i, t in enumerate(true) if t == max(true)), 0)
                 rows.append(

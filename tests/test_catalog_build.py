@@ -76,3 +76,48 @@ def test_the_shared_base_builds_the_same_catalog_and_only_from_a_private_folder(
         wh.refresh(force=True)
     assert not list(folder.iterdir())
     assert _catalog_dump(root / "whq.duckdb") == shared and len(shared[1]) > 10
+
+
+def test_a_commit_replaces_only_its_views_and_builds_the_catalog_a_whole_build_would(minilm_wh, tmp_path, monkeypatch):
+    from explain import examples as ex
+    from explain.pipeline import Recipe, plan_explain, run_plan
+    from warehouse import catalog
+    from warehouse.locks import locked
+
+    root = tmp_path / "wh"
+    shutil.copytree(minilm_wh, root)
+    replaced = []
+    real = catalog._replace_view
+    monkeypatch.setattr(
+        catalog,
+        "_replace_view",
+        lambda con, layout, tmp, table, *a: (replaced.append(table.name), real(con, layout, tmp, table, *a)),
+    )
+    wh = warehouse.open(root)  # the copy's catalog is rebuilt for its new root
+    replaced.clear()
+    chosen = ex.select_units(wh, "r", "mlp.act", [3], None, 2)
+    plan = plan_explain(
+        wh,
+        "r",
+        "mlp.act",
+        chosen,
+        explainer="top-tokens",
+        model="top-tokens",
+        recipe=Recipe(n_explain=3, n_test=2, n_non_activating=2),
+    )
+    run_plan(wh, "r", plan, llm="top-tokens")
+    assert sorted(replaced) == ["explanation_examples", "explanations"]
+    incremental = _catalog_dump(root / "whq.duckdb")
+    assert wh.sql("SELECT count(*) FROM explanations").fetchall() == [(2,)]
+    wh.close()
+    replaced.clear()
+    with warehouse.open(root) as again:
+        again.refresh(force=True)
+    assert sorted(replaced) == sorted(schema.tables())
+    assert _catalog_dump(root / "whq.duckdb") == incremental
+    # a catalog that is no longer the one the commit started from (another commit came between) is built whole
+    replaced.clear()
+    layout = warehouse.open(root).layout
+    with locked(layout.commit_lock):
+        catalog.build(layout, changed=("0" * 16, {"scores"}))
+    assert sorted(replaced) == sorted(schema.tables()) and _catalog_dump(root / "whq.duckdb") == incremental

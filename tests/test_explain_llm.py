@@ -269,7 +269,9 @@ def test_a_simulation_answer_with_impossible_numbers_is_asked_again(spoil):
 def test_the_expected_value_counts_only_the_answers_spelled_0_to_10():
     """OpenAI's VALID_ACTIVATION_TOKENS: other digits ('\u00b2', '\u0663', '07', 5000 nines) are other tokens."""
     others = {"\u00b2": 0.0, "\u0663": 0.0, "07": 0.0, "9" * 5000: 0.0, " 1": 0.0}
-    assert prompts.expected_value({"2": math.log(0.25), "6": math.log(0.75), **others}) == pytest.approx(5.0)
+    spelled = {"2": math.log(0.25), "6": math.log(0.75), **others}
+    assert prompts.expected_values([spelled, others, {}, {"10": -800.0}]) == pytest.approx([5.0, 0.0, 0.0, 0.0])
+    assert prompts.expected_values([{"3": -1.0, "4": -1.0}]) == pytest.approx([3.5])
 
 
 @pytest.mark.parametrize(

@@ -312,6 +312,23 @@ def test_bad_arguments_are_one_line(scored, args, message):
     assert code == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err
 
 
+def test_score_says_whether_explanations_are_missing_or_all_out_of_form(minilm_wh, tmp_path):
+    root = tmp_path / "wh"
+    shutil.copytree(minilm_wh, root)
+    score = ["score", root, "--run", RUN, "--site", SITE, "--layers", str(LAYER), "--scorer", "embedding"]
+    code, _, err = run_whq(*score)
+    assert code == 2 and "no explanations of site 'mlp.act'" in err and "run `whq explain` first" in err, err
+    with ScriptedServer(lambda body, n: (200, {"choices": [{"message": {"content": "I will not"}}]}, 0.0)) as server:
+        code, _, err = run_whq(
+            "explain", root, "--run", RUN, "--site", SITE, "--layers", str(LAYER), "--limit", "2",
+            "--llm", f"openai:{server.url}:judge", "-q",
+        )  # fmt: skip
+        assert code == 0, err
+    code, _, err = run_whq(*score)
+    assert code == 2 and "none of the 2 explanations of site 'mlp.act'" in err and "out of form" in err, err
+    assert err.count("\n") == 1
+
+
 def _window(doc, pos, source="top"):
     return ex.Window(doc, pos, ["a"], [1.0], source, True)
 

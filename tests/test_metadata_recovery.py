@@ -323,3 +323,40 @@ def test_an_open_duckdb_shell_does_not_block_a_python_session(tmp_path):
     finally:
         shell.stdin.close()
         shell.wait(timeout=60)
+
+
+def test_the_explain_call_journal_reads_back_the_same_calls_and_stops_at_a_torn_line(tmp_path):
+    from explain.llm import Answer, Request
+    from explain.store import CallCache
+
+    wh = warehouse.open(golden_copy(tmp_path))
+    # a document's text may hold U+2028 and quotes; a forced answer holds floats of every size
+    request = Request("m", (("user", 'say "1"\u2028then\n2 \u00e9'),), forced="a\u2028b", marker="<x>")
+    answer = Answer(
+        '1\u2028"2"', [["1", -0.5, [["1", -0.5]]]], [{"0": -1e-300, "1": -float("inf"), "2": -0.1}], 7, 1, 0.25
+    )
+    other = Request("m", (("user", "another"),))
+    cache = CallCache(wh, "x", "b", resume=False, keys=[request.key, other.key])
+    cache.put(request.key, request, answer)
+    cache.put(other.key, other, Answer("0"))
+    written = cache.calls_table()
+    cache.close()
+    journal = cache.path.read_bytes()
+    assert journal.count(b"\n") == 2
+    cache.path.write_bytes(journal[:-9])  # the second line torn, as a kill mid-write leaves it
+    resumed = CallCache(wh, "x", "b", resume=True, keys=[request.key, other.key])
+    try:
+        assert resumed.get(other.key) is None  # asked again
+        again = resumed.get(request.key)
+        assert (again.text, again.tokens, again.marks, again.prompt_tokens, again.latency_s) == (
+            answer.text,
+            answer.tokens,
+            answer.marks,
+            7,
+            0.25,
+        )
+        read = resumed.calls_table()
+        assert read.num_rows == 1 and read.to_pylist()[0] == written.to_pylist()[0]
+        assert json.loads(read["request"][0].as_py())["messages"][0]["content"] == request.messages[0][1]
+    finally:
+        resumed.close()

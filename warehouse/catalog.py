@@ -104,8 +104,13 @@ def fingerprint(layout: Layout) -> str:
     return digest.hexdigest()[:16]
 
 
-def build(layout: Layout, skip: set[str] | None = None) -> None:
-    """(Re)generate whq.duckdb, leaving out quarantined runs. Call with the commit lock held."""
+def build(layout: Layout, skip: set[str] | None = None, *, changed: tuple[str, set[str]] | None = None) -> None:
+    """(Re)generate whq.duckdb, leaving out quarantined runs. Call with the commit lock held.
+
+    `changed` = (fingerprint, tables): a commit that changed only the parts of `tables`, made
+    while the catalog was current with `fingerprint`. The catalog is then copied and only those
+    views replaced (each view costs a few milliseconds to bind and comment); a catalog with
+    another fingerprint is built whole."""
     skip = metadata.quarantine(layout) if skip is None else skip
     files: dict[str, list[str]] = {t: [] for t in schema.tables()}
     for manifest in committed_manifests(layout):
@@ -120,7 +125,7 @@ def build(layout: Layout, skip: set[str] | None = None) -> None:
         stale.unlink(missing_ok=True)
     tmp = layout.catalog.with_name(f".{layout.catalog.name}.{os.getpid()}.tmp")
     try:
-        _write(layout, tmp, files)
+        _write(layout, tmp, files, changed)
         fault("catalog.built")
         os.replace(tmp, layout.catalog)
     except (duckdb.Error, OSError) as err:
@@ -149,24 +154,20 @@ class _OlderParts(Exception):
         self.table = table
 
 
-def _write(layout: Layout, tmp: Path, files: dict[str, list[str]]) -> None:
+def _write(layout: Layout, tmp: Path, files: dict[str, list[str]], changed: tuple[str, set[str]] | None) -> None:
     """The catalog's views, info view and macros, written into the new file `tmp` in one transaction
     (one commit, where each statement on its own would write and sync the file)."""
-    base = _base()
-    if base is not None:
-        shutil.copyfile(base, tmp)
     con = duckdb.connect()
     layout.prepare(con)
     try:
-        con.execute(f"ATTACH {quote(str(tmp))} AS whq_catalog (STORAGE_VERSION '{STORAGE_VERSION}')")
-        con.execute("USE whq_catalog")
+        bind_macros, only = _start(con, layout, tmp, changed)
         absent: dict[str, frozenset[str]] = {}
         while True:
             con.execute("BEGIN TRANSACTION")
             try:
-                if base is None:
+                if bind_macros:
                     _bind_macros(con)
-                _create(con, layout, tmp, files, absent)
+                _create(con, layout, tmp, files, absent, only)
                 break
             except _OlderParts as older:  # a failed statement ends the transaction: begin again, knowing more
                 con.execute("ROLLBACK")
@@ -177,6 +178,33 @@ def _write(layout: Layout, tmp: Path, files: dict[str, list[str]]) -> None:
         con.execute("DETACH whq_catalog")
     finally:
         con.close()
+
+
+def _start(con, layout: Layout, tmp: Path, changed: tuple[str, set[str]] | None) -> tuple[bool, set[str] | None]:
+    """Attach `tmp` as whq_catalog, a copy of what the build starts from, and say (whether the macros
+    must be bound, the tables whose views must be replaced, None for all): the current catalog when
+    it still has the fingerprint of `changed`, else the base catalog, else an empty file."""
+    attach = f"ATTACH {quote(str(tmp))} AS whq_catalog (STORAGE_VERSION '{STORAGE_VERSION}')"
+    if changed is not None and layout.catalog.is_file():
+        shutil.copyfile(layout.catalog, tmp)
+        try:
+            con.execute(attach)
+            row = con.execute(f"SELECT root, fingerprint FROM whq_catalog.{INFO_VIEW}").fetchone()
+            if row == (str(layout.root), changed[0]):
+                con.execute("USE whq_catalog")
+                return False, set(changed[1])
+            con.execute("DETACH whq_catalog")
+        except duckdb.Error:
+            with contextlib.suppress(duckdb.Error):
+                con.execute("DETACH whq_catalog")
+        for leftover in (tmp, tmp.with_name(tmp.name + ".wal")):
+            leftover.unlink(missing_ok=True)
+    base = _base()
+    if base is not None:
+        shutil.copyfile(base, tmp)
+    con.execute(attach)
+    con.execute("USE whq_catalog")
+    return base is None, None
 
 
 def _bind_macros(con) -> None:
@@ -230,13 +258,22 @@ def _base() -> Path | None:
         return None
 
 
-def _create(con, layout: Layout, tmp: Path, files: dict[str, list[str]], absent: dict[str, frozenset[str]]) -> None:
-    """Each view over its parts, with schema.sql's comments, and the info view (the macros are there already)."""
+def _create(
+    con,
+    layout: Layout,
+    tmp: Path,
+    files: dict[str, list[str]],
+    absent: dict[str, frozenset[str]],
+    only: set[str] | None,
+) -> None:
+    """Each view over its parts (those of `only` when it names some), with schema.sql's comments, and the
+    info view (the macros are there already)."""
     for table in schema.tables().values():
-        _replace_view(con, layout, tmp, table, files[table.name], absent)
+        if only is None or table.name in only:
+            _replace_view(con, layout, tmp, table, files[table.name], absent)
     fault("catalog.views")
     con.execute(
-        f"CREATE VIEW {INFO_VIEW} AS SELECT {quote(str(layout.root))} AS root, "
+        f"CREATE OR REPLACE VIEW {INFO_VIEW} AS SELECT {quote(str(layout.root))} AS root, "
         f"{FORMAT_VERSION} AS format_version, {quote(fingerprint(layout))} AS fingerprint"
     )
     con.execute(
@@ -246,19 +283,23 @@ def _create(con, layout: Layout, tmp: Path, files: dict[str, list[str]], absent:
 
 def _replace_view(con, layout: Layout, tmp: Path, table: schema.Table, files: list[str], absent) -> None:
     """Replace `table`'s empty view by the one over its parts, with the comments of schema.sql."""
+    # One call for the view and its comments: a call per statement cost more than the statements.
+    statements = [
+        f"CREATE OR REPLACE VIEW {_ident(table.name)} AS {view_sql(table, files, absent.get(table.name, frozenset()))}"
+    ]
+    if table.comment:
+        statements.append(f"COMMENT ON VIEW {_ident(table.name)} IS {quote(table.comment)}")
+    statements += [
+        f"COMMENT ON COLUMN {_ident(table.name)}.{_ident(col.name)} IS {quote(col.comment)}"
+        for col in table.columns
+        if col.comment
+    ]
     try:
-        con.execute(
-            f"CREATE OR REPLACE VIEW {_ident(table.name)} AS {view_sql(table, files, absent.get(table.name, frozenset()))}"
-        )
+        con.execute(";\n".join(statements))
     except duckdb.Error as err:  # a view binds to its parts: a damaged one stops the build
         if isinstance(err, duckdb.BinderException) and table.name not in absent:
             raise _OlderParts(table) from None  # parts older than a column: only then read their schemas
         raise _damaged(layout, tmp, err) from None
-    if table.comment:
-        con.execute(f"COMMENT ON VIEW {_ident(table.name)} IS {quote(table.comment)}")
-    for col in table.columns:
-        if col.comment:
-            con.execute(f"COMMENT ON COLUMN {_ident(table.name)}.{_ident(col.name)} IS {quote(col.comment)}")
 
 
 def _damaged(layout: Layout, tmp: Path, err: duckdb.Error) -> Exception:
