@@ -26,7 +26,7 @@ from pathlib import Path
 import duckdb
 
 from warehouse import jsonio
-from warehouse.errors import BadInput, QueryError
+from warehouse.errors import BadInput, sql_error
 from warehouse.names import check_name
 from warehouse.output import check_output_folder, output_folder
 
@@ -45,7 +45,7 @@ def _rows(wh, query: str, params: list) -> list[dict]:
     try:
         return [dict(zip(rel.columns, row)) for row in rel.fetchall()]
     except duckdb.Error as err:  # macros check their arguments when the rows are fetched
-        raise QueryError(str(err).splitlines()[0].removeprefix("Invalid Input Error: ")) from None
+        raise sql_error(err) from None
 
 
 def _examples(wh, run, site, layer, kind, count, before, after, seed) -> dict[int, list[dict]]:

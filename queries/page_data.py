@@ -13,7 +13,7 @@ import threading
 import duckdb
 import polars as pl
 
-from warehouse.errors import BadInput, NotFound, QueryError, UnknownRun
+from warehouse.errors import BadInput, NotFound, UnknownRun, sql_error
 
 from .frames import kept_reductions
 
@@ -58,7 +58,7 @@ class Reader:
         try:
             values = cursor.execute(query, params or []).fetchall()
         except duckdb.Error as err:  # macros check their arguments when the rows are fetched
-            raise QueryError(str(err).splitlines()[0].removeprefix("Invalid Input Error: ")) from None
+            raise sql_error(err) from None
         return [d[0] for d in cursor.description], values
 
     def rows(self, query: str, params: list | None = None) -> list[dict]:

@@ -233,7 +233,7 @@ CASES = [
     Case(
         "unknown run in a macro",
         ("sql", "{wh}", "SELECT * FROM layer_summary('nope', 'mlp.act')"),
-        "SQL error: Invalid Input Error: no committed run 'nope' in this warehouse: list the runs with SELECT run_id FROM runs",
+        "no committed run 'nope' in this warehouse: list the runs with SELECT run_id FROM runs",
     ),
     Case(
         "unknown table in SQL",

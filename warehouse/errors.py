@@ -44,8 +44,11 @@ class UnknownSite(BadInput, QueryError):
 
 
 def sql_error(err: Exception) -> QueryError:
-    """A DuckDB error as a QueryError: its first line, which names the problem without DuckDB's hints."""
-    return QueryError(f"SQL error: {str(err).splitlines()[0]}")
+    """A DuckDB error as a QueryError: its first line, which names the problem without DuckDB's hints.
+    A macro's own error() (an Invalid Input Error) already says what is wrong and the fix: it stands alone."""
+    first = str(err).splitlines()[0]
+    own = first.removeprefix("Invalid Input Error: ")
+    return QueryError(own if own != first else f"SQL error: {first}")
 
 
 class CorruptPart(WarehouseError):
