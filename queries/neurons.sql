@@ -119,6 +119,10 @@ WITH capture AS (
 ),
 source AS (
     SELECT CASE
+        -- a window of a billion tokens would list a billion positions per example and exhaust memory
+        WHEN NOT (before BETWEEN 0 AND 100000 AND after BETWEEN 0 AND 100000)
+            THEN error('before := ' || CAST(before AS VARCHAR) || ', after := ' || CAST(after AS VARCHAR)
+            || ': a context reaches 0 to 100000 tokens on each side of its token')
         WHEN c.n_examples IS NOT NULL AND (k <= c.n_examples OR NOT c.has_threshold OR kind IN ('quantile', 'bottom', 'nonfiring'))
             THEN 'examples'
         WHEN kind = 'bottom' THEN error('site ''' || site || ''' of run ''' || run || ''' kept no examples=N, which the '
@@ -216,7 +220,7 @@ SELECT x.rank, x.doc_id, x.pos, x.value, x.context, x.tokens
 FROM whq_examples(run, site, layer, neuron, 'top', k, before, after, 0) x
 WHERE neuron IS NOT NULL
 ORDER BY x.rank;
-COMMENT ON MACRO TABLE top_contexts IS 'The k strongest activations of one unit over ALL tokens (rank 0 = strongest; from neuron_examples for examples=N captures, capped at N, else every firing of a threshold capture), with context = the text from `before` tokens before to `after` tokens after, the firing token marked «like this», and tokens = [{piece, text (as decoded, tokens.text; the piece in older runs), value}] across the window (value: the unit''s exact value captured with the example (neuron_examples.window_values, 50 before to 20 after, FLOAT16) where the capture kept examples, else token_neurons'' value, NULL where neither holds it; the firing token carries the example''s value). Example: SELECT * FROM top_contexts(''demo'', ''mlp.act'', 3, 42, k := 5)';
+COMMENT ON MACRO TABLE top_contexts IS 'The k strongest activations of one unit over ALL tokens (rank 0 = strongest; from neuron_examples for examples=N captures, capped at N, else every firing of a threshold capture), with context = the text from `before` tokens before to `after` tokens after (each 0 to 100000), the firing token marked «like this», and tokens = [{piece, text (as decoded, tokens.text; the piece in older runs), value}] across the window (value: the unit''s exact value captured with the example (neuron_examples.window_values, 50 before to 20 after, FLOAT16) where the capture kept examples, else token_neurons'' value, NULL where neither holds it; the firing token carries the example''s value). Example: SELECT * FROM top_contexts(''demo'', ''mlp.act'', 3, 42, k := 5)';
 
 CREATE OR REPLACE MACRO bottom_contexts(run, site, layer, neuron, k := 20, before := 50, after := 20) AS TABLE
 SELECT x.rank, x.doc_id, x.pos, x.value, x.context, x.tokens

@@ -236,6 +236,11 @@ CASES = [
         "no committed run 'nope' in this warehouse: list the runs with SELECT run_id FROM runs",
     ),
     Case(
+        "context window of a billion tokens",
+        ("sql", "{wh}", "SELECT * FROM top_contexts('r', 'mlp.act', 0, 0, before := 1000000000)"),
+        "before := 1000000000, after := 20: a context reaches 0 to 100000 tokens on each side of its token",
+    ),
+    Case(
         "unknown table in SQL",
         ("sql", "{wh}", "SELECT * FROM nope"),
         "SQL error: Catalog Error: Table with name nope does not exist!",
