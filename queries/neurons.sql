@@ -109,10 +109,12 @@ COMMENT ON MACRO TABLE selectivity_histogram IS 'Histogram of selectivity (see s
 -- window), else token_neurons'. Source: neuron_examples when the site captured examples=N and
 -- either k <= N, or it holds no threshold capture, or the kind is quantile or bottom; otherwise
 -- token_neurons of a threshold capture (every firing, values stored as FLOAT16; it holds no
--- negative values to rank, so kind bottom needs examples=N); otherwise an error naming the fix.
+-- negative values to rank, so kind bottom needs examples=N); otherwise an error naming the fix
+-- (kind quantile: an error unless the site kept quantiles=Q).
 CREATE OR REPLACE MACRO whq_examples(run, site, layer, neuron, kind, k, before, after, seed) AS TABLE
 WITH capture AS (
     SELECT regexp_matches(s.reductions, '(^|,)threshold=') AS has_threshold,
+           regexp_matches(s.reductions, '(^|,)quantiles=') AS has_quantiles,
            CAST(nullif(regexp_extract(s.reductions, '(^|,)examples=([0-9]+)', 2), '') AS INTEGER) AS n_examples
     FROM sites s
     WHERE whq_known_site(run, site) AND s.run_id = run AND s.site = site
@@ -123,6 +125,8 @@ source AS (
         WHEN NOT (before BETWEEN 0 AND 100000 AND after BETWEEN 0 AND 100000)
             THEN error('before := ' || CAST(before AS VARCHAR) || ', after := ' || CAST(after AS VARCHAR)
             || ': a context reaches 0 to 100000 tokens on each side of its token')
+        WHEN kind = 'quantile' AND NOT c.has_quantiles THEN error('site ''' || site || ''' of run ''' || run
+            || ''' kept no quantile examples: re-ingest with --site ' || site || ':examples=20,hist,quantiles=10')
         WHEN c.n_examples IS NOT NULL AND (k <= c.n_examples OR NOT c.has_threshold OR kind IN ('quantile', 'bottom', 'nonfiring'))
             THEN 'examples'
         WHEN kind = 'bottom' THEN error('site ''' || site || ''' of run ''' || run || ''' kept no examples=N, which the '

@@ -1,16 +1,21 @@
 """`whq bench serve`: the unit page's, token search's and run/site page's server time, warm.
 
-On the synthetic warehouse of `whq bench query` (queries/bench.py builds or reuses it).
+On the synthetic warehouse of `whq bench query` (queries/bench.py builds or reuses it), which
+holds every section a unit page shows: examples of every kind with their window values,
+the histogram and quantile examples, similar units, the logit lens and explanations with
+their examples, verdicts and scores.
 
 Each page is rendered as the server renders it (pages.unit_page / pages.tokens_page, no
-HTTP), after one warm-up; every SQL statement the page runs is timed on its own, so the
-report names the query that dominates.
+HTTP), after one warm-up; every SQL statement the page runs is timed on its own, labelled
+by the page function that ran it and the table or macro it reads, so the report names the
+query that dominates.
 """
 
 from __future__ import annotations
 
 import re
 import statistics
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -22,24 +27,45 @@ from . import bench, page_data, pages
 
 
 class _TimedReader(page_data.Reader):
-    """A Reader that adds each statement's time to `spent` under the statement's first words."""
+    """A Reader that adds each statement's time to `spent` under the statement's label (see _label)."""
 
     def __init__(self, wh):
         super().__init__(wh)
         self.spent: dict[str, float] = defaultdict(float)
+        self._labels: dict[str, str] = {}  # statement text -> its label, one label per statement
 
     def fetch(self, query, params=None):
         start = time.perf_counter()
         try:
             return super().fetch(query, params)
         finally:
-            self.spent[_label(query)] += time.perf_counter() - start
+            self.spent[self._labelled(query)] += time.perf_counter() - start
+
+    def _labelled(self, query: str) -> str:
+        if query not in self._labels:
+            label = candidate = _label(query, _caller())
+            taken, n = set(self._labels.values()), 1
+            while candidate in taken:  # another statement of the same function reads the same table
+                n += 1
+                candidate = f"{label} #{n}"
+            self._labels[query] = candidate
+        return self._labels[query]
 
 
-def _label(query: str) -> str:
-    """The first table or macro the statement reads."""
+def _caller() -> str:
+    """The page function that ran the statement: the first frame outside the Reader's methods."""
+    frame = sys._getframe(2)
+    while frame.f_code.co_name in ("fetch", "rows", "frame", "_labelled"):
+        frame = frame.f_back
+    return frame.f_code.co_name
+
+
+def _label(query: str, caller: str) -> str:
+    """The page function, the first table or macro the statement reads and the example kinds it names."""
     found = re.search(r"\b(?:FROM|JOIN)\s+([A-Za-z_]\w*)", query)
-    return found.group(1) if found else query.split()[0]
+    kinds = re.findall(r"'(top|bottom|random|quantile|nonfiring)'", query)
+    name = found.group(1) if found else query.split()[0]
+    return f"{caller}: {name}" + (f" ({'+'.join(dict.fromkeys(kinds))})" if kinds else "")
 
 
 def _time(render, reader: _TimedReader, repeats: int) -> tuple[list[float], dict[str, float]]:
@@ -66,7 +92,7 @@ def bench_serve(
     try:
         run, site = shape.run_id, bench.SITE
         unit = reader.rows(
-            "SELECT neuron FROM neuron_stats WHERE run_id = ? AND site = ? AND layer = 0 ORDER BY n_fired DESC LIMIT 1",
+            "SELECT neuron FROM neuron_stats WHERE run_id = ? AND site = ? AND layer = 0 ORDER BY n_fired DESC, neuron LIMIT 1",
             [run, site],
         )[0]["neuron"]
         word = reader.rows("SELECT piece FROM tokens WHERE run_id = ? LIMIT 1", [run])[0]["piece"]

@@ -432,3 +432,72 @@ def test_bench_serve_names_the_dominant_query(tmp_path, capsys, monkeypatch):
     result = json.loads(out)
     for page in ("unit page", "token search", "run/site page"):
         assert result[page]["median_ms"] > 0 and result[page]["queries_ms"], page
+    timed = " ".join(result["unit page"]["queries_ms"])  # every section of the page, each statement on its own
+    for read in (
+        "whq_examples (top+random)",
+        "whq_examples (bottom)",
+        "whq_quantile_examples",
+        "unit_histograms",
+        "whq_similar_units",
+        "neuron_logits",
+        "scorer_verdicts",
+        "explanation_examples",
+        "scores",
+    ):
+        assert read in timed, read
+
+
+def test_bench_warehouse_carries_every_section_of_the_unit_page(tmp_path):
+    """The synthetic run holds what a capture of examples=N,hist,quantiles=Q,similar=K --logit-lens and an
+    explained, scored unit hold; its histograms, extremes and quantile bins agree with its own rows."""
+    from queries import bench, page_data
+
+    shape = bench.Shape(rows=20000, layers=2, width=64, k=4)
+    bench.build(tmp_path / "b", shape)
+    run = shape.run_id
+    with warehouse.open(tmp_path / "b") as wh:
+        reader = page_data.Reader(wh)
+        try:
+            info = page_data.site_info(reader, run, bench.SITE)
+            (unit,) = reader.rows(
+                "SELECT neuron FROM neuron_stats WHERE run_id = ? AND layer = 0 ORDER BY n_fired DESC, neuron LIMIT 1",
+                [run],
+            )
+            data = page_data.unit_data(reader, info, run, bench.SITE, 0, unit["neuron"])[unit["neuron"]]
+            explanations = page_data.unit_explanations(reader, run, bench.SITE, 0, unit["neuron"])
+        finally:
+            reader.close()
+        assert all(data["examples"][kind] for kind in ("top", "bottom", "random", "quantile"))
+        assert data["histogram"] and all(data["lens"].values()) and all(data["similar"].values())
+        assert explanations and all(explanations[0][part] for part in ("scores", "shown", "verdicts"))
+        kinds = wh.sql(f"SELECT DISTINCT kind FROM neuron_examples WHERE run_id = '{run}'").fetchall()
+        assert {k for (k,) in kinds} == {"top", "bottom", "random", "nonfiring", "quantile"}
+        # Every token in one bin of each unit; the firing bins count exactly the stored firings
+        # (bins from whq_hist_lo/hi, not the builder's), the negative ones the bottom examples.
+        mismatched = wh.sql(
+            f"""
+            WITH h AS (SELECT layer, neuron, bin, count, whq_hist_lo(bin) AS lo, whq_hist_hi(bin) AS hi
+                       FROM unit_histograms WHERE run_id = '{run}'),
+            shown AS (SELECT layer, neuron, value FROM token_neurons WHERE run_id = '{run}'
+                      UNION ALL SELECT layer, neuron, value FROM neuron_examples WHERE run_id = '{run}' AND kind = 'bottom'),
+            counted AS (SELECT h.layer, h.neuron, h.bin, h.count, count(v.value) AS n FROM h LEFT JOIN shown v
+                        ON v.layer = h.layer AND v.neuron = h.neuron AND (CASE WHEN h.bin > 97 THEN v.value >= h.lo
+                           AND v.value < h.hi ELSE v.value > h.lo AND v.value <= h.hi END) AND v.value <> 0
+                        GROUP BY ALL)
+            SELECT
+              (SELECT count(*) FROM counted WHERE bin <> 97 AND n <> count),
+              (SELECT count(*) FROM (SELECT h.layer, h.neuron, sum(h.count) AS total FROM h GROUP BY ALL) t
+               JOIN neuron_stats s ON s.run_id = '{run}' AND s.layer = t.layer AND s.neuron = t.neuron
+               WHERE t.total <> s.n_tokens),
+              (SELECT count(*) FROM (SELECT e.layer, e.neuron, min(e.value) AS lo, max(e.value) AS hi FROM neuron_examples e
+                                     WHERE e.run_id = '{run}' GROUP BY ALL) e
+               JOIN neuron_stats s ON s.run_id = '{run}' AND s.layer = e.layer AND s.neuron = e.neuron
+               WHERE s.min <> e.lo OR s.max <> e.hi)
+            """
+        ).fetchall()
+        assert mismatched == [(0, 0, 0)]
+        outside = wh.sql(
+            f"SELECT count(*), count(*) FILTER (WHERE NOT (value >= lo AND value < hi)) "
+            f"FROM whq_quantile_examples('{run}', '{bench.SITE}', 1, NULL, 2, 2)"
+        ).fetchall()
+        assert outside[0][0] > 0 and outside[0][1] == 0
