@@ -88,10 +88,12 @@ class CallCache:
         self._syncer: ThreadPoolExecutor | None = None
         self._sync: Future | None = None
         if self.path.exists():
+            good = 0  # the bytes of the journal's whole lines
             # split at "\n" only: a document's text may hold other line breaks (U+2028) that JSON keeps
-            for line in self.path.read_text(errors="replace").split("\n"):
+            journal = self.path.read_bytes()
+            for line in journal.split(b"\n")[:-1]:  # the piece after the last newline is torn, or empty
                 try:
-                    record = json.loads(line)
+                    record = json.loads(line.decode(errors="replace"))
                     answer = Answer.from_body(
                         record["response"],
                         prompt_tokens=record["prompt_tokens"],
@@ -103,6 +105,11 @@ class CallCache:
                 # the texts put wrote, again: the same JSON of the same values
                 record.update(request=canonical_json(record["request"]), response=answer.to_json())
                 self._remember(record, answer)
+                good += len(line) + 1
+            # cut the torn line off: the calls appended next would otherwise extend it, and a second
+            # resume would stop there and ask them all again
+            if good < len(journal):
+                os.truncate(self.path, good)
 
     def _remember(self, record: dict, answer: Answer) -> None:
         self.new.append(record)

@@ -360,3 +360,27 @@ def test_the_explain_call_journal_reads_back_the_same_calls_and_stops_at_a_torn_
         assert json.loads(read["request"][0].as_py())["messages"][0]["content"] == request.messages[0][1]
     finally:
         resumed.close()
+
+
+def test_calls_answered_after_a_torn_line_survive_a_second_kill(tmp_path):
+    from explain.llm import Answer, Request
+    from explain.store import CallCache
+
+    wh = warehouse.open(golden_copy(tmp_path))
+    first, second, third = (Request("m", (("user", f"call {i}"),)) for i in range(3))
+    keys = [first.key, second.key, third.key]
+    cache = CallCache(wh, "x", "b", resume=False, keys=keys)
+    cache.put(first.key, first, Answer("1"))
+    cache.put(second.key, second, Answer("2"))
+    cache.close()
+    cache.path.write_bytes(cache.path.read_bytes()[:-9])  # killed while writing the second line
+    resumed = CallCache(wh, "x", "b", resume=True, keys=keys)
+    assert resumed.get(second.key) is None
+    resumed.put(second.key, second, Answer("2"))
+    resumed.put(third.key, third, Answer("3"))
+    resumed.close()  # killed again before the commit: what was answered since must not be asked again
+    again = CallCache(wh, "x", "b", resume=True, keys=keys)
+    try:
+        assert [again.get(k).text for k in keys] == ["1", "2", "3"]
+    finally:
+        again.close()
