@@ -384,3 +384,47 @@ def test_calls_answered_after_a_torn_line_survive_a_second_kill(tmp_path):
         assert [again.get(k).text for k in keys] == ["1", "2", "3"]
     finally:
         again.close()
+
+
+def test_a_full_disk_under_the_call_journal_is_one_line_and_resume_keeps_the_calls_before(tmp_path):
+    import errno
+    import os
+
+    from explain.llm import Answer, Request
+    from explain.store import CallCache
+    from warehouse.errors import WarehouseError
+
+    class FullDisk:
+        """The journal's file once the disk is full: every write and the last flush fail."""
+
+        def __init__(self, real):
+            self.real = real
+
+        def write(self, _line):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def flush(self):
+            self.write("")
+
+        def close(self):
+            self.real.close()
+            self.write("")
+
+        def fileno(self):
+            return self.real.fileno()
+
+    wh = warehouse.open(golden_copy(tmp_path))
+    first, second = (Request("m", (("user", f"call {i}"),)) for i in range(2))
+    cache = CallCache(wh, "x", "b", resume=False, keys=[first.key, second.key])
+    cache.put(first.key, first, Answer("1"))
+    cache._journal.flush()
+    cache._journal = FullDisk(cache._journal)
+    with pytest.raises(WarehouseError) as failed:
+        cache.put(second.key, second, Answer("2"))
+    assert "No space left on device" in str(failed.value) and "--resume" in str(failed.value)
+    cache.close()  # the torn line left in the buffer cannot be written either: no second error
+    resumed = CallCache(wh, "x", "b", resume=True, keys=[first.key, second.key])
+    try:
+        assert resumed.get(first.key).text == "1" and resumed.get(second.key) is None
+    finally:
+        resumed.close()
