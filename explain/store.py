@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from warehouse import catalog, metadata
-from warehouse.errors import RunExists, WarehouseError
+from warehouse.errors import RunExists, UnknownRun, WarehouseError
 from warehouse.locks import locked, try_lock
 from warehouse.parts import side_by_side, to_arrow, write_bytes_atomic, write_part
 
@@ -220,7 +220,9 @@ def commit(
     token = uuid.uuid4().hex[:8]
     counters: dict[Path, int] = {}
     with locked(layout.commit_lock):
-        manifest = metadata.manifest(layout, wh.layout.manifest(run))
+        if not layout.manifest(run).exists():
+            raise UnknownRun(f"run {run!r} was deleted while this command ran: nothing was committed")
+        manifest = metadata.manifest(layout, layout.manifest(run))
         replaced = [
             p
             for p in manifest["parts"]

@@ -428,3 +428,19 @@ def test_a_full_disk_under_the_call_journal_is_one_line_and_resume_keeps_the_cal
         assert resumed.get(first.key).text == "1" and resumed.get(second.key) is None
     finally:
         resumed.close()
+
+
+def test_an_explain_commit_into_a_run_deleted_meanwhile_says_so(tmp_path):
+    import pyarrow as pa
+
+    from explain import store
+    from warehouse.errors import UnknownRun
+
+    root = golden_copy(tmp_path)
+    wh = warehouse.open(root)
+    run = wh.run_ids()[0]
+    run_whq("runs", str(root), "--delete", run)
+    rows = pa.table({"explanation_id": ["e"]})
+    with pytest.raises(UnknownRun, match="deleted while this command ran"):
+        store.commit(wh, run, "b", [("explanations", None, None, rows)], set())
+    assert not any(Layout(root).runs_dir.glob("*.json"))
