@@ -92,6 +92,8 @@ class CallCache:
         self._syncer: ThreadPoolExecutor | None = None
         self._sync: Future | None = None
         if self.path.exists():
+            # a command killed after its commit, before it removed the journal: those calls are committed
+            committed = set(self.answers)
             good = 0  # the bytes of the journal's whole lines
             # split at "\n" only: a document's text may hold other line breaks (U+2028) that JSON keeps
             journal = self.path.read_bytes()
@@ -107,9 +109,11 @@ class CallCache:
                 except (ValueError, TypeError, KeyError):
                     break  # a torn last line: that call is asked again
                 # the texts put wrote, again: the same JSON of the same values
+                good += len(line) + 1
+                if record["request_hash"] in committed:
+                    continue
                 record.update(request=canonical_json(record["request"]), response=answer.to_json())
                 self._remember(record, answer)
-                good += len(line) + 1
             # cut the torn line off: the calls appended next would otherwise extend it, and a second
             # resume would stop there and ask them all again
             if good < len(journal):

@@ -444,3 +444,27 @@ def test_an_explain_commit_into_a_run_deleted_meanwhile_says_so(tmp_path):
     with pytest.raises(UnknownRun, match="deleted while this command ran"):
         store.commit(wh, run, "b", [("explanations", None, None, rows)], set())
     assert not any(Layout(root).runs_dir.glob("*.json"))
+
+
+def test_a_resume_after_a_kill_past_the_commit_stores_each_call_once(tmp_path):
+    from explain import store
+    from explain.llm import Answer, Request
+    from explain.store import CallCache
+
+    wh = warehouse.open(golden_copy(tmp_path))
+    run = wh.run_ids()[0]
+    calls = [Request("m", (("user", f"call {i}"),)) for i in range(3)]
+    keys = [r.key for r in calls]
+    cache = CallCache(wh, run, "b", resume=False, keys=keys)
+    for i, request in enumerate(calls[:2]):
+        cache.put(request.key, request, Answer(str(i)))
+    store.commit(wh, run, "b", [("model_calls", None, None, cache.calls_table())], set())
+    cache.close()  # killed here: committed, the journal not yet removed
+    wh = warehouse.open(wh.root)
+    resumed = CallCache(wh, run, "b", resume=True, keys=keys)
+    assert [resumed.get(k).text for k in keys[:2]] == ["0", "1"] and resumed.get(keys[2]) is None
+    resumed.put(keys[2], calls[2], Answer("2"))
+    store.commit(wh, run, "b", [("model_calls", None, None, resumed.calls_table())], set())
+    resumed.discard()
+    stored = warehouse.open(wh.root).sql("SELECT request_hash FROM model_calls").fetchall()
+    assert sorted(h for (h,) in stored) == sorted(keys)
