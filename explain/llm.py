@@ -25,6 +25,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -156,7 +157,7 @@ class OpenAIBackend:
             body.update(logprobs=True, top_logprobs=request.top_logprobs)
         raw, latency = self._exchange(self.url, body, "check the URL, the model name and the API key variable")
         try:
-            reply = json.loads(raw)
+            reply = _loads(raw)
             choice = reply["choices"][0]
             text = choice["message"]["content"] or ""
             if not isinstance(text, str):
@@ -220,7 +221,7 @@ class OpenAIBackend:
             "(echo with logprobs and max_tokens 0: vLLM, llama.cpp); else score simulation with an hf: model",
         )
         try:
-            reply = json.loads(raw)
+            reply = _loads(raw)
             logprobs = reply["choices"][0]["logprobs"]
             offsets, tops = logprobs["text_offset"], logprobs["top_logprobs"]
             if len(offsets) != len(tops):
@@ -268,6 +269,19 @@ class OpenAIBackend:
     def close(self) -> None:
         if self._client is not None:
             self._client.close()
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _loads(raw: str):
+    """A reply's JSON, with a lone surrogate escape (\\ud800 unpaired, which a server may send for a
+    token cut inside a character) read as U+FFFD: no UTF-8 file (the journal, a part) can hold it."""
+    reply = json.loads(raw)
+    if _SURROGATE_ESCAPE.search(raw):
+        text = json.dumps(reply, ensure_ascii=False)
+        reply = json.loads(text.encode("utf-16", "surrogatepass").decode("utf-16", "replace"))
+    return reply
 
 
 def _read_by(chunks, deadline: float) -> str:

@@ -34,6 +34,7 @@ from queries.neuronpedia import EXPLANATION_FIELDS, IMPORTED, WHQ_TYPE
 from warehouse import jsonio
 from warehouse.errors import BadInput, NotFound
 
+from . import prompts
 from .pipeline import SCORERS, Recipe, _by_layer
 
 BATCH = "neuronpedia"  # every import into a run shares one batch: a re-import replaces its rows
@@ -43,7 +44,6 @@ MAX_TEXT = 10_000  # characters of a description; Neuronpedia's are one sentence
 # many times over; the bound keeps a line without end (a device, a decompression bomb) out of memory
 MAX_LINE = 1_000_000
 _NAME = re.compile(r"[^\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]{1,200}")
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 INT32 = 2**31 - 1  # Neuronpedia's Int columns (umap_cluster) and whq's counts are 32-bit
 _SOURCE_LAYER = re.compile(r"(\d+)(?:-|$)", re.ASCII)
 
@@ -113,7 +113,7 @@ def _text(where: str, value: object) -> str | None:
         raise BadInput(f"{where}: description must be text, not {json.dumps(value)[:40]}")
     if len(value) > MAX_TEXT:
         raise BadInput(f"{where}: description of {len(value):,} characters (at most {MAX_TEXT:,}): not an explanation")
-    bad = _CONTROL.search(value)
+    bad = prompts.CONTROL.search(value)
     if bad:
         raise BadInput(
             f"{where}: description holds the control character {bad.group()!r}: remove it or the line (a damaged export?)"

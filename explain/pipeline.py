@@ -139,6 +139,7 @@ def plan_explain(wh, run, site, units, *, explainer: str, model: str, recipe: Re
                 text = prompts.parse_openai_explanation(by_key[request.key].text)
             else:
                 text = prompts.parse_explanation(by_key[request.key].text)
+            text = prompts.clean_explanation(text)
             texts.append(text)
             rows_e.append(
                 (

@@ -110,6 +110,18 @@ def delphi_contrastive(
     ]
 
 
+# Control characters (tab and newline aside), C1 (U+0085 a line break) and the bidirectional overrides:
+# an explanation holding one is refused by `whq import explanations` and shows as raw bytes in pages.
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def clean_explanation(text: str | None) -> str | None:
+    """An explanation as stored: its control characters (CONTROL) spaces (None when nothing is left)."""
+    if text is None:
+        return None
+    return CONTROL.sub(" ", text).strip() or None
+
+
 def parse_explanation(text: str) -> str | None:
     """delphi Explainer.parse_explanation: what follows [EXPLANATION]: (None when absent or empty)."""
     match = re.search(r"\[EXPLANATION\]:\s*(.*)", text, re.DOTALL)

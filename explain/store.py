@@ -17,6 +17,7 @@ from it) and perhaps unlisted parts, which `whq gc` removes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import json
@@ -32,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from warehouse import catalog, metadata
-from warehouse.errors import RunExists
+from warehouse.errors import RunExists, UnknownRun, WarehouseError
 from warehouse.locks import locked, try_lock
 from warehouse.parts import side_by_side, to_arrow, write_bytes_atomic, write_part
 
@@ -68,7 +69,10 @@ class CallCache:
                 f"an earlier `whq explain`/`whq score` of this recipe on run {run!r} was interrupted: finish it with "
                 f"the same command and --resume (its calls are cached), or discard it with `whq gc {wh.root} --interrupted`"
             )
-        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise self._unwritable(err) from None
         self._lock_fd = try_lock(self.folder / "lock")
         if self._lock_fd is None:
             raise RunExists(f"this recipe is being run on run {run!r} by another process right now; wait for it")
@@ -88,10 +92,14 @@ class CallCache:
         self._syncer: ThreadPoolExecutor | None = None
         self._sync: Future | None = None
         if self.path.exists():
+            # a command killed after its commit, before it removed the journal: those calls are committed
+            committed = set(self.answers)
+            good = 0  # the bytes of the journal's whole lines
             # split at "\n" only: a document's text may hold other line breaks (U+2028) that JSON keeps
-            for line in self.path.read_text(errors="replace").split("\n"):
+            journal = self.path.read_bytes()
+            for line in journal.split(b"\n")[:-1]:  # the piece after the last newline is torn, or empty
                 try:
-                    record = json.loads(line)
+                    record = json.loads(line.decode(errors="replace"))
                     answer = Answer.from_body(
                         record["response"],
                         prompt_tokens=record["prompt_tokens"],
@@ -101,8 +109,15 @@ class CallCache:
                 except (ValueError, TypeError, KeyError):
                     break  # a torn last line: that call is asked again
                 # the texts put wrote, again: the same JSON of the same values
+                good += len(line) + 1
+                if record["request_hash"] in committed:
+                    continue
                 record.update(request=canonical_json(record["request"]), response=answer.to_json())
                 self._remember(record, answer)
+            # cut the torn line off: the calls appended next would otherwise extend it, and a second
+            # resume would stop there and ask them all again
+            if good < len(journal):
+                os.truncate(self.path, good)
 
     def _remember(self, record: dict, answer: Answer) -> None:
         self.new.append(record)
@@ -128,10 +143,13 @@ class CallCache:
         line = f'{fields}, "request": {request_text}, "response": {response_text}}}\n'
         record.update(request=request_text, response=response_text)
         with self._lock:
-            if self._journal is None:
-                self._journal = open(self.path, "a")
-            self._journal.write(line)
-            self._journal.flush()
+            try:
+                if self._journal is None:
+                    self._journal = open(self.path, "a")
+                self._journal.write(line)
+                self._journal.flush()
+            except OSError as err:
+                raise self._unwritable(err) from None
             if time.monotonic() - self._synced >= SYNC_EVERY_S and (self._sync is None or self._sync.done()):
                 if self._syncer is None:
                     self._syncer = ThreadPoolExecutor(1, thread_name_prefix="whq-journal-sync")
@@ -154,6 +172,12 @@ class CallCache:
         }
         return to_arrow("model_calls", columns, None)
 
+    def _unwritable(self, err: OSError) -> WarehouseError:
+        return WarehouseError(
+            f"cannot write the call journal {self.path}: {err.strerror or err}; free disk space or fix permissions, "
+            f"then rerun the same command with --resume (the calls answered so far are kept)"
+        )
+
     def close(self) -> None:
         try:
             if self._syncer is not None:
@@ -162,10 +186,14 @@ class CallCache:
                 if self._sync is not None:
                     self._sync.result()  # a failed flush of the disk is an error here, not lost on its thread
                 os.fsync(self._journal.fileno())
+        except OSError as err:
+            raise self._unwritable(err) from None
         finally:
             self._syncer = self._sync = None
             if self._journal is not None:
-                self._journal.close()
+                # after a failed write the buffer still holds the torn line, which resume asks again
+                with contextlib.suppress(OSError):
+                    self._journal.close()
                 self._journal = None
             if self._lock_fd is not None:
                 os.close(self._lock_fd)
@@ -196,7 +224,9 @@ def commit(
     token = uuid.uuid4().hex[:8]
     counters: dict[Path, int] = {}
     with locked(layout.commit_lock):
-        manifest = metadata.manifest(layout, wh.layout.manifest(run))
+        if not layout.manifest(run).exists():
+            raise UnknownRun(f"run {run!r} was deleted while this command ran: nothing was committed")
+        manifest = metadata.manifest(layout, layout.manifest(run))
         replaced = [
             p
             for p in manifest["parts"]

@@ -50,6 +50,17 @@ def test_a_completion_with_logprobs_is_read_whole():
     assert predictions == [1] and probabilities[0] == pytest.approx(0.818730753 / (0.818730753 + 0.182683524))
 
 
+def test_a_lone_surrogate_in_a_reply_is_read_as_a_replacement_character():
+    # JSON may escape half a character (\\ud800 unpaired); no UTF-8 journal or part can hold it
+    text = "cut \ud800 here, \U0001f600 whole, \u2028 kept"
+    tokens = [("\udc00", -0.1, [("\udc00", -0.1), ("a", -2.0)])]
+    with ScriptedServer(lambda body, n: (200, completion(text, logprobs=tokens), 0)) as server:
+        answer = _caller(server).call(_request(logprobs=True, top_logprobs=2))
+    assert answer.text == "cut \ufffd here, \U0001f600 whole, \u2028 kept"
+    assert answer.tokens == [["\ufffd", -0.1, [["\ufffd", -0.1], ["a", -2.0]]]]
+    answer.to_json().encode()  # what the journal writes
+
+
 def test_429_500_and_garbled_bodies_are_retried_with_backoff():
     script = [(429, {"error": "slow down"}, 0), (500, "oops", 0), (200, "{not json", 0), (200, completion("ok"), 0)]
     with ScriptedServer(lambda body, n: script[n]) as server:

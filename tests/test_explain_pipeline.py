@@ -386,3 +386,25 @@ def test_non_firing_windows_come_from_the_captures_own_sample(minilm_wh, monkeyp
             assert w.source.startswith("non-firing")
             assert not any((w.doc, p) in fired for p in range(w.pos - 50, w.pos + 21))
         monkeypatch.undo()
+
+
+def test_control_characters_of_an_answer_are_not_stored_and_the_export_imports_again(minilm_wh, tmp_path):
+    root = tmp_path / "wh"
+    shutil.copytree(minilm_wh, root)
+    said = 'the "word"\x00 then\x85 a break,\u202e reversed\u2028 kept'
+    answer = {"choices": [{"message": {"content": f"[EXPLANATION]: {said}"}}]}
+    with ScriptedServer(lambda body, n: (200, answer, 0.0)) as server:
+        code, _, err = run_whq(
+            "explain", root, "--run", RUN, "--site", SITE, "--layers", str(LAYER), "--limit", "2",
+            "--llm", f"openai:{server.url}:judge", "-q",
+        )  # fmt: skip
+        assert code == 0, err
+    stored = {t for (t,) in warehouse.open(root).sql("SELECT text FROM explanations").fetchall()}
+    assert stored == {'the "word"  then  a break,  reversed\u2028 kept'}
+    out = tmp_path / "np"
+    export = ["export", "neuronpedia", root, "--run", RUN, "--site", SITE, "--layers", str(LAYER), "--out", out]
+    code, _, err = run_whq(*export)
+    assert code == 0, err
+    (folder,) = out.glob(f"*/{LAYER}-*/explanations")
+    code, _, err = run_whq("import", "explanations", root, folder, "--run", RUN, "--site", SITE, "--layer", str(LAYER))
+    assert code == 0, err

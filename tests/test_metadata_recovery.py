@@ -360,3 +360,111 @@ def test_the_explain_call_journal_reads_back_the_same_calls_and_stops_at_a_torn_
         assert json.loads(read["request"][0].as_py())["messages"][0]["content"] == request.messages[0][1]
     finally:
         resumed.close()
+
+
+def test_calls_answered_after_a_torn_line_survive_a_second_kill(tmp_path):
+    from explain.llm import Answer, Request
+    from explain.store import CallCache
+
+    wh = warehouse.open(golden_copy(tmp_path))
+    first, second, third = (Request("m", (("user", f"call {i}"),)) for i in range(3))
+    keys = [first.key, second.key, third.key]
+    cache = CallCache(wh, "x", "b", resume=False, keys=keys)
+    cache.put(first.key, first, Answer("1"))
+    cache.put(second.key, second, Answer("2"))
+    cache.close()
+    cache.path.write_bytes(cache.path.read_bytes()[:-9])  # killed while writing the second line
+    resumed = CallCache(wh, "x", "b", resume=True, keys=keys)
+    assert resumed.get(second.key) is None
+    resumed.put(second.key, second, Answer("2"))
+    resumed.put(third.key, third, Answer("3"))
+    resumed.close()  # killed again before the commit: what was answered since must not be asked again
+    again = CallCache(wh, "x", "b", resume=True, keys=keys)
+    try:
+        assert [again.get(k).text for k in keys] == ["1", "2", "3"]
+    finally:
+        again.close()
+
+
+def test_a_full_disk_under_the_call_journal_is_one_line_and_resume_keeps_the_calls_before(tmp_path):
+    import errno
+    import os
+
+    from explain.llm import Answer, Request
+    from explain.store import CallCache
+    from warehouse.errors import WarehouseError
+
+    class FullDisk:
+        """The journal's file once the disk is full: every write and the last flush fail."""
+
+        def __init__(self, real):
+            self.real = real
+
+        def write(self, _line):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def flush(self):
+            self.write("")
+
+        def close(self):
+            self.real.close()
+            self.write("")
+
+        def fileno(self):
+            return self.real.fileno()
+
+    wh = warehouse.open(golden_copy(tmp_path))
+    first, second = (Request("m", (("user", f"call {i}"),)) for i in range(2))
+    cache = CallCache(wh, "x", "b", resume=False, keys=[first.key, second.key])
+    cache.put(first.key, first, Answer("1"))
+    cache._journal.flush()
+    cache._journal = FullDisk(cache._journal)
+    with pytest.raises(WarehouseError) as failed:
+        cache.put(second.key, second, Answer("2"))
+    assert "No space left on device" in str(failed.value) and "--resume" in str(failed.value)
+    cache.close()  # the torn line left in the buffer cannot be written either: no second error
+    resumed = CallCache(wh, "x", "b", resume=True, keys=[first.key, second.key])
+    try:
+        assert resumed.get(first.key).text == "1" and resumed.get(second.key) is None
+    finally:
+        resumed.close()
+
+
+def test_an_explain_commit_into_a_run_deleted_meanwhile_says_so(tmp_path):
+    import pyarrow as pa
+
+    from explain import store
+    from warehouse.errors import UnknownRun
+
+    root = golden_copy(tmp_path)
+    wh = warehouse.open(root)
+    run = wh.run_ids()[0]
+    run_whq("runs", str(root), "--delete", run)
+    rows = pa.table({"explanation_id": ["e"]})
+    with pytest.raises(UnknownRun, match="deleted while this command ran"):
+        store.commit(wh, run, "b", [("explanations", None, None, rows)], set())
+    assert not any(Layout(root).runs_dir.glob("*.json"))
+
+
+def test_a_resume_after_a_kill_past_the_commit_stores_each_call_once(tmp_path):
+    from explain import store
+    from explain.llm import Answer, Request
+    from explain.store import CallCache
+
+    wh = warehouse.open(golden_copy(tmp_path))
+    run = wh.run_ids()[0]
+    calls = [Request("m", (("user", f"call {i}"),)) for i in range(3)]
+    keys = [r.key for r in calls]
+    cache = CallCache(wh, run, "b", resume=False, keys=keys)
+    for i, request in enumerate(calls[:2]):
+        cache.put(request.key, request, Answer(str(i)))
+    store.commit(wh, run, "b", [("model_calls", None, None, cache.calls_table())], set())
+    cache.close()  # killed here: committed, the journal not yet removed
+    wh = warehouse.open(wh.root)
+    resumed = CallCache(wh, run, "b", resume=True, keys=keys)
+    assert [resumed.get(k).text for k in keys[:2]] == ["0", "1"] and resumed.get(keys[2]) is None
+    resumed.put(keys[2], calls[2], Answer("2"))
+    store.commit(wh, run, "b", [("model_calls", None, None, resumed.calls_table())], set())
+    resumed.discard()
+    stored = warehouse.open(wh.root).sql("SELECT request_hash FROM model_calls").fetchall()
+    assert sorted(h for (h,) in stored) == sorted(keys)
