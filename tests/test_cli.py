@@ -161,3 +161,19 @@ def test_catalog_comments_document_every_table(minilm_wh):
         "AND column_name NOT IN ('run_id', 'site', 'layer', 'doc')"
     ).fetchall()
     assert missing == []
+
+
+def test_a_duckdb_error_no_check_foresaw_is_one_line(minilm_wh, capsys, monkeypatch):
+    """A statement of whq's own failing where none should (a run's parts deleted by another process
+    between the catalog build and the read) reaches the user as one line, not a traceback."""
+    import duckdb
+
+    from warehouse import cli
+
+    def vanished(*args, **kwargs):
+        raise duckdb.IOException('IO Error: No files found that match the pattern "wh/data/tokens/run_id=r/x.parquet"')
+
+    monkeypatch.setattr(cli, "_rel_to_polars", vanished)
+    code, out, err = run_cli(capsys, monkeypatch, "sql", minilm_wh, "SELECT 1")
+    assert code == 2 and out == "" and "Traceback" not in err
+    assert err == 'error: SQL error: IO Error: No files found that match the pattern "wh/data/tokens/run_id=r/x.parquet"\n'

@@ -157,6 +157,7 @@ DISK_ERRORS = [
     ("manifest.partial:1:enospc", "No space left on device"),
     ("state.partial:1:eacces", "Permission denied"),
     ("part.partial:1:eacces", "Permission denied"),
+    ("part.renamed:2:enospc", "No space left on device"),  # the folder's fsync after the rename
     ("config.partial:1:erofs", "Read-only file system"),
 ]
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import inspect
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
+import duckdb
 import typer
 
 from .cli_options import (
@@ -24,7 +25,7 @@ from .cli_options import (
     WarehouseArg,
 )
 from .display import terminal_safe
-from .errors import WarehouseError
+from .errors import WarehouseError, sql_error
 
 try:  # recent typer vendors click
     from typer._click.exceptions import ClickException
@@ -480,15 +481,18 @@ app.command()(pull)
 
 
 def _rel_to_polars(rel):
-    import duckdb
-
     from .display import result_frame
-    from .errors import sql_error
 
     try:
         return result_frame(rel)
     except duckdb.Error as err:
         raise sql_error(err) from None
+
+
+def _fail(err: WarehouseError) -> NoReturn:
+    # One line, even if a library's text had several, and no raw control character (a value in DuckDB's message).
+    typer.echo(f"error: {terminal_safe(' '.join(str(err).split()))}", err=True)
+    sys.exit(err.exit_code)
 
 
 def main() -> None:
@@ -498,9 +502,11 @@ def main() -> None:
         if isinstance(code, int) and code:
             sys.exit(code)
     except WarehouseError as err:
-        # One line, even if a library's text had several, and no raw control character (a value in DuckDB's message).
-        typer.echo(f"error: {terminal_safe(' '.join(str(err).split()))}", err=True)
-        sys.exit(err.exit_code)
+        _fail(err)
+    except (
+        duckdb.Error
+    ) as err:  # a statement of whq's own that failed where none was expected (a run deleted meanwhile)
+        _fail(sql_error(err))
     except typer.Exit as done:
         sys.exit(done.exit_code)
     except (typer.Abort, KeyboardInterrupt):

@@ -151,9 +151,14 @@ def install_atomic(tmp: Path, final: Path, what: str, retry: str, *, sync_folder
         raise WarehouseError(
             f"cannot write {final}: {err.strerror or err}; free disk space or fix permissions, then {retry}"
         ) from None
-    fault(f"{what}.renamed")
-    if sync_folder:
-        fsync_dir(final.parent)
+    try:
+        fault(f"{what}.renamed")
+        if sync_folder:
+            fsync_dir(final.parent)
+    except OSError as err:  # the file is in place; its folder's entry may not be on disk yet
+        raise WarehouseError(
+            f"cannot write {final}: {err.strerror or err}; free disk space or fix permissions, then {retry}"
+        ) from None
 
 
 def write_part(
