@@ -176,4 +176,6 @@ def test_a_duckdb_error_no_check_foresaw_is_one_line(minilm_wh, capsys, monkeypa
     monkeypatch.setattr(cli, "_rel_to_polars", vanished)
     code, out, err = run_cli(capsys, monkeypatch, "sql", minilm_wh, "SELECT 1")
     assert code == 2 and out == "" and "Traceback" not in err
-    assert err == 'error: SQL error: IO Error: No files found that match the pattern "wh/data/tokens/run_id=r/x.parquet"\n'
+    assert (
+        err == 'error: SQL error: IO Error: No files found that match the pattern "wh/data/tokens/run_id=r/x.parquet"\n'
+    )
