@@ -1,9 +1,10 @@
 """whq bench explain: what explaining and scoring costs per unit, and what whq adds to the model's time.
 
 On a copy of the warehouse, each explainer and each scorer runs alone on the same units: prompt
-tokens and calls per unit from its plan, the wall time of the whole path (planning, calls,
-parsing, embedding, the commit) per unit, the model's own time (the sum of the calls' latencies),
-and the overhead = wall - model as a share of the model's time. Then each runs again, answered
+tokens and calls per unit from its plan, the planning time (reading the examples, building the
+prompts), the wall time of the whole path (planning, calls, parsing, embedding, the commit) per
+unit, the model's own time (the sum of the calls' latencies), the overhead = wall - model as a
+share of the model's time, and the part of it after planning (the cache, parsing, the commit). Then each runs again, answered
 wholly from the cache. Scorers score the top-tokens explanations (a random tiny model writes no
 parsable explanation of its own).
 """
@@ -25,11 +26,13 @@ BENCH_RECIPE = Recipe(n_explain=10, n_test=10, n_non_activating=10, explain_toke
 
 
 def _measure(wh, run, make_plan, llm, backend, units):
+    started = time.perf_counter()
     plan = make_plan()
-    tokens = plan.prompt_tokens(backend.count_tokens) if backend else 0
+    planned = time.perf_counter() - started
+    tokens = plan.prompt_tokens(backend.count_tokens) if backend else 0  # the bench's own figure: not timed
     started = time.perf_counter()
     outcome = run_plan(wh, run, plan, llm=llm, backend=backend, concurrency=1)
-    wall = time.perf_counter() - started
+    wall = planned + time.perf_counter() - started
     model = outcome.counters.model_seconds
     started = time.perf_counter()
     again = run_plan(wh, run, make_plan(), llm=llm, backend=backend, concurrency=1)
@@ -39,9 +42,11 @@ def _measure(wh, run, make_plan, llm, backend, units):
     return dict(
         calls=len(plan.requests) / n,
         tokens=tokens / n,
+        plan=planned / n,
         wall=wall / n,
         model=model / n,
         overhead=(wall - model) / model if model else None,
+        send=(wall - planned - model) / model if model else None,
         cached=cached / n,
     )
 
@@ -94,13 +99,14 @@ def bench(root, run: str, site: str, layers: str, limit: int, llm: str) -> list[
         shutil.rmtree(folder, ignore_errors=True)
     lines = [
         f"{len(chosen)} units of {site} (run {run}), {model}; per unit:",
-        "| step | calls | prompt tokens | wall s | model s | overhead | cached rerun s |",
-        "|---|---|---|---|---|---|---|",
+        "| step | calls | prompt tokens | planning s | wall s | model s | overhead | of it after planning "
+        "| cached rerun s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for step, r in rows.items():
-        overhead = f"{100 * r['overhead']:.1f}%" if r["overhead"] is not None else "-"
+        overhead, send = (f"{100 * r[k]:.1f}%" if r[k] is not None else "-" for k in ("overhead", "send"))
         lines.append(
-            f"| {step} | {r['calls']:.1f} | {r['tokens']:,.0f} | {r['wall']:.2f} | {r['model']:.2f} | {overhead} "
-            f"| {r['cached']:.2f} |"
+            f"| {step} | {r['calls']:.1f} | {r['tokens']:,.0f} | {r['plan']:.2f} | {r['wall']:.2f} | {r['model']:.2f} "
+            f"| {overhead} | {send} | {r['cached']:.2f} |"
         )
     return lines

@@ -82,12 +82,19 @@ def select_units(wh, run: str, site: str, layers: list[int], where: str | None, 
     return units[:limit] if limit else units
 
 
+_SPECIALS: dict[tuple, dict[int, set[int]]] = {}
+
+
 def _specials(wh, run: str) -> dict[int, set[int]]:
-    """Per document, the positions of special tokens ([CLS], BOS, ...), which windows leave out."""
-    rows = wh.sql(
-        "SELECT doc, list(pos) FROM tokens WHERE run_id = $run AND special GROUP BY doc", {"run": run}
-    ).fetchall()
-    return {doc: set(positions) for doc, positions in rows}
+    """Per document, the positions of special tokens ([CLS], BOS, ...), which windows leave out; read
+    once per committed run (planning asks for them at every unit)."""
+    key = (str(wh.root), run, wh.manifest(run)["committed_at"])
+    if key not in _SPECIALS:
+        rows = wh.sql(
+            "SELECT doc, list(pos) FROM tokens WHERE run_id = $run AND special GROUP BY doc", {"run": run}
+        ).fetchall()
+        _SPECIALS[key] = {doc: set(positions) for doc, positions in rows}
+    return _SPECIALS[key]
 
 
 def stored_examples(wh, run: str, site: str, layer: int, neurons: list[int]) -> dict[int, list[Window]]:
@@ -173,7 +180,11 @@ def split(windows: list[Window], n_explain: int, n_test: int, seed: int) -> tupl
 
 
 # -- non-activating windows ---------------------------------------------------------------
+# Facts of a committed run that explaining never changes, read once per (root, run, commit time, ...):
+# a run deleted and captured again has another commit time.
 _EXACTNESS: dict[tuple, dict[int, bool]] = {}
+_KEPT_NON_FIRING: dict[tuple, bool] = {}
+_NON_FIRING: dict[tuple, list[Window]] = {}  # prefetched for a plan, each taken by its unit
 
 
 def _exactness(wh, run: str, site: str, layer: int) -> dict[int, bool]:
@@ -270,25 +281,45 @@ def non_firing(wh, run: str, site: str, layer: int, neuron: int, n: int, seed: i
 
 
 def _kept_non_firing(wh, run: str, site: str, layer: int) -> bool:
-    """Did the capture keep its sample of non-firing windows at this layer (kind nonfiring)?"""
-    return bool(
-        wh.sql(
-            "SELECT count(*) FROM neuron_examples WHERE run_id = $run AND site = $site AND layer = $layer "
-            "AND kind = 'nonfiring'",
-            {"run": run, "site": site, "layer": layer},
-        ).fetchall()[0][0]
-    )
+    """Did the capture keep its sample of non-firing windows at this layer (kind nonfiring)? Read once
+    per layer of a committed run."""
+    key = (str(wh.root), run, wh.manifest(run)["committed_at"], site, layer)
+    if key not in _KEPT_NON_FIRING:
+        _KEPT_NON_FIRING[key] = bool(
+            wh.sql(
+                "SELECT count(*) FROM neuron_examples WHERE run_id = $run AND site = $site AND layer = $layer "
+                "AND kind = 'nonfiring'",
+                {"run": run, "site": site, "layer": layer},
+            ).fetchall()[0][0]
+        )
+    return _KEPT_NON_FIRING[key]
+
+
+def prefetch_non_firing(wh, run: str, site: str, layer: int, neurons: list[int]) -> None:
+    """Read the kept non-firing windows of every unit in `neurons` at one layer in one statement
+    (planning asks for them unit by unit: a statement each cost ~60 ms)."""
+    if not neurons or not _kept_non_firing(wh, run, site, layer):
+        return
+    rows = wh.sql(
+        "SELECT x.neuron, d.doc, x.pos, x.value, x.tokens "
+        "FROM whq_examples($run, $site, $layer, NULL, 'nonfiring', 2147483647, $before, $after, 0) x "
+        "JOIN documents d ON d.run_id = $run AND d.doc_id = x.doc_id "
+        "WHERE list_contains($neurons, x.neuron) ORDER BY x.neuron, x.rank",
+        {"run": run, "site": site, "layer": layer, "before": BEFORE, "after": AFTER, "neurons": sorted(set(neurons))},
+    ).fetchall()
+    key = (str(wh.root), run, wh.manifest(run)["committed_at"], site, layer)
+    specials = _specials(wh, run)
+    found: dict[int, list[Window]] = {neuron: [] for neuron in neurons}
+    for neuron, doc, pos, value, tokens in rows:
+        found[neuron].append(_window(doc, pos, value, tokens, specials, "non-firing", False))
+    _NON_FIRING.update({(*key, neuron): windows for neuron, windows in found.items()})
 
 
 def _captured_non_firing(wh, run: str, site: str, layer: int, neuron: int, n: int, seed: int) -> list[Window]:
-    rows = wh.sql(
-        "SELECT d.doc, x.pos, x.value, x.tokens "
-        "FROM whq_examples($run, $site, $layer, $neuron, 'nonfiring', 2147483647, $before, $after, 0) x "
-        "JOIN documents d ON d.run_id = $run AND d.doc_id = x.doc_id ORDER BY x.rank",
-        {"run": run, "site": site, "layer": layer, "neuron": neuron, "before": BEFORE, "after": AFTER},
-    ).fetchall()
-    specials = _specials(wh, run)
-    windows = [_window(doc, pos, value, tokens, specials, "non-firing", False) for doc, pos, value, tokens in rows]
+    key = (str(wh.root), run, wh.manifest(run)["committed_at"], site, layer, neuron)
+    if key not in _NON_FIRING:
+        prefetch_non_firing(wh, run, site, layer, [neuron])
+    windows = _NON_FIRING.pop(key)  # asked for once per unit and plan: nothing is kept after
     shown = [w for w in windows if w.tokens]  # a document of special tokens alone shows nothing
     return random.Random(seed).sample(shown, min(n, len(shown)))
 

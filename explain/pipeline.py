@@ -229,6 +229,9 @@ def plan_score(wh, run, site, layers, *, scorers: list[str], model: str, recipe:
         layer: ex.stored_examples(wh, run, site, layer, [r[1] for r in found if r[0] == layer])
         for layer in sorted({r[0] for r in found})
     }
+    if "non-firing" in recipe.non_activating and recipe.n_non_activating:
+        for layer in stored:  # every unit below takes its own
+            ex.prefetch_non_firing(wh, run, site, layer, [r[1] for r in found if r[0] == layer])
     settings = recipe.to_json()
     work, requests = [], []
     for layer, neuron, exp_id, text, exp_settings, _ in found:

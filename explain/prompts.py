@@ -320,28 +320,33 @@ def simulation_request(explanation: str, ex: Window) -> tuple[list[dict], str]:
     return [{"role": "system", "content": SIMULATION_SYSTEM}, {"role": "user", "content": user}], forced
 
 
-_ANSWERS = [str(v) for v in range(11)]
+_ANSWERS = {str(v): v for v in range(11)}
 
 
-_ALL_ANSWERS = operator.itemgetter(*_ANSWERS)
-
-
-def _answer_logprobs(distribution: dict[str, float]) -> tuple[float, ...] | list[float]:
-    """The log-probabilities of the answers 0..10 (-inf for one absent)."""
-    try:
-        return _ALL_ANSWERS(distribution)  # a local model's answer has each of them
-    except KeyError:
-        return [distribution.get(k, -np.inf) for k in _ANSWERS]
+def _logprob_table(marks: list[dict[str, float]]) -> tuple[list[str], list]:
+    """(answers, rows): each marker's log-probabilities of the same answers, -inf where one is absent."""
+    answers = list(marks[0])
+    # A model's answers usually name the same tokens at every marker (a local model: those of one
+    # token): read them in one pass instead of looking each answer up.
+    if all(len(d) == len(answers) for d in marks):
+        pick = operator.itemgetter(*answers)
+        try:
+            return answers, [pick(d) if len(answers) > 1 else (pick(d),) for d in marks]
+        except KeyError:
+            pass
+    answers = list(_ANSWERS)
+    return answers, [[d.get(k, -np.inf) for k in answers] for d in marks]
 
 
 def expected_values(marks: list[dict[str, float]]) -> list[float]:
     """OpenAI's expected value at each marker over the answers 0..10 present (tokens spelled exactly "0"
     to "10", as its VALID_ACTIVATION_TOKENS), probabilities renormalised over them; 0 where none is."""
-    if not marks:
-        return []
-    # one array for every marker of the answer: a simulation answer has ~35 markers of 11 answers each
-    logprobs = np.array([_answer_logprobs(d) for d in marks], dtype=np.float64)
+    if all(not d for d in marks):
+        return [0.0] * len(marks)
+    answers, rows = _logprob_table(marks)
+    valid = [i for i, k in enumerate(answers) if k in _ANSWERS]
+    logprobs = np.array(rows, dtype=np.float64).reshape(len(marks), len(answers))[:, valid]
     probabilities = np.exp(logprobs)
     total = probabilities.sum(axis=1)
-    weighted = probabilities @ np.arange(11, dtype=np.float64)
+    weighted = probabilities @ np.array([_ANSWERS[answers[i]] for i in valid], dtype=np.float64)
     return np.where(total > 0, weighted / np.where(total > 0, total, 1.0), 0.0).tolist()

@@ -283,6 +283,16 @@ def test_the_expected_value_counts_only_the_answers_spelled_0_to_10():
     spelled = {"2": math.log(0.25), "6": math.log(0.75), **others}
     assert prompts.expected_values([spelled, others, {}, {"10": -800.0}]) == pytest.approx([5.0, 0.0, 0.0, 0.0])
     assert prompts.expected_values([{"3": -1.0, "4": -1.0}]) == pytest.approx([3.5])
+    # the same answers at every marker (a local model's), other tokens among them, in any order
+    same = [
+        {"1": math.log(0.5), "x": 0.0, "9": math.log(0.5)},
+        {"9": -50.0, "1": -1.0, "x": -3.0},
+        {"x": 0.0, "1": -800.0, "9": -800.0},
+    ]
+    assert prompts.expected_values(same) == pytest.approx(
+        [5.0, (1 * math.exp(-1) + 9 * math.exp(-50)) / (math.exp(-1) + math.exp(-50)), 0.0]
+    )
+    assert prompts.expected_values([{"7": 0.0}, {"7": -2.0}]) == pytest.approx([7.0, 7.0])
 
 
 @pytest.mark.parametrize(
