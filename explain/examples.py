@@ -185,6 +185,7 @@ def split(windows: list[Window], n_explain: int, n_test: int, seed: int) -> tupl
 _EXACTNESS: dict[tuple, dict[int, bool]] = {}
 _KEPT_NON_FIRING: dict[tuple, bool] = {}
 _NON_FIRING: dict[tuple, list[Window]] = {}  # prefetched for a plan, each taken by its unit
+_NEIGHBOURS: dict[tuple, list[tuple[int, int]]] = {}  # the same, (doc, pos) centres
 
 
 def _exactness(wh, run: str, site: str, layer: int) -> dict[int, bool]:
@@ -324,22 +325,42 @@ def _captured_non_firing(wh, run: str, site: str, layer: int, neuron: int, n: in
     return random.Random(seed).sample(shown, min(n, len(shown)))
 
 
-def neighbours(wh, run: str, site: str, layer: int, neuron: int, n: int, seed: int) -> list[Window]:
-    """Up to n top windows of the unit's most co-activating units whose whole window holds no stored firing of it."""
-    exact = _exactness(wh, run, site, layer).get(neuron, False)
-    centres = wh.sql(
-        f"""
-        WITH {FIRED}
-        SELECT DISTINCT ON (e.doc, e.pos) e.doc, e.pos
+def prefetch_neighbours(wh, run: str, site: str, layer: int, neurons: list[int]) -> None:
+    """Find the neighbours' windows (below) of every unit in `neurons` at one layer in one statement."""
+    if not neurons:
+        return
+    rows = wh.sql(
+        """
+        WITH fired AS (
+            SELECT t.neuron, t.doc, t.pos FROM token_neurons t, sites s
+            WHERE t.run_id = $run AND t.site = $site AND t.layer = $layer AND list_contains($neurons, t.neuron)
+              AND s.run_id = $run AND s.site = $site AND t.value > coalesce(s.threshold, 0)
+        )
+        SELECT DISTINCT c.neuron, e.doc, e.pos
         FROM unit_coactivations c
         JOIN neuron_examples e ON e.run_id = $run AND e.site = $site AND e.layer = $layer
             AND e.neuron = c.other AND e.kind = 'top'
-        WHERE c.run_id = $run AND c.site = $site AND c.layer = $layer AND c.neuron = $neuron
-          AND NOT EXISTS (SELECT 1 FROM fired f WHERE f.doc = e.doc AND f.pos BETWEEN e.pos - $before AND e.pos + $after)
-        ORDER BY e.doc, e.pos
+        WHERE c.run_id = $run AND c.site = $site AND c.layer = $layer AND list_contains($neurons, c.neuron)
+          AND NOT EXISTS (SELECT 1 FROM fired f WHERE f.neuron = c.neuron AND f.doc = e.doc
+                          AND f.pos BETWEEN e.pos - $before AND e.pos + $after)
+        ORDER BY c.neuron, e.doc, e.pos
         """,
-        {"run": run, "site": site, "layer": layer, "neuron": neuron, "before": BEFORE, "after": AFTER},
+        {"run": run, "site": site, "layer": layer, "neurons": sorted(set(neurons)), "before": BEFORE, "after": AFTER},
     ).fetchall()
+    key = (str(wh.root), run, wh.manifest(run)["committed_at"], site, layer)
+    found: dict[int, list[tuple[int, int]]] = {neuron: [] for neuron in neurons}
+    for neuron, doc, pos in rows:
+        found[neuron].append((doc, pos))
+    _NEIGHBOURS.update({(*key, neuron): centres for neuron, centres in found.items()})
+
+
+def neighbours(wh, run: str, site: str, layer: int, neuron: int, n: int, seed: int) -> list[Window]:
+    """Up to n top windows of the unit's most co-activating units whose whole window holds no stored firing of it."""
+    exact = _exactness(wh, run, site, layer).get(neuron, False)
+    key = (str(wh.root), run, wh.manifest(run)["committed_at"], site, layer, neuron)
+    if key not in _NEIGHBOURS:
+        prefetch_neighbours(wh, run, site, layer, [neuron])
+    centres = _NEIGHBOURS.pop(key)  # asked for once per unit and plan: nothing is kept after
     centres = random.Random(seed).sample(centres, min(n, len(centres)))
     source = "neighbours" if exact else "neighbours~"
     return [Window(d, p, toks, [0.0] * len(toks), source, False) for d, p, toks in _token_windows(wh, run, centres)]

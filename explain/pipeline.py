@@ -229,9 +229,13 @@ def plan_score(wh, run, site, layers, *, scorers: list[str], model: str, recipe:
         layer: ex.stored_examples(wh, run, site, layer, [r[1] for r in found if r[0] == layer])
         for layer in sorted({r[0] for r in found})
     }
-    if "non-firing" in recipe.non_activating and recipe.n_non_activating:
+    if recipe.n_non_activating:
         for layer in stored:  # every unit below takes its own
-            ex.prefetch_non_firing(wh, run, site, layer, [r[1] for r in found if r[0] == layer])
+            neurons = [r[1] for r in found if r[0] == layer]
+            if "non-firing" in recipe.non_activating:
+                ex.prefetch_non_firing(wh, run, site, layer, neurons)
+            if "neighbours" in recipe.non_activating:
+                ex.prefetch_neighbours(wh, run, site, layer, neurons)
     settings = recipe.to_json()
     work, requests = [], []
     for layer, neuron, exp_id, text, exp_settings, _ in found:

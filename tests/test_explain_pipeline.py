@@ -410,11 +410,16 @@ def test_control_characters_of_an_answer_are_not_stored_and_the_export_imports_a
     assert code == 0, err
 
 
-def test_non_firing_windows_read_for_a_whole_layer_equal_those_read_unit_by_unit(minilm_wh):
+@pytest.mark.parametrize(
+    "source, prefetch", [("non_firing", "prefetch_non_firing"), ("neighbours", "prefetch_neighbours")]
+)
+def test_windows_read_for_a_whole_layer_equal_those_read_unit_by_unit(minilm_wh, source, prefetch):
     wh = warehouse.open(minilm_wh)
-    neurons = [n for _, n in ex.select_units(wh, RUN, SITE, [LAYER], "rate < 0.05", 4)]
-    alone = {n: ex.non_firing(wh, RUN, SITE, LAYER, n, 3, seed=2) for n in neurons}
+    # rare units have silent windows, frequent ones co-activate
+    neurons = [n for rates in ("rate < 0.05", None) for _, n in ex.select_units(wh, RUN, SITE, [LAYER], rates, 4)]
+    windows = getattr(ex, source)
+    alone = {n: windows(wh, RUN, SITE, LAYER, n, 3, seed=2) for n in neurons}
     assert sum(map(len, alone.values())) >= 8
-    ex.prefetch_non_firing(wh, RUN, SITE, LAYER, neurons)
-    assert {n: ex.non_firing(wh, RUN, SITE, LAYER, n, 3, seed=2) for n in neurons} == alone
-    assert not ex._NON_FIRING  # each unit took its own: nothing is kept after a plan
+    getattr(ex, prefetch)(wh, RUN, SITE, LAYER, neurons)
+    assert {n: windows(wh, RUN, SITE, LAYER, n, 3, seed=2) for n in neurons} == alone
+    assert not ex._NON_FIRING and not ex._NEIGHBOURS  # each unit took its own: nothing is kept after a plan
