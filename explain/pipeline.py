@@ -102,9 +102,14 @@ def plan_explain(wh, run, site, units, *, explainer: str, model: str, recipe: Re
         layer: ex.stored_examples(wh, run, site, layer, [n for lay, n in units if lay == layer])
         for layer in sorted({lay for lay, _ in units})
     }
+    split = {
+        unit: ex.split(stored[unit[0]].get(unit[1], []), recipe.n_explain, recipe.n_test, recipe.seed) for unit in units
+    }
+    if explainer == "contrastive":
+        _prefetch_non_activating(wh, run, site, recipe, [unit for unit in units if split[unit][0]])
     jobs, requests = [], []
     for layer, neuron in units:
-        shown, _ = ex.split(stored[layer].get(neuron, []), recipe.n_explain, recipe.n_test, recipe.seed)
+        shown, _ = split[(layer, neuron)]
         if not shown:
             continue
         negatives = []
@@ -171,6 +176,19 @@ def plan_explain(wh, run, site, units, *, explainer: str, model: str, recipe: Re
     return Plan(batch, len(jobs), requests, finish, {(j[2], None) for j in jobs})
 
 
+def _prefetch_non_activating(wh, run, site, recipe: Recipe, units: list[tuple[int, int]]) -> None:
+    """Read the non-activating windows of every unit that will ask for them, a statement per layer and
+    source instead of one per unit (each unit then takes its own)."""
+    if not recipe.n_non_activating:
+        return
+    for layer in sorted({layer for layer, _ in units}):
+        neurons = [n for lay, n in units if lay == layer]
+        if "non-firing" in recipe.non_activating:
+            ex.prefetch_non_firing(wh, run, site, layer, neurons)
+        if "neighbours" in recipe.non_activating:
+            ex.prefetch_neighbours(wh, run, site, layer, neurons)
+
+
 # -- score --------------------------------------------------------------------------------
 def _no_explanations(wh, run, site, layers, explainer) -> str:
     """Why there is nothing to score: no explanation at all, or only answers out of form."""
@@ -229,13 +247,7 @@ def plan_score(wh, run, site, layers, *, scorers: list[str], model: str, recipe:
         layer: ex.stored_examples(wh, run, site, layer, [r[1] for r in found if r[0] == layer])
         for layer in sorted({r[0] for r in found})
     }
-    if recipe.n_non_activating:
-        for layer in stored:  # every unit below takes its own
-            neurons = [r[1] for r in found if r[0] == layer]
-            if "non-firing" in recipe.non_activating:
-                ex.prefetch_non_firing(wh, run, site, layer, neurons)
-            if "neighbours" in recipe.non_activating:
-                ex.prefetch_neighbours(wh, run, site, layer, neurons)
+    _prefetch_non_activating(wh, run, site, recipe, [(r[0], r[1]) for r in found])
     settings = recipe.to_json()
     work, requests = [], []
     for layer, neuron, exp_id, text, exp_settings, _ in found:
