@@ -578,27 +578,25 @@ def _hash(*parts) -> str:
 
 def _example_rows(examples: dict, unit: int, exp_id: str, kind: str) -> list[dict]:
     """The unit's neuron_examples of `kind` as the explainer's examples (explanation_examples, scorer NULL)."""
+    from explain.examples import Window
+    from explain.scorers import example_row
+
     source = {"top": "top", "random": "random", "nonfiring": "non-firing"}[kind]
     return [
-        dict(
-            neuron=unit,
-            explanation_id=exp_id,
-            scorer=None,
-            model=None,
-            role="explain",
-            source=source,
-            doc=int(examples["doc"][i]),
-            pos=int(examples["pos"][i]),
-            quantile=None,
-            truth=kind != "nonfiring",
-            value=float(examples["value"][i]),
-            prediction=None,
-            probability=None,
-            correct=None,
-            parsed=None,
-            request_hash=None,
-            true_values=None,
-            predicted_values=None,
+        example_row(
+            exp_id,
+            unit,
+            None,
+            "explain",
+            Window(
+                int(examples["doc"][i]),
+                int(examples["pos"][i]),
+                [],
+                [],
+                source,
+                kind != "nonfiring",
+                value=float(examples["value"][i]),
+            ),  # fmt: skip
         )
         for i in np.flatnonzero((examples["neuron"] == unit) & (examples["kind"] == kind))
     ]
