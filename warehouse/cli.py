@@ -489,7 +489,7 @@ def _rel_to_polars(rel):
         raise sql_error(err) from None
 
 
-def _fail(err: WarehouseError) -> NoReturn:
+def _report(err: WarehouseError) -> NoReturn:
     # One line, even if a library's text had several, and no raw control character (a value in DuckDB's message).
     typer.echo(f"error: {terminal_safe(' '.join(str(err).split()))}", err=True)
     sys.exit(err.exit_code)
@@ -502,11 +502,11 @@ def main() -> None:
         if isinstance(code, int) and code:
             sys.exit(code)
     except WarehouseError as err:
-        _fail(err)
+        _report(err)
     except (
         duckdb.Error
     ) as err:  # a statement of whq's own that failed where none was expected (a run deleted meanwhile)
-        _fail(sql_error(err))
+        _report(sql_error(err))
     except typer.Exit as done:
         sys.exit(done.exit_code)
     except (typer.Abort, KeyboardInterrupt):
