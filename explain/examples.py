@@ -85,10 +85,16 @@ def select_units(wh, run: str, site: str, layers: list[int], where: str | None, 
 _SPECIALS: dict[tuple, dict[int, set[int]]] = {}
 
 
+def _run_key(wh, run: str) -> tuple:
+    """What names a committed run's facts in the memos below: a run deleted and captured again has
+    another commit time."""
+    return (str(wh.root), run, wh.manifest(run)["committed_at"])
+
+
 def _specials(wh, run: str) -> dict[int, set[int]]:
     """Per document, the positions of special tokens ([CLS], BOS, ...), which windows leave out; read
     once per committed run (planning asks for them at every unit)."""
-    key = (str(wh.root), run, wh.manifest(run)["committed_at"])
+    key = _run_key(wh, run)
     if key not in _SPECIALS:
         rows = wh.sql(
             "SELECT doc, list(pos) FROM tokens WHERE run_id = $run AND special GROUP BY doc", {"run": run}
@@ -180,8 +186,7 @@ def split(windows: list[Window], n_explain: int, n_test: int, seed: int) -> tupl
 
 
 # -- non-activating windows ---------------------------------------------------------------
-# Facts of a committed run that explaining never changes, read once per (root, run, commit time, ...):
-# a run deleted and captured again has another commit time.
+# Facts of a committed run that explaining never changes, read once per _run_key and site layer.
 _EXACTNESS: dict[tuple, dict[int, bool]] = {}
 _KEPT_NON_FIRING: dict[tuple, bool] = {}
 _NON_FIRING: dict[tuple, list[Window]] = {}  # prefetched for a plan, each taken by its unit
@@ -192,7 +197,7 @@ def _exactness(wh, run: str, site: str, layer: int) -> dict[int, bool]:
     """Per unit: is every firing stored in token_neurons (so a window without one is exactly non-firing)?
     Computed once per layer of a committed run (explaining never changes token_neurons or neuron_stats;
     a run deleted and captured again has another commit time)."""
-    key = (str(wh.root), run, wh.manifest(run)["committed_at"], site, layer)
+    key = (*_run_key(wh, run), site, layer)
     if key not in _EXACTNESS:
         _EXACTNESS[key] = _stored_every_firing(wh, run, site, layer)
     return _EXACTNESS[key]
@@ -284,7 +289,7 @@ def non_firing(wh, run: str, site: str, layer: int, neuron: int, n: int, seed: i
 def _kept_non_firing(wh, run: str, site: str, layer: int) -> bool:
     """Did the capture keep its sample of non-firing windows at this layer (kind nonfiring)? Read once
     per layer of a committed run."""
-    key = (str(wh.root), run, wh.manifest(run)["committed_at"], site, layer)
+    key = (*_run_key(wh, run), site, layer)
     if key not in _KEPT_NON_FIRING:
         _KEPT_NON_FIRING[key] = bool(
             wh.sql(
@@ -308,7 +313,7 @@ def prefetch_non_firing(wh, run: str, site: str, layer: int, neurons: list[int])
         "WHERE list_contains($neurons, x.neuron) ORDER BY x.neuron, x.rank",
         {"run": run, "site": site, "layer": layer, "before": BEFORE, "after": AFTER, "neurons": sorted(set(neurons))},
     ).fetchall()
-    key = (str(wh.root), run, wh.manifest(run)["committed_at"], site, layer)
+    key = (*_run_key(wh, run), site, layer)
     specials = _specials(wh, run)
     found: dict[int, list[Window]] = {neuron: [] for neuron in neurons}
     for neuron, doc, pos, value, tokens in rows:
@@ -316,11 +321,17 @@ def prefetch_non_firing(wh, run: str, site: str, layer: int, neurons: list[int])
     _NON_FIRING.update({(*key, neuron): windows for neuron, windows in found.items()})
 
 
+def _take(memo: dict, prefetch, wh, run: str, site: str, layer: int, neuron: int):
+    """The unit's entry of a plan's prefetched `memo`, removed (a plan asks for it once, so nothing is
+    kept after); read alone, through `prefetch`, when the plan did not prefetch it."""
+    key = (*_run_key(wh, run), site, layer, neuron)
+    if key not in memo:
+        prefetch(wh, run, site, layer, [neuron])
+    return memo.pop(key)
+
+
 def _captured_non_firing(wh, run: str, site: str, layer: int, neuron: int, n: int, seed: int) -> list[Window]:
-    key = (str(wh.root), run, wh.manifest(run)["committed_at"], site, layer, neuron)
-    if key not in _NON_FIRING:
-        prefetch_non_firing(wh, run, site, layer, [neuron])
-    windows = _NON_FIRING.pop(key)  # asked for once per unit and plan: nothing is kept after
+    windows = _take(_NON_FIRING, prefetch_non_firing, wh, run, site, layer, neuron)
     shown = [w for w in windows if w.tokens]  # a document of special tokens alone shows nothing
     return random.Random(seed).sample(shown, min(n, len(shown)))
 
@@ -347,7 +358,7 @@ def prefetch_neighbours(wh, run: str, site: str, layer: int, neurons: list[int])
         """,
         {"run": run, "site": site, "layer": layer, "neurons": sorted(set(neurons)), "before": BEFORE, "after": AFTER},
     ).fetchall()
-    key = (str(wh.root), run, wh.manifest(run)["committed_at"], site, layer)
+    key = (*_run_key(wh, run), site, layer)
     found: dict[int, list[tuple[int, int]]] = {neuron: [] for neuron in neurons}
     for neuron, doc, pos in rows:
         found[neuron].append((doc, pos))
@@ -357,10 +368,7 @@ def prefetch_neighbours(wh, run: str, site: str, layer: int, neurons: list[int])
 def neighbours(wh, run: str, site: str, layer: int, neuron: int, n: int, seed: int) -> list[Window]:
     """Up to n top windows of the unit's most co-activating units whose whole window holds no stored firing of it."""
     exact = _exactness(wh, run, site, layer).get(neuron, False)
-    key = (str(wh.root), run, wh.manifest(run)["committed_at"], site, layer, neuron)
-    if key not in _NEIGHBOURS:
-        prefetch_neighbours(wh, run, site, layer, [neuron])
-    centres = _NEIGHBOURS.pop(key)  # asked for once per unit and plan: nothing is kept after
+    centres = _take(_NEIGHBOURS, prefetch_neighbours, wh, run, site, layer, neuron)
     centres = random.Random(seed).sample(centres, min(n, len(centres)))
     source = "neighbours" if exact else "neighbours~"
     return [Window(d, p, toks, [0.0] * len(toks), source, False) for d, p, toks in _token_windows(wh, run, centres)]

@@ -137,8 +137,13 @@ def build(layout: Layout, skip: set[str] | None = None, *, changed: tuple[str, s
             f"then run `whq repair {layout.root}` (no committed run is lost)"
         ) from None
     finally:
-        for leftover in (tmp, tmp.with_name(tmp.name + ".wal")):
-            leftover.unlink(missing_ok=True)
+        _remove(tmp)
+
+
+def _remove(tmp: Path) -> None:
+    """A temporary catalog and the WAL DuckDB may have left beside it."""
+    for leftover in (tmp, tmp.with_name(tmp.name + ".wal")):
+        leftover.unlink(missing_ok=True)
 
 
 def _write_failure(err: duckdb.Error, tmp: Path) -> bool:
@@ -197,8 +202,7 @@ def _start(con, layout: Layout, tmp: Path, changed: tuple[str, set[str]] | None)
         except duckdb.Error:
             with contextlib.suppress(duckdb.Error):
                 con.execute("DETACH whq_catalog")
-        for leftover in (tmp, tmp.with_name(tmp.name + ".wal")):
-            leftover.unlink(missing_ok=True)
+        _remove(tmp)
     base = _base()
     if base is not None:
         shutil.copyfile(base, tmp)
@@ -251,8 +255,7 @@ def _base() -> Path | None:
                 con.close()
             os.replace(tmp, base)  # whole or absent: a concurrent build copies one or the other
         finally:
-            for leftover in (tmp, tmp.with_name(tmp.name + ".wal")):
-                leftover.unlink(missing_ok=True)
+            _remove(tmp)
         return base
     except (OSError, duckdb.Error):
         return None
