@@ -4,9 +4,9 @@ On a copy of the warehouse, each explainer and each scorer runs alone on the sam
 tokens and calls per unit from its plan, the planning time (reading the examples, building the
 prompts), the wall time of the whole path (planning, calls, parsing, embedding, the commit) per
 unit, the model's own time (the sum of the calls' latencies), the overhead = wall - model as a
-share of the model's time, and the part of it after planning (the cache, parsing, the commit). Then each runs again, answered
-wholly from the cache. Scorers score the top-tokens explanations (a random tiny model writes no
-parsable explanation of its own).
+share of the model's time, and the part of it after planning (the cache, parsing, the commit).
+Then each runs again, answered wholly from the cache. Scorers score the top-tokens explanations
+(a random tiny model writes no parsable explanation of its own).
 """
 
 from __future__ import annotations

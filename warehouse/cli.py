@@ -503,9 +503,8 @@ def main() -> None:
             sys.exit(code)
     except WarehouseError as err:
         _report(err)
-    except (
-        duckdb.Error
-    ) as err:  # a statement of whq's own that failed where none was expected (a run deleted meanwhile)
+    except duckdb.Error as err:
+        # a statement of whq's own that failed where none was expected (a run deleted meanwhile)
         _report(sql_error(err))
     except typer.Exit as done:
         sys.exit(done.exit_code)

@@ -101,6 +101,12 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _cannot_write(final: Path, err: OSError, retry: str) -> WarehouseError:
+    return WarehouseError(
+        f"cannot write {final}: {err.strerror or err}; free disk space or fix permissions, then {retry}"
+    )
+
+
 def write_bytes_atomic(
     payload: bytes,
     final: Path,
@@ -128,9 +134,7 @@ def write_bytes_atomic(
             fh.flush()
     except OSError as err:
         tmp.unlink(missing_ok=True)
-        raise WarehouseError(
-            f"cannot write {final}: {err.strerror or err}; free disk space or fix permissions, then {retry}"
-        ) from None
+        raise _cannot_write(final, err, retry) from None
     install_atomic(tmp, final, what, retry, sync_folder=sync_folder)
 
 
@@ -148,17 +152,13 @@ def install_atomic(tmp: Path, final: Path, what: str, retry: str, *, sync_folder
         os.replace(tmp, final)
     except OSError as err:
         tmp.unlink(missing_ok=True)
-        raise WarehouseError(
-            f"cannot write {final}: {err.strerror or err}; free disk space or fix permissions, then {retry}"
-        ) from None
+        raise _cannot_write(final, err, retry) from None
     try:
         fault(f"{what}.renamed")
         if sync_folder:
             fsync_dir(final.parent)
     except OSError as err:  # the file is in place; its folder's entry may not be on disk yet
-        raise WarehouseError(
-            f"cannot write {final}: {err.strerror or err}; free disk space or fix permissions, then {retry}"
-        ) from None
+        raise _cannot_write(final, err, retry) from None
 
 
 def write_part(
