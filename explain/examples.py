@@ -50,6 +50,8 @@ class Window:
     activating: bool
     quantile: int | None = None
     value: float = 0.0
+    neuron: int | None = None  # a stored example's unit and rank within its kind (what read_windows reads)
+    rank: int | None = None
 
     @property
     def key(self) -> tuple[int, int]:
@@ -86,9 +88,14 @@ _SPECIALS: dict[tuple, dict[int, set[int]]] = {}
 
 
 def _run_key(wh, run: str) -> tuple:
-    """What names a committed run's facts in the memos below: a run deleted and captured again has
-    another commit time."""
-    return (str(wh.root), run, wh.manifest(run)["committed_at"])
+    """What names a committed run's facts in the memos below: its manifest's identity (a run deleted and
+    captured again has a new manifest). A stat, not a read: planning asks at every unit."""
+    try:
+        stat = wh.layout.manifest(run).stat()
+    except FileNotFoundError:
+        wh.manifest(run)  # the one line naming the committed runs
+        raise
+    return (str(wh.root), run, stat.st_ino, stat.st_mtime_ns, stat.st_size)
 
 
 def _specials(wh, run: str) -> dict[int, set[int]]:
@@ -103,62 +110,77 @@ def _specials(wh, run: str) -> dict[int, set[int]]:
     return _SPECIALS[key]
 
 
+KINDS = ("top", "quantile", "random")  # the activating kinds, in the order a unit's examples are listed
+_KIND_OF_SOURCE = {"non-firing": "nonfiring"}  # a Window's source, where it is not its neuron_examples kind
+
+
 def stored_examples(wh, run: str, site: str, layer: int, neurons: list[int]) -> dict[int, list[Window]]:
     """The stored activating examples (kinds top, quantile, random) of `neurons` at one layer, in rank
-    order, with their windows as whq_examples builds them, special tokens left out."""
+    order, without their windows (tokens and values empty): a plan shows a few of the hundreds a unit
+    keeps, and `read_windows` builds those alone."""
     params = {"run": run, "site": site, "layer": layer}
-    kinds = {
+    kept = {
         k
         for (k,) in wh.sql(
             "SELECT DISTINCT kind FROM neuron_examples WHERE run_id = $run AND site = $site AND layer = $layer",
             params,
         ).fetchall()
     }
-    if not kinds & {"top", "quantile", "random"}:
+    kinds = [kind for kind in KINDS if kind in kept]
+    if not kinds:
         raise BadInput(
             f"site {site!r} of run {run!r} kept no examples at layer {layer}: re-ingest with --site {site}:examples=20"
         )
-    specials = _specials(wh, run)
-    quantiles = {
-        (n, r): q
-        for n, r, q in wh.sql(
-            "SELECT neuron, rank, quantile FROM neuron_examples WHERE run_id = $run AND site = $site "
-            "AND layer = $layer AND kind = 'quantile'",
-            params,
-        ).fetchall()
-    }
+    rows = wh.sql(
+        " UNION ALL ".join(
+            f"SELECT {order} AS kind_order, neuron, rank, doc, pos, value, quantile "
+            f"FROM whq_example_keys($run, $site, $layer, NULL, '{kind}', 2147483647, 0, units := $neurons)"
+            for order, kind in enumerate(kinds)
+        )
+        + " ORDER BY neuron, kind_order, rank",
+        params | {"neurons": sorted(set(neurons))},
+    ).fetchall()
     found: dict[int, list[Window]] = {}
-    for kind in ("top", "quantile", "random"):
-        if kind not in kinds:
-            continue
-        rows = wh.sql(
-            "SELECT x.neuron, x.rank, d.doc, x.pos, x.value, x.tokens "
-            "FROM whq_examples($run, $site, $layer, NULL, $kind, 2147483647, $before, $after, 0) x "
-            "JOIN documents d ON d.run_id = $run AND d.doc_id = x.doc_id "
-            "WHERE list_contains($neurons, x.neuron) ORDER BY x.neuron, x.rank",
-            params | {"kind": kind, "before": BEFORE, "after": AFTER, "neurons": neurons},
-        ).fetchall()
-        for neuron, rank, doc, pos, value, tokens in rows:
-            quantile = quantiles.get((neuron, rank)) if kind == "quantile" else None
-            found.setdefault(neuron, []).append(_window(doc, pos, value, tokens, specials, kind, True, quantile))
+    for order, neuron, rank, doc, pos, value, quantile in rows:
+        found.setdefault(neuron, []).append(
+            Window(doc, pos, [], [], kinds[order], True, quantile, float(value), neuron=neuron, rank=rank)
+        )
     return found
 
 
-def _window(doc, pos, value, tokens, specials, source, activating, quantile=None) -> Window:
-    """A Window from a whq_examples row's tokens, special tokens left out."""
+def read_windows(wh, run: str, site: str, layer: int, examples: list[Window]) -> None:
+    """Fill in the windows of stored examples (from `stored_examples`, one layer) as whq_examples builds
+    them, special tokens left out: one statement for all of them."""
+    kinds = sorted({_KIND_OF_SOURCE.get(w.source, w.source) for w in examples})
+    if not kinds:
+        return
+    params = {"run": run, "site": site, "layer": layer, "before": BEFORE, "after": AFTER}
+    for kind in kinds:
+        chosen = [w for w in examples if _KIND_OF_SOURCE.get(w.source, w.source) == kind]
+        params[f"units_{kind}"] = sorted({w.neuron for w in chosen})
+        params[f"picks_{kind}"] = [{"neuron": w.neuron, "rank": w.rank} for w in chosen]
+    rows = wh.sql(
+        " UNION ALL ".join(
+            f"SELECT '{kind}' AS kind, neuron, rank, tokens FROM whq_examples($run, $site, $layer, NULL, '{kind}', "
+            f"2147483647, $before, $after, 0, units := $units_{kind}, picks := $picks_{kind})"
+            for kind in kinds
+        ),
+        params,
+    ).fetchall()
+    tokens = {(kind, neuron, rank): window for kind, neuron, rank, window in rows}
+    specials = _specials(wh, run)
+    for w in examples:
+        w.tokens, w.values = _shown(
+            w.doc, w.pos, tokens[(_KIND_OF_SOURCE.get(w.source, w.source), w.neuron, w.rank)], specials
+        )
+
+
+def _shown(doc, pos, tokens, specials) -> tuple[list[str], list[float]]:
+    """The texts and values of a whq_examples row's window tokens, special tokens left out."""
     first = max(0, pos - BEFORE)  # a document's positions run 0, 1, ... without gaps
     skip = specials.get(doc, set())
     kept = [t for i, t in enumerate(tokens) if first + i not in skip]
-    return Window(
-        doc=doc,
-        pos=pos,
-        tokens=[t["text"] or "" for t in kept],
-        values=[max(float(t["value"] or 0.0), 0.0) for t in kept],
-        source=source,
-        activating=activating,
-        quantile=quantile,
-        value=float(value),
-    )
+    return [t["text"] or "" for t in kept], [max(float(t["value"] or 0.0), 0.0) for t in kept]
 
 
 def split(windows: list[Window], n_explain: int, n_test: int, seed: int) -> tuple[list[Window], list[Window]]:
@@ -189,8 +211,8 @@ def split(windows: list[Window], n_explain: int, n_test: int, seed: int) -> tupl
 # Facts of a committed run that explaining never changes, read once per _run_key and site layer.
 _EXACTNESS: dict[tuple, dict[int, bool]] = {}
 _KEPT_NON_FIRING: dict[tuple, bool] = {}
-_NON_FIRING: dict[tuple, list[Window]] = {}  # prefetched for a plan, each taken by its unit
-_NEIGHBOURS: dict[tuple, list[tuple[int, int]]] = {}  # the same, (doc, pos) centres
+_NON_FIRING: dict[tuple, list[Window]] = {}  # drawn and read for a plan, each taken by its unit
+_NEIGHBOURS: dict[tuple, list[Window]] = {}  # the same
 
 
 def _exactness(wh, run: str, site: str, layer: int) -> dict[int, bool]:
@@ -220,16 +242,18 @@ def _stored_every_firing(wh, run: str, site: str, layer: int) -> dict[int, bool]
     return dict(rows)
 
 
-def _token_windows(wh, run: str, centres: list[tuple[int, int]]) -> list[tuple[int, int, list[str]]]:
+def _token_windows(wh, run: str, centres: list[tuple[int, int]]) -> list[list[str]]:
+    """The non-special token texts of each centre's window (50 before to 20 after), in centre order
+    (empty where the window holds special tokens alone)."""
     if not centres:
         return []
     rows = wh.sql(
         """
         WITH c AS (SELECT unnest($docs) AS doc, unnest($poss) AS pos, unnest($idx) AS i)
-        SELECT c.i, c.doc, c.pos, list(coalesce(t.text, t.piece) ORDER BY t.pos)
+        SELECT c.i, list(coalesce(t.text, t.piece) ORDER BY t.pos)
         FROM c JOIN tokens t ON t.run_id = $run AND t.doc = c.doc
             AND t.pos BETWEEN c.pos - $before AND c.pos + $after AND NOT t.special
-        GROUP BY c.i, c.doc, c.pos ORDER BY c.i
+        GROUP BY c.i
         """,
         {
             "run": run,
@@ -240,7 +264,13 @@ def _token_windows(wh, run: str, centres: list[tuple[int, int]]) -> list[tuple[i
             "after": AFTER,
         },
     ).fetchall()
-    return [(doc, pos, [t or "" for t in toks]) for _, doc, pos, toks in rows]
+    texts = dict(rows)
+    return [[t or "" for t in texts.get(i, [])] for i in range(len(centres))]
+
+
+def _blank_windows(centres: list[tuple[int, int]], texts: list[list[str]], source: str) -> list[Window]:
+    """Non-activating windows of token texts, every value 0, leaving out those that show nothing."""
+    return [Window(d, p, toks, [0.0] * len(toks), source, False) for (d, p), toks in zip(centres, texts) if toks]
 
 
 # The unit's stored firings (doc, pos): the tokens no non-activating window may hold. Parameters $run,
@@ -282,8 +312,7 @@ def non_firing(wh, run: str, site: str, layer: int, neuron: int, n: int, seed: i
             "after": AFTER,
         },
     ).fetchall()
-    source = "non-firing" if exact else "non-firing~"
-    return [Window(d, p, toks, [0.0] * len(toks), source, False) for d, p, toks in _token_windows(wh, run, centres)]
+    return _blank_windows(centres, _token_windows(wh, run, centres), "non-firing" if exact else "non-firing~")
 
 
 def _kept_non_firing(wh, run: str, site: str, layer: int) -> bool:
@@ -301,43 +330,48 @@ def _kept_non_firing(wh, run: str, site: str, layer: int) -> bool:
     return _KEPT_NON_FIRING[key]
 
 
-def prefetch_non_firing(wh, run: str, site: str, layer: int, neurons: list[int]) -> None:
-    """Read the kept non-firing windows of every unit in `neurons` at one layer in one statement
-    (planning asks for them unit by unit: a statement each cost ~60 ms)."""
+def prefetch_non_firing(wh, run: str, site: str, layer: int, neurons: list[int], n: int, seed: int) -> None:
+    """Draw n of the kept non-firing windows of every unit in `neurons` at one layer (without
+    replacement, seeded, among those that show a token) and read the drawn windows: two statements for
+    all units (planning asks unit by unit: a statement each cost ~60 ms)."""
     if not neurons or not _kept_non_firing(wh, run, site, layer):
         return
     rows = wh.sql(
-        "SELECT x.neuron, d.doc, x.pos, x.value, x.tokens "
-        "FROM whq_examples($run, $site, $layer, NULL, 'nonfiring', 2147483647, $before, $after, 0) x "
-        "JOIN documents d ON d.run_id = $run AND d.doc_id = x.doc_id "
-        "WHERE list_contains($neurons, x.neuron) ORDER BY x.neuron, x.rank",
+        """
+        SELECT k.neuron, k.rank, k.doc, k.pos, k.value FROM whq_example_keys(
+            $run, $site, $layer, NULL, 'nonfiring', 2147483647, 0, units := $neurons) k
+        -- a document of special tokens alone shows nothing
+        WHERE EXISTS (SELECT 1 FROM tokens t WHERE t.run_id = $run AND t.doc = k.doc
+                      AND t.pos BETWEEN k.pos - $before AND k.pos + $after AND NOT t.special)
+        ORDER BY k.neuron, k.rank
+        """,
         {"run": run, "site": site, "layer": layer, "before": BEFORE, "after": AFTER, "neurons": sorted(set(neurons))},
     ).fetchall()
+    kept: dict[int, list[Window]] = {neuron: [] for neuron in neurons}
+    for neuron, rank, doc, pos, value in rows:
+        kept[neuron].append(Window(doc, pos, [], [], "non-firing", False, value=float(value), neuron=neuron, rank=rank))
+    drawn = {neuron: random.Random(seed).sample(windows, min(n, len(windows))) for neuron, windows in kept.items()}
+    read_windows(wh, run, site, layer, [w for windows in drawn.values() for w in windows])
     key = (*_run_key(wh, run), site, layer)
-    specials = _specials(wh, run)
-    found: dict[int, list[Window]] = {neuron: [] for neuron in neurons}
-    for neuron, doc, pos, value, tokens in rows:
-        found[neuron].append(_window(doc, pos, value, tokens, specials, "non-firing", False))
-    _NON_FIRING.update({(*key, neuron): windows for neuron, windows in found.items()})
+    _NON_FIRING.update({(*key, neuron, n, seed): windows for neuron, windows in drawn.items()})
 
 
-def _take(memo: dict, prefetch, wh, run: str, site: str, layer: int, neuron: int):
+def _take(memo: dict, prefetch, wh, run: str, site: str, layer: int, neuron: int, n: int, seed: int):
     """The unit's entry of a plan's prefetched `memo`, removed (a plan asks for it once, so nothing is
     kept after); read alone, through `prefetch`, when the plan did not prefetch it."""
-    key = (*_run_key(wh, run), site, layer, neuron)
+    key = (*_run_key(wh, run), site, layer, neuron, n, seed)
     if key not in memo:
-        prefetch(wh, run, site, layer, [neuron])
+        prefetch(wh, run, site, layer, [neuron], n, seed)
     return memo.pop(key)
 
 
 def _captured_non_firing(wh, run: str, site: str, layer: int, neuron: int, n: int, seed: int) -> list[Window]:
-    windows = _take(_NON_FIRING, prefetch_non_firing, wh, run, site, layer, neuron)
-    shown = [w for w in windows if w.tokens]  # a document of special tokens alone shows nothing
-    return random.Random(seed).sample(shown, min(n, len(shown)))
+    return _take(_NON_FIRING, prefetch_non_firing, wh, run, site, layer, neuron, n, seed)
 
 
-def prefetch_neighbours(wh, run: str, site: str, layer: int, neurons: list[int]) -> None:
-    """Find the neighbours' windows (below) of every unit in `neurons` at one layer in one statement."""
+def prefetch_neighbours(wh, run: str, site: str, layer: int, neurons: list[int], n: int, seed: int) -> None:
+    """Draw n of the neighbours' windows (below) of every unit in `neurons` at one layer and read them:
+    two statements for all units."""
     if not neurons:
         return
     rows = wh.sql(
@@ -358,20 +392,23 @@ def prefetch_neighbours(wh, run: str, site: str, layer: int, neurons: list[int])
         """,
         {"run": run, "site": site, "layer": layer, "neurons": sorted(set(neurons)), "before": BEFORE, "after": AFTER},
     ).fetchall()
-    key = (*_run_key(wh, run), site, layer)
     found: dict[int, list[tuple[int, int]]] = {neuron: [] for neuron in neurons}
     for neuron, doc, pos in rows:
         found[neuron].append((doc, pos))
-    _NEIGHBOURS.update({(*key, neuron): centres for neuron, centres in found.items()})
+    drawn = {neuron: random.Random(seed).sample(centres, min(n, len(centres))) for neuron, centres in found.items()}
+    centres = [c for neuron in neurons for c in drawn[neuron]]
+    texts = iter(_token_windows(wh, run, centres))
+    exact = _exactness(wh, run, site, layer)
+    key = (*_run_key(wh, run), site, layer)
+    for neuron in neurons:
+        source = "neighbours" if exact.get(neuron, False) else "neighbours~"
+        windows = _blank_windows(drawn[neuron], [next(texts) for _ in drawn[neuron]], source)
+        _NEIGHBOURS[(*key, neuron, n, seed)] = windows
 
 
 def neighbours(wh, run: str, site: str, layer: int, neuron: int, n: int, seed: int) -> list[Window]:
     """Up to n top windows of the unit's most co-activating units whose whole window holds no stored firing of it."""
-    exact = _exactness(wh, run, site, layer).get(neuron, False)
-    centres = _take(_NEIGHBOURS, prefetch_neighbours, wh, run, site, layer, neuron)
-    centres = random.Random(seed).sample(centres, min(n, len(centres)))
-    source = "neighbours" if exact else "neighbours~"
-    return [Window(d, p, toks, [0.0] * len(toks), source, False) for d, p, toks in _token_windows(wh, run, centres)]
+    return _take(_NEIGHBOURS, prefetch_neighbours, wh, run, site, layer, neuron, n, seed)
 
 
 NonActivatingSource = Callable[..., list[Window]]
@@ -382,13 +419,18 @@ NON_ACTIVATING_SOURCES: dict[str, NonActivatingSource] = {
 }
 
 
+def source_share(n: int, sources) -> int:
+    """How many windows `non_activating` asks each source for."""
+    return -(-n // max(1, len(sources)))
+
+
 def non_activating(wh, run, site, layer, neuron, n: int, seed: int, sources: list[str]) -> list[Window]:
     """n non-activating windows, split as evenly as the sources allow, in source order, no (doc, pos) twice."""
     unknown = [s for s in sources if s not in NON_ACTIVATING_SOURCES]
     if unknown:
         raise BadInput(f"unknown non-activating source {unknown[0]!r}: use {', '.join(NON_ACTIVATING_SOURCES)}")
     out, seen = [], set()
-    share = -(-n // max(1, len(sources)))
+    share = source_share(n, sources)
     for name in sources:
         for w in NON_ACTIVATING_SOURCES[name](wh, run, site, layer, neuron, share, seed):
             if w.key not in seen and len(out) < n:

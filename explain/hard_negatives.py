@@ -44,10 +44,11 @@ _CANDIDATES: dict[tuple, Candidates] = {}
 
 def candidate_windows(wh, run: str) -> Candidates:
     """The run's candidate windows, embedded once per committed run in this process."""
-    key = (str(wh.root), run, wh.manifest(run)["committed_at"])
+    from .examples import _run_key, _token_windows
+
+    key = _run_key(wh, run)
     if key not in _CANDIDATES:
         from .embed import embed
-        from .examples import _token_windows
 
         centres = wh.sql(
             f"""
@@ -57,7 +58,7 @@ def candidate_windows(wh, run: str) -> Candidates:
             """,
             {"run": run},
         ).fetchall()
-        windows = _token_windows(wh, run, [(d, c) for d, c in centres])
+        windows = [(d, c, toks) for (d, c), toks in zip(centres, _token_windows(wh, run, centres)) if toks]
         vectors = embed(["".join(tokens) for _, _, tokens in windows]) if windows else []
         _CANDIDATES[key] = Candidates(
             docs=[d for d, _, _ in windows],
@@ -97,13 +98,14 @@ def _firings(wh, run: str, site: str, layer: int, neuron: int) -> dict[int, list
 def similar(wh, run: str, site: str, layer: int, neuron: int, n: int, seed: int):
     """Up to n windows holding no stored firing of the unit whose text is nearest (MiniLM cosine) to
     its strongest top examples, in delphi's order. Deterministic: `seed` is not needed."""
-    from .examples import AFTER, BEFORE, Window, _exactness, stored_examples
+    from .examples import AFTER, BEFORE, Window, _exactness, read_windows, stored_examples
 
     if n <= 0:
         return []
-    top = [w for w in stored_examples(wh, run, site, layer, [neuron]).get(neuron, []) if w.source == "top"]
+    top = [w for w in stored_examples(wh, run, site, layer, [neuron]).get(neuron, []) if w.source == "top"][:QUERIES]
     if not top:
         return []
+    read_windows(wh, run, site, layer, top)
     from .embed import embed
 
     pool = candidate_windows(wh, run)
@@ -114,7 +116,7 @@ def similar(wh, run: str, site: str, layer: int, neuron: int, n: int, seed: int)
         first = bisect.bisect_left(positions, centre - BEFORE)
         if first == len(positions) or positions[first] > centre + AFTER:
             eligible.append(i)
-    queries = np.asarray(embed([w.text for w in top[:QUERIES]]), dtype=np.float32)
+    queries = np.asarray(embed([w.text for w in top]), dtype=np.float32)
     chosen = [eligible[i] for i in nearest(queries, pool.vectors[eligible], n)]
     source = "similar" if _exactness(wh, run, site, layer).get(neuron, False) else "similar~"
     return [

@@ -105,6 +105,10 @@ def plan_explain(wh, run, site, units, *, explainer: str, model: str, recipe: Re
     split = {
         unit: ex.split(stored[unit[0]].get(unit[1], []), recipe.n_explain, recipe.n_test, recipe.seed) for unit in units
     }
+    for layer in stored:
+        ex.read_windows(
+            wh, run, site, layer, [w for (lay, _), (shown, _) in split.items() if lay == layer for w in shown]
+        )
     if explainer == "contrastive":
         _prefetch_non_activating(wh, run, site, recipe, [unit for unit in units if split[unit][0]])
     jobs, requests = [], []
@@ -181,12 +185,13 @@ def _prefetch_non_activating(wh, run, site, recipe: Recipe, units: list[tuple[in
     source instead of one per unit (each unit then takes its own)."""
     if not recipe.n_non_activating:
         return
+    share = ex.source_share(recipe.n_non_activating, recipe.non_activating)
     for layer in sorted({layer for layer, _ in units}):
         neurons = [n for lay, n in units if lay == layer]
         if "non-firing" in recipe.non_activating:
-            ex.prefetch_non_firing(wh, run, site, layer, neurons)
+            ex.prefetch_non_firing(wh, run, site, layer, neurons, share, recipe.seed)
         if "neighbours" in recipe.non_activating:
-            ex.prefetch_neighbours(wh, run, site, layer, neurons)
+            ex.prefetch_neighbours(wh, run, site, layer, neurons, share, recipe.seed)
 
 
 # -- score --------------------------------------------------------------------------------
@@ -250,9 +255,14 @@ def plan_score(wh, run, site, layers, *, scorers: list[str], model: str, recipe:
     _prefetch_non_activating(wh, run, site, recipe, [(r[0], r[1]) for r in found])
     settings = recipe.to_json()
     work, requests = [], []
-    for layer, neuron, exp_id, text, exp_settings, _ in found:
-        exp_settings = json.loads(exp_settings)
-        test = held_out_examples(stored[layer].get(neuron, []), shown.get(exp_id, set()), exp_settings)
+    tests = {
+        exp_id: held_out_examples(stored[layer].get(neuron, []), shown.get(exp_id, set()), json.loads(exp_settings))
+        for layer, neuron, exp_id, _, exp_settings, _ in found
+    }
+    for layer in stored:
+        ex.read_windows(wh, run, site, layer, [w for r in found if r[0] == layer for w in tests[r[2]]])
+    for layer, neuron, exp_id, text, _, _ in found:
+        test = tests[exp_id]
         negatives = ex.non_activating(
             wh, run, site, layer, neuron, recipe.n_non_activating, recipe.seed, list(recipe.non_activating)
         )

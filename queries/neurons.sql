@@ -104,14 +104,14 @@ ORDER BY e.bin;
 COMMENT ON MACRO TABLE selectivity_histogram IS 'Histogram of selectivity (see selectivity: max / mean positive part): bin 0 holds the units whose selectivity is NULL (mean 0, e.g. dead; with log := true also a negative one; lo = hi = NULL); bins 1..bins are linear over [min, max] or, with log := true, log-spaced (linear in ln(selectivity)), bin i covering lo <= selectivity < hi (the last includes max). Example: SELECT * FROM selectivity_histogram(''demo'', ''mlp.act'', 3, log := true)';
 
 -- The examples behind top_contexts / bottom_contexts / random_examples, for one unit or (neuron
--- NULL) every unit. A window token's value: the one captured with the example
--- (neuron_examples.window_values, 50 tokens before to 20 after, within the example's model
--- window), else token_neurons'. Source: neuron_examples when the site captured examples=N and
--- either k <= N, or it holds no threshold capture, or the kind is quantile or bottom; otherwise
--- token_neurons of a threshold capture (every firing, values stored as FLOAT16; it holds no
--- negative values to rank, so kind bottom needs examples=N); otherwise an error naming the fix
--- (kind quantile: an error unless the site kept quantiles=Q).
-CREATE OR REPLACE MACRO whq_examples(run, site, layer, neuron, kind, k, before, after, seed) AS TABLE
+-- NULL) every unit, before their windows (whq_examples adds them; explain draws its examples from
+-- these keys first, so it builds the windows of the few it shows only). Source: neuron_examples when
+-- the site captured examples=N and either k <= N, or it holds no threshold capture, or the kind is
+-- quantile or bottom; otherwise token_neurons of a threshold capture (every firing, values stored as
+-- FLOAT16; it holds no negative values to rank, so kind bottom needs examples=N); otherwise an error
+-- naming the fix (kind quantile: an error unless the site kept quantiles=Q). `units`, a list of
+-- units, narrows the scan to them when neuron is NULL.
+CREATE OR REPLACE MACRO whq_example_keys(run, site, layer, neuron, kind, k, seed, units := NULL) AS TABLE
 WITH capture AS (
     SELECT regexp_matches(s.reductions, '(^|,)threshold=') AS has_threshold,
            regexp_matches(s.reductions, '(^|,)quantiles=') AS has_quantiles,
@@ -121,10 +121,6 @@ WITH capture AS (
 ),
 source AS (
     SELECT CASE
-        -- a window of a billion tokens would list a billion positions per example and exhaust memory
-        WHEN NOT (before BETWEEN 0 AND 100000 AND after BETWEEN 0 AND 100000)
-            THEN error('before := ' || CAST(before AS VARCHAR) || ', after := ' || CAST(after AS VARCHAR)
-            || ': a context reaches 0 to 100000 tokens on each side of its token')
         WHEN kind = 'quantile' AND NOT c.has_quantiles THEN error('site ''' || site || ''' of run ''' || run
             || ''' kept no quantile examples: re-ingest with --site ' || site || ':examples=20,hist,quantiles=10')
         WHEN c.n_examples IS NOT NULL AND (k <= c.n_examples OR NOT c.has_threshold OR kind IN ('quantile', 'bottom', 'nonfiring'))
@@ -137,24 +133,43 @@ source AS (
     FROM capture c
 ),
 candidates AS (
-    SELECT e.neuron, e.doc, e.pos, e.value, e.rank AS stored_rank, e.window_values AS windows
+    SELECT e.neuron, e.doc, e.pos, e.value, e.rank AS stored_rank, e.quantile, e.window_values AS windows
     FROM neuron_examples e, source x
     WHERE x.source = 'examples' AND e.run_id = run AND e.site = site AND e.layer = layer
       AND e.kind = kind AND (neuron IS NULL OR e.neuron = neuron)
+      AND (units IS NULL OR list_contains(CAST(units AS INTEGER[]), e.neuron))
     UNION ALL
-    SELECT t.neuron, t.doc, t.pos, t.value, NULL AS stored_rank, NULL::FLOAT[] AS windows
+    SELECT t.neuron, t.doc, t.pos, t.value, NULL AS stored_rank, NULL AS quantile, NULL::FLOAT[] AS windows
     FROM token_neurons t, source x
     WHERE x.source = 'firings' AND t.run_id = run AND t.site = site AND t.layer = layer
       AND (neuron IS NULL OR t.neuron = neuron)
+      AND (units IS NULL OR list_contains(CAST(units AS INTEGER[]), t.neuron))
 ),
 ranked AS (
-    SELECT c.neuron, c.doc, c.pos, c.value, c.windows,
+    SELECT c.neuron, c.doc, c.pos, c.value, c.quantile, c.windows,
            row_number() OVER (PARTITION BY c.neuron ORDER BY
                CASE WHEN kind = 'random' THEN whq_sample_key(seed, c.neuron, c.doc, c.pos) END,
                c.stored_rank, c.value DESC, c.doc, c.pos) - 1 AS rank
     FROM candidates c
+)
+SELECT r.neuron, CAST(r.rank AS INTEGER) AS rank, r.doc, r.pos, r.value, r.quantile, r.windows
+FROM ranked r
+WHERE r.rank < k;
+COMMENT ON MACRO TABLE whq_example_keys IS 'The examples whq_examples shows, without their windows: neuron, rank, doc (ordinal), pos, value, quantile (kind quantile) and windows (the values captured with each, neuron_examples.window_values). units := [..] narrows neuron NULL to those units. Example: SELECT * FROM whq_example_keys(''demo'', ''mlp.act'', 3, 42, ''top'', 5, 0)';
+
+-- A window token's value: the one captured with the example (neuron_examples.window_values, 50
+-- tokens before to 20 after, within the example's model window), else token_neurons'. `picks`, a
+-- list of {'neuron', 'rank'}, keeps those examples alone (with units := their units).
+CREATE OR REPLACE MACRO whq_examples(run, site, layer, neuron, kind, k, before, after, seed, units := NULL, picks := NULL) AS TABLE
+WITH picked AS (
+    SELECT p.neuron, p.rank, p.doc, p.pos, p.value, p.windows
+    FROM whq_example_keys(run, site, layer, neuron, kind, k, seed, units := units) p
+    -- a window of a billion tokens would list a billion positions per example and exhaust memory
+    WHERE CASE WHEN NOT (before BETWEEN 0 AND 100000 AND after BETWEEN 0 AND 100000)
+            THEN error('before := ' || CAST(before AS VARCHAR) || ', after := ' || CAST(after AS VARCHAR)
+            || ': a context reaches 0 to 100000 tokens on each side of its token') ELSE true END
+      AND (picks IS NULL OR list_contains(CAST(picks AS STRUCT(neuron INTEGER, rank INTEGER)[]), {'neuron': p.neuron, 'rank': p.rank}))
 ),
-picked AS (SELECT r.* FROM ranked r WHERE r.rank < k),
 -- The tokens of the examples' documents only: joined on the few documents alone (a small build side),
 -- DuckDB passes them to the scan as an IN filter, which skips the row groups of every other document.
 doc_tokens AS (
@@ -217,7 +232,7 @@ SELECT m.neuron, CAST(m.rank AS INTEGER) AS rank, d.doc_id, m.at_pos AS pos, m.a
 FROM marked m
 JOIN documents d ON d.run_id = run AND d.doc = m.doc
 ORDER BY m.neuron, m.rank;
-COMMENT ON MACRO TABLE whq_examples IS 'The rows of top_contexts (kind top), bottom_contexts (kind bottom) or random_examples (kind random) with a leading neuron column, for one unit or, with neuron NULL, every unit of the layer (what whq export features reads).';
+COMMENT ON MACRO TABLE whq_examples IS 'The rows of top_contexts (kind top), bottom_contexts (kind bottom) or random_examples (kind random) with a leading neuron column, for one unit or, with neuron NULL, every unit of the layer (what whq export features reads); units := [..] narrows neuron NULL to those units and picks := [{''neuron'': n, ''rank'': r}, ..] to those examples (what explain reads the windows of its chosen examples with).';
 
 CREATE OR REPLACE MACRO top_contexts(run, site, layer, neuron, k := 20, before := 50, after := 20) AS TABLE
 SELECT x.rank, x.doc_id, x.pos, x.value, x.context, x.tokens

@@ -85,6 +85,7 @@ def reference(wh, layer: int, neuron: int, n: int) -> list[tuple[int, int]]:
     )
     eligible = [i for i, (doc, c, _) in enumerate(windows) if not any((doc, p) in fired for p in range(c - 50, c + 21))]
     tops = [w for w in ex.stored_examples(wh, RUN, SITE, layer, [neuron])[neuron] if w.source == "top"][:10]
+    ex.read_windows(wh, RUN, SITE, layer, tops)
     queries = np.array(embed([w.text for w in tops]))
     cosine = (queries @ vectors[eligible].T) / np.outer(
         np.linalg.norm(queries, axis=1), np.linalg.norm(vectors[eligible], axis=1)
@@ -243,6 +244,7 @@ def test_similar_windows_equal_delphis_own_faiss_source(hn_root):
     for neuron in _units(wh, layer)[:3]:
         got = ex.NON_ACTIVATING_SOURCES["similar"](wh, RUN, SITE, layer, neuron, n, 0)
         tops = [w for w in ex.stored_examples(wh, RUN, SITE, layer, [neuron])[neuron] if w.source == "top"]
+        ex.read_windows(wh, RUN, SITE, layer, tops)
         fired = set(
             wh.sql(
                 "SELECT doc, pos FROM token_neurons WHERE run_id = ? AND site = ? AND layer = ? AND neuron = ? "

@@ -420,6 +420,6 @@ def test_windows_read_for_a_whole_layer_equal_those_read_unit_by_unit(minilm_wh,
     windows = getattr(ex, source)
     alone = {n: windows(wh, RUN, SITE, LAYER, n, 3, seed=2) for n in neurons}
     assert sum(map(len, alone.values())) >= 8
-    getattr(ex, prefetch)(wh, RUN, SITE, LAYER, neurons)
+    getattr(ex, prefetch)(wh, RUN, SITE, LAYER, neurons, 3, 2)
     assert {n: windows(wh, RUN, SITE, LAYER, n, 3, seed=2) for n in neurons} == alone
     assert not ex._NON_FIRING and not ex._NEIGHBOURS  # each unit took its own: nothing is kept after a plan
