@@ -28,6 +28,7 @@ packing state.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -187,17 +188,20 @@ class Segment:
 def limited(segments: Iterable[Segment], plan: ContextPlan, tokenizer) -> Iterator[tuple[int, Document, Tokens | None]]:
     """(ordinal, document, its tokens) in stream order, up to the stream's first --max-docs documents and exactly
     its first --max-tokens document tokens (the last document is cut); tokens None: not tokenized yet (no
-    --max-tokens). The segments come in stream order, so the first past a limit ends them all."""
+    --max-tokens). The segments come in stream order, so the first past a limit ends them all. The limits are
+    checked before the next document is read: no row after the last document kept is read."""
     for segment in segments:
         left = None if plan.max_tokens is None else plan.max_tokens - segment.tokens_before
-        for ordinal, doc in enumerate(segment.docs, start=segment.first):
-            if plan.max_docs is not None and ordinal >= plan.max_docs:
+        docs = iter(segment.docs)
+        for ordinal in itertools.count(segment.first):
+            if (plan.max_docs is not None and ordinal >= plan.max_docs) or (left is not None and left <= 0):
                 return
+            doc = next(docs, None)
+            if doc is None:
+                break
             if left is None:
                 yield ordinal, doc, None
                 continue
-            if left <= 0:
-                return
             tokens = tokenize_document(doc, tokenizer)
             doc, tokens = cut(doc, tokens, left)
             left -= len(tokens.ids)

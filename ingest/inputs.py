@@ -85,6 +85,7 @@ class Count:
     rows: int = 0
     documents: int = 0
     tokens: int = 0
+    bad: bool = False  # counting stopped at a bad row (without --skip-bad): the counts are those before it
 
 
 def _reached(plan, documents: int, tokens: int) -> bool:
@@ -188,7 +189,9 @@ class Input:
     def count_own(self, pieces: list[Piece], rank: int, world_size: int, plan, tokenizer, dataset, role) -> dict:
         """{piece index: Count} of this rank's pieces (every world_size-th, from the rank's own on), in stream
         order, reading no other piece. Counting stops once they hold --max-docs documents or --max-tokens
-        tokens: every piece after follows at least as many in the stream, so none of its documents is kept."""
+        tokens (every piece after follows at least as many in the stream, so none of its documents is kept),
+        and at a bad row (without --skip-bad): whether the run reaches that row is known once every rank has
+        counted (first_bad_piece)."""
         from .contexts import tokenize_document
 
         counts: dict[int, Count] = {}
@@ -199,54 +202,87 @@ class Input:
             count = self._known(pieces[index], plan)
             if count is None:
                 count, read = Count(), dataset_sources.RowsRead()
-                for doc in self._read(pieces[index], sources.SkipCounter(self.skip_bad), dataset, role, read=read):
-                    if _reached(plan, documents + count.documents, tokens + count.tokens):
-                        break
-                    count.documents += 1
-                    if plan.max_tokens is not None:
-                        count.tokens += len(tokenize_document(doc, tokenizer).ids)
+                docs = self._read(pieces[index], sources.SkipCounter(self.skip_bad), dataset, role, read=read)
+                try:
+                    # The limits are checked before the next document is read, as contexts.limited does.
+                    while not _reached(plan, documents + count.documents, tokens + count.tokens):
+                        doc = next(docs, None)
+                        if doc is None:
+                            break
+                        count.documents += 1
+                        if plan.max_tokens is not None:
+                            count.tokens += len(tokenize_document(doc, tokenizer).ids)
+                except BadInput:
+                    count.bad = True
                 count.rows = read.rows
             counts[index] = count
+            if count.bad:
+                break
             documents, tokens = documents + count.documents, tokens + count.tokens
         return counts
+
+    def _placed(self, pieces: list[Piece], counts: dict, plan) -> Iterator[tuple[int, Segment, int, Count]]:
+        """(index, its segment less the documents, the row its dataset's default ids number on from, its count)
+        of each piece before --max-docs and --max-tokens, in stream order, placed by every rank's counts."""
+        documents, tokens, rows = 0, 0, {}
+        for index, piece in enumerate(pieces):
+            if _reached(plan, documents, tokens):
+                return  # every piece before the limits was counted by its rank (count_own)
+            count, first_row = counts[index], rows.get(piece.at, 0)
+            yield index, Segment((), documents, tokens), first_row, count
+            if count.bad:
+                return  # the run stops at its bad row (first_bad_piece), or the limits fall before it
+            documents, tokens, rows[piece.at] = (
+                documents + count.documents,
+                tokens + count.tokens,
+                first_row + count.rows,
+            )
+
+    def first_bad_piece(self, pieces: list[Piece], counts: dict, plan) -> tuple[int, int] | None:
+        """(index, first row) of the piece whose bad row the run reaches (the limits fall after it), if any."""
+        for index, place, first_row, count in self._placed(pieces, counts, plan):
+            if count.bad and not _reached(plan, place.first + count.documents, place.tokens_before + count.tokens):
+                return index, first_row
+        return None
 
     def own_segments(
         self, pieces: list[Piece], counts: dict, rank: int, world_size: int, plan, counter, dataset, role
     ) -> list[Segment]:
         """This rank's pieces as segments, each placed in the stream by every rank's counts (count_own): the
-        ordinal of its first document, the row its dataset's default ids number on from, and the tokens
-        before it; pieces past --max-docs or --max-tokens are left out."""
+        ordinal of its first document, the tokens before it, and the row its dataset's default ids number on
+        from; pieces past --max-docs or --max-tokens are left out."""
 
         def make(count_with) -> list[Segment]:
-            segments, documents, tokens, rows = [], 0, 0, {}
-            for index, piece in enumerate(pieces):
-                if _reached(plan, documents, tokens):
-                    break  # every piece before the limits was counted by its rank (count_own)
-                first_row = rows.get(piece.at, 0)
-                if index % world_size == rank:
-                    docs = self._read(piece, count_with, dataset, role, first_row)
-                    segments.append(Segment(docs, documents, tokens))
-                count = counts[index]
-                documents, tokens, rows[piece.at] = (
-                    documents + count.documents,
-                    tokens + count.tokens,
-                    first_row + count.rows,
-                )
-            return segments
+            return [
+                replace(place, docs=self._read(pieces[index], count_with, dataset, role, first_row))
+                for index, place, first_row, _ in self._placed(pieces, counts, plan)
+                if index % world_size == rank
+            ]
 
         return self._checked(make, counter)
 
     def segments(self, counter, dataset, role, *, plan, tokenizer, rank: int, world_size: int, share):
         """(this rank's segments, whether they are its own pieces). Where the stream has at least a piece per
-        rank, each rank reads only its own, every world_size-th (placed in the stream by the counts every rank
-        gives for its own, `share` exchanging them); else every rank reads the whole stream, and the caller
-        deals its documents round-robin."""
+        rank, each rank reads only its own, every world_size-th, placed in the stream by the counts every rank
+        gives for its own (`share` exchanges them); a bad row the run reaches is refused on every rank now,
+        named by its row in the stream. Else every rank reads the whole stream, and the caller deals its
+        documents round-robin."""
         pieces = self.pieces()
         if world_size == 1 or len(pieces) < world_size:
             return [Segment(self.documents(counter, dataset, role))], False
         counts: dict[int, Count] = {}
         for found in share(lambda: self.count_own(pieces, rank, world_size, plan, tokenizer, dataset, role)):
             counts.update(found)
+        bad = self.first_bad_piece(pieces, counts, plan)
+        if bad is not None:
+            index, first_row = bad
+
+            def refuse() -> None:  # its rank reads it again, its rows numbered in the stream: the one-line error
+                if index % world_size == rank:
+                    for _ in self._read(pieces[index], sources.SkipCounter(), dataset, role, first_row):
+                        pass
+
+            share(refuse)  # raises that error on every rank
         return self.own_segments(pieces, counts, rank, world_size, plan, counter, dataset, role), True
 
 

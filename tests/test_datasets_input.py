@@ -273,9 +273,10 @@ class _Exchanged(Exception):
 def _ranks(data: str, world_size: int, plan, start: int = 0, **options) -> list[dict]:
     """Each rank's documents [(ordinal, doc_id, text)], and the rows `datasets` handed it and the files it
     opened while it counted its pieces ("counting") and while it read them ("reading"), as the ranks of one
-    ingest read (Input.segments): each counts its own pieces, the counts are exchanged (here by the test, as ranks.share
-    does over the process group), then each reads its own from ordinal `start` on (a --resume). A dataset is
-    opened before the recording starts (opening one reads its schema)."""
+    ingest read (Input.segments): each counts its own pieces, the counts are exchanged (here by the test, as
+    ranks.share does over the process group), then each reads its own from ordinal `start` on (a --resume);
+    "error": the one line a rank refused its input with. A dataset is opened before the recording starts
+    (opening one reads its schema)."""
     opened = [inputs.open_input(IngestOptions(data=(data,), **options)) for _ in range(world_size)]
     seen = [{phase: {"rows": set(), "files": set()} for phase in ("counting", "reading")} for _ in range(world_size)]
     counts: list = [None] * world_size
@@ -297,8 +298,19 @@ def _ranks(data: str, world_size: int, plan, start: int = 0, **options) -> list[
             except _Exchanged:
                 pass
     for rank in range(world_size):
+        exchanges = seen[rank]["exchanges"] = []
+
+        def share(work, exchanges=exchanges):
+            """The counts; then (a bad row) every rank's work, this one's run here."""
+            exchanges.append(work)
+            return counts if len(exchanges) == 1 else [work()] * world_size
+
         with _reading(seen[rank]["reading"]):
-            found, own_pieces = segments(rank, lambda work: counts)
+            try:
+                found, own_pieces = segments(rank, share)
+            except BadInput as err:
+                seen[rank]["error"] = str(err)
+                continue
             deal = {} if own_pieces else dict(rank=rank, world_size=world_size)
             shards = contexts.shards(found, _Ids(), plan, start=start, shard_tokens=16, **deal)
             seen[rank]["docs"] = [(ordinal, doc.doc_id, doc.text) for shard in shards for ordinal, doc, _ in shard.docs]
@@ -367,6 +379,41 @@ def test_each_rank_resumes_its_own_shards(sources, pack):
         for rank in range(2):
             assert resumed[rank]["docs"] == [d for d in whole[rank]["docs"] if d[0] >= start]
             assert resumed[rank]["reading"]["rows"] <= _own_rows(rank, 2)
+
+
+@pytest.fixture(scope="module")
+def bad_row(tmp_path_factory):
+    """ROWS as four JSONL shards with a role column, row 31 (the last shard's second) with a control character."""
+    base = tmp_path_factory.mktemp("bad-row") / "shards"
+    base.mkdir()
+    rows = [{**r, "role": "pool" if i != 31 else "a\x1b[2J"} for i, r in enumerate(ROWS)]
+    for k in range(4):
+        part = rows[k * SHARD_ROWS : (k + 1) * SHARD_ROWS]
+        (base / f"part-{k}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    return str(base)
+
+
+def test_a_bad_row_the_run_reaches_is_refused_on_every_rank_naming_its_row_in_the_stream(bad_row):
+    """Its rank finds it while counting, and once the counts are exchanged raises the one-process run's line
+    (the row numbered in the stream) before the run exists; the other rank joins that exchange to raise it too."""
+    with pytest.raises(BadInput) as alone:
+        _docs(bad_row)
+    assert f"{bad_row} row 31: invalid role" in str(alone.value)
+    ranks = _ranks(bad_row, 2, contexts.ContextPlan(max_length=8))
+    assert ranks[1]["error"] == str(alone.value) and "docs" not in ranks[1]
+    # Rank 0 joins the second exchange with nothing to raise (ranks.share raises rank 1's line there).
+    assert len(ranks[0]["exchanges"]) == 2 and ranks[0]["exchanges"][1]() is None
+    assert ranks[1]["counting"]["rows"] | ranks[1]["reading"]["rows"] <= _own_rows(1, 2)
+
+
+@pytest.mark.parametrize("limit", [dict(max_docs=31), dict(max_tokens=100)])
+def test_a_bad_row_past_the_limits_is_never_read(bad_row, limit):
+    """--max-docs and --max-tokens end the stream before row 31: neither one process nor a rank reads it."""
+    plan = contexts.ContextPlan(max_length=8, **limit)
+    whole = _whole(bad_row, plan)
+    ranks = _ranks(bad_row, 2, plan)
+    assert sorted(ranks[0]["docs"] + ranks[1]["docs"]) == whole and "error" not in ranks[1]
+    assert [len(seen["exchanges"]) for seen in ranks] == [1, 1]
 
 
 def test_a_single_file_is_read_whole_by_every_rank_and_dealt(sources):
