@@ -49,6 +49,11 @@ def sources(tmp_path_factory):
                 fh.write(json.dumps(row) + "\n")
     (base / "repo" / "data").mkdir(parents=True)
     ds.to_parquet(str(base / "repo" / "data" / "train.parquet"))
+    (base / "sharded-repo" / "data").mkdir(parents=True)
+    for k in range(4):
+        ds.shard(4, k, contiguous=True).to_parquet(
+            str(base / "sharded-repo" / "data" / f"train-{k:05d}-of-00004.parquet")
+        )
     return {
         "disk": str(base / "disk"),
         "dict": str(base / "dict"),
@@ -57,6 +62,7 @@ def sources(tmp_path_factory):
         "jsonl-glob": str(base / "jsonl" / "part-*.jsonl"),
         "hub-folder": "hf:" + str(base / "repo"),
         "hub-folder-stored": "hf:" + str(base / "repo"),
+        "hub-shards": "hf:" + str(base / "sharded-repo"),
     }
 
 
@@ -213,7 +219,12 @@ def _docs_stream(data):
 
 
 SHARD_ROWS = N // 4  # the fixture's shards (Parquet, JSONL, the save_to_disk Arrow files) hold ROWS in order
-SHARD_FILES = {"parquet-glob": "part-{}.parquet", "jsonl-glob": "part-{}.jsonl", "disk": "data-{:05d}-of-00004.arrow"}
+SHARD_FILES = {
+    "parquet-glob": "part-{}.parquet",
+    "jsonl-glob": "part-{}.jsonl",
+    "disk": "data-{:05d}-of-00004.arrow",
+    "hub-shards": "train-{:05d}-of-00004.parquet",
+}
 
 
 def _own_rows(rank: int, world_size: int, shards: int = 4) -> set[str]:
@@ -325,7 +336,7 @@ def _whole(data: str, plan, **options) -> list:
     return [(ordinal, doc.doc_id, doc.text) for shard in found for ordinal, doc, _ in shard.docs]
 
 
-@pytest.mark.parametrize("kind", ["parquet-glob", "jsonl-glob", "disk"])
+@pytest.mark.parametrize("kind", ["parquet-glob", "jsonl-glob", "disk", "hub-shards"])
 @pytest.mark.parametrize("where", [None, "lang = 'en'"])
 @pytest.mark.parametrize("pack", [False, True])
 def test_ranks_read_disjoint_shards_whose_union_is_the_whole(sources, kind, where, pack):
@@ -338,8 +349,9 @@ def test_ranks_read_disjoint_shards_whose_union_is_the_whole(sources, kind, wher
         assert seen["own_pieces"] and reading["rows"] == _own_rows(rank, 2)
         if kind != "disk":  # a save_to_disk dataset is memory-mapped when opened: its rows tell
             assert reading["files"] & _shard_files(kind, range(4)) == _shard_files(kind, (rank, rank + 2))
-        # Counting: a Parquet footer or an Arrow file's length is a shard's rows, unless --where drops some.
-        counted_without_rows = kind != "jsonl-glob" and where is None
+        # Counting: a Parquet shard's footer or an Arrow file's length is its rows, unless --where drops some;
+        # a Hub stream's shards are counted by reading them.
+        counted_without_rows = kind in ("parquet-glob", "disk") and where is None
         assert counting["rows"] == (set() if counted_without_rows else _own_rows(rank, 2))
         assert counting["files"] & _shard_files(kind, range(4)) <= _shard_files(kind, (rank, rank + 2))
     parts = [seen["docs"] for seen in ranks]
@@ -348,7 +360,8 @@ def test_ranks_read_disjoint_shards_whose_union_is_the_whole(sources, kind, wher
     assert sorted(parts[0] + parts[1]) == whole
     kept = [i for i, r in enumerate(ROWS) if where is None or r["lang"] == "en"]
     assert [text for _, _, text in whole] == [ROWS[i]["text"] for i in kept]
-    assert [doc_id for _, doc_id, _ in whole] == [f"{kind.split('-')[0]}:{i}" for i in kept]
+    label = {"parquet-glob": "parquet", "jsonl-glob": "jsonl", "disk": "disk", "hub-shards": "sharded-repo"}[kind]
+    assert [doc_id for _, doc_id, _ in whole] == [f"{label}:{i}" for i in kept]
 
 
 @pytest.mark.parametrize("kind", ["parquet-glob", "jsonl-glob"])
