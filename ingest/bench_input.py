@@ -97,7 +97,7 @@ def bench_input(options: IngestOptions, *, repeats: int = 1, echo=None) -> Input
 
         def shards(opts):
             return contexts.shards(
-                documents(opts), loaded.tokenizer, plan, start=0, rank=0, world_size=1, shard_tokens=opts.shard_tokens
+                [contexts.Segment(documents(opts))], loaded.tokenizer, plan, start=0, shard_tokens=opts.shard_tokens
             )
 
         def plain(opts) -> float:

@@ -28,9 +28,10 @@ packing state.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -174,22 +175,37 @@ def cut(doc: Document, tokens: Tokens, keep: int) -> tuple[Document, Tokens]:
     return replace(doc, text=text, meta=meta), Tokens(tokens.ids[:keep], offsets)
 
 
-def limited(stream: Iterator[Document], plan: ContextPlan, tokenizer) -> Iterator[tuple[int, Document, Tokens | None]]:
-    """(ordinal, document, its tokens) in order, up to --max-docs documents and exactly --max-tokens document
-    tokens (the last document is cut); tokens None: not tokenized yet (no --max-tokens)."""
-    left = plan.max_tokens
-    for ordinal, doc in enumerate(stream):
-        if plan.max_docs is not None and ordinal >= plan.max_docs:
-            return
-        if left is None:
-            yield ordinal, doc, None
-            continue
-        if left <= 0:
-            return
-        tokens = tokenize_document(doc, tokenizer)
-        doc, tokens = cut(doc, tokens, left)
-        left -= len(tokens.ids)
-        yield ordinal, doc, tokens
+@dataclass
+class Segment:
+    """Documents that follow each other in the stream, and where they stand in it: a rank reads the whole
+    stream as one segment, or its own parts of the input as one segment each (ingest/inputs.py)."""
+
+    docs: Iterable[Document]
+    first: int = 0  # the stream ordinal of its first document
+    tokens_before: int = 0  # document tokens in the stream before it: what --max-tokens has spent
+
+
+def limited(segments: Iterable[Segment], plan: ContextPlan, tokenizer) -> Iterator[tuple[int, Document, Tokens | None]]:
+    """(ordinal, document, its tokens) in stream order, up to the stream's first --max-docs documents and exactly
+    its first --max-tokens document tokens (the last document is cut); tokens None: not tokenized yet (no
+    --max-tokens). The segments come in stream order, so the first past a limit ends them all. The limits are
+    checked before the next document is read: no row after the last document kept is read."""
+    for segment in segments:
+        left = None if plan.max_tokens is None else plan.max_tokens - segment.tokens_before
+        docs = iter(segment.docs)
+        for ordinal in itertools.count(segment.first):
+            if (plan.max_docs is not None and ordinal >= plan.max_docs) or (left is not None and left <= 0):
+                return
+            doc = next(docs, None)
+            if doc is None:
+                break
+            if left is None:
+                yield ordinal, doc, None
+                continue
+            tokens = tokenize_document(doc, tokenizer)
+            doc, tokens = cut(doc, tokens, left)
+            left -= len(tokens.ids)
+            yield ordinal, doc, tokens
 
 
 # -- the packer ----------------------------------------------------------------------------
@@ -331,21 +347,21 @@ def without_special(windows: list[Window]) -> list[Window]:
 
 
 def shards(
-    stream: Iterator[Document],
+    segments: Iterable[Segment],
     tokenizer,
     plan: ContextPlan,
     *,
     start: int,
-    rank: int,
-    world_size: int,
     shard_tokens: int,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Iterator:
-    """This rank's documents from ordinal `start` on, as model windows, in shards of whole documents of at
-    least `shard_tokens` tokens. Documents are dealt round-robin by ordinal over the ranks (each rank packs
-    its own)."""
+    """The segments' documents from ordinal `start` on, as model windows, in shards of whole documents of at
+    least `shard_tokens` tokens. `rank` of `world_size`: keep only the documents dealt to this rank,
+    round-robin by ordinal (where every rank reads the whole stream); each rank packs its own documents."""
     from .shard import Shard
 
-    mine = (item for item in limited(stream, plan, tokenizer) if item[0] % world_size == rank)
+    mine = (item for item in limited(segments, plan, tokenizer) if item[0] % world_size == rank)
     docs, tokens, last = [], 0, -1
     made = _packed(mine, tokenizer, plan, start) if plan.packed else _windowed(mine, tokenizer, plan, start)
     for ordinal, doc, wins in made:

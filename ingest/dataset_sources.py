@@ -127,7 +127,8 @@ def _split_of(splits: list[str], split: str | None, spec: DatasetSpec) -> str:
 
 
 def load(spec: DatasetSpec, split: str | None, streaming: bool = True):
-    """(dataset, split) with `datasets`: an IterableDataset when streaming, a Dataset otherwise."""
+    """(dataset, split) with `datasets`: an IterableDataset when streaming, a Dataset otherwise (a save_to_disk
+    folder is always a Dataset: its Arrow files are memory-mapped, and a row range of it reads only those rows)."""
     import datasets
 
     datasets.disable_progress_bars()  # the ingest has its own progress line
@@ -141,7 +142,7 @@ def load(spec: DatasetSpec, split: str | None, streaming: bool = True):
             loaded = loaded[split]
         elif split not in (None, "train"):
             raise BadInput(f"dataset {spec.text} has no splits (it is one dataset): drop --split {split}")
-        return (loaded.to_iterable_dataset() if streaming else loaded), split or "train"
+        return loaded, split or "train"
     if spec.kind == "files":
         if split not in (None, "train"):
             raise BadInput(f"shard files {spec.text} form one split, train: drop --split {split}")
@@ -171,6 +172,13 @@ def _load_dataset(spec: DatasetSpec, *args, split: str, **kwargs):
             f"dataset {spec.text} cannot be opened ({_one_line(err)}): check the name and files, or set "
             "HF_DATASETS_OFFLINE=1 to read it from the local cache"
         ) from None
+
+
+@dataclass
+class RowsRead:
+    """Rows read from a dataset, before --where (where no row is known without reading)."""
+
+    rows: int = 0
 
 
 @dataclass
@@ -282,15 +290,54 @@ class DatasetInput:
         except Exception:  # an offline cache without builder metadata: the name and config must do
             return None
 
-    def documents(self, counter: SkipCounter, dataset: str | None, role: str | None) -> Iterator[Document]:
-        """The rows in order (after --where) as Documents; a bad row is refused, or counted with --skip-bad."""
+    def parts(self) -> list:
+        """The dataset as parts one rank can read alone, in stream order: a Dataset's row ranges, one per Arrow
+        file, or a stream's shards, one per data file. A shuffled dataset is one part: its order mixes them all."""
+        data = self.dataset
+        if self.shuffle is not None:
+            return [data]
+        if not hasattr(data, "_ex_iterable"):  # a map-style Dataset (memory-mapped)
+            n = max(1, len(data.cache_files))
+            return [data.shard(n, index, contiguous=True) for index in range(n)]
+        return [data.shard(num_shards=data.num_shards, index=index) for index in range(data.num_shards)]
+
+    def rows_without_reading(self, part, index: int, of: int) -> int | None:
+        """The rows of part `index` of `of` (parts()), where they are known without reading any row: a Dataset's
+        row range, or a Parquet shard's footer (None: only reading the part counts them)."""
+        if not hasattr(part, "_ex_iterable"):
+            return part.num_rows
+        if self.spec.kind == "files" and _builder(self.spec) == "parquet" and of == len(self.spec.files):
+            import pyarrow.parquet as pq
+
+            return pq.ParquetFile(self.spec.files[index]).metadata.num_rows
+        return None
+
+    @property
+    def drops_rows(self) -> bool:
+        """Whether a row can give no document (--where, or a blank paragraph of a text shard) even where no row
+        is bad."""
+        return self.filter is not None or self.paragraphs
+
+    def documents(
+        self,
+        counter: SkipCounter,
+        dataset: str | None,
+        role: str | None,
+        part=None,
+        first_row: int = 0,
+        read: RowsRead | None = None,
+    ) -> Iterator[Document]:
+        """The rows in order (after --where) as Documents; a bad row is refused, or counted with --skip-bad.
+        `part`: only that part (of parts()), its rows numbered on from `first_row`; `read` counts the rows read."""
         import pyarrow as pa
 
         label = dataset or self.spec.label
-        row = 0
-        for batch in self.dataset.with_format("arrow").iter(batch_size=BATCH_ROWS):
+        row = first_row
+        for batch in (self.dataset if part is None else part).with_format("arrow").iter(batch_size=BATCH_ROWS):
             batch = batch.append_column(ROW_COLUMN, pa.array(range(row, row + batch.num_rows), pa.int64()))
             row += batch.num_rows
+            if read is not None:
+                read.rows += batch.num_rows
             if self.filter is not None:
                 batch = self.filter.apply(batch)
             for record in batch.to_pylist():

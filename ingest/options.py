@@ -113,10 +113,10 @@ class IngestOptions:
     streaming: bool = field(default=True, metadata={"flags": ("--streaming/--no-streaming",)})
     """Stream hf: datasets (--no-streaming: download and cache them whole first)."""
     max_docs: int | None = None
-    """Stop after this many documents (before the split over ranks)."""
+    """Keep the stream's first N documents, whichever ranks read them (docs/datasets.md#ranks)."""
     max_tokens: int | None = None
-    """Stop after exactly this many document tokens (special tokens the model adds not counted); the last
-    document is cut at its token boundary."""
+    """Keep exactly the stream's first N document tokens, whichever ranks read them (special tokens the model
+    adds not counted); the last document is cut at its token boundary."""
     # Model inputs (docs/datasets.md#packing).
     context_size: int | None = None
     """Tokens per packed context (with --pack)."""

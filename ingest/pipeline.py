@@ -30,7 +30,7 @@ from . import contexts, inputs, limits, sources
 from .capture import Capture
 from .options import DEFAULT_SITES, IngestOptions, default_run_id
 from .prepare import read_sites, ready_capture
-from .ranks import merge_ranks, open_writer
+from .ranks import merge_ranks, open_writer, refuse_repeated_ids, share
 from .shard import Shard
 
 
@@ -176,6 +176,22 @@ def ingest(
 
         refuse_changed_data(wh.layout, run_id, source.paths, source.plain_identity)
 
+    counter = sources.SkipCounter(opts.skip_bad)
+    # Before the run exists: where each rank reads its own pieces, counting them refuses a bad row now.
+    segments, own_pieces = (
+        ([contexts.Segment(iter(documents))], False)
+        if documents is not None
+        else source.segments(
+            counter,
+            opts.dataset,
+            opts.role,
+            plan=plan,
+            tokenizer=loaded.tokenizer,
+            rank=opts.rank,
+            world_size=opts.world_size,
+            share=share,
+        )
+    )
     writer = open_writer(
         lambda: RunWriter(wh.layout, run_id, config, resume=opts.resume, rank=opts.rank, world_size=opts.world_size),
         opts.rank,
@@ -183,16 +199,9 @@ def ingest(
     )
     capture = ready.capture
     capture.restore(writer.state)
-    counter = sources.SkipCounter(opts.skip_bad)
-    stream = iter(documents) if documents is not None else source.documents(counter, opts.dataset, opts.role)
+    deal = dict(rank=0, world_size=1) if own_pieces else dict(rank=opts.rank, world_size=opts.world_size)
     shards = contexts.shards(
-        stream,
-        loaded.tokenizer,
-        plan,
-        start=_start_doc(writer),
-        rank=opts.rank,
-        world_size=opts.world_size,
-        shard_tokens=opts.shard_tokens,
+        segments, loaded.tokenizer, plan, start=_start_doc(writer), shard_tokens=opts.shard_tokens, **deal
     )
     started = time.perf_counter()
     n_docs, n_tokens = _capture_shards(opts, capture, writer, shards, run_id)
@@ -200,6 +209,9 @@ def ingest(
     if opts.rank != 0:
         writer.finish_rank()
         return IngestResult(run_id, documents=n_docs, tokens=n_tokens, rank=opts.rank, notes=notes, **skipped)
+    if own_pieces and source.datasets:
+        writer.wait_for_ranks()
+        refuse_repeated_ids(writer)
     manifest, total_docs = _commit(opts, capture, ready.resolved, writer)
     return IngestResult(
         run_id,

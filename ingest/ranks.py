@@ -5,7 +5,10 @@
     torchrun --nnodes 4 --node-rank $NODE --rdzv-backend c10d --rdzv-endpoint $HOST:29500 \\
              --nproc-per-node 8 -m ingest /shared/wh --device cuda ...   # each rank uses cuda:LOCAL_RANK
 
-Documents are dealt round-robin by ordinal (contexts.shards). The ranks agree on the
+Each rank reads its own pieces of the input (inputs.Input.segments: piece i is rank i mod N's),
+placed in the stream by the counts the ranks exchange (share), so a document keeps its
+ordinal in the whole stream; an input of fewer pieces than ranks is read whole by every rank
+and its documents dealt round-robin by ordinal (contexts.shards). The ranks agree on the
 run id and start in order through torch.distributed (gloo, CPU-only traffic); every
 rank journals its own shards, so `--resume` works per rank. Rank 0 waits for the
 others' done markers, merges their running statistics, examples and dictionary quality
@@ -88,6 +91,52 @@ def open_writer(make_writer, rank: int, world_size: int):
     if verdict[0] is not None:
         raise WarehouseError(verdict[0])
     return make_writer()
+
+
+def share(work):
+    """Every rank's result of `work()`, in rank order. A WarehouseError on any rank (a bad row its part of the
+    input holds, say) is raised on every rank, so none waits for a peer that stopped."""
+    dist = _group()
+    own_error = result = None
+    try:
+        result = work()
+    except WarehouseError as err:
+        own_error = err
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, (None if own_error is None else str(own_error), result))
+    if own_error is not None:
+        raise own_error
+    failed = next((error for error, _ in everyone if error is not None), None)
+    if failed is not None:
+        raise WarehouseError(failed)
+    return [found for _, found in everyone]
+
+
+def refuse_repeated_ids(writer) -> None:
+    """Rank 0, where each rank read its own pieces of the input: no doc_id may be in two ranks' documents (each
+    rank checked its own as they went by)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from .inputs import repeated_id
+
+    documents = [
+        pq.read_table(writer.layout.root / part["path"], columns=["doc", "doc_id"])
+        for rank in range(writer.world_size)
+        for shard in writer.rank_shards(rank)
+        for part in shard["parts"]
+        if part["table"] == "documents"
+    ]
+    if not documents:
+        return
+    ids = pa.concat_tables(documents)
+    counts = ids.group_by("doc_id").aggregate([("doc", "count"), ("doc", "min")])
+    repeated = counts.filter(pc.greater(counts["doc_count"], 1)).sort_by("doc_min")
+    if repeated.num_rows:
+        doc_id = repeated["doc_id"][0].as_py()
+        first, second = sorted(ids.filter(pc.equal(ids["doc_id"], doc_id))["doc"].to_pylist())[:2]
+        raise repeated_id(doc_id, first + 1, second + 1)
 
 
 def merge_ranks(writer, site_layers) -> None:

@@ -203,6 +203,42 @@ def test_dictionary_sites_on_three_ranks_give_the_single_process_rows(corpus, tm
         assert want.height == 2 and want["delta_loss"].is_not_null().all() and (want["n_tokens"] > 0).all()
 
 
+def test_two_ranks_reading_their_own_shards_give_the_single_process_rows(corpus, tmp_path):
+    """A folder of four Parquet shards on 2 ranks: each reads only its own shards (tests/test_datasets_input.py
+    checks which rows each decodes), and the committed run is the single-process run's, with --max-tokens
+    keeping its meaning: the stream's first tokens, the last document cut where one process cuts it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ingest import models
+    from ingest.contexts import tokenize_document
+    from ingest.sources import Document, SkipCounter, read
+
+    folder, data, _ = corpus
+    texts = [doc.text for doc in read([data], SkipCounter())]
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for k in range(4):
+        pq.write_table(pa.table({"text": texts[3 * k : 3 * k + 3]}), shards / f"part-{k}.parquet")
+    tokenizer = models.load(MODEL, "cpu", "float32").tokenizer
+    lengths = [len(tokenize_document(Document("d", text), tokenizer).ids) for text in texts]
+    budget = sum(lengths[:10]) + lengths[10] // 2  # ends inside the last shard, which rank 1 reads
+    single, ranked = tmp_path / "single", tmp_path / "ranked"
+    ingest(single, MODEL, [str(shards)], SITES, run_id="s", progress=False, max_tokens=budget, **OPTIONS)
+    args = [str(a) for a in ingest_args(ranked, shards, "s")[2:]] + ["--max-tokens", str(budget)]
+    _ingest_ranks(ranked, args, 2, "s")
+    with warehouse.open(ranked) as wh, warehouse.open(single) as reference:
+        want = _assert_same_runs(wh, reference, "s", 2)
+        assert want["documents"].height == 11 and want["tokens"].height < sum(lengths) + 2 * len(lengths)
+        by_rank: dict[str, set] = {}
+        for part in wh.manifest("s")["parts"]:
+            if part["table"] == "documents":
+                docs = pq.read_table(ranked / part["path"], columns=["doc"])["doc"].to_pylist()
+                by_rank.setdefault(Path(part["path"]).name.split("-")[1], set()).update(docs)
+    # Each rank wrote the documents of its own shards (0 and 2, 1 and 3), not every other document.
+    assert by_rank == {"0": {0, 1, 2, 6, 7, 8}, "1": {3, 4, 5, 9, 10}}
+
+
 def _init_and_close(root: str) -> None:
     warehouse.init(root).close()
 

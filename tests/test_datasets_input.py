@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import pytest
 
@@ -14,6 +15,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 datasets = pytest.importorskip("datasets")
 
 from ingest import contexts, inputs  # noqa: E402
+from ingest.contexts import Segment  # noqa: E402
 from ingest.options import IngestOptions  # noqa: E402
 from ingest.sources import SkipCounter  # noqa: E402
 from warehouse.errors import BadInput  # noqa: E402
@@ -35,7 +37,7 @@ def sources(tmp_path_factory):
     """{kind: --data value} over the same ROWS (the DatasetDict one has a test split too)."""
     base = tmp_path_factory.mktemp("datasets")
     ds = datasets.Dataset.from_list(ROWS)
-    ds.save_to_disk(str(base / "disk"))
+    ds.save_to_disk(str(base / "disk"), num_shards=4)  # four Arrow files
     datasets.DatasetDict({"train": ds, "test": ds.select(range(5))}).save_to_disk(str(base / "dict"))
     (base / "parquet").mkdir()
     (base / "jsonl").mkdir()
@@ -47,6 +49,11 @@ def sources(tmp_path_factory):
                 fh.write(json.dumps(row) + "\n")
     (base / "repo" / "data").mkdir(parents=True)
     ds.to_parquet(str(base / "repo" / "data" / "train.parquet"))
+    (base / "sharded-repo" / "data").mkdir(parents=True)
+    for k in range(4):
+        ds.shard(4, k, contiguous=True).to_parquet(
+            str(base / "sharded-repo" / "data" / f"train-{k:05d}-of-00004.parquet")
+        )
     return {
         "disk": str(base / "disk"),
         "dict": str(base / "dict"),
@@ -55,6 +62,7 @@ def sources(tmp_path_factory):
         "jsonl-glob": str(base / "jsonl" / "part-*.jsonl"),
         "hub-folder": "hf:" + str(base / "repo"),
         "hub-folder-stored": "hf:" + str(base / "repo"),
+        "hub-shards": "hf:" + str(base / "sharded-repo"),
     }
 
 
@@ -206,40 +214,229 @@ class _Ids:
         return list(ids), [False] * len(ids)
 
 
-@pytest.mark.parametrize("pack", [False, True])
-def test_ranks_read_disjoint_shards_whose_union_is_the_whole(sources, pack):
-    plan = contexts.ContextPlan(max_length=8, context_size=8 if pack else None, bos_id=0, keep_partial=True)
-    seen = []
-    for rank in range(3):
-        stream = _docs_stream(sources["parquet-glob"])
-        for shard in contexts.shards(stream, _Ids(), plan, start=0, rank=rank, world_size=3, shard_tokens=16):
-            seen += [(ordinal, doc.doc_id) for ordinal, doc, _ in shard.docs]
-    assert sorted(seen) == [(i, f"parquet:{i}") for i in range(N)]  # each document once, by one rank
-
-
 def _docs_stream(data):
     return inputs.open_input(IngestOptions(data=(data,))).documents(SkipCounter(), None, None)
 
 
-@pytest.mark.parametrize("kind", ["disk", "parquet-folder", "jsonl-glob"])
-@pytest.mark.parametrize("world_size", [2, 3])
-def test_every_source_is_split_over_ranks_into_disjoint_parts_of_the_whole(sources, kind, world_size):
-    """Each rank's documents (after --where and --max-docs) are its own, and together the one-process run's."""
-    plan = contexts.ContextPlan(max_length=8, max_docs=20)
-    where = dict(where="lang = 'en'")
+SHARD_ROWS = N // 4  # the fixture's shards (Parquet, JSONL, the save_to_disk Arrow files) hold ROWS in order
+SHARD_FILES = {
+    "parquet-glob": "part-{}.parquet",
+    "jsonl-glob": "part-{}.jsonl",
+    "disk": "data-{:05d}-of-00004.arrow",
+    "hub-shards": "train-{:05d}-of-00004.parquet",
+}
 
-    def documents(rank: int, world: int) -> list:
-        stream = inputs.open_input(IngestOptions(data=(sources[kind],), **where)).documents(SkipCounter(), None, None)
-        found = contexts.shards(stream, _Ids(), plan, start=0, rank=rank, world_size=world, shard_tokens=16)
-        return [(ordinal, doc.doc_id, doc.text) for shard in found for ordinal, doc, _ in shard.docs]
 
-    whole = documents(0, 1)
-    parts = [documents(rank, world_size) for rank in range(world_size)]
-    assert all(parts) and sum(len(part) for part in parts) == len(whole)
-    assert sorted(doc for part in parts for doc in part) == whole
-    english = [r["text"] for r in ROWS if r["lang"] == "en"]
-    assert len(english) > 20 and [(o, t) for o, _, t in whole] == list(enumerate(english[:20]))
-    assert len({doc_id for _, doc_id, _ in whole}) == 20
+def _own_rows(rank: int, world_size: int, shards: int = 4) -> set[str]:
+    """The rows of the first `shards` shards that a rank owns: every world_size-th shard from its own."""
+    return {f"u{i}" for i in range(N) if (i // SHARD_ROWS) % world_size == rank and i // SHARD_ROWS < shards}
+
+
+def _shard_files(kind: str, shards) -> set[str]:
+    return {SHARD_FILES[kind].format(k) for k in shards}
+
+
+_recording: dict | None = None  # what the simulated rank now running reads
+
+
+def _audit(event: str, args: tuple) -> None:
+    if event == "open" and _recording is not None and isinstance(args[0], str):
+        _recording["files"].add(os.path.basename(args[0]))
+
+
+sys.addaudithook(_audit)  # audit hooks stay for the process: this one records only inside _reading
+
+
+class _reading:
+    """Records, into `seen`, the files opened (Python's audit events) and the rows `datasets` hands over (its
+    Arrow formatter, by their uid) while a simulated rank reads."""
+
+    def __init__(self, seen: dict):
+        self.seen = seen
+
+    def __enter__(self):
+        global _recording
+        from datasets.formatting import formatting
+
+        self.original = original = formatting.ArrowFormatter.format_batch
+        rows = self.seen["rows"]
+
+        def format_batch(formatter, table):
+            rows.update(table.column("uid").to_pylist())
+            return original(formatter, table)
+
+        formatting.ArrowFormatter.format_batch = format_batch
+        _recording = self.seen
+        return self
+
+    def __exit__(self, *exc):
+        global _recording
+        from datasets.formatting import formatting
+
+        formatting.ArrowFormatter.format_batch = self.original
+        _recording = None
+
+
+class _Exchanged(Exception):
+    """Ends a simulated rank's first pass at the exchange of counts."""
+
+
+def _ranks(data: str, world_size: int, plan, start: int = 0, **options) -> list[dict]:
+    """Each rank's documents [(ordinal, doc_id, text)], and the rows `datasets` handed it and the files it
+    opened while it counted its pieces ("counting") and while it read them ("reading"), as the ranks of one
+    ingest read (Input.segments): each counts its own pieces, the counts are exchanged (here by the test, as
+    ranks.share does over the process group), then each reads its own from ordinal `start` on (a --resume);
+    "error": the one line a rank refused its input with. A dataset is opened before the recording starts
+    (opening one reads its schema)."""
+    opened = [inputs.open_input(IngestOptions(data=(data,), **options)) for _ in range(world_size)]
+    seen = [{phase: {"rows": set(), "files": set()} for phase in ("counting", "reading")} for _ in range(world_size)]
+    counts: list = [None] * world_size
+
+    def segments(rank: int, share):
+        return opened[rank].segments(
+            SkipCounter(), None, None, plan=plan, tokenizer=_Ids(), rank=rank, world_size=world_size, share=share
+        )
+
+    for rank in range(world_size):
+
+        def exchange(work, rank=rank):
+            counts[rank] = work()
+            raise _Exchanged
+
+        with _reading(seen[rank]["counting"]):
+            try:
+                segments(rank, exchange)
+            except _Exchanged:
+                pass
+    for rank in range(world_size):
+        exchanges = seen[rank]["exchanges"] = []
+
+        def share(work, exchanges=exchanges):
+            """The counts; then (a bad row) every rank's work, this one's run here."""
+            exchanges.append(work)
+            return counts if len(exchanges) == 1 else [work()] * world_size
+
+        with _reading(seen[rank]["reading"]):
+            try:
+                found, own_pieces = segments(rank, share)
+            except BadInput as err:
+                seen[rank]["error"] = str(err)
+                continue
+            deal = {} if own_pieces else dict(rank=rank, world_size=world_size)
+            shards = contexts.shards(found, _Ids(), plan, start=start, shard_tokens=16, **deal)
+            seen[rank]["docs"] = [(ordinal, doc.doc_id, doc.text) for shard in shards for ordinal, doc, _ in shard.docs]
+            seen[rank]["own_pieces"] = own_pieces
+    return seen
+
+
+def _whole(data: str, plan, **options) -> list:
+    """The one-process run's documents."""
+    stream = inputs.open_input(IngestOptions(data=(data,), **options)).documents(SkipCounter(), None, None)
+    found = contexts.shards([Segment(stream)], _Ids(), plan, start=0, shard_tokens=16)
+    return [(ordinal, doc.doc_id, doc.text) for shard in found for ordinal, doc, _ in shard.docs]
+
+
+@pytest.mark.parametrize("kind", ["parquet-glob", "jsonl-glob", "disk", "hub-shards"])
+@pytest.mark.parametrize("where", [None, "lang = 'en'"])
+@pytest.mark.parametrize("pack", [False, True])
+def test_ranks_read_disjoint_shards_whose_union_is_the_whole(sources, kind, where, pack):
+    """Each of 2 ranks opens and decodes only its own shards, and together their documents are the one-process
+    run's: the same ordinals, ids (rows numbered across shards) and texts."""
+    plan = contexts.ContextPlan(max_length=8, context_size=8 if pack else None, bos_id=0, keep_partial=True)
+    ranks = _ranks(sources[kind], 2, plan, where=where)
+    for rank, seen in enumerate(ranks):
+        reading, counting = seen["reading"], seen["counting"]
+        assert seen["own_pieces"] and reading["rows"] == _own_rows(rank, 2)
+        if kind != "disk":  # a save_to_disk dataset is memory-mapped when opened: its rows tell
+            assert reading["files"] & _shard_files(kind, range(4)) == _shard_files(kind, (rank, rank + 2))
+        # Counting: a Parquet shard's footer or an Arrow file's length is its rows, unless --where drops some;
+        # a Hub stream's shards are counted by reading them.
+        counted_without_rows = kind in ("parquet-glob", "disk") and where is None
+        assert counting["rows"] == (set() if counted_without_rows else _own_rows(rank, 2))
+        assert counting["files"] & _shard_files(kind, range(4)) <= _shard_files(kind, (rank, rank + 2))
+    parts = [seen["docs"] for seen in ranks]
+    assert all(parts) and not set(parts[0]) & set(parts[1])
+    whole = _whole(sources[kind], plan, where=where)
+    assert sorted(parts[0] + parts[1]) == whole
+    kept = [i for i, r in enumerate(ROWS) if where is None or r["lang"] == "en"]
+    assert [text for _, _, text in whole] == [ROWS[i]["text"] for i in kept]
+    label = {"parquet-glob": "parquet", "jsonl-glob": "jsonl", "disk": "disk", "hub-shards": "sharded-repo"}[kind]
+    assert [doc_id for _, doc_id, _ in whole] == [f"{label}:{i}" for i in kept]
+
+
+@pytest.mark.parametrize("kind", ["parquet-glob", "jsonl-glob"])
+@pytest.mark.parametrize("limit", [dict(max_docs=4), dict(max_docs=23), dict(max_tokens=9), dict(max_tokens=170)])
+def test_max_docs_and_max_tokens_are_the_stream_s_first_across_ranks(sources, kind, limit):
+    """--max-docs and --max-tokens keep the one-process run's documents (the last one cut at the same token)
+    when each rank reads its own shards; no rank reads a shard past them."""
+    plan = contexts.ContextPlan(max_length=8, **limit)
+    ranks = _ranks(sources[kind], 2, plan)
+    whole = _whole(sources[kind], plan)
+    assert sorted(ranks[0]["docs"] + ranks[1]["docs"]) == whole and len(whole) < N
+    shards = int(whole[-1][1].split(":")[1]) // SHARD_ROWS + 1  # the shards holding a kept document
+    for rank, seen in enumerate(ranks):
+        reading, counting = seen["reading"], seen["counting"]
+        assert reading["files"] & _shard_files(kind, range(4)) <= _shard_files(kind, range(rank, shards, 2))
+        assert {f"u{doc_id.split(':')[1]}" for _, doc_id, _ in seen["docs"]} <= reading["rows"]
+        assert reading["rows"] <= _own_rows(rank, 2, shards) and counting["rows"] <= _own_rows(rank, 2)
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_each_rank_resumes_its_own_shards(sources, pack):
+    """A rank resumed from any ordinal keeps exactly its uninterrupted documents from there (packed: their
+    windows too, the packing state rebuilt from its own documents before)."""
+    plan = contexts.ContextPlan(max_length=8, context_size=8 if pack else None, bos_id=0, max_tokens=150)
+    whole = _ranks(sources["parquet-glob"], 2, plan)
+    for start in (4, 17, 25):
+        resumed = _ranks(sources["parquet-glob"], 2, plan, start=start)
+        for rank in range(2):
+            assert resumed[rank]["docs"] == [d for d in whole[rank]["docs"] if d[0] >= start]
+            assert resumed[rank]["reading"]["rows"] <= _own_rows(rank, 2)
+
+
+@pytest.fixture(scope="module")
+def bad_row(tmp_path_factory):
+    """ROWS as four JSONL shards with a role column, row 31 (the last shard's second) with a control character."""
+    base = tmp_path_factory.mktemp("bad-row") / "shards"
+    base.mkdir()
+    rows = [{**r, "role": "pool" if i != 31 else "a\x1b[2J"} for i, r in enumerate(ROWS)]
+    for k in range(4):
+        part = rows[k * SHARD_ROWS : (k + 1) * SHARD_ROWS]
+        (base / f"part-{k}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    return str(base)
+
+
+def test_a_bad_row_the_run_reaches_is_refused_on_every_rank_naming_its_row_in_the_stream(bad_row):
+    """Its rank finds it while counting, and once the counts are exchanged raises the one-process run's line
+    (the row numbered in the stream) before the run exists; the other rank joins that exchange to raise it too."""
+    with pytest.raises(BadInput) as alone:
+        _docs(bad_row)
+    assert f"{bad_row} row 31: invalid role" in str(alone.value)
+    ranks = _ranks(bad_row, 2, contexts.ContextPlan(max_length=8))
+    assert ranks[1]["error"] == str(alone.value) and "docs" not in ranks[1]
+    # Rank 0 joins the second exchange with nothing to raise (ranks.share raises rank 1's line there).
+    assert len(ranks[0]["exchanges"]) == 2 and ranks[0]["exchanges"][1]() is None
+    assert ranks[1]["counting"]["rows"] | ranks[1]["reading"]["rows"] <= _own_rows(1, 2)
+
+
+@pytest.mark.parametrize("limit", [dict(max_docs=31), dict(max_tokens=100)])
+def test_a_bad_row_past_the_limits_is_never_read(bad_row, limit):
+    """--max-docs and --max-tokens end the stream before row 31: neither one process nor a rank reads it."""
+    plan = contexts.ContextPlan(max_length=8, **limit)
+    whole = _whole(bad_row, plan)
+    ranks = _ranks(bad_row, 2, plan)
+    assert sorted(ranks[0]["docs"] + ranks[1]["docs"]) == whole and "error" not in ranks[1]
+    assert [len(seen["exchanges"]) for seen in ranks] == [1, 1]
+
+
+def test_a_single_file_is_read_whole_by_every_rank_and_dealt(sources):
+    """One shard cannot be split: each rank reads the whole stream and keeps the documents dealt to it."""
+    plan = contexts.ContextPlan(max_length=8, max_docs=25)
+    ranks = _ranks(sources["hub-folder"], 3, plan, where="lang = 'en'")
+    whole = _whole(sources["hub-folder"], plan, where="lang = 'en'")
+    for rank, seen in enumerate(ranks):
+        assert not seen["own_pieces"] and seen["docs"] == [d for d in whole if d[0] % 3 == rank]
+    assert sorted(d for seen in ranks for d in seen["docs"]) == whole and len(whole) == 25
 
 
 @pytest.mark.parametrize("pack", [False, True])
@@ -249,9 +446,7 @@ def test_max_tokens_is_exact(sources, pack, limit):
     plan = contexts.ContextPlan(
         max_length=6, context_size=5 if pack else None, bos_id=0, keep_partial=True, max_tokens=limit
     )
-    shards = list(
-        contexts.shards(_docs_stream(sources["disk"]), tokenizer, plan, start=0, rank=0, world_size=1, shard_tokens=9)
-    )
+    shards = list(contexts.shards([Segment(_docs_stream(sources["disk"]))], tokenizer, plan, start=0, shard_tokens=9))
     stored = sum(len(w.ids) for shard in shards for _, _, wins in shard.docs for w in wins)
     total = sum(len(tokenizer.encode(r["text"])[0]) for r in ROWS)
     assert stored == min(limit, total)
@@ -263,7 +458,7 @@ def test_max_tokens_is_exact(sources, pack, limit):
 
 def test_max_docs(sources):
     plan = contexts.ContextPlan(max_length=64, max_docs=7)
-    shards = contexts.shards(_docs_stream(sources["disk"]), _Ids(), plan, start=0, rank=0, world_size=1, shard_tokens=5)
+    shards = contexts.shards([Segment(_docs_stream(sources["disk"]))], _Ids(), plan, start=0, shard_tokens=5)
     assert [o for s in shards for o, _, _ in s.docs] == list(range(7))
 
 
@@ -383,6 +578,34 @@ def test_a_streamed_id_given_twice_is_refused_naming_both(repeated_ids):
     with pytest.raises(BadInput, match=r"doc_id 'x12' is given twice \(documents 13 and 32 of --data\).*--id-column"):
         _docs(repeated_ids, id_column="dup")
     assert [d.doc_id for d in _docs(repeated_ids, id_column="uid")] == [r["uid"] for r in ROWS]
+
+
+def test_an_id_in_two_ranks_documents_is_refused_before_the_commit(repeated_ids, tmp_path):
+    """Each rank checks the ids of its own shards as they go by; rank 0 checks them across the ranks' documents
+    before it commits (ranks.refuse_repeated_ids), naming the same documents as one process does."""
+    from types import SimpleNamespace
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ingest.ranks import refuse_repeated_ids
+
+    ranks = _ranks(repeated_ids, 2, contexts.ContextPlan(max_length=8), id_column="dup")  # alone, each is fine
+    for rank, seen in enumerate(ranks):
+        table = pa.table({"doc": [d[0] for d in seen["docs"]], "doc_id": [d[1] for d in seen["docs"]]})
+        pq.write_table(table, tmp_path / f"documents-{rank}.parquet")
+    writer = SimpleNamespace(
+        world_size=2,
+        layout=SimpleNamespace(root=tmp_path),
+        rank_shards=lambda rank: [{"parts": [{"table": "documents", "path": f"documents-{rank}.parquet"}]}],
+    )
+    with pytest.raises(BadInput, match=r"doc_id 'x12' is given twice \(documents 13 and 32 of --data\)"):
+        refuse_repeated_ids(writer)
+    ranks = _ranks(repeated_ids, 2, contexts.ContextPlan(max_length=8), id_column="uid")
+    for rank, seen in enumerate(ranks):
+        table = pa.table({"doc": [d[0] for d in seen["docs"]], "doc_id": [d[1] for d in seen["docs"]]})
+        pq.write_table(table, tmp_path / f"documents-{rank}.parquet")
+    refuse_repeated_ids(writer)
 
 
 def test_cli_refuses_a_repeated_id_in_one_line_keeping_committed_runs(repeated_ids, tmp_path, capsys, monkeypatch):

@@ -12,7 +12,7 @@ import pytest
 
 import warehouse
 from ingest import contexts
-from ingest.contexts import ContextPlan, Packer
+from ingest.contexts import ContextPlan, Packer, Segment
 from ingest.sources import Document
 
 from . import reference
@@ -131,7 +131,7 @@ def test_packed_shards_keep_every_token_in_place(keep):
     docs = _documents(random.Random(3), 30)
     plan = ContextPlan(max_length=0, context_size=7, bos_id=BOS, separator_id=SEP, keep_partial=keep)
     tokenizer = _Words()
-    shards = list(contexts.shards(iter(docs), tokenizer, plan, start=0, rank=0, world_size=1, shard_tokens=10))
+    shards = list(contexts.shards([Segment(docs)], tokenizer, plan, start=0, shard_tokens=10))
     expected = independent_pack([tokenizer.encode(d.text)[0] for d in docs], 7, BOS, SEP, keep)
     by_doc: dict[int, list] = {}
     for shard in shards:
@@ -152,17 +152,17 @@ def test_packed_shards_keep_every_token_in_place(keep):
         assert by_doc.get(ordinal, []) == [t for p, t in enumerate(ids) if (ordinal, p) in stored]
     # Shard boundaries and a resume from any document change nothing.
     whole = _layout(shards)
-    one = list(contexts.shards(iter(docs), tokenizer, plan, start=0, rank=0, world_size=1, shard_tokens=10_000))
+    one = list(contexts.shards([Segment(docs)], tokenizer, plan, start=0, shard_tokens=10_000))
     assert _layout(one) == whole
     for start in (1, 9, 17):
-        resumed = contexts.shards(iter(docs), tokenizer, plan, start=start, rank=0, world_size=1, shard_tokens=10)
+        resumed = contexts.shards([Segment(docs)], tokenizer, plan, start=start, shard_tokens=10)
         assert _layout(resumed) == [row for row in whole if row[0] >= start]
 
 
 def test_packed_batches_hold_whole_contexts():
     docs = _documents(random.Random(5), 20)
     plan = ContextPlan(max_length=0, context_size=6, bos_id=BOS, separator_id=SEP, keep_partial=True)
-    (shard,) = contexts.shards(iter(docs), _Words(), plan, start=0, rank=0, world_size=1, shard_tokens=10_000)
+    (shard,) = contexts.shards([Segment(docs)], _Words(), plan, start=0, shard_tokens=10_000)
     batches = list(shard.batches(3))
     flat = [w for b in batches for w in b]
     assert flat == [w for _, _, wins in shard.docs for w in wins]
@@ -378,7 +378,7 @@ def test_exclude_special_in_packed_contexts_skips_the_documents_own_specials():
     plan = ContextPlan(
         max_length=0, context_size=4, bos_id=BOS, separator_id=SEP, keep_partial=True, exclude_special=True
     )
-    (shard,) = contexts.shards(iter(docs), Ids(), plan, start=0, rank=0, world_size=1, shard_tokens=100)
+    (shard,) = contexts.shards([Segment(docs)], Ids(), plan, start=0, shard_tokens=100)
     kept = {ordinal: [(w.start_pos, w.ids) for w in wins] for ordinal, _, wins in shard.docs}
     # contexts: [1 0 5 6] [1 0 7 2] [1 8 9 0] -> document a keeps 5 6 | 7, document b keeps 8 9
     assert kept == {0: [(1, [5, 6]), (4, [7])], 1: [(0, [8, 9])]}
