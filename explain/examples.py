@@ -330,12 +330,13 @@ def _kept_non_firing(wh, run: str, site: str, layer: int) -> bool:
     return _KEPT_NON_FIRING[key]
 
 
-def prefetch_non_firing(wh, run: str, site: str, layer: int, neurons: list[int], n: int, seed: int) -> None:
+def draw_non_firing(wh, run: str, site: str, layer: int, neurons: list[int], n: int, seed: int) -> list[Window]:
     """Draw n of the kept non-firing windows of every unit in `neurons` at one layer (without
-    replacement, seeded, among those that show a token) and read the drawn windows: two statements for
-    all units (planning asks unit by unit: a statement each cost ~60 ms)."""
+    replacement, seeded, among those that show a token), in one statement for all units (planning asks
+    unit by unit: a statement each cost ~60 ms). Returns the drawn windows, which the caller reads
+    (`read_windows`) with the other examples of its plan before a unit takes its own."""
     if not neurons or not _kept_non_firing(wh, run, site, layer):
-        return
+        return []
     rows = wh.sql(
         """
         SELECT k.neuron, k.rank, k.doc, k.pos, k.value FROM whq_example_keys(
@@ -351,9 +352,9 @@ def prefetch_non_firing(wh, run: str, site: str, layer: int, neurons: list[int],
     for neuron, rank, doc, pos, value in rows:
         kept[neuron].append(Window(doc, pos, [], [], "non-firing", False, value=float(value), neuron=neuron, rank=rank))
     drawn = {neuron: random.Random(seed).sample(windows, min(n, len(windows))) for neuron, windows in kept.items()}
-    read_windows(wh, run, site, layer, [w for windows in drawn.values() for w in windows])
     key = (*_run_key(wh, run), site, layer)
     _NON_FIRING.update({(*key, neuron, n, seed): windows for neuron, windows in drawn.items()})
+    return [w for windows in drawn.values() for w in windows]
 
 
 def _take(memo: dict, prefetch, wh, run: str, site: str, layer: int, neuron: int, n: int, seed: int):
@@ -366,7 +367,10 @@ def _take(memo: dict, prefetch, wh, run: str, site: str, layer: int, neuron: int
 
 
 def _captured_non_firing(wh, run: str, site: str, layer: int, neuron: int, n: int, seed: int) -> list[Window]:
-    return _take(_NON_FIRING, prefetch_non_firing, wh, run, site, layer, neuron, n, seed)
+    def alone(wh, run, site, layer, neurons, n, seed):
+        read_windows(wh, run, site, layer, draw_non_firing(wh, run, site, layer, neurons, n, seed))
+
+    return _take(_NON_FIRING, alone, wh, run, site, layer, neuron, n, seed)
 
 
 def prefetch_neighbours(wh, run: str, site: str, layer: int, neurons: list[int], n: int, seed: int) -> None:

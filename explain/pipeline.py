@@ -105,12 +105,12 @@ def plan_explain(wh, run, site, units, *, explainer: str, model: str, recipe: Re
     split = {
         unit: ex.split(stored[unit[0]].get(unit[1], []), recipe.n_explain, recipe.n_test, recipe.seed) for unit in units
     }
-    for layer in stored:
-        ex.read_windows(
-            wh, run, site, layer, [w for (lay, _), (shown, _) in split.items() if lay == layer for w in shown]
-        )
+    pending = {}
     if explainer == "contrastive":
-        _prefetch_non_activating(wh, run, site, recipe, [unit for unit in units if split[unit][0]])
+        pending = _prefetch_non_activating(wh, run, site, recipe, [unit for unit in units if split[unit][0]])
+    for layer in stored:
+        shown = [w for (lay, _), (windows, _) in split.items() if lay == layer for w in windows]
+        ex.read_windows(wh, run, site, layer, shown + pending.get(layer, []))
     jobs, requests = [], []
     for layer, neuron in units:
         shown, _ = split[(layer, neuron)]
@@ -180,18 +180,21 @@ def plan_explain(wh, run, site, units, *, explainer: str, model: str, recipe: Re
     return Plan(batch, len(jobs), requests, finish, {(j[2], None) for j in jobs})
 
 
-def _prefetch_non_activating(wh, run, site, recipe: Recipe, units: list[tuple[int, int]]) -> None:
-    """Read the non-activating windows of every unit that will ask for them, a statement per layer and
-    source instead of one per unit (each unit then takes its own)."""
+def _prefetch_non_activating(wh, run, site, recipe: Recipe, units: list[tuple[int, int]]) -> dict[int, list]:
+    """Draw the non-activating windows of every unit that will ask for them, a statement per layer and
+    source instead of one per unit (each unit then takes its own). Returns, per layer, the drawn
+    windows still to read: the caller reads them with its own examples, in one statement."""
+    pending: dict[int, list] = {}
     if not recipe.n_non_activating:
-        return
+        return pending
     share = ex.source_share(recipe.n_non_activating, recipe.non_activating)
     for layer in sorted({layer for layer, _ in units}):
         neurons = [n for lay, n in units if lay == layer]
         if "non-firing" in recipe.non_activating:
-            ex.prefetch_non_firing(wh, run, site, layer, neurons, share, recipe.seed)
+            pending[layer] = ex.draw_non_firing(wh, run, site, layer, neurons, share, recipe.seed)
         if "neighbours" in recipe.non_activating:
             ex.prefetch_neighbours(wh, run, site, layer, neurons, share, recipe.seed)
+    return pending
 
 
 # -- score --------------------------------------------------------------------------------
@@ -252,15 +255,17 @@ def plan_score(wh, run, site, layers, *, scorers: list[str], model: str, recipe:
         layer: ex.stored_examples(wh, run, site, layer, [r[1] for r in found if r[0] == layer])
         for layer in sorted({r[0] for r in found})
     }
-    _prefetch_non_activating(wh, run, site, recipe, [(r[0], r[1]) for r in found])
-    settings = recipe.to_json()
-    work, requests = [], []
     tests = {
         exp_id: held_out_examples(stored[layer].get(neuron, []), shown.get(exp_id, set()), json.loads(exp_settings))
         for layer, neuron, exp_id, _, exp_settings, _ in found
     }
+    pending = _prefetch_non_activating(wh, run, site, recipe, [(r[0], r[1]) for r in found])
     for layer in stored:
-        ex.read_windows(wh, run, site, layer, [w for r in found if r[0] == layer for w in tests[r[2]]])
+        ex.read_windows(
+            wh, run, site, layer, [w for r in found if r[0] == layer for w in tests[r[2]]] + pending.get(layer, [])
+        )
+    settings = recipe.to_json()
+    work, requests = [], []
     for layer, neuron, exp_id, text, _, _ in found:
         test = tests[exp_id]
         negatives = ex.non_activating(

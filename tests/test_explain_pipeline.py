@@ -410,8 +410,12 @@ def test_control_characters_of_an_answer_are_not_stored_and_the_export_imports_a
     assert code == 0, err
 
 
+def _draw_and_read_non_firing(wh, run, site, layer, neurons, n, seed):
+    ex.read_windows(wh, run, site, layer, ex.draw_non_firing(wh, run, site, layer, neurons, n, seed))
+
+
 @pytest.mark.parametrize(
-    "source, prefetch", [("non_firing", "prefetch_non_firing"), ("neighbours", "prefetch_neighbours")]
+    "source, prefetch", [("non_firing", _draw_and_read_non_firing), ("neighbours", ex.prefetch_neighbours)]
 )
 def test_windows_read_for_a_whole_layer_equal_those_read_unit_by_unit(minilm_wh, source, prefetch):
     wh = warehouse.open(minilm_wh)
@@ -420,6 +424,6 @@ def test_windows_read_for_a_whole_layer_equal_those_read_unit_by_unit(minilm_wh,
     windows = getattr(ex, source)
     alone = {n: windows(wh, RUN, SITE, LAYER, n, 3, seed=2) for n in neurons}
     assert sum(map(len, alone.values())) >= 8
-    getattr(ex, prefetch)(wh, RUN, SITE, LAYER, neurons, 3, 2)
+    prefetch(wh, RUN, SITE, LAYER, neurons, 3, 2)
     assert {n: windows(wh, RUN, SITE, LAYER, n, 3, seed=2) for n in neurons} == alone
     assert not ex._NON_FIRING and not ex._NEIGHBOURS  # each unit took its own: nothing is kept after a plan
