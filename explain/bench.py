@@ -5,7 +5,8 @@ tokens and calls per unit from its plan, the planning time (reading the examples
 prompts), the wall time of the whole path (planning, calls, parsing, embedding, the commit) per
 unit, the model's own time (the sum of the calls' latencies), the overhead = wall - model as a
 share of the model's time, and the part of it after planning (the cache, parsing, the commit).
-Then each runs again, answered wholly from the cache. Scorers score the top-tokens explanations
+Then each runs again, answered wholly from the cache. Each step starts without the memos of the
+run's facts (special tokens, kinds kept), as a command does. Scorers score the top-tokens explanations
 (a random tiny model writes no parsable explanation of its own).
 """
 
@@ -26,6 +27,7 @@ BENCH_RECIPE = Recipe(n_explain=10, n_test=10, n_non_activating=10, explain_toke
 
 
 def _measure(wh, run, make_plan, llm, backend, units):
+    ex.forget_runs()
     started = time.perf_counter()
     plan = make_plan()
     planned = time.perf_counter() - started
@@ -34,6 +36,7 @@ def _measure(wh, run, make_plan, llm, backend, units):
     outcome = run_plan(wh, run, plan, llm=llm, backend=backend, concurrency=1)
     wall = planned + time.perf_counter() - started
     model = outcome.counters.model_seconds
+    ex.forget_runs()
     started = time.perf_counter()
     again = run_plan(wh, run, make_plan(), llm=llm, backend=backend, concurrency=1)
     cached = time.perf_counter() - started

@@ -119,14 +119,7 @@ def stored_examples(wh, run: str, site: str, layer: int, neurons: list[int]) -> 
     order, without their windows (tokens and values empty): a plan shows a few of the hundreds a unit
     keeps, and `read_windows` builds those alone."""
     params = {"run": run, "site": site, "layer": layer}
-    kept = {
-        k
-        for (k,) in wh.sql(
-            "SELECT DISTINCT kind FROM neuron_examples WHERE run_id = $run AND site = $site AND layer = $layer",
-            params,
-        ).fetchall()
-    }
-    kinds = [kind for kind in KINDS if kind in kept]
+    kinds = [kind for kind in KINDS if kind in _kinds(wh, run, site, layer)]
     if not kinds:
         raise BadInput(
             f"site {site!r} of run {run!r} kept no examples at layer {layer}: re-ingest with --site {site}:examples=20"
@@ -210,9 +203,16 @@ def split(windows: list[Window], n_explain: int, n_test: int, seed: int) -> tupl
 # -- non-activating windows ---------------------------------------------------------------
 # Facts of a committed run that explaining never changes, read once per _run_key and site layer.
 _EXACTNESS: dict[tuple, dict[int, bool]] = {}
-_KEPT_NON_FIRING: dict[tuple, bool] = {}
+_KINDS: dict[tuple, set[str]] = {}
 _NON_FIRING: dict[tuple, list[Window]] = {}  # drawn and read for a plan, each taken by its unit
 _NEIGHBOURS: dict[tuple, list[Window]] = {}  # the same
+
+
+def forget_runs() -> None:
+    """Drop the memos of committed runs' facts, as a new process starts (the bench times each step as
+    the command of its own that it is)."""
+    for memo in (_SPECIALS, _EXACTNESS, _KINDS):
+        memo.clear()
 
 
 def _exactness(wh, run: str, site: str, layer: int) -> dict[int, bool]:
@@ -316,18 +316,22 @@ def non_firing(wh, run: str, site: str, layer: int, neuron: int, n: int, seed: i
 
 
 def _kept_non_firing(wh, run: str, site: str, layer: int) -> bool:
-    """Did the capture keep its sample of non-firing windows at this layer (kind nonfiring)? Read once
-    per layer of a committed run."""
+    """Did the capture keep its sample of non-firing windows at this layer (kind nonfiring)?"""
+    return "nonfiring" in _kinds(wh, run, site, layer)
+
+
+def _kinds(wh, run: str, site: str, layer: int) -> set[str]:
+    """The kinds of examples the capture kept at this layer, read once per layer of a committed run."""
     key = (*_run_key(wh, run), site, layer)
-    if key not in _KEPT_NON_FIRING:
-        _KEPT_NON_FIRING[key] = bool(
-            wh.sql(
-                "SELECT count(*) FROM neuron_examples WHERE run_id = $run AND site = $site AND layer = $layer "
-                "AND kind = 'nonfiring'",
+    if key not in _KINDS:
+        _KINDS[key] = {
+            kind
+            for (kind,) in wh.sql(
+                "SELECT DISTINCT kind FROM neuron_examples WHERE run_id = $run AND site = $site AND layer = $layer",
                 {"run": run, "site": site, "layer": layer},
-            ).fetchall()[0][0]
-        )
-    return _KEPT_NON_FIRING[key]
+            ).fetchall()
+        }
+    return _KINDS[key]
 
 
 def draw_non_firing(wh, run: str, site: str, layer: int, neurons: list[int], n: int, seed: int) -> list[Window]:

@@ -110,8 +110,8 @@ COMMENT ON MACRO TABLE selectivity_histogram IS 'Histogram of selectivity (see s
 -- quantile or bottom; otherwise token_neurons of a threshold capture (every firing, values stored as
 -- FLOAT16; it holds no negative values to rank, so kind bottom needs examples=N); otherwise an error
 -- naming the fix (kind quantile: an error unless the site kept quantiles=Q). `units`, a list of
--- units, narrows the scan to them when neuron is NULL.
-CREATE OR REPLACE MACRO whq_example_keys(run, site, layer, neuron, kind, k, seed, units := NULL) AS TABLE
+-- units, narrows the scan to them when neuron is NULL; `before` and `after` are whq_examples' window.
+CREATE OR REPLACE MACRO whq_example_keys(run, site, layer, neuron, kind, k, seed, units := NULL, before := 0, after := 0) AS TABLE
 WITH capture AS (
     SELECT regexp_matches(s.reductions, '(^|,)threshold=') AS has_threshold,
            regexp_matches(s.reductions, '(^|,)quantiles=') AS has_quantiles,
@@ -121,6 +121,11 @@ WITH capture AS (
 ),
 source AS (
     SELECT CASE
+        -- whq_examples' window, checked first: a window of a billion tokens would list a billion
+        -- positions per example and exhaust memory
+        WHEN NOT (before BETWEEN 0 AND 100000 AND after BETWEEN 0 AND 100000)
+            THEN error('before := ' || CAST(before AS VARCHAR) || ', after := ' || CAST(after AS VARCHAR)
+            || ': a context reaches 0 to 100000 tokens on each side of its token')
         WHEN kind = 'quantile' AND NOT c.has_quantiles THEN error('site ''' || site || ''' of run ''' || run
             || ''' kept no quantile examples: re-ingest with --site ' || site || ':examples=20,hist,quantiles=10')
         WHEN c.n_examples IS NOT NULL AND (k <= c.n_examples OR NOT c.has_threshold OR kind IN ('quantile', 'bottom', 'nonfiring'))
@@ -163,12 +168,8 @@ COMMENT ON MACRO TABLE whq_example_keys IS 'The examples whq_examples shows, wit
 CREATE OR REPLACE MACRO whq_examples(run, site, layer, neuron, kind, k, before, after, seed, units := NULL, picks := NULL) AS TABLE
 WITH picked AS (
     SELECT p.neuron, p.rank, p.doc, p.pos, p.value, p.windows
-    FROM whq_example_keys(run, site, layer, neuron, kind, k, seed, units := units) p
-    -- a window of a billion tokens would list a billion positions per example and exhaust memory
-    WHERE CASE WHEN NOT (before BETWEEN 0 AND 100000 AND after BETWEEN 0 AND 100000)
-            THEN error('before := ' || CAST(before AS VARCHAR) || ', after := ' || CAST(after AS VARCHAR)
-            || ': a context reaches 0 to 100000 tokens on each side of its token') ELSE true END
-      AND (picks IS NULL OR list_contains(CAST(picks AS STRUCT(neuron INTEGER, rank INTEGER)[]), {'neuron': p.neuron, 'rank': p.rank}))
+    FROM whq_example_keys(run, site, layer, neuron, kind, k, seed, units := units, before := before, after := after) p
+    WHERE picks IS NULL OR list_contains(CAST(picks AS STRUCT(neuron INTEGER, rank INTEGER)[]), {'neuron': p.neuron, 'rank': p.rank})
 ),
 -- The tokens of the examples' documents only: joined on the few documents alone (a small build side),
 -- DuckDB passes them to the scan as an IN filter, which skips the row groups of every other document.
