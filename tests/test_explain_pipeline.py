@@ -427,3 +427,24 @@ def test_windows_read_for_a_whole_layer_equal_those_read_unit_by_unit(minilm_wh,
     prefetch(wh, RUN, SITE, LAYER, neurons, 3, 2)
     assert {n: windows(wh, RUN, SITE, LAYER, n, 3, seed=2) for n in neurons} == alone
     assert not ex._NON_FIRING and not ex._NEIGHBOURS  # each unit took its own: nothing is kept after a plan
+
+
+def test_windows_read_for_drawn_examples_equal_whq_examples_whole(minilm_wh):
+    """Planning reads the keys of every stored example, then the windows of the drawn ones alone
+    (whq_examples picks :=): each window equals the one whq_examples builds for the whole unit."""
+    wh = warehouse.open(minilm_wh)
+    neurons = [n for _, n in ex.select_units(wh, RUN, SITE, [LAYER], None, 3)]
+    keys = ex.stored_examples(wh, RUN, SITE, LAYER, neurons)
+    drawn = [w for n in neurons for w in keys[n][::3]]  # every third: picks out of order and across kinds
+    assert {w.source for w in drawn} >= {"top", "random"}
+    ex.read_windows(wh, RUN, SITE, LAYER, drawn)
+    specials = ex._specials(wh, RUN)
+    for w in drawn:
+        ((doc, pos, value, tokens),) = wh.sql(
+            "SELECT d.doc, x.pos, x.value, x.tokens FROM whq_examples(?, ?, ?, ?, ?, 2147483647, 50, 20, 0) x "
+            "JOIN documents d ON d.run_id = ? AND d.doc_id = x.doc_id WHERE x.rank = ?",
+            [RUN, SITE, LAYER, w.neuron, w.source, RUN, w.rank],
+        ).fetchall()
+        assert (doc, pos, value) == (w.doc, w.pos, pytest.approx(w.value))
+        assert (w.tokens, w.values) == ex._shown(doc, pos, tokens, specials) and w.tokens
+    wh.close()
