@@ -125,13 +125,10 @@ def stored_examples(wh, run: str, site: str, layer: int, neurons: list[int]) -> 
             f"site {site!r} of run {run!r} kept no examples at layer {layer}: re-ingest with --site {site}:examples=20"
         )
     rows = wh.sql(
-        " UNION ALL ".join(
-            f"SELECT {order} AS kind_order, neuron, rank, doc, pos, value, quantile "
-            f"FROM whq_example_keys($run, $site, $layer, NULL, '{kind}', 2147483647, 0, units := $neurons)"
-            for order, kind in enumerate(kinds)
-        )
-        + " ORDER BY neuron, kind_order, rank",
-        params | {"neurons": sorted(set(neurons))},
+        "SELECT list_position($kinds, kind) - 1, neuron, rank, doc, pos, value, quantile "
+        "FROM whq_example_keys_by_kind($run, $site, $layer, NULL, MAP($kinds, $ks), 0, units := $neurons) "
+        "ORDER BY neuron, 1, rank",
+        params | {"kinds": kinds, "ks": [2147483647] * len(kinds), "neurons": sorted(set(neurons))},
     ).fetchall()
     found: dict[int, list[Window]] = {}
     for order, neuron, rank, doc, pos, value, quantile in rows:
@@ -142,30 +139,36 @@ def stored_examples(wh, run: str, site: str, layer: int, neurons: list[int]) -> 
 
 
 def read_windows(wh, run: str, site: str, layer: int, examples: list[Window]) -> None:
-    """Fill in the windows of stored examples (from `stored_examples`, one layer) as whq_examples builds
-    them, special tokens left out: one statement for all of them."""
-    kinds = sorted({_KIND_OF_SOURCE.get(w.source, w.source) for w in examples})
+    """Fill in the windows of stored examples (from `stored_examples` or `draw_non_firing`, one layer)
+    as whq_examples builds them, special tokens left out: one statement for all of them, every kind
+    bound once."""
+    kinds = sorted({_kind(w) for w in examples})
     if not kinds:
         return
-    params = {"run": run, "site": site, "layer": layer, "before": BEFORE, "after": AFTER}
-    for kind in kinds:
-        chosen = [w for w in examples if _KIND_OF_SOURCE.get(w.source, w.source) == kind]
-        params[f"units_{kind}"] = sorted({w.neuron for w in chosen})
-        params[f"picks_{kind}"] = [{"neuron": w.neuron, "rank": w.rank} for w in chosen]
     rows = wh.sql(
-        " UNION ALL ".join(
-            f"SELECT '{kind}' AS kind, neuron, rank, tokens FROM whq_examples($run, $site, $layer, NULL, '{kind}', "
-            f"2147483647, $before, $after, 0, units := $units_{kind}, picks := $picks_{kind})"
-            for kind in kinds
-        ),
-        params,
+        "SELECT kind, neuron, rank, tokens FROM whq_examples_by_kind($run, $site, $layer, NULL, MAP($kinds, $ks), "
+        "$before, $after, 0, units := $units, picks := $picks)",
+        {
+            "run": run,
+            "site": site,
+            "layer": layer,
+            "kinds": kinds,
+            "ks": [2147483647] * len(kinds),
+            "before": BEFORE,
+            "after": AFTER,
+            "units": sorted({w.neuron for w in examples}),
+            "picks": [{"kind": _kind(w), "neuron": w.neuron, "rank": w.rank} for w in examples],
+        },
     ).fetchall()
     tokens = {(kind, neuron, rank): window for kind, neuron, rank, window in rows}
     specials = _specials(wh, run)
     for w in examples:
-        w.tokens, w.values = _shown(
-            w.doc, w.pos, tokens[(_KIND_OF_SOURCE.get(w.source, w.source), w.neuron, w.rank)], specials
-        )
+        w.tokens, w.values = _shown(w.doc, w.pos, tokens[(_kind(w), w.neuron, w.rank)], specials)
+
+
+def _kind(example: Window) -> str:
+    """A stored example's neuron_examples kind."""
+    return _KIND_OF_SOURCE.get(example.source, example.source)
 
 
 def _shown(doc, pos, tokens, specials) -> tuple[list[str], list[float]]:
@@ -343,8 +346,8 @@ def draw_non_firing(wh, run: str, site: str, layer: int, neurons: list[int], n: 
         return []
     rows = wh.sql(
         """
-        SELECT k.neuron, k.rank, k.doc, k.pos, k.value FROM whq_example_keys(
-            $run, $site, $layer, NULL, 'nonfiring', 2147483647, 0, units := $neurons) k
+        SELECT k.neuron, k.rank, k.doc, k.pos, k.value FROM whq_example_keys_by_kind(
+            $run, $site, $layer, NULL, MAP(['nonfiring'], [2147483647]), 0, units := $neurons) k
         -- a document of special tokens alone shows nothing
         WHERE EXISTS (SELECT 1 FROM tokens t WHERE t.run_id = $run AND t.doc = k.doc
                       AND t.pos BETWEEN k.pos - $before AND k.pos + $after AND NOT t.special)

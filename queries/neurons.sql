@@ -103,15 +103,18 @@ LEFT JOIN counts c ON c.bin = e.bin
 ORDER BY e.bin;
 COMMENT ON MACRO TABLE selectivity_histogram IS 'Histogram of selectivity (see selectivity: max / mean positive part): bin 0 holds the units whose selectivity is NULL (mean 0, e.g. dead; with log := true also a negative one; lo = hi = NULL); bins 1..bins are linear over [min, max] or, with log := true, log-spaced (linear in ln(selectivity)), bin i covering lo <= selectivity < hi (the last includes max). Example: SELECT * FROM selectivity_histogram(''demo'', ''mlp.act'', 3, log := true)';
 
--- The examples behind top_contexts / bottom_contexts / random_examples, for one unit or (neuron
--- NULL) every unit, before their windows (whq_examples adds them; explain draws its examples from
--- these keys first, so it builds the windows of the few it shows only). Source: neuron_examples when
+-- The examples behind top_contexts / bottom_contexts / random_examples / quantile_examples, for one
+-- unit or (neuron NULL) every unit, before their windows (whq_examples_by_kind adds them; explain draws
+-- its examples from these keys first, so it builds the windows of the few it shows only), for several
+-- kinds at once: `kinds` maps each kind to its k (a unit page binds one statement, not one per kind:
+-- binding and planning the macro costs more than running it). Source, per kind: neuron_examples when
 -- the site captured examples=N and either k <= N, or it holds no threshold capture, or the kind is
--- quantile or bottom; otherwise token_neurons of a threshold capture (every firing, values stored as
--- FLOAT16; it holds no negative values to rank, so kind bottom needs examples=N); otherwise an error
--- naming the fix (kind quantile: an error unless the site kept quantiles=Q). `units`, a list of
--- units, narrows the scan to them when neuron is NULL; `before` and `after` are whq_examples' window.
-CREATE OR REPLACE MACRO whq_example_keys(run, site, layer, neuron, kind, k, seed, units := NULL, before := 0, after := 0) AS TABLE
+-- quantile, bottom or nonfiring; otherwise token_neurons of a threshold capture (every firing, values
+-- stored as FLOAT16; it holds no negative values to rank, so kind bottom needs examples=N); otherwise an
+-- error naming the fix (kind quantile: an error unless the site kept quantiles=Q). `units`, a list of
+-- units, narrows the scan to them when neuron is NULL; `before` and `after` are whq_examples_by_kind's
+-- window, checked here first.
+CREATE OR REPLACE MACRO whq_example_keys_by_kind(run, site, layer, neuron, kinds, seed, units := NULL, before := 0, after := 0) AS TABLE
 WITH capture AS (
     SELECT regexp_matches(s.reductions, '(^|,)threshold=') AS has_threshold,
            regexp_matches(s.reductions, '(^|,)quantiles=') AS has_quantiles,
@@ -119,105 +122,120 @@ WITH capture AS (
     FROM sites s
     WHERE whq_known_site(run, site) AND s.run_id = run AND s.site = site
 ),
+asked AS (
+    SELECT a.kind, CAST(kinds AS MAP(VARCHAR, INTEGER))[a.kind] AS k
+    FROM (SELECT unnest(map_keys(CAST(kinds AS MAP(VARCHAR, INTEGER)))) AS kind) a
+),
 source AS (
-    SELECT CASE
-        -- whq_examples' window, checked first: a window of a billion tokens would list a billion
-        -- positions per example and exhaust memory
+    SELECT a.kind, a.k, CASE
+        -- whq_examples_by_kind's window, checked first: a window of a billion tokens would list a
+        -- billion positions per example and exhaust memory
         WHEN NOT (before BETWEEN 0 AND 100000 AND after BETWEEN 0 AND 100000)
             THEN error('before := ' || CAST(before AS VARCHAR) || ', after := ' || CAST(after AS VARCHAR)
             || ': a context reaches 0 to 100000 tokens on each side of its token')
-        WHEN kind = 'quantile' AND NOT c.has_quantiles THEN error('site ''' || site || ''' of run ''' || run
+        WHEN a.kind = 'quantile' AND NOT c.has_quantiles THEN error('site ''' || site || ''' of run ''' || run
             || ''' kept no quantile examples: re-ingest with --site ' || site || ':examples=20,hist,quantiles=10')
-        WHEN c.n_examples IS NOT NULL AND (k <= c.n_examples OR NOT c.has_threshold OR kind IN ('quantile', 'bottom', 'nonfiring'))
+        WHEN c.n_examples IS NOT NULL AND (a.k <= c.n_examples OR NOT c.has_threshold OR a.kind IN ('quantile', 'bottom', 'nonfiring'))
             THEN 'examples'
-        WHEN kind = 'bottom' THEN error('site ''' || site || ''' of run ''' || run || ''' kept no examples=N, which the '
+        WHEN a.kind = 'bottom' THEN error('site ''' || site || ''' of run ''' || run || ''' kept no examples=N, which the '
             || 'most negative examples come from: re-ingest with --site ' || site || ':examples=20')
         WHEN c.has_threshold THEN 'firings'
         ELSE error('site ''' || site || ''' of run ''' || run || ''' kept neither examples=N nor a threshold capture: '
             || 're-ingest with --site ' || site || ':examples=20 (or :threshold=0)') END AS source
-    FROM capture c
+    FROM capture c, asked a
 ),
 candidates AS (
-    SELECT e.neuron, e.doc, e.pos, e.value, e.rank AS stored_rank, e.quantile, e.window_values AS windows
-    FROM neuron_examples e, source x
+    SELECT x.kind, x.k, e.neuron, e.doc, e.pos, e.value, e.rank AS stored_rank, e.quantile, e.window_values AS windows
+    FROM neuron_examples e
+    JOIN source x ON x.kind = e.kind
     WHERE x.source = 'examples' AND e.run_id = run AND e.site = site AND e.layer = layer
-      AND e.kind = kind AND (neuron IS NULL OR e.neuron = neuron)
+      AND (neuron IS NULL OR e.neuron = neuron)
       AND (units IS NULL OR list_contains(CAST(units AS INTEGER[]), e.neuron))
     UNION ALL
-    SELECT t.neuron, t.doc, t.pos, t.value, NULL AS stored_rank, NULL AS quantile, NULL::FLOAT[] AS windows
+    SELECT x.kind, x.k, t.neuron, t.doc, t.pos, t.value, NULL AS stored_rank, NULL AS quantile, NULL::FLOAT[] AS windows
     FROM token_neurons t, source x
     WHERE x.source = 'firings' AND t.run_id = run AND t.site = site AND t.layer = layer
       AND (neuron IS NULL OR t.neuron = neuron)
       AND (units IS NULL OR list_contains(CAST(units AS INTEGER[]), t.neuron))
 ),
 ranked AS (
-    SELECT c.neuron, c.doc, c.pos, c.value, c.quantile, c.windows,
-           row_number() OVER (PARTITION BY c.neuron ORDER BY
-               CASE WHEN kind = 'random' THEN whq_sample_key(seed, c.neuron, c.doc, c.pos) END,
+    SELECT c.kind, c.k, c.neuron, c.doc, c.pos, c.value, c.quantile, c.windows,
+           row_number() OVER (PARTITION BY c.kind, c.neuron ORDER BY
+               CASE WHEN c.kind = 'random' THEN whq_sample_key(seed, c.neuron, c.doc, c.pos) END,
                c.stored_rank, c.value DESC, c.doc, c.pos) - 1 AS rank
     FROM candidates c
 )
-SELECT r.neuron, CAST(r.rank AS INTEGER) AS rank, r.doc, r.pos, r.value, r.quantile, r.windows
+SELECT r.kind, r.neuron, CAST(r.rank AS INTEGER) AS rank, r.doc, r.pos, r.value, r.quantile, r.windows
 FROM ranked r
-WHERE r.rank < k;
-COMMENT ON MACRO TABLE whq_example_keys IS 'The examples whq_examples shows, without their windows: neuron, rank, doc (ordinal), pos, value, quantile (kind quantile) and windows (the values captured with each, neuron_examples.window_values). units := [..] narrows neuron NULL to those units. Example: SELECT * FROM whq_example_keys(''demo'', ''mlp.act'', 3, 42, ''top'', 5, 0)';
+WHERE r.rank < r.k;
+COMMENT ON MACRO TABLE whq_example_keys_by_kind IS 'The examples whq_examples_by_kind shows, without their windows: kind, neuron, rank, doc (ordinal), pos, value, quantile (kind quantile) and windows (the values captured with each, neuron_examples.window_values), for kinds := MAP([kind, ..], [k, ..]); units := [..] narrows neuron NULL to those units. Example: SELECT * FROM whq_example_keys_by_kind(''demo'', ''mlp.act'', 3, 42, MAP([''top'', ''random''], [5, 3]), 0)';
 
 -- A window token's value: the one captured with the example (neuron_examples.window_values, 50
 -- tokens before to 20 after, within the example's model window), else token_neurons'. `picks`, a
--- list of {'neuron', 'rank'}, keeps those examples alone (with units := their units).
-CREATE OR REPLACE MACRO whq_examples(run, site, layer, neuron, kind, k, before, after, seed, units := NULL, picks := NULL) AS TABLE
+-- list of {'kind', 'neuron', 'rank'}, keeps those examples alone (with units := their units).
+CREATE OR REPLACE MACRO whq_examples_by_kind(run, site, layer, neuron, kinds, before, after, seed, units := NULL, picks := NULL) AS TABLE
 WITH picked AS (
-    SELECT p.neuron, p.rank, p.doc, p.pos, p.value, p.windows
-    FROM whq_example_keys(run, site, layer, neuron, kind, k, seed, units := units, before := before, after := after) p
-    WHERE picks IS NULL OR list_contains(CAST(picks AS STRUCT(neuron INTEGER, rank INTEGER)[]), {'neuron': p.neuron, 'rank': p.rank})
+    SELECT p.kind, p.neuron, p.rank, p.doc, p.pos, p.value, p.quantile, p.windows
+    FROM whq_example_keys_by_kind(run, site, layer, neuron, kinds, seed, units := units, before := before, after := after) p
+    WHERE picks IS NULL
+       OR list_contains(CAST(picks AS STRUCT(kind VARCHAR, neuron INTEGER, rank INTEGER)[]), {'kind': p.kind, 'neuron': p.neuron, 'rank': p.rank})
 ),
--- The tokens of the examples' documents only: joined on the few documents alone (a small build side),
--- DuckDB passes them to the scan as an IN filter, which skips the row groups of every other document.
+-- The tokens and texts of the examples' documents only: joined on the few documents alone (a small
+-- build side), DuckDB passes them to the scans as an IN filter, which skips every other document.
+picked_docs AS (SELECT DISTINCT p.doc FROM picked p),
 doc_tokens AS (
     SELECT t.doc, t.pos, t.piece, t.text, t.char_start, t.char_end, t.special
     FROM tokens t
-    JOIN (SELECT DISTINCT p.doc FROM picked p) pd ON pd.doc = t.doc
+    JOIN picked_docs pd ON pd.doc = t.doc
     WHERE t.run_id = run
 ),
+doc_texts AS (
+    SELECT d.doc, d.doc_id, d.text
+    FROM documents d
+    JOIN picked_docs pd ON pd.doc = d.doc
+    WHERE d.run_id = run
+),
 spread AS (
-    SELECT p.neuron, p.rank, p.doc, p.pos AS at_pos, p.value AS at_value, p.windows,
+    SELECT p.kind, p.neuron, p.rank, p.doc, p.pos AS at_pos, p.value AS at_value, p.quantile, p.windows,
            unnest(generate_series(p.pos - before, p.pos + after)) AS wpos
     FROM picked p
 ),
 -- Each window token's value: the example's own at its token, else the one captured with it; only the
 -- tokens neither holds (outside the captured window, or runs without window values) look in token_neurons.
 valued AS (
-    SELECT w.neuron, w.rank, w.doc, w.at_pos, w.at_value, w.wpos,
+    SELECT w.kind, w.neuron, w.rank, w.doc, w.at_pos, w.at_value, w.quantile, w.wpos,
            CASE WHEN w.wpos = w.at_pos THEN w.at_value
                 WHEN w.wpos - w.at_pos BETWEEN -50 AND 20 THEN w.windows[w.wpos - w.at_pos + 51] END AS known
     FROM spread w
 ),
 filled AS (
-    SELECT v.neuron, v.rank, v.doc, v.at_pos, v.at_value, v.wpos, v.known AS value FROM valued v WHERE v.known IS NOT NULL
+    SELECT v.kind, v.neuron, v.rank, v.doc, v.at_pos, v.at_value, v.quantile, v.wpos, v.known AS value
+    FROM valued v WHERE v.known IS NOT NULL
     UNION ALL
-    SELECT v.neuron, v.rank, v.doc, v.at_pos, v.at_value, v.wpos, tn.value
+    SELECT v.kind, v.neuron, v.rank, v.doc, v.at_pos, v.at_value, v.quantile, v.wpos, tn.value
     FROM valued v
     LEFT JOIN token_neurons tn ON tn.run_id = run AND tn.site = site AND tn.layer = layer
         AND (neuron IS NULL OR tn.neuron = neuron) AND tn.doc = v.doc AND tn.pos = v.wpos AND tn.neuron = v.neuron
     WHERE v.known IS NULL
 ),
 window_tokens AS (
-    SELECT f.neuron, f.rank, f.doc, f.at_pos, f.at_value, f.wpos, t.piece, coalesce(t.text, t.piece) AS text,
-           t.char_start, t.char_end, t.special, f.value
+    SELECT f.kind, f.neuron, f.rank, f.doc, f.at_pos, f.at_value, f.quantile, f.wpos, t.piece,
+           coalesce(t.text, t.piece) AS text, t.char_start, t.char_end, t.special, f.value
     FROM filled f
     JOIN doc_tokens t ON t.doc = f.doc AND t.pos = f.wpos
 ),
 spans AS (
-    SELECT x.neuron, x.rank, x.doc, x.at_pos, x.at_value,
+    SELECT x.kind, x.neuron, x.rank, x.doc, x.at_pos, x.at_value, x.quantile,
            min(x.char_start) AS first_start, max(x.char_end) AS last_end,
            max(CASE WHEN x.wpos < x.at_pos THEN x.char_end END) AS end_before,
            bool_or(x.wpos = x.at_pos AND x.special) AS at_special,
            max(CASE WHEN x.wpos = x.at_pos THEN x.piece END) AS at_piece,
            max(CASE WHEN x.wpos = x.at_pos THEN x.char_start END) AS at_start,
            max(CASE WHEN x.wpos = x.at_pos THEN x.char_end END) AS at_end,
-           list({'piece': x.piece, 'text': x.text, 'value': x.value} ORDER BY x.wpos) AS tokens
+           list({'piece': x.piece, 'text': x.text, 'value': x.value} ORDER BY x.wpos) AS tokens,
+           list({'char_start': CASE WHEN NOT x.special THEN x.char_start END, 'char_end': x.char_end} ORDER BY x.wpos) AS spans
     FROM window_tokens x
-    GROUP BY x.neuron, x.rank, x.doc, x.at_pos, x.at_value
+    GROUP BY x.kind, x.neuron, x.rank, x.doc, x.at_pos, x.at_value, x.quantile
 ),
 marked AS (
     SELECT sp.*,
@@ -225,15 +243,22 @@ marked AS (
            CASE WHEN sp.at_special THEN coalesce(sp.end_before, sp.first_start, 0) ELSE sp.at_end END AS mark_end
     FROM spans sp
 )
-SELECT m.neuron, CAST(m.rank AS INTEGER) AS rank, d.doc_id, m.at_pos AS pos, m.at_value AS value,
+SELECT m.kind, m.neuron, CAST(m.rank AS INTEGER) AS rank, d.doc_id, m.at_pos AS pos, m.at_value AS value, m.quantile,
        substr(d.text, coalesce(m.first_start, m.mark_start) + 1, m.mark_start - coalesce(m.first_start, m.mark_start))
            || '«' || CASE WHEN m.at_special THEN m.at_piece ELSE substr(d.text, m.mark_start + 1, m.mark_end - m.mark_start) END || '»'
            || substr(d.text, m.mark_end + 1, coalesce(m.last_end, m.mark_end) - m.mark_end) AS context,
-       m.tokens
+       m.tokens, m.spans, m.first_start AS window_start,
+       substr(d.text, m.first_start + 1, m.last_end - m.first_start) AS window_text
 FROM marked m
-JOIN documents d ON d.run_id = run AND d.doc = m.doc
-ORDER BY m.neuron, m.rank;
-COMMENT ON MACRO TABLE whq_examples IS 'The rows of top_contexts (kind top), bottom_contexts (kind bottom) or random_examples (kind random) with a leading neuron column, for one unit or, with neuron NULL, every unit of the layer (what whq export features reads); units := [..] narrows neuron NULL to those units and picks := [{''neuron'': n, ''rank'': r}, ..] to those examples (what explain reads the windows of its chosen examples with).';
+JOIN doc_texts d ON d.doc = m.doc
+ORDER BY m.kind, m.neuron, m.rank;
+COMMENT ON MACRO TABLE whq_examples_by_kind IS 'whq_examples for several kinds at once (kinds := MAP([kind, ..], [k, ..])), with a leading kind column, the quantile bin of kind quantile and, to spell the window as its document does, spans (each window token''s characters, [{char_start (NULL for a special token), char_end}]) and window_text (the document''s characters from window_start on, to the window''s last): what a unit page reads in one statement. units := [..] narrows neuron NULL to those units and picks := [{''kind'': .., ''neuron'': n, ''rank'': r}, ..] to those examples (what explain reads the windows of its drawn examples with). Example: SELECT kind, rank, context FROM whq_examples_by_kind(''demo'', ''mlp.act'', 3, 42, MAP([''top'', ''random''], [5, 3]), 24, 8, 0)';
+
+CREATE OR REPLACE MACRO whq_examples(run, site, layer, neuron, kind, k, before, after, seed) AS TABLE
+SELECT x.neuron, x.rank, x.doc_id, x.pos, x.value, x.context, x.tokens
+FROM whq_examples_by_kind(run, site, layer, neuron, MAP([kind], [k]), before, after, seed) x
+ORDER BY x.neuron, x.rank;
+COMMENT ON MACRO TABLE whq_examples IS 'The rows of top_contexts (kind top), bottom_contexts (kind bottom) or random_examples (kind random) with a leading neuron column, for one unit or, with neuron NULL, every unit of the layer (what whq export features reads).';
 
 CREATE OR REPLACE MACRO top_contexts(run, site, layer, neuron, k := 20, before := 50, after := 20) AS TABLE
 SELECT x.rank, x.doc_id, x.pos, x.value, x.context, x.tokens

@@ -19,6 +19,7 @@ from .frames import kept_reductions
 
 PAGE_SIZE = 100  # units per page of the run/site table (server; the export lists a layer on one page)
 TOP_K, N_RANDOM = 20, 10
+QUANTILE_ALL = 2147483647  # k of the quantile examples: every stored one
 BEFORE, AFTER = 24, 8  # tokens of context shown before / after the firing token
 SORTS = ("neuron", "rate", "mean", "min", "max", "skewness", "kurtosis", "selectivity")  # the units table's columns
 SCORERS = ("detection", "fuzz", "simulation", "embedding", "intruder")  # explanation_scores' headline columns
@@ -327,40 +328,18 @@ def token_text(token: dict) -> str:
     return token.get("spelled", token["text"]) or ""
 
 
-def spell(reader: Reader, run: str, rows: list[dict]) -> None:
-    """Give each window token of `rows` (whq_examples / quantile_examples rows) its text as the
-    document spells it: the characters from the end of the token before it to its own end, so the
-    window reads as the document does whatever the tokenizer (WordPiece decoded alone loses the
-    spaces between words, 'all' 'resolved'; byte-level BPE decodes each byte of 'é' alone to '�').
-    Special tokens, which have no characters, keep their decoded text."""
-    if not rows:
-        return
-    starts = [
-        row["pos"] - min(row["pos"], BEFORE) for row in rows
-    ]  # every position is stored: windows start at max(0, pos - before)
-    spans = reader.rows(
-        "SELECT DISTINCT d.doc_id, t.pos, t.char_start, t.char_end FROM (SELECT unnest(?::VARCHAR[]) AS doc_id, "
-        "unnest(?::INTEGER[]) AS lo, unnest(?::INTEGER[]) AS hi) w JOIN documents d ON d.run_id = ? AND d.doc_id = w.doc_id "
-        "JOIN tokens t ON t.run_id = d.run_id AND t.doc = d.doc AND t.pos BETWEEN w.lo AND w.hi "
-        "WHERE NOT t.special AND t.char_start IS NOT NULL",
-        [[r["doc_id"] for r in rows], starts, [lo + len(r["tokens"]) - 1 for r, lo in zip(rows, starts)], run],
-    )
-    at = {(s["doc_id"], s["pos"]): (s["char_start"], s["char_end"]) for s in spans}
-    texts = {
-        r["doc_id"]: r["text"]
-        for r in reader.rows(
-            "SELECT doc_id, text FROM documents WHERE run_id = ? AND doc_id IN (SELECT unnest(?::VARCHAR[]))",
-            [run, sorted({r["doc_id"] for r in rows})],
-        )
-    }
-    for row, lo in zip(rows, starts):
-        text, end = texts[row["doc_id"]], None
-        for i, token in enumerate(row["tokens"]):
-            span = at.get((row["doc_id"], lo + i))
-            if span is not None:
-                start = span[0] if end is None else end  # a character several tokens share shows on the first
-                token["spelled"] = text[start : span[1]]
-                end = span[1] if end is None else max(end, span[1])
+def spell(example: dict) -> None:
+    """Give each window token of a whq_examples_by_kind row its text as the document spells it: the
+    characters from the end of the token before it to its own end, so the window reads as the document
+    does whatever the tokenizer (WordPiece decoded alone loses the spaces between words, 'all'
+    'resolved'; byte-level BPE decodes each byte of 'é' alone to '�'). Special tokens, which have no
+    characters, keep their decoded text."""
+    text, offset, end = example["window_text"], example["window_start"], None
+    for token, span in zip(example["tokens"], example["spans"]):
+        if span["char_start"] is not None:
+            start = span["char_start"] if end is None else end  # a character several tokens share shows on the first
+            token["spelled"] = text[start - offset : span["char_end"] - offset]
+            end = span["char_end"] if end is None else max(end, span["char_end"])
 
 
 def keeps_examples(info: dict) -> bool:
@@ -392,20 +371,44 @@ def unit_data(reader: Reader, info: dict, run: str, site: str, layer: int, unit:
         for row in stats
     }
     fired = [row["neuron"] for row in stats if row["n_fired"]]
+    kinds = {}  # every kind of example the page shows, in one statement: binding it is most of its time
     if fired and keeps_examples(info):
-        macro_args = [run, site, layer, unit]
-        for row in reader.rows(  # one statement: half the time of two on the golden warehouse
-            "SELECT 'top' AS kind, * FROM whq_examples(?, ?, ?, ?, 'top', ?, ?, ?, 0) UNION ALL "
-            "SELECT 'random', * FROM whq_examples(?, ?, ?, ?, 'random', ?, ?, ?, 0) ORDER BY neuron, kind DESC, rank",
-            [*macro_args, TOP_K, BEFORE, AFTER, *macro_args, N_RANDOM, BEFORE, AFTER],
-        ):
-            data[row["neuron"]]["examples"][row["kind"]].append(row)
+        kinds.update(top=TOP_K, random=N_RANDOM)
     if "examples" in kept and any((row["min"] or 0) < 0 for row in stats):  # signed units, fired or not
+        kinds["bottom"] = TOP_K
+    binned = fired and "quantiles" in kept and "hist" in kept
+    if binned:
+        kinds["quantile"] = QUANTILE_ALL
+    if kinds:  # the quantile examples as whq_quantile_examples gives them: each with its bin, ranked within it
+        columns = (
+            "b.lo, b.hi, b.share_lo, b.share_hi"
+            if binned
+            else "NULL AS lo, NULL AS hi, NULL AS share_lo, NULL AS share_hi"
+        )
+        bins = (
+            "LEFT JOIN whq_quantile_bins(?, ?, ?, ?) b ON x.kind = 'quantile' AND b.neuron = x.neuron "
+            "AND b.quantile = x.quantile WHERE x.kind <> 'quantile' OR b.quantile IS NOT NULL"
+            if binned
+            else ""
+        )
+        macro_args = [run, site, layer, unit]
         for row in reader.rows(
-            "SELECT * FROM whq_examples(?, ?, ?, ?, 'bottom', ?, ?, ?, 0) ORDER BY neuron, rank",
-            [run, site, layer, unit, TOP_K, BEFORE, AFTER],
+            "SELECT x.kind, x.neuron, x.rank, x.doc_id, x.pos, x.value, x.context, x.tokens, x.spans, x.window_start, "
+            f"x.window_text, x.quantile, {columns}, "
+            "CAST(x.rank - min(x.rank) OVER (PARTITION BY x.kind, x.neuron, x.quantile) AS INTEGER) AS bin_rank "
+            f"FROM whq_examples_by_kind(?, ?, ?, ?, MAP(?::VARCHAR[], ?::INTEGER[]), ?, ?, 0) x {bins} "
+            "ORDER BY x.neuron, x.kind, x.quantile, x.rank",
+            [*macro_args, list(kinds), list(kinds.values()), BEFORE, AFTER, *(macro_args if binned else [])],
         ):
-            data[row["neuron"]]["examples"]["bottom"].append(row)
+            spell(row)
+            example = {name: row[name] for name in ("rank", "doc_id", "pos", "value", "context", "tokens")}
+            if row["kind"] == "quantile":  # the columns of whq_quantile_examples
+                bin_of = {name: row[name] for name in ("quantile", "lo", "hi", "share_lo", "share_hi")}
+                example = {**bin_of, **example, "rank": row["bin_rank"]}
+            else:  # the columns of whq_examples; top and random with their kind
+                kind = {} if row["kind"] == "bottom" else {"kind": row["kind"]}
+                example = {**kind, "neuron": row["neuron"], **example}
+            data[row["neuron"]]["examples"][row["kind"]].append(example)
     for row in reader.rows(
         "SELECT g.neuron, g.direction, g.rank, g.token_id, coalesce(g.text, g.token) AS token, g.logit "
         "FROM neuron_logits g WHERE g.run_id = ? AND g.site = ? AND g.layer = ? "
@@ -421,15 +424,9 @@ def unit_data(reader: Reader, info: dict, run: str, site: str, layer: int, unit:
             params,
         ):
             data[row["neuron"]]["histogram"].append(row)
-    if fired and "quantiles" in kept and "hist" in kept:
-        for row in reader.rows(
-            "SELECT * FROM whq_quantile_examples(?, ?, ?, ?, ?, ?)", [run, site, layer, unit, BEFORE, AFTER]
-        ):
-            data[row.pop("neuron")]["examples"]["quantile"].append(row)
     if fired:
         shown = set(fired)  # a unit that never fired shows no similar units
         for row in reader.rows("SELECT * FROM whq_similar_units(?, ?, ?, ?, 10)", [run, site, layer, unit]):
             if row["of_unit"] in shown:
                 data[row.pop("of_unit")]["similar"][row["kind"]].append(row)
-    spell(reader, run, [row for d in data.values() for rows in d["examples"].values() for row in rows])
     return data

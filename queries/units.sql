@@ -219,23 +219,17 @@ COMMENT ON MACRO TABLE whq_quantile_bins IS 'The quantile bins of one unit, or o
 
 CREATE OR REPLACE MACRO whq_quantile_examples(run, site, layer, unit, before, after) AS TABLE
 WITH bins AS (SELECT * FROM whq_quantile_bins(run, site, layer, unit)),
-stored AS (
-    SELECT e.neuron, e.rank, e.quantile FROM neuron_examples e
-    WHERE e.run_id = run AND e.site = site AND e.layer = layer AND (unit IS NULL OR e.neuron = unit)
-      AND e.kind = 'quantile'
-),
 examples AS (
     -- the run itself, not a guarded expression: a constant run lets DuckDB prune the scans' partitions
-    -- (a CASE around it took 30 ms a unit page); whq_examples fails where the site kept no quantiles
-    SELECT * FROM whq_examples(run, site, layer, unit, 'quantile', 2147483647, before, after, 0)
+    -- (a CASE around it took 30 ms a unit page); whq_examples_by_kind fails where the site kept no quantiles
+    SELECT * FROM whq_examples_by_kind(run, site, layer, unit, MAP(['quantile'], [2147483647]), before, after, 0)
 )
-SELECT x.neuron, st.quantile, b.lo, b.hi, b.share_lo, b.share_hi,
-       CAST(x.rank - min(x.rank) OVER (PARTITION BY x.neuron, st.quantile) AS INTEGER) AS rank,
+SELECT x.neuron, x.quantile, b.lo, b.hi, b.share_lo, b.share_hi,
+       CAST(x.rank - min(x.rank) OVER (PARTITION BY x.neuron, x.quantile) AS INTEGER) AS rank,
        x.doc_id, x.pos, x.value, x.context, x.tokens
 FROM examples x
-JOIN stored st ON st.neuron = x.neuron AND st.rank = x.rank
-JOIN bins b ON b.neuron = x.neuron AND b.quantile = st.quantile
-ORDER BY x.neuron, st.quantile, rank;
+JOIN bins b ON b.neuron = x.neuron AND b.quantile = x.quantile
+ORDER BY x.neuron, x.quantile, rank;
 COMMENT ON MACRO TABLE whq_quantile_examples IS 'quantile_examples with a neuron column, for one unit or (unit NULL) every unit of the layer in one statement (the static export reads a layer at once).';
 
 CREATE OR REPLACE MACRO quantile_examples(run, site, layer, unit, before := 50, after := 20) AS TABLE

@@ -26,6 +26,9 @@ MINILM_CALLS = {
     "bottom_contexts": ["SELECT * FROM bottom_contexts('r', 'mlp.act', 3, {neuron}, k := 3)"],
     "random_examples": ["SELECT * FROM random_examples('r', 'mlp.act', 3, {neuron}, n := 4, seed := 1)"],
     "whq_examples": ["SELECT * FROM whq_examples('r', 'mlp.act', 2, NULL, 'top', 2, 3, 2, 0)"],
+    "whq_examples_by_kind": [
+        "SELECT * FROM whq_examples_by_kind('r', 'mlp.act', 2, NULL, MAP(['top', 'random'], [2, 3]), 3, 2, 0)"
+    ],
     "activation_frequency": ["SELECT * FROM activation_frequency('r', 'mlp.act')"],
     "activation_frequency_by_dataset": ["SELECT * FROM activation_frequency_by_dataset('r', 'mlp.act')"],
     "neuron_contexts_bytes": ["SELECT * FROM neuron_contexts_bytes('r', 'mlp.act', 3, {neuron})"],

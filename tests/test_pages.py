@@ -434,9 +434,7 @@ def test_bench_serve_names_the_dominant_query(tmp_path, capsys, monkeypatch):
         assert result[page]["median_ms"] > 0 and result[page]["queries_ms"], page
     timed = " ".join(result["unit page"]["queries_ms"])  # every section of the page, each statement on its own
     for read in (
-        "whq_examples (top+random)",
-        "whq_examples (bottom)",
-        "whq_quantile_examples",
+        "whq_examples_by_kind",  # top, random, bottom and quantile examples: one statement
         "unit_histograms",
         "whq_similar_units",
         "neuron_logits",
@@ -445,6 +443,18 @@ def test_bench_serve_names_the_dominant_query(tmp_path, capsys, monkeypatch):
         "scores",
     ):
         assert read in timed, read
+
+
+def _unspelled(rows: list[dict]) -> list[dict]:
+    """Example rows as the macros give them: without the kind the page adds and the window tokens' spelling."""
+    return [
+        {
+            name: [{f: t[f] for f in ("piece", "text", "value")} for t in value] if name == "tokens" else value
+            for name, value in row.items()
+            if name != "kind"
+        }
+        for row in rows
+    ]
 
 
 def test_bench_warehouse_carries_every_section_of_the_unit_page(tmp_path):
@@ -465,8 +475,23 @@ def test_bench_warehouse_carries_every_section_of_the_unit_page(tmp_path):
             )
             data = page_data.unit_data(reader, info, run, bench.SITE, 0, unit["neuron"])[unit["neuron"]]
             explanations = page_data.unit_explanations(reader, run, bench.SITE, 0, unit["neuron"])
+            # The page reads every kind in one statement: the rows of the one-kind macros, kind by kind.
+            args = [run, bench.SITE, unit["neuron"]]
+            one_kind = {
+                kind: reader.rows(
+                    "SELECT * FROM whq_examples(?, ?, 0, ?, ?, ?, ?, ?, 0)",
+                    [*args, kind, k, page_data.BEFORE, page_data.AFTER],
+                )
+                for kind, k in (("top", page_data.TOP_K), ("bottom", page_data.TOP_K), ("random", page_data.N_RANDOM))
+            }
+            one_kind["quantile"] = reader.rows(
+                "SELECT * EXCLUDE (neuron) FROM whq_quantile_examples(?, ?, 0, ?, ?, ?)",
+                [*args, page_data.BEFORE, page_data.AFTER],
+            )
         finally:
             reader.close()
+        for kind, expected in one_kind.items():
+            assert expected and _unspelled(data["examples"][kind]) == expected, kind
         assert all(data["examples"][kind] for kind in ("top", "bottom", "random", "quantile"))
         assert data["histogram"] and all(data["lens"].values()) and all(data["similar"].values())
         assert explanations and all(explanations[0][part] for part in ("scores", "shown", "verdicts"))
