@@ -12,6 +12,7 @@ run's facts (special tokens, kinds kept), as a command does. Scorers score the t
 
 from __future__ import annotations
 
+import gc
 import shutil
 import tempfile
 import time
@@ -65,6 +66,7 @@ def bench(root, run: str, site: str, layers: str, limit: int, llm: str) -> list[
         wh.manifest(run)
         chosen = ex.select_units(wh, run, site, parse_layers(layers) or [0], None, limit)
         backend = open_backend(llm)
+        gc.freeze()  # as `whq explain` and `whq score` do (cli_explain.loaded_exempt), with the model loaded
         model = model_name(llm)
         layer_list = sorted({layer for layer, _ in chosen})
         rows = {}
@@ -99,6 +101,7 @@ def bench(root, run: str, site: str, layers: str, limit: int, llm: str) -> list[
                 len(chosen),
             )
     finally:
+        gc.unfreeze()
         shutil.rmtree(folder, ignore_errors=True)
     lines = [
         f"{len(chosen)} units of {site} (run {run}), {model}; per unit:",
