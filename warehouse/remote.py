@@ -113,24 +113,14 @@ class Remote:
         answers = answers if isinstance(answers, list) and len(answers) == len(rels) else [None] * len(rels)
         return {rel: answer if isinstance(answer, dict) else None for rel, answer in zip(rels, answers)}
 
-    def get_many(self, rels: list[str], paths: list[Path]) -> str | None:
-        """Copy each object `rels[i]` into the local file `paths[i]`, concurrently; the first missing one
-        stops the copy and is returned (None: every one arrived)."""
-        with self.errors():
-            try:
-                self.fs.get([self.key(rel) for rel in rels], [str(path) for path in paths])
-            except FileNotFoundError as err:
-                if _missing_bucket(err):
-                    raise
-                return next((rel for rel in rels if self.key(rel) in str(err)), rels[0])
-        return None
-
     def read_many(self, rels: list[str]) -> dict[str, bytes | None]:
         """GET every object concurrently; None for one that does not exist."""
         if not rels:
             return {}
+        # One GET an object: s3fs's cat otherwise asks each object's size first (a HEAD), to split large ones.
+        single = {"max_concurrency": 1} if self.protocol in S3_PROTOCOLS else {}
         with self.errors():
-            found = self.fs.cat([self.key(rel) for rel in rels], on_error="return")
+            found = self.fs.cat([self.key(rel) for rel in rels], on_error="return", **single)
         out = {}
         for rel in rels:
             value = found.get(self.key(rel))

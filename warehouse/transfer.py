@@ -7,10 +7,11 @@ parts no manifest names (invisible to every reader); the rerun skips the parts a
 there and verified, and copies the rest.
 
     push: part PUTs (verified by the returned size and ETag = MD5), then runs/<id>.json in one PUT
-    pull: parts fetched into tmp/ in concurrent batches (the library's own `get`), each checked against
-          the manifest's sha256, fsynced and renamed into data/ while the next batch arrives, their
-          folders fsynced once, then the manifest renamed into runs/ under the commit lock; the
-          catalog is built once, at the end
+    pull: parts fetched in concurrent batches (the library's own `cat`), each checked in memory against
+          the manifest's sha256 and written under tmp/, the batch made durable by one filesystem sync
+          (parts.make_durable) and renamed into data/ while the next batch arrives; one more sync for
+          the renames, then the manifest renamed into runs/ under the commit lock; the catalog is
+          built once, at the end
 
 Kill points (warehouse/faults.py's WHQ_FAULT) of the tests, besides those of the local
 writes a pull goes through (part.*, commit.locked, manifest.*):
@@ -22,9 +23,6 @@ import hashlib
 import json
 import os
 import shutil
-import threading
-import uuid
-from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -39,7 +37,7 @@ from .layout import FORMAT_VERSION
 from .locks import try_lock
 from .names import check_name
 from .output import enclosing_warehouse, refusal
-from .parts import fsync_dir, install_atomic, side_by_side
+from .parts import install_atomic, make_durable, side_by_side, write_tmp
 from .remote import Remote, RemoteWarehouse
 from .runwriter import commit_manifest
 
@@ -55,8 +53,8 @@ __doc__ += "".join(f"\n    {point:<14} {what}" for point, what in KILL_POINTS.it
 # in memory at once: enough to hide the round trips of small parts, and a bound on the memory held.
 BATCH_BYTES = 128 << 20
 BATCH_PARTS = 256
-# A pull fetches batches of parts this large, each while the one before it is checked and renamed (by
-# PULL_THREADS threads): small enough that most of that work overlaps the transfers.
+# A pull fetches batches of parts this large, each while the one before it is checked and written (by
+# PULL_THREADS threads), synced and renamed: small enough that most of that work overlaps the transfers.
 PULL_BATCH_BYTES = 32 << 20
 PULL_BATCH_PARTS = 64
 PULL_THREADS = 4
@@ -252,28 +250,11 @@ def _pull_run(remote: Remote, layout, run_id: str, payload: bytes, manifest: dic
                 f"`whq gc {layout.root} --interrupted`, then pull again"
             )
 
-        # Each folder is fsynced once, by the thread that put its last part there, while other parts
-        # are still on their way.
-        folders = Counter(layout.part_path(part["path"]).parent for part in manifest["parts"])
-        counting = threading.Lock()
-
-        def placed(final) -> None:
-            with counting:
-                folders[final.parent] -= 1
-                last = folders[final.parent] == 0
-            if last:
-                fsync_dir(final.parent)
-
-        def install(fetched: tuple[dict, Path]) -> dict:
-            """Check a downloaded part against the manifest, then fsync it and rename it into data/."""
-            part, tmp = fetched
-            final = layout.part_path(part["path"])
-            data = tmp.read_bytes() if tmp.is_file() else None
+        def check(part: dict, data: bytes | None) -> Path:
+            """Check a fetched part against the manifest, then write it under tmp/ (synced with its batch)."""
             if data is None or len(data) != part["bytes"] or hashlib.sha256(data).hexdigest() != part["sha256"]:
                 raise not_there(part)
-            install_atomic(tmp, final, "part", "pull again", sync_folder=False)
-            placed(final)
-            return part
+            return write_tmp(data, layout.part_path(part["path"]), tmp_dir, "part", "pull again")
 
         def not_there(part: dict) -> CorruptPart:
             return CorruptPart(
@@ -281,12 +262,18 @@ def _pull_run(remote: Remote, layout, run_id: str, payload: bytes, manifest: dic
                 f"push run {run_id!r} there again; nothing of it was committed here"
             )
 
-        def download(batch: list[dict]) -> list[tuple[dict, Path]]:
-            tmps = [tmp_dir / f"{uuid.uuid4().hex}.tmp" for _ in batch]
-            missing = remote.get_many([part["path"] for part in batch], tmps)
-            if missing is not None:
-                raise not_there(next((p for p in batch if p["path"] == missing), batch[0]))
-            return list(zip(batch, tmps))
+        def durable(paths: list[Path]) -> None:
+            try:
+                make_durable(paths)
+            except OSError as err:
+                raise WarehouseError(
+                    f"cannot sync the parts pulled into {layout.root}: {err.strerror or err}; "
+                    f"free disk space or fix permissions, then pull again"
+                ) from None
+
+        def download(batch: list[dict]) -> list[bytes | None]:
+            found = remote.read_many([part["path"] for part in batch])
+            return [found[part["path"]] for part in batch]
 
         tmp_dir.mkdir(parents=True, exist_ok=True)
         wanted = []
@@ -294,27 +281,34 @@ def _pull_run(remote: Remote, layout, run_id: str, payload: bytes, manifest: dic
             manifest["parts"], side_by_side(lambda part: _verified_copy(part, layout), manifest["parts"])
         ):
             if reused:  # an interrupted pull's verified copy
-                placed(layout.part_path(part["path"]))
                 done.parts_present += 1
                 if progress:
                     progress(part["bytes"])
             else:
                 wanted.append(part)
-        # The parts come in batches, each fetched with the library's own concurrent copy (as `get` does)
-        # while the batch before it is checked, synced and renamed by a pool of threads.
+        # The parts come in batches, each fetched with the library's own concurrent GETs while the batch
+        # before it is checked and written by a pool of threads, made durable (one filesystem sync for the
+        # batch, see make_durable) and renamed into data/.
         batches = _batches(wanted, PULL_BATCH_BYTES, PULL_BATCH_PARTS)
         with (
             ThreadPoolExecutor(1, thread_name_prefix="whq-pull-get") as getter,
-            ThreadPoolExecutor(PULL_THREADS, thread_name_prefix="whq-pull") as installer,
+            ThreadPoolExecutor(PULL_THREADS, thread_name_prefix="whq-pull") as checker,
         ):
             ahead = getter.submit(download, batches[0]) if batches else None
-            for number in range(len(batches)):
+            for number, batch in enumerate(batches):
                 fetched = ahead.result()
                 ahead = getter.submit(download, batches[number + 1]) if number + 1 < len(batches) else None
-                for part in installer.map(install, fetched):
+                tmps = list(checker.map(check, batch, fetched))
+                durable(tmps)
+                for part, tmp in zip(batch, tmps):
+                    install_atomic(
+                        tmp, layout.part_path(part["path"]), "part", "pull again", sync_file=False, sync_folder=False
+                    )
                     fault("pull.part")
                     if progress:
                         progress(part["bytes"])
+        # The renames (and the folders of reused parts) on disk before the manifest names the parts.
+        durable(sorted({layout.part_path(part["path"]).parent for part in manifest["parts"]}))
         commit_manifest(layout, run_id, payload, tmp_dir, rebuild_catalog=False)
     finally:
         os.close(lock)

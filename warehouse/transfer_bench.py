@@ -4,7 +4,9 @@ A local SeaweedFS server (warehouse/seaweed.py) on loopback is the destination. 
 times, one after the other: a plain s3fs `put` of exactly the files a push copies (marker,
 manifests, parts) to a fresh prefix, `whq push` to another, a plain s3fs `get` of them into a
 fresh folder, and `whq pull` into a fresh warehouse. The best time of each counts; the ratio
-is whq's throughput over the plain copy's (the goal is at least 0.9).
+is whq's throughput over the plain copy's (the goal is at least 0.9). The CPU time this process
+spent on each (every thread's; the server's is not counted) is kept beside it: on a machine that
+other work loads, it moves far less than the time.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class StorageBench:
     parts: int
     bytes: int
     seconds: dict[str, list[float]] = field(default_factory=dict)
+    cpu_seconds: dict[str, list[float]] = field(default_factory=dict)
 
     def best(self, what: str) -> float:
         return min(self.seconds[what])
@@ -39,6 +42,7 @@ class StorageBench:
             "parts": self.parts,
             "bytes": self.bytes,
             "seconds": self.seconds,
+            "cpu_seconds": self.cpu_seconds,
             **{f"{d}_ratio": self.best(f"plain {d}") / self.best(f"whq {d}") for d in ("push", "pull")},
         }
 
@@ -46,8 +50,10 @@ class StorageBench:
         out = [f"{self.parts} files, {self.bytes / 1e6:.1f} MB, to SeaweedFS `weed mini` on 127.0.0.1 (best of each)"]
         for direction, plain in (("push", "s3fs put"), ("pull", "s3fs get")):
             ours, theirs = self.rate(f"whq {direction}"), self.rate(f"plain {direction}")
+            cpu = {who: min(self.cpu_seconds[f"{who} {direction}"]) for who in ("whq", "plain")}
             out.append(
-                f"{direction}: whq {ours:.1f} MB/s, plain {plain} {theirs:.1f} MB/s, whq / plain {ours / theirs:.2f}"
+                f"{direction}: whq {ours:.1f} MB/s, plain {plain} {theirs:.1f} MB/s, whq / plain {ours / theirs:.2f} "
+                f"(CPU: whq {cpu['whq']:.2f} s, plain {cpu['plain']:.2f} s)"
             )
         return out
 
@@ -72,9 +78,10 @@ def bench_storage(wh: Warehouse, repeats: int = 1, echo=None) -> StorageBench:
             fs.mkdir(BUCKET)
 
             def timed(what: str, action) -> None:
-                started = time.perf_counter()
+                started, cpu = time.perf_counter(), time.process_time()
                 action()
                 result.seconds.setdefault(what, []).append(time.perf_counter() - started)
+                result.cpu_seconds.setdefault(what, []).append(time.process_time() - cpu)
                 if echo:
                     echo(f"{what}: {result.seconds[what][-1]:.2f} s")
 
