@@ -20,7 +20,7 @@ POINTS = {
     "config.renamed": "config.json in place, nothing else of the run written",
     "resume.cleaned": "resume: journal read, unjournalled parts deleted, before any new shard",
     "part.partial": "writing a part: half its bytes in tmp/",
-    "part.synced": "a part fsynced in tmp/ (by a pull: its batch synced), before its rename into data/",
+    "part.synced": "a part fsynced in tmp/, before its rename into data/",
     "part.renamed": "a part renamed into data/, before its directory is synced",
     "shard.parts": "all parts of a shard in data/, before its resume state",
     "state.partial": "writing a shard's resume state, half the bytes written",

@@ -6,10 +6,8 @@ sha256 go to the journal and then the manifest, so `whq check` can verify it.
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import os
-import sys
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -110,42 +108,15 @@ def _cannot_write(final: Path, err: OSError, retry: str) -> WarehouseError:
 
 
 def make_durable(paths: list[Path]) -> None:
-    """Put the data and entries of `paths` (files and folders on one filesystem) on disk: where Linux's
-    syncfs(2) exists, with one call for that whole filesystem (the kernel writes every file back at once,
-    where an fsync each waits for the journal once per file); elsewhere with an fsync of each path.
-    Raises OSError."""
-    if not paths:
-        return
-    fd = os.open(paths[0], os.O_RDONLY)
-    try:
-        if _SYNCFS is not None:
-            if _SYNCFS(fd) != 0:
-                code = ctypes.get_errno()
-                raise OSError(code, os.strerror(code))
-            return
-    finally:
-        os.close(fd)
+    """Put the data and entries of `paths` (files, and folders for their entries) on disk, an fsync each
+    (not one syncfs of the filesystem, which would also wait for every other program's unwritten data
+    there). Raises OSError."""
     for path in paths:
         fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-def _syncfs():
-    """libc's syncfs on Linux (it reports write-back errors since Linux 5.8), None elsewhere."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        function = ctypes.CDLL(None, use_errno=True).syncfs
-    except (OSError, AttributeError):
-        return None
-    function.argtypes, function.restype = [ctypes.c_int], ctypes.c_int
-    return function
-
-
-_SYNCFS = _syncfs()
 
 
 def write_bytes_atomic(

@@ -8,10 +8,10 @@ there and verified, and copies the rest.
 
     push: part PUTs (verified by the returned size and ETag = MD5), then runs/<id>.json in one PUT
     pull: parts fetched in concurrent batches (the library's own `cat`), each checked in memory against
-          the manifest's sha256 and written under tmp/, the batch made durable by one filesystem sync
-          (parts.make_durable) and renamed into data/ while the next batch arrives; one more sync for
-          the renames, then the manifest renamed into runs/ under the commit lock; the catalog is
-          built once, at the end
+          the manifest's sha256, written under tmp/ and fsynced by a pool of threads, then renamed
+          into data/ while the next batch arrives; the folders fsynced for the renames,
+          then the manifest renamed into runs/ under the commit lock; the catalog is built once, at
+          the end
 
 Kill points (warehouse/faults.py's WHQ_FAULT) of the tests, besides those of the local
 writes a pull goes through (part.*, commit.locked, manifest.*):
@@ -254,7 +254,9 @@ def _pull_run(remote: Remote, layout, run_id: str, payload: bytes, manifest: dic
             """Check a fetched part against the manifest, then write it under tmp/ (synced with its batch)."""
             if data is None or len(data) != part["bytes"] or hashlib.sha256(data).hexdigest() != part["sha256"]:
                 raise not_there(part)
-            return write_tmp(data, layout.part_path(part["path"]), tmp_dir, "part", "pull again")
+            tmp = write_tmp(data, layout.part_path(part["path"]), tmp_dir, "part", "pull again")
+            durable([tmp])
+            return tmp
 
         def not_there(part: dict) -> CorruptPart:
             return CorruptPart(
@@ -287,8 +289,7 @@ def _pull_run(remote: Remote, layout, run_id: str, payload: bytes, manifest: dic
             else:
                 wanted.append(part)
         # The parts come in batches, each fetched with the library's own concurrent GETs while the batch
-        # before it is checked and written by a pool of threads, made durable (one filesystem sync for the
-        # batch, see make_durable) and renamed into data/.
+        # before it is checked, written and fsynced by a pool of threads, then renamed into data/.
         batches = _batches(wanted, PULL_BATCH_BYTES, PULL_BATCH_PARTS)
         with (
             ThreadPoolExecutor(1, thread_name_prefix="whq-pull-get") as getter,
@@ -299,7 +300,6 @@ def _pull_run(remote: Remote, layout, run_id: str, payload: bytes, manifest: dic
                 fetched = ahead.result()
                 ahead = getter.submit(download, batches[number + 1]) if number + 1 < len(batches) else None
                 tmps = list(checker.map(check, batch, fetched))
-                durable(tmps)
                 for part, tmp in zip(batch, tmps):
                     install_atomic(
                         tmp, layout.part_path(part["path"]), "part", "pull again", sync_file=False, sync_folder=False
