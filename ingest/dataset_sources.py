@@ -148,6 +148,8 @@ def load(spec: DatasetSpec, split: str | None, streaming: bool = True):
             raise BadInput(f"shard files {spec.text} form one split, train: drop --split {split}")
         builder = _builder(spec)
         extra = {"sample_by": "paragraph"} if builder == "text" else {}  # documents end at a blank line
+        if builder == "parquet":  # its default, the first row group's rows, is 0 for a shard of no rows: refused
+            extra = {"batch_size": BATCH_ROWS}
         return _load_dataset(spec, builder, data_files=list(spec.files), split="train", streaming=streaming, **extra)
     try:
         import datasets

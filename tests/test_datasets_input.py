@@ -381,6 +381,27 @@ def test_max_docs_and_max_tokens_are_the_stream_s_first_across_ranks(sources, ki
         assert reading["rows"] <= _own_rows(rank, 2, shards) and counting["rows"] <= _own_rows(rank, 2)
 
 
+def test_a_parquet_shard_of_no_rows_gives_no_documents_whole_or_on_ranks(tmp_path):
+    """A shard written with no rows (one row group of 0 rows, as an empty partition's writer leaves it): the
+    Parquet reader's default batch, its first row group's rows, was 0, which pyarrow refused with a traceback."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    rows = [{"uid": f"u{i}", "text": f"row {i} says {'la ' * i}"} for i in range(7)]
+    for k, part in enumerate([rows[:3], [], rows[3:]]):
+        pq.write_table(
+            pa.Table.from_pylist(part, schema=pa.schema([("uid", pa.string()), ("text", pa.string())])),
+            folder / f"p{k}.parquet",
+        )
+    assert pq.ParquetFile(folder / "p1.parquet").metadata.num_row_groups == 1
+    assert [d.text for d in _docs(str(folder))] == [r["text"] for r in rows]
+    plan = contexts.ContextPlan(max_length=8)
+    ranks = _ranks(str(folder), 2, plan)
+    assert sorted(ranks[0]["docs"] + ranks[1]["docs"]) == _whole(str(folder), plan)
+
+
 @pytest.mark.parametrize("pack", [False, True])
 def test_each_rank_resumes_its_own_shards(sources, pack):
     """A rank resumed from any ordinal keeps exactly its uninterrupted documents from there (packed: their
