@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import re
 import subprocess
 import sys
 
@@ -174,11 +175,22 @@ def launch(n: int, data: list[str], arguments: list[str]) -> None:
         *arguments,
     ]
     done = subprocess.run(command, stderr=subprocess.PIPE, text=True)
-    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     if done.returncode != 0:
-        # Each rank printed its one-line error; torchrun's own failure report adds nothing for the user.
-        raise WarehouseError(
-            errors[0][len("error: ") :]
-            if errors
-            else f"torchrun failed (exit {done.returncode}): {done.stderr.strip().splitlines()[-1:]}"
-        )
+        raise WarehouseError(failure(done.returncode, done.stderr))
+
+
+def failure(returncode: int, stderr: str) -> str:
+    """The one line of a failed torchrun: a rank's own error line, else (a rank killed, or dead without one)
+    the root cause torchrun reports and the way on."""
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    if errors:  # each rank printed its one-line error; torchrun's own failure report adds nothing for the user
+        return errors[0][len("error: ") :]
+    cause = stderr.rpartition("Root Cause")[2]
+    rank = re.search(r"^\s*rank\s*:\s*(\d+)", cause, re.MULTILINE)
+    why = re.search(r"^\s*traceback\s*:\s*(.+)$", cause, re.MULTILINE)
+    if not (rank and why):
+        return f"torchrun failed (exit {returncode}): {(stderr.strip().splitlines() or ['no report'])[-1]}"
+    return (
+        f"rank {rank.group(1)} stopped ({why.group(1).strip()}) before the run was committed: run the same "
+        f"command with --resume to go on from what the ranks journalled"
+    )

@@ -255,3 +255,25 @@ def test_concurrent_inits_of_one_new_folder_all_succeed(tmp_path):
     with multiprocessing.get_context("spawn").Pool(8) as pool:
         pool.map(_init_and_close, [root] * 8)
     assert warehouse.open(root).run_ids() == []
+
+
+def test_a_rank_killed_by_a_signal_is_named_with_the_way_on(tmp_path):
+    """A rank that dies without its error line (SIGKILL, the OOM killer): the line names the rank and the
+    signal from torchrun's own report (its last line had been a row of '=') and says to --resume."""
+    from ingest.ranks import failure
+
+    script = tmp_path / "die.py"
+    script.write_text(
+        "import os, signal, time\nif os.environ['RANK'] == '1':\n    os.kill(os.getpid(), signal.SIGKILL)\ntime.sleep(5)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode != 0
+    said = failure(done.returncode, done.stderr)
+    assert said.startswith("rank 1 stopped (Signal 9 (SIGKILL)") and "\n" not in said
+    assert said.endswith("run the same command with --resume to go on from what the ranks journalled")
+    assert failure(1, "warning: x\nerror: --data shards: no such file\n") == "--data shards: no such file"
