@@ -185,12 +185,14 @@ def failure(returncode: int, stderr: str) -> str:
     errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
     if errors:  # each rank printed its one-line error; torchrun's own failure report adds nothing for the user
         return errors[0][len("error: ") :]
-    cause = stderr.rpartition("Root Cause")[2]
+    before, _, cause = stderr.rpartition("Root Cause")
     rank = re.search(r"^\s*rank\s*:\s*(\d+)", cause, re.MULTILINE)
-    why = re.search(r"^\s*traceback\s*:\s*(.+)$", cause, re.MULTILINE)
-    if not (rank and why):
-        return f"torchrun failed (exit {returncode}): {(stderr.strip().splitlines() or ['no report'])[-1]}"
-    return (
-        f"rank {rank.group(1)} stopped ({why.group(1).strip()}) before the run was committed: run the same "
-        f"command with --resume to go on from what the ranks journalled"
-    )
+    signal = re.search(r"^\s*traceback\s*:\s*(Signal .+)$", cause, re.MULTILINE)
+    if rank and signal:
+        return (
+            f"rank {rank.group(1)} stopped ({signal.group(1).strip()}) before the run was committed: run the same "
+            f"command with --resume to go on from what the ranks journalled"
+        )
+    # An exception no check foresaw: the last one a rank printed (a Python traceback's last line).
+    raised = re.findall(r"^[A-Za-z_][\w.]*(?:Error|Exception|Invalid): .+$", before, re.MULTILINE)
+    return f"torchrun failed (exit {returncode}): " + (raised or stderr.strip().splitlines() or ["no report"])[-1]

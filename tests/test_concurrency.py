@@ -277,3 +277,15 @@ def test_a_rank_killed_by_a_signal_is_named_with_the_way_on(tmp_path):
     assert said.startswith("rank 1 stopped (Signal 9 (SIGKILL)") and "\n" not in said
     assert said.endswith("run the same command with --resume to go on from what the ranks journalled")
     assert failure(1, "warning: x\nerror: --data shards: no such file\n") == "--data shards: no such file"
+    script.write_text(
+        "import os, time\nif os.environ['RANK'] == '1':\n    raise ValueError('no such thing')\ntime.sleep(5)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (
+        failure(done.returncode, done.stderr) == f"torchrun failed (exit {done.returncode}): ValueError: no such thing"
+    )

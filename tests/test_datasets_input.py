@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 
 import pytest
@@ -400,6 +401,20 @@ def test_a_parquet_shard_of_no_rows_gives_no_documents_whole_or_on_ranks(tmp_pat
     plan = contexts.ContextPlan(max_length=8)
     ranks = _ranks(str(folder), 2, plan)
     assert sorted(ranks[0]["docs"] + ranks[1]["docs"]) == _whole(str(folder), plan)
+
+
+def test_a_shard_the_reader_cannot_decode_is_one_line_whole_or_on_ranks(tmp_path):
+    """A JSONL shard with a line that is not JSON: the reader's ArrowInvalid had come through as a traceback."""
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    good = [json.dumps({"uid": f"u{i}", "text": f"row {i}"}) for i in range(6)]
+    (folder / "p0.jsonl").write_text("\n".join(good[:3]) + "\n")
+    (folder / "p1.jsonl").write_text("\n".join([good[3], '{"uid": "u9", "text": "cut', *good[4:]]) + "\n")
+    fix = f"--data {folder} is not readable (JSON parse error"
+    with pytest.raises(BadInput, match=re.escape(fix)):
+        _docs(str(folder))
+    ranks = _ranks(str(folder), 2, contexts.ContextPlan(max_length=8))
+    assert ranks[1]["error"].startswith(fix) and ranks[1]["error"].endswith("): fix the shard")
 
 
 @pytest.mark.parametrize("pack", [False, True])
