@@ -21,10 +21,22 @@ def _model():
         return _load()
 
 
+_preloading: list[threading.Thread] = []
+
+
 def preload() -> None:
     """Load the model on a background thread, so a command that embeds at its end has it ready
     by then instead of waiting for it after its model calls."""
-    threading.Thread(target=_model, name="whq-minilm-preload", daemon=True).start()
+    thread = threading.Thread(target=_model, name="whq-minilm-preload", daemon=True)
+    thread.start()
+    _preloading.append(thread)
+
+
+def settle() -> None:
+    """Wait for a preload still loading: a process that exits under it prints the loader's traceback
+    (transformers schedules work on a pool the interpreter has shut down) or aborts."""
+    while _preloading:
+        _preloading.pop().join()
 
 
 @functools.cache

@@ -65,6 +65,7 @@ class Plan:
     requests: list[Request]
     finish: Callable[[list[Answer]], list[tuple]]
     redone: set[tuple]  # (explanation_id, scorer or None): the rows this plan writes anew
+    embeds: bool = False  # finish embeds texts with MiniLM, which run_plan loads while the calls are made
 
     def prompt_tokens(self, count: Callable[[str], int]) -> int:
         return sum(count(r.text()) for r in self.requests)
@@ -134,8 +135,6 @@ def plan_explain(wh, run, site, units, *, explainer: str, model: str, recipe: Re
             request = Request(model, messages(msgs), max_tokens=recipe.explain_tokens, seed=recipe.seed)
             requests.append(request)
         jobs.append((layer, neuron, exp_id, shown, negatives, request))
-    if jobs:  # finish embeds the explanations: MiniLM loads while the calls are made
-        embed.preload()
 
     def finish(answers: list[Answer]) -> list[tuple]:
 
@@ -177,7 +176,7 @@ def plan_explain(wh, run, site, units, *, explainer: str, model: str, recipe: Re
         ]
 
     batch = _hash("explain", run, site, explainer, model, settings)[:12]
-    return Plan(batch, len(jobs), requests, finish, {(j[2], None) for j in jobs})
+    return Plan(batch, len(jobs), requests, finish, {(j[2], None) for j in jobs}, embeds=bool(jobs))
 
 
 def _prefetch_non_activating(wh, run, site, recipe: Recipe, units: list[tuple[int, int]]) -> dict[int, list]:
@@ -364,6 +363,8 @@ def run_plan(
     cache = store.CallCache(wh, run, plan.batch, resume=resume, keys=[r.key for r in plan.requests])
     try:
         needed = [r for r in {r.key: r for r in plan.requests}.values() if cache.get(r.key) is None]
+        if plan.embeds and needed:  # a plan planned alone (--dry-run) loads nothing
+            embed.preload()
         if backend is None and needed:
             backend = open_backend(llm, api_key_env=api_key_env, timeout=timeout, device=device)
         caller = Caller(
@@ -382,6 +383,7 @@ def run_plan(
     except BaseException:
         # A run that paid for no call leaves nothing to resume (as RunWriter.discard).
         cache.discard() if not cache.new else cache.close()
+        embed.settle()
         raise
     cache.discard()
     return Outcome(plan.units, len(plan.requests), caller.counters, written, time.perf_counter() - started)

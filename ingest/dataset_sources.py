@@ -148,6 +148,8 @@ def load(spec: DatasetSpec, split: str | None, streaming: bool = True):
             raise BadInput(f"shard files {spec.text} form one split, train: drop --split {split}")
         builder = _builder(spec)
         extra = {"sample_by": "paragraph"} if builder == "text" else {}  # documents end at a blank line
+        if builder == "parquet":  # its default, the first row group's rows, is 0 for a shard of no rows: refused
+            extra = {"batch_size": BATCH_ROWS}
         return _load_dataset(spec, builder, data_files=list(spec.files), split="train", streaming=streaming, **extra)
     try:
         import datasets
@@ -333,7 +335,7 @@ class DatasetInput:
 
         label = dataset or self.spec.label
         row = first_row
-        for batch in (self.dataset if part is None else part).with_format("arrow").iter(batch_size=BATCH_ROWS):
+        for batch in self._batches(self.dataset if part is None else part):
             batch = batch.append_column(ROW_COLUMN, pa.array(range(row, row + batch.num_rows), pa.int64()))
             row += batch.num_rows
             if read is not None:
@@ -352,6 +354,19 @@ class DatasetInput:
                     counter.bad(f"{self.spec.text} row {index}: {err}")
                     continue
                 yield doc
+
+    def _batches(self, data) -> Iterator:
+        """`data`'s rows in Arrow batches; a shard the reader cannot decode (a line that is not JSON, a damaged
+        Parquet file) is refused in one line."""
+        batches = iter(data.with_format("arrow").iter(batch_size=BATCH_ROWS))
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except Exception as err:  # datasets and pyarrow raise several types for a damaged shard
+                raise BadInput(f"--data {self.spec.text} is not readable ({_one_line(err)}): fix the shard") from None
+            yield batch
 
     def _document(self, record: dict, index: int, label: str, role: str | None) -> Document:
         cols = self.columns

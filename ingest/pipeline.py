@@ -42,8 +42,9 @@ class IngestResult:
     rows: dict[str, int] = field(default_factory=dict)  # committed rows per table
     bytes: int = 0  # committed bytes on disk
     documents: int | None = None  # None: not captured by this call
-    tokens: int | None = None
+    tokens: int | None = None  # rank 0: the run's, over every rank (as documents); another rank: its own
     seconds: float | None = None
+    captured: int | None = None  # tokens this call captured over every rank (tokens/s; 0: not known); None: tokens
     skipped: int = 0  # bad records skipped (--skip-bad)
     first_skipped: str | None = None  # why the first of them was bad
     already_committed: bool = False  # a --resume of a run that had committed: nothing done
@@ -52,7 +53,8 @@ class IngestResult:
 
     @property
     def tokens_per_s(self) -> float:
-        return self.tokens / self.seconds if self.tokens and self.seconds else 0.0
+        captured = self.tokens if self.captured is None else self.captured
+        return captured / self.seconds if captured and self.seconds else 0.0
 
 
 def _documents_identity(documents: list) -> str:
@@ -109,18 +111,20 @@ def _capture_shards(
     return n_docs, n_tokens
 
 
-def _commit(options: IngestOptions, capture: Capture, resolved: list, writer) -> tuple[dict, int]:
-    """Rank 0: fold in the other ranks, write the run-level tables, commit; returns (manifest, documents)."""
+def _commit(options: IngestOptions, capture: Capture, resolved: list, writer) -> tuple[dict, int, int]:
+    """Rank 0: fold in the other ranks, write the run-level tables, commit; returns (manifest, documents,
+    tokens) of the run, over every rank."""
     from .finalize import final_parts
 
     if options.world_size > 1:
         merge_ranks(writer, capture.site_layers)
-    total_docs = sum(i["n_docs"] for i in writer.run_shard_info())
+    infos = writer.run_shard_info()
+    total_docs = sum(i["n_docs"] for i in infos)
     if total_docs == 0:
         writer.discard()
         raise BadInput("no documents to capture: the data files hold no readable documents")
     parts = final_parts(capture.loaded, resolved, capture.site_layers, writer, options.logit_lens)
-    return writer.commit(parts, writer.started_at), total_docs
+    return writer.commit(parts, writer.started_at), total_docs, sum(i["n_tokens"] for i in infos)
 
 
 def ingest(
@@ -212,14 +216,17 @@ def ingest(
     if own_pieces and source.datasets:
         writer.wait_for_ranks()
         refuse_repeated_ids(writer)
-    manifest, total_docs = _commit(opts, capture, ready.resolved, writer)
+    manifest, total_docs, total_tokens = _commit(opts, capture, ready.resolved, writer)
+    # The rate counts what this call captured: rank 0's alone knows it unless every rank started afresh.
+    captured = n_tokens if opts.world_size == 1 else 0 if opts.resume else total_tokens
     return IngestResult(
         run_id,
         manifest["rows"],
         sum(p["bytes"] for p in manifest["parts"]),
         total_docs,
-        n_tokens,
+        total_tokens,
         time.perf_counter() - started,
+        captured=captured,
         notes=notes,
         **skipped,
     )

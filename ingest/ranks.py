@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import re
 import subprocess
 import sys
 
@@ -174,11 +175,24 @@ def launch(n: int, data: list[str], arguments: list[str]) -> None:
         *arguments,
     ]
     done = subprocess.run(command, stderr=subprocess.PIPE, text=True)
-    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     if done.returncode != 0:
-        # Each rank printed its one-line error; torchrun's own failure report adds nothing for the user.
-        raise WarehouseError(
-            errors[0][len("error: ") :]
-            if errors
-            else f"torchrun failed (exit {done.returncode}): {done.stderr.strip().splitlines()[-1:]}"
+        raise WarehouseError(failure(done.returncode, done.stderr))
+
+
+def failure(returncode: int, stderr: str) -> str:
+    """The one line of a failed torchrun: a rank's own error line, else (a rank killed, or dead without one)
+    the root cause torchrun reports and the way on."""
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    if errors:  # each rank printed its one-line error; torchrun's own failure report adds nothing for the user
+        return errors[0][len("error: ") :]
+    before, _, cause = stderr.rpartition("Root Cause")
+    rank = re.search(r"^\s*rank\s*:\s*(\d+)", cause, re.MULTILINE)
+    signal = re.search(r"^\s*traceback\s*:\s*(Signal .+)$", cause, re.MULTILINE)
+    if rank and signal:
+        return (
+            f"rank {rank.group(1)} stopped ({signal.group(1).strip()}) before the run was committed: run the same "
+            f"command with --resume to go on from what the ranks journalled"
         )
+    # An exception no check foresaw: the last one a rank printed (a Python traceback's last line).
+    raised = re.findall(r"^[A-Za-z_][\w.]*(?:Error|Exception|Invalid): .+$", before, re.MULTILINE)
+    return f"torchrun failed (exit {returncode}): " + (raised or stderr.strip().splitlines() or ["no report"])[-1]

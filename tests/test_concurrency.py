@@ -127,8 +127,8 @@ KEYS = {
 }
 
 
-def _ingest_ranks(root: Path, args: list, ranks: int, run_id: str) -> None:
-    """`whq ingest ROOT ARGS --ranks N` in a child process: it commits the run and prints one line."""
+def _ingest_ranks(root: Path, args: list, ranks: int, run_id: str) -> str:
+    """`whq ingest ROOT ARGS --ranks N` in a child process: it commits the run and prints one line (returned)."""
     done = subprocess.run(
         [sys.executable, "-m", "warehouse.cli", "ingest", str(root), *map(str, args), "--ranks", str(ranks)],
         capture_output=True,
@@ -137,6 +137,7 @@ def _ingest_ranks(root: Path, args: list, ranks: int, run_id: str) -> None:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.startswith(f"committed run {run_id};") and done.stdout.count("\n") == 1
+    return done.stdout
 
 
 def _assert_same_runs(wh, reference, run_id: str, ranks: int) -> dict:
@@ -226,9 +227,12 @@ def test_two_ranks_reading_their_own_shards_give_the_single_process_rows(corpus,
     single, ranked = tmp_path / "single", tmp_path / "ranked"
     ingest(single, MODEL, [str(shards)], SITES, run_id="s", progress=False, max_tokens=budget, **OPTIONS)
     args = [str(a) for a in ingest_args(ranked, shards, "s")[2:]] + ["--max-tokens", str(budget)]
-    _ingest_ranks(ranked, args, 2, "s")
+    said = _ingest_ranks(ranked, args, 2, "s")
     with warehouse.open(ranked) as wh, warehouse.open(single) as reference:
         want = _assert_same_runs(wh, reference, "s", 2)
+        # The line counts the run's documents and tokens, both ranks' (rank 0 had said its own tokens).
+        [(n_docs, n_tokens)] = reference.sql("SELECT n_documents, n_tokens FROM runs WHERE run_id = 's'").fetchall()
+        assert f"; {n_docs:,} documents, {n_tokens:,} tokens;" in said, said
         assert want["documents"].height == 11 and want["tokens"].height < sum(lengths) + 2 * len(lengths)
         by_rank: dict[str, set] = {}
         for part in wh.manifest("s")["parts"]:
@@ -251,3 +255,37 @@ def test_concurrent_inits_of_one_new_folder_all_succeed(tmp_path):
     with multiprocessing.get_context("spawn").Pool(8) as pool:
         pool.map(_init_and_close, [root] * 8)
     assert warehouse.open(root).run_ids() == []
+
+
+def test_a_rank_killed_by_a_signal_is_named_with_the_way_on(tmp_path):
+    """A rank that dies without its error line (SIGKILL, the OOM killer): the line names the rank and the
+    signal from torchrun's own report (its last line had been a row of '=') and says to --resume."""
+    from ingest.ranks import failure
+
+    script = tmp_path / "die.py"
+    script.write_text(
+        "import os, signal, time\nif os.environ['RANK'] == '1':\n    os.kill(os.getpid(), signal.SIGKILL)\ntime.sleep(5)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode != 0
+    said = failure(done.returncode, done.stderr)
+    assert said.startswith("rank 1 stopped (Signal 9 (SIGKILL)") and "\n" not in said
+    assert said.endswith("run the same command with --resume to go on from what the ranks journalled")
+    assert failure(1, "warning: x\nerror: --data shards: no such file\n") == "--data shards: no such file"
+    script.write_text(
+        "import os, time\nif os.environ['RANK'] == '1':\n    raise ValueError('no such thing')\ntime.sleep(5)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (
+        failure(done.returncode, done.stderr) == f"torchrun failed (exit {done.returncode}): ValueError: no such thing"
+    )

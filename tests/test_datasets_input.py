@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 
 import pytest
@@ -379,6 +380,41 @@ def test_max_docs_and_max_tokens_are_the_stream_s_first_across_ranks(sources, ki
         assert reading["files"] & _shard_files(kind, range(4)) <= _shard_files(kind, range(rank, shards, 2))
         assert {f"u{doc_id.split(':')[1]}" for _, doc_id, _ in seen["docs"]} <= reading["rows"]
         assert reading["rows"] <= _own_rows(rank, 2, shards) and counting["rows"] <= _own_rows(rank, 2)
+
+
+def test_a_parquet_shard_of_no_rows_gives_no_documents_whole_or_on_ranks(tmp_path):
+    """A shard written with no rows (one row group of 0 rows, as an empty partition's writer leaves it): the
+    Parquet reader's default batch, its first row group's rows, was 0, which pyarrow refused with a traceback."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    rows = [{"uid": f"u{i}", "text": f"row {i} says {'la ' * i}"} for i in range(7)]
+    for k, part in enumerate([rows[:3], [], rows[3:]]):
+        pq.write_table(
+            pa.Table.from_pylist(part, schema=pa.schema([("uid", pa.string()), ("text", pa.string())])),
+            folder / f"p{k}.parquet",
+        )
+    assert pq.ParquetFile(folder / "p1.parquet").metadata.num_row_groups == 1
+    assert [d.text for d in _docs(str(folder))] == [r["text"] for r in rows]
+    plan = contexts.ContextPlan(max_length=8)
+    ranks = _ranks(str(folder), 2, plan)
+    assert sorted(ranks[0]["docs"] + ranks[1]["docs"]) == _whole(str(folder), plan)
+
+
+def test_a_shard_the_reader_cannot_decode_is_one_line_whole_or_on_ranks(tmp_path):
+    """A JSONL shard with a line that is not JSON: the reader's ArrowInvalid had come through as a traceback."""
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    good = [json.dumps({"uid": f"u{i}", "text": f"row {i}"}) for i in range(6)]
+    (folder / "p0.jsonl").write_text("\n".join(good[:3]) + "\n")
+    (folder / "p1.jsonl").write_text("\n".join([good[3], '{"uid": "u9", "text": "cut', *good[4:]]) + "\n")
+    fix = f"--data {folder} is not readable (JSON parse error"
+    with pytest.raises(BadInput, match=re.escape(fix)):
+        _docs(str(folder))
+    ranks = _ranks(str(folder), 2, contexts.ContextPlan(max_length=8))
+    assert ranks[1]["error"].startswith(fix) and ranks[1]["error"].endswith("): fix the shard")
 
 
 @pytest.mark.parametrize("pack", [False, True])

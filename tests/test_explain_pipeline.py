@@ -296,6 +296,21 @@ def test_dry_run_counts_and_sends_nothing(scored):
     assert code == 0 and "3 units" in out and "calls" in out and "prompt tokens (estimated" in out, err
 
 
+def test_planning_alone_loads_no_embedding_model(scored):
+    """--dry-run plans and exits: a MiniLM still loading on a thread as the process exits printed the
+    loader's traceback (or aborted the process). run_plan loads it, and only when it sends calls."""
+    _, wh, _, _, _ = scored
+    import threading
+
+    from explain import embed
+
+    embed.settle()  # the fixture's commands loaded it
+    units = ex.select_units(wh, RUN, SITE, [LAYER], None, 2)
+    plan = plan_explain(wh, RUN, SITE, units, explainer="delphi", model="openai:judge", recipe=RECIPE)
+    assert plan.embeds and plan.requests
+    assert embed._preloading == [] and "whq-minilm-preload" not in {t.name for t in threading.enumerate()}
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
