@@ -263,29 +263,25 @@ def test_a_rank_killed_by_a_signal_is_named_with_the_way_on(tmp_path):
     from ingest.ranks import failure
 
     script = tmp_path / "die.py"
-    script.write_text(
-        "import os, signal, time\nif os.environ['RANK'] == '1':\n    os.kill(os.getpid(), signal.SIGKILL)\ntime.sleep(5)\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+
+    def two_ranks(rank_one_does: str) -> subprocess.CompletedProcess:
+        script.write_text(
+            f"import os, signal, time\nif os.environ['RANK'] == '1':\n    {rank_one_does}\ntime.sleep(5)\n"
+        )
+        return subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    done = two_ranks("os.kill(os.getpid(), signal.SIGKILL)")
     assert done.returncode != 0
     said = failure(done.returncode, done.stderr)
     assert said.startswith("rank 1 stopped (Signal 9 (SIGKILL)") and "\n" not in said
     assert said.endswith("run the same command with --resume to go on from what the ranks journalled")
     assert failure(1, "warning: x\nerror: --data shards: no such file\n") == "--data shards: no such file"
-    script.write_text(
-        "import os, time\nif os.environ['RANK'] == '1':\n    raise ValueError('no such thing')\ntime.sleep(5)\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = two_ranks("raise ValueError('no such thing')")
     assert (
         failure(done.returncode, done.stderr) == f"torchrun failed (exit {done.returncode}): ValueError: no such thing"
     )

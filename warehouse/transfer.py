@@ -251,7 +251,7 @@ def _pull_run(remote: Remote, layout, run_id: str, payload: bytes, manifest: dic
             )
 
         def check(part: dict, data: bytes | None) -> Path:
-            """Check a fetched part against the manifest, then write it under tmp/ (synced with its batch)."""
+            """Check a fetched part against the manifest, then write it under tmp/ and fsync it."""
             if data is None or len(data) != part["bytes"] or hashlib.sha256(data).hexdigest() != part["sha256"]:
                 raise not_there(part)
             tmp = write_tmp(data, layout.part_path(part["path"]), tmp_dir, "part", "pull again")
