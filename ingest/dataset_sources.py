@@ -19,10 +19,13 @@ the source, its revision or content fingerprint, the split, filter, shuffle seed
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
+import logging
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,7 +164,19 @@ def load(spec: DatasetSpec, split: str | None, streaming: bool = True):
             "HF_DATASETS_OFFLINE=1 to read it from the local cache"
         ) from None
     split = _split_of(splits, split, spec)
-    return _load_dataset(spec, spec.name, spec.config, split=split, streaming=streaming)
+    extra = {"batch_size": BATCH_ROWS} if _hub_builder(spec) == "parquet" else {}
+    return _load_dataset(spec, spec.name, spec.config, split=split, streaming=streaming, **extra)
+
+
+def _hub_builder(spec: DatasetSpec) -> str | None:
+    """The builder `datasets` reads a Hub dataset or repository folder with (parquet, json, ...), None when
+    it cannot say: Parquet repositories are read in batches of BATCH_ROWS, as Parquet shards are."""
+    import datasets
+
+    try:
+        return datasets.load_dataset_builder(spec.name, spec.config).name
+    except Exception:  # load_dataset then names what is wrong in one line
+        return None
 
 
 def _load_dataset(spec: DatasetSpec, *args, split: str, **kwargs):
@@ -174,6 +189,33 @@ def _load_dataset(spec: DatasetSpec, *args, split: str, **kwargs):
             f"dataset {spec.text} cannot be opened ({_one_line(err)}): check the name and files, or set "
             "HF_DATASETS_OFFLINE=1 to read it from the local cache"
         ) from None
+
+
+class _ShardLog(logging.Handler):
+    """The file a `datasets` reader failed on: it logs its name on stderr, then raises without it."""
+
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.file: str | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        named = re.search(r"file '([^']+)'", record.getMessage())
+        if named:
+            self.file = named.group(1)
+
+
+@contextlib.contextmanager
+def _failed_shard() -> Iterator[_ShardLog]:
+    """Keeps the readers' log lines off stderr (the error is one line) and catches the shard they name."""
+    logger = logging.getLogger("datasets.packaged_modules")
+    handler, propagate = _ShardLog(), logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
 
 
 @dataclass
@@ -360,12 +402,16 @@ class DatasetInput:
         Parquet file) is refused in one line."""
         batches = iter(data.with_format("arrow").iter(batch_size=BATCH_ROWS))
         while True:
-            try:
-                batch = next(batches)
-            except StopIteration:
-                return
-            except Exception as err:  # datasets and pyarrow raise several types for a damaged shard
-                raise BadInput(f"--data {self.spec.text} is not readable ({_one_line(err)}): fix the shard") from None
+            with _failed_shard() as failed:
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    return
+                except Exception as err:  # datasets and pyarrow raise several types for a damaged shard
+                    shard = f" {failed.file}" if failed.file else ""
+                    raise BadInput(
+                        f"--data {self.spec.text} is not readable ({_one_line(err)}): fix or remove the shard{shard}"
+                    ) from None
             yield batch
 
     def _document(self, record: dict, index: int, label: str, role: str | None) -> Document:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import subprocess
 import sys
 
 import pytest
@@ -398,6 +400,12 @@ def test_a_parquet_shard_of_no_rows_gives_no_documents_whole_or_on_ranks(tmp_pat
         )
     assert pq.ParquetFile(folder / "p1.parquet").metadata.num_row_groups == 1
     assert [d.text for d in _docs(str(folder))] == [r["text"] for r in rows]
+    # The same shards as a dataset repository (hf:FOLDER), which `datasets` reads with its Parquet builder.
+    repo = tmp_path / "repo"
+    (repo / "data").mkdir(parents=True)
+    for k in range(3):
+        shutil.copyfile(folder / f"p{k}.parquet", repo / "data" / f"train-{k:05d}-of-00003.parquet")
+    assert [d.text for d in _docs(f"hf:{repo}")] == [r["text"] for r in rows]
     plan = contexts.ContextPlan(max_length=8)
     ranks = _ranks(str(folder), 2, plan)
     assert sorted(ranks[0]["docs"] + ranks[1]["docs"]) == _whole(str(folder), plan)
@@ -411,10 +419,29 @@ def test_a_shard_the_reader_cannot_decode_is_one_line_whole_or_on_ranks(tmp_path
     (folder / "p0.jsonl").write_text("\n".join(good[:3]) + "\n")
     (folder / "p1.jsonl").write_text("\n".join([good[3], '{"uid": "u9", "text": "cut', *good[4:]]) + "\n")
     fix = f"--data {folder} is not readable (JSON parse error"
-    with pytest.raises(BadInput, match=re.escape(fix)):
+    named = f"): fix or remove the shard {folder / 'p1.jsonl'}"
+    with pytest.raises(BadInput, match=re.escape(fix)) as refused:
         _docs(str(folder))
+    assert str(refused.value).endswith(named)
     ranks = _ranks(str(folder), 2, contexts.ContextPlan(max_length=8))
-    assert ranks[1]["error"].startswith(fix) and ranks[1]["error"].endswith("): fix the shard")
+    assert ranks[1]["error"].startswith(fix) and ranks[1]["error"].endswith(named)
+
+
+def test_a_damaged_parquet_shard_is_one_line_on_stderr_naming_it(tmp_path):
+    """`datasets` logs the failing file on stderr before raising: the ingest's error was a second line."""
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    datasets.Dataset.from_list(ROWS[:4]).to_parquet(str(folder / "a.parquet"))
+    (folder / "b.parquet").write_bytes((folder / "a.parquet").read_bytes()[:100])
+    command = ["ingest", str(tmp_path / "wh"), "--model", "config:qwen3-tiny", "--data", str(folder), "-q"]
+    # A child process: the library's log handler writes to the real stderr, which pytest's capture would miss.
+    result = subprocess.run([sys.executable, "-m", "warehouse.cli", *command], capture_output=True, text=True)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: --data {folder} is not readable (")
+    assert lines[0].endswith(f"fix or remove the shard {folder / 'b.parquet'}")
+    assert not list((tmp_path / "wh" / "runs").glob("*.json"))
 
 
 @pytest.mark.parametrize("pack", [False, True])
