@@ -151,6 +151,26 @@ def test_push_then_pull_gives_back_the_warehouse_byte_for_byte(s3, golden_copy, 
     assert code == 0 and "pulled 0 run(s)" in out and "1 already there" in out, err
 
 
+def test_a_put_is_verified_by_the_crc32_the_server_answers_else_its_etag_else_read_back(s3):
+    """The CRC32 the server stored is compared where it answers one (a fifth of an MD5's cost); an answer
+    without it falls back to the ETag (the MD5), and one with neither to reading the object back."""
+    from warehouse.remote import Remote
+
+    remote = Remote(_url("arrival"), s3.endpoint)
+    data = os.urandom(100_000)
+    other = data[:-1] + bytes([data[-1] ^ 1])  # same size, one bit apart
+    sha = hashlib.sha256(data).hexdigest()
+    answer = remote.write_many({"part.bin": data})["part.bin"]
+    assert answer["ChecksumCRC32"] and answer["ETag"]
+    assert remote.arrived("part.bin", answer, data, sha)
+    assert not remote.arrived("part.bin", answer, other, hashlib.sha256(other).hexdigest())
+    etag_only = {"ETag": answer["ETag"]}
+    assert remote.arrived("part.bin", etag_only, data, sha)
+    assert not remote.arrived("part.bin", etag_only, other, sha)
+    assert remote.arrived("part.bin", None, data, sha)
+    assert not remote.arrived("part.bin", None, other, hashlib.sha256(other).hexdigest())
+
+
 def test_a_run_that_differs_at_the_destination_is_refused(s3, golden_copy, tmp_path):
     url = _url("conflict")
     assert run_whq("push", golden_copy, url, "-q")[0] == 0

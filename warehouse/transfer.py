@@ -6,7 +6,9 @@ a run appears at the destination only once it is complete. Interrupted, either l
 parts no manifest names (invisible to every reader); the rerun skips the parts already
 there and verified, and copies the rest.
 
-    push: part PUTs (verified by the returned size and ETag = MD5), then runs/<id>.json in one PUT
+    push: part PUTs in batches, each read and checked against the manifest while the one before it is
+          uploaded, verified on arrival by the CRC32 the server answers (else its ETag, the MD5), then
+          runs/<id>.json in one PUT
     pull: parts fetched in concurrent batches (the library's own `cat`), each checked in memory against
           the manifest's sha256, written under tmp/ and fsynced by a pool of threads, then renamed
           into data/ while the next batch arrives; the folders fsynced for the renames,
@@ -49,9 +51,10 @@ KILL_POINTS = {
 }
 __doc__ += "".join(f"\n    {point:<14} {what}" for point, what in KILL_POINTS.items()) + "\n"
 
-# Parts copied concurrently (push: fsspec's gather, in batches) with at most this many bytes and parts
-# in memory at once: enough to hide the round trips of small parts, and a bound on the memory held.
-BATCH_BYTES = 128 << 20
+# A push uploads batches of parts concurrently (fsspec's gather) of at most this many bytes and parts,
+# two in memory at once (one uploading, the next being read): enough to hide the round trips of small
+# parts, and a bound on the memory held.
+BATCH_BYTES = 64 << 20
 BATCH_PARTS = 256
 # A pull fetches batches of parts this large, each while the one before it is checked and written (by
 # PULL_THREADS threads), synced and renamed: small enough that most of that work overlaps the transfers.
@@ -83,10 +86,6 @@ class Transfer:
         if self.skipped_quarantined:
             text += f"; left out quarantined run(s) {', '.join(self.skipped_quarantined)} (`whq repair` first)"
         return text
-
-
-def _digests(payload: bytes) -> tuple[str, str]:
-    return hashlib.md5(payload, usedforsecurity=False).hexdigest(), hashlib.sha256(payload).hexdigest()
 
 
 def _parse(payload: bytes, run_id: str, where: str) -> dict:
@@ -149,43 +148,31 @@ def push(wh: Warehouse, url: str, *, endpoint_url: str | None = None, progress: 
         return done
     listed = remote.listing("data")
 
-    def read_verified(part: dict) -> tuple[dict, bytes, str, str]:
-        """The part's bytes and digests, refused when they do not match the manifest."""
+    def read_verified(part: dict) -> tuple[dict, bytes]:
+        """The part's bytes, refused when they do not match the manifest."""
         try:
             payload = wh.layout.part_path(part["path"]).read_bytes()
         except OSError as err:
             raise CorruptPart(
                 f"cannot read part {part['path']} ({err.strerror or err}): check it with `whq check {wh.root}`"
             ) from None
-        md5, sha256 = _digests(payload)
-        if len(payload) != part["bytes"] or sha256 != part["sha256"]:
+        if len(payload) != part["bytes"] or hashlib.sha256(payload).hexdigest() != part["sha256"]:
             raise CorruptPart(
                 f"part {part['path']} does not match its manifest: find the damage with `whq check {wh.root}` "
                 f"and `whq repair` it before pushing"
             )
-        return part, payload, md5, sha256
+        return part, payload
 
     for run_id, payload, manifest in todo:
-        for batch in _batches(manifest["parts"]):
-            loaded = side_by_side(read_verified, batch)
-            present = {
-                part["path"]
-                for part, data, md5, sha256 in loaded
-                if part["path"] in listed
-                and remote.same_object(part["path"], listed[part["path"]], len(data), md5, sha256)
-            }
-            answers = remote.write_many({p["path"]: data for p, data, _, _ in loaded if p["path"] not in present})
-            for part, data, md5, sha256 in loaded:
-                if part["path"] in answers and not remote.arrived(
-                    part["path"], answers[part["path"]], len(data), md5, sha256
-                ):
-                    raise WarehouseError(
-                        f"part {part['path']} did not arrive intact at {remote.url}: push again (verified parts are kept)"
-                    )
-                if progress:
-                    progress(len(data))
-                fault("push.part")
-            done.parts_present += len(present)
+        batches = _batches(manifest["parts"])
+        # Each batch is read and checked while the one before it is uploaded.
+        with ThreadPoolExecutor(1, thread_name_prefix="whq-push-read") as reader:
+            ahead = reader.submit(side_by_side, read_verified, batches[0]) if batches else None
+            for number in range(len(batches)):
+                loaded = ahead.result()
+                if number + 1 < len(batches):
+                    ahead = reader.submit(side_by_side, read_verified, batches[number + 1])
+                _push_batch(remote, loaded, listed, progress, done)
         fault("push.parts")
         remote.write(f"runs/{run_id}.json", payload)
         fault("push.manifest")
@@ -193,6 +180,25 @@ def push(wh: Warehouse, url: str, *, endpoint_url: str | None = None, progress: 
         done.parts += len(manifest["parts"])
         done.bytes += sum(p["bytes"] for p in manifest["parts"])
     return done
+
+
+def _push_batch(remote: Remote, loaded: list[tuple[dict, bytes]], listed: dict, progress, done: Transfer) -> None:
+    """PUT the parts of one batch that are not at the destination already, each verified on arrival."""
+    present = {
+        part["path"]
+        for part, data in loaded
+        if part["path"] in listed and remote.same_object(part["path"], listed[part["path"]], data, part["sha256"])
+    }
+    answers = remote.write_many({p["path"]: data for p, data in loaded if p["path"] not in present})
+    for part, data in loaded:
+        if part["path"] in answers and not remote.arrived(part["path"], answers[part["path"]], data, part["sha256"]):
+            raise WarehouseError(
+                f"part {part['path']} did not arrive intact at {remote.url}: push again (verified parts are kept)"
+            )
+        if progress:
+            progress(len(data))
+        fault("push.part")
+    done.parts_present += len(present)
 
 
 def _batches(parts: list[dict], max_bytes: int = BATCH_BYTES, max_parts: int = BATCH_PARTS) -> list[list[dict]]:

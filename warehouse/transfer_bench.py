@@ -3,22 +3,28 @@
 A local SeaweedFS server (warehouse/seaweed.py) on loopback is the destination. Each repeat
 times, one after the other: a plain s3fs `put` of exactly the files a push copies (marker,
 manifests, parts) to a fresh prefix, `whq push` to another, a plain s3fs `get` of them into a
-fresh folder, and `whq pull` into a fresh warehouse. The best time of each counts; the ratio
-is whq's throughput over the plain copy's (the goal is at least 0.9). The CPU time this process
-spent on each (every thread's; the server's is not counted) is kept beside it: on a machine that
-other work loads, it moves far less than the time.
+fresh folder, the same `get` followed by what a pull must add to it (each file's sha256 checked
+against its manifest and each file and folder fsynced, on 4 threads), and `whq pull` into a fresh
+warehouse. The best time of each counts; the ratio is whq's throughput over the plain copy's (the
+goal is at least 0.9), and pull's is also given over the verified copy's. The CPU time this
+process spent on each (every thread's; the server's is not counted) is kept beside it: on a
+machine that other work loads, it moves far less than the time.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .core import Warehouse
+from .errors import WarehouseError
+from .parts import make_durable
 from .transfer import pull, push
 
 KEY, SECRET, BUCKET = "whq-bench-key", "whq-bench-secret", "whq-bench"
@@ -44,6 +50,7 @@ class StorageBench:
             "seconds": self.seconds,
             "cpu_seconds": self.cpu_seconds,
             **{f"{d}_ratio": self.best(f"plain {d}") / self.best(f"whq {d}") for d in ("push", "pull")},
+            "pull_ratio_to_verified": self.best("verified pull") / self.best("whq pull"),
         }
 
     def lines(self) -> list[str]:
@@ -55,6 +62,11 @@ class StorageBench:
                 f"{direction}: whq {ours:.1f} MB/s, plain {plain} {theirs:.1f} MB/s, whq / plain {ours / theirs:.2f} "
                 f"(CPU: whq {cpu['whq']:.2f} s, plain {cpu['plain']:.2f} s)"
             )
+        verified = self.rate("verified pull")
+        out.append(
+            f"pull: plain s3fs get, then sha256-checked and fsynced {verified:.1f} MB/s, "
+            f"whq / that {self.rate('whq pull') / verified:.2f} (CPU: {min(self.cpu_seconds['verified pull']):.2f} s)"
+        )
         return out
 
 
@@ -64,6 +76,7 @@ def bench_storage(wh: Warehouse, repeats: int = 1, echo=None) -> StorageBench:
 
     rels = ["whq.json"] + [wh.layout.relative(wh.layout.manifest(run)) for run in wh.run_ids()]
     rels += [wh.layout.relative(path) for path in wh.files(None)]
+    sha256 = {rel: hashlib.sha256((wh.root / rel).read_bytes()).hexdigest() for rel in rels}
     result = StorageBench(parts=len(rels), bytes=sum((wh.root / rel).stat().st_size for rel in rels))
     scratch = Path(tempfile.mkdtemp(prefix="whq-bench-storage-"))
     saved = {name: os.environ.get(name) for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE")}
@@ -97,9 +110,30 @@ def bench_storage(wh: Warehouse, repeats: int = 1, echo=None) -> StorageBench:
                     "plain pull",
                     lambda: fs.get([f"{plain}/{r}" for r in rels], [str(copy / r) for r in rels]),  # noqa: B023
                 )
+                verified = scratch / f"verified-{i}"
+                timed(
+                    "verified pull",
+                    lambda: _verified_get(fs, [f"{plain}/{r}" for r in rels], verified, rels, sha256),  # noqa: B023
+                )
                 timed("whq pull", lambda: pull(ours, back, endpoint_url=server.endpoint))  # noqa: B023
     finally:
         for name, value in saved.items():
             os.environ.pop(name, None) if value is None else os.environ.__setitem__(name, value)
         shutil.rmtree(scratch, ignore_errors=True)
     return result
+
+
+def _verified_get(fs, sources: list[str], folder: Path, rels: list[str], sha256: dict[str, str]) -> None:
+    """A plain `get` into `folder`, then each file read back for its sha256 and fsynced, and each folder
+    fsynced: the least a copy that is checked and durable adds to the plain one."""
+    fs.get(sources, [str(folder / rel) for rel in rels])
+
+    def settle(rel: str) -> None:
+        with open(folder / rel, "rb") as fh:
+            if hashlib.file_digest(fh, "sha256").hexdigest() != sha256[rel]:
+                raise WarehouseError(f"{rel} arrived changed from the server: the bench's copies are not comparable")
+            os.fsync(fh.fileno())
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(settle, rels))
+    make_durable(sorted({(folder / rel).parent for rel in rels}))
