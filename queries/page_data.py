@@ -36,10 +36,7 @@ class Reader:
 
     def __init__(self, wh):
         self.wh = wh
-        self._con = wh.connect()
-        # Each statement binds the views over every Parquet part of their tables: keeping the parts'
-        # footers in memory halves the planning of the unit page's macros (they are most of its time).
-        self._con.execute("SET GLOBAL parquet_metadata_cache = true")
+        self._con = wh.connect()  # it keeps the parts' footers in memory (catalog.keep_footers)
         self._local = threading.local()
         self._lock = threading.Lock()
         self._sites: dict[str, list[dict]] | None = None

@@ -350,7 +350,15 @@ def connect(layout: Layout) -> duckdb.DuckDBPyConnection:
     with private_copy(layout) as name:
         con = duckdb.connect(name, read_only=True)
     layout.prepare(con)
+    keep_footers(con)
     return con
+
+
+def keep_footers(con) -> None:
+    """Keep the parts' Parquet footers in memory: every statement binds its views over all their parts
+    (reading each footer, union_by_name), which otherwise costs more than running a unit's small queries
+    (neuron_examples of a 10M-row run: 32 ms a query without, 6 ms with). Parts never change in place."""
+    con.execute("SET GLOBAL parquet_metadata_cache = true")
 
 
 def is_current(layout: Layout) -> bool:

@@ -185,6 +185,7 @@ class Warehouse:
             con.execute(f"ATTACH {catalog.quote(name)} AS whq_catalog (READ_ONLY)")
         con.execute("USE whq_catalog")
         con.execute("SET temp_directory = ''")
+        catalog.keep_footers(con)
         if memory_limit is not None:
             con.execute("SET memory_limit = ?", [memory_limit])
         parts = [str(path) for path in self.files(None)]
