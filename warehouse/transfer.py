@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -61,6 +62,7 @@ BATCH_PARTS = 256
 PULL_BATCH_BYTES = 32 << 20
 PULL_BATCH_PARTS = 64
 PULL_THREADS = 4
+PULL_AHEAD = 2  # batches fetched (or being fetched) ahead of the one being checked
 
 Progress = Callable[[int], None]
 
@@ -301,10 +303,11 @@ def _pull_run(remote: Remote, layout, run_id: str, payload: bytes, manifest: dic
             ThreadPoolExecutor(1, thread_name_prefix="whq-pull-get") as getter,
             ThreadPoolExecutor(PULL_THREADS, thread_name_prefix="whq-pull") as checker,
         ):
-            ahead = getter.submit(download, batches[0]) if batches else None
+            ahead = deque(getter.submit(download, batch) for batch in batches[:PULL_AHEAD])
             for number, batch in enumerate(batches):
-                fetched = ahead.result()
-                ahead = getter.submit(download, batches[number + 1]) if number + 1 < len(batches) else None
+                fetched = ahead.popleft().result()
+                if number + PULL_AHEAD < len(batches):
+                    ahead.append(getter.submit(download, batches[number + PULL_AHEAD]))
                 tmps = list(checker.map(check, batch, fetched))
                 for part, tmp in zip(batch, tmps):
                     install_atomic(
@@ -313,8 +316,10 @@ def _pull_run(remote: Remote, layout, run_id: str, payload: bytes, manifest: dic
                     fault("pull.part")
                     if progress:
                         progress(part["bytes"])
-        # The renames (and the folders of reused parts) on disk before the manifest names the parts.
-        durable(sorted({layout.part_path(part["path"]).parent for part in manifest["parts"]}))
+            # The renames (and the folders of reused parts) on disk before the manifest names the parts: the
+            # folders' fsyncs side by side, as each waits for the disk's cache flush (one by one: ~3 ms each).
+            folders = sorted({layout.part_path(part["path"]).parent for part in manifest["parts"]})
+            list(checker.map(lambda folder: durable([folder]), folders))
         commit_manifest(layout, run_id, payload, tmp_dir, rebuild_catalog=False)
     finally:
         os.close(lock)
