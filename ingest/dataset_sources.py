@@ -19,6 +19,7 @@ the source, its revision or content fingerprint, the split, filter, shuffle seed
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import glob
 import hashlib
@@ -291,7 +292,7 @@ class DatasetInput:
     def _column_names(self) -> list[str]:
         names = self.dataset.column_names
         if names is None:  # a stream of JSON rows declares no features: read the first batch's
-            first = next(iter(self.dataset.with_format("arrow").iter(batch_size=1)), None)
+            first = next(self._batches(self.dataset, rows=1), None)
             names = [] if first is None else first.column_names
         return list(names)
 
@@ -397,22 +398,36 @@ class DatasetInput:
                     continue
                 yield doc
 
-    def _batches(self, data) -> Iterator:
+    def _batches(self, data, rows: int = BATCH_ROWS) -> Iterator:
         """`data`'s rows in Arrow batches; a shard the reader cannot decode (a line that is not JSON, a damaged
-        Parquet file) is refused in one line."""
-        batches = iter(data.with_format("arrow").iter(batch_size=BATCH_ROWS))
+        Parquet file, text that is not UTF-8) is refused in one line."""
+        batches = iter(data.with_format("arrow").iter(batch_size=rows))
         while True:
             with _failed_shard() as failed:
                 try:
                     batch = next(batches)
+                    # The JSON and Parquet readers pass bytes that are not UTF-8 on as strings: rows would fail later.
+                    batch.validate(full=True)
                 except StopIteration:
                     return
                 except Exception as err:  # datasets and pyarrow raise several types for a damaged shard
-                    shard = f" {failed.file}" if failed.file else ""
+                    named = failed.file or next((f for f in self._local_files() if not _decodes(f)), None)
+                    shard = f" {named}" if named else ""
                     raise BadInput(
                         f"--data {self.spec.text} is not readable ({_one_line(err)}): fix or remove the shard{shard}"
                     ) from None
             yield batch
+
+    def _local_files(self) -> list[str]:
+        """The local data files of the split, in order, to find the one a reader failed on without naming it."""
+        if self.spec.kind == "files":
+            return list(self.spec.files)
+        if self.spec.kind != "hub" or not Path(self.spec.name).is_dir():
+            return []
+        import datasets
+
+        builder = datasets.load_dataset_builder(self.spec.name, self.spec.config)
+        return [str(f) for f in (builder.config.data_files or {}).get(self.split, [])]
 
     def _document(self, record: dict, index: int, label: str, role: str | None) -> Document:
         cols = self.columns
@@ -447,6 +462,26 @@ class DatasetInput:
         if problem:
             raise ValueError(problem)
         return doc
+
+
+def _decodes(path: str) -> bool:
+    """Whether a local shard reads whole: a Parquet file's row groups, or a text/JSON file's bytes as UTF-8."""
+    try:
+        if path.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            shard = pq.ParquetFile(path)
+            for group in range(shard.num_row_groups):
+                shard.read_row_group(group).validate(full=True)
+        else:
+            decoder = codecs.getincrementaldecoder("utf-8")()
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    decoder.decode(chunk)
+            decoder.decode(b"", final=True)
+    except Exception:  # pyarrow and the codec raise several types
+        return False
+    return True
 
 
 def _file_identity(path: str) -> dict:

@@ -444,6 +444,38 @@ def test_a_damaged_parquet_shard_is_one_line_on_stderr_naming_it(tmp_path):
     assert not list((tmp_path / "wh" / "runs").glob("*.json"))
 
 
+@pytest.mark.parametrize("hub", [False, True])
+def test_text_that_is_not_utf8_or_a_first_shard_not_json_is_one_line_naming_the_shard(tmp_path, hub):
+    """Bytes that are not UTF-8 (a JSONL line, a Parquet string, a text paragraph) had passed the readers and
+    failed as a traceback when the rows became documents; so had a first shard whose first line is not JSON
+    (read for its column names)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    good = [json.dumps({"uid": f"u{i}", "text": f"row {i}"}) for i in range(4)]
+    cases = {
+        "b.jsonl": ("\n".join(good) + "\n").encode() + b'{"uid": "u9", "text": "caf\xe9"}\n',
+        "b.txt": b"a paragraph\n\ncaf\xe9\n",
+        "a.jsonl": b'{"uid": "u9", "text"\n' + ("\n".join(good) + "\n").encode(),
+    }
+    for name, data in [*cases.items(), ("b.parquet", None)]:
+        folder = tmp_path / name / "shards"
+        folder.mkdir(parents=True)
+        if data is None:
+            datasets.Dataset.from_list(ROWS[:4]).to_parquet(str(folder / "a.parquet"))
+            text = pa.array([b"ok", b"caf\xe9"], pa.binary()).view(pa.string())
+            pq.write_table(pa.table({"uid": ["u8", "u9"], "text": text}), str(folder / name))
+        else:
+            first = "b.jsonl" if name == "a.jsonl" else "a" + name[1:]
+            (folder / first).write_text(good[0] + "\n" if first.endswith(".jsonl") else "first\n")
+            (folder / name).write_bytes(data)
+        data_arg = f"hf:{folder}" if hub else str(folder)
+        with pytest.raises(BadInput, match=re.escape(f"--data {data_arg} is not readable (")) as refused:
+            _docs(data_arg)
+        assert str(refused.value).endswith(f"): fix or remove the shard {folder / name}"), refused.value
+        assert "\n" not in str(refused.value)
+
+
 @pytest.mark.parametrize("pack", [False, True])
 def test_each_rank_resumes_its_own_shards(sources, pack):
     """A rank resumed from any ordinal keeps exactly its uninterrupted documents from there (packed: their
