@@ -165,19 +165,47 @@ def load(spec: DatasetSpec, split: str | None, streaming: bool = True):
             "HF_DATASETS_OFFLINE=1 to read it from the local cache"
         ) from None
     split = _split_of(splits, split, spec)
-    extra = {"batch_size": BATCH_ROWS} if _hub_builder(spec) == "parquet" else {}
+    builder = _hub_builder(spec)
+    if builder is not None and Path(spec.name).is_dir():
+        _refuse_unread_shards(spec, builder)
+    extra = {"batch_size": BATCH_ROWS} if builder is not None and builder.name == "parquet" else {}
     return _load_dataset(spec, spec.name, spec.config, split=split, streaming=streaming, **extra)
 
 
-def _hub_builder(spec: DatasetSpec) -> str | None:
-    """The builder `datasets` reads a Hub dataset or repository folder with (parquet, json, ...), None when
-    it cannot say: Parquet repositories are read in batches of BATCH_ROWS, as Parquet shards are."""
+def _hub_builder(spec: DatasetSpec):
+    """The builder `datasets` reads a Hub dataset or repository folder with (its name: parquet, json, ...), None
+    when it cannot say: Parquet repositories are read in batches of BATCH_ROWS, as Parquet shards are."""
     import datasets
 
     try:
-        return datasets.load_dataset_builder(spec.name, spec.config).name
+        return datasets.load_dataset_builder(spec.name, spec.config)
     except Exception:  # load_dataset then names what is wrong in one line
         return None
+
+
+def _refuse_unread_shards(spec: DatasetSpec, builder) -> None:
+    """A repository folder without a README.md (whose `configs` would name its files) is read with the builder
+    of its most common shard type: shards of another type would be left out without a word."""
+    folder = Path(spec.name)
+    if (folder / "README.md").is_file():
+        return
+    read = {Path(f).resolve() for files in (builder.config.data_files or {}).values() for f in files}
+    left = sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file()
+        and p.suffix in (".parquet", ".jsonl", ".txt")
+        and SHARD_BUILDERS[p.suffix] != builder.name
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        and p.resolve() not in read
+    )
+    if left:
+        suffixes = ", ".join(sorted({p.suffix for p in left}))
+        raise BadInput(
+            f"--data {spec.text} mixes shard types: `datasets` would read its {builder.name} files and leave out "
+            f"{len(left)} {suffixes} file(s) such as {left[0]}: give shards of one type, or name each split's "
+            "files in a README.md `configs`"
+        )
 
 
 def _load_dataset(spec: DatasetSpec, *args, split: str, **kwargs):

@@ -476,6 +476,20 @@ def test_text_that_is_not_utf8_or_a_first_shard_not_json_is_one_line_naming_the_
         assert "\n" not in str(refused.value)
 
 
+def test_a_repository_folder_of_mixed_shard_types_is_refused_not_read_in_part(tmp_path):
+    """hf:FOLDER of Parquet and JSONL files: `datasets` read the Parquet half alone, without a word."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    datasets.Dataset.from_list(ROWS[:3]).to_parquet(str(repo / "a.parquet"))
+    (repo / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS[3:]))
+    with pytest.raises(BadInput, match=re.escape(f"--data hf:{repo} mixes shard types")) as refused:
+        _docs(f"hf:{repo}")
+    assert str(repo / "b.jsonl") in str(refused.value)
+    # A README.md's configs name the files each config reads: the others are left out on purpose.
+    (repo / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files: a.parquet\n---\n")
+    assert [d.text for d in _docs(f"hf:{repo}")] == [r["text"] for r in ROWS[:3]]
+
+
 @pytest.mark.parametrize("pack", [False, True])
 def test_each_rank_resumes_its_own_shards(sources, pack):
     """A rank resumed from any ordinal keeps exactly its uninterrupted documents from there (packed: their
