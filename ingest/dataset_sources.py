@@ -136,6 +136,9 @@ def load(spec: DatasetSpec, split: str | None, streaming: bool = True):
     import datasets
 
     datasets.disable_progress_bars()  # the ingest has its own progress line
+    # A repository's README.md without a YAML block is a plain dataset card: its warning was a line on stderr
+    # at each of the several times `datasets` reads it, before any error's one line.
+    logging.getLogger("huggingface_hub.repocard").setLevel(logging.ERROR)
     if spec.kind == "disk":
         try:
             loaded = datasets.load_from_disk(spec.name)

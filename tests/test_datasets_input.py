@@ -490,6 +490,23 @@ def test_a_repository_folder_of_mixed_shard_types_is_refused_not_read_in_part(tm
     assert [d.text for d in _docs(f"hf:{repo}")] == [r["text"] for r in ROWS[:3]]
 
 
+def test_a_repository_with_a_plain_readme_is_read_without_a_warning_and_refused_in_one_line(tmp_path):
+    """A README.md without YAML: huggingface_hub warned on stderr each time `datasets` read it (3 lines a run),
+    and before the error's one line where the folder holds no data files."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "README.md").write_text("# Some documents\n")
+    command = [sys.executable, "-m", "warehouse.cli", "ingest", "--model", "config:qwen3-tiny", "--data", f"hf:{repo}"]
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1"}
+    refused = subprocess.run([*command, str(tmp_path / "wh"), "-q"], capture_output=True, text=True, env=env)
+    assert refused.returncode == 2
+    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert refused.stderr.startswith(f"error: dataset hf:{repo} cannot be opened (")
+    datasets.Dataset.from_list(ROWS[:3]).to_parquet(str(repo / "a.parquet"))
+    read = subprocess.run([*command, str(tmp_path / "wh"), "-q"], capture_output=True, text=True, env=env)
+    assert (read.returncode, read.stderr) == (0, "")
+
+
 @pytest.mark.parametrize("pack", [False, True])
 def test_each_rank_resumes_its_own_shards(sources, pack):
     """A rank resumed from any ordinal keeps exactly its uninterrupted documents from there (packed: their
