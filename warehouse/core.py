@@ -188,7 +188,7 @@ class Warehouse:
         catalog.keep_footers(con)
         if memory_limit is not None:
             con.execute("SET memory_limit = ?", [memory_limit])
-        parts = [str(path) for path in self.files(None)]
+        parts = self.layout.opened_as([str(path) for path in self.files(None)])
         con.execute("SET allowed_paths = ?", [parts])
         for setting in (
             "enable_external_access = false",

@@ -297,6 +297,12 @@ class RemoteLayout(Layout):
     def part_path(self, rel: str) -> str:
         return self.remote.url_of(rel)
 
+    def opened_as(self, paths: list[str]) -> list[str]:
+        """DuckDB names a file of a registered filesystem by its protocol and the filesystem's own path: a part
+        at memory://bucket/x is opened as memory:///bucket/x (an s3:// or file:// URL is its own name)."""
+        fs, protocol = self.remote.fs, self.remote.protocol
+        return list(dict.fromkeys([*paths, *(f"{protocol}://{fs._strip_protocol(path)}" for path in paths)]))
+
     def prepare(self, con) -> None:
         con.register_filesystem(self.remote.fs)
 
