@@ -457,6 +457,26 @@ def test_other_fsspec_urls_push_pull_and_query(golden_copy, tmp_path, scheme):
     assert local_files(tmp_path / "back") == local_files(golden_copy)
 
 
+def test_a_url_root_refuses_delete_gc_and_repair(golden_copy, tmp_path):
+    """`whq runs URL --delete` deleted the run from the local shadow alone (and said so): the next open read it
+    again. gc swept the shadow, and repair looked for a folder named s3:/bucket/prefix."""
+    from warehouse import maintenance
+
+    url = f"memory://whq-tests/{tmp_path.name}"
+    with warehouse.open(golden_copy) as wh:
+        transfer.push(wh, url)
+    refused = re.escape(f"{url} is read-only here")
+    with warehouse.open(url) as remote:
+        with pytest.raises(WarehouseError, match=refused):
+            maintenance.delete_run(remote, "g")
+        with pytest.raises(WarehouseError, match=refused):
+            maintenance.gc(remote)
+    with pytest.raises(WarehouseError, match=refused):
+        maintenance.repair(url)
+    with warehouse.open(url) as remote:
+        assert remote.run_ids() == ["g"] and remote.pl("SELECT count(*) AS n FROM tokens").item() > 0
+
+
 def test_a_pull_builds_the_catalog_once(golden_copy, tmp_path, monkeypatch):
     """A pull into a new warehouse builds its catalog once, at the end (none for the empty warehouse)."""
     url = f"file://{tmp_path / 'source'}"
