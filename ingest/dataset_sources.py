@@ -188,7 +188,8 @@ def _hub_builder(spec: DatasetSpec):
 
 def _refuse_unread_shards(spec: DatasetSpec, builder) -> None:
     """A repository folder without a README.md (whose `configs` would name its files) is read with the builder
-    of its most common shard type: shards of another type would be left out without a word."""
+    of its most common shard type: shards of another type would be left out without a word (a .txt beside
+    Parquet or JSONL files is taken for a note, as `datasets` takes it)."""
     folder = Path(spec.name)
     if (folder / "README.md").is_file():
         return
@@ -197,7 +198,7 @@ def _refuse_unread_shards(spec: DatasetSpec, builder) -> None:
         p
         for p in folder.rglob("*")
         if p.is_file()
-        and p.suffix in (".parquet", ".jsonl", ".txt")
+        and p.suffix in (".parquet", ".jsonl")
         and SHARD_BUILDERS[p.suffix] != builder.name
         and not any(part.startswith(".") for part in p.relative_to(folder).parts)
         and p.resolve() not in read

@@ -482,9 +482,10 @@ def test_a_repository_folder_of_mixed_shard_types_is_refused_not_read_in_part(tm
     repo.mkdir()
     datasets.Dataset.from_list(ROWS[:3]).to_parquet(str(repo / "a.parquet"))
     (repo / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS[3:]))
+    (repo / "NOTES.txt").write_text("where the rows come from\n")  # a note, not a shard: no refusal of its own
     with pytest.raises(BadInput, match=re.escape(f"--data hf:{repo} mixes shard types")) as refused:
         _docs(f"hf:{repo}")
-    assert str(repo / "b.jsonl") in str(refused.value)
+    assert str(repo / "b.jsonl") in str(refused.value) and "1 .jsonl file(s)" in str(refused.value)
     # A README.md's configs name the files each config reads: the others are left out on purpose.
     (repo / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files: a.parquet\n---\n")
     assert [d.text for d in _docs(f"hf:{repo}")] == [r["text"] for r in ROWS[:3]]
