@@ -171,7 +171,10 @@ def load(spec: DatasetSpec, split: str | None, streaming: bool = True):
     builder = _hub_builder(spec)
     if builder is not None and Path(spec.name).is_dir():
         _refuse_unread_shards(spec, builder)
-    extra = {"batch_size": BATCH_ROWS} if builder is not None and builder.name == "parquet" else {}
+    name = builder.name if builder is not None else None
+    extra = {"batch_size": BATCH_ROWS} if name == "parquet" else {}
+    if name == "text" and Path(spec.name).is_dir():  # a local repository's .txt files read as a folder's are
+        extra = {"sample_by": "paragraph"}
     return _load_dataset(spec, spec.name, spec.config, split=split, streaming=streaming, **extra)
 
 
@@ -309,10 +312,12 @@ class DatasetInput:
         from .where import RowFilter
 
         self.spec = spec
-        # Text shards: a document is a paragraph, without the newlines around it (as ingest/sources.py reads .txt).
-        self.paragraphs = spec.kind == "files" and _builder(spec) == "text"
         self.shuffle, self.shuffle_buffer = shuffle, shuffle_buffer
         self.dataset, self.split = load(spec, split, streaming)
+        # Local text shards: a document is a paragraph, without the newlines around it (as ingest/sources.py
+        # reads .txt); a blank line had been a document of no tokens in a repository folder.
+        local = spec.kind == "files" or (spec.kind == "hub" and Path(spec.name).is_dir())
+        self.paragraphs = local and self.dataset.info.builder_name == "text"
         if shuffle is not None:
             if not hasattr(self.dataset, "_ex_iterable"):  # a map-style Dataset: shuffle it as a stream
                 self.dataset = self.dataset.to_iterable_dataset()

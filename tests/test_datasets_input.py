@@ -508,6 +508,17 @@ def test_a_repository_with_a_plain_readme_is_read_without_a_warning_and_refused_
     assert (read.returncode, read.stderr) == (0, "")
 
 
+def test_a_repository_folder_of_text_files_reads_paragraphs_as_a_folder_does(tmp_path):
+    """hf:FOLDER of .txt files: each line had been a document, and a blank line one of no text."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "a.txt").write_text("first line\nsame paragraph\n\nsecond one\n")
+    (repo / "b.txt").write_text("\n\nthird\n")
+    expected = ["first line\nsame paragraph", "second one", "third"]
+    assert [d.text for d in _docs(str(repo))] == expected
+    assert [d.text for d in _docs(f"hf:{repo}")] == expected
+
+
 @pytest.mark.parametrize("pack", [False, True])
 def test_each_rank_resumes_its_own_shards(sources, pack):
     """A rank resumed from any ordinal keeps exactly its uninterrupted documents from there (packed: their
