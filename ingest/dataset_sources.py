@@ -19,6 +19,7 @@ the source, its revision or content fingerprint, the split, filter, shuffle seed
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import glob
 import hashlib
@@ -135,6 +136,9 @@ def load(spec: DatasetSpec, split: str | None, streaming: bool = True):
     import datasets
 
     datasets.disable_progress_bars()  # the ingest has its own progress line
+    # A repository's README.md without a YAML block is a plain dataset card: its warning was a line on stderr
+    # at each of the several times `datasets` reads it, before any error's one line.
+    logging.getLogger("huggingface_hub.repocard").setLevel(logging.ERROR)
     if spec.kind == "disk":
         try:
             loaded = datasets.load_from_disk(spec.name)
@@ -164,19 +168,51 @@ def load(spec: DatasetSpec, split: str | None, streaming: bool = True):
             "HF_DATASETS_OFFLINE=1 to read it from the local cache"
         ) from None
     split = _split_of(splits, split, spec)
-    extra = {"batch_size": BATCH_ROWS} if _hub_builder(spec) == "parquet" else {}
+    builder = _hub_builder(spec)
+    if builder is not None and Path(spec.name).is_dir():
+        _refuse_unread_shards(spec, builder)
+    name = builder.name if builder is not None else None
+    extra = {"batch_size": BATCH_ROWS} if name == "parquet" else {}
+    if name == "text" and Path(spec.name).is_dir():  # a local repository's .txt files read as a folder's are
+        extra = {"sample_by": "paragraph"}
     return _load_dataset(spec, spec.name, spec.config, split=split, streaming=streaming, **extra)
 
 
-def _hub_builder(spec: DatasetSpec) -> str | None:
-    """The builder `datasets` reads a Hub dataset or repository folder with (parquet, json, ...), None when
-    it cannot say: Parquet repositories are read in batches of BATCH_ROWS, as Parquet shards are."""
+def _hub_builder(spec: DatasetSpec):
+    """The builder `datasets` reads a Hub dataset or repository folder with (its name: parquet, json, ...), None
+    when it cannot say: Parquet repositories are read in batches of BATCH_ROWS, as Parquet shards are."""
     import datasets
 
     try:
-        return datasets.load_dataset_builder(spec.name, spec.config).name
+        return datasets.load_dataset_builder(spec.name, spec.config)
     except Exception:  # load_dataset then names what is wrong in one line
         return None
+
+
+def _refuse_unread_shards(spec: DatasetSpec, builder) -> None:
+    """A repository folder without a README.md (whose `configs` would name its files) is read with the builder
+    of its most common shard type: shards of another type would be left out without a word (a .txt beside
+    Parquet or JSONL files is taken for a note, as `datasets` takes it)."""
+    folder = Path(spec.name)
+    if (folder / "README.md").is_file():
+        return
+    read = {Path(f).resolve() for files in (builder.config.data_files or {}).values() for f in files}
+    left = sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file()
+        and p.suffix in (".parquet", ".jsonl")
+        and SHARD_BUILDERS[p.suffix] != builder.name
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        and p.resolve() not in read
+    )
+    if left:
+        suffixes = ", ".join(sorted({p.suffix for p in left}))
+        raise BadInput(
+            f"--data {spec.text} mixes shard types: `datasets` would read its {builder.name} files and leave out "
+            f"{len(left)} {suffixes} file(s) such as {left[0]}: give shards of one type, or name each split's "
+            "files in a README.md `configs`"
+        )
 
 
 def _load_dataset(spec: DatasetSpec, *args, split: str, **kwargs):
@@ -276,10 +312,12 @@ class DatasetInput:
         from .where import RowFilter
 
         self.spec = spec
-        # Text shards: a document is a paragraph, without the newlines around it (as ingest/sources.py reads .txt).
-        self.paragraphs = spec.kind == "files" and _builder(spec) == "text"
         self.shuffle, self.shuffle_buffer = shuffle, shuffle_buffer
         self.dataset, self.split = load(spec, split, streaming)
+        # Local text shards: a document is a paragraph, without the newlines around it (as ingest/sources.py
+        # reads .txt); a blank line had been a document of no tokens in a repository folder.
+        local = spec.kind == "files" or (spec.kind == "hub" and Path(spec.name).is_dir())
+        self.paragraphs = local and self.dataset.info.builder_name == "text"
         if shuffle is not None:
             if not hasattr(self.dataset, "_ex_iterable"):  # a map-style Dataset: shuffle it as a stream
                 self.dataset = self.dataset.to_iterable_dataset()
@@ -291,7 +329,7 @@ class DatasetInput:
     def _column_names(self) -> list[str]:
         names = self.dataset.column_names
         if names is None:  # a stream of JSON rows declares no features: read the first batch's
-            first = next(iter(self.dataset.with_format("arrow").iter(batch_size=1)), None)
+            first = next(self._batches(self.dataset, rows=1), None)
             names = [] if first is None else first.column_names
         return list(names)
 
@@ -397,22 +435,36 @@ class DatasetInput:
                     continue
                 yield doc
 
-    def _batches(self, data) -> Iterator:
+    def _batches(self, data, rows: int = BATCH_ROWS) -> Iterator:
         """`data`'s rows in Arrow batches; a shard the reader cannot decode (a line that is not JSON, a damaged
-        Parquet file) is refused in one line."""
-        batches = iter(data.with_format("arrow").iter(batch_size=BATCH_ROWS))
+        Parquet file, text that is not UTF-8) is refused in one line."""
+        batches = iter(data.with_format("arrow").iter(batch_size=rows))
         while True:
             with _failed_shard() as failed:
                 try:
                     batch = next(batches)
+                    # The JSON and Parquet readers pass bytes that are not UTF-8 on as strings: rows would fail later.
+                    batch.validate(full=True)
                 except StopIteration:
                     return
                 except Exception as err:  # datasets and pyarrow raise several types for a damaged shard
-                    shard = f" {failed.file}" if failed.file else ""
+                    named = failed.file or next((f for f in self._local_files() if not _decodes(f)), None)
+                    shard = f" {named}" if named else ""
                     raise BadInput(
                         f"--data {self.spec.text} is not readable ({_one_line(err)}): fix or remove the shard{shard}"
                     ) from None
             yield batch
+
+    def _local_files(self) -> list[str]:
+        """The local data files of the split, in order, to find the one a reader failed on without naming it."""
+        if self.spec.kind == "files":
+            return list(self.spec.files)
+        if self.spec.kind != "hub" or not Path(self.spec.name).is_dir():
+            return []
+        import datasets
+
+        builder = datasets.load_dataset_builder(self.spec.name, self.spec.config)
+        return [str(f) for f in (builder.config.data_files or {}).get(self.split, [])]
 
     def _document(self, record: dict, index: int, label: str, role: str | None) -> Document:
         cols = self.columns
@@ -447,6 +499,26 @@ class DatasetInput:
         if problem:
             raise ValueError(problem)
         return doc
+
+
+def _decodes(path: str) -> bool:
+    """Whether a local shard reads whole: a Parquet file's row groups, or a text/JSON file's bytes as UTF-8."""
+    try:
+        if path.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            shard = pq.ParquetFile(path)
+            for group in range(shard.num_row_groups):
+                shard.read_row_group(group).validate(full=True)
+        else:
+            decoder = codecs.getincrementaldecoder("utf-8")()
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    decoder.decode(chunk)
+            decoder.decode(b"", final=True)
+    except Exception:  # pyarrow and the codec raise several types
+        return False
+    return True
 
 
 def _file_identity(path: str) -> dict:

@@ -444,6 +444,81 @@ def test_a_damaged_parquet_shard_is_one_line_on_stderr_naming_it(tmp_path):
     assert not list((tmp_path / "wh" / "runs").glob("*.json"))
 
 
+@pytest.mark.parametrize("hub", [False, True])
+def test_text_that_is_not_utf8_or_a_first_shard_not_json_is_one_line_naming_the_shard(tmp_path, hub):
+    """Bytes that are not UTF-8 (a JSONL line, a Parquet string, a text paragraph) had passed the readers and
+    failed as a traceback when the rows became documents; so had a first shard whose first line is not JSON
+    (read for its column names)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    good = [json.dumps({"uid": f"u{i}", "text": f"row {i}"}) for i in range(4)]
+    cases = {
+        "b.jsonl": ("\n".join(good) + "\n").encode() + b'{"uid": "u9", "text": "caf\xe9"}\n',
+        "b.txt": b"a paragraph\n\ncaf\xe9\n",
+        "a.jsonl": b'{"uid": "u9", "text"\n' + ("\n".join(good) + "\n").encode(),
+    }
+    for name, data in [*cases.items(), ("b.parquet", None)]:
+        folder = tmp_path / name / "shards"
+        folder.mkdir(parents=True)
+        if data is None:
+            datasets.Dataset.from_list(ROWS[:4]).to_parquet(str(folder / "a.parquet"))
+            text = pa.array([b"ok", b"caf\xe9"], pa.binary()).view(pa.string())
+            pq.write_table(pa.table({"uid": ["u8", "u9"], "text": text}), str(folder / name))
+        else:
+            first = "b.jsonl" if name == "a.jsonl" else "a" + name[1:]
+            (folder / first).write_text(good[0] + "\n" if first.endswith(".jsonl") else "first\n")
+            (folder / name).write_bytes(data)
+        data_arg = f"hf:{folder}" if hub else str(folder)
+        with pytest.raises(BadInput, match=re.escape(f"--data {data_arg} is not readable (")) as refused:
+            _docs(data_arg)
+        assert str(refused.value).endswith(f"): fix or remove the shard {folder / name}"), refused.value
+        assert "\n" not in str(refused.value)
+
+
+def test_a_repository_folder_of_mixed_shard_types_is_refused_not_read_in_part(tmp_path):
+    """hf:FOLDER of Parquet and JSONL files: `datasets` read the Parquet half alone, without a word."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    datasets.Dataset.from_list(ROWS[:3]).to_parquet(str(repo / "a.parquet"))
+    (repo / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS[3:]))
+    (repo / "NOTES.txt").write_text("where the rows come from\n")  # a note, not a shard: no refusal of its own
+    with pytest.raises(BadInput, match=re.escape(f"--data hf:{repo} mixes shard types")) as refused:
+        _docs(f"hf:{repo}")
+    assert str(repo / "b.jsonl") in str(refused.value) and "1 .jsonl file(s)" in str(refused.value)
+    # A README.md's configs name the files each config reads: the others are left out on purpose.
+    (repo / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files: a.parquet\n---\n")
+    assert [d.text for d in _docs(f"hf:{repo}")] == [r["text"] for r in ROWS[:3]]
+
+
+def test_a_repository_with_a_plain_readme_is_read_without_a_warning_and_refused_in_one_line(tmp_path):
+    """A README.md without YAML: huggingface_hub warned on stderr each time `datasets` read it (3 lines a run),
+    and before the error's one line where the folder holds no data files."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "README.md").write_text("# Some documents\n")
+    command = [sys.executable, "-m", "warehouse.cli", "ingest", "--model", "config:qwen3-tiny", "--data", f"hf:{repo}"]
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1"}
+    refused = subprocess.run([*command, str(tmp_path / "wh"), "-q"], capture_output=True, text=True, env=env)
+    assert refused.returncode == 2
+    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert refused.stderr.startswith(f"error: dataset hf:{repo} cannot be opened (")
+    datasets.Dataset.from_list(ROWS[:3]).to_parquet(str(repo / "a.parquet"))
+    read = subprocess.run([*command, str(tmp_path / "wh"), "-q"], capture_output=True, text=True, env=env)
+    assert (read.returncode, read.stderr) == (0, "")
+
+
+def test_a_repository_folder_of_text_files_reads_paragraphs_as_a_folder_does(tmp_path):
+    """hf:FOLDER of .txt files: each line had been a document, and a blank line one of no text."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "a.txt").write_text("first line\nsame paragraph\n\nsecond one\n")
+    (repo / "b.txt").write_text("\n\nthird\n")
+    expected = ["first line\nsame paragraph", "second one", "third"]
+    assert [d.text for d in _docs(str(repo))] == expected
+    assert [d.text for d in _docs(f"hf:{repo}")] == expected
+
+
 @pytest.mark.parametrize("pack", [False, True])
 def test_each_rank_resumes_its_own_shards(sources, pack):
     """A rank resumed from any ordinal keeps exactly its uninterrupted documents from there (packed: their

@@ -103,6 +103,21 @@ def test_repair_releases_a_run_whose_part_was_restored(wh_copy):
         assert wh.quarantined() == set() and wh.run_ids() == ["a", "b"]
 
 
+def test_an_open_warehouse_sees_a_repair_once_refreshed(wh_copy):
+    """repair() (or any other process) rebuilt the catalog, but an open Warehouse's queries kept the connection
+    to the catalog it had copied: refresh() rebuilt nothing and the quarantined run stayed visible."""
+    from warehouse.maintenance import repair
+
+    _, path = _part(wh_copy, "a")
+    with warehouse.open(wh_copy) as wh:
+        runs = "SELECT DISTINCT run_id FROM token_neurons ORDER BY 1"
+        assert wh.sql(runs).fetchall() == wh.sql(runs, read_only=True).fetchall() == [("a",), ("b",)]
+        path.write_bytes(b"broken")
+        repair(wh_copy)
+        wh.refresh()
+        assert wh.sql(runs).fetchall() == wh.sql(runs, read_only=True).fetchall() == [("b",)]
+
+
 def test_delete_is_atomic_first_invisible_then_gone(wh_copy, monkeypatch):
     """Killed between the manifest's removal and the data's: the run is already invisible; gc removes the rest."""
 

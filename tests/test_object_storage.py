@@ -446,12 +446,38 @@ def test_other_fsspec_urls_push_pull_and_query(golden_copy, tmp_path, scheme):
         query = "SELECT * FROM layer_summary('g', 'mlp.act')"
         with warehouse.open(url) as remote:
             assert_frame_equal(remote.pl(query), wh.pl(query), check_row_order=False)
+            # Untrusted SQL may open the parts: DuckDB had named memory:// ones memory:/// against allowed_paths.
+            guarded = remote.sql(query, read_only=True).pl()
+            assert_frame_equal(guarded, wh.pl(query), check_row_order=False)
             if scheme == "file":  # Polars reads file:// natively; memory:// exists in this process only
                 assert_frame_equal(
                     frames.scan(remote, "token_neurons").collect(), frames.scan(wh, "token_neurons").collect()
                 )
     assert transfer.pull(url, tmp_path / "back").copied == ["g"]
     assert local_files(tmp_path / "back") == local_files(golden_copy)
+
+
+def test_a_url_root_refuses_delete_gc_and_repair(golden_copy, tmp_path):
+    """`whq runs URL --delete` deleted the run from the local shadow alone (and said so): the next open read it
+    again. gc swept the shadow, and repair looked for a folder named s3:/bucket/prefix."""
+    from warehouse import maintenance
+
+    url = f"memory://whq-tests/{tmp_path.name}"
+    with warehouse.open(golden_copy) as wh:
+        transfer.push(wh, url)
+    refused = re.escape(f"{url} is read-only here")
+    with warehouse.open(url) as remote:
+        with pytest.raises(WarehouseError, match=refused):
+            maintenance.delete_run(remote, "g")
+        with pytest.raises(WarehouseError, match=refused):
+            maintenance.gc(remote)
+    with pytest.raises(WarehouseError, match=refused):
+        maintenance.repair(url)
+    # check read the URL as a folder named memory:/whq-tests/..., and told to `whq init` it
+    with pytest.raises(WarehouseError, match=re.escape(f"{url} is read-only here: `whq pull {url} COPY` checks")):
+        maintenance.layout_of(url)
+    with warehouse.open(url) as remote:
+        assert remote.run_ids() == ["g"] and remote.pl("SELECT count(*) AS n FROM tokens").item() > 0
 
 
 def test_a_pull_builds_the_catalog_once(golden_copy, tmp_path, monkeypatch):

@@ -98,7 +98,9 @@ class Warehouse:
 
     # -- catalog ------------------------------------------------------------
     def refresh(self, force: bool = False) -> None:
-        """Regenerate whq.duckdb when runs were committed, macros changed or the folder moved."""
+        """Regenerate whq.duckdb when runs were committed, macros changed or the folder moved; the next query
+        reads it (the connections to the catalog copied before are closed: another process may have rebuilt it)."""
+        self.close()
         if force or not catalog.is_current(self.layout):
             if self.layout.catalog.is_file() and not os.access(self.layout.root, os.W_OK):
                 return  # a read-only warehouse is read with the catalog it has
@@ -188,7 +190,7 @@ class Warehouse:
         catalog.keep_footers(con)
         if memory_limit is not None:
             con.execute("SET memory_limit = ?", [memory_limit])
-        parts = [str(path) for path in self.files(None)]
+        parts = self.layout.opened_as([str(path) for path in self.files(None)])
         con.execute("SET allowed_paths = ?", [parts])
         for setting in (
             "enable_external_access = false",

@@ -34,6 +34,10 @@ class Layout:
         """Where DuckDB and Polars read a committed part (`rel` as its manifest names it)."""
         return self.root / rel
 
+    def opened_as(self, paths: list[str]) -> list[str]:
+        """The names DuckDB opens these parts by (its allowed_paths for untrusted SQL)."""
+        return paths
+
     def prepare(self, con) -> None:
         """Let DuckDB connection `con` read the parts (a remote root registers its filesystem)."""
 

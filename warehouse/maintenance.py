@@ -28,6 +28,7 @@ from .locks import locked, try_lock
 from .names import check_name, is_valid_name
 from .output import not_a_warehouse
 from .parts import file_sha256, write_bytes_atomic
+from .remote import refuse_url
 
 DAMAGED_SUFFIX = ".damaged"
 
@@ -122,6 +123,7 @@ def check(wh: Warehouse | Layout, *, checksum: bool = True) -> tuple[list[Proble
 
 def layout_of(root: str | Path) -> Layout:
     """The layout of an existing warehouse, without opening (or rebuilding) its catalog."""
+    refuse_url(root, f"`whq pull {root} COPY` checks every part it copies against its manifest")
     layout = Layout(root)
     if not layout.marker.exists():
         raise not_a_warehouse(layout.root, root)
@@ -193,6 +195,7 @@ def _repair_metadata(layout: Layout) -> tuple[list[str], set[str]]:
 
 def repair(root: str | Path) -> list[str]:
     """Make the warehouse queryable again, whatever its metadata files hold; returns one line per action taken."""
+    refuse_url(root)
     layout = Layout(root)
     if not layout.runs_dir.is_dir() or not layout.data_dir.is_dir():
         raise NotAWarehouse(f"{layout.root} is not a whq warehouse (no runs/ and data/): nothing to repair")
@@ -229,6 +232,7 @@ def gc(wh: Warehouse, *, interrupted: bool = False, dry_run: bool = False) -> li
     Parts of runs being written, or interrupted and resumable, are kept unless
     `interrupted` discards the interrupted (not live) ones.
     """
+    refuse_url(wh.root)
     layout, removed = wh.layout, []
 
     def remove(path: Path) -> None:
@@ -273,7 +277,9 @@ def gc(wh: Warehouse, *, interrupted: bool = False, dry_run: bool = False) -> li
 
 
 def delete_run(wh: Warehouse, run_id: str) -> None:
-    """Remove a committed run: invisible first (manifest out, catalog rebuilt), then its data."""
+    """Remove a committed run: invisible first (manifest out, catalog rebuilt), then its data. A URL root is
+    refused: its runs are read in place, and only its local shadow would lose the run (for this process)."""
+    refuse_url(wh.root)
     check_name("run id", run_id)
     layout = wh.layout
     wh.close()

@@ -47,15 +47,14 @@ def is_url(text) -> bool:
     return isinstance(text, str) and bool(_URL.match(text))
 
 
-def refuse_url(path) -> None:
+def refuse_url(path, fix: str | None = None) -> None:
     """Writes go to local warehouses only: a URL root is read in place, and filled with `whq push`.
 
     A URL that went through pathlib (a command's Path argument) has lost a slash: s3:/bucket/prefix.
     """
     if _URL_OR_ITS_PATH.match(str(path)):
-        raise WarehouseError(
-            f"{path} is read-only here: write a local warehouse, then copy its runs there with `whq push WAREHOUSE {path}`"
-        )
+        fix = fix or f"write a local warehouse, then copy its runs there with `whq push WAREHOUSE {path}`"
+        raise WarehouseError(f"{path} is read-only here: {fix}")
 
 
 class Remote:
@@ -296,6 +295,12 @@ class RemoteLayout(Layout):
 
     def part_path(self, rel: str) -> str:
         return self.remote.url_of(rel)
+
+    def opened_as(self, paths: list[str]) -> list[str]:
+        """DuckDB names a file of a registered filesystem by its protocol and the filesystem's own path: a part
+        at memory://bucket/x is opened as memory:///bucket/x (an s3:// or file:// URL is its own name)."""
+        fs, protocol = self.remote.fs, self.remote.protocol
+        return list(dict.fromkeys([*paths, *(f"{protocol}://{fs._strip_protocol(path)}" for path in paths)]))
 
     def prepare(self, con) -> None:
         con.register_filesystem(self.remote.fs)
