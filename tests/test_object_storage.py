@@ -245,6 +245,26 @@ def test_whq_sql_on_the_s3_root(minilm_pair):
     assert code == 0 and str(local.pl("SELECT count(*) FROM tokens").item()) in out, err
 
 
+def test_refresh_reads_the_roots_manifests_again(s3, golden_copy):
+    """A run deleted at the root (or pushed there) since the open leaves (or joins) the warehouse on
+    refresh(); it had stayed as it was until the warehouse was opened again."""
+    assert run_whq("push", golden_copy, _url("refreshed"), "-q")[0] == 0
+    remote = warehouse.open(_url("refreshed"))
+    try:
+        (run,) = remote.run_ids()
+        assert remote.sql("SELECT count(*) FROM runs").fetchall() == [(1,)]
+        manifest = f"{BUCKET}/refreshed/runs/{run}.json"
+        kept = s3.fs.cat_file(manifest)
+        s3.fs.rm(manifest)
+        remote.refresh()
+        assert remote.run_ids() == [] and remote.sql("SELECT count(*) FROM runs").fetchall() == [(0,)]
+        s3.fs.pipe_file(manifest, kept)
+        remote.refresh()
+        assert remote.run_ids() == [run] and remote.sql("SELECT count(*) FROM runs").fetchall() == [(1,)]
+    finally:
+        remote.close()
+
+
 def test_guarded_connection_reads_only_the_committed_parts(s3, minilm_pair):
     """The second wall of --read-only (DuckDB's allowed_paths) holds for URLs too."""
     import duckdb

@@ -319,11 +319,19 @@ class RemoteWarehouse(Warehouse):
         remote = Remote(url, endpoint_url)
         self.url = remote.url
         self.layout = RemoteLayout(shadow_folder(remote.url, remote.endpoint), remote)
+        self.refresh()
+
+    def refresh(self, force: bool = False) -> None:
+        """Read the root's manifests again, then rebuild the catalog where they changed: runs pushed since
+        the open become visible, runs deleted there disappear."""
+        remote = self.layout.remote
         marker = remote.read("whq.json")
         if marker is None:
-            raise NotAWarehouse(f"{remote.url} is not a whq warehouse: push one there with `whq push WAREHOUSE {url}`")
+            raise NotAWarehouse(
+                f"{remote.url} is not a whq warehouse: push one there with `whq push WAREHOUSE {remote.url}`"
+            )
         self._mirror(marker, remote.manifests(), remote.read("quarantine.json"))
-        self.refresh()
+        super().refresh(force)
 
     @property
     def root(self) -> str:
