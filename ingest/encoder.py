@@ -60,11 +60,14 @@ class DeviceDictionary:
         """Latents [..., d_sae] (float32) of x [..., d_in] (float32)."""
         return self._encode_with_active(x)[0]
 
-    def _encode_with_active(self, x):
+    def _encode_with_active(self, x, dense: bool = True):
         """(latents, active): a TopK dictionary's active latents come as (ids, values) [..., k], so the hook
         counts and decodes k latents per token instead of d_sae (on MiniLM with 6,144 latents that was
-        two thirds of the hook's time); None for the other architectures."""
+        two thirds of the hook's time); None for the other architectures. Without `dense`, a TopK
+        dictionary's latents are None: the caller reads the active ones alone."""
         import torch
+
+        from . import fused
 
         d = self.d
         if d.adapter is not None:
@@ -72,10 +75,17 @@ class DeviceDictionary:
         x = x.to(self.dtype)
         if d.architecture != "topk":
             return self._encode(x).float(), None
-        values, ids = self._pre(x).topk(d.k, dim=-1)  # the k largest pre-activations, then ReLU
+        if fused.usable(x, d.k):  # the kernel adds b_enc row by row in cache: no second [tokens, d_sae] tensor
+            product = self._input(x) @ self.w["W_enc"]
+            values, ids = fused.topk_bias(product.view(-1, d.d_sae), self.w["b_enc"], d.k)
+            values, ids = values.view(*x.shape[:-1], d.k), ids.view(*x.shape[:-1], d.k)
+        else:
+            values, ids = self._pre(x).topk(d.k, dim=-1)  # the k largest pre-activations, then ReLU
         values = torch.relu(values)
+        if not dense:
+            return None, (ids, values)
         latents = torch.zeros((*x.shape[:-1], d.d_sae), dtype=torch.float32, device=x.device)
-        return latents.scatter_(-1, ids, values.float()), (ids, values)
+        return latents.scatter_(-1, ids.long(), values.float()), (ids, values)
 
     def _input(self, x):
         """x as the encoder reads it (in the encode dtype): normalised, less b_dec where the format says so."""
@@ -147,14 +157,16 @@ class DeviceDictionary:
         if x.shape[-1] != self.d.d_in:
             raise width_mismatch(self.where, "hook", x.shape[-1], self.d)
 
-    def __call__(self, x, mask):
-        """x [batch, seq, d_in] float32, mask [batch, seq] bool -> latents [batch, seq, d_sae]."""
+    def __call__(self, x, mask, *, dense: bool = True):
+        """x [batch, seq, d_in] float32, mask [batch, seq] bool -> (latents [batch, seq, d_sae], active):
+        active is a TopK dictionary's (ids, values) [batch, seq, k] (else None), and without `dense` its
+        latents are None."""
         import torch
 
         self.check_width(x)
         if not self.quality:
             self._allocate()
-        latents, active = self._encode_with_active(x)
+        latents, active = self._encode_with_active(x, dense)
         q, valid = self.quality, mask[..., None]
         q["n_tokens"] += mask.sum()
         if active is None:
@@ -172,7 +184,7 @@ class DeviceDictionary:
                 self.pending = (recon, mask)
             else:
                 self._observe(recon, x, mask)
-        return latents
+        return latents, active
 
     def target(self, y) -> None:
         """A transcoder's target (the MLP output of the same forward pass)."""
