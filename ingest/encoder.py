@@ -79,7 +79,7 @@ class DeviceDictionary:
             return self._encode(x).float(), None
         if fused.usable(x, d.k):
             # The product in blocks of tokens whose pre-activations stay in cache for the top-k, which adds b_enc
-            # on the way: no [tokens, d_sae] tensor goes through memory (on MiniLM's 6,144 latents 17 ms of 140).
+            # on the way: no [tokens, d_sae] tensor goes through memory (MiniLM, 6,144 latents: a 173 ms hook to 146).
             inputs, rows = self._input(x).reshape(-1, d.d_in), max(1, ENCODE_BLOCK_BYTES // (4 * d.d_sae))
             blocks = [
                 fused.topk_bias(inputs[i : i + rows] @ self.w["W_enc"], self.w["b_enc"], d.k)
