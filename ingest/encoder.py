@@ -77,7 +77,7 @@ class DeviceDictionary:
         x = x.to(self.dtype)
         if d.architecture != "topk":
             return self._encode(x).float(), None
-        if fused.usable(x, d.k):
+        if fused.usable(x, d.k) and x.numel():
             # The product in blocks of tokens whose pre-activations stay in cache for the top-k, which adds b_enc
             # on the way: no [tokens, d_sae] tensor goes through memory (MiniLM, 6,144 latents: a 173 ms hook to 146).
             inputs, rows = self._input(x).reshape(-1, d.d_in), max(1, ENCODE_BLOCK_BYTES // (4 * d.d_sae))
