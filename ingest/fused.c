@@ -5,7 +5,10 @@
  * tokens: sum, sum of |a|, sums of a^2, a^3, a^4 and max(a, 0), count above the
  * threshold, min, max and the first position reaching the max. whq_histogram adds
  * each valid value to its unit's fixed-bin histogram (the bins: capture.py); whq_extremes finds
- * each unit's top and bottom examples of a batch, ties to the first token in document order. Rows run in parallel on torch's own OpenMP pool (this
+ * each unit's top and bottom examples of a batch, ties to the first token in document order.
+ * whq_sparse_pass is whq_site_pass and whq_histogram on a sparse code, from each token's
+ * listed units alone; whq_topk_bias is a dictionary encoder's top-k with its bias added in
+ * cache. Rows run in parallel on torch's own OpenMP pool (this
  * library links the libgomp that torch has already loaded), so it adds no threads.
  *
  * Top-k without sorting the row: split the row into k interleaved sets; the smallest
@@ -295,6 +298,195 @@ void whq_histogram(const float *x, int64_t rows, int64_t seq, int64_t width, con
                 for (int64_t j = j0; j < j1; j++) counts[j * bins + hist_bin(v[j])]++;
             }
     }
+}
+
+/* Top-k of each row of x [rows, width] plus bias [width]: a dictionary encoder's pre-activations, whose
+ * product arrives without its bias, so the sum is formed row by row in cache instead of as a second
+ * [rows, width] tensor. Each value is x + bias as torch's add rounds it; values descending, ties to the lower index. */
+int whq_topk_bias(const float *x, int64_t rows, int64_t width, const float *bias, int64_t k, float *values,
+                  int32_t *ids) {
+    int failed = 0;
+#pragma omp parallel
+    {
+        Scratch scratch;
+        float *row = malloc(sizeof(float) * width);
+        if (!scratch_alloc(&scratch, width, k) || !row) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp barrier
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++) {
+            if (failed) continue;
+            const float *v = x + r * width;
+            for (int64_t j = 0; j < width; j++) row[j] = v[j] + bias[j];
+            topk_row(row, width, k, values + r * k, ids + r * k, &scratch);
+        }
+        scratch_free(&scratch);
+        free(row);
+    }
+    return failed ? -1 : 0;
+}
+
+/* A sparse code: token i of [rows, seq] holds units ids[i * n + c] (distinct, 0 <= id < width) with
+ * values vals[i * n + c], c < n, and +0.0 at every other unit. */
+
+/* a (value, unit) goes before b in a top-k: ranks above, or ties (neither above) at a lower unit */
+static inline int goes_before(float a, int32_t ia, float b, int32_t ib) {
+    return above(a, b) || (!above(b, a) && ia < ib);
+}
+
+/* The top-k of one token of a sparse code, as topk_row gives it for the dense row: its n entries in
+ * top-k order, merged with the units it leaves at +0.0 (lowest unit first). mark [width] is all 0
+ * on entry and on return; sv, si [n] scratch. */
+static void sparse_topk(const int32_t *ids, const float *vals, int64_t n, int64_t width, int64_t k, float *out_v,
+                        int32_t *out_i, float *sv, int32_t *si, uint8_t *mark) {
+    for (int64_t c = 0; c < n; c++) {
+        int64_t p = c;
+        while (p > 0 && goes_before(vals[c], ids[c], sv[p - 1], si[p - 1])) {
+            sv[p] = sv[p - 1];
+            si[p] = si[p - 1];
+            p--;
+        }
+        sv[p] = vals[c];
+        si[p] = ids[c];
+        mark[ids[c]] = 1;
+    }
+    int64_t e = 0, z = 0;
+    while (z < width && mark[z]) z++;
+    for (int64_t o = 0; o < k; o++) {
+        if (e < n && (z >= width || goes_before(sv[e], si[e], 0.0f, (int32_t)z))) {
+            out_v[o] = sv[e];
+            out_i[o] = si[e++];
+        } else {
+            out_v[o] = 0.0f;
+            out_i[o] = (int32_t)z++;
+            while (z < width && mark[z]) z++;
+        }
+    }
+    for (int64_t c = 0; c < n; c++) mark[ids[c]] = 0;
+}
+
+/* A unit's +0.0 at token t, as accumulate sees it: sums gain nothing (they start at +0.0 and never
+ * hold -0.0, so adding +0.0 leaves them unchanged); min and max may change. */
+static inline void implicit_zero(int64_t j, int32_t t, float *restrict mn, float *restrict m, int32_t *restrict am) {
+    if (below(0.0f, mn[j])) mn[j] = 0.0f;
+    if (0.0f > m[j]) {
+        m[j] = 0.0f;
+        am[j] = t;
+    }
+}
+
+/* whq_site_pass on a sparse code instead of the dense activation it stands for (ids, vals [rows, seq, n]):
+ * the same top-k rows, row partials, running stats and histogram (hist = NULL: none), bit for bit,
+ * from the n entries of each token. A unit's +0.0s are visited where accumulate would first meet
+ * them (the first valid token of each run of tokens that do not list it), so min, max and its
+ * first position come out as the dense pass gives them; counts of +0.0 are derived. */
+int whq_sparse_pass(const int32_t *ids, const float *vals, int64_t rows, int64_t seq, int64_t n, int64_t width,
+                    const uint8_t *mask, float threshold, int64_t k, float *topk_values, int32_t *topk_ids,
+                    float *row_sum, float *row_abs, float *row_sq, float *row_cube, float *row_quad, float *row_pos,
+                    float *row_min, int32_t *row_fired, float *row_max, int32_t *row_argmax, int32_t *row_zeros,
+                    const int64_t *row_order, const int64_t *row_doc, const int64_t *row_start, int64_t *n_fired,
+                    double *sum, double *sum_sq, double *sum_cube, double *sum_quad, double *sum_pos, float *min,
+                    float *max, int64_t *max_doc, int64_t *max_pos, int64_t *hist) {
+    const int64_t bins = 2 * WHQ_HIST_STEPS + 4;
+    const int zero_fires = 0.0f > threshold;
+    int failed = 0;
+    const Partials partials = {row_sum, row_sq, row_cube, row_quad, row_pos, row_min};
+    const Running running = {n_fired, sum, sum_sq, sum_cube, sum_quad, sum_pos, min, max, max_doc, max_pos};
+#pragma omp parallel
+    {
+        /* per token: valid tokens before it, and the first valid token at or after it */
+        int32_t *before = malloc(sizeof(int32_t) * (seq + 1)), *next = malloc(sizeof(int32_t) * (seq + 1));
+        int32_t *last = malloc(sizeof(int32_t) * width), *si = malloc(sizeof(int32_t) * (n + 1));
+        float *sv = malloc(sizeof(float) * (n + 1));
+        uint8_t *mark = calloc(width, 1);
+        if (!before || !next || !last || !si || !sv || !mark) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp barrier
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++) {
+            if (failed) continue;
+            float *s = row_sum + r * width, *q = row_sq + r * width, *c = row_cube + r * width;
+            float *h = row_quad + r * width, *ps = row_pos + r * width, *mn = row_min + r * width;
+            float *m = row_max + r * width, *a = row_abs ? row_abs + r * width : NULL;
+            int32_t *f = row_fired + r * width, *am = row_argmax + r * width, *listed = row_zeros + r * width;
+            for (int64_t j = 0; j < width; j++) {
+                s[j] = q[j] = c[j] = h[j] = ps[j] = 0;
+                mn[j] = INFINITY;
+                m[j] = -INFINITY;
+                f[j] = am[j] = listed[j] = 0;
+                last[j] = -1;
+            }
+            if (a)
+                for (int64_t j = 0; j < width; j++) a[j] = 0;
+            before[0] = 0;
+            for (int64_t t = 0; t < seq; t++) before[t + 1] = before[t] + (!mask || mask[r * seq + t]);
+            next[seq] = (int32_t)seq;
+            for (int64_t t = seq - 1; t >= 0; t--) next[t] = (!mask || mask[r * seq + t]) ? (int32_t)t : next[t + 1];
+            for (int64_t t = 0; t < seq; t++) {
+                const int32_t *ti = ids + (r * seq + t) * n;
+                const float *tv = vals + (r * seq + t) * n;
+                if (k)
+                    sparse_topk(ti, tv, n, width, k, topk_values + (r * seq + t) * k, topk_ids + (r * seq + t) * k, sv,
+                                si, mark);
+                if (mask && !mask[r * seq + t]) continue;
+                for (int64_t e = 0; e < n; e++) {
+                    int64_t j = ti[e];
+                    float v = tv[e], sq = v * v;
+                    if (before[t] > before[last[j] + 1]) implicit_zero(j, next[last[j] + 1], mn, m, am);
+                    s[j] += v;
+                    q[j] += sq;
+                    c[j] += sq * v;
+                    h[j] += sq * sq;
+                    ps[j] += v > 0 ? v : 0.0f;
+                    if (a) a[j] += fabsf(v);
+                    mn[j] = below(v, mn[j]) ? v : mn[j];
+                    f[j] += v > threshold;
+                    if (v > m[j] || (v != v && m[j] == m[j])) {
+                        m[j] = v;
+                        am[j] = (int32_t)t;
+                    }
+                    listed[j]++;
+                    last[j] = (int32_t)t;
+                }
+            }
+            /* the +0.0s after each unit's last listed token; then listed becomes the count of +0.0s */
+            for (int64_t j = 0; j < width; j++) {
+                if (before[seq] > before[last[j] + 1]) implicit_zero(j, next[last[j] + 1], mn, m, am);
+                listed[j] = before[seq] - listed[j];
+                if (zero_fires) f[j] += listed[j];
+            }
+        }
+        free(before);
+        free(next);
+        free(last);
+        free(si);
+        free(sv);
+        free(mark);
+        if (!failed && hist) {
+#pragma omp single
+            for (int64_t i = 0; i < rows * seq; i++) {
+                if (mask && !mask[i]) continue;
+                for (int64_t e = 0; e < n; e++) hist[ids[i * n + e] * bins + hist_bin(vals[i * n + e])]++;
+            }
+        }
+        if (!failed) {
+#pragma omp for schedule(static)
+            for (int64_t j = 0; j < width; j++) {
+                fold_unit(j, rows, width, &partials, row_fired, row_max, row_argmax, row_order, row_doc, row_start,
+                          &running);
+                if (hist) {
+                    int64_t zeros = 0;
+                    for (int64_t r = 0; r < rows; r++) zeros += row_zeros[r * width + j];
+                    hist[j * bins + hist_bin(0.0f)] += zeros;
+                }
+            }
+        }
+    }
+    return failed ? -1 : 0;
 }
 
 /* a ranks below b for the bottom examples: smaller, or a number against NaN (NaN ranks last, as NaN

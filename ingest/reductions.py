@@ -109,6 +109,8 @@ EXAMPLE_KINDS = (
     ("pool", "key", False),
 )
 WINDOW = CONTEXT_BEFORE + 1 + CONTEXT_AFTER
+# The reductions that read every unit of every token; without them a TopK dictionary's latents stay sparse.
+DENSE_READS = frozenset({"abstopk", "threshold", "last", "dense", "examples"})
 
 
 @dataclass
@@ -363,13 +365,17 @@ class SiteLayer:
         x = x.detach().float()
         if ctx.unpack is not None:
             x = x.reshape(-1, x.shape[-1])[ctx.unpack].view(*ctx.mask.shape, x.shape[-1])
+        red = self.red
         if self.encoder is not None:
-            x = self.encoder(x, ctx.mask[:, : x.shape[1]])
+            # A TopK dictionary's latents stay sparse (its k active ids and values) unless a reduction reads them all.
+            sparse = fused.usable(x, red.get("topk")) and not DENSE_READS & red.keys()
+            x, active = self.encoder(x, ctx.mask[:, : x.shape[1]], dense=not sparse)
+        if x is None:
+            return self._sparse(*active)
         if self.width is None:
             self._allocate(x.shape[-1])
         batch, seq, width = x.shape
         mask3 = ctx.mask[:, :seq, None]
-        red = self.red
         id_dtype = torch.int16 if width <= 32767 else torch.int32
         stats = self.stats
         stats["n_tokens"] += ctx.n_valid
@@ -402,6 +408,29 @@ class SiteLayer:
         if "examples" in red:
             floored = self._floored(x, mask3) if floored is None else floored
             self._update_examples(floored.reshape(batch * seq, width), batch * seq, x)
+
+    def _sparse(self, ids: torch.Tensor, values: torch.Tensor) -> None:
+        """The hook on a TopK dictionary's latents given as their active (ids, values) [batch, seq, k]: the rows
+        and stats the dense latents would give (fused.sparse_pass), from k values a token instead of d_sae."""
+        width, red = self.encoder.d.d_sae, self.red
+        if self.width is None:
+            self._allocate(width)
+        self.stats["n_tokens"] += self.ctx.n_valid
+        top, sums, abs_sums = fused.sparse_pass(
+            ids.to(torch.int32),
+            values.float(),
+            width,
+            self.ctx,
+            self.threshold,
+            red.get("topk"),
+            "nag" in red,
+            self.stats,
+        )
+        if top is not None:
+            id_dtype = torch.int16 if width <= 32767 else torch.int32
+            self.out["topk_values"], self.out["topk_ids"] = top[0].to(VALUE_DTYPE), top[1].to(id_dtype)
+        if "nag" in red or "mean" in red:
+            self._document_sums(sums, abs_sums)
 
     def _floored(self, x: torch.Tensor, mask3: torch.Tensor) -> torch.Tensor:
         """x with -inf on padding, for maxima (no copy when the batch has none)."""

@@ -7,6 +7,9 @@
 - examples: the kernel's top and bottom tokens of a batch are the ones reductions.ranking_keys'
   top-k picks (the torch path), on ties, NaN, infinities, -0.0 and padding;
 - a whole ingest: both paths commit the same token_neurons rows and neuron_stats;
+- sparse pass: a sparse code (a TopK dictionary's active latents) gives, bit for bit, the top-k rows,
+  row sums, stats and histogram that site_pass gives on its dense twin, and what numpy gives on it;
+  a TopK dictionary site is the same counted sparse or dense;
 - building: cached per source and CPU, and a missing compiler falls back to torch.
 """
 
@@ -211,3 +214,162 @@ def test_unavailable_kernel_falls_back_to_torch(env, reason, tmp_path, monkeypat
         assert sl.out["topk_ids"].shape == (4, 6, 3)
     finally:
         fused._library.cache_clear()
+
+
+def test_topk_bias_equals_reference_of_the_sum():
+    rng = np.random.default_rng(11)
+    x = (rng.integers(-6, 6, (9, 300)) / 4).astype(np.float32)  # ties, and sums that tie across units
+    bias = (rng.integers(-3, 3, 300) / 4).astype(np.float32)
+    x[2, 7] = np.nan
+    for k in (1, 20, 64):
+        values, ids = fused.topk_bias(torch.from_numpy(x), torch.from_numpy(bias), k)
+        want_values, want_ids = _reference_topk((torch.from_numpy(x) + torch.from_numpy(bias)).numpy(), k)
+        np.testing.assert_array_equal(ids.numpy(), want_ids)
+        np.testing.assert_array_equal(values.numpy(), want_values)
+
+
+def _sparse_code_batches(rng, width=40, seq=7, n=5, special=False):
+    """Two batches of a sparse code (ids, values [rows, seq, n], distinct ids a token, every other unit +0.0),
+    rows out of document order with padding, and its dense twin [rows, seq, width]. Values are on a coarse
+    grid (ties among entries and with the unlisted units' +0.0; 0.0 and -0.0 listed; negatives, so a min
+    below 0); unit 0 ties at every token; unit width-1 is never listed (all +0.0); padding holds 1e6;
+    `special` puts NaN, inf and -inf in the second batch."""
+    batches = []
+    for docs, starts, lengths in (
+        ([7, 2, 5, 2], [0, 0, 0, seq], [seq, 4, seq, 3]),
+        ([9, 1, 8], [0, 0, 0], [seq, seq, 2]),
+    ):
+        rows = len(docs)
+        ids = np.stack([rng.permutation(width - 2)[: n - 1] + 1 for _ in range(rows * seq)]).reshape(rows, seq, n - 1)
+        ids = np.concatenate([np.zeros((rows, seq, 1), dtype=ids.dtype), ids], axis=2).astype(np.int32)
+        values = (np.round(rng.standard_normal((rows, seq, n)) * 2) / 2).astype(np.float32)
+        values[:, :, 0] = 3.0
+        for row, length in enumerate(lengths):
+            values[row, length:] = 1e6
+        if special and batches:
+            values[0, 2, 3], values[1, 1, 2], values[1, 3, 4] = np.nan, np.inf, -np.inf
+        dense = np.zeros((rows, seq, width), dtype=np.float32)
+        np.put_along_axis(dense, ids.astype(np.int64), values, axis=2)
+        batches.append((ids, values, dense, docs, starts, lengths))
+    return batches
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """Floats as their bits, so -0.0, 0.0 and NaN payloads compare exactly."""
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]) if t.is_floating_point() else t
+
+
+def _same(a, b, what):
+    assert torch.equal(_bits(a.contiguous()), _bits(b.contiguous())), what
+
+
+def _both_passes(batches, topk, threshold, spec="x:topk=5,nag=3,mean,hist"):
+    """Every batch through site_pass on its dense twin and sparse_pass on the code: outputs and stats of each."""
+    dense_sl, sparse_sl = _site_layer(spec), _site_layer(spec)
+    width = batches[0][2].shape[-1]
+    dense_sl._allocate(width)
+    sparse_sl._allocate(width)
+    outs = []
+    for ids, values, dense, docs, starts, lengths in batches:
+        ctx = _context(docs, starts, lengths, dense.shape[1])
+        got = fused.sparse_pass(
+            torch.from_numpy(ids), torch.from_numpy(values), width, ctx, threshold, topk, True, sparse_sl.stats
+        )
+        want = fused.site_pass(torch.from_numpy(dense), ctx, threshold, topk, True, dense_sl.stats)
+        outs.append((got, want))
+    return outs, sparse_sl.stats, dense_sl.stats
+
+
+@pytest.mark.parametrize("topk", [3, 8, 40, None])
+@pytest.mark.parametrize("threshold", [0.0, -0.5, 0.25])
+def test_sparse_pass_equals_the_dense_pass_bit_for_bit(topk, threshold):
+    rng = np.random.default_rng(12)
+    batches = _sparse_code_batches(rng, special=True)
+    outs, got_stats, want_stats = _both_passes(batches, topk, threshold)
+    for (got_top, *got_sums), (want_top, *want_sums) in outs:
+        assert (got_top is None) == (want_top is None)
+        if got_top is not None:  # every token, padding included: both top-k its values the same way
+            _same(got_top[0], want_top[0], "top-k values")
+            _same(got_top[1], want_top[1], "top-k ids")
+        _same(got_sums[0], want_sums[0], "row sums")
+        _same(got_sums[1], want_sums[1], "row |a| sums")
+    assert got_stats.keys() == want_stats.keys()
+    for key in got_stats:
+        _same(got_stats[key], want_stats[key], key)
+
+
+@pytest.mark.parametrize("threshold", [0.0, -0.5, 0.25])
+def test_sparse_pass_equals_numpy_on_the_dense_values(threshold):
+    """Stats, histogram and top-k of the code against plain numpy over its dense twin: exact counts, the
+    min (0.0 where a unit is unlisted somewhere, below 0 where a negative is listed) and the max with its
+    first token in document order."""
+    from ingest.reductions import HIST_BINS, hist_bins
+
+    from .test_perf_paths import _simple_stats
+
+    rng = np.random.default_rng(13)
+    batches = _sparse_code_batches(rng)
+    outs, stats, _ = _both_passes(batches, 8, threshold)
+    dense_batches = [(dense, docs, starts, lengths) for _, _, dense, docs, starts, lengths in batches]
+    ref = _simple_stats(dense_batches, threshold)
+    got = {k: v.numpy() for k, v in stats.items()}
+    valid = np.concatenate([dense[_valid_tokens(dense.shape[1], lengths)] for dense, _, _, lengths in dense_batches])
+    assert int(got["n_tokens"]) == 0  # the hook counts tokens; the pass adds everything else
+    np.testing.assert_array_equal(got["n_fired"], ref["n_fired"])
+    for key in ("sum", "sum_sq"):
+        np.testing.assert_allclose(got[key], ref[key], rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(got["sum_cube"], (valid.astype(np.float64) ** 3).sum(0), rtol=1e-6, atol=1e-4)
+    np.testing.assert_allclose(got["sum_pos"], np.maximum(valid, 0).astype(np.float64).sum(0), rtol=1e-6, atol=1e-5)
+    np.testing.assert_array_equal(got["min"], valid.min(0))
+    assert got["min"][-1] == 0 and (got["min"] < 0).any()
+    for key in ("max", "max_doc", "max_pos"):
+        np.testing.assert_array_equal(got[key], ref[key], err_msg=key)
+    bins = hist_bins(torch.from_numpy(valid)).numpy() + np.arange(valid.shape[1]) * HIST_BINS
+    want_hist = np.bincount(bins.reshape(-1), minlength=valid.shape[1] * HIST_BINS).reshape(-1, HIST_BINS)
+    np.testing.assert_array_equal(got["hist"], want_hist)
+    for ((top_values, top_ids), *_), _ in outs[:1]:
+        dense = batches[0][2].reshape(-1, batches[0][2].shape[-1])
+        want_values, want_ids = _reference_topk(dense, 8)
+        np.testing.assert_array_equal(top_ids.reshape(-1, 8).numpy(), want_ids)
+        np.testing.assert_array_equal(_bits(top_values.reshape(-1, 8)).numpy(), want_values.view(np.int32))
+
+
+def test_a_topk_dictionary_site_is_the_same_sparse_or_dense(tmp_path, monkeypatch):
+    """A TopK dictionary's site layer counted from its k active latents gives the rows and stats, bit for bit,
+    that its dense latents give (DENSE_READS forces them)."""
+    from ingest import dictionary_files, reductions
+    from ingest.encoder import DeviceDictionary
+    from ingest.reductions import SiteLayer
+    from ingest.sites import ResolvedSite, parse_spec
+
+    from . import dictionaries as dicts
+
+    d = dictionary_files.load(str(dicts.saelens(tmp_path / "d", "topk", d_in=16, d_sae=48, k=6))).first
+    rng = np.random.default_rng(14)
+    inputs = [(rng.standard_normal((4, 6, 16)).astype(np.float32), [7, 2, 5, 2], [0, 0, 0, 6], [6, 4, 6, 3])]
+    inputs.append((rng.standard_normal((3, 6, 16)).astype(np.float32), [9, 1, 8], [0, 0, 0], [6, 6, 2]))
+    calls = []
+    sparse_pass = fused.sparse_pass
+    monkeypatch.setattr(fused, "sparse_pass", lambda *a, **k: calls.append(1) or sparse_pass(*a, **k))
+    runs = []
+    for reads in (reductions.DENSE_READS, reductions.DENSE_READS | {"topk"}):
+        monkeypatch.setattr(reductions, "DENSE_READS", reads)
+        spec = parse_spec("x+sae=d:topk=10,nag=4,mean,hist")
+        sl = SiteLayer(ResolvedSite(spec, "x", "out", [(0, "x")]), 0, "x", "cpu", DeviceDictionary(d, "cpu", "x"))
+        outs = []
+        for x, docs, starts, lengths in inputs:
+            sl.ctx = _context(docs, starts, lengths, x.shape[1])
+            sl(torch.from_numpy(x))
+            outs.append(sl.out)
+            sl.out = {}
+        runs.append((outs, sl.stats, sl.encoder.quality))
+    assert len(calls) == len(inputs), "the first run is the sparse one"
+    (sparse_outs, sparse_stats, sparse_quality), (dense_outs, dense_stats, dense_quality) = runs
+    for got, want in zip(sparse_outs, dense_outs):
+        assert got.keys() == want.keys() == {"topk_values", "topk_ids", "nag_ids", "nag_impacts", "mean"}
+        for key in got:
+            _same(got[key], want[key], key)
+    for state_got, state_want in ((sparse_stats, dense_stats), (sparse_quality, dense_quality)):
+        assert state_got.keys() == state_want.keys()
+        for key in state_got:
+            _same(state_got[key], state_want[key], key)
