@@ -137,11 +137,9 @@ def site_pass(x: torch.Tensor, ctx, threshold: float, topk: int | None, want_abs
     batch, seq, width = x.shape
     k = min(topk, width) if topk else 0
     mask = None if ctx.full else ctx.mask[:, :seq].contiguous().view(torch.uint8)
-    values = torch.empty(batch, seq, k, dtype=torch.float32)
-    ids = torch.empty(batch, seq, k, dtype=torch.int32)
-    sums, squares, cubes, quads, positive, row_min, row_max = (torch.empty(batch, width) for _ in range(7))
-    fired, argmax = (torch.empty(batch, width, dtype=torch.int32) for _ in range(2))
-    abs_sums = torch.empty(batch, width) if want_abs else None
+    values, ids, sums, abs_sums, squares, cubes, quads, positive, row_min, row_max, fired, argmax, _ = _pass_buffers(
+        batch, seq, width, k, want_abs
+    )
     _check(
         lib.whq_site_pass(
             x.data_ptr(),
@@ -168,6 +166,18 @@ def site_pass(x: torch.Tensor, ctx, threshold: float, topk: int | None, want_abs
     return ((values, ids) if k else None), sums, abs_sums
 
 
+def _pass_buffers(batch: int, seq: int, width: int, k: int, want_abs: bool) -> tuple:
+    """The outputs of a site pass: top-k values and ids [batch, seq, k], then per row [batch, width] the sums,
+    |a| sums (None unless wanted), squares, cubes, fourth powers, positive parts, min, max (float32), firing
+    counts, first argmax and a count scratch (int32)."""
+    values = torch.empty(batch, seq, k, dtype=torch.float32)
+    ids = torch.empty(batch, seq, k, dtype=torch.int32)
+    sums, squares, cubes, quads, positive, row_min, row_max = (torch.empty(batch, width) for _ in range(7))
+    fired, argmax, counts = (torch.empty(batch, width, dtype=torch.int32) for _ in range(3))
+    abs_sums = torch.empty(batch, width) if want_abs else None
+    return values, ids, sums, abs_sums, squares, cubes, quads, positive, row_min, row_max, fired, argmax, counts
+
+
 def sparse_pass(ids: torch.Tensor, values: torch.Tensor, width: int, ctx, threshold: float, topk, want_abs, stats):
     """`site_pass` on a sparse code: ids (int32) and values (float32) [batch, seq, n], each token's n
     distinct units, every other unit +0.0, standing for the dense [batch, seq, width] activation.
@@ -181,11 +191,9 @@ def sparse_pass(ids: torch.Tensor, values: torch.Tensor, width: int, ctx, thresh
     batch, seq, n = ids.shape
     k = min(topk, width) if topk else 0
     mask = None if ctx.full else ctx.mask[:, :seq].contiguous().view(torch.uint8)
-    top_values = torch.empty(batch, seq, k, dtype=torch.float32)
-    top_ids = torch.empty(batch, seq, k, dtype=torch.int32)
-    sums, squares, cubes, quads, positive, row_min, row_max = (torch.empty(batch, width) for _ in range(7))
-    fired, argmax, zeros = (torch.empty(batch, width, dtype=torch.int32) for _ in range(3))
-    abs_sums = torch.empty(batch, width) if want_abs else None
+    top_values, top_ids, sums, abs_sums, squares, cubes, quads, positive, row_min, row_max, fired, argmax, zeros = (
+        _pass_buffers(batch, seq, width, k, want_abs)
+    )
     _check(
         lib.whq_sparse_pass(
             ids.data_ptr(),
