@@ -93,14 +93,6 @@ def encode(table_name: str, data: pa.Table) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _cannot_write(final: Path, err: OSError, retry: str) -> WarehouseError:
     return WarehouseError(
         f"cannot write {final}: {err.strerror or err}; free disk space or fix permissions, then {retry}"
@@ -164,11 +156,7 @@ def install_atomic(
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         if sync_file:
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            make_durable([tmp])
         fault(f"{what}.synced")
         os.replace(tmp, final)
     except OSError as err:
@@ -177,7 +165,7 @@ def install_atomic(
     try:
         fault(f"{what}.renamed")
         if sync_folder:
-            fsync_dir(final.parent)
+            make_durable([final.parent])
     except OSError as err:  # the file is in place; its folder's entry may not be on disk yet
         raise _cannot_write(final, err, retry) from None
 
