@@ -26,7 +26,7 @@ import json
 import os
 import shutil
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,15 +166,9 @@ def push(wh: Warehouse, url: str, *, endpoint_url: str | None = None, progress: 
         return part, payload
 
     for run_id, payload, manifest in todo:
-        batches = _batches(manifest["parts"])
         # Each batch is read and checked while the one before it is uploaded.
-        with ThreadPoolExecutor(1, thread_name_prefix="whq-push-read") as reader:
-            ahead = reader.submit(side_by_side, read_verified, batches[0]) if batches else None
-            for number in range(len(batches)):
-                loaded = ahead.result()
-                if number + 1 < len(batches):
-                    ahead = reader.submit(side_by_side, read_verified, batches[number + 1])
-                _push_batch(remote, loaded, listed, progress, done)
+        for _, loaded in _ahead(lambda batch: side_by_side(read_verified, batch), _batches(manifest["parts"]), 1):
+            _push_batch(remote, loaded, listed, progress, done)
         fault("push.parts")
         remote.write(f"runs/{run_id}.json", payload)
         fault("push.manifest")
@@ -201,6 +195,18 @@ def _push_batch(remote: Remote, loaded: list[tuple[dict, bytes]], listed: dict, 
             progress(len(data))
         fault("push.part")
     done.parts_present += len(present)
+
+
+def _ahead(load: Callable, batches: list[list[dict]], depth: int) -> Iterator[tuple[list[dict], object]]:
+    """(batch, load(batch)) for each batch in order, with up to `depth` batches loaded ahead on a thread of
+    their own while the caller works on the one before."""
+    with ThreadPoolExecutor(1, thread_name_prefix="whq-transfer-ahead") as loader:
+        pending = deque(loader.submit(load, batch) for batch in batches[:depth])
+        for number, batch in enumerate(batches):
+            loaded = pending.popleft().result()
+            if number + depth < len(batches):
+                pending.append(loader.submit(load, batches[number + depth]))
+            yield batch, loaded
 
 
 def _batches(parts: list[dict], max_bytes: int = BATCH_BYTES, max_parts: int = BATCH_PARTS) -> list[list[dict]]:
@@ -299,15 +305,8 @@ def _pull_run(remote: Remote, layout, run_id: str, payload: bytes, manifest: dic
         # The parts come in batches, each fetched with the library's own concurrent GETs while the batch
         # before it is checked, written and fsynced by a pool of threads, then renamed into data/.
         batches = _batches(wanted, PULL_BATCH_BYTES, PULL_BATCH_PARTS)
-        with (
-            ThreadPoolExecutor(1, thread_name_prefix="whq-pull-get") as getter,
-            ThreadPoolExecutor(PULL_THREADS, thread_name_prefix="whq-pull") as checker,
-        ):
-            ahead = deque(getter.submit(download, batch) for batch in batches[:PULL_AHEAD])
-            for number, batch in enumerate(batches):
-                fetched = ahead.popleft().result()
-                if number + PULL_AHEAD < len(batches):
-                    ahead.append(getter.submit(download, batches[number + PULL_AHEAD]))
+        with ThreadPoolExecutor(PULL_THREADS, thread_name_prefix="whq-pull") as checker:
+            for batch, fetched in _ahead(download, batches, PULL_AHEAD):
                 tmps = list(checker.map(check, batch, fetched))
                 for part, tmp in zip(batch, tmps):
                     install_atomic(
