@@ -82,7 +82,7 @@ class DeviceDictionary:
             # on the way: no [tokens, d_sae] tensor goes through memory (MiniLM, 6,144 latents: a 173 ms hook to 146).
             inputs, rows = self._input(x).reshape(-1, d.d_in), max(1, ENCODE_BLOCK_BYTES // (4 * d.d_sae))
             blocks = [
-                fused.topk_bias(inputs[i : i + rows] @ self.w["W_enc"], self.w["b_enc"], d.k)
+                fused.topk(inputs[i : i + rows] @ self.w["W_enc"], d.k, self.w["b_enc"])
                 for i in range(0, len(inputs), rows)
             ]
             values = torch.cat([v for v, _ in blocks]).view(*x.shape[:-1], d.k)

@@ -7,8 +7,8 @@
  * each valid value to its unit's fixed-bin histogram (the bins: capture.py); whq_extremes finds
  * each unit's top and bottom examples of a batch, ties to the first token in document order.
  * whq_sparse_pass is whq_site_pass and whq_histogram on a sparse code, from each token's
- * listed units alone; whq_topk_bias is a dictionary encoder's top-k with its bias added in
- * cache. Rows run in parallel on torch's own OpenMP pool (this
+ * listed units alone; whq_topk is a row's top-k, with a dictionary encoder's bias added in
+ * cache where given. Rows run in parallel on torch's own OpenMP pool (this
  * library links the libgomp that torch has already loaded), so it adds no threads.
  *
  * Top-k without sorting the row: split the row into k interleaved sets; the smallest
@@ -254,21 +254,33 @@ int whq_site_pass(const float *x, int64_t rows, int64_t seq, int64_t width, cons
     return failed ? -1 : 0;
 }
 
-/* Top-k of each row of x [rows, width]: values descending, ties to the lower index. */
-int whq_topk(const float *x, int64_t rows, int64_t width, int64_t k, float *values, int32_t *ids) {
+/* Top-k of each row of x [rows, width], plus bias [width] where given (else NULL): a dictionary encoder's
+ * pre-activations arrive from the product without their bias, so the sum is formed row by row in cache
+ * instead of as a second [rows, width] tensor, each value as torch's add rounds it. Values descending,
+ * ties to the lower index. */
+int whq_topk(const float *x, int64_t rows, int64_t width, const float *bias, int64_t k, float *values, int32_t *ids) {
     int failed = 0;
 #pragma omp parallel
     {
         Scratch scratch;
-        if (!scratch_alloc(&scratch, width, k)) {
+        float *row = bias ? malloc(sizeof(float) * width) : NULL;
+        if (!scratch_alloc(&scratch, width, k) || (bias && !row)) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp barrier
 #pragma omp for schedule(static)
-        for (int64_t r = 0; r < rows; r++)
-            if (!failed) topk_row(x + r * width, width, k, values + r * k, ids + r * k, &scratch);
+        for (int64_t r = 0; r < rows; r++) {
+            if (failed) continue;
+            const float *v = x + r * width;
+            if (bias) {
+                for (int64_t j = 0; j < width; j++) row[j] = v[j] + bias[j];
+                v = row;
+            }
+            topk_row(v, width, k, values + r * k, ids + r * k, &scratch);
+        }
         scratch_free(&scratch);
+        free(row);
     }
     return failed ? -1 : 0;
 }
@@ -298,34 +310,6 @@ void whq_histogram(const float *x, int64_t rows, int64_t seq, int64_t width, con
                 for (int64_t j = j0; j < j1; j++) counts[j * bins + hist_bin(v[j])]++;
             }
     }
-}
-
-/* Top-k of each row of x [rows, width] plus bias [width]: a dictionary encoder's pre-activations, whose
- * product arrives without its bias, so the sum is formed row by row in cache instead of as a second
- * [rows, width] tensor. Each value is x + bias as torch's add rounds it; values descending, ties to the lower index. */
-int whq_topk_bias(const float *x, int64_t rows, int64_t width, const float *bias, int64_t k, float *values,
-                  int32_t *ids) {
-    int failed = 0;
-#pragma omp parallel
-    {
-        Scratch scratch;
-        float *row = malloc(sizeof(float) * width);
-        if (!scratch_alloc(&scratch, width, k) || !row) {
-#pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp barrier
-#pragma omp for schedule(static)
-        for (int64_t r = 0; r < rows; r++) {
-            if (failed) continue;
-            const float *v = x + r * width;
-            for (int64_t j = 0; j < width; j++) row[j] = v[j] + bias[j];
-            topk_row(row, width, k, values + r * k, ids + r * k, &scratch);
-        }
-        scratch_free(&scratch);
-        free(row);
-    }
-    return failed ? -1 : 0;
 }
 
 /* A sparse code: token i of [rows, seq] holds units ids[i * n + c] (distinct, 0 <= id < width) with

@@ -2,7 +2,7 @@
 
 `extremes` finds each unit's top and bottom example tokens of a batch in one more pass.
 `sparse_pass` is the site pass of a sparse code (a TopK dictionary's k active latents a token),
-from its non-zeros alone; `topk_bias` is that dictionary's top-k, with the encoder's bias added on the way.
+from its non-zeros alone; `topk` with a bias is that dictionary's top-k, the encoder's bias added on the way.
 
 The C source is compiled on first use with the machine's C compiler (`cc -O3
 -march=native -fopenmp`) into a cache folder ($WHQ_CACHE, else ~/.cache/whq), like a JIT: about a second once, then
@@ -80,10 +80,9 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
         return None, f"build failed: {exc}"
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     lib.whq_site_pass.argtypes = [pointer, size, size, size, pointer, ctypes.c_float, size] + [pointer] * 25
-    lib.whq_topk.argtypes = [pointer, size, size, size, pointer, pointer]
-    lib.whq_topk_bias.argtypes = [pointer, size, size, pointer, size, pointer, pointer]
+    lib.whq_topk.argtypes = [pointer, size, size, pointer, size, pointer, pointer]
     lib.whq_sparse_pass.argtypes = [pointer, pointer] + [size] * 4 + [pointer, ctypes.c_float, size] + [pointer] * 27
-    for function in (lib.whq_site_pass, lib.whq_topk, lib.whq_topk_bias, lib.whq_sparse_pass):
+    for function in (lib.whq_site_pass, lib.whq_topk, lib.whq_sparse_pass):
         function.restype = ctypes.c_int
     lib.whq_histogram.argtypes = [pointer, size, size, size, pointer, pointer]
     lib.whq_histogram.restype = None
@@ -291,24 +290,14 @@ def write_windows(x: torch.Tensor, ctx, where, units, slots, before: int, after:
     )
 
 
-def topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k of each row of x [rows, width] (float32, CPU): values descending, ties to the lower index."""
+def topk(x: torch.Tensor, k: int, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of each row of x [rows, width] (float32, CPU), plus `bias` [width] where given, without forming
+    the sum as a tensor (the values torch's x + bias gives): values descending, ties to the lower index."""
     lib = _library()[0]
     x = x.contiguous()
+    bias = None if bias is None else bias.contiguous()
     rows, width = x.shape
     k = min(k, width)
     values, ids = torch.empty(rows, k), torch.empty(rows, k, dtype=torch.int32)
-    _check(lib.whq_topk(x.data_ptr(), rows, width, k, values.data_ptr(), ids.data_ptr()))
-    return values, ids
-
-
-def topk_bias(x: torch.Tensor, bias: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k of each row of x + bias (x [rows, width], bias [width], float32, CPU) without forming the sum
-    as a tensor: the values torch's x + bias gives, descending, ties to the lower index."""
-    lib = _library()[0]
-    x, bias = x.contiguous(), bias.contiguous()
-    rows, width = x.shape
-    k = min(k, width)
-    values, ids = torch.empty(rows, k), torch.empty(rows, k, dtype=torch.int32)
-    _check(lib.whq_topk_bias(x.data_ptr(), rows, width, bias.data_ptr(), k, values.data_ptr(), ids.data_ptr()))
+    _check(lib.whq_topk(x.data_ptr(), rows, width, _pointer(bias), k, values.data_ptr(), ids.data_ptr()))
     return values, ids

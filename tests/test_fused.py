@@ -216,13 +216,13 @@ def test_unavailable_kernel_falls_back_to_torch(env, reason, tmp_path, monkeypat
         fused._library.cache_clear()
 
 
-def test_topk_bias_equals_reference_of_the_sum():
+def test_topk_with_a_bias_equals_reference_of_the_sum():
     rng = np.random.default_rng(11)
     x = (rng.integers(-6, 6, (9, 300)) / 4).astype(np.float32)  # ties, and sums that tie across units
     bias = (rng.integers(-3, 3, 300) / 4).astype(np.float32)
     x[2, 7] = np.nan
     for k in (1, 20, 64):
-        values, ids = fused.topk_bias(torch.from_numpy(x), torch.from_numpy(bias), k)
+        values, ids = fused.topk(torch.from_numpy(x), k, torch.from_numpy(bias))
         want_values, want_ids = _reference_topk((torch.from_numpy(x) + torch.from_numpy(bias)).numpy(), k)
         np.testing.assert_array_equal(ids.numpy(), want_ids)
         np.testing.assert_array_equal(values.numpy(), want_values)
