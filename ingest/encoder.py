@@ -171,6 +171,8 @@ class DeviceDictionary:
         latents are None."""
         import torch
 
+        from . import fused
+
         self.check_width(x)
         if not self.quality:
             self._allocate()
@@ -181,6 +183,8 @@ class DeviceDictionary:
             fired = (latents != 0) & valid
             q["l0_sum"] += fired.sum()
             q["n_active"] += fired.sum(dim=(0, 1))
+        elif fused.usable(active[1]) and active[0].dtype == torch.int32:
+            fused.active_counts(*active, mask, q)
         else:
             ids, values = active
             fired = (values != 0) & valid
@@ -205,8 +209,13 @@ class DeviceDictionary:
     def _observe(self, recon, target, mask) -> None:
         import torch
 
+        from . import fused
+
         if target.shape[-1] != self.d.d_out:
             raise width_mismatch(self.where, "target", target.shape[-1], self.d)
+        if fused.usable(recon) and fused.usable(target):
+            fused.recon_sums(recon, target, mask, self.quality)
+            return
         q, m = self.quality, mask.to(torch.float64)
         q["sq_error"] += ((recon - target).double().square().sum(-1) * m).sum()
         zeroed = target.double() * m[..., None]

@@ -93,6 +93,10 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     lib.whq_sample.restype = ctypes.c_int
     lib.whq_windows.argtypes = [pointer, size, size, pointer, size] + [pointer] * 3 + [size] * 2 + [pointer]
     lib.whq_windows.restype = None
+    lib.whq_recon_sums.argtypes = [pointer, pointer, size, size] + [pointer] * 5
+    lib.whq_recon_sums.restype = None
+    lib.whq_active_counts.argtypes = [pointer, pointer, size, size] + [pointer] * 3
+    lib.whq_active_counts.restype = None
     return lib, f"fused C kernel ({path})"
 
 
@@ -301,3 +305,32 @@ def topk(x: torch.Tensor, k: int, bias: torch.Tensor | None = None) -> tuple[tor
     values, ids = torch.empty(rows, k), torch.empty(rows, k, dtype=torch.int32)
     _check(lib.whq_topk(x.data_ptr(), rows, width, _pointer(bias), k, values.data_ptr(), ids.data_ptr()))
     return values, ids
+
+
+def recon_sums(recon: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, quality: dict) -> None:
+    """Adds a dictionary's reconstruction sums over the valid tokens of recon and target [batch, seq, d]
+    (float32, CPU) to `quality` (ingest/encoder.py's float64 tensors) in one pass."""
+    recon, target, valid = recon.contiguous(), target.contiguous(), mask.contiguous().view(torch.uint8)
+    _library()[0].whq_recon_sums(
+        recon.data_ptr(),
+        target.data_ptr(),
+        recon.shape[0] * recon.shape[1],
+        recon.shape[-1],
+        valid.data_ptr(),
+        *(quality[name].data_ptr() for name in ("sq_error", "target_sq", "cosine_sum", "target_sum")),
+    )
+
+
+def active_counts(ids: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, quality: dict) -> None:
+    """Adds a TopK code's non-zero values (ids int32, values float32 [batch, seq, k]) over the valid tokens
+    to quality's l0_sum and per-latent n_active."""
+    ids, values, valid = ids.contiguous(), values.contiguous(), mask.contiguous().view(torch.uint8)
+    _library()[0].whq_active_counts(
+        ids.data_ptr(),
+        values.data_ptr(),
+        ids.shape[0] * ids.shape[1],
+        ids.shape[-1],
+        valid.data_ptr(),
+        quality["l0_sum"].data_ptr(),
+        quality["n_active"].data_ptr(),
+    )

@@ -373,3 +373,78 @@ def test_a_topk_dictionary_site_is_the_same_sparse_or_dense(tmp_path, monkeypatc
         assert state_got.keys() == state_want.keys()
         for key in state_got:
             _same(state_got[key], state_want[key], key)
+
+
+@pytest.mark.parametrize("d", [8, 13, 384])
+def test_recon_sums_equal_numpy(d):
+    """A dictionary's reconstruction sums from the kernel equal numpy's in float64 over the valid tokens,
+    whatever the width (not a multiple of the kernel's eight lanes) and with non-contiguous inputs."""
+    rng = np.random.default_rng(d)
+    recon = rng.standard_normal((3, 5, d)).astype(np.float32)
+    target = rng.standard_normal((5, 3, d)).astype(np.float32).transpose(1, 0, 2)  # a transposed view
+    recon[1, 2] = 0  # a zero reconstruction: its cosine is 0, not NaN
+    mask = rng.random((3, 5)) < 0.7
+    quality = {name: torch.zeros((), dtype=torch.float64) for name in ("sq_error", "target_sq", "cosine_sum")}
+    quality["target_sum"] = torch.zeros(d, dtype=torch.float64)
+    for _ in range(2):  # the kernel adds to what is there
+        fused.recon_sums(torch.from_numpy(recon), torch.from_numpy(target), torch.from_numpy(mask), quality)
+    r, t = recon[mask].astype(np.float64), target[mask].astype(np.float64)
+    cosine = (r * t).sum(-1) / np.sqrt(np.maximum((r * r).sum(-1) * (t * t).sum(-1), 1e-16))
+    want = {
+        "sq_error": ((r - t) ** 2).sum(),
+        "target_sq": (t * t).sum(),
+        "cosine_sum": cosine.sum(),
+        "target_sum": t.sum(0),
+    }
+    for name, value in want.items():
+        np.testing.assert_allclose(quality[name].numpy(), 2 * value, rtol=1e-12, atol=1e-12, err_msg=name)
+
+
+def test_active_counts_equal_numpy():
+    """A TopK code's L0 and per-latent activity from the kernel: non-zero values (NaN included, as `!= 0`
+    counts it) of valid tokens alone."""
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, 50, (4, 6, 5)).astype(np.int32)
+    values = np.maximum(rng.standard_normal((4, 6, 5)), 0).astype(np.float32)
+    values[0, 0, 0], values[1, 1, 1] = np.nan, -0.0
+    mask = rng.random((4, 6)) < 0.6
+    quality = {"l0_sum": torch.zeros((), dtype=torch.int64), "n_active": torch.zeros(50, dtype=torch.int64)}
+    fused.active_counts(torch.from_numpy(ids), torch.from_numpy(values), torch.from_numpy(mask), quality)
+    fired = (values != 0) & mask[..., None]
+    assert int(quality["l0_sum"]) == fired.sum()
+    np.testing.assert_array_equal(quality["n_active"].numpy(), np.bincount(ids[fired], minlength=50))
+
+
+def test_dictionary_quality_is_the_same_with_the_kernel_or_torch_ops(tmp_path, monkeypatch):
+    """The quality sums a TopK dictionary site keeps (L0, activity, reconstruction) are the torch ops' with
+    the kernel's sums in their place: the counts exactly, the float64 sums to rounding."""
+    from ingest import dictionary_files
+    from ingest.encoder import DeviceDictionary
+
+    from . import dictionaries as dicts
+
+    d = dictionary_files.load(str(dicts.saelens(tmp_path / "d", "topk", d_in=16, d_sae=48, k=6))).first
+    rng = np.random.default_rng(15)
+    x = torch.from_numpy(rng.standard_normal((4, 6, 16)).astype(np.float32))
+    mask = torch.from_numpy(rng.random((4, 6)) < 0.8)
+    qualities, calls = [], []
+    for name in ("recon_sums", "active_counts"):
+        kernel_function = getattr(fused, name)
+        monkeypatch.setattr(fused, name, lambda *a, f=kernel_function, n=name: calls.append(n) or f(*a))
+    for kernel in (True, False):
+        if not kernel:
+            assert calls == ["active_counts", "recon_sums"]
+            monkeypatch.setattr(fused, "recon_sums", None)  # must not be reached
+            monkeypatch.setattr(fused, "active_counts", None)
+            monkeypatch.setattr(fused, "usable", lambda x, topk=None: False)
+        encoder = DeviceDictionary(d, "cpu", "x")
+        encoder(x, mask, dense=False)
+        qualities.append(encoder.quality)
+    with_kernel, with_torch = qualities
+    assert with_kernel.keys() == with_torch.keys()
+    for name in with_kernel:
+        got, want = with_kernel[name], with_torch[name]
+        if got.dtype == torch.int64:
+            assert torch.equal(got, want), name
+        else:
+            np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-6, atol=1e-9, err_msg=name)
