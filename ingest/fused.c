@@ -98,11 +98,29 @@ static void scratch_free(Scratch *s) {
     free(s->set_max);
 }
 
-static void topk_row(const float *restrict v, int64_t width, int64_t k, float *restrict vals, int32_t *restrict ids,
-                     const Scratch *scratch) {
+/* set_floor of v + bias, the sum stored in row on the way (the whole width, tail included): one read of v. */
+static float set_floor_biased(const float *restrict v, const float *restrict bias, int64_t width, int64_t k,
+                              float *restrict set_max, float *restrict row) {
+    int64_t n = width - width % k;
+    for (int64_t s = 0; s < k; s++) set_max[s] = row[s] = v[s] + bias[s];
+    for (int64_t i = k; i + k <= n; i += k)
+        for (int64_t s = 0; s < k; s++) {
+            float a = row[i + s] = v[i + s] + bias[i + s];
+            set_max[s] = a > set_max[s] ? a : set_max[s];
+        }
+    for (int64_t j = n; j < width; j++) row[j] = v[j] + bias[j];
+    float floor_ = set_max[0];
+    for (int64_t s = 1; s < k; s++) floor_ = set_max[s] < floor_ ? set_max[s] : floor_;
+    return floor_;
+}
+
+/* The top-k of v (+ bias where given, summed into row). */
+static void topk_row(const float *restrict v, const float *restrict bias, float *restrict row, int64_t width, int64_t k,
+                     float *restrict vals, int32_t *restrict ids, const Scratch *scratch) {
     float *restrict cv = scratch->values, *restrict set_max = scratch->set_max;
     int32_t *restrict ci = scratch->ids;
-    int64_t n = collect(v, width, set_floor(v, width - width % k, k, set_max), cv, ci);
+    float bound = bias ? set_floor_biased(v, bias, width, k, set_max, row) : set_floor(v, width - width % k, k, set_max);
+    int64_t n = collect(bias ? row : v, width, bound, cv, ci);
     if (n >= 2 * k) {
         float floor_ = set_floor(cv, n - n % k, k, set_max);
         int64_t kept = 0;
@@ -237,7 +255,7 @@ int whq_site_pass(const float *x, int64_t rows, int64_t seq, int64_t width, cons
                 for (int64_t j = 0; j < width; j++) a[j] = 0;
             for (int64_t t = 0; t < seq; t++) {
                 const float *v = x + (r * seq + t) * width;
-                if (k) topk_row(v, width, k, topk_values + (r * seq + t) * k, topk_ids + (r * seq + t) * k, &scratch);
+                if (k) topk_row(v, NULL, NULL, width, k, topk_values + (r * seq + t) * k, topk_ids + (r * seq + t) * k, &scratch);
                 if (mask && !mask[r * seq + t]) continue;
                 accumulate(v, width, threshold, (int32_t)t, &p, f, m, am);
                 if (a) accumulate_abs(v, width, a);
@@ -272,12 +290,7 @@ int whq_topk(const float *x, int64_t rows, int64_t width, const float *bias, int
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; r++) {
             if (failed) continue;
-            const float *v = x + r * width;
-            if (bias) {
-                for (int64_t j = 0; j < width; j++) row[j] = v[j] + bias[j];
-                v = row;
-            }
-            topk_row(v, width, k, values + r * k, ids + r * k, &scratch);
+            topk_row(x + r * width, bias, row, width, k, values + r * k, ids + r * k, &scratch);
         }
         scratch_free(&scratch);
         free(row);
