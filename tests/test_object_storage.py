@@ -494,7 +494,7 @@ def test_a_url_root_refuses_delete_gc_and_repair(golden_copy, tmp_path):
     with pytest.raises(WarehouseError, match=refused):
         maintenance.repair(url)
     # check read the URL as a folder named memory:/whq-tests/..., and told to `whq init` it
-    with pytest.raises(WarehouseError, match=re.escape(f"{url} is read-only here: `whq pull {url} COPY` checks")):
+    with pytest.raises(WarehouseError, match=re.escape(f"{url} is not checked in place: `whq pull {url} COPY` checks")):
         maintenance.layout_of(url)
     with warehouse.open(url) as remote:
         assert remote.run_ids() == ["g"] and remote.pl("SELECT count(*) AS n FROM tokens").item() > 0

@@ -123,7 +123,9 @@ def check(wh: Warehouse | Layout, *, checksum: bool = True) -> tuple[list[Proble
 
 def layout_of(root: str | Path) -> Layout:
     """The layout of an existing warehouse, without opening (or rebuilding) its catalog."""
-    refuse_url(root, f"`whq pull {root} COPY` checks every part it copies against its manifest")
+    refuse_url(
+        root, f"`whq pull {root} COPY` checks every part it copies against its manifest", "is not checked in place"
+    )
     layout = Layout(root)
     if not layout.marker.exists():
         raise not_a_warehouse(layout.root, root)

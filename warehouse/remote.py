@@ -47,14 +47,14 @@ def is_url(text) -> bool:
     return isinstance(text, str) and bool(_URL.match(text))
 
 
-def refuse_url(path, fix: str | None = None) -> None:
+def refuse_url(path, fix: str | None = None, refusal: str = "is read-only here") -> None:
     """Writes go to local warehouses only: a URL root is read in place, and filled with `whq push`.
 
     A URL that went through pathlib (a command's Path argument) has lost a slash: s3:/bucket/prefix.
     """
     if _URL_OR_ITS_PATH.match(str(path)):
         fix = fix or f"write a local warehouse, then copy its runs there with `whq push WAREHOUSE {path}`"
-        raise WarehouseError(f"{path} is read-only here: {fix}")
+        raise WarehouseError(f"{path} {refusal}: {fix}")
 
 
 class Remote:
