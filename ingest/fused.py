@@ -294,15 +294,18 @@ def write_windows(x: torch.Tensor, ctx, where, units, slots, before: int, after:
     )
 
 
-def topk(x: torch.Tensor, k: int, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def topk(
+    x: torch.Tensor, k: int, bias: torch.Tensor | None = None, out: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k of each row of x [rows, width] (float32, CPU), plus `bias` [width] where given, without forming
-    the sum as a tensor (the values torch's x + bias gives): values descending, ties to the lower index."""
+    the sum as a tensor (the values torch's x + bias gives): values descending, ties to the lower index.
+    `out`: contiguous (values, ids int32) [rows, min(k, width)] to write them into."""
     lib = _library()[0]
     x = x.contiguous()
     bias = None if bias is None else bias.contiguous()
     rows, width = x.shape
     k = min(k, width)
-    values, ids = torch.empty(rows, k), torch.empty(rows, k, dtype=torch.int32)
+    values, ids = out or (torch.empty(rows, k), torch.empty(rows, k, dtype=torch.int32))
     _check(lib.whq_topk(x.data_ptr(), rows, width, _pointer(bias), k, values.data_ptr(), ids.data_ptr()))
     return values, ids
 
