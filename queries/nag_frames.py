@@ -4,7 +4,7 @@ Each function takes an open Warehouse, then the macro's arguments, and returns a
 polars.LazyFrame built by Polars over the committed Parquet (queries.frames.scan), never
 through DuckDB. The small lookups (the sites row, the target profile) are collected
 eagerly; the pool is read when the frame is collected, a layer at a time per thread
-(a 1M-document pool peaks near 0.8 GB).
+(a 1M-document pool peaks near 0.75 GB).
 """
 
 from __future__ import annotations
