@@ -82,7 +82,7 @@ def test_engines_agree_whatever_the_layout_of_the_rows(tmp_path, monkeypatch):
         kernel_docs, kernel_distance = nag_bench.numpy_select(wh, run, fraction=0.3)
         from_sql = nag.select(wh, run, run, nag_bench.SITE, fraction=0.3, **roles)
         from_polars = nag.select(wh, run, run, nag_bench.SITE, fraction=0.3, engine="polars", **roles)
-        assert sorted(summed) == [False] * 3 + [True] * 3  # layers 0-2 by rows, 3-5 by blocks
+        assert sorted(summed) == [False] * 2 + [True] * 4  # layers 1-2 by rows, the others by blocks
         assert from_sql["doc"].to_list() == kernel_docs.tolist()
         np.testing.assert_allclose(from_sql["distance"].to_numpy(), kernel_distance, rtol=0, atol=1e-12)
         assert from_sql.equals(from_polars)
@@ -104,5 +104,7 @@ def test_block_sums_only_where_each_block_is_one_document():
     first, sums = nag_frames._block_sums(doc, neuron, units, 2)
     assert first.to_list() == [4, 7, 9] and sums.to_list() == [11.0, 100.0, 2.0]
     assert nag_frames._block_sums(doc, neuron, units, 3) is None  # a block of 4, 4, 7
-    assert nag_frames._block_sums(doc.reverse(), neuron, units, 2) is None  # out of document order
+    first, sums = nag_frames._block_sums(doc.reverse(), neuron.reverse(), units, 2)  # out of document order
+    assert first.to_list() == [9, 7, 4] and sums.to_list() == [2.0, 100.0, 11.0]
+    assert nag_frames._block_sums(doc.gather([0, 2, 1, 3, 4, 5]), neuron, units, 2) is None  # 4, 7 and 4, 7
     assert nag_frames._block_sums(doc.head(5), neuron.head(5), units, 2) is None  # a short last document
