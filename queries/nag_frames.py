@@ -173,7 +173,7 @@ def nag_distance(
     per_unit = weights["per_unit"].max() or 0.0  # without a profile row every sum is 0
     block = kept_reductions(pool_site).get("nag")
     hits = pl.defer(
-        lambda: _unit_sums(wh, pool_run, site, used, stride, dense, int(block) if block else None),
+        lambda: _unit_sums(wh, pool_run, site, used, stride, dense, int(block) if block and block.isdigit() else None),
         schema={"doc": pl.Int32, "units": pl.Float64},
     )
     similarity = pl.col("units").fill_null(0.0) * per_unit
