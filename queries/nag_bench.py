@@ -162,11 +162,12 @@ def numpy_select(wh, run: str, fraction: float = 0.2) -> tuple[np.ndarray, np.nd
         part = pq.read_table(files, columns=["doc", "rank", "neuron"])
         d, r, n = (part.column(c).to_numpy() for c in ("doc", "rank", "neuron"))
         if features is None:
-            features = np.zeros((len(pool), len(layers), int(r.max()) + 1), dtype=np.int32)
+            # -1 (the zero appended to each weight array) where a document has fewer than K rows
+            features = np.full((len(pool), len(layers), int(r.max()) + 1), -1, dtype=np.int32)
         in_pool = position[d] >= 0
         features[position[d[in_pool]], i, r[in_pool]] = n[in_pool]
         counts = np.bincount(n[is_target[d]], minlength=int(n.max()) + 1).astype(np.float64)
-        weights.append(counts)  # n_docs; the normaliser n_targets * K is applied once, as the macros do
+        weights.append(np.append(counts, 0.0))  # n_docs; the normaliser n_targets * K is applied once, as the macros do
     similarity = np.zeros(len(pool))
     for i, weight in enumerate(weights):
         similarity += weight[features[:, i, :]].sum(axis=1)
