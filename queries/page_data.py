@@ -8,11 +8,14 @@ limit, row and byte caps). The functions here return rows and dicts; queries/pag
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections import OrderedDict
 
 import duckdb
 import polars as pl
 
+from warehouse import catalog
 from warehouse.errors import BadInput, NotFound, UnknownRun, sql_error
 
 from .frames import kept_reductions
@@ -26,6 +29,7 @@ SCORERS = ("detection", "fuzz", "simulation", "embedding", "intruder")  # explan
 EXPLANATION_SORTS = ("explanation", *SCORERS)  # the units table's further columns where the layer has explanations
 CONTEXT_BEFORE, CONTEXT_AFTER = 12, 4  # tokens around an explanation's or a verdict's example
 SEARCH_LIMIT = 100  # units an explanation search shows
+SCOPES = 4  # the (run, site, layer) scopes a thread keeps the views of (Reader.scope)
 
 
 # -- reads -------------------------------------------------------------------------------------
@@ -43,11 +47,54 @@ class Reader:
         self._explained: set[tuple[str, str]] | None = None
 
     def _cursor(self) -> duckdb.DuckDBPyConnection:
+        scoped = getattr(self._local, "scoped", None)
+        if scoped is not None:
+            return scoped
         cursor = getattr(self._local, "cursor", None)
         if cursor is None:
             with self._lock:
                 cursor = self._local.cursor = self._con.cursor()
         return cursor
+
+    @contextlib.contextmanager
+    def scope(self, run: str, site: str, layer: int):
+        """Within the block, this thread's statements read views over the parts of `run`, `site` and
+        `layer` alone (catalog.scope_views), so they must read only those; binding over a few parts
+        instead of every one is most of what a unit page saves. The views are kept on a cursor of their
+        own per scope (the SCOPES last of each thread): this Reader's catalog never changes (LiveReader
+        opens another when the warehouse does). Where the warehouse changed since, the block reads the
+        views of every part, as outside it."""
+        scopes = getattr(self._local, "scopes", None)
+        if scopes is None:
+            scopes = self._local.scopes = OrderedDict()
+        key = (run, site, layer)
+        cursor = scopes.get(key)
+        if cursor is None:
+            with self._lock:
+                cursor = self._con.cursor()
+            if catalog.scope_views(cursor, self.wh.layout, run, site, layer):
+                scopes[key] = cursor
+                while len(scopes) > SCOPES:
+                    scopes.popitem(last=False)[1].close()
+            else:
+                cursor.close()
+                cursor = None
+        else:
+            scopes.move_to_end(key)
+        outer, self._local.scoped = getattr(self._local, "scoped", None), cursor
+        try:
+            yield
+        finally:
+            self._local.scoped = outer
+
+    @contextlib.contextmanager
+    def _whole(self):
+        """Statements over every run (the lists read once) read the catalog's views, even in a scope."""
+        outer, self._local.scoped = getattr(self._local, "scoped", None), None
+        try:
+            yield
+        finally:
+            self._local.scoped = outer
 
     def fetch(self, query: str, params: list | None = None) -> tuple[list[str], list[tuple]]:
         """(column names, rows) of a trusted statement; QueryError with DuckDB's first line."""
@@ -74,10 +121,11 @@ class Reader:
     def sites(self) -> dict[str, list[dict]]:
         """{run: its rows of `sites`}, read once: the connection sees the catalog as it was when opened."""
         if self._sites is None:
-            rows = self.rows(
-                "SELECT r.run_id, s.site, s.layers, s.width, s.reductions, s.threshold FROM runs r "
-                "LEFT JOIN sites s USING (run_id) ORDER BY r.run_id, s.site"
-            )
+            with self._whole():
+                rows = self.rows(
+                    "SELECT r.run_id, s.site, s.layers, s.width, s.reductions, s.threshold FROM runs r "
+                    "LEFT JOIN sites s USING (run_id) ORDER BY r.run_id, s.site"
+                )
             self._sites = {}
             for row in rows:  # a site of a run that held no token never learned its width: it has no units
                 row["width"] = row["width"] or 0
@@ -87,9 +135,9 @@ class Reader:
     def explained(self, run: str, site: str) -> bool:
         """Whether `whq explain` committed explanations for the site; the set is read once, like sites."""
         if self._explained is None:
-            self._explained = {
-                (r["run_id"], r["site"]) for r in self.rows("SELECT DISTINCT run_id, site FROM explanations")
-            }
+            with self._whole():
+                rows = self.rows("SELECT DISTINCT run_id, site FROM explanations")
+            self._explained = {(r["run_id"], r["site"]) for r in rows}
         return (run, site) in self._explained
 
     def untrusted(self, query: str, limits=None):

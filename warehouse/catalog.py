@@ -19,7 +19,7 @@ import shutil
 import stat
 import tempfile
 import threading
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import duckdb
 
@@ -352,6 +352,42 @@ def connect(layout: Layout) -> duckdb.DuckDBPyConnection:
     layout.prepare(con)
     keep_footers(con)
     return con
+
+
+def scope_views(con, layout: Layout, run: str, site: str, layer: int) -> bool:
+    """Shadow each table's view, on connection `con` (opened by `connect`), by a TEMP view of the same name
+    over the parts of run `run` alone, and of `site` and `layer` alone for the tables partitioned by them.
+
+    DuckDB looks temp objects up first, so the macros then bind over those few parts: binding views over
+    every part of a table (union_by_name reads each footer) is most of a unit page's time. On such a
+    connection only statements that read that run, site and layer alone answer as on `con`'s catalog.
+    False, creating nothing, when the warehouse is no longer the one `con`'s catalog was built from (its
+    fingerprint; the run deleted or quarantined since): the parts listed now may not be those its views
+    read."""
+    path = layout.manifest(run)
+    try:
+        manifest = metadata.manifest(layout, path) if path.exists() else None
+        quarantined = metadata.quarantine(layout)
+        now = fingerprint(layout)  # after the reads: a change made meanwhile shows here
+    except (OSError, WarehouseError):
+        return False
+    built = con.execute(f"SELECT fingerprint FROM {INFO_VIEW}").fetchone()[0]
+    if manifest is None or run in quarantined or now != built:
+        return False
+    files: dict[str, list[str]] = {name: [] for name in schema.tables()}
+    in_layer = (f"site={site}", f"layer={int(layer)}")
+    for part in manifest["parts"]:  # partition folders as Layout.partition_dir names them, which the views read
+        table = schema.table(part["table"])
+        if len(table.partitions) == 1 or PurePosixPath(part["path"]).parts[3:5] == in_layer:
+            files[table.name].append(str(layout.part_path(part["path"])))
+    for table in schema.tables().values():
+        statement = f"CREATE OR REPLACE TEMP VIEW {_ident(table.name)} AS "
+        try:
+            con.execute(statement + view_sql(table, files[table.name]))
+        except duckdb.BinderException:  # parts older than a column: it reads NULL, as in the catalog's view
+            absent = frozenset(c.name for c in table.columns) - _stored_columns(con, files[table.name])
+            con.execute(statement + view_sql(table, files[table.name], absent))
+    return True
 
 
 def keep_footers(con) -> None:
