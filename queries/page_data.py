@@ -29,7 +29,7 @@ SCORERS = ("detection", "fuzz", "simulation", "embedding", "intruder")  # explan
 EXPLANATION_SORTS = ("explanation", *SCORERS)  # the units table's further columns where the layer has explanations
 CONTEXT_BEFORE, CONTEXT_AFTER = 12, 4  # tokens around an explanation's or a verdict's example
 SEARCH_LIMIT = 100  # units an explanation search shows
-SCOPES = 4  # the (run, site, layer) scopes a thread keeps the views of (Reader.scope)
+SCOPES = 4  # the (run, site, layer) scopes a Reader keeps the views of (Reader.scope)
 
 
 # -- reads -------------------------------------------------------------------------------------
@@ -45,6 +45,7 @@ class Reader:
         self._lock = threading.Lock()
         self._sites: dict[str, list[dict]] | None = None
         self._explained: set[tuple[str, str]] | None = None
+        self._scopes: OrderedDict[tuple, list[duckdb.DuckDBPyConnection]] = OrderedDict()  # idle, by scope
 
     def _cursor(self) -> duckdb.DuckDBPyConnection:
         scoped = getattr(self._local, "scoped", None)
@@ -59,33 +60,34 @@ class Reader:
     @contextlib.contextmanager
     def scope(self, run: str, site: str, layer: int):
         """Within the block, this thread's statements read views over the parts of `run`, `site` and
-        `layer` alone (catalog.scope_views), so they must read only those; binding over a few parts
-        instead of every one is most of what a unit page saves. The views are kept on a cursor of their
-        own per scope (the SCOPES last of each thread): this Reader's catalog never changes (LiveReader
-        opens another when the warehouse does). Where the warehouse changed since, the block reads the
-        views of every part, as outside it."""
-        scopes = getattr(self._local, "scopes", None)
-        if scopes is None:
-            scopes = self._local.scopes = OrderedDict()
+        `layer` alone (catalog.scope_views), so they must read only those: binding over a few parts
+        instead of every one is most of what a unit page saves. The views live on cursors of their own,
+        lent to one thread at a time and kept for the SCOPES scopes used last, whatever thread asks next
+        (the server answers from a pool of threads): this Reader's catalog never changes (LiveReader opens
+        another when the warehouse does). Where the warehouse changed since, the block reads the views
+        of every part, as outside it."""
         key = (run, site, layer)
-        cursor = scopes.get(key)
+        with self._lock:
+            idle = self._scopes.get(key)
+            cursor = idle.pop() if idle else None
         if cursor is None:
             with self._lock:
                 cursor = self._con.cursor()
-            if catalog.scope_views(cursor, self.wh.layout, run, site, layer):
-                scopes[key] = cursor
-                while len(scopes) > SCOPES:
-                    scopes.popitem(last=False)[1].close()
-            else:
+            if not catalog.scope_views(cursor, self.wh.layout, run, site, layer):
                 cursor.close()
                 cursor = None
-        else:
-            scopes.move_to_end(key)
         outer, self._local.scoped = getattr(self._local, "scoped", None), cursor
         try:
             yield
         finally:
             self._local.scoped = outer
+            if cursor is not None:
+                with self._lock:
+                    self._scopes.setdefault(key, []).append(cursor)
+                    self._scopes.move_to_end(key)
+                    while len(self._scopes) > SCOPES:  # the idle cursors of the scope used longest ago
+                        for old in self._scopes.popitem(last=False)[1]:
+                            old.close()
 
     @contextlib.contextmanager
     def _whole(self):

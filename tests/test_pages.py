@@ -545,8 +545,7 @@ def _unit_pages(root: Path, units: list[tuple], scoped: bool = True) -> list[str
             reader = page_data.Reader(wh)
             try:
                 rendered = [pages.unit_page(reader, pages.Links(), *unit) for unit in units]
-                scopes = getattr(reader._local, "scopes", {})
-                assert len(scopes) == (min(len({u[:3] for u in units}), page_data.SCOPES) if scoped else 0)
+                assert len(reader._scopes) == (min(len({u[:3] for u in units}), page_data.SCOPES) if scoped else 0)
                 return rendered
             finally:
                 reader.close()
@@ -558,7 +557,7 @@ def test_unit_pages_read_through_scoped_views_as_through_every_part(pages_root, 
     """Every section of the unit page (the bench warehouse's: explanations, verdicts and scores too; the
     golden run's older parts, which lack later columns) is the same read through the views of one run,
     site and layer as through the catalog's, which list every part."""
-    from queries import bench, page_data
+    from queries import bench, page_data, pages
 
     shape = bench.Shape(rows=20000, layers=2, width=64, k=4)
     bench.build(tmp_path / "b", shape)
@@ -577,7 +576,16 @@ def test_unit_pages_read_through_scoped_views_as_through_every_part(pages_root, 
     ]
     assert _unit_pages(tmp_path / "b", units) == _unit_pages(tmp_path / "b", units, scoped=False)
     units = [("u", "mlp.act", 1, 3), ("u", "mlp.up", 0, 5), (RUN, "mlp.act", 1, 3), (RUN, "mlp.up", 1, 3)]
-    assert _unit_pages(pages_root, units) == _unit_pages(pages_root, units, scoped=False)
+    expected = _unit_pages(pages_root, units, scoped=False)
+    assert _unit_pages(pages_root, units) == expected
+    with warehouse.open(pages_root) as wh:  # threads borrow the scopes' cursors in turn, as the server's do
+        reader = page_data.Reader(wh)
+        try:
+            with concurrent.futures.ThreadPoolExecutor(4) as pool:
+                rendered = list(pool.map(lambda unit: pages.unit_page(reader, pages.Links(), *unit), units * 3))
+            assert rendered == expected * 3 and len(reader._scopes) == len(units)
+        finally:
+            reader.close()
 
 
 def test_scoped_views_follow_runs_committed_deleted_and_quarantined(pages_root, tmp_path, tiny_lm_dir):
