@@ -151,6 +151,11 @@ class Reader:
         return run_read_only(self.wh, query, limits)
 
     def close(self) -> None:
+        with self._lock:
+            for cursors in self._scopes.values():
+                for cursor in cursors:
+                    cursor.close()
+            self._scopes.clear()
         self._con.close()
 
 
