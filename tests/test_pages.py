@@ -553,11 +553,17 @@ def _unit_pages(root: Path, units: list[tuple], scoped: bool = True) -> list[str
         catalog.scope_views = real
 
 
-def test_unit_pages_read_through_scoped_views_as_through_every_part(pages_root, tmp_path):
+@pytest.mark.parametrize("copied", [True, False], ids=["small-tables-copied", "views-only"])
+def test_unit_pages_read_through_scoped_views_as_through_every_part(pages_root, tmp_path, monkeypatch, copied):
     """Every section of the unit page (the bench warehouse's: explanations, verdicts and scores too; the
     golden run's older parts, which lack later columns) is the same read through the views of one run,
-    site and layer as through the catalog's, which list every part."""
+    site and layer (the small tables copied into memory, or none) as through the catalog's, which list
+    every part."""
     from queries import bench, page_data, pages
+    from warehouse import catalog
+
+    if not copied:
+        monkeypatch.setattr(catalog, "SCOPE_COPY_BYTES", 0)
 
     shape = bench.Shape(rows=20000, layers=2, width=64, k=4)
     bench.build(tmp_path / "b", shape)
@@ -567,6 +573,10 @@ def test_unit_pages_read_through_scoped_views_as_through_every_part(pages_root, 
             with reader.scope(shape.run_id, bench.SITE, 1):  # the views hold that layer's parts alone
                 assert reader.rows("SELECT DISTINCT layer FROM token_neurons") == [{"layer": 1}]
                 assert len(reader.rows("SELECT DISTINCT layer FROM neuron_stats")) == 1
+                temporary = {
+                    r["table_name"] for r in reader.rows("SELECT table_name FROM duckdb_tables() WHERE temporary")
+                }
+                assert ("neuron_stats" in temporary) == copied
             assert len(reader.rows("SELECT DISTINCT layer FROM token_neurons")) == 2
             explained = reader.rows("SELECT layer, neuron FROM explanations ORDER BY ALL LIMIT 2")
         finally:

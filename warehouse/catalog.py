@@ -354,16 +354,23 @@ def connect(layout: Layout) -> duckdb.DuckDBPyConnection:
     return con
 
 
+# Parts (compressed bytes) a scope copies into memory, smallest tables first: at 100M token_neurons rows
+# the stats, histograms, logit lens, neighbours, explanations and documents of a layer, ~5 MB (~20 MB in
+# memory), not tokens, token_neurons nor neuron_examples.
+SCOPE_COPY_BYTES = 8 << 20
+
+
 def scope_views(con, layout: Layout, run: str, site: str, layer: int) -> bool:
     """Shadow each table's view, on connection `con` (opened by `connect`), by a TEMP view of the same name
-    over the parts of run `run` alone, and of `site` and `layer` alone for the tables partitioned by them.
+    over the parts of run `run` alone, and of `site` and `layer` alone for the tables partitioned by them;
+    the smallest of them, up to SCOPE_COPY_BYTES of parts in all, by a TEMP table holding their rows.
 
     DuckDB looks temp objects up first, so the macros then bind over those few parts: binding views over
-    every part of a table (union_by_name reads each footer) is most of a unit page's time. On such a
-    connection only statements that read that run, site and layer alone answer as on `con`'s catalog.
-    False, creating nothing, when the warehouse is no longer the one `con`'s catalog was built from (its
-    fingerprint; the run deleted or quarantined since): the parts listed now may not be those its views
-    read."""
+    every part of a table (union_by_name reads each footer) is most of a unit page's time, and a table in
+    memory binds and reads faster still. On such a connection only statements that read that run, site
+    and layer alone answer as on `con`'s catalog. False, creating nothing, when the warehouse is no longer
+    the one `con`'s catalog was built from (its fingerprint; the run deleted or quarantined since): the
+    parts listed now may not be those its views read."""
     path = layout.manifest(run)
     try:
         manifest = metadata.manifest(layout, path) if path.exists() else None
@@ -375,13 +382,22 @@ def scope_views(con, layout: Layout, run: str, site: str, layer: int) -> bool:
     if manifest is None or run in quarantined or now != built:
         return False
     files: dict[str, list[str]] = {name: [] for name in schema.tables()}
+    size = dict.fromkeys(schema.tables(), 0)
     in_layer = (f"site={site}", f"layer={int(layer)}")
     for part in manifest["parts"]:  # partition folders as Layout.partition_dir names them, which the views read
         table = schema.table(part["table"])
         if len(table.partitions) == 1 or PurePosixPath(part["path"]).parts[3:5] == in_layer:
             files[table.name].append(str(layout.part_path(part["path"])))
+            size[table.name] += part["bytes"]
+    copied, budget = set(), SCOPE_COPY_BYTES
+    for name in sorted((n for n in files if files[n]), key=lambda n: size[n]):
+        if size[name] > budget:
+            break
+        copied.add(name)
+        budget -= size[name]
     for table in schema.tables().values():
-        statement = f"CREATE OR REPLACE TEMP VIEW {_ident(table.name)} AS "
+        kind = "TABLE" if table.name in copied else "VIEW"
+        statement = f"CREATE OR REPLACE TEMP {kind} {_ident(table.name)} AS "
         try:
             con.execute(statement + view_sql(table, files[table.name]))
         except duckdb.BinderException:  # parts older than a column: it reads NULL, as in the catalog's view
