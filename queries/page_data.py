@@ -60,8 +60,8 @@ class Reader:
     @contextlib.contextmanager
     def scope(self, run: str, site: str, layer: int):
         """Within the block, this thread's statements read views over the parts of `run`, `site` and
-        `layer` alone (catalog.scope_views), so they must read only those: binding over a few parts
-        instead of every one is most of what a unit page saves. The views live on cursors of their own,
+        `layer` alone, the smallest copied into memory (catalog.scope_views), so they must read only
+        those: binding over a few parts instead of every one is most of what a unit page saves. The views live on cursors of their own,
         lent to one thread at a time and kept for the SCOPES scopes used last, whatever thread asks next
         (the server answers from a pool of threads): this Reader's catalog never changes (LiveReader opens
         another when the warehouse does). Where the warehouse changed since, the block reads the views
