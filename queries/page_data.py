@@ -61,11 +61,11 @@ class Reader:
     def scope(self, run: str, site: str, layer: int):
         """Within the block, this thread's statements read views over the parts of `run`, `site` and
         `layer` alone, the smallest copied into memory (catalog.scope_views), so they must read only
-        those: binding over a few parts instead of every one is most of what a unit page saves. The views live on cursors of their own,
-        lent to one thread at a time and kept for the SCOPES scopes used last, whatever thread asks next
-        (the server answers from a pool of threads): this Reader's catalog never changes (LiveReader opens
-        another when the warehouse does). Where the warehouse changed since, the block reads the views
-        of every part, as outside it."""
+        those: binding over a few parts instead of every one is most of what a unit page saves. The
+        views live on cursors of their own, lent to one thread at a time and kept for the SCOPES scopes
+        used last, whatever thread asks next (the server answers from a pool of threads): this Reader's
+        catalog never changes (LiveReader opens another when the warehouse does). Where the warehouse
+        changed since, the block reads the views of every part, as outside it."""
         key = (run, site, layer)
         with self._lock:
             idle = self._scopes.get(key)
@@ -73,7 +73,12 @@ class Reader:
         if cursor is None:
             with self._lock:
                 cursor = self._con.cursor()
-            if not catalog.scope_views(cursor, self.wh.layout, run, site, layer):
+            try:
+                scoped = catalog.scope_views(cursor, self.wh.layout, run, site, layer)
+            except duckdb.Error as err:  # a part the catalog's views would fail on too
+                cursor.close()
+                raise sql_error(err) from None
+            if not scoped:
                 cursor.close()
                 cursor = None
         outer, self._local.scoped = getattr(self._local, "scoped", None), cursor
