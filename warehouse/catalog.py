@@ -354,16 +354,19 @@ def connect(layout: Layout) -> duckdb.DuckDBPyConnection:
     return con
 
 
-# Parts (compressed bytes) a scope copies into memory, smallest tables first: at 100M token_neurons rows
-# the stats, histograms, logit lens, neighbours, explanations and documents of a layer, ~5 MB (~20 MB in
-# memory), not tokens, token_neurons nor neuron_examples.
+# What a scope copies into memory, smallest tables first: up to SCOPE_COPY_CELLS values (rows x columns,
+# ~8 bytes each in memory, where Parquet may hold them in far fewer) and SCOPE_COPY_BYTES of parts. At
+# 100M token_neurons rows: a layer's stats, neighbours and logit lens, its explanations and the run's
+# documents, ~20 MB of memory; not its histograms nor co-activations, tokens, token_neurons or examples.
+SCOPE_COPY_CELLS = 2_000_000
 SCOPE_COPY_BYTES = 8 << 20
 
 
 def scope_views(con, layout: Layout, run: str, site: str, layer: int) -> bool:
     """Shadow each table's view, on connection `con` (opened by `connect`), by a TEMP view of the same name
     over the parts of run `run` alone, and of `site` and `layer` alone for the tables partitioned by them;
-    the smallest of them, up to SCOPE_COPY_BYTES of parts in all, by a TEMP table holding their rows.
+    the smallest of them, up to SCOPE_COPY_CELLS values and SCOPE_COPY_BYTES of parts in all, by a TEMP
+    table holding their rows.
 
     DuckDB looks temp objects up first, so the macros then bind over those few parts: binding views over
     every part of a table (union_by_name reads each footer) is most of a unit page's time, and a table in
@@ -382,19 +385,21 @@ def scope_views(con, layout: Layout, run: str, site: str, layer: int) -> bool:
     if manifest is None or run in quarantined or now != built:
         return False
     files: dict[str, list[str]] = {name: [] for name in schema.tables()}
-    size = dict.fromkeys(schema.tables(), 0)
+    size, rows = dict.fromkeys(schema.tables(), 0), dict.fromkeys(schema.tables(), 0)
     in_layer = (f"site={site}", f"layer={int(layer)}")
     for part in manifest["parts"]:  # partition folders as Layout.partition_dir names them, which the views read
         table = schema.table(part["table"])
         if len(table.partitions) == 1 or PurePosixPath(part["path"]).parts[3:5] == in_layer:
             files[table.name].append(str(layout.part_path(part["path"])))
             size[table.name] += part["bytes"]
-    copied, budget = set(), SCOPE_COPY_BYTES
-    for name in sorted((n for n in files if files[n]), key=lambda n: size[n]):
-        if size[name] > budget:
+            rows[table.name] += part["rows"]
+    copied, cells, budget = set(), SCOPE_COPY_CELLS, SCOPE_COPY_BYTES
+    for name in sorted((n for n in files if files[n]), key=lambda n: rows[n] * len(schema.table(n).columns)):
+        values = rows[name] * len(schema.table(name).columns)
+        if values > cells or size[name] > budget:
             break
         copied.add(name)
-        budget -= size[name]
+        cells, budget = cells - values, budget - size[name]
     for table in schema.tables().values():
         kind = "TABLE" if table.name in copied else "VIEW"
         statement = f"CREATE OR REPLACE TEMP {kind} {_ident(table.name)} AS "
