@@ -376,7 +376,8 @@ def write_neuronpedia(
                         "createdAt": created,
                     },
                 )
-                data = page_data.unit_data(reader, info, run, site, layer)
+                with reader.scope(run, site, layer):
+                    data = page_data.unit_data(reader, info, run, site, layer)
                 fired = [unit for unit, d in data.items() if d["stats"]["n_fired"]]
                 for batch, start in enumerate(range(0, max(len(fired), 1), BATCH)):
                     chunk = fired[start : start + BATCH]

@@ -8,11 +8,14 @@ limit, row and byte caps). The functions here return rows and dicts; queries/pag
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections import OrderedDict
 
 import duckdb
 import polars as pl
 
+from warehouse import catalog
 from warehouse.errors import BadInput, NotFound, UnknownRun, sql_error
 
 from .frames import kept_reductions
@@ -26,6 +29,7 @@ SCORERS = ("detection", "fuzz", "simulation", "embedding", "intruder")  # explan
 EXPLANATION_SORTS = ("explanation", *SCORERS)  # the units table's further columns where the layer has explanations
 CONTEXT_BEFORE, CONTEXT_AFTER = 12, 4  # tokens around an explanation's or a verdict's example
 SEARCH_LIMIT = 100  # units an explanation search shows
+SCOPES = 4  # the (run, site, layer) scopes a Reader keeps the views of (Reader.scope)
 
 
 # -- reads -------------------------------------------------------------------------------------
@@ -41,13 +45,63 @@ class Reader:
         self._lock = threading.Lock()
         self._sites: dict[str, list[dict]] | None = None
         self._explained: set[tuple[str, str]] | None = None
+        self._scopes: OrderedDict[tuple, list[duckdb.DuckDBPyConnection]] = OrderedDict()  # idle, by scope
 
     def _cursor(self) -> duckdb.DuckDBPyConnection:
+        scoped = getattr(self._local, "scoped", None)
+        if scoped is not None:
+            return scoped
         cursor = getattr(self._local, "cursor", None)
         if cursor is None:
             with self._lock:
                 cursor = self._local.cursor = self._con.cursor()
         return cursor
+
+    @contextlib.contextmanager
+    def scope(self, run: str, site: str, layer: int):
+        """Within the block, this thread's statements read views over the parts of `run`, `site` and
+        `layer` alone, the smallest copied into memory (catalog.scope_views), so they must read only
+        those: binding over a few parts instead of every one is most of what a unit page saves. The
+        views live on cursors of their own, lent to one thread at a time and kept for the SCOPES scopes
+        used last, whatever thread asks next (the server answers from a pool of threads): this Reader's
+        catalog never changes (LiveReader opens another when the warehouse does). Where the warehouse
+        changed since, the block reads the views of every part, as outside it."""
+        key = (run, site, layer)
+        with self._lock:
+            idle = self._scopes.get(key)
+            cursor = idle.pop() if idle else None
+        if cursor is None:
+            with self._lock:
+                cursor = self._con.cursor()
+            try:
+                scoped = catalog.scope_views(cursor, self.wh.layout, run, site, layer)
+            except duckdb.Error as err:  # a part the catalog's views would fail on too
+                cursor.close()
+                raise sql_error(err) from None
+            if not scoped:
+                cursor.close()
+                cursor = None
+        outer, self._local.scoped = getattr(self._local, "scoped", None), cursor
+        try:
+            yield
+        finally:
+            self._local.scoped = outer
+            if cursor is not None:
+                with self._lock:
+                    self._scopes.setdefault(key, []).append(cursor)
+                    self._scopes.move_to_end(key)
+                    while len(self._scopes) > SCOPES:  # the idle cursors of the scope used longest ago
+                        for old in self._scopes.popitem(last=False)[1]:
+                            old.close()
+
+    @contextlib.contextmanager
+    def _whole(self):
+        """Statements over every run (the lists read once) read the catalog's views, even in a scope."""
+        outer, self._local.scoped = getattr(self._local, "scoped", None), None
+        try:
+            yield
+        finally:
+            self._local.scoped = outer
 
     def fetch(self, query: str, params: list | None = None) -> tuple[list[str], list[tuple]]:
         """(column names, rows) of a trusted statement; QueryError with DuckDB's first line."""
@@ -74,10 +128,11 @@ class Reader:
     def sites(self) -> dict[str, list[dict]]:
         """{run: its rows of `sites`}, read once: the connection sees the catalog as it was when opened."""
         if self._sites is None:
-            rows = self.rows(
-                "SELECT r.run_id, s.site, s.layers, s.width, s.reductions, s.threshold FROM runs r "
-                "LEFT JOIN sites s USING (run_id) ORDER BY r.run_id, s.site"
-            )
+            with self._whole():
+                rows = self.rows(
+                    "SELECT r.run_id, s.site, s.layers, s.width, s.reductions, s.threshold FROM runs r "
+                    "LEFT JOIN sites s USING (run_id) ORDER BY r.run_id, s.site"
+                )
             self._sites = {}
             for row in rows:  # a site of a run that held no token never learned its width: it has no units
                 row["width"] = row["width"] or 0
@@ -87,9 +142,9 @@ class Reader:
     def explained(self, run: str, site: str) -> bool:
         """Whether `whq explain` committed explanations for the site; the set is read once, like sites."""
         if self._explained is None:
-            self._explained = {
-                (r["run_id"], r["site"]) for r in self.rows("SELECT DISTINCT run_id, site FROM explanations")
-            }
+            with self._whole():
+                rows = self.rows("SELECT DISTINCT run_id, site FROM explanations")
+            self._explained = {(r["run_id"], r["site"]) for r in rows}
         return (run, site) in self._explained
 
     def untrusted(self, query: str, limits=None):
@@ -101,6 +156,11 @@ class Reader:
         return run_read_only(self.wh, query, limits)
 
     def close(self) -> None:
+        with self._lock:
+            for cursors in self._scopes.values():
+                for cursor in cursors:
+                    cursor.close()
+            self._scopes.clear()
         self._con.close()
 
 

@@ -288,7 +288,9 @@ def unit_page(
     """The unit page; `data` is unit_data's entry for the unit when the caller read it already."""
     info = site_info(reader, run, site, layers)
     check_unit(info, run, site, layer, unit)
-    data = data or unit_data(reader, info, run, site, layer, unit)[unit]
+    with reader.scope(run, site, layer):  # every statement below reads this run, site and layer alone
+        data = data or unit_data(reader, info, run, site, layer, unit)[unit]
+        explanations = unit_explanations(reader, run, site, layer, unit)
     stats = data["stats"]
     scale = max(abs(stats["max"] or 0.0), abs(stats["min"] or 0.0), 1e-12)
     specs = {}
@@ -341,7 +343,7 @@ def unit_page(
         similar=data["similar"],
         prev=before,
         next=after,
-        explanations=unit_explanations(reader, run, site, layer, unit),
+        explanations=explanations,
     )
 
 

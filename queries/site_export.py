@@ -35,7 +35,8 @@ def write_site(wh, run: str, site: str, out: str | Path, layers: list[int] | Non
                 (out / name).write_text(page, encoding="utf-8")
                 written["pages"] += 1
             (out / str(layer)).mkdir(exist_ok=True)
-            data = unit_data(reader, info, run, site, layer)
+            with reader.scope(run, site, layer):
+                data = unit_data(reader, info, run, site, layer)
             for unit in range(info["width"]):
                 path = f"{layer}/{unit}.html"
                 page = unit_page(

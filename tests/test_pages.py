@@ -526,3 +526,111 @@ def test_bench_warehouse_carries_every_section_of_the_unit_page(tmp_path):
             f"FROM whq_quantile_examples('{run}', '{bench.SITE}', 1, NULL, 2, 2)"
         ).fetchall()
         assert outside[0][0] > 0 and outside[0][1] == 0
+
+
+# -- the unit page's scoped views (page_data.Reader.scope, catalog.scope_views) ----------------
+
+
+def _unit_pages(root: Path, units: list[tuple], scoped: bool = True) -> list[str]:
+    """The unit pages of `units` ((run, site, layer, unit)) as a fresh Reader renders them: through its
+    scoped views, or (scoped False) through the catalog's views of every part, as before them."""
+    from queries import page_data, pages
+    from warehouse import catalog
+
+    real = catalog.scope_views
+    if not scoped:
+        catalog.scope_views = lambda *args: False
+    try:
+        with warehouse.open(root) as wh:
+            reader = page_data.Reader(wh)
+            try:
+                rendered = [pages.unit_page(reader, pages.Links(), *unit) for unit in units]
+                assert len(reader._scopes) == (min(len({u[:3] for u in units}), page_data.SCOPES) if scoped else 0)
+                return rendered
+            finally:
+                reader.close()
+    finally:
+        catalog.scope_views = real
+
+
+@pytest.mark.parametrize("copied", [True, False], ids=["small-tables-copied", "views-only"])
+def test_unit_pages_read_through_scoped_views_as_through_every_part(pages_root, tmp_path, monkeypatch, copied):
+    """Every section of the unit page (the bench warehouse's: explanations, verdicts and scores too; the
+    golden run's older parts, which lack later columns) is the same read through the views of one run,
+    site and layer (the small tables copied into memory, or none) as through the catalog's, which list
+    every part."""
+    from queries import bench, page_data, pages
+    from warehouse import catalog
+
+    if not copied:
+        monkeypatch.setattr(catalog, "SCOPE_COPY_BYTES", 0)
+
+    shape = bench.Shape(rows=20000, layers=2, width=64, k=4)
+    bench.build(tmp_path / "b", shape)
+    with warehouse.open(tmp_path / "b") as wh:
+        reader = page_data.Reader(wh)
+        try:
+            with reader.scope(shape.run_id, bench.SITE, 1):  # the views hold that layer's parts alone
+                assert reader.rows("SELECT DISTINCT layer FROM token_neurons") == [{"layer": 1}]
+                assert len(reader.rows("SELECT DISTINCT layer FROM neuron_stats")) == 1
+                temporary = {
+                    r["table_name"] for r in reader.rows("SELECT table_name FROM duckdb_tables() WHERE temporary")
+                }
+                assert ("neuron_stats" in temporary) == copied
+            assert len(reader.rows("SELECT DISTINCT layer FROM token_neurons")) == 2
+            explained = reader.rows("SELECT layer, neuron FROM explanations ORDER BY ALL LIMIT 2")
+        finally:
+            reader.close()
+    units = [(shape.run_id, bench.SITE, e["layer"], e["neuron"]) for e in explained] + [
+        (shape.run_id, bench.SITE, 1, 7)
+    ]
+    assert _unit_pages(tmp_path / "b", units) == _unit_pages(tmp_path / "b", units, scoped=False)
+    units = [("u", "mlp.act", 1, 3), ("u", "mlp.up", 0, 5), (RUN, "mlp.act", 1, 3), (RUN, "mlp.up", 1, 3)]
+    expected = _unit_pages(pages_root, units, scoped=False)
+    assert _unit_pages(pages_root, units) == expected
+    with warehouse.open(pages_root) as wh:  # threads borrow the scopes' cursors in turn, as the server's do
+        reader = page_data.Reader(wh)
+        try:
+            with concurrent.futures.ThreadPoolExecutor(4) as pool:
+                rendered = list(pool.map(lambda unit: pages.unit_page(reader, pages.Links(), *unit), units * 3))
+            assert rendered == expected * 3 and len(reader._scopes) == len(units)
+        finally:
+            reader.close()
+
+
+def test_scoped_views_follow_runs_committed_deleted_and_quarantined(pages_root, tmp_path, tiny_lm_dir):
+    """The server's scoped views never show parts its catalog does not: a Reader whose warehouse changed
+    reads through the catalog's views, and the server's next Reader (LiveReader) scopes the new parts."""
+    from ingest.pipeline import ingest
+    from ingest.sources import Document
+    from queries import pages
+    from queries.server import LiveReader
+    from warehouse import catalog, maintenance
+    from warehouse.errors import UnknownRun
+
+    root = tmp_path / "wh"
+    shutil.copytree(pages_root, root)
+    unit = ("u", "mlp.act", 1, 3)
+    live = LiveReader(warehouse.open(root))
+    before = live.current()
+    first = pages.unit_page(before, pages.Links(), *unit)
+    assert first == _unit_pages(root, [unit], scoped=False)[0]
+    maintenance.delete_run(warehouse.open(root), "u")
+    with pytest.raises(UnknownRun):
+        pages.unit_page(live.current(), pages.Links(), *unit)
+    # the Reader opened before the change scopes nothing new: the parts listed now are not its catalog's
+    assert not catalog.scope_views(before._con.cursor(), before.wh.layout, RUN, "mlp.act", 1)
+    ingest(root, str(tiny_lm_dir), sites=UNIT_SITES[:1], run_id="u", batch_size=2, max_length=16, device="cpu",
+           progress=False, documents=[Document("c", "a run of the same name committed later, with other words")])  # fmt: skip
+    again = pages.unit_page(live.current(), pages.Links(), *unit)
+    assert again != first and again == _unit_pages(root, [unit], scoped=False)[0]
+    (root / "quarantine.json").write_text(json.dumps(["u"]))
+    with pytest.raises(UnknownRun):
+        pages.unit_page(live.current(), pages.Links(), *unit)
+    reader = live.current()
+    assert (
+        pages.unit_page(reader, pages.Links(), RUN, "mlp.act", 1, 3)
+        == _unit_pages(root, [(RUN, "mlp.act", 1, 3)], scoped=False)[0]
+    )
+    assert not catalog.scope_views(reader._con.cursor(), reader.wh.layout, "u", "mlp.act", 1)  # quarantined
+    live.close()

@@ -19,7 +19,7 @@ import shutil
 import stat
 import tempfile
 import threading
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import duckdb
 
@@ -352,6 +352,63 @@ def connect(layout: Layout) -> duckdb.DuckDBPyConnection:
     layout.prepare(con)
     keep_footers(con)
     return con
+
+
+# What a scope copies into memory, smallest tables first: up to SCOPE_COPY_CELLS values (rows x columns,
+# ~8 bytes each in memory, where Parquet may hold them in far fewer) and SCOPE_COPY_BYTES of parts. At
+# 100M token_neurons rows: a layer's stats, neighbours and logit lens, its explanations and the run's
+# documents, ~20 MB of memory; not its histograms nor co-activations, tokens, token_neurons or examples.
+SCOPE_COPY_CELLS = 2_000_000
+SCOPE_COPY_BYTES = 8 << 20
+
+
+def scope_views(con, layout: Layout, run: str, site: str, layer: int) -> bool:
+    """Shadow each table's view, on connection `con` (opened by `connect`), by a TEMP view of the same name
+    over the parts of run `run` alone, and of `site` and `layer` alone for the tables partitioned by them;
+    the smallest of them, up to SCOPE_COPY_CELLS values and SCOPE_COPY_BYTES of parts in all, by a TEMP
+    table holding their rows.
+
+    DuckDB looks temp objects up first, so the macros then bind over those few parts: binding views over
+    every part of a table (union_by_name reads each footer) is most of a unit page's time, and a table in
+    memory binds and reads faster still. On such a connection only statements that read that run, site
+    and layer alone answer as on `con`'s catalog. False, creating nothing, when the warehouse is no longer
+    the one `con`'s catalog was built from (its fingerprint; the run deleted or quarantined since): the
+    parts listed now may not be those its views read."""
+    path = layout.manifest(run)
+    try:
+        manifest = metadata.manifest(layout, path) if path.exists() else None
+        quarantined = metadata.quarantine(layout)
+        now = fingerprint(layout)  # after the reads: a change made meanwhile shows here
+    except (OSError, WarehouseError):
+        return False
+    built = con.execute(f"SELECT fingerprint FROM {INFO_VIEW}").fetchone()[0]
+    if manifest is None or run in quarantined or now != built:
+        return False
+    files: dict[str, list[str]] = {name: [] for name in schema.tables()}
+    size, rows = dict.fromkeys(schema.tables(), 0), dict.fromkeys(schema.tables(), 0)
+    in_layer = (f"site={site}", f"layer={int(layer)}")
+    for part in manifest["parts"]:  # partition folders as Layout.partition_dir names them, which the views read
+        table = schema.table(part["table"])
+        if len(table.partitions) == 1 or PurePosixPath(part["path"]).parts[3:5] == in_layer:
+            files[table.name].append(str(layout.part_path(part["path"])))
+            size[table.name] += part["bytes"]
+            rows[table.name] += part["rows"]
+    copied, cells, budget = set(), SCOPE_COPY_CELLS, SCOPE_COPY_BYTES
+    for name in sorted((n for n in files if files[n]), key=lambda n: rows[n] * len(schema.table(n).columns)):
+        values = rows[name] * len(schema.table(name).columns)
+        if values > cells or size[name] > budget:
+            break
+        copied.add(name)
+        cells, budget = cells - values, budget - size[name]
+    for table in schema.tables().values():
+        kind = "TABLE" if table.name in copied else "VIEW"
+        statement = f"CREATE OR REPLACE TEMP {kind} {_ident(table.name)} AS "
+        try:
+            con.execute(statement + view_sql(table, files[table.name]))
+        except duckdb.BinderException:  # parts older than a column: it reads NULL, as in the catalog's view
+            absent = frozenset(c.name for c in table.columns) - _stored_columns(con, files[table.name])
+            con.execute(statement + view_sql(table, files[table.name], absent))
+    return True
 
 
 def keep_footers(con) -> None:
