@@ -241,11 +241,13 @@ def _block_sums(doc: pl.Series, neuron: pl.Series, units: pl.Series, k: int) -> 
     max, which takes twice as long); None otherwise."""
     if doc.len() % k:
         return None
+    # Expressions on a frame: on a part's doc (one chunk per row group) they took half the time of the Series methods.
+    column = pl.col(doc.name)
     if doc.is_sorted():
-        first, last = doc.gather_every(k), doc.gather_every(k, k - 1)
+        ends = doc.to_frame().select(first=column.gather_every(k), last=column.gather_every(k, k - 1))
     else:  # e.g. a layer's parts listed out of document order, each in order
-        blocks = doc.reshape((-1, k))
-        first, last = blocks.arr.min(), blocks.arr.max()
+        ends = doc.to_frame().select(first=column.reshape((-1, k)).arr.min(), last=column.reshape((-1, k)).arr.max())
+    first, last = ends["first"], ends["last"]
     if not first.equals(last):
         return None
     step = k * _SLICE_BLOCKS
