@@ -310,30 +310,20 @@ def topk(
     return values, ids
 
 
+def _token_pass(kernel, a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor, outputs: list[torch.Tensor]) -> None:
+    """Runs `kernel` over a and b [batch, seq, n] (the valid tokens: mask [batch, seq]), adding into `outputs`."""
+    a, b, valid = a.contiguous(), b.contiguous(), mask.contiguous().view(torch.uint8)
+    kernel(a.data_ptr(), b.data_ptr(), a.shape[0] * a.shape[1], a.shape[-1], valid.data_ptr(), *map(_pointer, outputs))
+
+
 def recon_sums(recon: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, quality: dict) -> None:
     """Adds a dictionary's reconstruction sums over the valid tokens of recon and target [batch, seq, d]
     (float32, CPU) to `quality` (ingest/encoder.py's float64 tensors) in one pass."""
-    recon, target, valid = recon.contiguous(), target.contiguous(), mask.contiguous().view(torch.uint8)
-    _library()[0].whq_recon_sums(
-        recon.data_ptr(),
-        target.data_ptr(),
-        recon.shape[0] * recon.shape[1],
-        recon.shape[-1],
-        valid.data_ptr(),
-        *(quality[name].data_ptr() for name in ("sq_error", "target_sq", "cosine_sum", "target_sum")),
-    )
+    names = ("sq_error", "target_sq", "cosine_sum", "target_sum")
+    _token_pass(_library()[0].whq_recon_sums, recon, target, mask, [quality[name] for name in names])
 
 
 def active_counts(ids: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, quality: dict) -> None:
     """Adds a TopK code's non-zero values (ids int32, values float32 [batch, seq, k]) over the valid tokens
     to quality's l0_sum and per-latent n_active."""
-    ids, values, valid = ids.contiguous(), values.contiguous(), mask.contiguous().view(torch.uint8)
-    _library()[0].whq_active_counts(
-        ids.data_ptr(),
-        values.data_ptr(),
-        ids.shape[0] * ids.shape[1],
-        ids.shape[-1],
-        valid.data_ptr(),
-        quality["l0_sum"].data_ptr(),
-        quality["n_active"].data_ptr(),
-    )
+    _token_pass(_library()[0].whq_active_counts, ids, values, mask, [quality["l0_sum"], quality["n_active"]])
