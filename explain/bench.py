@@ -13,13 +13,13 @@ the clock starts, once, as a process loads them. Scorers score the top-tokens ex
 
 from __future__ import annotations
 
-import gc
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
 import warehouse
+from warehouse.collector import loaded_exempt
 
 from . import embed
 from . import examples as ex
@@ -70,42 +70,43 @@ def bench(root, run: str, site: str, layers: str, limit: int, llm: str) -> list[
         backend = open_backend(llm)
         embed.preload()  # MiniLM, like the model, loads once a process: before the clock, not in the first step
         embed.settle()
-        gc.freeze()  # as `whq explain` and `whq score` do (cli_explain.loaded_exempt), with the models loaded
-        model = model_name(llm)
-        layer_list = sorted({layer for layer, _ in chosen})
-        rows = {}
-        for explainer in ("delphi", "contrastive"):
-            rows[f"explain {explainer}"] = _measure(
+        with loaded_exempt():  # as `whq explain` and `whq score` run, with the models loaded
+            model = model_name(llm)
+            layer_list = sorted({layer for layer, _ in chosen})
+            rows = {}
+            for explainer in ("delphi", "contrastive"):
+                rows[f"explain {explainer}"] = _measure(
+                    wh,
+                    run,
+                    lambda e=explainer: plan_explain(
+                        wh, run, site, chosen, explainer=e, model=model, recipe=BENCH_RECIPE
+                    ),
+                    llm,
+                    backend,
+                    len(chosen),
+                )
+            rows["explain top-tokens"] = _measure(
                 wh,
                 run,
-                lambda e=explainer: plan_explain(wh, run, site, chosen, explainer=e, model=model, recipe=BENCH_RECIPE),
-                llm,
-                backend,
-                len(chosen),
-            )
-        rows["explain top-tokens"] = _measure(
-            wh,
-            run,
-            lambda: plan_explain(
-                wh, run, site, chosen, explainer="top-tokens", model="top-tokens", recipe=BENCH_RECIPE
-            ),
-            "top-tokens",
-            None,
-            len(chosen),
-        )
-        for scorer in ("detection", "fuzz", "intruder", "simulation", "embedding"):
-            rows[f"score {scorer}"] = _measure(
-                wh,
-                run,
-                lambda s=scorer: plan_score(
-                    wh, run, site, layer_list, scorers=[s], model=model, recipe=BENCH_RECIPE, explainer="top-tokens"
+                lambda: plan_explain(
+                    wh, run, site, chosen, explainer="top-tokens", model="top-tokens", recipe=BENCH_RECIPE
                 ),
-                llm,
-                backend,
+                "top-tokens",
+                None,
                 len(chosen),
             )
+            for scorer in ("detection", "fuzz", "intruder", "simulation", "embedding"):
+                rows[f"score {scorer}"] = _measure(
+                    wh,
+                    run,
+                    lambda s=scorer: plan_score(
+                        wh, run, site, layer_list, scorers=[s], model=model, recipe=BENCH_RECIPE, explainer="top-tokens"
+                    ),
+                    llm,
+                    backend,
+                    len(chosen),
+                )
     finally:
-        gc.unfreeze()
         shutil.rmtree(folder, ignore_errors=True)
     lines = [
         f"{len(chosen)} units of {site} (run {run}), {model}; per unit:",

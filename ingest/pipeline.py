@@ -75,6 +75,8 @@ def _capture_shards(
     """Capture every shard into the run's journal; returns (documents, tokens) captured."""
     import torch
 
+    from warehouse.collector import loaded_exempt
+
     from .hooks import hooks
     from .progress import IngestProgress
     from .writer import ShardWriter
@@ -93,6 +95,7 @@ def _capture_shards(
             IngestProgress(enabled=options.progress, run_id=run_id) as bar,
             hooks(capture.loaded.model, capture.taps),
             torch.inference_mode(),
+            loaded_exempt(),
         ):
             for shard in shards:
                 capture.shard(shard, shard.batches(options.batch_size), shard_writer, on_batch=count)

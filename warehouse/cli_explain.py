@@ -5,13 +5,11 @@ Registered on the main app by one import in warehouse/cli.py; the work is in exp
 
 from __future__ import annotations
 
-import contextlib
-import gc
-
 import typer
 
 from .cli_bench import bench_app
 from .cli_options import WarehouseArg
+from .collector import loaded_exempt
 
 explain_app = typer.Typer(rich_markup_mode=None)
 
@@ -48,18 +46,6 @@ def _layers(wh, run: str, site: str, text: str | None) -> list[int]:
     if missing:
         raise NotFound(f"site {site!r} of run {run!r} has no layer {missing[0]}: its layers are {row[0]}")
     return chosen
-
-
-@contextlib.contextmanager
-def loaded_exempt():
-    """Exempt what is loaded when the block starts (modules, a model) from Python's garbage collector
-    until it ends: a full collection walks every tracked object, and one walking them all took 0.9 s
-    of a 32-unit plan."""
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
 
 
 def _go(wh, run, plan, *, llm, dry_run, quiet, **options) -> None:
