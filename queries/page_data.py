@@ -109,9 +109,8 @@ class Reader:
                 with self._lock:
                     self._cursors[run] -= 1
                     last = not self._cursors[run]
-                    if last:
-                        del self._cursors[run]
                     if last:  # a scope of the run made meanwhile waits on _sharing, then copies it afresh
+                        del self._cursors[run]
                         dropping = self._con.cursor()
                 if last:
                     try:
