@@ -41,6 +41,9 @@ class Reader:
     def __init__(self, wh):
         self.wh = wh
         self._con = wh.connect()  # it keeps the parts' footers in memory (catalog.keep_footers)
+        catalog.share(self._con)  # a run's tokens, copied once for its scopes' cursors
+        self._sharing = threading.Lock()  # taken before _lock where both are
+        self._cursors: dict[str, int] = {}  # the scopes' cursors of each run, idle or lent: its copy's readers
         self._local = threading.local()
         self._lock = threading.Lock()
         self._sites: dict[str, list[dict]] | None = None
@@ -64,8 +67,9 @@ class Reader:
         those: binding over a few parts instead of every one is most of what a unit page saves. The
         views live on cursors of their own, lent to one thread at a time and kept for the SCOPES scopes
         used last, whatever thread asks next (the server answers from a pool of threads): this Reader's
-        catalog never changes (LiveReader opens another when the warehouse does). Where the warehouse
-        changed since, the block reads the views of every part, as outside it."""
+        catalog never changes (LiveReader opens another when the warehouse does). The scopes of one run
+        share its tokens' copy, dropped with the last of its cursors. Where the warehouse changed since,
+        the block reads the views of every part, as outside it."""
         key = (run, site, layer)
         with self._lock:
             idle = self._scopes.get(key)
@@ -73,13 +77,14 @@ class Reader:
         if cursor is None:
             with self._lock:
                 cursor = self._con.cursor()
+                self._cursors[run] = self._cursors.get(run, 0) + 1
             try:
-                scoped = catalog.scope_views(cursor, self.wh.layout, run, site, layer)
+                scoped = catalog.scope_views(cursor, self.wh.layout, run, site, layer, self._sharing)
             except duckdb.Error as err:  # a part the catalog's views would fail on too
-                cursor.close()
+                self._release([(run, cursor)])
                 raise sql_error(err) from None
             if not scoped:
-                cursor.close()
+                self._release([(run, cursor)])
                 cursor = None
         outer, self._local.scoped = getattr(self._local, "scoped", None), cursor
         try:
@@ -87,12 +92,31 @@ class Reader:
         finally:
             self._local.scoped = outer
             if cursor is not None:
+                evicted = []
                 with self._lock:
                     self._scopes.setdefault(key, []).append(cursor)
                     self._scopes.move_to_end(key)
                     while len(self._scopes) > SCOPES:  # the idle cursors of the scope used longest ago
-                        for old in self._scopes.popitem(last=False)[1]:
-                            old.close()
+                        (old_run, *_), cursors = self._scopes.popitem(last=False)
+                        evicted += [(old_run, old) for old in cursors]
+                self._release(evicted)
+
+    def _release(self, cursors: list[tuple[str, duckdb.DuckDBPyConnection]]) -> None:
+        """Close scopes' cursors ((run, cursor)); drop a run's shared copy once no cursor of it is left."""
+        for run, cursor in cursors:
+            cursor.close()
+            with self._sharing:
+                with self._lock:
+                    self._cursors[run] -= 1
+                    last = not self._cursors[run]
+                    if last:  # a scope of the run made meanwhile waits on _sharing, then copies it afresh
+                        del self._cursors[run]
+                        dropping = self._con.cursor()
+                if last:
+                    try:
+                        catalog.drop_shared(dropping, run)
+                    finally:
+                        dropping.close()
 
     @contextlib.contextmanager
     def _whole(self):

@@ -553,17 +553,23 @@ def _unit_pages(root: Path, units: list[tuple], scoped: bool = True) -> list[str
         catalog.scope_views = real
 
 
-@pytest.mark.parametrize("copied", [True, False], ids=["small-tables-copied", "views-only"])
-def test_unit_pages_read_through_scoped_views_as_through_every_part(pages_root, tmp_path, monkeypatch, copied):
+@pytest.mark.parametrize(
+    ("copied", "shared"),
+    [(True, False), (False, True), (False, False)],
+    ids=["small-tables-copied", "tokens-shared", "views-only"],
+)
+def test_unit_pages_read_through_scoped_views_as_through_every_part(pages_root, tmp_path, monkeypatch, copied, shared):
     """Every section of the unit page (the bench warehouse's: explanations, verdicts and scores too; the
     golden run's older parts, which lack later columns) is the same read through the views of one run,
-    site and layer (the small tables copied into memory, or none) as through the catalog's, which list
-    every part."""
+    site and layer (the small tables copied into memory, the run's tokens in the copy its scopes share,
+    or none) as through the catalog's, which list every part."""
     from queries import bench, page_data, pages
     from warehouse import catalog
 
-    if not copied:
+    if not copied:  # the scope copies none, tokens included: they go to the shared copy where it fits
         monkeypatch.setattr(catalog, "SCOPE_COPY_BYTES", 0)
+    if not shared:
+        monkeypatch.setattr(catalog, "SHARED_TOKENS_BYTES", 0)
 
     shape = bench.Shape(rows=20000, layers=2, width=64, k=4)
     bench.build(tmp_path / "b", shape)
@@ -577,6 +583,7 @@ def test_unit_pages_read_through_scoped_views_as_through_every_part(pages_root, 
                     r["table_name"] for r in reader.rows("SELECT table_name FROM duckdb_tables() WHERE temporary")
                 }
                 assert ("neuron_stats" in temporary) == copied
+                assert bool(_shared_copies(reader)) == shared
             assert len(reader.rows("SELECT DISTINCT layer FROM token_neurons")) == 2
             explained = reader.rows("SELECT layer, neuron FROM explanations ORDER BY ALL LIMIT 2")
         finally:
@@ -598,7 +605,52 @@ def test_unit_pages_read_through_scoped_views_as_through_every_part(pages_root, 
             reader.close()
 
 
-def test_scoped_views_follow_runs_committed_deleted_and_quarantined(pages_root, tmp_path, tiny_lm_dir):
+def _shared_copies(reader) -> list[str]:
+    """The run-wide copies the Reader's scopes share (catalog.share)."""
+    from warehouse import catalog
+
+    with reader._whole():
+        rows = reader.rows("SELECT table_name FROM duckdb_tables() WHERE database_name = ?", [catalog.SHARED])
+    return sorted(r["table_name"] for r in rows)
+
+
+def test_scopes_of_a_run_share_one_copy_of_its_tokens(tmp_path, monkeypatch):
+    """Two layers' scopes of one run read one copy of its tokens, the same rows in the same order as the
+    catalog's view; it goes with the last scope of the run, and a scope of it made later copies afresh."""
+    from queries import bench, page_data
+    from warehouse import catalog
+
+    monkeypatch.setattr(page_data, "SCOPES", 2)
+    monkeypatch.setattr(catalog, "SCOPE_COPY_BYTES", 0)  # a run this small would be copied by each scope
+    shape = bench.Shape(rows=20000, layers=2, width=64, k=4)
+    bench.build(tmp_path / "b", shape)
+    with warehouse.open(tmp_path / "b") as wh:
+        reader = page_data.Reader(wh)
+        try:
+            everything = reader.fetch("SELECT * FROM tokens")
+            for layer in (0, 1):
+                with reader.scope(shape.run_id, bench.SITE, layer):
+                    assert reader.fetch("SELECT * FROM tokens") == everything
+                    temporary = reader.rows("SELECT table_name FROM duckdb_tables() WHERE temporary")
+                    assert "tokens" not in {r["table_name"] for r in temporary}  # a view over the shared copy
+            shared = _shared_copies(reader)
+            assert len(shared) == 1 and reader._cursors == {shape.run_id: 2}
+            with reader.scope("other", bench.SITE, 0):  # no such run: nothing scoped, nothing evicted
+                pass
+            assert _shared_copies(reader) == shared
+            monkeypatch.setattr(page_data, "SCOPES", 0)
+            with reader.scope(shape.run_id, bench.SITE, 0):  # its copy is read while the cursor is lent
+                assert reader.fetch("SELECT * FROM tokens") == everything
+            assert _shared_copies(reader) == [] and reader._cursors == {}  # every scope of the run evicted
+            monkeypatch.setattr(page_data, "SCOPES", 2)
+            with reader.scope(shape.run_id, bench.SITE, 1):
+                assert reader.fetch("SELECT * FROM tokens") == everything
+            assert _shared_copies(reader) == shared
+        finally:
+            reader.close()
+
+
+def test_scoped_views_follow_runs_committed_deleted_and_quarantined(pages_root, tmp_path, tiny_lm_dir, monkeypatch):
     """The server's scoped views never show parts its catalog does not: a Reader whose warehouse changed
     reads through the catalog's views, and the server's next Reader (LiveReader) scopes the new parts."""
     from ingest.pipeline import ingest
@@ -608,6 +660,7 @@ def test_scoped_views_follow_runs_committed_deleted_and_quarantined(pages_root, 
     from warehouse import catalog, maintenance
     from warehouse.errors import UnknownRun
 
+    monkeypatch.setattr(catalog, "SCOPE_COPY_BYTES", 0)  # the runs' tokens go to the copy their scopes share
     root = tmp_path / "wh"
     shutil.copytree(pages_root, root)
     unit = ("u", "mlp.act", 1, 3)
@@ -622,8 +675,11 @@ def test_scoped_views_follow_runs_committed_deleted_and_quarantined(pages_root, 
     assert not catalog.scope_views(before._con.cursor(), before.wh.layout, RUN, "mlp.act", 1)
     ingest(root, str(tiny_lm_dir), sites=UNIT_SITES[:1], run_id="u", batch_size=2, max_length=16, device="cpu",
            progress=False, documents=[Document("c", "a run of the same name committed later, with other words")])  # fmt: skip
+    copied = _shared_copies(before)
     again = pages.unit_page(live.current(), pages.Links(), *unit)
     assert again != first and again == _unit_pages(root, [unit], scoped=False)[0]
+    # the run committed again under its name reads a copy of its new tokens, named after them
+    assert copied and _shared_copies(live.current()) and not set(copied) & set(_shared_copies(live.current()))
     (root / "quarantine.json").write_text(json.dumps(["u"]))
     with pytest.raises(UnknownRun):
         pages.unit_page(live.current(), pages.Links(), *unit)
