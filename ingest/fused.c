@@ -166,6 +166,34 @@ static void accumulate_abs(const float *restrict v, int64_t width, float *restri
     for (int64_t j = 0; j < width; j++) a[j] += fabsf(v[j]);
 }
 
+/* Row r's partials (every row's start at `rows`, r's at `offset`), cleared for its first token, with its
+ * fired counts, max (-inf), argmax and |a| sums (where kept). */
+static Partials start_row(const Partials *rows, int64_t offset, int64_t width, int32_t *f, float *m, int32_t *am,
+                          float *a) {
+    const Partials p = {rows->sum + offset, rows->sq + offset,  rows->cube + offset,
+                        rows->quad + offset, rows->pos + offset, rows->min + offset};
+    for (int64_t j = 0; j < width; j++) {
+        p.sum[j] = p.sq[j] = p.cube[j] = p.quad[j] = p.pos[j] = 0;
+        p.min[j] = INFINITY;
+        f[j] = 0;
+        m[j] = -INFINITY;
+        am[j] = 0;
+    }
+    if (a)
+        for (int64_t j = 0; j < width; j++) a[j] = 0;
+    return p;
+}
+
+/* Called by every thread of a parallel region once it allocated its scratch (ok = 0: it could not): after
+ * the barrier every thread sees *failed set if any one failed, and skips the work. */
+static void settle_allocations(int ok, int *failed) {
+    if (!ok) {
+#pragma omp atomic write
+        *failed = 1;
+    }
+#pragma omp barrier
+}
+
 /* The running stats of a site layer [width], updated in place. */
 typedef struct {
     int64_t *n_fired;
@@ -231,28 +259,13 @@ int whq_site_pass(const float *x, int64_t rows, int64_t seq, int64_t width, cons
 #pragma omp parallel
     {
         Scratch scratch = {NULL, NULL, NULL};
-        if (k && !scratch_alloc(&scratch, width, k)) {
-#pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp barrier
+        settle_allocations(!k || scratch_alloc(&scratch, width, k), &failed);
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; r++) {
             if (failed) continue;
-            const Partials p = {row_sum + r * width, row_sq + r * width, row_cube + r * width, row_quad + r * width,
-                                row_pos + r * width, row_min + r * width};
-            float *m = row_max + r * width;
-            float *a = row_abs ? row_abs + r * width : NULL;
+            float *m = row_max + r * width, *a = row_abs ? row_abs + r * width : NULL;
             int32_t *f = row_fired + r * width, *am = row_argmax + r * width;
-            for (int64_t j = 0; j < width; j++) {
-                p.sum[j] = p.sq[j] = p.cube[j] = p.quad[j] = p.pos[j] = 0;
-                p.min[j] = INFINITY;
-                f[j] = 0;
-                m[j] = -INFINITY;
-                am[j] = 0;
-            }
-            if (a)
-                for (int64_t j = 0; j < width; j++) a[j] = 0;
+            const Partials p = start_row(&partials, r * width, width, f, m, am, a);
             for (int64_t t = 0; t < seq; t++) {
                 const float *v = x + (r * seq + t) * width;
                 if (k) topk_row(v, NULL, NULL, width, k, topk_values + (r * seq + t) * k, topk_ids + (r * seq + t) * k, &scratch);
@@ -282,11 +295,7 @@ int whq_topk(const float *x, int64_t rows, int64_t width, const float *bias, int
     {
         Scratch scratch;
         float *row = bias ? malloc(sizeof(float) * width) : NULL;
-        if (!scratch_alloc(&scratch, width, k) || (bias && !row)) {
-#pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp barrier
+        settle_allocations(scratch_alloc(&scratch, width, k) && (!bias || row), &failed);
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; r++) {
             if (failed) continue;
@@ -398,27 +407,18 @@ int whq_sparse_pass(const int32_t *ids, const float *vals, int64_t rows, int64_t
         int32_t *last = malloc(sizeof(int32_t) * width), *si = malloc(sizeof(int32_t) * (n + 1));
         float *sv = malloc(sizeof(float) * (n + 1));
         uint8_t *mark = calloc(width, 1);
-        if (!before || !next || !last || !si || !sv || !mark) {
-#pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp barrier
+        settle_allocations(before && next && last && si && sv && mark, &failed);
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; r++) {
             if (failed) continue;
-            float *s = row_sum + r * width, *q = row_sq + r * width, *c = row_cube + r * width;
-            float *h = row_quad + r * width, *ps = row_pos + r * width, *mn = row_min + r * width;
             float *m = row_max + r * width, *a = row_abs ? row_abs + r * width : NULL;
             int32_t *f = row_fired + r * width, *am = row_argmax + r * width, *listed = row_zeros + r * width;
+            const Partials p = start_row(&partials, r * width, width, f, m, am, a);
+            float *s = p.sum, *q = p.sq, *c = p.cube, *h = p.quad, *ps = p.pos, *mn = p.min;
             for (int64_t j = 0; j < width; j++) {
-                s[j] = q[j] = c[j] = h[j] = ps[j] = 0;
-                mn[j] = INFINITY;
-                m[j] = -INFINITY;
-                f[j] = am[j] = listed[j] = 0;
+                listed[j] = 0;
                 last[j] = -1;
             }
-            if (a)
-                for (int64_t j = 0; j < width; j++) a[j] = 0;
             before[0] = 0;
             for (int64_t t = 0; t < seq; t++) before[t + 1] = before[t] + (!mask || mask[r * seq + t]);
             next[seq] = (int32_t)seq;
@@ -518,11 +518,7 @@ int whq_extremes(const float *x, int64_t rows, int64_t seq, int64_t width, const
     {
         float *top_vals = malloc(sizeof(float) * n * block), *bottom_vals = malloc(sizeof(float) * n * block);
         int64_t *top_ids = malloc(sizeof(int64_t) * n * block), *bottom_ids = malloc(sizeof(int64_t) * n * block);
-        if (!top_vals || !bottom_vals || !top_ids || !bottom_ids) {
-#pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp barrier
+        settle_allocations(top_vals && bottom_vals && top_ids && bottom_ids, &failed);
 #pragma omp for schedule(static)
         for (int64_t j0 = 0; j0 < width; j0 += block) {
             if (failed) continue;
@@ -612,11 +608,7 @@ int whq_sample(const float *x, int64_t rows, int64_t seq, int64_t width, const u
 #pragma omp parallel
     {
         int64_t *keys = malloc(sizeof(int64_t) * n * block), *ids = malloc(sizeof(int64_t) * n * block);
-        if (!keys || !ids) {
-#pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp barrier
+        settle_allocations(keys && ids, &failed);
 #pragma omp for schedule(static)
         for (int64_t j0 = 0; j0 < width; j0 += block) {
             if (failed) continue;
